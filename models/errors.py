@@ -1,0 +1,21 @@
+"""Domain errors of the models package. Messages are meant for users: say what is wrong and what to do."""
+
+
+class ModelError(Exception):
+    """Base class for every error raised by `models`."""
+
+
+class ModelFileError(ModelError):
+    """A model file is missing, truncated, not GGUF, or otherwise unreadable."""
+
+
+class UnsupportedModelError(ModelError):
+    """The GGUF describes an architecture or tensor type shoal cannot run."""
+
+
+class CompileError(ModelError):
+    """Building a shard with TVM failed."""
+
+
+class ContextOverflowError(ModelError):
+    """A sequence would grow past the model's (or the runtime's) context length."""

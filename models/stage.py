@@ -1,0 +1,48 @@
+"""The seam between generation and whatever runs a layer range: a `Stage`.
+
+A model is served by a chain of stages whose spans tile [0, num_layers). A stage may be the NumPy reference
+(`models.reference.ReferenceStage`), a compiled TVM shard (`models.runtime.CompiledStage`) or a peer over the
+mesh (`mesh.pipeline.RemoteStage`). Every method here is blocking: async callers run them in an executor.
+
+Data contract (all arrays C-contiguous, little-endian):
+- Input of the first stage: int32 token ids. Input of any other stage: float32 hidden states [n, hidden].
+- Output of a non-last stage: float32 hidden states [n, hidden] (prefill: every position; decode: one row
+  per sequence).
+- Output of the last stage: float32 logits. Prefill returns the logits of the last position only, [vocab];
+  decode returns [batch, vocab].
+- Sequences are identified by caller-chosen non-negative ints; each stage keeps the KV cache of its layers
+  for each live sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.span import LayerSpan
+
+
+@runtime_checkable
+class Stage(Protocol):
+    config: ModelConfig
+    span: LayerSpan
+
+    def add_sequence(self, seq_id: int) -> None:
+        """Start an empty KV cache for `seq_id`. Raises ValueError if it exists already."""
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Free `seq_id`'s KV cache. Unknown ids are ignored (remove is idempotent)."""
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Tokens held in `seq_id`'s KV cache."""
+
+    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
+        """Append `inputs` ([n] ids or [n, hidden]) to `seq_id`; see the module docstring for the output."""
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        """One step for each of `seq_ids` (inputs [b] ids or [b, hidden]); rows follow `seq_ids`' order."""
+
+    def close(self) -> None:
+        """Release memory. Safe to call twice."""
