@@ -19,7 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 class CommandError(Exception):
-    """A problem the user can fix (bad argument, missing file, unreachable node): printed without traceback."""
+    """A problem the user can fix (bad argument, missing file, node down): printed without traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
