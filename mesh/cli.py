@@ -15,6 +15,15 @@ from collections.abc import Sequence
 
 # Order here is the order in `shoal --help`.
 COMMAND_MODULES: tuple[str, ...] = (
+    "node",
+    "chat",
+    "publish",
+    "pull",
+    "compile",
+    "models",
+    "tui",
+    "mesh",
+    "peers",
 )
 
 

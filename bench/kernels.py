@@ -1,0 +1,126 @@
+"""Quantized kernel benchmark: for each weight shape of SmolLM2-135M (real Q4_1 / Q8_0 tensors from the
+embedded GGUF), the decode GEMV (1 row) and the prefill GEMM (`--rows` rows) of models/kernels against NumPy
+fp32 matmul on the dequantized matrix, in one run.
+
+Columns: `hot` = weights in cache (TVM's time_evaluator / a NumPy loop over one matrix); `cold` = round-robin
+over enough copies to exceed the last-level cache (a Python loop for both, ~1-2 µs call overhead included).
+GB/s counts the bytes of the weights each call reads (packed for the kernels, fp32 for NumPy).
+
+    python3 bench/kernels.py [--rows 200] [--threads 2] [--portable]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHAPES = [  # (GGUF tensor, calls of that shape per token: q+o, k+v, gate+up per layer, down, head)
+    ("blk.0.attn_q.weight", 60), ("blk.0.attn_k.weight", 60), ("blk.0.ffn_gate.weight", 60),
+    ("blk.0.ffn_down.weight", 30), ("token_embd.weight", 1),
+]
+COLD_BYTES = 160 << 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200, help="prefill rows for the GEMM columns")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--portable", action="store_true", help="also time the portable (non-VNNI) path")
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    import gguf
+    import numpy as np
+    import tvm
+    from tvm.target import codegen
+
+    from models.embedded import embedded_model_path
+    from models.kernels.gemm_q4 import gemm_func
+    from models.kernels.gemv_q4 import gemv_func, quantize_act_func
+    from models.kernels.quant import dequantize, pack_gguf_tensor, quantize_activations
+    from models.kernels.tir_common import host_has_vnni
+
+    cpu = codegen.llvm_get_system_cpu()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": args.threads})
+    paths = [("vnni", True)] if host_has_vnni() else []
+    if args.portable or not paths:
+        paths.append(("portable", False))
+    dev = tvm.cpu()
+    tensors = {t.name: t for t in gguf.GGUFReader(embedded_model_path()).tensors}
+    print(f"target {target}, TVM_NUM_THREADS={args.threads}, load {os.getloadavg()[0]:.1f} "
+          f"(2 shared cores: noisy — compare within a row)")
+    header = (f"{'shape N x K':>16} {'path':>8} | {'GEMV hot us':>11} {'GB/s':>5} | {'GEMV cold us':>12} "
+              f"{'GB/s':>5} | {f'GEMM M={args.rows} ms':>14} {'GMAC/s':>6}")
+    print(header)
+    print("-" * len(header))
+    totals: dict[str, list[float]] = {}
+
+    def loop_time(fn, calls: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i in range(calls):
+                fn(i)
+            best = min(best, (time.perf_counter() - t0) / calls)
+        return best
+
+    for name, per_token in SHAPES:
+        w = pack_gguf_tensor(tensors[name])
+        n, k = w.out_features, w.in_features
+        copies = max(1, COLD_BYTES // w.nbytes)
+        rng = np.random.default_rng(0)
+        x1 = rng.standard_normal((1, k)).astype(np.float32)
+        xm = rng.standard_normal((args.rows, k)).astype(np.float32)
+        for label, vnni in paths:
+            mod = tvm.IRModule({"gemv": gemv_func(w.kind, n, k, vnni).with_attr("global_symbol", "gemv"),
+                                "gemm": gemm_func(w.kind, n, k, vnni).with_attr("global_symbol", "gemm"),
+                                "quant": quantize_act_func(k).with_attr("global_symbol", "quant")})
+            lib = tvm.compile(mod, target=target).jit()
+
+            def act(x):
+                xq, xd, xds = quantize_activations(x)
+                return [tvm.runtime.tensor(a, dev) for a in (xq.view(np.int32).reshape(len(x), -1), xd, xds)]
+
+            weights = [[tvm.runtime.tensor(a, dev) for a in w.arrays()] for _ in range(copies)]
+            a1, am = act(x1), act(xm)
+            y1 = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
+            ym = tvm.runtime.tensor(np.zeros((args.rows, n), np.float32), dev)
+            number = max(3, int(2e6 // w.nbytes))
+            hot = lib.time_evaluator("gemv", dev, number=number, repeat=5)(*a1, *weights[0], y1).min
+            gemv = lib["gemv"]
+            cold = loop_time(lambda i, g=gemv, ws=weights, a=a1, y=y1: g(*a, *ws[i % len(ws)], y), 4 * copies)
+            gemm = lib.time_evaluator("gemm", dev, number=1, repeat=3)(*am, *weights[0], ym).min
+            del weights
+            gmacs = args.rows * n * k / gemm / 1e9
+            print(f"{n:>7} x {k:<6} {label:>8} | {hot * 1e6:11.1f} {w.nbytes / hot / 1e9:5.1f} | "
+                  f"{cold * 1e6:12.1f} {w.nbytes / cold / 1e9:5.1f} | {gemm * 1e3:14.2f} {gmacs:6.1f}")
+            acc = totals.setdefault(label, [0.0, 0.0])
+            acc[0] += per_token * cold
+            acc[1] += (per_token * gemm / args.rows) if name != "token_embd.weight" else 0.0
+        wf = dequantize(w)
+        fp32 = [wf] + [wf.copy() for _ in range(max(0, COLD_BYTES // wf.nbytes - 1))]
+        hot = loop_time(lambda i, x=x1, m=wf: x @ m.T, 20)
+        cold = loop_time(lambda i, x=x1, ms=fp32: x @ ms[i % len(ms)].T, 2 * len(fp32))
+        gemm = loop_time(lambda i, x=xm, m=wf: x @ m.T, 2)
+        del fp32
+        print(f"{n:>7} x {k:<6} {'numpy':>8} | {hot * 1e6:11.1f} {wf.nbytes / hot / 1e9:5.1f} | "
+              f"{cold * 1e6:12.1f} {wf.nbytes / cold / 1e9:5.1f} | {gemm * 1e3:14.2f} "
+              f"{args.rows * n * k / gemm / 1e9:6.1f}")
+        acc = totals.setdefault("numpy", [0.0, 0.0])
+        acc[0] += per_token * cold
+        acc[1] += (per_token * gemm / args.rows) if name != "token_embd.weight" else 0.0
+    print("\nwhole model (30 layers: q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536; + head):")
+    for label, (decode, prefill) in totals.items():
+        print(f"  {label:>8}: decode GEMVs {decode * 1e3:6.2f} ms/token (ceiling {1 / decode:6.0f} tok/s); "
+              f"prefill GEMMs (no head) {prefill * 1e3:6.3f} ms/token ({1 / prefill:6.0f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

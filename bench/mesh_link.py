@@ -1,0 +1,240 @@
+"""Mesh link benchmark: separate node processes on loopback (the mesh harness), measured from a client node.
+
+    python bench/mesh_link.py [--blocks 32] [--block-size 262144] [--rtt-count 200]
+
+Reports: link setup time; RTT of 1 KiB and 8 KiB frames (median, p99) on `control` and `tensors`; block
+throughput over one data channel (1 request in flight, then 8), from three peers at once over data channels,
+through one peer's HTTP gateway, vs plain TCP between two processes on loopback; RSS of client and server.
+The server processes are started with `--bench`, which adds the routes below to the harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mesh import protocol as p  # noqa: E402
+
+if TYPE_CHECKING:
+    from mesh.network import MeshService
+    from mesh.peer import Peer
+
+p.register_control_type("bench.echo", 16_384)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_routes(app: web.Application, mesh: MeshService) -> None:
+    """Routes added to a harness node started with `--bench` (both sides of every measurement)."""
+    from mesh.ipfs.cid import parse_cid
+
+    async def echo(peer: Peer, frame: p.ControlFrame) -> dict:
+        return frame.body
+
+    async def echo_tensor(peer: Peer, frame: p.BinaryFrame) -> p.BinaryFrame:
+        return frame
+
+    mesh.on_control("bench.echo", echo)
+    mesh.on_binary(p.TENSOR, echo_tensor)
+
+    async def rtt(request: web.Request) -> web.Response:
+        peer = mesh.peer(request.query["peer"])
+        size, count = int(request.query["size"]), int(request.query.get("count", "200"))
+        channel = request.query["channel"]
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            if channel == "control":
+                await peer.request("bench.echo", {"pad": "x" * (size - 40)})
+            else:
+                await peer.request_binary(p.TENSOR, {"dtype": "u8", "shape": [size]}, os.urandom(size))
+            samples.append((time.perf_counter() - start) * 1000)
+        return _json({"median_ms": statistics.median(samples), "p99_ms": _percentile(samples, 0.99)})
+
+    async def pull(request: web.Request) -> web.Response:
+        body = await request.json()
+        cids = [parse_cid(c) for c in body["cids"]]
+        source = mesh.blocks.source(prefer_http=body["via"] == "http", only=set(body["peers"]), attempts=1)
+        queue: asyncio.Queue = asyncio.Queue()
+        for cid in cids:
+            queue.put_nowait(cid)
+        total = 0
+
+        async def worker() -> None:
+            nonlocal total
+            while not queue.empty():
+                data = await source.get_block(queue.get_nowait())
+                total += len(data)
+
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as group:
+            for _ in range(int(body["concurrency"])):
+                group.create_task(worker())
+        seconds = time.perf_counter() - start
+        return _json(
+            {
+                "bytes": total,
+                "seconds": seconds,
+                "mib_s": total / seconds / 2**20,
+                "stats": dict(source.stats),
+            }
+        )
+
+    async def rss(request: web.Request) -> web.Response:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return _json({"rss": info.rss})
+
+    app.router.add_get("/bench/rtt", rtt)
+    app.router.add_post("/bench/pull", pull)
+    app.router.add_get("/bench/rss", rss)
+
+
+# ----- driver ---------------------------------------------------------------------------------------------
+
+TCP_SERVER = """
+import socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); chunk = b"x" * 262144; n = int(sys.argv[1])
+for _ in range(n): c.sendall(chunk)
+c.close()
+"""
+
+
+def tcp_baseline(total: int) -> float:
+    import socket
+
+    chunks = max(1, total // 262144)
+    server = subprocess.Popen(
+        [sys.executable, "-c", TCP_SERVER, str(chunks)], stdout=subprocess.PIPE, text=True
+    )
+    port = int(server.stdout.readline())
+    start = time.perf_counter()
+    received = 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        while data := sock.recv(1 << 20):
+            received += len(data)
+    seconds = time.perf_counter() - start
+    server.wait(10)
+    return received / seconds / 2**20
+
+
+def main() -> int:
+    from mesh.invite import Invite
+    from tests.mesh.mesh_nodes import Node, free_port
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=262_144)
+    parser.add_argument("--rtt-count", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    token = Invite.create("bench").to_token()
+    common = [
+        "--invite",
+        token,
+        "--ice",
+        "lo",
+        "--no-mdns",
+        "--bench",
+        "--retry-max",
+        "600",
+        "--gossip",
+        "30",
+    ]
+    base = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    servers = [Node(f"s{i}", base / f"s{i}", f"127.0.0.1:{free_port()}", common) for i in range(3)]
+    client = Node("client", base / "client", f"127.0.0.1:{free_port()}", common)
+    results: dict[str, object] = {}
+    try:
+        for node in [*servers, client]:
+            node.start()
+        setups = [
+            client.post(f"/test/connect?address={servers[0].api}&close=1", b"")["seconds"] for _ in range(5)
+        ]
+        results["setup_ms_median"] = statistics.median(setups) * 1000
+        for server in servers:
+            client.post(f"/test/connect?address={server.api}", b"")
+        time.sleep(1.0)
+        s0 = servers[0].peer_id
+        for channel in ("control", "tensors"):
+            for size in (1024, 8192):
+                results[f"rtt_{channel}_{size // 1024}k"] = client.get(
+                    f"/bench/rtt?peer={s0}&channel={channel}&size={size}&count={args.rtt_count}", timeout=120
+                )
+        cids = []
+        for _ in range(args.blocks):
+            data = os.urandom(args.block_size)
+            cids = [*cids, servers[0].post("/test/blocks", data)["cid"]]
+            for server in servers[1:]:
+                server.post("/test/blocks", data)
+        total = args.blocks * args.block_size
+
+        def pull(via: str, peers: list[str], concurrency: int) -> dict:
+            body = {"cids": cids, "via": via, "peers": peers, "concurrency": concurrency}
+            return client.post("/bench/pull", body, timeout=600)
+
+        every = [s.peer_id for s in servers]
+        results["blocks_channel_1peer_1inflight"] = pull("channel", [s0], 1)
+        results["blocks_channel_1peer_8inflight"] = pull("channel", [s0], 8)
+        results["blocks_channel_3peers_12inflight"] = pull("channel", every, 12)
+        results["blocks_http_1peer_8inflight"] = pull("http", [s0], 8)
+        results["tcp_loopback_mib_s"] = tcp_baseline(max(total, 64 * 2**20))
+        results["rss_client_mib"] = client.get("/bench/rss")["rss"] / 2**20
+        results["rss_server_mib"] = servers[0].get("/bench/rss")["rss"] / 2**20
+    finally:
+        for node in [client, *servers]:
+            node.kill(15)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"{'measurement':40} {'value':>24}")
+    print(f"{'link setup (median of 5)':40} {results['setup_ms_median']:>21.1f} ms")
+    for channel in ("control", "tensors"):
+        for size in (1, 8):
+            r = results[f"rtt_{channel}_{size}k"]
+            label = f"RTT {size} KiB on {channel} (median / p99)"
+            print(f"{label:40} {r['median_ms']:>9.2f} / {r['p99_ms']:>7.2f} ms")
+    for key, label in [
+        ("blocks_channel_1peer_1inflight", "blocks: 1 data channel, 1 in flight"),
+        ("blocks_channel_1peer_8inflight", "blocks: 1 data channel, 8 in flight"),
+        ("blocks_channel_3peers_12inflight", "blocks: 3 peers' data channels, 12 in flight"),
+        ("blocks_http_1peer_8inflight", "blocks: 1 peer's HTTP gateway, 8 in flight"),
+    ]:
+        print(f"{label:40} {results[key]['mib_s']:>18.1f} MiB/s")
+    print(f"{'plain TCP on loopback (2 processes)':40} {results['tcp_loopback_mib_s']:>18.1f} MiB/s")
+    rss = f"{results['rss_client_mib']:>9.0f} / {results['rss_server_mib']:>7.0f} MiB"
+    print(f"{'RSS client / server after the run':40} {rss}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

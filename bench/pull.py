@@ -1,0 +1,177 @@
+"""Pull benchmark: the default model (SmolLM2-135M Q4_1, 94 MiB) pulled with full verification
+
+  (a) from a local IPFS node (js-ipfs, offline on loopback) over RPC, against that node's own `cat` time;
+  (b) from another shoal node's trustless gateway (a separate process), against a plain aiohttp download of
+      the same file from the same server.
+
+Targets: (a) >= 0.8x, (b) >= 0.5x of the baseline's throughput. Prints a table.
+
+    python3 bench/pull.py [--runs 3] [--skip-jsipfs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from aiohttp import web  # noqa: E402
+
+from mesh.ipfs.config import IpfsConfig  # noqa: E402
+from mesh.ipfs.service import IpfsService  # noqa: E402
+from models.embedded import embedded_model_path  # noqa: E402
+from tests.mesh.ipfs.jsipfs import free_port, start_jsipfs  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+async def serve(data_dir: Path, port: int) -> None:
+    """Serve mode: a shoal node's gateway over a store holding the default model, plus the same file as a
+    plain static download at /plain/model.gguf."""
+    service = IpfsService(IpfsConfig(rpc_url=None), data_dir)
+    await service.start()
+    cid = await service.ensure_embedded()
+    model = embedded_model_path()
+    app = web.Application()
+    service.add_routes(app)
+
+    async def plain(_request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(model)
+
+    app.router.add_get("/plain/model.gguf", plain)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print(json.dumps({"cid": str(cid)}), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await service.stop()
+
+
+async def download(url: str, dest: Path, method: str = "GET", params: dict | None = None) -> int:
+    """Plain download to a file (written and fsynced, as a pull writes its result)."""
+    size = 0
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.request(method, url, params=params) as response:
+            response.raise_for_status()
+            with dest.open("wb") as out:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+    return size
+
+
+async def timed_pull(config: IpfsConfig, cid: str, expected: bytes) -> float:
+    with tempfile.TemporaryDirectory(dir=REPO / ".cache") as tmp:
+        async with IpfsService(config, Path(tmp)) as service:
+            start = time.perf_counter()
+            path = await service.pull(cid)
+            elapsed = time.perf_counter() - start
+        if path.read_bytes() != expected:
+            raise SystemExit("pulled bytes differ from the model file")
+    return elapsed
+
+
+async def timed_download(url: str, method: str = "GET", params: dict | None = None) -> float:
+    with tempfile.TemporaryDirectory(dir=REPO / ".cache") as tmp:
+        start = time.perf_counter()
+        await download(url, Path(tmp) / "model.gguf", method, params)
+        return time.perf_counter() - start
+
+
+async def jsipfs_add(rpc_url: str, path: Path) -> str:
+    params = {"cid-version": "1", "raw-leaves": "true"}
+    async with aiohttp.ClientSession() as session:
+        with path.open("rb") as body:
+            form = aiohttp.FormData()
+            form.add_field("file", body, filename=path.name)
+            async with session.post(f"{rpc_url}/api/v0/add", params=params, data=form) as response:
+                response.raise_for_status()
+                return json.loads((await response.text()).strip().splitlines()[-1])["Hash"]
+
+
+def row(name: str, base: list[float], ours: list[float], size: int, target: float) -> str:
+    b, o = statistics.median(base), statistics.median(ours)
+    ratio = b / o
+    verdict = "ok" if ratio >= target else "BELOW TARGET"
+    base_text = f"{size / MIB / b:8.1f} MiB/s ({b:5.2f} s)"
+    ours_text = f"{size / MIB / o:8.1f} MiB/s ({o:5.2f} s)"
+    return f"| {name:38} | {base_text:26} | {ours_text:26} | {ratio:5.2f}x | >= {target}x {verdict} |"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-jsipfs", action="store_true")
+    parser.add_argument("--serve", nargs=2, metavar=("DATA_DIR", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        await serve(Path(args.serve[0]), int(args.serve[1]))
+        return
+    (REPO / ".cache").mkdir(exist_ok=True)
+    model = embedded_model_path()
+    expected = model.read_bytes()
+    size = len(expected)
+    rows = []
+    work = Path(tempfile.mkdtemp(dir=REPO / ".cache", prefix="bench-pull-"))
+    try:
+        if not args.skip_jsipfs:
+            node = await asyncio.to_thread(start_jsipfs, work / "jsipfs")
+            try:
+                cid = await jsipfs_add(node.rpc_url, model)
+                cat, ours = [], []
+                config = IpfsConfig(rpc_url=node.rpc_url, gateways=())
+                for _ in range(args.runs):
+                    cat.append(await timed_download(f"{node.rpc_url}/api/v0/cat", "POST", {"arg": cid}))
+                    ours.append(await timed_pull(config, cid, expected))
+                rows.append(row("(a) js-ipfs RPC: cat vs shoal pull", cat, ours, size, 0.8))
+            finally:
+                node.stop()
+        port = free_port()
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--serve", str(work / "gateway"), str(port),
+            stdout=asyncio.subprocess.PIPE, cwd=REPO,
+        )
+        try:
+            line = await server.stdout.readline()  # type: ignore[union-attr]
+            cid = json.loads(line)["cid"]
+            url = f"http://127.0.0.1:{port}"
+            plain, ours = [], []
+            config = IpfsConfig(rpc_url=None, gateways=(url,))
+            for _ in range(args.runs):
+                plain.append(await timed_download(f"{url}/plain/model.gguf"))
+                ours.append(await timed_pull(config, cid, expected))
+            rows.append(row("(b) shoal gateway: plain GET vs pull", plain, ours, size, 0.5))
+        finally:
+            server.terminate()
+            await asyncio.wait_for(server.wait(), 10)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"default model: {size / MIB:.1f} MiB, median of {args.runs} runs, loopback, fsync on")
+    print(f"| {'case':38} | {'baseline':26} | {'shoal (verified)':26} | ratio | target |")
+    print(f"|{'-' * 40}|{'-' * 28}|{'-' * 28}|-------|--------|")
+    for line in rows:
+        print(line)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,34 @@
+"""`shoal models`: the models this node knows (catalog) and holds (pinned), with sizes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
+from mesh.ipfs.config import IpfsConfig
+from mesh.ipfs.service import IpfsService
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list known and local models", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_data_dir_option(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    service = IpfsService(IpfsConfig(), args.data_dir or default_data_dir())
+    models = service.list_models()
+    stats = service.store.stats()
+    if args.json:
+        store = {"blocks": stats.blocks, "bytes": stats.bytes}
+        print(json.dumps({"models": models, "store": store}, indent=1))
+        return 0
+    print(f"{'NAME':28} {'CID':62} {'SIZE':>10}  STATE")
+    for m in models:
+        size = human_bytes(m["size"]) if m["size"] else "-"
+        state = "pinned" if m["pinned"] and m["complete"] else ("partial" if m["pinned"] else "remote")
+        print(f"{', '.join(m['names']) or '-':28} {m['cid']:62} {size:>10}  {state}")
+    print(f"store: {stats.blocks} blocks, {human_bytes(stats.bytes)}")
+    return 0

@@ -1,0 +1,46 @@
+"""`shoal peers`: the peers a running node is linked to, with round-trip times and what they advertise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mesh.commands.node_client import call
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("peers", help="list a running node's mesh peers", description=__doc__)
+    parser.add_argument("--api", metavar="URL", help="node to ask (default: the configured address)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=run)
+
+
+def _memory(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value / 2**30:.1f}G"
+
+
+def run(args: argparse.Namespace) -> int:
+    view = call(args.api, "/v1/mesh/peers")
+    if args.json:
+        print(json.dumps(view, indent=1))
+        return 0
+    me = view["self"]
+    print(f"this node: {me['name']} {me['id']} mesh {me['mesh']} api {me['api'] or '-'}")
+    peers = view["peers"]
+    if not peers:
+        print("no peers linked")
+    else:
+        print(f"{'NAME':16} {'ID':20} {'STATE':10} {'RTT ms':>8} {'FREE':>6} {'QUEUE':>5}  MODELS")
+        for peer in peers:
+            advert = peer.get("advert") or {}
+            rtt = f"{peer['rtt_ms']:.2f}" if isinstance(peer.get("rtt_ms"), int | float) else "-"
+            models = ", ".join(str(m) for m in advert.get("models", []))[:40] or "-"
+            print(
+                f"{peer['name'][:16]:16} {peer['id'][:20]:20} {peer['state']:10} {rtt:>8} "
+                f"{_memory(advert.get('memory_free')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
+            )
+    if view.get("banned"):
+        print(f"banned: {', '.join(pid[:20] for pid in view['banned'])}")
+    return 0

@@ -1,0 +1,52 @@
+"""`shoal publish FILE`: import a model file into the local block store (the same CID `ipfs add` gives),
+pin it, optionally name it and push it to the local IPFS node."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from mesh.cli import CommandError
+from mesh.ipfs.catalog import check_name
+from mesh.ipfs.cli_support import add_data_dir_option, config_from_args, default_data_dir
+from mesh.ipfs.errors import IpfsError
+from mesh.ipfs.service import IpfsService
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("publish", help="add a model file to the local store and print its CID",
+                                   description=__doc__)
+    parser.add_argument("file", type=Path, help="the GGUF file")
+    parser.add_argument("--name", help="catalog name to give it (e.g. my-model-q4)")
+    parser.add_argument("--cid-version", type=int, choices=(0, 1), default=1,
+                        help="1: CIDv1 with raw leaves (default); 0: CIDv0 (Kubo's `ipfs add` default)")
+    parser.add_argument("--to-ipfs", action="store_true",
+                        help="also push the blocks to the local IPFS node (RPC dag/import)")
+    parser.add_argument("--rpc", metavar="URL", default="http://127.0.0.1:5001",
+                        help="the IPFS node's RPC API for --to-ipfs (default: %(default)s)")
+    add_data_dir_option(parser)
+    parser.set_defaults(handler=run)
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise CommandError(f"{args.file} is not a file")
+    try:
+        if args.name:
+            check_name(args.name)
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    async with IpfsService(config, args.data_dir or default_data_dir()) as service:
+        try:
+            cid = await service.publish(args.file, args.name, cid_version=args.cid_version,
+                                        to_ipfs=args.to_ipfs)
+        except IpfsError as exc:
+            raise CommandError(str(exc)) from None
+    print(cid)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_publish(args))

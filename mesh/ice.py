@@ -1,0 +1,97 @@
+"""ICE settings for aiortc: which local interfaces give host candidates, and which STUN/TURN servers to use.
+
+aioice gathers host candidates from every interface except loopback, through the module-level function
+`aioice.ice.get_host_addresses`. `restrict_host_addresses` replaces that function (process-wide) with one
+that keeps only the allowed interfaces — named (`lo`, `eth0`) or by address (`127.0.0.1`) — so loopback works
+for tests and a node can keep to its LAN. This is the one patch point into aioice's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import aioice.ice
+import ifaddr
+from aiortc import RTCConfiguration, RTCIceServer
+
+logger = logging.getLogger(__name__)
+
+_original_get_host_addresses: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
+
+
+def host_addresses(allowed: Sequence[str], use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
+    """Addresses of the interfaces named (or addressed) in `allowed`, loopback included if listed."""
+    wanted = set(allowed)
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        adapter_allowed = adapter.nice_name in wanted or adapter.name in wanted
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                if use_ipv4 and (adapter_allowed or ip.ip in wanted):
+                    found.append(ip.ip)
+            elif use_ipv6 and (adapter_allowed or ip.ip[0] in wanted) and ip.ip[2] == 0:
+                found.append(ip.ip[0])
+    return found
+
+
+def restrict_host_addresses(allowed: Sequence[str]) -> None:
+    """Make aioice gather host candidates only on `allowed` interfaces; an empty list restores its default."""
+    if not allowed:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+    names = tuple(allowed)
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        addresses = host_addresses(names, use_ipv4, use_ipv6)
+        if not addresses:
+            logger.warning("no local address on the allowed ICE interfaces %s", ", ".join(names))
+        return addresses
+
+    aioice.ice.get_host_addresses = get_host_addresses
+
+
+def rtc_configuration(
+    stun: Sequence[str] = (),
+    turn: Sequence[str] = (),
+    turn_username: str | None = None,
+    turn_password: str | None = None,
+) -> RTCConfiguration:
+    """An aiortc configuration with exactly the configured servers (none by default: no public STUN)."""
+    servers = [RTCIceServer(urls=url) for url in stun]
+    servers += [RTCIceServer(urls=url, username=turn_username, credential=turn_password) for url in turn]
+    return RTCConfiguration(iceServers=servers)
+
+
+def delay_outgoing_datagrams(seconds: float) -> None:
+    """Test hook: hold every datagram aioice sends for `seconds` (emulates link latency where the kernel has
+    no `netem`). Order is kept since every datagram waits the same time. Process-wide; 0 turns it off."""
+    protocol = aioice.ice.StunProtocol
+    original = getattr(protocol, "_shoal_original_send_data", None) or protocol.send_data
+    protocol._shoal_original_send_data = original  # type: ignore[attr-defined]
+    if seconds <= 0:
+        protocol.send_data = original  # type: ignore[method-assign]
+        return
+
+    async def send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple[str, int]) -> None:
+        import asyncio
+
+        transport = self.transport
+        asyncio.get_running_loop().call_later(seconds, transport.sendto, data, addr)
+
+    protocol.send_data = send_data  # type: ignore[method-assign]
+
+
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def enlarge_socket_buffers(size: int = SOCKET_BUFFER_BYTES) -> None:
+    """Give aioice's UDP sockets a large kernel receive buffer (process-wide).
+
+    aiortc's SCTP runs in Python: while the event loop is busy, datagrams pile up in the kernel, and aioice's
+    256 KiB receive buffer (`aioice.turn.UDP_SOCKET_BUFFER_SIZE`, which it applies to every host socket)
+    overflows under bulk transfer; SCTP then sees loss, times out and collapses its window (measured: 8 blocks
+    in flight fell to 0.1 MiB/s). The kernel caps the size at `net.core.rmem_max`."""
+    import aioice.turn
+
+    aioice.turn.UDP_SOCKET_BUFFER_SIZE = size

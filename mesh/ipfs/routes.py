@@ -1,0 +1,174 @@
+"""HTTP routes of the IPFS layer, added to the node's aiohttp app:
+
+- `GET /ipfs/{cid}?format=raw|car` — a trustless gateway over the node's block store (also chosen by
+  `Accept: application/vnd.ipld.raw|car`). CAR responses take `dag-scope=block|entity|all` (default all)
+  and `entity-bytes=FROM:TO` (TO may be `*`; with it, only the blocks covering those file bytes).
+- `POST /v1/models/pull` `{"model": NAME_OR_CID}` → 202 `{"pull_id", "cid"}`; progress on the event stream.
+- `POST /v1/models/publish` `{"path": FILE, "name"?: NAME}` → `{"cid"}`.
+- `GET /v1/ipfs/models` → what `shoal models` lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from multiformats import CID
+
+from mesh.ipfs import car
+from mesh.ipfs.cid import parse_cid
+from mesh.ipfs.errors import CodecError, InvalidCidError, IpfsError, UnknownModelError
+from mesh.ipfs.reader import decode_file_node
+from mesh.ipfs.service import IpfsService
+from mesh.ipfs.sources import RAW_CONTENT_TYPE
+
+logger = logging.getLogger(__name__)
+ENTITY_BYTES = re.compile(r"^(\d+):(\d+|\*)$")
+
+
+def _json_error(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=f'{{"error": {message!r}}}'.replace("'", '"'), content_type="application/json")
+
+
+def _wanted_format(request: web.Request) -> str | None:
+    fmt = request.query.get("format")
+    if fmt:
+        return fmt
+    accept = request.headers.get("Accept", "")
+    if RAW_CONTENT_TYPE in accept:
+        return "raw"
+    if car.CONTENT_TYPE in accept:
+        return "car"
+    return None
+
+
+def _entity_range(text: str | None) -> tuple[int, int | None] | None:
+    if text is None:
+        return None
+    match = ENTITY_BYTES.match(text)
+    if not match:
+        raise _json_error(web.HTTPBadRequest, f"entity-bytes must be FROM:TO (TO a number or *), not {text}")
+    start = int(match.group(1))
+    end = None if match.group(2) == "*" else int(match.group(2)) + 1  # TO is inclusive
+    if end is not None and end <= start:
+        raise _json_error(web.HTTPBadRequest, "entity-bytes TO must not be below FROM")
+    return start, end
+
+
+class IpfsRoutes:
+    def __init__(self, service: IpfsService) -> None:
+        self.service = service
+
+    async def get_ipfs(self, request: web.Request) -> web.StreamResponse:
+        try:
+            cid = parse_cid(request.match_info["cid"])
+        except InvalidCidError as exc:
+            raise _json_error(web.HTTPBadRequest, str(exc)) from None
+        fmt = _wanted_format(request)
+        if fmt == "raw":
+            block = await asyncio.to_thread(self.service.store.get, cid)
+            if block is None:
+                raise _json_error(web.HTTPNotFound, f"block {cid} is not held by this node")
+            return web.Response(body=block, content_type=RAW_CONTENT_TYPE,
+                                headers={"Cache-Control": "public, max-age=29030400, immutable"})
+        if fmt != "car":
+            raise _json_error(web.HTTPNotAcceptable, "trustless gateway: ask for format=raw or format=car")
+        scope = request.query.get("dag-scope", "all")
+        if scope not in ("block", "entity", "all"):
+            raise _json_error(web.HTTPBadRequest, f"dag-scope must be block, entity or all, not {scope}")
+        entity = _entity_range(request.query.get("entity-bytes"))
+        if not await asyncio.to_thread(self.service.store.has, cid):
+            raise _json_error(web.HTTPNotFound, f"block {cid} is not held by this node")
+        response = web.StreamResponse(headers={"Content-Type": f"{car.CONTENT_TYPE}; version=1",
+                                               "X-Content-Type-Options": "nosniff"})
+        await response.prepare(request)
+        try:
+            async for chunk in self._car_body(cid, scope, entity):
+                await response.write(chunk)
+        except (IpfsError, CodecError) as exc:
+            logger.warning("CAR for %s ended early: %s", cid, exc)  # the client sees a truncated CAR
+            return response
+        await response.write_eof()
+        return response
+
+    async def _car_body(
+        self, root: CID, scope: str, entity: tuple[int, int | None] | None
+    ) -> AsyncIterator[bytes]:
+        if entity is None:
+            async for chunk in self.service.car_stream(root, scope="block" if scope == "block" else "all"):
+                yield chunk
+            return
+        yield car.encode_header([root])
+        start, end = entity
+        stack: list[tuple[CID, int, int | None]] = [(root, start, end)]
+        pending: list[bytes] = []
+        while stack:
+            cid, lo, hi = stack.pop()
+            block = await asyncio.to_thread(self.service.store.get, cid)
+            if block is None:
+                raise IpfsError(f"block {cid} is not in the local store")
+            pending.append(car.encode_section(cid, block))
+            if len(pending) >= 16:
+                yield b"".join(pending)
+                pending.clear()
+            node = decode_file_node(cid, block)
+            pos = len(node.data)
+            children = []
+            for child, size in node.children:
+                c_lo, c_hi = max(lo, pos), size + pos if hi is None else min(hi, pos + size)
+                if c_lo < c_hi:
+                    children.append((child, c_lo - pos, c_hi - pos))
+                pos += size
+            stack.extend(reversed(children))
+        if pending:
+            yield b"".join(pending)
+
+    async def post_pull(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _json_error(web.HTTPBadRequest, 'body must be {"model": NAME_OR_CID}')
+        try:
+            cid = self.service.catalog.resolve(model)
+            pull_id = self.service.start_pull(model)
+        except (UnknownModelError, InvalidCidError) as exc:
+            raise _json_error(web.HTTPNotFound, str(exc)) from None
+        except IpfsError as exc:
+            raise _json_error(web.HTTPServiceUnavailable, str(exc)) from None
+        return web.json_response({"pull_id": pull_id, "cid": str(cid), "model": model}, status=202)
+
+    async def post_publish(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        path = body.get("path")
+        name = body.get("name")
+        if not isinstance(path, str) or not path or (name is not None and not isinstance(name, str)):
+            raise _json_error(web.HTTPBadRequest, 'body must be {"path": FILE, "name": optional NAME}')
+        try:
+            cid = await self.service.publish(path, name)
+        except (IpfsError, ValueError, OSError) as exc:
+            raise _json_error(web.HTTPBadRequest, str(exc)) from None
+        return web.json_response({"cid": str(cid), "name": name})
+
+    async def get_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": await asyncio.to_thread(self.service.list_models)})
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _json_error(web.HTTPBadRequest, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+    return body
+
+
+def add_routes(app: web.Application, service: IpfsService) -> None:
+    routes = IpfsRoutes(service)
+    app.router.add_get("/ipfs/{cid}", routes.get_ipfs)
+    app.router.add_post("/v1/models/pull", routes.post_pull)
+    app.router.add_post("/v1/models/publish", routes.post_publish)
+    app.router.add_get("/v1/ipfs/models", routes.get_models)

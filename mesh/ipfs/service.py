@@ -1,0 +1,326 @@
+"""`IpfsService`: the node's IPFS layer. Owns the block store, catalog, HTTP session and block sources;
+pulls (whole or one layer span), publishes, lists models, imports the embedded default, and adds the trustless
+gateway and model routes to the node's aiohttp app.
+
+Data dir layout: `ipfs/blocks/…`, `ipfs/pins.json`, `ipfs/catalog.json`, `models/<cid>.gguf` (assembled
+files), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and one span's tensors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from multiformats import CID
+
+from mesh.ipfs import car
+from mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
+from mesh.ipfs.cid import DAG_PB
+from mesh.ipfs.config import IpfsConfig
+from mesh.ipfs.errors import IpfsError, SourceError
+from mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
+from mesh.ipfs.importer import Block, ImportOptions, import_file
+from mesh.ipfs.reader import UnixFSReader, assemble_file, decode_file_node
+from mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
+from mesh.ipfs.store import BlockStore
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from mesh.events import EventBus
+    from models.span import LayerSpan
+
+logger = logging.getLogger(__name__)
+CAR_BATCH_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PullResult:
+    cid: CID
+    path: Path
+    size: int
+    stats: FetchStats = field(compare=False)
+
+
+class IpfsService:
+    def __init__(self, config: IpfsConfig, data_dir: str | Path, events: EventBus | None = None) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.events = events
+        self.store = BlockStore(self.data_dir / "ipfs", fsync=config.fsync)
+        self.catalog = Catalog(self.data_dir / "ipfs" / "catalog.json")
+        self.models_dir = self.data_dir / "models"
+        self._session: aiohttp.ClientSession | None = None
+        self._extra_sources: list[tuple[str, BlockSource]] = []
+        self._pulls: dict[str, asyncio.Task[PullResult]] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.last_span_stats: FetchStats | None = None
+        """Fetch statistics of the latest `pull_span` (blocks fetched and found locally)."""
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=max(16, self.config.parallelism * 2))
+            timeout = aiohttp.ClientTimeout(sock_connect=self.config.connect_timeout_s)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._closing = False
+
+    async def stop(self) -> None:
+        """Refuse new pulls, cancel running ones, close the HTTP session. Safe to call twice."""
+        self._closing = True
+        tasks = list(self._pulls.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                if (current := asyncio.current_task()) is not None and current.cancelling():
+                    raise
+            except Exception:  # already reported as pull.failed by the task itself
+                pass
+        self._pulls.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> IpfsService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def add_routes(self, app: web.Application) -> None:
+        from mesh.ipfs.routes import add_routes
+
+        add_routes(app, self)
+
+    # --- sources ------------------------------------------------------------------------------------------
+    def add_source(self, source: BlockSource, kind: str = "mesh") -> None:
+        """Plug in another block source (e.g. the WebRTC mesh), placed by `kind` in the policy order."""
+        self._extra_sources.append((kind, source))
+
+    def sources(self) -> list[BlockSource]:
+        session = self._require_session()
+        ordered: list[BlockSource] = []
+        for kind in self.config.source_order:
+            if kind == "rpc" and self.config.rpc_url:
+                ordered.append(KuboRpcSource(self.config.rpc_url, session, self.config.block_timeout_s))
+            elif kind == "gateway":
+                timeout = self.config.block_timeout_s
+                ordered.extend(GatewaySource(u, session, timeout) for u in self.config.gateways)
+            ordered.extend(source for k, source in self._extra_sources if k == kind)
+        return ordered
+
+    def fetcher(self, sources: Sequence[BlockSource] | None = None) -> Fetcher:
+        return Fetcher(self.store, self.sources() if sources is None else sources, self.config)
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._closing:
+            raise IpfsError("the IPFS service is not running (call start() first)")
+        return self._session
+
+    # --- pull ---------------------------------------------------------------------------------------------
+    def model_path(self, cid: CID) -> Path:
+        return self.models_dir / f"{cid}.gguf"
+
+    async def pull_detailed(
+        self,
+        name_or_cid: str,
+        progress: Callable[[Progress], None] | None = None,
+        pull_id: str | None = None,
+        sources: Sequence[BlockSource] | None = None,
+    ) -> PullResult:
+        """Fetch (verified, resumable) the whole model, assemble it under `models/`, pin it."""
+        self._require_session()
+        pull_id = pull_id or f"pull-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        model = name_or_cid
+        try:
+            cid = self.catalog.resolve(name_or_cid)
+            name = name_or_cid if name_or_cid != str(cid) else ""
+
+            def on_progress(p: Progress) -> None:
+                if self.events is not None:
+                    self.events.publish(
+                        "pull.progress", pull_id=pull_id, model=model, cid=p.cid, bytes_done=p.bytes_done,
+                        bytes_total=p.bytes_total, blocks_done=p.blocks_done, rate_bps=p.rate_bps,
+                        eta_s=p.eta_s,
+                    )
+                if progress is not None:
+                    progress(p)
+
+            fetcher = self.fetcher(sources)
+            existing = self.store.pins().get(str(cid))
+            if existing is None or not existing.complete:
+                await asyncio.to_thread(self.store.pin, cid, name=name, complete=False)
+            size = await fetcher.fetch_dag(cid, on_progress)
+            path = self.model_path(cid)
+            if not (path.is_file() and path.stat().st_size == size):
+                await asyncio.to_thread(assemble_file, self.store, cid, path)
+            await asyncio.to_thread(self.store.pin, cid, name=name, size=size, complete=True)
+            if name:
+                self.catalog.add(name, cid)
+        except asyncio.CancelledError:
+            if self.events is not None:
+                self.events.publish("pull.failed", pull_id=pull_id, model=model, error="cancelled")
+            raise
+        except (IpfsError, OSError, ValueError) as exc:
+            if self.events is not None:
+                self.events.publish("pull.failed", pull_id=pull_id, model=model, error=str(exc))
+            raise
+        stats = fetcher.stats
+        if self.events is not None:
+            self.events.publish(
+                "pull.done", pull_id=pull_id, model=model, cid=str(cid), path=str(path), bytes_total=size,
+                blocks_fetched=stats.blocks_fetched, blocks_local=stats.blocks_local,
+            )
+        return PullResult(cid=cid, path=path, size=size, stats=stats)
+
+    async def pull(self, name_or_cid: str, progress: Callable[[Progress], None] | None = None) -> Path:
+        return (await self.pull_detailed(name_or_cid, progress)).path
+
+    def start_pull(self, name_or_cid: str) -> str:
+        """Start a pull in the background (owned by the service); return its id for the event stream."""
+        self._require_session()
+        self.catalog.resolve(name_or_cid)  # fail fast on bad names
+        pull_id = f"pull-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        task = asyncio.get_running_loop().create_task(self.pull_detailed(name_or_cid, pull_id=pull_id))
+        self._pulls[pull_id] = task
+        task.add_done_callback(lambda t: self._pull_finished(pull_id, t))
+        return pull_id
+
+    def _pull_finished(self, pull_id: str, task: asyncio.Task[PullResult]) -> None:
+        self._pulls.pop(pull_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("pull %s failed: %s", pull_id, task.exception())
+
+    async def pull_span(self, name_or_cid: str, span: LayerSpan) -> Path:
+        """Fetch only the GGUF header and the tensors of layers `span`, into a sparse local file that
+        `GGUFModel.open` can map. Only the UnixFS blocks covering those byte ranges are fetched."""
+        from models.gguf import read_gguf_index
+
+        self._require_session()
+        cid = self.catalog.resolve(name_or_cid)
+        fetcher = self.fetcher()
+        reader = UnixFSReader(fetcher.get_block)
+        size = await reader.size(cid)
+        loop = asyncio.get_running_loop()
+
+        def read(offset: int, length: int) -> bytes:
+            return asyncio.run_coroutine_threadsafe(reader.read(cid, offset, length), loop).result()
+
+        index = await asyncio.to_thread(read_gguf_index, read)
+        ranges = [(0, index.data_start), *index.byte_ranges_for_span(span)]
+        await asyncio.to_thread(self.store.pin, cid, name="", size=size, complete=False)
+        parts = [(start, await reader.read(cid, start, end - start)) for start, end in ranges]
+        dest = self.models_dir / f"{cid}.layers-{span.start}-{span.stop}.gguf"
+        await asyncio.to_thread(write_sparse_file, dest, size, parts)
+        self.last_span_stats = fetcher.stats
+        return dest
+
+    # --- publish ------------------------------------------------------------------------------------------
+    async def publish(
+        self, path: str | Path, name: str | None = None, *, cid_version: int = 1, to_ipfs: bool = False
+    ) -> CID:
+        """Import a file into the store (Kubo-identical DAG), pin it, name it; optionally push it to the
+        local IPFS node over RPC (`dag/import`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise IpfsError(f"{path} is not a file")
+
+        def sink(block: Block) -> None:
+            self.store.put(block.cid, block.data)
+
+        result = await asyncio.to_thread(import_file, path, sink, ImportOptions(cid_version=cid_version))
+        await asyncio.to_thread(self.store.pin, result.root, name=name or path.name, size=result.size)
+        if name:
+            self.catalog.add(name, result.root)
+        if to_ipfs:
+            await self.push_to_rpc(result.root)
+        return result.root
+
+    async def push_to_rpc(self, root: CID) -> None:
+        if not self.config.rpc_url:
+            raise SourceError("no IPFS RPC URL is configured to push to")
+        rpc = KuboRpcSource(self.config.rpc_url, self._require_session(), self.config.block_timeout_s)
+        await rpc.import_car(self.car_stream(root))
+
+    async def car_stream(self, root: CID, *, scope: str = "all") -> AsyncIterator[bytes]:
+        """CARv1 bytes of the DAG under `root` from the local store (`scope`: "all" or "block"), depth-first
+        (file order), read in batches of about 1 MiB per thread hop."""
+        yield car.encode_header([root])
+        stack = [root]
+
+        def next_batch() -> bytes:
+            out = bytearray()
+            while stack and len(out) < CAR_BATCH_BYTES:
+                cid = stack.pop()
+                block = self.store.get(cid)
+                if block is None:
+                    raise IpfsError(f"block {cid} of {root} is not in the local store")
+                out += car.encode_section(cid, block)
+                if scope == "all" and cid.codec.name == DAG_PB:
+                    stack.extend(child for child, _ in reversed(decode_file_node(cid, block).children))
+            return bytes(out)
+
+        while stack:
+            yield await asyncio.to_thread(next_batch)
+
+    # --- listing and the embedded default -----------------------------------------------------------------
+    def list_models(self) -> list[dict[str, Any]]:
+        entries = self.catalog.entries()
+        pins = self.store.pins()
+        out: list[dict[str, Any]] = []
+        for cid, pin in pins.items():
+            names = sorted(n for n, c in entries.items() if c == cid)
+            path = self.models_dir / f"{cid}.gguf"
+            out.append({
+                "cid": cid, "names": names or ([pin.name] if pin.name else []), "size": pin.size,
+                "pinned": True, "complete": pin.complete, "path": str(path) if path.is_file() else None,
+            })
+        for name, cid in entries.items():
+            if cid not in pins:
+                out.append({"cid": cid, "names": [name], "size": None, "pinned": False, "complete": False,
+                            "path": None})
+        return out
+
+    async def ensure_embedded(self) -> CID:
+        """Import the embedded default model into the store (pinned, named) unless it is already there."""
+        from models.embedded import embedded_model_path
+
+        path = await asyncio.to_thread(embedded_model_path)
+        entries = self.catalog.entries()
+        pins = self.store.pins()
+        known = entries.get(EMBEDDED_NAME)
+        if known and known in pins and pins[known].complete and self.store.has(CID.decode(known)):
+            return CID.decode(known)
+        return await self.publish(path, EMBEDDED_NAME)
+
+
+def write_sparse_file(dest: Path, size: int, parts: Sequence[tuple[int, bytes]]) -> None:
+    """Write a file of `size` bytes holding only `parts` (offset, bytes); the rest stays a hole. Atomic."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.truncate(size)
+            for offset, data in parts:
+                out.seek(offset)
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,192 @@
+"""Where blocks come from. A `BlockSource` is anything with a `name` and `async get_block(cid) -> bytes`;
+sources never need to verify (the fetcher does), but must raise `SourceError` (or `BlockNotFoundError`)
+rather than return something they know is wrong. Sources that can stream a whole DAG as a CAR also offer
+`stream_car(root)` (see `CarSource`).
+
+Shipped here: the local block store, a local IPFS node's RPC API (Kubo or js-ipfs), and trustless HTTP
+gateways (any shoal node is one). The mesh (WebRTC) layer adds its own source with the same Protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+import aiohttp
+from multiformats import CID
+
+from mesh.ipfs import car
+from mesh.ipfs.errors import BlockNotFoundError, CodecError, SourceError
+from mesh.ipfs.store import BlockStore
+
+RAW_CONTENT_TYPE = "application/vnd.ipld.raw"
+MAX_BLOCK_RESPONSE = 4 * 1024 * 1024
+
+
+def describe(exc: BaseException) -> str:
+    """A short, readable reason for a network failure."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    name: str
+
+    async def get_block(self, cid: CID) -> bytes:
+        """The block's bytes (unverified). Raise `BlockNotFoundError` or `SourceError` on failure."""
+        ...
+
+
+@runtime_checkable
+class CarSource(Protocol):
+    name: str
+
+    def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+        """Every block of the DAG under `root` as a CAR stream (unverified); raises SourceError/CodecError."""
+        ...
+
+
+class LocalStoreSource:
+    """The node's own block store."""
+
+    def __init__(self, store: BlockStore, name: str = "local") -> None:
+        self.store = store
+        self.name = name
+
+    async def get_block(self, cid: CID) -> bytes:
+        data = await asyncio.to_thread(self.store.get, cid)
+        if data is None:
+            raise BlockNotFoundError(f"{cid} is not in the local store")
+        return data
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    if response.content_length is not None and response.content_length > limit:
+        raise SourceError(f"{what}: response of {response.content_length} bytes is over {limit}")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise SourceError(f"{what}: response over {limit} bytes")
+    return bytes(body)
+
+
+class _HttpSource:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float, name: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 5.0))
+        self.name = name
+
+    async def _stream_car_response(
+        self, response: aiohttp.ClientResponse
+    ) -> AsyncIterator[tuple[CID, bytes]]:
+        async def read_exactly(n: int) -> bytes:
+            try:
+                return await response.content.readexactly(n)
+            except asyncio.IncompleteReadError:
+                raise EOFError from None
+
+        try:
+            async for _roots, cid, block in car.read_car(read_exactly):
+                yield cid, block
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: CAR stream failed: {describe(exc)}") from exc
+
+
+class KuboRpcSource(_HttpSource):
+    """A local IPFS node's RPC API (`/api/v0/block/get`, `/api/v0/dag/export`)."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float = 15.0) -> None:
+        super().__init__(base_url, session, timeout_s, f"rpc {base_url}")
+
+    async def get_block(self, cid: CID) -> bytes:
+        url = f"{self.base_url}/api/v0/block/get"
+        try:
+            async with self.session.post(url, params={"arg": str(cid)}, timeout=self.timeout) as response:
+                if response.status != 200:
+                    text = (await response.text())[:200]
+                    if response.status == 500 and "not found" in text.lower():
+                        raise BlockNotFoundError(f"{self.name}: {cid} not found")
+                    raise SourceError(f"{self.name}: HTTP {response.status} for {cid}: {text}")
+                return await _read_limited(response, MAX_BLOCK_RESPONSE, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+
+    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+        url = f"{self.base_url}/api/v0/dag/export"
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
+        try:
+            async with self.session.post(url, params={"arg": str(root)}, timeout=timeout) as response:
+                if response.status != 200:
+                    raise SourceError(f"{self.name}: HTTP {response.status} exporting {root}")
+                async for item in self._stream_car_response(response):
+                    yield item
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+
+    async def import_car(self, body: bytes | AsyncIterator[bytes]) -> None:
+        """Push blocks to the node (`dag/import`, pinning the roots)."""
+        url = f"{self.base_url}/api/v0/dag/import"
+        form = aiohttp.FormData()
+        form.add_field("file", body, filename="blocks.car", content_type=car.CONTENT_TYPE)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
+        try:
+            async with self.session.post(url, data=form, params={"pin-roots": "true"}, timeout=timeout) as r:
+                if r.status != 200:
+                    raise SourceError(f"{self.name}: dag/import HTTP {r.status}: {(await r.text())[:200]}")
+                await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+
+
+class GatewaySource(_HttpSource):
+    """A trustless HTTP gateway (`/ipfs/{cid}?format=raw|car`), e.g. another shoal node."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float = 15.0) -> None:
+        super().__init__(base_url, session, timeout_s, f"gateway {base_url}")
+
+    async def get_block(self, cid: CID) -> bytes:
+        url = f"{self.base_url}/ipfs/{cid}"
+        headers = {"Accept": RAW_CONTENT_TYPE}
+        try:
+            async with self.session.get(
+                url, params={"format": "raw"}, headers=headers, timeout=self.timeout
+            ) as response:
+                if response.status == 404:
+                    raise BlockNotFoundError(f"{self.name}: {cid} not found")
+                if response.status != 200:
+                    raise SourceError(f"{self.name}: HTTP {response.status} for {cid}")
+                return await _read_limited(response, MAX_BLOCK_RESPONSE, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+
+    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+        url = f"{self.base_url}/ipfs/{root}"
+        headers = {"Accept": car.CONTENT_TYPE}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
+        try:
+            async with self.session.get(
+                url, params={"format": "car", "dag-scope": "all"}, headers=headers, timeout=timeout
+            ) as response:
+                if response.status != 200:
+                    raise SourceError(f"{self.name}: HTTP {response.status} for CAR of {root}")
+                async for item in self._stream_car_response(response):
+                    yield item
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+
+
+__all__ = [
+    "BlockSource",
+    "CarSource",
+    "CodecError",
+    "GatewaySource",
+    "KuboRpcSource",
+    "LocalStoreSource",
+]

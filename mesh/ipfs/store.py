@@ -1,0 +1,224 @@
+"""On-disk block store under the data dir.
+
+Layout: `blocks/<xx>/<key>` (key = base32 multihash, `xx` = its next-to-last two characters, as Kubo's
+flatfs), `tmp/` for writes in flight, `pins.json`. A block is verified against its CID before it is written;
+it is written to a temp file, fsynced and renamed into place, so a crash never leaves a partial block under a
+valid name. All methods block: async callers use `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from multiformats import CID
+
+from mesh.ipfs import dagpb
+from mesh.ipfs.cid import DAG_PB, block_key, parse_cid, verify_block
+from mesh.ipfs.errors import CodecError, StoreError
+
+logger = logging.getLogger(__name__)
+STALE_TEMP_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Pin:
+    cid: str
+    name: str
+    """A friendly name or the file name it was published from; may be empty."""
+    size: int
+    """File bytes of the pinned DAG."""
+    complete: bool
+    """False while a pull is under way, or for a partial (layer-span) pull."""
+    time: float
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    blocks: int
+    bytes: int
+
+
+class BlockStore:
+    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self._blocks = self.root / "blocks"
+        self._tmp = self.root / "tmp"
+        self._pins_path = self.root / "pins.json"
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._stats: StoreStats | None = None
+        try:
+            self._blocks.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the block store at {self.root}: {exc}") from exc
+        self._clean_stale_temps()
+
+    # --- blocks -------------------------------------------------------------------------------------------
+    def path_of(self, cid: CID) -> Path:
+        key = block_key(cid)
+        return self._blocks / key[-3:-1] / key
+
+    def has(self, cid: CID) -> bool:
+        return self.path_of(cid).is_file()
+
+    def get(self, cid: CID) -> bytes | None:
+        """The block's bytes, or None when it is not stored."""
+        try:
+            return self.path_of(cid).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read block {cid}: {exc}") from exc
+
+    def put(self, cid: CID, data: bytes) -> bool:
+        """Verify and store a block; return False if it was already there. Raises `VerificationError`."""
+        verify_block(cid, data)
+        path = self.path_of(cid)
+        if path.is_file():
+            return False
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blk-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    if self._fsync:
+                        out.flush()
+                        os.fsync(out.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StoreError(f"cannot write block {cid}: {exc}") from exc
+        with self._lock:
+            if self._stats is not None:
+                self._stats = StoreStats(self._stats.blocks + 1, self._stats.bytes + len(data))
+        return True
+
+    def delete(self, cid: CID) -> int:
+        """Remove a block; return the bytes freed."""
+        path = self.path_of(cid)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        with self._lock:
+            if self._stats is not None:
+                self._stats = StoreStats(self._stats.blocks - 1, self._stats.bytes - size)
+        return size
+
+    def keys(self) -> Iterator[Path]:
+        for shard in self._blocks.iterdir():
+            if shard.is_dir():
+                yield from (p for p in shard.iterdir() if p.is_file())
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            if self._stats is not None:
+                return self._stats
+        blocks = 0
+        size = 0
+        for path in self.keys():
+            blocks += 1
+            size += path.stat().st_size
+        with self._lock:
+            self._stats = StoreStats(blocks, size)
+            return self._stats
+
+    def _clean_stale_temps(self) -> None:
+        now = time.time()
+        for path in self._tmp.iterdir():
+            try:
+                if now - path.stat().st_mtime > STALE_TEMP_S:
+                    path.unlink()
+            except OSError:
+                continue
+
+    # --- pins ---------------------------------------------------------------------------------------------
+    def pins(self) -> dict[str, Pin]:
+        with self._lock:
+            return self._read_pins()
+
+    def _read_pins(self) -> dict[str, Pin]:
+        try:
+            raw = json.loads(self._pins_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {self._pins_path}: {exc}") from exc
+        return {cid: Pin(**entry) for cid, entry in raw.items()}
+
+    def _write_pins(self, pins: dict[str, Pin]) -> None:
+        body = json.dumps({cid: pin.__dict__ for cid, pin in sorted(pins.items())}, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="pins-")
+        with os.fdopen(fd, "w") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._pins_path)
+
+    def pin(self, cid: CID, *, name: str = "", size: int = 0, complete: bool = True) -> Pin:
+        key = str(cid)
+        with self._lock:
+            pins = self._read_pins()
+            pin = Pin(cid=key, name=name, size=size, complete=complete, time=time.time())
+            pins[key] = pin
+            self._write_pins(pins)
+        return pin
+
+    def unpin(self, cid: CID) -> bool:
+        with self._lock:
+            pins = self._read_pins()
+            removed = pins.pop(str(cid), None) is not None
+            if removed:
+                self._write_pins(pins)
+        return removed
+
+    # --- reachability and garbage collection --------------------------------------------------------------
+    def reachable(self, roots: Iterable[CID]) -> set[str]:
+        """Keys of stored blocks reachable from `roots` (walking only blocks that are present)."""
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            cid = stack.pop()
+            key = block_key(cid)
+            if key in seen:
+                continue
+            data = self.get(cid)
+            if data is None:
+                continue
+            seen.add(key)
+            if cid.codec.name == DAG_PB:
+                try:
+                    stack.extend(link.cid for link in dagpb.decode_node(data).links)
+                except CodecError:
+                    logger.warning("stored block %s does not decode as dag-pb", cid)
+        return seen
+
+    def gc(self) -> StoreStats:
+        """Delete every block not reachable from a pin; return what was freed."""
+        keep = self.reachable(parse_cid(cid) for cid in self.pins())
+        freed_blocks = 0
+        freed_bytes = 0
+        for path in list(self.keys()):
+            if path.name in keep:
+                continue
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            freed_blocks += 1
+            freed_bytes += size
+        with self._lock:
+            self._stats = None
+        logger.info("gc freed %d blocks, %d bytes", freed_blocks, freed_bytes)
+        return StoreStats(freed_blocks, freed_bytes)

@@ -1,0 +1,351 @@
+"""Routing: given a request, ask the scheduler where it runs and return one token stream plus its route.
+
+`Router.stream(served, prompt_ids, params, route)` is what the API's completion handler iterates instead of
+`served.engine.stream(...)`. It builds the scheduler's inputs (this node's measured speed and memory budget,
+the peers' adverts and RTTs, the policy), runs the plan, and keeps `route` (the request record's route dict,
+updated in place) describing what happened: `kind` (local/offload/split), `peers` and `spans` per stage,
+`replans`, and the `predicted` times next to the observed ones. A lost peer is handled here (offload: resume
+on a re-planned route from prompt + tokens already streamed) or in `SplitPipeline` (split: rebuild the chain
+and replay), so the client sees one stream. The wiring (handlers, adverts, the stage host) is in
+`mesh.split_service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psutil
+
+from mesh import scheduler as sched
+from mesh.mesh_errors import RemoteError
+from mesh.offload import OffloadClient, OffloadEvent, params_to_wire
+from mesh.pipeline import LOCAL_PEER, LocalLink, RemoteStage, Replan, SplitPipeline, StageLost
+from models.span import LayerSpan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TPS = 10.0
+"""Decode tok/s assumed for a device that holds the model but has not measured it yet."""
+STAGE_OVERHEAD = 16 * 1024 * 1024
+"""Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    stage_timeout_s: float = 30.0
+    max_replans: int = 3
+    top_k_logits: int = 256
+    fp16_hidden: bool = False
+
+
+@dataclass(frozen=True)
+class ForcedRoute:
+    """A fixed route for tests and benchmarks (`PUT /v1/mesh/route`): kind and (peer, span) stages."""
+
+    kind: str
+    stages: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_body(cls, body: Any) -> ForcedRoute | None:
+        if body is None or body == {}:
+            return None
+        if not isinstance(body, dict) or body.get("kind") not in ("local", "offload", "split"):
+            raise ValueError("route must be {'kind': 'local'|'offload'|'split', 'stages': [...]}")
+        stages = body.get("stages", [])
+        if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("peer"), str) and isinstance(s.get("layers"), str)
+            for s in stages
+        ):
+            raise ValueError("stages must be a list of {'peer': id|'local', 'layers': 'a:b'}")
+        return cls(body["kind"], tuple((s["peer"], s["layers"]) for s in stages))
+
+    def to_plan(self, num_layers: int) -> sched.Plan:
+        whole = LayerSpan.whole(num_layers)
+        if self.kind == "local":
+            assignments: tuple[sched.Assignment, ...] = (sched.Assignment(sched.LOCAL, whole),)
+        else:
+            assignments = tuple(
+                sched.Assignment(peer, LayerSpan.parse(layers, num_layers)) for peer, layers in self.stages
+            )
+        if not assignments:
+            raise ValueError("a forced offload or split needs stages")
+        return sched.Plan(self.kind, assignments, sched.Prediction(0.0, 0.0, 0.0), ("forced",))  # type: ignore[arg-type]
+
+
+class Speeds:
+    """Measured local prefill/decode tok/s per model (exponential moving average over finished requests)."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, dict[str, float]] = {}
+
+    def observe(self, model: str, prompt_tokens: int, ttft_s: float | None, tok_s: float | None) -> None:
+        entry = self.by_model.setdefault(model, {})
+        if ttft_s and prompt_tokens >= 8:
+            entry["prefill_tok_s"] = _ewma(entry.get("prefill_tok_s"), prompt_tokens / ttft_s)
+        if tok_s:
+            entry["decode_tok_s"] = _ewma(entry.get("decode_tok_s"), tok_s)
+
+    def get(self, model: str) -> tuple[float, float]:
+        entry = self.by_model.get(model, {})
+        return entry.get("decode_tok_s", 0.0), entry.get("prefill_tok_s", 0.0)
+
+
+def _ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
+    return round(new if old is None else (1 - alpha) * old + alpha * new, 3)
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _advert_models(advert: dict[str, Any]) -> set[str]:
+    names = set()
+    for item in advert.get("models", []):
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, dict):
+            names.update(str(item[k]) for k in ("name", "id", "cid") if isinstance(item.get(k), str))
+    return names
+
+
+class Router:
+    """Plans and runs requests. Owned by `SplitService`; `node` gives models, policy, config."""
+
+    def __init__(self, node: Any, mesh: Any, host: Any, offload: OffloadClient,
+                 settings: RouteSettings = RouteSettings()) -> None:
+        self.node = node
+        self.mesh = mesh
+        self.host = host
+        self.offload = offload
+        self.settings = settings
+        self.speeds = Speeds()
+        self.forced: ForcedRoute | None = None
+
+    # --- the scheduler's inputs ------------------------------------------------------------------------
+
+    def local_device(self, model: str, holds: bool) -> sched.Device:
+        decode, prefill = self.speeds.get(model)
+        memory = psutil.virtual_memory()
+        battery = None
+        with contextlib.suppress(OSError, RuntimeError, AttributeError):
+            b = psutil.sensors_battery()
+            if b is not None:
+                battery = (float(b.percent), bool(b.power_plugged))
+        return sched.Device(
+            sched.LOCAL, decode or DEFAULT_TPS, prefill, int(memory.available), int(memory.total),
+            holds_model=holds, battery=battery[0] if battery else None,
+            charging=battery[1] if battery else False,
+        )
+
+    def peer_devices(self, model: str) -> list[sched.Device]:
+        devices = []
+        trusted = set(getattr(self.mesh.config, "allow", ()) or ())
+        for peer in self.mesh.connected_peers():
+            advert = peer.advert or {}
+            if model not in _advert_models(advert):
+                continue
+            split = advert.get("split") if isinstance(advert.get("split"), dict) else {}
+            speed = advert.get("speed", {}).get(model, {}) if isinstance(advert.get("speed"), dict) else {}
+            battery = advert.get("battery") if isinstance(advert.get("battery"), dict) else None
+            free = int(_num(split.get("memory_budget"), _num(advert.get("memory_free"))))
+            devices.append(sched.Device(
+                peer.peer_id,
+                decode_tps=_num(speed.get("decode_tok_s")) or DEFAULT_TPS,
+                prefill_tps=_num(speed.get("prefill_tok_s")),
+                free_memory=max(0, free),
+                total_memory=max(0, free),
+                queue_depth=max(0, int(_num(advert.get("queue_depth")))),
+                battery=_num(battery.get("percent"), 100.0) if battery else None,
+                charging=bool(battery.get("plugged")) if battery else False,
+                trusted=peer.peer_id in trusted,
+                serves_others=split.get("serve_others") is True,
+                rtt_s=peer.rtt_s or 0.001,
+            ))
+        return devices
+
+    def plan(self, model: str, config: Any, weight_bytes: int, holds: bool, prompt_tokens: int,
+             max_tokens: int, exclude: frozenset[str] = frozenset()) -> sched.Plan:
+        if self.forced is not None and not exclude:
+            return self.forced.to_plan(config.num_layers)
+        shape = sched.ModelShape.from_config(config, weight_bytes)
+        request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
+        local = self.local_device(model, holds)
+        policy = self.node.policy
+        # the local share cap is this node's own business; peers advertise the budget they offer
+        local = replace(local, free_memory=local.memory_budget(sched.SchedulerPolicy.of(policy)),
+                        total_memory=local.free_memory)
+        peers = self.peer_devices(model)
+        pol = replace(sched.SchedulerPolicy.of(policy), max_memory_share=1.0)
+        chosen = sched.plan(shape, request, local, peers, pol, exclude=exclude,
+                            max_stages=3 if holds else 1)
+        where = [(a.device[:12], str(a.span)) for a in chosen.stages]
+        logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
+                    prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
+                    chosen.prediction.per_token_s)
+        return chosen
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    async def stream(self, served: Any, prompt_ids: list[int], params: Any, route: dict[str, Any]
+                     ) -> AsyncIterator[Any]:
+        """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
+        model = served.name
+        config, weight_bytes = self.shape(served)
+        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        holds = served.engine is not None
+        plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
+        _describe(route, plan)
+        started = time.perf_counter()
+        if plan.kind == "local":
+            async with contextlib.aclosing(served.engine.stream(prompt_ids, params)) as events:
+                async for event in events:
+                    yield event
+            return
+        if plan.kind == "offload":
+            async with contextlib.aclosing(
+                self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route)
+            ) as events:
+                async for event in events:
+                    yield event
+            return
+        split = self._split(served, plan, config, prompt_ids, params, route)
+        async with contextlib.aclosing(split) as events:
+            async for event in events:
+                yield event
+        route.setdefault("observed", {})["seconds"] = round(time.perf_counter() - started, 4)
+
+    async def _offload(self, served: Any, plan: sched.Plan, config: Any, weight_bytes: int,
+                       prompt_ids: list[int], params: Any, max_tokens: int, route: dict[str, Any]
+                       ) -> AsyncIterator[Any]:
+        emitted: list[int] = []
+        excluded: set[str] = set()
+        while True:
+            peer = plan.stages[0].device
+            if plan.kind == "local":
+                source = served.engine.stream(prompt_ids + emitted, replace(params, max_tokens=max_tokens
+                                                                             - len(emitted)))
+            elif plan.kind == "offload":
+                body = params_to_wire(params, max_tokens - len(emitted))
+                source = self.offload.stream(peer, served.name, prompt_ids + emitted, body)
+            else:
+                raise StageLost(peer, "a re-planned offload may only go local or to another peer")
+            try:
+                async with contextlib.aclosing(source) as events:
+                    async for event in events:
+                        emitted.append(event.token_id)
+                        yield OffloadEvent(event.token_id, event.text, len(emitted) - 1, len(prompt_ids),
+                                           len(emitted), event.finish_reason)
+                return
+            except StageLost as exc:
+                if len(excluded) >= self.settings.max_replans:
+                    raise
+                logger.warning("offload to %s lost after %d tokens: %s; re-planning", peer[:12],
+                               len(emitted), exc)
+                excluded.add(peer)
+                plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
+                                 len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
+                                 frozenset(excluded))
+                if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
+                    whole = LayerSpan.whole(config.num_layers)
+                    plan = sched.Plan("local", (sched.Assignment(sched.LOCAL, whole),), plan.prediction)
+                route["replans"] = route.get("replans", 0) + 1
+                _describe(route, plan, keep_replans=True)
+
+    async def _split(self, served: Any, plan: sched.Plan, config: Any, prompt_ids: list[int], params: Any,
+                     route: dict[str, Any]) -> AsyncIterator[Any]:
+        from models.generate import Engine
+
+        loop = asyncio.get_running_loop()
+        _, weight_bytes = self.shape(served)
+        top_k = self.settings.top_k_logits
+        if not params.greedy and (params.top_k == 0 or params.top_k > top_k):
+            top_k = 0  # sampling needs every logit
+
+        def stages_for(p: sched.Plan) -> list[RemoteStage]:
+            stages = []
+            for a in p.stages:
+                link = LocalLink(self.host) if a.device == sched.LOCAL else self.mesh.peer(a.device)
+                stages.append(RemoteStage(link, loop, served.name, config, a.span,
+                                          timeout_s=self.settings.stage_timeout_s, top_k=top_k,
+                                          fp16=self.settings.fp16_hidden))
+            return stages
+
+        def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+            future = asyncio.run_coroutine_threadsafe(self._replan(served, config, weight_bytes, prompt_ids,
+                                                                   params, excluded), loop)
+            new_plan = future.result(60)
+            _describe(route, new_plan, keep_replans=True)
+            return stages_for(new_plan)
+
+        def on_replan(event: Replan) -> None:
+            route["replans"] = route.get("replans", 0) + 1
+            route.setdefault("replan_log", []).append(
+                {"lost": event.lost, "at_tokens": event.at_tokens, "seconds": round(event.seconds, 4)}
+            )
+
+        pipeline = SplitPipeline(config, stages_for(plan), rebuild, max_replans=self.settings.max_replans,
+                                 on_replan=on_replan)
+        engine = Engine([pipeline], served.tokenizer, max_batch=1)
+        await engine.start()
+        try:
+            async with contextlib.aclosing(engine.stream(prompt_ids, params)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            await engine.stop()
+            await loop.run_in_executor(None, pipeline.close)
+
+    async def _replan(self, served: Any, config: Any, weight_bytes: int, prompt_ids: list[int], params: Any,
+                      excluded: frozenset[str]) -> sched.Plan:
+        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded)
+        if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
+            whole = LayerSpan.whole(config.num_layers)
+            device = plan.stages[0].device
+            plan = sched.Plan("split", (sched.Assignment(device, whole),), plan.prediction)
+        return plan
+
+    def shape(self, served: Any) -> tuple[Any, int]:
+        """(ModelConfig, file bytes) of a served model."""
+        stage = served.stages[0] if getattr(served, "stages", None) else None
+        config = getattr(stage, "config", None) or getattr(served, "config", None)
+        if config is None:
+            raise RemoteError("no_model", f"{served.name}: model shape unknown")
+        size = int(getattr(served, "weight_bytes", 0) or 0)
+        if not size:
+            try:
+                size = self.node.models.resolve(served.name).size
+            except LookupError:
+                size = 0
+        return config, size or 100 * 1024 * 1024
+
+    async def remote_model(self, name: str) -> Any:
+        """A stand-in for a model this node does not hold but a usable peer serves (None if none does)."""
+        from mesh.remote_model import find_remote_model
+
+        pol = sched.SchedulerPolicy.of(self.node.policy)
+        peers = [d for d in self.peer_devices(name)
+                 if d.serves_others and (d.trusted or not pol.trusted_only_splits)
+                 and not d.below_battery_floor(pol)]
+        peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
+        return await find_remote_model(self.mesh, name, [d.id for d in peers])
+
+    def observe(self, model: str, record: Any) -> None:
+        """Feed a finished local request's timings into the advertised speed."""
+        if record.route.get("kind") == "local":
+            self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def _describe(route: dict[str, Any], plan: sched.Plan, keep_replans: bool = False) -> None:
+    route["kind"] = plan.kind
+    route["peers"] = [a.device if a.device != sched.LOCAL else LOCAL_PEER for a in plan.stages]
+    route["spans"] = [str(a.span) for a in plan.stages]
+    if not keep_replans:
+        route["replans"] = 0
+    route["predicted"] = plan.prediction.to_dict()

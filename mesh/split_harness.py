@@ -1,0 +1,186 @@
+"""A full node process for split/offload tests and benchmarks: `mesh.node.Node` (OpenAI API, models) plus the
+mesh service and the split service, on loopback.
+
+    python -m mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
+        [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
+        [--backend numpy|tvm] [--no-model]
+
+Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once the default model is
+loaded. With the NumPy backend, the node's engine and the spans it hosts share one cache of dequantized
+tensors (one process holds the fp32 model once). `--no-model` removes the model from the catalog after start
+(a node that does not hold it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from mesh.config import ApiConfig, ModelsConfig, NodeConfig, PolicyConfig
+from mesh.identity import Identity
+from mesh.mesh_config import MeshConfig
+from mesh.mesh_errors import MeshError, RemoteError
+from mesh.model_manager import ServedModel
+from mesh.network import MeshService
+from mesh.node import Node
+from mesh.protocol import TENSOR
+from mesh.split_service import SplitService
+from models.span import LayerSpan
+
+
+class _Weights:
+    """Opened GGUF files and their dequantized tensors, shared by the engine and the hosted spans."""
+
+    def __init__(self) -> None:
+        self.models: dict[Path, Any] = {}
+
+    def model(self, path: Path) -> Any:
+        from models.gguf import GGUFModel
+
+        if path not in self.models:
+            gguf = GGUFModel.open(path)
+            gguf.load = functools.cache(gguf.dequantize)  # type: ignore[attr-defined]
+            self.models[path] = gguf
+        return self.models[path]
+
+    def stage(self, path: Path, span: LayerSpan) -> Any:
+        from models.reference import ReferenceStage
+
+        gguf = self.model(path)
+        return ReferenceStage(gguf, span, load=gguf.load)
+
+
+def numpy_load_fn(weights: _Weights) -> Any:
+    def load(model: Any, options: Any, *rest: Any) -> ServedModel:
+        from models.generate import Engine
+        from models.tokenizer import Tokenizer
+
+        gguf = weights.model(Path(model.path))
+        stage = weights.stage(Path(model.path), LayerSpan.whole(gguf.config.num_layers))
+        tokenizer = Tokenizer.from_gguf(gguf)
+        engine = Engine([stage], tokenizer, max_batch=getattr(options, "max_batch", 8))
+        return ServedModel(name=model.name, tokenizer=tokenizer, engine=engine,
+                           context_length=gguf.config.context_length, stages=[stage], backend="numpy")
+
+    return load
+
+
+class _TestRoutes:
+    """Test-only routes: make this node send a control request or a raw tensor frame to a peer."""
+
+    def __init__(self, mesh: MeshService) -> None:
+        self.mesh = mesh
+
+    async def control(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            reply = await self.mesh.request(body["peer"], body["type"], body.get("body", {}), 30.0)
+        except RemoteError as exc:
+            return _json({"error": {"code": exc.code, "message": exc.message}})
+        except MeshError as exc:
+            return _json({"error": {"code": type(exc).__name__, "message": str(exc)}}, 502)
+        return _json({"reply": reply})
+
+    async def tensor(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            reply = await self.mesh.peer(body["peer"]).request_binary(
+                TENSOR, body["meta"], bytes.fromhex(body.get("payload", "")), 30.0)
+        except MeshError as exc:
+            return _json({"error": {"code": type(exc).__name__, "message": str(exc)}}, 502)
+        return _json({"meta": reply.meta, "bytes": len(reply.payload)})
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/test/control", self.control)
+        app.router.add_post("/test/tensor", self.tensor)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"%(asctime)s {args.name or ''} %(levelname)s %(name)s: %(message)s",
+    )
+    data_dir = Path(args.data_dir)
+    host, port = args.api.rsplit(":", 1)
+    policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
+                          trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
+    config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
+                        api=ApiConfig(host=host, port=int(port)), policy=policy,
+                        models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4))
+    identity = Identity.load_or_create(data_dir, name=config.name)
+    mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
+                             ice_interfaces=["lo"], heartbeat_interval_s=0.5,
+                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
+    weights = _Weights()
+    kwargs: dict[str, Any] = {}
+    if args.backend == "numpy":
+        kwargs["load_fn"] = numpy_load_fn(weights)
+    node = Node(config, **kwargs)
+    mesh = MeshService(mesh_config, identity, data_dir, node.bus, api_address=f"{host}:{port}")
+    split = SplitService(node, mesh)
+    if args.backend == "numpy":
+        split.stage_factory = lambda name, span: weights.stage(Path(node.models.resolve(name).path), span)
+    node.services.extend([mesh, split, _TestRoutes(mesh)])
+    await node.start()
+    if args.no_model:
+        node.models._models.clear()  # test-only: this node holds no model
+    else:
+        await node.wait_ready()
+    split.publish_advert()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(orjson.dumps({"ready": True, "id": identity.peer_id, "api": f"{node.host}:{node.port}"}).decode(),
+          flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.split_harness")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--api", required=True, help="HOST:PORT (fixed: peers learn it from signalling)")
+    parser.add_argument("--name")
+    parser.add_argument("--secret", required=True)
+    parser.add_argument("--allow", action="append", default=[])
+    parser.add_argument("--bootstrap", action="append", default=[])
+    parser.add_argument("--backend", choices=("numpy", "tvm"), default="numpy")
+    parser.add_argument("--serve-others", action="store_true")
+    parser.add_argument("--max-memory-share", type=float, default=0.5)
+    parser.add_argument("--trusted-only", action="store_true")
+    parser.add_argument("--prefer-local", action="store_true")
+    parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--dead-timeout", type=float, default=2.0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The node service for offload and split: hosts stages and offloaded requests for peers, advertises what this
+node offers, and owns the `Router` the API uses for its own requests.
+
+`SplitService(node, mesh)` is a `mesh.node.Service` (start/stop/add_routes). It registers on the mesh:
+`stage.open`/`stage.close` and `offload.*` control handlers, the `TENSOR` binary handler (tensor frames →
+`StageHost.compute`), and a peer listener that frees a departed peer's sequences. It publishes a `split` field
+in this node's advert: {"serve_others", "memory_budget"} (from the policy), plus `models` and `speed`.
+Routes: `GET /v1/mesh/route` and `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
+`{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
+`{}` to go back to the scheduler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import psutil
+from aiohttp import web
+
+from mesh.offload import OffloadClient, OffloadServer
+from mesh.protocol import TENSOR, BinaryFrame, ControlFrame
+from mesh.routing import ForcedRoute, Router
+from mesh.stage_server import StageHost
+from models.span import LayerSpan
+from models.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+
+class SplitService:
+    def __init__(self, node: Any, mesh: Any) -> None:
+        self.node = node
+        self.mesh = mesh
+        self.host = StageHost(self._build_stage, self.refusal)
+        self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
+        self.offload_client = OffloadClient(mesh)
+        self.router = Router(node, mesh, self.host, self.offload_client)
+        node.router = self.router  # the API's completion handler streams through it
+        self._models: dict[str, Any] = {}
+        self.stage_factory: Callable[[str, LayerSpan], Stage] | None = None
+        """Overrides how hosted spans are built (the test harness shares dequantized weights this way)."""
+        self._advert_task: asyncio.Task[None] | None = None
+        mesh.on_control("stage.open", self._on_stage_open)
+        mesh.on_control("stage.close", self._on_stage_close)
+        mesh.on_binary(TENSOR, self._on_tensor)
+        mesh.add_peer_listener(self._on_peer)
+
+    # --- policy ---------------------------------------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why this node refuses work for peers right now, or None."""
+        policy = self.node.policy
+        if not policy.serve_others:
+            return "this node does not serve other peers (policy serve_others is off)"
+        try:
+            battery = psutil.sensors_battery()
+        except (OSError, RuntimeError, AttributeError):
+            battery = None
+        if battery is not None and not battery.power_plugged and battery.percent < policy.battery_floor:
+            return f"battery at {battery.percent:.0f}% is below this node's floor of {policy.battery_floor}%"
+        return None
+
+    def advert_fields(self) -> dict[str, Any]:
+        policy = self.node.policy
+        memory = psutil.virtual_memory()
+        budget = int(min(memory.available, policy.max_memory_share * memory.total))
+        models = [m["id"] for m in self.node.models.list_models()]
+        speed = dict(self.router.speeds.by_model)
+        return {"models": models, "speed": speed,
+                "split": {"serve_others": self.refusal() is None, "memory_budget": budget}}
+
+    def publish_advert(self) -> None:
+        self.mesh.gossip.update(**self.advert_fields())
+
+    # --- mesh handlers --------------------------------------------------------------------------------
+
+    async def _on_stage_open(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        return await self.host.open(peer.peer_id, frame.body)
+
+    async def _on_stage_close(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        return await self.host.close(peer.peer_id, frame.body)
+
+    async def _on_tensor(self, peer: Any, frame: BinaryFrame) -> BinaryFrame | None:
+        return await self.host.compute(peer.peer_id, frame)
+
+    def _on_peer(self, event: str, peer: Any) -> None:
+        if event == "left":
+            self.mesh.spawn(self.host.peer_lost(peer.peer_id), name=f"free stages of {peer.peer_id[:12]}")
+
+    # --- stages and models ----------------------------------------------------------------------------
+
+    async def _acquire(self, name: str) -> Any:
+        return await self.node.models.acquire(name)
+
+    def _build_stage(self, name: str, span: LayerSpan) -> Stage:
+        """Blocking: open the model file (once) and build the span's stage with the node's backend."""
+        if self.stage_factory is not None:
+            return self.stage_factory(name, span)
+        local = self.node.models.resolve(name)  # ModelNotFoundError is a LookupError
+        try:
+            from models.loader import build_stage, open_model
+        except ImportError:  # the loader is optional: fall back to the NumPy reference
+            from models.gguf import GGUFModel
+            from models.reference import ReferenceStage
+
+            model = self._models.get(local.name) or GGUFModel.open(local.path)
+            self._models[local.name] = model
+            return ReferenceStage(model, span)
+        loaded = self._models.get(local.name) or open_model(local.path)
+        self._models[local.name] = loaded
+        config = self.node.config.models
+        return build_stage(loaded, span, backend=config.backend, target=config.target,
+                           cache_dir=getattr(self.node.models, "cache_dir", None))
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.publish_advert()
+        self._advert_task = asyncio.create_task(self._refresh_adverts(), name="split-adverts")
+
+    async def _refresh_adverts(self) -> None:
+        previous: dict[str, Any] = {}
+        while True:
+            fields = self.advert_fields()
+            fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
+            if fields != previous:
+                self.publish_advert()
+                previous = fields
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self._advert_task is not None:
+            self._advert_task.cancel()
+            await asyncio.gather(self._advert_task, return_exceptions=True)
+            self._advert_task = None
+        await self.offload_server.stop()
+        await self.host.stop()
+
+    def add_routes(self, app: web.Application) -> None:
+        async def get_route(request: web.Request) -> web.Response:
+            forced = self.router.forced
+            body = None if forced is None else {
+                "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
+            return web.json_response({"forced": body, "advert": self.advert_fields()}, dumps=_dumps)
+
+        async def put_route(request: web.Request) -> web.Response:
+            try:
+                self.router.forced = ForcedRoute.from_body(await request.json())
+            except ValueError as exc:
+                return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error",
+                                                    "param": None, "code": "bad_route"}}, status=400)
+            return await get_route(request)
+
+        app.router.add_get("/v1/mesh/route", get_route)
+        app.router.add_put("/v1/mesh/route", put_route)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,247 @@
+"""The serving side of a split: this node hosts layer ranges of models for other peers' requests.
+
+`StageHost` is transport-free: the split service feeds it `stage.open` / `stage.close` bodies and tensor
+frames, and sends back whatever it returns. A stage (one `Stage` per (model, span), loaded or compiled once
+and shared by every sequence on it) holds one KV cache per remote sequence; a sequence is named by the peer
+and the u32 the peer chose. Every input is checked before it reaches the model: an unknown sequence, a wrong
+dtype, shape or size, or a token id outside the vocabulary is answered with an error frame — never a crash,
+and never a change to any KV cache. Compute runs on one worker thread (stages are not thread-safe, and the
+event loop must keep answering heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mesh import split_wire as wire
+from mesh.mesh_errors import RemoteError
+from mesh.protocol import BinaryFrame
+from models.errors import ContextOverflowError, ModelError
+from models.span import LayerSpan
+from models.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+StageFactory = Callable[[str, LayerSpan], Stage]
+"""Blocking: build the stage running `span` of model `name` (raises LookupError if the model is unknown)."""
+Gate = Callable[[], "str | None"]
+"""Returns why this node refuses remote work right now (policy, battery), or None to accept."""
+
+DEFAULT_MAX_SEQUENCES = 64
+
+
+class HostError(RemoteError):
+    """A `stage.open`/`stage.close` the host refuses; `code` is one of `split_wire`'s error codes. Being a
+    `RemoteError`, the peer link turns it into an error reply with that code."""
+
+
+@dataclass
+class _Hosted:
+    key: tuple[str, LayerSpan]
+    stage: Stage
+    sequences: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Session:
+    hosted: _Hosted
+    local_id: int
+
+
+class StageHost:
+    """Hosts spans for remote sequences. `stop()` is idempotent and frees every stage."""
+
+    def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = DEFAULT_MAX_SEQUENCES,
+                 keep_idle_stages: int = 2) -> None:
+        self._factory = factory
+        self._gate = gate
+        self._max_sequences = max_sequences
+        self._keep_idle = keep_idle_stages
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-host")
+        self._hosted: dict[tuple[str, LayerSpan], _Hosted] = {}
+        self._loading: dict[tuple[str, LayerSpan], asyncio.Future[_Hosted]] = {}
+        self._sessions: dict[tuple[str, int], _Session] = {}
+        self._next_local = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.calls = 0
+        """Tensor frames computed (for tests and metrics)."""
+        self.refused = 0
+        """Tensor frames answered with an error."""
+
+    @property
+    def sequences(self) -> int:
+        return len(self._sessions)
+
+    # --- control ------------------------------------------------------------------------------------
+
+    async def open(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`stage.open`: load (or reuse) the stage and start an empty KV cache for (peer, seq)."""
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        reason = self._gate()
+        if reason is not None:
+            raise HostError(wire.REFUSED, reason)
+        model, span_text, seq = body.get("model"), body.get("span"), body.get("seq")
+        if not isinstance(model, str) or not model or len(model) > 200:
+            raise HostError(wire.BAD_REQUEST, "stage.open needs a model name")
+        if type(seq) is not int or not 0 <= seq < 2**32:
+            raise HostError(wire.BAD_REQUEST, "stage.open needs seq, a u32")
+        if not isinstance(span_text, str):
+            raise HostError(wire.BAD_REQUEST, "stage.open needs span 'a:b'")
+        try:
+            start, stop = (int(x) for x in span_text.split(":"))
+            span = LayerSpan(start, stop)
+        except ValueError:
+            raise HostError(wire.BAD_REQUEST, f"bad span {span_text!r:.40}") from None
+        if (peer, seq) in self._sessions:
+            raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
+        if len(self._sessions) >= self._max_sequences:
+            raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
+        hosted = await self._stage(model, span)
+        with self._lock:
+            self._next_local += 1
+            local_id = self._next_local
+        await self._run(hosted.stage.add_sequence, local_id)
+        hosted.sequences.add(local_id)
+        self._sessions[(peer, seq)] = _Session(hosted, local_id)
+        config = hosted.stage.config
+        logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
+        return {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
+
+    async def close(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        seq = body.get("seq")
+        if type(seq) is not int:
+            raise HostError(wire.BAD_REQUEST, "stage.close needs seq")
+        await self._drop(peer, seq)
+        return {}
+
+    async def peer_lost(self, peer: str) -> None:
+        """Free every sequence of a peer that went away."""
+        for p, seq in [k for k in self._sessions if k[0] == peer]:
+            await self._drop(p, seq)
+
+    async def _drop(self, peer: str, seq: int) -> None:
+        session = self._sessions.pop((peer, seq), None)
+        if session is None:
+            return
+        session.hosted.sequences.discard(session.local_id)
+        await self._run(session.hosted.stage.remove_sequence, session.local_id)
+        await self._trim()
+
+    async def _stage(self, model: str, span: LayerSpan) -> _Hosted:
+        key = (model, span)
+        hosted = self._hosted.get(key)
+        if hosted is not None:
+            return hosted
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[key] = pending
+            try:
+                stage = await asyncio.get_running_loop().run_in_executor(None, self._factory, model, span)
+            except LookupError as exc:
+                pending.set_exception(HostError(wire.NO_MODEL, str(exc)))
+            except (ModelError, ValueError) as exc:
+                pending.set_exception(HostError(wire.BAD_REQUEST, str(exc)))
+            except Exception as exc:  # task boundary: report, don't crash the host
+                logger.exception("loading %s layers %s failed", model, span)
+                pending.set_exception(HostError(wire.INTERNAL, f"loading the stage failed: {exc}"))
+            else:
+                hosted = _Hosted(key, stage)
+                self._hosted[key] = hosted
+                pending.set_result(hosted)
+            finally:
+                del self._loading[key]
+            pending.exception()  # mark retrieved: other waiters re-raise it themselves
+        return await asyncio.shield(pending)
+
+    async def _trim(self) -> None:
+        idle = [h for h in self._hosted.values() if not h.sequences]
+        for hosted in idle[: max(0, len(idle) - self._keep_idle)]:
+            del self._hosted[hosted.key]
+            await self._run(hosted.stage.close)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- tensors ------------------------------------------------------------------------------------
+
+    async def compute(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
+        """Run one prefill/decode frame; returns the hidden/logits frame, or an error frame."""
+        step = frame.meta.get("step") if isinstance(frame.meta.get("step"), int) else 0
+        try:
+            message = wire.decode_input(frame)
+            sessions = [self._sessions.get((peer, s)) for s in message.seqs]
+            missing = [s for s, sess in zip(message.seqs, sessions, strict=True) if sess is None]
+            if missing:
+                raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
+            live = [s for s in sessions if s is not None]
+            hosted = live[0].hosted
+            if any(s.hosted is not hosted for s in live):
+                raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
+            inputs = self._check_inputs(hosted.stage, message)
+            ids = [s.local_id for s in live]
+            out = await self._run(self._forward, hosted.stage, message.op, ids, inputs)
+        except wire.FrameError as exc:
+            self.refused += 1
+            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
+            return wire.encode_error(frame.request_id, step, exc.code, exc.message)
+        except (ContextOverflowError, ValueError) as exc:
+            self.refused += 1
+            return wire.encode_error(frame.request_id, step, wire.BAD_REQUEST, str(exc))
+        except Exception as exc:  # task boundary: one bad call must not take the host down
+            self.refused += 1
+            logger.exception("peer %s: stage call failed", peer[:12])
+            return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
+        self.calls += 1
+        if hosted.stage.span.is_last(hosted.stage.config.num_layers):
+            return wire.encode_logits(frame.request_id, message.step, out, message.top_k)
+        return wire.encode_hidden(frame.request_id, message.step, out, fp16=message.meta.get("out") == "f16")
+
+    @staticmethod
+    def _check_inputs(stage: Stage, message: wire.TensorMessage) -> np.ndarray:
+        array = message.array
+        assert array is not None  # decode_input always sets it
+        config = stage.config
+        if stage.span.is_first():
+            if array.dtype.kind != "i" or array.ndim != 1:
+                raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
+            if array.size and (array.min() < 0 or array.max() >= config.vocab_size):
+                raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
+            return array.astype(np.int32)
+        if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:
+            raise wire.FrameError(
+                wire.BAD_TENSOR, f"this stage takes float hidden states [n, {config.hidden_size}]"
+            )
+        out = array.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise wire.FrameError(wire.BAD_TENSOR, "hidden states must be finite")
+        return out
+
+    @staticmethod
+    def _forward(stage: Stage, op: str, ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        if op == "prefill":
+            return stage.prefill(ids[0], inputs)
+        return stage.decode(ids, inputs)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._sessions.clear()
+        hosted, self._hosted = list(self._hosted.values()), {}
+        for h in hosted:
+            try:
+                await self._run(h.stage.close)
+            except Exception:  # shutting down: log and go on freeing the rest
+                logger.exception("closing stage %s failed", h.key)
+        self._executor.shutdown(wait=False, cancel_futures=True)

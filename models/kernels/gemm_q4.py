@@ -1,0 +1,75 @@
+"""Prefill kernels (many rows of activations): the quantized GEMM y[M, N] = x[M, K] · Wᵀ over Q4_1 / Q8_0
+weights in the 16-row interleaved layout, from activations quantized by `gemv_q4.quantize_act_func`.
+
+Rows are processed in chunks of `CHUNK` (their int8 activations stay in L2); within a chunk each thread
+takes whole 16-row weight blocks and runs tiles of `TILE` activation rows against them, so every unpacked
+weight vector feeds `TILE` VNNI dot products (LLVM merges the repeated unpacking). M is symbolic (int64).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from models.kernels.gemv_q4 import check_shape
+from models.kernels.quant import GROUP, ROWS
+from models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
+
+TILE = 4
+CHUNK = 64
+
+
+def gemm_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
+    """y fp32 [M, N]; arguments as `gemv_q4.gemv_func`: xq, xd, xds, qweight, scale, [min (q4_1)], y."""
+    check_shape(n, k, kind)
+    blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
+    tiles = CHUNK // TILE
+
+    @T.macro
+    def body(xq, xd, xds, qw, scale, wmin, y, batch):
+        for mc in range((batch + CHUNK - 1) // CHUNK):
+            for nb in T.parallel(blocks):
+                acc = T.alloc_buffer((TILE, LANES), "float32", scope="global")
+                for bt in range(tiles):
+                    if mc * CHUNK + bt * TILE < batch:
+                        for i in T.unroll(TILE):
+                            acc[i, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                        for g in range(groups):
+                            for i in T.unroll(TILE):
+                                row = T.meta_var(T.min(mc * CHUNK + bt * TILE + i, batch - 1))
+                                dot = T.meta_var(group_dot(kind, vnni, qw, nb, g, xq, row))
+                                acc[i, T.Ramp(0, 1, LANES)] = group_finish(
+                                    kind, acc[i, T.Ramp(0, 1, LANES)], dot, row_vec(scale, nb, g),
+                                    row_vec(wmin, nb, g), xd[row, g], xds[row, g])
+                        for i in T.unroll(TILE):
+                            row = T.meta_var(T.min(mc * CHUNK + bt * TILE + i, batch - 1))
+                            y[row, T.Ramp(nb * ROWS, 1, LANES)] = acc[i, T.Ramp(0, 1, LANES)]
+
+    @T.prim_func(private=True)
+    def gemm_q4_1(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
+                  var_scale: T.handle, var_min: T.handle, var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
+        xd = T.match_buffer(var_xd, (batch, groups), "float32")
+        xds = T.match_buffer(var_xds, (batch, groups), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        body(xq, xd, xds, qw, scale, wmin, y, batch)
+
+    @T.prim_func(private=True)
+    def gemm_q8_0(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
+                  var_scale: T.handle, var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
+        xd = T.match_buffer(var_xd, (batch, groups), "float32")
+        xds = T.match_buffer(var_xds, (batch, groups), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
+
+    return gemm_q4_1 if kind == "q4_1" else gemm_q8_0

@@ -1,0 +1,158 @@
+"""`tvm.relax.frontend.nn` building blocks over the quantized kernels: `QuantizedLinear` (y = x·Wᵀ with Q4_1
+or Q8_0 weights kept packed) and `QuantizedEmbedding` (Q8_0 token embedding that doubles as the tied output
+head), plus the loader helpers that turn GGUF tensors into their parameter arrays.
+
+The kernels are picked per target backend (see `kernel_backend`): "x86_vnni" (AVX-512 VNNI), "llvm"
+(portable vector code for any other llvm target) or "cuda". Compile modules that use these with
+`compile_pipeline(target)` (see docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import tirx
+from tvm.relax.frontend import nn
+
+from models.kernels.embed_q8 import embedding_func
+from models.kernels.gemm_q4 import gemm_func
+from models.kernels.gemv_q4 import gemv_func, quantize_act_func
+from models.kernels.quant import GROUP, ROWS, PackedWeight, pack_gguf_tensor
+from models.kernels.tir_common import as_target, has_vnni
+
+BACKENDS = ("x86_vnni", "llvm", "cuda")
+_WORDS = {"q4_1": 4, "q8_0": 8}
+
+
+def kernel_backend(target: Any) -> str:
+    """The kernel family for a TVM target (dict, string or `tvm.target.Target`)."""
+    target = as_target(target)
+    if target.kind.name == "cuda":
+        return "cuda"
+    if target.kind.name != "llvm":
+        raise ValueError(f"no quantized kernels for target kind {target.kind.name!r} (llvm and cuda only)")
+    return "x86_vnni" if has_vnni(target) else "llvm"
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: expected one of {BACKENDS}")
+
+
+def _rows(x: nn.Tensor) -> tirx.PrimExpr | int:
+    rows: tirx.PrimExpr | int = 1
+    for dim in x.shape[:-1]:
+        rows = rows * dim
+    return rows
+
+
+DECODE_MAX_ROWS = 8
+
+
+def _is_decode(x: nn.Tensor) -> bool:
+    """GEMV for one token per sequence ([batch, 1, K]) or a static handful of rows; GEMM otherwise."""
+    if len(x.shape) >= 3 and isinstance(x.shape[-2], int) and x.shape[-2] == 1:
+        return True
+    rows = _rows(x)
+    return isinstance(rows, int) and rows <= DECODE_MAX_ROWS
+
+
+def quantized_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[nn.Tensor],
+                     backend: str) -> nn.Tensor:
+    """y [..., N] = x [..., K] · Wᵀ for packed weights `weights` (qweight, scale[, min])."""
+    k = x.shape[-1]
+    lead = list(x.shape[:-1])
+    rows = _rows(x)
+    x2 = nn.op.reshape(x, [rows, k]) if len(x.shape) != 2 else x
+    out = nn.Tensor.placeholder([rows, out_features], "float32")
+    if backend == "cuda":
+        from models.kernels.cuda_q4 import cuda_matmul_func
+
+        y = nn.op.tensor_ir_op(cuda_matmul_func(kind, out_features, k), f"cuda_{kind}_{out_features}x{k}",
+                               [x2, *weights], out)
+    else:
+        vnni = backend == "x86_vnni"
+        groups = k // GROUP
+        xq, xd, xds = nn.op.tensor_ir_op(
+            quantize_act_func(k), f"quantize_act_{k}", [x2],
+            [nn.Tensor.placeholder([rows, k // 4], "int32"), nn.Tensor.placeholder([rows, groups], "float32"),
+             nn.Tensor.placeholder([rows, groups], "float32")])
+        decode = _is_decode(x)
+        func = gemv_func(kind, out_features, k, vnni) if decode else gemm_func(kind, out_features, k, vnni)
+        y = nn.op.tensor_ir_op(func, f"{'gemv' if decode else 'gemm'}_{kind}_{out_features}x{k}",
+                               [xq, xd, xds, *weights], out)
+    return nn.op.reshape(y, [*lead, out_features]) if len(x.shape) != 2 else y
+
+
+class QuantizedLinear(nn.Module):
+    """y = x·Wᵀ (no bias) with W [out_features, in_features] stored packed (models/kernels/quant.py).
+
+    Parameters: `qweight` uint32 [N/16, K/32, 4|8, 16], `scale` float16 [N/16, K/32, 16] and, for q4_1,
+    `min` float16 [N/16, K/32, 16]. Fill them with `param_arrays(pack_gguf_tensor(t))`."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str = "q4_1", backend: str = "x86_vnni"):
+        if kind not in _WORDS:
+            raise ValueError(f"unknown weight kind {kind!r}: expected 'q4_1' or 'q8_0'")
+        _check_backend(backend)
+        if out_features % ROWS or in_features % GROUP:
+            raise ValueError(f"QuantizedLinear({in_features}, {out_features}): out_features must be a "
+                             f"multiple of {ROWS}, in_features of {GROUP}")
+        self.in_features, self.out_features = in_features, out_features
+        self.kind, self.backend = kind, backend
+        shape = (out_features // ROWS, in_features // GROUP)
+        self.qweight = nn.Parameter((*shape, _WORDS[kind], ROWS), "uint32")
+        self.scale = nn.Parameter((*shape, ROWS), "float16")
+        self.min = nn.Parameter((*shape, ROWS), "float16") if kind == "q4_1" else None
+
+    def weights(self) -> list[nn.Tensor]:
+        return [self.qweight, self.scale] + ([self.min] if self.min is not None else [])
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return quantized_matmul(x, self.kind, self.out_features, self.weights(), self.backend)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding [vocab, dim] stored as packed Q8_0; `project(x)` is the tied output head x·Eᵀ."""
+
+    def __init__(self, vocab_size: int, dim: int, backend: str = "x86_vnni"):
+        _check_backend(backend)
+        if vocab_size % ROWS or dim % GROUP:
+            raise ValueError(f"QuantizedEmbedding({vocab_size}, {dim}): vocab must be a multiple of {ROWS}, "
+                             f"dim of {GROUP}")
+        self.vocab_size, self.dim, self.backend = vocab_size, dim, backend
+        self.qweight = nn.Parameter((vocab_size // ROWS, dim // GROUP, _WORDS["q8_0"], ROWS), "uint32")
+        self.scale = nn.Parameter((vocab_size // ROWS, dim // GROUP, ROWS), "float16")
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids int32 [...] -> fp32 [..., dim] (dequantized rows)."""
+        count = _rows(nn.Tensor.placeholder([*ids.shape, 1], "int32"))
+        flat = nn.op.reshape(ids, [count]) if len(ids.shape) != 1 else ids
+        func = embedding_func(self.vocab_size, self.dim)
+        out = nn.op.tensor_ir_op(func, f"embed_q8_0_{self.vocab_size}x{self.dim}",
+                                 [flat, self.qweight, self.scale],
+                                 nn.Tensor.placeholder([count, self.dim], "float32"))
+        return nn.op.reshape(out, [*ids.shape, self.dim]) if len(ids.shape) != 1 else out
+
+    def project(self, x: nn.Tensor) -> nn.Tensor:
+        """Logits x [..., dim] · Eᵀ -> [..., vocab]. Slice prefill to the last token before calling this."""
+        return quantized_matmul(x, "q8_0", self.vocab_size, [self.qweight, self.scale], self.backend)
+
+
+def param_arrays(packed: PackedWeight) -> dict[str, np.ndarray]:
+    """Parameter name (within a QuantizedLinear / QuantizedEmbedding) -> array."""
+    names = ["qweight", "scale"] + (["min"] if packed.min is not None else [])
+    return dict(zip(names, packed.arrays(), strict=True))
+
+
+def load_gguf_tensor(tensor: Any) -> dict[str, np.ndarray]:
+    """A GGUF Q4_1 / Q8_0 tensor (from `gguf.GGUFReader(path).tensors`) -> its parameter arrays."""
+    return param_arrays(pack_gguf_tensor(tensor))
+
+
+def compile_pipeline(target: Any) -> Any:
+    """The Relax pipeline for modules using these ops (see docs/kernels.md for why it is not the default)."""
+    from models.kernels.pipeline import kernel_pipeline
+
+    return kernel_pipeline(as_target(target))
+

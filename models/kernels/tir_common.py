@@ -1,0 +1,110 @@
+"""TIR expression builders shared by the quantized matmul kernels: VNNI and portable 4-byte dot products
+over the 16-row interleaved layout (models/kernels/quant.py), and target detection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm import tirx
+
+LANES = 16
+NIBBLES = 0x0F0F0F0F
+VNNI_INTRIN = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def as_target(target: Any) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def has_vnni(target: Any) -> bool:
+    """True when the llvm target can run AVX-512 VNNI (`vpdpbusd` on 512-bit vectors)."""
+    target = as_target(target)
+    if target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx512vnni", target)) and bool(
+        codegen.target_has_features("avx512bw", target))
+
+
+def host_has_vnni() -> bool:
+    """Whether the machine running this process has AVX-512 VNNI (per LLVM's host CPU name)."""
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    return has_vnni({"kind": "llvm", "mcpu": cpu}) if cpu and cpu != "generic" else False
+
+
+def u32(value: int) -> tirx.PrimExpr:
+    return tirx.const(value, "uint32")
+
+
+def bcast(value: Any, lanes: int = LANES) -> tirx.PrimExpr:
+    return tirx.Broadcast(value, lanes)
+
+
+def nibbles_low(words: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Low nibble of each byte of a uint32x16 vector (codes 0..15, one per byte)."""
+    return tirx.bitwise_and(words, bcast(u32(NIBBLES)))
+
+
+def nibbles_high(words: tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.bitwise_and(tirx.shift_right(words, bcast(u32(4))), bcast(u32(NIBBLES)))
+
+
+def dot4_vnni(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xword: tirx.PrimExpr) -> tirx.PrimExpr:
+    """acc[r] += sum_j codes.byte(r, j) (unsigned) * xword.byte(j) (signed), one `vpdpbusd`."""
+    return tirx.call_llvm_pure_intrin(
+        "int32x16", VNNI_INTRIN, acc,
+        tirx.reinterpret("int8x64", codes),
+        tirx.reinterpret("int8x64", bcast(xword)),
+    )
+
+
+def dot4_portable(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xword: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The same integer sum as `dot4_vnni` with plain vector shifts and multiplies (any llvm target)."""
+    total = acc
+    for j in range(4):
+        code = tirx.Cast("int32x16", tirx.bitwise_and(tirx.shift_right(codes, bcast(u32(8 * j))),
+                                                        bcast(u32(0xFF))))
+        xbyte = tirx.shift_right(tirx.shift_left(xword, tirx.const(24 - 8 * j, "int32")),
+                                 tirx.const(24, "int32"))
+        total = total + code * bcast(xbyte)
+    return total
+
+
+def group_dot(kind: str, vnni: bool, qw: tirx.Buffer, nb: tirx.PrimExpr, g: tirx.PrimExpr,
+              xq: tirx.Buffer, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """int32x16: for the 16 rows of block `nb`, the integer dot product of group `g` with activation row `b`.
+
+    `qw` is the packed weight buffer [NB, G, 4|8, 16] uint32, `xq` the packed activations [B, K/4] int32."""
+    dot = dot4_vnni if vnni else dot4_portable
+    zero = bcast(tirx.const(0, "int32"))
+    chains = []  # 4 independent dot-product chains, so VNNI latency overlaps
+    for t in range(4):
+        if kind == "q4_1":
+            w = qw[nb, g, t, tirx.Ramp(0, 1, LANES)]
+            acc = dot(dot(zero, nibbles_low(w), xq[b, g * 8 + t]), nibbles_high(w), xq[b, g * 8 + 4 + t])
+        else:
+            acc = zero
+            for u in (t, t + 4):
+                acc = dot(acc, qw[nb, g, u, tirx.Ramp(0, 1, LANES)], xq[b, g * 8 + u])
+        chains.append(acc)
+    return (chains[0] + chains[1]) + (chains[2] + chains[3])
+
+
+def row_vec(buf: tirx.Buffer, nb: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The 16 per-row values (scale or min) of row block `nb`, group `g`."""
+    return buf[nb, g, tirx.Ramp(0, 1, LANES)]
+
+
+def group_finish(kind: str, acc: tirx.PrimExpr, dot: tirx.PrimExpr, scale: tirx.PrimExpr,
+                 wmin: tirx.PrimExpr, xd: tirx.PrimExpr, xds: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32x16 accumulator after one group: see the formulas in models/kernels/quant.py (`wmin` is
+    ignored for q8_0)."""
+    d = tirx.Cast("float32x16", scale)
+    term = tirx.Cast("float32x16", dot) * (d * bcast(xd))
+    if kind == "q4_1":
+        return acc + term + tirx.Cast("float32x16", wmin) * bcast(xds)
+    return acc + (term - d * bcast(xds * tirx.const(128.0, "float32")))

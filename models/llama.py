@@ -1,0 +1,282 @@
+"""The Llama-family model in `tvm.relax.frontend.nn`, buildable for one layer range (a shard).
+
+A shard runs the decoder layers of a `LayerSpan`. The first shard owns the token embedding and takes int32
+token ids; the others take float32 hidden states [b, s, hidden]. The last shard owns the final RMSNorm and the
+output head (tied to the embedding when the GGUF has no `output.weight`) and returns logits — for prefill only
+the last position's; the others return hidden states.
+
+Exported functions (`LlamaShard.get_default_spec`):
+- `prefill(inputs, paged_kv_cache, params)`: one sequence, `seq_len` tokens (symbolic).
+- `decode(inputs, paged_kv_cache, params)`: `batch_size` sequences, one token each.
+- `create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+  support_sliding_window)`: TVM's paged KV cache holding this shard's layers only (local layer ids 0..n-1).
+
+Attention goes through the KV cache's `attention_with_fused_qkv`, which applies RoPE. llama.cpp's GGUF
+stores Q/K rows for the interleaved ("NORM", GPT-J style) rotation, so the cache uses `RopeMode.NORMAL` with
+the `gptj` frequency style (FACTS.md).
+
+Linear layers are made by `make_linear`, so a quantized building block can replace `nn.Linear` per
+quantization without touching the model code. Parameter names follow `weight_names()`'s mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from models.config import ModelConfig
+from models.span import LayerSpan
+
+QUANTIZATIONS = ("f32", "q4_1")
+"""`f32`: weights dequantized to float32 at load. `q4_1`: linear weights kept as Q4_1 blocks and the
+embedding/tied head as Q8_0 blocks, repacked once at load (models/kernels)."""
+
+WEIGHT_KINDS = {"q4_1": {"linear": "q4_1", "embedding": "q8_0"}}
+"""The GGUF block type each role must have for a quantized build."""
+
+LinearFactory = Callable[[int, int, str], nn.Module]
+"""(in_features, out_features, role) -> module mapping [b, s, in] to [b, s, out]; role names the weight."""
+
+
+class F32Linear(nn.Module):
+    """y = x @ weight with the weight stored [in, out] (transposed once at load), so the compiled matmul
+    streams it row by row with the output axis innermost and vectorized (models/schedule.py)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter((in_features, out_features), dtype="float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.matmul(x, self.weight)
+
+
+def _f32_linear(in_features: int, out_features: int, role: str) -> nn.Module:
+    del role
+    return F32Linear(in_features, out_features)
+
+
+def linear_factory(quantization: str, target: Target) -> LinearFactory:
+    """The linear-layer builder for `quantization` (one of `QUANTIZATIONS`) on `target`."""
+    if quantization == "f32":
+        return _f32_linear
+    if quantization == "q4_1":
+        from models.kernels.relax_ops import QuantizedLinear, kernel_backend
+
+        backend = kernel_backend(target)
+
+        def quantized(in_features: int, out_features: int, role: str) -> nn.Module:
+            del role
+            return QuantizedLinear(in_features, out_features, "q4_1", backend)
+
+        return quantized
+    raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = make_linear(config.hidden_size, qkv_rows, "qkv")
+        self.o_proj = make_linear(config.num_heads * config.head_dim, config.hidden_size, "o")
+
+    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = paged_kv_cache.attention_with_fused_qkv(
+            layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5
+        )
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, "gate_up")
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, "down")
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        eps = config.rms_eps
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False, dtype="float32")
+        self.self_attn = LlamaAttention(config, make_linear)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False, dtype="float32")
+        self.mlp = LlamaMLP(config, make_linear)
+
+    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _last_position(x: Tensor) -> Tensor:
+    """[b, s, h] -> [b, 1, h]: the last position of each row (prefill needs only its logits)."""
+
+    def compute(t: te.Tensor) -> te.Tensor:
+        b, s, h = t.shape
+        return te.compute((b, 1, h), lambda i, _j, k: t[i, s - 1, k], name="last_position")
+
+    return op.tensor_expr_op(compute, "last_position", [x])
+
+
+class LlamaShard(nn.Module):
+    """Decoder layers `span` of `config`, with embedding (first shard) and norm + head (last shard)."""
+
+    def __init__(
+        self, config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32"
+    ) -> None:
+        span.check(config.num_layers)
+        self.config = config
+        self.span = span
+        self.target = target
+        self.quantization = quantization
+        self.is_first = span.is_first()
+        self.is_last = span.is_last(config.num_layers)
+        make_linear = linear_factory(quantization, target)
+        # The f32 head keeps its own transposed [hidden, vocab] copy of a tied embedding; a quantized head
+        # reads the embedding's blocks (models/kernels).
+        shared_head = self.is_last and config.tie_embeddings and quantization != "f32"
+        if self.is_first or shared_head:
+            self.embed_tokens = _make_embedding(config, quantization, target)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, make_linear) for _ in range(len(span))])
+        if self.is_last:
+            self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_eps, bias=False, dtype="float32")
+            if not shared_head:
+                self.lm_head = make_linear(config.hidden_size, config.vocab_size, "head")
+
+    def _body(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        h = self.embed_tokens(inputs) if self.is_first else inputs
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, paged_kv_cache, layer_id)
+        return h
+
+    def _head(self, h: Tensor) -> Tensor:
+        h = self.norm(h)
+        if hasattr(self, "lm_head"):
+            return self.lm_head(h)
+        return self.embed_tokens.project(h)
+
+    def prefill(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        h = self._body(inputs, paged_kv_cache)
+        return self._head(_last_position(h)) if self.is_last else h
+
+    def decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        h = self._body(inputs, paged_kv_cache)
+        return self._head(h) if self.is_last else h
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, len(self.span)]),
+            num_hidden_layers=len(self.span),
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling={"rope_type": "gptj"},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype="float32",
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        hidden = self.config.hidden_size
+        if self.is_first:
+            prefill_in = nn.spec.Tensor([1, "seq_len"], "int32")
+            decode_in = nn.spec.Tensor(["batch_size", 1], "int32")
+        else:
+            prefill_in = nn.spec.Tensor([1, "seq_len", hidden], "float32")
+            decode_in = nn.spec.Tensor(["batch_size", 1, hidden], "float32")
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        packed: dict[str, Any] = {"param_mode": "packed", "effect_mode": "none"}
+        spec = {
+            "prefill": {"inputs": prefill_in, "paged_kv_cache": cache, "$": packed},
+            "decode": {"inputs": decode_in, "paged_kv_cache": cache, "$": packed},
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _make_embedding(config: ModelConfig, quantization: str, target: Target) -> nn.Module:
+    if quantization == "f32":
+        return nn.Embedding(config.vocab_size, config.hidden_size, dtype="float32")
+    from models.kernels.relax_ops import QuantizedEmbedding, kernel_backend
+
+    return QuantizedEmbedding(config.vocab_size, config.hidden_size, kernel_backend(target))
+
+
+def export_shard(
+    config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32"
+) -> tuple[Any, list[tuple[str, nn.Parameter]]]:
+    """The shard as a Relax IRModule plus its parameters (name, Parameter) in the order the functions take
+    them."""
+    model = LlamaShard(config, span, target, quantization)
+    mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    return mod, named_params
+
+
+def gguf_sources(config: ModelConfig, span: LayerSpan, module_path: str) -> list[str]:
+    """GGUF tensors (in row order) that make up the weight of shard module `module_path`, e.g.
+    `layers.0.self_attn.qkv_proj` -> the span's first block's attn_q, attn_k, attn_v."""
+    if module_path == "embed_tokens":
+        return ["token_embd.weight"]
+    if module_path == "norm":
+        return ["output_norm.weight"]
+    if module_path == "lm_head":
+        return ["token_embd.weight" if config.tie_embeddings else "output.weight"]
+    parts = module_path.split(".")
+    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
+        raise KeyError(f"no GGUF tensor maps to parameter module {module_path!r}")
+    block = f"blk.{span.start + int(parts[1])}."
+    local = ".".join(parts[2:])
+    names = {
+        "input_layernorm": ["attn_norm"],
+        "post_attention_layernorm": ["ffn_norm"],
+        "self_attn.qkv_proj": ["attn_q", "attn_k", "attn_v"],
+        "self_attn.o_proj": ["attn_output"],
+        "mlp.gate_up_proj": ["ffn_gate", "ffn_up"],
+        "mlp.down_proj": ["ffn_down"],
+    }.get(local)
+    if names is None:
+        raise KeyError(f"no GGUF tensor maps to parameter module {module_path!r}")
+    return [f"{block}{n}.weight" for n in names]

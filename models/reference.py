@@ -1,0 +1,290 @@
+"""NumPy fp32 forward pass of a layer span: the correctness oracle and the runtime where TVM is missing.
+
+Llama family: RMSNorm, RoPE NORM (llama.cpp's layout for GGUF llama weights: rotate adjacent pairs
+(2i, 2i+1)), grouped-query attention, SiLU-gated MLP, optional tied head. Weights are dequantized to fp32 for
+the span's tensors only. Implements the `models.stage.Stage` protocol (see its data contract).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.errors import ContextOverflowError
+from models.gguf import GGUFModel
+from models.span import LayerSpan
+
+logger = logging.getLogger(__name__)
+
+KV_CHUNK = 256
+"""The KV cache of a sequence grows by this many positions at a time."""
+_QUERY_BLOCK = 512
+"""Prefill attention handles this many queries at once (bounds the score matrix's memory)."""
+
+
+@dataclass
+class _Layer:
+    attn_norm: np.ndarray  # [hidden]
+    wqkv: np.ndarray  # [(H + 2 KV) * D, hidden]
+    wo: np.ndarray  # [hidden, H * D]
+    ffn_norm: np.ndarray  # [hidden]
+    wgate_up: np.ndarray  # [2 F, hidden]
+    wdown: np.ndarray  # [hidden, F]
+
+
+class _SequenceCache:
+    """Keys and values of one sequence for every layer of the span: [layers, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int) -> None:
+        self.shape = (layers, kv_heads, 0, head_dim)
+        self.k = np.zeros(self.shape, np.float32)
+        self.v = np.zeros(self.shape, np.float32)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        cap = -(-needed // KV_CHUNK) * KV_CHUNK
+        layers, kv_heads, _, head_dim = self.shape
+        for name in ("k", "v"):
+            grown = np.zeros((layers, kv_heads, cap, head_dim), np.float32)
+            grown[:, :, :self.length] = getattr(self, name)[:, :, :self.length]
+            setattr(self, name, grown)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))
+    return (x * scale.astype(np.float32)) * weight
+
+
+def rope_norm(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate adjacent pairs (2i, 2i+1) of the last axis of x [n, heads, D] by position (llama.cpp NORM)."""
+    dim = x.shape[-1]
+    inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [n, D/2]
+    cos = np.cos(angles).astype(np.float32)[:, None, :]
+    sin = np.sin(angles).astype(np.float32)[:, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def _linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [n, in] times weight [out, in] transposed. Written W @ x.T: OpenBLAS runs small-n batches of this
+    shape 2-3x faster than x @ W.T."""
+    return (weight @ x.T).T
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class ReferenceStage:
+    """A `Stage` computing layers `span` of `model` in NumPy fp32."""
+
+    def __init__(self, model: GGUFModel, span: LayerSpan, *, max_context: int | None = None,
+                 load: Callable[[str], np.ndarray] | None = None) -> None:
+        """`load(name)` gives a tensor as fp32 [out, in]: default `model.dequantize` (tests pass a cache)."""
+        config = model.config
+        span.check(config.num_layers)
+        self.config: ModelConfig = config
+        self.span = span
+        self.max_context = min(max_context or config.context_length, config.context_length)
+        load = load or model.dequantize
+        self._is_first = span.is_first()
+        self._is_last = span.is_last(config.num_layers)
+        self.embedding = load("token_embd.weight") if self._is_first else None
+        self.layers = [self._load_layer(load, i) for i in range(span.start, span.stop)]
+        self.output_norm: np.ndarray | None = None
+        self.head: np.ndarray | None = None
+        if self._is_last:
+            self.output_norm = load("output_norm.weight")
+            if config.tie_embeddings:
+                self.head = self.embedding if self.embedding is not None else load("token_embd.weight")
+            else:
+                self.head = load("output.weight")
+        self._caches: dict[int, _SequenceCache] = {}
+        self._closed = False
+
+    def _load_layer(self, load: Callable[[str], np.ndarray], i: int) -> _Layer:
+        p = f"blk.{i}."
+        return _Layer(
+            attn_norm=load(p + "attn_norm.weight"),
+            wqkv=np.concatenate([load(p + "attn_q.weight"), load(p + "attn_k.weight"),
+                                 load(p + "attn_v.weight")], axis=0),
+            wo=load(p + "attn_output.weight"),
+            ffn_norm=load(p + "ffn_norm.weight"),
+            wgate_up=np.concatenate([load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")], axis=0),
+            wdown=load(p + "ffn_down.weight"),
+        )
+
+    # --- sequences ----------------------------------------------------------------------------------------
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._check_open()
+        if not isinstance(seq_id, int | np.integer) or seq_id < 0:
+            raise ValueError(f"sequence id must be a non-negative int, not {seq_id!r}")
+        if seq_id in self._caches:
+            raise ValueError(f"sequence {seq_id} exists already")
+        cfg = self.config
+        self._caches[int(seq_id)] = _SequenceCache(len(self.layers), cfg.num_kv_heads, cfg.head_dim)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._caches.pop(seq_id, None)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._cache(seq_id).length
+
+    def sequence_ids(self) -> list[int]:
+        return list(self._caches)
+
+    def _cache(self, seq_id: int) -> _SequenceCache:
+        try:
+            return self._caches[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id}; call add_sequence first") from None
+
+    # --- forward ------------------------------------------------------------------------------------------
+
+    def prefill(self, seq_id: int, inputs: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        """Append `inputs` to `seq_id`. The last stage returns the last position's logits [vocab] (or every
+        position's, [n, vocab], with `all_logits`, which teacher-forcing tests use)."""
+        self._check_open()
+        cache = self._cache(seq_id)
+        hidden = self._input_hidden(inputs, what="prefill")
+        n = hidden.shape[0]
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(seq_id, cache, n)
+        cache.reserve(cache.length + n)
+        positions = np.arange(cache.length, cache.length + n)
+        for li, layer in enumerate(self.layers):
+            hidden = self._layer(li, layer, hidden, [(cache, positions, slice(0, n))])
+        cache.length += n
+        if not self._is_last:
+            return np.ascontiguousarray(hidden, dtype=np.float32)
+        logits = self._logits(hidden if all_logits else hidden[-1:])
+        return logits if all_logits else logits[0]
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        self._check_open()
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("decode got the same sequence twice in one batch")
+        caches = [self._cache(s) for s in seq_ids]
+        hidden = self._input_hidden(inputs, what="decode")
+        if hidden.shape[0] != len(seq_ids):
+            raise ValueError(f"decode got {hidden.shape[0]} inputs for {len(seq_ids)} sequences")
+        for s, cache in zip(seq_ids, caches, strict=True):
+            self._check_room(s, cache, 1)
+            cache.reserve(cache.length + 1)
+        rows = [(cache, np.array([cache.length]), slice(i, i + 1)) for i, cache in enumerate(caches)]
+        for li, layer in enumerate(self.layers):
+            hidden = self._layer(li, layer, hidden, rows)
+        for cache in caches:
+            cache.length += 1
+        if not self._is_last:
+            return np.ascontiguousarray(hidden, dtype=np.float32)
+        return self._logits(hidden)
+
+    def _check_room(self, seq_id: int, cache: _SequenceCache, n: int) -> None:
+        if cache.length + n > self.max_context:
+            raise ContextOverflowError(
+                f"sequence {seq_id} would hold {cache.length + n} tokens, "
+                f"past the context of {self.max_context}"
+            )
+
+    def _input_hidden(self, inputs: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(inputs)
+        if self._is_first:
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{what} of the first stage takes a 1-D array of token ids, got {arr.dtype}"
+                                 f"{list(arr.shape)}")
+            if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+                raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            assert self.embedding is not None
+            return self.embedding[arr.astype(np.int64)]
+        if arr.ndim != 2 or arr.shape[1] != self.config.hidden_size:
+            raise ValueError(f"{what} of stage {self.span} takes hidden states "
+                             f"[n, {self.config.hidden_size}], got {list(arr.shape)}")
+        return np.asarray(arr, dtype=np.float32)
+
+    def _layer(self, li: int, layer: _Layer, x: np.ndarray,
+               rows: list[tuple[_SequenceCache, np.ndarray, slice]]) -> np.ndarray:
+        """One decoder layer over rows of x; `rows` maps each sequence to its positions and rows of x."""
+        cfg = self.config
+        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n = x.shape[0]
+        h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
+        qkv = _linear(h, layer.wqkv)
+        q = qkv[:, :heads * dim].reshape(n, heads, dim)
+        k = qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(n, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim:].reshape(n, kv_heads, dim)
+        positions = np.concatenate([pos for _, pos, _ in rows])
+        q = rope_norm(q, positions, cfg.rope_theta)
+        k = rope_norm(k, positions, cfg.rope_theta)
+        attn = np.empty((n, heads * dim), np.float32)
+        for cache, _, sl in rows:
+            start = cache.length
+            stop = start + (sl.stop - sl.start)
+            cache.k[li, :, start:stop] = k[sl].transpose(1, 0, 2)
+            cache.v[li, :, start:stop] = v[sl].transpose(1, 0, 2)
+            attn[sl] = self._attend(q[sl], cache.k[li, :, :stop], cache.v[li, :, :stop], start)
+        x = x + _linear(attn, layer.wo)
+        h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
+        gate_up = _linear(h, layer.wgate_up)
+        ffn = cfg.intermediate_size
+        x = x + _linear(silu(gate_up[:, :ffn]) * gate_up[:, ffn:], layer.wdown)
+        return x
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int) -> np.ndarray:
+        """Causal GQA: q [n, H, D] at positions past..past+n-1; keys/values [KV, T, D], T = past + n."""
+        n, heads, dim = q.shape
+        kv_heads, total, _ = keys.shape
+        group = heads // kv_heads
+        scale = np.float32(1.0 / np.sqrt(dim))
+        out = np.empty((n, heads, dim), np.float32)
+        for b0 in range(0, n, _QUERY_BLOCK):
+            b1 = min(n, b0 + _QUERY_BLOCK)
+            m = b1 - b0
+            # [KV, group * m, D]: head h uses kv head h // group.
+            qg = q[b0:b1].reshape(m, kv_heads, group, dim).transpose(1, 2, 0, 3)
+            qg = qg.reshape(kv_heads, group * m, dim)
+            scores = np.matmul(qg, keys.transpose(0, 2, 1)) * scale  # [KV, group*m, T]
+            if m > 1 or past + b0 + 1 < total:
+                query_pos = past + b0 + np.tile(np.arange(m), group)  # row r is query r % m
+                mask = np.arange(total)[None, :] > query_pos[:, None]
+                scores = np.where(mask[None], np.float32(-np.inf), scores)
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            ctx = np.matmul(scores, values)  # [KV, group*m, D]
+            out[b0:b1] = ctx.reshape(kv_heads, group, m, dim).transpose(2, 0, 1, 3).reshape(m, heads, dim)
+        return out.reshape(n, heads * dim)
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        assert self.output_norm is not None and self.head is not None
+        h = rms_norm(hidden, self.output_norm, self.config.rms_eps)
+        return np.ascontiguousarray(_linear(h, self.head), dtype=np.float32)
+
+    def close(self) -> None:
+        self._caches.clear()
+        self.layers = []
+        self.embedding = self.head = self.output_norm = None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"stage {self.span} is closed")
+
+    def __repr__(self) -> str:
+        return f"ReferenceStage(span={self.span}, sequences={len(self._caches)})"

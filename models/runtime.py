@@ -1,0 +1,308 @@
+"""`CompiledStage`: a shard compiled by TVM Relax (models/compile.py) running one layer range.
+
+A drop-in for `models.reference.ReferenceStage` (see the data contract in models/stage.py). Each prefill chunk
+and each decode step is one Relax VM call for the whole shard; the KV cache is TVM's paged cache, created once
+and driven with the `vm.builtin.kv_state_*` builtins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
+from models.config import ModelConfig
+from models.errors import ContextOverflowError, UnsupportedModelError
+from models.span import LayerSpan
+from models.targets import TargetSpec, detect_target, host_cores
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 16
+"""TVM's CPU attention kernels hard-code 16-token pages (FACTS.md)."""
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_QUANTIZATION = "f32"
+"""What `CompiledStage.load` builds unless told otherwise."""
+
+
+def configure_threads() -> None:
+    """TVM's pool: one thread per usable core; keep OpenBLAS (NumPy) from spinning beside it. Must run
+    before the first TVM kernel launch (env vars set later are ignored)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
+                   quantization: str) -> dict[str, Any]:
+    """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
+    from models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0
+    from models.kernels.relax_ops import param_arrays
+    from models.llama import WEIGHT_KINDS
+
+    kind = WEIGHT_KINDS[quantization]["embedding" if module_path == "embed_tokens" else "linear"]
+    packed = []
+    for name in sources:
+        info = gguf_model.tensor_info(name)
+        if info.type.name.lower() != kind:
+            raise UnsupportedModelError(
+                f"tensor {name} is {info.type.name}, but a {quantization} build keeps it as {kind.upper()}; "
+                "load this model with quantization='f32'"
+            )
+        out_features, in_features = info.shape
+        pack = pack_q4_1 if kind == "q4_1" else pack_q8_0
+        packed.append(pack(np.asarray(gguf_model.raw(name)), out_features, in_features))
+    return param_arrays(packed[0] if len(packed) == 1 else concat_packed(packed))
+
+
+def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
+                  load: Callable[[str], np.ndarray] | None = None) -> list[Any]:
+    """The shard's parameters as TVM tensors on `device`, in the order the compiled functions take them.
+    `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
+    import tvm
+
+    from models.llama import gguf_sources
+
+    load = load or gguf_model.dequantize
+    config: ModelConfig = gguf_model.config
+    out = []
+    packed: dict[str, dict[str, Any]] = {}
+    for name, shape, dtype in shard.params:
+        module_path, _, attr = name.rpartition(".")
+        sources = gguf_sources(config, shard.span, module_path)
+        if shard.quantization == "f32" or (attr == "weight" and len(shape) == 1):
+            parts = [load(s) for s in sources]
+            array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            if array.ndim == 2 and module_path != "embed_tokens":
+                array = np.ascontiguousarray(array.T)  # F32Linear stores [in, out]
+        else:
+            if module_path not in packed:
+                packed[module_path] = _packed_arrays(gguf_model, module_path, sources, shard.quantization)
+            array = packed[module_path].pop(attr)
+            if not packed[module_path]:
+                del packed[module_path]
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            raise ValueError(
+                f"parameter {name}: the GGUF gives {array.dtype}{list(array.shape)}, "
+                f"the compiled shard expects {dtype}{list(shape)}"
+            )
+        out.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+        del array
+    return out
+
+
+class CompiledStage:
+    """Layers `span` of a model, run by a compiled TVM library. Blocking methods; not thread-safe for
+    concurrent calls (an internal lock serialises them)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: CompiledShard,
+        params: list[Any],
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH,
+        max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        import tvm
+        from tvm.runtime import ShapeTuple
+        from tvm.runtime.vm import VirtualMachine
+
+        if max_batch_size < 1 or max_total_tokens < PAGE_SIZE or prefill_chunk < 1:
+            raise ValueError("max_batch_size, max_total_tokens and prefill_chunk must be positive "
+                             f"(max_total_tokens at least {PAGE_SIZE})")
+        self.config = config
+        self.span = shard.span
+        self.shard = shard
+        self.target = shard.target
+        self.max_batch_size = max_batch_size
+        self.max_total_tokens = min(max_total_tokens, config.context_length * max_batch_size)
+        self.prefill_chunk = prefill_chunk
+        self._is_first = self.span.is_first()
+        self._is_last = self.span.is_last(config.num_layers)
+        self._device = shard.target.device()
+        self._lock = threading.Lock()
+        self._tvm = tvm
+        self._shape_tuple = ShapeTuple
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(shard.library)), self._device)
+        self._params = params
+        self._prefill = self._vm["prefill"]
+        self._decode = self._vm["decode"]
+        self._kv = self._vm["create_paged_kv_cache"](
+            ShapeTuple([max_batch_size]), ShapeTuple([self.max_total_tokens]),
+            ShapeTuple([prefill_chunk]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
+        )
+        get = tvm.get_global_func
+        self._add_seq = get("vm.builtin.kv_state_add_sequence")
+        self._remove_seq = get("vm.builtin.kv_state_remove_sequence")
+        self._begin = get("vm.builtin.kv_state_begin_forward")
+        self._end = get("vm.builtin.kv_state_end_forward")
+        self._lengths: dict[int, int] = {}
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        gguf_model: Any,
+        span: LayerSpan,
+        *,
+        target: str | TargetSpec | None = None,
+        cache_dir: str | Path | None = None,
+        progress: Progress | None = None,
+        quantization: str = DEFAULT_QUANTIZATION,
+        load: Callable[[str], np.ndarray] | None = None,
+        **options: Any,
+    ) -> CompiledStage:
+        """Compile (or find cached) the shard for `span` of `gguf_model` (a `models.gguf.GGUFModel`) and load
+        its weights. `load(name)` overrides how GGUF tensors are dequantized (tests share a cache); `options`
+        go to the constructor (max_batch_size, max_total_tokens, prefill_chunk)."""
+        configure_threads()
+        config = gguf_model.config
+        span.check(config.num_layers)
+        spec = detect_target(target)
+        shard = compile_shard(
+            config, span, spec, quantization=quantization, fingerprint=model_fingerprint(gguf_model),
+            cache=Path(cache_dir) if cache_dir is not None else None, progress=progress,
+        )
+        params = _load_weights(gguf_model, shard, spec.device(), load)
+        return cls(config, shard, params, **options)
+
+    # -- sequences -----------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this CompiledStage is closed")
+
+    def add_sequence(self, seq_id: int) -> None:
+        with self._lock:
+            self._check_open()
+            if not isinstance(seq_id, int | np.integer) or seq_id < 0:
+                raise ValueError(f"sequence ids are non-negative ints, got {seq_id!r}")
+            seq_id = int(seq_id)
+            if seq_id in self._lengths:
+                raise ValueError(f"sequence {seq_id} exists already")
+            self._add_seq(self._kv, seq_id)
+            self._lengths[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        with self._lock:
+            if self._closed or seq_id not in self._lengths:
+                return
+            self._remove_seq(self._kv, seq_id)
+            del self._lengths[seq_id]
+
+    def sequence_length(self, seq_id: int) -> int:
+        try:
+            return self._lengths[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id}; call add_sequence first") from None
+
+    def _reserve(self, seq_ids: list[int], counts: list[int]) -> None:
+        for seq_id, n in zip(seq_ids, counts, strict=True):
+            if seq_id not in self._lengths:
+                raise ValueError(f"unknown sequence {seq_id}; call add_sequence first")
+            if self._lengths[seq_id] + n > self.config.context_length:
+                raise ContextOverflowError(
+                    f"sequence {seq_id} would hold {self._lengths[seq_id] + n} tokens; the model's context "
+                    f"is {self.config.context_length}"
+                )
+        if sum(self._lengths.values()) + sum(counts) > self.max_total_tokens:
+            raise ContextOverflowError(
+                f"the KV cache holds at most {self.max_total_tokens} tokens over all sequences; "
+                "remove finished sequences or load the stage with a larger max_total_tokens"
+            )
+
+    # -- inputs --------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, inputs: np.ndarray, rows: int | None, what: str) -> np.ndarray:
+        inputs = np.asarray(inputs)
+        if self._is_first:
+            if inputs.ndim != 1 or not np.issubdtype(inputs.dtype, np.integer):
+                raise ValueError(f"{what}: the first stage takes a 1-D array of token ids, got "
+                                 f"{inputs.dtype}{list(inputs.shape)}")
+            if inputs.size and (inputs.min() < 0 or inputs.max() >= self.config.vocab_size):
+                raise ValueError(f"{what}: token ids must lie in [0, {self.config.vocab_size})")
+            inputs = inputs.astype(np.int32, copy=False)
+        else:
+            if inputs.ndim != 2 or inputs.shape[1] != self.config.hidden_size:
+                raise ValueError(f"{what}: stage {self.span} takes hidden states "
+                                 f"[n, {self.config.hidden_size}], got {list(inputs.shape)}")
+            inputs = inputs.astype(np.float32, copy=False)
+        if rows is not None and inputs.shape[0] != rows:
+            raise ValueError(f"{what}: {inputs.shape[0]} input rows for {rows} sequences")
+        return np.ascontiguousarray(inputs)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
+        inputs = self._check_inputs(inputs, None, "prefill")
+        n = inputs.shape[0]
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        with self._lock:
+            self._check_open()
+            self._reserve([seq_id], [n])
+            outputs = []
+            for start in range(0, n, self.prefill_chunk):
+                chunk = inputs[start:start + self.prefill_chunk]
+                m = chunk.shape[0]
+                x = chunk.reshape(1, m) if self._is_first else chunk.reshape(1, m, -1)
+                self._begin(self._kv, self._shape_tuple([seq_id]), self._shape_tuple([m]))
+                try:
+                    out = self._prefill(self._tvm.runtime.tensor(x, self._device), self._kv, self._params)
+                finally:
+                    self._end(self._kv)
+                self._lengths[seq_id] += m
+                if not self._is_last or start + m >= n:
+                    outputs.append(out.numpy())
+        if self._is_last:
+            return outputs[-1].reshape(self.config.vocab_size)
+        return np.concatenate(outputs, axis=1).reshape(n, self.config.hidden_size)
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        seq_ids = list(seq_ids)
+        if not seq_ids:
+            raise ValueError("decode needs at least one sequence")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"decode got a sequence id twice: {seq_ids}")
+        if len(seq_ids) > self.max_batch_size:
+            raise ValueError(f"decode batch of {len(seq_ids)} exceeds max_batch_size {self.max_batch_size}")
+        inputs = self._check_inputs(inputs, len(seq_ids), "decode")
+        b = len(seq_ids)
+        with self._lock:
+            self._check_open()
+            self._reserve(seq_ids, [1] * b)
+            x = inputs.reshape(b, 1) if self._is_first else inputs.reshape(b, 1, -1)
+            self._begin(self._kv, self._shape_tuple(seq_ids), self._shape_tuple([1] * b))
+            try:
+                out = self._decode(self._tvm.runtime.tensor(x, self._device), self._kv, self._params)
+            finally:
+                self._end(self._kv)
+            for seq_id in seq_ids:
+                self._lengths[seq_id] += 1
+            result = out.numpy()
+        width = self.config.vocab_size if self._is_last else self.config.hidden_size
+        return result.reshape(b, width)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lengths.clear()
+            self._params = []
+            self._kv = None
+            self._prefill = self._decode = None
+            self._vm = None
+
+    def __repr__(self) -> str:
+        return (f"CompiledStage(layers {self.span}, {self.shard.quantization}, {self.target.kind}, "
+                f"{len(self._lengths)} sequences)")

@@ -1,0 +1,177 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, repetition/presence/frequency penalties, with a
+seeded RNG per request. Pure functions over a logits vector, plus `Sampler`, one request's state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_STOP_SEQUENCES = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Invalid values raise ValueError with a message fit for an HTTP
+    400 answer."""
+
+    max_tokens: int | None = None
+    """Most tokens to generate; None: up to the context length."""
+    temperature: float = 1.0
+    """0 means greedy; otherwise logits are divided by it. Between 0 and 2."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p. In (0, 1]."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 turns it off."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens seen in the prompt or output (positive logits divided, negative multiplied)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated. Between -2 and 2."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence from the logit of tokens already generated. Between -2 and 2."""
+    seed: int | None = None
+    """Seed of this request's RNG: the same seed, prompt and params give the same tokens."""
+    stop: tuple[str, ...] = field(default=())
+    """Text that ends generation; it is not part of the output. A str or up to 8 strings."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError("max_tokens must be a positive integer")
+        _check_number("temperature", self.temperature, 0.0, 2.0)
+        _check_number("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p <= 0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError("top_k must be a non-negative integer (0 turns it off)")
+        _check_number("repetition_penalty", self.repetition_penalty, 0.0, 10.0)
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be greater than 0")
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError("seed must be a non-negative integer")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif stop is None:
+            stop = ()
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} strings")
+        if any(s == "" for s in stop):
+            raise ValueError("stop strings must not be empty")
+        object.__setattr__(self, "stop", tuple(stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer) \
+            or not np.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}")
+
+
+# --- pure functions over logits ---------------------------------------------------------------------------
+
+def greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def apply_repetition_penalty(logits: np.ndarray, token_ids: Iterable[int], penalty: float) -> np.ndarray:
+    """CTRL-style: for tokens seen, positive logits are divided by `penalty`, negative ones multiplied."""
+    ids = np.unique(np.fromiter(token_ids, dtype=np.int64))
+    if penalty == 1.0 or ids.size == 0:
+        return logits
+    out = logits.copy()
+    seen = out[ids]
+    out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: dict[int, int], presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI-style: logit -= presence * [count > 0] + frequency * count, over generated tokens."""
+    if (presence == 0 and frequency == 0) or not counts:
+        return logits
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out = logits.copy()
+    out[ids] -= np.float32(presence) + np.float32(frequency) * n
+    return out
+
+
+def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    """Logits with everything outside the k largest set to -inf (ties at the boundary are kept)."""
+    if k <= 0 or k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, -np.inf).astype(logits.dtype)
+
+
+def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
+    """Logits outside the nucleus (smallest most-likely set with total probability >= p) set to -inf.
+    The most likely token always stays."""
+    if p >= 1.0:
+        return logits
+    probs = softmax(logits)
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    keep = int(np.searchsorted(cumulative, p, side="left")) + 1
+    out = np.full_like(logits, -np.inf)
+    kept = order[:keep]
+    out[kept] = logits[kept]
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - np.max(x)
+    e = np.exp(x)
+    return e / e.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, *,
+           context_ids: Iterable[int] = (), output_counts: dict[int, int] | None = None) -> int:
+    """Pick one token. `context_ids` (prompt + output) feed the repetition penalty; `output_counts` (token ->
+    times generated) feed the presence and frequency penalties."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 1:
+        raise ValueError(f"sample takes one logits vector, got shape {list(logits.shape)}")
+    logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, output_counts or {}, params.presence_penalty,
+                                      params.frequency_penalty)
+    if params.greedy:
+        return greedy(logits)
+    logits = logits / np.float32(params.temperature)
+    logits = top_k_mask(logits, params.top_k)
+    logits = top_p_mask(logits, params.top_p)
+    probs = softmax(logits)
+    return int(rng.choice(probs.size, p=probs))
+
+
+class Sampler:
+    """One request's sampling state: its RNG and the tokens seen so far."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._context: list[int] = list(prompt_ids) if params.repetition_penalty != 1.0 else []
+        self._counts: dict[int, int] = {}
+
+    def next_token(self, logits: np.ndarray) -> int:
+        token = sample(logits, self.params, self.rng, context_ids=self._context, output_counts=self._counts)
+        self.accept(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        self._counts[token] = self._counts.get(token, 0) + 1
+        if self.params.repetition_penalty != 1.0:
+            self._context.append(token)

@@ -1,0 +1,170 @@
+"""Pulling models: from a real IPFS node's RPC API (js-ipfs), from another shoal node's gateway, through
+faulty sources, and from nowhere."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mesh.events import EventBus
+from mesh.ipfs.cid import parse_cid
+from mesh.ipfs.errors import BlockNotFoundError, InvalidCidError, UnknownModelError
+from mesh.ipfs.service import IpfsService
+from tests.mesh.ipfs.conftest import offline_config, start_gateway
+from tests.mesh.ipfs.faults import FaultyGateway
+from tests.mesh.ipfs.jsipfs import JsIpfs, free_port
+
+MIB = 1024 * 1024
+
+
+def assert_store_all_verified(service: IpfsService) -> int:
+    """Every stored block's bytes hash to its key: nothing unverified sits under a valid name."""
+    import base64
+
+    count = 0
+    for path in service.store.keys():
+        digest = base64.b32decode(path.name.upper() + "=" * (-len(path.name) % 8))
+        assert digest[:2] == b"\x12\x20"
+        assert hashlib.sha256(path.read_bytes()).digest() == digest[2:], path
+        count += 1
+    return count
+
+
+async def jsipfs_add(rpc_url: str, path: Path, cid_version: int) -> str:
+    params = {"cid-version": str(cid_version), "raw-leaves": "true" if cid_version else "false"}
+    async with aiohttp.ClientSession() as session:
+        with path.open("rb") as body:
+            form = aiohttp.FormData()
+            form.add_field("file", body, filename=path.name)
+            async with session.post(f"{rpc_url}/api/v0/add", params=params, data=form) as response:
+                assert response.status == 200
+                import json
+
+                return json.loads((await response.text()).strip().splitlines()[-1])["Hash"]
+
+
+@pytest.mark.parametrize("cid_version", [0, 1])
+async def test_pull_from_jsipfs_rpc(jsipfs: JsIpfs, write_data, tmp_path: Path, cid_version: int) -> None:
+    source = write_data(5 * MIB + 777, seed=cid_version)
+    cid = parse_cid(await jsipfs_add(jsipfs.rpc_url, source, cid_version))
+    bus = EventBus()
+    sub = bus.subscribe()
+    async with IpfsService(offline_config(rpc_url=jsipfs.rpc_url), tmp_path / "node", bus) as service:
+        result = await service.pull_detailed(str(cid))
+    assert result.path.read_bytes() == source.read_bytes()
+    assert result.stats.blocks_fetched == 21 + 1  # 21 leaves and the root
+    assert assert_store_all_verified(service) == 22
+    kinds = [e.kind for e in bus.recent("pull.")]
+    assert kinds[-1] == "pull.done" and "pull.progress" in kinds
+    sub.close()
+
+
+async def test_pull_from_another_shoal_gateway(write_data, tmp_path: Path) -> None:
+    source = write_data(7 * MIB + 5, seed=3)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        cid = await node_a.publish(source, "test-model")
+        runner, url = await start_gateway(node_a)
+        try:
+            async with IpfsService(offline_config(gateways=(url,)), tmp_path / "b") as node_b:
+                result = await node_b.pull_detailed(str(cid))
+        finally:
+            await runner.cleanup()
+    assert result.path.read_bytes() == source.read_bytes()
+    assert result.stats.blocks_fetched == 30  # 29 leaves + root, streamed as one CAR
+    assert result.stats.blocks_local == 0
+    assert sum(result.stats.by_source.values()) == 30
+    assert assert_store_all_verified(node_b) == 30
+
+
+async def test_gateway_serves_raw_and_entity_bytes_car(write_data, tmp_path: Path, http) -> None:
+    source = write_data(2 * MIB, seed=4)
+    async with IpfsService(offline_config(), tmp_path / "a") as node:
+        cid = await node.publish(source)
+        runner, url = await start_gateway(node)
+        try:
+            async with http.get(f"{url}/ipfs/{cid}", params={"format": "raw"}) as r:
+                assert r.status == 200 and r.content_type == "application/vnd.ipld.raw"
+                assert hashlib.sha256(await r.read()).digest() == bytes(cid.raw_digest)
+            params = {"format": "car", "dag-scope": "entity", "entity-bytes": f"{300_000}:{300_010}"}
+            async with http.get(f"{url}/ipfs/{cid}", params=params) as r:
+                assert r.status == 200
+                from mesh.ipfs import car
+
+                body = await r.read()
+                sections = [c async for _, c, _ in car.read_car(car.bytes_reader(body))]
+            assert len(sections) == 2  # the root and the one leaf covering bytes 300000..300010
+            async with http.get(f"{url}/ipfs/not-a-cid", params={"format": "raw"}) as r:
+                assert r.status == 400
+            async with http.get(f"{url}/ipfs/{cid}") as r:
+                assert r.status == 406
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["wrong", "truncate", "garbage"])
+async def test_faulty_source_is_rejected_and_pull_retries_elsewhere(
+    write_data, tmp_path: Path, mode: str
+) -> None:
+    source = write_data(3 * MIB + 99, seed=5)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        cid = await node_a.publish(source)
+        faulty = FaultyGateway(node_a.store, mode)
+        bad_runner = web.AppRunner(faulty.app())
+        await bad_runner.setup()
+        bad_port = free_port()
+        await web.TCPSite(bad_runner, "127.0.0.1", bad_port).start()
+        good_runner, good_url = await start_gateway(node_a)
+        try:
+            config = offline_config(
+                gateways=(f"http://127.0.0.1:{bad_port}", good_url), ban_after_bad_blocks=2
+            )
+            async with IpfsService(config, tmp_path / "b") as node_b:
+                result = await node_b.pull_detailed(str(cid))
+        finally:
+            await bad_runner.cleanup()
+            await good_runner.cleanup()
+    assert result.path.read_bytes() == source.read_bytes()
+    assert faulty.requests["car"] + faulty.requests["raw"] >= 1  # the faulty source was asked first
+    assert result.stats.by_source[f"gateway {good_url}"] >= 1  # and the good one filled the gaps
+    if mode == "truncate":
+        assert result.stats.source_failures >= 1  # the cut CAR stream was noticed
+    else:
+        assert result.stats.bad_blocks >= 1  # wrong or garbage blocks were hashed and dropped
+    assert assert_store_all_verified(node_b) == 14
+
+
+async def test_resume_uses_stored_blocks(write_data, tmp_path: Path) -> None:
+    source = write_data(4 * MIB, seed=6)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        cid = await node_a.publish(source)
+        runner, url = await start_gateway(node_a)
+        try:
+            async with IpfsService(offline_config(gateways=(url,)), tmp_path / "b") as node_b:
+                first_leaf = (await node_b.fetcher().get_block(cid)) and None
+                del first_leaf
+                again = await node_b.pull_detailed(str(cid))
+        finally:
+            await runner.cleanup()
+    assert again.stats.blocks_local == 1 and again.stats.blocks_fetched == 16
+    assert again.path.read_bytes() == source.read_bytes()
+
+
+async def test_unreachable_sources_give_a_clear_error(tmp_path: Path) -> None:
+    cid = "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"
+    dead = f"http://127.0.0.1:{free_port()}"
+    bus = EventBus()
+    config = offline_config(rpc_url=dead, gateways=(dead,), retries=1)
+    async with IpfsService(config, tmp_path / "n", bus) as service:
+        with pytest.raises(BlockNotFoundError, match="could not get block"):
+            await service.pull(cid)
+        with pytest.raises(UnknownModelError, match="neither a known model name"):
+            await service.pull("no-such-model")
+        with pytest.raises(InvalidCidError):
+            await service.pull("QmNotAValidCidAtAll0000000000000000000000000000")
+    failed = [e for e in bus.recent("pull.failed")]
+    assert len(failed) == 3 and all(e.data["error"] for e in failed)
+    assert not any(service.store.keys())

@@ -1,0 +1,76 @@
+"""`shoal chat`: streams through a running node when one answers, else runs the model in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from tests.mesh.api_harness import BACKEND, MODEL, NodeThread, free_env, shared_node, stop_shared_node
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="session")
+def node() -> Iterator[NodeThread]:
+    yield shared_node()
+    stop_shared_node()
+
+
+def shoal(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", *args]
+
+
+async def greedy_answer(node: NodeThread, max_tokens: int) -> str:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0}
+    async with aiohttp.ClientSession() as session, session.post(node.url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200
+        return (await r.json())["choices"][0]["message"]["content"]
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, shoal(*args), env=free_env(), capture_output=True, text=True, timeout=240
+    )
+
+
+async def test_chat_through_a_running_node(node: NodeThread) -> None:
+    expected = await greedy_answer(node, 5)
+    before = len(node.node.requests.recent())
+    result = await run("chat", PROMPT, "--api", node.url, "--max-tokens", "5", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert len(node.node.requests.recent()) == before + 1  # it really went through the node
+
+
+async def test_chat_in_process_gives_the_same_answer(node: NodeThread) -> None:
+    expected = await greedy_answer(node, 3)
+    result = await run("chat", PROMPT, "--local", "--backend", BACKEND, "--max-tokens", "3",
+                       "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+async def test_chat_reports_a_missing_node_and_bad_arguments() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = await run("chat", "hi", "--api", f"http://127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert "no shoal node answers" in result.stderr
+    result = await run("chat", "hi", "--max-tokens", "0")
+    assert result.returncode == 2 and "--max-tokens must be at least 1" in result.stderr
+
+
+async def test_chat_reports_the_node_error(node: NodeThread) -> None:
+    result = await run("chat", PROMPT, "--api", node.url, "--model", "no-such-model")
+    assert result.returncode == 2
+    assert "no-such-model" in result.stderr and "does not exist" in result.stderr

@@ -1,0 +1,81 @@
+"""Three real node processes on loopback: invite, bootstrap, peer exchange, full mesh, adverts, blocks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mesh.invite import Invite
+from mesh.ipfs.cid import RAW, make_cid
+from tests.mesh.mesh_nodes import Node, free_port, full_mesh, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mesh3")
+    token = Invite.create("test").to_token()
+    common = ["--invite", token, "--ice", "lo", "--no-mdns"]
+    first = Node("n1", base / "n1", f"127.0.0.1:{free_port()}", common).start()
+    others = [
+        Node(f"n{i}", base / f"n{i}", f"127.0.0.1:{free_port()}", [*common, "--bootstrap", first.api]).start()
+        for i in (2, 3)
+    ]
+    nodes = [first, *others]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill(15)
+
+
+def test_three_nodes_reach_full_mesh_via_bootstrap_and_exchange(three_nodes):
+    n1, n2, n3 = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    # n2 and n3 only knew n1: their link came from peer exchange (offers relayed through n1)
+    assert n3.peer_id in n2.peers() and n2.peer_id in n3.peers()
+
+    def edges():
+        topology = n1.get("/v1/mesh/topology")
+        return {frozenset((e["a"], e["b"])) for e in topology["edges"]}, topology
+
+    # n1 learns the n2-n3 link from their adverts
+    wait_until(lambda: frozenset((n2.peer_id, n3.peer_id)) in edges()[0], 20, "n2-n3 edge in n1's topology")
+    topology = edges()[1]
+    assert len(topology["nodes"]) == 3
+
+
+def test_adverts_and_rtt_exchanged(three_nodes):
+    n1, n2, _ = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    view = wait_until(
+        lambda: (p := n1.peers().get(n2.peer_id)) and p["advert"].get("name") and p, 20, "advert"
+    )
+    assert view["advert"]["name"] == "n2"
+    assert view["advert"]["api"] == n2.api
+    assert view["advert"]["memory_free"] > 0
+    assert view["advert"]["gateway"] is True
+    wait_until(lambda: n1.peers()[n2.peer_id]["rtt_ms"] is not None, 10, "rtt")
+
+
+@pytest.mark.parametrize("via", ["http", "channel"])
+def test_block_pulled_from_a_peer_is_verified(three_nodes, via):
+    _, n2, n3 = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    data = os.urandom(300_000)  # larger than one data-channel message: exercises chunking
+    cid = n2.post("/test/blocks", data)["cid"]
+    query = "?via=channel" if via == "channel" else ""
+    result = n3.get(f"/test/mesh-block/{cid}{query}", timeout=30)
+    assert result.get("size") == len(data), result
+    assert result["stats"].get(via, 0) >= 1
+
+
+def test_block_nobody_has_is_reported_missing(three_nodes):
+    _, _, n3 = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    cid = str(make_cid(b"a block nobody stored", RAW, 1))
+    for via in ("", "?via=channel"):
+        result = n3.post_get(f"/test/mesh-block/{cid}{via}")
+        assert "BlockNotFoundError" in result["error"], result

@@ -1,0 +1,99 @@
+"""Pure parts of the mesh layer: config validation, signal verification, advert filtering, ICE selection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mesh import protocol as p
+from mesh.gossip import clean_advert
+from mesh.ice import host_addresses
+from mesh.identity import Identity
+from mesh.invite import Invite
+from mesh.mesh_config import MeshConfig
+from mesh.mesh_errors import MembershipError, SignallingError
+from mesh.signalling import Membership, ReplayGuard, build_signal, sdp_fingerprints, verify_signal
+
+SDP = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=fingerprint:sha-512 01:02\r\n"
+
+
+def test_mesh_config_validates_and_normalises():
+    config = MeshConfig(bootstrap="10.0.0.1:8740, 10.0.0.2:8740", ice_interfaces=["lo"])
+    assert config.bootstrap == ("10.0.0.1:8740", "10.0.0.2:8740")
+    invite = Invite.create("x", ("10.0.0.3:1",))
+    assert MeshConfig(invite=invite.to_token(), bootstrap=["10.0.0.1:8740"]).all_bootstrap() == (
+        "10.0.0.1:8740",
+        "10.0.0.3:1",
+    )
+    assert MeshConfig(secret=invite.secret.hex()).secret_bytes() == invite.secret
+    for bad in (
+        {"dead_timeout_s": 1.0, "heartbeat_interval_s": 1.0},
+        {"allow": ["nope"]},
+        {"invite": "shoal1-broken"},
+        {"secret": "short"},
+        {"bootstrap": ["no-port"]},
+        {"abuse_limit": 0},
+    ):
+        with pytest.raises(ValueError):
+            MeshConfig(**bad)
+
+
+def test_sdp_fingerprints():
+    assert sdp_fingerprints(SDP) == ["sha-256 AB:CD:EF", "sha-512 01:02"]
+
+
+def test_verify_signal_accepts_members_and_refuses_the_rest():
+    secret = b"k" * 32
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    members = Membership(secret=secret)
+    offer = build_signal(alice, members, "offer", SDP, to=bob.peer_id, api="10.0.0.1:8740")
+    verified = verify_signal(offer, members, bob.peer_id, "offer", ReplayGuard())
+    assert verified.peer_id == alice.peer_id and verified.api == "10.0.0.1:8740"
+
+    with pytest.raises(SignallingError, match="another node"):
+        verify_signal(offer, members, Identity.generate().peer_id, "offer")
+    with pytest.raises(SignallingError, match="expected an answer"):
+        verify_signal(offer, members, bob.peer_id, "answer")
+    with pytest.raises(SignallingError, match="stale"):
+        verify_signal(offer, members, bob.peer_id, "offer", now=time.time() + 3600)
+    with pytest.raises(MembershipError):
+        verify_signal(offer, Membership(secret=b"z" * 32), bob.peer_id, "offer")
+    outsider = build_signal(alice, Membership(secret=b"z" * 32), "offer", SDP)
+    with pytest.raises(MembershipError):
+        verify_signal(outsider, members, bob.peer_id, "offer")
+    # the same outsider is admitted once it is on the allow-list
+    allowing = Membership(secret=secret, allow=frozenset({alice.peer_id}))
+    assert verify_signal(outsider, allowing, bob.peer_id, "offer").peer_id == alice.peer_id
+
+    guard = ReplayGuard()
+    verify_signal(offer, members, bob.peer_id, "offer", guard)
+    with pytest.raises(SignallingError, match="replayed"):
+        verify_signal(offer, members, bob.peer_id, "offer", guard)
+    for broken in ({**offer, "extra": 1}, {**offer, "ts": "now"}, {**offer, "sig": "!!"}, [], "x"):
+        with pytest.raises(SignallingError):
+            verify_signal(broken, members, bob.peer_id, "offer")
+
+
+def test_clean_advert_keeps_typed_fields_only():
+    advert = clean_advert(
+        {
+            "models": ["smollm2", 3],
+            "name": "x" * 500,
+            "memory_free": 10,
+            "queue_depth": True,
+            "speed": {"m": {"decode_tok_s": 9}},
+            "gateway": "yes",
+            "evil": {"a": 1},
+        }
+    )
+    assert advert["models"] == ["smollm2"]
+    assert len(advert["name"]) == 200 and advert["memory_free"] == 10
+    assert "queue_depth" not in advert and "evil" not in advert and advert["gateway"] is False
+    with pytest.raises(p.ProtocolError):
+        clean_advert({"models": "not a list"})
+
+
+def test_host_addresses_can_include_loopback():
+    assert "127.0.0.1" in host_addresses(["lo"], use_ipv6=False)
+    assert host_addresses(["no-such-interface"]) == []

@@ -1,0 +1,132 @@
+"""Node configuration: TOML < SHOAL_* environment < flags, validation with actionable messages."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from mesh.commands.node import config_overrides
+from mesh.config import ConfigError, PolicyConfig, is_loopback, load_config, parse_host_port
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file(tmp_path: Path) -> None:
+    config = load_config(environ={"SHOAL_CONFIG": str(write(tmp_path, ""))})
+    assert (config.api.host, config.api.port, config.api.key) == ("127.0.0.1", 8740, None)
+    assert config.models.default == "smollm2-135m-instruct" and config.models.backend == "tvm"
+    assert config.policy == PolicyConfig()
+    assert config.blocks_dir == config.data_dir / "blocks"
+    assert config.compile_dir == config.data_dir / "compile"
+    assert config.identity_dir == config.data_dir / "identity"
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+name = "kitchen"
+data_dir = "/tmp/shoal-a"
+[api]
+port = 9001
+host = "127.0.0.2"
+[policy]
+battery_floor = 30
+serve_others = true
+[models]
+backend = "numpy"
+max_batch = 4
+""",
+    )
+    env = {
+        "SHOAL_API_PORT": "9002",
+        "SHOAL_POLICY_MAX_MEMORY_SHARE": "0.25",
+        "SHOAL_POLICY_PREFER_LOCAL": "no",
+        "SHOAL_DATA_DIR": "/tmp/shoal-b",
+        "SHOAL_COMPILE_CACHE": "/elsewhere",
+    }
+    config = load_config(path, environ=env)
+    assert config.name == "kitchen"
+    assert config.api.port == 9002 and config.api.host == "127.0.0.2"
+    assert config.policy.battery_floor == 30 and config.policy.serve_others is True
+    assert config.policy.max_memory_share == 0.25 and config.policy.prefer_local is False
+    assert config.models.backend == "numpy" and config.models.max_batch == 4
+    assert config.data_dir == Path("/tmp/shoal-b")
+    args = argparse.Namespace(
+        api="127.0.0.1:9003", api_key="secret-key-1", data_dir=Path("/tmp/shoal-c"), backend="tvm"
+    )
+    config = load_config(path, environ=env, overrides=config_overrides(args))
+    assert config.api.port == 9003 and config.api.key == "secret-key-1"
+    assert config.data_dir == Path("/tmp/shoal-c") and config.models.backend == "tvm"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("[api\nport = 1", {}, "not valid TOML"),
+        ("[apii]\nport = 1", {}, "unknown config section"),
+        ("[api]\nprot = 1", {}, "[api] has unknown key(s) prot"),
+        ('[api]\nport = "high"', {}, "[api] port must be an integer"),
+        ("[api]\nport = 70000", {}, "port 70000 is out of range"),
+        ("[policy]\nbattery_floor = 120", {}, "battery_floor 120 is out of range 0-100"),
+        ("[policy]\nmax_memory_share = 0", {}, "max_memory_share 0.0 must be in (0, 1]"),
+        ('[models]\nbackend = "cuda-magic"', {}, "backend 'cuda-magic' is not one of tvm, numpy"),
+        ("", {"SHOAL_API_PORT": "eighty"}, "[api] port must be an integer, got 'eighty'"),
+        ("", {"SHOAL_POLICY_SERVE_OTHERS": "perhaps"}, "[policy] serve_others must be true or false"),
+        ("", {"SHOAL_API_KEY": "short"}, "key must be at least 8 characters"),
+        ("api = 3", {}, "[api] must be a table"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, toml), environ=env)
+    assert message in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_ipfs_section_is_composed(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, '[ipfs]\ngateways = ["http://127.0.0.1:8081"]\nparallelism = 4\n'), environ={}
+    )
+    assert config.ipfs.gateways == ("http://127.0.0.1:8081",) and config.ipfs.parallelism == 4
+    with pytest.raises(ConfigError, match=r"\[ipfs\]"):
+        load_config(write(tmp_path, "[ipfs]\nparallelism = 0\n"), environ={})
+
+
+def test_non_loopback_needs_a_key() -> None:
+    config = load_config(environ={}, overrides={"api": {"host": "0.0.0.0"}})
+    with pytest.raises(ConfigError, match="requires an API key"):
+        config.api.check_exposure()
+    keyed = load_config(environ={}, overrides={"api": {"host": "0.0.0.0", "key": "long-enough-key"}})
+    keyed.api.check_exposure()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_policy_partial_update_is_strict() -> None:
+    policy = PolicyConfig()
+    assert policy.updated({"battery_floor": 55}).battery_floor == 55
+    assert policy.updated({"max_memory_share": 1}).max_memory_share == 1.0
+    with pytest.raises(ConfigError, match="battery_floor must be an integer"):
+        policy.updated({"battery_floor": "55"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        policy.updated({"volume": 11})
+
+
+def test_parse_host_port() -> None:
+    assert parse_host_port("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert parse_host_port(":9000") == ("127.0.0.1", 9000)
+    assert parse_host_port("[::1]:9000") == ("::1", 9000)
+    for bad in ("localhost", "host:port", "h:99999"):
+        with pytest.raises(ConfigError):
+            parse_host_port(bad)

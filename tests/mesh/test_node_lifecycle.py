@@ -1,0 +1,156 @@
+"""`shoal node` as a real process: refuses unsafe binds, requires its key, and shuts down gracefully on
+SIGTERM with a stream in flight (the stream ends cleanly, the port is released)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.mesh.api_harness import BACKEND, NodeThread, chat_body, free_env, make_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shoal(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", *args]
+
+
+def test_non_loopback_without_key_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        shoal("node", "--api", "0.0.0.0:0", "--data-dir", str(tmp_path)),
+        env=free_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "requires an API key" in result.stderr and "0.0.0.0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[api]\nport = 'x'\n")
+    result = subprocess.run(
+        shoal("node", "--config", str(config)), env=free_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "[api] port must be an integer" in result.stderr
+
+
+@pytest.fixture
+def keyed_node(tmp_path: Path) -> Iterator[NodeThread]:
+    config = make_config(tmp_path, api={"key": "correct-horse-battery"}, models={"preload": False})
+    node = NodeThread(config).start(wait_ready=False)
+    yield node
+    node.stop()
+
+
+async def test_api_key_is_required_when_set(keyed_node: NodeThread) -> None:
+    url = keyed_node.url
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/health") as r:
+            assert r.status == 200  # liveness stays open
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-key-123"},
+            {"Authorization": "correct-horse-battery"},
+        ):
+            async with session.get(url + "/v1/models", headers=headers) as r:
+                assert r.status == 401
+                body = await r.json()
+                assert body["error"]["code"] == "invalid_api_key"
+                assert body["error"]["type"] == "authentication_error"
+        async with session.get(
+            url + "/v1/models", headers={"Authorization": "Bearer correct-horse-battery"}
+        ) as r:
+            assert r.status == 200
+
+
+async def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = await asyncio.to_thread(
+            subprocess.run,
+            shoal("node", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)),
+            env={**free_env(), "SHOAL_MODELS_PRELOAD": "false"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 240
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "shoal node exited early"
+            try:
+                async with session.get(url + "/health") as r:
+                    if r.status == 200 and (await r.json())["models"]:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.25)
+    raise AssertionError("shoal node did not become ready")
+
+
+async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**free_env(), "SHOAL_API_SHUTDOWN_GRACE_S": "1"}
+    proc = subprocess.Popen(
+        shoal("node", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), "--backend", BACKEND),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as session:
+            body = chat_body("Tell me a long story.", max_tokens=2000, stream=True)
+            response = await session.post(url + "/v1/chat/completions", json=body)
+            assert response.status == 200
+            frames: list[bytes] = []
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    frames.append(line[6:].strip())
+                    if len(frames) == 2:
+                        proc.send_signal(signal.SIGTERM)
+            # The stream ended cleanly: an error chunk naming the shutdown, then [DONE].
+            assert frames[-1] == b"[DONE]"
+            last = orjson.loads(frames[-2])
+            assert last.get("error", {}).get("code") == "shutdown" or last["choices"][0]["finish_reason"]
+            stderr = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, stderr[1].decode()[-2000:]
+        assert b"Traceback" not in stderr[1]
+        with socket.socket() as sock:  # nothing listens any more, and a new server may take the port
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,272 @@
+"""The planner: local / offload / split choices, layer ranges, memory caps and policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.config import PolicyConfig
+from mesh.scheduler import (
+    LOCAL,
+    Device,
+    ModelShape,
+    NoPlanError,
+    Request,
+    SchedulerPolicy,
+    allocate_fastest_first,
+    allocate_proportional,
+    max_layers,
+    plan,
+)
+from models.config import ModelConfig
+from models.span import LayerSpan
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+SMOLLM2 = ModelConfig(
+    architecture="llama",
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    context_length=8192,
+    rope_theta=100000.0,
+    rms_eps=1e-5,
+    tie_embeddings=True,
+)
+SHAPE = ModelShape.from_config(SMOLLM2, 98_000_000)
+REQ = Request(prompt_tokens=200, max_tokens=128, overhead_bytes=10 * MiB)
+OPEN = SchedulerPolicy(
+    serve_others=True, battery_floor=20, max_memory_share=1.0, trusted_only_splits=False, prefer_local=False
+)
+
+
+def dev(id: str, tps: float = 100.0, mem: int = 4 * GiB, **kw) -> Device:
+    return Device(
+        id=id,
+        decode_tps=tps,
+        prefill_tps=tps * 3,
+        free_memory=mem,
+        total_memory=mem,
+        rtt_s=0.0 if id == LOCAL else kw.pop("rtt_s", 0.001),
+        **kw,
+    )
+
+
+def tiles(stages, num_layers: int) -> bool:
+    start = 0
+    for a in stages:
+        if a.span.start != start:
+            return False
+        start = a.span.stop
+    return start == num_layers
+
+
+def test_shape_from_config_adds_up() -> None:
+    total = SHAPE.num_layers * SHAPE.layer_bytes + SHAPE.embed_bytes
+    assert abs(total - 98_000_000) < 1000  # tied head: the embedding is stored once
+    assert SHAPE.head_bytes >= SHAPE.embed_bytes
+    assert SHAPE.kv_bytes_per_token_layer == 2 * 3 * 64 * 4
+    whole = LayerSpan(0, 30)
+    assert SHAPE.span_compute_bytes(whole) == SHAPE.compute_bytes
+
+
+def test_local_when_it_fits_and_prefer_local() -> None:
+    pol = dataclasses.replace(OPEN, prefer_local=True)
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=10), [dev("fast", tps=1000)], pol)
+    assert p.kind == "local" and p.devices == [LOCAL]
+
+
+def test_offload_to_much_faster_peer_without_prefer_local() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=10), [dev("fast", tps=1000)], OPEN)
+    assert p.kind == "offload" and p.devices == ["fast"]
+    assert p.prediction.ttlt_s < 128 / 10
+
+
+def test_equal_peer_loses_to_local_by_its_link() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL), [dev("twin", rtt_s=0.05)], OPEN)
+    assert p.kind == "local"
+
+
+def test_node_without_model_offloads() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL, holds_model=False), [dev("has", tps=50)], OPEN)
+    assert p.kind == "offload" and p.devices == ["has"]
+
+
+def test_no_local_device_offloads() -> None:
+    assert plan(SHAPE, REQ, None, [dev("peer")], OPEN).devices == ["peer"]
+
+
+def test_memory_capped_local_splits_with_a_peer() -> None:
+    local = dev(LOCAL, mem=90 * MiB)  # holds some layers and the embedding, not the whole model
+    peer = dev("peer", mem=90 * MiB)
+    p = plan(SHAPE, REQ, local, [peer], OPEN)
+    assert p.kind == "split"
+    assert sorted(p.devices) == [LOCAL, "peer"]
+    assert tiles(p.stages, 30)
+    for i, a in enumerate(p.stages):
+        d = local if a.device == LOCAL else peer
+        assert SHAPE.span_memory(a.span, REQ.context_tokens, REQ.overhead_bytes) <= d.memory_budget(OPEN)
+        assert len(a.span) <= max_layers(SHAPE, REQ, d, OPEN, i == 0, i == len(p.stages) - 1)
+
+
+def test_max_memory_share_forces_split() -> None:
+    local = dev(LOCAL, mem=150 * MiB)
+    peers = [dev("a", mem=150 * MiB)]
+    assert plan(SHAPE, REQ, local, peers, OPEN).kind == "local"
+    half = dataclasses.replace(OPEN, max_memory_share=0.5, prefer_local=True)
+    p = plan(SHAPE, REQ, local, peers, half)
+    assert p.kind == "split" and tiles(p.stages, 30)
+
+
+def test_three_stage_split_when_two_do_not_fit() -> None:
+    mem = 55 * MiB
+    p = plan(SHAPE, REQ, dev(LOCAL, mem=mem), [dev("a", mem=mem), dev("b", mem=mem)], OPEN)
+    assert p.kind == "split" and len(p.stages) == 3 and tiles(p.stages, 30)
+
+
+def test_equal_speeds_split_balanced() -> None:
+    mem = 80 * MiB
+    p = plan(SHAPE, REQ, dev(LOCAL, mem=mem), [dev("a", mem=mem)], OPEN)
+    sizes = sorted(len(a.span) for a in p.stages)
+    assert p.kind == "split" and sizes[1] - sizes[0] <= 12  # head/embedding extras shift a few layers
+
+
+def test_serve_others_off_peer_never_used() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=1), [dev("shy", tps=1000, serves_others=False)], OPEN)
+    assert p.kind == "local"
+    with pytest.raises(NoPlanError, match="none usable"):
+        plan(SHAPE, REQ, None, [dev("shy", serves_others=False)], OPEN)
+
+
+def test_battery_floor() -> None:
+    low = dev("low", tps=1000, battery=10.0)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=1), [low], OPEN).kind == "local"
+    charging = dataclasses.replace(low, charging=True)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=1), [charging], OPEN).devices == ["low"]
+    # a local node below the floor hands work to a peer even when it prefers local and is faster
+    tired = dev(LOCAL, tps=1000, battery=5.0)
+    pol = dataclasses.replace(OPEN, prefer_local=True)
+    assert plan(SHAPE, REQ, tired, [dev("p", tps=10)], pol).devices == ["p"]
+    assert plan(SHAPE, REQ, tired, [], pol).devices == [LOCAL]  # ...and runs itself when alone
+
+
+def test_trusted_only() -> None:
+    pol = dataclasses.replace(OPEN, trusted_only_splits=True)
+    peers = [dev("untrusted", tps=1000, trusted=False), dev("friend", tps=20)]
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=1), peers, pol).devices == ["friend"]
+    with pytest.raises(NoPlanError):
+        plan(SHAPE, REQ, dev(LOCAL, mem=60 * MiB), [dev("u", mem=60 * MiB, trusted=False)], pol)
+
+
+def test_exclude_replans_without_the_lost_stage() -> None:
+    mem = 80 * MiB
+    peers = [dev("a", mem=mem), dev("b", mem=mem)]
+    first = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN)
+    lost = next(d for d in first.devices if d != LOCAL)
+    again = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN, exclude=[lost])
+    assert lost not in again.devices and tiles(again.stages, 30)
+
+
+def test_policy_config_is_accepted() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL), [], PolicyConfig())
+    assert p.kind == "local"
+    assert p.to_route()["stages"] == [{"peer": LOCAL, "layers": "0:30"}]
+
+
+def test_queue_depth_slows_a_peer() -> None:
+    busy = dev("busy", tps=100, queue_depth=9)
+    idle = dev("idle", tps=50)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=1), [busy, idle], OPEN).devices == ["idle"]
+
+
+def test_invalid_inputs_raise() -> None:
+    with pytest.raises(ValueError):
+        dev("x", tps=-1)
+    with pytest.raises(ValueError):
+        Request(prompt_tokens=0, max_tokens=1)
+    with pytest.raises(ValueError):
+        plan(SHAPE, REQ, dev("not-local"), [], OPEN)
+
+
+@given(
+    total=st.integers(1, 64),
+    speeds=st.lists(st.floats(0.1, 1000), min_size=1, max_size=5),
+    caps=st.lists(st.integers(0, 64), min_size=5, max_size=5),
+)
+def test_allocations_are_valid_or_none(total: int, speeds: list[float], caps: list[int]) -> None:
+    caps = caps[: len(speeds)]
+    feasible = len(speeds) <= total <= sum(caps) and min(caps) >= 1
+    for allocate in (allocate_proportional, allocate_fastest_first):
+        counts = allocate(total, speeds, caps)
+        assert (counts is not None) == feasible
+        if counts is not None:
+            assert sum(counts) == total
+            assert all(1 <= c <= cap for c, cap in zip(counts, caps, strict=True))
+
+
+device_st = st.builds(
+    lambda i, tps, mem, trusted, serves, battery, rtt: Device(
+        id=f"p{i}",
+        decode_tps=tps,
+        prefill_tps=0,
+        free_memory=mem,
+        total_memory=mem,
+        trusted=trusted,
+        serves_others=serves,
+        battery=battery,
+        rtt_s=rtt,
+    ),
+    i=st.integers(0, 1000),
+    tps=st.floats(1, 500),
+    mem=st.integers(0, 200 * MiB),
+    trusted=st.booleans(),
+    serves=st.booleans(),
+    battery=st.none() | st.floats(0, 100),
+    rtt=st.floats(0, 0.1),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    peers=st.lists(device_st, max_size=4, unique_by=lambda d: d.id),
+    local_mem=st.integers(0, 200 * MiB),
+    local_tps=st.floats(1, 500),
+    trusted_only=st.booleans(),
+    prefer_local=st.booleans(),
+    share=st.floats(0.1, 1.0),
+)
+def test_any_plan_tiles_fits_and_obeys_policy(
+    peers: list[Device],
+    local_mem: int,
+    local_tps: float,
+    trusted_only: bool,
+    prefer_local: bool,
+    share: float,
+) -> None:
+    policy = SchedulerPolicy(True, 20, share, trusted_only, prefer_local)
+    local = Device(LOCAL, local_tps, 0, local_mem, local_mem)
+    by_id = {d.id: d for d in [local, *peers]}
+    try:
+        p = plan(SHAPE, REQ, local, peers, policy)
+    except NoPlanError:
+        return
+    assert tiles(p.stages, SHAPE.num_layers)
+    assert len(set(p.devices)) == len(p.devices)
+    for i, a in enumerate(p.stages):
+        d = by_id[a.device]
+        assert SHAPE.span_memory(a.span, REQ.context_tokens, REQ.overhead_bytes) <= d.memory_budget(policy)
+        assert i == 0 or a.span.start > 0
+        if not d.is_local:
+            assert d.serves_others
+            assert not d.below_battery_floor(policy)
+            if trusted_only:
+                assert d.trusted
+    assert p.prediction.ttlt_s >= p.prediction.ttft_s >= 0

@@ -1,0 +1,231 @@
+"""Split pipeline in one process: real stage hosts and NumPy stages, links that call the host directly.
+
+The multi-process tests (test_split_nodes.py) run the same code over WebRTC; these pin down the pipeline's
+logic cheaply: 2- and 3-stage splits equal one stage token for token, a lost stage is recovered with exactly
+the no-fault tokens, malformed frames are refused without touching any KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh import split_wire as wire
+from mesh.mesh_errors import LinkClosed, RemoteError
+from mesh.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
+from mesh.protocol import TENSOR, BinaryFrame
+from mesh.stage_server import HostError, StageHost
+from models.span import LayerSpan
+from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
+
+MODEL = "smollm2"
+PROMPTS = ["What is the capital of France?", "Name a primary colour.", "2+2="]
+MAX_TOKENS = 5
+
+
+def factory(name: str, span: LayerSpan):
+    if name != MODEL:
+        raise LookupError(f"no model {name}")
+    from models.reference import ReferenceStage
+
+    return ReferenceStage(gguf_model(), span, load=dequantized)
+
+
+class PeerLink(LocalLink):
+    """An in-process link to a host standing in for peer `peer_id`; `cut()` injects a link failure."""
+
+    def __init__(self, host: StageHost, peer_id: str) -> None:
+        super().__init__(host)
+        self.peer_id = peer_id
+        self.calls = 0
+        self.cut_after: int | None = None
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.cut_after is not None and self.calls > self.cut_after:
+            raise LinkClosed(f"link to {self.peer_id} closed")
+
+    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
+        self._check()
+        return (
+            await self._host.open(self.peer_id, body)
+            if frame_type == wire.STAGE_OPEN
+            else await self._host.close(self.peer_id, body)
+        )
+
+    async def request_binary(
+        self, kind: int, meta: dict[str, Any], payload: bytes = b"", timeout_s: float | None = None
+    ) -> BinaryFrame:
+        self._check()
+        return await self._host.compute(self.peer_id, BinaryFrame(kind, self.calls, meta, payload))
+
+
+def greedy(stage, prompt: list[int], n: int, seq_id: int) -> list[int]:
+    stage.add_sequence(seq_id)
+    try:
+        logits = stage.prefill(seq_id, np.asarray(prompt, dtype=np.int32))
+        out = [int(np.argmax(logits))]
+        while len(out) < n:
+            logits = stage.decode([seq_id], np.asarray(out[-1:], dtype=np.int32))
+            out.append(int(np.argmax(logits[0])))
+        return out
+    finally:
+        stage.remove_sequence(seq_id)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, list[int]]:
+    whole = reference_stage(0, 30)
+    return {p: greedy(whole, chat_ids(p), MAX_TOKENS, 900_000 + i) for i, p in enumerate(PROMPTS)}
+
+
+def gate_open() -> None:
+    return None
+
+
+async def blocking(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+@pytest.mark.parametrize("cuts", [[15], [9, 20]])
+async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    hosts = [StageHost(factory, gate_open) for _ in range(len(cuts) + 1)]
+    bounds = [0, *cuts, 30]
+    stages = [
+        RemoteStage(PeerLink(h, f"peer{i}"), loop, MODEL, gguf_model().config, LayerSpan(a, b))
+        for i, (h, a, b) in enumerate(zip(hosts, bounds, bounds[1:], strict=False))
+    ]
+    pipeline = SplitPipeline(gguf_model().config, stages, rebuild=lambda excluded: [])
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, i)
+            assert got == expected[prompt], prompt
+        assert all(h.sequences == 0 for h in hosts)
+    finally:
+        await blocking(pipeline.close)
+        for h in hosts:
+            await h.stop()
+
+
+async def test_lost_stage_is_replanned_with_the_same_tokens(expected: dict[str, list[int]]) -> None:
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    hosts = {name: StageHost(factory, gate_open) for name in ("a", "b", "c")}
+    links = {name: PeerLink(h, name) for name, h in hosts.items()}
+    links["b"].cut_after = 4  # open + prefill + 2 decode steps, then the link dies
+    rebuilt: list[frozenset[str]] = []
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        rebuilt.append(excluded)
+        live = [n for n in ("a", "c") if n not in excluded]
+        return [
+            RemoteStage(links[live[0]], loop, MODEL, config, LayerSpan(0, 12)),
+            RemoteStage(links[live[-1]], loop, MODEL, config, LayerSpan(12, 30)),
+        ]
+
+    first = [
+        RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 10)),
+        RemoteStage(links["b"], loop, MODEL, config, LayerSpan(10, 30)),
+    ]
+    pipeline = SplitPipeline(config, first, rebuild)
+    try:
+        prompt = PROMPTS[0]
+        got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, 7)
+        assert got == expected[prompt]
+        assert rebuilt == [frozenset({"b"})]
+        assert len(pipeline.replans) == 1 and pipeline.replans[0].lost == "b"
+        assert [peer for peer, _ in pipeline.route()] == ["a", "c"]
+    finally:
+        await blocking(pipeline.close)
+        for h in hosts.values():
+            await h.stop()
+
+
+async def test_replans_are_bounded() -> None:
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    host = StageHost(factory, gate_open)
+    link = PeerLink(host, "flaky")
+    link.cut_after = 0
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        return [RemoteStage(link, loop, MODEL, config, LayerSpan(0, 30))]
+
+    pipeline = SplitPipeline(config, rebuild(frozenset()), rebuild, max_replans=2)
+    with pytest.raises(StageLost):
+        await blocking(pipeline.add_sequence, 1)
+    await host.stop()
+
+
+async def test_malformed_frames_are_refused_and_the_stage_survives(expected: dict[str, list[int]]) -> None:
+    host = StageHost(factory, gate_open)
+    config = gguf_model().config
+    try:
+        await host.open("p", {"model": MODEL, "span": "10:30", "seq": 5})
+        hidden = np.zeros((1, config.hidden_size), dtype=np.float32)
+        good = wire.encode_input(1, "decode", 1, [5], hidden)
+        bad_frames = [
+            BinaryFrame(TENSOR, 2, {**good.meta, "shape": [1, 575]}, good.payload),  # wrong shape
+            BinaryFrame(TENSOR, 3, {**good.meta, "dtype": "f64"}, good.payload),  # unknown dtype
+            BinaryFrame(TENSOR, 4, good.meta, good.payload[:-4]),  # wrong size
+            BinaryFrame(TENSOR, 5, {**good.meta, "seqs": [6]}, good.payload),  # unknown sequence
+            BinaryFrame(TENSOR, 6, {**good.meta, "dtype": "i32"}, good.payload),  # ids into a middle stage
+            BinaryFrame(TENSOR, 7, {**good.meta, "op": "explode"}, good.payload),
+            BinaryFrame(TENSOR, 8, {"op": "decode"}, b""),
+            wire.encode_input(9, "decode", 1, [5], np.full((1, config.hidden_size), np.nan, np.float32)),
+        ]
+        for frame in bad_frames:
+            reply = await host.compute("p", frame)
+            assert reply.meta["op"] == "error", frame.meta
+            assert reply.request_id == frame.request_id
+        assert host.refused == len(bad_frames) and host.calls == 0
+        assert host._sessions[("p", 5)].hosted.stage.sequence_length(host._sessions[("p", 5)].local_id) == 0
+        other = await host.compute("q", good)  # another peer cannot use p's sequence
+        assert other.meta["code"] == wire.UNKNOWN_SEQUENCE
+        ok = await host.compute("p", good)
+        assert ok.meta["op"] == "logits" and host.calls == 1
+        first = await host.open("p", {"model": MODEL, "span": "0:10", "seq": 8})
+        assert first["hidden"] == config.hidden_size
+        ids = wire.encode_input(10, "prefill", 1, [8], np.array([1, 99999], dtype=np.int32))
+        assert (await host.compute("p", ids)).meta["code"] == wire.BAD_TENSOR  # id outside the vocabulary
+    finally:
+        await host.stop()
+
+
+async def test_open_is_validated_and_gated() -> None:
+    refusing = StageHost(factory, lambda: "this node does not serve others")
+    with pytest.raises(HostError) as info:
+        await refusing.open("p", {"model": MODEL, "span": "0:10", "seq": 1})
+    assert info.value.code == wire.REFUSED and isinstance(info.value, RemoteError)
+    host = StageHost(factory, gate_open)
+    for body, code in [
+        ({"model": "nope", "span": "0:10", "seq": 1}, wire.NO_MODEL),
+        ({"model": MODEL, "span": "10:5", "seq": 1}, wire.BAD_REQUEST),
+        ({"model": MODEL, "span": "0:31", "seq": 1}, wire.BAD_REQUEST),
+        ({"model": MODEL, "span": "0:10", "seq": -1}, wire.BAD_REQUEST),
+        ({"model": MODEL, "seq": 1}, wire.BAD_REQUEST),
+    ]:
+        with pytest.raises(HostError) as info:
+            await host.open("p", body)
+        assert info.value.code == code, body
+    await host.stop()
+    await refusing.stop()
+
+
+def test_top_k_logits_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 1000)).astype(np.float32)
+    frame = wire.encode_logits(3, 1, logits, 16)
+    assert len(frame.payload) == 2 * 16 * 8
+    back = wire.decode_output(frame, 1000).array
+    assert back is not None and back.shape == (2, 1000)
+    assert (np.argmax(back, axis=1) == np.argmax(logits, axis=1)).all()
+    top = np.sort(logits, axis=1)[:, -16:]
+    assert np.allclose(np.sort(back, axis=1)[:, -16:], top)
+    assert np.isneginf(back).sum() == 2 * (1000 - 16)
+    full = wire.decode_output(wire.encode_logits(3, 1, logits, 0), 1000).array
+    assert full is not None and np.array_equal(full, logits)

@@ -1,0 +1,219 @@
+"""Offload and split across three real node processes over WebRTC on loopback (NumPy backend).
+
+Node a is the origin (its API gets every request); b and c serve others. a's allow-list holds b only, so c
+is a mesh member a does not trust. Greedy output must be the same whichever way a request is served, and the
+stream must survive `kill -9` of a stage. The kill test runs last (it removes c).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from mesh.identity import Identity
+from tests.mesh.mesh_nodes import wait_until
+from tests.mesh.split_nodes import SplitNode, start_nodes
+
+pytestmark = pytest.mark.timeout(400)
+
+PROMPTS = ["What is the capital of France?", "Name a primary colour.", "Say hello.", "2+2=",
+           "What do bees make?"]
+MAX_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def mesh3(tmp_path_factory):
+    base = tmp_path_factory.mktemp("split3")
+    secret = os.urandom(32).hex()
+    ids = {n: Identity.load_or_create(base / n, name=n).peer_id for n in "abc"}
+    a = SplitNode("a", base / "a", ["--serve-others", "--allow", ids["b"]])
+    b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api])
+    c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api])
+    d = SplitNode("d", base / "d", ["--no-model", "--bootstrap", a.api])  # holds no model
+    nodes = [a, b, c, d]
+    start_nodes(nodes, secret)
+    try:
+        def ready(node: SplitNode, others: tuple[SplitNode, ...]) -> bool:
+            peers = node.peers()
+            return all(
+                n.peer_id in peers and peers[n.peer_id]["advert"].get("split", {}).get("serve_others")
+                for n in others
+            )
+
+        wait_until(lambda: ready(a, (b, c)), 60, "a linked to b and c, with their adverts")
+        wait_until(lambda: ready(d, (a,)), 60, "d linked to a, with its advert")
+        yield a, b, c, d
+    finally:
+        for node in nodes:
+            node.kill(15)
+
+
+@pytest.fixture(scope="module")
+def expected(mesh3) -> dict[str, str]:
+    a, *_ = mesh3
+    a.force("local")
+    out = {}
+    for prompt in PROMPTS:
+        reply = a.chat(prompt, MAX_TOKENS)
+        assert reply["shoal_route"]["kind"] == "local", reply
+        out[prompt] = reply["choices"][0]["message"]["content"]
+    return out
+
+
+def _run_all(a: SplitNode) -> list[dict]:
+    return [a.chat(prompt, MAX_TOKENS) for prompt in PROMPTS]
+
+
+def test_two_and_three_stage_splits_and_offload_equal_local(mesh3, expected):
+    a, b, c, _ = mesh3
+    cases = {
+        "split2": ("split", ("local", "0:15"), (b.peer_id, "15:30")),
+        "split3": ("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30")),
+        "offload": ("offload", (b.peer_id, "0:30")),
+    }
+    for label, (kind, *stages) in cases.items():
+        a.force(kind, *stages)
+        for prompt, reply in zip(PROMPTS, _run_all(a), strict=True):
+            assert reply["choices"][0]["message"]["content"] == expected[prompt], (label, prompt, reply)
+            assert reply["usage"]["completion_tokens"] == MAX_TOKENS
+            route = reply["shoal_route"]
+            assert route["kind"] == kind and route["replans"] == 0, route
+            assert route["peers"] == [p for p, _ in stages]
+            assert route["spans"] == [s for _, s in stages]
+    requests = a.call("GET", "/v1/mesh/requests")["requests"]
+    kinds = {r["route"]["kind"] for r in requests}
+    assert {"local", "split", "offload"} <= kinds
+
+
+def test_node_without_the_model_offloads(mesh3, expected):
+    a, _, _, d = mesh3
+    a.force(None)
+    for prompt in PROMPTS[:2]:
+        reply = d.chat(prompt, MAX_TOKENS)
+        route = reply["shoal_route"]
+        assert route["kind"] == "offload" and route["peers"][0] != "local", reply
+        assert reply["choices"][0]["message"]["content"] == expected[prompt]
+        assert reply["usage"]["prompt_tokens"] > 10 and reply["usage"]["completion_tokens"] == MAX_TOKENS
+    missing = d.call("POST", "/v1/chat/completions", {"model": "no-such-model", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert "error" in missing
+
+
+def test_memory_capped_node_splits_over_trusted_peers_only(mesh3, expected):
+    a, b, c, _ = mesh3
+    a.force(None)
+    total = psutil.virtual_memory().total
+    # a and b can each hold about half the model; c (untrusted by a) could hold it all but must not be used
+    a.policy(max_memory_share=80e6 / total, trusted_only_splits=True, prefer_local=True)
+    b.policy(max_memory_share=90e6 / total)
+    try:
+        wait_until(lambda: a.peers()[b.peer_id]["advert"]["split"]["memory_budget"] < 200e6, 20, "b's advert")
+        for prompt in PROMPTS[:2]:
+            reply = a.chat(prompt, MAX_TOKENS)
+            route = reply["shoal_route"]
+            assert route["kind"] == "split", route
+            assert set(route["peers"]) == {"local", b.peer_id}, route
+            assert c.peer_id not in route["peers"]
+            assert reply["choices"][0]["message"]["content"] == expected[prompt]
+    finally:
+        a.policy(max_memory_share=0.5, trusted_only_splits=False, prefer_local=False)
+        b.policy(max_memory_share=0.5)
+
+
+def test_serve_others_off_refuses(mesh3):
+    a, _, c, _ = mesh3
+    c.policy(serve_others=False)
+    try:
+        opened = a.call("POST", "/test/control", {"peer": c.peer_id, "type": "stage.open",
+                                                  "body": {"model": "smollm2-135m-instruct", "span": "0:10",
+                                                           "seq": 1}})
+        assert opened["error"]["code"] == "refused", opened
+        offload = a.call("POST", "/test/control", {"peer": c.peer_id, "type": "offload.open",
+                                                   "body": {"rid": 5, "model": "smollm2-135m-instruct",
+                                                            "prompt_ids": [1, 2], "params": {}}})
+        assert offload["error"]["code"] == "refused", offload
+        wait_until(lambda: a.peers()[c.peer_id]["advert"]["split"]["serve_others"] is False, 20, "c's advert")
+    finally:
+        c.policy(serve_others=True)
+
+
+def test_malformed_tensor_frames_are_refused_and_the_stage_lives(mesh3, expected):
+    a, b, _, _ = mesh3
+    opened = a.call("POST", "/test/control", {"peer": b.peer_id, "type": "stage.open",
+                                              "body": {"model": "smollm2-135m-instruct", "span": "10:30",
+                                                       "seq": 4242}})
+    assert opened["reply"]["hidden"] == 576, opened
+    row = (b"\x00" * 4 * 576).hex()
+    good = {"op": "decode", "step": 1, "seqs": [4242], "shape": [1, 576], "dtype": "f32", "top_k": 8}
+    bad = [
+        ({**good, "shape": [1, 575]}, row),
+        ({**good, "dtype": "f64"}, row),
+        (good, row[:-8]),
+        ({**good, "seqs": [999]}, row),
+        ({**good, "dtype": "i32"}, row),
+        ({**good, "op": "explode"}, row),
+        ({"op": "decode"}, ""),
+    ]
+    for meta, payload in bad:
+        reply = a.call("POST", "/test/tensor", {"peer": b.peer_id, "meta": meta, "payload": payload})
+        assert reply["meta"]["op"] == "error", (meta, reply)
+    ok = a.call("POST", "/test/tensor", {"peer": b.peer_id, "meta": good, "payload": row})
+    assert ok["meta"]["op"] == "logits" and ok["meta"]["top_k"] == 8, ok
+    a.call("POST", "/test/control", {"peer": b.peer_id, "type": "stage.close", "body": {"seq": 4242}})
+    assert b.process is not None and b.process.poll() is None
+    a.force("split", ("local", "0:15"), (b.peer_id, "15:30"))
+    reply = a.chat(PROMPTS[0], MAX_TOKENS)
+    assert reply["choices"][0]["message"]["content"] == expected[PROMPTS[0]]
+
+
+def test_kill_a_stage_mid_generation(mesh3):
+    a, b, c, _ = mesh3
+    long_tokens = 14
+    a.force("local")
+    want = a.chat(PROMPTS[0], long_tokens)["choices"][0]["message"]["content"]
+    a.force("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30"))
+    parts: list[str] = []
+    final = None
+    for chunk in a.chat_stream(PROMPTS[0], long_tokens):
+        choice = chunk["choices"][0]
+        parts.append(choice["delta"].get("content") or "")
+        if sum(1 for p in parts if p) == 3 and c.process is not None and c.process.poll() is None:
+            c.kill()  # SIGKILL: no goodbye, the link just goes silent
+        if choice.get("finish_reason"):
+            final = chunk
+    assert c.process is not None and c.process.poll() is not None, "c was not killed mid-stream"
+    assert "".join(parts) == want
+    assert final is not None
+    route = final["shoal_route"]
+    assert route["replans"] >= 1, route
+    assert c.peer_id not in route["peers"], route
+    assert route["replan_log"][0]["lost"] == c.peer_id
+
+
+def test_kill_the_offload_target_mid_generation(mesh3):
+    a, b, _, d = mesh3
+    long_tokens = 14
+    alive = {n.peer_id: n for n in (a, b) if n.process is not None and n.process.poll() is None}
+    a.force("local")
+    want = a.chat(PROMPTS[1], long_tokens)["choices"][0]["message"]["content"]
+    a.force(None)
+    parts: list[str] = []
+    final = None
+    victim: SplitNode | None = None
+    for chunk in d.chat_stream(PROMPTS[1], long_tokens):
+        choice = chunk["choices"][0]
+        parts.append(choice["delta"].get("content") or "")
+        if victim is None and sum(1 for p in parts if p) == 3:
+            running = [r for r in d.call("GET", "/v1/mesh/requests")["requests"] if r["status"] == "running"]
+            victim = alive[running[-1]["route"]["peers"][0]]
+            victim.kill()
+        if choice.get("finish_reason"):
+            final = chunk
+    assert victim is not None and victim.process is not None and victim.process.poll() is not None
+    assert "".join(parts) == want
+    assert final is not None
+    route = final["shoal_route"]
+    assert route["kind"] == "offload" and route["replans"] >= 1, route
+    assert route["peers"][0] != victim.peer_id

@@ -1,0 +1,50 @@
+"""The embedded model, loaded once per test process and shared by the model tests (loading and dequantizing
+takes seconds; the suite's budget is minutes)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+
+from models.embedded import embedded_model_path
+from models.gguf import GGUFModel
+from models.reference import ReferenceStage
+from models.span import LayerSpan
+from models.tokenizer import Tokenizer
+
+
+@cache
+def gguf_model() -> GGUFModel:
+    return GGUFModel.open(embedded_model_path())
+
+
+@cache
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_gguf(gguf_model())
+
+
+@cache
+def dequantized(name: str) -> np.ndarray:
+    """Dequantized tensors, memoised: stages built from them share the arrays they do not fuse."""
+    array = gguf_model().dequantize(name)
+    array.setflags(write=False)
+    return array
+
+
+@cache
+def reference_stage(start: int, stop: int) -> ReferenceStage:
+    """A shared stage: tests using it add and remove their own sequence ids (use ids unique to the test)."""
+    return ReferenceStage(gguf_model(), LayerSpan(start, stop), load=dequantized)
+
+
+def chat_ids(question: str) -> list[int]:
+    return tokenizer().encode_chat([{"role": "user", "content": question}])
+
+
+_next_seq_id = iter(range(1_000_000, 2_000_000))
+
+
+def fresh_seq_id() -> int:
+    """A sequence id no other test in this process uses."""
+    return next(_next_seq_id)

@@ -1,0 +1,194 @@
+"""The compiled TVM runtime (`CompiledStage`) against the NumPy reference (`ReferenceStage`).
+
+Every shard is compiled once per suite run (the shared SHOAL_COMPILE_CACHE) and loaded once per module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.errors import ContextOverflowError
+from models.runtime import CompiledStage
+from models.span import LayerSpan
+from models.stage import Stage
+from tests.models.shared_model import (
+    chat_ids,
+    dequantized,
+    fresh_seq_id,
+    gguf_model,
+    reference_stage,
+)
+
+LAYERS = 30
+SPLIT = 13
+STEPS = 64
+LOGIT_TOLERANCE = 1e-3
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "def fib(n):",
+    "Translate 'good morning' into Spanish.",
+)
+
+
+def _load(start: int, stop: int, **options: object) -> CompiledStage:
+    return CompiledStage.load(gguf_model(), LayerSpan(start, stop), target="llvm", load=dequantized, **options)
+
+
+@pytest.fixture(scope="module")
+def whole() -> CompiledStage:
+    stage = _load(0, LAYERS)
+    yield stage
+    stage.close()
+
+
+@pytest.fixture(scope="module")
+def halves() -> tuple[CompiledStage, CompiledStage]:
+    first, second = _load(0, SPLIT), _load(SPLIT, LAYERS)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def _greedy(stages: list[Stage], prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and per-step logits through a chain of stages (one fresh sequence id in each)."""
+    seq = fresh_seq_id()
+    for stage in stages:
+        stage.add_sequence(seq)
+    try:
+        x: np.ndarray = np.asarray(prompt, dtype=np.int32)
+        for stage in stages:
+            x = stage.prefill(seq, x)
+        logits, tokens = [x], [int(np.argmax(x))]
+        for _ in range(steps - 1):
+            x = np.asarray([tokens[-1]], dtype=np.int32)
+            for stage in stages:
+                x = stage.decode([seq], x)
+            logits.append(x[0])
+            tokens.append(int(np.argmax(x[0])))
+        return tokens, logits
+    finally:
+        for stage in stages:
+            stage.remove_sequence(seq)
+
+
+def test_compiled_stage_is_a_stage(whole: CompiledStage) -> None:
+    assert isinstance(whole, Stage)
+    assert whole.span == LayerSpan(0, LAYERS)
+
+
+@pytest.mark.parametrize("question", PROMPTS)
+def test_compiled_matches_reference(whole: CompiledStage, question: str) -> None:
+    prompt = chat_ids(question)
+    want_tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, STEPS)
+    got_tokens, got_logits = _greedy([whole], prompt, STEPS)
+    for step, (want, got) in enumerate(zip(want_logits, got_logits, strict=True)):
+        diff = float(np.max(np.abs(want - got)))
+        assert diff <= LOGIT_TOLERANCE, f"step {step}: max |Δlogit| {diff:.2e}"
+    assert got_tokens == want_tokens
+
+
+def test_spans_compose(whole: CompiledStage, halves: tuple[CompiledStage, CompiledStage]) -> None:
+    first, second = halves
+    hidden_seq = fresh_seq_id()
+    first.add_sequence(hidden_seq)
+    hidden = first.prefill(hidden_seq, np.asarray(chat_ids("Hi"), dtype=np.int32))
+    first.remove_sequence(hidden_seq)
+    assert hidden.dtype == np.float32 and hidden.shape == (len(chat_ids("Hi")), 576)
+    for question in PROMPTS[:2]:
+        prompt = chat_ids(question)
+        want, want_logits = _greedy([whole], prompt, 32)
+        got, got_logits = _greedy([first, second], prompt, 32)
+        assert got == want
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, got_logits, strict=True)) < 1e-3
+
+
+def test_batched_decode_equals_unbatched(whole: CompiledStage) -> None:
+    prompts = [chat_ids(q) for q in ("Hello!", "Name a colour.", "Why is the sky blue? Answer briefly.")]
+    assert len({len(p) for p in prompts}) == 3
+    steps = 8
+    singles = [_greedy([whole], p, steps) for p in prompts]
+    seqs = [fresh_seq_id() for _ in prompts]
+    try:
+        last = []
+        for seq, prompt in zip(seqs, prompts, strict=True):
+            whole.add_sequence(seq)
+            last.append(whole.prefill(seq, np.asarray(prompt, dtype=np.int32)))
+        tokens = [[int(np.argmax(lg))] for lg in last]
+        logits = [[lg] for lg in last]
+        for _ in range(steps - 1):
+            out = whole.decode(seqs, np.asarray([t[-1] for t in tokens], dtype=np.int32))
+            assert out.shape == (3, 49152)
+            for i in range(3):
+                logits[i].append(out[i])
+                tokens[i].append(int(np.argmax(out[i])))
+        for i, (want_tokens, want_logits) in enumerate(singles):
+            assert tokens[i] == want_tokens
+            assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, logits[i], strict=True)) < 1e-4
+            assert whole.sequence_length(seqs[i]) == len(prompts[i]) + steps - 1
+    finally:
+        for seq in seqs:
+            whole.remove_sequence(seq)
+
+
+def test_long_prefill_is_chunked(halves: tuple[CompiledStage, CompiledStage]) -> None:
+    first, _ = halves
+    ids = np.asarray((chat_ids("Count to ten.") * 40)[:700], dtype=np.int32)
+    seq_a, seq_b = fresh_seq_id(), fresh_seq_id()
+    first.add_sequence(seq_a)
+    first.add_sequence(seq_b)
+    try:
+        whole_out = first.prefill(seq_a, ids)  # 700 > prefill_chunk (512): two VM calls
+        part = np.concatenate([first.prefill(seq_b, ids[:300]), first.prefill(seq_b, ids[300:])])
+        assert whole_out.shape == (700, 576)
+        assert float(np.max(np.abs(whole_out - part))) < 1e-3
+        assert first.sequence_length(seq_a) == first.sequence_length(seq_b) == 700
+    finally:
+        first.remove_sequence(seq_a)
+        first.remove_sequence(seq_b)
+
+
+def test_errors(halves: tuple[CompiledStage, CompiledStage]) -> None:
+    first, second = halves
+    seq = fresh_seq_id()
+    first.add_sequence(seq)
+    try:
+        with pytest.raises(ValueError, match="exists already"):
+            first.add_sequence(seq)
+        with pytest.raises(ValueError, match="non-negative"):
+            first.add_sequence(-1)
+        with pytest.raises(ValueError, match="unknown sequence"):
+            first.decode([seq + 1], np.asarray([1], dtype=np.int32))
+        with pytest.raises(ValueError, match="token ids"):
+            first.prefill(seq, np.zeros((2, 576), dtype=np.float32))
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
+            first.prefill(seq, np.asarray([49152], dtype=np.int32))
+        with pytest.raises(ValueError, match="hidden states"):
+            second.prefill(seq, np.asarray([1, 2], dtype=np.int32))
+        with pytest.raises(ValueError, match="at least one token"):
+            first.prefill(seq, np.asarray([], dtype=np.int32))
+        with pytest.raises(ValueError, match="2 input rows for 1 sequences"):
+            first.decode([seq], np.asarray([1, 2], dtype=np.int32))
+        with pytest.raises(ValueError, match="twice"):
+            first.decode([seq, seq], np.asarray([1, 2], dtype=np.int32))
+        assert first.sequence_length(seq) == 0
+    finally:
+        first.remove_sequence(seq)
+    first.remove_sequence(seq)  # idempotent
+
+
+def test_context_overflow_and_close() -> None:
+    stage = _load(0, SPLIT, max_total_tokens=32)
+    seq = fresh_seq_id()
+    stage.add_sequence(seq)
+    stage.prefill(seq, np.arange(30, dtype=np.int32))
+    with pytest.raises(ContextOverflowError, match="at most 32 tokens"):
+        stage.prefill(seq, np.arange(3, dtype=np.int32))
+    assert stage.sequence_length(seq) == 30
+    stage.decode([seq], np.asarray([5], dtype=np.int32))  # 31 still fits
+    stage.close()
+    stage.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        stage.add_sequence(seq + 1)

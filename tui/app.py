@@ -1,0 +1,135 @@
+"""`ShoalApp`: tabs over one node's API, a status bar and a footer.
+
+The tabs do the work; this file wires them."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Footer, TabbedContent, TabPane, Tabs
+
+from tui.client import DEFAULT_API, NodeClient, NodeError
+from tui.connection import Backoff, follow_node
+from tui.screens.base import NodePane
+from tui.screens.chat import ChatPane
+from tui.screens.help import HelpScreen
+from tui.screens.logs import LogsPane
+from tui.screens.mesh import MeshPane
+from tui.screens.models import ModelsPane
+from tui.screens.policy import PolicyPane
+from tui.screens.requests import RequestsPane
+from tui.widgets.status import StatusBar
+
+TABS: tuple[tuple[str, str, type[NodePane]], ...] = (
+    ("mesh", "Mesh", MeshPane),
+    ("models", "Models", ModelsPane),
+    ("chat", "Chat", ChatPane),
+    ("requests", "Requests", RequestsPane),
+    ("policy", "Policy", PolicyPane),
+    ("logs", "Logs", LogsPane),
+)
+
+
+class ShoalApp(App[None]):
+    """The terminal control room for one shoal node and its mesh."""
+
+    CSS_PATH = "shoal.tcss"
+    TITLE = "shoal"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *(Binding(str(i), f"tab('{name}')", title, show=False) for i, (name, title, _) in enumerate(TABS, 1)),
+        Binding("escape", "focus_tabs", "Leave input", show=False),
+        Binding("r", "reload", "Refresh"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        api_url: str = DEFAULT_API,
+        notice: str = "",
+        *,
+        refresh_s: float = 5.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__()
+        self.api_url = api_url
+        self.notice = notice
+        self.refresh_s = refresh_s
+        self.backoff = backoff or Backoff()
+        self.client = NodeClient(api_url)
+        self.connected = False
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with TabbedContent(initial="tab-mesh"):
+            for i, (name, title, pane) in enumerate(TABS, 1):
+                with TabPane(f"{i} {title}", id=f"tab-{name}"):
+                    yield pane(id=name)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        status = self.query_one(StatusBar)
+        status.url, status.notice = self.api_url, self.notice
+        if self.notice:
+            self.notify(self.notice, title="shoal tui")
+        self.run_worker(
+            follow_node(self.client, self._on_state, self._on_event, self.backoff),
+            name="follow-node",
+            group="follow-node",
+            exit_on_error=False,
+        )
+        self.set_interval(self.refresh_s, self._refresh_active)
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
+
+    def _on_state(self, state: str, health: dict[str, Any] | None) -> None:
+        status = self.query_one(StatusBar)
+        was_connected, self.connected = self.connected, state == "connected"
+        status.state = state
+        if health:
+            node = health.get("node") or {}
+            status.node_name = str(node.get("name") or node.get("id") or "?")
+        if self.connected and not was_connected:
+            for pane in self.query(NodePane):
+                pane.reload()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = str(event.get("kind", ""))
+        data = {"time": event.get("time"), **(event.get("data") or {})}
+        for pane in self.query(NodePane):
+            pane.on_node_event(kind, data)
+
+    def report_unreachable(self, exc: NodeError) -> None:
+        """A pane's call failed because the node is gone: show it; `follow_node` reconnects."""
+        self.query_one(StatusBar).state = "disconnected"
+        self.connected = False
+
+    def _refresh_active(self) -> None:
+        if self.connected:
+            self.active_pane().reload()
+
+    def active_pane(self) -> NodePane:
+        active = self.query_one(TabbedContent).active.removeprefix("tab-")
+        return self.query_one(f"#{active}", NodePane)
+
+    def action_tab(self, name: str) -> None:
+        self.query_one(TabbedContent).active = f"tab-{name}"
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = self.active_pane()
+        pane.focus_main()
+        if self.connected:
+            pane.reload()
+
+    def action_focus_tabs(self) -> None:
+        """Esc leaves a text field, so the number keys switch tabs again."""
+        self.query_one(TabbedContent).query_one(Tabs).focus()
+
+    def action_reload(self) -> None:
+        self.active_pane().reload()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(TABS))

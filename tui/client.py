@@ -1,0 +1,260 @@
+"""Async HTTP + SSE client of a shoal node's API: the only way the TUI talks to a node.
+
+Every call has a timeout; failures become one of three errors the screens know how to show:
+`NodeUnreachable` (nothing answers), `NotAvailable` (this node has no such endpoint: 404/405/501 on a route)
+and `ApiError` (the node answered with an OpenAI-style error body).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+DEFAULT_API = "http://127.0.0.1:8740"
+
+
+class NodeError(Exception):
+    """Base of the errors the TUI shows to the user (never as a traceback)."""
+
+
+class NodeUnreachable(NodeError):
+    """No node answers at the API address (refused, reset, timed out)."""
+
+
+class NotAvailable(NodeError):
+    """The node answers but has no such endpoint (an older node, or a feature it was built without)."""
+
+
+class ApiError(NodeError):
+    """The node refused a request; carries the OpenAI-style error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Timeouts of the node client, in seconds."""
+
+    base_url: str = DEFAULT_API
+    connect_timeout: float = 2.0
+    """Time to open a TCP connection to the node."""
+    request_timeout: float = 10.0
+    """Whole-request limit for ordinary JSON calls."""
+    stream_idle_timeout: float = 60.0
+    """Longest silence tolerated inside a chat stream."""
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"API URL must start with http:// or https://, got {self.base_url!r}")
+
+
+@dataclass
+class ChatDelta:
+    """One piece of a streamed chat answer: new text, and the route once the node reports it."""
+
+    text: str = ""
+    route: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _names_a_model(code: str, message: str) -> bool:
+    """A 404 about a model (unknown id) is a real error, not a missing endpoint."""
+    if code == "unknown_url":
+        return False
+    return "model" in code or message.lower().startswith(("model", "unknown model"))
+
+
+def _error_from(status: int, body: bytes, path: str) -> NodeError:
+    try:
+        payload = orjson.loads(body)
+        err = payload.get("error", {}) if isinstance(payload, dict) else {}
+    except orjson.JSONDecodeError:
+        err = {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    message = str(err.get("message") or body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}")
+    code = str(err.get("code") or "")
+    if status in (405, 501) or (status == 404 and not _names_a_model(code, message)):
+        return NotAvailable(f"{path}: not available on this node")
+    return ApiError(status, message, str(err.get("type", "")), err.get("code"))
+
+
+async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """Yield the data of each server-sent event (multi-line data joined with newlines)."""
+    data: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+class NodeClient:
+    """One node's API. Create inside a running loop; `close()` is safe to call twice."""
+
+    def __init__(self, config: ClientConfig | str = DEFAULT_API) -> None:
+        self.config = ClientConfig(base_url=config) if isinstance(config, str) else config
+        self.base_url = self.config.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(json_serialize=lambda o: orjson.dumps(o).decode())
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _timeout(self, total: float | None, sock_read: float | None = None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=total, sock_connect=self.config.connect_timeout, sock_read=sock_read
+        )
+
+    async def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        url = self.base_url + path
+        try:
+            async with self.session.request(
+                method,
+                url,
+                json=body,
+                params=params or None,
+                timeout=self._timeout(self.config.request_timeout),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise _error_from(resp.status, raw, path)
+                return orjson.loads(raw) if raw else {}
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise NodeUnreachable(f"no node answers at {self.base_url} ({type(exc).__name__})") from exc
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(200, f"{path}: node sent invalid JSON") from exc
+
+    async def get(self, path: str, **params: Any) -> Any:
+        return await self.request("GET", path, **params)
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await self.request("POST", path, body if body is not None else {})
+
+    async def put(self, path: str, body: Any) -> Any:
+        return await self.request("PUT", path, body)
+
+    # -- typed helpers -------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        return await self.get("/health")
+
+    async def node_info(self) -> dict[str, Any]:
+        return await self.get("/v1/node")
+
+    async def models(self) -> list[dict[str, Any]]:
+        return list((await self.get("/v1/models")).get("data", []))
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return list((await self.get("/v1/mesh/peers")).get("peers", []))
+
+    async def topology(self) -> dict[str, Any]:
+        return await self.get("/v1/mesh/topology")
+
+    async def invite(self) -> str:
+        return str((await self.get("/v1/mesh/invite")).get("invite", ""))
+
+    async def join(self, invite: str) -> dict[str, Any]:
+        return await self.post("/v1/mesh/join", {"invite": invite})
+
+    async def requests(self) -> list[dict[str, Any]]:
+        return list((await self.get("/v1/mesh/requests")).get("requests", []))
+
+    async def logs(self, level: str = "INFO", limit: int = 200) -> list[dict[str, Any]]:
+        return list((await self.get("/v1/logs", level=level, limit=limit)).get("lines", []))
+
+    async def policy(self) -> dict[str, Any]:
+        return await self.get("/v1/policy")
+
+    async def set_policy(self, **changes: Any) -> dict[str, Any]:
+        return await self.put("/v1/policy", changes)
+
+    async def pull(self, model: str) -> dict[str, Any]:
+        return await self.post("/v1/models/pull", {"model": model})
+
+    async def publish(self, path: str) -> dict[str, Any]:
+        return await self.post("/v1/models/publish", {"path": path})
+
+    async def model_action(
+        self, model: str, action: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        if action not in ("compile", "load", "unload"):
+            raise ValueError(f"unknown model action {action!r}")
+        return await self.post(f"/v1/models/{model}/{action}", body or {})
+
+    # -- streams -------------------------------------------------------------------------------------
+
+    async def _stream(self, method: str, path: str, body: Any, sock_read: float | None) -> AsyncIterator[str]:
+        try:
+            async with self.session.request(
+                method, self.base_url + path, json=body, timeout=self._timeout(None, sock_read)
+            ) as resp:
+                if resp.status >= 400:
+                    raise _error_from(resp.status, await resp.read(), path)
+                async for data in iter_sse(resp.content):
+                    yield data
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise NodeUnreachable(f"stream {path} from {self.base_url} broke ({type(exc).__name__})") from exc
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The node's event stream (`GET /v1/events`), until the connection ends."""
+        async for data in self._stream("GET", "/v1/events", None, None):
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and "kind" in event:
+                yield event
+
+    async def chat(
+        self, model: str, prompt: str, max_tokens: int = 128, temperature: float = 0.0
+    ) -> AsyncIterator[ChatDelta]:
+        """Stream a one-message chat completion; yields text deltas, then one with the route if reported."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+        }
+        async for data in self._stream("POST", "/v1/chat/completions", body, self.config.stream_idle_timeout):
+            if data.strip() == "[DONE]":
+                return
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if "error" in chunk:
+                err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                raise ApiError(500, str(err.get("message", "generation failed")), str(err.get("type", "")))
+            delta = ChatDelta(route=chunk.get("shoal_route"))
+            for choice in chunk.get("choices") or []:
+                delta.text += (choice.get("delta") or {}).get("content") or ""
+                delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
+            if delta.text or delta.route or delta.finish_reason:
+                yield delta

@@ -1,0 +1,139 @@
+"""Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run), the topology;
+join a mesh from an invite and copy this node's invite."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable, Static
+
+from tui.client import NotAvailable
+from tui.format import human_bytes, number, short_id
+from tui.screens.base import NodePane
+from tui.screens.prompt import PromptScreen
+from tui.widgets.topology import TopologyView
+
+PEER_COLUMNS = (
+    "name",
+    "id",
+    "target",
+    "state",
+    "RTT ms",
+    "models",
+    "shards",
+    "decode tok/s",
+    "free mem",
+    "battery",
+    "queue",
+    "trusted",
+)
+_STATE_STYLE = {"connected": "green", "connecting": "yellow", "failed": "red", "closed": "red"}
+
+
+def peer_row(peer: dict[str, Any]) -> tuple[Any, ...]:
+    advert = peer.get("advert") or {}
+    speed = advert.get("speed") or {}
+    decode = [v.get("decode_tok_s") for v in speed.values() if isinstance(v, dict) and v.get("decode_tok_s")]
+    state = str(peer.get("state") or "?")
+    battery = advert.get("battery")
+    return (
+        peer.get("name") or "—",
+        short_id(peer.get("id")),
+        advert.get("target") or "—",
+        Text(state, style=_STATE_STYLE.get(state, "")),
+        number(peer.get("rtt_ms"), 1),
+        ", ".join(advert.get("models") or []) or "—",
+        str(len(advert.get("shards") or [])),
+        number(max(decode), 1) if decode else "—",
+        human_bytes(advert.get("free_memory")) if advert.get("free_memory") is not None else "—",
+        f"{number(battery, 0)}%" if battery is not None else "—",
+        str(advert.get("queue_depth", "—")),
+        "yes" if peer.get("trusted") else "no",
+    )
+
+
+class MeshPane(NodePane):
+    MAIN = "#peers"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("j", "join", "Join mesh"),
+        Binding("i", "invite", "Copy invite"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield self.compose_unavailable()
+        yield Static("", id="mesh-self")
+        table: DataTable[Any] = DataTable(id="peers", cursor_type="row", zebra_stripes=True)
+        table.border_title = "Peers"
+        yield table
+        topo = TopologyView(id="topology")
+        topo.border_title = "Topology"
+        yield topo
+        yield Static("", id="invite")
+
+    def on_mount(self) -> None:
+        self.query_one("#peers", DataTable).add_columns(*PEER_COLUMNS)
+
+    async def load(self) -> None:
+        try:
+            info = await self.client.node_info()
+        except NotAvailable:
+            info = dict((await self.client.health()).get("node") or {})
+        self.query_one("#mesh-self", Static).update(
+            Text.assemble(
+                ("this node ", "dim"),
+                (str(info.get("name") or "?"), "bold"),
+                ("  id ", "dim"),
+                str(info.get("id") or "?"),
+                ("  target ", "dim"),
+                str(info.get("target") or "—"),
+                ("  version ", "dim"),
+                str(info.get("version") or "—"),
+            )
+        )
+        table = self.query_one("#peers", DataTable)
+        topo = self.query_one(TopologyView)
+        topo.self_id = str(info.get("id") or "")
+        topo.names[topo.self_id] = str(info.get("name") or "")
+        try:
+            peers = await self.client.peers()
+        except NotAvailable:
+            table.border_title = "Peers — not available on this node"
+            peers = []
+        else:
+            table.border_title = f"Peers ({len(peers)})"
+        table.clear()
+        for peer in peers:
+            topo.names[str(peer.get("id"))] = str(peer.get("name") or short_id(peer.get("id"), 10))
+            table.add_row(*peer_row(peer), key=str(peer.get("id")))
+        try:
+            topo.topology = await self.client.topology()
+        except NotAvailable:
+            topo.topology = None
+
+    def on_node_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind.startswith("peer.") or kind in ("request.started", "request.finished"):
+            self.reload()
+
+    def action_join(self) -> None:
+        def joined(invite: str | None) -> None:
+            if invite:
+                self.run_action(self._join(invite), "join")
+
+        self.app.push_screen(PromptScreen("Join a mesh: paste an invite", "shoal-invite…"), joined)
+
+    async def _join(self, invite: str) -> None:
+        result = await self.client.join(invite)
+        self.notify(f"joined mesh {result.get('mesh', '')}".strip(), title="mesh")
+        self.reload()
+
+    def action_invite(self) -> None:
+        self.run_action(self._copy_invite(), "invite")
+
+    async def _copy_invite(self) -> None:
+        invite = await self.client.invite()
+        self.app.copy_to_clipboard(invite)
+        self.query_one("#invite", Static).update(Text.assemble(("invite ", "bold"), invite))
+        self.notify("invite copied to the clipboard (and shown below the topology)", title="mesh")

@@ -1,0 +1,184 @@
+"""Models tab: local and catalog models (size, CID, pinned, loaded, compiled targets); pull with progress,
+compile with progress, load/unload, publish a file."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.widgets import DataTable
+
+from tui.format import human_bytes, short_id
+from tui.screens.base import NodePane
+from tui.screens.prompt import PromptScreen
+from tui.widgets.progress import JobProgress
+
+MODEL_COLUMNS = ("model", "size", "CID", "pinned", "loaded", "compiled for", "owner")
+MAX_JOBS = 6
+
+
+def model_row(model: dict[str, Any]) -> tuple[Any, ...]:
+    meta = model.get("shoal") or {}
+    loaded = bool(meta.get("loaded"))
+    return (
+        Text(str(model.get("id")), style="bold" if loaded else ""),
+        human_bytes(meta.get("size")) if meta.get("size") is not None else "—",
+        short_id(meta.get("cid"), 20),
+        "yes" if meta.get("pinned") else "no",
+        Text("loaded", style="green") if loaded else Text("—", style="dim"),
+        ", ".join(str(t) for t in meta.get("compiled_targets") or []) or "—",
+        str(model.get("owned_by") or "—"),
+    )
+
+
+class ModelsPane(NodePane):
+    MAIN = "#models-table"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("p", "pull", "Pull"),
+        Binding("c", "compile", "Compile"),
+        Binding("l", "load", "Load"),
+        Binding("u", "unload", "Unload"),
+        Binding("b", "publish", "Publish file"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield self.compose_unavailable()
+        table: DataTable[Any] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        table.border_title = "Models"
+        yield table
+        jobs = VerticalScroll(id="jobs")
+        jobs.border_title = "Pulls and compiles"
+        yield jobs
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns(*MODEL_COLUMNS)
+
+    async def load(self) -> None:
+        models = await self.client.models()
+        table = self.query_one(DataTable)
+        row = table.cursor_row
+        table.clear()
+        for model in models:
+            table.add_row(*model_row(model), key=str(model.get("id")))
+        table.border_title = f"Models ({len(models)})"
+        if models:
+            table.move_cursor(row=min(row, len(models) - 1))
+
+    def selected_model(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        return str(key.value) if key.value is not None else None
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def job(self, job_id: str, title: str | None = None) -> JobProgress | None:
+        for job in self.query(JobProgress):
+            if job.job_id == job_id:
+                return job
+        if title is None:
+            return None
+        jobs = self.query_one("#jobs")
+        finished = [j for j in self.query(JobProgress) if j.state != "running"]
+        for old in finished[: max(0, len(jobs.children) + 1 - MAX_JOBS)]:
+            old.remove()
+        job = JobProgress(job_id, title)
+        jobs.mount(job)
+        return job
+
+    def on_node_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "pull.progress":
+            job = self.job(
+                f"pull:{data.get('pull_id')}", f"pull {data.get('model') or short_id(data.get('cid'))}"
+            )
+            if job:
+                job.pull_progress(data)
+        elif kind in ("pull.done", "pull.failed"):
+            job = self.job(f"pull:{data.get('pull_id')}", f"pull {data.get('model') or ''}")
+            ok = kind == "pull.done"
+            if job:
+                job.finish(ok, "done" if ok else f"failed: {data.get('error', '?')}")
+            if not ok:
+                self.notify(f"pull failed: {data.get('error', '?')}", severity="error", timeout=8)
+            self.reload()
+        elif kind == "compile.progress":
+            job = self.job(f"compile:{data.get('model')}", f"compile {data.get('model')}")
+            if job:
+                job.fraction_progress(float(data.get("fraction") or 0.0), str(data.get("message") or ""))
+        elif kind in ("compile.done", "compile.failed"):
+            job = self.job(f"compile:{data.get('model')}", f"compile {data.get('model')}")
+            ok = kind == "compile.done"
+            if job:
+                job.finish(ok, "compiled" if ok else f"failed: {data.get('error', '?')}")
+            self.reload()
+        elif kind in ("model.loaded", "model.unloaded"):
+            self.reload()
+
+    # -- actions -------------------------------------------------------------------------------------
+
+    def action_pull(self) -> None:
+        def chosen(model: str | None) -> None:
+            if model:
+                self.run_action(self._pull(model), "pull")
+
+        self.app.push_screen(
+            PromptScreen("Pull a model (name or CID)", "smollm2-135m-instruct", self.selected_model() or ""),
+            chosen,
+        )
+
+    async def _pull(self, model: str) -> None:
+        result = await self.client.pull(model)
+        pull_id = str(result.get("pull_id"))
+        job = self.job(f"pull:{pull_id}", f"pull {model}")
+        if job and job.state == "running" and job.detail == "starting…":
+            job.detail = f"started ({short_id(result.get('cid'), 16)})"
+
+    def action_compile(self) -> None:
+        if model := self._need_model("compile"):
+            self.job(f"compile:{model}", f"compile {model}")
+            self.run_action(self._compile(model), "compile")
+
+    async def _compile(self, model: str) -> None:
+        result = await self.client.model_action(model, "compile")
+        self.notify(f"compile {model}: {result.get('status', 'started')}", title="models")
+
+    def action_load(self) -> None:
+        if model := self._need_model("load"):
+            self.run_action(self._load(model, "load"), "load")
+
+    def action_unload(self) -> None:
+        if model := self._need_model("unload"):
+            self.run_action(self._load(model, "unload"), "unload")
+
+    async def _load(self, model: str, action: str) -> None:
+        await self.client.model_action(model, action)
+        self.notify(f"{model}: {action}ed", title="models")
+        self.reload()
+
+    def action_publish(self) -> None:
+        def chosen(path: str | None) -> None:
+            if path:
+                self.run_action(self._publish(path), "publish")
+
+        self.app.push_screen(
+            PromptScreen("Publish a GGUF file to the mesh (path on the node)", "/path/model.gguf"), chosen
+        )
+
+    async def _publish(self, path: str) -> None:
+        result = await self.client.publish(path)
+        self.notify(
+            f"published {path}: {result.get('cid')} ({human_bytes(result.get('size'))})",
+            title="models",
+            timeout=10,
+        )
+        self.reload()
+
+    def _need_model(self, what: str) -> str | None:
+        model = self.selected_model()
+        if model is None:
+            self.notify(f"{what}: select a model first", severity="warning")
+        return model
