@@ -144,6 +144,17 @@ def tcp_baseline(total: int) -> float:
     return received / seconds / 2**20
 
 
+def naive_aiortc_baseline(mib: int) -> float:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "naive_aiortc.py"), str(mib)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     from mesh.invite import Invite
     from tests.mesh.mesh_nodes import Node, free_port
@@ -207,7 +218,16 @@ def main() -> int:
         results["blocks_channel_1peer_8inflight"] = pull("channel", [s0], 8)
         results["blocks_channel_3peers_12inflight"] = pull("channel", every, 12)
         results["blocks_http_1peer_8inflight"] = pull("http", [s0], 8)
+        for via in ("car", "channel"):  # a file DAG held by all three servers, pulled by the IPFS fetcher
+            path = base / f"file-{via}.bin"
+            path.write_bytes(os.urandom(total))
+            roots = {server.post("/test/publish", {"path": str(path)})["cid"] for server in servers}
+            root = roots.pop()
+            pulled = client.post("/test/mesh-pull", {"cid": root, "via": via}, timeout=600)
+            pulled["mib_s"] = pulled["size"] / pulled["seconds"] / 2**20
+            results[f"dag_{via}"] = pulled
         results["tcp_loopback_mib_s"] = tcp_baseline(max(total, 64 * 2**20))
+        results["naive_aiortc_mib_s"] = naive_aiortc_baseline(max(8, total >> 20))
         results["rss_client_mib"] = client.get("/bench/rss")["rss"] / 2**20
         results["rss_server_mib"] = servers[0].get("/bench/rss")["rss"] / 2**20
     finally:
@@ -228,8 +248,11 @@ def main() -> int:
         ("blocks_channel_1peer_8inflight", "blocks: 1 data channel, 8 in flight"),
         ("blocks_channel_3peers_12inflight", "blocks: 3 peers' data channels, 12 in flight"),
         ("blocks_http_1peer_8inflight", "blocks: 1 peer's HTTP gateway, 8 in flight"),
+        ("dag_car", "file DAG: CAR stream from a peer gateway"),
+        ("dag_channel", "file DAG: fetcher over 3 peers' channels"),
     ]:
         print(f"{label:40} {results[key]['mib_s']:>18.1f} MiB/s")
+    print(f"{'one naive aiortc link (2 processes)':40} {results['naive_aiortc_mib_s']:>18.1f} MiB/s")
     print(f"{'plain TCP on loopback (2 processes)':40} {results['tcp_loopback_mib_s']:>18.1f} MiB/s")
     rss = f"{results['rss_client_mib']:>9.0f} / {results['rss_server_mib']:>7.0f} MiB"
     print(f"{'RSS client / server after the run':40} {rss}")

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/health"})
-"""Paths served without the API key (liveness probes)."""
+OPEN_PATHS = frozenset({"/health", "/v1/mesh/signal"})
+"""Paths served without the API key (liveness probes; mesh signalling, which carries its own signed proof)."""
 
 
 def _endpoint(request: web.Request) -> str:

@@ -3,9 +3,10 @@ the IPFS layer's "mesh peers" source, which asks connected peers for a block.
 
 For each block the source picks the connected peer with the fewest requests in flight (so many concurrent
 `get_block` calls spread over several peers), and prefers that peer's HTTP gateway
-(`http://API/ipfs/{cid}?format=raw`) when the peer advertises one and it answered before — much faster than
-aiortc's pure-Python SCTP — falling back to the data channel. Every block is verified against its CID; a peer
-that sends a wrong block gets a strike.
+(`http://API/ipfs/{cid}?format=raw`, through the IPFS layer's `GatewaySource`) when the peer advertises one
+and it is reachable — much faster than aiortc's pure-Python SCTP — falling back to the data channel. It is
+also a `CarSource`: `stream_car(root)` streams a whole DAG from one peer's gateway, which the fetcher tries
+first. Every block is verified against its CID; a peer that sends a wrong block gets a strike.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -22,6 +24,7 @@ from multiformats import CID
 from mesh import protocol as p
 from mesh.ipfs.cid import parse_cid, verify_block
 from mesh.ipfs.errors import BlockNotFoundError, InvalidCidError, SourceError, StoreError, VerificationError
+from mesh.ipfs.sources import GatewaySource
 from mesh.mesh_errors import MeshError
 from mesh.peer import Peer
 
@@ -29,9 +32,8 @@ if TYPE_CHECKING:
     from mesh.network import MeshService
 
 logger = logging.getLogger(__name__)
-RAW_CONTENT_TYPE = "application/vnd.ipld.raw"
 HTTP_RETRY_S = 60.0
-MAX_BLOCK = 4 * 1024 * 1024
+MAX_ROOTS = 256
 
 
 class BlockExchange:
@@ -40,11 +42,27 @@ class BlockExchange:
     def __init__(self, service: MeshService) -> None:
         self.service = service
         self.served = 0
+        self._roots: list[str] = []
+        self._roots_read = 0.0
         service.on_binary(p.BLOCK_WANT, self._on_want)
 
     async def start(self) -> None:
         if self.service.block_store is not None:
             self.service.gossip.update(gateway=True)
+            self.service.gossip.add_provider(self._held_roots)
+
+    def _held_roots(self) -> dict[str, Any]:
+        """The pinned DAG roots of the store, for adverts (re-read at most every 5 s)."""
+        now = time.monotonic()
+        if now - self._roots_read > 5.0:
+            self._roots_read = now
+            pins = getattr(self.service.block_store, "pins", None)
+            try:
+                self._roots = sorted(pins())[:MAX_ROOTS] if pins is not None else []
+            except StoreError as exc:
+                logger.warning("cannot list pinned roots: %s", exc)
+        extra = [root for root in self.service.gossip.fields.get("roots", []) if root not in self._roots]
+        return {"roots": [*self._roots, *extra][:MAX_ROOTS]}
 
     async def stop(self) -> None:
         return None
@@ -137,16 +155,25 @@ class MeshBlockSource:
             return None
         return f"http://{api}"
 
-    async def _from_peer(self, peer: Peer, cid: CID) -> bytes:
+    def _gateway(self, peer: Peer) -> GatewaySource | None:
         base = self._http_base(peer)
-        if base is not None:
+        return None if base is None else GatewaySource(base, self.service.session, self.timeout_s)
+
+    def _mark_http_down(self, peer: Peer, exc: BaseException) -> None:
+        logger.info("gateway of %s unreachable (%s); using the data channel", peer.peer_id[:12], exc)
+        self.http_down_until[peer.peer_id] = time.monotonic() + HTTP_RETRY_S
+
+    async def _from_peer(self, peer: Peer, cid: CID) -> bytes:
+        gateway = self._gateway(peer)
+        if gateway is not None:
             try:
-                data = await self._from_http(base, cid)
+                data = await gateway.get_block(cid)
                 self.stats["http"] += 1
                 return data
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                logger.info("gateway of %s unreachable (%s); using the data channel", peer.peer_id[:12], exc)
-                self.http_down_until[peer.peer_id] = time.monotonic() + HTTP_RETRY_S
+            except SourceError as exc:
+                if not isinstance(exc.__cause__, aiohttp.ClientConnectionError | TimeoutError):
+                    raise
+                self._mark_http_down(peer, exc.__cause__)
         reply = await peer.request_binary(p.BLOCK_WANT, {"cid": str(cid)}, timeout_s=self.timeout_s)
         if reply.kind == p.BLOCK_MISSING:
             raise BlockNotFoundError(f"{peer.peer_id[:12]} does not have {cid}")
@@ -156,21 +183,26 @@ class MeshBlockSource:
         self.stats["channel"] += 1
         return reply.payload
 
-    async def _from_http(self, base: str, cid: CID) -> bytes:
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(self.timeout_s, 2.0))
-        url = f"{base}/ipfs/{cid}"
-        async with self.service.session.get(
-            url, params={"format": "raw"}, timeout=timeout, headers={"Accept": RAW_CONTENT_TYPE}
-        ) as response:
-            if response.status == 404:
-                raise BlockNotFoundError(f"{base} does not have {cid}")
-            if response.status != 200:
-                raise SourceError(f"{base}: HTTP {response.status} for {cid}")
-            if response.content_length is not None and response.content_length > MAX_BLOCK:
-                raise SourceError(f"{base}: block over {MAX_BLOCK} bytes")
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(256 * 1024):
-                body += chunk
-                if len(body) > MAX_BLOCK:
-                    raise SourceError(f"{base}: block over {MAX_BLOCK} bytes")
-            return bytes(body)
+    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+        """The DAG under `root` as one CAR stream from a peer's gateway (unverified: the fetcher verifies),
+        preferring a peer that advertises `root`. Raises `SourceError` when no peer's gateway can serve it."""
+        peers = self._candidates()
+        holders = [peer for peer in peers if str(root) in peer.advert.get("roots", [])]
+        errors: list[str] = []
+        for peer in [*holders, *(peer for peer in peers if peer not in holders)][: self.attempts]:
+            gateway = self._gateway(peer)
+            if gateway is None:
+                continue
+            started = False
+            try:
+                async for item in gateway.stream_car(root):
+                    started = True
+                    yield item
+            except SourceError as exc:
+                if started:
+                    raise  # a broken stream: the fetcher walks the DAG for what is missing
+                errors.append(str(exc))
+                continue
+            self.stats["car"] += 1
+            return
+        raise SourceError(f"{self.name}: no peer gateway streamed {root} ({'; '.join(errors)[:300]})")

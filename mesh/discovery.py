@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import protocol as p
 from mesh.identity import public_key_from_peer_id
-from mesh.mesh_errors import IdentityError, MeshError
+from mesh.mesh_errors import IdentityError, MeshError, SignallingError
 from mesh.peer import Peer
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class Discovery:
         self._mdns: Any = None
         self._browser: Any = None
         service.on_control("peers", self._on_peers)
+        service.on_control("signal", self._on_signal)
         service.add_peer_listener(self._on_peer)
 
     def add_bootstrap(self, addresses: tuple[str, ...] | list[str]) -> None:
@@ -194,6 +195,48 @@ class Discovery:
             await self.service.connect_via(relay, peer_id)
         except MeshError as exc:
             logger.info("peer exchange dial to %s via %s failed: %s", peer_id[:12], relay.peer_id[:12], exc)
+
+    async def _on_signal(self, relay: Peer, frame: p.ControlFrame) -> None:
+        """Forward a relayed offer/answer, or answer an offer addressed to this node, or hand an answer to
+        the dial waiting for it. The signal itself is verified by its addressee, never by a relay."""
+        body = frame.body
+        op, target, signal = body.get("op"), body.get("to"), body.get("signal")
+        if op not in ("offer", "answer", "refused") or not isinstance(target, str):
+            raise p.ProtocolError("malformed signal frame")
+        if target != self.service.identity.peer_id:
+            next_hop = self.service.peers.get(target)
+            if next_hop is None or not next_hop.is_open or next_hop is relay:
+                if op == "offer" and isinstance(signal, dict):
+                    reply = {
+                        "op": "refused",
+                        "to": relay.peer_id,
+                        "re": signal.get("nonce"),
+                        "reason": "no route",
+                    }
+                    await relay.notify("signal", reply)
+                return
+            await next_hop.notify("signal", {**body, "via": relay.peer_id})
+            return
+        if op == "offer":
+            try:
+                answer = await self.service.handle_offer(signal)
+                reply = {"op": "answer", "to": str(signal.get("from")), "signal": answer}
+            except SignallingError as exc:
+                reply = {
+                    "op": "refused",
+                    "to": str(signal.get("from")) if isinstance(signal, dict) else "",
+                    "re": signal.get("nonce") if isinstance(signal, dict) else None,
+                    "reason": str(exc),
+                }
+            await relay.notify("signal", reply)
+            return
+        nonce = signal.get("re") if op == "answer" and isinstance(signal, dict) else body.get("re")
+        future = self.service.relay_answers.get(nonce) if isinstance(nonce, str) else None
+        if future is not None and not future.done():
+            if op == "answer":
+                future.set_result(signal)
+            else:
+                future.set_exception(SignallingError(f"refused: {body.get('reason')!s:.200}"))
 
     # ----- mDNS ------------------------------------------------------------------------------------------
 

@@ -2,14 +2,16 @@
 
 An advert is a JSON object (at most 64 KiB) with: `name`, `api`, `models` (list), `shards` (list),
 `target`, `speed` ({model: {"prefill_tok_s", "decode_tok_s"}}), `roots` (CIDs of held DAGs), `gateway` (bool),
-`memory_free`, `queue_depth`, `battery` ({"percent", "plugged"} or null), `thermal` (max °C or null), and
-`links` ({peer_id: rtt_ms}). Other layers set their fields with `MeshService.gossip.update(...)`.
+`free_memory` (bytes), `queue_depth`, `battery` (percent or null), `plugged` (bool or null), `thermal` (max °C
+or null), `links` ({peer_id: rtt_ms}) and `split` (the split layer's offer). Other layers set their fields
+with `MeshService.gossip.update(...)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -28,15 +30,20 @@ MAX_LIST = 256
 
 def system_state() -> dict[str, Any]:
     """Free memory, battery and thermal state as far as psutil can tell on this OS."""
+    free = psutil.virtual_memory().available
+    # `memory_free` is an alias of `free_memory` kept for mesh.routing; the TUI reads `free_memory`
     state: dict[str, Any] = {
-        "memory_free": psutil.virtual_memory().available,
+        "free_memory": free,
+        "memory_free": free,
         "battery": None,
+        "plugged": None,
         "thermal": None,
     }
     try:
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
         if battery is not None:
-            state["battery"] = {"percent": round(battery.percent, 1), "plugged": bool(battery.power_plugged)}
+            state["battery"] = round(battery.percent, 1)
+            state["plugged"] = bool(battery.power_plugged)
     except (OSError, RuntimeError):
         pass
     try:
@@ -60,14 +67,16 @@ def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("name", "api", "target"):
         if isinstance(body.get(key), str):
             advert[key] = body[key][:200]
-    for key in ("memory_free", "queue_depth", "thermal"):
+    for key in ("free_memory", "memory_free", "queue_depth", "thermal", "battery"):
         value = body.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             advert[key] = value
-    for key in ("speed", "battery", "links", "split"):  # split: see mesh.split_service
+    for key in ("speed", "links", "split"):  # split: see mesh.split_service
         if isinstance(body.get(key), dict):
             advert[key] = body[key]
     advert["gateway"] = body.get("gateway") is True
+    if isinstance(body.get("plugged"), bool):
+        advert["plugged"] = body["plugged"]
     return advert
 
 
@@ -75,10 +84,15 @@ class Gossip:
     def __init__(self, service: MeshService) -> None:
         self.service = service
         self.fields: dict[str, Any] = {"models": [], "shards": [], "roots": [], "speed": {}, "queue_depth": 0}
+        self._providers: list[Callable[[], dict[str, Any]]] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         service.on_control("advert", self._on_advert)
         service.add_peer_listener(self._on_peer)
+
+    def add_provider(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """`provider()` is called for every advert and its fields merged in (keep it cheap)."""
+        self._providers.append(provider)
 
     def update(self, **fields: Any) -> None:
         """Set advert fields (e.g. `models=[...]`, `speed={...}`); peers hear about it promptly."""
@@ -87,8 +101,12 @@ class Gossip:
 
     def advert(self) -> dict[str, Any]:
         links = {peer.peer_id: peer.summary()["rtt_ms"] for peer in self.service.connected_peers()}
+        provided: dict[str, Any] = {}
+        for provider in self._providers:
+            provided.update(provider())
         return {
             **self.fields,
+            **provided,
             "name": self.service.identity.name,
             "api": self.service.advertise_address,
             "links": links,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 
@@ -92,7 +94,7 @@ class Invite:
             raise InviteError("not a shoal invite (it should start with 'shoal1-')")
         if len(token) > MAX_TOKEN_LENGTH:
             raise InviteError("invite token is too long")
-        payload = token[len(PREFIX):]
+        payload = token[len(PREFIX) :]
         try:
             raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         except ValueError as exc:
@@ -120,3 +122,28 @@ def render_qr(token: str) -> str:
     buffer = io.StringIO()
     segno.make(token, error="m").terminal(out=buffer, compact=True)
     return buffer.getvalue()
+
+
+def saved_invite_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / "mesh" / "invite"
+
+
+def save_invite(data_dir: str | os.PathLike[str], invite: Invite) -> Path:
+    """Keep the invite (it holds the secret: mode 0600) so the node rejoins its mesh after a restart."""
+    path = saved_invite_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(invite.to_token())
+    return path
+
+
+def load_saved_invite(data_dir: str | os.PathLike[str]) -> Invite | None:
+    """The invite saved by `save_invite`, or None; raises `InviteError` if the file is damaged."""
+    path = saved_invite_path(data_dir)
+    try:
+        return Invite.from_token(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InviteError(f"cannot read {path}: {exc}") from exc

@@ -87,6 +87,35 @@ def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
             await peer.close("bench")
         return _json({"seconds": elapsed, "peer": peer.peer_id})
 
+    async def publish(request: web.Request) -> web.Response:
+        body = await request.json()
+        root = await ipfs.publish(body["path"])  # type: ignore[attr-defined]
+        mesh.gossip.update(roots=[*mesh.gossip.fields.get("roots", []), str(root)][-256:])
+        return _json({"cid": str(root)})
+
+    async def mesh_pull(request: web.Request) -> web.Response:
+        """Fetch a whole DAG with only the mesh as source; `via=channel` keeps off the peers' gateways."""
+        import hashlib
+
+        from mesh.ipfs.reader import assemble_file
+
+        body = await request.json()
+        root = parse_cid(body["cid"])
+        chosen = mesh.blocks.source(prefer_http=body.get("via") != "channel")
+        fetcher = ipfs.fetcher([chosen])  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        try:
+            size = await fetcher.fetch_dag(root)
+        except Exception as exc:  # test route: report any failure to the test
+            return _json({"error": f"{type(exc).__name__}: {exc}"}, 502)
+        seconds = time.perf_counter() - start
+        out = mesh.data_dir / "pulled"
+        await asyncio.to_thread(assemble_file, ipfs.store, root, out)  # type: ignore[attr-defined]
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        return _json({"size": size, "sha256": digest, "seconds": seconds, "stats": dict(chosen.stats)})
+
+    app.router.add_post("/test/publish", publish)
+    app.router.add_post("/test/mesh-pull", mesh_pull)
     app.router.add_post("/test/connect", connect)
     app.router.add_post("/test/blocks", put_block)
     app.router.add_get("/test/mesh-block/{cid}", get_block)

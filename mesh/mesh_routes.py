@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -38,6 +38,44 @@ def _from_loopback(request: web.Request) -> bool:
         return False
 
 
+def peers_view(service: MeshService) -> dict[str, Any]:
+    return {
+        "self": {
+            "id": service.identity.peer_id,
+            "name": service.identity.name,
+            "api": service.advertise_address,
+            "mesh": service.membership.mesh_id,
+        },
+        "peers": [
+            {**peer.summary(), "trusted": peer.peer_id in service.membership.allow}
+            for peer in service.peers.values()
+        ],
+        "banned": sorted(pid for pid in list(service.bans) if service.is_banned(pid)),
+        "refused": service.refused[-20:],
+        "departed": service.departed[-20:],
+    }
+
+
+def topology_view(service: MeshService) -> dict[str, Any]:
+    me = service.identity.peer_id
+    nodes = {me: {"id": me, "name": service.identity.name}}
+    edges: dict[tuple[str, str], float | None] = {}
+    for peer in service.peers.values():
+        nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name}
+        edges[tuple(sorted((me, peer.peer_id)))] = peer.summary()["rtt_ms"]  # type: ignore[index]
+        links = peer.advert.get("links")
+        if isinstance(links, dict):
+            for other, rtt in links.items():
+                nodes.setdefault(other, {"id": other, "name": service.known.get(other, {}).get("name")})
+                key = tuple(sorted((peer.peer_id, other)))
+                edges.setdefault(key, rtt if isinstance(rtt, int | float) else None)  # type: ignore[arg-type]
+    return {
+        "self": me,
+        "nodes": list(nodes.values()),
+        "links": [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in edges.items()],
+    }
+
+
 def add_mesh_routes(app: web.Application, service: MeshService) -> None:
     async def signal(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_MESSAGE, heartbeat=None)
@@ -59,10 +97,10 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
         return ws
 
     async def peers(request: web.Request) -> web.Response:
-        return _json(service.peers_view())
+        return _json(peers_view(service))
 
     async def topology(request: web.Request) -> web.Response:
-        return _json(service.topology())
+        return _json(topology_view(service))
 
     async def invite(request: web.Request) -> web.Response:
         if not _from_loopback(request):

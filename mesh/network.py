@@ -23,7 +23,7 @@ from mesh import protocol as p
 from mesh.events import EventBus
 from mesh.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
 from mesh.identity import Identity
-from mesh.invite import Invite
+from mesh.invite import Invite, load_saved_invite, save_invite
 from mesh.mesh_config import MeshConfig
 from mesh.mesh_errors import LinkClosed, MeshError, PeerUnavailable, SignallingError
 from mesh.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
@@ -70,7 +70,8 @@ class MeshService:
         self.departed: list[dict[str, Any]] = []
         self._dialing: dict[str, asyncio.Future[Peer]] = {}
         self._pending: set[Peer] = set()
-        self._answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.relay_answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        """Offers sent through a relay, by nonce, waiting for their answer (see `discovery`)."""
         self._replay = ReplayGuard()
         self._listeners: list[PeerListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -79,7 +80,6 @@ class MeshService:
         self._rtc_config = rtc_configuration(
             config.stun, config.turn, config.turn_username, config.turn_password
         )
-        self.handlers.on_control("signal", self._on_signal_frame)
         from mesh.block_exchange import BlockExchange
         from mesh.discovery import Discovery
         from mesh.gossip import Gossip
@@ -94,21 +94,23 @@ class MeshService:
             raise PeerUnavailable("the mesh service has not started (no identity loaded yet)")
         return self._identity
 
-    # ----- membership ------------------------------------------------------------------------------------
+    def set_identity(self, identity: Identity) -> None:
+        """Use the node's identity (loaded by the node) instead of loading it in `start()`."""
+        self._identity = identity
 
-    @property
-    def _invite_path(self) -> Path:
-        return self.data_dir / "mesh" / "invite"
+    # ----- membership ------------------------------------------------------------------------------------
 
     def _initial_membership(self) -> Membership:
         secret = self.config.secret_bytes()
         self.saved_bootstrap: tuple[str, ...] = ()
-        if secret is None and self._invite_path.exists():
+        if secret is None:
             try:
-                saved = Invite.from_token(self._invite_path.read_text())
+                saved = load_saved_invite(self.data_dir)
+            except MeshError as exc:
+                logger.warning("ignoring the saved invite: %s", exc)
+                saved = None
+            if saved is not None:
                 secret, self.saved_bootstrap = saved.secret, saved.bootstrap
-            except (OSError, MeshError) as exc:
-                logger.warning("ignoring saved invite %s: %s", self._invite_path, exc)
         return Membership(secret=secret, allow=frozenset(self.config.allow))
 
     @property
@@ -127,10 +129,7 @@ class MeshService:
     async def join(self, invite: Invite) -> None:
         """Join a mesh at runtime: adopt its secret, save it for restarts, contact its bootstrap nodes."""
         self.membership = Membership(secret=invite.secret, allow=self.membership.allow)
-        self._invite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self._invite_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(invite.to_token())
+        await asyncio.to_thread(save_invite, self.data_dir, invite)
         self.discovery.add_bootstrap(invite.bootstrap)
         self.events.publish("mesh.joined", mesh=self.membership.mesh_id)
 
@@ -334,12 +333,12 @@ class MeshService:
 
         async def send_offer(offer: dict[str, Any]) -> Any:
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._answers[offer["nonce"]] = future
+            self.relay_answers[offer["nonce"]] = future
             try:
                 await relay.notify("signal", {"op": "offer", "to": target, "signal": offer})
                 return await future
             finally:
-                self._answers.pop(offer["nonce"], None)
+                self.relay_answers.pop(offer["nonce"], None)
 
         return await self._dial(send_offer, target)
 
@@ -397,46 +396,6 @@ class MeshService:
             raise
         self._register(peer)
 
-    async def _on_signal_frame(self, relay: Peer, frame: p.ControlFrame) -> None:
-        body = frame.body
-        op, target, signal = body.get("op"), body.get("to"), body.get("signal")
-        if op not in ("offer", "answer", "refused") or not isinstance(target, str):
-            raise p.ProtocolError("malformed signal frame")
-        if target != self.identity.peer_id:
-            next_hop = self.peers.get(target)
-            if next_hop is None or not next_hop.is_open or next_hop is relay:
-                if op == "offer" and isinstance(signal, dict):
-                    reply = {
-                        "op": "refused",
-                        "to": relay.peer_id,
-                        "re": signal.get("nonce"),
-                        "reason": "no route",
-                    }
-                    await relay.notify("signal", reply)
-                return
-            await next_hop.notify("signal", {**body, "via": relay.peer_id})
-            return
-        if op == "offer":
-            try:
-                answer = await self.handle_offer(signal)
-                reply = {"op": "answer", "to": str(signal.get("from")), "signal": answer}
-            except SignallingError as exc:
-                reply = {
-                    "op": "refused",
-                    "to": str(signal.get("from")) if isinstance(signal, dict) else "",
-                    "re": signal.get("nonce") if isinstance(signal, dict) else None,
-                    "reason": str(exc),
-                }
-            await relay.notify("signal", reply)
-            return
-        nonce = signal.get("re") if op == "answer" and isinstance(signal, dict) else body.get("re")
-        future = self._answers.get(nonce) if isinstance(nonce, str) else None
-        if future is not None and not future.done():
-            if op == "answer":
-                future.set_result(signal)
-            else:
-                future.set_exception(SignallingError(f"refused: {body.get('reason')!s:.200}"))
-
     # ----- link bookkeeping ------------------------------------------------------------------------------
 
     def _register(self, peer: Peer) -> None:
@@ -473,39 +432,6 @@ class MeshService:
         self.spawn(peer.close(f"banned: {reason}"))
 
     # ----- views -----------------------------------------------------------------------------------------
-
-    def peers_view(self) -> dict[str, Any]:
-        return {
-            "self": {
-                "id": self.identity.peer_id,
-                "name": self.identity.name,
-                "api": self.advertise_address,
-                "mesh": self.membership.mesh_id,
-            },
-            "peers": [peer.summary() for peer in self.peers.values()],
-            "banned": sorted(pid for pid in list(self.bans) if self.is_banned(pid)),
-            "refused": self.refused[-20:],
-            "departed": self.departed[-20:],
-        }
-
-    def topology(self) -> dict[str, Any]:
-        me = self.identity.peer_id
-        nodes = {me: {"id": me, "name": self.identity.name}}
-        edges: dict[tuple[str, str], float | None] = {}
-        for peer in self.peers.values():
-            nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name}
-            edges[tuple(sorted((me, peer.peer_id)))] = peer.summary()["rtt_ms"]  # type: ignore[index]
-            links = peer.advert.get("links")
-            if isinstance(links, dict):
-                for other, rtt in links.items():
-                    nodes.setdefault(other, {"id": other, "name": self.known.get(other, {}).get("name")})
-                    key = tuple(sorted((peer.peer_id, other)))
-                    edges.setdefault(key, rtt if isinstance(rtt, int | float) else None)  # type: ignore[arg-type]
-        return {
-            "self": me,
-            "nodes": list(nodes.values()),
-            "edges": [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in edges.items()],
-        }
 
     def add_routes(self, app: Any) -> None:
         from mesh.mesh_routes import add_mesh_routes

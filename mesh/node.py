@@ -27,6 +27,7 @@ from mesh.ipfs.service import IpfsService
 from mesh.logging_bridge import LogBridge
 from mesh.metrics import NodeMetrics
 from mesh.model_manager import LoadFn, ModelManager, load_engine
+from mesh.network import MeshService
 from mesh.request_log import RequestLog
 from models.embedded import DEFAULT_MODEL_NAME
 
@@ -41,6 +42,14 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
     def add_routes(self, app: web.Application) -> None: ...
+
+
+def _peer_address(host: str, port: int) -> str | None:
+    """`host:port` peers can use for this node's API (None for a wildcard host or port 0: use
+    `[mesh] advertise`)."""
+    if port == 0 or host in ("0.0.0.0", "::", ""):
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def shoal_version() -> str:
@@ -64,6 +73,9 @@ class Node:
         self.version = shoal_version()
         self.bus = EventBus()
         self.ipfs = IpfsService(config.ipfs, config.data_dir, self.bus)
+        self.mesh = MeshService(config.mesh, None, config.data_dir, self.bus, block_store=self.ipfs.store)
+        self.mesh.api_address = _peer_address(config.api.host, config.api.port)
+        self.ipfs.add_source(self.mesh.blocks.source())
         self.metrics = NodeMetrics()
         self.requests = RequestLog(self.bus, config.api.request_log_size)
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
@@ -78,7 +90,7 @@ class Node:
             catalog=self.ipfs.list_models,
         )
         self.policy: PolicyConfig = config.policy
-        self.services: list[Service] = [self.ipfs]
+        self.services: list[Service] = [self.ipfs, self.mesh]
         self.identity: Identity | None = None
         self.started: float | None = None
         self.draining = False
@@ -137,6 +149,7 @@ class Node:
         self.identity = await loop.run_in_executor(
             None, Identity.load_or_create, self.config.data_dir, self.config.name
         )
+        self.mesh.set_identity(self.identity)
         self.models.add_embedded()
         for service in self.services:
             await service.start()
@@ -159,6 +172,7 @@ class Node:
             ) from exc
         address = runner.addresses[0]
         self.host, self.port = str(address[0]), int(address[1])
+        self.mesh.api_address = _peer_address(self.host, self.port)
         self.started = time.time()
         logger.info("node %s (%s) listening on %s", self.name, self.id, self.api_url)
         if self.config.models.preload:

@@ -47,6 +47,10 @@ class LinkSettings:
     """Bytes queued in a channel before `send` waits for it to drain."""
     low_water: int = 256 * 1024
     """Queued bytes below which a waiting `send` resumes."""
+    max_running_handlers: int = 32
+    """Handlers for this peer's requests that run at once; the rest wait their turn."""
+    max_pending_handlers: int = 512
+    """Requests a peer may have waiting for a handler; beyond that each new one is a strike."""
 
 
 class Handlers:
@@ -102,6 +106,8 @@ class Peer:
         self._pending_control: dict[int, asyncio.Future[p.ControlFrame]] = {}
         self._pending_binary: dict[int, asyncio.Future[p.BinaryFrame]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handler_slots = asyncio.Semaphore(settings.max_running_handlers)
+        self._pending_handlers = 0
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
         self._drained = {name: asyncio.Event() for name in p.CHANNELS}
@@ -321,22 +327,31 @@ class Peer:
                     body = {"code": "unsupported", "message": frame.type}
                     self._spawn(self._send_quietly(p.ControlFrame("error", body, re=frame.id)))
                 return
+            self._admit_handler()
             self._spawn(self._run_control_handler(handler, frame))
+
+    def _admit_handler(self) -> None:
+        if self._pending_handlers >= self.settings.max_pending_handlers:
+            raise ProtocolError(f"more than {self.settings.max_pending_handlers} requests waiting")
+        self._pending_handlers += 1
 
     async def _run_control_handler(self, handler: ControlHandler, frame: p.ControlFrame) -> None:
         try:
-            body = await handler(self, frame)
+            async with self._handler_slots:
+                body = await handler(self, frame)
             reply = p.ControlFrame("reply", body or {}, re=frame.id)
         except ProtocolError as exc:
             self.strike(str(exc))
             reply = p.ControlFrame("error", {"code": "protocol", "message": str(exc)[:500]}, re=frame.id)
         except RemoteError as exc:
             reply = p.ControlFrame("error", {"code": exc.code, "message": exc.message[:500]}, re=frame.id)
-        except (LinkClosed, asyncio.CancelledError):
-            raise
+        except LinkClosed:
+            return
         except Exception:
             logger.exception("peer %s: %s handler failed", self.peer_id[:12], frame.type)
             reply = p.ControlFrame("error", {"code": "internal", "message": "handler failed"}, re=frame.id)
+        finally:
+            self._pending_handlers -= 1
         if frame.id is not None:
             await self._send_quietly(reply)
 
@@ -349,17 +364,23 @@ class Peer:
         handler = self.handlers.binary.get(frame.kind)
         if handler is None:
             raise ProtocolError(f"no handler for binary kind {frame.kind}")
+        self._admit_handler()
         self._spawn(self._run_binary_handler(handler, frame))
 
     async def _run_binary_handler(self, handler: BinaryHandler, frame: p.BinaryFrame) -> None:
         try:
-            reply = await handler(self, frame)
-            if reply is not None:
-                await self.send_binary(reply)
+            async with self._handler_slots:
+                reply = await handler(self, frame)
+                if reply is not None:
+                    await self.send_binary(reply)
         except ProtocolError as exc:
             self.strike(str(exc))
         except LinkClosed:
             pass
+        except Exception:
+            logger.exception("peer %s: binary kind %d handler failed", self.peer_id[:12], frame.kind)
+        finally:
+            self._pending_handlers -= 1
 
     # ----- liveness --------------------------------------------------------------------------------------
 
@@ -372,11 +393,21 @@ class Peer:
             await self._send_quietly(p.ControlFrame("ping", {"t": time.monotonic()}))
             await asyncio.sleep(min(interval, self.settings.dead_timeout_s / 4))
 
+    def remote_addresses(self) -> list[str]:
+        """The peer's ICE candidates (`ip:port/udp`) as it announced them in its SDP."""
+        try:
+            ice = self.pc.sctp.transport.transport if self.pc.sctp is not None else None
+            candidates = ice.getRemoteCandidates() if ice is not None else []
+        except AttributeError:
+            return []
+        return [f"{c.ip}:{c.port}/{c.protocol}" for c in candidates][:16]
+
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.peer_id,
             "name": self.name,
             "api": self.api_address,
+            "addresses": self.remote_addresses(),
             "state": self.state,
             "rtt_ms": round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None,
             "connected_at": self.connected_at,

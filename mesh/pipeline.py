@@ -99,7 +99,7 @@ class RemoteStage:
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, timeout_s: float = 30.0, per_token_timeout_s: float = 0.05,
-                 top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False) -> None:
+                 open_timeout_s: float = 300.0, top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False) -> None:
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -108,6 +108,7 @@ class RemoteStage:
         self.model = model
         self._loop = loop
         self._timeout = timeout_s
+        self._open_timeout = open_timeout_s
         self._per_token = per_token_timeout_s
         self._top_k = top_k
         self._fp16 = fp16
@@ -141,7 +142,8 @@ class RemoteStage:
             raise ValueError(f"sequence {seq_id} exists already")
         wire_seq = next_wire_seq()
         body = {"model": self.model, "span": str(self.span), "seq": wire_seq}
-        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._timeout), self._timeout)
+        # the first open of a span loads (or compiles) it on the peer: allow for that
+        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
         if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq

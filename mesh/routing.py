@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -101,7 +102,18 @@ def _ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
 
 
 def _num(value: Any, default: float = 0.0) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    """A finite number from a peer's advert, or `default`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:
+            pass
+    return default
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _advert_models(advert: dict[str, Any]) -> set[str]:
@@ -144,29 +156,33 @@ class Router:
         )
 
     def peer_devices(self, model: str) -> list[sched.Device]:
+        """The scheduler's view of every linked peer that advertises `model` (bad adverts are skipped)."""
         devices = []
         trusted = set(getattr(self.mesh.config, "allow", ()) or ())
         for peer in self.mesh.connected_peers():
             advert = peer.advert or {}
             if model not in _advert_models(advert):
                 continue
-            split = advert.get("split") if isinstance(advert.get("split"), dict) else {}
-            speed = advert.get("speed", {}).get(model, {}) if isinstance(advert.get("speed"), dict) else {}
-            battery = advert.get("battery") if isinstance(advert.get("battery"), dict) else None
+            split = _dict(advert.get("split"))
+            speed = _dict(_dict(advert.get("speed")).get(model))
+            battery = _dict(advert.get("battery"))
             free = int(_num(split.get("memory_budget"), _num(advert.get("memory_free"))))
-            devices.append(sched.Device(
-                peer.peer_id,
-                decode_tps=_num(speed.get("decode_tok_s")) or DEFAULT_TPS,
-                prefill_tps=_num(speed.get("prefill_tok_s")),
-                free_memory=max(0, free),
-                total_memory=max(0, free),
-                queue_depth=max(0, int(_num(advert.get("queue_depth")))),
-                battery=_num(battery.get("percent"), 100.0) if battery else None,
-                charging=bool(battery.get("plugged")) if battery else False,
-                trusted=peer.peer_id in trusted,
-                serves_others=split.get("serve_others") is True,
-                rtt_s=peer.rtt_s or 0.001,
-            ))
+            try:
+                devices.append(sched.Device(
+                    peer.peer_id,
+                    decode_tps=_num(speed.get("decode_tok_s")) or DEFAULT_TPS,
+                    prefill_tps=_num(speed.get("prefill_tok_s")),
+                    free_memory=max(0, free),
+                    total_memory=max(0, free),
+                    queue_depth=max(0, int(_num(advert.get("queue_depth")))),
+                    battery=_num(battery.get("percent"), 100.0) if battery else None,
+                    charging=bool(battery.get("plugged")) if battery else False,
+                    trusted=peer.peer_id in trusted,
+                    serves_others=split.get("serve_others") is True,
+                    rtt_s=peer.rtt_s or 0.001,
+                ))
+            except (ValueError, OverflowError) as exc:
+                logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
         return devices
 
     def plan(self, model: str, config: Any, weight_bytes: int, holds: bool, prompt_tokens: int,
@@ -201,24 +217,31 @@ class Router:
         holds = served.engine is not None
         plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
         _describe(route, plan)
-        started = time.perf_counter()
         if plan.kind == "local":
-            async with contextlib.aclosing(served.engine.stream(prompt_ids, params)) as events:
-                async for event in events:
-                    yield event
-            return
-        if plan.kind == "offload":
-            async with contextlib.aclosing(
-                self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route)
-            ) as events:
-                async for event in events:
-                    yield event
-            return
-        split = self._split(served, plan, config, prompt_ids, params, route)
-        async with contextlib.aclosing(split) as events:
+            source = served.engine.stream(prompt_ids, params)
+        elif plan.kind == "offload":
+            source = self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route)
+        else:
+            source = self._split(served, plan, config, prompt_ids, params, route)
+        started = time.perf_counter()
+        first: float | None = None
+        tokens = 0
+        async with contextlib.aclosing(source) as events:
             async for event in events:
+                tokens += 1
+                if first is None:
+                    first = time.perf_counter() - started
                 yield event
-        route.setdefault("observed", {})["seconds"] = round(time.perf_counter() - started, 4)
+        seconds = time.perf_counter() - started
+        per_token = (seconds - first) / (tokens - 1) if first is not None and tokens > 1 else None
+        route["observed"] = {
+            "ttft_s": None if first is None else round(first, 4),
+            "seconds": round(seconds, 4),
+            "per_token_s": None if per_token is None else round(per_token, 5),
+        }
+        logger.info("%s via %s: predicted ttft %.3f s + %.4f s/token, observed ttft %s s + %s s/token",
+                    model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
+                    route["observed"]["ttft_s"], route["observed"]["per_token_s"])
 
     async def _offload(self, served: Any, plan: sched.Plan, config: Any, weight_bytes: int,
                        prompt_ids: list[int], params: Any, max_tokens: int, route: dict[str, Any]

@@ -123,23 +123,24 @@ async def serve(args: argparse.Namespace) -> None:
     host, port = args.api.rsplit(":", 1)
     policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
                           trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
-    config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
-                        api=ApiConfig(host=host, port=int(port)), policy=policy,
-                        models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4))
-    identity = Identity.load_or_create(data_dir, name=config.name)
     mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
                              ice_interfaces=["lo"], heartbeat_interval_s=0.5,
                              dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
+    config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
+                        api=ApiConfig(host=host, port=int(port)), policy=policy,
+                        models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4),
+                        mesh=mesh_config)
+    identity = Identity.load_or_create(data_dir, name=config.name)
     weights = _Weights()
     kwargs: dict[str, Any] = {}
     if args.backend == "numpy":
         kwargs["load_fn"] = numpy_load_fn(weights)
     node = Node(config, **kwargs)
-    mesh = MeshService(mesh_config, identity, data_dir, node.bus, api_address=f"{host}:{port}")
+    mesh = node.mesh  # the node owns its mesh service (configured from `mesh_config` above)
     split = SplitService(node, mesh)
     if args.backend == "numpy":
         split.stage_factory = lambda name, span: weights.stage(Path(node.models.resolve(name).path), span)
-    node.services.extend([mesh, split, _TestRoutes(mesh)])
+    node.services.extend([split, _TestRoutes(mesh)])
     await node.start()
     if args.no_model:
         node.models._models.clear()  # test-only: this node holds no model

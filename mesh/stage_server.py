@@ -161,6 +161,8 @@ class StageHost:
                 pending.set_result(hosted)
             finally:
                 del self._loading[key]
+                if not pending.done():  # this task was cancelled mid-load: release the other waiters
+                    pending.set_exception(HostError(wire.INTERNAL, "loading the stage was interrupted"))
             pending.exception()  # mark retrieved: other waiters re-raise it themselves
         return await asyncio.shield(pending)
 

@@ -31,7 +31,7 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 READ_CHUNK = 64 * 1024
 _MAX_STRING = 1 << 26  # 64 MiB: a larger string length means a corrupt file
-_MAX_COUNT = 1 << 32
+_MAX_COUNT = 1 << 26  # items in one array, tensors or metadata keys
 
 # Tensor types shoal dequantizes (through `gguf.quants`): floats, the classic blocks and the K-quants.
 SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset(

@@ -1,5 +1,6 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p, repetition/presence/frequency penalties, with a
-seeded RNG per request. Pure functions over a logits vector, plus `Sampler`, one request's state."""
+"""Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition/presence/frequency
+penalties, with a seeded RNG per request. Pure functions over a logits vector, plus `Sampler`, one request's
+state."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class SamplingParams:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p. In (0, 1]."""
     top_k: int = 0
     """Keep only the k most likely tokens; 0 turns it off."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 turns it off. Between 0 and 1."""
     repetition_penalty: float = 1.0
     """>1 discourages tokens seen in the prompt or output (positive logits divided, negative multiplied)."""
     presence_penalty: float = 0.0
@@ -44,6 +47,7 @@ class SamplingParams:
             raise ValueError("top_p must be greater than 0 and at most 1")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError("top_k must be a non-negative integer (0 turns it off)")
+        _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_number("repetition_penalty", self.repetition_penalty, 0.0, 10.0)
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be greater than 0")
@@ -131,6 +135,15 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
+def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Logits of tokens with probability below min_p x the top probability set to -inf."""
+    if min_p <= 0.0:
+        return logits
+    # p_i / p_max = exp(l_i - l_max)
+    threshold = np.max(logits) + np.log(min_p)
+    return np.where(logits >= threshold, logits, -np.inf).astype(logits.dtype)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - np.max(x)
@@ -153,6 +166,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     logits = logits / np.float32(params.temperature)
     logits = top_k_mask(logits, params.top_k)
     logits = top_p_mask(logits, params.top_p)
+    logits = min_p_mask(logits, params.min_p)
     probs = softmax(logits)
     return int(rng.choice(probs.size, p=probs))
 

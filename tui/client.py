@@ -48,8 +48,12 @@ class ClientConfig:
     """Time to open a TCP connection to the node."""
     request_timeout: float = 10.0
     """Whole-request limit for ordinary JSON calls."""
+    slow_timeout: float = 1800.0
+    """Limit for calls that do heavy work before answering (compile, load, publish)."""
     stream_idle_timeout: float = 60.0
     """Longest silence tolerated inside a chat stream."""
+    events_idle_timeout: float = 45.0
+    """Longest silence on the event stream (the node sends a keep-alive every 15 s) before reconnecting."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -66,13 +70,6 @@ class ChatDelta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _names_a_model(code: str, message: str) -> bool:
-    """A 404 about a model (unknown id) is a real error, not a missing endpoint."""
-    if code == "unknown_url":
-        return False
-    return "model" in code or message.lower().startswith(("model", "unknown model"))
-
-
 def _error_from(status: int, body: bytes, path: str) -> NodeError:
     try:
         payload = orjson.loads(body)
@@ -82,10 +79,12 @@ def _error_from(status: int, body: bytes, path: str) -> NodeError:
     if not isinstance(err, dict):
         err = {"message": str(err)}
     message = str(err.get("message") or body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}")
-    code = str(err.get("code") or "")
-    if status in (405, 501) or (status == 404 and not _names_a_model(code, message)):
+    code = err.get("code")
+    # A missing route: 405/501, or a 404 that names no particular thing (aiohttp's plain 404, `unknown_url`).
+    # A 404 with its own code (`model_not_found`, `no_mesh`) is a real answer and keeps its message.
+    if status in (405, 501) or (status == 404 and code in (None, "", "unknown_url")):
         return NotAvailable(f"{path}: not available on this node")
-    return ApiError(status, message, str(err.get("type", "")), err.get("code"))
+    return ApiError(status, message, str(err.get("type", "")), code)
 
 
 async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[str]:
@@ -131,15 +130,15 @@ class NodeClient:
             total=total, sock_connect=self.config.connect_timeout, sock_read=sock_read
         )
 
-    async def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    async def request(
+        self, method: str, path: str, body: Any = None, *, slow: bool = False, **params: Any
+    ) -> Any:
+        """One JSON call. `slow` calls (compile, load, publish) may take minutes: they get `slow_timeout`."""
         url = self.base_url + path
+        limit = self.config.slow_timeout if slow else self.config.request_timeout
         try:
             async with self.session.request(
-                method,
-                url,
-                json=body,
-                params=params or None,
-                timeout=self._timeout(self.config.request_timeout),
+                method, url, json=body, params=params or None, timeout=self._timeout(limit)
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
@@ -153,8 +152,8 @@ class NodeClient:
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, **params)
 
-    async def post(self, path: str, body: Any = None) -> Any:
-        return await self.request("POST", path, body if body is not None else {})
+    async def post(self, path: str, body: Any = None, *, slow: bool = False) -> Any:
+        return await self.request("POST", path, body if body is not None else {}, slow=slow)
 
     async def put(self, path: str, body: Any) -> Any:
         return await self.request("PUT", path, body)
@@ -170,8 +169,9 @@ class NodeClient:
     async def models(self) -> list[dict[str, Any]]:
         return list((await self.get("/v1/models")).get("data", []))
 
-    async def peers(self) -> list[dict[str, Any]]:
-        return list((await self.get("/v1/mesh/peers")).get("peers", []))
+    async def peers(self) -> dict[str, Any]:
+        """`{"peers": [...]}`, plus `"self"` (id, name, mesh) on nodes that report it."""
+        return dict(await self.get("/v1/mesh/peers"))
 
     async def topology(self) -> dict[str, Any]:
         return await self.get("/v1/mesh/topology")
@@ -198,14 +198,14 @@ class NodeClient:
         return await self.post("/v1/models/pull", {"model": model})
 
     async def publish(self, path: str) -> dict[str, Any]:
-        return await self.post("/v1/models/publish", {"path": path})
+        return await self.post("/v1/models/publish", {"path": path}, slow=True)
 
     async def model_action(
         self, model: str, action: str, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         if action not in ("compile", "load", "unload"):
             raise ValueError(f"unknown model action {action!r}")
-        return await self.post(f"/v1/models/{model}/{action}", body or {})
+        return await self.post(f"/v1/models/{model}/{action}", body or {}, slow=True)
 
     # -- streams -------------------------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class NodeClient:
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The node's event stream (`GET /v1/events`), until the connection ends."""
-        async for data in self._stream("GET", "/v1/events", None, None):
+        async for data in self._stream("GET", "/v1/events", None, self.config.events_idle_timeout):
             try:
                 event = orjson.loads(data)
             except orjson.JSONDecodeError:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from mesh.cli import CommandError
 from mesh.commands.node_client import call
-from mesh.invite import Invite, render_qr
+from mesh.invite import Invite, render_qr, save_invite
 from mesh.mesh_errors import InviteError
 
 
@@ -59,11 +58,7 @@ def run_create(args: argparse.Namespace) -> int:
     except InviteError as exc:
         raise CommandError(str(exc)) from None
     if args.data_dir is not None:
-        path = Path(args.data_dir) / "mesh" / "invite"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(invite.to_token())
+        save_invite(args.data_dir, invite)
     _show(invite.to_token(), not args.no_qr)
     return 0
 

@@ -33,6 +33,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["data_dir"] = str(args.data_dir)
     if getattr(args, "backend", None):
         overrides["models"] = {"backend": args.backend}
+    if getattr(args, "join", None):
+        overrides["mesh"] = {"invite": args.join}
     return overrides
 
 
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (mandatory when listening beyond loopback)",
     )
+    parser.add_argument("--join", metavar="INVITE", help="join the mesh of this invite (`shoal mesh create`)")
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             models = ", ".join(str(m) for m in advert.get("models", []))[:40] or "-"
             print(
                 f"{peer['name'][:16]:16} {peer['id'][:20]:20} {peer['state']:10} {rtt:>8} "
-                f"{_memory(advert.get('memory_free')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
+                f"{_memory(advert.get('free_memory')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
             )
     if view.get("banned"):
         print(f"banned: {', '.join(pid[:20] for pid in view['banned'])}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from multiformats import CID
 
+from mesh.ipfs.cid import cid_from_bytes
 from mesh.ipfs.errors import CodecError
 from mesh.ipfs.protobuf import decode_varint, encode_varint
 
@@ -120,7 +121,7 @@ def split_section(section: bytes) -> tuple[CID, bytes]:
         if cid_len > len(section):
             raise CodecError("CAR section shorter than its CID")
     try:
-        cid = CID.decode(section[:cid_len])
+        cid = cid_from_bytes(section[:cid_len])
     except Exception as exc:  # multiformats raises several exception types
         raise CodecError(f"bad CID in CAR section: {exc}") from None
     return cid, section[cid_len:]

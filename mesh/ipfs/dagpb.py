@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from multiformats import CID
 
 from mesh.ipfs import protobuf as pb
+from mesh.ipfs.cid import cid_from_bytes
 from mesh.ipfs.errors import CodecError, InvalidCidError
 
 MAX_LINKS = 100_000
@@ -51,7 +52,7 @@ def _decode_link(body: bytes) -> PBLink:
     for field, wire_type, value in pb.iter_fields(body):
         if field == 1 and wire_type == pb.LENGTH_DELIMITED:
             try:
-                cid = CID.decode(value)  # type: ignore[arg-type]
+                cid = cid_from_bytes(value)  # type: ignore[arg-type]
             except Exception as exc:  # multiformats raises several exception types
                 raise CodecError(f"dag-pb link with a bad CID: {exc}") from None
         elif field == 2 and wire_type == pb.LENGTH_DELIMITED:

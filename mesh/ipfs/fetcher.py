@@ -8,15 +8,18 @@ while. A pull first asks the local store, so an interrupted pull resumes from th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from multiformats import CID
 
 from mesh.ipfs import dagpb, unixfs
+from mesh.ipfs.assembler import StreamingAssembler
 from mesh.ipfs.cid import DAG_PB
 from mesh.ipfs.config import IpfsConfig
 from mesh.ipfs.errors import BlockNotFoundError, CodecError, IpfsError, SourceError, VerificationError
@@ -80,6 +83,8 @@ class Fetcher:
         self._health: dict[str, _Health] = {s.name: _Health() for s in self.sources}
         self.stats = FetchStats()
         self._fetched: set[bytes] = set()
+        self.assembled = False
+        """Whether the latest `fetch_dag` wrote the output file itself while streaming."""
 
     # --- one block ----------------------------------------------------------------------------------------
     def _penalise(self, source: BlockSource, bad_block: bool) -> None:
@@ -101,8 +106,17 @@ class Fetcher:
         health.failures = 0
         health.retry_at = 0.0
 
-    async def _store(self, source_name: str, cid: CID, data: bytes) -> None:
-        await asyncio.to_thread(self.store.put, cid, data)  # verifies; raises VerificationError
+    async def _store(
+        self, source_name: str, cid: CID, data: bytes, then: Callable[[], None] | None = None
+    ) -> None:
+        """Verify and store a block in a worker thread (raising VerificationError), then run `then` there."""
+
+        def work() -> None:
+            self.store.put(cid, data)
+            if then is not None:
+                then()
+
+        await asyncio.to_thread(work)
         self.stats.blocks_fetched += 1
         self.stats.bytes_fetched += len(data)
         self.stats.by_source[source_name] += 1
@@ -177,14 +191,16 @@ class Fetcher:
 
     # --- a whole DAG --------------------------------------------------------------------------------------
     async def _store_then_release(self, name: str, cid: CID, block: bytes, slots: asyncio.Semaphore,
-                                  on_block: Callable[[CID, bytes], None]) -> None:
+                                  on_block: Callable[[CID, bytes], None],
+                                  then: Callable[[], None] | None) -> None:
         try:
-            await self._store(name, cid, block)
+            await self._store(name, cid, block, then)
         finally:
             slots.release()
         on_block(cid, block)
 
-    async def _try_car(self, root: CID, on_block: Callable[[CID, bytes], None]) -> None:
+    async def _try_car(self, root: CID, on_block: Callable[[CID, bytes], None],
+                       assembler: StreamingAssembler | None = None) -> None:
         """Stream the DAG as a CAR from the first source that offers it, hashing and writing blocks in
         parallel threads while the stream goes on. Any failure just ends the attempt: the block walk that
         follows fills whatever is missing from the other sources."""
@@ -195,8 +211,15 @@ class Fetcher:
             try:
                 async with asyncio.TaskGroup() as group:
                     async for cid, block in source.stream_car(root):
+                        then = None
+                        if assembler is not None:
+                            offsets, data = assembler.plan(cid, block)
+                            if offsets and data:
+                                then = functools.partial(assembler.write, offsets, data)
                         await slots.acquire()
-                        group.create_task(self._store_then_release(source.name, cid, block, slots, on_block))
+                        group.create_task(
+                            self._store_then_release(source.name, cid, block, slots, on_block, then)
+                        )
                 self._reward(source)
             except* VerificationError as eg:
                 logger.warning("rejected CAR from %s: %s", source.name, eg.exceptions[0])
@@ -206,8 +229,13 @@ class Fetcher:
                 self._penalise(source, bad_block=False)
             return
 
-    async def fetch_dag(self, root: CID, progress: ProgressCallback | None = None) -> int:
-        """Make every block of the file DAG under `root` local; return the file size."""
+    async def fetch_dag(
+        self, root: CID, progress: ProgressCallback | None = None, assemble_to: Path | None = None
+    ) -> int:
+        """Make every block of the file DAG under `root` local; return the file size. With `assemble_to`,
+        a fresh pull streamed as a CAR also writes the file there as it arrives (`self.assembled` tells
+        whether that worked; if not, the caller assembles it from the store)."""
+        self.assembled = False
         started = time.monotonic()
         state = {"done": 0, "blocks": 0, "total": 0, "fetched_bytes": 0}
         seen: set[bytes] = set()
@@ -263,7 +291,18 @@ class Fetcher:
                     last_report = time.monotonic()
                     report()
 
-            await self._try_car(root, on_car_block)
+            assembler = StreamingAssembler(root, assemble_to) if assemble_to is not None else None
+            try:
+                await self._try_car(root, on_car_block, assembler)
+            except BaseException:
+                if assembler is not None:
+                    await asyncio.to_thread(assembler.abort)
+                raise
+            if assembler is not None:
+                complete = await asyncio.to_thread(self._scan_local, root) is not None
+                self.assembled = await asyncio.to_thread(assembler.finish) if complete else False
+                if not complete:
+                    await asyncio.to_thread(assembler.abort)
 
         present = await asyncio.to_thread(self._scan_local, root)
         if present is not None:  # complete already: no walk needed

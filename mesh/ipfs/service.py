@@ -164,9 +164,9 @@ class IpfsService:
             existing = self.store.pins().get(str(cid))
             if existing is None or not existing.complete:
                 await asyncio.to_thread(self.store.pin, cid, name=name, complete=False)
-            size = await fetcher.fetch_dag(cid, on_progress)
             path = self.model_path(cid)
-            if not (path.is_file() and path.stat().st_size == size):
+            size = await fetcher.fetch_dag(cid, on_progress, assemble_to=path)
+            if not fetcher.assembled and not (path.is_file() and path.stat().st_size == size):
                 await asyncio.to_thread(assemble_file, self.store, cid, path)
             await asyncio.to_thread(self.store.pin, cid, name=name, size=size, complete=True)
             if name:

@@ -13,6 +13,9 @@ from tvm.script import tirx as T
 from models.kernels.quant import GROUP, ROWS
 from models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 
+SERIAL_ROWS = 16
+"""quantize_act runs single-threaded below this many rows."""
+
 
 def check_shape(n: int, k: int, kind: str) -> None:
     if kind not in ("q4_1", "q8_0"):
@@ -24,11 +27,27 @@ def check_shape(n: int, k: int, kind: str) -> None:
 def quantize_act_func(k: int) -> tirx.PrimFunc:
     """x fp32 [B, K] -> xq int32 [B, K/4] (4 int8 per word), xd fp32 [B, K/32], xds fp32 [B, K/32].
 
-    Per group of 32: xd = max|x|/127, q = round(x * (1/xd)) (ties to even), xds = xd * sum(q) (llama.cpp Q8_1).
+    Per group of 32 (as llama.cpp's Q8_1): xd = max|x|/127, q = round(x * (1/xd)) (ties to even),
+    xds = xd * sum(q). Vector code: one 32-lane load, LLVM vector reductions for max|x| and sum(q).
     """
     if k % GROUP:
         raise ValueError(f"activation width {k} is not a multiple of {GROUP}")
     groups = k // GROUP
+
+    @T.macro
+    def row(x, xq, xd, xds, b):
+        sc = T.alloc_buffer((2,), "float32", scope="global")  # d, 1/d
+        for g in range(groups):
+            xv = T.meta_var(x[b, T.Ramp(g * GROUP, 1, GROUP)])
+            amax = T.meta_var(T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax", T.fabs(xv)))
+            sc[0] = amax / T.float32(127)
+            sc[1] = T.Select(sc[0] > T.float32(0), T.float32(1) / sc[0], T.float32(0))
+            q = T.meta_var(T.round(xv * T.Broadcast(sc[1], GROUP)))
+            xq[b, T.Ramp(g * 8, 1, 8)] = T.reinterpret("int32x8", T.Cast("int8x32", q))
+            xd[b, g] = sc[0]
+            qsum = T.meta_var(
+                T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", T.Cast("int32x32", q)))
+            xds[b, g] = sc[0] * T.Cast("float32", qsum)
 
     @T.prim_func(private=True)
     def quantize_act(var_x: T.handle, var_xq: T.handle, var_xd: T.handle, var_xds: T.handle):
@@ -38,17 +57,12 @@ def quantize_act_func(k: int) -> tirx.PrimFunc:
         xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
         xd = T.match_buffer(var_xd, (batch, groups), "float32")
         xds = T.match_buffer(var_xds, (batch, groups), "float32")
-        for b in T.parallel(batch):
-            sc = T.alloc_buffer((2,), "float32", scope="global")  # d, 1/d
-            for g in range(groups):
-                xv = T.meta_var(x[b, T.Ramp(g * GROUP, 1, GROUP)])
-                sc[0] = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax", T.fabs(xv)) / T.float32(127)
-                sc[1] = T.Select(sc[0] > T.float32(0), T.float32(1) / sc[0], T.float32(0))
-                q = T.meta_var(T.round(xv * T.Broadcast(sc[1], GROUP)))
-                xq[b, T.Ramp(g * 8, 1, 8)] = T.reinterpret("int32x8", T.Cast("int8x32", q))
-                xd[b, g] = sc[0]
-                qsum = T.meta_var(T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", T.Cast("int32x32", q)))
-                xds[b, g] = sc[0] * T.Cast("float32", qsum)
+        if batch < SERIAL_ROWS:  # decode: waking the thread pool costs more than the work
+            for b in range(batch):
+                row(x, xq, xd, xds, b)
+        else:
+            for b in T.parallel(batch):
+                row(x, xq, xd, xds, b)
 
     return quantize_act
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -39,7 +40,7 @@ def test_three_nodes_reach_full_mesh_via_bootstrap_and_exchange(three_nodes):
 
     def edges():
         topology = n1.get("/v1/mesh/topology")
-        return {frozenset((e["a"], e["b"])) for e in topology["edges"]}, topology
+        return {frozenset((e["a"], e["b"])) for e in topology["links"]}, topology
 
     # n1 learns the n2-n3 link from their adverts
     wait_until(lambda: frozenset((n2.peer_id, n3.peer_id)) in edges()[0], 20, "n2-n3 edge in n1's topology")
@@ -55,8 +56,9 @@ def test_adverts_and_rtt_exchanged(three_nodes):
     )
     assert view["advert"]["name"] == "n2"
     assert view["advert"]["api"] == n2.api
-    assert view["advert"]["memory_free"] > 0
+    assert view["advert"]["free_memory"] > 0
     assert view["advert"]["gateway"] is True
+    assert any(address.startswith("127.0.0.1:") for address in view["addresses"]), view["addresses"]
     wait_until(lambda: n1.peers()[n2.peer_id]["rtt_ms"] is not None, 10, "rtt")
 
 
@@ -79,3 +81,20 @@ def test_block_nobody_has_is_reported_missing(three_nodes):
     for via in ("", "?via=channel"):
         result = n3.post_get(f"/test/mesh-block/{cid}{via}")
         assert "BlockNotFoundError" in result["error"], result
+
+
+@pytest.mark.parametrize("via", ["car", "channel"])
+def test_file_dag_pulled_through_the_mesh_matches(three_nodes, tmp_path, via):
+    _, n2, n3 = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    content = os.urandom(1_200_000)  # several UnixFS leaves plus a dag-pb root
+    source = tmp_path / f"file-{via}.bin"
+    source.write_bytes(content)
+    root = n2.post("/test/publish", {"path": str(source)})["cid"]
+    result = n3.post("/test/mesh-pull", {"cid": root, "via": via}, timeout=60)
+    assert result.get("sha256") == hashlib.sha256(content).hexdigest(), result
+    assert result["size"] == len(content)
+    if via == "car":
+        assert result["stats"].get("car") == 1
+    else:
+        assert result["stats"].get("channel", 0) >= 5 and "http" not in result["stats"]

@@ -80,7 +80,7 @@ def test_clean_advert_keeps_typed_fields_only():
         {
             "models": ["smollm2", 3],
             "name": "x" * 500,
-            "memory_free": 10,
+            "free_memory": 10,
             "queue_depth": True,
             "speed": {"m": {"decode_tok_s": 9}},
             "gateway": "yes",
@@ -88,7 +88,7 @@ def test_clean_advert_keeps_typed_fields_only():
         }
     )
     assert advert["models"] == ["smollm2"]
-    assert len(advert["name"]) == 200 and advert["memory_free"] == 10
+    assert len(advert["name"]) == 200 and advert["free_memory"] == 10
     assert "queue_depth" not in advert and "evil" not in advert and advert["gateway"] is False
     with pytest.raises(p.ProtocolError):
         clean_advert({"models": "not a list"})

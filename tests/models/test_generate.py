@@ -152,3 +152,21 @@ async def test_stop_ends_live_streams() -> None:
             pass
     assert engine.active_count == 0 and not engine.running
     assert set(_whole()[0].sequence_ids()) == before
+
+
+async def test_stage_failure_ends_that_stream_and_the_engine_goes_on() -> None:
+    """A stage that loses a sequence (as a restarted remote stage would) fails that request with the stage's
+    own error; the engine keeps serving."""
+    stage = _whole()[0]
+    before = set(stage.sequence_ids())
+    async with Engine([stage], tokenizer()) as engine:
+        stream = engine.stream(chat_ids(PARIS), SamplingParams(temperature=0, max_tokens=50))
+        await anext(stream)
+        (lost,) = set(stage.sequence_ids()) - before
+        stage.remove_sequence(lost)
+        with pytest.raises(ValueError, match=f"unknown sequence {lost}; call add_sequence first"):
+            async for _ in stream:
+                pass
+        result = await engine.generate_text(chat_ids(PARIS), GREEDY)
+        assert result.text == "The capital of France is Paris."
+    assert set(stage.sequence_ids()) == before

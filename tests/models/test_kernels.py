@@ -301,3 +301,58 @@ def test_cuda_matmul_matches_fp32_on_a_gpu(kind, q4_case, q8_case):
         y = tvm.runtime.tensor(np.zeros((rows, w.out_features), np.float32), gpu)
         lib["mm"](tvm.runtime.tensor(x, gpu), *[tvm.runtime.tensor(a, gpu) for a in w.arrays()], y)
         assert rel_err(y.numpy(), x @ dequantize(w).T) < 1e-5
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+def paged_case(lengths: list[int], h_kv: int, h_qo: int, d: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    npages = [(n + 15) // 16 for n in lengths]
+    total = sum(npages)
+    order = rng.permutation(total + 2).astype(np.int32)[:total]  # scattered pages, two unused
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    last = np.array([n - 16 * (p - 1) for n, p in zip(lengths, npages, strict=True)], np.int32)
+    pages = rng.standard_normal((total + 2, 2, h_kv, 16, d)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), h_qo, d)).astype(np.float32) * 2
+    return {"q": q, "pages": pages, "indptr": indptr, "values": order, "last": last, "lengths": lengths}
+
+
+def attention_reference(case: dict, h_kv: int, h_qo: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros_like(case["q"])
+    lse = np.zeros(case["q"].shape[:2], np.float32)
+    for b, n in enumerate(case["lengths"]):
+        ids = case["values"][case["indptr"][b]:case["indptr"][b + 1]]
+        kv = case["pages"][ids]  # [pages, 2, h_kv, 16, d]
+        k = kv[:, 0].transpose(1, 0, 2, 3).reshape(h_kv, -1, kv.shape[-1])[:, :n]
+        v = kv[:, 1].transpose(1, 0, 2, 3).reshape(h_kv, -1, kv.shape[-1])[:, :n]
+        for h in range(h_qo):
+            s = k[h // (h_qo // h_kv)] @ case["q"][b, h] * scale
+            p = np.exp(s - s.max())
+            out[b, h] = p @ v[h // (h_qo // h_kv)] / p.sum()
+            lse[b, h] = (s.max() + np.log(p.sum())) / np.log(2)
+    return out, lse
+
+
+def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_decode_attention
+
+    h_kv, h_qo, d, scale = 3, 9, 64, 0.125
+    case = paged_case([37, 16, 1, 200], h_kv, h_qo, d, 5)
+    ours = attention_decode_cpu(h_kv, h_qo, d, "float32", False, {})
+    stock = kv_cache._attention_decode_cpu(h_kv, h_qo, d, "float32", False, {})
+    lib = build({"ours": ours, "stock": stock.with_attr("global_symbol", "stock")}, ZNVER4)
+    ref_out, ref_lse = attention_reference(case, h_kv, h_qo, scale)
+    b = len(case["lengths"])
+    for name in ("ours", "stock"):
+        out = tvm.runtime.tensor(np.zeros((b, h_qo, d), np.float32), DEV)
+        lse = tvm.runtime.tensor(np.zeros((b, h_qo), np.float32), DEV)
+        args = [case["q"], case["pages"], case["indptr"], case["values"], case["last"],
+                np.zeros(b, np.int32), np.zeros(b, np.int32)]
+        lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, 0, 1.0, 1e4, scale)
+        np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-5, atol=1e-4, err_msg=name)
+    with fast_cpu_decode_attention():
+        assert kv_cache._attention_decode_cpu is attention_decode_cpu
+    assert kv_cache._attention_decode_cpu is not attention_decode_cpu

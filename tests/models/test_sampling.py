@@ -13,6 +13,7 @@ from models.sampling import (
     apply_presence_frequency,
     apply_repetition_penalty,
     greedy,
+    min_p_mask,
     sample,
     softmax,
     top_k_mask,
@@ -30,6 +31,7 @@ LOGITS = np.array([1.0, 3.0, 2.0, -1.0, 0.5, 2.5], np.float32)
     ({"top_p": 0.0}, "top_p must be greater than 0 and at most 1"),
     ({"top_p": 1.5}, "top_p must be between 0 and 1"),
     ({"top_k": -1}, "top_k must be a non-negative integer"),
+    ({"min_p": 1.5}, "min_p must be between 0 and 1"),
     ({"top_k": 2.5}, "top_k must be a non-negative integer"),
     ({"max_tokens": 0}, "max_tokens must be a positive integer"),
     ({"max_tokens": True}, "max_tokens must be a positive integer"),
@@ -84,6 +86,14 @@ def test_top_p_keeps_enough_mass(values: list[float], p: float) -> None:
     probs = softmax(logits)
     assert probs[kept].sum() >= p - 1e-6
     assert kept[int(np.argmax(logits))]
+
+
+def test_min_p_mask() -> None:
+    # probabilities relative to the top (logit 3.0): exp(-0.5) = 0.61 for 2.5, exp(-1) = 0.37 for 2.0
+    kept = np.isfinite(min_p_mask(LOGITS, 0.5))
+    assert set(np.flatnonzero(kept)) == {1, 5}
+    assert set(np.flatnonzero(np.isfinite(min_p_mask(LOGITS, 0.3)))) == {1, 2, 5}
+    assert np.array_equal(min_p_mask(LOGITS, 0.0), LOGITS)
 
 
 def test_repetition_penalty() -> None:

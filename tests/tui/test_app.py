@@ -35,6 +35,8 @@ async def test_every_tab_shows_live_data(node: TestNode) -> None:
 
         mesh_self = app.query_one("#mesh-self", Static)
         await wait_until(pilot, lambda: health["node"]["id"] in str(mesh_self.render()), "this node's id")
+        peers = app.query_one("#peers", DataTable)
+        await wait_until(pilot, lambda: str(peers.border_title).startswith("Peers "), "the peers section")
 
         await pilot.press("2")
         models = app.query_one("#models-table", DataTable)
@@ -75,8 +77,12 @@ async def test_pull_shows_progress_to_completion(node: TestNode) -> None:
         await wait_until(pilot, lambda: isinstance(app.focused, Input), "the pull prompt")
         assert app.focused.value == MODEL
         await pilot.press("enter")
-        await wait_until(pilot, lambda: len(app.query(JobProgress)) == 1, "a pull progress row")
-        job = app.query_one(JobProgress)
+
+        def pulls() -> list[JobProgress]:
+            return [job for job in app.query(JobProgress) if job.job_id.startswith("pull:")]
+
+        await wait_until(pilot, lambda: len(pulls()) == 1, "a pull progress row")
+        job = pulls()[0]
         await wait_until(pilot, lambda: job.state != "running", "the pull to finish")
         assert job.state == "done", job.detail
         assert job.total == 98_362_432
@@ -155,3 +161,24 @@ async def test_unknown_endpoints_read_as_not_available(node: TestNode) -> None:
     finally:
         await client.close()
     assert orjson.dumps(await node_json(node, "/health"))
+
+
+async def test_unload_and_load_from_the_models_tab(node: TestNode) -> None:
+    app = make_app(node.url)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        models = app.query_one("#models-table", DataTable)
+
+        def loaded() -> bool:
+            return "| loaded |" in table_text(models)
+
+        await wait_until(pilot, lambda: MODEL in table_text(models), "the models table")
+        if not loaded():
+            await pilot.press("l")
+            await wait_until(pilot, loaded, "the model to load", within=120)
+        await pilot.press("u")
+        await wait_until(pilot, lambda: not loaded(), "the model to unload")
+        assert MODEL not in (await node_json(node, "/health"))["models"]
+        await pilot.press("l")
+        await wait_until(pilot, loaded, "the model to load again", within=120)
+        assert MODEL in (await node_json(node, "/health"))["models"]

@@ -92,5 +92,5 @@ else
     echo "ok: the node the TUI started stopped with it"; PASSED=$((PASSED + 1))
 fi
 
-echo "tmux smoke: $PASSED passed, $FAILED failed"
+echo "tmux_smoke: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

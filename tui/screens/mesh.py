@@ -98,12 +98,15 @@ class MeshPane(NodePane):
         topo.self_id = str(info.get("id") or "")
         topo.names[topo.self_id] = str(info.get("name") or "")
         try:
-            peers = await self.client.peers()
+            view = await self.client.peers()
         except NotAvailable:
             table.border_title = "Peers — not available on this node"
-            peers = []
+            peers: list[dict[str, Any]] = []
         else:
-            table.border_title = f"Peers ({len(peers)})"
+            peers = list(view.get("peers") or [])
+            mesh_id = (view.get("self") or {}).get("mesh")
+            where = f"mesh {short_id(str(mesh_id), 16)}" if mesh_id else "not in a mesh (j: join)"
+            table.border_title = f"Peers ({len(peers)}) — {where}"
         table.clear()
         for peer in peers:
             topo.names[str(peer.get("id"))] = str(peer.get("name") or short_id(peer.get("id"), 10))

@@ -138,13 +138,22 @@ class ModelsPane(NodePane):
             job.detail = f"started ({short_id(result.get('cid'), 16)})"
 
     def action_compile(self) -> None:
-        if model := self._need_model("compile"):
-            self.job(f"compile:{model}", f"compile {model}")
-            self.run_action(self._compile(model), "compile")
+        model = self._need_model("compile")
+        if model is None:
+            return
 
-    async def _compile(self, model: str) -> None:
-        result = await self.client.model_action(model, "compile")
-        self.notify(f"compile {model}: {result.get('status', 'started')}", title="models")
+        def chosen(layers: str | None) -> None:
+            if layers is not None:
+                self.job(f"compile:{model}", f"compile {model}")
+                self.run_action(self._compile(model, "" if layers == "all" else layers), "compile")
+
+        self.app.push_screen(
+            PromptScreen(f"Compile {model} for this node: layers a:b, or all", "0:30", "all"), chosen
+        )
+
+    async def _compile(self, model: str, layers: str) -> None:
+        result = await self.client.model_action(model, "compile", {"layers": layers} if layers else None)
+        self.notify(f"compiled {model} layers {result.get('layers', 'all')}", title="models")
 
     def action_load(self) -> None:
         if model := self._need_model("load"):

@@ -7,14 +7,16 @@ from typing import Any, ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable
+from textual.widgets import DataTable, Static
 
-from tui.format import clock, number, route_kind, route_replans, short_id
+from tui.format import clock, describe_route, number, route_kind, route_replans, short_id
 from tui.screens.base import NodePane
 
 REQUEST_COLUMNS = ("id", "model", "route", "status", "TTFT ms", "tok/s", "tokens", "started", "re-plans")
 MAX_ROWS = 200
 _STATUS_STYLE = {
+    "stop": "green",
+    "length": "green",
     "running": "bold yellow",
     "ok": "green",
     "done": "green",
@@ -56,6 +58,7 @@ class RequestsPane(NodePane):
         table: DataTable[Any] = DataTable(id="requests-table", cursor_type="row", zebra_stripes=True)
         table.border_title = "Requests"
         yield table
+        yield Static("", id="request-detail")
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns(*REQUEST_COLUMNS)
@@ -84,12 +87,28 @@ class RequestsPane(NodePane):
         for stale in ordered[MAX_ROWS:]:
             self.records.pop(str(stale.get("id")), None)
         table = self.query_one(DataTable)
+        row = table.cursor_row
         table.clear()
         for record in ordered[:MAX_ROWS]:
             table.add_row(*request_row(record), key=str(record.get("id")))
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
         running = sum(1 for r in ordered if r.get("status") == "running")
         replanned = sum(1 for r in ordered if route_replans(r.get("route"), r))
         table.border_title = f"Requests ({len(ordered)}, {running} running, {replanned} re-planned)"
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        record = self.records.get(str(event.row_key.value))
+        if record is None:
+            return
+        self.query_one("#request-detail", Static).update(
+            Text.assemble(
+                (f"{record.get('id')}  ", "bold"),
+                f"{record.get('model')}  route: ",
+                (describe_route(record.get("route")), "magenta"),
+                f"  status: {record.get('status')}  finished: {clock(record.get('finished'))}",
+            )
+        )
 
     def action_clear_done(self) -> None:
         self.hidden.update(k for k, r in self.records.items() if r.get("status") != "running")

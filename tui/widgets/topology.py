@@ -22,12 +22,20 @@ def _span(span: Any) -> str:
 def draw_topology(topology: dict[str, Any], names: dict[str, str], self_id: str) -> Text:
     """Render nodes, links and pipelines as lines of text (pure: tested without an app)."""
 
+    names = dict(names)
+    self_id = self_id or str(topology.get("self") or "")
+    nodes: list[str] = []
+    for node in topology.get("nodes") or []:
+        node_id = str(node.get("id", "?")) if isinstance(node, dict) else str(node)
+        nodes.append(node_id)
+        if isinstance(node, dict) and node.get("name"):
+            names.setdefault(node_id, str(node["name"]))
+
     def name(node_id: str) -> str:
         label = names.get(node_id) or short_id(node_id, 10)
         return f"{label} (this node)" if node_id == self_id else label
 
     text = Text()
-    nodes = [n if isinstance(n, str) else str(n.get("id", "?")) for n in topology.get("nodes") or []]
     links = topology.get("links") or []
     pipelines = topology.get("pipelines") or []
     text.append(

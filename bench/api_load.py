@@ -1,0 +1,257 @@
+"""Load on the OpenAI endpoint: 1, 8 and 32 concurrent streaming clients against a real `shoal node`, and the
+same load on the `Engine` called directly in this process, in one run on one machine.
+
+    python bench/api_load.py [--backend numpy|tvm] [--max-tokens 32] [--levels 1,8,32] [--api URL]
+
+For each level: aggregate completion tok/s, TTFT p50/p99, per-token latency p50/p99, errors; then the HTTP
+overhead (node minus direct) of TTFT and per-token latency, and the aggregate speed-up over one client.
+The direct run goes first and its model is unloaded before the node starts, so the two never share cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mesh.events import EventBus  # noqa: E402
+from mesh.model_manager import ModelManager  # noqa: E402
+from models.embedded import DEFAULT_MODEL_NAME  # noqa: E402
+from models.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a CPU cache is.",
+    "List three uses of copper.",
+    "Describe a sunrise in the mountains.",
+]
+
+
+@dataclass
+class Run:
+    """One client's request."""
+
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Level:
+    clients: int
+    wall: float
+    runs: list[Run]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.error is not None for r in self.runs)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall if self.wall > 0 else 0.0
+
+    def ttfts(self) -> list[float]:
+        return [r.ttft for r in self.runs if r.ttft is not None]
+
+    def gaps(self) -> list[float]:
+        return [g for r in self.runs for g in r.gaps]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+async def run_level(clients: int, one: Callable[[int], Awaitable[Run]]) -> Level:
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(one(i) for i in range(clients)))
+    return Level(clients, time.perf_counter() - start, list(runs))
+
+
+# --- direct: the Engine in this process ------------------------------------------------------------------
+
+
+async def direct_levels(backend: str, max_tokens: int, levels: list[int]) -> list[Level]:
+    manager = ModelManager(EventBus(), backend=backend)
+    manager.add_embedded()
+    served = await manager.load(DEFAULT_MODEL_NAME)
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> Run:
+        run = Run()
+        t0 = time.perf_counter()
+        try:
+            ids = await loop.run_in_executor(None, served.tokenizer.encode_chat, messages(i))
+            last = None
+            params = SamplingParams(max_tokens=max_tokens, temperature=0)
+            async for event in served.engine.stream(ids, params):
+                now = time.perf_counter()
+                if run.ttft is None:
+                    run.ttft = now - t0
+                else:
+                    run.gaps.append(now - last)  # type: ignore[operator]
+                last = now
+                run.tokens = event.completion_tokens
+        except Exception as exc:  # report, keep benchmarking
+            run.error = repr(exc)
+        return run
+
+    try:
+        await one(0)  # warm-up
+        return [await run_level(n, one) for n in levels]
+    finally:
+        await manager.stop()
+
+
+# --- http: a real node ------------------------------------------------------------------------------------
+
+
+async def http_levels(url: str, max_tokens: int, levels: list[int]) -> list[Level]:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+        async def one(i: int) -> Run:
+            run = Run()
+            body = {"model": DEFAULT_MODEL_NAME, "messages": messages(i), "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            last = None
+            try:
+                async with session.post(url + "/v1/chat/completions", json=body) as response:
+                    if response.status != 200:
+                        run.error = f"HTTP {response.status}"
+                        return run
+                    async for line in response.content:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        chunk = orjson.loads(line[6:])
+                        if "error" in chunk:
+                            run.error = chunk["error"]["message"]
+                        elif chunk.get("usage"):
+                            run.tokens = chunk["usage"]["completion_tokens"]
+                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            now = time.perf_counter()
+                            if run.ttft is None:
+                                run.ttft = now - t0
+                            else:
+                                run.gaps.append(now - last)  # type: ignore[operator]
+                            last = now
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                run.error = repr(exc)
+            return run
+
+        await one(0)  # warm-up
+        return [await run_level(n, one) for n in levels]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_node(backend: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="shoal-bench-")
+    env = {**os.environ, "SHOAL_CONFIG": os.devnull}
+    cmd = [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", "node", "--api",
+           f"127.0.0.1:{port}", "--data-dir", data_dir, "--backend", backend]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit("shoal node exited during start")
+            try:
+                async with session.get(url + "/health") as r:
+                    if r.status == 200 and (await r.json())["models"]:
+                        return proc, url
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    proc.kill()
+    raise SystemExit("shoal node did not become ready")
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:8.1f}"
+
+
+def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int) -> None:
+    print(f"\nshoal API load: backend={backend}, max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs")
+    header = (f"{'path':<7}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'tok p50':>9}"
+              f"{'tok p99':>9}{'errors':>8}{'x1 client':>10}")
+    print(header)
+    print("-" * len(header))
+    for label, levels in (("direct", direct), ("http", http)):
+        base = levels[0].tok_s if levels else 0
+        for lv in levels:
+            print(f"{label:<7}{lv.clients:>8}{lv.tok_s:>9.1f}{ms(pct(lv.ttfts(), 50)):>10}"
+                  f"{ms(pct(lv.ttfts(), 99)):>10}{ms(pct(lv.gaps(), 50)):>9}{ms(pct(lv.gaps(), 99)):>9}"
+                  f"{lv.errors:>8}{lv.tok_s / base if base else float('nan'):>10.2f}")
+    print("\nHTTP overhead (node - direct), ms:")
+    print(f"{'clients':>8}{'TTFT p50':>10}{'tok p50':>9}{'tok/s ratio':>13}")
+    for d, h in zip(direct, http, strict=True):
+        ttft = pct(h.ttfts(), 50) - pct(d.ttfts(), 50)
+        gap = pct(h.gaps(), 50) - pct(d.gaps(), 50)
+        print(f"{d.clients:>8}{ms(ttft):>10}{ms(gap):>9}{h.tok_s / d.tok_s if d.tok_s else float('nan'):>13.2f}")
+    errors = [r.error for lv in (*direct, *http) for r in lv.runs if r.error]
+    if errors:
+        print(f"\nfirst error: {errors[0]}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="numpy", choices=("numpy", "tvm"))
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--api", help="use this running node instead of starting one")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    direct = await direct_levels(args.backend, args.max_tokens, levels)
+    proc = None
+    url = args.api
+    if url is None:
+        proc, url = await start_node(args.backend)
+    try:
+        http = await http_levels(url.rstrip("/"), args.max_tokens, levels)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    report(direct, http, args.backend, args.max_tokens)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

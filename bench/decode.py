@@ -1,0 +1,233 @@
+"""Prefill and decode speed of shoal's compiled runtime, shoal's NumPy reference and llama.cpp, one table.
+
+    python bench/decode.py [--target auto|llvm|cuda] [--quantization q4_1|f32] [--repeats 3]
+
+Each engine runs in its own subprocess (so peak RSS is its own): a ~200-token chat prompt is prefilled, then
+128 greedy decode steps follow; the median of `--repeats` runs is reported. llama.cpp (llama-cpp-python,
+n_threads = the core count, same GGUF) is included when importable; ratios are against it. The compiled
+engine's library is built (or found) in the compile cache before it is timed; the compile column is the
+build time recorded in the cache manifest (`--fresh-compile` rebuilds into a temporary cache first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ENGINES = ("shoal-compiled", "shoal-numpy", "llama.cpp")
+PROMPT_TOKENS = 200
+TOPIC = ("Explain, step by step and with examples, how a compiler turns a high level program into fast "
+         "machine code for a small computer with two cores, covering parsing, optimisation, scheduling and "
+         "memory. ")
+
+
+def chat_prompt(tokenizer: Any, n_tokens: int = PROMPT_TOKENS) -> list[int]:
+    """A rendered chat prompt (SmolLM's default system prompt, one user turn) of about `n_tokens` ids."""
+    words = (TOPIC * 20).split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest user message whose prompt fits n_tokens
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.encode_chat([{"role": "user", "content": " ".join(words[:mid])}])) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tokenizer.encode_chat([{"role": "user", "content": " ".join(words[:lo])}])
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _ShoalEngine:
+    def __init__(self, stage: Any, vocab: int) -> None:
+        self.stage = stage
+        self.vocab = vocab
+        self._seq = 0
+
+    def run(self, prompt: list[int], steps: int) -> tuple[float, float, list[int]]:
+        import numpy as np
+
+        self._seq += 1
+        seq = self._seq
+        self.stage.add_sequence(seq)
+        try:
+            start = time.perf_counter()
+            logits = self.stage.prefill(seq, np.asarray(prompt, dtype=np.int32))
+            prefill_s = time.perf_counter() - start
+            tokens = [int(np.argmax(logits))]
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = self.stage.decode([seq], np.asarray(tokens[-1:], dtype=np.int32))
+                tokens.append(int(np.argmax(logits[0])))
+            decode_s = time.perf_counter() - start
+        finally:
+            self.stage.remove_sequence(seq)
+        return prefill_s, decode_s, tokens
+
+
+class _LlamaCppEngine:
+    def __init__(self, model_path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=1024, n_batch=512, logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        ctx = getattr(self.llm, "ctx", None) or self.llm._ctx.ctx
+        ptr = self.llama_cpp.llama_get_logits_ith(ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.vocab,))))
+
+    def run(self, prompt: list[int], steps: int) -> tuple[float, float, list[int]]:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        prefill_s = time.perf_counter() - start
+        tokens = [self._argmax()]
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval(tokens[-1:])
+            tokens.append(self._argmax())
+        decode_s = time.perf_counter() - start
+        return prefill_s, decode_s, tokens
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one engine in this process and return its measurements."""
+    from models.embedded import embedded_model_path
+    from models.gguf import GGUFModel
+    from models.span import LayerSpan
+    from models.targets import host_cores
+    from models.tokenizer import Tokenizer
+
+    model_path = Path(args.model) if args.model != "default" else embedded_model_path()
+    gguf = GGUFModel.open(model_path)
+    prompt = chat_prompt(Tokenizer.from_gguf(gguf))
+    result: dict[str, Any] = {"engine": args.worker, "prompt_tokens": len(prompt), "compile_s": None}
+    start = time.perf_counter()
+    if args.worker == "shoal-compiled":
+        from models.runtime import CompiledStage
+
+        stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
+                                   quantization=args.quantization)
+        result["compile_s"] = json.loads(stage.shard.manifest.read_text()).get("compile_seconds")
+        result["device"] = stage.target.kind
+        engine: Any = _ShoalEngine(stage, gguf.config.vocab_size)
+    elif args.worker == "shoal-numpy":
+        from models.reference import ReferenceStage
+
+        engine = _ShoalEngine(ReferenceStage(gguf, LayerSpan.whole(gguf.config.num_layers)),
+                              gguf.config.vocab_size)
+    else:
+        engine = _LlamaCppEngine(model_path, args.threads or host_cores())
+    gguf.close()  # the engines hold their own copies; drop the mapped file's pages
+    result["load_s"] = time.perf_counter() - start
+    engine.run(prompt[:16], 4)  # warm up
+    prefills, decodes = [], []
+    for _ in range(args.repeats):
+        prefill_s, decode_s, tokens = engine.run(prompt, args.steps)
+        prefills.append(len(prompt) / prefill_s)
+        decodes.append(args.steps / decode_s)
+    result.update(prefill_tps=statistics.median(prefills), decode_tps=statistics.median(decodes),
+                  peak_rss_mb=_peak_rss_mb(), first_tokens=tokens[:8])
+    return result
+
+
+def _run_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", engine, "--target", args.target, "--model", args.model,
+           "--quantization", args.quantization, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"engine": engine, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def _llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    ref = next((r for r in rows if r["engine"] == "llama.cpp" and "error" not in r), None)
+    head = (f"{'engine':<16} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak RSS MB':>11} {'compile s':>9} "
+            f"{'prefill ×llama.cpp':>18} {'decode ×llama.cpp':>17}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['engine']:<16} failed: {r['error']}")
+            continue
+        pr = r["prefill_tps"] / ref["prefill_tps"] if ref else None
+        dr = r["decode_tps"] / ref["decode_tps"] if ref else None
+        print(f"{r['engine']:<16} {r['prefill_tps']:>13.1f} {r['decode_tps']:>12.1f} "
+              f"{r['peak_rss_mb']:>11.0f} {_fmt(r.get('compile_s'), '9.1f'):>9} "
+              f"{_fmt(pr, '17.2f'):>17}× {_fmt(dr, '16.2f'):>16}×")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="auto", choices=("auto", "llvm", "cuda"))
+    parser.add_argument("--quantization", default="q4_1", choices=("q4_1", "f32"))
+    parser.add_argument("--model", default="default", help="GGUF path, or `default` (the embedded model)")
+    parser.add_argument("--steps", type=int, default=128, help="greedy decode steps (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is shown")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: core count)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated subset of " + ", ".join(ENGINES))
+    parser.add_argument("--fresh-compile", action="store_true", help="rebuild into a temporary compile cache")
+    parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.fresh_compile:
+        os.environ["SHOAL_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="shoal-bench-compile-")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
+    if "llama.cpp" in engines and not _llama_cpp_available():
+        print("llama.cpp: llama-cpp-python is not installed; skipped", file=sys.stderr)
+        engines.remove("llama.cpp")
+    rows = []
+    for engine in engines:
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        rows.append(_run_engine(engine, args))
+    print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; median of "
+          f"{args.repeats}; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
+    print_table(rows)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Writing a file while its DAG streams in (a CAR in depth-first order): each verified leaf is written at its
+offset, which the (earlier) parent nodes give. If anything is missing at the end, the caller falls back to
+`reader.assemble_file`; a partial output is never renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from multiformats import CID
+
+from mesh.ipfs.errors import CodecError
+from mesh.ipfs.reader import decode_file_node
+
+
+class StreamingAssembler:
+    def __init__(self, root: CID, dest: Path) -> None:
+        self.root = root
+        self.dest = dest
+        self._offsets: dict[bytes, list[int]] = {bytes(root.digest): [0]}
+        self._size: int | None = None
+        self._written = 0
+        self._lock = threading.Lock()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        self._closed = False
+
+    def plan(self, cid: CID, block: bytes) -> tuple[list[int], bytes]:
+        """Offsets where this block's own file bytes go, and those bytes; registers its children's offsets.
+        Call in stream order (parents before children), on the event loop; may see unverified bytes, which
+        is harmless: nothing is written before the block is verified, and a bad block ends the stream."""
+        offsets = self._offsets.pop(bytes(cid.digest), [])
+        try:
+            node = decode_file_node(cid, block)
+        except CodecError:
+            return [], b""
+        if cid == self.root:
+            self._size = node.size
+        for base in offsets:
+            pos = base + len(node.data)
+            for child, size in node.children:
+                self._offsets.setdefault(bytes(child.digest), []).append(pos)
+                pos += size
+        return offsets, node.data
+
+    def write(self, offsets: list[int], data: bytes) -> None:
+        """Write verified bytes at their offsets (any thread)."""
+        for offset in offsets:
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view = view[n:]
+                pos += n
+            with self._lock:
+                self._written += len(data)
+
+    def finish(self) -> bool:
+        """Fsync and rename into place if every byte was written; else discard. Blocking."""
+        complete = self._size is not None and self._written == self._size and not self._offsets
+        try:
+            if complete:
+                os.ftruncate(self._fd, self._size or 0)
+                os.fsync(self._fd)
+        finally:
+            self._close()
+        if complete:
+            os.replace(self._tmp, self.dest)
+        else:
+            Path(self._tmp).unlink(missing_ok=True)
+        return complete
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        self._close()
+        Path(self._tmp).unlink(missing_ok=True)

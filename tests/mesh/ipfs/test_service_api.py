@@ -1,0 +1,71 @@
+"""The service's HTTP API (`POST /v1/models/pull` with progress on the event bus, `POST /v1/models/publish`,
+`GET /v1/ipfs/models`) and the importer's flat memory."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from pathlib import Path
+
+from mesh.events import EventBus
+from mesh.ipfs.importer import ImportOptions, import_file
+from mesh.ipfs.service import IpfsService
+from tests.mesh.ipfs.conftest import offline_config, start_gateway
+
+MIB = 1024 * 1024
+
+
+async def test_pull_endpoint_reports_progress_events(write_data, tmp_path: Path, http) -> None:
+    source = write_data(6 * MIB, seed=11)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        runner_a, url_a = await start_gateway(node_a)
+        async with http.post(f"{url_a}/v1/models/publish", json={"path": str(source), "name": "six-mib"}) as r:
+            assert r.status == 200, await r.text()
+            cid = (await r.json())["cid"]
+        bus = EventBus()
+        subscription = bus.subscribe()
+        async with IpfsService(offline_config(gateways=(url_a,), parallelism=2), tmp_path / "b", bus) as node_b:
+            runner_b, url_b = await start_gateway(node_b)
+            try:
+                async with http.post(f"{url_b}/v1/models/pull", json={"model": cid}) as r:
+                    assert r.status == 202
+                    pull_id = (await r.json())["pull_id"]
+                events = []
+                async with asyncio.timeout(60):
+                    async for event in subscription:
+                        events.append(event)
+                        if event.kind in ("pull.done", "pull.failed"):
+                            break
+                async with http.get(f"{url_b}/v1/ipfs/models") as r:
+                    listed = (await r.json())["models"]
+                async with http.post(f"{url_b}/v1/models/pull", json={"model": "no-such-model"}) as r:
+                    assert r.status == 404
+                    assert "neither a known model name" in await r.text()
+                async with http.post(f"{url_b}/v1/models/pull", data=b"not json") as r:
+                    assert r.status == 400
+            finally:
+                await runner_b.cleanup()
+                await runner_a.cleanup()
+    assert events[-1].kind == "pull.done", events[-1]
+    assert all(e.data["pull_id"] == pull_id for e in events if e.kind.startswith("pull."))
+    progress = [e.data for e in events if e.kind == "pull.progress"]
+    assert progress and progress[-1]["bytes_done"] == progress[-1]["bytes_total"] == 6 * MIB
+    assert {"model", "cid", "blocks_done", "rate_bps", "eta_s"} <= set(progress[-1])
+    assert Path(events[-1].data["path"]).read_bytes() == source.read_bytes()
+    assert any(m["cid"] == cid and m["complete"] for m in listed)
+
+
+def test_import_memory_stays_flat(tmp_path: Path) -> None:
+    """Importing 48 MiB holds at most a few chunks plus one row of links per level, not the file."""
+    path = tmp_path / "big.bin"
+    with path.open("wb") as out:
+        for i in range(48):
+            out.write(bytes([i]) * MIB)
+    tracemalloc.start()
+    try:
+        result = import_file(path, options=ImportOptions(cid_version=1))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.size == 48 * MIB
+    assert peak < 4 * MIB, peak

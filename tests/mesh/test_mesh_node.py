@@ -1,0 +1,118 @@
+"""Real `shoal node` processes joined by invite: full mesh, `shoal peers`, and a file published on one node
+and pulled by another through the mesh (the IPFS layer's fetcher with the "mesh peers" source)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.invite import Invite
+from tests.mesh.mesh_nodes import REPO, Node, free_port, full_mesh, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class ShoalNode(Node):
+    """A `shoal node --join INVITE` process (numpy backend, no model preload, loopback ICE, no mDNS)."""
+
+    def start(self, timeout_s: float = 60.0) -> ShoalNode:
+        self.log_path = self.data_dir.parent / f"{self.name}.log"
+        log = open(self.log_path, "a")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == "SHOAL_COMPILE_CACHE"
+        }
+        env.update(
+            SHOAL_CONFIG=os.devnull,
+            SHOAL_NAME=self.name,
+            SHOAL_MODELS_PRELOAD="false",
+            SHOAL_MESH_ICE_INTERFACES="lo",
+            SHOAL_MESH_MDNS="false",
+            PYTHONPATH=str(REPO),
+        )
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from mesh.cli import main; sys.exit(main())",
+            "node",
+            "--api",
+            self.api,
+            "--data-dir",
+            str(self.data_dir),
+            "--backend",
+            "numpy",
+            *self.args,
+        ]
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
+            try:
+                self.peer_id = self.get("/v1/mesh/peers", timeout=2)["self"]["id"]
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def shoal_nodes(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shoalnodes")
+    apis = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    token = Invite.create("nodes", (apis[0],)).to_token()  # everyone bootstraps from the first node
+    nodes = [ShoalNode(f"n{i + 1}", base / f"n{i + 1}", api, ["--join", token]) for i, api in enumerate(apis)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill(15)
+
+
+def test_shoal_nodes_join_by_invite_and_reach_full_mesh(shoal_nodes):
+    wait_until(lambda: full_mesh(shoal_nodes), 60, "full mesh of shoal nodes")
+    n1, n2, _ = shoal_nodes
+    view = n1.peers()[n2.peer_id]
+    assert view["name"] == "n2" and view["api"] == n2.api
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mesh.cli import main; sys.exit(main())",
+            "peers",
+            "--api",
+            n1.api,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "SHOAL_CONFIG": os.devnull},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "n2" in result.stdout and "n3" in result.stdout
+
+
+def test_file_published_on_one_node_is_pulled_through_the_mesh(shoal_nodes, tmp_path):
+    wait_until(lambda: full_mesh(shoal_nodes), 60, "full mesh")
+    _, n2, n3 = shoal_nodes
+    content = os.urandom(700_000)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(content)
+    cid = n2.post("/v1/models/publish", {"path": str(source), "name": "meshfile"})["cid"]
+    accepted = n3.post("/v1/models/pull", {"model": cid})
+    assert accepted.get("cid") == cid, accepted
+
+    def pulled() -> Path | None:
+        entry = next((m for m in n3.get("/v1/ipfs/models")["models"] if m["cid"] == cid), None)
+        return Path(entry["path"]) if entry and entry["complete"] and entry["path"] else None
+
+    path = wait_until(pulled, 60, "pull finished on n3")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(content).hexdigest()

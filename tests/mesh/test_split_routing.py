@@ -1,0 +1,55 @@
+"""Router pieces that need no network: forced routes, speed measurement, advert parsing, offload params."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.offload import _token_event, params_to_wire
+from mesh.routing import ForcedRoute, Speeds, _advert_models, _num
+from models.sampling import SamplingParams
+
+
+def test_forced_route_parses_and_validates() -> None:
+    route = ForcedRoute.from_body({"kind": "split", "stages": [{"peer": "local", "layers": "0:15"},
+                                                               {"peer": "p2", "layers": "15:"}]})
+    assert route is not None
+    plan = route.to_plan(30)
+    assert plan.kind == "split" and [str(a.span) for a in plan.stages] == ["0:15", "15:30"]
+    assert ForcedRoute.from_body({}) is None and ForcedRoute.from_body(None) is None
+    assert ForcedRoute.from_body({"kind": "local"}).to_plan(30).devices == ["local"]  # type: ignore[union-attr]
+    for bad in ({"kind": "teleport"}, {"kind": "split", "stages": [{"peer": 1}]}, [], {"kind": "offload"}):
+        with pytest.raises(ValueError):
+            parsed = ForcedRoute.from_body(bad)
+            assert parsed is not None
+            parsed.to_plan(30)
+    with pytest.raises(ValueError):
+        ForcedRoute.from_body({"kind": "split", "stages": [{"peer": "a", "layers": "0:40"}]}).to_plan(30)  # type: ignore[union-attr]
+
+
+def test_speeds_are_a_moving_average() -> None:
+    speeds = Speeds()
+    assert speeds.get("m") == (0.0, 0.0)
+    speeds.observe("m", prompt_tokens=100, ttft_s=0.5, tok_s=10.0)
+    assert speeds.get("m") == (10.0, 200.0)
+    speeds.observe("m", prompt_tokens=2, ttft_s=0.5, tok_s=20.0)  # too short a prompt to time prefill
+    decode, prefill = speeds.get("m")
+    assert 10.0 < decode < 20.0 and prefill == 200.0
+
+
+def test_advert_parsing_tolerates_junk() -> None:
+    assert _advert_models({"models": ["a", {"id": "b"}, 3, {"name": 4}]}) == {"a", "b"}
+    assert _advert_models({}) == set()
+    assert _num("7") == 0.0 and _num(float("inf"), 1.0) == 1.0 and _num(2**2000) == 0.0 and _num(2.5) == 2.5
+
+
+def test_offload_params_and_token_frames() -> None:
+    params = SamplingParams(max_tokens=9, temperature=0, stop=("x",))
+    wire = params_to_wire(params, max_tokens=4)
+    assert wire["max_tokens"] == 4 and wire["stop"] == ["x"]
+    assert SamplingParams(**wire).max_tokens == 4
+    good = {"token": 5, "text": "hi", "index": 0, "prompt_tokens": 3, "completion_tokens": 1, "finish": None}
+    event = _token_event(good, 0)
+    assert event is not None and event.token_id == 5 and event.finish_reason is None
+    assert _token_event(good, 1) is None  # out of order
+    assert _token_event({**good, "token": "5"}, 0) is None
+    assert _token_event({**good, "finish": 3}, 0) is None
