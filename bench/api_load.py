@@ -15,7 +15,6 @@ import asyncio
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.events import EventBus  # noqa: E402
-from mesh.model_manager import ModelManager  # noqa: E402
-from models.embedded import DEFAULT_MODEL_NAME  # noqa: E402
-from models.sampling import SamplingParams  # noqa: E402
+from mesh.events import EventBus
+from mesh.model_manager import ModelManager
+from models.embedded import DEFAULT_MODEL_NAME
+from models.sampling import SamplingParams
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -183,7 +182,7 @@ async def start_node(backend: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "SHOAL_CONFIG": os.devnull}
     cmd = [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", "node", "--api",
            f"127.0.0.1:{port}", "--data-dir", data_dir, "--backend", backend]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     async with aiohttp.ClientSession() as session:
@@ -225,14 +224,17 @@ def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int
     for d, h in zip(direct, http, strict=True):
         ttft = pct(h.ttfts(), 50) - pct(d.ttfts(), 50)
         gap = pct(h.gaps(), 50) - pct(d.gaps(), 50)
-        print(f"{d.clients:>8}{ms(ttft):>10}{ms(gap):>9}{h.tok_s / d.tok_s if d.tok_s else float('nan'):>13.2f}")
+        ratio = h.tok_s / d.tok_s if d.tok_s else float("nan")
+        print(f"{d.clients:>8}{ms(ttft):>10}{ms(gap):>9}{ratio:>13.2f}")
     errors = [r.error for lv in (*direct, *http) for r in lv.runs if r.error]
     if errors:
         print(f"\nfirst error: {errors[0]}")
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", default="numpy", choices=("numpy", "tvm"))
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,8,32")

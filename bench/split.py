@@ -71,20 +71,26 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
             a.force(kind, *stages)
             timed_stream(a, 4)  # warm-up: stages load their spans on first use
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
+        overhead: dict[str, list[float]] = {name: [] for name in routes}
         for _ in range(args.runs):  # round robin: load from elsewhere on the machine hits every route alike
             for name, (kind, *stages) in routes.items():
                 a.force(kind, *stages)
-                ttft, rate, _, _ = timed_stream(a, args.tokens)
+                ttft, rate, _, route = timed_stream(a, args.tokens)
                 runs[name].append((ttft, rate))
+                timing = route.get("stage_timing") or []
+                calls = max((t["calls"] for t in timing), default=0)
+                if calls:  # wall time of stage calls not spent computing, per engine step
+                    overhead[name].append(sum(t["seconds"] - t["compute_s"] for t in timing) / calls)
         for name, samples in runs.items():
             ttfts, rates = zip(*samples, strict=True)
             results[name] = (statistics.median(ttfts), statistics.median(rates))
         print(f"\n## {label} ({'a: core 0, b+c: core 1' if pinned else 'unpinned'}), backend {args.backend}, "
               f"{args.tokens} tokens, median of {args.runs}")
-        print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9}")
+        print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'link+relay ms/step':>19}")
         local_rate = results["local"][1]
         for name, (ttft, rate) in results.items():
-            print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x")
+            extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
+            print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {extra}")
         print(f"offload TTFT overhead: {(results['offload'][0] - results['local'][0]) * 1000:.1f} ms")
         if args.recovery:
             a.force(*routes["3-stage"])

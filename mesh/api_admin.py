@@ -41,6 +41,7 @@ async def node_info(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     node.metrics.active_streams.set(node.models.active_sequences())
+    node.metrics.engine_waiting.set(node.models.waiting())
     return web.Response(body=node.metrics.render(), headers={"Content-Type": node.metrics.content_type})
 
 

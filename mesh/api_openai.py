@@ -168,7 +168,7 @@ async def _tokens(
 ) -> AsyncIterator[Any]:
     """The engine's token events, with metrics; the engine stream is closed whatever happens."""
     metrics = request.app[NODE].metrics
-    router = getattr(request.app[NODE], "router", None)  # mesh.routing.Router: local / offload / split
+    router = request.app[NODE].router  # mesh.routing.Router (local / offload / split) when wired
     if router is not None:
         source = router.stream(served, prompt_ids, params, record.route)
     else:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SERVICE_TYPE = "_shoal._tcp.local."
 MAX_EXCHANGED = 64
+MAX_TARGETS = 256
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Discovery:
             return
         target = self.targets.get(address)
         if target is None:
+            learned = [a for a, t in self.targets.items() if not t.bootstrap]
+            if len(learned) >= MAX_TARGETS:  # bounded: peers' lists are peer input
+                del self.targets[learned[0]]
             self.targets[address] = Target(address, peer_id=peer_id)
         elif target.peer_id != peer_id:
             target.peer_id = peer_id
@@ -182,6 +186,8 @@ class Discovery:
                 continue
             name = entry.get("name") if isinstance(entry.get("name"), str) else "?"
             api = api if isinstance(api, str) and 3 <= len(api) <= 200 else None
+            if peer_id not in self.service.known and len(self.service.known) >= MAX_TARGETS:
+                del self.service.known[next(iter(self.service.known))]
             self.service.known.setdefault(peer_id, {"name": name[:64], "api": api})
             if peer_id in self.service.peers or self.service.is_banned(peer_id):
                 continue

@@ -59,6 +59,9 @@ class NodeMetrics:
         self.active_streams = Gauge(
             "shoal_active_sequences", "Sequences the engines currently hold", registry=self.registry
         )
+        self.engine_waiting = Gauge(
+            "shoal_engine_waiting", "Requests queued for a batch slot in the engines", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

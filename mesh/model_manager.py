@@ -206,6 +206,10 @@ class ModelManager:
     def served(self, name: str) -> ServedModel | None:
         return self._served.get(name)
 
+    def waiting(self) -> int:
+        """Requests queued for a batch slot."""
+        return sum(s.engine.queue_depth for s in self._served.values())
+
     def active_sequences(self) -> int:
         """Requests the engines hold (waiting, in prefill or in decode)."""
         return sum(s.engine.active_count + s.engine.queue_depth for s in self._served.values())

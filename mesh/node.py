@@ -91,6 +91,9 @@ class Node:
         )
         self.policy: PolicyConfig = config.policy
         self.services: list[Service] = [self.ipfs, self.mesh]
+        self.router: Any = None
+        """Set by `mesh.split_service.SplitService`: completions then stream through `router.stream(served,
+        prompt_ids, params, route)` (local, offload or split); None streams from the local engine."""
         self.identity: Identity | None = None
         self.started: float | None = None
         self.draining = False
@@ -236,6 +239,15 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def build_node(config: NodeConfig) -> Node:
+    """The node `shoal node` runs: IPFS, mesh, and offload/split routing over the mesh."""
+    from mesh.split_service import SplitService
+
+    node = Node(config)
+    node.services.append(SplitService(node, node.mesh))
+    return node
 
 
 async def serve_until_signalled(node: Node) -> None:

@@ -92,6 +92,12 @@ class LinkTiming:
 
     calls: int = 0
     seconds: float = 0.0
+    """Wall time of the calls, as the origin saw them."""
+    compute_s: float = 0.0
+    """Compute time the stage reported for them: `seconds - compute_s` is what the link and relaying cost."""
+
+    def to_dict(self) -> dict[str, float]:
+        return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4)}
 
 
 class RemoteStage:
@@ -189,6 +195,9 @@ class RemoteStage:
         reply = self._call(self.link.request_binary(TENSOR, frame.meta, frame.payload, timeout), timeout)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
+        compute = reply.meta.get("compute_s")
+        if isinstance(compute, float | int) and not isinstance(compute, bool) and 0 <= compute < 3600:
+            self.timing.compute_s += compute
         try:
             message = wire.decode_output(reply, self.config.vocab_size)
         except (wire.FrameError, MeshError) as exc:
@@ -276,6 +285,16 @@ class SplitPipeline:
 
     def route(self) -> list[tuple[str, str]]:
         return [(getattr(s, "peer", LOCAL_PEER), str(s.span)) for s in self.stages]
+
+    def timings(self) -> list[dict[str, Any]]:
+        """Per-stage call accounting of the current chain (see `LinkTiming`)."""
+        out = []
+        for stage in self.stages:
+            timing = getattr(stage, "timing", None)
+            if isinstance(timing, LinkTiming):
+                out.append({"peer": getattr(stage, "peer", LOCAL_PEER), "layers": str(stage.span),
+                            **timing.to_dict()})
+        return out
 
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._history:

@@ -322,6 +322,7 @@ class Router:
                     yield event
         finally:
             await engine.stop()
+            route["stage_timing"] = pipeline.timings()
             await loop.run_in_executor(None, pipeline.close)
 
     async def _replan(self, served: Any, config: Any, weight_bytes: int, prompt_ids: list[int], params: Any,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ class StageHost:
                 raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
             inputs = self._check_inputs(hosted.stage, message)
             ids = [s.local_id for s in live]
-            out = await self._run(self._forward, hosted.stage, message.op, ids, inputs)
+            out, seconds = await self._run(self._timed_forward, hosted.stage, message.op, ids, inputs)
         except wire.FrameError as exc:
             self.refused += 1
             logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
@@ -206,8 +207,20 @@ class StageHost:
             return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
         self.calls += 1
         if hosted.stage.span.is_last(hosted.stage.config.num_layers):
-            return wire.encode_logits(frame.request_id, message.step, out, message.top_k)
-        return wire.encode_hidden(frame.request_id, message.step, out, fp16=message.meta.get("out") == "f16")
+            reply = wire.encode_logits(frame.request_id, message.step, out, message.top_k)
+        else:
+            fp16 = message.meta.get("out") == "f16"
+            reply = wire.encode_hidden(frame.request_id, message.step, out, fp16=fp16)
+        reply.meta["compute_s"] = round(seconds, 6)  # lets the origin tell link time from compute time
+        return reply
+
+    @classmethod
+    def _timed_forward(
+        cls, stage: Stage, op: str, ids: list[int], inputs: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        out = cls._forward(stage, op, ids, inputs)
+        return out, time.perf_counter() - started
 
     @staticmethod
     def _check_inputs(stage: Stage, message: wire.TensorMessage) -> np.ndarray:

@@ -67,11 +67,12 @@ def tvm_version() -> str:
     return str(tvm.__version__)
 
 
-def source_hash() -> str:
-    """sha256 over the model-building sources (llama.py, this file, models/kernels/*.py)."""
+def source_hash(quantization: str = "f32") -> str:
+    """sha256 over the sources a build of `quantization` depends on (llama.py, compile.py, schedule.py, and
+    for quantized builds models/kernels/*.py)."""
     here = Path(__file__).resolve().parent
     files = [here / name for name in _SOURCE_FILES]
-    for folder in _SOURCE_DIRS:
+    for folder in _SOURCE_DIRS if quantization != "f32" else ():
         files.extend(sorted((here / folder).glob("*.py")))
     h = hashlib.sha256()
     for path in files:
@@ -102,7 +103,7 @@ def compile_key(fingerprint: str, span: LayerSpan, quantization: str, target: Ta
         "target": target.key,
         "tvm": tvm_version(),
         "shoal": shoal_version(),
-        "source": source_hash(),
+        "source": source_hash(quantization),
         "manifest": MANIFEST_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

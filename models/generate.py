@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from models.errors import ContextOverflowError, ModelError
-from models.sampling import Sampler, SamplingParams
+from models.sampling import Sampler, SamplingParams, split_at_stop
 from models.stage import Stage
 from models.tokenizer import StreamDecoder, Tokenizer
 
@@ -374,8 +374,8 @@ class Engine:
             req.pending = ""
             finish = "stop"
         else:
-            req.pending += req.decoder.push(token)
-            text, finish = self._cut_stop(req)
+            text, req.pending, stopped = split_at_stop(req.pending + req.decoder.push(token), req.params.stop)
+            finish = "stop" if stopped else None
             if finish is None and len(req.output) >= req.max_tokens:
                 text += req.pending + req.decoder.flush()
                 req.pending = ""
@@ -386,25 +386,3 @@ class Engine:
         if finish is not None:
             self.stats.finished += 1
             self._retire(req)  # its KV cache is freed at the top of the next turn
-
-    @staticmethod
-    def _cut_stop(req: _Request) -> tuple[str, FinishReason | None]:
-        """Emit what cannot be part of a stop string; stop at the first complete one."""
-        stops = req.params.stop
-        if not stops:
-            text, req.pending = req.pending, ""
-            return text, None
-        pending = req.pending
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            req.pending = ""
-            return pending[:min(hits)], "stop"
-        hold = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(pending)), hold, -1):
-                if pending.endswith(s[:n]):
-                    hold = n
-                    break
-        cut = len(pending) - hold
-        req.pending = pending[cut:]
-        return pending[:cut], None

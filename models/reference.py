@@ -90,7 +90,8 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class ReferenceStage:
-    """A `Stage` computing layers `span` of `model` in NumPy fp32."""
+    """A `Stage` computing layers `span` of `model` in NumPy fp32. Not thread-safe: callers serialise calls
+    (the Engine does)."""
 
     def __init__(self, model: GGUFModel, span: LayerSpan, *, max_context: int | None = None,
                  load: Callable[[str], np.ndarray] | None = None) -> None:

@@ -171,6 +171,25 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return int(rng.choice(probs.size, p=probs))
 
 
+def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Stop strings over streamed text. `pending` is text not yet emitted. Returns (emit, keep, stopped):
+    with a stop string in `pending`, emit what precedes the first one and stop; otherwise emit all but the
+    longest tail that could begin a stop string, and keep that tail for the next token."""
+    if not stops:
+        return pending, "", False
+    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+    if hits:
+        return pending[:min(hits)], "", True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(pending)), hold, -1):
+            if pending.endswith(s[:n]):
+                hold = n
+                break
+    cut = len(pending) - hold
+    return pending[:cut], pending[cut:], False
+
+
 class Sampler:
     """One request's sampling state: its RNG and the tokens seen so far."""
 

@@ -5,20 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 
+from mesh.cli import CommandError
 from mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
 from mesh.ipfs.config import IpfsConfig
+from mesh.ipfs.errors import IpfsError
 from mesh.ipfs.service import IpfsService
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list known and local models", description=__doc__)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--unpin", metavar="CID|NAME", action="append", default=[],
+                        help="unpin a model (its blocks go at the next --gc)")
+    parser.add_argument("--gc", action="store_true", help="delete blocks that no pinned model needs")
     add_data_dir_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     service = IpfsService(IpfsConfig(), args.data_dir or default_data_dir())
+    try:
+        for name in args.unpin:
+            if not service.store.unpin(service.catalog.resolve(name)):
+                raise CommandError(f"{name} is not pinned")
+            print(f"unpinned {name}")
+    except IpfsError as exc:
+        raise CommandError(str(exc)) from None
+    if args.gc:
+        freed = service.store.gc()
+        print(f"gc: freed {freed.blocks} blocks, {human_bytes(freed.bytes)}")
     models = service.list_models()
     stats = service.store.stats()
     if args.json:

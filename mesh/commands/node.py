@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.node import Node, serve_until_signalled
+    from mesh.node import build_node, serve_until_signalled
 
     try:
         config = load_config(args.config, overrides=config_overrides(args))
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("mesh", "models"):  # the node logs its progress (compile, requests) by default
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
-    node = Node(config)
+    node = build_node(config)
     try:
         asyncio.run(serve_until_signalled(node))
     except OSError as exc:

@@ -31,7 +31,7 @@ from mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
 from mesh.ipfs.importer import Block, ImportOptions, import_file
 from mesh.ipfs.reader import UnixFSReader, assemble_file, decode_file_node
 from mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
-from mesh.ipfs.store import BlockStore
+from mesh.ipfs.store import BlockStore, StoreStats
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -294,6 +294,14 @@ class IpfsService:
                 out.append({"cid": cid, "names": [name], "size": None, "pinned": False, "complete": False,
                             "path": None})
         return out
+
+    async def unpin(self, name_or_cid: str) -> bool:
+        cid = self.catalog.resolve(name_or_cid)
+        return await asyncio.to_thread(self.store.unpin, cid)
+
+    async def gc(self) -> StoreStats:
+        """Delete blocks no pin reaches (a running pull's blocks are pinned, so they stay)."""
+        return await asyncio.to_thread(self.store.gc)
 
     async def ensure_embedded(self) -> CID:
         """Import the embedded default model into the store (pinned, named) unless it is already there."""

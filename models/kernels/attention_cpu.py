@@ -8,8 +8,9 @@ Limits: float32 Q/KV, head_dim a multiple of 16, no sliding window, rope not app
 (`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache rotates K when appending); other configurations
 keep TVM's kernel (`attention_decode_cpu` returns it).
 
+The same file has `attention_prefill_ragged_cpu`, the prefill counterpart (new tokens over themselves).
 Use: wrap the construction of the `TIRPagedKVCache` (inside the model's `create_paged_kv_cache`) in
-`with fast_cpu_decode_attention(): ...`.
+`with fast_cpu_attention(): ...`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tvm.script import tirx as T
 LANES = 16
 LOG2E = math.log2(math.e)
 _STOCK_DECODE_CPU = kv_cache._attention_decode_cpu
+_STOCK_PREFILL_RAGGED_CPU = kv_cache._attention_prefill_ragged_cpu
 
 
 def _vsum(vec: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -116,11 +118,102 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
     return batch_decode_paged_kv.with_attr("global_symbol", "batch_decode_paged_kv_cpu")
 
 
+def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str,
+                                 rope_scaling: dict[str, Any]) -> tirx.PrimFunc:
+    """Prefill attention of new tokens over themselves (TVM's `batch_prefill_ragged_kv` contract): one task
+    per (token, query head), keys in blocks of 16 with one online-softmax rescale per block, causal blocks
+    beyond the diagonal skipped."""
+    if dtype != "float32" or d_qk != d_v or d_qk % LANES or h_q % h_kv:
+        return _STOCK_PREFILL_RAGGED_CPU(h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
+    group = h_q // h_kv
+    chunks = d_qk // LANES
+    block = 16
+
+    def score(q: tirx.Buffer, k: tirx.Buffer, row: Any, h: Any, key: Any) -> tirx.PrimExpr:
+        total = None
+        for c in range(chunks):
+            lanes = tirx.Ramp(c * LANES, 1, LANES)
+            part = q[row, h, lanes] * k[key, h // group, lanes]
+            total = part if total is None else total + part
+        return _vsum(total)
+
+    @T.prim_func(private=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle,
+        var_lse: T.handle, causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+        rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tir.noalias": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d_qk), "float32")
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, h_kv, d_qk), "float32")
+        v = T.match_buffer(var_v, (kv_len, h_kv, d_v), "float32")
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, h_q, d_v), "float32")
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        assert rotary_mode == 0, "fast CPU prefill attention: inline rope is not supported"
+        for b in range(batch_size):
+            q_len = T.meta_var(q_indptr[b + 1] - q_indptr[b])
+            n_kv = T.meta_var(kv_indptr[b + 1] - kv_indptr[b])
+            for task in T.parallel(q_len * h_q):
+                row = T.meta_var(q_indptr[b] + task // h_q)
+                h = T.meta_var(task % h_q)
+                acc = T.alloc_buffer((d_v,), "float32", scope="global")
+                s = T.alloc_buffer((block,), "float32", scope="global")
+                st = T.alloc_buffer((3,), "float32", scope="global")  # running max, running sum, block max
+                visible = T.meta_var(T.if_then_else(
+                    causal > 0, T.max(T.min(n_kv - q_len + task // h_q + 1, n_kv), 0), n_kv))
+                st[0] = T.float32(-5e4)
+                st[1] = T.float32(0)
+                for c in range(chunks):
+                    acc[T.Ramp(c * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for kb in range((visible + block - 1) // block):
+                    rows = T.meta_var(T.min(block, visible - kb * block))
+                    st[2] = T.float32(-5e4)
+                    for i in range(rows):
+                        key = T.meta_var(kv_indptr[b] + kb * block + i)
+                        s[i] = score(q, k, row, h, key) * (sm_scale * T.float32(LOG2E))
+                        st[2] = T.max(st[2], s[i])
+                    if st[2] > st[0]:
+                        st[1] = st[1] * T.exp2(st[0] - st[2])
+                        for c in range(chunks):
+                            acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] * T.Broadcast(
+                                T.exp2(st[0] - st[2]), LANES)
+                        st[0] = st[2]
+                    for i in range(rows):
+                        s[i] = T.exp2(s[i] - st[0])
+                        st[1] = st[1] + s[i]
+                        for c in range(chunks):
+                            acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
+                                s[i], LANES) * v[kv_indptr[b] + kb * block + i, h // group,
+                                                 T.Ramp(c * LANES, 1, LANES)]
+                for c in range(chunks):
+                    output[row, h, T.Ramp(c * LANES, 1, LANES)] = T.Select(
+                        st[1] > T.float32(0), acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(st[1], LANES),
+                        T.Broadcast(T.float32(0), LANES))
+                lse[row, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
+
+    return batch_prefill_ragged_kv.with_attr("global_symbol", "batch_prefill_ragged_kv_cpu")
+
+
 @contextlib.contextmanager
-def fast_cpu_decode_attention() -> Iterator[None]:
-    """While active, `TIRPagedKVCache` built for an llvm target uses `attention_decode_cpu`."""
+def fast_cpu_attention() -> Iterator[None]:
+    """While active, a `TIRPagedKVCache` built for an llvm target uses `attention_decode_cpu` and
+    `attention_prefill_ragged_cpu` (each falls back to TVM's kernel where it does not apply)."""
     kv_cache._attention_decode_cpu = attention_decode_cpu
+    kv_cache._attention_prefill_ragged_cpu = attention_prefill_ragged_cpu
     try:
         yield
     finally:
         kv_cache._attention_decode_cpu = _STOCK_DECODE_CPU
+        kv_cache._attention_prefill_ragged_cpu = _STOCK_PREFILL_RAGGED_CPU

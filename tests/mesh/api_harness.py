@@ -30,6 +30,8 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> NodeConfig:
     overrides: dict[str, Any] = {"data_dir": str(data_dir), "name": "test-node"}
     overrides["api"] = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5.0, **sections.pop("api", {})}
     overrides["models"] = {"backend": BACKEND, **sections.pop("models", {})}
+    overrides["mesh"] = {"mdns": False, **sections.pop("mesh", {})}
+    overrides["ipfs"] = {"rpc_url": None, **sections.pop("ipfs", {})}
     overrides.update(sections)
     return load_config(environ={}, overrides=overrides)
 
@@ -115,6 +117,8 @@ def free_env() -> dict[str, str]:
     """Environment for `shoal` subprocesses: no user config, the suite's compile cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == "SHOAL_COMPILE_CACHE"}
     env["SHOAL_CONFIG"] = os.devnull
+    env["SHOAL_MESH_MDNS"] = "false"
+    env["SHOAL_IPFS_RPC_URL"] = "none"
     return env
 
 

@@ -144,6 +144,7 @@ async def test_metrics_report_requests_tokens_latency_and_queue(node: NodeThread
     assert samples[f'shoal_inter_token_latency_seconds_count{{model="{MODEL}"}}'] >= 2
     assert samples["shoal_queue_depth"] == 0
     assert samples["shoal_active_sequences"] == 0
+    assert samples["shoal_engine_waiting"] == 0
 
 
 async def test_model_admin_errors(node: NodeThread) -> None:

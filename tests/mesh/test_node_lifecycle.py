@@ -119,7 +119,7 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**free_env(), "SHOAL_API_SHUTDOWN_GRACE_S": "1"}
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
         shoal("node", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), "--backend", BACKEND),
         env=env,
         stdout=subprocess.DEVNULL,
@@ -137,10 +137,11 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
                     frames.append(line[6:].strip())
                     if len(frames) == 2:
                         proc.send_signal(signal.SIGTERM)
-            # The stream ended cleanly: an error chunk naming the shutdown, then [DONE].
+            # Past the 1 s grace the stream is cut cleanly: an error chunk naming the shutdown, then [DONE].
             assert frames[-1] == b"[DONE]"
             last = orjson.loads(frames[-2])
-            assert last.get("error", {}).get("code") == "shutdown" or last["choices"][0]["finish_reason"]
+            assert last["error"]["code"] == "shutdown", last
+            assert len(frames) < 2000
             stderr = await asyncio.to_thread(proc.communicate, timeout=60)
         assert proc.returncode == 0, stderr[1].decode()[-2000:]
         assert b"Traceback" not in stderr[1]
@@ -154,3 +155,34 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_stop_lets_a_short_stream_finish(tmp_path: Path) -> None:
+    node = NodeThread(make_config(tmp_path, api={"shutdown_grace_s": 120.0})).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            events = await session.get(node.url + "/v1/events")
+            assert events.status == 200
+            body = chat_body("Name a colour.", max_tokens=6, temperature=0, stream=True,
+                             stream_options={"include_usage": True})
+            response = await session.post(node.url + "/v1/chat/completions", json=body)
+            assert response.status == 200
+            first = await response.content.readline()
+            assert first.startswith(b"data: ")
+            stopping = asyncio.ensure_future(asyncio.to_thread(node.stop))
+            frames = [first[6:].strip()]
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    frames.append(line[6:].strip())
+            await stopping
+            kinds = [orjson.loads(line[6:])["kind"] async for line in events.content if line.startswith(b"data: ")]
+            assert "request.finished" in kinds  # and the event stream ended when the node stopped
+        assert frames[-1] == b"[DONE]"
+        usage = orjson.loads(frames[-2])["usage"]
+        final = orjson.loads(frames[-3])["choices"][0]
+        assert final["finish_reason"] in ("length", "stop") and "error" not in orjson.loads(frames[-3])
+        assert usage["completion_tokens"] == 6 or final["finish_reason"] == "stop"
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", node.node.port)) != 0
+    finally:
+        node.stop()

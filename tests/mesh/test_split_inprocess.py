@@ -105,6 +105,10 @@ async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: l
             got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, i)
             assert got == expected[prompt], prompt
         assert all(h.sequences == 0 for h in hosts)
+        timings = pipeline.timings()
+        assert [t["layers"] for t in timings] == [str(s.span) for s in stages]
+        for t in timings:
+            assert t["calls"] == len(PROMPTS) * MAX_TOKENS and t["seconds"] >= t["compute_s"] > 0, t
     finally:
         await blocking(pipeline.close)
         for h in hosts:

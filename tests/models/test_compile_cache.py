@@ -36,7 +36,8 @@ def built(tmp_path_factory: pytest.TempPathFactory, target: TargetSpec) -> Path:
 
 def test_second_compile_is_a_cache_hit(built: Path, target: TargetSpec) -> None:
     seen: list[tuple[float, str]] = []
-    shard = compile_shard(TINY, LayerSpan(0, 2), target, cache=built, progress=lambda f, m: seen.append((f, m)))
+    shard = compile_shard(TINY, LayerSpan(0, 2), target, cache=built,
+                          progress=lambda f, m: seen.append((f, m)))
     assert shard.cached and shard.compile_seconds == 0.0
     assert shard.library.is_file() and shard.library.parent == built
     assert seen[-1][0] == 1.0 and "cached" in seen[-1][1]
@@ -67,41 +68,47 @@ def test_new_span_builds_its_own_library(built: Path, target: TargetSpec) -> Non
     part = compile_shard(TINY, LayerSpan(1, 2), target, cache=built)
     assert not part.cached and part.compile_seconds > 0
     assert part.library != whole.library and part.key != whole.key
-    assert [p[0] for p in part.params][0] == "layers.0.input_layernorm.weight"  # no embedding: not first
+    assert part.params[0][0] == "layers.0.input_layernorm.weight"  # no embedding: not the first span
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest-garbage", "manifest-other-key", "no-manifest"])
-def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec, damage: str) -> None:
-    first = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
-    good = first.library.read_bytes()
-    if damage == "truncate":
-        first.library.write_bytes(good[: len(good) // 2])
-    elif damage == "flip":
-        first.library.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
-    elif damage == "manifest-garbage":
-        first.manifest.write_text("{not json")
-    elif damage == "manifest-other-key":
-        info = json.loads(first.manifest.read_text())
-        first.manifest.write_text(json.dumps({**info, "key": "0" * 64}))
+DAMAGES = ("flip-a-byte", "truncate", "manifest-garbage", "manifest-other-key", "no-manifest")
+
+
+def _damage(library: Path, manifest: Path, how: str) -> None:
+    good = library.read_bytes()
+    if how == "flip-a-byte":  # same size: only the recorded sha256 can tell
+        library.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    elif how == "truncate":
+        library.write_bytes(good[: len(good) // 2])
+    elif how == "manifest-garbage":
+        manifest.write_text("{not json")
+    elif how == "manifest-other-key":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "key": "0" * 64}))
     else:
-        first.manifest.unlink()
-    again = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
-    assert not again.cached, "a damaged entry must be rebuilt, not trusted"
-    assert again.library == first.library
-    info = json.loads(again.manifest.read_text())
-    assert info["key"] == again.key and info["size"] == again.library.stat().st_size
+        manifest.unlink()
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec) -> None:
+    first = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+    for how in DAMAGES:
+        _damage(first.library, first.manifest, how)
+        again = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+        assert not again.cached, f"{how}: a damaged entry must be rebuilt, not trusted"
+        assert again.library == first.library
+        info = json.loads(again.manifest.read_text())
+        assert info["key"] == again.key and info["size"] == again.library.stat().st_size
     assert compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path).cached
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 
-def test_rebuilt_library_runs(tmp_path: Path, target: TargetSpec) -> None:
+def test_cached_library_runs(built: Path, target: TargetSpec) -> None:
     """A library from the cache loads in the VM and runs prefill with the KV cache (random weights)."""
     import tvm
     from tvm.runtime import ShapeTuple
     from tvm.runtime.vm import VirtualMachine
 
-    shard = compile_shard(TINY, LayerSpan(0, 2), target, cache=tmp_path)
+    shard = compile_shard(TINY, LayerSpan(0, 2), target, cache=built)
     vm = VirtualMachine(tvm.runtime.load_module(str(shard.library)), tvm.cpu())
     rng = np.random.default_rng(0)
     params = [tvm.runtime.tensor((rng.standard_normal(shape) * 0.1).astype(dtype)) for _, shape, dtype in
@@ -127,7 +134,7 @@ def test_two_builders_share_one_build(tmp_path: Path, target: TargetSpec) -> Non
     for t in threads:
         t.join()
     assert len(results) == 2
-    assert sorted(r.cached for r in results) == [False, True], "the second builder must reuse the first's build"
+    assert sorted(r.cached for r in results) == [False, True], "the second builder must reuse the build"
     assert results[0].library == results[1].library
 
 

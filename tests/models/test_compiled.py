@@ -34,7 +34,8 @@ PROMPTS = (
 
 
 def _load(start: int, stop: int, **options: object) -> CompiledStage:
-    return CompiledStage.load(gguf_model(), LayerSpan(start, stop), target="llvm", load=dequantized, **options)
+    return CompiledStage.load(gguf_model(), LayerSpan(start, stop), target="llvm", load=dequantized,
+                              **options)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def test_batched_decode_equals_unbatched(whole: CompiledStage) -> None:
                 tokens[i].append(int(np.argmax(out[i])))
         for i, (want_tokens, want_logits) in enumerate(singles):
             assert tokens[i] == want_tokens
-            assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, logits[i], strict=True)) < 1e-4
+            diffs = [float(np.max(np.abs(a - b))) for a, b in zip(want_logits, logits[i], strict=True)]
+            assert max(diffs) < 1e-4
             assert whole.sequence_length(seqs[i]) == len(prompts[i]) + steps - 1
     finally:
         for seq in seqs:

@@ -336,7 +336,7 @@ def attention_reference(case: dict, h_kv: int, h_qo: int, scale: float) -> tuple
 def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
     from tvm.relax.frontend.nn.llm import kv_cache
 
-    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_decode_attention
+    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
 
     h_kv, h_qo, d, scale = 3, 9, 64, 0.125
     case = paged_case([37, 16, 1, 200], h_kv, h_qo, d, 5)
@@ -353,6 +353,40 @@ def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
         lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, 0, 1.0, 1e4, scale)
         np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-5, err_msg=name)
         np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-5, atol=1e-4, err_msg=name)
-    with fast_cpu_decode_attention():
+    with fast_cpu_attention():
         assert kv_cache._attention_decode_cpu is attention_decode_cpu
     assert kv_cache._attention_decode_cpu is not attention_decode_cpu
+
+
+def test_fast_prefill_attention_matches_numpy():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.attention_cpu import attention_prefill_ragged_cpu
+
+    h_kv, h_q, d, scale = 3, 9, 64, 0.125
+    rng = np.random.default_rng(9)
+    lens = [37, 1, 20]
+    total = sum(lens)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q = rng.standard_normal((total, h_q, d)).astype(np.float32)
+    k = rng.standard_normal((total, h_kv, d)).astype(np.float32)
+    v = rng.standard_normal((total, h_kv, d)).astype(np.float32)
+    ours = attention_prefill_ragged_cpu(h_kv, h_q, d, d, "float32", {})
+    stock = kv_cache._attention_prefill_ragged_cpu(h_kv, h_q, d, d, "float32", {})
+    lib = build({"ours": ours, "stock": stock.with_attr("global_symbol", "stock")}, ZNVER4)
+    for causal in (1, 0):
+        ref = np.zeros_like(q)
+        for b, n in enumerate(lens):
+            sl = slice(indptr[b], indptr[b + 1])
+            for h in range(h_q):
+                s = q[sl, h] @ k[sl, h // 3].T * scale
+                if causal:
+                    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+                p = np.exp(s - s.max(axis=1, keepdims=True))
+                ref[sl, h] = p @ v[sl, h // 3] / p.sum(axis=1, keepdims=True)
+        for name in ("ours", "stock"):
+            out = tvm.runtime.tensor(np.zeros_like(q), DEV)
+            lse = tvm.runtime.tensor(np.zeros((total, h_q), np.float32), DEV)
+            args = [q, indptr, k, v, indptr, np.zeros(total, np.int32), np.zeros(len(lens), np.int32)]
+            lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, causal, 0, 1.0, 1e4, scale)
+            np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, err_msg=f"{name} causal={causal}")

@@ -16,6 +16,7 @@ from models.sampling import (
     min_p_mask,
     sample,
     softmax,
+    split_at_stop,
     top_k_mask,
     top_p_mask,
 )
@@ -140,3 +141,37 @@ def test_sampling_respects_masks_and_distribution() -> None:
     assert abs(share - expected) < 0.1
     with pytest.raises(ValueError, match="one logits vector"):
         sample(np.zeros((2, 3), np.float32), SamplingParams(), rng)
+
+
+def test_split_at_stop() -> None:
+    assert split_at_stop("Hello wor", ("world",)) == ("Hello ", "wor", False)
+    assert split_at_stop("Hello world!", ("world",)) == ("Hello ", "", True)
+    assert split_at_stop("a\n\nb", ("\n\n", "b")) == ("a", "", True)
+    assert split_at_stop("abc", ()) == ("abc", "", False)
+    assert split_at_stop("xx", ("xxy", "x")) == ("", "", True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text("ab\n", max_size=4), max_size=12),
+       st.lists(st.text("ab\n", min_size=1, max_size=3), min_size=1, max_size=3))
+def test_split_at_stop_streaming_equals_whole_text(pieces: list[str], stops: list[str]) -> None:
+    """Feeding text piece by piece emits exactly the text before the first stop string, never more, and
+    never a character of the stop string itself."""
+    emitted, keep, stopped = "", "", False
+    for piece in pieces:
+        out, keep, stopped = split_at_stop(keep + piece, stops)
+        emitted += out
+        if stopped:
+            break
+    if not stopped:
+        emitted += keep
+    # Oracle: the first piece after which the text so far holds a stop string ends generation, at the
+    # earliest-starting stop string in that text.
+    text = ""
+    for piece in pieces:
+        text += piece
+        starts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if starts:
+            assert stopped and emitted == text[:min(starts)]
+            return
+    assert not stopped and emitted == text

@@ -107,3 +107,9 @@ async def test_publish_then_models_lists_it(tmp_path: Path, write_data) -> None:
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("tiny-test"))
     assert cid in line and "pinned" in line and "293.0 KiB" in line
+    assert "store: 3 blocks" in out  # two leaves and the root
+    code, out, err = await shoal("models", "--unpin", "tiny-test", "--gc", *data)
+    assert code == 0, err
+    assert "gc: freed 3 blocks" in out and "store: 0 blocks" in out
+    code, out, err = await shoal("models", "--unpin", "tiny-test", *data)
+    assert code == 2 and "not pinned" in err

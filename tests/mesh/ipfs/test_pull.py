@@ -168,3 +168,16 @@ async def test_unreachable_sources_give_a_clear_error(tmp_path: Path) -> None:
     failed = [e for e in bus.recent("pull.failed")]
     assert len(failed) == 3 and all(e.data["error"] for e in failed)
     assert not any(service.store.keys())
+
+
+async def test_publish_to_ipfs_pushes_blocks_to_the_rpc_node(
+    jsipfs: JsIpfs, write_data, tmp_path: Path
+) -> None:
+    source = write_data(2 * MIB + 5, seed=12)
+    async with IpfsService(offline_config(rpc_url=jsipfs.rpc_url), tmp_path / "a") as node:
+        cid = await node.publish(source, "pushed", to_ipfs=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{jsipfs.rpc_url}/api/v0/cat", params={"arg": str(cid)},
+                                timeout=aiohttp.ClientTimeout(total=30)) as response:
+            assert response.status == 200
+            assert await response.read() == source.read_bytes()

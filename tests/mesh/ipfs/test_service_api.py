@@ -15,16 +15,22 @@ from tests.mesh.ipfs.conftest import offline_config, start_gateway
 MIB = 1024 * 1024
 
 
+def same_bytes(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
 async def test_pull_endpoint_reports_progress_events(write_data, tmp_path: Path, http) -> None:
     source = write_data(6 * MIB, seed=11)
     async with IpfsService(offline_config(), tmp_path / "a") as node_a:
         runner_a, url_a = await start_gateway(node_a)
-        async with http.post(f"{url_a}/v1/models/publish", json={"path": str(source), "name": "six-mib"}) as r:
+        body = {"path": str(source), "name": "six-mib"}
+        async with http.post(f"{url_a}/v1/models/publish", json=body) as r:
             assert r.status == 200, await r.text()
             cid = (await r.json())["cid"]
         bus = EventBus()
         subscription = bus.subscribe()
-        async with IpfsService(offline_config(gateways=(url_a,), parallelism=2), tmp_path / "b", bus) as node_b:
+        config = offline_config(gateways=(url_a,), parallelism=2)
+        async with IpfsService(config, tmp_path / "b", bus) as node_b:
             runner_b, url_b = await start_gateway(node_b)
             try:
                 async with http.post(f"{url_b}/v1/models/pull", json={"model": cid}) as r:
@@ -51,7 +57,7 @@ async def test_pull_endpoint_reports_progress_events(write_data, tmp_path: Path,
     progress = [e.data for e in events if e.kind == "pull.progress"]
     assert progress and progress[-1]["bytes_done"] == progress[-1]["bytes_total"] == 6 * MIB
     assert {"model", "cid", "blocks_done", "rate_bps", "eta_s"} <= set(progress[-1])
-    assert Path(events[-1].data["path"]).read_bytes() == source.read_bytes()
+    assert same_bytes(Path(events[-1].data["path"]), source)
     assert any(m["cid"] == cid and m["complete"] for m in listed)
 
 
