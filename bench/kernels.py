@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200, help="prefill rows for the GEMM columns")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--portable", action="store_true", help="also time the portable (non-VNNI) path")
+    parser.add_argument("--cuda", action="store_true", help="also time the CUDA kernels on GPU 0")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -120,6 +121,41 @@ def main() -> None:
     for label, (decode, prefill) in totals.items():
         print(f"  {label:>8}: decode GEMVs {decode * 1e3:6.2f} ms/token (ceiling {1 / decode:6.0f} tok/s); "
               f"prefill GEMMs (no head) {prefill * 1e3:6.3f} ms/token ({1 / prefill:6.0f} tok/s)")
+    if args.cuda:
+        cuda_table(tensors, args.rows)
+
+
+def cuda_table(tensors: dict, rows: int) -> None:
+    """The CUDA matmul (models/kernels/cuda_q4.py) for each shape: 1 row and `rows` rows, GPU 0."""
+    import numpy as np
+    import tvm
+
+    from models.kernels.cuda_q4 import cuda_matmul_func
+    from models.kernels.quant import dequantize, pack_gguf_tensor
+
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        print("\nno CUDA device: skipping the CUDA table")
+        return
+    print(f"\nCUDA ({dev.device_name}), fp32 activations x packed weights")
+    many = f"{rows} rows us"
+    print(f"{'shape N x K':>16} | {'1 row us':>9} {'GB/s':>6} | {many:>11} {'GMAC/s':>7} | max rel err")
+    for name, _ in SHAPES:
+        w = pack_gguf_tensor(tensors[name])
+        n, k = w.out_features, w.in_features
+        mod = tvm.IRModule({"mm": cuda_matmul_func(w.kind, n, k).with_attr("global_symbol", "mm")})
+        lib = tvm.compile(mod, target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})).jit()
+        weights = [tvm.runtime.tensor(a, dev) for a in w.arrays()]
+        times = []
+        for m in (1, rows):
+            x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+            y = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+            xt = tvm.runtime.tensor(x, dev)
+            times.append(lib.time_evaluator("mm", dev, number=20, repeat=5)(xt, *weights, y).min)
+            ref = x @ dequantize(w).T
+            err = float(np.abs(y.numpy() - ref).max() / np.abs(ref).max())
+        print(f"{n:>7} x {k:<6} | {times[0] * 1e6:9.1f} {w.nbytes / times[0] / 1e9:6.1f} | "
+              f"{times[1] * 1e6:11.1f} {rows * n * k / times[1] / 1e9:7.1f} | {err:.1e}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,15 @@ def bench_routes(app: web.Application, mesh: MeshService) -> None:
             }
         )
 
+    async def car(request: web.Request) -> web.Response:
+        """Stream a DAG as a CAR from a peer's gateway, counting bytes (nothing stored or verified)."""
+        source = mesh.blocks.source()
+        total, start = 0, time.perf_counter()
+        async for _cid, block in source.stream_car(parse_cid(request.query["cid"])):
+            total += len(block)
+        seconds = time.perf_counter() - start
+        return _json({"bytes": total, "seconds": seconds, "mib_s": total / seconds / 2**20})
+
     async def rss(request: web.Request) -> web.Response:
         import psutil
 
@@ -111,6 +120,7 @@ def bench_routes(app: web.Application, mesh: MeshService) -> None:
 
     app.router.add_get("/bench/rtt", rtt)
     app.router.add_post("/bench/pull", pull)
+    app.router.add_get("/bench/car", car)
     app.router.add_get("/bench/rss", rss)
 
 
@@ -223,6 +233,8 @@ def main() -> int:
             path.write_bytes(os.urandom(total))
             roots = {server.post("/test/publish", {"path": str(path)})["cid"] for server in servers}
             root = roots.pop()
+            if via == "car":
+                results["car_stream_only"] = client.get(f"/bench/car?cid={root}", timeout=600)
             pulled = client.post("/test/mesh-pull", {"cid": root, "via": via}, timeout=600)
             pulled["mib_s"] = pulled["size"] / pulled["seconds"] / 2**20
             results[f"dag_{via}"] = pulled
@@ -248,6 +260,7 @@ def main() -> int:
         ("blocks_channel_1peer_8inflight", "blocks: 1 data channel, 8 in flight"),
         ("blocks_channel_3peers_12inflight", "blocks: 3 peers' data channels, 12 in flight"),
         ("blocks_http_1peer_8inflight", "blocks: 1 peer's HTTP gateway, 8 in flight"),
+        ("car_stream_only", "CAR stream from a peer gateway (no store)"),
         ("dag_car", "file DAG: CAR stream from a peer gateway"),
         ("dag_channel", "file DAG: fetcher over 3 peers' channels"),
     ]:

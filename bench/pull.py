@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -37,13 +39,13 @@ from tests.mesh.ipfs.jsipfs import free_port, start_jsipfs  # noqa: E402
 MIB = 1024 * 1024
 
 
-async def serve(data_dir: Path, port: int) -> None:
-    """Serve mode: a shoal node's gateway over a store holding the default model, plus the same file as a
-    plain static download at /plain/model.gguf."""
+async def serve(data_dir: Path, port: int, file: Path | None) -> None:
+    """Serve mode: a shoal node's gateway over a store holding the default model (or `file`), plus the same
+    file as a plain static download at /plain/model.gguf."""
     service = IpfsService(IpfsConfig(rpc_url=None), data_dir)
     await service.start()
-    cid = await service.ensure_embedded()
-    model = embedded_model_path()
+    model = file or embedded_model_path()
+    cid = await service.publish(model) if file else await service.ensure_embedded()
     app = web.Application()
     service.add_routes(app)
 
@@ -121,18 +123,26 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--skip-jsipfs", action="store_true")
-    parser.add_argument("--serve", nargs=2, metavar=("DATA_DIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--skip-jsipfs", action="store_true", help="only case (b)")
+    parser.add_argument("--size-mib", type=int, default=0,
+                        help="use N MiB of deterministic random data instead of the default model")
+    parser.add_argument("--serve", nargs=3, metavar=("DATA_DIR", "PORT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        await serve(Path(args.serve[0]), int(args.serve[1]))
+        await serve(Path(args.serve[0]), int(args.serve[1]), Path(args.serve[2]) if args.serve[2] else None)
         return
     (REPO / ".cache").mkdir(exist_ok=True)
-    model = embedded_model_path()
+    work = Path(tempfile.mkdtemp(dir=REPO / ".cache", prefix="bench-pull-"))
+    file_arg = ""
+    if args.size_mib:
+        model = work / "data.bin"
+        model.write_bytes(random.Random(0).randbytes(args.size_mib * MIB))
+        file_arg = str(model)
+    else:
+        model = embedded_model_path()
     expected = model.read_bytes()
     size = len(expected)
     rows = []
-    work = Path(tempfile.mkdtemp(dir=REPO / ".cache", prefix="bench-pull-"))
     try:
         if not args.skip_jsipfs:
             node = await asyncio.to_thread(start_jsipfs, work / "jsipfs")
@@ -148,7 +158,7 @@ async def main() -> None:
                 node.stop()
         port = free_port()
         server = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", str(work / "gateway"), str(port),
+            sys.executable, __file__, "--serve", str(work / "gateway"), str(port), file_arg,
             stdout=asyncio.subprocess.PIPE, cwd=REPO,
         )
         try:
@@ -166,7 +176,15 @@ async def main() -> None:
             await asyncio.wait_for(server.wait(), 10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"default model: {size / MIB:.1f} MiB, median of {args.runs} runs, loopback, fsync on")
+    start = time.perf_counter()
+    hashlib.sha256(expected).digest()
+    hash_s = time.perf_counter() - start
+    load = os.getloadavg()[0]
+    what = f"random data ({args.size_mib} MiB)" if args.size_mib else "default model"
+    print(f"{what}: {size / MIB:.1f} MiB, median of {args.runs} runs, loopback, fsync on; "
+          f"{os.cpu_count()} CPUs, load average {load:.1f}")
+    print(f"verification floor: sha2-256 of the file alone takes {hash_s:.2f} s "
+          f"({size / MIB / hash_s:.0f} MiB/s) on one core")
     print(f"| {'case':38} | {'baseline':26} | {'shoal (verified)':26} | ratio | target |")
     print(f"|{'-' * 40}|{'-' * 28}|{'-' * 28}|-------|--------|")
     for line in rows:

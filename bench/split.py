@@ -2,6 +2,7 @@
 the node processes pinned to cores (taskset) and unpinned, and the recovery time after `kill -9` of a stage.
 
     python bench/split.py [--tokens 32] [--runs 3] [--backend numpy] [--skip-unpinned] [--skip-pinned]
+        [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
 
 Three real node processes (mesh.split_harness) on 127.0.0.1 linked over WebRTC; node a takes every request
 through its OpenAI endpoint (streamed, greedy) with a forced route; routes are measured round robin.
@@ -52,7 +53,7 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
     base = Path(tempfile.mkdtemp(prefix=f"shoal-bench-split-{label}-"))
     pin = (["taskset", "-c", "0"], ["taskset", "-c", "1"], ["taskset", "-c", "1"])
     cores = pin if pinned else ([], [], [])
-    backend = ["--backend", args.backend]
+    backend = ["--backend", args.backend, "--delay-ms", str(args.delay_ms)]
     a = SplitNode("a", base / "a", ["--serve-others", *backend], prefix=cores[0])
     b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api, *backend], prefix=cores[1])
     c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api, *backend], prefix=cores[2])
@@ -85,13 +86,20 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
             ttfts, rates = zip(*samples, strict=True)
             results[name] = (statistics.median(ttfts), statistics.median(rates))
         print(f"\n## {label} ({'a: core 0, b+c: core 1' if pinned else 'unpinned'}), backend {args.backend}, "
-              f"{args.tokens} tokens, median of {args.runs}")
+              f"{args.tokens} tokens, median of {args.runs}, emulated RTT {2 * args.delay_ms:g} ms")
         print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'link+relay ms/step':>19}")
         local_rate = results["local"][1]
         for name, (ttft, rate) in results.items():
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {extra}")
         print(f"offload TTFT overhead: {(results['offload'][0] - results['local'][0]) * 1000:.1f} ms")
+        if args.delay_ms:
+            rtt = 2 * args.delay_ms / 1000
+            per_token = 1 / local_rate
+            for name, remote in (("2-stage", 1), ("3-stage", 2)):
+                bound = 1 / (per_token + remote * rtt)
+                print(f"{name}: {results[name][1]:.2f} tok/s = {results[name][1] / bound:.2f}x the bound "
+                      f"1/(compute + {remote} RTT) = {bound:.2f} tok/s at RTT {rtt * 1000:.0f} ms")
         if args.recovery:
             a.force(*routes["3-stage"])
             _, _, stamps, route = timed_stream(a, args.tokens, kill=c, kill_after=args.tokens // 3)
@@ -116,6 +124,8 @@ def main() -> int:
     parser.add_argument("--skip-pinned", action="store_true")
     parser.add_argument("--skip-unpinned", action="store_true")
     parser.add_argument("--no-recovery", dest="recovery", action="store_false")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="emulated one-way link delay per node (in-process datagram delay; RTT = 2x)")
     args = parser.parse_args()
     if not args.skip_pinned:
         run_setting("pinned", True, args)

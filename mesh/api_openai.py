@@ -50,7 +50,9 @@ async def read_json(request: web.Request) -> Any:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": request.app[NODE].models.list_models()})
+    models = request.app[NODE].models
+    await models.refresh_async()
+    return json_response({"object": "list", "data": models.list_models()})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -329,8 +331,7 @@ async def _stream(
         return sse.response, finish
     except ConnectionResetError:
         logger.info("%s: client went away mid-stream; generation cancelled", record.id)
-        assert sse is not None  # only writes raise ConnectionResetError
-        return sse.response, "cancelled"
+        return (sse.response if sse is not None else web.Response(status=499)), "cancelled"
     except asyncio.CancelledError:
         if request.app[NODE].draining and sse is not None:
             with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):

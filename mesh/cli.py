@@ -66,4 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable `mesh.cli`, not this `__main__` copy: commands raise `mesh.cli.CommandError`.
+    from mesh.cli import main as _main
+
+    sys.exit(_main())

@@ -146,7 +146,15 @@ class Gossip:
             await asyncio.gather(*(self._send(peer, advert) for peer in self.service.connected_peers()))
 
     async def _on_advert(self, peer: Peer, frame: p.ControlFrame) -> None:
-        peer.advert = clean_advert(frame.body)
-        self.service.events.publish(
-            "peer.updated", id=peer.peer_id, name=peer.name, models=peer.advert.get("models", [])
-        )
+        previous, peer.advert = peer.advert, clean_advert(frame.body)
+        if _stable(previous) != _stable(peer.advert):  # not on every memory/RTT wiggle: keep the bus calm
+            self.service.events.publish(
+                "peer.updated", id=peer.peer_id, name=peer.name, models=peer.advert.get("models", [])
+            )
+
+
+VOLATILE = frozenset({"free_memory", "memory_free", "links", "thermal", "battery", "queue_depth"})
+
+
+def _stable(advert: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in advert.items() if key not in VOLATILE}

@@ -149,6 +149,7 @@ async def serve(args: argparse.Namespace) -> None:
         connect_timeout_s=args.connect_timeout,
         ban_s=args.ban,
         retry_max_s=args.retry_max,
+        advertise=args.advertise,
     )
     ipfs = IpfsService(IpfsConfig(), args.data_dir, events)
     mesh = MeshService(config, identity, args.data_dir, events, block_store=ipfs.store)
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-max", type=float, default=2.0)
     parser.add_argument("--ban", type=float, default=300.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--advertise", help="API address announced to peers (default: the bound one)")
     parser.add_argument("--bench", action="store_true", help="add the routes of bench/mesh_link.py")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from mesh.invite import Invite, render_qr
-from mesh.mesh_errors import InviteError, SignallingError
+from mesh.mesh_errors import InviteError, MeshError, SignallingError
 
 if TYPE_CHECKING:
     from mesh.network import MeshService
@@ -89,7 +89,7 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
                 raise SignallingError("expected {'op': 'offer', 'signal': {...}}")
             answer = await service.handle_offer(body.get("signal"))
             await ws.send_str(orjson.dumps({"op": "answer", "signal": answer}).decode())
-        except (SignallingError, orjson.JSONDecodeError, TimeoutError) as exc:
+        except (MeshError, orjson.JSONDecodeError, TimeoutError) as exc:
             logger.info("signalling from %s refused: %s", request.remote, exc)
             await ws.send_str(orjson.dumps({"op": "refused", "reason": str(exc)[:300]}).decode())
         finally:

@@ -39,15 +39,10 @@ class LocalModel:
     path: Path
     cid: str | None = None
     pinned: bool = False
+    size: int = 0
+    """Bytes of the model file."""
     compiled_targets: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except OSError:
-            return 0
 
 
 @dataclass
@@ -140,9 +135,16 @@ class ModelManager:
     def add_embedded(self) -> None:
         self.register(DEFAULT_MODEL_NAME, embedded_model_path(), pinned=True)
 
-    def register(self, name: str, path: Path, cid: str | None = None, pinned: bool = False) -> LocalModel:
+    def register(
+        self, name: str, path: Path, cid: str | None = None, pinned: bool = False, size: int | None = None
+    ) -> LocalModel:
         """Make a local GGUF file servable under `name` (used for the embedded model and pulled models)."""
-        model = LocalModel(name=name, path=Path(path), cid=cid, pinned=pinned)
+        if size is None:
+            try:
+                size = Path(path).stat().st_size
+            except OSError:
+                size = 0
+        model = LocalModel(name=name, path=Path(path), cid=cid, pinned=pinned, size=size)
         self._models[name] = model
         return model
 
@@ -150,17 +152,28 @@ class ModelManager:
         self.resolve(name).cid = cid
 
     def refresh(self) -> None:
-        """Pick up models the catalog holds (e.g. pulled since the last call)."""
-        if self._catalog is None:
-            return
-        for entry in self._catalog():
+        """Pick up models the catalog holds (e.g. pulled since the last call). Reads small files."""
+        if self._catalog is not None:
+            self.apply_catalog(self._catalog())
+
+    async def refresh_async(self) -> None:
+        """`refresh` with the catalog read in a worker thread (the event loop never touches the disk)."""
+        if self._catalog is not None:
+            self.apply_catalog(await asyncio.to_thread(self._catalog))
+
+    def apply_catalog(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
             if not entry.get("complete") or not entry.get("path"):
                 continue
             for name in entry.get("names") or [entry["cid"]]:
                 current = self._models.get(name)
                 if current is None:
                     self.register(
-                        name, Path(entry["path"]), cid=entry["cid"], pinned=bool(entry.get("pinned"))
+                        name,
+                        Path(entry["path"]),
+                        cid=entry["cid"],
+                        pinned=bool(entry.get("pinned")),
+                        size=int(entry.get("size") or 0),
                     )
                 elif current.cid is None:
                     current.cid = entry["cid"]
@@ -182,7 +195,7 @@ class ModelManager:
         return model
 
     def list_models(self) -> list[dict[str, Any]]:
-        self.refresh()
+        """The OpenAI model list entries (call `refresh`/`refresh_async` first to see new pulls)."""
         return [
             {
                 "id": m.name,

@@ -101,6 +101,7 @@ class Node:
         self.port = config.api.port
         self._runner: web.AppRunner | None = None
         self._preload: asyncio.Task[Any] | None = None
+        self._watch: asyncio.Task[Any] | None = None
         self._started_services: list[Service] = []
         self._stopped = False
 
@@ -178,8 +179,22 @@ class Node:
         self.mesh.api_address = _peer_address(self.host, self.port)
         self.started = time.time()
         logger.info("node %s (%s) listening on %s", self.name, self.id, self.api_url)
+        self._watch = asyncio.create_task(self._watch_pulls(), name="watch-pulls")
         if self.config.models.preload:
             self._preload = asyncio.create_task(self._prepare_default(), name="preload-default-model")
+
+    async def _watch_pulls(self) -> None:
+        """Make models servable as soon as a pull completes (the catalog is re-read off the loop)."""
+        subscription = self.bus.subscribe()
+        try:
+            async for event in subscription:
+                if event.kind == "pull.done":
+                    try:
+                        await self.models.refresh_async()
+                    except (OSError, ValueError):
+                        logger.exception("cannot read the catalog after pull %s", event.data.get("pull_id"))
+        finally:
+            subscription.close()
 
     async def _prepare_default(self) -> None:
         """Import the embedded model into the block store (so peers can fetch it), then load the default."""
@@ -216,10 +231,11 @@ class Node:
             return
         self._stopped = True
         self.begin_drain()
-        if self._preload is not None:
-            self._preload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preload
+        for task in (self._preload, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._runner is not None:
             await self._runner.cleanup()  # stop listening, drain (on_shutdown), cancel stragglers
             self._runner = None

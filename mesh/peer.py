@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 ControlHandler = Callable[["Peer", p.ControlFrame], Awaitable[dict[str, Any] | None]]
 BinaryHandler = Callable[["Peer", p.BinaryFrame], Awaitable[p.BinaryFrame | None]]
 CHANNEL_IDS = {p.CONTROL: 0, p.BLOCKS: 1, p.TENSORS: 2}
+BINARY_MESSAGE = 65_536
+"""Size of the data-channel messages binary frames are cut into. aiortc reassembles a message by rescanning
+its chunk list for every arriving SCTP chunk (quadratic in message size): 64 KiB messages moved blocks
+~2.5x faster than 256 KiB ones here, and every remote accepts 64 KiB."""
 
 
 @dataclass(frozen=True)
@@ -241,12 +245,12 @@ class Peer:
     async def send_binary(self, frame: p.BinaryFrame) -> None:
         """Send a binary frame (chunked as needed) on its kind's channel, honouring back-pressure."""
         channel_name = p.BINARY_KINDS[frame.kind][1]
-        max_message = getattr(self.pc.sctp, "_remote_max_message_size", None)
-        for message in p.encode_binary(frame, min(max_message or 65_536, p.MAX_MESSAGE_SIZE)):
+        for message in p.encode_binary(frame, BINARY_MESSAGE):
             await self._send_raw(channel_name, message)
 
-    async def request_binary(self, kind: int, meta: dict[str, Any], payload: bytes = b"",
-                             timeout_s: float | None = None) -> p.BinaryFrame:
+    async def request_binary(
+        self, kind: int, meta: dict[str, Any], payload: bytes = b"", timeout_s: float | None = None
+    ) -> p.BinaryFrame:
         """Send a binary request and await the binary frame that answers it (same request id)."""
         request_id = next(self._ids)
         future: asyncio.Future[p.BinaryFrame] = asyncio.get_running_loop().create_future()
@@ -287,8 +291,10 @@ class Peer:
         logger.warning(
             "peer %s (%s): protocol violation %d: %s", self.peer_id[:12], self.name, self.abuse, reason
         )
-        if self.abuse >= self.settings.abuse_limit:
+        if self.abuse == self.settings.abuse_limit:
             self._on_abuse(self, reason)
+        elif self.abuse > self.settings.abuse_limit:
+            return  # already reported; the link is closing
         elif self.is_open:
             frame = p.ControlFrame("error", {"code": "protocol", "message": reason[:500]})
             self._spawn(self._send_quietly(frame))

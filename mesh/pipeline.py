@@ -105,7 +105,8 @@ class RemoteStage:
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, timeout_s: float = 30.0, per_token_timeout_s: float = 0.05,
-                 open_timeout_s: float = 300.0, top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False) -> None:
+                 open_timeout_s: float = 300.0, top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False,
+                 cid: str | None = None) -> None:
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -115,6 +116,7 @@ class RemoteStage:
         self._loop = loop
         self._timeout = timeout_s
         self._open_timeout = open_timeout_s
+        self._cid = cid
         self._per_token = per_token_timeout_s
         self._top_k = top_k
         self._fp16 = fp16
@@ -147,7 +149,9 @@ class RemoteStage:
         if seq_id in self._wire:
             raise ValueError(f"sequence {seq_id} exists already")
         wire_seq = next_wire_seq()
-        body = {"model": self.model, "span": str(self.span), "seq": wire_seq}
+        body: dict[str, Any] = {"model": self.model, "span": str(self.span), "seq": wire_seq}
+        if self._cid:
+            body["cid"] = self._cid  # lets a peer without the model fetch just this span
         # the first open of a span loads (or compiles) it on the peer: allow for that
         reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
         if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:

@@ -228,9 +228,12 @@ def decode_chunk(data: bytes, channel: str) -> Chunk:
 class Reassembler:
     """Joins chunks of binary frames received on one channel, bounded in size and number."""
 
-    def __init__(self, channel: str, max_open: int = 64) -> None:
+    def __init__(self, channel: str, max_open: int = 64, max_bytes: int = 128 * 1024 * 1024) -> None:
         self.channel = channel
         self.max_open = max_open
+        self.max_bytes = max_bytes
+        """Bytes all partial frames of this channel may hold together."""
+        self.buffered = 0
         self._open: dict[tuple[int, int], tuple[dict[str, Any], list[bytes], int, int]] = {}
 
     def feed(self, data: bytes) -> BinaryFrame | None:
@@ -245,23 +248,37 @@ class Reassembler:
                 return BinaryFrame(chunk.kind, chunk.request_id, chunk.meta or {}, chunk.payload)
             if len(self._open) >= self.max_open:
                 raise ProtocolError("too many partial frames open at once")
+            self._hold(len(chunk.payload))
             self._open[key] = (chunk.meta or {}, [chunk.payload], len(chunk.payload), 1)
             return None
         state = self._open.get(key)
         if state is None or state[3] != chunk.index:
-            self._open.pop(key, None)
+            self._drop(key)
             raise ProtocolError(f"chunk {chunk.index} of frame {key} arrived out of order")
         meta, pieces, size, _ = state
         size += len(chunk.payload)
         if size > limit:
-            self._open.pop(key, None)
+            self._drop(key)
             raise ProtocolError(f"frame {key} grew past its limit of {limit} bytes")
+        self._hold(len(chunk.payload))
         pieces.append(chunk.payload)
         if chunk.last:
             del self._open[key]
+            self.buffered -= size
             return BinaryFrame(chunk.kind, chunk.request_id, meta, b"".join(pieces))
         self._open[key] = (meta, pieces, size, chunk.index + 1)
         return None
 
+    def _hold(self, size: int) -> None:
+        if self.buffered + size > self.max_bytes:
+            raise ProtocolError(f"partial frames on {self.channel} would exceed {self.max_bytes} bytes")
+        self.buffered += size
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        state = self._open.pop(key, None)
+        if state is not None:
+            self.buffered -= state[2]
+
     def clear(self) -> None:
         self._open.clear()
+        self.buffered = 0

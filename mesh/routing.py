@@ -24,15 +24,19 @@ from typing import Any
 import psutil
 
 from mesh import scheduler as sched
-from mesh.mesh_errors import RemoteError
+from mesh.mesh_errors import PeerUnavailable, RemoteError
 from mesh.offload import OffloadClient, OffloadEvent, params_to_wire
-from mesh.pipeline import LOCAL_PEER, LocalLink, RemoteStage, Replan, SplitPipeline, StageLost
+from mesh.pipeline import LOCAL_PEER, RemoteStage, Replan, SplitPipeline, StageLost
 from models.span import LayerSpan
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TPS = 10.0
 """Decode tok/s assumed for a device that holds the model but has not measured it yet."""
+REBUILD_TIMEOUT_S = 330.0
+"""Longest a re-plan may take to open its new stages (a span may have to be fetched or compiled)."""
+FETCH_BPS = 4 * 1024 * 1024
+"""Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
 
@@ -155,13 +159,22 @@ class Router:
             charging=battery[1] if battery else False,
         )
 
+    def model_cid(self, model: str) -> str | None:
+        try:
+            return self.node.models.resolve(model).cid or None
+        except LookupError:
+            return None
+
     def peer_devices(self, model: str) -> list[sched.Device]:
-        """The scheduler's view of every linked peer that advertises `model` (bad adverts are skipped)."""
+        """The scheduler's view of the linked peers: those that advertise `model`, and — when this node knows
+        the model's CID — those that serve others and could fetch a span of it (bad adverts are skipped)."""
         devices = []
         trusted = set(getattr(self.mesh.config, "allow", ()) or ())
+        can_fetch = self.model_cid(model) is not None
         for peer in self.mesh.connected_peers():
             advert = peer.advert or {}
-            if model not in _advert_models(advert):
+            holds = model in _advert_models(advert)
+            if not holds and not can_fetch:
                 continue
             split = _dict(advert.get("split"))
             speed = _dict(_dict(advert.get("speed")).get(model))
@@ -180,6 +193,8 @@ class Router:
                     trusted=peer.peer_id in trusted,
                     serves_others=split.get("serve_others") is True,
                     rtt_s=peer.rtt_s or 0.001,
+                    holds_model=holds,
+                    fetch_bps=0.0 if holds else FETCH_BPS,
                 ))
             except (ValueError, OverflowError) as exc:
                 logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
@@ -290,21 +305,38 @@ class Router:
         if not params.greedy and (params.top_k == 0 or params.top_k > top_k):
             top_k = 0  # sampling needs every logit
 
-        def stages_for(p: sched.Plan) -> list[RemoteStage]:
-            stages = []
-            for a in p.stages:
-                link = LocalLink(self.host) if a.device == sched.LOCAL else self.mesh.peer(a.device)
-                stages.append(RemoteStage(link, loop, served.name, config, a.span,
-                                          timeout_s=self.settings.stage_timeout_s, top_k=top_k,
-                                          fp16=self.settings.fp16_hidden))
+        cid = self.model_cid(served.name)
+
+        async def make_stages(p: sched.Plan) -> list[Any]:
+            """This node's part runs in-thread (`DirectStage`); peers' parts are `RemoteStage`s."""
+            stages: list[Any] = []
+            try:
+                for a in p.stages:
+                    if a.device == sched.LOCAL:
+                        stages.append(await self.host.direct_stage(served.name, a.span, cid))
+                        continue
+                    try:
+                        link = self.mesh.peer(a.device)
+                    except PeerUnavailable as exc:
+                        raise StageLost(a.device, str(exc)) from None
+                    stages.append(RemoteStage(link, loop, served.name, config, a.span,
+                                              timeout_s=self.settings.stage_timeout_s, top_k=top_k,
+                                              fp16=self.settings.fp16_hidden, cid=cid))
+            except BaseException:
+                for stage in stages:
+                    await loop.run_in_executor(None, stage.close)
+                raise
             return stages
 
-        def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
-            future = asyncio.run_coroutine_threadsafe(self._replan(served, config, weight_bytes, prompt_ids,
-                                                                   params, excluded), loop)
-            new_plan = future.result(60)
+        async def replan_and_build(excluded: frozenset[str]) -> list[Any]:
+            new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded)
             _describe(route, new_plan, keep_replans=True)
-            return stages_for(new_plan)
+            return await make_stages(new_plan)
+
+        def rebuild(excluded: frozenset[str]) -> list[Any]:
+            """Blocking (the pipeline calls it from the engine's thread): re-plan and open the new stages."""
+            future = asyncio.run_coroutine_threadsafe(replan_and_build(excluded), loop)
+            return future.result(REBUILD_TIMEOUT_S)
 
         def on_replan(event: Replan) -> None:
             route["replans"] = route.get("replans", 0) + 1
@@ -312,7 +344,11 @@ class Router:
                 {"lost": event.lost, "at_tokens": event.at_tokens, "seconds": round(event.seconds, 4)}
             )
 
-        pipeline = SplitPipeline(config, stages_for(plan), rebuild, max_replans=self.settings.max_replans,
+        try:
+            stages = await make_stages(plan)
+        except StageLost as exc:  # a planned peer left before the request started
+            stages = await replan_and_build(frozenset({exc.peer}))
+        pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
                                  on_replan=on_replan)
         engine = Engine([pipeline], served.tokenizer, max_batch=1)
         await engine.start()
@@ -355,7 +391,7 @@ class Router:
 
         pol = sched.SchedulerPolicy.of(self.node.policy)
         peers = [d for d in self.peer_devices(name)
-                 if d.serves_others and (d.trusted or not pol.trusted_only_splits)
+                 if d.holds_model and d.serves_others and (d.trusted or not pol.trusted_only_splits)
                  and not d.below_battery_floor(pol)]
         peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
         return await find_remote_model(self.mesh, name, [d.id for d in peers])

@@ -468,8 +468,8 @@ def plan(
         return local_plan
 
     options: list[Plan] = [] if local_plan is None else [local_plan]
-    for d in remote:
-        if max_layers(shape, request, d, pol, True, True) >= shape.num_layers:
+    for d in remote:  # an offload runs on the peer's own engine: only a peer holding the model can take it
+        if d.holds_model and max_layers(shape, request, d, pol, True, True) >= shape.num_layers:
             options.append(Plan("offload", (Assignment(d.id, whole),), predict_offload(shape, request, d)))
     split = _best_split(shape, request, usable, pol, max_stages)
     if split is not None:

@@ -159,7 +159,11 @@ def verify_signal(
     """Check a received signal completely; raise `SignallingError`/`MembershipError` on any problem."""
     if not isinstance(signal, dict):
         raise SignallingError("signal is not an object")
-    if len(orjson.dumps(signal)) > MAX_SIGNAL_BYTES:
+    try:
+        size = len(orjson.dumps(signal))
+    except (TypeError, ValueError) as exc:  # e.g. integers beyond 64 bits from a non-orjson parser
+        raise SignallingError(f"signal is not plain JSON: {exc}") from None
+    if size > MAX_SIGNAL_BYTES:
         raise SignallingError("signal is too large")
     if set(signal) - _FIELDS or signal.get("v") != VERSION:
         raise SignallingError("signal has unknown fields or version")

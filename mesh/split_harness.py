@@ -3,7 +3,7 @@ mesh service and the split service, on loopback.
 
     python -m mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
         [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
-        [--backend numpy|tvm] [--no-model]
+        [--backend numpy|tvm] [--no-model] [--delay-ms N]
 
 Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once the default model is
 loaded. With the NumPy backend, the node's engine and the spans it hosts share one cache of dequantized
@@ -119,6 +119,10 @@ async def serve(args: argparse.Namespace) -> None:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"%(asctime)s {args.name or ''} %(levelname)s %(name)s: %(message)s",
     )
+    if args.delay_ms:
+        from mesh.ice import delay_outgoing_datagrams
+
+        delay_outgoing_datagrams(args.delay_ms / 1000)  # emulated link latency (this kernel has no netem)
     data_dir = Path(args.data_dir)
     host, port = args.api.rsplit(":", 1)
     policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
@@ -139,7 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
     mesh = node.mesh  # the node owns its mesh service (configured from `mesh_config` above)
     split = SplitService(node, mesh)
     if args.backend == "numpy":
-        split.stage_factory = lambda name, span: weights.stage(Path(node.models.resolve(name).path), span)
+        split.stage_factory = weights.stage
     node.services.extend([split, _TestRoutes(mesh)])
     await node.start()
     if args.no_model:
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefer-local", action="store_true")
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--dead-timeout", type=float, default=2.0)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every outgoing datagram this long")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:

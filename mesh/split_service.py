@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,6 +31,8 @@ from models.stage import Stage
 
 logger = logging.getLogger(__name__)
 
+SPAN_FETCH_TIMEOUT_S = 600.0
+
 
 class SplitService:
     def __init__(self, node: Any, mesh: Any) -> None:
@@ -41,8 +44,10 @@ class SplitService:
         self.router = Router(node, mesh, self.host, self.offload_client)
         node.router = self.router  # the API's completion handler streams through it
         self._models: dict[str, Any] = {}
-        self.stage_factory: Callable[[str, LayerSpan], Stage] | None = None
-        """Overrides how hosted spans are built (the test harness shares dequantized weights this way)."""
+        self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
+        """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
+        this way)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._advert_task: asyncio.Task[None] | None = None
         mesh.on_control("stage.open", self._on_stage_open)
         mesh.on_control("stage.close", self._on_stage_close)
@@ -96,22 +101,38 @@ class SplitService:
     async def _acquire(self, name: str) -> Any:
         return await self.node.models.acquire(name)
 
-    def _build_stage(self, name: str, span: LayerSpan) -> Stage:
-        """Blocking: open the model file (once) and build the span's stage with the node's backend."""
-        if self.stage_factory is not None:
-            return self.stage_factory(name, span)
-        local = self.node.models.resolve(name)  # ModelNotFoundError is a LookupError
+    def _model_path(self, name: str, span: LayerSpan, cid: str | None) -> Path:
+        """Blocking: the GGUF holding `span` of `name` — the local file, or (not held here, CID known) a
+        sparse file with only the header and the span's tensors, fetched over IPFS ranged reads."""
         try:
-            from models.loader import build_stage, open_model
-        except ImportError:  # the loader is optional: fall back to the NumPy reference
-            from models.gguf import GGUFModel
-            from models.reference import ReferenceStage
+            return Path(self.node.models.resolve(name).path)  # ModelNotFoundError is a LookupError
+        except LookupError:
+            ipfs = getattr(self.node, "ipfs", None)
+            if not cid or ipfs is None or self._loop is None:
+                raise
+        logger.info("fetching layers %s of %s (%s) over IPFS", span, name, cid)
+        future = asyncio.run_coroutine_threadsafe(ipfs.pull_span(cid, span), self._loop)
+        try:
+            return Path(future.result(SPAN_FETCH_TIMEOUT_S))
+        except TimeoutError:
+            future.cancel()
+            limit = SPAN_FETCH_TIMEOUT_S
+            raise LookupError(f"fetching layers {span} of {cid} took over {limit:.0f} s") from None
+        except Exception as exc:  # the IPFS layer's own errors: report as "cannot find the model"
+            raise LookupError(f"cannot fetch layers {span} of {cid}: {exc}") from exc
 
-            model = self._models.get(local.name) or GGUFModel.open(local.path)
-            self._models[local.name] = model
-            return ReferenceStage(model, span)
-        loaded = self._models.get(local.name) or open_model(local.path)
-        self._models[local.name] = loaded
+    def _build_stage(self, name: str, span: LayerSpan, cid: str | None = None) -> Stage:
+        """Blocking: open the model file (once) and build the span's stage with the node's backend."""
+        path = self._model_path(name, span, cid)
+        if self.stage_factory is not None:
+            return self.stage_factory(path, span)
+        loaded = self._models.get(str(path))
+        if loaded is None:
+            from models.loader import open_model
+
+            loaded = self._models[str(path)] = open_model(path)
+        from models.loader import build_stage
+
         config = self.node.config.models
         return build_stage(loaded, span, backend=config.backend, target=config.target,
                            cache_dir=getattr(self.node.models, "cache_dir", None))
@@ -119,6 +140,7 @@ class SplitService:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.publish_advert()
         self._advert_task = asyncio.create_task(self._refresh_adverts(), name="split-adverts")
 

@@ -4,8 +4,9 @@ Pure codecs over `mesh.protocol` (which owns framing, chunking and size limits);
 
 Control frames (registered with `mesh.protocol.register_control_type` on import):
 
-- `stage.open` {model, span "a:b", seq} → reply {hidden, vocab, span} — host layers `span` of `model` for one
-  sequence `seq` (a u32 the caller picks, unique per link); refused with an error frame (codes below).
+- `stage.open` {model, span "a:b", seq, cid?} → reply {hidden, vocab, span} — host layers `span` of `model`
+  for one sequence `seq` (a u32 the caller picks, unique per link); a node that does not hold the model
+  fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an error frame (codes below).
 - `stage.close` {seq} → reply {} — forget the sequence (idempotent).
 - `offload.open` {model, prompt_ids, params} → reply {accepted} — run a whole request; then the serving side
   sends `offload.token` {rid, index, token, text} per token and one `offload.done` {rid, finish_reason,

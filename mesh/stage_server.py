@@ -31,8 +31,9 @@ from models.stage import Stage
 
 logger = logging.getLogger(__name__)
 
-StageFactory = Callable[[str, LayerSpan], Stage]
-"""Blocking: build the stage running `span` of model `name` (raises LookupError if the model is unknown)."""
+StageFactory = Callable[[str, LayerSpan, "str | None"], Stage]
+"""Blocking: build the stage running `span` of model `name` (whose CID the origin may give, so a node that
+does not hold the model can fetch just that span); raises LookupError if the model cannot be found."""
 Gate = Callable[[], "str | None"]
 """Returns why this node refuses remote work right now (policy, battery), or None to accept."""
 
@@ -49,6 +50,14 @@ class _Hosted:
     key: tuple[str, LayerSpan]
     stage: Stage
     sequences: set[int] = field(default_factory=set)
+    users: int = 0
+    """Local `DirectStage`s holding this stage (it is not trimmed while any exist)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Serialises calls into `stage` (the host's worker and local callers' threads)."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.lock:
+            return fn(*args)
 
 
 @dataclass
@@ -103,15 +112,16 @@ class StageHost:
             span = LayerSpan(start, stop)
         except ValueError:
             raise HostError(wire.BAD_REQUEST, f"bad span {span_text!r:.40}") from None
+        cid = body.get("cid")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
+            raise HostError(wire.BAD_REQUEST, "stage.open cid must be a CID string")
         if (peer, seq) in self._sessions:
             raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
         if len(self._sessions) >= self._max_sequences:
             raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
-        hosted = await self._stage(model, span)
-        with self._lock:
-            self._next_local += 1
-            local_id = self._next_local
-        await self._run(hosted.stage.add_sequence, local_id)
+        hosted = await self._stage(model, span, cid)
+        local_id = self.new_local_id()
+        await self._run(hosted.call, hosted.stage.add_sequence, local_id)
         hosted.sequences.add(local_id)
         self._sessions[(peer, seq)] = _Session(hosted, local_id)
         config = hosted.stage.config
@@ -135,10 +145,10 @@ class StageHost:
         if session is None:
             return
         session.hosted.sequences.discard(session.local_id)
-        await self._run(session.hosted.stage.remove_sequence, session.local_id)
+        await self._run(session.hosted.call, session.hosted.stage.remove_sequence, session.local_id)
         await self._trim()
 
-    async def _stage(self, model: str, span: LayerSpan) -> _Hosted:
+    async def _stage(self, model: str, span: LayerSpan, cid: str | None = None) -> _Hosted:
         key = (model, span)
         hosted = self._hosted.get(key)
         if hosted is not None:
@@ -148,7 +158,8 @@ class StageHost:
             pending = asyncio.get_running_loop().create_future()
             self._loading[key] = pending
             try:
-                stage = await asyncio.get_running_loop().run_in_executor(None, self._factory, model, span)
+                loop = asyncio.get_running_loop()
+                stage = await loop.run_in_executor(None, self._factory, model, span, cid)
             except LookupError as exc:
                 pending.set_exception(HostError(wire.NO_MODEL, str(exc)))
             except (ModelError, ValueError) as exc:
@@ -167,11 +178,23 @@ class StageHost:
             pending.exception()  # mark retrieved: other waiters re-raise it themselves
         return await asyncio.shield(pending)
 
+    async def direct_stage(self, model: str, span: LayerSpan, cid: str | None = None) -> DirectStage:
+        """This node's part of its own split: the hosted stage, called on the caller's thread."""
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        hosted = await self._stage(model, span, cid)
+        return DirectStage(self, hosted)
+
+    def new_local_id(self) -> int:
+        with self._lock:
+            self._next_local += 1
+            return self._next_local
+
     async def _trim(self) -> None:
-        idle = [h for h in self._hosted.values() if not h.sequences]
+        idle = [h for h in self._hosted.values() if not h.sequences and not h.users]
         for hosted in idle[: max(0, len(idle) - self._keep_idle)]:
             del self._hosted[hosted.key]
-            await self._run(hosted.stage.close)
+            await self._run(hosted.call, hosted.stage.close)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -193,7 +216,8 @@ class StageHost:
                 raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
             inputs = self._check_inputs(hosted.stage, message)
             ids = [s.local_id for s in live]
-            out, seconds = await self._run(self._timed_forward, hosted.stage, message.op, ids, inputs)
+            forward = self._timed_forward
+            out, seconds = await self._run(hosted.call, forward, hosted.stage, message.op, ids, inputs)
         except wire.FrameError as exc:
             self.refused += 1
             logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
@@ -256,7 +280,79 @@ class StageHost:
         hosted, self._hosted = list(self._hosted.values()), {}
         for h in hosted:
             try:
-                await self._run(h.stage.close)
+                await self._run(h.call, h.stage.close)
             except Exception:  # shutting down: log and go on freeing the rest
                 logger.exception("closing stage %s failed", h.key)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DirectStage:
+    """The local part of a split: a stage this node hosts, called directly on the caller's (the engine's)
+    thread, without hopping through the event loop and the host's worker. Shares the hosted stage (and its
+    lock) with remote peers' sequences; keeps it from being trimmed until closed."""
+
+    peer = "local"
+
+    def __init__(self, host: StageHost, hosted: _Hosted) -> None:
+        from mesh.pipeline import LinkTiming
+
+        self._host = host
+        self._hosted = hosted
+        self.config = hosted.stage.config
+        self.span = hosted.stage.span
+        self._ids: dict[int, int] = {}
+        self._closed = False
+        self.timing = LinkTiming()
+        hosted.users += 1
+
+    def _local(self, seq_id: int) -> int:
+        try:
+            return self._ids[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id}; call add_sequence first") from None
+
+    def add_sequence(self, seq_id: int) -> None:
+        if self._closed:
+            raise ValueError("stage is closed")
+        if seq_id in self._ids:
+            raise ValueError(f"sequence {seq_id} exists already")
+        local = self._host.new_local_id()
+        self._hosted.call(self._hosted.stage.add_sequence, local)
+        self._hosted.sequences.add(local)
+        self._ids[seq_id] = local
+
+    def remove_sequence(self, seq_id: int) -> None:
+        local = self._ids.pop(seq_id, None)
+        if local is None:
+            return
+        self._hosted.sequences.discard(local)
+        self._hosted.call(self._hosted.stage.remove_sequence, local)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._hosted.call(self._hosted.stage.sequence_length, self._local(seq_id))
+
+    def _timed(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+        started = time.perf_counter()
+        out = self._hosted.call(fn, *args)
+        elapsed = time.perf_counter() - started
+        self.timing.calls += 1
+        self.timing.seconds += elapsed
+        self.timing.compute_s += elapsed
+        return out
+
+    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
+        return self._timed(self._hosted.stage.prefill, self._local(seq_id), inputs)
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        return self._timed(self._hosted.stage.decode, [self._local(s) for s in seq_ids], inputs)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for seq_id in list(self._ids):
+            self.remove_sequence(seq_id)
+        self._closed = True
+        self._hosted.users -= 1
+
+    def __repr__(self) -> str:
+        return f"DirectStage(layers {self.span})"

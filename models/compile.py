@@ -193,7 +193,7 @@ def _without_reshape_rewrite(passes: list[Any]) -> list[Any]:
 def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: Progress | None) -> Any:
     import tvm
 
-    from models.schedule import cpu_schedule_pass, primfunc_names
+    from models.schedule import cpu_schedule_pass, mark_scheduled_pass, primfunc_names, reshape_views_pass
 
     if target.kind == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -205,12 +205,14 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
     def pipeline(mod: Any, _ctx: Any) -> Any:
         with tvm_target:
             # On cuda, dlight's GPU rules run inside the backend's legalize passes.
-            schedule = [] if target.kind == "cuda" else [cpu_schedule_pass(primfunc_names(mod))]
+            hand_written = primfunc_names(mod)
+            schedule = [] if target.kind == "cuda" else [cpu_schedule_pass(hand_written)]
             lower = backend.dataflow_lower_passes(tvm_target)
             if quantization != "f32":
-                lower = _without_reshape_rewrite(lower)
+                lower = [reshape_views_pass(hand_written), *_without_reshape_rewrite(lower)]
+            mark = [mark_scheduled_pass()] if target.kind == "cuda" else []
             stages = [
-                ("dispatch", backend.library_dispatch_passes(tvm_target)),
+                ("dispatch", mark + backend.library_dispatch_passes(tvm_target)),
                 ("legalize and fuse", backend.legalize_passes(tvm_target)),
                 ("schedule", schedule),
                 ("lower", lower + backend.finalize_passes(tvm_target)),

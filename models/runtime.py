@@ -29,7 +29,7 @@ PAGE_SIZE = 16
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 DEFAULT_PREFILL_CHUNK = 512
-DEFAULT_QUANTIZATION = "f32"
+DEFAULT_QUANTIZATION = "q4_1"
 """What `CompiledStage.load` builds unless told otherwise."""
 
 
@@ -38,6 +38,23 @@ def configure_threads() -> None:
     before the first TVM kernel launch (env vars set later are ignored)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
+    """A tensor's stored bytes, read with pread rather than through the file mapping, so the mapped pages do
+    not stay resident in this process once the weights are packed (peak RSS, issue 3)."""
+    info = gguf_model.tensor_info(name)
+    path = getattr(gguf_model, "path", None)
+    if path is None:
+        return np.array(gguf_model.raw(name)).reshape(-1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, info.size, info.offset)
+    finally:
+        os.close(fd)
+    if len(data) != info.size:
+        raise ValueError(f"tensor {name}: read {len(data)} of {info.size} bytes (truncated file?)")
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
@@ -58,7 +75,7 @@ def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
             )
         out_features, in_features = info.shape
         pack = pack_q4_1 if kind == "q4_1" else pack_q8_0
-        packed.append(pack(np.asarray(gguf_model.raw(name)), out_features, in_features))
+        packed.append(pack(_read_blocks(gguf_model, name), out_features, in_features))
     return param_arrays(packed[0] if len(packed) == 1 else concat_packed(packed))
 
 

@@ -45,6 +45,11 @@ class StreamingAssembler:
                 pos += size
         return offsets, node.data
 
+    @property
+    def size(self) -> int | None:
+        """The file size, once the root has been seen."""
+        return self._size
+
     def write(self, offsets: list[int], data: bytes) -> None:
         """Write verified bytes at their offsets (any thread)."""
         for offset in offsets:

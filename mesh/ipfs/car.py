@@ -103,13 +103,18 @@ def decode_header(payload: bytes) -> list[CID]:
 
 # --- sections -----------------------------------------------------------------------------------------------
 
-def encode_section(cid: CID, data: bytes) -> bytes:
+def section_parts(cid: CID, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """A section as (length varint, CID, block), for joining many sections without extra copies."""
     raw = bytes(cid)
-    return encode_varint(len(raw) + len(data)) + raw + data
+    return encode_varint(len(raw) + len(data)), raw, data
+
+
+def encode_section(cid: CID, data: bytes) -> bytes:
+    return b"".join(section_parts(cid, data))
 
 
 def split_section(section: bytes) -> tuple[CID, bytes]:
-    """Split a section body into its CID and block bytes."""
+    """Split a section body into its CID and block bytes (a zero-copy view of `section`)."""
     if len(section) >= 34 and section[0] == 0x12 and section[1] == 0x20:  # CIDv0: a bare sha2-256 multihash
         cid_len = 34
     else:
@@ -124,7 +129,7 @@ def split_section(section: bytes) -> tuple[CID, bytes]:
         cid = cid_from_bytes(section[:cid_len])
     except Exception as exc:  # multiformats raises several exception types
         raise CodecError(f"bad CID in CAR section: {exc}") from None
-    return cid, section[cid_len:]
+    return cid, memoryview(section)[cid_len:]  # type: ignore[return-value]  # bytes-like, no 256 KiB copy
 
 
 async def _read_varint(read_exactly: ReadExactly) -> int | None:

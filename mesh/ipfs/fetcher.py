@@ -27,6 +27,7 @@ from mesh.ipfs.sources import BlockSource, CarSource
 from mesh.ipfs.store import BlockStore
 
 logger = logging.getLogger(__name__)
+CAR_BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -190,36 +191,55 @@ class Fetcher:
         return size, keys
 
     # --- a whole DAG --------------------------------------------------------------------------------------
-    async def _store_then_release(self, name: str, cid: CID, block: bytes, slots: asyncio.Semaphore,
-                                  on_block: Callable[[CID, bytes], None],
-                                  then: Callable[[], None] | None) -> None:
+    async def _store_batch(self, name: str, batch: list[tuple[CID, bytes, Callable[[], None] | None]],
+                           slots: asyncio.Semaphore, on_block: Callable[[CID, bytes], None]) -> None:
+        """Verify and store several blocks in one worker-thread hop (fewer hops: faster streams)."""
+
+        def work() -> None:
+            for cid, block, then in batch:
+                self.store.put(cid, block)  # verifies; raises VerificationError
+                if then is not None:
+                    then()
+
         try:
-            await self._store(name, cid, block, then)
+            await asyncio.to_thread(work)
         finally:
             slots.release()
-        on_block(cid, block)
+        for cid, block, _ in batch:
+            self.stats.blocks_fetched += 1
+            self.stats.bytes_fetched += len(block)
+            self.stats.by_source[name] += 1
+            self._fetched.add(bytes(cid.digest))
+            on_block(cid, block)
 
     async def _try_car(self, root: CID, on_block: Callable[[CID, bytes], None],
                        assembler: StreamingAssembler | None = None) -> None:
         """Stream the DAG as a CAR from the first source that offers it, hashing and writing blocks in
-        parallel threads while the stream goes on. Any failure just ends the attempt: the block walk that
-        follows fills whatever is missing from the other sources."""
+        parallel threads (in batches of about 1 MiB) while the stream goes on. Any failure just ends the
+        attempt: the block walk that follows fills whatever is missing from the other sources."""
         for source in self.sources:
             if not isinstance(source, CarSource) or self._health[source.name].retry_at > time.monotonic():
                 continue
             slots = asyncio.Semaphore(self.config.parallelism)
             try:
                 async with asyncio.TaskGroup() as group:
+                    batch: list[tuple[CID, bytes, Callable[[], None] | None]] = []
+                    batch_bytes = 0
                     async for cid, block in source.stream_car(root):
                         then = None
                         if assembler is not None:
                             offsets, data = assembler.plan(cid, block)
                             if offsets and data:
                                 then = functools.partial(assembler.write, offsets, data)
+                        batch.append((cid, block, then))
+                        batch_bytes += len(block)
+                        if batch_bytes >= CAR_BATCH_BYTES:
+                            await slots.acquire()
+                            group.create_task(self._store_batch(source.name, batch, slots, on_block))
+                            batch, batch_bytes = [], 0
+                    if batch:
                         await slots.acquire()
-                        group.create_task(
-                            self._store_then_release(source.name, cid, block, slots, on_block, then)
-                        )
+                        group.create_task(self._store_batch(source.name, batch, slots, on_block))
                 self._reward(source)
             except* VerificationError as eg:
                 logger.warning("rejected CAR from %s: %s", source.name, eg.exceptions[0])
@@ -299,11 +319,13 @@ class Fetcher:
                     await asyncio.to_thread(assembler.abort)
                 raise
             if assembler is not None:
-                complete = await asyncio.to_thread(self._scan_local, root) is not None
-                self.assembled = await asyncio.to_thread(assembler.finish) if complete else False
-                if not complete:
-                    await asyncio.to_thread(assembler.abort)
-
+                # Complete means every link of every (verified) node arrived, verified, and was written:
+                # the whole DAG is stored, so no scan is needed.
+                self.assembled = await asyncio.to_thread(assembler.finish)
+                if self.assembled and assembler.size is not None:
+                    state["done"] = state["total"] = assembler.size
+                    report()
+                    return assembler.size
         present = await asyncio.to_thread(self._scan_local, root)
         if present is not None:  # complete already: no walk needed
             size, keys = present

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
 from mesh.ipfs.importer import Block, ImportOptions, import_file
 from mesh.ipfs.reader import UnixFSReader, assemble_file, decode_file_node
 from mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
-from mesh.ipfs.store import BlockStore, StoreStats
+from mesh.ipfs.store import STALE_TEMP_S, BlockStore, StoreStats
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -69,11 +70,24 @@ class IpfsService:
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
+        await asyncio.to_thread(self._clean_stale_temps)
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=max(16, self.config.parallelism * 2))
             timeout = aiohttp.ClientTimeout(sock_connect=self.config.connect_timeout_s)
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         self._closing = False
+
+    def _clean_stale_temps(self) -> None:
+        """Remove half-written model files an interrupted (even `kill -9`ed) pull left behind."""
+        if not self.models_dir.is_dir():
+            return
+        now = time.time()
+        for path in self.models_dir.glob(".*.gguf.*"):
+            try:
+                if now - path.stat().st_mtime > STALE_TEMP_S:
+                    path.unlink()
+            except OSError:
+                continue
 
     async def stop(self) -> None:
         """Refuse new pulls, cancel running ones, close the HTTP session. Safe to call twice."""
@@ -263,16 +277,18 @@ class IpfsService:
         stack = [root]
 
         def next_batch() -> bytes:
-            out = bytearray()
-            while stack and len(out) < CAR_BATCH_BYTES:
+            parts: list[bytes] = []
+            size = 0
+            while stack and size < CAR_BATCH_BYTES:
                 cid = stack.pop()
                 block = self.store.get(cid)
                 if block is None:
                     raise IpfsError(f"block {cid} of {root} is not in the local store")
-                out += car.encode_section(cid, block)
+                parts.extend(car.section_parts(cid, block))
+                size += len(block)
                 if scope == "all" and cid.codec.name == DAG_PB:
                     stack.extend(child for child, _ in reversed(decode_file_node(cid, block).children))
-            return bytes(out)
+            return b"".join(parts)
 
         while stack:
             yield await asyncio.to_thread(next_batch)

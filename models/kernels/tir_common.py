@@ -75,23 +75,28 @@ def dot4_portable(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xword: tirx.PrimExpr
 
 
 def group_dot(kind: str, vnni: bool, qw: tirx.Buffer, nb: tirx.PrimExpr, g: tirx.PrimExpr,
-              xq: tirx.Buffer, b: tirx.PrimExpr) -> tirx.PrimExpr:
+              xq: tirx.Buffer, b: tirx.PrimExpr, chains: int = 4) -> tirx.PrimExpr:
     """int32x16: for the 16 rows of block `nb`, the integer dot product of group `g` with activation row `b`.
 
-    `qw` is the packed weight buffer [NB, G, 4|8, 16] uint32, `xq` the packed activations [B, K/4] int32."""
+    `qw` is the packed weight buffer [NB, G, 4|8, 16] uint32, `xq` the packed activations [B, K/4] int32.
+    The 8 four-byte steps are split over `chains` independent accumulators (1, 2, 4 or 8), so the VNNI
+    latency overlaps when nothing else does (GEMV); GEMM tiles interleave rows instead and use 1."""
+    if chains not in (1, 2, 4, 8):
+        raise ValueError(f"chains must be 1, 2, 4 or 8, got {chains}")
     dot = dot4_vnni if vnni else dot4_portable
-    zero = bcast(tirx.const(0, "int32"))
-    chains = []  # 4 independent dot-product chains, so VNNI latency overlaps
-    for t in range(4):
+    steps = []  # (code vector, activation word) for the group's 8 four-byte steps
+    for t in range(4 if kind == "q4_1" else 8):
+        w = qw[nb, g, t, tirx.Ramp(0, 1, LANES)]
         if kind == "q4_1":
-            w = qw[nb, g, t, tirx.Ramp(0, 1, LANES)]
-            acc = dot(dot(zero, nibbles_low(w), xq[b, g * 8 + t]), nibbles_high(w), xq[b, g * 8 + 4 + t])
+            steps += [(nibbles_low(w), xq[b, g * 8 + t]), (nibbles_high(w), xq[b, g * 8 + 4 + t])]
         else:
-            acc = zero
-            for u in (t, t + 4):
-                acc = dot(acc, qw[nb, g, u, tirx.Ramp(0, 1, LANES)], xq[b, g * 8 + u])
-        chains.append(acc)
-    return (chains[0] + chains[1]) + (chains[2] + chains[3])
+            steps.append((w, xq[b, g * 8 + t]))
+    accs = [bcast(tirx.const(0, "int32"))] * chains
+    for i, (codes, xword) in enumerate(steps):
+        accs[i % chains] = dot(accs[i % chains], codes, xword)
+    while len(accs) > 1:
+        accs = [accs[i] + accs[i + 1] for i in range(0, len(accs), 2)]
+    return accs[0]
 
 
 def row_vec(buf: tirx.Buffer, nb: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:

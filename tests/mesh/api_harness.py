@@ -108,9 +108,11 @@ def shared_node() -> NodeThread:
 
 def stop_shared_node() -> None:
     """Stop the shared node (idempotent: every module using it calls this at session end)."""
+    global _shared
     with _shared_lock:
         if _shared is not None:
             _shared.stop()
+            _shared = None
 
 
 def free_env() -> dict[str, str]:

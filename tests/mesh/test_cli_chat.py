@@ -31,7 +31,10 @@ def shoal(*args: str) -> list[str]:
 async def greedy_answer(node: NodeThread, max_tokens: int) -> str:
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
             "temperature": 0}
-    async with aiohttp.ClientSession() as session, session.post(node.url + "/v1/chat/completions", json=body) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(node.url + "/v1/chat/completions", json=body) as r,
+    ):
         assert r.status == 200
         return (await r.json())["choices"][0]["message"]["content"]
 

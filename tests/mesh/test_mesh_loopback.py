@@ -98,3 +98,38 @@ def test_file_dag_pulled_through_the_mesh_matches(three_nodes, tmp_path, via):
         assert result["stats"].get("car") == 1
     else:
         assert result["stats"].get("channel", 0) >= 5 and "http" not in result["stats"]
+
+
+def test_unreachable_gateway_falls_back_to_the_data_channel(three_nodes, tmp_path):
+    n1, _, n3 = three_nodes
+    wait_until(lambda: full_mesh(three_nodes), 40, "full mesh")
+    # this node announces an API address nobody listens on: its gateway is unreachable, its links are fine
+    hidden = Node(
+        "hidden",
+        tmp_path / "hidden",
+        f"127.0.0.1:{free_port()}",
+        [
+            "--invite",
+            three_nodes[0].args[1],
+            "--ice",
+            "lo",
+            "--no-mdns",
+            "--bootstrap",
+            n1.api,
+            "--advertise",
+            f"127.0.0.1:{free_port()}",
+        ],
+    ).start()
+    try:
+        wait_until(
+            lambda: hidden.peer_id in n3.peers() and n3.peers()[hidden.peer_id]["advert"].get("gateway"),
+            40,
+            "hidden node linked and advertised",
+        )
+        data = os.urandom(100_000)
+        cid = hidden.post("/test/blocks", data)["cid"]
+        result = n3.get(f"/test/mesh-block/{cid}", timeout=30)
+        assert result.get("size") == len(data), result
+        assert result["stats"].get("channel", 0) >= 1
+    finally:
+        hidden.kill(15)

@@ -116,3 +116,44 @@ def test_file_published_on_one_node_is_pulled_through_the_mesh(shoal_nodes, tmp_
 
     path = wait_until(pulled, 60, "pull finished on n3")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+def test_mesh_events_on_the_node_event_stream(shoal_nodes):
+    import json
+    import threading
+    import urllib.request
+
+    wait_until(lambda: full_mesh(shoal_nodes), 60, "full mesh")
+    n1, _, n3 = shoal_nodes
+    seen: list[dict] = []
+
+    def listen() -> None:
+        try:
+            with urllib.request.urlopen(f"http://{n1.api}/v1/events", timeout=60) as stream:
+                for raw in stream:
+                    line = raw.decode().strip()
+                    if line.startswith("data:"):
+                        seen.append(json.loads(line[5:]))
+                        if seen[-1]["kind"] == "peer.joined" and seen[-1]["data"]["id"] == n3.peer_id:
+                            return
+        except OSError:
+            return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(1.0)
+    n3.kill(15)  # graceful: says bye, so n1 sees it leave at once
+    wait_until(
+        lambda: any(e["kind"] == "peer.left" and e["data"]["id"] == n3.peer_id for e in seen),
+        30,
+        "peer.left event",
+    )
+    n3.start()
+    wait_until(
+        lambda: any(e["kind"] == "peer.joined" and e["data"]["id"] == n3.peer_id for e in seen),
+        60,
+        "peer.joined event",
+    )
+    assert n3.peer_id in n1.peers()
+    left = next(e for e in seen if e["kind"] == "peer.left" and e["data"]["id"] == n3.peer_id)
+    assert left["data"]["reason"] == "peer said bye"

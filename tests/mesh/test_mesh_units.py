@@ -97,3 +97,18 @@ def test_clean_advert_keeps_typed_fields_only():
 def test_host_addresses_can_include_loopback():
     assert "127.0.0.1" in host_addresses(["lo"], use_ipv6=False)
     assert host_addresses(["no-such-interface"]) == []
+
+
+def test_mesh_section_of_the_node_config(tmp_path):
+    from mesh.config import load_config
+
+    invite = Invite.create("home", ("10.0.0.9:8740",))
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[mesh]\ninvite = "{invite.to_token()}"\nice_interfaces = ["lo"]\nmdns = false\ndead_timeout_s = 3\n'
+    )
+    config = load_config(path, environ={"SHOAL_MESH_BOOTSTRAP": "10.0.0.1:8740,10.0.0.2:8740"})
+    mesh = config.mesh
+    assert mesh.ice_interfaces == ("lo",) and mesh.mdns is False and mesh.dead_timeout_s == 3.0
+    assert mesh.all_bootstrap() == ("10.0.0.1:8740", "10.0.0.2:8740", "10.0.0.9:8740")
+    assert mesh.secret_bytes() == invite.secret

@@ -85,7 +85,7 @@ def test_register_control_type():
         p.register_control_type("bad name!", 100)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=2048))
 def test_fuzz_control_decoder_only_raises_protocol_error(data):
     try:
@@ -108,7 +108,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["v", "t", "b", "id", "re", "zz"]), json_values))
 def test_fuzz_structured_control_frames(message):
     import orjson
@@ -119,7 +119,7 @@ def test_fuzz_structured_control_frames(message):
         pass
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=600), max_size=8), st.sampled_from([p.BLOCKS, p.TENSORS]))
 def test_fuzz_binary_reassembler_only_raises_protocol_error(messages, channel):
     joiner = p.Reassembler(channel)
@@ -129,3 +129,17 @@ def test_fuzz_binary_reassembler_only_raises_protocol_error(messages, channel):
                 joiner.feed(candidate)
             except ProtocolError:
                 pass
+
+
+def test_reassembler_bounds_total_buffered_bytes():
+    joiner = p.Reassembler(p.TENSORS, max_bytes=500_000)
+    chunk = b"t" * 200_000
+    joiner.feed(p.HEADER.pack(p.MAGIC, 1, p.TENSOR, 0, 0, 1, 0) + chunk)
+    joiner.feed(p.HEADER.pack(p.MAGIC, 1, p.TENSOR, 0, 0, 3, 0) + chunk)
+    assert joiner.buffered == 400_000
+    with pytest.raises(ProtocolError):
+        joiner.feed(p.HEADER.pack(p.MAGIC, 1, p.TENSOR, 0, 0, 5, 0) + chunk)
+    # finishing a frame releases its bytes
+    frame = joiner.feed(p.HEADER.pack(p.MAGIC, 1, p.TENSOR, p.FLAG_LAST, 0, 1, 1) + b"end")
+    assert frame is not None and len(frame.payload) == 200_003
+    assert joiner.buffered == 200_000

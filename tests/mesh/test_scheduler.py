@@ -117,6 +117,18 @@ def test_memory_capped_local_splits_with_a_peer() -> None:
         assert len(a.span) <= max_layers(SHAPE, REQ, d, OPEN, i == 0, i == len(p.stages) - 1)
 
 
+def test_peer_without_the_model_hosts_a_span_but_takes_no_offload() -> None:
+    fetcher = dev("fetcher", tps=1000, holds_model=False, fetch_bps=8 * MiB)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=1), [fetcher], OPEN).kind != "offload"
+    p = plan(SHAPE, REQ, dev(LOCAL, mem=90 * MiB), [fetcher], OPEN)
+    assert p.kind == "split" and "fetcher" in p.devices
+    slow = dataclasses.replace(fetcher, fetch_bps=1.0)
+    slow_fetch = plan(SHAPE, REQ, dev(LOCAL, mem=90 * MiB), [slow], OPEN)
+    assert slow_fetch.prediction.ttft_s > p.prediction.ttft_s + 1000  # fetching the span is in the TTFT
+    with pytest.raises(NoPlanError):
+        plan(SHAPE, REQ, dev(LOCAL, mem=90 * MiB), [dataclasses.replace(fetcher, fetch_bps=0.0)], OPEN)
+
+
 def test_max_memory_share_forces_split() -> None:
     local = dev(LOCAL, mem=150 * MiB)
     peers = [dev("a", mem=150 * MiB)]

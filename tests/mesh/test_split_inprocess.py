@@ -26,7 +26,7 @@ PROMPTS = ["What is the capital of France?", "Name a primary colour.", "2+2="]
 MAX_TOKENS = 5
 
 
-def factory(name: str, span: LayerSpan):
+def factory(name: str, span: LayerSpan, cid: str | None = None):
     if name != MODEL:
         raise LookupError(f"no model {name}")
     from models.reference import ReferenceStage
@@ -113,6 +113,29 @@ async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: l
         await blocking(pipeline.close)
         for h in hosts:
             await h.stop()
+
+
+async def test_direct_local_stage_shares_the_host_with_peers(expected: dict[str, list[int]]) -> None:
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    host = StageHost(factory, gate_open)
+    direct = await host.direct_stage(MODEL, LayerSpan(0, 15))
+    other = StageHost(factory, gate_open)
+    remote = RemoteStage(PeerLink(other, "peer"), loop, MODEL, config, LayerSpan(15, 30))
+    # a peer's sequence on the same hosted span, interleaved with ours
+    await host.open("p", {"model": MODEL, "span": "0:15", "seq": 1})
+    pipeline = SplitPipeline(config, [direct, remote], rebuild=lambda excluded: [])
+    try:
+        got = await blocking(greedy, pipeline, chat_ids(PROMPTS[1]), MAX_TOKENS, 3)
+        assert got == expected[PROMPTS[1]]
+        prefill = wire.encode_input(1, "prefill", 1, [1], np.asarray(chat_ids(PROMPTS[1]), dtype=np.int32))
+        assert (await host.compute("p", prefill)).meta["op"] == "hidden"
+        assert direct.timing.calls == MAX_TOKENS and direct.timing.compute_s == direct.timing.seconds
+        assert host.sequences == 1  # the peer's; ours were removed with their sequence
+    finally:
+        await blocking(pipeline.close)
+        await host.stop()
+        await other.stop()
 
 
 async def test_lost_stage_is_replanned_with_the_same_tokens(expected: dict[str, list[int]]) -> None:
@@ -212,6 +235,7 @@ async def test_open_is_validated_and_gated() -> None:
         ({"model": MODEL, "span": "0:31", "seq": 1}, wire.BAD_REQUEST),
         ({"model": MODEL, "span": "0:10", "seq": -1}, wire.BAD_REQUEST),
         ({"model": MODEL, "seq": 1}, wire.BAD_REQUEST),
+        ({"model": MODEL, "span": "0:10", "seq": 1, "cid": "../../etc"}, wire.BAD_REQUEST),
     ]:
         with pytest.raises(HostError) as info:
             await host.open("p", body)

@@ -31,7 +31,7 @@ def mesh3(tmp_path_factory):
     a = SplitNode("a", base / "a", ["--serve-others", "--allow", ids["b"]])
     b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api])
     c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api])
-    d = SplitNode("d", base / "d", ["--no-model", "--bootstrap", a.api])  # holds no model
+    d = SplitNode("d", base / "d", ["--no-model", "--serve-others", "--bootstrap", a.api])  # holds no model
     nodes = [a, b, c, d]
     start_nodes(nodes, secret)
     try:
@@ -166,6 +166,18 @@ def test_malformed_tensor_frames_are_refused_and_the_stage_lives(mesh3, expected
     a.force("split", ("local", "0:15"), (b.peer_id, "15:30"))
     reply = a.chat(PROMPTS[0], MAX_TOKENS)
     assert reply["choices"][0]["message"]["content"] == expected[PROMPTS[0]]
+
+
+def test_peer_without_the_model_fetches_only_its_span(mesh3, expected):
+    a, _, _, d = mesh3
+    a.force("split", ("local", "0:15"), (d.peer_id, "15:30"))
+    reply = a.chat(PROMPTS[0], MAX_TOKENS)
+    assert reply["choices"][0]["message"]["content"] == expected[PROMPTS[0]], reply
+    assert reply["shoal_route"]["peers"] == ["local", d.peer_id]
+    sparse = list(d.data_dir.rglob("*layers-15-30*.gguf"))
+    assert len(sparse) == 1, list(d.data_dir.rglob("*.gguf"))
+    stat = sparse[0].stat()
+    assert stat.st_blocks * 512 < 0.85 * stat.st_size  # holes where layers 0-14 would be
 
 
 def test_kill_a_stage_mid_generation(mesh3):

@@ -5,6 +5,8 @@ Every shard is compiled once per suite run (the shared SHOAL_COMPILE_CACHE) and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,8 @@ PROMPTS = (
 )
 
 
-def _load(start: int, stop: int, **options: object) -> CompiledStage:
+def _load(start: int, stop: int, **options: Any) -> CompiledStage:
+    options.setdefault("quantization", "f32")
     return CompiledStage.load(gguf_model(), LayerSpan(start, stop), target="llvm", load=dequantized,
                               **options)
 
@@ -194,3 +197,30 @@ def test_context_overflow_and_close() -> None:
     stage.close()
     with pytest.raises(RuntimeError, match="closed"):
         stage.add_sequence(seq + 1)
+
+
+def test_quantized_build_agrees_with_f32(whole: CompiledStage) -> None:
+    """The q4_1 build (weights kept as Q4_1/Q8_0 blocks, activations quantized per 32 like llama.cpp)
+    teacher-forced on the f32 build's greedy tokens: top-1 agreement and logit closeness."""
+    quantized = CompiledStage.load(gguf_model(), LayerSpan(0, LAYERS), target="llvm", quantization="q4_1")
+    try:
+        assert quantized.shard.quantization == "q4_1"
+        assert all(dtype != "float32" or len(shape) == 1 for _, shape, dtype in quantized.shard.params), \
+            "a q4_1 build keeps no fp32 weight matrix"
+        agree = total = 0
+        for question in PROMPTS[:3]:
+            prompt = np.asarray(chat_ids(question), dtype=np.int32)
+            tokens, want_logits = _greedy([whole], list(prompt), 32)
+            seq = fresh_seq_id()
+            quantized.add_sequence(seq)
+            got = [quantized.prefill(seq, prompt)]
+            for token in tokens[:-1]:
+                got.append(quantized.decode([seq], np.asarray([token], dtype=np.int32))[0])
+            quantized.remove_sequence(seq)
+            for want, have in zip(want_logits, got, strict=True):
+                total += 1
+                agree += int(np.argmax(want) == np.argmax(have))
+                assert float(np.max(np.abs(want - have))) < 4.0
+        assert agree / total >= 0.9, f"top-1 agreement {agree}/{total}"
+    finally:
+        quantized.close()

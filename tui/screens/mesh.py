@@ -105,7 +105,7 @@ class MeshPane(NodePane):
         else:
             peers = list(view.get("peers") or [])
             mesh_id = (view.get("self") or {}).get("mesh")
-            where = f"mesh {short_id(str(mesh_id), 16)}" if mesh_id else "not in a mesh (j: join)"
+            where = f"mesh {short_id(str(mesh_id), 20)}" if mesh_id else "not in a mesh (j: join)"
             table.border_title = f"Peers ({len(peers)}) — {where}"
         table.clear()
         for peer in peers:

@@ -46,6 +46,8 @@ def draw_topology(topology: dict[str, Any], names: dict[str, str], self_id: str)
     linked: set[str] = set()
     for link in links:
         a, b = str(link.get("a", "?")), str(link.get("b", "?"))
+        if b == self_id:  # this node reads first
+            a, b = b, a
         linked.update((a, b))
         text.append(f"  {name(a)} ", style="cyan")
         text.append(f"──{number(link.get('rtt_ms'), 1, ' ms')}──", style="dim")

@@ -1,0 +1,55 @@
+"""The model manager's catalog: the embedded model, models the IPFS store holds, lookups by name and CID."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh.events import EventBus
+from mesh.model_manager import ModelManager, ModelNotFoundError
+from models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
+
+CID = "bafybeifvmoiokowzsdfjoiosxsk3t5p42iq6lajhmfld5v22b3osnrzmj4"
+
+
+def catalog_entries() -> list[dict[str, Any]]:
+    path = str(embedded_model_path())
+    return [
+        {"cid": CID, "names": ["pulled-model"], "size": 123, "pinned": True, "complete": True, "path": path},
+        {"cid": "bafyincomplete", "names": ["half"], "size": None, "pinned": True, "complete": False,
+         "path": None},
+    ]
+
+
+async def test_catalog_models_become_servable_by_name_and_cid() -> None:
+    manager = ModelManager(EventBus(), backend="numpy", catalog=catalog_entries)
+    manager.add_embedded()
+    ids = [m["id"] for m in manager.list_models()]
+    assert ids == [DEFAULT_MODEL_NAME]  # nothing read from the catalog yet
+    await manager.refresh_async()
+    listing = {m["id"]: m for m in manager.list_models()}
+    assert set(listing) == {DEFAULT_MODEL_NAME, "pulled-model"}  # the incomplete pull is not servable
+    assert listing["pulled-model"]["shoal"] == {"cid": CID, "size": 123, "pinned": True, "loaded": False,
+                                                "compiled_targets": []}
+    assert listing[DEFAULT_MODEL_NAME]["shoal"]["size"] == embedded_model_path().stat().st_size
+    assert manager.resolve(CID).name == "pulled-model"
+    manager.set_cid(DEFAULT_MODEL_NAME, "bafyembedded")
+    assert manager.resolve("bafyembedded").name == DEFAULT_MODEL_NAME
+    with pytest.raises(ModelNotFoundError, match="'half' does not exist"):
+        manager.resolve("half")
+
+
+async def test_resolve_reads_the_catalog_on_a_miss() -> None:
+    calls = []
+
+    def catalog() -> list[dict[str, Any]]:
+        calls.append(1)
+        return catalog_entries()
+
+    manager = ModelManager(EventBus(), backend="numpy", catalog=catalog)
+    assert manager.resolve("pulled-model").cid == CID
+    assert len(calls) == 1
+    with pytest.raises(ModelNotFoundError) as info:
+        manager.resolve("nope")
+    assert "have: pulled-model" in str(info.value)
