@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from multiformats import CID
 
 from mesh import protocol as p
@@ -170,10 +169,8 @@ class MeshBlockSource:
                 data = await gateway.get_block(cid)
                 self.stats["http"] += 1
                 return data
-            except SourceError as exc:
-                if not isinstance(exc.__cause__, aiohttp.ClientConnectionError | TimeoutError):
-                    raise
-                self._mark_http_down(peer, exc.__cause__)
+            except SourceError as exc:  # unreachable, refused (e.g. 401 behind an API key), timed out
+                self._mark_http_down(peer, exc)
         reply = await peer.request_binary(p.BLOCK_WANT, {"cid": str(cid)}, timeout_s=self.timeout_s)
         if reply.kind == p.BLOCK_MISSING:
             raise BlockNotFoundError(f"{peer.peer_id[:12]} does not have {cid}")

@@ -40,7 +40,7 @@ Progress = Callable[[float, str], None]
 """`progress(fraction in [0, 1], message)`."""
 
 MANIFEST_VERSION = 1
-_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py")
+_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "attention.py")
 _SOURCE_DIRS = ("kernels",)
 
 

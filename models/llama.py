@@ -280,8 +280,14 @@ def export_shard(
 ) -> tuple[Any, list[tuple[str, nn.Parameter]]]:
     """The shard as a Relax IRModule plus its parameters (name, Parameter) in the order the functions take
     them."""
+    from models.attention import patched_decode_kernel
+
     model = LlamaShard(config, span, target, quantization)
-    with _memoized_kernel_factories() if quantization != "f32" else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if quantization != "f32":
+            stack.enter_context(_memoized_kernel_factories())
+        if target.kind.name == "llvm":
+            stack.enter_context(patched_decode_kernel())
         mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params
 

@@ -16,6 +16,7 @@ from mesh.ipfs.cli_support import (
 )
 from mesh.ipfs.errors import IpfsError
 from mesh.ipfs.service import IpfsService
+from models.errors import ModelError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,7 @@ async def _pull(args: argparse.Namespace) -> int:
             result = await service.pull_detailed(args.model, progress=bar)
             if bar is not None:
                 bar.done()
-        except (IpfsError, ValueError) as exc:
+        except (IpfsError, ModelError, ValueError) as exc:
             raise CommandError(str(exc)) from None
     stats = result.stats
     print(result.path)

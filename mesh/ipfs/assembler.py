@@ -85,3 +85,36 @@ class StreamingAssembler:
     def abort(self) -> None:
         self._close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+class SparseFileWriter:
+    """A file of a known size written piecewise at offsets (the rest stays a hole), renamed into place only
+    by `commit`. Blocking methods: call them through `asyncio.to_thread`."""
+
+    def __init__(self, dest: Path, size: int) -> None:
+        self.dest = dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        self._closed = False
+        os.ftruncate(self._fd, size)
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def commit(self) -> None:
+        os.fsync(self._fd)
+        self._close()
+        os.replace(self._tmp, self.dest)
+
+    def discard(self) -> None:
+        self._close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)

@@ -14,6 +14,7 @@ from multiformats import CID
 
 from mesh.ipfs.cid import parse_cid
 from mesh.ipfs.errors import InvalidCidError, StoreError, UnknownModelError
+from mesh.ipfs.store import file_lock
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 # CIDv1 (raw leaves, 256 KiB chunks, balanced, 174 links) of SmolLM2-135M-Instruct.Q4_1.gguf as shipped in
@@ -54,7 +55,8 @@ class Catalog:
 
     def add(self, name: str, cid: CID) -> None:
         check_name(name)
-        with self._lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, file_lock(self.path.with_suffix(".lock")):
             entries = self._read()
             entries[name] = str(cid)
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,13 @@ from mesh.ipfs import dagpb, unixfs
 from mesh.ipfs.assembler import StreamingAssembler
 from mesh.ipfs.cid import DAG_PB
 from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.errors import BlockNotFoundError, CodecError, IpfsError, SourceError, VerificationError
+from mesh.ipfs.errors import (
+    BlockNotFoundError,
+    CodecError,
+    SourceError,
+    StoreError,
+    VerificationError,
+)
 from mesh.ipfs.sources import BlockSource, CarSource
 from mesh.ipfs.store import BlockStore
 
@@ -155,6 +161,13 @@ class Fetcher:
                     self._penalise(source, bad_block=False)
                     errors.append(str(exc) if str(exc) else f"{source.name}: timed out")
                     continue
+                except StoreError:
+                    raise  # our disk, not the source's fault
+                except Exception as exc:  # a plugged-in source broke its contract: treat it as failed
+                    logger.exception("source %s raised unexpectedly for %s", source.name, cid)
+                    self._penalise(source, bad_block=False)
+                    errors.append(f"{source.name}: {type(exc).__name__}: {exc}")
+                    continue
                 self._reward(source)
                 return data
             if attempt + 1 < self.config.retries:
@@ -246,6 +259,11 @@ class Fetcher:
                 self._penalise(source, bad_block=True)
             except* (SourceError, CodecError, TimeoutError) as eg:
                 logger.info("CAR from %s failed for %s: %r", source.name, root, eg.exceptions[0])
+                self._penalise(source, bad_block=False)
+            except* StoreError as eg:
+                raise eg.exceptions[0] from None  # our disk, not the source's fault
+            except* Exception as eg:  # a plugged-in source broke its contract: treat it as failed
+                logger.error("CAR from %s raised unexpectedly for %s: %r", source.name, root, eg.exceptions)
                 self._penalise(source, bad_block=False)
             return
 
@@ -363,7 +381,7 @@ class Fetcher:
                 await queue.join()
                 for task in workers:
                     task.cancel()
-        except* IpfsError as eg:
+        except* Exception as eg:  # the first failure, as itself (IpfsError, OSError), not as a group
             raise eg.exceptions[0] from None
         report()
         return state["total"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,6 +22,7 @@ import aiohttp
 from multiformats import CID
 
 from mesh.ipfs import car
+from mesh.ipfs.assembler import SparseFileWriter
 from mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
 from mesh.ipfs.cid import DAG_PB
 from mesh.ipfs.config import IpfsConfig
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 CAR_BATCH_BYTES = 1 << 20
+SPAN_READ_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class IpfsService:
         model = name_or_cid
         try:
             cid = self.catalog.resolve(name_or_cid)
-            name = name_or_cid if name_or_cid != str(cid) else ""
+            name = name_or_cid.strip() if name_or_cid.strip() in self.catalog.entries() else ""
 
             def on_progress(p: Progress) -> None:
                 if self.events is not None:
@@ -175,7 +175,7 @@ class IpfsService:
                     progress(p)
 
             fetcher = self.fetcher(sources)
-            existing = self.store.pins().get(str(cid))
+            existing = (await asyncio.to_thread(self.store.pins)).get(str(cid))
             if existing is None or not existing.complete:
                 await asyncio.to_thread(self.store.pin, cid, name=name, complete=False)
             path = self.model_path(cid)
@@ -184,7 +184,7 @@ class IpfsService:
                 await asyncio.to_thread(assemble_file, self.store, cid, path)
             await asyncio.to_thread(self.store.pin, cid, name=name, size=size, complete=True)
             if name:
-                self.catalog.add(name, cid)
+                await asyncio.to_thread(self.catalog.add, name, cid)
         except asyncio.CancelledError:
             if self.events is not None:
                 self.events.publish("pull.failed", pull_id=pull_id, model=model, error="cancelled")
@@ -237,9 +237,17 @@ class IpfsService:
         index = await asyncio.to_thread(read_gguf_index, read)
         ranges = [(0, index.data_start), *index.byte_ranges_for_span(span)]
         await asyncio.to_thread(self.store.pin, cid, name="", size=size, complete=False)
-        parts = [(start, await reader.read(cid, start, end - start)) for start, end in ranges]
         dest = self.models_dir / f"{cid}.layers-{span.start}-{span.stop}.gguf"
-        await asyncio.to_thread(write_sparse_file, dest, size, parts)
+        writer = await asyncio.to_thread(SparseFileWriter, dest, size)
+        try:
+            for start, end in ranges:  # a few MiB at a time: memory stays flat for any span
+                for offset in range(start, end, SPAN_READ_BYTES):
+                    data = await reader.read(cid, offset, min(SPAN_READ_BYTES, end - offset))
+                    await asyncio.to_thread(writer.write_at, offset, data)
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            writer.discard()
+            raise
         self.last_span_stats = fetcher.stats
         return dest
 
@@ -259,7 +267,7 @@ class IpfsService:
         result = await asyncio.to_thread(import_file, path, sink, ImportOptions(cid_version=cid_version))
         await asyncio.to_thread(self.store.pin, result.root, name=name or path.name, size=result.size)
         if name:
-            self.catalog.add(name, result.root)
+            await asyncio.to_thread(self.catalog.add, name, result.root)
         if to_ipfs:
             await self.push_to_rpc(result.root)
         return result.root
@@ -331,20 +339,3 @@ class IpfsService:
             return CID.decode(known)
         return await self.publish(path, EMBEDDED_NAME)
 
-
-def write_sparse_file(dest: Path, size: int, parts: Sequence[tuple[int, bytes]]) -> None:
-    """Write a file of `size` bytes holding only `parts` (offset, bytes); the rest stays a hole. Atomic."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.truncate(size)
-            for offset, data in parts:
-                out.seek(offset)
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,6 +8,8 @@ valid name. All methods block: async callers use `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +28,18 @@ from mesh.ipfs.errors import CodecError, StoreError
 
 logger = logging.getLogger(__name__)
 STALE_TEMP_S = 3600.0
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock shared with other processes (the node and a `shoal pull` may share a data
+    dir): read-modify-write of small JSON files happens under it."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class BlockStore:
         self._blocks = self.root / "blocks"
         self._tmp = self.root / "tmp"
         self._pins_path = self.root / "pins.json"
+        self._pins_lock = self.root / "pins.lock"
         self._fsync = fsync
         self._lock = threading.Lock()
         self._stats: StoreStats | None = None
@@ -170,7 +185,7 @@ class BlockStore:
 
     def pin(self, cid: CID, *, name: str = "", size: int = 0, complete: bool = True) -> Pin:
         key = str(cid)
-        with self._lock:
+        with self._lock, file_lock(self._pins_lock):
             pins = self._read_pins()
             pin = Pin(cid=key, name=name, size=size, complete=complete, time=time.time())
             pins[key] = pin
@@ -178,7 +193,7 @@ class BlockStore:
         return pin
 
     def unpin(self, cid: CID) -> bool:
-        with self._lock:
+        with self._lock, file_lock(self._pins_lock):
             pins = self._read_pins()
             removed = pins.pop(str(cid), None) is not None
             if removed:

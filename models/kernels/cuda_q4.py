@@ -60,7 +60,7 @@ def cuda_matmul_func(kind: str, n: int, k: int) -> tirx.PrimFunc:
     def cuda_q4_1(var_x: T.handle, qw: T.Buffer((blocks, groups, words, ROWS), "uint32"),
                   scale: T.Buffer((blocks, groups, ROWS), "float16"),
                   wmin: T.Buffer((blocks, groups, ROWS), "float16"), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         batch = T.int64()
         x = T.match_buffer(var_x, (batch, k), "float32")
         y = T.match_buffer(var_y, (batch, n), "float32")
@@ -69,10 +69,42 @@ def cuda_matmul_func(kind: str, n: int, k: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def cuda_q8_0(var_x: T.handle, qw: T.Buffer((blocks, groups, words, ROWS), "uint32"),
                   scale: T.Buffer((blocks, groups, ROWS), "float16"), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         batch = T.int64()
         x = T.match_buffer(var_x, (batch, k), "float32")
         y = T.match_buffer(var_y, (batch, n), "float32")
         body(x, qw, scale, scale, y, batch)  # q8_0 ignores the min
 
     return cuda_q4_1 if kind == "q4_1" else cuda_q8_0
+
+
+EMBED_THREADS = 128
+
+
+def cuda_embedding_func(vocab: int, dim: int) -> tirx.PrimFunc:
+    """Q8_0 embedding gather on the GPU: ids int32 [M] -> fp32 [M, D] (one thread block per token)."""
+    if vocab % ROWS or dim % GROUP:
+        raise ValueError(f"embedding [{vocab}, {dim}]: vocab must be a multiple of {ROWS}, dim of {GROUP}")
+    blocks, groups = vocab // ROWS, dim // GROUP
+    steps = (dim + EMBED_THREADS - 1) // EMBED_THREADS
+
+    @T.prim_func(private=True)
+    def cuda_embed_q8_0(var_ids: T.handle, qw: T.Buffer((blocks, groups, 8, ROWS), "uint32"),
+                        scale: T.Buffer((blocks, groups, ROWS), "float16"), var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        count = T.int64()
+        ids = T.match_buffer(var_ids, (count,), "int32")
+        out = T.match_buffer(var_out, (count, dim), "float32")
+        for m in T.thread_binding(count, thread="blockIdx.x"):
+            for tx in T.thread_binding(EMBED_THREADS, thread="threadIdx.x"):
+                for step in range(steps):
+                    if step * EMBED_THREADS + tx < dim:
+                        e = T.meta_var(step * EMBED_THREADS + tx)
+                        v = T.meta_var(ids[m])
+                        word = T.meta_var(qw[v // ROWS, e // GROUP, e % GROUP // 4, v % ROWS])
+                        code = T.meta_var(T.Cast("int32", T.bitwise_and(
+                            T.shift_right(word, T.Cast("uint32", e % 4 * 8)), T.uint32(255))))
+                        out[m, e] = T.Cast("float32", code - 128) * T.Cast(
+                            "float32", scale[v // ROWS, e // GROUP, v % ROWS])
+
+    return cuda_embed_q8_0

@@ -128,7 +128,12 @@ class QuantizedEmbedding(nn.Module):
         """ids int32 [...] -> fp32 [..., dim] (dequantized rows)."""
         count = _rows(nn.Tensor.placeholder([*ids.shape, 1], "int32"))
         flat = nn.op.reshape(ids, [count]) if len(ids.shape) != 1 else ids
-        func = embedding_func(self.vocab_size, self.dim)
+        if self.backend == "cuda":
+            from models.kernels.cuda_q4 import cuda_embedding_func
+
+            func = cuda_embedding_func(self.vocab_size, self.dim)
+        else:
+            func = embedding_func(self.vocab_size, self.dim)
         out = nn.op.tensor_ir_op(func, f"embed_q8_0_{self.vocab_size}x{self.dim}",
                                  [flat, self.qweight, self.scale],
                                  nn.Tensor.placeholder([count, self.dim], "float32"))

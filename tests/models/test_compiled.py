@@ -224,3 +224,44 @@ def test_quantized_build_agrees_with_f32(whole: CompiledStage) -> None:
         assert agree / total >= 0.9, f"top-1 agreement {agree}/{total}"
     finally:
         quantized.close()
+
+
+def _cuda_or_skip() -> None:
+    from models.targets import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no CUDA device here")
+
+
+@pytest.mark.gpu
+def test_cuda_f32_matches_reference() -> None:
+    _cuda_or_skip()
+    stage = CompiledStage.load(gguf_model(), LayerSpan(0, LAYERS), target="cuda", quantization="f32",
+                               load=dequantized)
+    try:
+        assert stage.target.kind == "cuda"
+        prompt = chat_ids(PROMPTS[0])
+        want_tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, 16)
+        got_tokens, got_logits = _greedy([stage], prompt, 16)
+        assert got_tokens == want_tokens
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, got_logits, strict=True)) < 2e-3
+    finally:
+        stage.close()
+
+
+@pytest.mark.gpu
+def test_cuda_quantized_agrees_with_reference() -> None:
+    _cuda_or_skip()
+    stage = CompiledStage.load(gguf_model(), LayerSpan(0, LAYERS), target="cuda", quantization="q4_1")
+    try:
+        prompt = chat_ids(PROMPTS[1])
+        tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, 32)
+        seq = fresh_seq_id()
+        stage.add_sequence(seq)
+        got = [stage.prefill(seq, np.asarray(prompt, dtype=np.int32))]
+        for token in tokens[:-1]:
+            got.append(stage.decode([seq], np.asarray([token], dtype=np.int32))[0])
+        agree = sum(int(np.argmax(a) == np.argmax(b)) for a, b in zip(want_logits, got, strict=True))
+        assert agree / len(got) >= 0.9, f"top-1 agreement {agree}/{len(got)}"
+    finally:
+        stage.close()

@@ -253,11 +253,19 @@ def test_quantized_linear_in_a_compiled_module(target):
 # ----------------------------------------------------------------------------- CUDA
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_kernels_build_for_sm90():
-    from models.kernels.cuda_q4 import cuda_matmul_func
-
-    build({"gemv": cuda_matmul_func("q4_1", 64, 96), "head": cuda_matmul_func("q8_0", 48, 64)},
-          {"kind": "cuda", "arch": "sm_90"})
+def test_cuda_module_builds_for_sm90_with_the_cuda_pipeline():
+    """The same nn.Module as above, exported for CUDA and compiled with TVM's CUDA pipeline (dlight rules
+    leave the hand-written kernels alone: they carry `tirx.is_scheduled`)."""
+    target = {"kind": "cuda", "arch": "sm_90"}
+    model = TwoLayers(kernel_backend(target))
+    model.prefill = model.forward
+    model.decode = model.forward
+    spec = {"prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": {"effect_mode": "none"}},
+            "decode": {"ids": nn.spec.Tensor(["batch", 1], "int32"), "$": {"effect_mode": "none"}}}
+    mod, _ = model.export_tvm(spec=spec)
+    exe = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax.get_default_pipeline(
+        tvm.target.Target(target)))
+    assert exe is not None
 
 
 def test_safe_reshape_rewrite_keeps_kernels_and_makes_reshapes_views():

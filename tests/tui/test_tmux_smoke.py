@@ -1,4 +1,5 @@
-"""Runs `tmux_smoke.sh` (the TUI in a real terminal) when tmux is installed."""
+"""Runs `tmux_smoke.sh` (the TUI in a real terminal) when tmux is installed. Marked `slow` (~20-30 s on two
+cores, two nodes and two TUIs): opt in with `-m slow`, or run the script itself."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("tmux_smoke.sh")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
 def test_tmux_smoke() -> None:
     env = {**os.environ, "PYTHON": sys.executable}

@@ -39,6 +39,22 @@ wait_for() {
     FAILED=$((FAILED + 1))
 }
 
+# press SESSION KEY TEXT: send KEY, wait for TEXT; resend once if it does not show (a keystroke can be lost
+# while the terminal answers Textual's start-up queries on a loaded machine), saying so
+press() {
+    local session=$1 key=$2 text=$3 i
+    tmux send-keys -t "$session" "$key"
+    for ((i = 0; i < 25; i++)); do
+        tmux capture-pane -p -t "$session" | grep -qF -- "$text" && break
+        sleep 0.2
+    done
+    if ! tmux capture-pane -p -t "$session" | grep -qF -- "$text"; then
+        echo "note: key '$key' resent"
+        tmux send-keys -t "$session" "$key"
+    fi
+    wait_for "$session" "$text" 10
+}
+
 cd "$ROOT"
 touch "$WORK/empty.toml"
 PORT=$(free_port)
@@ -54,14 +70,10 @@ tmux new-session -d -s "$SESSION" -x 120 -y 34 \
     "cd '$ROOT' && $PY -m mesh.cli tui --no-start --api http://127.0.0.1:$PORT; sleep 30"
 wait_for "$SESSION" "connected" 30
 wait_for "$SESSION" "smoke-node" 10
-tmux send-keys -t "$SESSION" 2
-wait_for "$SESSION" "smollm2-135m-instruct" 15
-tmux send-keys -t "$SESSION" 5
-wait_for "$SESSION" "Battery floor" 10
-tmux send-keys -t "$SESSION" 6
-wait_for "$SESSION" "mesh.node" 10
-tmux send-keys -t "$SESSION" '?'
-wait_for "$SESSION" "shoal tui — keys" 10
+press "$SESSION" 2 "smollm2-135m-instruct"
+press "$SESSION" 5 "Battery floor"
+press "$SESSION" 6 "mesh.node"
+press "$SESSION" '?' "shoal tui — keys"
 tmux send-keys -t "$SESSION" Escape
 sleep 0.5
 tmux send-keys -t "$SESSION" q

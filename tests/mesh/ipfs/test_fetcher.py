@@ -34,6 +34,8 @@ class DictSource:
             await asyncio.sleep(3600)
         if self.fault == "error":
             raise SourceError(f"{self.name}: injected failure")
+        if self.fault == "crash":
+            raise RuntimeError("a source with a bug")
         data = self.blocks.get(bytes(cid.digest))
         if data is None:
             raise BlockNotFoundError(f"{self.name}: no {cid}")
@@ -69,6 +71,16 @@ async def test_hanging_source_times_out_and_backs_off(tmp_path: Path) -> None:
         await fetcher.fetch_dag(root)
     assert slow.calls == 1  # timed out once, then backed off for the rest of the pull
     assert fetcher.stats.source_failures == 1
+    assert fetcher.stats.by_source["good"] == len(blocks)
+
+
+async def test_a_source_that_crashes_is_treated_as_failed(tmp_path: Path) -> None:
+    root, blocks = small_dag()
+    buggy = DictSource("buggy", blocks, fault="crash")
+    good = DictSource("good", blocks)
+    fetcher = Fetcher(BlockStore(tmp_path), [buggy, good], offline_config(parallelism=1, backoff_base_s=30.0))
+    await fetcher.fetch_dag(root)
+    assert buggy.calls == 1 and fetcher.stats.source_failures == 1
     assert fetcher.stats.by_source["good"] == len(blocks)
 
 

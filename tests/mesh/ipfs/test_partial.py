@@ -3,6 +3,8 @@ GGUF header and those layers' tensors, and the sparse file it writes runs those 
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from multiformats import CID
 
 from mesh.ipfs.catalog import EMBEDDED_CID, EMBEDDED_NAME
 from mesh.ipfs.cid import block_key
+from mesh.ipfs.fetcher import FetchStats
 from mesh.ipfs.reader import decode_file_node
 from mesh.ipfs.service import IpfsService
 from mesh.ipfs.store import BlockStore
@@ -20,6 +23,15 @@ from models.span import LayerSpan
 from tests.mesh.ipfs.conftest import offline_config, start_gateway
 
 SPAN = LayerSpan(10, 20)
+
+
+@dataclass
+class PartialPull:
+    root: CID
+    publisher: BlockStore
+    puller: BlockStore
+    sparse_path: Path
+    stats: FetchStats
 
 
 def covering_blocks(store: BlockStore, root: CID, ranges: list[tuple[int, int]]) -> set[str]:
@@ -39,65 +51,86 @@ def covering_blocks(store: BlockStore, root: CID, ranges: list[tuple[int, int]])
     return keys
 
 
+async def _partial_pull(tmp: Path) -> PartialPull:
+    async with IpfsService(offline_config(), tmp / "a") as node_a:
+        root = await node_a.ensure_embedded()
+        assert await node_a.ensure_embedded() == root  # second start: already there
+        runner, url = await start_gateway(node_a)
+        try:
+            async with IpfsService(offline_config(gateways=(url,)), tmp / "b") as node_b:
+                sparse_path = await node_b.pull_span(EMBEDDED_NAME, SPAN)
+                stats = node_b.last_span_stats
+        finally:
+            await runner.cleanup()
+    assert stats is not None
+    return PartialPull(root, node_a.store, node_b.store, sparse_path, stats)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory: pytest.TempPathFactory) -> PartialPull:
+    return asyncio.run(_partial_pull(tmp_path_factory.mktemp("partial")))
+
+
 @pytest.fixture(scope="module")
 def full_model() -> GGUFModel:
     return GGUFModel.open(embedded_model_path())
 
 
-async def test_partial_pull_of_layers_10_to_20_touches_only_their_blocks_and_runs(
-    tmp_path: Path, full_model: GGUFModel
+def test_partial_pull_fetches_only_header_and_span_blocks(
+    partial: PartialPull, full_model: GGUFModel
 ) -> None:
-    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
-        root = await node_a.ensure_embedded()
-        assert str(root) == EMBEDDED_CID  # the catalog's built-in CID is what the importer computes
-        assert await node_a.ensure_embedded() == root  # second start: already there
-        runner, url = await start_gateway(node_a)
-        try:
-            async with IpfsService(offline_config(gateways=(url,)), tmp_path / "b") as node_b:
-                sparse_path = await node_b.pull_span(EMBEDDED_NAME, SPAN)
-                stats = node_b.last_span_stats
-        finally:
-            await runner.cleanup()
-
+    assert str(partial.root) == EMBEDDED_CID  # the catalog's built-in CID is what the importer computes
     index = full_model.index
     tensor_ranges = index.byte_ranges_for_span(SPAN)
-    least = covering_blocks(node_a.store, root, [(0, index.data_start), *tensor_ranges])
-    most = covering_blocks(node_a.store, root, [(0, index.data_start + READ_CHUNK), *tensor_ranges])
-    fetched = {path.name for path in node_b.store.keys()}
-    all_blocks = {path.name for path in node_a.store.keys()}
+    least = covering_blocks(partial.publisher, partial.root, [(0, index.data_start), *tensor_ranges])
+    most = covering_blocks(partial.publisher, partial.root,
+                           [(0, index.data_start + READ_CHUNK), *tensor_ranges])  # header read-ahead
+    fetched = {path.name for path in partial.puller.keys()}
+    all_blocks = {path.name for path in partial.publisher.keys()}
     assert least <= fetched <= most, (len(least), len(fetched), len(most))
-    assert stats is not None and stats.blocks_fetched == len(fetched)
+    assert partial.stats.blocks_fetched == len(fetched)
     assert len(fetched) < len(all_blocks) // 2  # 10 of 30 layers: far fewer blocks than the file's 380
     print(f"partial pull of layers {SPAN}: {len(fetched)} of {len(all_blocks)} blocks")
 
-    sparse = GGUFModel.open(sparse_path)
-    assert sparse_path.stat().st_size == embedded_model_path().stat().st_size
+    sparse = GGUFModel.open(partial.sparse_path)
+    assert partial.sparse_path.stat().st_size == embedded_model_path().stat().st_size
     assert sparse.index.tensors == index.tensors
     for name in sparse.tensor_names_for_span(SPAN):
         assert np.array_equal(sparse.raw(name), full_model.raw(name)), name
     outside = "blk.25.ffn_down.weight"
     assert not np.array_equal(sparse.raw(outside), full_model.raw(outside))  # really not fetched
 
+
+def _hidden(full_model: GGUFModel) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((3, full_model.config.hidden_size)).astype(np.float32)
+
+
+def _run(stage, hidden: np.ndarray) -> np.ndarray:
+    try:
+        stage.add_sequence(0)
+        return stage.prefill(0, hidden)
+    finally:
+        stage.close()
+
+
+def test_span_runs_from_the_sparse_file(partial: PartialPull, full_model: GGUFModel) -> None:
+    """The NumPy reference for layers [10, 20) gives identical output from the sparse and the full file."""
     from models.reference import ReferenceStage
 
-    hidden = np.random.default_rng(0).standard_normal((3, full_model.config.hidden_size)).astype(np.float32)
-    outputs = []
-    for model in (sparse, full_model):
-        stage = ReferenceStage(model, SPAN, max_context=16)
-        stage.add_sequence(0)
-        outputs.append(stage.prefill(0, hidden))
-        stage.close()
-    assert np.array_equal(outputs[0], outputs[1])
+    sparse = GGUFModel.open(partial.sparse_path)
+    hidden = _hidden(full_model)
+    got = _run(ReferenceStage(sparse, SPAN, max_context=16), hidden)
+    want = _run(ReferenceStage(full_model, SPAN, max_context=16), hidden)
+    assert np.array_equal(got, want)
 
-    # The TVM-compiled stage for the span loads from the partial file and matches the reference.
+
+def test_compiled_shard_runs_from_the_sparse_file(partial: PartialPull, full_model: GGUFModel) -> None:
+    """The TVM-compiled stage for layers [10, 20) loads from the sparse file and matches the reference."""
+    from models.reference import ReferenceStage
     from models.runtime import CompiledStage
 
-    compiled = CompiledStage.load(sparse, SPAN, target="llvm")
-    try:
-        compiled.add_sequence(0)
-        got = compiled.prefill(0, hidden)
-    finally:
-        compiled.close()
-    assert got.shape == outputs[1].shape
-    np.testing.assert_allclose(got, outputs[1], rtol=1e-3, atol=1e-3)
-
+    sparse = GGUFModel.open(partial.sparse_path)
+    hidden = _hidden(full_model)
+    got = _run(CompiledStage.load(sparse, SPAN, target="llvm", quantization="f32"), hidden)
+    want = _run(ReferenceStage(full_model, SPAN, max_context=16), hidden)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
