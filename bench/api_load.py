@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -95,79 +97,91 @@ async def run_level(clients: int, one: Callable[[int], Awaitable[Run]]) -> Level
 
 # --- direct: the Engine in this process ------------------------------------------------------------------
 
+OneRequest = Callable[[int, int], Awaitable[Run]]
+"""`one(i, max_tokens)`: run request number `i` and time it."""
 
-async def direct_levels(backend: str, max_tokens: int, levels: list[int]) -> list[Level]:
-    manager = ModelManager(EventBus(), backend=backend)
-    manager.add_embedded()
-    served = await manager.load(DEFAULT_MODEL_NAME)
+
+def direct_client(served: Any) -> OneRequest:
     loop = asyncio.get_running_loop()
 
-    async def one(i: int) -> Run:
+    async def one(i: int, max_tokens: int) -> Run:
         run = Run()
         t0 = time.perf_counter()
+        last = t0
         try:
             ids = await loop.run_in_executor(None, served.tokenizer.encode_chat, messages(i))
-            last = None
             params = SamplingParams(max_tokens=max_tokens, temperature=0)
             async for event in served.engine.stream(ids, params):
                 now = time.perf_counter()
                 if run.ttft is None:
                     run.ttft = now - t0
                 else:
-                    run.gaps.append(now - last)  # type: ignore[operator]
+                    run.gaps.append(now - last)
                 last = now
                 run.tokens = event.completion_tokens
         except Exception as exc:  # report, keep benchmarking
             run.error = repr(exc)
         return run
 
-    try:
-        await one(0)  # warm-up
-        return [await run_level(n, one) for n in levels]
-    finally:
-        await manager.stop()
+    return one
 
 
 # --- http: a real node ------------------------------------------------------------------------------------
 
 
-async def http_levels(url: str, max_tokens: int, levels: list[int]) -> list[Level]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+def http_client(session: aiohttp.ClientSession, url: str) -> OneRequest:
+    async def one(i: int, max_tokens: int) -> Run:
+        run = Run()
+        body = {
+            "model": DEFAULT_MODEL_NAME,
+            "messages": messages(i),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        t0 = time.perf_counter()
+        last = t0
+        try:
+            async with session.post(url + "/v1/chat/completions", json=body) as response:
+                if response.status != 200:
+                    run.error = f"HTTP {response.status}"
+                    return run
+                async for line in response.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = orjson.loads(line[6:])
+                    if "error" in chunk:
+                        run.error = chunk["error"]["message"]
+                    elif chunk.get("usage"):
+                        run.tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        now = time.perf_counter()
+                        if run.ttft is None:
+                            run.ttft = now - t0
+                        else:
+                            run.gaps.append(now - last)
+                        last = now
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            run.error = repr(exc)
+        return run
 
-        async def one(i: int) -> Run:
-            run = Run()
-            body = {"model": DEFAULT_MODEL_NAME, "messages": messages(i), "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            last = None
-            try:
-                async with session.post(url + "/v1/chat/completions", json=body) as response:
-                    if response.status != 200:
-                        run.error = f"HTTP {response.status}"
-                        return run
-                    async for line in response.content:
-                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                            continue
-                        chunk = orjson.loads(line[6:])
-                        if "error" in chunk:
-                            run.error = chunk["error"]["message"]
-                        elif chunk.get("usage"):
-                            run.tokens = chunk["usage"]["completion_tokens"]
-                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                            now = time.perf_counter()
-                            if run.ttft is None:
-                                run.ttft = now - t0
-                            else:
-                                run.gaps.append(now - last)  # type: ignore[operator]
-                            last = now
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                run.error = repr(exc)
-            return run
+    return one
 
-        await one(0)  # warm-up
-        return [await run_level(n, one) for n in levels]
+
+async def levels_of(one: OneRequest, max_tokens: int, levels: list[int]) -> list[Level]:
+    await one(0, max_tokens)  # warm-up
+    return [await run_level(n, lambda i: one(i, max_tokens)) for n in levels]
+
+
+async def paired_ttft(direct: OneRequest, http: OneRequest, pairs: int) -> list[float]:
+    """TTFT(http) - TTFT(direct) for alternating one-token requests: background load hits both alike."""
+    diffs = []
+    for k in range(pairs):
+        d, h = await direct(k, 1), await http(k, 1)
+        if d.ttft is not None and h.ttft is not None:
+            diffs.append(h.ttft - d.ttft)
+    return diffs
 
 
 def free_port() -> int:
@@ -180,8 +194,18 @@ async def start_node(backend: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     data_dir = tempfile.mkdtemp(prefix="shoal-bench-")
     env = {**os.environ, "SHOAL_CONFIG": os.devnull}
-    cmd = [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", "node", "--api",
-           f"127.0.0.1:{port}", "--data-dir", data_dir, "--backend", backend]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from mesh.cli import main; sys.exit(main())",
+        "node",
+        "--api",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        data_dir,
+        "--backend",
+        backend,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -209,16 +233,20 @@ def ms(value: float) -> str:
 
 def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int) -> None:
     print(f"\nshoal API load: backend={backend}, max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs")
-    header = (f"{'path':<7}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'tok p50':>9}"
-              f"{'tok p99':>9}{'errors':>8}{'x1 client':>10}")
+    header = (
+        f"{'path':<7}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'tok p50':>9}"
+        f"{'tok p99':>9}{'errors':>8}{'x1 client':>10}"
+    )
     print(header)
     print("-" * len(header))
     for label, levels in (("direct", direct), ("http", http)):
         base = levels[0].tok_s if levels else 0
         for lv in levels:
-            print(f"{label:<7}{lv.clients:>8}{lv.tok_s:>9.1f}{ms(pct(lv.ttfts(), 50)):>10}"
-                  f"{ms(pct(lv.ttfts(), 99)):>10}{ms(pct(lv.gaps(), 50)):>9}{ms(pct(lv.gaps(), 99)):>9}"
-                  f"{lv.errors:>8}{lv.tok_s / base if base else float('nan'):>10.2f}")
+            print(
+                f"{label:<7}{lv.clients:>8}{lv.tok_s:>9.1f}{ms(pct(lv.ttfts(), 50)):>10}"
+                f"{ms(pct(lv.ttfts(), 99)):>10}{ms(pct(lv.gaps(), 50)):>9}{ms(pct(lv.gaps(), 99)):>9}"
+                f"{lv.errors:>8}{lv.tok_s / base if base else float('nan'):>10.2f}"
+            )
     print("\nHTTP overhead (node - direct), ms:")
     print(f"{'clients':>8}{'TTFT p50':>10}{'tok p50':>9}{'tok/s ratio':>13}")
     for d, h in zip(direct, http, strict=True):
@@ -238,21 +266,39 @@ async def main() -> None:
     parser.add_argument("--backend", default="numpy", choices=("numpy", "tvm"))
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument(
+        "--pairs", type=int, default=20, help="alternating 1-token requests for TTFT overhead"
+    )
     parser.add_argument("--api", help="use this running node instead of starting one")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    direct = await direct_levels(args.backend, args.max_tokens, levels)
+    manager = ModelManager(EventBus(), backend=args.backend)
+    manager.add_embedded()
+    served = await manager.load(DEFAULT_MODEL_NAME)
     proc = None
-    url = args.api
-    if url is None:
-        proc, url = await start_node(args.backend)
     try:
-        http = await http_levels(url.rstrip("/"), args.max_tokens, levels)
+        direct_one = direct_client(served)
+        direct = await levels_of(direct_one, args.max_tokens, levels)
+        url = args.api
+        if url is None:
+            proc, url = await start_node(args.backend)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            http_one = http_client(session, url.rstrip("/"))
+            http = await levels_of(http_one, args.max_tokens, levels)
+            diffs = await paired_ttft(direct_one, http_one, args.pairs)
     finally:
+        await manager.stop()
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            await asyncio.to_thread(proc.wait, 60)
     report(direct, http, args.backend, args.max_tokens)
+    if diffs:
+        print(
+            f"\nTTFT overhead, {len(diffs)} alternating 1-token pairs (http - direct): "
+            f"median {statistics.median(diffs) * 1000:.1f} ms, p10 {pct(diffs, 10) * 1000:.1f} ms, "
+            f"p90 {pct(diffs, 90) * 1000:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -107,6 +107,40 @@ class _LlamaCppEngine:
         return prefill_s, decode_s, tokens
 
 
+def profile_decode(stage: Any, prompt: list[int], steps: int = 20) -> list[tuple[str, float, int]]:
+    """Per-function time of the compiled decode step (VM instrumentation: each call timed from Python, so
+    the absolute numbers carry ~1-2 µs of overhead per call). Returns (name, ms per step, calls per step)."""
+    import numpy as np
+
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    started: dict[str, float] = {}
+
+    def instrument(_func: Any, name: str, before_run: bool, _ret: Any, *_args: Any) -> int:
+        now = time.perf_counter()
+        if before_run:
+            started[name] = now
+        else:
+            totals[name] = totals.get(name, 0.0) + now - started.pop(name, now)
+            counts[name] = counts.get(name, 0) + 1
+        return 0
+
+    seq = 10_000
+    stage.add_sequence(seq)
+    try:
+        stage.prefill(seq, np.asarray(prompt, dtype=np.int32))
+        stage._vm.set_instrument(instrument)
+        try:
+            for _ in range(steps):
+                stage.decode([seq], np.asarray([1], dtype=np.int32))
+        finally:
+            stage._vm.set_instrument(None)
+    finally:
+        stage.remove_sequence(seq)
+    rows = [(name, t / steps * 1e3, counts[name] // steps) for name, t in totals.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Run one engine in this process and return its measurements."""
     from models.embedded import embedded_model_path
@@ -145,6 +179,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         decodes.append(args.steps / decode_s)
     result.update(prefill_tps=statistics.median(prefills), decode_tps=statistics.median(decodes),
                   peak_rss_mb=_peak_rss_mb(), first_tokens=tokens[:8])
+    if args.profile and args.worker == "shoal-compiled":
+        result["profile"] = profile_decode(stage, prompt)
     return result
 
 
@@ -153,6 +189,8 @@ def _run_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
            "--quantization", args.quantization, "--steps", str(args.steps), "--repeats", str(args.repeats)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.profile:
+        cmd.append("--profile")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -203,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of " + ", ".join(ENGINES))
     parser.add_argument("--fresh-compile", action="store_true", help="rebuild into a temporary compile cache")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where a compiled decode step spends its time, per function")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -224,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; median of "
           f"{args.repeats}; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
+    for row in rows:
+        if row.get("profile"):
+            print(f"\nper-function decode time ({row['engine']}, instrumented; top 15):")
+            for name, ms, calls in row["profile"][:15]:
+                print(f"  {name:<58} {ms:8.3f} ms/step  {calls:5d} calls/step")
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--portable", action="store_true", help="also time the portable (non-VNNI) path")
     parser.add_argument("--cuda", action="store_true", help="also time the CUDA kernels on GPU 0")
+    parser.add_argument("--stack-only", action="store_true",
+                        help="only time the 30-layer stack of matmuls in one VM call (decode ceiling)")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -54,6 +56,9 @@ def main() -> None:
     if args.portable or not paths:
         paths.append(("portable", False))
     dev = tvm.cpu()
+    if args.stack_only:
+        stack_table(target)
+        return
     tensors = {t.name: t for t in gguf.GGUFReader(embedded_model_path()).tensors}
     print(f"target {target}, TVM_NUM_THREADS={args.threads}, load {os.getloadavg()[0]:.1f} "
           f"(2 shared cores: noisy — compare within a row)")
@@ -123,6 +128,76 @@ def main() -> None:
               f"prefill GEMMs (no head) {prefill * 1e3:6.3f} ms/token ({1 / prefill:6.0f} tok/s)")
     if args.cuda:
         cuda_table(tensors, args.rows)
+    stack_table(target)
+
+
+def stack_table(target) -> None:
+    """Every matmul of a decode step in one Relax VM call: 30 × (qkv 576→960, o 576→576, gate_up 576→3072,
+    SiLU·mul, down 1536→576, residual adds) + the 49152×576 head, random packed weights of the model's sizes.
+    The ceiling the weight streaming sets for decode (no attention, no norms)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import nn
+
+    from models.kernels.relax_ops import QuantizedEmbedding, QuantizedLinear, compile_pipeline, kernel_backend
+    from models.kernels.relax_ops import silu_mul as fused_silu_mul
+
+    backend = kernel_backend(target)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            self.qkv = QuantizedLinear(576, 960, "q4_1", backend)
+            self.o = QuantizedLinear(576, 576, "q4_1", backend)
+            self.gate_up = QuantizedLinear(576, 3072, "q4_1", backend)
+            self.down = QuantizedLinear(1536, 576, "q4_1", backend)
+
+        def forward(self, x):
+            q, _ = nn.op.split(self.qkv(x), [576], axis=-1)
+            x = x + self.o(q)
+            return x + self.down(fused_silu_mul(self.gate_up(x), backend))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            self.layers = nn.ModuleList([Layer() for _ in range(30)])
+            self.embed = QuantizedEmbedding(49152, 576, backend)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return self.embed.project(x)
+
+    mod, params = Stack().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 1, 576], "float32")}})
+    t0 = time.perf_counter()
+    exe = tvm.compile(mod, target=target, relax_pipeline=compile_pipeline(target))
+    compile_s = time.perf_counter() - t0
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    weights = []
+    for _, p in params:
+        shape = [int(d) for d in p.shape]
+        if p.dtype == "uint32":
+            weights.append(tvm.runtime.tensor(rng.integers(0, 2**32, shape, dtype=np.uint32), dev))
+        else:
+            weights.append(tvm.runtime.tensor((rng.uniform(-0.01, 0.01, shape)).astype(p.dtype), dev))
+    nbytes = sum(w.numpy().nbytes for w in weights)
+    vm = relax.VirtualMachine(exe, dev)
+    x = tvm.runtime.tensor(rng.standard_normal((1, 1, 576)).astype(np.float32) * 0.1, dev)
+    vm["forward"](x, *weights)
+    times, cpu = [], []
+    for _ in range(30):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        vm["forward"](x, *weights)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    med = float(np.median(times))
+    print(f"\ndecode-step matmul stack ({backend}), one VM call: compile {compile_s:.1f} s; "
+          f"median {med * 1e3:.2f} ms, min {min(times) * 1e3:.2f} ms per token "
+          f"({nbytes / 2**20:.0f} MiB of weights: {nbytes / med / 1e9:.1f} GB/s at the median; "
+          f"ceiling {1 / med:.0f} tok/s)")
+    if os.environ.get("TVM_NUM_THREADS") == "1":
+        print(f"  calling thread's CPU time (the whole step runs on it with 1 thread; insensitive to other "
+              f"processes' load): median {np.median(cpu) * 1e3:.2f} ms")
 
 
 def cuda_table(tensors: dict, rows: int) -> None:

@@ -4,7 +4,6 @@ and model compile / load / unload."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -67,7 +66,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     first."""
     node = request.app[NODE]
     replay = request.query.get("replay", "0") in ("1", "true", "yes")
+    if node.draining:
+        raise ApiError(503, "the node is shutting down", code="shutdown", type="server_error")
     subscription = node.bus.subscribe(replay=replay)
+    sse = None
     try:
         sse = await open_sse(request)
         await sse.comment("shoal events")
@@ -80,13 +82,12 @@ async def events(request: web.Request) -> web.StreamResponse:
             except StopAsyncIteration:
                 break
             await sse.send(event.to_dict())
-        with contextlib.suppress(ConnectionResetError):
-            await sse.response.write_eof()
-        return sse.response
+        await sse.response.write_eof()
     except ConnectionResetError:
-        return web.Response(status=499)
+        pass  # the client left
     finally:
         subscription.close()
+    return sse.response if sse is not None else web.Response(status=499)
 
 
 async def logs(request: web.Request) -> web.Response:

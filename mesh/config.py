@@ -24,14 +24,7 @@ from typing import Any
 import platformdirs
 
 from mesh.ipfs.config import IpfsConfig
-
-try:  # TEMPORARY during development: the mesh engineer's section lands concurrently.
-    from mesh.mesh_config import MeshConfig
-except ImportError:
-
-    @dataclass(frozen=True)
-    class MeshConfig:  # type: ignore[no-redef]
-        """Placeholder until the mesh engineer's `MeshConfig` exists."""
+from mesh.mesh_config import MeshConfig
 
 APP_NAME = "shoal"
 DEFAULT_HOST = "127.0.0.1"

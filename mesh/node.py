@@ -1,9 +1,10 @@
 """A shoal node: wires config, event bus, models, the HTTP API and the subsystems' services together.
 
 A subsystem plugs in as a `Service` (`start()`, `stop()`, `add_routes(app)`); the node starts them in order
-before the API begins listening and stops them in reverse after it has drained. `run_node` runs a node in the
-foreground until SIGINT/SIGTERM, then shuts down gracefully: stop accepting, let in-flight streams finish
-(up to `[api] shutdown_grace_s`), cancel the rest cleanly, release the port.
+before the preload of the default model and stops them in reverse after the API has drained.
+`serve_until_signalled` runs a node in the foreground until SIGINT/SIGTERM, then shuts down gracefully: stop
+accepting, let in-flight streams finish (up to `[api] shutdown_grace_s`), cancel the rest cleanly, release the
+port. `build_node` is the node `shoal node` runs (IPFS, mesh, offload/split routing).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from mesh import scheduler as sched
 from mesh.mesh_errors import PeerUnavailable, RemoteError
 from mesh.offload import OffloadClient, OffloadEvent, params_to_wire
 from mesh.pipeline import LOCAL_PEER, RemoteStage, Replan, SplitPipeline, StageLost
+from models.errors import ModelError
 from models.span import LayerSpan
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ FETCH_BPS = 4 * 1024 * 1024
 """Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
+
+
+class NoRouteError(ModelError):
+    """No device can serve the request (the API answers with the message)."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,15 @@ class Router:
         config, weight_bytes = self.shape(served)
         max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
         holds = served.engine is not None
-        plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
+        try:
+            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
+        except sched.NoPlanError as exc:
+            if not holds:
+                raise NoRouteError(str(exc)) from None
+            # the model is loaded here already: serve it rather than refuse (the budget is a planning aid)
+            logger.warning("%s: %s; running locally anyway", model, exc)
+            whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
+            plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
         _describe(route, plan)
         if plan.kind == "local":
             source = served.engine.stream(prompt_ids, params)

@@ -26,12 +26,12 @@ with `bytes(model)` = layers + output head (the embedding lookup reads one row a
 
   ttlt = ttft + (max_tokens − 1) · per_token is what is minimised.
 
-Layer ranges. For an ordered choice of devices, two allocations are scored and the cheaper kept (ties go to
-the balanced one, which spreads load for concurrent requests): **proportional** — layers in proportion to
-each stage's decode speed, water-filled under memory caps — and **fastest-first** — each stage, fastest
-first, takes as many layers as its memory allows. A stage's memory = its layers' weights + their KV cache for
-prompt + max_tokens positions + the embedding (first stage) + the output head (last stage; the embedding
-again when the head is tied to it) + `overhead_bytes`.
+Layer ranges (`mesh.partition`). For an ordered choice of devices, two allocations are scored and the
+cheaper kept (ties go to the balanced one, which spreads load for concurrent requests): **proportional** —
+layers in proportion to each stage's decode speed, water-filled under memory caps — and **fastest-first** —
+each stage, fastest first, takes as many layers as its memory allows. A stage's memory = its layers'
+weights + their KV cache for prompt + max_tokens positions + the embedding (first stage) + the output head
+(last stage; the embedding again when the head is tied to it) + `overhead_bytes`.
 
 Policy (`mesh.config.PolicyConfig` or anything with the same fields)
 -------------------------------------------------------------------
@@ -53,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from mesh.partition import allocate_fastest_first, allocate_proportional, spans_of
 from models.config import ModelConfig
 from models.span import LayerSpan
 
@@ -326,76 +327,6 @@ def max_layers(
     return shape.num_layers if per_layer == 0 else min(shape.num_layers, budget // per_layer)
 
 
-def _spans(counts: Sequence[int]) -> list[LayerSpan]:
-    spans, start = [], 0
-    for n in counts:
-        spans.append(LayerSpan(start, start + n))
-        start += n
-    return spans
-
-
-def allocate_proportional(total: int, speeds: Sequence[float], caps: Sequence[int]) -> list[int] | None:
-    """Layers per stage in proportion to `speeds`, each in [1, cap], summing to `total`; None if impossible.
-
-    Water-filling: stages whose proportional share exceeds their cap are fixed at the cap and the rest is
-    shared again among the others. Rounding uses largest remainders, so the result is deterministic.
-    """
-    k = len(speeds)
-    if k == 0 or total < k or sum(caps) < total or min(caps) < 1:
-        return None
-    counts = [0] * k
-    free = set(range(k))
-    remaining = total
-    while free:
-        weight = sum(speeds[i] for i in free)
-        share = {i: remaining * speeds[i] / weight for i in free}
-        over = [i for i in free if share[i] > caps[i]]
-        if not over:
-            floors = {i: max(1, min(caps[i], math.floor(share[i]))) for i in free}
-            left = remaining - sum(floors.values())
-            order = sorted(free, key=lambda i: (-(share[i] - math.floor(share[i])), i))
-            while left > 0:
-                progressed = False
-                for i in order:
-                    if left and floors[i] < caps[i]:
-                        floors[i] += 1
-                        left -= 1
-                        progressed = True
-                if not progressed:
-                    return None
-            while left < 0:  # the 1-layer minimum overshot: take back from the largest
-                i = max(free, key=lambda j: (floors[j], -j))
-                if floors[i] <= 1:
-                    return None
-                floors[i] -= 1
-                left += 1
-            for i in free:
-                counts[i] = floors[i]
-            break
-        for i in over:
-            counts[i] = caps[i]
-            remaining -= caps[i]
-            free.discard(i)
-        if remaining < len(free):
-            return None
-    ok = sum(counts) == total and all(1 <= c <= cap for c, cap in zip(counts, caps, strict=True))
-    return counts if ok else None
-
-
-def allocate_fastest_first(total: int, speeds: Sequence[float], caps: Sequence[int]) -> list[int] | None:
-    """Each stage gets 1 layer, then the fastest stages fill up to their caps; None if impossible."""
-    k = len(speeds)
-    if k == 0 or total < k or sum(caps) < total or min(caps) < 1:
-        return None
-    counts = [1] * k
-    left = total - k
-    for i in sorted(range(k), key=lambda j: (-speeds[j], j)):
-        take = min(left, caps[i] - 1)
-        counts[i] += take
-        left -= take
-    return counts if left == 0 else None
-
-
 def _eligible(devices: Iterable[Device], policy: SchedulerPolicy, exclude: frozenset[str]) -> list[Device]:
     out = []
     for d in devices:
@@ -426,7 +357,7 @@ def _best_split(
                 counts = allocate(shape.num_layers, speeds, caps)
                 if counts is None:
                     continue
-                stages = list(zip(order, _spans(counts), strict=True))
+                stages = list(zip(order, spans_of(counts), strict=True))
                 prediction = predict(shape, request, stages)
                 plan = Plan("split", tuple(Assignment(d.id, s) for d, s in stages), prediction)
                 if best is None or prediction.ttlt_s < best.prediction.ttlt_s - 1e-12:

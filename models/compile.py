@@ -30,9 +30,9 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.errors import CompileError
-from models.llama import QUANTIZATIONS
 from models.span import LayerSpan
 from models.targets import TargetSpec
+from models.weights import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ Progress = Callable[[float, str], None]
 """`progress(fraction in [0, 1], message)`."""
 
 MANIFEST_VERSION = 1
-_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "attention.py")
+_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py")
 _SOURCE_DIRS = ("kernels",)
+"""models/kernels also supplies the CPU attention and RoPE kernels, so every build depends on it."""
 
 
 def cache_dir() -> Path:
@@ -55,9 +56,17 @@ def cache_dir() -> Path:
 
 
 def shoal_version() -> str:
+    """The installed distribution's version, else the checkout's pyproject.toml version."""
     try:
         return metadata.version("shoal")
     except metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        import tomllib
+
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except (OSError, KeyError, ValueError):
         return "0+unknown"
 
 
@@ -68,11 +77,12 @@ def tvm_version() -> str:
 
 
 def source_hash(quantization: str = "f32") -> str:
-    """sha256 over the sources a build of `quantization` depends on (llama.py, compile.py, schedule.py, and
-    for quantized builds models/kernels/*.py)."""
+    """sha256 over the sources a build depends on (llama.py, compile.py, schedule.py, weights.py and
+    models/kernels/*.py)."""
     here = Path(__file__).resolve().parent
     files = [here / name for name in _SOURCE_FILES]
-    for folder in _SOURCE_DIRS if quantization != "f32" else ():
+    del quantization  # every build uses models/kernels (attention kernels on llvm, matmuls when quantized)
+    for folder in _SOURCE_DIRS:
         files.extend(sorted((here / folder).glob("*.py")))
     h = hashlib.sha256()
     for path in files:
@@ -184,16 +194,11 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _without_reshape_rewrite(passes: list[Any]) -> list[Any]:
-    """Drop `RewriteDataflowReshape`: it asserts on hand-written PrimFuncs not in sblock form (the quantized
-    kernels)."""
-    return [p for p in passes if p.info.name != "RewriteDataflowReshape"]
-
-
 def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: Progress | None) -> Any:
     import tvm
 
-    from models.schedule import cpu_schedule_pass, mark_scheduled_pass, primfunc_names, reshape_views_pass
+    from models.kernels.pipeline import with_safe_reshape_rewrite
+    from models.schedule import cpu_schedule_pass, mark_scheduled_pass, primfunc_names
 
     if target.kind == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -207,9 +212,9 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
             # On cuda, dlight's GPU rules run inside the backend's legalize passes.
             hand_written = primfunc_names(mod)
             schedule = [] if target.kind == "cuda" else [cpu_schedule_pass(hand_written)]
-            lower = backend.dataflow_lower_passes(tvm_target)
-            if quantization != "f32":
-                lower = [reshape_views_pass(hand_written), *_without_reshape_rewrite(lower)]
+            # Stock RewriteDataflowReshape asserts on hand-written (non-sblock) PrimFuncs; models/kernels'
+            # version stubs them out while it runs, so reshapes stay zero-copy views.
+            lower = with_safe_reshape_rewrite(backend.dataflow_lower_passes(tvm_target))
             mark = [mark_scheduled_pass()] if target.kind == "cuda" else []
             stages = [
                 ("dispatch", mark + backend.library_dispatch_passes(tvm_target)),

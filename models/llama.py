@@ -35,13 +35,7 @@ from tvm.target import Target
 
 from models.config import ModelConfig
 from models.span import LayerSpan
-
-QUANTIZATIONS = ("f32", "q4_1")
-"""`f32`: weights dequantized to float32 at load. `q4_1`: linear weights kept as Q4_1 blocks and the
-embedding/tied head as Q8_0 blocks, repacked once at load (models/kernels)."""
-
-WEIGHT_KINDS = {"q4_1": {"linear": "q4_1", "embedding": "q8_0"}}
-"""The GGUF block type each role must have for a quantized build."""
+from models.weights import QUANTIZATIONS
 
 LinearFactory = Callable[[int, int, str], nn.Module]
 """(in_features, out_features, role) -> module mapping [b, s, in] to [b, s, out]; role names the weight."""
@@ -187,6 +181,16 @@ class LlamaShard(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
+        from models.kernels.attention_cpu import fast_cpu_attention
+
+        # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels.
+        with fast_cpu_attention(self.target):
+            return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                        support_sliding_window)
+
+    def _paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                        prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                        support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.config
         return TIRPagedKVCache(
             attn_kind="mha",
@@ -280,40 +284,7 @@ def export_shard(
 ) -> tuple[Any, list[tuple[str, nn.Parameter]]]:
     """The shard as a Relax IRModule plus its parameters (name, Parameter) in the order the functions take
     them."""
-    from models.attention import patched_decode_kernel
-
     model = LlamaShard(config, span, target, quantization)
-    with contextlib.ExitStack() as stack:
-        if quantization != "f32":
-            stack.enter_context(_memoized_kernel_factories())
-        if target.kind.name == "llvm":
-            stack.enter_context(patched_decode_kernel())
+    with _memoized_kernel_factories() if quantization != "f32" else contextlib.nullcontext():
         mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params
-
-
-def gguf_sources(config: ModelConfig, span: LayerSpan, module_path: str) -> list[str]:
-    """GGUF tensors (in row order) that make up the weight of shard module `module_path`, e.g.
-    `layers.0.self_attn.qkv_proj` -> the span's first block's attn_q, attn_k, attn_v."""
-    if module_path == "embed_tokens":
-        return ["token_embd.weight"]
-    if module_path == "norm":
-        return ["output_norm.weight"]
-    if module_path == "lm_head":
-        return ["token_embd.weight" if config.tie_embeddings else "output.weight"]
-    parts = module_path.split(".")
-    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
-        raise KeyError(f"no GGUF tensor maps to parameter module {module_path!r}")
-    block = f"blk.{span.start + int(parts[1])}."
-    local = ".".join(parts[2:])
-    names = {
-        "input_layernorm": ["attn_norm"],
-        "post_attention_layernorm": ["ffn_norm"],
-        "self_attn.qkv_proj": ["attn_q", "attn_k", "attn_v"],
-        "self_attn.o_proj": ["attn_output"],
-        "mlp.gate_up_proj": ["ffn_gate", "ffn_up"],
-        "mlp.down_proj": ["ffn_down"],
-    }.get(local)
-    if names is None:
-        raise KeyError(f"no GGUF tensor maps to parameter module {module_path!r}")
-    return [f"{block}{n}.weight" for n in names]

@@ -62,7 +62,7 @@ def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
     """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
     from models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0
     from models.kernels.relax_ops import param_arrays
-    from models.llama import WEIGHT_KINDS
+    from models.weights import WEIGHT_KINDS
 
     kind = WEIGHT_KINDS[quantization]["embedding" if module_path == "embed_tokens" else "linear"]
     packed = []
@@ -85,7 +85,7 @@ def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
     `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
     import tvm
 
-    from models.llama import gguf_sources
+    from models.weights import gguf_sources
 
     load = load or gguf_model.dequantize
     config: ModelConfig = gguf_model.config

@@ -158,44 +158,6 @@ def primfunc_names(mod: Any) -> frozenset[str]:
     return frozenset(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-def reshape_views_pass(skip: frozenset[str]) -> Any:
-    """Turn legalized pure reshapes (`call_tir` to a `reshapeN` PrimFunc) bound to dataflow vars back into
-    `R.reshape`, which the VM lowers to a zero-copy view.
-
-    This is what Relax's `RewriteDataflowReshape` does; that pass asserts on hand-written PrimFuncs not in
-    sblock form (the quantized kernels), so quantized builds run this narrower rewrite instead."""
-    import re
-
-    import tvm
-    from tvm import relax
-
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    pattern = re.compile(r"reshape\d*")
-
-    @relax.expr_functor.mutator
-    class _ReshapeViews(relax.PyExprMutator):
-        def visit_var_binding_(self, binding: Any) -> None:
-            value = binding.value
-            if (isinstance(binding.var, relax.DataflowVar) and isinstance(value, relax.Call)
-                    and value.op.same_as(call_tir) and isinstance(value.args[0], tvm.ir.GlobalVar)
-                    and pattern.fullmatch(value.args[0].name_hint) and value.args[0].name_hint not in skip
-                    and len(value.args[1].fields) == 1):
-                source = self.visit_expr(value.args[1].fields[0])
-                view = self.builder_.normalize(relax.op.reshape(source, value.ty_args[0].shape))
-                self.builder_.emit_normalized(relax.VarBinding(binding.var, view))
-                return
-            super().visit_var_binding_(binding)
-
-    @tvm.transform.module_pass(opt_level=0, name="ShoalReshapeViews")
-    def apply(mod: Any, _ctx: Any) -> Any:
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = _ReshapeViews(mod).visit_expr(func)
-        return mod
-
-    return apply
-
-
 def mark_scheduled_pass() -> Any:
     """Mark every PrimFunc already in the module (hand-written kernels) `tirx.is_scheduled`, so dlight's GPU
     rules leave them alone (they expect sblock-form functions and reject hand-written ones)."""

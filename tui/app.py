@@ -4,6 +4,8 @@ The tabs do the work; this file wires them."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, ClassVar
 
 from textual.app import App, ComposeResult
@@ -12,6 +14,7 @@ from textual.widgets import Footer, TabbedContent, TabPane, Tabs
 
 from tui.client import DEFAULT_API, NodeClient, NodeError
 from tui.connection import Backoff, follow_node
+from tui.launcher import NodeProcess
 from tui.screens.base import NodePane
 from tui.screens.chat import ChatPane
 from tui.screens.help import HelpScreen
@@ -21,6 +24,11 @@ from tui.screens.models import ModelsPane
 from tui.screens.policy import PolicyPane
 from tui.screens.requests import RequestsPane
 from tui.widgets.status import StatusBar
+
+logger = logging.getLogger(__name__)
+
+UNREACHABLE_NOTICE_S = 10.0
+"""Least time between two "the node did not answer" notices."""
 
 TABS: tuple[tuple[str, str, type[NodePane]], ...] = (
     ("mesh", "Mesh", MeshPane),
@@ -52,6 +60,7 @@ class ShoalApp(App[None]):
         *,
         refresh_s: float = 5.0,
         backoff: Backoff | None = None,
+        started_node: NodeProcess | None = None,
     ) -> None:
         super().__init__()
         self.api_url = api_url
@@ -60,6 +69,10 @@ class ShoalApp(App[None]):
         self.backoff = backoff or Backoff()
         self.client = NodeClient(api_url)
         self.connected = False
+        self.started_node = started_node
+        """The node this session started (`shoal tui` with no node answering), watched for an early exit."""
+        self._told_exit = False
+        self._last_unreachable = 0.0
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
@@ -95,17 +108,32 @@ class ShoalApp(App[None]):
         if self.connected and not was_connected:
             for pane in self.query(NodePane):
                 pane.reload()
+        node = self.started_node
+        if not self.connected and node is not None and not node.running() and not self._told_exit:
+            self._told_exit = True
+            self.notify(
+                f"the node this TUI started exited (code {node.process.returncode}); see {node.log_path}",
+                severity="error",
+                timeout=30,
+            )
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = str(event.get("kind", ""))
         data = {"time": event.get("time"), **(event.get("data") or {})}
         for pane in self.query(NodePane):
-            pane.on_node_event(kind, data)
+            try:
+                pane.on_node_event(kind, data)
+            except Exception as exc:  # a task boundary: one odd event must not stop the event stream
+                logger.exception("tab %s failed on event %s", pane.id, kind)
+                self.notify(f"{pane.id}: could not show a {kind} event ({exc})", severity="warning")
 
     def report_unreachable(self, exc: NodeError) -> None:
-        """A pane's call failed because the node is gone: show it; `follow_node` reconnects."""
-        self.query_one(StatusBar).state = "disconnected"
-        self.connected = False
+        """A tab's call got no answer. `follow_node` owns the connection state (it sees the event stream
+        break or go silent); here we only say so, at most every few seconds."""
+        now = time.monotonic()
+        if self.connected and now - self._last_unreachable > UNREACHABLE_NOTICE_S:
+            self._last_unreachable = now
+            self.notify(f"the node did not answer: {exc}", severity="warning")
 
     def _refresh_active(self) -> None:
         if self.connected:

@@ -48,6 +48,8 @@ class ClientConfig:
     """Time to open a TCP connection to the node."""
     request_timeout: float = 10.0
     """Whole-request limit for ordinary JSON calls."""
+    health_timeout: float = 3.0
+    """Limit for `GET /health`, which decides whether the node is up."""
     slow_timeout: float = 1800.0
     """Limit for calls that do heavy work before answering (compile, load, publish)."""
     stream_idle_timeout: float = 60.0
@@ -131,11 +133,18 @@ class NodeClient:
         )
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, slow: bool = False, **params: Any
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        slow: bool = False,
+        limit: float | None = None,
+        **params: Any,
     ) -> Any:
         """One JSON call. `slow` calls (compile, load, publish) may take minutes: they get `slow_timeout`."""
         url = self.base_url + path
-        limit = self.config.slow_timeout if slow else self.config.request_timeout
+        limit = limit or (self.config.slow_timeout if slow else self.config.request_timeout)
         try:
             async with self.session.request(
                 method, url, json=body, params=params or None, timeout=self._timeout(limit)
@@ -161,13 +170,17 @@ class NodeClient:
     # -- typed helpers -------------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        return await self.get("/health")
+        return await self.request("GET", "/health", limit=self.config.health_timeout)
 
     async def node_info(self) -> dict[str, Any]:
         return await self.get("/v1/node")
 
     async def models(self) -> list[dict[str, Any]]:
         return list((await self.get("/v1/models")).get("data", []))
+
+    async def catalog(self) -> list[dict[str, Any]]:
+        """The node's IPFS model catalog: `[{"cid", "names", "size", "pinned", "complete"}]`."""
+        return list((await self.get("/v1/ipfs/models")).get("models", []))
 
     async def peers(self) -> dict[str, Any]:
         """`{"peers": [...]}`, plus `"self"` (id, name, mesh) on nodes that report it."""

@@ -63,14 +63,18 @@ class NodeProcess:
 
 
 def start_node(
-    api_url: str, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+    api_url: str,
+    extra_args: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> NodeProcess:
-    """Start `shoal node --api HOST:PORT` in the background, its output in a log file."""
+    """Start `shoal node --api HOST:PORT` in the background, its output in a log file in `log_dir`
+    (default: the temp dir)."""
     parts = urlsplit(api_url)
     if not is_loopback_url(api_url):
         raise ValueError(f"will only start a node on this machine's loopback, not {parts.hostname!r}")
     address = f"{parts.hostname}:{parts.port or 8740}"
-    log_path = Path(tempfile.gettempdir()) / f"shoal-tui-node-{parts.port or 8740}.log"
+    log_path = (log_dir or Path(tempfile.gettempdir())) / f"shoal-tui-node-{parts.port or 8740}.log"
     log = log_path.open("ab")
     command = [sys.executable, "-m", "mesh.cli", "node", "--api", address, *(extra_args or [])]
     env = {**os.environ, **(extra_env or {})}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -167,15 +168,18 @@ class _ProgressLine:
 
 
 async def _in_process(args: argparse.Namespace, config: NodeConfig) -> AsyncIterator[str]:
-    from models.sampling import SamplingParams
-
     from mesh.events import EventBus
     from mesh.model_manager import ModelManager, ModelNotFoundError
     from models.errors import ModelError
+    from models.sampling import SamplingParams
 
     progress = _ProgressLine()
     manager = ModelManager(
-        EventBus(), backend=config.models.backend, target=config.models.target, on_progress=progress
+        EventBus(),
+        backend=config.models.backend,
+        target=config.models.target,
+        cache_dir=None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir,
+        on_progress=progress,
     )
     manager.add_embedded()
     try:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         node = start_node(url, extra)
         notice = f"no node answered, so the TUI started one (pid {node.pid}, log {node.log_path})"
     try:
-        ShoalApp(url, notice).run()
+        ShoalApp(url, notice, started_node=node).run()
     finally:
         if node is not None:
             node.stop()

@@ -14,6 +14,8 @@ from multiformats import CID
 from mesh.ipfs.errors import CodecError
 from mesh.ipfs.reader import decode_file_node
 
+SYNC_EVERY = 16 << 20
+
 
 class StreamingAssembler:
     def __init__(self, root: CID, dest: Path) -> None:
@@ -22,6 +24,7 @@ class StreamingAssembler:
         self._offsets: dict[bytes, list[int]] = {bytes(root.digest): [0]}
         self._size: int | None = None
         self._written = 0
+        self._unsynced = 0
         self._lock = threading.Lock()
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
@@ -51,7 +54,8 @@ class StreamingAssembler:
         return self._size
 
     def write(self, offsets: list[int], data: bytes) -> None:
-        """Write verified bytes at their offsets (any thread)."""
+        """Write verified bytes at their offsets (any thread). Every SYNC_EVERY bytes the writing thread
+        also flushes the file to disk, so the final fsync overlaps with the download, not after it."""
         for offset in offsets:
             view = memoryview(data)
             pos = offset
@@ -61,6 +65,12 @@ class StreamingAssembler:
                 pos += n
             with self._lock:
                 self._written += len(data)
+                self._unsynced += len(data)
+                sync = self._unsynced >= SYNC_EVERY
+                if sync:
+                    self._unsynced = 0
+            if sync:
+                os.fdatasync(self._fd)
 
     def finish(self) -> bool:
         """Fsync and rename into place if every byte was written; else discard. Blocking."""

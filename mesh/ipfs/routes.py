@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ ENTITY_BYTES = re.compile(r"^(\d+):(\d+|\*)$")
 
 
 def _json_error(status: type[web.HTTPException], message: str) -> web.HTTPException:
-    return status(text=f'{{"error": {message!r}}}'.replace("'", '"'), content_type="application/json")
+    return status(text=json.dumps({"error": message}), content_type="application/json")
 
 
 def _wanted_format(request: web.Request) -> str | None:

@@ -9,6 +9,7 @@ files), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -298,8 +299,18 @@ class IpfsService:
                     stack.extend(child for child, _ in reversed(decode_file_node(cid, block).children))
             return b"".join(parts)
 
-        while stack:
-            yield await asyncio.to_thread(next_batch)
+        # Read the next batch while the current one is being sent (disk and socket overlap).
+        pending: asyncio.Future[bytes] | None = asyncio.ensure_future(asyncio.to_thread(next_batch))
+        try:
+            while pending is not None:
+                data = await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(next_batch)) if stack else None
+                yield data
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, IpfsError, OSError):
+                    await pending
 
     # --- listing and the embedded default -----------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -70,6 +71,11 @@ class BlockStore:
         self._fsync = fsync
         self._lock = threading.Lock()
         self._stats: StoreStats | None = None
+        self._blocks_dir = str(self._blocks)
+        self._tmp_dir = str(self._tmp)
+        self._shards: set[str] = set()
+        self._temp_ids = itertools.count()  # next() on a count is atomic under the GIL
+        self._temp_prefix = f"blk-{os.getpid()}-{os.urandom(4).hex()}-"
         try:
             self._blocks.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -95,26 +101,35 @@ class BlockStore:
             raise StoreError(f"cannot read block {cid}: {exc}") from exc
 
     def put(self, cid: CID, data: bytes) -> bool:
-        """Verify and store a block; return False if it was already there. Raises `VerificationError`."""
+        """Verify and store a block; return False if it was already there. Raises `VerificationError`.
+        Plain `os` calls on purpose: this runs for every block of every pull, often in parallel threads."""
         verify_block(cid, data)
-        path = self.path_of(cid)
-        if path.is_file():
+        key = block_key(cid)
+        shard = key[-3:-1]
+        path = os.path.join(self._blocks_dir, shard, key)
+        if os.path.exists(path):
             return False
+        tmp = os.path.join(self._tmp_dir, f"{self._temp_prefix}{next(self._temp_ids)}")
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blk-")
+            if shard not in self._shards:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._shards.add(shard)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    if self._fsync:
-                        out.flush()
-                        os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise StoreError(f"cannot write block {cid}: {exc}") from exc
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write block {cid}: {exc}") from exc
+            raise
         with self._lock:
             if self._stats is not None:
                 self._stats = StoreStats(self._stats.blocks + 1, self._stats.bytes + len(data))

@@ -212,13 +212,22 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
 
 
 @contextlib.contextmanager
-def fast_cpu_attention() -> Iterator[None]:
-    """While active, a `TIRPagedKVCache` built for an llvm target uses `attention_decode_cpu` and
-    `attention_prefill_ragged_cpu` (each falls back to TVM's kernel where it does not apply)."""
+def fast_cpu_attention(target: Any = None) -> Iterator[None]:
+    """While active, a `TIRPagedKVCache` uses `attention_decode_cpu`, `attention_prefill_ragged_cpu` and
+    `rope_cpu.rope_cpu` (each falls back to TVM's kernel where it does not apply). CPU kernels: pass the
+    model's `target`, and for anything but an llvm target this does nothing."""
+    from models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
+    from models.kernels.tir_common import as_target
+
+    if target is not None and as_target(target).kind.name != "llvm":
+        yield
+        return
     kv_cache._attention_decode_cpu = attention_decode_cpu
     kv_cache._attention_prefill_ragged_cpu = attention_prefill_ragged_cpu
+    kv_cache.llama_rope_with_position_map = rope_cpu
     try:
         yield
     finally:
         kv_cache._attention_decode_cpu = _STOCK_DECODE_CPU
         kv_cache._attention_prefill_ragged_cpu = _STOCK_PREFILL_RAGGED_CPU
+        kv_cache.llama_rope_with_position_map = STOCK_ROPE

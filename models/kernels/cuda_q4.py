@@ -8,6 +8,8 @@ shared memory. A first, simple schedule: correct and memory-friendly, not tuned.
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -17,6 +19,7 @@ from models.kernels.quant import GROUP, ROWS
 SLICES = 16
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def cuda_matmul_func(kind: str, n: int, k: int) -> tirx.PrimFunc:
     """Arguments: x fp32 [B, K], qweight, scale, [min (q4_1)], y fp32 [B, N]."""
     check_shape(n, k, kind)
@@ -81,6 +84,7 @@ def cuda_matmul_func(kind: str, n: int, k: int) -> tirx.PrimFunc:
 EMBED_THREADS = 128
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def cuda_embedding_func(vocab: int, dim: int) -> tirx.PrimFunc:
     """Q8_0 embedding gather on the GPU: ids int32 [M] -> fp32 [M, D] (one thread block per token)."""
     if vocab % ROWS or dim % GROUP:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from models.kernels.quant import GROUP, ROWS
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def embedding_func(vocab: int, dim: int) -> tirx.PrimFunc:
     """ids int32 [M], qweight uint32 [V/16, D/32, 8, 16], scale float16 [V/16, D/32, 16] -> fp32 [M, D]."""
     if vocab % ROWS or dim % GROUP:

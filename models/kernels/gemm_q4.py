@@ -9,6 +9,8 @@ rows' accumulation chains interleave (`CHAINS` = 1 per row). M is symbolic (int6
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -21,6 +23,7 @@ CHUNK = 32
 CHAINS = 1
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def gemm_func(kind: str, n: int, k: int, vnni: bool, tile: int = TILE, chunk: int = CHUNK,
               chains: int = CHAINS) -> tirx.PrimFunc:
     """y fp32 [M, N]; arguments as `gemv_q4.gemv_func`: xq, xd, xds, qweight, scale, [min (q4_1)], y."""

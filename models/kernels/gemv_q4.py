@@ -7,6 +7,8 @@ blocks are split over the CPU threads; every activation row re-reads the row blo
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -24,6 +26,7 @@ def check_shape(n: int, k: int, kind: str) -> None:
         raise ValueError(f"shape [{n}, {k}]: rows must be a multiple of {ROWS}, columns of {GROUP}")
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def quantize_act_func(k: int) -> tirx.PrimFunc:
     """x fp32 [B, K] -> xq int32 [B, K/4] (4 int8 per word), xd fp32 [B, K/32], xds fp32 [B, K/32].
 
@@ -67,6 +70,7 @@ def quantize_act_func(k: int) -> tirx.PrimFunc:
     return quantize_act
 
 
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
 def gemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
     """y fp32 [B, N] = x · Wᵀ from quantized activations (see `quantize_act_func`) and packed weights.
 

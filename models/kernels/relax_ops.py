@@ -144,6 +144,47 @@ class QuantizedEmbedding(nn.Module):
         return quantized_matmul(x, "q8_0", self.vocab_size, [self.qweight, self.scale], self.backend)
 
 
+def _flatten(x: nn.Tensor) -> tuple[nn.Tensor, tirx.PrimExpr | int, list]:
+    lead = list(x.shape[:-1])
+    rows = _rows(x)
+    return (nn.op.reshape(x, [rows, x.shape[-1]]) if len(x.shape) != 2 else x), rows, lead
+
+
+class FastRMSNorm(nn.Module):
+    """Drop-in for `nn.RMSNorm(dim, -1, eps, bias=False)` (same `weight` parameter) whose CPU backends use
+    the vector kernel of models/kernels/norm_act_cpu.py; on "cuda" it is `nn.op.rms_norm`."""
+
+    def __init__(self, dim: int, eps: float, backend: str = "x86_vnni"):
+        _check_backend(backend)
+        self.dim, self.eps, self.backend = dim, eps, backend
+        self.weight = nn.Parameter((dim,), "float32")
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if self.backend == "cuda":
+            return nn.op.rms_norm(x, self.weight, axes=-1, epsilon=self.eps)
+        from models.kernels.norm_act_cpu import rms_norm_func
+
+        flat, rows, lead = _flatten(x)
+        y = nn.op.tensor_ir_op(rms_norm_func(self.dim, self.eps), f"rms_norm_{self.dim}", [flat, self.weight],
+                               nn.Tensor.placeholder([rows, self.dim], "float32"))
+        return nn.op.reshape(y, [*lead, self.dim]) if len(x.shape) != 2 else y
+
+
+def silu_mul(x: nn.Tensor, backend: str = "x86_vnni") -> nn.Tensor:
+    """silu(gate) · up for x [..., 2F] = concat(gate, up) (a fused gate_up projection) -> [..., F]."""
+    _check_backend(backend)
+    width = x.shape[-1] // 2
+    if backend == "cuda":
+        gate, up = nn.op.split(x, 2, axis=-1)
+        return nn.op.silu(gate) * up
+    from models.kernels.norm_act_cpu import silu_mul_func
+
+    flat, rows, lead = _flatten(x)
+    y = nn.op.tensor_ir_op(silu_mul_func(width), f"silu_mul_{width}", [flat],
+                           nn.Tensor.placeholder([rows, width], "float32"))
+    return nn.op.reshape(y, [*lead, width]) if len(x.shape) != 2 else y
+
+
 def param_arrays(packed: PackedWeight) -> dict[str, np.ndarray]:
     """Parameter name (within a QuantizedLinear / QuantizedEmbedding) -> array."""
     names = ["qweight", "scale"] + (["min"] if packed.min is not None else [])

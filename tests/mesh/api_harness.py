@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mesh.config import NodeConfig, load_config
-from mesh.node import Node
+from mesh.node import build_node
 
 BACKEND = "numpy"
 """`tvm` (compiled; use once models/runtime.py is fast here) or `numpy` (reference)."""
@@ -37,10 +37,11 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> NodeConfig:
 
 
 class NodeThread:
-    """Runs `Node(config)` on a private loop in a daemon thread; `call` runs a coroutine there."""
+    """Runs the node `shoal node` runs (`build_node(config)`: IPFS, mesh, routing) on a private loop in a
+    daemon thread; `call` runs a coroutine there."""
 
     def __init__(self, config: NodeConfig) -> None:
-        self.node = Node(config)
+        self.node = build_node(config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-node", daemon=True)
         self._stopped = False

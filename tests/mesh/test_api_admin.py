@@ -69,7 +69,10 @@ async def test_policy_put_applies_validates_and_publishes(node: NodeThread) -> N
         assert status == 200, after
         assert after == {**before, "battery_floor": 42, "serve_others": True}
         event = await asyncio.wait_for(next_event(events, "policy.changed"), 30)
+        log = await asyncio.wait_for(next_event(events, "log"), 30)
     assert event["data"]["policy"] == after
+    assert log["data"]["logger"] == "mesh.node" and log["data"]["level"] == "INFO"
+    assert "policy changed" in log["data"]["message"]
     assert isinstance(event["seq"], int) and isinstance(event["time"], float)
     status, now = await call(node, "GET", "/v1/policy")
     assert now == after
@@ -171,3 +174,16 @@ async def test_unload_then_load(node: NodeThread) -> None:
     assert MODEL in health["models"]
     status, answer = await call(node, "POST", "/v1/chat/completions", json=chat_body(max_tokens=1))
     assert status == 200 and answer["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.slow
+async def test_compile_a_layer_range(node: NodeThread) -> None:
+    async with aiohttp.ClientSession() as session, session.get(node.url + "/v1/events") as events:
+        status, body = await call(node, "POST", f"/v1/models/{MODEL}/compile", json={"layers": "0:2"})
+        assert status == 200, body
+        assert body == {"model": MODEL, "layers": "0:2", "target": "auto"}
+        done = await asyncio.wait_for(next_event(events, "compile.done"), 600)
+    assert done["data"]["model"] == MODEL and done["data"]["span"] == "0:2"
+    status, listing = await call(node, "GET", "/v1/models")
+    (entry,) = [m for m in listing["data"] if m["id"] == MODEL]
+    assert "tvm" in entry["shoal"]["compiled_targets"]

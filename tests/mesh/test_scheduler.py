@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.config import PolicyConfig
+from mesh.partition import allocate_fastest_first, allocate_proportional
 from mesh.scheduler import (
     LOCAL,
     Device,
@@ -16,8 +17,6 @@ from mesh.scheduler import (
     NoPlanError,
     Request,
     SchedulerPolicy,
-    allocate_fastest_first,
-    allocate_proportional,
     max_layers,
     plan,
 )

@@ -8,6 +8,7 @@ stream must survive `kill -9` of a stage. The kill test runs last (it removes c)
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -85,6 +86,16 @@ def test_two_and_three_stage_splits_and_offload_equal_local(mesh3, expected):
     requests = a.call("GET", "/v1/mesh/requests")["requests"]
     kinds = {r["route"]["kind"] for r in requests}
     assert {"local", "split", "offload"} <= kinds
+
+
+def test_stages_serve_concurrent_requests(mesh3, expected):
+    a, b, _, _ = mesh3
+    a.force("split", ("local", "0:15"), (b.peer_id, "15:30"))
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda p: a.chat(p, MAX_TOKENS), PROMPTS[:3]))
+    for prompt, reply in zip(PROMPTS[:3], replies, strict=True):
+        assert reply["choices"][0]["message"]["content"] == expected[prompt], reply
+        assert reply["shoal_route"]["kind"] == "split"
 
 
 def test_node_without_the_model_offloads(mesh3, expected):

@@ -398,3 +398,76 @@ def test_fast_prefill_attention_matches_numpy():
             args = [q, indptr, k, v, indptr, np.zeros(total, np.int32), np.zeros(len(lens), np.int32)]
             lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, causal, 0, 1.0, 1e4, scale)
             np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, err_msg=f"{name} causal={causal}")
+
+
+def test_fast_rope_matches_tvms_kernel():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.rope_cpu import rope_cpu
+
+    args = (100000.0, 1.0, 64, 9, 3, "float32", {"rope_type": "gptj"})
+    lib = build({"ours": rope_cpu(*args), "stock": kv_cache.llama_rope_with_position_map(*args)}, ZNVER4)
+    rng = np.random.default_rng(4)
+    for seq in (1, 19):
+        qkv = rng.standard_normal((seq, 15, 64)).astype(np.float32)
+        pos = (rng.permutation(3000)[:seq]).astype(np.int32)
+        for apply in (1, 0):
+            outs = {}
+            for name in ("ours", "stock"):
+                q, k, v = (tvm.runtime.tensor(np.zeros((seq, h, 64), np.float32), DEV) for h in (9, 3, 3))
+                lib[name](tvm.runtime.tensor(qkv, DEV), tvm.runtime.tensor(pos, DEV), q, k, v, apply)
+                outs[name] = [a.numpy() for a in (q, k, v)]
+            for ours, stock in zip(outs["ours"], outs["stock"], strict=True):
+                # angles up to 3000 rad: pos·2^(i·c) vs TVM's pos/θ^(2i/d) differ by ~1e-4 rad there
+                np.testing.assert_allclose(ours, stock, atol=1e-3 if apply else 0)
+    # position 1 rotates pair 0 by exactly 1 radian
+    qkv = np.zeros((1, 15, 64), np.float32)
+    qkv[0, 0, 0] = 1.0
+    q, k, v = (tvm.runtime.tensor(np.zeros((1, h, 64), np.float32), DEV) for h in (9, 3, 3))
+    lib["ours"](tvm.runtime.tensor(qkv, DEV), tvm.runtime.tensor(np.array([1], np.int32), DEV), q, k, v, 1)
+    np.testing.assert_allclose(q.numpy()[0, 0, :2], [np.cos(1.0), np.sin(1.0)], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- RMSNorm, SiLU·mul
+
+def test_rms_norm_and_silu_mul_kernels_match_numpy():
+    from models.kernels.norm_act_cpu import rms_norm_func, silu_mul_func
+
+    lib = build({"rms": rms_norm_func(96, 1e-5), "silu": silu_mul_func(64)}, ZNVER4)
+    rng = np.random.default_rng(0)
+    for rows in (1, 3, 40):
+        x = (rng.standard_normal((rows, 96)) * 3).astype(np.float32)
+        w = rng.standard_normal(96).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros_like(x), DEV)
+        lib["rms"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV), y)
+        ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+        assert rel_err(y.numpy(), ref) < 1e-6
+        g = (rng.standard_normal((rows, 128)) * 6).astype(np.float32)
+        g[0, :3] = [-100.0, 100.0, 0.0]
+        y = tvm.runtime.tensor(np.zeros((rows, 64), np.float32), DEV)
+        lib["silu"](tvm.runtime.tensor(g, DEV), y)
+        gate = g[:, :64].astype(np.float64)
+        ref = gate / (1 + np.exp(-gate)) * g[:, 64:]
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
+    from models.kernels.relax_ops import FastRMSNorm, silu_mul
+
+    class Block(nn.Module):
+        def __init__(self):
+            self.norm = FastRMSNorm(64, 1e-5, "llvm")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return silu_mul(self.norm(x), "llvm")
+
+    mod, _ = Block().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "s", 64], "float32")}})
+    exe = tvm.compile(mod, target=tvm.target.Target(PORTABLE), relax_pipeline=compile_pipeline(PORTABLE))
+    vm = relax.VirtualMachine(exe, DEV)
+    x = activations(5, 64, 1)[None]
+    w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
+    got = vm["forward"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV)).numpy()
+    h = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-5) * w
+    ref = h[..., :32] / (1 + np.exp(-h[..., :32])) * h[..., 32:]
+    assert got.shape == (1, 5, 32)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ class TestNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config.touch()
         args = ["--config", str(config), "--data-dir", str(self.data_dir), "--backend", self.backend]
-        self.process = start_node(self.url, args, {"SHOAL_NAME": NODE_NAME, **self.env})
+        self.process = start_node(self.url, args, {"SHOAL_NAME": NODE_NAME, **self.env}, self.data_dir)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not probe(self.url, timeout=1.0):
             if not self.process.running() or time.monotonic() > deadline:

@@ -35,3 +35,16 @@ def table_text(table: DataTable[Any]) -> str:
     for row_key in table.rows:
         rows.append(" | ".join(str(getattr(cell, "plain", cell)) for cell in table.get_row(row_key)))
     return "\n".join(rows)
+
+
+def capture_notices(app: ShoalApp) -> list[str]:
+    """Record every `notify` message of `app` (still shown as usual) in the returned list."""
+    told: list[str] = []
+    original = app.notify
+
+    def notify(message: str, **kwargs: Any) -> None:
+        told.append(str(message))
+        original(message, **kwargs)
+
+    app.notify = notify  # type: ignore[method-assign]
+    return told

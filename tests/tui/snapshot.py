@@ -65,8 +65,8 @@ def check_snapshot(name: str, svg: str, volatile: dict[str, str], failed_dir: Pa
         return
     if not reference.exists():
         raise AssertionError(f"no reference snapshot {reference}; create it with SHOAL_UPDATE_SNAPSHOTS=1")
-    expected = screen_lines(reference.read_text(), {})
-    actual = screen_lines(masked_svg, {})
+    expected = screen_lines(reference.read_text(), volatile)
+    actual = screen_lines(svg, volatile)
     if expected != actual:
         failed_dir.mkdir(parents=True, exist_ok=True)
         (failed_dir / f"{name}.svg").write_text(masked_svg)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 from textual.widgets import DataTable, Input, RichLog, Select, Static, Switch
 
 from tests.tui.node_proc import NODE_NAME, TestNode
-from tests.tui.pilot_util import SIZE, make_app, table_text, wait_until
+from tests.tui.pilot_util import SIZE, capture_notices, make_app, table_text, wait_until
 from tui.client import NodeClient
 from tui.screens.chat import ChatPane, Transcript
+from tui.screens.prompt import PromptScreen
 from tui.widgets.progress import JobProgress
 from tui.widgets.status import StatusBar
 
@@ -182,3 +185,24 @@ async def test_unload_and_load_from_the_models_tab(node: TestNode) -> None:
         await pilot.press("l")
         await wait_until(pilot, loaded, "the model to load again", within=120)
         assert MODEL in (await node_json(node, "/health"))["models"]
+        # loading prepares (compiles) the model: its progress row ends as done
+        compiles = [job for job in app.query(JobProgress) if job.job_id == f"compile:{MODEL}"]
+        assert len(compiles) == 1 and compiles[0].state == "done"
+
+
+async def test_publish_a_file_from_the_models_tab(node: TestNode, tmp_path: Path) -> None:
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 1200)  # 300 KiB: two 256 KiB chunks
+    app = make_app(node.url)
+    told = capture_notices(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        models = app.query_one("#models-table", DataTable)
+        await wait_until(pilot, lambda: MODEL in table_text(models), "the models table")
+        await pilot.press("b")
+        await wait_until(pilot, lambda: isinstance(app.screen, PromptScreen), "the publish prompt")
+        app.screen.query_one(Input).value = str(blob)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(m.startswith("published") for m in told), "the published notice")
+        notice = next(m for m in told if m.startswith("published"))
+        assert notice.startswith(f"published {blob}: bafy")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from textual.widgets import Input
 
 from tests.tui.node_proc import TestNode
-from tests.tui.pilot_util import SIZE, make_app, wait_until
+from tests.tui.pilot_util import SIZE, capture_notices, make_app, wait_until
+from tui.app import ShoalApp
 from tui.client import NodeClient
+from tui.connection import Backoff
+from tui.launcher import start_node
 from tui.widgets.status import StatusBar
 
 
@@ -41,3 +45,20 @@ async def test_app_survives_node_restart(tmp_path: Path) -> None:
             await wait_until(pilot, lambda: floor.value == default_floor, "the reloaded policy")
     finally:
         node.stop()
+
+
+async def test_says_when_the_node_it_started_exits(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # something else holds the port, so the started node cannot listen
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        started = start_node(url, ["--data-dir", str(tmp_path / "n"), "--backend", "numpy"], log_dir=tmp_path)
+        try:
+            app = ShoalApp(url, "started a node", backoff=Backoff(first=0.2, cap=0.5), started_node=started)
+            told = capture_notices(app)
+            async with app.run_test(size=SIZE) as pilot:
+                await wait_until(pilot, lambda: any("exited" in m for m in told), "the notice", within=60)
+                assert app.query_one(StatusBar).state == "disconnected"
+                assert str(started.log_path) in next(m for m in told if "exited" in m)
+        finally:
+            started.stop()

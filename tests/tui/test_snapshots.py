@@ -12,6 +12,7 @@ from tests.tui.node_proc import TestNode
 from tests.tui.pilot_util import SIZE, make_app, table_text, wait_until
 from tests.tui.snapshot import check_snapshot
 from tui.widgets.status import StatusBar
+from tui.widgets.topology import TopologyView
 
 MODEL = "smollm2-135m-instruct"
 
@@ -30,8 +31,14 @@ async def test_snapshots_of_the_main_tabs(quiet_node: TestNode, tmp_path: Path) 
     async with app.run_test(size=SIZE) as pilot:
         status = app.query_one(StatusBar)
         await wait_until(pilot, lambda: status.state == "connected", "the connection")
-        node_id = str((await app.client.health())["node"]["id"])
-        volatile[node_id] = "<node-id>"
+        node = (await app.client.health())["node"]
+        volatile[str(node["id"])] = "<node-id>"
+        volatile[str(node["version"])] = "<version>"
+
+        topology = app.query_one(TopologyView)
+        await wait_until(pilot, lambda: "1 node" in str(topology.render()), "the topology")
+        await pilot.pause(0.3)
+        check_snapshot("mesh", app.export_screenshot(), volatile, tmp_path)
 
         await pilot.press("2")
         models = app.query_one("#models-table", DataTable)
@@ -45,6 +52,12 @@ async def test_snapshots_of_the_main_tabs(quiet_node: TestNode, tmp_path: Path) 
         await pilot.press("escape")
         await pilot.pause(0.3)
         check_snapshot("chat", app.export_screenshot(), volatile, tmp_path)
+
+        await pilot.press("4")
+        requests = app.query_one("#requests-table", DataTable)
+        await wait_until(pilot, lambda: str(requests.border_title).startswith("Requests ("), "requests")
+        await pilot.pause(0.3)
+        check_snapshot("requests", app.export_screenshot(), volatile, tmp_path)
 
         await pilot.press("5")
         floor = app.query_one("#policy-battery_floor", Input)

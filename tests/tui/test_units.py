@@ -140,3 +140,38 @@ def test_backoff_and_config_checks() -> None:
         Backoff(first=2.0, cap=1.0)
     with pytest.raises(ValueError, match="http"):
         ClientConfig(base_url="127.0.0.1:8740")
+
+
+def test_this_node_reads_first_in_a_link() -> None:
+    topology = {
+        "self": "zzz",
+        "nodes": [{"id": "aaa", "name": "pi"}, {"id": "zzz", "name": "laptop"}],
+        "links": [{"a": "aaa", "b": "zzz", "rtt_ms": None}],
+    }
+    assert "laptop (this node) ──—── pi" in draw_topology(topology, {}, "").plain
+
+
+def test_launcher_probe_and_loopback_rule() -> None:
+    from tests.tui.node_proc import free_port
+    from tui.launcher import is_loopback_url, probe, start_node
+
+    assert not probe(f"http://127.0.0.1:{free_port()}", timeout=0.5)
+    assert is_loopback_url("http://127.0.0.1:8740") and is_loopback_url("http://localhost:1")
+    assert not is_loopback_url("http://192.168.1.10:8740")
+    with pytest.raises(ValueError, match="loopback"):
+        start_node("http://192.168.1.10:8740")
+
+
+def test_models_merge_with_the_catalog() -> None:
+    from tui.screens.models import merge_catalog
+
+    served = [{"id": "smollm2", "owned_by": "shoal", "shoal": {"cid": None, "size": 98, "loaded": True}}]
+    catalog = [
+        {"cid": "bafy-smol", "names": ["smollm2"], "size": None, "pinned": False, "complete": False},
+        {"cid": "bafy-other", "names": ["other-model"], "size": 2000, "pinned": True, "complete": True},
+        {"cid": "bafy-anon", "names": [], "size": None, "pinned": False, "complete": False},
+    ]
+    rows = merge_catalog(served, catalog)
+    assert [r["id"] for r in rows] == ["smollm2", "other-model", "bafy-anon"]
+    assert rows[0]["shoal"]["cid"] == "bafy-smol" and rows[0]["shoal"]["loaded"] is True
+    assert rows[1]["owned_by"] == "catalog (stored)" and rows[2]["owned_by"] == "catalog"

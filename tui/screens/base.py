@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.containers import Vertical
@@ -12,6 +13,8 @@ from tui.client import NodeClient, NodeError, NodeUnreachable, NotAvailable
 
 if TYPE_CHECKING:
     from tui.app import ShoalApp
+
+logger = logging.getLogger(__name__)
 
 
 class NodePane(Vertical):
@@ -59,6 +62,13 @@ class NodePane(Vertical):
             self.shoal.report_unreachable(exc)
         except NodeError as exc:
             self.notify(f"{self.id}: {exc}", severity="error", timeout=8)
+        except Exception as exc:  # a task boundary: show it, never a traceback on screen
+            logger.exception("tab %s failed to load", self.id)
+            self.notify(
+                f"{self.id}: could not show the node's answer ({type(exc).__name__}: {exc})",
+                severity="error",
+                timeout=8,
+            )
 
     async def load(self) -> None:
         """Fetch and show this tab's data."""
@@ -80,3 +90,6 @@ class NodePane(Vertical):
             self.notify(f"{what}: not available on this node", severity="warning")
         except NodeError as exc:
             self.notify(f"{what} failed: {exc}", severity="error", timeout=8)
+        except Exception as exc:  # a task boundary, as above
+            logger.exception("%s failed", what)
+            self.notify(f"{what} failed: {type(exc).__name__}: {exc}", severity="error", timeout=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -15,6 +16,8 @@ from textual.widgets import Input, Select, Static
 from tui.client import NodeError, NotAvailable
 from tui.format import describe_route
 from tui.screens.base import NodePane
+
+logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 128
 """Default answer length; tests shorten it on the pane (`ChatPane.max_tokens`)."""
@@ -105,6 +108,9 @@ class ChatPane(NodePane):
         except NodeError as exc:
             transcript.error = f"error: {exc}"
             self.notify(f"chat failed: {exc}", severity="error", timeout=8)
+        except Exception as exc:  # a task boundary: show it, never a traceback on screen
+            logger.exception("chat stream failed")
+            transcript.error = f"error: {type(exc).__name__}: {exc}"
         finally:
             self.streaming = False
 

@@ -45,6 +45,7 @@ class HelpScreen(ModalScreen[None]):
             "1-6", "switch tab: " + ", ".join(f"{i} {t}" for i, (_, t, _p) in enumerate(self.tabs, 1))
         )
         table.add_row("tab", "move focus")
+        table.add_row("esc", "leave a text field (then 1-6 switch tabs again)")
         from tui.app import ShoalApp  # the app's own bindings; imported late to avoid a cycle
 
         for key, desc in _rows([b for b in ShoalApp.BINDINGS if isinstance(b, Binding) and b.show]):
@@ -53,12 +54,15 @@ class HelpScreen(ModalScreen[None]):
             rows = _rows(list(pane.BINDINGS))
             if rows:
                 table.add_row("", "")
-                table.add_row(f"[b]{title}[/b]", "")
+                table.add_row("", f"[b u]{title}[/b u]")
                 for key, desc in rows:
                     table.add_row(key, desc)
         with VerticalScroll(id="help-box"):
             yield Static(table)
             yield Static("Esc / ? / q: close", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-box").focus()  # arrows / PgUp / PgDn scroll the key map
 
     async def action_dismiss(self, result: None = None) -> None:
         self.dismiss(result)

@@ -24,9 +24,9 @@ PEER_COLUMNS = (
     "RTT ms",
     "models",
     "shards",
-    "decode tok/s",
+    "tok/s",
     "free mem",
-    "battery",
+    "batt",
     "queue",
     "trusted",
 )

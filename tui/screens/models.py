@@ -11,6 +11,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable
 
+from tui.client import NotAvailable
 from tui.format import human_bytes, short_id
 from tui.screens.base import NodePane
 from tui.screens.prompt import PromptScreen
@@ -32,6 +33,31 @@ def model_row(model: dict[str, Any]) -> tuple[Any, ...]:
         ", ".join(str(t) for t in meta.get("compiled_targets") or []) or "—",
         str(model.get("owned_by") or "—"),
     )
+
+
+def merge_catalog(models: list[dict[str, Any]], catalog: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The node's models (`/v1/models`), with CIDs filled in from its IPFS catalog (`/v1/ipfs/models`),
+    then the catalog entries it does not serve, as rows owned by `catalog`."""
+    by_name = {name: entry for entry in catalog for name in entry.get("names") or []}
+    rows = []
+    for model in models:
+        meta = dict(model.get("shoal") or {})
+        entry = by_name.get(str(model.get("id")))
+        if entry and not meta.get("cid"):
+            meta["cid"] = entry.get("cid")
+        rows.append({**model, "shoal": meta})
+    served = {str(m.get("id")) for m in models} | {str((m.get("shoal") or {}).get("cid")) for m in models}
+    for entry in catalog:
+        names = list(entry.get("names") or [])
+        if served & {*names, str(entry.get("cid"))}:
+            continue
+        if entry.get("complete"):
+            state = "catalog (stored)"
+        else:
+            state = "catalog (partial)" if entry.get("pinned") else "catalog"
+        meta = {"cid": entry.get("cid"), "size": entry.get("size"), "pinned": entry.get("pinned")}
+        rows.append({"id": names[0] if names else entry.get("cid"), "owned_by": state, "shoal": meta})
+    return rows
 
 
 class ModelsPane(NodePane):
@@ -58,14 +84,20 @@ class ModelsPane(NodePane):
 
     async def load(self) -> None:
         models = await self.client.models()
+        try:
+            catalog = await self.client.catalog()
+        except NotAvailable:
+            catalog = []
+        rows = merge_catalog(models, catalog)
         table = self.query_one(DataTable)
         row = table.cursor_row
         table.clear()
-        for model in models:
+        for model in rows:
             table.add_row(*model_row(model), key=str(model.get("id")))
-        table.border_title = f"Models ({len(models)})"
-        if models:
-            table.move_cursor(row=min(row, len(models) - 1))
+        served = len(models)
+        table.border_title = f"Models ({served} on this node, {len(rows) - served} more in the catalog)"
+        if rows:
+            table.move_cursor(row=min(row, len(rows) - 1))
 
     def selected_model(self) -> str | None:
         table = self.query_one(DataTable)
@@ -179,11 +211,8 @@ class ModelsPane(NodePane):
 
     async def _publish(self, path: str) -> None:
         result = await self.client.publish(path)
-        self.notify(
-            f"published {path}: {result.get('cid')} ({human_bytes(result.get('size'))})",
-            title="models",
-            timeout=10,
-        )
+        size = f" ({human_bytes(result['size'])})" if result.get("size") is not None else ""
+        self.notify(f"published {path}: {result.get('cid')}{size}", title="models", timeout=10)
         self.reload()
 
     def _need_model(self, what: str) -> str | None:

@@ -78,7 +78,8 @@ async def test_a_source_that_crashes_is_treated_as_failed(tmp_path: Path) -> Non
     root, blocks = small_dag()
     buggy = DictSource("buggy", blocks, fault="crash")
     good = DictSource("good", blocks)
-    fetcher = Fetcher(BlockStore(tmp_path), [buggy, good], offline_config(parallelism=1, backoff_base_s=30.0))
+    config = offline_config(parallelism=1, backoff_base_s=30.0, backoff_max_s=60.0)
+    fetcher = Fetcher(BlockStore(tmp_path), [buggy, good], config)
     await fetcher.fetch_dag(root)
     assert buggy.calls == 1 and fetcher.stats.source_failures == 1
     assert fetcher.stats.by_source["good"] == len(blocks)

@@ -97,6 +97,11 @@ async def test_gateway_serves_raw_and_entity_bytes_car(write_data, tmp_path: Pat
                 body = await r.read()
                 sections = [c async for _, c, _ in car.read_car(car.bytes_reader(body))]
             assert len(sections) == 2  # the root and the one leaf covering bytes 300000..300010
+            async with http.get(f"{url}/ipfs/{cid}", params={"format": "car", "dag-scope": "block"}) as r:
+                body = await r.read()
+                assert [c async for _, c, _ in car.read_car(car.bytes_reader(body))] == [cid]
+            async with http.get(f"{url}/ipfs/{cid}", params={"format": "car", "entity-bytes": "9:3"}) as r:
+                assert r.status == 400
             async with http.get(f"{url}/ipfs/not-a-cid", params={"format": "raw"}) as r:
                 assert r.status == 400
             async with http.get(f"{url}/ipfs/{cid}") as r:
@@ -146,7 +151,7 @@ async def test_resume_uses_stored_blocks(write_data, tmp_path: Path) -> None:
             async with IpfsService(offline_config(gateways=(url,)), tmp_path / "b") as node_b:
                 first_leaf = (await node_b.fetcher().get_block(cid)) and None
                 del first_leaf
-                again = await node_b.pull_detailed(str(cid))
+                again = await node_b.pull_detailed(f"/ipfs/{cid}")
         finally:
             await runner.cleanup()
     assert again.stats.blocks_local == 1 and again.stats.blocks_fetched == 16

@@ -75,3 +75,32 @@ def test_import_memory_stays_flat(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert result.size == 48 * MIB
     assert peak < 4 * MIB, peak
+
+
+async def test_stop_cancels_running_pulls(write_data, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from tests.mesh.ipfs.faults import FaultyGateway
+
+    source = write_data(2 * MIB, seed=13)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        cid = await node_a.publish(source)
+    gateway = FaultyGateway(node_a.store, "slow", delay_s=0.5, car=False)
+    runner = web.AppRunner(gateway.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    bus = EventBus()
+    try:
+        service = IpfsService(offline_config(gateways=(url,), parallelism=1), tmp_path / "b", bus)
+        await service.start()
+        pull_id = service.start_pull(str(cid))
+        await asyncio.sleep(0.8)
+        await service.stop()
+        await service.stop()  # idempotent
+    finally:
+        await runner.cleanup()
+    failed = [e.data for e in bus.recent("pull.failed")]
+    assert failed == [{"pull_id": pull_id, "model": str(cid), "error": "cancelled"}]
+    assert not (tmp_path / "b" / "models" / f"{cid}.gguf").exists()
