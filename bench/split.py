@@ -21,7 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# compiled shards are cached across runs and shared by the node processes (as the test suite does)
+os.environ.setdefault("SHOAL_COMPILE_CACHE", str(REPO / ".cache" / "compile"))
 
 from tests.mesh.mesh_nodes import wait_until
 from tests.mesh.split_nodes import SplitNode, start_nodes

@@ -268,9 +268,8 @@ class ModelManager:
             except BaseException:
                 await loop.run_in_executor(None, _close_stages, served)
                 raise
-            target = self.target or self.backend
-            if target not in model.compiled_targets:
-                model.compiled_targets.append(target)
+            for stage in served.stages:
+                _note_target(model, stage)
             self._served[model.name] = served
             elapsed = time.perf_counter() - started
             self._bus.publish("compile.done", model=model.name, span=None, seconds=round(elapsed, 3))
@@ -283,8 +282,6 @@ class ModelManager:
     ) -> dict[str, Any]:
         """Build (or find cached) the library for `layers` of `name` without serving it."""
         model = self.resolve(name)
-        from models.loader import build_stage, open_model
-        from models.span import LayerSpan
 
         def work() -> dict[str, Any]:
             loaded = open_model(model.path)
@@ -301,17 +298,14 @@ class ModelManager:
                 cache_dir=self.cache_dir,
                 progress=self._progress(model.name),
             )
+            _note_target(model, stage)
             stage.close()
             return {"model": model.name, "layers": f"{span.start}:{span.stop}", "target": target or "auto"}
 
         started = time.perf_counter()
         result = await asyncio.get_running_loop().run_in_executor(None, work)
-        label = target or "tvm"
-        if label not in model.compiled_targets:
-            model.compiled_targets.append(label)
-        self._bus.publish(
-            "compile.done", model=model.name, span=result["layers"], seconds=time.perf_counter() - started
-        )
+        seconds = round(time.perf_counter() - started, 3)
+        self._bus.publish("compile.done", model=model.name, span=result["layers"], seconds=seconds)
         return result
 
     async def unload(self, name: str) -> bool:
@@ -333,6 +327,13 @@ class ModelManager:
                 await self.unload(name)
             except ModelError:
                 logger.exception("unloading %s failed", name)
+
+
+def _note_target(model: LocalModel, stage: Stage) -> None:
+    """Record the TVM target kind (`llvm`, `cuda`) a compiled stage was built for."""
+    kind = getattr(getattr(stage, "target", None), "kind", None)
+    if kind is not None and kind not in model.compiled_targets:
+        model.compiled_targets.append(kind)
 
 
 def _close_stages(served: ServedModel) -> None:

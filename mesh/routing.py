@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -147,6 +147,8 @@ class Router:
         self.settings = settings
         self.speeds = Speeds()
         self.forced: ForcedRoute | None = None
+        self.load: Callable[[], int] = lambda: 0
+        """Requests this node is already busy with (its queue depth, for the cost model)."""
 
     # --- the scheduler's inputs ------------------------------------------------------------------------
 
@@ -160,7 +162,7 @@ class Router:
                 battery = (float(b.percent), bool(b.power_plugged))
         return sched.Device(
             sched.LOCAL, decode or DEFAULT_TPS, prefill, int(memory.available), int(memory.total),
-            holds_model=holds, battery=battery[0] if battery else None,
+            holds_model=holds, queue_depth=max(0, self.load()), battery=battery[0] if battery else None,
             charging=battery[1] if battery else False,
         )
 

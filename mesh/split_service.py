@@ -42,6 +42,7 @@ class SplitService:
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
         self.offload_client = OffloadClient(mesh)
         self.router = Router(node, mesh, self.host, self.offload_client)
+        self.router.load = self.load
         node.router = self.router  # the API's completion handler streams through it
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
@@ -75,8 +76,16 @@ class SplitService:
         budget = int(min(memory.available, policy.max_memory_share * memory.total))
         models = [m["id"] for m in self.node.models.list_models()]
         speed = dict(self.router.speeds.by_model)
-        return {"models": models, "speed": speed,
+        return {"models": models, "speed": speed, "queue_depth": self.load(),
                 "split": {"serve_others": self.refusal() is None, "memory_budget": budget}}
+
+    def load(self) -> int:
+        """Requests this node is busy with: its engines' live and waiting ones plus hosted sequences."""
+        busy = self.host.sequences
+        for name in self.node.models.loaded_names():
+            engine = getattr(self.node.models.served(name), "engine", None)
+            busy += int(getattr(engine, "active_count", 0)) + int(getattr(engine, "queue_depth", 0))
+        return busy
 
     def publish_advert(self) -> None:
         self.mesh.gossip.update(**self.advert_fields())

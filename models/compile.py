@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -242,6 +243,13 @@ def _build(config: ModelConfig, span: LayerSpan, quantization: str, target: Targ
     if progress:
         progress(0.02, f"exporting layers {span} ({quantization})")
     tvm_target = target.tvm_target()
+    if target.kind == "cuda":
+        # Registers `tvm_callback_cuda_compile`, so kernels are compiled into the library now (a fatbin with
+        # nvcc where present) instead of being left as CUDA source for the loading machine to compile.
+        import tvm.support.nvcc  # noqa: F401
+
+        if shutil.which("nvcc"):
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     mod, named_params = export_shard(config, span, tvm_target, quantization)
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     pipeline = _pipeline(target, tvm_target, quantization, progress)

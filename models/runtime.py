@@ -60,8 +60,7 @@ def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
 def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
                    quantization: str) -> dict[str, Any]:
     """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
-    from models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0
-    from models.kernels.relax_ops import param_arrays
+    from models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0  # NumPy only: no Relax import
     from models.weights import WEIGHT_KINDS
 
     kind = WEIGHT_KINDS[quantization]["embedding" if module_path == "embed_tokens" else "linear"]
@@ -76,7 +75,9 @@ def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
         out_features, in_features = info.shape
         pack = pack_q4_1 if kind == "q4_1" else pack_q8_0
         packed.append(pack(_read_blocks(gguf_model, name), out_features, in_features))
-    return param_arrays(packed[0] if len(packed) == 1 else concat_packed(packed))
+    weight = packed[0] if len(packed) == 1 else concat_packed(packed)
+    names = ["qweight", "scale"] + (["min"] if weight.min is not None else [])  # QuantizedLinear's order
+    return dict(zip(names, weight.arrays(), strict=True))
 
 
 def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,

@@ -136,8 +136,9 @@ class ShoalApp(App[None]):
             self.notify(f"the node did not answer: {exc}", severity="warning")
 
     def _refresh_active(self) -> None:
-        if self.connected:
-            self.active_pane().reload()
+        pane = self.active_pane()
+        if self.connected and pane.POLL:
+            pane.reload()
 
     def active_pane(self) -> NodePane:
         active = self.query_one(TabbedContent).active.removeprefix("tab-")

@@ -222,13 +222,23 @@ class NodeClient:
 
     # -- streams -------------------------------------------------------------------------------------
 
-    async def _stream(self, method: str, path: str, body: Any, sock_read: float | None) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        sock_read: float | None,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[str]:
+        """The data of each server-sent event; the response headers are copied into `headers` first."""
         try:
             async with self.session.request(
                 method, self.base_url + path, json=body, timeout=self._timeout(None, sock_read)
             ) as resp:
                 if resp.status >= 400:
                     raise _error_from(resp.status, await resp.read(), path)
+                if headers is not None:
+                    headers.update({k.lower(): v for k, v in resp.headers.items()})
                 async for data in iter_sse(resp.content):
                     yield data
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -255,7 +265,13 @@ class NodeClient:
             "temperature": temperature,
             "stream": True,
         }
-        async for data in self._stream("POST", "/v1/chat/completions", body, self.config.stream_idle_timeout):
+        headers: dict[str, str] = {}
+        announced = False
+        stream = self._stream("POST", "/v1/chat/completions", body, self.config.stream_idle_timeout, headers)
+        async for data in stream:
+            if not announced and headers.get("x-shoal-route"):  # the route, before the first token
+                announced = True
+                yield ChatDelta(route={"kind": headers["x-shoal-route"]})
             if data.strip() == "[DONE]":
                 return
             try:

@@ -17,7 +17,7 @@ import aiohttp
 from multiformats import CID
 
 from mesh.ipfs import car
-from mesh.ipfs.errors import BlockNotFoundError, CodecError, SourceError
+from mesh.ipfs.errors import BlockNotFoundError, SourceError
 from mesh.ipfs.store import BlockStore
 
 RAW_CONTENT_TYPE = "application/vnd.ipld.raw"
@@ -185,7 +185,6 @@ class GatewaySource(_HttpSource):
 __all__ = [
     "BlockSource",
     "CarSource",
-    "CodecError",
     "GatewaySource",
     "KuboRpcSource",
     "LocalStoreSource",

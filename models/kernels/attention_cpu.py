@@ -111,7 +111,8 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
                 for i in range(rows):
                     s[i] = T.exp2(s[i] - st[0])
                     st[1] = st[1] + s[i]
-                    for c in range(chunks):
+                for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
+                    for i in range(rows):
                         acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
                             s[i], LANES) * pages[page, 1, h // group, i, T.Ramp(c * LANES, 1, LANES)]
             for c in range(chunks):
@@ -198,7 +199,8 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
                     for i in range(rows):
                         s[i] = T.exp2(s[i] - st[0])
                         st[1] = st[1] + s[i]
-                        for c in range(chunks):
+                    for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
+                        for i in range(rows):
                             acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
                                 s[i], LANES) * v[kv_indptr[b] + kb * block + i, h // group,
                                                  T.Ramp(c * LANES, 1, LANES)]

@@ -90,13 +90,14 @@ async def blocking(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-@pytest.mark.parametrize("cuts", [[15], [9, 20]])
-async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: list[int]) -> None:
+@pytest.mark.parametrize(("cuts", "fp16"), [([15], False), ([9, 20], False), ([15], True)])
+async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: list[int], fp16: bool) -> None:
+    """fp16 hidden states on the wire happen to give the same greedy tokens for these prompts too."""
     loop = asyncio.get_running_loop()
     hosts = [StageHost(factory, gate_open) for _ in range(len(cuts) + 1)]
     bounds = [0, *cuts, 30]
     stages = [
-        RemoteStage(PeerLink(h, f"peer{i}"), loop, MODEL, gguf_model().config, LayerSpan(a, b))
+        RemoteStage(PeerLink(h, f"peer{i}"), loop, MODEL, gguf_model().config, LayerSpan(a, b), fp16=fp16)
         for i, (h, a, b) in enumerate(zip(hosts, bounds, bounds[1:], strict=False))
     ]
     pipeline = SplitPipeline(gguf_model().config, stages, rebuild=lambda excluded: [])

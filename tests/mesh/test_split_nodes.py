@@ -240,3 +240,26 @@ def test_kill_the_offload_target_mid_generation(mesh3):
     route = final["shoal_route"]
     assert route["kind"] == "offload" and route["replans"] >= 1, route
     assert route["peers"][0] != victim.peer_id
+
+
+@pytest.mark.slow
+def test_compiled_backend_split_and_offload_equal_local(tmp_path):
+    """The same over TVM-compiled shards (compiles 3-4 shards on a cold cache: opt in with -m slow)."""
+    secret = os.urandom(32).hex()
+    a = SplitNode("a", tmp_path / "a", ["--serve-others", "--backend", "tvm"])
+    b = SplitNode("b", tmp_path / "b", ["--serve-others", "--backend", "tvm", "--bootstrap", a.api])
+    start_nodes([a, b], secret)
+    try:
+        wait_until(lambda: b.peer_id in a.peers(), 60, "a linked to b")
+        for prompt in PROMPTS[:2]:
+            texts = set()
+            for route in (("local",), ("split", ("local", "0:15"), (b.peer_id, "15:30")),
+                          ("offload", (b.peer_id, "0:30"))):
+                a.force(*route)
+                reply = a.chat(prompt, 8)
+                assert reply["shoal_route"]["kind"] == route[0], reply
+                texts.add(reply["choices"][0]["message"]["content"])
+            assert len(texts) == 1, texts
+    finally:
+        for node in (a, b):
+            node.kill(15)

@@ -63,6 +63,11 @@ async def test_every_tab_shows_live_data(node: TestNode) -> None:
         await pilot.press("6")
         log = app.query_one("#log", RichLog)
         await wait_until(pilot, lambda: any("listening" in ln.text for ln in log.lines), "the node log")
+        await pilot.press("f")  # INFO -> WARNING: the INFO lines go
+        await wait_until(pilot, lambda: "WARNING" in str(log.border_title), "the level filter")
+        await wait_until(
+            pilot, lambda: not any("listening" in ln.text for ln in log.lines), "INFO lines gone"
+        )
 
         await pilot.press("question_mark")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "HelpScreen", "the help screen")

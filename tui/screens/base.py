@@ -22,6 +22,8 @@ class NodePane(Vertical):
 
     MAIN: ClassVar[str] = ""
     """CSS selector of the widget that takes focus when the tab opens."""
+    POLL: ClassVar[bool] = True
+    """Reload every few seconds while shown (tabs fed fully by events, or edited by hand, say False)."""
 
     available: reactive[bool] = reactive(True)
     """False once the node said it has no endpoint for this tab (shown instead of an error)."""

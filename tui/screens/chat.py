@@ -47,6 +47,7 @@ class Transcript(Widget):
 
 
 class ChatPane(NodePane):
+    POLL = False
     MAIN = "#prompt"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop", "Stop answer / leave input"),
@@ -55,6 +56,10 @@ class ChatPane(NodePane):
 
     streaming: reactive[bool] = reactive(False)
     max_tokens: int = MAX_TOKENS
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._model_ids: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield self.compose_unavailable()
@@ -71,10 +76,12 @@ class ChatPane(NodePane):
         select = self.query_one("#chat-model", Select)
         ids = [str(m.get("id")) for m in models]
         current = select.value if isinstance(select.value, str) else None
-        select.set_options([(i, i) for i in ids])
+        if ids != self._model_ids:  # leave an open picker alone unless the list changed
+            self._model_ids = ids
+            select.set_options([(i, i) for i in ids])
         loaded = [str(m.get("id")) for m in models if (m.get("shoal") or {}).get("loaded")]
         choice = current if current in ids else (loaded or ids or [None])[0]
-        if choice is not None:
+        if choice is not None and choice != select.value:
             select.value = choice
 
     def on_node_event(self, kind: str, data: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def log_line(line: dict[str, Any]) -> Text:
 
 
 class LogsPane(NodePane):
+    POLL = False
     MAIN = "#log"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f", "cycle_level", "Level filter"),

@@ -176,7 +176,9 @@ class ModelsPane(NodePane):
 
         def chosen(layers: str | None) -> None:
             if layers is not None:
-                self.job(f"compile:{model}", f"compile {model}")
+                job = self.job(f"compile:{model}", f"compile {model}")
+                if job:
+                    job.restart()
                 self.run_action(self._compile(model, "" if layers == "all" else layers), "compile")
 
         self.app.push_screen(

@@ -34,6 +34,7 @@ def parse_number(raw: str, kind: type, low: float, high: float) -> int | float:
 
 
 class PolicyPane(NodePane):
+    POLL = False
     MAIN = "Switch"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+r", "reload_policy", "Re-read policy")]
 

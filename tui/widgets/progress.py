@@ -35,10 +35,11 @@ class JobProgress(Horizontal):
         self._sync()
 
     def _sync(self) -> None:
-        if not self.is_mounted or not self.children:
+        bars, details = self.query(ProgressBar), self.query(".job-detail")
+        if not bars or not details:  # not composed yet: `on_mount` syncs
             return
-        self.query_one(ProgressBar).update(total=self.total, progress=self.progress)
-        self.query_one(".job-detail", Label).update(self.detail)
+        bars.first().update(total=self.total, progress=self.progress)
+        details.first(Label).update(self.detail)
 
     def watch_detail(self) -> None:
         self._sync()
@@ -51,6 +52,7 @@ class JobProgress(Horizontal):
             self.set_class(name == state, f"-{name}")
 
     def pull_progress(self, data: dict[str, Any]) -> None:
+        self.state = "running"  # the same job id may run again (a second compile of one model)
         done, total = data.get("bytes_done"), data.get("bytes_total")
         if total:
             self.total = float(total)
@@ -63,9 +65,14 @@ class JobProgress(Horizontal):
         self.detail = "  ".join(parts)
 
     def fraction_progress(self, fraction: float, message: str = "") -> None:
+        self.state = "running"
         self.total = 100.0
         self.progress = max(0.0, min(1.0, fraction)) * 100
         self.detail = message or f"{fraction * 100:.0f}%"
+
+    def restart(self) -> None:
+        """Show the job as starting again (a new compile of the same model)."""
+        self.state, self.total, self.progress, self.detail = "running", None, 0.0, "starting…"
 
     def finish(self, ok: bool, message: str) -> None:
         if ok:

@@ -1,0 +1,171 @@
+"""Faster CPU kernels for the rest of a decode step (models/kernels): decode and prefill attention over
+TVM's paged KV cache, RoPE, RMSNorm and SiLU·mul — against NumPy and, where it helps, TVM's own kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend import nn  # noqa: E402
+
+from models.kernels.relax_ops import compile_pipeline  # noqa: E402
+from tests.models.kernel_helpers import DEV, NATIVE, PORTABLE, activations, build, rel_err  # noqa: E402
+
+# ----------------------------------------------------------------------------- decode attention
+
+def paged_case(lengths: list[int], h_kv: int, h_qo: int, d: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    npages = [(n + 15) // 16 for n in lengths]
+    total = sum(npages)
+    order = rng.permutation(total + 2).astype(np.int32)[:total]  # scattered pages, two unused
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    last = np.array([n - 16 * (p - 1) for n, p in zip(lengths, npages, strict=True)], np.int32)
+    pages = rng.standard_normal((total + 2, 2, h_kv, 16, d)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), h_qo, d)).astype(np.float32) * 2
+    return {"q": q, "pages": pages, "indptr": indptr, "values": order, "last": last, "lengths": lengths}
+
+
+def attention_reference(case: dict, h_kv: int, h_qo: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros_like(case["q"])
+    lse = np.zeros(case["q"].shape[:2], np.float32)
+    for b, n in enumerate(case["lengths"]):
+        ids = case["values"][case["indptr"][b]:case["indptr"][b + 1]]
+        kv = case["pages"][ids]  # [pages, 2, h_kv, 16, d]
+        k = kv[:, 0].transpose(1, 0, 2, 3).reshape(h_kv, -1, kv.shape[-1])[:, :n]
+        v = kv[:, 1].transpose(1, 0, 2, 3).reshape(h_kv, -1, kv.shape[-1])[:, :n]
+        for h in range(h_qo):
+            s = k[h // (h_qo // h_kv)] @ case["q"][b, h] * scale
+            p = np.exp(s - s.max())
+            out[b, h] = p @ v[h // (h_qo // h_kv)] / p.sum()
+            lse[b, h] = (s.max() + np.log(p.sum())) / np.log(2)
+    return out, lse
+
+
+def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
+
+    h_kv, h_qo, d, scale = 3, 9, 64, 0.125
+    case = paged_case([37, 16, 1, 200], h_kv, h_qo, d, 5)
+    ours = attention_decode_cpu(h_kv, h_qo, d, "float32", False, {})
+    stock = kv_cache._attention_decode_cpu(h_kv, h_qo, d, "float32", False, {})
+    lib = build({"ours": ours, "stock": stock.with_attr("global_symbol", "stock")}, NATIVE)
+    ref_out, ref_lse = attention_reference(case, h_kv, h_qo, scale)
+    b = len(case["lengths"])
+    for name in ("ours", "stock"):
+        out = tvm.runtime.tensor(np.zeros((b, h_qo, d), np.float32), DEV)
+        lse = tvm.runtime.tensor(np.zeros((b, h_qo), np.float32), DEV)
+        args = [case["q"], case["pages"], case["indptr"], case["values"], case["last"],
+                np.zeros(b, np.int32), np.zeros(b, np.int32)]
+        lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, 0, 1.0, 1e4, scale)
+        np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-5, atol=1e-4, err_msg=name)
+    with fast_cpu_attention():
+        assert kv_cache._attention_decode_cpu is attention_decode_cpu
+    assert kv_cache._attention_decode_cpu is not attention_decode_cpu
+
+
+def test_fast_prefill_attention_matches_numpy():
+    from models.kernels.attention_cpu import attention_prefill_ragged_cpu
+
+    h_kv, h_q, d, scale = 3, 9, 64, 0.125
+    rng = np.random.default_rng(9)
+    lens = [37, 1, 20]
+    total = sum(lens)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q = rng.standard_normal((total, h_q, d)).astype(np.float32)
+    k = rng.standard_normal((total, h_kv, d)).astype(np.float32)
+    v = rng.standard_normal((total, h_kv, d)).astype(np.float32)
+    lib = build({"ours": attention_prefill_ragged_cpu(h_kv, h_q, d, d, "float32", {})}, NATIVE)
+    for causal in (1, 0):
+        ref = np.zeros_like(q)
+        for b, n in enumerate(lens):
+            sl = slice(indptr[b], indptr[b + 1])
+            for h in range(h_q):
+                s = q[sl, h] @ k[sl, h // 3].T * scale
+                if causal:
+                    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+                p = np.exp(s - s.max(axis=1, keepdims=True))
+                ref[sl, h] = p @ v[sl, h // 3] / p.sum(axis=1, keepdims=True)
+        out = tvm.runtime.tensor(np.zeros_like(q), DEV)
+        lse = tvm.runtime.tensor(np.zeros((total, h_q), np.float32), DEV)
+        args = [q, indptr, k, v, indptr, np.zeros(total, np.int32), np.zeros(len(lens), np.int32)]
+        lib["ours"](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, causal, 0, 1.0, 1e4, scale)
+        np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, err_msg=f"causal={causal}")
+
+
+def test_fast_rope_matches_tvms_kernel():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.rope_cpu import rope_cpu
+
+    args = (100000.0, 1.0, 64, 9, 3, "float32", {"rope_type": "gptj"})
+    lib = build({"ours": rope_cpu(*args), "stock": kv_cache.llama_rope_with_position_map(*args)}, NATIVE)
+    rng = np.random.default_rng(4)
+    for seq in (1, 19):
+        qkv = rng.standard_normal((seq, 15, 64)).astype(np.float32)
+        pos = (rng.permutation(3000)[:seq]).astype(np.int32)
+        for apply in (1, 0):
+            outs = {}
+            for name in ("ours", "stock"):
+                q, k, v = (tvm.runtime.tensor(np.zeros((seq, h, 64), np.float32), DEV) for h in (9, 3, 3))
+                lib[name](tvm.runtime.tensor(qkv, DEV), tvm.runtime.tensor(pos, DEV), q, k, v, apply)
+                outs[name] = [a.numpy() for a in (q, k, v)]
+            for ours, stock in zip(outs["ours"], outs["stock"], strict=True):
+                # angles up to 3000 rad: pos·2^(i·c) vs TVM's pos/θ^(2i/d) differ by ~1e-4 rad there
+                np.testing.assert_allclose(ours, stock, atol=1e-3 if apply else 0)
+    # position 1 rotates pair 0 by exactly 1 radian
+    qkv = np.zeros((1, 15, 64), np.float32)
+    qkv[0, 0, 0] = 1.0
+    q, k, v = (tvm.runtime.tensor(np.zeros((1, h, 64), np.float32), DEV) for h in (9, 3, 3))
+    lib["ours"](tvm.runtime.tensor(qkv, DEV), tvm.runtime.tensor(np.array([1], np.int32), DEV), q, k, v, 1)
+    np.testing.assert_allclose(q.numpy()[0, 0, :2], [np.cos(1.0), np.sin(1.0)], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- RMSNorm, SiLU·mul
+
+def test_rms_norm_and_silu_mul_kernels_match_numpy():
+    from models.kernels.norm_act_cpu import rms_norm_func, silu_mul_func
+
+    lib = build({"rms": rms_norm_func(96, 1e-5), "silu": silu_mul_func(64)}, NATIVE)
+    rng = np.random.default_rng(0)
+    for rows in (1, 3, 40):
+        x = (rng.standard_normal((rows, 96)) * 3).astype(np.float32)
+        w = rng.standard_normal(96).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros_like(x), DEV)
+        lib["rms"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV), y)
+        ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+        assert rel_err(y.numpy(), ref) < 1e-6
+        g = (rng.standard_normal((rows, 128)) * 6).astype(np.float32)
+        g[0, :3] = [-100.0, 100.0, 0.0]
+        y = tvm.runtime.tensor(np.zeros((rows, 64), np.float32), DEV)
+        lib["silu"](tvm.runtime.tensor(g, DEV), y)
+        gate = g[:, :64].astype(np.float64)
+        ref = gate / (1 + np.exp(-gate)) * g[:, 64:]
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
+    from models.kernels.relax_ops import FastRMSNorm, silu_mul
+
+    class Block(nn.Module):
+        def __init__(self):
+            self.norm = FastRMSNorm(64, 1e-5, "llvm")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return silu_mul(self.norm(x), "llvm")
+
+    mod, _ = Block().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "s", 64], "float32")}})
+    exe = tvm.compile(mod, target=tvm.target.Target(PORTABLE), relax_pipeline=compile_pipeline(PORTABLE))
+    vm = relax.VirtualMachine(exe, DEV)
+    x = activations(5, 64, 1)[None]
+    w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
+    got = vm["forward"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV)).numpy()
+    h = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-5) * w
+    ref = h[..., :32] / (1 + np.exp(-h[..., :32])) * h[..., 32:]
+    assert got.shape == (1, 5, 32)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
