@@ -364,8 +364,7 @@ class SplitPipeline:
     def _recover(self, lost: StageLost) -> None:
         started = time.perf_counter()
         logger.warning("split: %s; re-planning without it", lost)
-        if lost.peer != LOCAL_PEER:
-            self._excluded.add(lost.peer)
+        self._excluded.add(lost.peer)  # "local" too: this node failed to build its part
         old, self.stages = self.stages, []
         for stage in old:
             try:

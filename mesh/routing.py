@@ -328,7 +328,12 @@ class Router:
             try:
                 for a in p.stages:
                     if a.device == sched.LOCAL:
-                        stages.append(await self.host.direct_stage(served.name, a.span, cid))
+                        try:
+                            stages.append(await self.host.direct_stage(served.name, a.span, cid))
+                        except RemoteError as exc:
+                            if exc.code == "bad_request":
+                                raise
+                            raise StageLost(sched.LOCAL, str(exc)) from None  # re-plan without this node
                         continue
                     try:
                         link = self.mesh.peer(a.device)

@@ -162,8 +162,11 @@ class StageHost:
                 stage = await loop.run_in_executor(None, self._factory, model, span, cid)
             except LookupError as exc:
                 pending.set_exception(HostError(wire.NO_MODEL, str(exc)))
-            except (ModelError, ValueError) as exc:
+            except ValueError as exc:  # the request does not fit the model (e.g. layers past its end)
                 pending.set_exception(HostError(wire.BAD_REQUEST, str(exc)))
+            except ModelError as exc:  # this node cannot build it (compile, file): the origin re-plans
+                logger.warning("building %s layers %s failed: %s", model, span, exc)
+                pending.set_exception(HostError(wire.INTERNAL, str(exc)))
             except Exception as exc:  # task boundary: report, don't crash the host
                 logger.exception("loading %s layers %s failed", model, span)
                 pending.set_exception(HostError(wire.INTERNAL, f"loading the stage failed: {exc}"))

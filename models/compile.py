@@ -199,7 +199,7 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
     import tvm
 
     from models.kernels.pipeline import with_safe_reshape_rewrite
-    from models.schedule import cpu_schedule_pass, mark_scheduled_pass, primfunc_names
+    from models.schedule import cpu_schedule_pass, mark_hand_written_pass, primfunc_names
 
     if target.kind == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -216,7 +216,7 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
             # Stock RewriteDataflowReshape asserts on hand-written (non-sblock) PrimFuncs; models/kernels'
             # version stubs them out while it runs, so reshapes stay zero-copy views.
             lower = with_safe_reshape_rewrite(backend.dataflow_lower_passes(tvm_target))
-            mark = [mark_scheduled_pass()] if target.kind == "cuda" else []
+            mark = [mark_hand_written_pass(gpu=target.kind == "cuda")]
             stages = [
                 ("dispatch", mark + backend.library_dispatch_passes(tvm_target)),
                 ("legalize and fuse", backend.legalize_passes(tvm_target)),
@@ -246,7 +246,7 @@ def _build(config: ModelConfig, span: LayerSpan, quantization: str, target: Targ
     if target.kind == "cuda":
         # Registers `tvm_callback_cuda_compile`, so kernels are compiled into the library now (a fatbin with
         # nvcc where present) instead of being left as CUDA source for the loading machine to compile.
-        import tvm.support.nvcc  # noqa: F401
+        import tvm.support.nvcc
 
         if shutil.which("nvcc"):
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")

@@ -7,7 +7,8 @@ the last position's; the others return hidden states.
 
 Exported functions (`LlamaShard.get_default_spec`):
 - `prefill(inputs, paged_kv_cache, params)`: one sequence, `seq_len` tokens (symbolic).
-- `decode(inputs, paged_kv_cache, params)`: `batch_size` sequences, one token each.
+- `decode(inputs, paged_kv_cache, params)`: one sequence, one token (static shapes).
+- `batch_decode(inputs, paged_kv_cache, params)`: `batch_size` sequences, one token each.
 - `create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
   support_sliding_window)`: TVM's paged KV cache holding this shard's layers only (local layer ids 0..n-1).
 
@@ -173,6 +174,11 @@ class LlamaShard(nn.Module):
         h = self._body(inputs, paged_kv_cache)
         return self._head(h) if self.is_last else h
 
+    def batch_decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        """`decode` for a symbolic batch; `decode` itself is compiled for batch 1 with static shapes, which
+        spares the VM its per-step shape arithmetic and lets memory planning be static."""
+        return self.decode(inputs, paged_kv_cache)
+
     def create_paged_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -222,15 +228,18 @@ class LlamaShard(nn.Module):
         hidden = self.config.hidden_size
         if self.is_first:
             prefill_in = nn.spec.Tensor([1, "seq_len"], "int32")
-            decode_in = nn.spec.Tensor(["batch_size", 1], "int32")
+            decode_in = nn.spec.Tensor([1, 1], "int32")
+            batch_in = nn.spec.Tensor(["batch_size", 1], "int32")
         else:
             prefill_in = nn.spec.Tensor([1, "seq_len", hidden], "float32")
-            decode_in = nn.spec.Tensor(["batch_size", 1, hidden], "float32")
+            decode_in = nn.spec.Tensor([1, 1, hidden], "float32")
+            batch_in = nn.spec.Tensor(["batch_size", 1, hidden], "float32")
         cache = nn.spec.Object(object_type=PagedKVCache)
         packed: dict[str, Any] = {"param_mode": "packed", "effect_mode": "none"}
         spec = {
             "prefill": {"inputs": prefill_in, "paged_kv_cache": cache, "$": packed},
             "decode": {"inputs": decode_in, "paged_kv_cache": cache, "$": packed},
+            "batch_decode": {"inputs": batch_in, "paged_kv_cache": cache, "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

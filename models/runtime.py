@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 PAGE_SIZE = 16
 """TVM's CPU attention kernels hard-code 16-token pages (FACTS.md)."""
 DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_TOTAL_TOKENS = 4096
+DEFAULT_MAX_TOTAL_TOKENS = 1024
+"""KV-cache tokens over all sequences. The pages are resident (fp32: 2·layers·kv_heads·head_dim·4 bytes a
+token, ~35 KB for SmolLM2 over 30 layers), so this bounds memory: 1024 keeps `shoal chat` under ~330 MB peak
+RSS; pass `max_total_tokens` for longer conversations or more concurrent sequences."""
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_QUANTIZATION = "q4_1"
 """What `CompiledStage.load` builds unless told otherwise."""
@@ -153,7 +156,8 @@ class CompiledStage:
         self._vm = VirtualMachine(tvm.runtime.load_module(str(shard.library)), self._device)
         self._params = params
         self._prefill = self._vm["prefill"]
-        self._decode = self._vm["decode"]
+        self._decode = self._vm["decode"]  # batch 1, static shapes
+        self._batch_decode = self._vm["batch_decode"]
         self._kv = self._vm["create_paged_kv_cache"](
             ShapeTuple([max_batch_size]), ShapeTuple([self.max_total_tokens]),
             ShapeTuple([prefill_chunk]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
@@ -301,7 +305,8 @@ class CompiledStage:
             x = inputs.reshape(b, 1) if self._is_first else inputs.reshape(b, 1, -1)
             self._begin(self._kv, self._shape_tuple(seq_ids), self._shape_tuple([1] * b))
             try:
-                out = self._decode(self._tvm.runtime.tensor(x, self._device), self._kv, self._params)
+                run = self._decode if b == 1 else self._batch_decode
+                out = run(self._tvm.runtime.tensor(x, self._device), self._kv, self._params)
             finally:
                 self._end(self._kv)
             for seq_id in seq_ids:
@@ -318,7 +323,7 @@ class CompiledStage:
             self._lengths.clear()
             self._params = []
             self._kv = None
-            self._prefill = self._decode = None
+            self._prefill = self._decode = self._batch_decode = None
             self._vm = None
 
     def __repr__(self) -> str:

@@ -158,16 +158,25 @@ def primfunc_names(mod: Any) -> frozenset[str]:
     return frozenset(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-def mark_scheduled_pass() -> Any:
-    """Mark every PrimFunc already in the module (hand-written kernels) `tirx.is_scheduled`, so dlight's GPU
-    rules leave them alone (they expect sblock-form functions and reject hand-written ones)."""
-    import tvm
+OPAQUE_PATTERN = 8
+"""relax's OpPatternKind.kOpaque: FuseOps never fuses such a call with its neighbours."""
 
-    @tvm.transform.module_pass(opt_level=0, name="ShoalMarkScheduled")
+
+def mark_hand_written_pass(gpu: bool) -> Any:
+    """Mark hand-written PrimFuncs (not in sblock form: models/kernels, TVM's KV-cache kernels) opaque, so
+    FuseOps leaves them alone (fusing a reshape into one breaks FuseTIR on static shapes), and on GPUs
+    `tirx.is_scheduled`, so dlight's rules skip them (they reject such functions). Functions from te and
+    legalization stay for the schedules: on a GPU an unscheduled one would run on the host against device
+    memory."""
+    import tvm
+    from tvm import s_tir
+
+    @tvm.transform.module_pass(opt_level=0, name="ShoalMarkHandWritten")
     def apply(mod: Any, _ctx: Any) -> Any:
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc):
-                mod[gv] = func.with_attr("tirx.is_scheduled", True)
+            if isinstance(func, tvm.tirx.PrimFunc) and not isinstance(func.body, s_tir.SBlockRealize):
+                func = func.with_attr("op_pattern", OPAQUE_PATTERN)
+                mod[gv] = func.with_attr("tirx.is_scheduled", True) if gpu else func
         return mod
 
     return apply

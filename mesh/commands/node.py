@@ -10,6 +10,8 @@ from typing import Any
 
 from mesh.cli import CommandError
 from mesh.config import BACKENDS, ConfigError, load_config, parse_host_port
+from mesh.ipfs.errors import IpfsError
+from mesh.mesh_errors import MeshError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("mesh", "models"):  # the node logs its progress (compile, requests) by default
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
-    node = build_node(config)
     try:
+        node = build_node(config)
         asyncio.run(serve_until_signalled(node))
-    except OSError as exc:
+    except (OSError, MeshError, IpfsError) as exc:  # port taken, unreadable identity or store, ...
         raise CommandError(str(exc)) from None
     return 0

@@ -1,16 +1,17 @@
-"""A parallel, vectorised CPU decode-attention kernel for TVM's `TIRPagedKVCache`, a drop-in for the stock
-`batch_decode_paged_kv_cpu` (a serial scalar loop: 147 µs/layer at 200 tokens of context, FACTS.md).
+"""Parallel, vectorised CPU attention kernels for TVM's `TIRPagedKVCache`, drop-ins for the stock
+`batch_decode_paged_kv_cpu` and `batch_prefill_ragged_kv_cpu` (serial scalar loops: 147 µs/layer of decode
+at 200 tokens of context, FACTS.md).
 
-Same signature and outputs (attention output and log2-sum-exp `lse`) as TVM's kernel. One task per
-(sequence, query head), split over the CPU threads; each works a KV page (16 rows) at a time: 16-lane vector
-dot products for the scores, one online-softmax rescale per page, vector FMAs into the output.
-Limits: float32 Q/KV, head_dim a multiple of 16, no sliding window, rope not applied inline
+Same signatures and outputs (attention output and log2-sum-exp `lse`) as TVM's kernels. One task per
+(sequence or token, query head), split over the CPU threads; each works 16 keys at a time: 16-lane vector
+dot products for the scores, one online-softmax rescale per block, the block's probabilities by one
+polynomial exp2 vector, vector FMAs into the output.
+Limits: float32 Q/KV, head_dim a multiple of 16, 16-token pages, no sliding window, rope not applied inline
 (`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache rotates K when appending); other configurations
-keep TVM's kernel (`attention_decode_cpu` returns it).
+keep TVM's kernels (the factories return them).
 
-The same file has `attention_prefill_ragged_cpu`, the prefill counterpart (new tokens over themselves).
 Use: wrap the construction of the `TIRPagedKVCache` (inside the model's `create_paged_kv_cache`) in
-`with fast_cpu_attention(): ...`.
+`with fast_cpu_attention(target): ...` (it also swaps in `rope_cpu.rope_cpu`).
 """
 
 from __future__ import annotations
@@ -24,26 +25,26 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm import kv_cache
 from tvm.script import tirx as T
 
+from models.kernels.tir_common import f32x16, vexp2, vsum
+
 LANES = 16
 LOG2E = math.log2(math.e)
 _STOCK_DECODE_CPU = kv_cache._attention_decode_cpu
 _STOCK_PREFILL_RAGGED_CPU = kv_cache._attention_prefill_ragged_cpu
 
 
-def _vsum(vec: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Sum of a float32x16 vector as a tree of halving shuffles (an in-order fadd chain is 4x slower)."""
-    lanes = LANES
-    while lanes > 1:
-        lanes //= 2
-        vec = (tirx.Shuffle([vec], list(range(lanes))) + tirx.Shuffle([vec], list(range(lanes, 2 * lanes))))
-    return vec
+def _block_probs(scores: tirx.PrimExpr, row_max: tirx.PrimExpr, rows: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^(s - max) for the `rows` valid lanes of a 16-key block (polynomial exp2), 0 in the others."""
+    valid = tirx.Ramp(0, 1, LANES) < tirx.Broadcast(rows, LANES)
+    return tirx.Select(valid, vexp2(scores - tirx.Broadcast(row_max, LANES)), f32x16(0.0))
 
 
 def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qkv_dtype: str,
                          sliding_window: bool, rope_scaling: dict[str, Any], page_size: int = 16
                          ) -> tirx.PrimFunc:
     """The decode-attention PrimFunc for these sizes (TVM's own kernel where this one does not apply)."""
-    if sliding_window or qkv_dtype != "float32" or head_dim % LANES or num_qo_heads % num_kv_heads:
+    if (sliding_window or qkv_dtype != "float32" or head_dim % LANES or num_qo_heads % num_kv_heads
+            or page_size != LANES):
         return _STOCK_DECODE_CPU(num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window,
                                  rope_scaling, page_size)
     h_qo, h_kv, d_head = num_qo_heads, num_kv_heads, head_dim
@@ -53,10 +54,10 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
     def score(q: tirx.Buffer, pages: tirx.Buffer, b: Any, h: Any, page: Any, row: Any) -> tirx.PrimExpr:
         total = None
         for c in range(chunks):
-            part = (q[b, h, tirx.Ramp(c * LANES, 1, LANES)]
-                    * pages[page, 0, h // group, row, tirx.Ramp(c * LANES, 1, LANES)])
+            lanes = tirx.Ramp(c * LANES, 1, LANES)
+            part = q[b, h, lanes] * pages[page, 0, h // group, row, lanes]
             total = part if total is None else total + part
-        return _vsum(total)
+        return vsum(total)
 
     @T.prim_func(private=True)
     def batch_decode_paged_kv(
@@ -108,9 +109,8 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
                         acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] * T.Broadcast(
                             T.exp2(st[0] - st[2]), LANES)
                     st[0] = st[2]
-                for i in range(rows):
-                    s[i] = T.exp2(s[i] - st[0])
-                    st[1] = st[1] + s[i]
+                s[T.Ramp(0, 1, LANES)] = _block_probs(s[T.Ramp(0, 1, LANES)], st[0], rows)
+                st[1] = st[1] + vsum(s[T.Ramp(0, 1, LANES)])
                 for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
                     for i in range(rows):
                         acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
@@ -133,7 +133,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         return _STOCK_PREFILL_RAGGED_CPU(h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
     group = h_q // h_kv
     chunks = d_qk // LANES
-    block = 16
+    block = LANES
 
     def score(q: tirx.Buffer, k: tirx.Buffer, row: Any, h: Any, key: Any) -> tirx.PrimExpr:
         total = None
@@ -141,7 +141,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
             lanes = tirx.Ramp(c * LANES, 1, LANES)
             part = q[row, h, lanes] * k[key, h // group, lanes]
             total = part if total is None else total + part
-        return _vsum(total)
+        return vsum(total)
 
     @T.prim_func(private=True)
     def batch_prefill_ragged_kv(
@@ -196,9 +196,8 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
                             acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] * T.Broadcast(
                                 T.exp2(st[0] - st[2]), LANES)
                         st[0] = st[2]
-                    for i in range(rows):
-                        s[i] = T.exp2(s[i] - st[0])
-                        st[1] = st[1] + s[i]
+                    s[T.Ramp(0, 1, LANES)] = _block_probs(s[T.Ramp(0, 1, LANES)], st[0], rows)
+                    st[1] = st[1] + vsum(s[T.Ramp(0, 1, LANES)])
                     for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
                         for i in range(rows):
                             acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(

@@ -8,44 +8,16 @@ is 16-lane vector code: RMSNorm sums squares in a vector accumulator (tree-reduc
 from __future__ import annotations
 
 import functools
-import math
 
 from tvm import tirx
 from tvm.script import tirx as T
 
+from models.kernels.tir_common import f32x16 as _f32
+from models.kernels.tir_common import vexp, vsum
+
 LANES = 16
 SERIAL_ROWS = 8
 """Below this many rows (decode) the kernels run single-threaded: waking the pool costs more."""
-_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1)
-
-
-def _f32(value: float) -> tirx.PrimExpr:
-    return tirx.Broadcast(tirx.const(value, "float32"), LANES)
-
-
-def vsum(vec: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Sum of a float32x16 vector by halving shuffles."""
-    lanes = LANES
-    while lanes > 1:
-        lanes //= 2
-        vec = tirx.Shuffle([vec], list(range(lanes))) + tirx.Shuffle([vec], list(range(lanes, 2 * lanes)))
-    return vec
-
-
-def vexp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """exp of a float32x16 vector: 2^n · 2^f with n = round(x·log2 e), |f| ≤ 1/2, 2^f by Cephes' exp2f
-    polynomial, 2^n built in the exponent bits. Inputs are clamped to [-87, 88]."""
-    t = tirx.max(tirx.min(x, _f32(88.0)), _f32(-87.0)) * _f32(1.0 / math.log(2.0))
-    n = tirx.floor(t + _f32(0.5))
-    f = t - n
-    poly = _f32(_EXP2_POLY[0])
-    for c in _EXP2_POLY[1:]:
-        poly = poly * f + _f32(c)
-    two_f = poly * f + _f32(1.0)
-    bits = tirx.shift_left(tirx.Cast("int32x16", n) + tirx.Broadcast(tirx.const(127, "int32"), LANES),
-                           tirx.Broadcast(tirx.const(23, "int32"), LANES))
-    return two_f * tirx.reinterpret("float32x16", bits)
 
 
 @functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times

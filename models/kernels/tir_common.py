@@ -3,6 +3,7 @@ over the 16-row interleaved layout (models/kernels/quant.py), and target detecti
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import tvm
@@ -113,3 +114,42 @@ def group_finish(kind: str, acc: tirx.PrimExpr, dot: tirx.PrimExpr, scale: tirx.
     if kind == "q4_1":
         return acc + term + tirx.Cast("float32x16", wmin) * bcast(xds)
     return acc + (term - d * bcast(xds * tirx.const(128.0, "float32")))
+
+
+# ---------------------------------------------------------------- float vector helpers (attention, norms)
+
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def f32x16(value: float) -> tirx.PrimExpr:
+    return tirx.Broadcast(tirx.const(value, "float32"), LANES)
+
+
+def vsum(vec: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Sum of a float32x16 vector by halving shuffles."""
+    lanes = LANES
+    while lanes > 1:
+        lanes //= 2
+        vec = tirx.Shuffle([vec], list(range(lanes))) + tirx.Shuffle([vec], list(range(lanes, 2 * lanes)))
+    return vec
+
+
+def vexp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^x of a float32x16 vector: 2^n · 2^f with n = round(x), |f| ≤ 1/2, 2^f by Cephes' exp2f polynomial
+    (~2e-7 relative), 2^n built in the exponent bits. Inputs are clamped to [-126, 127]."""
+    t = tirx.max(tirx.min(x, f32x16(127.0)), f32x16(-126.0))
+    n = tirx.floor(t + f32x16(0.5))
+    f = t - n
+    poly = f32x16(_EXP2_POLY[0])
+    for c in _EXP2_POLY[1:]:
+        poly = poly * f + f32x16(c)
+    two_f = poly * f + f32x16(1.0)
+    bits = tirx.shift_left(tirx.Cast("int32x16", n) + tirx.Broadcast(tirx.const(127, "int32"), LANES),
+                           tirx.Broadcast(tirx.const(23, "int32"), LANES))
+    return two_f * tirx.reinterpret("float32x16", bits)
+
+
+def vexp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """e^x of a float32x16 vector (`vexp2` of x·log2 e)."""
+    return vexp2(x * f32x16(1.0 / math.log(2.0)))

@@ -187,3 +187,13 @@ async def test_stop_lets_a_short_stream_finish(tmp_path: Path) -> None:
             assert sock.connect_ex(("127.0.0.1", node.node.port)) != 0
     finally:
         node.stop()
+
+
+def test_unreadable_identity_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "ed25519.pem").write_text("not a key")
+    result = subprocess.run(shoal("node", "--api", "127.0.0.1:0", "--data-dir", str(tmp_path)),
+                            env=free_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot load or create the identity" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from mesh.mesh_errors import LinkClosed, RemoteError
 from mesh.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
 from mesh.protocol import TENSOR, BinaryFrame
 from mesh.stage_server import HostError, StageHost
+from models.errors import CompileError
 from models.span import LayerSpan
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
 
@@ -243,6 +244,15 @@ async def test_open_is_validated_and_gated() -> None:
         assert info.value.code == code, body
     await host.stop()
     await refusing.stop()
+
+    def broken(name: str, span: LayerSpan, cid: str | None = None):
+        raise CompileError("injected: the shard does not build")  # a fault of this node, not of the request
+
+    failing = StageHost(broken, gate_open)
+    with pytest.raises(HostError) as info:
+        await failing.open("p", {"model": MODEL, "span": "0:10", "seq": 1})
+    assert info.value.code == wire.INTERNAL  # RemoteStage turns this into StageLost: the origin re-plans
+    await failing.stop()
 
 
 def test_top_k_logits_round_trip() -> None:

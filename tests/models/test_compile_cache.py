@@ -158,3 +158,19 @@ def test_detect_target_without_gpu() -> None:
     assert spec.kind == "llvm" and spec.attrs["mcpu"] and int(spec.attrs["num-cores"]) >= 1
     assert spec.key == detect_target("llvm").key  # stable
     assert detect_target(spec) is spec
+
+
+def test_shoal_compile_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`shoal compile` on the embedded model (the suite's shared cache: a hit once the q4_1 whole-model
+    shard exists) prints the library path; bad input is a one-line error with exit code 2."""
+    from mesh.cli import main
+
+    assert main(["compile", "--layers", "0:30", "--target", "llvm"]) == 0
+    out, err = capsys.readouterr()
+    library = Path(out.strip().splitlines()[-1])
+    assert library.is_file() and library.suffix == ".so" and "-q4_1-llvm-" in library.name
+    assert "layers 0:30" in err and "100.0%" in err
+    assert main(["compile", "--layers", "5:99"]) == 2
+    assert "exceeds the model's 30 layers" in capsys.readouterr().err
+    assert main(["compile", "--model", "/nonexistent/model.gguf"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -169,3 +169,17 @@ def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
     ref = h[..., :32] / (1 + np.exp(-h[..., :32])) * h[..., 32:]
     assert got.shape == (1, 5, 32)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_cpu_attention_swaps_factories_only_for_llvm():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
+    from models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
+
+    with fast_cpu_attention({"kind": "cuda", "arch": "sm_90"}):
+        assert kv_cache._attention_decode_cpu is not attention_decode_cpu
+        assert kv_cache.llama_rope_with_position_map is STOCK_ROPE
+    with fast_cpu_attention({"kind": "llvm"}):
+        assert kv_cache.llama_rope_with_position_map is rope_cpu
+    assert kv_cache.llama_rope_with_position_map is STOCK_ROPE
