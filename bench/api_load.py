@@ -5,7 +5,8 @@ same load on the `Engine` called directly in this process, in one run on one mac
 
 For each level: aggregate completion tok/s, TTFT p50/p99, per-token latency p50/p99, errors; then the HTTP
 overhead (node minus direct) of TTFT and per-token latency, and the aggregate speed-up over one client.
-The direct run goes first and its model is unloaded before the node starts, so the two never share cores.
+Both are loaded at once but never run at the same time: each level runs on the engine, then through the
+node; then alternating one-token requests measure the TTFT overhead pair by pair.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Idle OpenBLAS threads spin: with two model processes on one machine they would steal each other's cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from mesh.events import EventBus
 from mesh.model_manager import ModelManager
@@ -169,9 +172,18 @@ def http_client(session: aiohttp.ClientSession, url: str) -> OneRequest:
     return one
 
 
-async def levels_of(one: OneRequest, max_tokens: int, levels: list[int]) -> list[Level]:
-    await one(0, max_tokens)  # warm-up
-    return [await run_level(n, lambda i: one(i, max_tokens)) for n in levels]
+async def interleaved_levels(
+    direct: OneRequest, http: OneRequest, max_tokens: int, levels: list[int]
+) -> tuple[list[Level], list[Level]]:
+    """Each level runs on the engine, then through the node, before the next level: slow drifts in the
+    machine's background load hit both paths alike."""
+    for one in (direct, http):  # warm-up
+        await one(0, max_tokens)
+    direct_levels, http_levels = [], []
+    for n in levels:
+        direct_levels.append(await run_level(n, lambda i: direct(i, max_tokens)))
+        http_levels.append(await run_level(n, lambda i: http(i, max_tokens)))
+    return direct_levels, http_levels
 
 
 async def paired_ttft(direct: OneRequest, http: OneRequest, pairs: int) -> list[float]:
@@ -278,14 +290,13 @@ async def main() -> None:
     proc = None
     try:
         direct_one = direct_client(served)
-        direct = await levels_of(direct_one, args.max_tokens, levels)
         url = args.api
         if url is None:
             proc, url = await start_node(args.backend)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             http_one = http_client(session, url.rstrip("/"))
-            http = await levels_of(http_one, args.max_tokens, levels)
+            direct, http = await interleaved_levels(direct_one, http_one, args.max_tokens, levels)
             diffs = await paired_ttft(direct_one, http_one, args.pairs)
     finally:
         await manager.stop()

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 # compiled shards are cached across runs and shared by the node processes (as the test suite does)
 os.environ.setdefault("SHOAL_COMPILE_CACHE", str(REPO / ".cache" / "compile"))
 
-from tests.mesh.mesh_nodes import wait_until
-from tests.mesh.split_nodes import SplitNode, start_nodes
+from tests.mesh.mesh_nodes import wait_until  # noqa: E402 (after the sys.path line)
+from tests.mesh.split_nodes import SplitNode, start_nodes  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -247,6 +247,8 @@ class Router:
             whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
             plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
         _describe(route, plan)
+        if plan.kind != "offload" and not holds:
+            raise NoRouteError(f"{model} is not held by this node: it can only be offloaded")
         if plan.kind == "local":
             source = served.engine.stream(prompt_ids, params)
         elif plan.kind == "offload":

@@ -27,10 +27,10 @@ logger = logging.getLogger(__name__)
 PAGE_SIZE = 16
 """TVM's CPU attention kernels hard-code 16-token pages (FACTS.md)."""
 DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_TOTAL_TOKENS = 1024
+DEFAULT_MAX_TOTAL_TOKENS = 2048
 """KV-cache tokens over all sequences. The pages are resident (fp32: 2·layers·kv_heads·head_dim·4 bytes a
-token, ~35 KB for SmolLM2 over 30 layers), so this bounds memory: 1024 keeps `shoal chat` under ~330 MB peak
-RSS; pass `max_total_tokens` for longer conversations or more concurrent sequences."""
+token, ~35 KB for SmolLM2 over 30 layers, ~70 MB at 2048), so this bounds memory; pass `max_total_tokens`
+for longer conversations or more concurrent sequences."""
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_QUANTIZATION = "q4_1"
 """What `CompiledStage.load` builds unless told otherwise."""
@@ -186,14 +186,26 @@ class CompiledStage:
         """Compile (or find cached) the shard for `span` of `gguf_model` (a `models.gguf.GGUFModel`) and load
         its weights. `load(name)` overrides how GGUF tensors are dequantized (tests share a cache); `options`
         go to the constructor (max_batch_size, max_total_tokens, prefill_chunk)."""
+        from models.compile_worker import resolve_in_subprocess, runtime_only_wanted, use_runtime_only
+        from models.weights import QUANTIZATIONS
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; "
+                             f"choose one of {', '.join(QUANTIZATIONS)}")
         configure_threads()
         config = gguf_model.config
         span.check(config.num_layers)
-        spec = detect_target(target)
-        shard = compile_shard(
-            config, span, spec, quantization=quantization, fingerprint=model_fingerprint(gguf_model),
-            cache=Path(cache_dir) if cache_dir is not None else None, progress=progress,
-        )
+        cache = Path(cache_dir) if cache_dir is not None else None
+        path = getattr(gguf_model, "path", None)
+        if path is not None and not isinstance(target, TargetSpec) and runtime_only_wanted():
+            # Compile (or find the library) in a child process; this one loads only TVM's runtime.
+            use_runtime_only()
+            shard = resolve_in_subprocess(Path(path), span, quantization, target, cache, progress)
+            spec = shard.target
+        else:
+            spec = detect_target(target)
+            shard = compile_shard(config, span, spec, quantization=quantization,
+                                  fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress)
         params = _load_weights(gguf_model, shard, spec.device(), load)
         return cls(config, shard, params, **options)
 

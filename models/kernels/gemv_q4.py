@@ -26,16 +26,8 @@ def check_shape(n: int, k: int, kind: str) -> None:
         raise ValueError(f"shape [{n}, {k}]: rows must be a multiple of {ROWS}, columns of {GROUP}")
 
 
-@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
-def quantize_act_func(k: int) -> tirx.PrimFunc:
-    """x fp32 [B, K] -> xq int32 [B, K/4] (4 int8 per word), xd fp32 [B, K/32], xds fp32 [B, K/32].
-
-    Per group of 32 (as llama.cpp's Q8_1): xd = max|x|/127, q = round(x * (1/xd)) (ties to even),
-    xds = xd * sum(q). Vector code: one 32-lane load, LLVM vector reductions for max|x| and sum(q).
-    """
-    if k % GROUP:
-        raise ValueError(f"activation width {k} is not a multiple of {GROUP}")
-    groups = k // GROUP
+def _quantize_row(groups: int):
+    """TVMScript macro quantizing activation row `b` (see `quantize_act_func`)."""
 
     @T.macro
     def row(x, xq, xd, xds, b):
@@ -51,6 +43,22 @@ def quantize_act_func(k: int) -> tirx.PrimFunc:
             qsum = T.meta_var(
                 T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", T.Cast("int32x32", q)))
             xds[b, g] = sc[0] * T.Cast("float32", qsum)
+
+    return row
+
+
+@functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
+def quantize_act_func(k: int) -> tirx.PrimFunc:
+    """x fp32 [B, K] -> xq int32 [B, K/4] (4 int8 per word), xd fp32 [B, K/32], xds fp32 [B, K/32].
+
+    Per group of 32 (as llama.cpp's Q8_1): xd = max|x|/127, q = round(x * (1/xd)) (ties to even),
+    xds = xd * sum(q). Vector code: one 32-lane load, LLVM vector reductions for max|x| and sum(q).
+    """
+    if k % GROUP:
+        raise ValueError(f"activation width {k} is not a multiple of {GROUP}")
+    groups = k // GROUP
+
+    row = _quantize_row(groups)
 
     @T.prim_func(private=True)
     def quantize_act(var_x: T.handle, var_xq: T.handle, var_xd: T.handle, var_xds: T.handle):
@@ -71,10 +79,12 @@ def quantize_act_func(k: int) -> tirx.PrimFunc:
 
 
 @functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
-def gemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
+def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tirx.PrimFunc:
     """y fp32 [B, N] = x · Wᵀ from quantized activations (see `quantize_act_func`) and packed weights.
 
-    Arguments: xq, xd, xds, qweight, scale, [min (q4_1)], y."""
+    Arguments: xq, xd, xds, qweight, scale, [min (q4_1)], y. With `fused`, the function takes x fp32 [B, K]
+    instead of (xq, xd, xds) and quantizes it itself (single-threaded, into a workspace buffer) before the
+    parallel GEMV: one kernel call and one VM tensor per linear layer instead of two calls and four."""
     check_shape(n, k, kind)
     blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
     has_min = kind == "q4_1"
@@ -118,4 +128,40 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
         y = T.match_buffer(var_y, (batch, n), "float32")
         body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
 
-    return gemv_q4_1 if has_min else gemv_q8_0
+    if not fused:
+        return gemv_q4_1 if has_min else gemv_q8_0
+    row = _quantize_row(groups)
+
+    @T.prim_func(private=True)
+    def gemv_x_q4_1(var_x: T.handle, var_qw: T.handle, var_scale: T.handle, var_min: T.handle,
+                    var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(var_x, (batch, k), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
+        xd = T.alloc_buffer((batch, groups), "float32", scope="global")
+        xds = T.alloc_buffer((batch, groups), "float32", scope="global")
+        for b in range(batch):
+            row(x, xq, xd, xds, b)
+        body(xq, xd, xds, qw, scale, wmin, y, batch)
+
+    @T.prim_func(private=True)
+    def gemv_x_q8_0(var_x: T.handle, var_qw: T.handle, var_scale: T.handle, var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(var_x, (batch, k), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
+        xd = T.alloc_buffer((batch, groups), "float32", scope="global")
+        xds = T.alloc_buffer((batch, groups), "float32", scope="global")
+        for b in range(batch):
+            row(x, xq, xd, xds, b)
+        body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
+
+    return gemv_x_q4_1 if has_min else gemv_x_q8_0

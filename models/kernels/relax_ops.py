@@ -71,17 +71,17 @@ def quantized_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[n
 
         y = nn.op.tensor_ir_op(cuda_matmul_func(kind, out_features, k), f"cuda_{kind}_{out_features}x{k}",
                                [x2, *weights], out)
+    elif _is_decode(x):  # one fused call: quantize the few rows, then the parallel GEMV
+        func = gemv_func(kind, out_features, k, backend == "x86_vnni", fused=True)
+        y = nn.op.tensor_ir_op(func, f"gemv_{kind}_{out_features}x{k}", [x2, *weights], out)
     else:
-        vnni = backend == "x86_vnni"
         groups = k // GROUP
         xq, xd, xds = nn.op.tensor_ir_op(
             quantize_act_func(k), f"quantize_act_{k}", [x2],
             [nn.Tensor.placeholder([rows, k // 4], "int32"), nn.Tensor.placeholder([rows, groups], "float32"),
              nn.Tensor.placeholder([rows, groups], "float32")])
-        decode = _is_decode(x)
-        func = gemv_func(kind, out_features, k, vnni) if decode else gemm_func(kind, out_features, k, vnni)
-        y = nn.op.tensor_ir_op(func, f"{'gemv' if decode else 'gemm'}_{kind}_{out_features}x{k}",
-                               [xq, xd, xds, *weights], out)
+        func = gemm_func(kind, out_features, k, backend == "x86_vnni")
+        y = nn.op.tensor_ir_op(func, f"gemm_{kind}_{out_features}x{k}", [xq, xd, xds, *weights], out)
     return nn.op.reshape(y, [*lead, out_features]) if len(x.shape) != 2 else y
 
 

@@ -50,7 +50,7 @@ def whole() -> CompiledStage:
 
 @pytest.fixture(scope="module")
 def halves() -> tuple[CompiledStage, CompiledStage]:
-    first, second = _load(0, SPLIT), _load(SPLIT, LAYERS)
+    first, second = _load(0, SPLIT, max_total_tokens=2048), _load(SPLIT, LAYERS)
     yield first, second
     first.close()
     second.close()
@@ -265,3 +265,49 @@ def test_cuda_quantized_agrees_with_reference() -> None:
         assert agree / len(got) >= 0.9, f"top-1 agreement {agree}/{len(got)}"
     finally:
         stage.close()
+
+
+CHILD = """
+import json, resource, sys
+import numpy as np
+from models.embedded import embedded_model_path
+from models.gguf import GGUFModel
+from models.runtime import CompiledStage
+from models.span import LayerSpan
+model = GGUFModel.open(embedded_model_path())
+stage = CompiledStage.load(model, LayerSpan(0, 30), target="llvm", quantization="q4_1")
+model.close()
+import tvm.base
+stage.add_sequence(0)
+logits = stage.prefill(0, np.asarray(json.loads(sys.argv[1]), dtype=np.int32))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"runtime_only": bool(tvm.base._RUNTIME_ONLY), "logits": logits[:64].tolist(),
+                  "argmax": int(logits.argmax()), "peak_mb": peak_mb}))
+"""
+
+
+def test_serving_process_loads_only_the_tvm_runtime() -> None:
+    """A process that has not imported TVM compiles in a child and runs the library with TVM's runtime only
+    (~190 MB less resident memory), with the same results as an in-process load."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    prompt = chat_ids(PROMPTS[0])
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(prompt)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert child["runtime_only"] is True
+    here = CompiledStage.load(gguf_model(), LayerSpan(0, LAYERS), target="llvm", quantization="q4_1")
+    try:
+        seq = fresh_seq_id()
+        here.add_sequence(seq)
+        logits = here.prefill(seq, np.asarray(prompt, dtype=np.int32))
+        assert child["argmax"] == int(logits.argmax())
+        assert np.allclose(child["logits"], logits[:64], atol=1e-4)
+    finally:
+        here.close()
+    assert child["peak_mb"] < 350, f"peak RSS {child['peak_mb']:.0f} MB (issue 3: `shoal chat` <= 350 MB)"

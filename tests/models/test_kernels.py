@@ -139,6 +139,20 @@ def test_gemv_and_gemm_match_reference(vnni, q4_case, q8_case):
             assert rel_err(got, x @ dequantize(w).T) < 3e-2  # synthetic weights; real ones: see above
 
 
+@pytest.mark.parametrize("vnni", [pytest.param(True, marks=needs_vnni), False])
+def test_fused_gemv_quantizes_inside_and_matches_reference(vnni, q4_case, q8_case):
+    weights = (q4_case, q8_case)
+    lib = build({f"gemv_{w.kind}": gemv_func(w.kind, w.out_features, 96, vnni, fused=True) for w in weights},
+                ZNVER4 if vnni else PORTABLE)
+    for w in (q4_case, q8_case):
+        for rows in (1, 4):
+            x = activations(rows, 96, rows + 7)
+            y = tvm.runtime.tensor(np.zeros((rows, w.out_features), np.float32), DEV)
+            packed = [tvm.runtime.tensor(a, DEV) for a in w.arrays()]
+            lib[f"gemv_{w.kind}"](tvm.runtime.tensor(x, DEV), *packed, y)
+            assert rel_err(y.numpy(), reference_matmul(x, w)) < 1e-5, (w.kind, rows)
+
+
 @needs_vnni
 def test_gemv_on_a_model_weight():
     w = model_weight("blk.2.attn_q.weight")

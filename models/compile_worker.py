@@ -1,0 +1,113 @@
+"""Build (or find) a shard's library in a child process, so the serving process needs only TVM's runtime.
+
+`import tvm` with the compiler costs ~190 MB of resident memory (FACTS.md); with `TVM_USE_RUNTIME_LIB=1` the
+runtime alone costs a few MB. `CompiledStage.load` uses `resolve_in_subprocess` when this process has not
+imported TVM yet: the child (`python -m models.compile_worker ...`) runs `compile_shard` and reports progress
+and the result as JSON lines on stdout; the parent then loads the library with the runtime only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.compile import CompiledShard, Progress
+from models.errors import CompileError
+from models.span import LayerSpan
+from models.targets import TargetSpec
+
+RUNTIME_ONLY_ENV = "SHOAL_TVM_RUNTIME_ONLY"
+""""0" keeps compiling in-process with the full TVM (tests that also compile in the same process)."""
+
+
+def runtime_only_wanted() -> bool:
+    """True when TVM is not imported yet here and the user did not opt out."""
+    return "tvm" not in sys.modules and os.environ.get(RUNTIME_ONLY_ENV, "1") != "0"
+
+
+def use_runtime_only() -> None:
+    """Make the coming `import tvm` load only libtvm_runtime (call before TVM is first imported)."""
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+
+
+def shard_from_manifest(manifest: Path, span: LayerSpan, quantization: str, cached: bool,
+                        seconds: float) -> CompiledShard:
+    info = json.loads(manifest.read_text())
+    attrs = info["target"]
+    return CompiledShard(
+        library=manifest.with_suffix(".so"), manifest=manifest, key=info["key"], span=span,
+        quantization=quantization, target=TargetSpec(str(attrs["kind"]), attrs),
+        params=tuple((p[0], tuple(p[1]), p[2]) for p in info["params"]), compile_seconds=seconds,
+        cached=cached,
+    )
+
+
+def resolve_in_subprocess(gguf_path: Path, span: LayerSpan, quantization: str, target: str | None,
+                          cache: Path | None, progress: Progress | None) -> CompiledShard:
+    """Run `compile_shard` in a child process; forward its progress; return the shard it reports."""
+    cmd = [sys.executable, "-m", "models.compile_worker", "--model", str(gguf_path), "--layers", str(span),
+           "--quantization", quantization, "--target", target or "auto"]
+    if cache is not None:
+        cmd += ["--cache", str(cache)]
+    env = dict(os.environ)
+    env.pop("TVM_USE_RUNTIME_LIB", None)  # the child needs the compiler
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    result: dict[str, Any] | None = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if "progress" in msg and progress:
+            progress(float(msg["progress"]), str(msg["message"]))
+        elif "manifest" in msg:
+            result = msg
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.wait() != 0 or result is None:
+        if result is not None and "error" in result:
+            raise CompileError(result["error"])
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        raise CompileError(f"the compile process for layers {span} failed (exit {proc.returncode}): {tail}")
+    return shard_from_manifest(Path(result["manifest"]), span, quantization, bool(result["cached"]),
+                               float(result["seconds"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.compile import compile_shard, model_fingerprint
+    from models.gguf import GGUFModel
+    from models.targets import detect_target
+
+    parser = argparse.ArgumentParser(description="build one shard (used by CompiledStage.load)")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--layers", required=True)
+    parser.add_argument("--quantization", required=True)
+    parser.add_argument("--target", default="auto")
+    parser.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    def report(fraction: float, message: str) -> None:
+        print(json.dumps({"progress": fraction, "message": message}), flush=True)
+
+    try:
+        model = GGUFModel.open(args.model)
+        span = LayerSpan.parse(args.layers, model.config.num_layers)
+        shard = compile_shard(model.config, span, detect_target(args.target), quantization=args.quantization,
+                              fingerprint=model_fingerprint(model), cache=args.cache, progress=report)
+    except Exception as exc:  # reported to the parent, which raises CompileError
+        print(json.dumps({"manifest": None, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 1
+    print(json.dumps({"manifest": str(shard.manifest), "cached": shard.cached,
+                      "seconds": shard.compile_seconds}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
