@@ -47,6 +47,15 @@ def chat_prompt(tokenizer: Any, n_tokens: int = PROMPT_TOKENS) -> list[int]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM where /proc has it (ru_maxrss survives exec on Linux, so
+    it can report the parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -61,7 +61,11 @@ def llvm_target(cores: int | None = None) -> TargetSpec:
     """LLVM for this host's CPU (LLVM's name for it, e.g. `znver4`) using `cores` threads."""
     from tvm.target import codegen
 
-    mcpu = codegen.llvm_get_system_cpu()
+    try:
+        mcpu = codegen.llvm_get_system_cpu()
+    except AttributeError:  # TVM_USE_RUNTIME_LIB=1: no LLVM in this process (see models/compile_worker.py)
+        raise RuntimeError("this process loaded TVM's runtime only; detect or compile llvm targets in a "
+                           "process with the full TVM (models.compile_worker does)") from None
     return TargetSpec("llvm", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores or host_cores()})
 
 

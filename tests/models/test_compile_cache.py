@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tvm  # this test process compiles in-process: full TVM, not the runtime-only mode
 
 from models.compile import compile_key, compile_shard, config_fingerprint
 from models.config import ModelConfig
@@ -104,7 +105,6 @@ def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec) -> None:
 
 def test_cached_library_runs(built: Path, target: TargetSpec) -> None:
     """A library from the cache loads in the VM and runs prefill with the KV cache (random weights)."""
-    import tvm
     from tvm.runtime import ShapeTuple
     from tvm.runtime.vm import VirtualMachine
 
