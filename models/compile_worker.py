@@ -30,6 +30,11 @@ def runtime_only_wanted() -> bool:
     return "tvm" not in sys.modules and os.environ.get(RUNTIME_ONLY_ENV, "1") != "0"
 
 
+def runtime_only_loaded() -> bool:
+    """True when this process already imported TVM as the runtime-only library (it cannot compile)."""
+    return "tvm" in sys.modules and os.environ.get("TVM_USE_RUNTIME_LIB") == "1"
+
+
 def use_runtime_only() -> None:
     """Make the coming `import tvm` load only libtvm_runtime (call before TVM is first imported)."""
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"

@@ -186,7 +186,12 @@ class CompiledStage:
         """Compile (or find cached) the shard for `span` of `gguf_model` (a `models.gguf.GGUFModel`) and load
         its weights. `load(name)` overrides how GGUF tensors are dequantized (tests share a cache); `options`
         go to the constructor (max_batch_size, max_total_tokens, prefill_chunk)."""
-        from models.compile_worker import resolve_in_subprocess, runtime_only_wanted, use_runtime_only
+        from models.compile_worker import (
+            resolve_in_subprocess,
+            runtime_only_loaded,
+            runtime_only_wanted,
+            use_runtime_only,
+        )
         from models.weights import QUANTIZATIONS
 
         if quantization not in QUANTIZATIONS:
@@ -197,8 +202,10 @@ class CompiledStage:
         span.check(config.num_layers)
         cache = Path(cache_dir) if cache_dir is not None else None
         path = getattr(gguf_model, "path", None)
-        if path is not None and not isinstance(target, TargetSpec) and runtime_only_wanted():
-            # Compile (or find the library) in a child process; this one loads only TVM's runtime.
+        in_child = runtime_only_wanted() or runtime_only_loaded()
+        if path is not None and not isinstance(target, TargetSpec) and in_child:
+            # Compile (or find the library) in a child process; this one loads only TVM's runtime (also on
+            # a second load, e.g. after an unload: a runtime-only process can never compile).
             use_runtime_only()
             shard = resolve_in_subprocess(Path(path), span, quantization, target, cache, progress)
             spec = shard.target

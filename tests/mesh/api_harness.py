@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from mesh.config import NodeConfig, load_config
 from mesh.node import build_node
 
-BACKEND = "numpy"
+BACKEND = "tvm"
 """`tvm` (compiled; use once models/runtime.py is fast here) or `numpy` (reference)."""
 MODEL = "smollm2-135m-instruct"
 START_TIMEOUT_S = 600.0

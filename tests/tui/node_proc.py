@@ -27,7 +27,7 @@ class TestNode:
 
     data_dir: Path
     port: int = field(default_factory=free_port)
-    backend: str = "numpy"
+    backend: str = "tvm"
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the node process (e.g. `SHOAL_MODELS_PRELOAD`)."""
     process: NodeProcess | None = None

@@ -52,7 +52,7 @@ async def test_says_when_the_node_it_started_exits(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         url = f"http://127.0.0.1:{taken.getsockname()[1]}"
-        started = start_node(url, ["--data-dir", str(tmp_path / "n"), "--backend", "numpy"], log_dir=tmp_path)
+        started = start_node(url, ["--data-dir", str(tmp_path / "n"), "--backend", "tvm"], log_dir=tmp_path)
         try:
             app = ShoalApp(url, "started a node", backoff=Backoff(first=0.2, cap=0.5), started_node=started)
             told = capture_notices(app)

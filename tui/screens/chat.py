@@ -30,6 +30,8 @@ class Transcript(Widget):
     answer: reactive[str] = reactive("", layout=True)
     route: reactive[str] = reactive("", layout=True)
     error: reactive[str] = reactive("", layout=True)
+    deltas: int = 0
+    """Text deltas received for the current answer (a streamed answer has several)."""
 
     def render(self) -> Text:
         if not self.question:
@@ -102,6 +104,7 @@ class ChatPane(NodePane):
         event.input.value = ""
         transcript = self.query_one(Transcript)
         transcript.question, transcript.answer, transcript.route, transcript.error = prompt, "", "", ""
+        transcript.deltas = 0
         self.query_one("#chat-route", Static).update("")
         self.run_worker(self._stream(model, prompt), group="chat", exclusive=True, exit_on_error=False)
 
@@ -125,6 +128,7 @@ class ChatPane(NodePane):
         async for delta in self.client.chat(model, prompt, max_tokens=self.max_tokens):
             if delta.text:
                 transcript.answer += delta.text
+                transcript.deltas += 1
                 self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
             if delta.route:
                 transcript.route = describe_route(delta.route)
