@@ -73,6 +73,7 @@ def topology_view(service: MeshService) -> dict[str, Any]:
         "self": me,
         "nodes": list(nodes.values()),
         "links": [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in edges.items()],
+        "pipelines": service.pipelines(),
     }
 
 

@@ -54,6 +54,8 @@ class MeshService:
         self.events = events or EventBus()
         self.api_address = api_address
         self.block_store = block_store
+        self.pipelines: Callable[[], list[dict[str, Any]]] = list
+        """Running multi-device requests for `/v1/mesh/topology` (the node sets it to its request log's)."""
         self.handlers = Handlers()
         self.settings = LinkSettings(
             heartbeat_interval_s=config.heartbeat_interval_s,

@@ -79,6 +79,7 @@ class Node:
         self.ipfs.add_source(self.mesh.blocks.source())
         self.metrics = NodeMetrics()
         self.requests = RequestLog(self.bus, config.api.request_log_size)
+        self.mesh.pipelines = self.requests.pipelines
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
         cache_dir = None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir
         self.models = ModelManager(

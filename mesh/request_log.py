@@ -97,6 +97,18 @@ class RequestLog:
         data = record.to_dict()
         return {k: data[k] for k in ("id", "model", "route", "ttft_ms", "tokens", "tok_s", "status")}
 
+    def pipelines(self) -> list[dict[str, Any]]:
+        """Running requests served by peers (offload or split), with the peer and layer span of each stage."""
+        running = []
+        for record in self._records:
+            route = record.route
+            if record.status != "running" or route.get("kind") not in ("offload", "split"):
+                continue
+            stages = [{"peer": peer, "span": span}
+                      for peer, span in zip(route.get("peers", []), route.get("spans", []), strict=False)]
+            running.append({"request": record.id, "kind": route["kind"], "stages": stages})
+        return running
+
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
         records = list(self._records)
         if limit is not None:
