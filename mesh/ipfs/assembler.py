@@ -26,6 +26,8 @@ class StreamingAssembler:
         self._written = 0
         self._unsynced = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active_writers = 0
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
         self._closed = False
@@ -55,22 +57,34 @@ class StreamingAssembler:
 
     def write(self, offsets: list[int], data: bytes) -> None:
         """Write verified bytes at their offsets (any thread). Every SYNC_EVERY bytes the writing thread
-        also flushes the file to disk, so the final fsync overlaps with the download, not after it."""
-        for offset in offsets:
-            view = memoryview(data)
-            pos = offset
-            while view:
-                n = os.pwrite(self._fd, view, pos)
-                view = view[n:]
-                pos += n
-            with self._lock:
-                self._written += len(data)
-                self._unsynced += len(data)
-                sync = self._unsynced >= SYNC_EVERY
+        also flushes the file to disk, so the final fsync overlaps with the download, not after it.
+
+        A write that arrives after `finish`/`abort` (a worker thread outliving a cancelled stream) is
+        dropped: the descriptor is closed then, and its number may already name another open file."""
+        with self._lock:
+            if self._closed:
+                return
+            self._active_writers += 1
+        try:
+            for offset in offsets:
+                view = memoryview(data)
+                pos = offset
+                while view:
+                    n = os.pwrite(self._fd, view, pos)
+                    view = view[n:]
+                    pos += n
+                with self._lock:
+                    self._written += len(data)
+                    self._unsynced += len(data)
+                    sync = self._unsynced >= SYNC_EVERY
+                    if sync:
+                        self._unsynced = 0
                 if sync:
-                    self._unsynced = 0
-            if sync:
-                os.fdatasync(self._fd)
+                    os.fdatasync(self._fd)
+        finally:
+            with self._lock:
+                self._active_writers -= 1
+                self._idle.notify_all()
 
     def finish(self) -> bool:
         """Fsync and rename into place if every byte was written; else discard. Blocking."""
@@ -88,9 +102,14 @@ class StreamingAssembler:
         return complete
 
     def _close(self) -> None:
-        if not self._closed:
+        """Close once no writer is inside `write` (a late writer then finds the file closed)."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            os.close(self._fd)
+            while self._active_writers:
+                self._idle.wait()
+        os.close(self._fd)
 
     def abort(self) -> None:
         self._close()

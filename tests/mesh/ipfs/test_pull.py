@@ -21,6 +21,11 @@ from tests.mesh.ipfs.jsipfs import JsIpfs, free_port
 MIB = 1024 * 1024
 
 
+def same_bytes(got: Path, want: Path) -> bool:
+    """Compare by digest: a failing `bytes == bytes` makes pytest diff megabytes for minutes."""
+    return hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest()
+
+
 def assert_store_all_verified(service: IpfsService) -> int:
     """Every stored block's bytes hash to its key: nothing unverified sits under a valid name."""
     import base64
@@ -55,7 +60,7 @@ async def test_pull_from_jsipfs_rpc(jsipfs: JsIpfs, write_data, tmp_path: Path, 
     sub = bus.subscribe()
     async with IpfsService(offline_config(rpc_url=jsipfs.rpc_url), tmp_path / "node", bus) as service:
         result = await service.pull_detailed(str(cid))
-    assert result.path.read_bytes() == source.read_bytes()
+    assert same_bytes(result.path, source)
     assert result.stats.blocks_fetched == 21 + 1  # 21 leaves and the root
     assert assert_store_all_verified(service) == 22
     kinds = [e.kind for e in bus.recent("pull.")]
@@ -73,7 +78,7 @@ async def test_pull_from_another_shoal_gateway(write_data, tmp_path: Path) -> No
                 result = await node_b.pull_detailed(str(cid))
         finally:
             await runner.cleanup()
-    assert result.path.read_bytes() == source.read_bytes()
+    assert same_bytes(result.path, source)
     assert result.stats.blocks_fetched == 30  # 29 leaves + root, streamed as one CAR
     assert result.stats.blocks_local == 0
     assert sum(result.stats.by_source.values()) == 30
@@ -132,7 +137,7 @@ async def test_faulty_source_is_rejected_and_pull_retries_elsewhere(
         finally:
             await bad_runner.cleanup()
             await good_runner.cleanup()
-    assert result.path.read_bytes() == source.read_bytes()
+    assert same_bytes(result.path, source)
     assert faulty.requests["car"] + faulty.requests["raw"] >= 1  # the faulty source was asked first
     assert result.stats.by_source[f"gateway {good_url}"] >= 1  # and the good one filled the gaps
     if mode == "truncate":
@@ -155,7 +160,7 @@ async def test_resume_uses_stored_blocks(write_data, tmp_path: Path) -> None:
         finally:
             await runner.cleanup()
     assert again.stats.blocks_local == 1 and again.stats.blocks_fetched == 16
-    assert again.path.read_bytes() == source.read_bytes()
+    assert same_bytes(again.path, source)
 
 
 async def test_unreachable_sources_give_a_clear_error(tmp_path: Path) -> None:
