@@ -31,10 +31,8 @@ MAX_LIST = 256
 def system_state() -> dict[str, Any]:
     """Free memory, battery and thermal state as far as psutil can tell on this OS."""
     free = psutil.virtual_memory().available
-    # `memory_free` is an alias of `free_memory` kept for mesh.routing; the TUI reads `free_memory`
     state: dict[str, Any] = {
         "free_memory": free,
-        "memory_free": free,
         "battery": None,
         "plugged": None,
         "thermal": None,
@@ -67,7 +65,7 @@ def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("name", "api", "target"):
         if isinstance(body.get(key), str):
             advert[key] = body[key][:200]
-    for key in ("free_memory", "memory_free", "queue_depth", "thermal", "battery"):
+    for key in ("free_memory", "queue_depth", "thermal", "battery"):
         value = body.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             advert[key] = value
@@ -153,7 +151,7 @@ class Gossip:
             )
 
 
-VOLATILE = frozenset({"free_memory", "memory_free", "links", "thermal", "battery", "queue_depth"})
+VOLATILE = frozenset({"free_memory", "links", "thermal", "battery", "queue_depth"})
 
 
 def _stable(advert: dict[str, Any]) -> dict[str, Any]:

@@ -186,7 +186,7 @@ class Router:
             split = _dict(advert.get("split"))
             speed = _dict(_dict(advert.get("speed")).get(model))
             battery = _dict(advert.get("battery"))
-            free = int(_num(split.get("memory_budget"), _num(advert.get("memory_free"))))
+            free = int(_num(split.get("memory_budget"), _num(advert.get("free_memory"))))
             try:
                 devices.append(sched.Device(
                     peer.peer_id,
