@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from mesh import aiortc_tuning
 from mesh import protocol as p
 from mesh.events import EventBus
 from mesh.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
@@ -159,6 +160,7 @@ class MeshService:
         self._running = True
         restrict_host_addresses(self.config.ice_interfaces)
         enlarge_socket_buffers()
+        aiortc_tuning.apply()
         self._session = aiohttp.ClientSession()
         await self.gossip.start()
         await self.discovery.start()

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from mesh import aiortc_tuning
 from mesh import protocol as p
 from mesh.mesh_errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
 
@@ -161,6 +162,24 @@ class Peer:
         self.connected_at = time.time()
         self.last_seen = time.monotonic()
         self._spawn(self._heartbeat())
+        self._announce_link()
+
+    def _announce_link(self) -> None:
+        """Tell the peer what SCTP packets this end can take (after enabling it, so that its larger packets,
+        sent only once it has read this, are readable here); see `mesh.aiortc_tuning`."""
+        receivable = aiortc_tuning.enable_large_receive(self.pc)
+        if receivable:
+            body = {"max_packet": receivable, "mtu": aiortc_tuning.local_path_mtu(self.pc)}
+            self._spawn(self._send_quietly(p.ControlFrame("link", body)))
+
+    def _on_link(self, body: dict[str, Any]) -> None:
+        max_packet, mtu = body.get("max_packet"), body.get("mtu")
+        if type(max_packet) is not int or type(mtu) is not int or max_packet < 0 or mtu < 0:
+            raise ProtocolError("a link frame needs non-negative integers max_packet and mtu")
+        size = aiortc_tuning.large_packet_size(max_packet, aiortc_tuning.local_path_mtu(self.pc), mtu)
+        chunk = aiortc_tuning.enable_large_send(self.pc, size) if size else 0
+        if chunk:
+            logger.info("peer %s: sending SCTP chunks of %d bytes", self.peer_id[:12], chunk)
 
     @property
     def is_open(self) -> bool:
@@ -322,6 +341,8 @@ class Peer:
             if isinstance(sent, float) and 0 <= time.monotonic() - sent < 3600:
                 self.rtt_s = time.monotonic() - sent
                 self.rtt_samples = [*self.rtt_samples[-63:], self.rtt_s]
+        elif frame.type == "link":
+            self._on_link(frame.body)
         elif frame.type == "error":
             logger.info("peer %s reports: %.200s", self.peer_id[:12], frame.body.get("message"))
         elif frame.type == "bye":
@@ -419,5 +440,6 @@ class Peer:
             "connected_at": self.connected_at,
             "direction": "out" if self.offerer else "in",
             "abuse": self.abuse,
+            "sctp_chunk": aiortc_tuning.large_send_chunk(self.pc),
             "advert": self.advert,
         }

@@ -44,7 +44,11 @@ CONTROL_LIMITS: dict[str, int] = {
     "advert": 65_536,
     "peers": 65_536,
     "signal": 32_768,
+    "link": 512,
 }
+"""`link` is sent once by each end when a link opens: `{"max_packet": int, "mtu": int}`, the largest SCTP
+packet this end can receive (0: aiortc's standard size only) and its MTU for the link's ICE pair (0: unknown).
+See `mesh.aiortc_tuning`."""
 
 # Binary frame kinds: kind -> (name, channel, largest total payload after reassembly).
 BLOCK_WANT = 1
