@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,12 +29,15 @@ _QUERY_BLOCK = 512
 
 @dataclass
 class _Layer:
+    """One decoder layer's weights. The matrices are fp32 [out, in] here; a subclass overriding
+    `_load_matrix` and `_project` holds them in its own form (models/reference_quant.py: packed blocks)."""
+
     attn_norm: np.ndarray  # [hidden]
-    wqkv: np.ndarray  # [(H + 2 KV) * D, hidden]
-    wo: np.ndarray  # [hidden, H * D]
+    wqkv: Any  # [(H + 2 KV) * D, hidden]
+    wo: Any  # [hidden, H * D]
     ffn_norm: np.ndarray  # [hidden]
-    wgate_up: np.ndarray  # [2 F, hidden]
-    wdown: np.ndarray  # [hidden, F]
+    wgate_up: Any  # [2 F, hidden]
+    wdown: Any  # [hidden, F]
 
 
 class _SequenceCache:
@@ -85,6 +89,11 @@ def _linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return (weight @ x.T).T
 
 
+def head_tensor_name(config: ModelConfig) -> str:
+    """The GGUF tensor holding the output head (the token embedding when the head is tied)."""
+    return "token_embd.weight" if config.tie_embeddings else "output.weight"
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -107,26 +116,40 @@ class ReferenceStage:
         self.embedding = load("token_embd.weight") if self._is_first else None
         self.layers = [self._load_layer(load, i) for i in range(span.start, span.stop)]
         self.output_norm: np.ndarray | None = None
-        self.head: np.ndarray | None = None
+        self.head: Any = None
         if self._is_last:
             self.output_norm = load("output_norm.weight")
-            if config.tie_embeddings:
-                self.head = self.embedding if self.embedding is not None else load("token_embd.weight")
-            else:
-                self.head = load("output.weight")
+            self.head = self._load_head(load)
         self._caches: dict[int, _SequenceCache] = {}
         self._closed = False
+
+    def _load_head(self, load: Callable[[str], np.ndarray]) -> Any:
+        """The output head in the form `_project` takes; a tied fp32 head shares the embedding's array."""
+        if self.config.tie_embeddings and self.embedding is not None:
+            return self.embedding
+        return self._load_matrix(load, [head_tensor_name(self.config)])
+
+    def _load_matrix(self, load: Callable[[str], np.ndarray], names: list[str]) -> Any:
+        """The weight made of tensors `names` stacked along the output axis, in the form `_project` takes
+        (here fp32 [out, in])."""
+        parts = [load(name) for name in names]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _project(self, x: np.ndarray, weight: Any) -> np.ndarray:
+        """x [n, in] · weightᵀ -> [n, out]. Every matmul of the forward (layers and head) goes through here
+        and every weight matrix comes from `_load_matrix`, so a subclass can swap the arithmetic
+        (models/reference_quant.py)."""
+        return _linear(x, weight)
 
     def _load_layer(self, load: Callable[[str], np.ndarray], i: int) -> _Layer:
         p = f"blk.{i}."
         return _Layer(
             attn_norm=load(p + "attn_norm.weight"),
-            wqkv=np.concatenate([load(p + "attn_q.weight"), load(p + "attn_k.weight"),
-                                 load(p + "attn_v.weight")], axis=0),
-            wo=load(p + "attn_output.weight"),
+            wqkv=self._load_matrix(load, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+            wo=self._load_matrix(load, [p + "attn_output.weight"]),
             ffn_norm=load(p + "ffn_norm.weight"),
-            wgate_up=np.concatenate([load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")], axis=0),
-            wdown=load(p + "ffn_down.weight"),
+            wgate_up=self._load_matrix(load, [p + "ffn_gate.weight", p + "ffn_up.weight"]),
+            wdown=self._load_matrix(load, [p + "ffn_down.weight"]),
         )
 
     # --- sequences ----------------------------------------------------------------------------------------
@@ -225,27 +248,46 @@ class ReferenceStage:
         cfg = self.config
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         n = x.shape[0]
-        h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-        qkv = _linear(h, layer.wqkv)
+        h = self._norm(x, layer.attn_norm)
+        qkv = self._project(h, layer.wqkv)
         q = qkv[:, :heads * dim].reshape(n, heads, dim)
         k = qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(n, kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].reshape(n, kv_heads, dim)
         positions = np.concatenate([pos for _, pos, _ in rows])
-        q = rope_norm(q, positions, cfg.rope_theta)
-        k = rope_norm(k, positions, cfg.rope_theta)
-        attn = np.empty((n, heads * dim), np.float32)
+        q = self._rope(q, positions)
+        k = self._rope(k, positions)
         for cache, _, sl in rows:
             start = cache.length
-            stop = start + (sl.stop - sl.start)
-            cache.k[li, :, start:stop] = k[sl].transpose(1, 0, 2)
-            cache.v[li, :, start:stop] = v[sl].transpose(1, 0, 2)
-            attn[sl] = self._attend(q[sl], cache.k[li, :, :stop], cache.v[li, :, :stop], start)
-        x = x + _linear(attn, layer.wo)
-        h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-        gate_up = _linear(h, layer.wgate_up)
-        ffn = cfg.intermediate_size
-        x = x + _linear(silu(gate_up[:, :ffn]) * gate_up[:, ffn:], layer.wdown)
+            cache.k[li, :, start:start + sl.stop - sl.start] = k[sl].transpose(1, 0, 2)
+            cache.v[li, :, start:start + sl.stop - sl.start] = v[sl].transpose(1, 0, 2)
+        x = x + self._project(self._attend_rows(li, q, rows), layer.wo)
+        h = self._norm(x, layer.ffn_norm)
+        x = x + self._project(self._gated(self._project(h, layer.wgate_up)), layer.wdown)
         return x
+
+    # Hooks for the elementwise/reduction steps, so a subclass can reproduce another implementation's float
+    # rounding (models/reference_quant.py) without copying the layer.
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return rms_norm(x, weight, self.config.rms_eps)
+
+    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return rope_norm(x, positions, self.config.rope_theta)
+
+    def _gated(self, gate_up: np.ndarray) -> np.ndarray:
+        """silu(gate) · up for gate_up [n, 2F] = concat(gate, up)."""
+        ffn = self.config.intermediate_size
+        return silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+
+    def _attend_rows(self, li: int, q: np.ndarray,
+                     rows: list[tuple[_SequenceCache, np.ndarray, slice]]) -> np.ndarray:
+        """Attention output [n, H·D] of queries q [n, H, D] over layer `li`'s caches (which already hold the
+        new keys), one `_attend` per sequence; a subclass may batch the sequences."""
+        attn = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        for cache, _, sl in rows:
+            stop = cache.length + sl.stop - sl.start
+            attn[sl] = self._attend(q[sl], cache.k[li, :, :stop], cache.v[li, :, :stop], cache.length)
+        return attn
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int) -> np.ndarray:
         """Causal GQA: q [n, H, D] at positions past..past+n-1; keys/values [KV, T, D], T = past + n."""
@@ -274,8 +316,8 @@ class ReferenceStage:
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         assert self.output_norm is not None and self.head is not None
-        h = rms_norm(hidden, self.output_norm, self.config.rms_eps)
-        return np.ascontiguousarray(_linear(h, self.head), dtype=np.float32)
+        h = self._norm(hidden, self.output_norm)
+        return np.ascontiguousarray(self._project(h, self.head), dtype=np.float32)
 
     def close(self) -> None:
         self._caches.clear()

@@ -11,7 +11,18 @@ from models.embedded import embedded_model_path
 from models.gguf import GGUFModel
 from models.reference import ReferenceStage
 from models.span import LayerSpan
+from models.stage import Stage
 from models.tokenizer import Tokenizer
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "def fib(n):",
+    "Translate 'good morning' into Spanish.",
+)
+"""The chat prompts the compiled builds are checked on (tests/models/test_compiled.py and
+test_quantized_reference.py)."""
 
 
 @cache
@@ -48,3 +59,25 @@ _next_seq_id = iter(range(1_000_000, 2_000_000))
 def fresh_seq_id() -> int:
     """A sequence id no other test in this process uses."""
     return next(_next_seq_id)
+
+
+def greedy(stages: list[Stage], prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and per-step logits through a chain of stages (one fresh sequence id in each)."""
+    seq = fresh_seq_id()
+    for stage in stages:
+        stage.add_sequence(seq)
+    try:
+        x: np.ndarray = np.asarray(prompt, dtype=np.int32)
+        for stage in stages:
+            x = stage.prefill(seq, x)
+        logits, tokens = [x], [int(np.argmax(x))]
+        for _ in range(steps - 1):
+            x = np.asarray([tokens[-1]], dtype=np.int32)
+            for stage in stages:
+                x = stage.decode([seq], x)
+            logits.append(x[0])
+            tokens.append(int(np.argmax(x[0])))
+        return tokens, logits
+    finally:
+        for stage in stages:
+            stage.remove_sequence(seq)

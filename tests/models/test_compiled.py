@@ -16,10 +16,12 @@ from models.runtime import CompiledStage
 from models.span import LayerSpan
 from models.stage import Stage
 from tests.models.shared_model import (
+    PROMPTS,
     chat_ids,
     dequantized,
     fresh_seq_id,
     gguf_model,
+    greedy,
     reference_stage,
 )
 
@@ -27,13 +29,6 @@ LAYERS = 30
 SPLIT = 13
 STEPS = 64
 LOGIT_TOLERANCE = 1e-3
-PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-    "def fib(n):",
-    "Translate 'good morning' into Spanish.",
-)
 
 
 def _load(start: int, stop: int, **options: Any) -> CompiledStage:
@@ -57,28 +52,6 @@ def halves() -> tuple[CompiledStage, CompiledStage]:
     second.close()
 
 
-def _greedy(stages: list[Stage], prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens and per-step logits through a chain of stages (one fresh sequence id in each)."""
-    seq = fresh_seq_id()
-    for stage in stages:
-        stage.add_sequence(seq)
-    try:
-        x: np.ndarray = np.asarray(prompt, dtype=np.int32)
-        for stage in stages:
-            x = stage.prefill(seq, x)
-        logits, tokens = [x], [int(np.argmax(x))]
-        for _ in range(steps - 1):
-            x = np.asarray([tokens[-1]], dtype=np.int32)
-            for stage in stages:
-                x = stage.decode([seq], x)
-            logits.append(x[0])
-            tokens.append(int(np.argmax(x[0])))
-        return tokens, logits
-    finally:
-        for stage in stages:
-            stage.remove_sequence(seq)
-
-
 def test_compiled_stage_is_a_stage(whole: CompiledStage) -> None:
     assert isinstance(whole, Stage)
     assert whole.span == LayerSpan(0, LAYERS)
@@ -87,8 +60,8 @@ def test_compiled_stage_is_a_stage(whole: CompiledStage) -> None:
 @pytest.mark.parametrize("question", PROMPTS)
 def test_compiled_matches_reference(whole: CompiledStage, question: str) -> None:
     prompt = chat_ids(question)
-    want_tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, STEPS)
-    got_tokens, got_logits = _greedy([whole], prompt, STEPS)
+    want_tokens, want_logits = greedy([reference_stage(0, LAYERS)], prompt, STEPS)
+    got_tokens, got_logits = greedy([whole], prompt, STEPS)
     for step, (want, got) in enumerate(zip(want_logits, got_logits, strict=True)):
         diff = float(np.max(np.abs(want - got)))
         assert diff <= LOGIT_TOLERANCE, f"step {step}: max |Δlogit| {diff:.2e}"
@@ -104,8 +77,8 @@ def test_spans_compose(whole: CompiledStage, halves: tuple[CompiledStage, Compil
     assert hidden.dtype == np.float32 and hidden.shape == (len(chat_ids("Hi")), 576)
     for question in PROMPTS[:2]:
         prompt = chat_ids(question)
-        want, want_logits = _greedy([whole], prompt, 32)
-        got, got_logits = _greedy([first, second], prompt, 32)
+        want, want_logits = greedy([whole], prompt, 32)
+        got, got_logits = greedy([first, second], prompt, 32)
         assert got == want
         assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, got_logits, strict=True)) < 1e-3
 
@@ -114,7 +87,7 @@ def test_batched_decode_equals_unbatched(whole: CompiledStage) -> None:
     prompts = [chat_ids(q) for q in ("Hello!", "Name a colour.", "Why is the sky blue? Answer briefly.")]
     assert len({len(p) for p in prompts}) == 3
     steps = 8
-    singles = [_greedy([whole], p, steps) for p in prompts]
+    singles = [greedy([whole], p, steps) for p in prompts]
     seqs = [fresh_seq_id() for _ in prompts]
     try:
         last = []
@@ -211,7 +184,7 @@ def test_quantized_build_agrees_with_f32(whole: CompiledStage) -> None:
         agree = total = 0
         for question in PROMPTS[:3]:
             prompt = np.asarray(chat_ids(question), dtype=np.int32)
-            tokens, want_logits = _greedy([whole], list(prompt), 32)
+            tokens, want_logits = greedy([whole], list(prompt), 32)
             seq = fresh_seq_id()
             quantized.add_sequence(seq)
             got = [quantized.prefill(seq, prompt)]
@@ -242,8 +215,8 @@ def test_cuda_f32_matches_reference() -> None:
     try:
         assert stage.target.kind == "cuda"
         prompt = chat_ids(PROMPTS[0])
-        want_tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, 16)
-        got_tokens, got_logits = _greedy([stage], prompt, 16)
+        want_tokens, want_logits = greedy([reference_stage(0, LAYERS)], prompt, 16)
+        got_tokens, got_logits = greedy([stage], prompt, 16)
         assert got_tokens == want_tokens
         assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, got_logits, strict=True)) < 2e-3
     finally:
@@ -256,7 +229,7 @@ def test_cuda_quantized_agrees_with_reference() -> None:
     stage = CompiledStage.load(gguf_model(), LayerSpan(0, LAYERS), target="cuda", quantization="q4_1")
     try:
         prompt = chat_ids(PROMPTS[1])
-        tokens, want_logits = _greedy([reference_stage(0, LAYERS)], prompt, 32)
+        tokens, want_logits = greedy([reference_stage(0, LAYERS)], prompt, 32)
         seq = fresh_seq_id()
         stage.add_sequence(seq)
         got = [stage.prefill(seq, np.asarray(prompt, dtype=np.int32))]
