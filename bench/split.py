@@ -3,9 +3,12 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
 
     python bench/split.py [--tokens 32] [--runs 3] [--backend numpy] [--skip-unpinned] [--skip-pinned]
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
+        [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
+        [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
 
-Three real node processes (mesh.split_harness) on 127.0.0.1 linked over WebRTC; node a takes every request
-through its OpenAI endpoint (streamed, greedy) with a forced route; routes are measured round robin.
+Three real node processes (mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
+namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
+with a forced route; routes are measured round robin.
 Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete). Prints
 one table per setting and ratios to local.
 """
@@ -13,13 +16,17 @@ one table per setting and ratios to local.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,17 +58,103 @@ def timed_stream(node: SplitNode, tokens: int, kill: SplitNode | None = None, ki
     return ttft, rate, stamps, route
 
 
+def load_trace(base: Path, nodes: list[SplitNode]) -> list[tuple[float, str]]:
+    """Every node's hop events (`--trace`), merged into one timeline of (time, "node:event")."""
+    events = []
+    for node in nodes:
+        path = base / f"{node.name}.trace"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                name, at = json.loads(line)
+                events.append((at, f"{node.name}:{name}"))
+    events.sort()
+    return events
+
+
+def hop_table(events: list[tuple[float, str]], start: float, stop: float) -> list[tuple[int, str, float]]:
+    """Median time between consecutive hop events of the decode steps in [start, stop), for the most common
+    sequence of events per step, plus the time from one step's end to the next step's start."""
+    steps: list[list[tuple[float, str]]] = []
+    for at, name in events:
+        if not start <= at < stop:
+            continue
+        if name == "a:e.step_start":
+            steps.append([])
+        if steps:
+            steps[-1].append((at, name))
+    if len(steps) < 2:
+        return []
+    shapes = collections.Counter(tuple(n for _, n in step) for step in steps[:-1])
+    shape = shapes.most_common(1)[0][0]
+    gaps: dict[int, list[float]] = collections.defaultdict(list)
+    for step, following in itertools.pairwise(steps):
+        if tuple(n for _, n in step) != shape:
+            continue
+        for i, ((t1, _), (t2, _)) in enumerate(itertools.pairwise(step)):
+            gaps[i].append(t2 - t1)
+        gaps[len(shape) - 1].append(following[0][0] - step[-1][0])
+    last = len(shape) - 1
+    pairs = enumerate(itertools.pairwise(shape))
+    rows = [(i, f"{a} -> {b}", statistics.median(gaps[i])) for i, (a, b) in pairs]
+    rows.append((last, f"{shape[-1]} -> next a:e.step_start", statistics.median(gaps[last])))
+    return rows
+
+
+def host_network(args: argparse.Namespace) -> Any:
+    """Three namespaces on a bridge with `tbf` 50 Mbit/s on each host's link (and netem delay where the
+    kernel has it), plus a veth from this (root) namespace into the bridge so the bench reaches the APIs."""
+    from tests.mesh import netns
+
+    why_not = netns.available()
+    if why_not:
+        raise SystemExit(f"--netns: network namespaces unavailable: {why_not}")
+    tag = f"sb{os.getpid() % 100000}"
+    network = netns.HostNetwork(prefix=tag, hosts=3, subnet=f"10.214.{os.getpid() % 200 + 20}")
+    network.setup("50mbit", args.delay_ms)
+    root_link = f"{tag}r"
+    try:
+        for command in (
+            ["link", "add", root_link, "type", "veth", "peer", "name", "vethr", "netns", network.bridge_ns],
+            ["-n", network.bridge_ns, "link", "set", "vethr", "master", "br0", "up"],
+            ["addr", "add", f"{network.subnet}.250/24", "dev", root_link],
+            ["link", "set", root_link, "up"],
+        ):
+            subprocess.run(["ip", *command], check=True, capture_output=True, timeout=20)
+    except BaseException:
+        network.close()
+        raise
+    return network
+
+
 def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     secret = os.urandom(32).hex()
     base = Path(tempfile.mkdtemp(prefix=f"shoal-bench-split-{label}-"))
     pin = (["taskset", "-c", "0"], ["taskset", "-c", "1"], ["taskset", "-c", "1"])
     cores = pin if pinned else ([], [], [])
-    backend = ["--backend", args.backend, "--delay-ms", str(args.delay_ms)]
-    a = SplitNode("a", base / "a", ["--serve-others", *backend], prefix=cores[0])
-    b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api, *backend], prefix=cores[1])
-    c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api, *backend], prefix=cores[2])
+    network = host_network(args) if args.netns else None
+    delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
+    backend = ["--backend", args.backend, "--delay-ms", str(delay)]
+
+    def extra(name: str) -> list[str]:
+        return ["--trace", str(base / f"{name}.trace")] if args.trace else []
+
+    def node(index: int, name: str, args: list[str]) -> SplitNode:
+        if network is None:
+            return SplitNode(name, base / name, args + extra(name), prefix=cores[index])
+        return SplitNode(name, base / name, [*args, *extra(name), "--ice-interface", "eth0"],
+                         prefix=[*network.exec_prefix(index), *cores[index]], host=network.address(index),
+                         key=secret[:32])
+
+    a = node(0, "a", ["--serve-others", *backend])
+    b = node(1, "b", ["--serve-others", "--bootstrap", a.api, *backend])
+    c = node(2, "c", ["--serve-others", "--bootstrap", a.api, *backend])
     nodes = [a, b, c]
-    start_nodes(nodes, secret)
+    try:
+        start_nodes(nodes, secret)
+    except BaseException:
+        if network is not None:
+            network.close()
+        raise
     results: dict[str, tuple[float, float]] = {}
     try:
         wait_until(lambda: {b.peer_id, c.peer_id} <= set(a.peers()), 60, "links")
@@ -76,10 +169,13 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
             timed_stream(a, 4)  # warm-up: stages load their spans on first use
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
         overhead: dict[str, list[float]] = {name: [] for name in routes}
+        windows: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
         for _ in range(args.runs):  # round robin: load from elsewhere on the machine hits every route alike
             for name, (kind, *stages) in routes.items():
                 a.force(kind, *stages)
+                began = time.perf_counter()
                 ttft, rate, _, route = timed_stream(a, args.tokens)
+                windows[name].append((began, time.perf_counter()))
                 runs[name].append((ttft, rate))
                 timing = route.get("stage_timing") or []
                 calls = max((t["calls"] for t in timing), default=0)
@@ -88,14 +184,27 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
         for name, samples in runs.items():
             ttfts, rates = zip(*samples, strict=True)
             results[name] = (statistics.median(ttfts), statistics.median(rates))
+        where = "loopback" if network is None else "namespaces, tbf 50 Mbit/s"
+        how = " (netem)" if network is not None and network.netem else " (in-process delay)"
         print(f"\n## {label} ({'a: core 0, b+c: core 1' if pinned else 'unpinned'}), backend {args.backend}, "
-              f"{args.tokens} tokens, median of {args.runs}, emulated RTT {2 * args.delay_ms:g} ms")
+              f"{args.tokens} tokens, median of {args.runs}, {where}, "
+              f"emulated RTT {2 * args.delay_ms:g} ms{how if args.delay_ms else ''}")
         print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'link+relay ms/step':>19}")
         local_rate = results["local"][1]
         for name, (ttft, rate) in results.items():
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {extra}")
         print(f"offload TTFT overhead: {(results['offload'][0] - results['local'][0]) * 1000:.1f} ms")
+        if args.trace:
+            events = load_trace(base, nodes)
+            for name in ("local", "2-stage", "3-stage"):
+                rows: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+                for began, ended in windows[name]:
+                    for index, hop, seconds in hop_table(events, began, ended):
+                        rows[index, hop].append(seconds)
+                print(f"\n{name}: median time per hop of a decode step (us)")
+                for (_, hop), values in sorted(rows.items()):
+                    print(f"  {statistics.median(values) * 1e6:8.0f}  {hop}")
         if args.delay_ms:
             rtt = 2 * args.delay_ms / 1000
             per_token = 1 / local_rate
@@ -113,8 +222,10 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
                   f"(typical {typical * 1000:.0f} ms); re-plan + replay {replay} s; "
                   f"replans {route.get('replans')}; resumed on {route.get('kind')} {route.get('spans')}")
     finally:
-        for node in nodes:
-            node.kill(15)
+        for n in nodes:
+            n.kill(15)
+        if network is not None:
+            network.close()  # deleting the bridge's namespace takes the root veth with it
     return results
 
 
@@ -127,6 +238,9 @@ def main() -> int:
     parser.add_argument("--skip-pinned", action="store_true")
     parser.add_argument("--skip-unpinned", action="store_true")
     parser.add_argument("--no-recovery", dest="recovery", action="store_false")
+    parser.add_argument("--netns", action="store_true",
+                        help="run each node in its own network namespace behind a 50 Mbit/s tbf link (root)")
+    parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="emulated one-way link delay per node (in-process datagram delay; RTT = 2x)")
     args = parser.parse_args()

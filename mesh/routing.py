@@ -38,6 +38,9 @@ REBUILD_TIMEOUT_S = 330.0
 """Longest a re-plan may take to open its new stages (a span may have to be fetched or compiled)."""
 FETCH_BPS = 4 * 1024 * 1024
 """Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
+GREEDY_TOP_K = 8
+"""Logits the last stage returns per row for plain greedy decoding: the argmax is among them (and ties for
+it up to 8), and 8 (id, value) pairs keep the reply within one SCTP packet (256 took two)."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
 
@@ -318,9 +321,7 @@ class Router:
 
         loop = asyncio.get_running_loop()
         _, weight_bytes = self.shape(served)
-        top_k = self.settings.top_k_logits
-        if not params.greedy and (params.top_k == 0 or params.top_k > top_k):
-            top_k = 0  # sampling needs every logit
+        top_k = logits_top_k(params, self.settings.top_k_logits)
 
         cid = self.model_cid(served.name)
 
@@ -422,6 +423,19 @@ class Router:
         """Feed a finished local request's timings into the advertised speed."""
         if record.route.get("kind") == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def logits_top_k(params: Any, configured: int) -> int:
+    """How many logits per row the last stage of a split returns for a request with sampling `params`
+    (0: the whole row). Plain greedy needs only the argmax; penalties (which move seen tokens) keep the
+    configured k; sampling keeps every logit unless its own top-k fits within the configured one."""
+    penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                 or params.frequency_penalty != 0.0)
+    if params.greedy:
+        return configured if penalised else min(configured, GREEDY_TOP_K)
+    if params.top_k == 0 or params.top_k > configured:
+        return 0
+    return configured
 
 
 def _describe(route: dict[str, Any], plan: sched.Plan, keep_replans: bool = False) -> None:

@@ -3,12 +3,13 @@ mesh service and the split service, on loopback.
 
     python -m mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
         [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
-        [--backend numpy|tvm] [--no-model] [--delay-ms N]
+        [--backend numpy|tvm] [--no-model] [--delay-ms N] [--trace FILE] [--ice-interface lo] [--api-key K]
 
 Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once the default model is
 loaded. With the NumPy backend, the node's engine and the spans it hosts share one cache of dequantized
 tensors (one process holds the fp32 model once). `--no-model` removes the model from the catalog after start
-(a node that does not hold it).
+(a node that does not hold it). `--trace FILE` appends one JSON line per hop event of the split decode path
+(`[event, key, perf_counter]`; CLOCK_MONOTONIC, so comparable across processes) for bench/split.py --trace.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +116,89 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+def install_trace(path: str) -> None:
+    """Bench-only: record when each decode step passes each hop of the split path, as JSON lines
+    `[event, perf_counter]` (CLOCK_MONOTONIC: comparable across the node processes on one machine)."""
+    import time
+
+    from mesh import pipeline, stage_server
+    from mesh.peer import Peer
+    from models.generate import Engine
+
+    out = open(path, "a", buffering=1)  # lives as long as the process
+    clock = time.perf_counter
+
+    def emit(event: str) -> None:
+        out.write(f'["{event}", {clock()!r}]\n')  # one write per line: no lock needed for whole lines
+
+    def wrap_async(cls: Any, name: str, before: str | None, after: str | None,
+                   when: Callable[..., bool] = lambda *a: True) -> None:
+        original = getattr(cls, name)
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            traced = when(*args)
+            if traced and before:
+                emit(before)
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                if traced and after:
+                    emit(after)
+
+        setattr(cls, name, wrapper)
+
+    def wrap_sync(cls: Any, name: str, before: str, after: str, when: Callable[..., bool] = lambda *a: True
+                  ) -> None:
+        original = cls.__dict__[name]
+        func = original.__func__ if isinstance(original, classmethod | staticmethod) else original
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            traced = when(*args)
+            if traced:
+                emit(before)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                if traced:
+                    emit(after)
+
+        setattr(cls, name, type(original)(wrapper) if isinstance(original, classmethod | staticmethod)
+                else wrapper)
+
+    def is_tensor_request(peer: Peer, kind: int, *rest: Any) -> bool:
+        return kind == TENSOR
+
+    def mine(peer: Peer, frame: Any) -> bool:
+        return frame.request_id % 2 == (1 if peer.offerer else 0)
+
+    original_on_binary = Peer._on_binary
+
+    def on_binary(self: Peer, frame: Any) -> None:
+        if frame.kind == TENSOR:
+            emit("o.reply_arrived" if mine(self, frame) else "p.arrived")
+        original_on_binary(self, frame)
+
+    Peer._on_binary = on_binary  # type: ignore[method-assign]
+    wrap_async(Peer, "request_binary", "o.loop_start", "o.loop_end", is_tensor_request)
+    wrap_async(Peer, "send_binary", None, "o.sent",
+               lambda peer, frame: frame.kind == TENSOR and mine(peer, frame))
+    wrap_async(Peer, "send_binary", None, "p.sent",
+               lambda peer, frame: frame.kind == TENSOR and not mine(peer, frame))
+    wrap_async(stage_server.StageHost, "compute", "p.handler_start", "p.handler_end")
+    wrap_sync(stage_server.StageHost, "_timed_forward", "p.exec_start", "p.exec_end")
+    wrap_sync(stage_server.DirectStage, "decode", "o.local_start", "o.local_end")
+    wrap_sync(pipeline.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
+    wrap_sync(Engine, "_run_decode", "e.thread_start", "e.thread_end")
+    wrap_async(Engine, "_decode_step", "e.step_start", "e.step_end")
+
+
 async def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"%(asctime)s {args.name or ''} %(levelname)s %(name)s: %(message)s",
     )
+    if args.trace:
+        install_trace(args.trace)
     if args.delay_ms:
         from mesh.ice import delay_outgoing_datagrams
 
@@ -128,10 +208,10 @@ async def serve(args: argparse.Namespace) -> None:
     policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
                           trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
     mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
-                             ice_interfaces=["lo"], heartbeat_interval_s=0.5,
+                             ice_interfaces=[args.ice_interface], heartbeat_interval_s=0.5,
                              dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
     config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
-                        api=ApiConfig(host=host, port=int(port)), policy=policy,
+                        api=ApiConfig(host=host, port=int(port), key=args.api_key), policy=policy,
                         models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4),
                         mesh=mesh_config)
     identity = Identity.load_or_create(data_dir, name=config.name)
@@ -179,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--dead-timeout", type=float, default=2.0)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every outgoing datagram this long")
+    parser.add_argument("--ice-interface", default="lo", help="the interface ICE gathers host candidates on")
+    parser.add_argument("--api-key", help="required when --api is not a loopback address")
+    parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -136,11 +136,35 @@ def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int) -> Binar
     if top_k <= 0 or top_k >= vocab:
         meta = {"op": "logits", "step": step, "shape": list(rows.shape), "dtype": "f32", "top_k": 0}
         return BinaryFrame(TENSOR, call, meta, rows.astype("<f4").tobytes())
-    ids = np.argpartition(-rows, top_k - 1, axis=1)[:, :top_k].astype("<i4")
-    values = np.take_along_axis(rows, ids, axis=1).astype("<f4")
+    parts = []
+    for row in rows:
+        ids = top_k_ids(row, top_k)
+        parts += [ids.astype("<i4").tobytes(), row[ids].astype("<f4").tobytes()]
     meta = {"op": "logits", "step": step, "shape": list(rows.shape), "dtype": "f32", "top_k": top_k}
-    return BinaryFrame(TENSOR, call, meta, b"".join(i.tobytes() + v.tobytes() for i, v in zip(ids, values,
-                                                                                             strict=True)))
+    return BinaryFrame(TENSOR, call, meta, b"".join(parts))
+
+
+TOP_K_BLOCK = 64
+
+
+def top_k_ids(row: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of `row` (in no particular order), 0 < k < len(row).
+
+    `np.argpartition` over SmolLM2's 49,152 logits takes ~0.5 ms; this takes ~0.07 ms: the k-th largest of
+    the maxima of 64-value blocks is a lower bound on the row's k-th largest value (k blocks hold a value at
+    least that large), so only the values above it — a few hundred — need partitioning."""
+    n = row.shape[0] // TOP_K_BLOCK * TOP_K_BLOCK
+    blocks = n // TOP_K_BLOCK
+    if blocks <= k:
+        return np.argpartition(-row, k - 1)[:k]
+    maxima = row[:n].reshape(blocks, TOP_K_BLOCK).max(axis=1)
+    bound = np.partition(maxima, blocks - k)[blocks - k]
+    if not np.isfinite(bound):  # NaN or infinities about: the plain (slow) path
+        return np.argpartition(-row, k - 1)[:k]
+    candidates = np.flatnonzero(row >= bound)
+    if candidates.shape[0] > k:
+        candidates = candidates[np.argpartition(row[candidates], candidates.shape[0] - k)[-k:]]
+    return candidates
 
 
 def encode_error(call: int, step: int, code: str, message: str) -> BinaryFrame:

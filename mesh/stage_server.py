@@ -217,10 +217,8 @@ class StageHost:
             hosted = live[0].hosted
             if any(s.hosted is not hosted for s in live):
                 raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-            inputs = self._check_inputs(hosted.stage, message)
             ids = [s.local_id for s in live]
-            forward = self._timed_forward
-            out, seconds = await self._run(hosted.call, forward, hosted.stage, message.op, ids, inputs)
+            reply = await self._run(self._serve, hosted, message, ids)
         except wire.FrameError as exc:
             self.refused += 1
             logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
@@ -233,11 +231,19 @@ class StageHost:
             logger.exception("peer %s: stage call failed", peer[:12])
             return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
         self.calls += 1
-        if hosted.stage.span.is_last(hosted.stage.config.num_layers):
-            reply = wire.encode_logits(frame.request_id, message.step, out, message.top_k)
+        return reply
+
+    def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int]) -> BinaryFrame:
+        """Worker thread: check the inputs, run the stage, encode the reply (all off the event loop, and in
+        one hop: the loop only decodes the frame's header and sends the reply)."""
+        stage = hosted.stage
+        inputs = self._check_inputs(stage, message)
+        out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
+        if stage.span.is_last(stage.config.num_layers):
+            reply = wire.encode_logits(message.call, message.step, out, message.top_k)
         else:
             fp16 = message.meta.get("out") == "f16"
-            reply = wire.encode_hidden(frame.request_id, message.step, out, fp16=fp16)
+            reply = wire.encode_hidden(message.call, message.step, out, fp16=fp16)
         reply.meta["compute_s"] = round(seconds, 6)  # lets the origin tell link time from compute time
         return reply
 

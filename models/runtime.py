@@ -36,10 +36,17 @@ DEFAULT_QUANTIZATION = "q4_1"
 """What `CompiledStage.load` builds unless told otherwise."""
 
 
+THREAD_POOL_SPIN_COUNT = 1000
+"""`sched_yield()`s a TVM pool worker spins through before it sleeps. TVM's default (300000) kept a worker
+busy ~160 ms after every decode step here: an idle node (a split stage waiting for its peers) took a core
+from the one computing. 1000 is ~0.5 ms: enough to bridge the gaps between kernels and decode steps."""
+
+
 def configure_threads() -> None:
-    """TVM's pool: one thread per usable core; keep OpenBLAS (NumPy) from spinning beside it. Must run
-    before the first TVM kernel launch (env vars set later are ignored)."""
+    """TVM's pool: one thread per usable core, spinning only briefly when idle; keep OpenBLAS (NumPy) from
+    spinning beside it. Must run before the first TVM kernel launch (env vars set later are ignored)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(THREAD_POOL_SPIN_COUNT))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 

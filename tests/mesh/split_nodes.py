@@ -29,12 +29,16 @@ class SplitNode:
     args: list[str]
     prefix: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    """Address the API binds (a network namespace's address in the bench's --netns mode)."""
+    key: str | None = None
+    """API key: needed, and sent, when `host` is not loopback."""
     peer_id: str = ""
     process: subprocess.Popen[str] | None = None
 
     @property
     def api(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -44,6 +48,8 @@ class SplitNode:
         log = open(self.log_path, "a")  # the process owns it
         command = [*self.prefix, sys.executable, "-m", "mesh.split_harness", "--data-dir", str(self.data_dir),
                    "--api", self.api, "--name", self.name, "--secret", secret, "-v", *self.args]
+        if self.key:
+            command += ["--api-key", self.key]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
                                         env=env)
@@ -74,12 +80,16 @@ class SplitNode:
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method)
+        request = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method,
+                                         headers=self._headers())
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return json.loads(exc.read())
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
     def peers(self) -> dict[str, dict]:
         view = self.call("GET", "/v1/mesh/peers")
@@ -105,7 +115,8 @@ class SplitNode:
         body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True}
         request = urllib.request.Request(f"http://{self.api}/v1/chat/completions",
-                                         data=json.dumps(body).encode(), method="POST")
+                                         data=json.dumps(body).encode(), method="POST",
+                                         headers=self._headers())
         with urllib.request.urlopen(request, timeout=180) as response:
             for raw in response:
                 line = raw.decode().strip()

@@ -255,6 +255,29 @@ async def test_open_is_validated_and_gated() -> None:
     await failing.stop()
 
 
+@pytest.mark.parametrize("size", [49_152, 1000, 100, 64])
+def test_top_k_ids_equal_a_full_sort(size: int) -> None:
+    rng = np.random.default_rng(size)
+    for trial in range(20):
+        row = rng.standard_normal(size).astype(np.float32) * 4
+        if trial % 2:
+            row = np.round(row)  # many ties, also at the k-th value
+        for k in (1, 8, 63, 256):
+            if k >= size:
+                continue
+            ids = wire.top_k_ids(row, k)
+            assert len(ids) == k and len(set(ids.tolist())) == k
+            assert np.array_equal(np.sort(row[ids]), np.sort(row)[-k:])
+
+
+def test_top_k_ids_fall_back_on_non_finite_rows() -> None:
+    row = np.full(49_152, -np.inf, dtype=np.float32)
+    row[[5, 7000, 40000]] = [1.0, 3.0, 2.0]
+    assert sorted(wire.top_k_ids(row, 3).tolist()) == [5, 7000, 40000]
+    row[100] = np.nan  # NaN is never chosen over a number (as before)
+    assert 100 not in wire.top_k_ids(row, 3).tolist()
+
+
 def test_top_k_logits_round_trip() -> None:
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 1000)).astype(np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.offload import _token_event, params_to_wire
-from mesh.routing import ForcedRoute, Speeds, _advert_models, _num
+from mesh.routing import GREEDY_TOP_K, ForcedRoute, Speeds, _advert_models, _num, logits_top_k
 from models.sampling import SamplingParams
 
 
@@ -53,3 +53,13 @@ def test_offload_params_and_token_frames() -> None:
     assert _token_event(good, 1) is None  # out of order
     assert _token_event({**good, "token": "5"}, 0) is None
     assert _token_event({**good, "finish": 3}, 0) is None
+
+
+def test_logits_top_k_by_sampling_params() -> None:
+    assert logits_top_k(SamplingParams(temperature=0), 256) == GREEDY_TOP_K  # argmax: a one-packet reply
+    assert logits_top_k(SamplingParams(temperature=0), 4) == 4
+    assert logits_top_k(SamplingParams(temperature=0, repetition_penalty=1.2), 256) == 256
+    assert logits_top_k(SamplingParams(temperature=0, presence_penalty=-1.0), 256) == 256
+    assert logits_top_k(SamplingParams(temperature=0.7), 256) == 0  # no top-k: every logit
+    assert logits_top_k(SamplingParams(temperature=0.7, top_k=40), 256) == 256
+    assert logits_top_k(SamplingParams(temperature=0.7, top_k=400), 256) == 0
