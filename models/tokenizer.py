@@ -9,6 +9,9 @@ control tokens (GGUF token type 3) are special and matched verbatim in the text;
 from __future__ import annotations
 
 import codecs
+import logging
+import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +21,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from models.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
 _CONTROL = 3  # llama.cpp token type: control
@@ -70,6 +75,8 @@ class Tokenizer:
         special = [i for i, t in enumerate(token_types) if t in (_CONTROL, _USER_DEFINED)]
         hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
         self._hf = hf
+        self._hf_plain = HFTokenizer.from_str(hf.to_str())
+        self._hf_plain.encode_special_tokens = True  # message content: `<|im_start|>` is just text there
         self.vocab_size = len(tokens)
         self.special_ids = frozenset(special)
         self.eos_token_id = eos_token_id
@@ -166,7 +173,25 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        """Token ids of the chat prompt. Only the template makes control tokens: text in a message's content
+        that spells one (`<|im_end|>`, say) is encoded as plain text, so a message cannot forge another turn.
+
+        Each content is rendered as a one-off random marker, the template's text between markers is encoded
+        with special tokens and each content without. A template that alters content (strips it, say) leaves
+        a marker out of place: then the whole render is encoded as it is, with a log line."""
+        checked = validate_messages(messages)
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(checked)]
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", self.render_chat(marked, add_generation_prompt))
+        order = [int(i) for i in pieces[1::2]]
+        if order != sorted(set(order)) or any(nonce in piece for piece in pieces[::2]):
+            logger.info("the chat template transforms message content; encoding its render as a whole")
+            return self.encode(self.render_chat(checked, add_generation_prompt))
+        ids = self.encode(pieces[0])
+        for index, template_text in zip(order, pieces[2::2], strict=True):
+            ids += self._hf_plain.encode(checked[index]["content"], add_special_tokens=False).ids
+            ids += self._hf.encode(template_text, add_special_tokens=False).ids
+        return ids
 
     def _token_text_or_empty(self, token_id: int | None) -> str:
         return self._tokens[token_id] if token_id is not None and 0 <= token_id < self.vocab_size else ""
