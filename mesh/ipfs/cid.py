@@ -8,7 +8,9 @@ reached through a CIDv0 and a CIDv1 is stored once.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+from collections.abc import Sequence
 
 from multiformats import CID, multibase, multicodec, multihash
 
@@ -22,10 +24,12 @@ SUPPORTED_CODECS = frozenset({DAG_PB, RAW})
 MAX_CID_TEXT = 200
 MAX_BLOCK_SIZE = 2 * 1024 * 1024  # the IPFS bitswap limit; no UnixFS block of ours comes close
 
-__all__ = ["CID", "DAG_PB", "RAW", "block_key", "cid_from_bytes", "make_cid", "parse_cid", "verify_block"]
+__all__ = ["CID", "DAG_PB", "RAW", "block_key", "cid_from_bytes", "cid_to_bytes", "make_cid", "parse_cid",
+           "verify_block", "verify_pieces"]
 
 SHA2_256_PREFIX = b"\x12\x20"
 _V1_PREFIXES = {b"\x01\x70": DAG_PB, b"\x01\x55": RAW}
+_V1_CODES = {codec: prefix for prefix, codec in _V1_PREFIXES.items()}
 _BASE32 = multibase.get("base32")
 _BASE58 = multibase.get("base58btc")
 _CODECS = {DAG_PB: multicodec.get(DAG_PB), RAW: multicodec.get(RAW)}
@@ -47,13 +51,28 @@ def _fast_cid(version: int, codec: str, digest: bytes) -> CID:
 
 
 def cid_from_bytes(raw: bytes | memoryview) -> CID:
-    """Decode a binary CID (fast path for sha2-256 dag-pb/raw CIDs; anything else through multiformats)."""
-    raw = bytes(raw)
+    """Decode a binary CID (fast path for sha2-256 dag-pb/raw CIDs; anything else through multiformats).
+    A pull meets each CID two or three times (parent link, CAR section, progress), so recent ones are
+    kept: CIDs are immutable."""
+    return _cid_from_bytes(bytes(raw))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cid_from_bytes(raw: bytes) -> CID:
     if len(raw) == 34 and raw[:2] == SHA2_256_PREFIX:
         return _fast_cid(0, DAG_PB, raw)
     if len(raw) == 36 and raw[2:4] == SHA2_256_PREFIX and (codec := _V1_PREFIXES.get(raw[:2])):
         return _fast_cid(1, codec, raw[2:])
     return CID.decode(raw)
+
+
+def cid_to_bytes(cid: CID) -> bytes:
+    """Binary form of a CID (fast for sha2-256 dag-pb/raw CIDs: `bytes(cid)` validates, ~12 µs)."""
+    codec = cid.codec.name
+    if cid.hashfun.name == SHA2_256 and codec in _V1_CODES:
+        digest = bytes(cid.digest)
+        return digest if cid.version == 0 else _V1_CODES[codec] + digest
+    return bytes(cid)
 
 
 def parse_cid(value: str | bytes | CID) -> CID:
@@ -92,12 +111,21 @@ def block_key(cid: CID) -> str:
     return base64.b32encode(bytes(cid.digest)).decode("ascii").rstrip("=").lower()
 
 
-def verify_block(cid: CID, data: bytes) -> None:
+def verify_block(cid: CID, data: bytes | memoryview) -> None:
     """Raise `VerificationError` unless `data` hashes to `cid`'s sha2-256 digest."""
-    if len(data) > MAX_BLOCK_SIZE:
-        raise VerificationError(f"block {cid} is {len(data)} bytes, over the {MAX_BLOCK_SIZE}-byte limit")
+    verify_pieces(cid, [data])
+
+
+def verify_pieces(cid: CID, pieces: Sequence[bytes | memoryview]) -> None:
+    """`verify_block` for a block held in pieces (hashed one after the other, never joined)."""
+    size = sum(len(piece) for piece in pieces)
+    if size > MAX_BLOCK_SIZE:
+        raise VerificationError(f"block {cid} is {size} bytes, over the {MAX_BLOCK_SIZE}-byte limit")
     digest = bytes(cid.digest)
     if digest[:2] != SHA2_256_PREFIX:
         raise VerificationError(f"cannot verify {cid}: shoal checks only sha2-256 blocks")
-    if hashlib.sha256(data).digest() != digest[2:]:
+    hasher = hashlib.sha256()
+    for piece in pieces:
+        hasher.update(piece)
+    if hasher.digest() != digest[2:]:
         raise VerificationError(f"block bytes do not hash to {cid}")

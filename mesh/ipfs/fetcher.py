@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from multiformats import CID
 
 from mesh.ipfs import dagpb, unixfs
 from mesh.ipfs.assembler import StreamingAssembler
-from mesh.ipfs.cid import DAG_PB
+from mesh.ipfs.car import CarBlock, block_parts, contiguous
+from mesh.ipfs.cid import DAG_PB, verify_pieces
 from mesh.ipfs.config import IpfsConfig
 from mesh.ipfs.errors import (
     BlockNotFoundError,
@@ -29,11 +31,15 @@ from mesh.ipfs.errors import (
     StoreError,
     VerificationError,
 )
+from mesh.ipfs.reader import decoded_node
 from mesh.ipfs.sources import BlockSource, CarSource
 from mesh.ipfs.store import BlockStore
 
 logger = logging.getLogger(__name__)
-CAR_BATCH_BYTES = 1 << 20
+CAR_BATCH_BYTES = 4 << 20
+
+_Streamed = tuple[CID, CarBlock, list[int], CarBlock]
+"""A block from a CAR stream: (cid, bytes, offsets in the assembled file, the file bytes it holds)."""
 
 
 @dataclass
@@ -69,17 +75,6 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-
-
-def leaf_bytes(cid: CID, block: bytes) -> int:
-    """File bytes a block contributes itself (raw leaves: all; dag-pb: its UnixFS data)."""
-    if cid.codec.name != DAG_PB:
-        return len(block)
-    node = dagpb.decode_node(block)
-    if node.data is None:
-        return 0
-    data = unixfs.decode_data(node.data).data
-    return len(data) if data else 0
 
 
 class Fetcher:
@@ -204,55 +199,49 @@ class Fetcher:
         return size, keys
 
     # --- a whole DAG --------------------------------------------------------------------------------------
-    async def _store_batch(self, name: str, batch: list[tuple[CID, bytes, Callable[[], None] | None]],
-                           slots: asyncio.Semaphore, on_block: Callable[[CID, bytes], None]) -> None:
-        """Verify and store several blocks in one worker-thread hop (fewer hops: faster streams)."""
+    def _keep(self, cid: CID, block: CarBlock, offsets: list[int], data: CarBlock,
+              assembler: StreamingAssembler | None) -> None:
+        """Verify a streamed block and keep it (worker thread; raises VerificationError): a raw leaf the
+        assembled file takes goes only there (the file holds it for the store); anything else is stored."""
+        if (assembler is not None and offsets and assembler.holds_leaves() and cid.codec.name != DAG_PB
+                and cid != assembler.root):
+            verify_pieces(cid, block_parts(block))
+            assembler.write(offsets, data, leaf=bytes(cid.digest))
+            return
+        self.store.put(cid, bytes(contiguous(block)))  # verifies
+        if assembler is not None and offsets and len(data):
+            assembler.write(offsets, data)
+
+    async def _store_batch(self, name: str, batch: list[_Streamed], slots: asyncio.Semaphore,
+                           on_block: Callable[[CID, CarBlock], None],
+                           assembler: StreamingAssembler | None) -> None:
+        """Verify and keep several blocks in one worker-thread hop (fewer hops: faster streams)."""
 
         def work() -> None:
-            for cid, block, then in batch:
-                self.store.put(cid, block)  # verifies; raises VerificationError
-                if then is not None:
-                    then()
+            for cid, block, offsets, data in batch:
+                self._keep(cid, block, offsets, data, assembler)
 
         try:
             await asyncio.to_thread(work)
         finally:
             slots.release()
-        for cid, block, _ in batch:
+        for cid, block, _, _ in batch:
             self.stats.blocks_fetched += 1
             self.stats.bytes_fetched += len(block)
             self.stats.by_source[name] += 1
             self._fetched.add(bytes(cid.digest))
             on_block(cid, block)
 
-    async def _try_car(self, root: CID, on_block: Callable[[CID, bytes], None],
+    async def _try_car(self, root: CID, on_block: Callable[[CID, CarBlock], None],
                        assembler: StreamingAssembler | None = None) -> None:
         """Stream the DAG as a CAR from the first source that offers it, hashing and writing blocks in
-        parallel threads (in batches of about 1 MiB) while the stream goes on. Any failure just ends the
+        parallel threads (in batches of about 4 MiB) while the stream goes on. Any failure just ends the
         attempt: the block walk that follows fills whatever is missing from the other sources."""
         for source in self.sources:
             if not isinstance(source, CarSource) or self._health[source.name].retry_at > time.monotonic():
                 continue
-            slots = asyncio.Semaphore(self.config.parallelism)
             try:
-                async with asyncio.TaskGroup() as group:
-                    batch: list[tuple[CID, bytes, Callable[[], None] | None]] = []
-                    batch_bytes = 0
-                    async for cid, block in source.stream_car(root):
-                        then = None
-                        if assembler is not None:
-                            offsets, data = assembler.plan(cid, block)
-                            if offsets and data:
-                                then = functools.partial(assembler.write, offsets, data)
-                        batch.append((cid, block, then))
-                        batch_bytes += len(block)
-                        if batch_bytes >= CAR_BATCH_BYTES:
-                            await slots.acquire()
-                            group.create_task(self._store_batch(source.name, batch, slots, on_block))
-                            batch, batch_bytes = [], 0
-                    if batch:
-                        await slots.acquire()
-                        group.create_task(self._store_batch(source.name, batch, slots, on_block))
+                await self._ingest(source.name, source.stream_car(root), on_block, assembler)
                 self._reward(source)
             except* VerificationError as eg:
                 logger.warning("rejected CAR from %s: %s", source.name, eg.exceptions[0])
@@ -266,6 +255,31 @@ class Fetcher:
                 logger.error("CAR from %s raised unexpectedly for %s: %r", source.name, root, eg.exceptions)
                 self._penalise(source, bad_block=False)
             return
+
+    async def _ingest(
+        self, name: str, blocks: AsyncIterator[tuple[CID, CarBlock]],
+        on_block: Callable[[CID, CarBlock], None], assembler: StreamingAssembler | None,
+    ) -> None:
+        """Plan each streamed block on the loop (its place in the file), then verify and keep the blocks in
+        worker-thread batches, as many at once as there are cores (hashing is CPU: more threads only
+        contend, with the network loop too)."""
+        slots = asyncio.Semaphore(max(1, min(self.config.parallelism, os.cpu_count() or 1)))
+        store = functools.partial(self._store_batch, name, slots=slots, on_block=on_block,
+                                  assembler=assembler)
+        async with asyncio.TaskGroup() as group:
+            batch: list[_Streamed] = []
+            batch_bytes = 0
+            async for cid, block in blocks:
+                offsets, data = assembler.plan(cid, block) if assembler is not None else ([], b"")
+                batch.append((cid, block, offsets, data))
+                batch_bytes += len(block)
+                if batch_bytes >= CAR_BATCH_BYTES:
+                    await slots.acquire()
+                    group.create_task(store(batch))
+                    batch, batch_bytes = [], 0
+            if batch:
+                await slots.acquire()
+                group.create_task(store(batch))
 
     async def fetch_dag(
         self, root: CID, progress: ProgressCallback | None = None, assemble_to: Path | None = None
@@ -290,23 +304,18 @@ class Fetcher:
 
         counted: set[bytes] = set()
 
-        def count(cid: CID, block: bytes, fetched: bool) -> list[CID]:
+        def count(cid: CID, block: CarBlock, fetched: bool) -> list[CID]:
             children: list[CID] = []
             key = bytes(cid.digest)
             already = key in counted
             counted.add(key)
             if cid.codec.name == DAG_PB:
-                node = dagpb.decode_node(block)
-                children = [link.cid for link in node.links]
-                if node.data is None:
-                    raise CodecError(f"{cid} is a dag-pb node without UnixFS data")
-                info = unixfs.decode_data(node.data)
-                if info.type not in unixfs.FILE_TYPES:
-                    raise CodecError(f"{cid} is not a UnixFS file (type {info.type})")
+                node = decoded_node(cid, bytes(contiguous(block)))  # raises CodecError unless a file node
+                children = [child for child, _ in node.children]
                 if cid == root:
-                    state["total"] = info.filesize or 0
+                    state["total"] = node.size
                 if not already:
-                    state["done"] += len(info.data or b"")
+                    state["done"] += len(node.data)
             else:
                 if cid == root:
                     state["total"] = len(block)
@@ -319,7 +328,7 @@ class Fetcher:
             return children
 
         if not await asyncio.to_thread(self.store.has, root):
-            def on_car_block(cid: CID, block: bytes) -> None:
+            def on_car_block(cid: CID, block: CarBlock) -> None:
                 nonlocal last_report
                 try:
                     count(cid, block, True)
@@ -329,7 +338,10 @@ class Fetcher:
                     last_report = time.monotonic()
                     report()
 
-            assembler = StreamingAssembler(root, assemble_to) if assemble_to is not None else None
+            assembler = None
+            if assemble_to is not None:
+                assembler = await asyncio.to_thread(
+                    StreamingAssembler, root, assemble_to, self.store.files, fsync=self.store.fsync)
             try:
                 await self._try_car(root, on_car_block, assembler)
             except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -51,6 +52,13 @@ def decode_file_node(cid: CID, block: bytes) -> FileNode:
     return FileNode(data=own, children=children, size=size)
 
 
+@functools.lru_cache(maxsize=256)
+def decoded_node(cid: CID, block: bytes) -> FileNode:
+    """`decode_file_node`, remembered per (CID, exact bytes), so a pure function of its input: a pull plans,
+    counts and walks the same few dag-pb nodes (174 links each), and a gateway reads them for every CAR."""
+    return decode_file_node(cid, block)
+
+
 class UnixFSReader:
     """Random access to UnixFS files through `get_block` (e.g. `Fetcher.get_block`, which verifies)."""
 
@@ -85,24 +93,32 @@ class UnixFSReader:
         return own + b"".join(await asyncio.gather(*jobs))
 
 
-def iter_file_parts(store: BlockStore, root: CID) -> Iterator[bytes | Path]:
-    """The file's contents in order from a store holding the whole DAG (blocking): bytes, or the path of a
-    stored raw leaf, whose file is exactly that part of the content (so it can be copied in the kernel)."""
+Part = tuple[CID | None, "bytes | Path"]
+
+
+def iter_file_parts(store: BlockStore, root: CID) -> Iterator[Part]:
+    """The file's contents in order from a store holding the whole DAG (blocking), as (raw leaf CID or None,
+    bytes or the path of a stored raw leaf's block file, whose content is exactly that part, so it can be
+    copied in the kernel). Filestore leaves come as bytes (re-hashed unless their file is unchanged)."""
     stack: list[CID] = [root]
     while stack:
         cid = stack.pop()
         if cid.codec.name != DAG_PB and cid != root:
             path = store.path_of(cid)
-            if not path.is_file():
+            if path.is_file():
+                yield cid, path
+                continue
+            data = store.files.get(bytes(cid.digest))
+            if data is None:
                 raise BlockNotFoundError(f"block {cid} of {root} is not in the local store")
-            yield path
+            yield cid, data
             continue
         block = store.get(cid)
         if block is None:
             raise BlockNotFoundError(f"block {cid} of {root} is not in the local store")
         node = decode_file_node(cid, block)
         if node.data:
-            yield node.data
+            yield None, node.data
         stack.extend(child for child, _ in reversed(node.children))
 
 
@@ -127,28 +143,38 @@ def _copy_leaf(path: Path, out: BinaryIO) -> int:
     return size
 
 
-def write_file(store: BlockStore, root: CID, out: BinaryIO) -> int:
+def write_file(store: BlockStore, root: CID, out: BinaryIO, leaves: list[tuple[bytes, int, int]] | None = None
+               ) -> int:
+    """Write the file to `out`; with `leaves`, append (multihash, offset, length) of every raw leaf written
+    (their real lengths, whatever the parents claim)."""
     written = 0
-    for part in iter_file_parts(store, root):
-        if isinstance(part, Path):
-            written += _copy_leaf(part, out)
-        else:
-            out.write(part)
-            written += len(part)
+    for cid, part in iter_file_parts(store, root):
+        n = _copy_leaf(part, out) if isinstance(part, Path) else out.write(part)
+        if leaves is not None and cid is not None:
+            leaves.append((bytes(cid.digest), written, n))
+        written += n
     return written
 
 
-def assemble_file(store: BlockStore, root: CID, dest: Path) -> int:
-    """Write the file under `root` to `dest` atomically (temp, fsync, rename); return its size (blocking)."""
+def assemble_file(store: BlockStore, root: CID, dest: Path, *, keep_leaves: bool = False) -> int:
+    """Write the file under `root` to `dest` atomically (temp, fsync, rename); return its size (blocking).
+
+    With `keep_leaves`, `dest` then holds the raw leaves for the store (a filestore record): their block
+    files and the root's partial pull files are deleted, so the bytes are on disk once."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    leaves: list[tuple[bytes, int, int]] = []
     try:
         with os.fdopen(fd, "wb") as out:
-            size = write_file(store, root, out)
+            size = write_file(store, root, out, leaves)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if keep_leaves:
+        store.files.add_file(dest, str(root), leaves)
+        store.forget_block_files(key for key, _, _ in leaves)
+        store.files.drop_partials(str(root))
     return size

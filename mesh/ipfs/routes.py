@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from aiohttp import web
 from multiformats import CID
 
 from mesh.ipfs import car
+from mesh.ipfs.car_producer import Buffer, CarProducer
 from mesh.ipfs.cid import parse_cid
 from mesh.ipfs.errors import CodecError, InvalidCidError, IpfsError, UnknownModelError
 from mesh.ipfs.reader import decode_file_node
@@ -85,22 +87,41 @@ class IpfsRoutes:
             raise _json_error(web.HTTPNotFound, f"block {cid} is not held by this node")
         response = web.StreamResponse(headers={"Content-Type": f"{car.CONTENT_TYPE}; version=1",
                                                "X-Content-Type-Options": "nosniff"})
-        await response.prepare(request)
+        body = aiter(self._car_body(cid, scope, entity))
+        first = asyncio.ensure_future(anext(body, None))  # read the first batch while the length is summed
         try:
-            async for chunk in self._car_body(cid, scope, entity):
-                await response.write(chunk)
+            if entity is None:  # a known length spares chunked framing (a copy of every byte)
+                response.content_length = await self._car_length(cid, scope)
+            await response.prepare(request)
+            part = await first
+            while part is not None:
+                await response.write(part)
+                part = await anext(body, None)
         except (IpfsError, CodecError) as exc:
             logger.warning("CAR for %s ended early: %s", cid, exc)  # the client sees a truncated CAR
             return response
+        finally:
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, IpfsError, CodecError):
+                await first
+            await body.aclose()  # type: ignore[attr-defined]
         await response.write_eof()
         return response
 
+    async def _car_length(self, root: CID, scope: str) -> int | None:
+        """The CAR's length, or None when the store lacks part of the DAG (the stream then ends early)."""
+        producer = CarProducer(self.service.store, root, scope="block" if scope == "block" else "all")
+        try:
+            return await asyncio.to_thread(producer.total_size)
+        except (IpfsError, CodecError):
+            return None
+
     async def _car_body(
         self, root: CID, scope: str, entity: tuple[int, int | None] | None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[Buffer]:
         if entity is None:
-            async for chunk in self.service.car_stream(root, scope="block" if scope == "block" else "all"):
-                yield chunk
+            async for part in self.service.car_stream(root, scope="block" if scope == "block" else "all"):
+                yield part
             return
         yield car.encode_header([root])
         start, end = entity

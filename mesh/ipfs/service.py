@@ -2,14 +2,14 @@
 pulls (whole or one layer span), publishes, lists models, imports the embedded default, and adds the trustless
 gateway and model routes to the node's aiohttp app.
 
-Data dir layout: `ipfs/blocks/…`, `ipfs/pins.json`, `ipfs/catalog.json`, `models/<cid>.gguf` (assembled
-files), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and one span's tensors).
+Data dir layout: `ipfs/blocks/…`, `ipfs/filestore/…`, `ipfs/pins.json`, `ipfs/catalog.json`,
+`models/<cid>.gguf` (assembled files; they also hold the model's raw leaves for the store, see
+`filestore.py`), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and one span's tensors).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from multiformats import CID
 
-from mesh.ipfs import car
-from mesh.ipfs.assembler import SparseFileWriter
+from mesh.ipfs.assembler import PublishedFileWriter, SparseFileWriter
+from mesh.ipfs.car_producer import Buffer, CarProducer, produce
 from mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
-from mesh.ipfs.cid import DAG_PB
 from mesh.ipfs.config import IpfsConfig
 from mesh.ipfs.errors import IpfsError, SourceError
 from mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
-from mesh.ipfs.importer import Block, ImportOptions, import_file
-from mesh.ipfs.reader import UnixFSReader, assemble_file, decode_file_node
+from mesh.ipfs.importer import ImportOptions, import_file
+from mesh.ipfs.reader import UnixFSReader, assemble_file
 from mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
 from mesh.ipfs.store import STALE_TEMP_S, BlockStore, StoreStats
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from models.span import LayerSpan
 
 logger = logging.getLogger(__name__)
-CAR_BATCH_BYTES = 1 << 20
 SPAN_READ_BYTES = 4 << 20
 
 
@@ -181,8 +179,9 @@ class IpfsService:
                 await asyncio.to_thread(self.store.pin, cid, name=name, complete=False)
             path = self.model_path(cid)
             size = await fetcher.fetch_dag(cid, on_progress, assemble_to=path)
-            if not fetcher.assembled and not (path.is_file() and path.stat().st_size == size):
-                await asyncio.to_thread(assemble_file, self.store, cid, path)
+            if not fetcher.assembled and (fetcher.stats.blocks_fetched or not await asyncio.to_thread(
+                    self.store.files.holds, path, str(cid))):
+                await asyncio.to_thread(assemble_file, self.store, cid, path, keep_leaves=True)
             await asyncio.to_thread(self.store.pin, cid, name=name, size=size, complete=True)
             if name:
                 await asyncio.to_thread(self.catalog.add, name, cid)
@@ -257,15 +256,20 @@ class IpfsService:
         self, path: str | Path, name: str | None = None, *, cid_version: int = 1, to_ipfs: bool = False
     ) -> CID:
         """Import a file into the store (Kubo-identical DAG), pin it, name it; optionally push it to the
-        local IPFS node over RPC (`dag/import`)."""
+        local IPFS node over RPC (`dag/import`). With raw leaves the file is copied once, to
+        `models/<cid>.gguf`, which then holds the leaves for the store (no block files for them)."""
         path = Path(path)
         if not path.is_file():
             raise IpfsError(f"{path} is not a file")
 
-        def sink(block: Block) -> None:
-            self.store.put(block.cid, block.data)
-
-        result = await asyncio.to_thread(import_file, path, sink, ImportOptions(cid_version=cid_version))
+        options = ImportOptions(cid_version=cid_version)
+        writer = await asyncio.to_thread(PublishedFileWriter, self.store, self.models_dir)
+        try:
+            result = await asyncio.to_thread(import_file, path, writer.sink, options)
+        except BaseException:
+            await asyncio.to_thread(writer.discard)
+            raise
+        await asyncio.to_thread(writer.commit, result.root, result.size, self.model_path(result.root))
         await asyncio.to_thread(self.store.pin, result.root, name=name or path.name, size=result.size)
         if name:
             await asyncio.to_thread(self.catalog.add, name, result.root)
@@ -279,38 +283,12 @@ class IpfsService:
         rpc = KuboRpcSource(self.config.rpc_url, self._require_session(), self.config.block_timeout_s)
         await rpc.import_car(self.car_stream(root))
 
-    async def car_stream(self, root: CID, *, scope: str = "all") -> AsyncIterator[bytes]:
+    async def car_stream(self, root: CID, *, scope: str = "all") -> AsyncIterator[Buffer]:
         """CARv1 bytes of the DAG under `root` from the local store (`scope`: "all" or "block"), depth-first
-        (file order), read in batches of about 1 MiB per thread hop."""
-        yield car.encode_header([root])
-        stack = [root]
-
-        def next_batch() -> bytes:
-            parts: list[bytes] = []
-            size = 0
-            while stack and size < CAR_BATCH_BYTES:
-                cid = stack.pop()
-                block = self.store.get(cid)
-                if block is None:
-                    raise IpfsError(f"block {cid} of {root} is not in the local store")
-                parts.extend(car.section_parts(cid, block))
-                size += len(block)
-                if scope == "all" and cid.codec.name == DAG_PB:
-                    stack.extend(child for child, _ in reversed(decode_file_node(cid, block).children))
-            return b"".join(parts)
-
-        # Read the next batch while the current one is being sent (disk and socket overlap).
-        pending: asyncio.Future[bytes] | None = asyncio.ensure_future(asyncio.to_thread(next_batch))
-        try:
-            while pending is not None:
-                data = await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(next_batch)) if stack else None
-                yield data
-        finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, IpfsError, OSError):
-                    await pending
+        (file order), read in batches of about 4 MiB per thread hop (see `car_producer.py`). Each part is a
+        reused buffer: send or copy it before asking for the next."""
+        async for part in produce(CarProducer(self.store, root, scope=scope, reuse_buffers=True)):
+            yield part
 
     # --- listing and the embedded default -----------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:

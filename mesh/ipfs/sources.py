@@ -22,6 +22,8 @@ from mesh.ipfs.store import BlockStore
 
 RAW_CONTENT_TYPE = "application/vnd.ipld.raw"
 MAX_BLOCK_RESPONSE = 4 * 1024 * 1024
+STREAM_READ_BUFSIZE = 4 * 1024 * 1024
+"""Read buffer of a CAR stream: well above one block, or aiohttp pauses and resumes reading every block."""
 
 
 def describe(exc: BaseException) -> str:
@@ -46,8 +48,10 @@ class BlockSource(Protocol):
 class CarSource(Protocol):
     name: str
 
-    def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
-        """Every block of the DAG under `root` as a CAR stream (unverified); raises SourceError/CodecError."""
+    def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        """Every block of the DAG under `root` as a CAR stream (unverified); raises SourceError/CodecError.
+        A block is bytes-like, or `car.Pieces` (views of the received chunks, not joined: `len()` and
+        `bytes()` work)."""
         ...
 
 
@@ -85,15 +89,15 @@ class _HttpSource:
 
     async def _stream_car_response(
         self, response: aiohttp.ClientResponse
-    ) -> AsyncIterator[tuple[CID, bytes]]:
-        async def read_exactly(n: int) -> bytes:
-            try:
-                return await response.content.readexactly(n)
-            except asyncio.IncompleteReadError:
-                raise EOFError from None
+    ) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        async def read_chunk() -> bytes:
+            while True:
+                data, end_of_http_chunk = await response.content.readchunk()
+                if data or not end_of_http_chunk:  # (b"", True) only marks an HTTP chunk boundary
+                    return data
 
         try:
-            async for _roots, cid, block in car.read_car(read_exactly):
+            async for _roots, cid, block in car.read_car_chunks(read_chunk):
                 yield cid, block
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{self.name}: CAR stream failed: {describe(exc)}") from exc
@@ -118,11 +122,12 @@ class KuboRpcSource(_HttpSource):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{self.name}: {describe(exc)}") from exc
 
-    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
         url = f"{self.base_url}/api/v0/dag/export"
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
         try:
-            async with self.session.post(url, params={"arg": str(root)}, timeout=timeout) as response:
+            async with self.session.post(url, params={"arg": str(root)}, timeout=timeout,
+                                         read_bufsize=STREAM_READ_BUFSIZE) as response:
                 if response.status != 200:
                     raise SourceError(f"{self.name}: HTTP {response.status} exporting {root}")
                 async for item in self._stream_car_response(response):
@@ -166,13 +171,14 @@ class GatewaySource(_HttpSource):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{self.name}: {describe(exc)}") from exc
 
-    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, bytes]]:
+    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
         url = f"{self.base_url}/ipfs/{root}"
         headers = {"Accept": car.CONTENT_TYPE}
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
         try:
             async with self.session.get(
-                url, params={"format": "car", "dag-scope": "all"}, headers=headers, timeout=timeout
+                url, params={"format": "car", "dag-scope": "all"}, headers=headers, timeout=timeout,
+                read_bufsize=STREAM_READ_BUFSIZE,
             ) as response:
                 if response.status != 200:
                     raise SourceError(f"{self.name}: HTTP {response.status} for CAR of {root}")

@@ -1,9 +1,10 @@
 """On-disk block store under the data dir.
 
 Layout: `blocks/<xx>/<key>` (key = base32 multihash, `xx` = its next-to-last two characters, as Kubo's
-flatfs), `tmp/` for writes in flight, `pins.json`. A block is verified against its CID before it is written;
-it is written to a temp file, fsynced and renamed into place, so a crash never leaves a partial block under a
-valid name. All methods block: async callers use `asyncio.to_thread`.
+flatfs), `filestore/` (raw leaves kept inside assembled model files, see `filestore.py`), `tmp/` for writes
+in flight, `pins.json`. A block is verified against its CID before it is written; it is written to a temp
+file, fsynced and renamed into place, so a crash never leaves a partial block under a valid name. All methods
+block: async callers use `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from multiformats import CID
 from mesh.ipfs import dagpb
 from mesh.ipfs.cid import DAG_PB, block_key, parse_cid, verify_block
 from mesh.ipfs.errors import CodecError, StoreError
+from mesh.ipfs.filestore import FileStore, key_bytes, key_text
 
 logger = logging.getLogger(__name__)
 STALE_TEMP_S = 3600.0
@@ -82,6 +84,8 @@ class BlockStore:
         except OSError as exc:
             raise StoreError(f"cannot create the block store at {self.root}: {exc}") from exc
         self._clean_stale_temps()
+        self.files = FileStore(self.root / "filestore", self._tmp, fsync=fsync)
+        """Raw leaves that live inside assembled files rather than block files."""
 
     # --- blocks -------------------------------------------------------------------------------------------
     def path_of(self, cid: CID) -> Path:
@@ -89,14 +93,14 @@ class BlockStore:
         return self._blocks / key[-3:-1] / key
 
     def has(self, cid: CID) -> bool:
-        return self.path_of(cid).is_file()
+        return self.path_of(cid).is_file() or self.files.has(bytes(cid.digest))
 
     def get(self, cid: CID) -> bytes | None:
-        """The block's bytes, or None when it is not stored."""
+        """The block's bytes (a block file, else a filestore leaf), or None when it is not stored."""
         try:
             return self.path_of(cid).read_bytes()
         except FileNotFoundError:
-            return None
+            return self.files.get(bytes(cid.digest))
         except OSError as exc:
             raise StoreError(f"cannot read block {cid}: {exc}") from exc
 
@@ -148,12 +152,45 @@ class BlockStore:
                 self._stats = StoreStats(self._stats.blocks - 1, self._stats.bytes - size)
         return size
 
+    def forget_block_files(self, keys: Iterable[bytes]) -> int:
+        """Delete the block files of blocks a filestore file now holds (recorded first); return how many."""
+        removed = 0
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._key_path(key))
+                removed += 1
+        if removed:
+            with self._lock:
+                self._stats = None
+        return removed
+
+    @property
+    def fsync(self) -> bool:
+        """Whether writes are fsynced (off only for throwaway stores)."""
+        return self._fsync
+
     def keys(self) -> Iterator[Path]:
         for shard in self._blocks.iterdir():
             if shard.is_dir():
                 yield from (p for p in shard.iterdir() if p.is_file())
 
+    def block_keys(self) -> set[str]:
+        """Keys (base32 multihashes) of every stored block: block files and filestore leaves."""
+        keys = {path.name for path in self.keys()}
+        keys.update(key_text(key) for key in self.files.sizes())
+        return keys
+
     def stats(self) -> StoreStats:
+        """Distinct blocks and their bytes, block files and filestore leaves together."""
+        files = self._file_stats()
+        extra = [n for k, n in self.files.sizes().items() if not os.path.exists(self._key_path(k))]
+        return StoreStats(files.blocks + len(extra), files.bytes + sum(extra))
+
+    def _key_path(self, key: bytes) -> str:
+        text = key_text(key)
+        return os.path.join(self._blocks_dir, text[-3:-1], text)
+
+    def _file_stats(self) -> StoreStats:
         with self._lock:
             if self._stats is not None:
                 return self._stats
@@ -217,7 +254,8 @@ class BlockStore:
 
     # --- reachability and garbage collection --------------------------------------------------------------
     def reachable(self, roots: Iterable[CID]) -> set[str]:
-        """Keys of stored blocks reachable from `roots` (walking only blocks that are present)."""
+        """Keys of stored blocks reachable from `roots` (walking only blocks that are present; raw leaves
+        are only checked for presence, not read)."""
         seen: set[str] = set()
         stack = list(roots)
         while stack:
@@ -225,19 +263,23 @@ class BlockStore:
             key = block_key(cid)
             if key in seen:
                 continue
+            if cid.codec.name != DAG_PB:
+                if self.has(cid):
+                    seen.add(key)
+                continue
             data = self.get(cid)
             if data is None:
                 continue
             seen.add(key)
-            if cid.codec.name == DAG_PB:
-                try:
-                    stack.extend(link.cid for link in dagpb.decode_node(data).links)
-                except CodecError:
-                    logger.warning("stored block %s does not decode as dag-pb", cid)
+            try:
+                stack.extend(link.cid for link in dagpb.decode_node(data).links)
+            except CodecError:
+                logger.warning("stored block %s does not decode as dag-pb", cid)
         return seen
 
     def gc(self) -> StoreStats:
-        """Delete every block not reachable from a pin; return what was freed."""
+        """Delete every block not reachable from a pin (block files, and filestore leaves with the files
+        left holding none); return what was freed. A pinned model's file is always kept."""
         keep = self.reachable(parse_cid(cid) for cid in self.pins())
         freed_blocks = 0
         freed_bytes = 0
@@ -248,7 +290,9 @@ class BlockStore:
             path.unlink(missing_ok=True)
             freed_blocks += 1
             freed_bytes += size
+        leaves, leaf_bytes = self.files.retain({key_bytes(k) for k in keep})
         with self._lock:
             self._stats = None
-        logger.info("gc freed %d blocks, %d bytes", freed_blocks, freed_bytes)
-        return StoreStats(freed_blocks, freed_bytes)
+        logger.info("gc freed %d blocks, %d bytes (%d filestore leaves)", freed_blocks + leaves,
+                    freed_bytes + leaf_bytes, leaves)
+        return StoreStats(freed_blocks + leaves, freed_bytes + leaf_bytes)

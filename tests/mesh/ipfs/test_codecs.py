@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.ipfs import car, dagpb, protobuf, unixfs
-from mesh.ipfs.cid import RAW, make_cid, parse_cid, verify_block
+from mesh.ipfs.cid import RAW, cid_to_bytes, make_cid, parse_cid, verify_block, verify_pieces
 from mesh.ipfs.errors import CodecError, InvalidCidError, VerificationError
 from mesh.ipfs.importer import FileBuilder, ImportOptions, import_stream
 from mesh.ipfs.reader import decode_file_node
@@ -90,6 +91,93 @@ async def test_truncated_car_raises() -> None:
     with pytest.raises(CodecError):
         async for _ in car.read_car(car.bytes_reader(b"\x05garbage")):
             pass
+
+
+def chunked(body: bytes, sizes: list[int]) -> car.ReadChunk:
+    """A `read_chunk` handing out `body` in pieces of the given sizes, in turn."""
+    pos = 0
+    turn = 0
+
+    async def read_chunk() -> bytes:
+        nonlocal pos, turn
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        piece = body[pos : pos + size]
+        pos += len(piece)
+        return piece
+
+    return read_chunk
+
+
+@functools.cache
+def _car_of_mixed_blocks() -> tuple[list, bytes]:
+    blocks: list = []
+    import_stream(io.BytesIO(make_data_bytes(700_000)), blocks.append, ImportOptions(cid_version=0))
+    root = blocks[-1].cid
+    for data in (b"", b"tiny", make_data_bytes(300_000)):
+        blocks.append(type(blocks[0])(make_cid(data, RAW, 1), data))
+    body = car.encode_header([root]) + b"".join(car.encode_section(b.cid, b.data) for b in blocks)
+    return blocks, body
+
+
+def make_data_bytes(size: int) -> bytes:
+    import random
+
+    return random.Random(size).randbytes(size)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=6).filter(
+    lambda sizes: sum(sizes) >= 200 * len(sizes)))  # 1-byte chunks only, over 1.3 MB: too slow to matter
+async def test_chunked_car_reader_matches_whole_reads(sizes: list[int]) -> None:
+    """However the stream is cut (inside varints, CIDs, blocks), the chunk reader yields the same sections
+    as the exact reader; blocks split over chunks come as `Pieces` that hash like the whole block."""
+    blocks, body = _car_of_mixed_blocks()
+    got = [(cid, block) async for _, cid, block in car.read_car_chunks(chunked(body, sizes))]
+    assert [cid for cid, _ in got] == [b.cid for b in blocks]
+    for (cid, block), want in zip(got, blocks, strict=True):
+        assert len(block) == len(want.data)
+        assert bytes(car.contiguous(block)) == want.data
+        verify_pieces(cid, car.block_parts(block))  # raises if the pieces do not hash to the CID
+
+
+async def test_chunked_car_reader_splits_big_blocks_into_pieces_without_copying() -> None:
+    _, body = _car_of_mixed_blocks()
+    got = [block async for _, _, block in car.read_car_chunks(chunked(body, [65536]))]
+    big = got[-1]
+    assert isinstance(big, car.Pieces) and len(big.parts) >= 4
+    assert all(isinstance(part, memoryview) for part in big.parts)
+
+
+async def test_chunked_car_reader_rejects_truncation_and_garbage() -> None:
+    _, body = _car_of_mixed_blocks()
+    for cut in (3, len(body) // 2, len(body) - 1):
+        with pytest.raises(CodecError):
+            async for _ in car.read_car_chunks(chunked(body[:cut], [1000])):
+                pass
+    with pytest.raises(CodecError):
+        async for _ in car.read_car_chunks(chunked(b"\x05garbage", [4])):
+            pass
+    header = car.encode_header([make_cid(b"x", RAW, 1)])
+    with pytest.raises(CodecError, match="out of range"):
+        async for _ in car.read_car_chunks(chunked(header + protobuf.encode_varint(5 << 20), [64])):
+            pass
+
+
+def test_verify_pieces_rejects_a_changed_piece() -> None:
+    data = make_data_bytes(100_000)
+    cid = make_cid(data, RAW, 1)
+    verify_pieces(cid, [data[:10], memoryview(data)[10:60_000], data[60_000:]])
+    with pytest.raises(VerificationError):
+        verify_pieces(cid, [data[:10], data[11:]])
+
+
+def test_cid_to_bytes_matches_multiformats() -> None:
+    from multiformats import CID
+
+    for cid in (make_cid(b"a", RAW, 1), make_cid(b"b", "dag-pb", 1), make_cid(b"c", "dag-pb", 0),
+                CID("base32", 1, "raw", ("sha2-512", b"\x00" * 64))):
+        assert cid_to_bytes(cid) == bytes(cid)
 
 
 def test_balanced_layout_shape() -> None:
