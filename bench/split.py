@@ -134,6 +134,8 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
     network = host_network(args) if args.netns else None
     delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
     backend = ["--backend", args.backend, "--delay-ms", str(delay)]
+    if args.switch_interval_ms is not None:
+        backend += ["--switch-interval-ms", str(args.switch_interval_ms)]
 
     def extra(name: str) -> list[str]:
         return ["--trace", str(base / f"{name}.trace")] if args.trace else []
@@ -243,6 +245,8 @@ def main() -> int:
     parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="emulated one-way link delay per node (in-process datagram delay; RTT = 2x)")
+    parser.add_argument("--switch-interval-ms", type=float,
+                        help="the nodes' GIL switch interval (default: CPython's 5 ms, as `shoal node`)")
     args = parser.parse_args()
     if not args.skip_pinned:
         run_setting("pinned", True, args)

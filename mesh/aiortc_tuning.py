@@ -11,7 +11,10 @@ with `bench/mesh_link.py`:
    carrying DATA, at once when the packet revealed a gap or a duplicate, and otherwise as soon as the event
    loop runs out of received datagrams — RFC 9260 §6.2 ("at least every second packet", within 200 ms).
    aiortc's sender sends at most four packets past its flight size per SACK, so one SACK per two packets
-   keeps its window growing.
+   keeps its window growing. Except: a lone packet after a quiet link (a split stage call, one packet each
+   way) is acknowledged `LONE_SACK_DELAY_S` later, since a SACK sent right after it arrived kept the event
+   loop (and the GIL) busy while the thread the message was for (the stage worker, the origin's engine
+   thread) waited to run. Bulk transfers, whose packets arrive back to back, keep the end-of-burst SACK.
 
 2. **Large packets** (per link, opt-in by both ends): when the remote shoal node says (in the `link` control
    frame, see `mesh.peer`) that it can take them and the selected ICE pair allows them (loopback, or a host
@@ -57,6 +60,16 @@ SCTP_OVERHEAD = rtcsctptransport.SCTP_COMMON_HEADER_LENGTH + rtcsctptransport.SC
 PATH_OVERHEAD = 40 + 8 + 64
 """IPv6 header + UDP header + a generous allowance for the DTLS record header, explicit IV and tag."""
 STANDARD_CHUNK = rtcsctptransport.USERDATA_MAX_LENGTH
+LONE_SACK_DELAY_S = 0.003
+"""How long the SACK of an unpaired DATA packet waits (RFC 9260 allows 200 ms). Measured with
+`bench/split.py --trace`, 2-stage loopback decode, interleaved A/B, 6 pairs: sent once the loop was idle,
+the peer's loop → stage-worker hop took 311-464 µs and the origin's loop → engine-thread hop 273-432 µs;
+3 ms later, 182-269 µs and 181-248 µs (docs/split.md, "Thread hand-offs and the lone SACK")."""
+QUIET_LINK_S = 0.002
+"""A DATA packet arriving this long after the previous one on its association starts an exchange (not a
+burst): if no second packet follows, its SACK waits `LONE_SACK_DELAY_S`. Back-to-back packets are far closer
+(block pulls: well under 1 ms), so bulk transfers keep acknowledging at the end of each burst (deferring
+those too gave 33-39 instead of 44-51 MiB/s for the 3-peer block pull in `bench/mesh_link.py`)."""
 MIN_USEFUL_PACKET = 4_096
 """Below this a larger packet is not worth leaving the standard size for."""
 
@@ -112,15 +125,25 @@ def _delayed_send_sack(
             sctp._shoal_sack_task = asyncio.ensure_future(flush(sctp))
 
     async def send_sack(sctp: Any) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        quiet = now - getattr(sctp, "_shoal_last_data", float("-inf")) > QUIET_LINK_S
+        sctp._shoal_last_data = now
         unacked = getattr(sctp, "_shoal_unacked", 0) + 1
         if unacked >= SACK_EVERY or sctp._sack_misordered or sctp._sack_duplicates:
             sctp._shoal_unacked = 0
+            handle = getattr(sctp, "_shoal_sack_handle", None)
+            if handle is not None:  # this SACK covers it; later lone packets get their own
+                handle.cancel()
+                sctp._shoal_sack_handle = None
             await original(sctp)
             return
         sctp._shoal_unacked = unacked
         if getattr(sctp, "_shoal_sack_handle", None) is None:
-            # Runs once the loop has handled the datagrams already queued: the end of a burst.
-            sctp._shoal_sack_handle = asyncio.get_running_loop().call_soon(schedule, sctp)
+            if quiet:  # off the critical path of a request/response exchange (see LONE_SACK_DELAY_S)
+                sctp._shoal_sack_handle = loop.call_later(LONE_SACK_DELAY_S, schedule, sctp)
+            else:  # runs once the loop has handled the datagrams already queued: the end of a burst
+                sctp._shoal_sack_handle = loop.call_soon(schedule, sctp)
 
     send_sack.__doc__ = "SACK every second DATA packet, on loss at once, else when the burst ends."
     return send_sack

@@ -4,6 +4,7 @@ mesh service and the split service, on loopback.
     python -m mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
         [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
         [--backend numpy|tvm] [--no-model] [--delay-ms N] [--trace FILE] [--ice-interface lo] [--api-key K]
+        [--switch-interval-ms MS]
 
 Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once the default model is
 loaded. With the NumPy backend, the node's engine and the spans it hosts share one cache of dequantized
@@ -197,6 +198,8 @@ async def serve(args: argparse.Namespace) -> None:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"%(asctime)s {args.name or ''} %(levelname)s %(name)s: %(message)s",
     )
+    if args.switch_interval_ms is not None:  # bench A/B only: measured no gain (docs/split.md)
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.trace:
         install_trace(args.trace)
     if args.delay_ms:
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ice-interface", default="lo", help="the interface ICE gathers host candidates on")
     parser.add_argument("--api-key", help="required when --api is not a loopback address")
     parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
+    parser.add_argument("--switch-interval-ms", type=float,
+                        help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -6,17 +6,20 @@ and shared by every sequence on it) holds one KV cache per remote sequence; a se
 and the u32 the peer chose. Every input is checked before it reaches the model: an unknown sequence, a wrong
 dtype, shape or size, or a token id outside the vocabulary is answered with an error frame — never a crash,
 and never a change to any KV cache. Compute runs on one worker thread (stages are not thread-safe, and the
-event loop must keep answering heartbeats).
+event loop must keep answering heartbeats): a dedicated `StageWorker` fed by a `queue.SimpleQueue`, which
+answers the loop with one `call_soon_threadsafe` (no executor and no concurrent future in between). A
+decode frame's inputs (a few KiB) are checked on the loop before they are queued, so a bad frame never
+reaches the worker and a good one takes exactly one hop there and one back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,9 @@ Gate = Callable[[], "str | None"]
 """Returns why this node refuses remote work right now (policy, battery), or None to accept."""
 
 DEFAULT_MAX_SEQUENCES = 64
+CHECK_ON_LOOP_BYTES = 65_536
+"""Inputs up to this size (every decode frame) are checked on the event loop (microseconds); larger prefill
+inputs are checked on the worker, so the loop never scans megabytes."""
 
 
 class HostError(RemoteError):
@@ -66,6 +72,53 @@ class _Session:
     local_id: int
 
 
+class StageWorker:
+    """One daemon thread running blocking calls in order; `run` awaits a call's result on the loop.
+
+    The thread answers with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the
+    loop per call. `stop()` is idempotent; calls queued before it still run (they are stage closes)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return await future
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            loop, future, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop closed while this call ran: nobody waits for it
+                pass
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class StageHost:
     """Hosts spans for remote sequences. `stop()` is idempotent and frees every stage."""
 
@@ -75,7 +128,7 @@ class StageHost:
         self._gate = gate
         self._max_sequences = max_sequences
         self._keep_idle = keep_idle_stages
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-host")
+        self._worker = StageWorker("stage-host")
         self._hosted: dict[tuple[str, LayerSpan], _Hosted] = {}
         self._loading: dict[tuple[str, LayerSpan], asyncio.Future[_Hosted]] = {}
         self._sessions: dict[tuple[str, int], _Session] = {}
@@ -200,7 +253,7 @@ class StageHost:
             await self._run(hosted.call, hosted.stage.close)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._worker.run(fn, *args)
 
     # --- tensors ------------------------------------------------------------------------------------
 
@@ -218,7 +271,10 @@ class StageHost:
             if any(s.hosted is not hosted for s in live):
                 raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
             ids = [s.local_id for s in live]
-            reply = await self._run(self._serve, hosted, message, ids)
+            inputs = None
+            if message.array is not None and message.array.nbytes <= CHECK_ON_LOOP_BYTES:
+                inputs = self._check_inputs(hosted.stage, message)
+            reply = await self._run(self._serve, hosted, message, ids, inputs)
         except wire.FrameError as exc:
             self.refused += 1
             logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
@@ -233,11 +289,13 @@ class StageHost:
         self.calls += 1
         return reply
 
-    def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int]) -> BinaryFrame:
-        """Worker thread: check the inputs, run the stage, encode the reply (all off the event loop, and in
-        one hop: the loop only decodes the frame's header and sends the reply)."""
+    def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int],
+               inputs: np.ndarray | None) -> BinaryFrame:
+        """Worker thread: check large inputs (the loop checked small ones: `inputs`), run the stage, encode
+        the reply — in one hop: the loop only decodes the frame's header and sends the reply."""
         stage = hosted.stage
-        inputs = self._check_inputs(stage, message)
+        if inputs is None:
+            inputs = self._check_inputs(stage, message)
         out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
         if stage.span.is_last(stage.config.num_layers):
             reply = wire.encode_logits(message.call, message.step, out, message.top_k)
@@ -292,7 +350,7 @@ class StageHost:
                 await self._run(h.call, h.stage.close)
             except Exception:  # shutting down: log and go on freeing the rest
                 logger.exception("closing stage %s failed", h.key)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._worker.stop()
 
 
 class DirectStage:

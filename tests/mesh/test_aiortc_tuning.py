@@ -164,3 +164,44 @@ def test_mesh_nodes_link_with_large_packets(tmp_path: Any) -> None:
     finally:
         for node in nodes:
             node.kill(15)
+
+
+
+async def test_lone_sack_waits_only_after_a_quiet_link() -> None:
+    """A lone DATA packet after a quiet link is acknowledged LONE_SACK_DELAY_S later (off a stage call's
+    critical path); a pair is acknowledged at once; a lone packet within a burst when the loop is idle."""
+    import asyncio
+    from types import SimpleNamespace
+
+    sent: list[float] = []
+
+    async def original(sctp: Any) -> None:
+        sent.append(time.monotonic())
+        sctp._sack_needed = False
+
+    send_sack = tuning._delayed_send_sack(original)  # type: ignore[arg-type]
+    sctp = SimpleNamespace(_sack_needed=True, _sack_misordered=set(), _sack_duplicates=[])
+
+    async def packet() -> None:
+        sctp._sack_needed = True
+        await send_sack(sctp)
+
+    async def spin() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    started = time.monotonic()
+    await packet()  # the first packet on a quiet link
+    await spin()
+    assert sent == []  # not at once ...
+    await asyncio.sleep(tuning.LONE_SACK_DELAY_S + 0.01)
+    assert len(sent) == 1 and sent[0] - started >= tuning.LONE_SACK_DELAY_S * 0.9  # ... but soon
+
+    await packet()  # quiet link again ...
+    await packet()  # ... but a second packet follows: the pair is acknowledged at once
+    assert len(sent) == 2
+    await packet()  # a third, right after: the end of a burst, acknowledged as soon as the loop is idle
+    await spin()
+    assert len(sent) == 3
+    await asyncio.sleep(tuning.LONE_SACK_DELAY_S + 0.01)
+    assert len(sent) == 3  # the first packet's timer finds nothing left to acknowledge

@@ -17,7 +17,7 @@ from mesh import split_wire as wire
 from mesh.mesh_errors import LinkClosed, RemoteError
 from mesh.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
 from mesh.protocol import TENSOR, BinaryFrame
-from mesh.stage_server import HostError, StageHost
+from mesh.stage_server import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
 from models.errors import CompileError
 from models.span import LayerSpan
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
@@ -221,6 +221,13 @@ async def test_malformed_frames_are_refused_and_the_stage_survives(expected: dic
         assert first["hidden"] == config.hidden_size
         ids = wire.encode_input(10, "prefill", 1, [8], np.array([1, 99999], dtype=np.int32))
         assert (await host.compute("p", ids)).meta["code"] == wire.BAD_TENSOR  # id outside the vocabulary
+        # a prefill too large to check on the loop is checked on the worker, with the same answer
+        rows = CHECK_ON_LOOP_BYTES // (4 * config.hidden_size) + 1
+        await host.open("p", {"model": MODEL, "span": "10:30", "seq": 9})
+        big = np.zeros((rows, config.hidden_size), dtype=np.float32)
+        big[-1, -1] = np.inf
+        reply = await host.compute("p", wire.encode_input(11, "prefill", 1, [9], big))
+        assert reply.meta["code"] == wire.BAD_TENSOR and host.calls == 1
     finally:
         await host.stop()
 
@@ -291,3 +298,37 @@ def test_top_k_logits_round_trip() -> None:
     assert np.isneginf(back).sum() == 2 * (1000 - 16)
     full = wire.decode_output(wire.encode_logits(3, 1, logits, 0), 1000).array
     assert full is not None and np.array_equal(full, logits)
+
+
+async def test_stage_worker_runs_calls_in_order_off_the_loop() -> None:
+    import threading
+
+    worker = StageWorker("test-stage-worker")
+    loop_thread = threading.get_ident()
+    seen: list[tuple[int, int]] = []
+
+    def call(i: int) -> int:
+        seen.append((i, threading.get_ident()))
+        return i * i
+
+    try:
+        results = await asyncio.gather(*(worker.run(call, i) for i in range(20)))
+        assert results == [i * i for i in range(20)]
+        assert [i for i, _ in seen] == list(range(20))
+        assert len({t for _, t in seen}) == 1 and seen[0][1] != loop_thread
+
+        def fail() -> None:
+            raise ValueError("bad input")
+
+        with pytest.raises(ValueError, match="bad input"):
+            await worker.run(fail)
+        assert await worker.run(call, 3) == 9  # an exception does not stop the worker
+        cancelled = asyncio.ensure_future(worker.run(call, 4))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # the call still runs; its result is dropped, not set on a cancelled future
+        assert await worker.run(call, 5) == 25
+    finally:
+        worker.stop()
+        worker.stop()  # idempotent
+    with pytest.raises(HostError):
+        await worker.run(call, 6)
