@@ -10,13 +10,14 @@ gateways (any shoal node is one). The mesh (WebRTC) layer adds its own source wi
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
 import aiohttp
 from multiformats import CID
 
-from mesh.ipfs import car
+from mesh.ipfs import car, cat_stream
 from mesh.ipfs.errors import BlockNotFoundError, SourceError
 from mesh.ipfs.store import BlockStore
 
@@ -104,7 +105,7 @@ class _HttpSource:
 
 
 class KuboRpcSource(_HttpSource):
-    """A local IPFS node's RPC API (`/api/v0/block/get`, `/api/v0/dag/export`)."""
+    """A local IPFS node's RPC API (`/api/v0/block/get`, `cat`, `dag/export`)."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float = 15.0) -> None:
         super().__init__(base_url, session, timeout_s, f"rpc {base_url}")
@@ -123,6 +124,35 @@ class KuboRpcSource(_HttpSource):
             raise SourceError(f"{self.name}: {describe(exc)}") from exc
 
     async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        """The DAG's blocks: a raw-leaf file cut from one `cat` (faster than an export on the nodes
+        measured, see `cat_stream`), any other DAG exported as a CAR (`dag/export`)."""
+        blocks = cat_stream.stream_blocks(root, self.get_block, functools.partial(self._open_cat, root))
+        try:
+            try:
+                first = await anext(blocks, None)
+            except cat_stream.NotRawLeaves:
+                async for item in self._export(root):
+                    yield item
+                return
+            if first is not None:
+                yield first
+                async for item in blocks:
+                    yield item
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+        finally:
+            await blocks.aclose()
+
+    async def _open_cat(self, root: CID) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
+        response = await self.session.post(f"{self.base_url}/api/v0/cat", params={"arg": str(root)},
+                                           timeout=timeout, read_bufsize=STREAM_READ_BUFSIZE)
+        if response.status != 200:
+            response.close()
+            raise SourceError(f"{self.name}: HTTP {response.status} for cat of {root}")
+        return response
+
+    async def _export(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
         url = f"{self.base_url}/api/v0/dag/export"
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
         try:

@@ -74,3 +74,58 @@ class FaultyGateway:
         elif self.mode == "garbage":
             body = self._rng.randbytes(5000)
         return web.Response(body=body, content_type=car.CONTENT_TYPE)
+
+
+class FaultyRpc:
+    """An IPFS node's RPC API over a real block store whose `cat` misbehaves: flips a byte in the middle of
+    the file (`wrong`), stops halfway (`truncate`) or sends extra bytes (`longer`); `none` is honest.
+    `block/get` is always honest; `dag/export` is not offered."""
+
+    CAT_MODES = ("wrong", "truncate", "longer", "none")
+
+    def __init__(self, store: BlockStore, mode: str) -> None:
+        if mode not in self.CAT_MODES:
+            raise ValueError(mode)
+        self.store = store
+        self.mode = mode
+        self.requests: Counter[str] = Counter()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/v0/block/get", self.block_get)
+        app.router.add_post("/api/v0/cat", self.cat)
+        app.router.add_post("/api/v0/dag/export", self.export)
+        return app
+
+    async def block_get(self, request: web.Request) -> web.Response:
+        self.requests["block/get"] += 1
+        block = self.store.get(parse_cid(request.query["arg"]))
+        if block is None:
+            return web.Response(status=500, text='{"Message":"block not found"}')
+        return web.Response(body=block)
+
+    async def export(self, request: web.Request) -> web.Response:
+        self.requests["dag/export"] += 1
+        raise web.HTTPNotFound()
+
+    async def cat(self, request: web.Request) -> web.StreamResponse:
+        self.requests["cat"] += 1
+        data = bytearray()
+        stack = [parse_cid(request.query["arg"])]
+        while stack:
+            cid = stack.pop()
+            node = decode_file_node(cid, self.store.get(cid) or b"")
+            data += node.data
+            stack.extend(child for child, _ in reversed(node.children))
+        if self.mode == "wrong":
+            data[len(data) // 2] ^= 0x01
+        elif self.mode == "truncate":
+            del data[len(data) // 2:]
+        elif self.mode == "longer":
+            data += b"\0" * 10
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for start in range(0, len(data), 100_000):  # several chunks, so leaves span chunk boundaries
+            await response.write(bytes(data[start:start + 100_000]))
+        await response.write_eof()
+        return response

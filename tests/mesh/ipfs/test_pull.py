@@ -15,7 +15,7 @@ from mesh.ipfs.cid import parse_cid
 from mesh.ipfs.errors import BlockNotFoundError, InvalidCidError, UnknownModelError
 from mesh.ipfs.service import IpfsService
 from tests.mesh.ipfs.conftest import offline_config, start_gateway
-from tests.mesh.ipfs.faults import FaultyGateway
+from tests.mesh.ipfs.faults import FaultyGateway, FaultyRpc
 from tests.mesh.ipfs.jsipfs import JsIpfs, free_port
 
 MIB = 1024 * 1024
@@ -153,6 +153,40 @@ async def test_faulty_source_is_rejected_and_pull_retries_elsewhere(
     else:
         assert result.stats.bad_blocks >= 1  # wrong or garbage blocks were hashed and dropped
     assert assert_store_all_verified(node_b) == 14
+
+
+@pytest.mark.parametrize("mode", FaultyRpc.CAT_MODES)
+async def test_rpc_pull_cuts_leaves_from_one_cat_and_rejects_a_bad_cat(
+    write_data, tmp_path: Path, mode: str
+) -> None:
+    """A raw-leaf file comes from the RPC node as one `cat` cut into leaves (no `dag/export`), every leaf
+    hashed; a cat with a flipped byte, cut short or too long is rejected and the gaps are filled elsewhere."""
+    source = write_data(3 * MIB + 99, seed=15)
+    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+        cid = await node_a.publish(source)
+        rpc = FaultyRpc(node_a.store, mode)
+        rpc_runner = web.AppRunner(rpc.app())
+        await rpc_runner.setup()
+        rpc_url = f"http://127.0.0.1:{free_port()}"
+        await web.TCPSite(rpc_runner, "127.0.0.1", int(rpc_url.rsplit(":", 1)[1])).start()
+        good_runner, good_url = await start_gateway(node_a)
+        try:
+            config = offline_config(rpc_url=rpc_url, gateways=(good_url,), ban_after_bad_blocks=1)
+            async with IpfsService(config, tmp_path / "b") as node_b:
+                result = await node_b.pull_detailed(str(cid))
+        finally:
+            await rpc_runner.cleanup()
+            await good_runner.cleanup()
+    assert same_bytes(result.path, source)
+    assert rpc.requests["cat"] == 1 and rpc.requests["dag/export"] == 0
+    assert assert_store_all_verified(node_b) == 14
+    if mode == "none":
+        assert result.stats.by_source[f"rpc {rpc_url}"] == 14  # root + 13 leaves, all from the cat
+        assert result.stats.bad_blocks == result.stats.source_failures == 0
+    elif mode == "wrong":
+        assert result.stats.bad_blocks >= 1
+    else:
+        assert result.stats.source_failures >= 1
 
 
 async def test_resume_uses_stored_blocks(write_data, tmp_path: Path) -> None:
