@@ -6,7 +6,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
 
-Three real node processes (mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
+Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
 with a forced route; routes are measured round robin.
 Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete). Prints

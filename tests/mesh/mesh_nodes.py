@@ -46,7 +46,7 @@ class Node:
             *self.prefix,
             sys.executable,
             "-m",
-            "mesh.mesh_harness",
+            "tests.mesh.mesh_harness",
             "--data-dir",
             str(self.data_dir),
             "--api",

@@ -1,5 +1,6 @@
-"""Helpers for split/offload tests and the split bench: start real node processes (`mesh.split_harness`) in
-parallel, force routes, run completions (plain and streamed), change policy."""
+"""Helpers for split/offload tests and the split bench: start real node processes
+(`tests.mesh.split_harness`) in parallel, force routes, run completions (plain and streamed), change
+policy."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class SplitNode:
 
     def launch(self, secret: str) -> None:
         log = open(self.log_path, "a")  # the process owns it
-        command = [*self.prefix, sys.executable, "-m", "mesh.split_harness", "--data-dir", str(self.data_dir),
-                   "--api", self.api, "--name", self.name, "--secret", secret, "-v", *self.args]
+        command = [*self.prefix, sys.executable, "-m", "tests.mesh.split_harness",
+                   "--data-dir", str(self.data_dir), "--api", self.api, "--name", self.name,
+                   "--secret", secret, "-v", *self.args]
         if self.key:
             command += ["--api-key", self.key]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}

@@ -1,7 +1,7 @@
 """A small node process for mesh tests and benchmarks: an aiohttp app with the mesh service and the IPFS
 block store + gateway, plus test-only routes. `shoal node` is the real thing; this runs the mesh alone.
 
-    python -m mesh.mesh_harness --data-dir D --api 127.0.0.1:0 [--invite T] [--bootstrap H:P ...]
+    python -m tests.mesh.mesh_harness --data-dir D --api 127.0.0.1:0 [--invite T] [--bootstrap H:P ...]
         [--ice lo] [--no-mdns] [--delay-ms N]
 
 Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once listening.
@@ -186,7 +186,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mesh.mesh_harness")
+    parser = argparse.ArgumentParser(prog="python -m tests.mesh.mesh_harness")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--api", default="127.0.0.1:0")
     parser.add_argument("--name")

@@ -1,7 +1,7 @@
 """A full node process for split/offload tests and benchmarks: `mesh.node.Node` (OpenAI API, models) plus the
 mesh service and the split service, on loopback.
 
-    python -m mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
+    python -m tests.mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
         [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
         [--backend numpy|tvm] [--no-model] [--delay-ms N] [--trace FILE] [--ice-interface lo] [--api-key K]
         [--switch-interval-ms MS]
@@ -247,7 +247,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mesh.split_harness")
+    parser = argparse.ArgumentParser(prog="python -m tests.mesh.split_harness")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--api", required=True, help="HOST:PORT (fixed: peers learn it from signalling)")
     parser.add_argument("--name")
