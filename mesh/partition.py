@@ -62,8 +62,15 @@ def allocate_proportional(total: int, speeds: Sequence[float], caps: Sequence[in
             counts[i] = caps[i]
             remaining -= caps[i]
             free.discard(i)
-        if remaining < len(free):
-            return None
+        if remaining < len(free):  # the capped stages took layers the others need for their minimum of 1
+            deficit = len(free) - remaining
+            for i in sorted(over, key=lambda j: (-counts[j], j)):
+                give = min(deficit, counts[i] - 1)
+                counts[i] -= give
+                remaining += give
+                deficit -= give
+            if deficit:
+                return None
     ok = sum(counts) == total and all(1 <= c <= cap for c, cap in zip(counts, caps, strict=True))
     return counts if ok else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mesh.config import PolicyConfig
@@ -207,6 +207,8 @@ def test_invalid_inputs_raise() -> None:
         plan(SHAPE, REQ, dev("not-local"), [], OPEN)
 
 
+@example(total=10, speeds=[19.0, 1.0, 1.0], caps=[9, 1, 1, 0, 0])  # found by hypothesis in CI
+@settings(max_examples=500, deadline=None)
 @given(
     total=st.integers(1, 64),
     speeds=st.lists(st.floats(0.1, 1000), min_size=1, max_size=5),
