@@ -22,9 +22,7 @@ quantization without touching the model code. Parameter names follow `weight_nam
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from tvm import relax as rx
@@ -257,77 +255,7 @@ def _make_embedding(config: ModelConfig, quantization: str, target: Target) -> n
         return nn.Embedding(config.vocab_size, config.hidden_size, dtype="float32")
     from models.kernels.relax_ops import QuantizedEmbedding, kernel_backend
 
-    backend = kernel_backend(target)
-    if backend == "cuda":
-        return _cuda_embedding_class(QuantizedEmbedding)(config.vocab_size, config.hidden_size, backend)
-    return QuantizedEmbedding(config.vocab_size, config.hidden_size, backend)
-
-
-def _cuda_q8_0_gather(vocab: int, dim: int) -> Any:
-    """Gather + dequantize rows of a packed Q8_0 table (models/kernels layout) on the GPU: one thread block
-    per token, one thread per output element. (The kernels' embedding gather is a CPU loop.)"""
-    from tvm.script import tirx as T
-
-    rows, groups = vocab // 16, dim // 32
-
-    @T.prim_func(private=True)
-    def gather(var_ids: T.handle, qw: T.Buffer((rows, groups, 8, 16), "uint32"),
-               scale: T.Buffer((rows, groups, 16), "float16"), var_out: T.handle):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        count = T.int64()
-        ids = T.match_buffer(var_ids, (count,), "int32")
-        out = T.match_buffer(var_out, (count, dim), "float32")
-        for m in T.thread_binding(count, thread="blockIdx.x"):
-            for e in T.thread_binding(dim, thread="threadIdx.x"):
-                out[m, e] = T.Cast("float32", T.Cast("int32", T.shift_right(
-                    qw[ids[m] // 16, e // 32, e % 32 // 4, ids[m] % 16], T.Cast("uint32", 8 * (e % 4)))
-                    & T.uint32(255)) - 128) * T.Cast("float32", scale[ids[m] // 16, e // 32, ids[m] % 16])
-
-    return gather
-
-
-def _cuda_embedding_class(base: type) -> type:
-    class CudaQuantizedEmbedding(base):  # type: ignore[misc, valid-type]
-        """`QuantizedEmbedding` whose gather runs on the GPU; `project` (the tied head) is unchanged."""
-
-        def forward(self, ids: Tensor) -> Tensor:
-            flat = op.reshape(ids, [-1]) if len(ids.shape) != 1 else ids
-            count = flat.shape[0]
-            name = f"embed_q8_0_cuda_{self.vocab_size}x{self.dim}"
-            out = op.tensor_ir_op(_cuda_q8_0_gather(self.vocab_size, self.dim), name,
-                                  [flat, self.qweight, self.scale],
-                                  Tensor.placeholder([count, self.dim], "float32"))
-            return op.reshape(out, [*ids.shape, self.dim]) if len(ids.shape) != 1 else out
-
-    return CudaQuantizedEmbedding
-
-
-@contextlib.contextmanager
-def _memoized_kernel_factories() -> Iterator[None]:
-    """Build each quantized kernel PrimFunc once per shape while exporting.
-
-    models/kernels builds its PrimFuncs from TVMScript on every call (~0.1 s of parsing each); a 30-layer
-    shard calls them ~420 times but needs ~12 distinct ones. Memoizing during export cuts ~100 s to ~2 s.
-    (Harmless if the kernels module caches them itself.)"""
-    import importlib
-
-    targets = [("relax_ops", "gemv_func"), ("relax_ops", "gemm_func"), ("relax_ops", "quantize_act_func"),
-               ("relax_ops", "embedding_func"), ("cuda_q4", "cuda_matmul_func")]
-    originals = []
-    for module_name, name in targets:
-        try:
-            module = importlib.import_module(f"models.kernels.{module_name}")
-        except ImportError:
-            continue
-        if callable(getattr(module, name, None)):
-            originals.append((module, name, getattr(module, name)))
-    try:
-        for module, name, f in originals:
-            setattr(module, name, functools.cache(f))
-        yield
-    finally:
-        for module, name, f in originals:
-            setattr(module, name, f)
+    return QuantizedEmbedding(config.vocab_size, config.hidden_size, kernel_backend(target))
 
 
 def export_shard(
@@ -336,6 +264,6 @@ def export_shard(
     """The shard as a Relax IRModule plus its parameters (name, Parameter) in the order the functions take
     them."""
     model = LlamaShard(config, span, target, quantization)
-    with _memoized_kernel_factories() if quantization != "f32" else contextlib.nullcontext():
-        mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    # the kernel factories (models/kernels) cache their PrimFuncs per shape: ~12 distinct for ~420 calls
+    mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params
