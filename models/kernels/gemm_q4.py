@@ -14,7 +14,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from models.kernels.gemv_q4 import check_shape
+from models.kernels.gemv_q4 import check_shape, matmul_entry
 from models.kernels.quant import GROUP, ROWS
 from models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 
@@ -30,7 +30,7 @@ def gemm_func(kind: str, n: int, k: int, vnni: bool, tile: int = TILE, chunk: in
     check_shape(n, k, kind)
     if chunk % tile:
         raise ValueError(f"chunk {chunk} must be a multiple of tile {tile}")
-    blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
+    blocks, groups = n // ROWS, k // GROUP
     tiles = chunk // tile
 
     @T.macro
@@ -53,31 +53,4 @@ def gemm_func(kind: str, n: int, k: int, vnni: bool, tile: int = TILE, chunk: in
                             row = T.meta_var(T.min(mc * chunk + bt * tile + i, batch - 1))
                             y[row, T.Ramp(nb * ROWS, 1, LANES)] = acc[i, T.Ramp(0, 1, LANES)]
 
-    @T.prim_func(private=True)
-    def gemm_q4_1(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
-                  var_scale: T.handle, var_min: T.handle, var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
-        xd = T.match_buffer(var_xd, (batch, groups), "float32")
-        xds = T.match_buffer(var_xds, (batch, groups), "float32")
-        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
-        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
-        body(xq, xd, xds, qw, scale, wmin, y, batch)
-
-    @T.prim_func(private=True)
-    def gemm_q8_0(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
-                  var_scale: T.handle, var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
-        xd = T.match_buffer(var_xd, (batch, groups), "float32")
-        xds = T.match_buffer(var_xds, (batch, groups), "float32")
-        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
-        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
-        body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
-
-    return gemm_q4_1 if kind == "q4_1" else gemm_q8_0
+    return matmul_entry(body, kind, n, k)

@@ -8,6 +8,7 @@ blocks are split over the CPU threads; every activation row re-reads the row blo
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -24,6 +25,41 @@ def check_shape(n: int, k: int, kind: str) -> None:
         raise ValueError(f"unknown weight kind {kind!r}: expected 'q4_1' or 'q8_0'")
     if n % ROWS or k % GROUP:
         raise ValueError(f"shape [{n}, {k}]: rows must be a multiple of {ROWS}, columns of {GROUP}")
+
+
+def matmul_entry(body: Any, kind: str, n: int, k: int) -> tirx.PrimFunc:
+    """The PrimFunc around a quantized matmul `body` macro (gemv, gemm): arguments xq, xd, xds, qweight,
+    scale, [min (q4_1)], y fp32 [B, N], with B symbolic (int64)."""
+    blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
+
+    @T.prim_func(private=True)
+    def matmul_q4_1(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
+                    var_scale: T.handle, var_min: T.handle, var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
+        xd = T.match_buffer(var_xd, (batch, groups), "float32")
+        xds = T.match_buffer(var_xds, (batch, groups), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        body(xq, xd, xds, qw, scale, wmin, y, batch)
+
+    @T.prim_func(private=True)
+    def matmul_q8_0(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
+                    var_scale: T.handle, var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
+        xd = T.match_buffer(var_xd, (batch, groups), "float32")
+        xds = T.match_buffer(var_xds, (batch, groups), "float32")
+        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
+        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
+        y = T.match_buffer(var_y, (batch, n), "float32")
+        body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
+
+    return matmul_q4_1 if kind == "q4_1" else matmul_q8_0
 
 
 def _quantize_row(groups: int):
@@ -101,35 +137,8 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
                         row_vec(scale, nb, g), row_vec(wmin, nb, g), xd[b, g], xds[b, g])
                 y[b, T.Ramp(nb * ROWS, 1, LANES)] = acc[T.Ramp(0, 1, LANES)]
 
-    @T.prim_func(private=True)
-    def gemv_q4_1(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
-                  var_scale: T.handle, var_min: T.handle, var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
-        xd = T.match_buffer(var_xd, (batch, groups), "float32")
-        xds = T.match_buffer(var_xds, (batch, groups), "float32")
-        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
-        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
-        body(xq, xd, xds, qw, scale, wmin, y, batch)
-
-    @T.prim_func(private=True)
-    def gemv_q8_0(var_xq: T.handle, var_xd: T.handle, var_xds: T.handle, var_qw: T.handle,
-                  var_scale: T.handle, var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        xq = T.match_buffer(var_xq, (batch, k // 4), "int32")
-        xd = T.match_buffer(var_xd, (batch, groups), "float32")
-        xds = T.match_buffer(var_xds, (batch, groups), "float32")
-        qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
-        scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
-        body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
-
     if not fused:
-        return gemv_q4_1 if has_min else gemv_q8_0
+        return matmul_entry(body, kind, n, k)
     row = _quantize_row(groups)
 
     @T.prim_func(private=True)
