@@ -56,6 +56,18 @@ ReadChunk = Callable[[], Awaitable[bytes]]
 """The next received chunk of a stream, of any size; b"" at its end."""
 
 
+def http_body_chunks(response: Any) -> ReadChunk:
+    """`ReadChunk` over an aiohttp response's body: each piece as received, b"" at its end."""
+
+    async def read_chunk() -> bytes:
+        while True:
+            data, end_of_http_chunk = await response.content.readchunk()
+            if data or not end_of_http_chunk:  # (b"", True) only marks an HTTP chunk boundary
+                return data
+
+    return read_chunk
+
+
 # --- a minimal dag-cbor subset for the header -------------------------------------------------------------
 
 def _cbor_head(major: int, value: int) -> bytes:

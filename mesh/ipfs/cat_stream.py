@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from multiformats import CID
 
-from mesh.ipfs.car import MAX_SECTION, CarBlock, ChunkBuffer
+from mesh.ipfs.car import MAX_SECTION, CarBlock, ChunkBuffer, http_body_chunks
 from mesh.ipfs.cid import DAG_PB, verify_block
 from mesh.ipfs.errors import CodecError, SourceError
 from mesh.ipfs.reader import decode_file_node
@@ -71,14 +70,6 @@ async def _interior(root: CID, get_block: GetBlock) -> tuple[list[tuple[CID, byt
     return nodes, leaves
 
 
-async def _next_chunk(response: aiohttp.ClientResponse) -> bytes:
-    """The next received piece of the body (b"" at its end), skipping HTTP chunk-boundary markers."""
-    while True:
-        data, end_of_http_chunk = await response.content.readchunk()
-        if data or not end_of_http_chunk:
-            return data
-
-
 async def stream_blocks(
     root: CID, get_block: GetBlock, open_cat: Callable[[], Awaitable[aiohttp.ClientResponse]]
 ) -> AsyncIterator[tuple[CID, CarBlock]]:
@@ -96,7 +87,7 @@ async def stream_blocks(
         for item in nodes:
             yield item
         response = await cat
-        received = ChunkBuffer(functools.partial(_next_chunk, response))
+        received = ChunkBuffer(http_body_chunks(response))
         for cid, size in leaves:
             if size > MAX_SECTION or not await received.fill(size):
                 raise SourceError(f"cat of {root} ended before leaf {cid}")

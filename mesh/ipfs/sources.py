@@ -88,18 +88,26 @@ class _HttpSource:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 5.0))
         self.name = name
 
-    async def _stream_car_response(
-        self, response: aiohttp.ClientResponse
-    ) -> AsyncIterator[tuple[CID, car.CarBlock]]:
-        async def read_chunk() -> bytes:
-            while True:
-                data, end_of_http_chunk = await response.content.readchunk()
-                if data or not end_of_http_chunk:  # (b"", True) only marks an HTTP chunk boundary
-                    return data
+    async def _open_stream(self, method: str, url: str, params: dict[str, str], what: str,
+                           headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """A response to read as a stream (no total timeout: each read is bounded instead), HTTP 200 only."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
+        response = await self.session.request(method, url, params=params, headers=headers, timeout=timeout,
+                                              read_bufsize=STREAM_READ_BUFSIZE)
+        if response.status != 200:
+            response.close()
+            raise SourceError(f"{self.name}: HTTP {response.status} for {what}")
+        return response
 
+    async def _stream_car(self, method: str, url: str, params: dict[str, str], what: str,
+                          headers: dict[str, str] | None = None) -> AsyncIterator[tuple[CID, car.CarBlock]]:
         try:
-            async for _roots, cid, block in car.read_car_chunks(read_chunk):
-                yield cid, block
+            response = await self._open_stream(method, url, params, what, headers)
+            try:
+                async for _roots, cid, block in car.read_car_chunks(car.http_body_chunks(response)):
+                    yield cid, block
+            finally:
+                response.close()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{self.name}: CAR stream failed: {describe(exc)}") from exc
 
@@ -144,26 +152,12 @@ class KuboRpcSource(_HttpSource):
             await blocks.aclose()
 
     async def _open_cat(self, root: CID) -> aiohttp.ClientResponse:
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
-        response = await self.session.post(f"{self.base_url}/api/v0/cat", params={"arg": str(root)},
-                                           timeout=timeout, read_bufsize=STREAM_READ_BUFSIZE)
-        if response.status != 200:
-            response.close()
-            raise SourceError(f"{self.name}: HTTP {response.status} for cat of {root}")
-        return response
+        return await self._open_stream("POST", f"{self.base_url}/api/v0/cat", {"arg": str(root)},
+                                       f"cat of {root}")
 
-    async def _export(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
-        url = f"{self.base_url}/api/v0/dag/export"
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
-        try:
-            async with self.session.post(url, params={"arg": str(root)}, timeout=timeout,
-                                         read_bufsize=STREAM_READ_BUFSIZE) as response:
-                if response.status != 200:
-                    raise SourceError(f"{self.name}: HTTP {response.status} exporting {root}")
-                async for item in self._stream_car_response(response):
-                    yield item
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+    def _export(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        return self._stream_car("POST", f"{self.base_url}/api/v0/dag/export", {"arg": str(root)},
+                                f"export of {root}")
 
     async def import_car(self, body: bytes | AsyncIterator[bytes]) -> None:
         """Push blocks to the node (`dag/import`, pinning the roots)."""
@@ -201,21 +195,9 @@ class GatewaySource(_HttpSource):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{self.name}: {describe(exc)}") from exc
 
-    async def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
-        url = f"{self.base_url}/ipfs/{root}"
-        headers = {"Accept": car.CONTENT_TYPE}
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total, sock_connect=5.0)
-        try:
-            async with self.session.get(
-                url, params={"format": "car", "dag-scope": "all"}, headers=headers, timeout=timeout,
-                read_bufsize=STREAM_READ_BUFSIZE,
-            ) as response:
-                if response.status != 200:
-                    raise SourceError(f"{self.name}: HTTP {response.status} for CAR of {root}")
-                async for item in self._stream_car_response(response):
-                    yield item
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SourceError(f"{self.name}: {describe(exc)}") from exc
+    def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        return self._stream_car("GET", f"{self.base_url}/ipfs/{root}", {"format": "car", "dag-scope": "all"},
+                                f"CAR of {root}", {"Accept": car.CONTENT_TYPE})
 
 
 __all__ = [
