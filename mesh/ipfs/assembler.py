@@ -205,6 +205,32 @@ def _pwritev_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
             views[0] = views[0][n:]
 
 
+class _TempFile:
+    """A temp file in the destination's folder, renamed into place only by `install`."""
+
+    def __init__(self, folder: Path, prefix: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd, self.path = tempfile.mkstemp(dir=folder, prefix=prefix)
+        self._closed = False
+
+    def install(self, dest: Path, *, fsync: bool) -> None:
+        try:
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            self.close()
+        os.replace(self.path, dest)
+
+    def discard(self) -> None:
+        self.close()
+        Path(self.path).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
 class PublishedFileWriter:
     """Publishing: the raw leaves of a file being imported are written once, back to back, into a temp file
     that becomes `dest_dir/<root>.gguf` and holds them for the store (a filestore record) instead of block
@@ -213,9 +239,7 @@ class PublishedFileWriter:
 
     def __init__(self, store: BlockStore, dest_dir: Path) -> None:
         self.store = store
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(dir=dest_dir, prefix=".publish.gguf.")
-        self._closed = False
+        self._file = _TempFile(dest_dir, ".publish.gguf.")
         self._pos = 0
         self._leaves: list[Entry] = []
 
@@ -223,7 +247,7 @@ class PublishedFileWriter:
         if block.cid.codec.name == DAG_PB:
             self.store.put(block.cid, block.data)
             return
-        _pwrite_all(self._fd, block.data, self._pos)
+        _pwrite_all(self._file.fd, block.data, self._pos)
         self._leaves.append((bytes(block.cid.digest), self._pos, len(block.data)))
         self._pos += len(block.data)
 
@@ -233,25 +257,14 @@ class PublishedFileWriter:
         if self._pos != size or not self._leaves:
             self.discard()
             return False
-        try:
-            if self.store.fsync:
-                os.fsync(self._fd)
-        finally:
-            self._close()
-        os.replace(self._tmp, dest)
+        self._file.install(dest, fsync=self.store.fsync)
         self.store.files.add_file(dest, str(root), self._leaves)
         self.store.forget_block_files(key for key, _, _ in self._leaves)
         self.store.files.drop_partials(str(root))
         return True
 
     def discard(self) -> None:
-        self._close()
-        Path(self._tmp).unlink(missing_ok=True)
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
+        self._file.discard()
 
 
 class SparseFileWriter:
@@ -260,24 +273,14 @@ class SparseFileWriter:
 
     def __init__(self, dest: Path, size: int) -> None:
         self.dest = dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        self._closed = False
-        os.ftruncate(self._fd, size)
+        self._file = _TempFile(dest.parent, f".{dest.name}.")
+        os.ftruncate(self._file.fd, size)
 
     def write_at(self, offset: int, data: bytes) -> None:
-        _pwrite_all(self._fd, data, offset)
+        _pwrite_all(self._file.fd, data, offset)
 
     def commit(self) -> None:
-        os.fsync(self._fd)
-        self._close()
-        os.replace(self._tmp, self.dest)
+        self._file.install(self.dest, fsync=True)
 
     def discard(self) -> None:
-        self._close()
-        Path(self._tmp).unlink(missing_ok=True)
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
+        self._file.discard()
