@@ -13,6 +13,11 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=20)
 
 
+def _tc(namespace: str, *qdisc: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`tc qdisc add dev eth0 root QDISC...` inside `namespace`."""
+    return _ip("netns", "exec", namespace, "tc", "qdisc", "add", "dev", "eth0", "root", *qdisc, check=check)
+
+
 def available() -> str | None:
     """None if namespaces can be used here, else the reason they cannot."""
     if os.geteuid() != 0:
@@ -50,91 +55,24 @@ class HostNetwork:
         self.names = []
         try:
             _ip("-n", self.bridge_ns, "link", "set", "lo", "up")
-            _ip(
-                "-n",
-                self.bridge_ns,
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-                "mcast_snooping",
-                "0",
-            )
+            _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge",
+                "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
             _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
             for index in range(self.hosts):
                 name = f"{self.prefix}h{index}"
                 _ip("netns", "add", name)
                 self.names.append(name)
-                _ip(
-                    "link",
-                    "add",
-                    "eth0",
-                    "netns",
-                    name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    f"veth{index}",
-                    "netns",
-                    self.bridge_ns,
-                )
+                _ip("link", "add", "eth0", "netns", name, "type", "veth",
+                    "peer", "name", f"veth{index}", "netns", self.bridge_ns)
                 _ip("-n", self.bridge_ns, "link", "set", f"veth{index}", "master", "br0", "up")
                 _ip("-n", name, "addr", "add", f"{self.address(index)}/24", "dev", "eth0")
                 _ip("-n", name, "link", "set", "eth0", "up")
                 _ip("-n", name, "link", "set", "lo", "up")
                 if delay_ms:
-                    netem = subprocess.run(
-                        [
-                            "ip",
-                            "netns",
-                            "exec",
-                            name,
-                            "tc",
-                            "qdisc",
-                            "add",
-                            "dev",
-                            "eth0",
-                            "root",
-                            "netem",
-                            "delay",
-                            f"{delay_ms}ms",
-                        ],
-                        capture_output=True,
-                        text=True,
-                        timeout=20,
-                    )
+                    netem = _tc(name, "netem", "delay", f"{delay_ms}ms", check=False)
                     self.netem = netem.returncode == 0
                 if rate and not self.netem:
-                    subprocess.run(
-                        [
-                            "ip",
-                            "netns",
-                            "exec",
-                            name,
-                            "tc",
-                            "qdisc",
-                            "add",
-                            "dev",
-                            "eth0",
-                            "root",
-                            "tbf",
-                            "rate",
-                            rate,
-                            "burst",
-                            "32kb",
-                            "latency",
-                            "50ms",
-                        ],
-                        check=True,
-                        capture_output=True,
-                        timeout=20,
-                    )
+                    _tc(name, "tbf", "rate", rate, "burst", "32kb", "latency", "50ms")
         except BaseException:
             self.close()
             raise
