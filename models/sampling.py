@@ -126,7 +126,8 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return logits
     probs = softmax(logits)
-    order = np.argsort(-probs, kind="stable")
+    # ordered by logit, not probability: logits a hair apart can round to equal probabilities
+    order = np.argsort(-logits, kind="stable")
     cumulative = np.cumsum(probs[order])
     keep = int(np.searchsorted(cumulative, p, side="left")) + 1
     out = np.full_like(logits, -np.inf)
