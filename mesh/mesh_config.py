@@ -64,6 +64,10 @@ class MeshConfig:
     """Protocol violations tolerated per link before close and ban."""
     max_peers: int = 32
     """Most simultaneous links."""
+    direct_tensors: bool = True
+    """Carry a split's tensors over a sealed TCP link (`mesh.tensor_link`) to a stage whose API address is
+    reachable, instead of the `tensors` data channel (much slower per call: aiortc's SCTP is pure Python).
+    Off: this node neither listens for nor opens direct links."""
 
     def __post_init__(self) -> None:
         for key in ("allow", "bootstrap", "ice_interfaces", "stun", "turn"):

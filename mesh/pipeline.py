@@ -31,6 +31,7 @@ import numpy as np
 from mesh import split_wire as wire
 from mesh.mesh_errors import MeshError, PeerUnavailable, RemoteError, RequestTimeout
 from mesh.protocol import TENSOR, BinaryFrame
+from mesh.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from models.config import ModelConfig
 from models.span import LayerSpan
 from models.stage import Stage
@@ -106,7 +107,7 @@ class RemoteStage:
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, timeout_s: float = 30.0, per_token_timeout_s: float = 0.05,
                  open_timeout_s: float = 300.0, top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False,
-                 cid: str | None = None) -> None:
+                 cid: str | None = None, direct: bool = False) -> None:
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -124,6 +125,8 @@ class RemoteStage:
         self._lengths: dict[int, int] = {}
         self._step = 0
         self._closed = False
+        self._want_direct = direct
+        self._direct: TensorLinkClient | None = None
         self.timing = LinkTiming()
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
@@ -158,6 +161,25 @@ class RemoteStage:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq
         self._lengths[seq_id] = 0
+        if self._want_direct:
+            self._want_direct = False  # one try per stage
+            self._direct = self._open_direct()
+
+    def _open_direct(self) -> TensorLinkClient | None:
+        """A direct tensor link to the peer when its API address is reachable (see `mesh.tensor_link`), or
+        None: the calls then go over the data channel."""
+        address = getattr(self.link, "advert", {}).get("api") or getattr(self.link, "api_address", None)
+        if not isinstance(address, str) or ":" not in address:
+            return None
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            grant = self._call(self.link.request(TENSOR_LINK, {}, 5.0), 5.0)
+            client = TensorLinkClient.connect(host, grant)
+        except (StageLost, ValueError, LinkError) as exc:
+            logger.info("no direct tensor link to %s (%s); using the data channel", self.peer[:12], exc)
+            return None
+        logger.info("direct tensor link to %s at %s", self.peer[:12], host)
+        return client
 
     def remove_sequence(self, seq_id: int) -> None:
         wire_seq = self._wire.pop(seq_id, None)
@@ -196,7 +218,14 @@ class RemoteStage:
             frame.meta["out"] = "f16"
         timeout = self._timeout + self._per_token * arr.shape[0]
         started = time.perf_counter()
-        reply = self._call(self.link.request_binary(TENSOR, frame.meta, frame.payload, timeout), timeout)
+        if self._direct is not None:
+            try:
+                reply = self._direct.call(BinaryFrame(TENSOR, self._step % 2**32, frame.meta, frame.payload),
+                                          timeout, self._link_alive)
+            except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
+                raise StageLost(self.peer, f"direct tensor link: {exc}") from None
+        else:
+            reply = self._call(self.link.request_binary(TENSOR, frame.meta, frame.payload, timeout), timeout)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
         compute = reply.meta.get("compute_s")
@@ -223,6 +252,14 @@ class RemoteStage:
             return out[0]
         return out
 
+    @property
+    def transport(self) -> str:
+        """How calls travel: "direct" (a tensor link) or "channel" (the peer's `tensors` data channel)."""
+        return "direct" if self._direct is not None else "channel"
+
+    def _link_alive(self) -> bool:
+        return bool(getattr(self.link, "is_open", True))
+
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         return self._forward("prefill", [seq_id], inputs)
 
@@ -235,12 +272,19 @@ class RemoteStage:
         for seq_id in list(self._wire):
             self.remove_sequence(seq_id)
         self._closed = True
+        self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def abandon(self) -> None:
         """Forget every sequence without telling the peer (it is gone)."""
         self._closed = True
         self._wire.clear()
         self._lengths.clear()
+        self._close_direct()
 
     def __repr__(self) -> str:
         return f"RemoteStage({self.peer[:12]}, {self.model}, layers {self.span})"
@@ -297,7 +341,7 @@ class SplitPipeline:
             timing = getattr(stage, "timing", None)
             if isinstance(timing, LinkTiming):
                 out.append({"peer": getattr(stage, "peer", LOCAL_PEER), "layers": str(stage.span),
-                            **timing.to_dict()})
+                            "link": getattr(stage, "transport", "local"), **timing.to_dict()})
         return out
 
     def add_sequence(self, seq_id: int) -> None:

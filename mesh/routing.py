@@ -55,6 +55,8 @@ class RouteSettings:
     max_replans: int = 3
     top_k_logits: int = 256
     fp16_hidden: bool = False
+    direct_tensors: bool = True
+    """Send a split's tensors over a direct link (`mesh.tensor_link`) to stages whose address is reachable."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +346,8 @@ class Router:
                         raise StageLost(a.device, str(exc)) from None
                     stages.append(RemoteStage(link, loop, served.name, config, a.span,
                                               timeout_s=self.settings.stage_timeout_s, top_k=top_k,
-                                              fp16=self.settings.fp16_hidden, cid=cid))
+                                              fp16=self.settings.fp16_hidden, cid=cid,
+                                              direct=self.settings.direct_tensors))
             except BaseException:
                 for stage in stages:
                     await loop.run_in_executor(None, stage.close)

@@ -3,8 +3,9 @@ node offers, and owns the `Router` the API uses for its own requests.
 
 `SplitService(node, mesh)` is a `mesh.node.Service` (start/stop/add_routes). It registers on the mesh:
 `stage.open`/`stage.close` and `offload.*` control handlers, the `TENSOR` binary handler (tensor frames →
-`StageHost.compute`), and a peer listener that frees a departed peer's sequences. It publishes a `split` field
-in this node's advert: {"serve_others", "memory_budget"} (from the policy), plus `models` and `speed`.
+`StageHost.compute`), `tensor.link` (a grant for a direct tensor link, `mesh.tensor_link`, whose requests
+the host's worker answers), and a peer listener that frees a departed peer's sequences. It publishes a `split`
+field in this node's advert: {"serve_others", "memory_budget"} (from the policy), plus `models` and `speed`.
 Routes: `GET /v1/mesh/route` and `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
 `{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
 `{}` to go back to the scheduler).
@@ -22,10 +23,12 @@ import orjson
 import psutil
 from aiohttp import web
 
+from mesh.mesh_errors import RemoteError
 from mesh.offload import OffloadClient, OffloadServer
 from mesh.protocol import TENSOR, BinaryFrame, ControlFrame
-from mesh.routing import ForcedRoute, Router
+from mesh.routing import ForcedRoute, Router, RouteSettings
 from mesh.stage_server import StageHost
+from mesh.tensor_link import TENSOR_LINK, LinkError, TensorLinkServer
 from models.span import LayerSpan
 from models.stage import Stage
 
@@ -39,9 +42,11 @@ class SplitService:
         self.node = node
         self.mesh = mesh
         self.host = StageHost(self._build_stage, self.refusal)
+        self.tensor_links = TensorLinkServer(self.host.serve_link)
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
         self.offload_client = OffloadClient(mesh)
-        self.router = Router(node, mesh, self.host, self.offload_client)
+        settings = RouteSettings(direct_tensors=mesh.config.direct_tensors)
+        self.router = Router(node, mesh, self.host, self.offload_client, settings)
         self.router.load = self.load
         node.router = self.router  # the API's completion handler streams through it
         self._models: dict[str, Any] = {}
@@ -53,6 +58,7 @@ class SplitService:
         mesh.on_control("stage.open", self._on_stage_open)
         mesh.on_control("stage.close", self._on_stage_close)
         mesh.on_binary(TENSOR, self._on_tensor)
+        mesh.on_control(TENSOR_LINK, self._on_tensor_link)
         mesh.add_peer_listener(self._on_peer)
 
     # --- policy ---------------------------------------------------------------------------------------
@@ -101,8 +107,18 @@ class SplitService:
     async def _on_tensor(self, peer: Any, frame: BinaryFrame) -> BinaryFrame | None:
         return await self.host.compute(peer.peer_id, frame)
 
+    async def _on_tensor_link(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        reason = self.refusal()
+        if reason is not None:
+            raise RemoteError("refused", reason)
+        try:
+            return self.tensor_links.grant(peer.peer_id)
+        except LinkError as exc:
+            raise RemoteError("unavailable", str(exc)) from None
+
     def _on_peer(self, event: str, peer: Any) -> None:
         if event == "left":
+            self.tensor_links.drop_peer(peer.peer_id)
             self.mesh.spawn(self.host.peer_lost(peer.peer_id), name=f"free stages of {peer.peer_id[:12]}")
 
     # --- stages and models ----------------------------------------------------------------------------
@@ -150,6 +166,11 @@ class SplitService:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        try:
+            if self.mesh.config.direct_tensors:
+                self.tensor_links.start(self.node.host)
+        except OSError as exc:  # the API's address cannot take a second listener: tensors use the channel
+            logger.warning("no direct tensor links on %s: %s", self.node.host, exc)
         self.publish_advert()
         self._advert_task = asyncio.create_task(self._refresh_adverts(), name="split-adverts")
 
@@ -169,6 +190,7 @@ class SplitService:
             await asyncio.gather(self._advert_task, return_exceptions=True)
             self._advert_task = None
         await self.offload_server.stop()
+        self.tensor_links.stop()
         await self.host.stop()
 
     def add_routes(self, app: web.Application) -> None:

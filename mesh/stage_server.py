@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ import numpy as np
 from mesh import split_wire as wire
 from mesh.mesh_errors import RemoteError
 from mesh.protocol import BinaryFrame
+from mesh.tensor_link import LinkError, ServerLink
 from models.errors import ContextOverflowError, ModelError
 from models.span import LayerSpan
 from models.stage import Stage
@@ -73,27 +76,88 @@ class _Session:
 
 
 class StageWorker:
-    """One daemon thread running blocking calls in order; `run` awaits a call's result on the loop.
+    """One daemon thread running stage calls in order: calls queued from the loop (`run` awaits the result)
+    and the requests of direct tensor links (`serve_link`), which it reads, computes and answers itself.
 
-    The thread answers with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the
-    loop per call. `stop()` is idempotent; calls queued before it still run (they are stage closes)."""
+    The thread waits in one `select` over its wake-up socket and the links' sockets. A queued call answers the
+    loop with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the loop per call;
+    a link request involves no event loop at all. `stop()` is idempotent; calls queued before it still run
+    (they are stage closes)."""
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
+
+    def _put(self, item: tuple[Any, ...] | None) -> None:
+        self._queue.put(item)
+        try:
+            self._wake_write.send(b"\0")
+        except BlockingIOError:  # wake-ups are pending already
+            pass
+        except OSError:  # the worker is gone (stopped): nothing waits for the item
+            pass
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._stopped:
             raise HostError(wire.REFUSED, "the node is shutting down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((loop, future, fn, args))
+        self._put((loop, future, fn, args))
         return await future
 
+    def serve_link(self, link: ServerLink, handle: Callable[[ServerLink], bool]) -> None:
+        """Any thread: read `link` on the worker from now on; `handle(link)` answers one request and returns
+        False when the link is done (the worker then closes it)."""
+        if self._stopped:
+            link.close()
+            return
+        self._put(("link", link, handle))
+
     def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
+        links: list[ServerLink] = []
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.data is not None:
+                        link, handle = key.data
+                        if not handle(link):
+                            self._selector.unregister(link.sock)
+                            links.remove(link)
+                            link.close()
+                    elif not self._drain(links):
+                        return
+        finally:
+            for link in links:
+                link.close()
+            self._selector.close()
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _drain(self, links: list[ServerLink]) -> bool:
+        """Run what was queued; False once `stop()` was."""
+        try:
+            self._wake_read.recv(4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            if item[0] == "link":
+                _, link, handle = item
+                self._selector.register(link.sock, selectors.EVENT_READ, (link, handle))
+                links.append(link)
+                continue
             loop, future, fn, args = item
             try:
                 result, error = fn(*args), None
@@ -107,7 +171,7 @@ class StageWorker:
     def stop(self) -> None:
         if not self._stopped:
             self._stopped = True
-            self._queue.put(None)
+            self._put(None)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -259,35 +323,65 @@ class StageHost:
 
     async def compute(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
         """Run one prefill/decode frame; returns the hidden/logits frame, or an error frame."""
-        step = frame.meta.get("step") if isinstance(frame.meta.get("step"), int) else 0
         try:
-            message = wire.decode_input(frame)
-            sessions = [self._sessions.get((peer, s)) for s in message.seqs]
-            missing = [s for s, sess in zip(message.seqs, sessions, strict=True) if sess is None]
-            if missing:
-                raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
-            live = [s for s in sessions if s is not None]
-            hosted = live[0].hosted
-            if any(s.hosted is not hosted for s in live):
-                raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-            ids = [s.local_id for s in live]
-            inputs = None
-            if message.array is not None and message.array.nbytes <= CHECK_ON_LOOP_BYTES:
-                inputs = self._check_inputs(hosted.stage, message)
+            hosted, message, ids, inputs = self._admit(peer, frame, CHECK_ON_LOOP_BYTES)
             reply = await self._run(self._serve, hosted, message, ids, inputs)
-        except wire.FrameError as exc:
-            self.refused += 1
-            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
-            return wire.encode_error(frame.request_id, step, exc.code, exc.message)
-        except (ContextOverflowError, ValueError) as exc:
-            self.refused += 1
-            return wire.encode_error(frame.request_id, step, wire.BAD_REQUEST, str(exc))
-        except Exception as exc:  # task boundary: one bad call must not take the host down
-            self.refused += 1
-            logger.exception("peer %s: stage call failed", peer[:12])
-            return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
+        except Exception as exc:
+            return self._refuse(peer, frame, exc)
         self.calls += 1
         return reply
+
+    def compute_blocking(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
+        """`compute` on the calling thread (the worker, for a direct tensor link)."""
+        try:
+            reply = self._serve(*self._admit(peer, frame, 0))
+        except Exception as exc:
+            return self._refuse(peer, frame, exc)
+        self.calls += 1
+        return reply
+
+    def serve_link(self, link: ServerLink) -> None:
+        """Answer `link`'s tensor frames on the worker from now on (see `mesh.tensor_link`)."""
+        self._worker.serve_link(link, self._answer_link)
+
+    def _answer_link(self, link: ServerLink) -> bool:
+        try:
+            frame = link.read_frame()
+            link.send_frame(self.compute_blocking(link.peer, frame))
+        except LinkError as exc:
+            logger.info("tensor link of peer %s ends: %s", link.peer[:12], exc)
+            return False
+        return True
+
+    def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int
+               ) -> tuple[_Hosted, wire.TensorMessage, list[int], np.ndarray | None]:
+        """Decode a tensor frame and find its sequences; inputs up to `check_up_to` bytes are checked here
+        (on the loop), larger ones by `_serve` (on the worker). Raises FrameError."""
+        message = wire.decode_input(frame)
+        sessions = [self._sessions.get((peer, s)) for s in message.seqs]
+        missing = [s for s, sess in zip(message.seqs, sessions, strict=True) if sess is None]
+        if missing:
+            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
+        live = [s for s in sessions if s is not None]
+        hosted = live[0].hosted
+        if any(s.hosted is not hosted for s in live):
+            raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
+        inputs = None
+        if message.array is not None and message.array.nbytes <= check_up_to:
+            inputs = self._check_inputs(hosted.stage, message)
+        return hosted, message, [s.local_id for s in live], inputs
+
+    def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
+        """The error frame answering a call that failed with `exc`."""
+        self.refused += 1
+        step = frame.meta.get("step") if isinstance(frame.meta.get("step"), int) else 0
+        if isinstance(exc, wire.FrameError):
+            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
+            return wire.encode_error(frame.request_id, step, exc.code, exc.message)
+        if isinstance(exc, ContextOverflowError | ValueError):
+            return wire.encode_error(frame.request_id, step, wire.BAD_REQUEST, str(exc))
+        logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
+        return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
 
     def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int],
                inputs: np.ndarray | None) -> BinaryFrame:

@@ -122,7 +122,7 @@ def install_trace(path: str) -> None:
     `[event, perf_counter]` (CLOCK_MONOTONIC: comparable across the node processes on one machine)."""
     import time
 
-    from mesh import pipeline, stage_server
+    from mesh import pipeline, stage_server, tensor_link
     from mesh.peer import Peer
     from models.generate import Engine
 
@@ -189,8 +189,29 @@ def install_trace(path: str) -> None:
     wrap_sync(stage_server.StageHost, "_timed_forward", "p.exec_start", "p.exec_end")
     wrap_sync(stage_server.DirectStage, "decode", "o.local_start", "o.local_end")
     wrap_sync(pipeline.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
+    wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
+    wrap_sync(stage_server.StageHost, "compute_blocking", "p.direct_start", "p.direct_end")
     wrap_sync(Engine, "_run_decode", "e.thread_start", "e.thread_end")
     wrap_async(Engine, "_decode_step", "e.step_start", "e.step_end")
+
+
+def delay_tensor_links(seconds: float) -> None:
+    """Bench-only: hold every record a direct tensor link sends (both ends) for `seconds` first, as
+    `delay_outgoing_datagrams` holds the data channels' packets (a blocking sleep: the sender would wait for
+    the answer anyway)."""
+    import time
+
+    from mesh import tensor_link
+
+    def delayed(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    tensor_link.TensorLinkClient.call = delayed(tensor_link.TensorLinkClient.call)  # type: ignore[method-assign]
+    tensor_link.ServerLink.send_frame = delayed(tensor_link.ServerLink.send_frame)  # type: ignore[method-assign]
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -206,13 +227,15 @@ async def serve(args: argparse.Namespace) -> None:
         from mesh.ice import delay_outgoing_datagrams
 
         delay_outgoing_datagrams(args.delay_ms / 1000)  # emulated link latency (this kernel has no netem)
+        delay_tensor_links(args.delay_ms / 1000)
     data_dir = Path(args.data_dir)
     host, port = args.api.rsplit(":", 1)
     policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
                           trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
     mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
                              ice_interfaces=[args.ice_interface], heartbeat_interval_s=0.5,
-                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
+                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0,
+                             direct_tensors=not args.no_direct_tensors)
     config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
                         api=ApiConfig(host=host, port=int(port), key=args.api_key), policy=policy,
                         models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4),
@@ -264,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every outgoing datagram this long")
     parser.add_argument("--ice-interface", default="lo", help="the interface ICE gathers host candidates on")
     parser.add_argument("--api-key", help="required when --api is not a loopback address")
+    parser.add_argument("--no-direct-tensors", action="store_true",
+                        help="keep a split's tensors on the data channel (no direct tensor links)")
     parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
     parser.add_argument("--switch-interval-ms", type=float,
                         help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")

@@ -1,8 +1,10 @@
 """Offload and split across three real node processes over WebRTC on loopback (NumPy backend).
 
 Node a is the origin (its API gets every request); b and c serve others. a's allow-list holds b only, so c
-is a mesh member a does not trust. Greedy output must be the same whichever way a request is served, and the
-stream must survive `kill -9` of a stage. The kill test runs last (it removes c).
+is a mesh member a does not trust. b keeps tensors on the data channel (no direct tensor links), so c's stages
+get a direct link and b's the channel: both transports in one split. Greedy output must be the same whichever
+way a request is served, and the stream must survive `kill -9` of a stage (c, on a direct link). The kill
+test runs last (it removes c).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def mesh3(tmp_path_factory):
     secret = os.urandom(32).hex()
     ids = {n: Identity.load_or_create(base / n, name=n).peer_id for n in "abc"}
     a = SplitNode("a", base / "a", ["--serve-others", "--allow", ids["b"]])
-    b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api])
+    b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api, "--no-direct-tensors"])
     c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api])
     d = SplitNode("d", base / "d", ["--no-model", "--serve-others", "--bootstrap", a.api])  # holds no model
     nodes = [a, b, c, d]
@@ -83,6 +85,9 @@ def test_two_and_three_stage_splits_and_offload_equal_local(mesh3, expected):
             assert route["kind"] == kind and route["replans"] == 0, route
             assert route["peers"] == [p for p, _ in stages]
             assert route["spans"] == [s for _, s in stages]
+            if kind == "split":  # b offers no direct link; c (and only c) does
+                links = [t["link"] for t in route["stage_timing"]]
+                assert links == ["local"] + ["direct" if p == c.peer_id else "channel" for p, _ in stages[1:]]
     requests = a.call("GET", "/v1/mesh/requests")["requests"]
     kinds = {r["route"]["kind"] for r in requests}
     assert {"local", "split", "offload"} <= kinds

@@ -1,0 +1,230 @@
+"""Direct tensor links (mesh/tensor_link.py): the sealed record format, and real TCP links on 127.0.0.1
+between a `RemoteStage` and a real `StageHost` (NumPy stages): a split over a direct link equals one stage
+token for token, malformed frames get error frames, a forged/replayed/oversized record or a wrong token ends
+the link, and a link cut mid-generation is a lost stage that the pipeline re-plans with exactly the no-fault
+tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh import split_wire as wire
+from mesh import tensor_link as tl
+from mesh.pipeline import RemoteStage, SplitPipeline
+from mesh.protocol import TENSOR, BinaryFrame
+from mesh.stage_server import StageHost
+from models.span import LayerSpan
+from tests.mesh.test_split_inprocess import MODEL, PeerLink, blocking, factory, gate_open, greedy
+from tests.models.shared_model import chat_ids, gguf_model, reference_stage
+
+PROMPT = "What is the capital of France?"
+TOKENS = 5
+
+
+# --- records ----------------------------------------------------------------------------------------------
+
+def test_records_round_trip_and_refuse_tampering_replay_and_reflection() -> None:
+    key = os.urandom(32)
+    origin, stage = tl.Sealer(key, tl.TO_STAGE), tl.Sealer(key, tl.TO_ORIGIN)
+    frame = BinaryFrame(TENSOR, 7, {"op": "decode", "seqs": [1]}, b"\x01\x02" * 100)
+    first = origin.seal(tl.encode_frame(frame))
+    assert struct.unpack_from("<I", first)[0] == len(first) - 4
+    assert tl.decode_frame(stage.open(first[4:])) == frame
+    with pytest.raises(tl.LinkError):  # the same record again: the counter moved on
+        stage.open(first[4:])
+    second = bytearray(origin.seal(tl.encode_frame(frame)))
+    second[20] ^= 1
+    with pytest.raises(tl.LinkError):
+        stage.open(bytes(second[4:]))
+    with pytest.raises(tl.LinkError):  # a record sent back the way it came
+        tl.Sealer(key, tl.TO_STAGE).open(tl.Sealer(key, tl.TO_STAGE).seal(b"x")[4:])
+    with pytest.raises(ValueError):
+        tl.encode_frame(BinaryFrame(2, 1, {}, b""))  # blocks do not travel on tensor links
+
+
+@given(st.binary(max_size=300))
+def test_any_plaintext_decodes_or_is_refused(data: bytes) -> None:
+    try:
+        frame = tl.decode_frame(data)
+    except tl.LinkError:
+        return
+    assert frame.kind == TENSOR and isinstance(frame.meta, dict)
+
+
+# --- real links -------------------------------------------------------------------------------------------
+
+class DirectPeerLink(PeerLink):
+    """An in-process control link to `host` standing in for peer `peer_id`, whose node listens for direct
+    tensor links on 127.0.0.1 (a real `TensorLinkServer`)."""
+
+    def __init__(self, host: StageHost, peer_id: str, server: tl.TensorLinkServer) -> None:
+        super().__init__(host, peer_id)
+        self.server = server
+        self.api_address = "127.0.0.1:8740"
+        self.binary_calls = 0
+        self.is_open = True
+
+    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
+        if frame_type == tl.TENSOR_LINK:
+            return self.server.grant(self.peer_id)
+        return await super().request(frame_type, body, timeout_s)
+
+    async def request_binary(self, kind: int, meta: dict[str, Any], payload: bytes = b"",
+                             timeout_s: float | None = None) -> BinaryFrame:
+        self.binary_calls += 1
+        return await super().request_binary(kind, meta, payload, timeout_s)
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[int]:
+    return greedy(reference_stage(0, 30), chat_ids(PROMPT), TOKENS, 990_001)
+
+
+@pytest.fixture
+async def served():
+    """Two stage hosts a and b, b with a listening tensor link server."""
+    hosts = {name: StageHost(factory, gate_open) for name in "ab"}
+    server = tl.TensorLinkServer(hosts["b"].serve_link)
+    server.start("127.0.0.1")
+    links = {"a": PeerLink(hosts["a"], "a"), "b": DirectPeerLink(hosts["b"], "b", server)}
+    try:
+        yield hosts, server, links
+    finally:
+        server.stop()
+        for host in hosts.values():
+            await host.stop()
+
+
+async def test_split_over_a_direct_link_equals_one_stage(served, expected: list[int]) -> None:
+    hosts, _, links = served
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    stages = [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 15)),
+              RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True)]
+    pipeline = SplitPipeline(config, stages, lambda excluded: [])
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 3) == expected
+        assert [t["link"] for t in pipeline.timings()] == ["channel", "direct"]
+        assert links["b"].binary_calls == 0 and hosts["b"].calls == TOKENS  # prefill + 4 decodes, all direct
+    finally:
+        await blocking(pipeline.close)
+
+
+async def test_malformed_frames_on_a_direct_link_get_error_frames(served) -> None:
+    hosts, server, _ = served
+    config = gguf_model().config
+    await hosts["b"].open("b", {"model": MODEL, "span": "15:30", "seq": 5})
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    good = wire.encode_input(1, "decode", 1, [5], np.zeros((1, config.hidden_size), np.float32))
+    bad = [
+        BinaryFrame(TENSOR, 2, {**good.meta, "shape": [1, 575]}, good.payload),
+        BinaryFrame(TENSOR, 3, {**good.meta, "seqs": [6]}, good.payload),  # not this peer's sequence
+        BinaryFrame(TENSOR, 4, {"op": "decode"}, b""),
+        BinaryFrame(TENSOR, 5, good.meta, good.payload[:-4]),
+    ]
+    try:
+        for frame in bad:
+            reply = await blocking(client.call, frame, 5.0)
+            assert reply.meta["op"] == "error" and reply.request_id == frame.request_id, reply.meta
+        reply = await blocking(client.call, BinaryFrame(TENSOR, 9, good.meta, good.payload), 5.0)
+        assert reply.meta["op"] == "logits" and hosts["b"].calls == 1 and hosts["b"].refused == len(bad)
+    finally:
+        client.close()
+
+
+async def test_tokens_are_single_use_and_checked(served) -> None:
+    _, server, _ = served
+    grant = server.grant("b")
+    with pytest.raises(tl.LinkError):
+        await blocking(tl.TensorLinkClient.connect, "127.0.0.1", {**grant, "token": os.urandom(16).hex()})
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", grant)
+    client.close()
+    with pytest.raises(tl.LinkError):  # the same grant again
+        await blocking(tl.TensorLinkClient.connect, "127.0.0.1", grant)
+    with pytest.raises(tl.LinkError):  # right token, wrong key: the handshake record does not open
+        await blocking(tl.TensorLinkClient.connect, "127.0.0.1", {**server.grant("b"), "key": "00" * 32})
+    with pytest.raises(tl.LinkError):
+        tl.TensorLinkClient.connect("127.0.0.1", {"port": "x"})
+
+
+@pytest.mark.parametrize("fault", ["forged", "oversized", "garbage"])
+async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: str) -> None:
+    hosts, server, _ = served
+    grant = server.grant("b")
+    sock = socket.create_connection(("127.0.0.1", grant["port"]), timeout=5)
+    try:
+        sock.sendall(bytes.fromhex(grant["token"]))
+        sealer = tl.Sealer(bytes.fromhex(grant["key"]), tl.TO_STAGE)
+        assert tl.read_record(sock, sealer) == b""  # accepted
+        if fault == "forged":
+            record = bytearray(sealer.seal(b"\0" * 8))
+            record[-1] ^= 0xFF
+            sock.sendall(record)
+        elif fault == "oversized":
+            sock.sendall(struct.pack("<I", tl.MAX_RECORD + 1))
+        else:
+            sock.sendall(b"\x05\x00\x00\x00abcde")
+        sock.settimeout(5)
+        assert sock.recv(100) == b""  # the stage node closed the link
+    finally:
+        sock.close()
+    # the worker still serves other links
+    await hosts["b"].open("b", {"model": MODEL, "span": "15:30", "seq": 1})
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    hidden = np.zeros((1, gguf_model().config.hidden_size), np.float32)
+    frame = wire.encode_input(1, "decode", 1, [1], hidden)
+    try:
+        reply = await blocking(client.call, BinaryFrame(TENSOR, 1, frame.meta, frame.payload), 5.0)
+        assert reply.meta["op"] == "logits"
+    finally:
+        client.close()
+
+
+async def test_a_dead_peer_fails_the_call_at_once(served) -> None:
+    _, server, _ = served
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    started = time.monotonic()
+    with pytest.raises(tl.LinkError, match="went down"):
+        await blocking(client.call, BinaryFrame(TENSOR, 1, {"op": "decode"}, b""), 30.0, lambda: False)
+    assert time.monotonic() - started < 5
+    with pytest.raises(tl.LinkError, match="closed"):  # a failed link stays failed
+        await blocking(client.call, BinaryFrame(TENSOR, 2, {"op": "decode"}, b""), 30.0)
+
+
+async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: list[int]) -> None:
+    _, server, links = served
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    calls = 0
+    original = StageHost.compute_blocking
+
+    def cut_after_two(self: StageHost, peer: str, frame: BinaryFrame) -> BinaryFrame:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            server.drop_peer("b")  # the link goes down while this call is in flight
+        return original(self, peer, frame)
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        assert excluded == {"b"}
+        return [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 30))]
+
+    stages = [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 15)),
+              RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True)]
+    StageHost.compute_blocking = cut_after_two  # type: ignore[method-assign]
+    pipeline = SplitPipeline(config, stages, rebuild)
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 4) == expected
+        assert [r.lost for r in pipeline.replans] == ["b"]
+    finally:
+        StageHost.compute_blocking = original  # type: ignore[method-assign]
+        await blocking(pipeline.close)
