@@ -50,6 +50,8 @@ TOKEN_BYTES = 16
 TOKEN_TTL_S = 10.0
 MAX_PENDING_TOKENS = 256
 HANDSHAKE_TIMEOUT_S = 2.0
+MAX_HANDSHAKES = 16
+"""Connections still to show a token, at once; more are closed unread."""
 RECORD_TIMEOUT_S = 5.0
 """Once a record's first bytes arrived, the rest must follow within this (the sender writes it at once)."""
 TAG_BYTES = 16
@@ -294,6 +296,7 @@ class TensorLinkServer:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self.port = 0
 
     def start(self, host: str) -> None:
@@ -330,10 +333,20 @@ class TensorLinkServer:
                 sock, address = listener.accept()
             except OSError:  # closed by stop()
                 return
+            if not self._handshakes.acquire(blocking=False):
+                logger.warning("tensor link from %s refused: too many handshakes at once", address[0])
+                sock.close()
+                continue
             threading.Thread(target=self._handshake, args=(sock, address), name="tensor-link-handshake",
                              daemon=True).start()
 
     def _handshake(self, sock: socket.socket, address: tuple) -> None:
+        try:
+            self._authenticate(sock, address)
+        finally:
+            self._handshakes.release()
+
+    def _authenticate(self, sock: socket.socket, address: tuple) -> None:
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
             _tune(sock)

@@ -228,3 +228,19 @@ async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: li
     finally:
         StageHost.compute_blocking = original  # type: ignore[method-assign]
         await blocking(pipeline.close)
+
+
+async def test_idle_connections_cannot_pile_up(served) -> None:
+    _, server, _ = served
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(tl.MAX_HANDSHAKES)]
+    try:
+        await asyncio.sleep(0.2)  # every one of them now holds a handshake slot
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        assert extra.recv(10) == b""  # closed unread
+        extra.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    await asyncio.sleep(0.2)  # the handshakes see their peers gone and free the slots
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    client.close()
