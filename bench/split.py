@@ -207,6 +207,12 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
                 print(f"\n{name}: median time per hop of a decode step (us)")
                 for (_, hop), values in sorted(rows.items()):
                     print(f"  {statistics.median(values) * 1e6:8.0f}  {hop}")
+                steps = sorted(t2 - t1 for began, ended in windows[name] for t1, t2 in itertools.pairwise(
+                    at for at, event in events if event == "a:e.step_start" and began <= at < ended))
+                if steps:
+                    q = [steps[min(len(steps) - 1, int(f * len(steps)))] * 1000 for f in (0.5, 0.9, 0.99)]
+                    print(f"  step ms: median {q[0]:.2f}, p90 {q[1]:.2f}, p99 {q[2]:.2f}, "
+                          f"max {steps[-1] * 1000:.2f} ({len(steps)} steps)")
         if args.delay_ms:
             rtt = 2 * args.delay_ms / 1000
             per_token = 1 / local_rate

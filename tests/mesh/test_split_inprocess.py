@@ -275,6 +275,8 @@ def test_top_k_ids_equal_a_full_sort(size: int) -> None:
             ids = wire.top_k_ids(row, k)
             assert len(ids) == k and len(set(ids.tolist())) == k
             assert np.array_equal(np.sort(row[ids]), np.sort(row)[-k:])
+            if k == 1:  # the argmax greedy decoding takes: the lowest id among ties
+                assert ids[0] == np.flatnonzero(row == row.max())[0]
 
 
 def test_top_k_ids_fall_back_on_non_finite_rows() -> None:

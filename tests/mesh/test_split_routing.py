@@ -57,7 +57,7 @@ def test_offload_params_and_token_frames() -> None:
 
 def test_logits_top_k_by_sampling_params() -> None:
     assert logits_top_k(SamplingParams(temperature=0), 256) == GREEDY_TOP_K  # argmax: a one-packet reply
-    assert logits_top_k(SamplingParams(temperature=0), 4) == 4
+    assert logits_top_k(SamplingParams(temperature=0), 4) == GREEDY_TOP_K
     assert logits_top_k(SamplingParams(temperature=0, repetition_penalty=1.2), 256) == 256
     assert logits_top_k(SamplingParams(temperature=0, presence_penalty=-1.0), 256) == 256
     assert logits_top_k(SamplingParams(temperature=0.7), 256) == 0  # no top-k: every logit
