@@ -1,7 +1,7 @@
 """Mesh link benchmark: separate node processes on loopback (the mesh harness), measured from a client node.
 
     python bench/mesh_link.py [--blocks 32] [--block-size 262144] [--rtt-count 200] [--repeat 3]
-                              [--stream-mib 64]
+                              [--stream-mib 64] [--car-only]
 
 Reports: link setup time; RTT of 1 KiB and 8 KiB frames (median, p99) on `control` and `tensors`; block
 throughput over one data channel (1 request in flight, then 8), from three peers at once over data channels,
@@ -9,7 +9,8 @@ through one peer's HTTP gateway, a CAR stream of `--stream-mib` MiB from a peer'
 same size between two processes on loopback; RSS of client and server. Every throughput (the naive aiortc
 baseline, `bench/naive_aiortc.py`, included) is measured `--repeat` times and reported as the median, with
 the issue-6 ratios at the end. The server processes are started with `--bench`, which adds the routes below
-to the harness.
+to the harness. `--car-only` runs just the CAR stream (received by `http_stream`, as the product does, and
+through aiohttp) and plain TCP, taking turns for `--repeat` rounds, and prints medians and per-round ratios.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,7 @@ from mesh import protocol as p  # noqa: E402
 if TYPE_CHECKING:
     from mesh.network import MeshService
     from mesh.peer import Peer
+    from tests.mesh.mesh_nodes import Node
 
 p.register_control_type("bench.echo", 16_384)
 
@@ -109,8 +112,10 @@ def bench_routes(app: web.Application, mesh: MeshService) -> None:
         )
 
     async def car(request: web.Request) -> web.Response:
-        """Stream a DAG as a CAR from a peer's gateway, counting bytes (nothing stored or verified)."""
-        source = mesh.blocks.source()
+        """Stream a DAG as a CAR from a peer's gateway, counting bytes (nothing stored or verified);
+        `reader=aiohttp` receives it through aiohttp instead of `http_stream`; `peer=ID` picks the peer."""
+        only = {request.query["peer"]} if "peer" in request.query else None
+        source = mesh.blocks.source(direct_car=request.query.get("reader") != "aiohttp", only=only)
         total, start = 0, time.perf_counter()
         async for _cid, block in source.stream_car(parse_cid(request.query["cid"])):
             total += len(block)
@@ -170,6 +175,35 @@ def naive_aiortc_baseline(mib: int) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def car_only(args: argparse.Namespace, base: Path, server: Node, client: Node) -> int:
+    """`--car-only`: a CAR stream from the server's gateway (received by `http_stream`, as the product does,
+    and through aiohttp) and plain TCP, alternating, --repeat rounds; medians and per-round ratios."""
+    client.post(f"/test/connect?address={server.api}", b"")
+    time.sleep(1.0)
+    stream = base / "stream.bin"
+    stream.write_bytes(os.urandom(args.stream_mib << 20))
+    root = server.post("/test/publish", {"path": str(stream)})["cid"]
+    runs: dict[str, list[float]] = {"car": [], "car_aiohttp": [], "tcp": []}
+    for _ in range(max(1, args.repeat)):
+        runs["car"].append(client.get(f"/bench/car?cid={root}", timeout=600)["mib_s"])
+        runs["car_aiohttp"].append(client.get(f"/bench/car?cid={root}&reader=aiohttp", timeout=600)["mib_s"])
+        runs["tcp"].append(tcp_baseline(args.stream_mib << 20))
+    ratios = {key: [v / t for v, t in zip(runs[key], runs["tcp"], strict=True)]
+              for key in ("car", "car_aiohttp")}
+    if args.json:
+        print(json.dumps({"runs_mib_s": runs, "ratios": ratios}, indent=1))
+        return 0
+    for key, label in [("car", "CAR stream from a peer gateway"),
+                       ("car_aiohttp", "  the same through aiohttp"),
+                       ("tcp", "plain TCP on loopback (2 processes)")]:
+        values = " ".join(f"{v:.0f}" for v in runs[key])
+        print(f"{label:40} {statistics.median(runs[key]):>18.1f} MiB/s  ({values})")
+    for key, label in [("car", "CAR stream / plain TCP"), ("car_aiohttp", "  through aiohttp / plain TCP")]:
+        values = " ".join(f"{100 * r:.0f}" for r in ratios[key])
+        print(f"{label:40} {100 * statistics.median(ratios[key]):>19.0f} %   ({values})")
+    return 0
+
+
 def main() -> int:
     from mesh.invite import Invite
     from tests.mesh.mesh_nodes import Node, free_port
@@ -183,6 +217,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per throughput; the median is reported")
     parser.add_argument("--stream-mib", type=int, default=64, help="size of the CAR stream and TCP runs")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--car-only", action="store_true",
+                        help="only the CAR stream vs plain TCP, alternating, --repeat pairs (one server)")
     args = parser.parse_args()
 
     token = Invite.create("bench").to_token()
@@ -199,12 +235,15 @@ def main() -> int:
         "30",
     ]
     base = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    servers = [Node(f"s{i}", base / f"s{i}", f"127.0.0.1:{free_port()}", common) for i in range(3)]
+    servers = [Node(f"s{i}", base / f"s{i}", f"127.0.0.1:{free_port()}", common)
+               for i in range(1 if args.car_only else 3)]
     client = Node("client", base / "client", f"127.0.0.1:{free_port()}", common)
     results: dict[str, object] = {}
     try:
         for node in [*servers, client]:
             node.start()
+        if args.car_only:
+            return car_only(args, base, servers[0], client)
         setups = [
             client.post(f"/test/connect?address={servers[0].api}&close=1", b"")["seconds"] for _ in range(5)
         ]
@@ -262,6 +301,7 @@ def main() -> int:
     finally:
         for node in [client, *servers]:
             node.kill(15)
+        shutil.rmtree(base, ignore_errors=True)  # published files and node data: hundreds of MB a run
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -6,7 +6,9 @@ For each block the source picks the connected peer with the fewest requests in f
 (`http://API/ipfs/{cid}?format=raw`, through the IPFS layer's `GatewaySource`) when the peer advertises one
 and it is reachable — much faster than aiortc's pure-Python SCTP — falling back to the data channel. It is
 also a `CarSource`: `stream_car(root)` streams a whole DAG from one peer's gateway, which the fetcher tries
-first. Every block is verified against its CID; a peer that sends a wrong block gets a strike.
+first (received by `ipfs.http_stream` straight into large buffers, not through aiohttp). Every block is
+verified against its CID (`get_block` here, the fetcher for CAR streams); a peer that sends a wrong block
+gets a strike.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class MeshBlockSource:
         timeout_s: float | None = None,
         name: str = "mesh peers",
         only: set[str] | None = None,
+        direct_car: bool = True,
     ) -> None:
         self.service = service
         self.prefer_http = prefer_http
@@ -110,6 +113,8 @@ class MeshBlockSource:
         self.name = name
         self.only = only
         """If set, ask only these peer ids (benchmarks, trusted-only policies)."""
+        self.direct_car = direct_car
+        """Receive CAR streams from peers' gateways with `http_stream` (see `GatewaySource`), not aiohttp."""
         self.in_flight: Counter[str] = Counter()
         self.http_down_until: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
@@ -156,7 +161,9 @@ class MeshBlockSource:
 
     def _gateway(self, peer: Peer) -> GatewaySource | None:
         base = self._http_base(peer)
-        return None if base is None else GatewaySource(base, self.service.session, self.timeout_s)
+        if base is None:
+            return None
+        return GatewaySource(base, self.service.session, self.timeout_s, direct_car=self.direct_car)
 
     def _mark_http_down(self, peer: Peer, exc: BaseException) -> None:
         logger.info("gateway of %s unreachable (%s); using the data channel", peer.peer_id[:12], exc)

@@ -285,8 +285,9 @@ class IpfsService:
 
     async def car_stream(self, root: CID, *, scope: str = "all") -> AsyncIterator[Buffer]:
         """CARv1 bytes of the DAG under `root` from the local store (`scope`: "all" or "block"), depth-first
-        (file order), read in batches of about 4 MiB per thread hop (see `car_producer.py`). Each part is a
-        reused buffer: send or copy it before asking for the next."""
+        (file order): leaf runs already in the page cache read on the event loop ~1 MiB at a time, the rest
+        in a worker thread ~4 MiB at a time (see `car_producer.py`). Parts are views of two reused buffers;
+        one is overwritten only once nothing holds a view of it any more."""
         async for part in produce(CarProducer(self.store, root, scope=scope, reuse_buffers=True)):
             yield part
 

@@ -5,6 +5,8 @@ rather than return something they know is wrong. Sources that can stream a whole
 
 Shipped here: the local block store, a local IPFS node's RPC API (Kubo or js-ipfs), and trustless HTTP
 gateways (any shoal node is one). The mesh (WebRTC) layer adds its own source with the same Protocol.
+All HTTP goes through aiohttp, except CAR streams from mesh peers' plain-`http://` gateways
+(`GatewaySource(direct_car=True)`), which `http_stream` receives straight into large buffers.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from multiformats import CID
 
-from mesh.ipfs import car, cat_stream
+from mesh.ipfs import car, cat_stream, http_stream
 from mesh.ipfs.errors import BlockNotFoundError, SourceError
 from mesh.ipfs.store import BlockStore
 
@@ -85,6 +88,7 @@ class _HttpSource:
     def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float, name: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
+        self.timeout_s = timeout_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 5.0))
         self.name = name
 
@@ -177,8 +181,12 @@ class KuboRpcSource(_HttpSource):
 class GatewaySource(_HttpSource):
     """A trustless HTTP gateway (`/ipfs/{cid}?format=raw|car`), e.g. another shoal node."""
 
-    def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float = 15.0) -> None:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout_s: float = 15.0, *,
+                 direct_car: bool = False) -> None:
         super().__init__(base_url, session, timeout_s, f"gateway {base_url}")
+        self.direct_car = direct_car and urlsplit(self.base_url).scheme == "http"
+        """Receive CAR streams with `http_stream` rather than aiohttp: for gateways known to be shoal nodes
+        (mesh peers); a public gateway may redirect, compress or need TLS, which that client refuses."""
 
     async def get_block(self, cid: CID) -> bytes:
         url = f"{self.base_url}/ipfs/{cid}"
@@ -196,8 +204,27 @@ class GatewaySource(_HttpSource):
             raise SourceError(f"{self.name}: {describe(exc)}") from exc
 
     def stream_car(self, root: CID) -> AsyncIterator[tuple[CID, car.CarBlock]]:
-        return self._stream_car("GET", f"{self.base_url}/ipfs/{root}", {"format": "car", "dag-scope": "all"},
-                                f"CAR of {root}", {"Accept": car.CONTENT_TYPE})
+        url, params = f"{self.base_url}/ipfs/{root}", {"format": "car", "dag-scope": "all"}
+        headers = {"Accept": car.CONTENT_TYPE}
+        if self.direct_car:
+            return self._stream_car_direct(f"{url}?{urlencode(params)}", f"CAR of {root}", headers)
+        return self._stream_car("GET", url, params, f"CAR of {root}", headers)
+
+    async def _stream_car_direct(self, url: str, what: str, headers: dict[str, str]
+                                 ) -> AsyncIterator[tuple[CID, car.CarBlock]]:
+        """As `_stream_car`, received by `http_stream` (no total timeout: each read is bounded instead)."""
+        try:
+            body = await http_stream.open_body(url, headers, connect_timeout_s=min(self.timeout_s, 5.0),
+                                               read_timeout_s=self.timeout_s)
+        except SourceError as exc:
+            raise SourceError(f"{self.name}: {exc} for {what}") from exc
+        try:
+            async for _roots, cid, block in car.read_car_chunks(body.read_chunk):
+                yield cid, block
+        except SourceError as exc:
+            raise SourceError(f"{self.name}: CAR stream failed: {exc}") from exc
+        finally:
+            body.close()
 
 
 __all__ = [
