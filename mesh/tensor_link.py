@@ -173,7 +173,8 @@ def _tune(sock: socket.socket) -> None:
 # --- the origin's end -------------------------------------------------------------------------------------
 
 class TensorLinkClient:
-    """The origin's end: blocking `call()`s from one thread at a time (the engine's); `close()` from any."""
+    """The origin's end: blocking `call()`s from one thread at a time (the engine's); `close()` from any (a
+    call in flight then fails at once and releases the socket itself)."""
 
     def __init__(self, sock: socket.socket, key: bytes) -> None:
         self._sock = sock
@@ -201,7 +202,7 @@ class TensorLinkClient:
             if read_record(sock, client._sealer) != b"":
                 raise LinkError("the stage node answered the handshake with data")
         except (LinkError, OSError) as exc:
-            client.close()
+            client._release()
             raise LinkError(f"tensor link handshake with {host}:{port} failed: {exc}") from None
         return client
 
@@ -230,22 +231,35 @@ class TensorLinkClient:
                     break
                 reply = decode_frame(read_record(self._sock, self._sealer))
             except (LinkError, ValueError, OSError) as exc:
-                self.close()
+                self._release()
                 raise LinkError(str(exc)) from None
             if reply.request_id != frame.request_id:
-                self.close()
+                self._release()
                 raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
             return reply
 
-    def close(self) -> None:
-        if self._closed:
-            return
+    def _release(self) -> None:
+        """With the lock held (or nothing else using the socket): end the link and free the socket."""
         self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
+
+    def close(self) -> None:
+        """Idempotent. Ends the link at once; the socket is freed here, or by the call in flight."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._release()
+            finally:
+                self._lock.release()
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the waiting call, which then releases the socket
+        except OSError:
+            pass
 
 
 # --- the stage node's end ---------------------------------------------------------------------------------

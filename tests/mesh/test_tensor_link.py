@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -244,3 +245,30 @@ async def test_idle_connections_cannot_pile_up(served) -> None:
     await asyncio.sleep(0.2)  # the handshakes see their peers gone and free the slots
     client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
     client.close()
+
+
+def test_close_from_another_thread_ends_a_waiting_call() -> None:
+    key, token = os.urandom(32), os.urandom(tl.TOKEN_BYTES)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def silent_stage() -> None:  # takes the token, accepts, then never answers
+        sock, _ = listener.accept()
+        accepted.append(sock)
+        sock.recv(tl.TOKEN_BYTES)
+        sock.sendall(tl.Sealer(key, tl.TO_ORIGIN).seal(b""))
+
+    threading.Thread(target=silent_stage, daemon=True).start()
+    grant = {"port": listener.getsockname()[1], "token": token.hex(), "key": key.hex()}
+    client = tl.TensorLinkClient.connect("127.0.0.1", grant)
+    threading.Timer(0.3, client.close).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(tl.LinkError):
+            client.call(BinaryFrame(TENSOR, 1, {"op": "decode"}, b""), 30.0)
+        assert time.monotonic() - started < 5
+        client.close()  # idempotent
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
