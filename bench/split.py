@@ -8,7 +8,9 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
-with a forced route; routes are measured round robin.
+with a forced route; routes are measured round robin. `local@b` is node b serving the same request itself:
+the offload's TTFT overhead is given against a's local run and against b's (the same core as the offloaded
+compute: the two cores of a VM need not run at the same speed).
 Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete). Prints
 one table per setting and ratios to local.
 """
@@ -166,18 +168,20 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
             "offload": ("offload", (b.peer_id, "0:30")),
             "2-stage": ("split", ("local", "0:15"), (b.peer_id, "15:30")),
             "3-stage": ("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30")),
+            "local@b": ("local",),  # b serving its own API: the offload target's compute without the link
         }
-        for kind, *stages in routes.values():
-            a.force(kind, *stages)
-            timed_stream(a, 4)  # warm-up: stages load their spans on first use
+        origin = {name: b if name == "local@b" else a for name in routes}
+        for name, (kind, *stages) in routes.items():
+            origin[name].force(kind, *stages)
+            timed_stream(origin[name], 4)  # warm-up: stages load their spans on first use
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
         overhead: dict[str, list[float]] = {name: [] for name in routes}
         windows: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
         for _ in range(args.runs):  # round robin: load from elsewhere on the machine hits every route alike
             for name, (kind, *stages) in routes.items():
-                a.force(kind, *stages)
+                origin[name].force(kind, *stages)
                 began = time.perf_counter()
-                ttft, rate, _, route = timed_stream(a, args.tokens)
+                ttft, rate, _, route = timed_stream(origin[name], args.tokens)
                 windows[name].append((began, time.perf_counter()))
                 runs[name].append((ttft, rate))
                 timing = route.get("stage_timing") or []
@@ -197,7 +201,9 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
         for name, (ttft, rate) in results.items():
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {extra}")
-        print(f"offload TTFT overhead: {(results['offload'][0] - results['local'][0]) * 1000:.1f} ms")
+        over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
+        print(f"offload TTFT overhead: {over_a:.1f} ms against a's local run, {over_b:.1f} ms against b's "
+              "own (the same device and core as the offloaded compute)")
         if args.trace:
             events = load_trace(base, nodes)
             for name in ("local", "2-stage", "3-stage"):
