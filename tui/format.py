@@ -72,7 +72,8 @@ def route_replans(route: Any, record: dict[str, Any] | None = None) -> int:
 
 
 def describe_route(route: Any) -> str:
-    """One line, e.g. `split via a1b2…, c3d4… (2 spans, 1 re-plan)`."""
+    """One line, e.g. `split via a1b2…, c3d4… (2 spans, 1 re-plan)`; with the stages' timing, how the remote
+    ones were reached: `(2 spans over direct, 1 re-plan)` (a direct tensor link or the data `channel`)."""
     if not isinstance(route, dict):
         return route_kind(route)
     parts = [route_kind(route)]
@@ -84,7 +85,9 @@ def describe_route(route: Any) -> str:
         parts.append("via " + ", ".join(peers))
     extra = []
     if route.get("spans"):
-        extra.append(f"{len(route['spans'])} spans")
+        links = [str(t.get("link")) for t in route.get("stage_timing") or []
+                 if isinstance(t, dict) and t.get("link") in ("direct", "channel")]
+        extra.append(f"{len(route['spans'])} spans" + (f" over {'+'.join(links)}" if links else ""))
     if route.get("replans"):
         n = int(route["replans"])
         extra.append(f"{n} re-plan{'s' if n != 1 else ''}")

@@ -38,6 +38,8 @@ def test_routes() -> None:
     assert route_replans(route) == 1 and route_replans("offload", {"replans": 2}) == 2
     assert describe_route(route) == "split via peer-a-lo…, laptop (2 spans, 1 re-plan)"
     assert describe_route({"kind": "local", "peers": [], "spans": [], "replans": 0}) == "local"
+    timed = {**route, "stage_timing": [{"link": "local"}, {"link": "direct"}, {"link": "channel"}]}
+    assert describe_route(timed) == "split via peer-a-lo…, laptop (2 spans over direct+channel, 1 re-plan)"
 
 
 def test_topology_drawing_names_links_and_pipelines() -> None:
