@@ -51,6 +51,9 @@ TOKEN_TTL_S = 10.0
 MAX_PENDING_TOKENS = 256
 HANDSHAKE_TIMEOUT_S = 2.0
 MAX_HANDSHAKES = 16
+MAX_LINKS_PER_PEER = 32
+"""Open links of one peer at most (an origin opens one per remote stage of each request in flight)."""
+MAX_LINKS = 128
 """Connections still to show a token, at once; more are closed unread."""
 RECORD_TIMEOUT_S = 5.0
 """Once a record's first bytes arrived, the rest must follow within this (the sender writes it at once)."""
@@ -367,9 +370,13 @@ class TensorLinkServer:
             token = _recv_exact(sock, TOKEN_BYTES)
             with self._lock:
                 grant = self._grants.pop(token, None)
+                self._links = [x for x in self._links if x.sock.fileno() != -1]
+                live = [x.peer for x in self._links]
             if grant is None or grant[2] < time.monotonic():
                 raise LinkError("unknown or expired token")
             peer, key, _ = grant
+            if len(live) >= MAX_LINKS or live.count(peer) >= MAX_LINKS_PER_PEER:
+                raise LinkError(f"too many tensor links open (peer {peer[:12]}: {live.count(peer)})")
             link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
             sock.sendall(link.sealer.seal(b""))
         except (LinkError, OSError) as exc:
@@ -377,7 +384,6 @@ class TensorLinkServer:
             sock.close()
             return
         with self._lock:
-            self._links = [x for x in self._links if x.sock.fileno() != -1]
             self._links.append(link)
         logger.info("tensor link from peer %s (%s)", peer[:12], address[0])
         self._on_link(link)

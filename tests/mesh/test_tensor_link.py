@@ -272,3 +272,17 @@ def test_close_from_another_thread_ends_a_waiting_call() -> None:
         listener.close()
         for sock in accepted:
             sock.close()
+
+
+async def test_links_per_peer_are_bounded(served, monkeypatch) -> None:
+    _, server, _ = served
+    monkeypatch.setattr(tl, "MAX_LINKS_PER_PEER", 2)
+    first = [await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b")) for _ in range(2)]
+    with pytest.raises(tl.LinkError):
+        await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    other = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("c"))  # another peer may
+    for client in [*first, other]:
+        client.close()
+    await asyncio.sleep(0.2)  # the worker sees them closed and frees them
+    again = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    again.close()
