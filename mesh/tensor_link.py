@@ -364,27 +364,29 @@ class TensorLinkServer:
             self._handshakes.release()
 
     def _authenticate(self, sock: socket.socket, address: tuple) -> None:
+        link: ServerLink | None = None
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
             _tune(sock)
             token = _recv_exact(sock, TOKEN_BYTES)
-            with self._lock:
+            with self._lock:  # check and take a place in one step: concurrent handshakes count each other
                 grant = self._grants.pop(token, None)
+                if grant is None or grant[2] < time.monotonic():
+                    raise LinkError("unknown or expired token")
+                peer, key, _ = grant
                 self._links = [x for x in self._links if x.sock.fileno() != -1]
-                live = [x.peer for x in self._links]
-            if grant is None or grant[2] < time.monotonic():
-                raise LinkError("unknown or expired token")
-            peer, key, _ = grant
-            if len(live) >= MAX_LINKS or live.count(peer) >= MAX_LINKS_PER_PEER:
-                raise LinkError(f"too many tensor links open (peer {peer[:12]}: {live.count(peer)})")
-            link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
+                mine = sum(x.peer == peer for x in self._links)
+                if len(self._links) >= MAX_LINKS or mine >= MAX_LINKS_PER_PEER:
+                    raise LinkError(f"too many tensor links open (peer {peer[:12]}: {mine})")
+                link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
+                self._links.append(link)
             sock.sendall(link.sealer.seal(b""))
         except (LinkError, OSError) as exc:
             logger.warning("tensor link from %s refused: %s", address[0], exc)
+            with self._lock:
+                self._links = [x for x in self._links if x is not link]
             sock.close()
             return
-        with self._lock:
-            self._links.append(link)
         logger.info("tensor link from peer %s (%s)", peer[:12], address[0])
         self._on_link(link)
 
