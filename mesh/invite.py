@@ -99,6 +99,10 @@ class Invite:
             raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         except ValueError as exc:
             raise InviteError("invite token is not valid base64url (was it cut off?)") from exc
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != payload.rstrip("="):
+            # a stray character is skipped by the decoder, and a last character may differ only in bits
+            # the decoder drops: both decode to the right bytes, but the token was not typed as issued
+            raise InviteError("invite token is not valid base64url (mistyped?)")
         body, checksum = raw[:-4], raw[-4:]
         if len(raw) < 5 or hashlib.sha256(body).digest()[:4] != checksum:
             raise InviteError("invite token checksum does not match (was it cut off or mistyped?)")
