@@ -5,8 +5,10 @@
   same code as a remote one).
 - `RemoteStage`: the `models.stage.Stage` protocol over a link. The `Engine` calls stages from an executor
   thread; each blocking method bridges to the node's event loop with
-  `asyncio.run_coroutine_threadsafe(...).result(timeout)`. A link that closes, times out or answers with an
-  error raises `StageLost` naming the peer.
+  `asyncio.run_coroutine_threadsafe(...).result(timeout)`, except tensor calls over a direct tensor link
+  (`mesh.tensor_link`, opened at the first `add_sequence` when the peer's API address is reachable), which
+  the calling thread makes on the socket itself. A link that closes, times out or answers with an error
+  raises `StageLost` naming the peer.
 - `SplitPipeline`: one `Stage` for the whole model made of a chain of stages. It remembers every token id fed
   to each sequence; when a stage is lost it asks its `rebuild` callback for a new chain (a re-plan without the
   lost peer), re-runs prefill over the remembered ids on the new chain, then retries the call that failed.
