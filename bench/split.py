@@ -2,6 +2,7 @@
 the node processes pinned to cores (taskset) and unpinned, and the recovery time after `kill -9` of a stage.
 
     python bench/split.py [--tokens 32] [--runs 3] [--backend numpy] [--skip-unpinned] [--skip-pinned]
+        [--one-core]      # also every node on core 0: the pipeline's own cost, without the cores' speeds
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
@@ -129,11 +130,20 @@ def host_network(args: argparse.Namespace) -> Any:
     return network
 
 
-def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+CORE_0, CORE_1 = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
+PLACEMENTS = {
+    "pinned": ("a: core 0, b+c: core 1", (CORE_0, CORE_1, CORE_1)),
+    "unpinned": ("unpinned", ([], [], [])),
+    "one-core": ("a, b, c: core 0", (CORE_0, CORE_0, CORE_0)),
+}
+"""Where the node processes run. `one-core` measures what the pipeline itself costs: the stages take turns on
+the core the local run uses, so no difference between the two cores' speeds enters the ratio."""
+
+
+def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     secret = os.urandom(32).hex()
     base = Path(tempfile.mkdtemp(prefix=f"shoal-bench-split-{label}-"))
-    pin = (["taskset", "-c", "0"], ["taskset", "-c", "1"], ["taskset", "-c", "1"])
-    cores = pin if pinned else ([], [], [])
+    placement, cores = PLACEMENTS[label]
     network = host_network(args) if args.netns else None
     delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
     backend = ["--backend", args.backend, "--delay-ms", str(delay)]
@@ -193,7 +203,7 @@ def run_setting(label: str, pinned: bool, args: argparse.Namespace) -> dict[str,
             results[name] = (statistics.median(ttfts), statistics.median(rates))
         where = "loopback" if network is None else "namespaces, tbf 50 Mbit/s"
         how = " (netem)" if network is not None and network.netem else " (in-process delay)"
-        print(f"\n## {label} ({'a: core 0, b+c: core 1' if pinned else 'unpinned'}), backend {args.backend}, "
+        print(f"\n## {label} ({placement}), backend {args.backend}, "
               f"{args.tokens} tokens, median of {args.runs}, {where}, "
               f"emulated RTT {2 * args.delay_ms:g} ms{how if args.delay_ms else ''}")
         print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'link+relay ms/step':>19}")
@@ -254,6 +264,8 @@ def main() -> int:
     parser.add_argument("--skip-pinned", action="store_true")
     parser.add_argument("--skip-unpinned", action="store_true")
     parser.add_argument("--no-recovery", dest="recovery", action="store_false")
+    parser.add_argument("--one-core", action="store_true",
+                        help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",
                         help="run each node in its own network namespace behind a 50 Mbit/s tbf link (root)")
     parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
@@ -263,9 +275,11 @@ def main() -> int:
                         help="the nodes' GIL switch interval (default: CPython's 5 ms, as `shoal node`)")
     args = parser.parse_args()
     if not args.skip_pinned:
-        run_setting("pinned", True, args)
+        run_setting("pinned", args)
     if not args.skip_unpinned:
-        run_setting("unpinned", False, args)
+        run_setting("unpinned", args)
+    if args.one_core:
+        run_setting("one-core", args)
     print("\nanchor (FACTS.md, llama.cpp RPC, pinned 1 core/process): 2 stages 0.94-0.95x, 3 stages 0.90x; "
           "unpinned 0.35-0.55x")
     return 0
