@@ -51,7 +51,6 @@ def contiguous(block: CarBlock) -> bytes | memoryview:
     return bytes(block) if isinstance(block, Pieces) else block
 
 
-ReadExactly = Callable[[int], Awaitable[bytes]]
 ReadChunk = Callable[[], Awaitable[bytes]]
 """The next received chunk of a stream, of any size; b"" at its end."""
 
@@ -191,46 +190,6 @@ def split_section(section: bytes) -> tuple[CID, bytes]:
     return cid, memoryview(section)[cid_len:]  # type: ignore[return-value]  # bytes-like, no 256 KiB copy
 
 
-async def _read_varint(read_exactly: ReadExactly) -> int | None:
-    """A varint from the stream, or None at a clean end of stream."""
-    buf = b""
-    for _ in range(10):
-        try:
-            byte = await read_exactly(1)
-        except EOFError:
-            if not buf:
-                return None
-            raise CodecError("CAR stream ends inside a varint") from None
-        buf += byte
-        if not byte[0] & 0x80:
-            return decode_varint(buf, 0)[0]
-    raise CodecError("CAR varint longer than 10 bytes")
-
-
-async def read_car(read_exactly: ReadExactly) -> AsyncIterator[tuple[list[CID], CID, bytes]]:
-    """Yield (roots, cid, block) for each section of a CAR stream. `read_exactly(n)` must return exactly n
-    bytes or raise `EOFError`. A truncated stream raises `CodecError`."""
-    length = await _read_varint(read_exactly)
-    if length is None or length == 0 or length > MAX_HEADER:
-        raise CodecError("CAR stream without a valid header")
-    try:
-        roots = decode_header(await read_exactly(length))
-    except EOFError:
-        raise CodecError("CAR stream ends inside its header") from None
-    while True:
-        length = await _read_varint(read_exactly)
-        if length is None:
-            return
-        if length == 0 or length > MAX_SECTION:
-            raise CodecError(f"CAR section length {length} out of range")
-        try:
-            section = await read_exactly(length)
-        except EOFError:
-            raise CodecError("CAR stream truncated inside a section") from None
-        cid, block = split_section(section)
-        yield roots, cid, block
-
-
 class ChunkBuffer:
     """Received chunks not yet parsed. Bytes are taken from the front without copying: a view of one chunk,
     or `Pieces` (views of several)."""
@@ -308,8 +267,9 @@ async def _chunk_varint(chunks: ChunkBuffer) -> int | None:
 
 
 async def read_car_chunks(read_chunk: ReadChunk) -> AsyncIterator[tuple[list[CID], CID, CarBlock]]:
-    """As `read_car`, over chunks of any size as they arrive (one await per received chunk, not per field);
-    blocks are not copied: views of the received chunks (see `Pieces`)."""
+    """Yield (roots, cid, block) for each section of a CAR stream read as chunks of any size (one await per
+    received chunk, not per field); blocks are not copied: views of the received chunks (see `Pieces`). A
+    truncated or malformed stream raises `CodecError`. The caller verifies each block against its CID."""
     chunks = ChunkBuffer(read_chunk)
     length = await _chunk_varint(chunks)
     if length is None or length == 0 or length > MAX_HEADER:
@@ -331,18 +291,11 @@ async def read_car_chunks(read_chunk: ReadChunk) -> AsyncIterator[tuple[list[CID
         yield roots, cid, chunks.take(length - cid_len)
 
 
-def bytes_reader(data: bytes) -> ReadExactly:
-    """A `read_exactly` over an in-memory CAR (for tests and small archives)."""
-    view = memoryview(data)
-    pos = 0
+def in_memory(data: bytes) -> ReadChunk:
+    """A `read_chunk` over an in-memory CAR (for tests and small archives): all of it, then the end."""
+    parts = [bytes(data), b""]
 
-    async def read_exactly(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(view):
-            pos = len(view)
-            raise EOFError
-        chunk = bytes(view[pos : pos + n])
-        pos += n
-        return chunk
+    async def read_chunk() -> bytes:
+        return parts.pop(0) if len(parts) > 1 else b""
 
-    return read_exactly
+    return read_chunk

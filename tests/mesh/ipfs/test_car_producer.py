@@ -104,7 +104,7 @@ async def test_a_changed_file_sends_each_leaf_once(tmp_path: Path) -> None:
     try:
         os.utime(service.model_path(root))
         body = await collect(CarProducer(service.store, root, reuse_buffers=True))
-        sent = [(cid, block) async for _, cid, block in car.read_car(car.bytes_reader(body))]
+        sent = [(cid, block) async for _, cid, block in car.read_car_chunks(car.in_memory(body))]
         assert [cid for cid, _ in sent] == dag_order(service.store, root)
         for cid, block in sent:
             verify_block(cid, block)

@@ -76,7 +76,7 @@ async def test_car_round_trip_both_cid_versions() -> None:
     root = import_stream(io.BytesIO(b"x" * 700_000), blocks.append, ImportOptions(cid_version=0)).root
     blocks.append(type(blocks[0])(make_cid(b"raw", RAW, 1), b"raw"))
     body = car.encode_header([root]) + b"".join(car.encode_section(b.cid, b.data) for b in blocks)
-    got = [(roots, cid, data) async for roots, cid, data in car.read_car(car.bytes_reader(body))]
+    got = [(roots, cid, data) async for roots, cid, data in car.read_car_chunks(car.in_memory(body))]
     assert [(c, d) for _, c, d in got] == [(b.cid, b.data) for b in blocks]
     assert got[0][0] == [root]
 
@@ -86,10 +86,10 @@ async def test_truncated_car_raises() -> None:
     cid = make_cid(block, RAW, 1)
     body = car.encode_header([cid]) + car.encode_section(cid, block)
     with pytest.raises(CodecError):
-        async for _ in car.read_car(car.bytes_reader(body[:-3])):
+        async for _ in car.read_car_chunks(car.in_memory(body[:-3])):
             pass
     with pytest.raises(CodecError):
-        async for _ in car.read_car(car.bytes_reader(b"\x05garbage")):
+        async for _ in car.read_car_chunks(car.in_memory(b"\x05garbage")):
             pass
 
 

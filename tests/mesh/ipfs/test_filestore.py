@@ -124,7 +124,7 @@ async def test_changed_file_is_never_served_and_its_leaf_is_fetched_again(tmp_pa
         async with http.get(f"{b_url}/ipfs/{cid}", params={"format": "car"}) as response:
             body = await response.content.read()
         sent = []
-        async for _, block_cid, block in car.read_car(car.bytes_reader(body)):
+        async for _, block_cid, block in car.read_car_chunks(car.in_memory(body)):
             sent.append(block_cid)
             assert hashlib.sha256(block).digest() == bytes(block_cid.digest)[2:]  # what is sent is right
         in_order = [cid, *(leaf for leaf, _, _ in leaves[:3])]

@@ -108,11 +108,11 @@ async def test_gateway_serves_raw_and_entity_bytes_car(write_data, tmp_path: Pat
                 from mesh.ipfs import car
 
                 body = await r.read()
-                sections = [c async for _, c, _ in car.read_car(car.bytes_reader(body))]
+                sections = [c async for _, c, _ in car.read_car_chunks(car.in_memory(body))]
             assert len(sections) == 2  # the root and the one leaf covering bytes 300000..300010
             async with http.get(f"{url}/ipfs/{cid}", params={"format": "car", "dag-scope": "block"}) as r:
                 body = await r.read()
-                assert [c async for _, c, _ in car.read_car(car.bytes_reader(body))] == [cid]
+                assert [c async for _, c, _ in car.read_car_chunks(car.in_memory(body))] == [cid]
             async with http.get(f"{url}/ipfs/{cid}", params={"format": "car", "entity-bytes": "9:3"}) as r:
                 assert r.status == 400
             async with http.get(f"{url}/ipfs/not-a-cid", params={"format": "raw"}) as r:
