@@ -183,13 +183,6 @@ def _section_cid(raw: bytes | memoryview) -> CID:
         raise CodecError(f"bad CID in CAR section: {exc}") from None
 
 
-def split_section(section: bytes) -> tuple[CID, bytes]:
-    """Split a section body into its CID and block bytes (a zero-copy view of `section`)."""
-    cid_len = _cid_length(section[:64], len(section))
-    cid = _section_cid(section[:cid_len])
-    return cid, memoryview(section)[cid_len:]  # type: ignore[return-value]  # bytes-like, no 256 KiB copy
-
-
 class ChunkBuffer:
     """Received chunks not yet parsed. Bytes are taken from the front without copying: a view of one chunk,
     or `Pieces` (views of several)."""
