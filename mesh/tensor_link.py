@@ -69,6 +69,10 @@ class LinkError(MeshError):
     """The direct link failed: closed, timed out, or a record that does not open (the link is dropped)."""
 
 
+class LinkIdle(LinkError):
+    """No record began within the socket's timeout (the link itself may be fine)."""
+
+
 # --- records (pure) ---------------------------------------------------------------------------------------
 
 def encode_frame(frame: BinaryFrame) -> bytes:
@@ -149,24 +153,34 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 
 def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
-    """One record's plaintext. The socket's timeout bounds the wait for the first byte; the rest of the record
-    must follow within `RECORD_TIMEOUT_S`."""
+    """One record's plaintext. The socket's timeout bounds the wait for the first byte (`LinkIdle` when it
+    passes); the rest of the record must follow within `RECORD_TIMEOUT_S`."""
     try:
-        head = sock.recv(LENGTH.size)
+        try:
+            head = sock.recv(LENGTH.size)
+        except TimeoutError:
+            raise LinkIdle("no record within the wait") from None
         if not head:
             raise LinkError("the tensor link closed")
+        sock.settimeout(RECORD_TIMEOUT_S)
         if len(head) < LENGTH.size:
-            sock.settimeout(RECORD_TIMEOUT_S)
             head += _recv_exact(sock, LENGTH.size - len(head))
         (size,) = LENGTH.unpack(head)
         if not TAG_BYTES <= size <= MAX_RECORD:
             raise LinkError(f"tensor record of {size} bytes is out of bounds")
-        sock.settimeout(RECORD_TIMEOUT_S)
         return sealer.open(_recv_exact(sock, size))
     except TimeoutError:
         raise LinkError("tensor link timed out") from None
     except OSError as exc:
         raise LinkError(f"tensor link failed: {exc}") from None
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """End a connection from any thread (a blocked read returns), ignoring one that is gone already."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _tune(sock: socket.socket) -> None:
@@ -228,11 +242,11 @@ class TensorLinkClient:
                         raise LinkError("the peer's link went down")
                     self._sock.settimeout(min(poll_s, remaining))
                     try:
-                        self._sock.recv(1, socket.MSG_PEEK)
-                    except TimeoutError:
+                        plaintext = read_record(self._sock, self._sealer)
+                    except LinkIdle:
                         continue
                     break
-                reply = decode_frame(read_record(self._sock, self._sealer))
+                reply = decode_frame(plaintext)
             except (LinkError, ValueError, OSError) as exc:
                 self._release()
                 raise LinkError(str(exc)) from None
@@ -244,10 +258,7 @@ class TensorLinkClient:
     def _release(self) -> None:
         """With the lock held (or nothing else using the socket): end the link and free the socket."""
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shutdown(self._sock)
         self._sock.close()
 
     def close(self) -> None:
@@ -259,10 +270,7 @@ class TensorLinkClient:
                 self._lock.release()
             return
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the waiting call, which then releases the socket
-        except OSError:
-            pass
+        _shutdown(self._sock)  # wakes the waiting call, which then releases the socket
 
 
 # --- the stage node's end ---------------------------------------------------------------------------------
@@ -289,10 +297,7 @@ class ServerLink:
 
     def shutdown(self) -> None:
         """Any thread: end the link; the owner's next read sees it closed (and then calls `close`)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shutdown(self.sock)
 
     def close(self) -> None:
         """The owner (the thread that reads the link): release the socket."""
@@ -403,10 +408,7 @@ class TensorLinkServer:
         """Idempotent: stop accepting, close every link."""
         listener, self._listener = self._listener, None
         if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
-            except OSError:
-                pass
+            _shutdown(listener)  # wakes the blocked accept() (Linux)
             listener.close()
         with self._lock:
             links, self._links = self._links, []
