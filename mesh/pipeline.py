@@ -215,15 +215,15 @@ class RemoteStage:
         else:
             arr = arr.astype(np.float32, copy=False)
         self._step += 1
-        frame = wire.encode_input(0, op, self._step, wire_ids, arr, self._top_k, fp16=self._fp16)
+        call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
+        frame = wire.encode_input(call, op, self._step, wire_ids, arr, self._top_k, fp16=self._fp16)
         if self._fp16:
             frame.meta["out"] = "f16"
         timeout = self._timeout + self._per_token * arr.shape[0]
         started = time.perf_counter()
         if self._direct is not None:
             try:
-                reply = self._direct.call(BinaryFrame(TENSOR, self._step % 2**32, frame.meta, frame.payload),
-                                          timeout, self._link_alive)
+                reply = self._direct.call(frame, timeout, self._link_alive)
             except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
                 raise StageLost(self.peer, f"direct tensor link: {exc}") from None
         else:
