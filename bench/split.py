@@ -13,7 +13,8 @@ with a forced route; routes are measured round robin. `local@b` is node b servin
 the offload's TTFT overhead is given against a's local run and against b's (the same core as the offloaded
 compute: the two cores of a VM need not run at the same speed).
 Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete). Prints
-one table per setting and ratios to local.
+one table per setting and ratios to local: of the medians, and the median of each round's ratio (every
+route runs back to back in a round, so the machine's slow drifts in speed cancel there).
 """
 
 from __future__ import annotations
@@ -206,11 +207,16 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         print(f"\n## {label} ({placement}), backend {args.backend}, "
               f"{args.tokens} tokens, median of {args.runs}, {where}, "
               f"emulated RTT {2 * args.delay_ms:g} ms{how if args.delay_ms else ''}")
-        print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'link+relay ms/step':>19}")
+        print(f"{'route':10} {'TTFT ms':>9} {'decode tok/s':>13} {'vs local':>9} {'per round (p25-p75)':>20} "
+              f"{'link+relay ms/step':>19}")
         local_rate = results["local"][1]
         for name, (ttft, rate) in results.items():
+            # each round runs every route back to back: its ratio is untouched by the machine's slow drifts
+            ratios = sorted(mine[1] / local[1] for mine, local in zip(runs[name], runs["local"], strict=True))
+            spread = f"{statistics.median(ratios):.2f}x ({ratios[len(ratios) // 4]:.2f}-" \
+                     f"{ratios[(3 * len(ratios)) // 4]:.2f})"
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
-            print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {extra}")
+            print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {spread:>20} {extra}")
         over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
         print(f"offload TTFT overhead: {over_a:.1f} ms against a's local run, {over_b:.1f} ms against b's "
               "own (the same device and core as the offloaded compute)")

@@ -205,20 +205,17 @@ class RemoteStage:
         except KeyError as exc:
             raise ValueError(f"unknown sequence {exc.args[0]}; call add_sequence first") from None
 
-    def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+    def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray, argmax: bool = False
+                 ) -> np.ndarray | list[int]:
+        """One call; with `argmax` (a last stage's decode) only each row's argmax comes back, as token ids."""
         if self._closed:
             raise ValueError("stage is closed")
         wire_ids = self._wire_ids(seq_ids)
-        arr = np.ascontiguousarray(inputs)
-        if self.span.is_first():
-            arr = arr.astype(np.int32, copy=False)
-        else:
-            arr = arr.astype(np.float32, copy=False)
+        arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
         self._step += 1
         call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
-        frame = wire.encode_input(call, op, self._step, wire_ids, arr, self._top_k, fp16=self._fp16)
-        if self._fp16:
-            frame.meta["out"] = "f16"
+        top_k = 1 if argmax else self._top_k
+        frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
         timeout = self._timeout + self._per_token * arr.shape[0]
         started = time.perf_counter()
         if self._direct is not None:
@@ -227,30 +224,34 @@ class RemoteStage:
             except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
                 raise StageLost(self.peer, f"direct tensor link: {exc}") from None
         else:
-            reply = self._call(self.link.request_binary(TENSOR, frame.meta, frame.payload, timeout), timeout)
+            reply = self._call(self.link.request_binary(TENSOR, {}, frame.payload, timeout), timeout)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
-        compute = reply.meta.get("compute_s")
-        if isinstance(compute, float | int) and not isinstance(compute, bool) and 0 <= compute < 3600:
-            self.timing.compute_s += compute
         try:
             message = wire.decode_output(reply, self.config.vocab_size)
         except (wire.FrameError, MeshError) as exc:
             raise StageLost(self.peer, f"sent a bad reply: {exc}") from None
+        self.timing.compute_s += message.compute_s
         if message.error is not None:
             code, text = message.error
             if code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
                 raise ValueError(f"stage on {self.peer[:16]} refused the call: {text}")
             raise StageLost(self.peer, f"{code}: {text}")
-        out = message.array
-        assert out is not None
-        last = self.span.is_last(self.config.num_layers)
-        rows = 1 if op == "prefill" and last else arr.shape[0]
-        if out.shape[0] != rows:
-            raise StageLost(self.peer, f"returned {out.shape[0]} rows, expected {rows}")
         for s in seq_ids:
             self._lengths[s] += arr.shape[0] if op == "prefill" else 1
-        if op == "prefill" and self.span.is_last(self.config.num_layers):
+        last = self.span.is_last(self.config.num_layers)
+        rows = 1 if op == "prefill" and last else arr.shape[0]
+        if argmax:
+            if message.top_ids is None or message.top_ids.shape != (rows, 1):
+                raise StageLost(self.peer, f"returned no argmax for {rows} rows")
+            return message.top_ids[:, 0].tolist()
+        out = message.array
+        if out is None:  # top-k logits
+            assert message.top_ids is not None and message.top_values is not None
+            out = wire.expand_top_k(message.top_ids, message.top_values, self.config.vocab_size)
+        if out.shape[0] != rows:
+            raise StageLost(self.peer, f"returned {out.shape[0]} rows, expected {rows}")
+        if op == "prefill" and last:
             return out[0]
         return out
 
@@ -263,10 +264,16 @@ class RemoteStage:
         return bool(getattr(self.link, "is_open", True))
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
-        return self._forward("prefill", [seq_id], inputs)
+        return self._forward("prefill", [seq_id], inputs)  # type: ignore[return-value]
 
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
-        return self._forward("decode", list(seq_ids), inputs)
+        return self._forward("decode", list(seq_ids), inputs)  # type: ignore[return-value]
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        """`decode` + each row's argmax, taken by the stage (see `models.stage`): only the ids come back."""
+        if not self.span.is_last(self.config.num_layers):
+            raise ValueError("only the last stage has logits")
+        return self._forward("decode", list(seq_ids), inputs, argmax=True)  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._closed:
@@ -373,6 +380,16 @@ class SplitPipeline:
             x = stage.prefill(seq_ids[0], x) if op == "prefill" else stage.decode(seq_ids, x)
         return x
 
+    def _chain_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        *body, last = self.stages
+        x = inputs
+        for stage in body:
+            x = stage.decode(seq_ids, x)
+        by_argmax = getattr(last, "decode_argmax", None)
+        if by_argmax is not None:
+            return by_argmax(seq_ids, x)
+        return [int(i) for i in np.argmax(last.decode(seq_ids, x), axis=1)]
+
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
         if seq_id not in self._history:
@@ -382,11 +399,18 @@ class SplitPipeline:
         return out
 
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
-        ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
+        return self._decode(seq_ids, inputs, lambda: self._chain("decode", list(seq_ids), inputs))
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        """`decode` + each row's argmax, taken by the last stage (a remote one sends back only the ids)."""
+        return self._decode(seq_ids, inputs, lambda: self._chain_argmax(list(seq_ids), inputs))
+
+    def _decode(self, seq_ids: list[int], inputs: np.ndarray, step: Callable[[], Any]) -> Any:
+        ids = [int(t) for t in np.asarray(inputs).reshape(-1).tolist()]
         missing = [s for s in seq_ids if s not in self._history]
         if missing or len(ids) != len(seq_ids):
             raise ValueError(f"decode needs one id per known sequence (unknown: {missing})")
-        out = self._retrying(lambda: self._chain("decode", list(seq_ids), inputs))
+        out = self._retrying(step)
         for s, t in zip(seq_ids, ids, strict=True):
             self._history[s].append(t)
         return out

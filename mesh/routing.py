@@ -432,10 +432,10 @@ def logits_top_k(params: Any, configured: int) -> int:
     """How many logits per row the last stage of a split returns for a request with sampling `params`
     (0: the whole row). Plain greedy needs only the argmax; penalties (which move seen tokens) keep the
     configured k; sampling keeps every logit unless its own top-k fits within the configured one."""
-    penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                 or params.frequency_penalty != 0.0)
-    if params.greedy:
-        return configured if penalised else min(configured, GREEDY_TOP_K)
+    if params.plain_greedy:
+        return min(configured, GREEDY_TOP_K)
+    if params.greedy:  # with penalties, which move seen tokens
+        return configured
     if params.top_k == 0 or params.top_k > configured:
         return 0
     return configured

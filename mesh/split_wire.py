@@ -16,26 +16,32 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
   `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs to
   accept a request for it and offload it (its tokenizer lives with the model).
 
-Tensor frames (binary kind `TENSOR` on the `tensors` channel; header request_id = a call id, unique per link
-and direction) carry orjson metadata + raw little-endian array bytes:
+Tensor frames (binary kind `TENSOR` on the `tensors` channel, or records on a direct tensor link; header
+request_id = a call id, unique per link and direction; no metadata) are a small fixed binary header + raw
+little-endian array bytes — read with one `struct` call, no JSON on the per-token path:
 
-    {"op": "prefill" | "decode", "step": int, "seqs": [u32...], "shape": [..], "dtype": "i32"|"f32"|"f16",
-     "top_k": int}                                                      (origin → stage)
-    {"op": "hidden", "step", "shape", "dtype"}                          (stage → origin: hidden states)
-    {"op": "logits", "step", "shape", "dtype", "top_k": k}             (stage → origin: last stage)
-    {"op": "error", "step", "code", "message"}                          (stage → origin, empty payload)
+    origin → stage: INPUT_HEAD  = op (1 prefill, 2 decode), dtype, reply dtype (hidden states come back as
+                                  f32 or f16), ndim (1 or 2), step, rows, cols (1 when ndim is 1), top_k,
+                                  n = number of sequences
+                    then n × u32 sequence ids, then rows × cols values
+    stage → origin: OUTPUT_HEAD = op (3 hidden, 4 logits, 5 error), dtype, ndim, 0, step, rows, cols, top_k,
+                                  compute_us (the stage's compute time: the origin tells link from compute)
+                    then the values; an error carries orjson {"code", "message"} instead
 
-`top_k` > 0 asks the last stage for the k largest logits per row as k int32 ids then k float32 values
-(2 KiB for k = 256 instead of 192 KiB for SmolLM2's full vocabulary); the origin rebuilds full rows with
--inf elsewhere, which is exact for greedy decoding and for top-k ≤ k sampling. `top_k` = 0 sends full rows.
+dtype: 1 int32, 2 float32, 3 float16. Token ids are int32 [n]; hidden states [n, hidden]; logits [rows,
+vocab]. `top_k` > 0 asks the last stage for the k largest logits per row as k int32 ids then k float32
+values (2 KiB for k = 256 instead of 192 KiB for SmolLM2's full vocabulary); the origin rebuilds full rows
+with -inf elsewhere, which is exact for greedy decoding and for top-k ≤ k sampling. `top_k` = 0 sends full
+rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import struct
+from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from mesh import protocol
 from mesh.mesh_errors import ProtocolError
@@ -74,11 +80,17 @@ BAD_TENSOR = "bad_tensor"
 BUSY = "busy"
 INTERNAL = "internal"
 
-DTYPES: dict[str, np.dtype] = {"i32": np.dtype("<i4"), "f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
-OPS_IN = ("prefill", "decode")
-OPS_OUT = ("hidden", "logits", "error")
+DTYPES: dict[int, np.dtype] = {1: np.dtype("<i4"), 2: np.dtype("<f4"), 3: np.dtype("<f2")}
+I32, F32, F16 = 1, 2, 3
+OPS_IN = {"prefill": 1, "decode": 2}
+OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
+OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
+INPUT_HEAD = struct.Struct("<BBBBIIIIH")
+OUTPUT_HEAD = struct.Struct("<BBBBIIIII")
 MAX_SEQS = 256
 DEFAULT_TOP_K = 256
+MAX_TOP_K = 1 << 20
+MAX_STEP = 2**31
 MAX_DIM = 1 << 24
 
 
@@ -99,49 +111,101 @@ class TensorMessage:
     array: np.ndarray | None
     seqs: tuple[int, ...] = ()
     top_k: int = 0
+    reply_f16: bool = False
+    """(input) Send hidden states back as float16."""
+    compute_s: float = 0.0
+    """(output) The stage's compute time for the call."""
     error: tuple[str, str] | None = None
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    top_ids: np.ndarray | None = None
+    """(output, top-k logits) int32 [rows, k]: each row's k best token ids (`expand_top_k`: full rows)."""
+    top_values: np.ndarray | None = None
+    """(output, top-k logits) float32 [rows, k]: their logits."""
 
 
-def _dtype_name(array: np.ndarray) -> str:
-    for name, dtype in DTYPES.items():
-        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
-            return name
-    raise ValueError(f"cannot send arrays of dtype {array.dtype}")
+_CODES = {"i": I32, "f": F32, "e": F16}  # numpy's dtype.char: int32, float32, float16 (any byte order)
+
+
+def _dtype_code(array: np.ndarray) -> int:
+    code = _CODES.get(array.dtype.char)
+    if code is None:
+        raise ValueError(f"cannot send arrays of dtype {array.dtype}")
+    return code
+
+
+def _shape(array: np.ndarray) -> tuple[int, int, int]:
+    """(ndim, rows, cols) of a 1-D or 2-D array."""
+    if array.ndim == 1:
+        return 1, array.shape[0], 1
+    if array.ndim == 2:
+        return 2, array.shape[0], array.shape[1]
+    raise ValueError(f"tensor frames carry 1-D or 2-D arrays, not shape {array.shape}")
 
 
 def encode_input(call: int, op: str, step: int, seqs: list[int], array: np.ndarray, top_k: int = 0,
                  fp16: bool = False) -> BinaryFrame:
-    """Origin → stage: token ids (int32 [n]) or hidden states (float32 [n, hidden], sent as fp16 if asked)."""
-    if op not in OPS_IN:
-        raise ValueError(f"op must be one of {OPS_IN}")
+    """Origin → stage: token ids (int32 [n]) or hidden states (float32 [n, hidden]). `fp16` sends hidden
+    states as float16 and asks for float16 hidden states back."""
+    code = OPS_IN.get(op)
+    if code is None:
+        raise ValueError(f"op must be one of {sorted(OPS_IN)}")
+    if not 1 <= len(seqs) <= MAX_SEQS or not 0 <= top_k <= MAX_TOP_K or not 0 <= step <= MAX_STEP:
+        raise ValueError("tensor frame fields out of bounds")
     if fp16 and array.dtype == np.float32:
         array = array.astype("<f2")
-    data = np.ascontiguousarray(array)
-    meta = {"op": op, "step": step, "seqs": list(seqs), "shape": list(data.shape), "dtype": _dtype_name(data),
-            "top_k": top_k}
-    return BinaryFrame(TENSOR, call, meta, data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+    dtype = _dtype_code(array)
+    data = np.ascontiguousarray(array, dtype=DTYPES[dtype])  # no copy unless needed (layout, byte order)
+    ndim, rows, cols = _shape(data)
+    try:
+        ids = struct.pack(f"<{len(seqs)}I", *seqs)
+    except struct.error:
+        raise ValueError("sequence ids must be u32") from None
+    head = INPUT_HEAD.pack(code, dtype, F16 if fp16 else F32, ndim, step, rows, cols, top_k, len(seqs))
+    return BinaryFrame(TENSOR, call, {}, head + ids + data.tobytes())
 
 
-def encode_hidden(call: int, step: int, array: np.ndarray, fp16: bool = False) -> BinaryFrame:
-    data = np.ascontiguousarray(array.astype("<f2") if fp16 else array.astype("<f4", copy=False))
-    meta = {"op": "hidden", "step": step, "shape": list(data.shape), "dtype": _dtype_name(data)}
-    return BinaryFrame(TENSOR, call, meta, data.tobytes())
+def _micros(seconds: float) -> int:
+    return min(max(int(seconds * 1e6), 0), 2**32 - 1)
 
 
-def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int) -> BinaryFrame:
+def encode_hidden(call: int, step: int, array: np.ndarray, fp16: bool = False,
+                  compute_s: float = 0.0) -> BinaryFrame:
+    code = F16 if fp16 else F32
+    data = np.ascontiguousarray(array, dtype=DTYPES[code])
+    ndim, rows, cols = _shape(data)
+    head = OUTPUT_HEAD.pack(OPS_OUT["hidden"], code, ndim, 0, step, rows, cols, 0, _micros(compute_s))
+    return BinaryFrame(TENSOR, call, {}, head + data.tobytes())
+
+
+TOP_1 = struct.Struct("<if")
+
+
+def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int,
+                  compute_s: float = 0.0) -> BinaryFrame:
     """Stage → origin: logits rows [b, vocab] (or [vocab]), whole or as the top-k (ids, values) per row."""
-    rows = np.atleast_2d(np.asarray(logits, dtype=np.float32))
-    vocab = rows.shape[1]
+    rows = np.atleast_2d(logits)
+    count, vocab = rows.shape
     if top_k <= 0 or top_k >= vocab:
-        meta = {"op": "logits", "step": step, "shape": list(rows.shape), "dtype": "f32", "top_k": 0}
-        return BinaryFrame(TENSOR, call, meta, rows.astype("<f4").tobytes())
-    parts = []
-    for row in rows:
-        ids = top_k_ids(row, top_k)
-        parts += [ids.astype("<i4").tobytes(), row[ids].astype("<f4").tobytes()]
-    meta = {"op": "logits", "step": step, "shape": list(rows.shape), "dtype": "f32", "top_k": top_k}
-    return BinaryFrame(TENSOR, call, meta, b"".join(parts))
+        top_k, payload = 0, np.ascontiguousarray(rows, dtype=DTYPES[F32]).tobytes()
+    elif top_k == 1:  # greedy decoding: each row's argmax (the lowest id among ties)
+        payload = b"".join(TOP_1.pack(i, row[i]) for i, row in zip(rows.argmax(axis=1).tolist(), rows,
+                                                                  strict=True))
+    else:
+        parts = []
+        for row in rows:
+            ids = top_k_ids(row, top_k)
+            parts += [ids.astype("<i4").tobytes(), row[ids].astype("<f4").tobytes()]
+        payload = b"".join(parts)
+    head = OUTPUT_HEAD.pack(OPS_OUT["logits"], F32, 2, 0, step, count, vocab, top_k, _micros(compute_s))
+    return BinaryFrame(TENSOR, call, {}, head + payload)
+
+
+def ids_in_range(ids: np.ndarray, high: int) -> bool:
+    """0 <= every id < high. A decode step's few ids are checked in Python: numpy's reductions cost more than
+    they save below a few hundred values (~25 µs with cold caches, against ~5)."""
+    if ids.size <= 512:
+        flat = ids.ravel().tolist()
+        return not flat or (min(flat) >= 0 and max(flat) < high)
+    return bool(ids.min() >= 0 and ids.max() < high)
 
 
 TOP_K_BLOCK = 64
@@ -171,85 +235,103 @@ def top_k_ids(row: np.ndarray, k: int) -> np.ndarray:
 
 
 def encode_error(call: int, step: int, code: str, message: str) -> BinaryFrame:
-    meta = {"op": "error", "step": step, "code": code, "message": message[:500]}
-    return BinaryFrame(TENSOR, call, meta, b"")
+    head = OUTPUT_HEAD.pack(OPS_OUT["error"], 0, 0, 0, min(max(step, 0), MAX_STEP), 0, 0, 0, 0)
+    return BinaryFrame(TENSOR, call, {}, head + orjson.dumps({"code": code, "message": message[:500]}))
 
 
-def _int(meta: dict[str, Any], key: str, low: int, high: int) -> int:
-    value = meta.get(key)
-    if type(value) is not int or not low <= value <= high:
-        raise FrameError(BAD_TENSOR, f"tensor frame field {key!r} must be an integer in [{low}, {high}]")
-    return value
-
-
-def _array(meta: dict[str, Any], payload: bytes) -> np.ndarray:
-    dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+def _array(payload: bytes, offset: int, dtype_code: int, ndim: int, rows: int, cols: int) -> np.ndarray:
+    dtype = DTYPES.get(dtype_code)
     if dtype is None:
-        raise FrameError(BAD_TENSOR, f"tensor dtype must be one of {sorted(DTYPES)}")
-    shape = meta.get("shape")
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
-            or any(type(d) is not int or not 0 < d <= MAX_DIM for d in shape)):
-        raise FrameError(BAD_TENSOR, "tensor shape must be a list of 1 or 2 positive integers")
-    count = int(np.prod(shape))
-    if count * dtype.itemsize != len(payload):
-        need = count * dtype.itemsize
-        raise FrameError(BAD_TENSOR, f"tensor of shape {shape} {meta['dtype']} needs {need} bytes, "
-                                     f"got {len(payload)}")
-    return np.frombuffer(payload, dtype=dtype).reshape(shape)
+        raise FrameError(BAD_TENSOR, "tensor dtype must be int32, float32 or float16")
+    if ndim not in (1, 2) or not 0 < rows <= MAX_DIM or not 0 < cols <= MAX_DIM or (ndim == 1 and cols != 1):
+        raise FrameError(BAD_TENSOR, "tensor shape must be 1 or 2 positive dimensions")
+    count = rows * cols
+    if count * dtype.itemsize != len(payload) - offset:
+        raise FrameError(BAD_TENSOR, f"tensor of shape {[rows, cols][:ndim]} needs {count * dtype.itemsize} "
+                                     f"bytes, got {len(payload) - offset}")
+    array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+    return array.reshape(rows, cols) if ndim == 2 else array
+
+
+def frame_step(frame: BinaryFrame) -> int:
+    """The step a tensor frame names, or 0 if it has no readable header (for an error reply)."""
+    if len(frame.payload) < 8:
+        return 0
+    step = int.from_bytes(frame.payload[4:8], "little")
+    return step if step <= MAX_STEP else 0
 
 
 def decode_input(frame: BinaryFrame) -> TensorMessage:
     """Validate an origin → stage frame (structure only; the stage checks shapes against its model)."""
-    meta = frame.meta
-    op = meta.get("op")
-    if op not in OPS_IN:
-        raise FrameError(BAD_TENSOR, f"tensor frame op must be one of {OPS_IN}")
-    step = _int(meta, "step", 0, 2**31)
-    top_k = _int(meta, "top_k", 0, 1 << 20)
-    seqs = meta.get("seqs")
-    if (not isinstance(seqs, list) or not 1 <= len(seqs) <= MAX_SEQS
-            or any(type(s) is not int or not 0 <= s < 2**32 for s in seqs) or len(set(seqs)) != len(seqs)):
+    payload = frame.payload
+    if len(payload) < INPUT_HEAD.size:
+        raise FrameError(BAD_TENSOR, "tensor frame is shorter than its header")
+    op, dtype, reply, ndim, step, rows, cols, top_k, count = INPUT_HEAD.unpack_from(payload)
+    name = OP_NAMES.get(op)
+    if name not in OPS_IN:
+        raise FrameError(BAD_TENSOR, f"tensor frame op must be one of {sorted(OPS_IN)}")
+    if step > MAX_STEP or top_k > MAX_TOP_K or reply not in (F32, F16):
+        raise FrameError(BAD_TENSOR, "tensor frame step, top_k or reply dtype out of bounds")
+    offset = INPUT_HEAD.size + 4 * count
+    if not 1 <= count <= MAX_SEQS or len(payload) < offset:
         raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
-    if op == "prefill" and len(seqs) != 1:
+    seqs = struct.unpack_from(f"<{count}I", payload, INPUT_HEAD.size)
+    if count > 1 and len(set(seqs)) != count:
+        raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
+    if name == "prefill" and count != 1:
         raise FrameError(BAD_TENSOR, "prefill takes exactly one sequence")
-    array = _array(meta, frame.payload)
-    if op == "decode" and array.shape[0] != len(seqs):
-        raise FrameError(BAD_TENSOR, f"decode of {len(seqs)} sequences got {array.shape[0]} rows")
-    return TensorMessage(frame.request_id, op, step, array, tuple(seqs), top_k, meta=meta)
+    array = _array(payload, offset, dtype, ndim, rows, cols)
+    if name == "decode" and rows != count:
+        raise FrameError(BAD_TENSOR, f"decode of {count} sequences got {rows} rows")
+    return TensorMessage(frame.request_id, name, step, array, seqs, top_k, reply_f16=reply == F16)
 
 
 def decode_output(frame: BinaryFrame, vocab: int) -> TensorMessage:
-    """Validate a stage → origin frame; logits come back as full float32 rows [b, vocab]."""
-    meta = frame.meta
-    op = meta.get("op")
-    step = _int(meta, "step", 0, 2**31)
-    if op == "error":
-        code, message = meta.get("code"), meta.get("message")
+    """Validate a stage → origin frame: hidden states or full logits rows in `array`, top-k logits in
+    `top_ids`/`top_values`. Raises ProtocolError (the stage broke the format)."""
+    payload = frame.payload
+    if len(payload) < OUTPUT_HEAD.size:
+        raise ProtocolError("tensor reply is shorter than its header")
+    op, dtype, ndim, _, step, rows, cols, top_k, compute_us = OUTPUT_HEAD.unpack_from(payload)
+    name = OP_NAMES.get(op)
+    compute_s = compute_us / 1e6
+    if name == "error":
+        try:
+            body = orjson.loads(payload[OUTPUT_HEAD.size:])
+            code, message = body["code"], body["message"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise ProtocolError("error tensor frame lacks code/message") from None
         if not isinstance(code, str) or not isinstance(message, str):
             raise ProtocolError("error tensor frame lacks code/message")
-        return TensorMessage(frame.request_id, op, step, None, error=(code[:64], message[:500]))
-    if op == "hidden":
-        array = _array(meta, frame.payload).astype(np.float32)
-        return TensorMessage(frame.request_id, op, step, array)
-    if op != "logits":
-        raise ProtocolError(f"unexpected tensor frame op {op!r:.20}")
-    top_k = _int(meta, "top_k", 0, vocab)
-    shape = meta.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2 or shape[1] != vocab or type(shape[0]) is not int \
-            or not 0 < shape[0] <= MAX_SEQS:
-        raise ProtocolError(f"logits shape must be [rows, {vocab}]")
+        return TensorMessage(frame.request_id, name, step, None, error=(code[:64], message[:500]))
+    if name == "hidden":
+        try:
+            array = _array(payload, OUTPUT_HEAD.size, dtype, ndim, rows, cols)
+        except FrameError as exc:
+            raise ProtocolError(exc.message) from None
+        return TensorMessage(frame.request_id, name, step, array.astype(np.float32), compute_s=compute_s)
+    if name != "logits":
+        raise ProtocolError(f"unexpected tensor reply op {op}")
+    if ndim != 2 or cols != vocab or dtype != F32 or not 0 < rows <= MAX_SEQS or top_k > vocab:
+        raise ProtocolError(f"logits must be float32 [rows, {vocab}]")
     if top_k == 0:
-        return TensorMessage(frame.request_id, op, step, _array(meta, frame.payload).astype(np.float32))
-    rows = shape[0]
-    if len(frame.payload) != rows * top_k * 8:
+        try:
+            array = _array(payload, OUTPUT_HEAD.size, dtype, ndim, rows, cols)
+        except FrameError as exc:
+            raise ProtocolError(exc.message) from None
+        return TensorMessage(frame.request_id, name, step, array, compute_s=compute_s)
+    if len(payload) != OUTPUT_HEAD.size + rows * top_k * 8:
         raise ProtocolError("top-k logits payload has the wrong size")
-    out = np.full((rows, vocab), -np.inf, dtype=np.float32)
-    raw = memoryview(frame.payload)
-    for r in range(rows):
-        base = r * top_k * 8
-        ids = np.frombuffer(raw[base: base + 4 * top_k], dtype="<i4")
-        values = np.frombuffer(raw[base + 4 * top_k: base + 8 * top_k], dtype="<f4")
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise ProtocolError("top-k logits name a token outside the vocabulary")
-        out[r, ids] = values
-    return TensorMessage(frame.request_id, op, step, out, top_k=top_k)
+    pairs = np.frombuffer(payload, dtype="<i4", offset=OUTPUT_HEAD.size).reshape(rows, 2, top_k)
+    ids, values = pairs[:, 0], pairs[:, 1].view("<f4")
+    if not ids_in_range(ids, vocab):
+        raise ProtocolError("top-k logits name a token outside the vocabulary")
+    return TensorMessage(frame.request_id, name, step, None, top_k=top_k, compute_s=compute_s,
+                         top_ids=ids, top_values=values)
+
+
+def expand_top_k(ids: np.ndarray, values: np.ndarray, vocab: int) -> np.ndarray:
+    """Full float32 logits rows [rows, vocab] from top-k replies: `values` at `ids`, -inf elsewhere."""
+    out = np.full((ids.shape[0], vocab), -np.inf, dtype=np.float32)
+    np.put_along_axis(out, ids, values, axis=1)
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import selectors
 import socket
@@ -374,7 +375,7 @@ class StageHost:
     def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
         """The error frame answering a call that failed with `exc`."""
         self.refused += 1
-        step = frame.meta.get("step") if isinstance(frame.meta.get("step"), int) else 0
+        step = wire.frame_step(frame)
         if isinstance(exc, wire.FrameError):
             logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
             return wire.encode_error(frame.request_id, step, exc.code, exc.message)
@@ -391,13 +392,10 @@ class StageHost:
         if inputs is None:
             inputs = self._check_inputs(stage, message)
         out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
+        # the compute time lets the origin tell link time from compute time
         if stage.span.is_last(stage.config.num_layers):
-            reply = wire.encode_logits(message.call, message.step, out, message.top_k)
-        else:
-            fp16 = message.meta.get("out") == "f16"
-            reply = wire.encode_hidden(message.call, message.step, out, fp16=fp16)
-        reply.meta["compute_s"] = round(seconds, 6)  # lets the origin tell link time from compute time
-        return reply
+            return wire.encode_logits(message.call, message.step, out, message.top_k, seconds)
+        return wire.encode_hidden(message.call, message.step, out, message.reply_f16, seconds)
 
     @classmethod
     def _timed_forward(
@@ -413,19 +411,20 @@ class StageHost:
         assert array is not None  # decode_input always sets it
         config = stage.config
         if stage.span.is_first():
-            if array.dtype.kind != "i" or array.ndim != 1:
+            if array.dtype.char != "i" or array.ndim != 1:
                 raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
-            if array.size and (array.min() < 0 or array.max() >= config.vocab_size):
+            if not wire.ids_in_range(array, config.vocab_size):
                 raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
-            return array.astype(np.int32)
+            return array
         if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:
             raise wire.FrameError(
                 wire.BAD_TENSOR, f"this stage takes float hidden states [n, {config.hidden_size}]"
             )
-        out = array.astype(np.float32)
-        if not np.isfinite(out).all():
+        # a float64 sum of float16/32 values cannot overflow: it is finite iff every value is (one pass,
+        # where isfinite().all() takes two)
+        if not math.isfinite(array.sum(dtype=np.float64)):
             raise wire.FrameError(wire.BAD_TENSOR, "hidden states must be finite")
-        return out
+        return array.astype(np.float32, copy=False)
 
     @staticmethod
     def _forward(stage: Stage, op: str, ids: list[int], inputs: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ loopback only, so the link is used exactly where the gateway is reachable, and t
 
 Records (both directions): `u32 LE length` + AES-GCM(key, nonce, plaintext), nonce = u32 direction (0 origin
 → stage, 1 back) + u64 counter, so a record cannot be replayed, reordered or reflected. Plaintext: `u32
-request id` + `u16 meta length` + orjson meta + payload — a `BinaryFrame` of kind `TENSOR` with the same
-meta, payload and limits as on the data channel (`mesh.split_wire` decodes both alike). A record that fails
+request id` + the tensor frame's payload (`mesh.split_wire`'s binary header and array) — the same frame, with
+the same limits, as on the data channel (`mesh.split_wire` decodes both alike). A record that fails
 its tag or breaks the bounds closes the link; a frame whose content is wrong gets an error frame, as on the
 channel.
 """
@@ -33,13 +33,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mesh import protocol
 from mesh.mesh_errors import MeshError
-from mesh.protocol import BINARY_KINDS, MAX_META, MAX_REQUEST_ID, TENSOR, BinaryFrame
+from mesh.protocol import BINARY_KINDS, MAX_REQUEST_ID, TENSOR, BinaryFrame
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +58,8 @@ RECORD_TIMEOUT_S = 5.0
 """Once a record's first bytes arrived, the rest must follow within this (the sender writes it at once)."""
 TAG_BYTES = 16
 LENGTH = struct.Struct("<I")
-FRAME_HEAD = struct.Struct("<IH")
-MAX_PLAINTEXT = FRAME_HEAD.size + MAX_META + BINARY_KINDS[TENSOR][2]
+FRAME_HEAD = struct.Struct("<I")
+MAX_PLAINTEXT = FRAME_HEAD.size + BINARY_KINDS[TENSOR][2]
 MAX_RECORD = MAX_PLAINTEXT + TAG_BYTES
 TO_STAGE, TO_ORIGIN = 0, 1
 
@@ -77,33 +76,21 @@ class LinkIdle(LinkError):
 
 def encode_frame(frame: BinaryFrame) -> bytes:
     """A tensor frame's plaintext; raises ValueError past the channel's limits."""
-    meta = orjson.dumps(frame.meta) if frame.meta else b""
-    if frame.kind != TENSOR:
-        raise ValueError(f"a tensor link carries tensor frames only, not kind {frame.kind}")
-    if not 0 <= frame.request_id <= MAX_REQUEST_ID or len(meta) > MAX_META:
-        raise ValueError("tensor frame request id or metadata out of bounds")
+    if frame.kind != TENSOR or frame.meta:
+        raise ValueError("a tensor link carries tensor frames (no metadata) only")
+    if not 0 <= frame.request_id <= MAX_REQUEST_ID:
+        raise ValueError("tensor frame request id out of bounds")
     if len(frame.payload) > BINARY_KINDS[TENSOR][2]:
         raise ValueError(f"tensor payload of {len(frame.payload)} bytes exceeds {BINARY_KINDS[TENSOR][2]}")
-    return FRAME_HEAD.pack(frame.request_id, len(meta)) + meta + frame.payload
+    return FRAME_HEAD.pack(frame.request_id) + frame.payload
 
 
 def decode_frame(plaintext: bytes) -> BinaryFrame:
     """The frame in a record's plaintext; raises LinkError if it is not one (the peer broke the format)."""
     if len(plaintext) < FRAME_HEAD.size:
         raise LinkError("tensor record shorter than its header")
-    request_id, meta_len = FRAME_HEAD.unpack_from(plaintext)
-    start = FRAME_HEAD.size
-    if meta_len > MAX_META or start + meta_len > len(plaintext):
-        raise LinkError("tensor record metadata length is inconsistent")
-    meta: object = {}
-    if meta_len:
-        try:
-            meta = orjson.loads(plaintext[start : start + meta_len])
-        except orjson.JSONDecodeError as exc:
-            raise LinkError(f"tensor record metadata is not JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise LinkError("tensor record metadata is not an object")
-    return BinaryFrame(TENSOR, request_id, meta, plaintext[start + meta_len :])
+    (request_id,) = FRAME_HEAD.unpack_from(plaintext)
+    return BinaryFrame(TENSOR, request_id, {}, plaintext[FRAME_HEAD.size :])
 
 
 class Sealer:

@@ -357,11 +357,22 @@ class Engine:
 
     def _run_decode(self, batch: list[_Request]) -> list[int]:
         seq_ids = [r.seq_id for r in batch]
+        *body, last = self.stages
+        by_argmax = getattr(last, "decode_argmax", None)
         with self._stage_lock:
             x: np.ndarray = np.asarray([r.output[-1] for r in batch], dtype=np.int32)
-            for st in self.stages:
+            for st in body:
                 x = st.decode(seq_ids, x)
-        return [r.sampler.next_token(row) for r, row in zip(batch, x, strict=True)]
+            if by_argmax is not None and all(r.params.plain_greedy for r in batch):
+                tokens = by_argmax(seq_ids, x)  # the logits stay where they were computed
+            else:
+                x = last.decode(seq_ids, x)
+                tokens = None
+        if tokens is None:
+            return [r.sampler.next_token(row) for r, row in zip(batch, x, strict=True)]
+        for req, token in zip(batch, tokens, strict=True):
+            req.sampler.accept(token)
+        return tokens
 
     # --- tokens -> events ---------------------------------------------------------------------------------
 

@@ -72,6 +72,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the argmax of the raw logits (the lowest id among ties)."""
+        return (self.temperature == 0 and self.repetition_penalty == 1.0 and self.presence_penalty == 0
+                and self.frequency_penalty == 0)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
@@ -91,8 +97,10 @@ def greedy(logits: np.ndarray) -> int:
 
 def apply_repetition_penalty(logits: np.ndarray, token_ids: Iterable[int], penalty: float) -> np.ndarray:
     """CTRL-style: for tokens seen, positive logits are divided by `penalty`, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
     ids = np.unique(np.fromiter(token_ids, dtype=np.int64))
-    if penalty == 1.0 or ids.size == 0:
+    if ids.size == 0:
         return logits
     out = logits.copy()
     seen = out[ids]

@@ -12,6 +12,10 @@ Data contract (all arrays C-contiguous, little-endian):
   decode returns [batch, vocab].
 - Sequences are identified by caller-chosen non-negative ints; each stage keeps the KV cache of its layers
   for each live sequence.
+
+A last stage whose logits live elsewhere (a split's remote last stage) may also offer `decode_argmax(seq_ids,
+inputs) -> list[int]`: `decode` followed by each row's argmax (the lowest id among ties), without moving
+the rows. The engine uses it for a step whose requests all decode greedily without penalties.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from mesh.node import Node
 from mesh.protocol import TENSOR
 from mesh.split_service import SplitService
 from models.span import LayerSpan
+from tests.mesh.tensor_frames import reply_fields
 
 
 class _Weights:
@@ -97,10 +98,10 @@ class _TestRoutes:
         body = await request.json()
         try:
             reply = await self.mesh.peer(body["peer"]).request_binary(
-                TENSOR, body["meta"], bytes.fromhex(body.get("payload", "")), 30.0)
+                TENSOR, {}, bytes.fromhex(body.get("payload", "")), 30.0)
         except MeshError as exc:
             return _json({"error": {"code": type(exc).__name__, "message": str(exc)}}, 502)
-        return _json({"meta": reply.meta, "bytes": len(reply.payload)})
+        return _json({"reply": reply_fields(reply.payload), "bytes": len(reply.payload)})
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/test/control", self.control)

@@ -20,6 +20,7 @@ from mesh.protocol import TENSOR, BinaryFrame
 from mesh.stage_server import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
 from models.errors import CompileError
 from models.span import LayerSpan
+from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
 
 MODEL = "smollm2"
@@ -64,14 +65,18 @@ class PeerLink(LocalLink):
         return await self._host.compute(self.peer_id, BinaryFrame(kind, self.calls, meta, payload))
 
 
-def greedy(stage, prompt: list[int], n: int, seq_id: int) -> list[int]:
+def greedy(stage, prompt: list[int], n: int, seq_id: int, by_argmax: bool = False) -> list[int]:
+    """Greedy tokens: argmax of the logits rows, or (`by_argmax`) the ids `decode_argmax` returns."""
     stage.add_sequence(seq_id)
     try:
         logits = stage.prefill(seq_id, np.asarray(prompt, dtype=np.int32))
         out = [int(np.argmax(logits))]
         while len(out) < n:
-            logits = stage.decode([seq_id], np.asarray(out[-1:], dtype=np.int32))
-            out.append(int(np.argmax(logits[0])))
+            last = np.asarray(out[-1:], dtype=np.int32)
+            if by_argmax:
+                out += stage.decode_argmax([seq_id], last)
+            else:
+                out.append(int(np.argmax(stage.decode([seq_id], last)[0])))
         return out
     finally:
         stage.remove_sequence(seq_id)
@@ -103,8 +108,8 @@ async def test_split_equals_single_stage(expected: dict[str, list[int]], cuts: l
     ]
     pipeline = SplitPipeline(gguf_model().config, stages, rebuild=lambda excluded: [])
     try:
-        for i, prompt in enumerate(PROMPTS):
-            got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, i)
+        for i, prompt in enumerate(PROMPTS):  # odd prompts: the last stage sends back only the argmax
+            got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, i, i % 2 == 1)
             assert got == expected[prompt], prompt
         assert all(h.sequences == 0 for h in hosts)
         timings = pipeline.timings()
@@ -131,7 +136,7 @@ async def test_direct_local_stage_shares_the_host_with_peers(expected: dict[str,
         got = await blocking(greedy, pipeline, chat_ids(PROMPTS[1]), MAX_TOKENS, 3)
         assert got == expected[PROMPTS[1]]
         prefill = wire.encode_input(1, "prefill", 1, [1], np.asarray(chat_ids(PROMPTS[1]), dtype=np.int32))
-        assert (await host.compute("p", prefill)).meta["op"] == "hidden"
+        assert reply_fields((await host.compute("p", prefill)).payload)["op"] == "hidden"
         assert direct.timing.calls == MAX_TOKENS and direct.timing.compute_s == direct.timing.seconds
         assert host.sequences == 1  # the peer's; ours were removed with their sequence
     finally:
@@ -197,37 +202,41 @@ async def test_malformed_frames_are_refused_and_the_stage_survives(expected: dic
         await host.open("p", {"model": MODEL, "span": "10:30", "seq": 5})
         hidden = np.zeros((1, config.hidden_size), dtype=np.float32)
         good = wire.encode_input(1, "decode", 1, [5], hidden)
-        bad_frames = [
-            BinaryFrame(TENSOR, 2, {**good.meta, "shape": [1, 575]}, good.payload),  # wrong shape
-            BinaryFrame(TENSOR, 3, {**good.meta, "dtype": "f64"}, good.payload),  # unknown dtype
-            BinaryFrame(TENSOR, 4, good.meta, good.payload[:-4]),  # wrong size
-            BinaryFrame(TENSOR, 5, {**good.meta, "seqs": [6]}, good.payload),  # unknown sequence
-            BinaryFrame(TENSOR, 6, {**good.meta, "dtype": "i32"}, good.payload),  # ids into a middle stage
-            BinaryFrame(TENSOR, 7, {**good.meta, "op": "explode"}, good.payload),
-            BinaryFrame(TENSOR, 8, {"op": "decode"}, b""),
-            wire.encode_input(9, "decode", 1, [5], np.full((1, config.hidden_size), np.nan, np.float32)),
+        nan = np.full((1, config.hidden_size), np.nan, np.float32)
+        bad_payloads = [
+            (raw_input(seqs=(5,), cols=575, data=good.payload[-4 * 576:]), wire.BAD_TENSOR),  # wrong shape
+            (raw_input(seqs=(5,), dtype=9), wire.BAD_TENSOR),  # unknown dtype
+            (good.payload[:-4], wire.BAD_TENSOR),  # wrong size
+            (raw_input(seqs=(6,)), wire.UNKNOWN_SEQUENCE),
+            (raw_input(seqs=(5,), dtype=wire.I32), wire.BAD_TENSOR),  # ids into a middle stage
+            (raw_input(seqs=(5,), op=77), wire.BAD_TENSOR),
+            (raw_input(seqs=(5,), ndim=3), wire.BAD_TENSOR),
+            (raw_input(seqs=(5, 5), rows=2, data=bytes(2 * 4 * 576)), wire.BAD_TENSOR),  # one sequence twice
+            (raw_input(seqs=(5,), count=2), wire.BAD_TENSOR),  # more sequences than the frame holds
+            (raw_input(seqs=(5,), reply=7), wire.BAD_TENSOR),
+            (raw_input(seqs=(5,))[:10], wire.BAD_TENSOR),  # shorter than the header
+            (b"", wire.BAD_TENSOR),
+            (wire.encode_input(9, "decode", 1, [5], nan).payload, wire.BAD_TENSOR),
         ]
-        for frame in bad_frames:
-            reply = await host.compute("p", frame)
-            assert reply.meta["op"] == "error", frame.meta
-            assert reply.request_id == frame.request_id
-        assert host.refused == len(bad_frames) and host.calls == 0
+        for call, (payload, code) in enumerate(bad_payloads, start=2):
+            reply = await host.compute("p", BinaryFrame(TENSOR, call, {}, payload))
+            assert error_code(reply) == code and reply.request_id == call, payload[:40]
+        assert host.refused == len(bad_payloads) and host.calls == 0
         assert host._sessions[("p", 5)].hosted.stage.sequence_length(host._sessions[("p", 5)].local_id) == 0
-        other = await host.compute("q", good)  # another peer cannot use p's sequence
-        assert other.meta["code"] == wire.UNKNOWN_SEQUENCE
+        assert error_code(await host.compute("q", good)) == wire.UNKNOWN_SEQUENCE  # not q's sequence
         ok = await host.compute("p", good)
-        assert ok.meta["op"] == "logits" and host.calls == 1
+        assert reply_fields(ok.payload)["op"] == "logits" and host.calls == 1
         first = await host.open("p", {"model": MODEL, "span": "0:10", "seq": 8})
         assert first["hidden"] == config.hidden_size
         ids = wire.encode_input(10, "prefill", 1, [8], np.array([1, 99999], dtype=np.int32))
-        assert (await host.compute("p", ids)).meta["code"] == wire.BAD_TENSOR  # id outside the vocabulary
+        assert error_code(await host.compute("p", ids)) == wire.BAD_TENSOR  # id outside the vocabulary
         # a prefill too large to check on the loop is checked on the worker, with the same answer
         rows = CHECK_ON_LOOP_BYTES // (4 * config.hidden_size) + 1
         await host.open("p", {"model": MODEL, "span": "10:30", "seq": 9})
         big = np.zeros((rows, config.hidden_size), dtype=np.float32)
         big[-1, -1] = np.inf
         reply = await host.compute("p", wire.encode_input(11, "prefill", 1, [9], big))
-        assert reply.meta["code"] == wire.BAD_TENSOR and host.calls == 1
+        assert error_code(reply) == wire.BAD_TENSOR and host.calls == 1
     finally:
         await host.stop()
 
@@ -291,15 +300,22 @@ def test_top_k_logits_round_trip() -> None:
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 1000)).astype(np.float32)
     frame = wire.encode_logits(3, 1, logits, 16)
-    assert len(frame.payload) == 2 * 16 * 8
-    back = wire.decode_output(frame, 1000).array
-    assert back is not None and back.shape == (2, 1000)
+    assert len(frame.payload) == wire.OUTPUT_HEAD.size + 2 * 16 * 8
+    message = wire.decode_output(frame, 1000)
+    assert message.top_ids is not None and message.top_values is not None and message.array is None
+    back = wire.expand_top_k(message.top_ids, message.top_values, 1000)
+    assert back.shape == (2, 1000)
     assert (np.argmax(back, axis=1) == np.argmax(logits, axis=1)).all()
     top = np.sort(logits, axis=1)[:, -16:]
     assert np.allclose(np.sort(back, axis=1)[:, -16:], top)
     assert np.isneginf(back).sum() == 2 * (1000 - 16)
     full = wire.decode_output(wire.encode_logits(3, 1, logits, 0), 1000).array
     assert full is not None and np.array_equal(full, logits)
+    logits[1, 7] = logits[1, 9] = 99.0  # greedy: each row's argmax, the lowest id among ties
+    greedy = wire.decode_output(wire.encode_logits(3, 1, logits, 1), 1000)
+    assert greedy.top_ids is not None and greedy.top_values is not None
+    assert greedy.top_ids.tolist() == [[int(np.argmax(logits[0]))], [7]]
+    assert greedy.top_values.tolist() == [[logits[0].max()], [99.0]]
 
 
 async def test_stage_worker_runs_calls_in_order_off_the_loop() -> None:

@@ -15,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from mesh import split_wire as wire
 from mesh.identity import Identity
 from tests.mesh.mesh_nodes import wait_until
 from tests.mesh.split_nodes import SplitNode, start_nodes
+from tests.mesh.tensor_frames import raw_input
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -161,22 +163,21 @@ def test_malformed_tensor_frames_are_refused_and_the_stage_lives(mesh3, expected
                                               "body": {"model": "smollm2-135m-instruct", "span": "10:30",
                                                        "seq": 4242}})
     assert opened["reply"]["hidden"] == 576, opened
-    row = (b"\x00" * 4 * 576).hex()
-    good = {"op": "decode", "step": 1, "seqs": [4242], "shape": [1, 576], "dtype": "f32", "top_k": 8}
     bad = [
-        ({**good, "shape": [1, 575]}, row),
-        ({**good, "dtype": "f64"}, row),
-        (good, row[:-8]),
-        ({**good, "seqs": [999]}, row),
-        ({**good, "dtype": "i32"}, row),
-        ({**good, "op": "explode"}, row),
-        ({"op": "decode"}, ""),
+        raw_input(cols=575, data=bytes(4 * 576)),
+        raw_input(dtype=9),
+        raw_input()[:-8],
+        raw_input(seqs=(999,)),
+        raw_input(dtype=wire.I32),
+        raw_input(op=77),
+        raw_input()[:10],
+        raw_input(count=3),
     ]
-    for meta, payload in bad:
-        reply = a.call("POST", "/test/tensor", {"peer": b.peer_id, "meta": meta, "payload": payload})
-        assert reply["meta"]["op"] == "error", (meta, reply)
-    ok = a.call("POST", "/test/tensor", {"peer": b.peer_id, "meta": good, "payload": row})
-    assert ok["meta"]["op"] == "logits" and ok["meta"]["top_k"] == 8, ok
+    for payload in bad:
+        reply = a.call("POST", "/test/tensor", {"peer": b.peer_id, "payload": payload.hex()})
+        assert reply["reply"]["op"] == "error", (payload[:40], reply)
+    ok = a.call("POST", "/test/tensor", {"peer": b.peer_id, "payload": raw_input().hex()})
+    assert ok["reply"]["op"] == "logits" and ok["reply"]["top_k"] == 8, ok
     a.call("POST", "/test/control", {"peer": b.peer_id, "type": "stage.close", "body": {"seq": 4242}})
     assert b.process is not None and b.process.poll() is None
     a.force("split", ("local", "0:15"), (b.peer_id, "15:30"))

@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 
 from mesh import split_wire as wire
 from mesh import tensor_link as tl
+from mesh.mesh_errors import ProtocolError
 from mesh.pipeline import RemoteStage, SplitPipeline
 from mesh.protocol import TENSOR, BinaryFrame
 from mesh.stage_server import StageHost
 from models.span import LayerSpan
+from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
 from tests.mesh.test_split_inprocess import MODEL, PeerLink, blocking, factory, gate_open, greedy
 from tests.models.shared_model import chat_ids, gguf_model, reference_stage
 
@@ -38,7 +40,7 @@ TOKENS = 5
 def test_records_round_trip_and_refuse_tampering_replay_and_reflection() -> None:
     key = os.urandom(32)
     origin, stage = tl.Sealer(key, tl.TO_STAGE), tl.Sealer(key, tl.TO_ORIGIN)
-    frame = BinaryFrame(TENSOR, 7, {"op": "decode", "seqs": [1]}, b"\x01\x02" * 100)
+    frame = BinaryFrame(TENSOR, 7, {}, b"\x01\x02" * 100)
     first = origin.seal(tl.encode_frame(frame))
     assert struct.unpack_from("<I", first)[0] == len(first) - 4
     assert tl.decode_frame(stage.open(first[4:])) == frame
@@ -52,6 +54,8 @@ def test_records_round_trip_and_refuse_tampering_replay_and_reflection() -> None
         tl.Sealer(key, tl.TO_STAGE).open(tl.Sealer(key, tl.TO_STAGE).seal(b"x")[4:])
     with pytest.raises(ValueError):
         tl.encode_frame(BinaryFrame(2, 1, {}, b""))  # blocks do not travel on tensor links
+    with pytest.raises(ValueError):
+        tl.encode_frame(BinaryFrame(TENSOR, 1, {"op": "decode"}, b""))  # nor metadata
 
 
 @given(st.binary(max_size=300))
@@ -60,7 +64,41 @@ def test_any_plaintext_decodes_or_is_refused(data: bytes) -> None:
         frame = tl.decode_frame(data)
     except tl.LinkError:
         return
-    assert frame.kind == TENSOR and isinstance(frame.meta, dict)
+    assert frame.kind == TENSOR and frame.meta == {} and tl.encode_frame(frame) == data
+
+
+@given(st.binary(max_size=200))
+def test_any_tensor_payload_decodes_or_is_refused(data: bytes) -> None:
+    frame = BinaryFrame(TENSOR, 1, {}, data)
+    try:
+        message = wire.decode_input(frame)
+    except wire.FrameError:
+        pass
+    else:
+        assert message.array is not None and message.op in wire.OPS_IN
+    try:
+        reply = wire.decode_output(frame, vocab=8)
+    except ProtocolError:
+        return
+    assert reply.op in wire.OPS_OUT and (reply.array is None) == (reply.op == "error")
+
+
+def test_tensor_frames_round_trip() -> None:
+    hidden = np.arange(2 * 6, dtype=np.float32).reshape(2, 6)
+    message = wire.decode_input(wire.encode_input(9, "decode", 41, [3, 2**32 - 1], hidden, 4, fp16=True))
+    assert (message.call, message.op, message.step, message.seqs, message.top_k) == (9, "decode", 41,
+                                                                                  (3, 2**32 - 1), 4)
+    assert message.reply_f16 and message.array is not None and message.array.dtype == np.float16
+    assert np.array_equal(message.array, hidden)
+    ids = wire.decode_input(wire.encode_input(1, "prefill", 0, [7], np.array([5, 6, 7], np.int32)))
+    assert ids.array is not None and ids.array.tolist() == [5, 6, 7] and not ids.reply_f16
+    back = wire.decode_output(wire.encode_hidden(2, 41, hidden, fp16=True, compute_s=0.0123), vocab=8)
+    assert back.array is not None and back.array.dtype == np.float32 and np.array_equal(back.array, hidden)
+    assert (back.op, back.step, back.compute_s) == ("hidden", 41, 0.0123)
+    error = wire.decode_output(wire.encode_error(3, 41, wire.BUSY, "full"), vocab=8)
+    assert error.error == (wire.BUSY, "full") and error.array is None
+    with pytest.raises(ValueError):
+        wire.encode_input(1, "decode", 1, [2**32], hidden)  # not a u32
 
 
 # --- real links -------------------------------------------------------------------------------------------
@@ -141,17 +179,18 @@ async def test_malformed_frames_on_a_direct_link_get_error_frames(served) -> Non
     client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
     good = wire.encode_input(1, "decode", 1, [5], np.zeros((1, config.hidden_size), np.float32))
     bad = [
-        BinaryFrame(TENSOR, 2, {**good.meta, "shape": [1, 575]}, good.payload),
-        BinaryFrame(TENSOR, 3, {**good.meta, "seqs": [6]}, good.payload),  # not this peer's sequence
-        BinaryFrame(TENSOR, 4, {"op": "decode"}, b""),
-        BinaryFrame(TENSOR, 5, good.meta, good.payload[:-4]),
+        raw_input(seqs=(5,), cols=575, data=good.payload[-4 * 575:]),
+        raw_input(seqs=(6,)),  # not this peer's sequence
+        b"",
+        good.payload[:-4],
     ]
     try:
-        for frame in bad:
-            reply = await blocking(client.call, frame, 5.0)
-            assert reply.meta["op"] == "error" and reply.request_id == frame.request_id, reply.meta
-        reply = await blocking(client.call, BinaryFrame(TENSOR, 9, good.meta, good.payload), 5.0)
-        assert reply.meta["op"] == "logits" and hosts["b"].calls == 1 and hosts["b"].refused == len(bad)
+        for call, payload in enumerate(bad, start=2):
+            reply = await blocking(client.call, BinaryFrame(TENSOR, call, {}, payload), 5.0)
+            assert error_code(reply) is not None and reply.request_id == call, reply_fields(reply.payload)
+        reply = await blocking(client.call, BinaryFrame(TENSOR, 9, {}, good.payload), 5.0)
+        assert reply_fields(reply.payload)["op"] == "logits"
+        assert hosts["b"].calls == 1 and hosts["b"].refused == len(bad)
     finally:
         client.close()
 
@@ -198,8 +237,8 @@ async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: st
     hidden = np.zeros((1, gguf_model().config.hidden_size), np.float32)
     frame = wire.encode_input(1, "decode", 1, [1], hidden)
     try:
-        reply = await blocking(client.call, BinaryFrame(TENSOR, 1, frame.meta, frame.payload), 5.0)
-        assert reply.meta["op"] == "logits"
+        reply = await blocking(client.call, frame, 5.0)
+        assert reply_fields(reply.payload)["op"] == "logits"
     finally:
         client.close()
 
@@ -209,10 +248,10 @@ async def test_a_dead_peer_fails_the_call_at_once(served) -> None:
     client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
     started = time.monotonic()
     with pytest.raises(tl.LinkError, match="went down"):
-        await blocking(client.call, BinaryFrame(TENSOR, 1, {"op": "decode"}, b""), 30.0, lambda: False)
+        await blocking(client.call, BinaryFrame(TENSOR, 1, {}, b""), 30.0, lambda: False)
     assert time.monotonic() - started < 5
     with pytest.raises(tl.LinkError, match="closed"):  # a failed link stays failed
-        await blocking(client.call, BinaryFrame(TENSOR, 2, {"op": "decode"}, b""), 30.0)
+        await blocking(client.call, BinaryFrame(TENSOR, 2, {}, b""), 30.0)
 
 
 async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: list[int]) -> None:
@@ -277,7 +316,7 @@ def test_close_from_another_thread_ends_a_waiting_call() -> None:
     started = time.monotonic()
     try:
         with pytest.raises(tl.LinkError):
-            client.call(BinaryFrame(TENSOR, 1, {"op": "decode"}, b""), 30.0)
+            client.call(BinaryFrame(TENSOR, 1, {}, b""), 30.0)
         assert time.monotonic() - started < 5
         client.close()  # idempotent
     finally:

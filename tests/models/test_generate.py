@@ -11,7 +11,8 @@ from models.errors import ContextOverflowError
 from models.generate import Engine, EngineStoppedError, TokenEvent
 from models.reference import ReferenceStage
 from models.sampling import SamplingParams
-from tests.models.shared_model import chat_ids, reference_stage, tokenizer
+from models.span import LayerSpan
+from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage, tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 PARIS = "What is the capital of France?"
@@ -170,3 +171,29 @@ async def test_stage_failure_ends_that_stream_and_the_engine_goes_on() -> None:
         result = await engine.generate_text(chat_ids(PARIS), GREEDY)
         assert result.text == "The capital of France is Paris."
     assert set(stage.sequence_ids()) == before
+
+
+class ArgmaxStage(ReferenceStage):
+    """A last stage that also takes each row's argmax itself (as a split's remote last stage does)."""
+
+    calls = 0
+
+    def decode_argmax(self, seq_ids: list[int], inputs: object) -> list[int]:
+        self.calls += 1
+        return [int(row.argmax()) for row in self.decode(seq_ids, inputs)]  # type: ignore[arg-type]
+
+
+async def test_plain_greedy_steps_let_the_last_stage_take_the_argmax() -> None:
+    last = ArgmaxStage(gguf_model(), LayerSpan(0, 30), load=dequantized)
+    batch = [chat_ids(PARIS), chat_ids("Name a colour.")]
+    async with Engine(_whole(), tokenizer()) as engine:
+        want = [await engine.generate_text(ids, GREEDY) for ids in batch]
+        penalised = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3)
+        want_penalised = await engine.generate_text(batch[0], penalised)
+    async with Engine([last], tokenizer()) as engine:
+        got = await asyncio.gather(*(engine.generate_text(ids, GREEDY) for ids in batch))
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        steps = engine.stats.decode_steps
+        assert last.calls == steps > 0  # every decode step of plain greedy requests
+        assert (await engine.generate_text(batch[0], penalised)).token_ids == want_penalised.token_ids
+        assert last.calls == steps  # penalties need the whole row: the sampler took it
