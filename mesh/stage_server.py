@@ -34,7 +34,7 @@ from mesh.protocol import BinaryFrame
 from mesh.tensor_link import LinkError, ServerLink
 from models.errors import ContextOverflowError, ModelError
 from models.span import LayerSpan
-from models.stage import Stage
+from models.stage import Stage, ids_in_range
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ class StageHost:
         if stage.span.is_first():
             if array.dtype.char != "i" or array.ndim != 1:
                 raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
-            if not wire.ids_in_range(array, config.vocab_size):
+            if not ids_in_range(array, config.vocab_size):
                 raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
             return array
         if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:

@@ -83,6 +83,27 @@ def test_spans_compose(whole: CompiledStage, halves: tuple[CompiledStage, Compil
         assert max(float(np.max(np.abs(a - b))) for a, b in zip(want_logits, got_logits, strict=True)) < 1e-3
 
 
+def test_outputs_outlive_later_calls(halves: tuple[CompiledStage, CompiledStage]) -> None:
+    """Decode outputs are views of the call's own tensor (DLPack) and inputs go through a kept tensor: an
+    array a call returned must not change when later calls run."""
+    first, second = halves
+    seq = fresh_seq_id()
+    first.add_sequence(seq)
+    second.add_sequence(seq)
+    try:
+        second.prefill(seq, first.prefill(seq, np.asarray(chat_ids("Hi"), dtype=np.int32)))
+        hidden = [first.decode([seq], np.array([t], np.int32)) for t in (100, 200, 300)]
+        logits = [second.decode([seq], h) for h in hidden]
+        kept = [a.copy() for a in hidden + logits]
+        for t in (400, 500):
+            second.decode([seq], first.decode([seq], np.array([t], np.int32)))
+        assert all(np.array_equal(a, b) for a, b in zip(hidden + logits, kept, strict=True))
+        assert not np.array_equal(hidden[0], hidden[1]) and not np.array_equal(logits[1], logits[2])
+    finally:
+        first.remove_sequence(seq)
+        second.remove_sequence(seq)
+
+
 def test_batched_decode_equals_unbatched(whole: CompiledStage) -> None:
     prompts = [chat_ids(q) for q in ("Hello!", "Name a colour.", "Why is the sky blue? Answer briefly.")]
     assert len({len(p) for p in prompts}) == 3
