@@ -18,7 +18,8 @@ Records (both directions): `u32 LE length` + AES-GCM(key, nonce, plaintext), non
 request id` + the tensor frame's payload (`mesh.split_wire`'s binary header and array) — the same frame, with
 the same limits, as on the data channel (`mesh.split_wire` decodes both alike). A record that fails
 its tag or breaks the bounds closes the link; a frame whose content is wrong gets an error frame, as on the
-channel.
+channel. One call is in flight per link: the origin sends a record only once the last one was answered
+(bytes past a record break the link), so a decode record is read whole with one `recv`.
 """
 
 from __future__ import annotations
@@ -139,23 +140,37 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
+FIRST_READ = 65_536
+"""The first read of a record takes up to this much: a decode step's record arrives whole in one read."""
+
+
 def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
-    """One record's plaintext. The socket's timeout bounds the wait for the first byte (`LinkIdle` when it
-    passes); the rest of the record must follow within `RECORD_TIMEOUT_S`."""
+    """One record's plaintext. The socket's timeout bounds the wait for the first bytes (`LinkIdle` when it
+    passes); the rest of a long record must follow within `RECORD_TIMEOUT_S`. One call is in flight per
+    link, so nothing may follow a record until it is answered: bytes past it break the link."""
     try:
         try:
-            head = sock.recv(LENGTH.size)
+            data = sock.recv(FIRST_READ)
         except TimeoutError:
             raise LinkIdle("no record within the wait") from None
-        if not head:
+        if not data:
             raise LinkError("the tensor link closed")
-        sock.settimeout(RECORD_TIMEOUT_S)
-        if len(head) < LENGTH.size:
-            head += _recv_exact(sock, LENGTH.size - len(head))
-        (size,) = LENGTH.unpack(head)
+        wait = sock.gettimeout()
+        if len(data) < LENGTH.size:  # the length itself in pieces: rare
+            sock.settimeout(RECORD_TIMEOUT_S)
+            data += _recv_exact(sock, LENGTH.size - len(data))
+            sock.settimeout(wait)
+        (size,) = LENGTH.unpack_from(data)
         if not TAG_BYTES <= size <= MAX_RECORD:
             raise LinkError(f"tensor record of {size} bytes is out of bounds")
-        return sealer.open(_recv_exact(sock, size))
+        have = len(data) - LENGTH.size
+        if have > size:
+            raise LinkError("bytes past a tensor record before it was answered")
+        if have < size:  # a long record (prefill): read the rest
+            sock.settimeout(RECORD_TIMEOUT_S)
+            data += _recv_exact(sock, size - have)
+            sock.settimeout(wait)
+        return sealer.open(data[LENGTH.size:])
     except TimeoutError:
         raise LinkError("tensor link timed out") from None
     except OSError as exc:
@@ -219,15 +234,17 @@ class TensorLinkClient:
                 raise LinkError("the tensor link is closed")
             deadline = time.monotonic() + timeout_s
             try:
-                self._sock.settimeout(RECORD_TIMEOUT_S)
-                self._sock.sendall(self._sealer.seal(encode_frame(frame)))
+                record = self._sealer.seal(encode_frame(frame))
+                # a decode record fits the socket's buffer at once; a long prefill one may take a while
+                self._set_timeout(poll_s if len(record) <= FIRST_READ else RECORD_TIMEOUT_S)
+                self._sock.sendall(record)
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise LinkError(f"no answer within {timeout_s:.0f} s")
                     if not alive():
                         raise LinkError("the peer's link went down")
-                    self._sock.settimeout(min(poll_s, remaining))
+                    self._set_timeout(min(poll_s, remaining))
                     try:
                         plaintext = read_record(self._sock, self._sealer)
                     except LinkIdle:
@@ -241,6 +258,10 @@ class TensorLinkClient:
                 self._release()
                 raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
             return reply
+
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._sock.gettimeout():  # settimeout is a system call; gettimeout is not
+            self._sock.settimeout(seconds)
 
     def _release(self) -> None:
         """With the lock held (or nothing else using the socket): end the link and free the socket."""
@@ -272,12 +293,10 @@ class ServerLink:
 
     def read_frame(self) -> BinaryFrame:
         """Blocking: the next frame (call when the socket is readable); raises LinkError."""
-        self.sock.settimeout(RECORD_TIMEOUT_S)
         return decode_frame(read_record(self.sock, self.sealer))
 
     def send_frame(self, frame: BinaryFrame) -> None:
         try:
-            self.sock.settimeout(RECORD_TIMEOUT_S)
             self.sock.sendall(self.sealer.seal(encode_frame(frame)))
         except (OSError, ValueError) as exc:
             raise LinkError(f"sending on the tensor link failed: {exc}") from None
@@ -373,6 +392,7 @@ class TensorLinkServer:
                 link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
                 self._links.append(link)
             sock.sendall(link.sealer.seal(b""))
+            sock.settimeout(RECORD_TIMEOUT_S)  # for good: every read and write of the link
         except (LinkError, OSError) as exc:
             logger.warning("tensor link from %s refused: %s", address[0], exc)
             with self._lock:

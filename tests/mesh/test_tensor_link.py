@@ -172,6 +172,31 @@ async def test_split_over_a_direct_link_equals_one_stage(served, expected: list[
         await blocking(pipeline.close)
 
 
+async def test_long_records_cross_in_pieces(served) -> None:
+    """A long prompt's hidden states (over `FIRST_READ`) both ways: the reader gathers a record's rest."""
+    _, _, links = served
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    ids = np.resize(np.asarray(chat_ids(PROMPT), dtype=np.int32), 120)
+    assert ids.size * config.hidden_size * 4 > tl.FIRST_READ
+    first = RemoteStage(links["b"], loop, MODEL, config, LayerSpan(0, 15), direct=True)
+    second = RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True, top_k=0)
+    local_first, local_second = reference_stage(0, 15), reference_stage(15, 30)
+    try:
+        for stage in (first, second, local_first, local_second):
+            await blocking(stage.add_sequence, 77)
+        hidden = await blocking(first.prefill, 77, ids)  # a long reply
+        want = local_first.prefill(77, ids)
+        assert hidden.shape == want.shape and np.allclose(hidden, want, atol=1e-5)
+        logits = await blocking(second.prefill, 77, hidden)  # a long request
+        assert np.allclose(logits, local_second.prefill(77, want), atol=1e-4)
+        assert first.transport == second.transport == "direct" and links["b"].binary_calls == 0
+    finally:
+        for stage in (first, second, local_first, local_second):
+            await blocking(stage.remove_sequence, 77)
+        await blocking(first.close)
+        await blocking(second.close)
+
+
 async def test_malformed_frames_on_a_direct_link_get_error_frames(served) -> None:
     hosts, server, _ = served
     config = gguf_model().config
@@ -210,7 +235,7 @@ async def test_tokens_are_single_use_and_checked(served) -> None:
         tl.TensorLinkClient.connect("127.0.0.1", {"port": "x"})
 
 
-@pytest.mark.parametrize("fault", ["forged", "oversized", "garbage"])
+@pytest.mark.parametrize("fault", ["forged", "oversized", "garbage", "pipelined"])
 async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: str) -> None:
     hosts, server, _ = served
     grant = server.grant("b")
@@ -225,6 +250,9 @@ async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: st
             sock.sendall(record)
         elif fault == "oversized":
             sock.sendall(struct.pack("<I", tl.MAX_RECORD + 1))
+        elif fault == "pipelined":  # a second call before the first was answered (one call at a time)
+            frame = tl.encode_frame(BinaryFrame(TENSOR, 1, {}, raw_input(seqs=(1,))))
+            sock.sendall(sealer.seal(frame) + sealer.seal(frame))
         else:
             sock.sendall(b"\x05\x00\x00\x00abcde")
         sock.settimeout(5)
