@@ -126,11 +126,11 @@ class TensorMessage:
     """(output, top-k logits) float32 [rows, k]: their logits."""
 
 
-_CODES = {"i": I32, "f": F32, "e": F16}  # numpy's dtype.char: int32, float32, float16 (any byte order)
+_CODES = {("i", 4): I32, ("f", 4): F32, ("f", 2): F16}  # (kind, size): any byte order
 
 
 def _dtype_code(array: np.ndarray) -> int:
-    code = _CODES.get(array.dtype.char)
+    code = _CODES.get((array.dtype.kind, array.dtype.itemsize))
     if code is None:
         raise ValueError(f"cannot send arrays of dtype {array.dtype}")
     return code

@@ -418,7 +418,7 @@ class StageHost:
         assert array is not None  # decode_input always sets it
         config = stage.config
         if stage.span.is_first():
-            if array.dtype.char != "i" or array.ndim != 1:
+            if array.dtype.kind != "i" or array.ndim != 1:
                 raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
             if not ids_in_range(array, config.vocab_size):
                 raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
