@@ -205,16 +205,15 @@ class RemoteStage:
         except KeyError as exc:
             raise ValueError(f"unknown sequence {exc.args[0]}; call add_sequence first") from None
 
-    def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray, argmax: bool = False
-                 ) -> np.ndarray | list[int]:
-        """One call; with `argmax` (a last stage's decode) only each row's argmax comes back, as token ids."""
+    def _exchange(self, op: str, seq_ids: list[int], inputs: np.ndarray, top_k: int
+                  ) -> tuple[wire.TensorMessage, int]:
+        """One call: send the frame, check the reply; returns it and the number of rows it must hold."""
         if self._closed:
             raise ValueError("stage is closed")
         wire_ids = self._wire_ids(seq_ids)
         arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
         self._step += 1
         call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
-        top_k = 1 if argmax else self._top_k
         frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
         timeout = self._timeout + self._per_token * arr.shape[0]
         started = time.perf_counter()
@@ -239,19 +238,19 @@ class RemoteStage:
             raise StageLost(self.peer, f"{code}: {text}")
         for s in seq_ids:
             self._lengths[s] += arr.shape[0] if op == "prefill" else 1
-        last = self.span.is_last(self.config.num_layers)
-        rows = 1 if op == "prefill" and last else arr.shape[0]
-        if argmax:
-            if message.top_ids is None or message.top_ids.shape != (rows, 1):
-                raise StageLost(self.peer, f"returned no argmax for {rows} rows")
-            return message.top_ids[:, 0].tolist()
+        rows = 1 if op == "prefill" and self.span.is_last(self.config.num_layers) else arr.shape[0]
+        return message, rows
+
+    def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        message, rows = self._exchange(op, seq_ids, inputs, self._top_k)
         out = message.array
         if out is None:  # top-k logits
-            assert message.top_ids is not None and message.top_values is not None
+            if message.top_ids is None or message.top_values is None:
+                raise StageLost(self.peer, "sent a reply without values")
             out = wire.expand_top_k(message.top_ids, message.top_values, self.config.vocab_size)
         if out.shape[0] != rows:
             raise StageLost(self.peer, f"returned {out.shape[0]} rows, expected {rows}")
-        if op == "prefill" and last:
+        if op == "prefill" and self.span.is_last(self.config.num_layers):
             return out[0]
         return out
 
@@ -264,16 +263,19 @@ class RemoteStage:
         return bool(getattr(self.link, "is_open", True))
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
-        return self._forward("prefill", [seq_id], inputs)  # type: ignore[return-value]
+        return self._forward("prefill", [seq_id], inputs)
 
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
-        return self._forward("decode", list(seq_ids), inputs)  # type: ignore[return-value]
+        return self._forward("decode", list(seq_ids), inputs)
 
     def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
         """`decode` + each row's argmax, taken by the stage (see `models.stage`): only the ids come back."""
         if not self.span.is_last(self.config.num_layers):
             raise ValueError("only the last stage has logits")
-        return self._forward("decode", list(seq_ids), inputs, argmax=True)  # type: ignore[return-value]
+        message, rows = self._exchange("decode", list(seq_ids), inputs, top_k=1)
+        if message.top_ids is None or message.top_ids.shape != (rows, 1):
+            raise StageLost(self.peer, f"returned no argmax for {rows} rows")
+        return message.top_ids[:, 0].tolist()
 
     def close(self) -> None:
         if self._closed:
