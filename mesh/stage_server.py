@@ -359,21 +359,15 @@ class StageHost:
         """Decode a tensor frame and find its sequences; inputs up to `check_up_to` bytes are checked here
         (on the loop), larger ones by `_serve` (on the worker). Raises FrameError."""
         message = wire.decode_input(frame)
-        if len(message.seqs) == 1:  # the common case, without the lists
-            session = self._sessions.get((peer, message.seqs[0]))
-            if session is None:
-                raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {list(message.seqs)}")
-            hosted, local_ids = session.hosted, [session.local_id]
-        else:
-            sessions = [self._sessions.get((peer, s)) for s in message.seqs]
-            missing = [s for s, sess in zip(message.seqs, sessions, strict=True) if sess is None]
-            if missing:
-                raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
-            live = [s for s in sessions if s is not None]
-            hosted = live[0].hosted
-            if any(s.hosted is not hosted for s in live):
-                raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-            local_ids = [s.local_id for s in live]
+        try:
+            sessions = [self._sessions[(peer, s)] for s in message.seqs]
+        except KeyError:
+            missing = [s for s in message.seqs if (peer, s) not in self._sessions]
+            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}") from None
+        hosted = sessions[0].hosted
+        if any(s.hosted is not hosted for s in sessions):
+            raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
+        local_ids = [s.local_id for s in sessions]
         inputs = None
         if message.array is not None and message.array.nbytes <= check_up_to:
             inputs = self._check_inputs(hosted.stage, message)
