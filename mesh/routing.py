@@ -40,7 +40,7 @@ FETCH_BPS = 4 * 1024 * 1024
 """Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
 GREEDY_TOP_K = 1
 """Logits the last stage returns per row for plain greedy decoding: just the argmax — the lowest id among
-ties, as local decoding picks it (`split_wire.top_k_ids`), found in ~4 µs where a top-8 took ~60 µs."""
+ties, as local decoding picks it (`split_wire.encode_logits`), found in ~4 µs where a top-8 took ~60 µs."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
 

@@ -190,12 +190,8 @@ def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int,
     count, vocab = rows.shape
     if top_k <= 0 or top_k >= vocab:
         top_k, payload = 0, np.ascontiguousarray(rows, dtype=DTYPES[F32]).tobytes()
-    elif top_k == 1 and count == 1:  # greedy decoding of one sequence: the argmax (lowest id among ties)
-        best = int(rows[0].argmax())
-        payload = TOP_1.pack(best, rows[0, best])
-    elif top_k == 1:
-        payload = b"".join(TOP_1.pack(i, row[i]) for i, row in zip(rows.argmax(axis=1).tolist(), rows,
-                                                                  strict=True))
+    elif top_k == 1:  # greedy decoding: each row's argmax (the lowest id among ties), one struct pack each
+        payload = b"".join(TOP_1.pack(i, rows[r, i]) for r, i in enumerate(rows.argmax(axis=1).tolist()))
     else:
         parts = []
         for row in rows:
