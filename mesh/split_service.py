@@ -23,6 +23,7 @@ import orjson
 import psutil
 from aiohttp import web
 
+from mesh import split_wire as wire
 from mesh.mesh_errors import RemoteError
 from mesh.offload import OffloadClient, OffloadServer
 from mesh.protocol import TENSOR, BinaryFrame, ControlFrame
@@ -110,7 +111,7 @@ class SplitService:
     async def _on_tensor_link(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
         reason = self.refusal()
         if reason is not None:
-            raise RemoteError("refused", reason)
+            raise RemoteError(wire.REFUSED, reason)
         try:
             return self.tensor_links.grant(peer.peer_id)
         except LinkError as exc:
