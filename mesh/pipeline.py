@@ -301,6 +301,11 @@ class RemoteStage:
         return f"RemoteStage({self.peer[:12]}, {self.model}, layers {self.span})"
 
 
+def _token_ids(inputs: np.ndarray) -> list[int]:
+    """Token ids as Python ints (one `tolist`, not a NumPy scalar per id)."""
+    return np.asarray(inputs, dtype=np.int64).reshape(-1).tolist()
+
+
 Rebuild = Callable[[frozenset[str]], list[Stage]]
 """Blocking: a new chain of stages tiling the model, avoiding the given peers (a re-plan)."""
 
@@ -393,7 +398,7 @@ class SplitPipeline:
         return [int(i) for i in np.argmax(last.decode(seq_ids, x), axis=1)]
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
-        ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
+        ids = _token_ids(inputs)
         if seq_id not in self._history:
             raise ValueError(f"unknown sequence {seq_id}; call add_sequence first")
         out = self._retrying(lambda: self._chain("prefill", [seq_id], inputs))
@@ -408,7 +413,7 @@ class SplitPipeline:
         return self._decode(seq_ids, inputs, lambda: self._chain_argmax(list(seq_ids), inputs))
 
     def _decode(self, seq_ids: list[int], inputs: np.ndarray, step: Callable[[], Any]) -> Any:
-        ids = [int(t) for t in np.asarray(inputs).reshape(-1).tolist()]
+        ids = _token_ids(inputs)
         missing = [s for s in seq_ids if s not in self._history]
         if missing or len(ids) != len(seq_ids):
             raise ValueError(f"decode needs one id per known sequence (unknown: {missing})")
