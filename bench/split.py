@@ -131,6 +131,11 @@ def host_network(args: argparse.Namespace) -> Any:
     return network
 
 
+def quantile(ordered: list[float], fraction: float) -> float:
+    """The value at `fraction` of a sorted list (nearest rank below)."""
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 CORE_0, CORE_1 = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
 PLACEMENTS = {
     "pinned": ("a: core 0, b+c: core 1", (CORE_0, CORE_1, CORE_1)),
@@ -213,8 +218,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         for name, (ttft, rate) in results.items():
             # each round runs every route back to back: its ratio is untouched by the machine's slow drifts
             ratios = sorted(mine[1] / local[1] for mine, local in zip(runs[name], runs["local"], strict=True))
-            spread = f"{statistics.median(ratios):.2f}x ({ratios[len(ratios) // 4]:.2f}-" \
-                     f"{ratios[(3 * len(ratios)) // 4]:.2f})"
+            low, high = quantile(ratios, 0.25), quantile(ratios, 0.75)
+            spread = f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {spread:>20} {extra}")
         over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
@@ -233,7 +238,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
                 steps = sorted(t2 - t1 for began, ended in windows[name] for t1, t2 in itertools.pairwise(
                     at for at, event in events if event == "a:e.step_start" and began <= at < ended))
                 if steps:
-                    q = [steps[min(len(steps) - 1, int(f * len(steps)))] * 1000 for f in (0.5, 0.9, 0.99)]
+                    q = [quantile(steps, f) * 1000 for f in (0.5, 0.9, 0.99)]
                     print(f"  step ms: median {q[0]:.2f}, p90 {q[1]:.2f}, p99 {q[2]:.2f}, "
                           f"max {steps[-1] * 1000:.2f} ({len(steps)} steps)")
         if args.delay_ms:
