@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Idle OpenBLAS threads spin: with two model processes on one machine they would steal each other's cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from mesh.events import EventBus
-from mesh.model_manager import ModelManager
-from models.embedded import DEFAULT_MODEL_NAME
-from models.sampling import SamplingParams
+from shoal.mesh.events import EventBus
+from shoal.mesh.node.model_manager import ModelManager
+from shoal.models.embedded import DEFAULT_MODEL_NAME
+from shoal.models.sampling import SamplingParams
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -209,7 +209,7 @@ async def start_node(backend: str) -> tuple[subprocess.Popen[bytes], str]:
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from mesh.cli import main; sys.exit(main())",
+        "import sys; from shoal.mesh.commands.cli import main; sys.exit(main())",
         "node",
         "--api",
         f"127.0.0.1:{port}",

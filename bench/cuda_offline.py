@@ -38,13 +38,12 @@ def prepare(out: Path, arch: str, ffi_wheel: Path | None) -> None:
     import tvm
     import tvm.support.nvcc as nvcc
     import tvm_ffi
-
-    from models.compile import _entry_name, _file_sha256, _pipeline, compile_key, model_fingerprint
-    from models.embedded import embedded_model_path
-    from models.gguf import GGUFModel
-    from models.llama import export_shard
-    from models.span import LayerSpan
-    from models.targets import TargetSpec
+    from shoal.models.compile import _entry_name, _file_sha256, _pipeline, compile_key, model_fingerprint
+    from shoal.models.embedded import embedded_model_path
+    from shoal.models.gguf import GGUFModel
+    from shoal.models.llama import export_shard
+    from shoal.models.span import LayerSpan
+    from shoal.models.targets import TargetSpec
 
     rt = out / "rt"
     shutil.rmtree(out, ignore_errors=True)
@@ -120,8 +119,7 @@ class SyntheticModel:
 
     def __init__(self, index: dict[str, Any]) -> None:
         import numpy as np
-
-        from models.config import ModelConfig
+        from shoal.models.config import ModelConfig
 
         self.np = np
         self.config = ModelConfig(**index["config"])
@@ -165,10 +163,10 @@ def run(folder: Path, quants: list[str], steps: int = 128, repeats: int = 3) -> 
     def _prebuilt(code: str, *_args: Any) -> bytes:
         return (folder / "cubin" / f"{hashlib.sha256(code.encode()).hexdigest()}.fatbin").read_bytes()
 
-    from models.compile import CompiledShard
-    from models.runtime import CompiledStage, _load_weights
-    from models.span import LayerSpan
-    from models.targets import TargetSpec
+    from shoal.models.compile import CompiledShard
+    from shoal.models.runtime import CompiledStage, _load_weights
+    from shoal.models.span import LayerSpan
+    from shoal.models.targets import TargetSpec
 
     model = SyntheticModel(json.loads((folder / "model_index.json").read_text()))
     dev = tvm.cuda(0)

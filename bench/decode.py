@@ -152,11 +152,11 @@ def profile_decode(stage: Any, prompt: list[int], steps: int = 20) -> list[tuple
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Run one engine in this process and return its measurements."""
-    from models.embedded import embedded_model_path
-    from models.gguf import GGUFModel
-    from models.span import LayerSpan
-    from models.targets import host_cores
-    from models.tokenizer import Tokenizer
+    from shoal.models.embedded import embedded_model_path
+    from shoal.models.gguf import GGUFModel
+    from shoal.models.span import LayerSpan
+    from shoal.models.targets import host_cores
+    from shoal.models.tokenizer import Tokenizer
 
     model_path = Path(args.model) if args.model != "default" else embedded_model_path()
     gguf = GGUFModel.open(model_path)
@@ -164,7 +164,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"engine": args.worker, "prompt_tokens": len(prompt), "compile_s": None}
     start = time.perf_counter()
     if args.worker == "shoal-compiled":
-        from models.runtime import CompiledStage
+        from shoal.models.runtime import CompiledStage
 
         stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
                                    quantization=args.quantization)
@@ -172,7 +172,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["device"] = stage.target.kind
         engine: Any = _ShoalEngine(stage, gguf.config.vocab_size)
     elif args.worker == "shoal-numpy":
-        from models.reference import ReferenceStage
+        from shoal.models.reference import ReferenceStage
 
         engine = _ShoalEngine(ReferenceStage(gguf, LayerSpan.whole(gguf.config.num_layers)),
                               gguf.config.vocab_size)

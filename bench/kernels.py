@@ -42,13 +42,12 @@ def main() -> None:
     import gguf
     import numpy as np
     import tvm
+    from shoal.models.embedded import embedded_model_path
+    from shoal.models.kernels.gemm_q4 import gemm_func
+    from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func
+    from shoal.models.kernels.quant import dequantize, pack_gguf_tensor, quantize_activations
+    from shoal.models.kernels.tir_common import host_has_vnni
     from tvm.target import codegen
-
-    from models.embedded import embedded_model_path
-    from models.kernels.gemm_q4 import gemm_func
-    from models.kernels.gemv_q4 import gemv_func, quantize_act_func
-    from models.kernels.quant import dequantize, pack_gguf_tensor, quantize_activations
-    from models.kernels.tir_common import host_has_vnni
 
     cpu = codegen.llvm_get_system_cpu()
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": args.threads})
@@ -137,11 +136,15 @@ def stack_table(target) -> None:
     The ceiling the weight streaming sets for decode (no attention, no norms)."""
     import numpy as np
     import tvm
+    from shoal.models.kernels.relax_ops import (
+        QuantizedEmbedding,
+        QuantizedLinear,
+        compile_pipeline,
+        kernel_backend,
+    )
+    from shoal.models.kernels.relax_ops import silu_mul as fused_silu_mul
     from tvm import relax
     from tvm.relax.frontend import nn
-
-    from models.kernels.relax_ops import QuantizedEmbedding, QuantizedLinear, compile_pipeline, kernel_backend
-    from models.kernels.relax_ops import silu_mul as fused_silu_mul
 
     backend = kernel_backend(target)
 
@@ -204,9 +207,8 @@ def cuda_table(tensors: dict, rows: int) -> None:
     """The CUDA matmul (models/kernels/cuda_q4.py) for each shape: 1 row and `rows` rows, GPU 0."""
     import numpy as np
     import tvm
-
-    from models.kernels.cuda_q4 import cuda_matmul_func
-    from models.kernels.quant import dequantize, pack_gguf_tensor
+    from shoal.models.kernels.cuda_q4 import cuda_matmul_func
+    from shoal.models.kernels.quant import dequantize, pack_gguf_tensor
 
     dev = tvm.cuda(0)
     if not dev.exist:

@@ -36,11 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mesh import protocol as p  # noqa: E402
+from shoal.mesh.p2p import protocol as p  # noqa: E402
 
 if TYPE_CHECKING:
-    from mesh.network import MeshService
-    from mesh.peer import Peer
+    from shoal.mesh.p2p.peer import Peer
+    from shoal.mesh.p2p.service import MeshService
+
     from tests.mesh.mesh_nodes import Node
 
 p.register_control_type("bench.echo", 16_384)
@@ -57,7 +58,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def bench_routes(app: web.Application, mesh: MeshService) -> None:
     """Routes added to a harness node started with `--bench` (both sides of every measurement)."""
-    from mesh.ipfs.cid import parse_cid
+    from shoal.mesh.ipfs.cid import parse_cid
 
     async def echo(peer: Peer, frame: p.ControlFrame) -> dict:
         return frame.body
@@ -205,7 +206,8 @@ def car_only(args: argparse.Namespace, base: Path, server: Node, client: Node) -
 
 
 def main() -> int:
-    from mesh.invite import Invite
+    from shoal.mesh.p2p.invite import Invite
+
     from tests.mesh.mesh_nodes import Node, free_port
 
     parser = argparse.ArgumentParser(

@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aiohttp import web  # noqa: E402
+from shoal.mesh.ipfs.config import IpfsConfig  # noqa: E402
+from shoal.mesh.ipfs.service import IpfsService  # noqa: E402
+from shoal.models.embedded import embedded_model_path  # noqa: E402
 
-from mesh.ipfs.config import IpfsConfig  # noqa: E402
-from mesh.ipfs.service import IpfsService  # noqa: E402
-from models.embedded import embedded_model_path  # noqa: E402
 from tests.mesh.ipfs.jsipfs import free_port, start_jsipfs  # noqa: E402
 
 MIB = 1024 * 1024

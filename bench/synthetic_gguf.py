@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.gguf import read_gguf_index
+from shoal.models.gguf import read_gguf_index
 
 HEADER_TAIL = b"SHOALHDR"
 

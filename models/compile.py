@@ -29,11 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig
-from models.errors import CompileError
-from models.span import LayerSpan
-from models.targets import TargetSpec
-from models.weights import QUANTIZATIONS
+from shoal.models.config import ModelConfig
+from shoal.models.errors import CompileError
+from shoal.models.span import LayerSpan
+from shoal.models.targets import TargetSpec
+from shoal.models.weights import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +197,8 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
 
 def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: Progress | None) -> Any:
     import tvm
-
-    from models.kernels.pipeline import with_safe_reshape_rewrite
-    from models.schedule import cpu_schedule_pass, mark_hand_written_pass, primfunc_names
+    from shoal.models.kernels.pipeline import with_safe_reshape_rewrite
+    from shoal.models.schedule import cpu_schedule_pass, mark_hand_written_pass, primfunc_names
 
     if target.kind == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -237,8 +236,7 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
 def _build(config: ModelConfig, span: LayerSpan, quantization: str, target: TargetSpec,
            so: Path, progress: Progress | None) -> list[tuple[str, tuple[int, ...], str]]:
     import tvm
-
-    from models.llama import export_shard
+    from shoal.models.llama import export_shard
 
     if progress:
         progress(0.02, f"exporting layers {span} ({quantization})")

@@ -2,8 +2,8 @@
 
 `import tvm` with the compiler costs ~190 MB of resident memory (FACTS.md); with `TVM_USE_RUNTIME_LIB=1` the
 runtime alone costs a few MB. `CompiledStage.load` uses `resolve_in_subprocess` when this process has not
-imported TVM yet: the child (`python -m models.compile_worker ...`) runs `compile_shard` and reports progress
-and the result as JSON lines on stdout; the parent then loads the library with the runtime only.
+imported TVM yet: the child (`python -m shoal.models.compile_worker ...`) runs `compile_shard` and reports
+progress and the result as JSON lines on stdout; the parent then loads the library with the runtime only.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.compile import CompiledShard, Progress
-from models.errors import CompileError
-from models.span import LayerSpan
-from models.targets import TargetSpec
+from shoal.models.compile import CompiledShard, Progress
+from shoal.models.errors import CompileError
+from shoal.models.span import LayerSpan
+from shoal.models.targets import TargetSpec
 
 RUNTIME_ONLY_ENV = "SHOAL_TVM_RUNTIME_ONLY"
 """"0" keeps compiling in-process with the full TVM (tests that also compile in the same process)."""
@@ -55,8 +55,8 @@ def shard_from_manifest(manifest: Path, span: LayerSpan, quantization: str, cach
 def resolve_in_subprocess(gguf_path: Path, span: LayerSpan, quantization: str, target: str | None,
                           cache: Path | None, progress: Progress | None) -> CompiledShard:
     """Run `compile_shard` in a child process; forward its progress; return the shard it reports."""
-    cmd = [sys.executable, "-m", "models.compile_worker", "--model", str(gguf_path), "--layers", str(span),
-           "--quantization", quantization, "--target", target or "auto"]
+    cmd = [sys.executable, "-m", "shoal.models.compile_worker", "--model", str(gguf_path),
+           "--layers", str(span), "--quantization", quantization, "--target", target or "auto"]
     if cache is not None:
         cmd += ["--cache", str(cache)]
     env = dict(os.environ)
@@ -86,9 +86,9 @@ def resolve_in_subprocess(gguf_path: Path, span: LayerSpan, quantization: str, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.compile import compile_shard, model_fingerprint
-    from models.gguf import GGUFModel
-    from models.targets import detect_target
+    from shoal.models.compile import compile_shard, model_fingerprint
+    from shoal.models.gguf import GGUFModel
+    from shoal.models.targets import detect_target
 
     parser = argparse.ArgumentParser(description="build one shard (used by CompiledStage.load)")
     parser.add_argument("--model", type=Path, required=True)

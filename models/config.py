@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models.errors import UnsupportedModelError
+from shoal.models.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

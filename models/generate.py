@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from models.errors import ContextOverflowError, ModelError
-from models.sampling import Sampler, SamplingParams, split_at_stop
-from models.stage import Stage
-from models.tokenizer import StreamDecoder, Tokenizer
+from shoal.models.errors import ContextOverflowError, ModelError
+from shoal.models.sampling import Sampler, SamplingParams, split_at_stop
+from shoal.models.stage import Stage
+from shoal.models.tokenizer import StreamDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
-
-from models.config import ModelConfig
-from models.errors import ModelFileError, UnsupportedModelError
-from models.span import LayerSpan
+from shoal.models.config import ModelConfig
+from shoal.models.errors import ModelFileError, UnsupportedModelError
+from shoal.models.span import LayerSpan
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -25,16 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from shoal.models.config import ModelConfig
+from shoal.models.span import LayerSpan
+from shoal.models.weights import QUANTIZATIONS
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
-
-from models.config import ModelConfig
-from models.span import LayerSpan
-from models.weights import QUANTIZATIONS
 
 LinearFactory = Callable[[int, int, str], nn.Module]
 """(in_features, out_features, role) -> module mapping [b, s, in] to [b, s, out]; role names the weight."""
@@ -63,7 +62,7 @@ def linear_factory(quantization: str, target: Target) -> LinearFactory:
     if quantization == "f32":
         return _f32_linear
     if quantization == "q4_1":
-        from models.kernels.relax_ops import QuantizedLinear, kernel_backend
+        from shoal.models.kernels.relax_ops import QuantizedLinear, kernel_backend
 
         backend = kernel_backend(target)
 
@@ -185,7 +184,7 @@ class LlamaShard(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
-        from models.kernels.attention_cpu import fast_cpu_attention
+        from shoal.models.kernels.attention_cpu import fast_cpu_attention
 
         # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels.
         with fast_cpu_attention(self.target):
@@ -253,7 +252,7 @@ class LlamaShard(nn.Module):
 def _make_embedding(config: ModelConfig, quantization: str, target: Target) -> nn.Module:
     if quantization == "f32":
         return nn.Embedding(config.vocab_size, config.hidden_size, dtype="float32")
-    from models.kernels.relax_ops import QuantizedEmbedding, kernel_backend
+    from shoal.models.kernels.relax_ops import QuantizedEmbedding, kernel_backend
 
     return QuantizedEmbedding(config.vocab_size, config.hidden_size, kernel_backend(target))
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from models.config import ModelConfig
-from models.embedded import embedded_model_path
-from models.gguf import GGUFModel
-from models.span import LayerSpan
-from models.stage import Stage
-from models.tokenizer import Tokenizer
+from shoal.models.config import ModelConfig
+from shoal.models.embedded import embedded_model_path
+from shoal.models.gguf import GGUFModel
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage
+from shoal.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def open_model(path: str | Path | None = None) -> LoadedModel:
 
 def tvm_available() -> bool:
     find = importlib.util.find_spec
-    return find("tvm") is not None and find("models.runtime") is not None
+    return find("tvm") is not None and find("shoal.models.runtime") is not None
 
 
 def resolve_backend(backend: str) -> Literal["tvm", "numpy"]:
@@ -72,12 +72,12 @@ def build_stage(model: LoadedModel, span: LayerSpan | None = None, backend: str 
     span.check(model.config.num_layers)
     chosen = resolve_backend(backend)
     if chosen == "numpy":
-        from models.reference import ReferenceStage
+        from shoal.models.reference import ReferenceStage
 
         return ReferenceStage(model.gguf, span, **options)
     if not tvm_available():
         raise ValueError("the tvm backend needs apache-tvm and models.runtime; use backend='numpy'")
-    from models.runtime import CompiledStage  # imports TVM: slow, heavy
+    from shoal.models.runtime import CompiledStage  # imports TVM: slow, heavy
 
     return CompiledStage.load(model.gguf, span, target=target, cache_dir=cache_dir, progress=progress,
                               **options)

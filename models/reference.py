@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from models.config import ModelConfig
-from models.errors import ContextOverflowError
-from models.gguf import GGUFModel
-from models.span import LayerSpan
+from shoal.models.config import ModelConfig
+from shoal.models.errors import ContextOverflowError
+from shoal.models.gguf import GGUFModel
+from shoal.models.span import LayerSpan
 
 logger = logging.getLogger(__name__)
 

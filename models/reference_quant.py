@@ -35,10 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from models.errors import UnsupportedModelError
-from models.gguf import GGUFModel
-from models.kernels.quant import (
+from shoal.models.errors import UnsupportedModelError
+from shoal.models.gguf import GGUFModel
+from shoal.models.kernels.quant import (
     GROUP,
     PackedWeight,
     concat_packed,
@@ -47,8 +46,8 @@ from models.kernels.quant import (
     quantize_activations,
     unpack_codes,
 )
-from models.reference import ReferenceStage, head_tensor_name
-from models.span import LayerSpan
+from shoal.models.reference import ReferenceStage, head_tensor_name
+from shoal.models.span import LayerSpan
 
 _F32 = np.float32
 ROW_BLOCK = 64

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
-from models.config import ModelConfig
-from models.errors import ContextOverflowError, UnsupportedModelError
-from models.span import LayerSpan
-from models.stage import ids_in_range
-from models.targets import TargetSpec, detect_target, host_cores
+from shoal.models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
+from shoal.models.config import ModelConfig
+from shoal.models.errors import ContextOverflowError, UnsupportedModelError
+from shoal.models.span import LayerSpan
+from shoal.models.stage import ids_in_range
+from shoal.models.targets import TargetSpec, detect_target, host_cores
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +70,8 @@ def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
 def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
                    quantization: str) -> dict[str, Any]:
     """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
-    from models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0  # NumPy only: no Relax import
-    from models.weights import WEIGHT_KINDS
+    from shoal.models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0  # NumPy only: no Relax import
+    from shoal.models.weights import WEIGHT_KINDS
 
     kind = WEIGHT_KINDS[quantization]["embedding" if module_path == "embed_tokens" else "linear"]
     packed = []
@@ -96,8 +95,7 @@ def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
     """The shard's parameters as TVM tensors on `device`, in the order the compiled functions take them.
     `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
     import tvm
-
-    from models.weights import gguf_sources
+    from shoal.models.weights import gguf_sources
 
     load = load or gguf_model.dequantize
     config: ModelConfig = gguf_model.config
@@ -201,13 +199,13 @@ class CompiledStage:
         """Compile (or find cached) the shard for `span` of `gguf_model` (a `models.gguf.GGUFModel`) and load
         its weights. `load(name)` overrides how GGUF tensors are dequantized (tests share a cache); `options`
         go to the constructor (max_batch_size, max_total_tokens, prefill_chunk)."""
-        from models.compile_worker import (
+        from shoal.models.compile_worker import (
             resolve_in_subprocess,
             runtime_only_loaded,
             runtime_only_wanted,
             use_runtime_only,
         )
-        from models.weights import QUANTIZATIONS
+        from shoal.models.weights import QUANTIZATIONS
 
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; "

@@ -23,9 +23,8 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from models.config import ModelConfig
-from models.span import LayerSpan
+from shoal.models.config import ModelConfig
+from shoal.models.span import LayerSpan
 
 
 @runtime_checkable

@@ -17,10 +17,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from shoal.models.errors import UnsupportedModelError
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-
-from models.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

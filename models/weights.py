@@ -5,8 +5,8 @@ Kept free of TVM imports: the runtime loads weights without importing the Relax 
 
 from __future__ import annotations
 
-from models.config import ModelConfig
-from models.span import LayerSpan
+from shoal.models.config import ModelConfig
+from shoal.models.span import LayerSpan
 
 QUANTIZATIONS = ("f32", "q4_1")
 """`f32`: weights dequantized to float32 at load. `q4_1`: linear weights kept as Q4_1 blocks and the

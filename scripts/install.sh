@@ -24,4 +24,4 @@ if [ "${1:-}" = "test" ]; then
       || echo "install: ipfs-cid not installed (optional second CID oracle)" >&2
   fi
 fi
-python3 -c "import models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true
+python3 -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true

@@ -26,9 +26,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from models.embedded import embedded_model_path  # noqa: E402
-from models.gguf import GGUFModel  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
+from shoal.models.embedded import embedded_model_path  # noqa: E402
+from shoal.models.gguf import GGUFModel  # noqa: E402
+from shoal.models.tokenizer import Tokenizer  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
 STEPS = 32

@@ -8,22 +8,21 @@ import logging
 import time
 from typing import Any, ClassVar
 
+from shoal.tui.client import DEFAULT_API, NodeClient, NodeError
+from shoal.tui.connection import Backoff, follow_node
+from shoal.tui.launcher import NodeProcess
+from shoal.tui.screens.base import NodePane
+from shoal.tui.screens.chat import ChatPane
+from shoal.tui.screens.help import HelpScreen
+from shoal.tui.screens.logs import LogsPane
+from shoal.tui.screens.mesh import MeshPane
+from shoal.tui.screens.models import ModelsPane
+from shoal.tui.screens.policy import PolicyPane
+from shoal.tui.screens.requests import RequestsPane
+from shoal.tui.widgets.status import StatusBar
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, TabbedContent, TabPane, Tabs
-
-from tui.client import DEFAULT_API, NodeClient, NodeError
-from tui.connection import Backoff, follow_node
-from tui.launcher import NodeProcess
-from tui.screens.base import NodePane
-from tui.screens.chat import ChatPane
-from tui.screens.help import HelpScreen
-from tui.screens.logs import LogsPane
-from tui.screens.mesh import MeshPane
-from tui.screens.models import ModelsPane
-from tui.screens.policy import PolicyPane
-from tui.screens.requests import RequestsPane
-from tui.widgets.status import StatusBar
 
 logger = logging.getLogger(__name__)
 

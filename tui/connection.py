@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tui.client import NodeClient, NodeError, NotAvailable
+from shoal.tui.client import NodeClient, NodeError, NotAvailable
 
 logger = logging.getLogger(__name__)
 

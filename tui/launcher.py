@@ -76,7 +76,7 @@ def start_node(
     address = f"{parts.hostname}:{parts.port or 8740}"
     log_path = (log_dir or Path(tempfile.gettempdir())) / f"shoal-tui-node-{parts.port or 8740}.log"
     log = log_path.open("ab")
-    command = [sys.executable, "-m", "mesh.cli", "node", "--api", address, *(extra_args or [])]
+    command = [sys.executable, "-m", "shoal.mesh", "node", "--api", address, *(extra_args or [])]
     env = {**os.environ, **(extra_env or {})}
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env

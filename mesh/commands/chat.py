@@ -15,10 +15,9 @@ from typing import Any
 
 import aiohttp
 import orjson
-
-from mesh.cli import CommandError
-from mesh.commands.node import add_config_arguments, config_overrides
-from mesh.config import ConfigError, NodeConfig, load_config, parse_host_port
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.commands.node import add_config_arguments, config_overrides
+from shoal.mesh.node.config import ConfigError, NodeConfig, load_config, parse_host_port
 
 PROBE_TIMEOUT_S = 1.0
 STREAM_IDLE_TIMEOUT_S = 600.0
@@ -168,10 +167,10 @@ class _ProgressLine:
 
 
 async def _in_process(args: argparse.Namespace, config: NodeConfig) -> AsyncIterator[str]:
-    from mesh.events import EventBus
-    from mesh.model_manager import ModelManager, ModelNotFoundError
-    from models.errors import ModelError
-    from models.sampling import SamplingParams
+    from shoal.mesh.events import EventBus
+    from shoal.mesh.node.model_manager import ModelManager, ModelNotFoundError
+    from shoal.models.errors import ModelError
+    from shoal.models.sampling import SamplingParams
 
     progress = _ProgressLine()
     manager = ModelManager(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mesh.cli import CommandError
+from shoal.mesh.commands.cli import CommandError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,13 +48,13 @@ def _progress_line(quiet: bool) -> Callable[[float, str], None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.compile import compile_shard, model_fingerprint
-    from models.embedded import embedded_model_path
-    from models.errors import ModelError
-    from models.gguf import GGUFModel
-    from models.runtime import DEFAULT_QUANTIZATION
-    from models.span import LayerSpan
-    from models.targets import detect_target
+    from shoal.models.compile import compile_shard, model_fingerprint
+    from shoal.models.embedded import embedded_model_path
+    from shoal.models.errors import ModelError
+    from shoal.models.gguf import GGUFModel
+    from shoal.models.runtime import DEFAULT_QUANTIZATION
+    from shoal.models.span import LayerSpan
+    from shoal.models.targets import detect_target
 
     try:
         path = embedded_model_path() if args.model == "default" else Path(args.model)

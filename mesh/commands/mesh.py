@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mesh.cli import CommandError
-from mesh.commands.node_client import call
-from mesh.invite import Invite, render_qr, save_invite
-from mesh.mesh_errors import InviteError
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.commands.node_client import call
+from shoal.mesh.p2p.errors import InviteError
+from shoal.mesh.p2p.invite import Invite, render_qr, save_invite
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

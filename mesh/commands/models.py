@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from mesh.cli import CommandError
-from mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
-from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.errors import IpfsError
-from mesh.ipfs.service import IpfsService
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.ipfs.service import IpfsService
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mesh.cli import CommandError
-from mesh.config import BACKENDS, ConfigError, load_config, parse_host_port
-from mesh.ipfs.errors import IpfsError
-from mesh.mesh_errors import MeshError
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.node.config import BACKENDS, ConfigError, load_config, parse_host_port
+from shoal.mesh.p2p.errors import MeshError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.node import build_node, serve_until_signalled
+    from shoal.mesh.node.node import build_node, serve_until_signalled
 
     try:
         config = load_config(args.config, overrides=config_overrides(args))
         config.api.check_exposure()
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    for name in ("mesh", "models"):  # the node logs its progress (compile, requests) by default
+    for name in ("shoal.mesh", "shoal.models"):  # the node logs its progress (compile, requests) by default
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
     try:

@@ -7,8 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from mesh.cli import CommandError
-from mesh.config import ConfigError, load_config, parse_host_port
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.node.config import ConfigError, load_config, parse_host_port
 
 
 def node_url(api: str | None) -> tuple[str, dict[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mesh.commands.node_client import call
+from shoal.mesh.commands.node_client import call
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,11 +7,11 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from mesh.cli import CommandError
-from mesh.ipfs.catalog import check_name
-from mesh.ipfs.cli_support import add_data_dir_option, config_from_args, default_data_dir
-from mesh.ipfs.errors import IpfsError
-from mesh.ipfs.service import IpfsService
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.ipfs.catalog import check_name
+from shoal.mesh.ipfs.cli_support import add_data_dir_option, config_from_args, default_data_dir
+from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.ipfs.service import IpfsService
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

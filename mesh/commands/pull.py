@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from mesh.cli import CommandError
-from mesh.ipfs.cli_support import (
+from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.ipfs.cli_support import (
     ProgressLine,
     add_data_dir_option,
     add_source_options,
@@ -14,9 +14,9 @@ from mesh.ipfs.cli_support import (
     default_data_dir,
     human_bytes,
 )
-from mesh.ipfs.errors import IpfsError
-from mesh.ipfs.service import IpfsService
-from models.errors import ModelError
+from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.models.errors import ModelError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ async def _pull(args: argparse.Namespace) -> int:
     async with IpfsService(config, data_dir) as service:
         try:
             if args.layers:
-                from models.span import LayerSpan
+                from shoal.models.span import LayerSpan
 
                 text_start, _, text_stop = args.layers.partition(":")
                 try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mesh.cli import CommandError
+from shoal.mesh.commands.cli import CommandError
 
 DEFAULT_API = "http://127.0.0.1:8740"
 
@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tui.app import ShoalApp
-    from tui.launcher import is_loopback_url, probe, start_node
+    from shoal.tui.app import ShoalApp
+    from shoal.tui.launcher import is_loopback_url, probe, start_node
 
     url = args.api.rstrip("/")
     if not url.startswith(("http://", "https://")):

@@ -15,14 +15,13 @@ import threading
 from pathlib import Path
 
 from multiformats import CID
-
-from mesh.ipfs.car import CarBlock, block_parts, contiguous
-from mesh.ipfs.cid import DAG_PB
-from mesh.ipfs.errors import CodecError
-from mesh.ipfs.filestore import FileStore, Journal
-from mesh.ipfs.importer import Block
-from mesh.ipfs.reader import decoded_node
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs.car import CarBlock, block_parts, contiguous
+from shoal.mesh.ipfs.cid import DAG_PB
+from shoal.mesh.ipfs.errors import CodecError
+from shoal.mesh.ipfs.filestore import FileStore, Journal
+from shoal.mesh.ipfs.importer import Block
+from shoal.mesh.ipfs.reader import decoded_node
+from shoal.mesh.ipfs.store import BlockStore
 
 SYNC_EVERY = 16 << 20
 

@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from multiformats import CID
-
-from mesh.ipfs.cid import cid_from_bytes, cid_to_bytes
-from mesh.ipfs.errors import CodecError
-from mesh.ipfs.protobuf import decode_varint, encode_varint
+from shoal.mesh.ipfs.cid import cid_from_bytes, cid_to_bytes
+from shoal.mesh.ipfs.errors import CodecError
+from shoal.mesh.ipfs.protobuf import decode_varint, encode_varint
 
 MAX_HEADER = 64 * 1024
 MAX_SECTION = 4 * 1024 * 1024

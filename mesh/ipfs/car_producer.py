@@ -23,14 +23,13 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 from multiformats import CID
-
-from mesh.ipfs import car
-from mesh.ipfs.cid import DAG_PB, cid_to_bytes
-from mesh.ipfs.errors import IpfsError
-from mesh.ipfs.filestore import Guard
-from mesh.ipfs.protobuf import encode_varint
-from mesh.ipfs.reader import decoded_node
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs import car
+from shoal.mesh.ipfs.cid import DAG_PB, cid_to_bytes
+from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.ipfs.filestore import Guard
+from shoal.mesh.ipfs.protobuf import encode_varint
+from shoal.mesh.ipfs.reader import decoded_node
+from shoal.mesh.ipfs.store import BlockStore
 
 BATCH_BYTES = 4 << 20
 """A batch read in a worker thread."""

@@ -18,11 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from multiformats import CID
-
-from mesh.ipfs.car import MAX_SECTION, CarBlock, ChunkBuffer, http_body_chunks
-from mesh.ipfs.cid import DAG_PB, verify_block
-from mesh.ipfs.errors import CodecError, SourceError
-from mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.car import MAX_SECTION, CarBlock, ChunkBuffer, http_body_chunks
+from shoal.mesh.ipfs.cid import DAG_PB, verify_block
+from shoal.mesh.ipfs.errors import CodecError, SourceError
+from shoal.mesh.ipfs.reader import decode_file_node
 
 MAX_INTERIOR_NODES = 1 << 16
 """Interior nodes one file may have (174 leaves each: ~2.9 TB of 256 KiB chunks): bounds the walk."""

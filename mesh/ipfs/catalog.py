@@ -11,10 +11,9 @@ import threading
 from pathlib import Path
 
 from multiformats import CID
-
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.errors import InvalidCidError, StoreError, UnknownModelError
-from mesh.ipfs.store import file_lock
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.errors import InvalidCidError, StoreError, UnknownModelError
+from shoal.mesh.ipfs.store import file_lock
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 # CIDv1 (raw leaves, 256 KiB chunks, balanced, 174 links) of SmolLM2-135M-Instruct.Q4_1.gguf as shipped in

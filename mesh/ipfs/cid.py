@@ -13,8 +13,7 @@ import hashlib
 from collections.abc import Sequence
 
 from multiformats import CID, multibase, multicodec, multihash
-
-from mesh.ipfs.errors import InvalidCidError, VerificationError
+from shoal.mesh.ipfs.errors import InvalidCidError, VerificationError
 
 DAG_PB = "dag-pb"
 RAW = "raw"

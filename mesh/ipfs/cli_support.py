@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.fetcher import Progress
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.ipfs.fetcher import Progress
 
 DATA_DIR_ENV = "SHOAL_DATA_DIR"
 

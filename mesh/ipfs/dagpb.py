@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from multiformats import CID
-
-from mesh.ipfs import protobuf as pb
-from mesh.ipfs.cid import cid_from_bytes
-from mesh.ipfs.errors import CodecError, InvalidCidError
+from shoal.mesh.ipfs import protobuf as pb
+from shoal.mesh.ipfs.cid import cid_from_bytes
+from shoal.mesh.ipfs.errors import CodecError, InvalidCidError
 
 MAX_LINKS = 100_000
 

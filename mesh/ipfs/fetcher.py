@@ -18,22 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multiformats import CID
-
-from mesh.ipfs import dagpb, unixfs
-from mesh.ipfs.assembler import StreamingAssembler
-from mesh.ipfs.car import CarBlock, block_parts, contiguous
-from mesh.ipfs.cid import DAG_PB, verify_pieces
-from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.errors import (
+from shoal.mesh.ipfs import dagpb, unixfs
+from shoal.mesh.ipfs.assembler import StreamingAssembler
+from shoal.mesh.ipfs.car import CarBlock, block_parts, contiguous
+from shoal.mesh.ipfs.cid import DAG_PB, verify_pieces
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.ipfs.errors import (
     BlockNotFoundError,
     CodecError,
     SourceError,
     StoreError,
     VerificationError,
 )
-from mesh.ipfs.reader import decoded_node
-from mesh.ipfs.sources import BlockSource, CarSource
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs.reader import decoded_node
+from shoal.mesh.ipfs.sources import BlockSource, CarSource
+from shoal.mesh.ipfs.store import BlockStore
 
 logger = logging.getLogger(__name__)
 CAR_BATCH_BYTES = 4 << 20

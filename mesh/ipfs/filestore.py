@@ -27,9 +27,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.errors import InvalidCidError, StoreError
-from mesh.ipfs.filestore_records import (
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.errors import InvalidCidError, StoreError
+from shoal.mesh.ipfs.filestore_records import (
     INDEX,
     JOURNAL,
     FileRecord,

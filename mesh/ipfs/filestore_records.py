@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.ipfs.cid import SHA2_256_PREFIX
+from shoal.mesh.ipfs.cid import SHA2_256_PREFIX
 
 INDEX = ".idx"
 JOURNAL = ".journal"

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mesh.ipfs.errors import SourceError
+from shoal.mesh.ipfs.errors import SourceError
 
 MAX_HEAD = 64 * 1024
 """Status line and headers (and, for chunked bodies, the trailer section), at most."""

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from multiformats import CID
-
-from mesh.ipfs import unixfs
-from mesh.ipfs.cid import DAG_PB, RAW, make_cid
-from mesh.ipfs.dagpb import PBLink, PBNode, encode_node
+from shoal.mesh.ipfs import unixfs
+from shoal.mesh.ipfs.cid import DAG_PB, RAW, make_cid
+from shoal.mesh.ipfs.dagpb import PBLink, PBNode, encode_node
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_MAX_LINKS = 174

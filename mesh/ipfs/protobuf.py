@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from mesh.ipfs.errors import CodecError
+from shoal.mesh.ipfs.errors import CodecError
 
 VARINT = 0
 LENGTH_DELIMITED = 2

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from multiformats import CID
-
-from mesh.ipfs import dagpb, unixfs
-from mesh.ipfs.cid import DAG_PB
-from mesh.ipfs.errors import BlockNotFoundError, CodecError
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs import dagpb, unixfs
+from shoal.mesh.ipfs.cid import DAG_PB
+from shoal.mesh.ipfs.errors import BlockNotFoundError, CodecError
+from shoal.mesh.ipfs.store import BlockStore
 
 GetBlock = Callable[[CID], Awaitable[bytes]]
 

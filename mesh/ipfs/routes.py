@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from multiformats import CID
-
-from mesh.ipfs import car
-from mesh.ipfs.car_producer import Buffer, CarProducer
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.errors import CodecError, InvalidCidError, IpfsError, UnknownModelError
-from mesh.ipfs.reader import decode_file_node
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.sources import RAW_CONTENT_TYPE
+from shoal.mesh.ipfs import car
+from shoal.mesh.ipfs.car_producer import Buffer, CarProducer
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.errors import CodecError, InvalidCidError, IpfsError, UnknownModelError
+from shoal.mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.sources import RAW_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 ENTITY_BYTES = re.compile(r"^(\d+):(\d+|\*)$")

@@ -21,23 +21,21 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multiformats import CID
-
-from mesh.ipfs.assembler import PublishedFileWriter, SparseFileWriter
-from mesh.ipfs.car_producer import Buffer, CarProducer, produce
-from mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
-from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.errors import IpfsError, SourceError
-from mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
-from mesh.ipfs.importer import ImportOptions, import_file
-from mesh.ipfs.reader import UnixFSReader, assemble_file
-from mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
-from mesh.ipfs.store import STALE_TEMP_S, BlockStore, StoreStats
+from shoal.mesh.ipfs.assembler import PublishedFileWriter, SparseFileWriter
+from shoal.mesh.ipfs.car_producer import Buffer, CarProducer, produce
+from shoal.mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.ipfs.errors import IpfsError, SourceError
+from shoal.mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
+from shoal.mesh.ipfs.importer import ImportOptions, import_file
+from shoal.mesh.ipfs.reader import UnixFSReader, assemble_file
+from shoal.mesh.ipfs.sources import BlockSource, GatewaySource, KuboRpcSource
+from shoal.mesh.ipfs.store import STALE_TEMP_S, BlockStore, StoreStats
 
 if TYPE_CHECKING:
     from aiohttp import web
-
-    from mesh.events import EventBus
-    from models.span import LayerSpan
+    from shoal.mesh.events import EventBus
+    from shoal.models.span import LayerSpan
 
 logger = logging.getLogger(__name__)
 SPAN_READ_BYTES = 4 << 20
@@ -115,7 +113,7 @@ class IpfsService:
         await self.stop()
 
     def add_routes(self, app: web.Application) -> None:
-        from mesh.ipfs.routes import add_routes
+        from shoal.mesh.ipfs.routes import add_routes
 
         add_routes(app, self)
 
@@ -222,7 +220,7 @@ class IpfsService:
     async def pull_span(self, name_or_cid: str, span: LayerSpan) -> Path:
         """Fetch only the GGUF header and the tensors of layers `span`, into a sparse local file that
         `GGUFModel.open` can map. Only the UnixFS blocks covering those byte ranges are fetched."""
-        from models.gguf import read_gguf_index
+        from shoal.models.gguf import read_gguf_index
 
         self._require_session()
         cid = self.catalog.resolve(name_or_cid)
@@ -319,7 +317,7 @@ class IpfsService:
 
     async def ensure_embedded(self) -> CID:
         """Import the embedded default model into the store (pinned, named) unless it is already there."""
-        from models.embedded import embedded_model_path
+        from shoal.models.embedded import embedded_model_path
 
         path = await asyncio.to_thread(embedded_model_path)
         entries = self.catalog.entries()

@@ -19,10 +19,9 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from multiformats import CID
-
-from mesh.ipfs import car, cat_stream, http_stream
-from mesh.ipfs.errors import BlockNotFoundError, SourceError
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs import car, cat_stream, http_stream
+from shoal.mesh.ipfs.errors import BlockNotFoundError, SourceError
+from shoal.mesh.ipfs.store import BlockStore
 
 RAW_CONTENT_TYPE = "application/vnd.ipld.raw"
 MAX_BLOCK_RESPONSE = 4 * 1024 * 1024

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multiformats import CID
-
-from mesh.ipfs import dagpb
-from mesh.ipfs.cid import DAG_PB, block_key, parse_cid, verify_block
-from mesh.ipfs.errors import CodecError, StoreError
-from mesh.ipfs.filestore import FileStore, key_bytes, key_text
+from shoal.mesh.ipfs import dagpb
+from shoal.mesh.ipfs.cid import DAG_PB, block_key, parse_cid, verify_block
+from shoal.mesh.ipfs.errors import CodecError, StoreError
+from shoal.mesh.ipfs.filestore import FileStore, key_bytes, key_text
 
 logger = logging.getLogger(__name__)
 STALE_TEMP_S = 3600.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.ipfs import protobuf as pb
-from mesh.ipfs.errors import CodecError
+from shoal.mesh.ipfs import protobuf as pb
+from shoal.mesh.ipfs.errors import CodecError
 
 RAW = 0
 DIRECTORY = 1

@@ -21,11 +21,10 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from shoal.models.kernels.tir_common import f32x16, vexp2, vsum
 from tvm import tirx
 from tvm.relax.frontend.nn.llm import kv_cache
 from tvm.script import tirx as T
-
-from models.kernels.tir_common import f32x16, vexp2, vsum
 
 LANES = 16
 LOG2E = math.log2(math.e)
@@ -217,8 +216,8 @@ def fast_cpu_attention(target: Any = None) -> Iterator[None]:
     """While active, a `TIRPagedKVCache` uses `attention_decode_cpu`, `attention_prefill_ragged_cpu` and
     `rope_cpu.rope_cpu` (each falls back to TVM's kernel where it does not apply). CPU kernels: pass the
     model's `target`, and for anything but an llvm target this does nothing."""
-    from models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
-    from models.kernels.tir_common import as_target
+    from shoal.models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
+    from shoal.models.kernels.tir_common import as_target
 
     if target is not None and as_target(target).kind.name != "llvm":
         yield

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import functools
 
+from shoal.models.kernels.gemv_q4 import check_shape
+from shoal.models.kernels.quant import GROUP, ROWS
 from tvm import tirx
 from tvm.script import tirx as T
-
-from models.kernels.gemv_q4 import check_shape
-from models.kernels.quant import GROUP, ROWS
 
 SLICES = 16
 

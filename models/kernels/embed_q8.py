@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 
+from shoal.models.kernels.quant import GROUP, ROWS
 from tvm import tirx
 from tvm.script import tirx as T
-
-from models.kernels.quant import GROUP, ROWS
 
 
 @functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import functools
 
+from shoal.models.kernels.gemv_q4 import check_shape, matmul_entry
+from shoal.models.kernels.quant import GROUP, ROWS
+from shoal.models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 from tvm import tirx
 from tvm.script import tirx as T
-
-from models.kernels.gemv_q4 import check_shape, matmul_entry
-from models.kernels.quant import GROUP, ROWS
-from models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 
 TILE = 4
 CHUNK = 32

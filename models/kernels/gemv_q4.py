@@ -10,11 +10,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from shoal.models.kernels.quant import GROUP, ROWS
+from shoal.models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 from tvm import tirx
 from tvm.script import tirx as T
-
-from models.kernels.quant import GROUP, ROWS
-from models.kernels.tir_common import LANES, group_dot, group_finish, row_vec
 
 SERIAL_ROWS = 16
 """quantize_act runs single-threaded below this many rows."""

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 
+from shoal.models.kernels.tir_common import f32x16 as _f32
+from shoal.models.kernels.tir_common import vexp, vsum
 from tvm import tirx
 from tvm.script import tirx as T
-
-from models.kernels.tir_common import f32x16 as _f32
-from models.kernels.tir_common import vexp, vsum
 
 LANES = 16
 SERIAL_ROWS = 8

@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from shoal.models.kernels.embed_q8 import embedding_func
+from shoal.models.kernels.gemm_q4 import gemm_func
+from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func
+from shoal.models.kernels.quant import GROUP, ROWS, PackedWeight, pack_gguf_tensor
+from shoal.models.kernels.tir_common import as_target, has_vnni
 from tvm import tirx
 from tvm.relax.frontend import nn
-
-from models.kernels.embed_q8 import embedding_func
-from models.kernels.gemm_q4 import gemm_func
-from models.kernels.gemv_q4 import gemv_func, quantize_act_func
-from models.kernels.quant import GROUP, ROWS, PackedWeight, pack_gguf_tensor
-from models.kernels.tir_common import as_target, has_vnni
 
 BACKENDS = ("x86_vnni", "llvm", "cuda")
 _WORDS = {"q4_1": 4, "q8_0": 8}
@@ -67,7 +66,7 @@ def quantized_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[n
     x2 = nn.op.reshape(x, [rows, k]) if len(x.shape) != 2 else x
     out = nn.Tensor.placeholder([rows, out_features], "float32")
     if backend == "cuda":
-        from models.kernels.cuda_q4 import cuda_matmul_func
+        from shoal.models.kernels.cuda_q4 import cuda_matmul_func
 
         y = nn.op.tensor_ir_op(cuda_matmul_func(kind, out_features, k), f"cuda_{kind}_{out_features}x{k}",
                                [x2, *weights], out)
@@ -129,7 +128,7 @@ class QuantizedEmbedding(nn.Module):
         count = _rows(nn.Tensor.placeholder([*ids.shape, 1], "int32"))
         flat = nn.op.reshape(ids, [count]) if len(ids.shape) != 1 else ids
         if self.backend == "cuda":
-            from models.kernels.cuda_q4 import cuda_embedding_func
+            from shoal.models.kernels.cuda_q4 import cuda_embedding_func
 
             func = cuda_embedding_func(self.vocab_size, self.dim)
         else:
@@ -162,7 +161,7 @@ class FastRMSNorm(nn.Module):
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         if self.backend == "cuda":
             return nn.op.rms_norm(x, self.weight, axes=-1, epsilon=self.eps)
-        from models.kernels.norm_act_cpu import rms_norm_func
+        from shoal.models.kernels.norm_act_cpu import rms_norm_func
 
         flat, rows, lead = _flatten(x)
         y = nn.op.tensor_ir_op(rms_norm_func(self.dim, self.eps), f"rms_norm_{self.dim}", [flat, self.weight],
@@ -177,7 +176,7 @@ def silu_mul(x: nn.Tensor, backend: str = "x86_vnni") -> nn.Tensor:
     if backend == "cuda":
         gate, up = nn.op.split(x, 2, axis=-1)
         return nn.op.silu(gate) * up
-    from models.kernels.norm_act_cpu import silu_mul_func
+    from shoal.models.kernels.norm_act_cpu import silu_mul_func
 
     flat, rows, lead = _flatten(x)
     y = nn.op.tensor_ir_op(silu_mul_func(width), f"silu_mul_{width}", [flat],
@@ -198,7 +197,7 @@ def load_gguf_tensor(tensor: Any) -> dict[str, np.ndarray]:
 
 def compile_pipeline(target: Any) -> Any:
     """The Relax pipeline for modules using these ops (see docs/kernels.md for why it is not the default)."""
-    from models.kernels.pipeline import kernel_pipeline
+    from shoal.models.kernels.pipeline import kernel_pipeline
 
     return kernel_pipeline(as_target(target))
 

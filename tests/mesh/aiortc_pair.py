@@ -27,11 +27,10 @@ from typing import Any
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-
-from mesh import aiortc_tuning
-from mesh import protocol as p
-from mesh.ice import enlarge_socket_buffers, restrict_host_addresses
-from mesh.peer import CHANNEL_IDS, Handlers, LinkSettings, Peer
+from shoal.mesh.p2p import aiortc_tuning
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses
+from shoal.mesh.p2p.peer import CHANNEL_IDS, Handlers, LinkSettings, Peer
 
 ECHO_SIZES = [1, 1_171, 1_172, 1_173, 16_355, 16_356, 16_357, 65_000, 65_536, 200_000, 1_000_000, 3_000_000]
 BULK_FRAME = 1_000_000

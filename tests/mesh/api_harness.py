@@ -15,8 +15,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mesh.config import NodeConfig, load_config
-from mesh.node import build_node
+from shoal.mesh.node.config import NodeConfig, load_config
+from shoal.mesh.node.node import build_node
 
 BACKEND = "tvm"
 """`tvm` (compiled; use once models/runtime.py is fast here) or `numpy` (reference)."""

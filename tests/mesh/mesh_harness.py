@@ -20,14 +20,13 @@ import time
 
 import orjson
 from aiohttp import web
-
-from mesh import protocol as p
-from mesh.events import EventBus
-from mesh.ice import delay_outgoing_datagrams
-from mesh.identity import Identity
-from mesh.mesh_config import MeshConfig
-from mesh.mesh_errors import MeshError
-from mesh.network import MeshService
+from shoal.mesh.events import EventBus
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.p2p.ice import delay_outgoing_datagrams
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.service import MeshService
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -35,7 +34,7 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
-    from mesh.ipfs.cid import RAW, make_cid, parse_cid
+    from shoal.mesh.ipfs.cid import RAW, make_cid, parse_cid
 
     source = mesh.blocks.source()
     channel_source = mesh.blocks.source(prefer_http=False, name="mesh channel")
@@ -97,7 +96,7 @@ def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
         """Fetch a whole DAG with only the mesh as source; `via=channel` keeps off the peers' gateways."""
         import hashlib
 
-        from mesh.ipfs.reader import assemble_file
+        from shoal.mesh.ipfs.reader import assemble_file
 
         body = await request.json()
         root = parse_cid(body["cid"])
@@ -124,8 +123,8 @@ def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from mesh.ipfs.config import IpfsConfig
-    from mesh.ipfs.service import IpfsService
+    from shoal.mesh.ipfs.config import IpfsConfig
+    from shoal.mesh.ipfs.service import IpfsService
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

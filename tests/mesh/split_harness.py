@@ -27,17 +27,17 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from shoal.mesh.node.config import ApiConfig, ModelsConfig, NodeConfig, PolicyConfig
+from shoal.mesh.node.model_manager import ServedModel
+from shoal.mesh.node.node import Node
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.errors import MeshError, RemoteError
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.protocol import TENSOR
+from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.split.service import SplitService
+from shoal.models.span import LayerSpan
 
-from mesh.config import ApiConfig, ModelsConfig, NodeConfig, PolicyConfig
-from mesh.identity import Identity
-from mesh.mesh_config import MeshConfig
-from mesh.mesh_errors import MeshError, RemoteError
-from mesh.model_manager import ServedModel
-from mesh.network import MeshService
-from mesh.node import Node
-from mesh.protocol import TENSOR
-from mesh.split_service import SplitService
-from models.span import LayerSpan
 from tests.mesh.tensor_frames import reply_fields
 
 
@@ -48,7 +48,7 @@ class _Weights:
         self.models: dict[Path, Any] = {}
 
     def model(self, path: Path) -> Any:
-        from models.gguf import GGUFModel
+        from shoal.models.gguf import GGUFModel
 
         if path not in self.models:
             gguf = GGUFModel.open(path)
@@ -57,7 +57,7 @@ class _Weights:
         return self.models[path]
 
     def stage(self, path: Path, span: LayerSpan) -> Any:
-        from models.reference import ReferenceStage
+        from shoal.models.reference import ReferenceStage
 
         gguf = self.model(path)
         return ReferenceStage(gguf, span, load=gguf.load)
@@ -65,8 +65,8 @@ class _Weights:
 
 def numpy_load_fn(weights: _Weights) -> Any:
     def load(model: Any, options: Any, *rest: Any) -> ServedModel:
-        from models.generate import Engine
-        from models.tokenizer import Tokenizer
+        from shoal.models.generate import Engine
+        from shoal.models.tokenizer import Tokenizer
 
         gguf = weights.model(Path(model.path))
         stage = weights.stage(Path(model.path), LayerSpan.whole(gguf.config.num_layers))
@@ -123,9 +123,10 @@ def install_trace(path: str) -> None:
     `[event, perf_counter]` (CLOCK_MONOTONIC: comparable across the node processes on one machine)."""
     import time
 
-    from mesh import pipeline, stage_server, tensor_link
-    from mesh.peer import Peer
-    from models.generate import Engine
+    from shoal.mesh.p2p.peer import Peer
+    from shoal.mesh.split import pipeline, tensor_link
+    from shoal.mesh.split import stage_host as stage_server
+    from shoal.models.generate import Engine
 
     out = open(path, "a", buffering=1)  # lives as long as the process
     clock = time.perf_counter
@@ -202,7 +203,7 @@ def delay_tensor_links(seconds: float) -> None:
     the answer anyway)."""
     import time
 
-    from mesh import tensor_link
+    from shoal.mesh.split import tensor_link
 
     def delayed(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -225,7 +226,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.trace:
         install_trace(args.trace)
     if args.delay_ms:
-        from mesh.ice import delay_outgoing_datagrams
+        from shoal.mesh.p2p.ice import delay_outgoing_datagrams
 
         delay_outgoing_datagrams(args.delay_ms / 1000)  # emulated link latency (this kernel has no netem)
         delay_tensor_links(args.delay_ms / 1000)

@@ -3,8 +3,8 @@ build them, so these pack the header fields as given."""
 
 from __future__ import annotations
 
-from mesh import split_wire as wire
-from mesh.protocol import BinaryFrame
+from shoal.mesh.p2p.protocol import BinaryFrame
+from shoal.mesh.split import wire
 
 HIDDEN = 576
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import aiortc
 import pytest
+from shoal.mesh.p2p import aiortc_tuning as tuning
 
-from mesh import aiortc_tuning as tuning
 from tests.mesh.mesh_nodes import REPO, Node, free_port
 
 LARGE_CHUNK = tuning.DTLS_MAX_PLAINTEXT - tuning.SCTP_OVERHEAD
@@ -139,7 +139,7 @@ def test_large_packets_and_delayed_sacks_recover_from_loss() -> None:
 
 
 def test_mesh_nodes_link_with_large_packets(tmp_path: Any) -> None:
-    from mesh.invite import Invite
+    from shoal.mesh.p2p.invite import Invite
 
     token = Invite.create("tuning").to_token()
     common = ["--invite", token, "--ice", "lo", "--no-mdns", "--gossip", "30"]

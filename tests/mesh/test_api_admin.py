@@ -71,7 +71,7 @@ async def test_policy_put_applies_validates_and_publishes(node: NodeThread) -> N
         event = await asyncio.wait_for(next_event(events, "policy.changed"), 30)
         log = await asyncio.wait_for(next_event(events, "log"), 30)
     assert event["data"]["policy"] == after
-    assert log["data"]["logger"] == "mesh.node" and log["data"]["level"] == "INFO"
+    assert log["data"]["logger"] == "shoal.mesh.node.node" and log["data"]["level"] == "INFO"
     assert "policy changed" in log["data"]["message"]
     assert isinstance(event["seq"], int) and isinstance(event["time"], float)
     status, now = await call(node, "GET", "/v1/policy")

@@ -25,7 +25,7 @@ def node() -> Iterator[NodeThread]:
 
 
 def shoal(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-m", "shoal.mesh", *args]
 
 
 async def greedy_answer(node: NodeThread, max_tokens: int) -> str:

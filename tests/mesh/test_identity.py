@@ -3,15 +3,14 @@ from __future__ import annotations
 import stat
 
 import pytest
-
-from mesh.identity import (
+from shoal.mesh.p2p.errors import IdentityError, InviteError
+from shoal.mesh.p2p.identity import (
     Identity,
     peer_id_from_public_key,
     public_key_from_peer_id,
     verify_signature,
 )
-from mesh.invite import Invite, check_membership_proof, membership_proof, render_qr
-from mesh.mesh_errors import IdentityError, InviteError
+from shoal.mesh.p2p.invite import Invite, check_membership_proof, membership_proof, render_qr
 
 
 def test_identity_created_once_with_private_mode(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import stat
 
 import pytest
+from shoal.mesh.commands.cli import main
+from shoal.mesh.p2p.invite import Invite
 
-from mesh.cli import main
-from mesh.invite import Invite
 from tests.mesh.mesh_nodes import Node, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)

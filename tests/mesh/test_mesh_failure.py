@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from shoal.mesh.p2p.invite import Invite
 
-from mesh.invite import Invite
 from tests.mesh.mesh_nodes import Node, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(150)

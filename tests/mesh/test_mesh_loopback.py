@@ -6,9 +6,9 @@ import hashlib
 import os
 
 import pytest
+from shoal.mesh.ipfs.cid import RAW, make_cid
+from shoal.mesh.p2p.invite import Invite
 
-from mesh.invite import Invite
-from mesh.ipfs.cid import RAW, make_cid
 from tests.mesh.mesh_nodes import Node, free_port, full_mesh, wait_until
 
 pytestmark = pytest.mark.timeout(120)

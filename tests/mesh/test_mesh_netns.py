@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from shoal.mesh.p2p.invite import Invite
 
-from mesh.invite import Invite
 from tests.mesh import netns
 from tests.mesh.mesh_nodes import Node, full_mesh, wait_until
 

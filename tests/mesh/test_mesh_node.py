@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from shoal.mesh.p2p.invite import Invite
 
-from mesh.invite import Invite
 from tests.mesh.mesh_nodes import REPO, Node, free_port, full_mesh, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,7 +38,7 @@ class ShoalNode(Node):
         command = [
             sys.executable,
             "-c",
-            "import sys; from mesh.cli import main; sys.exit(main())",
+            "import sys; from shoal.mesh.commands.cli import main; sys.exit(main())",
             "node",
             "--api",
             self.api,
@@ -85,7 +85,7 @@ def test_shoal_nodes_join_by_invite_and_reach_full_mesh(shoal_nodes):
         [
             sys.executable,
             "-c",
-            "import sys; from mesh.cli import main; sys.exit(main())",
+            "import sys; from shoal.mesh.commands.cli import main; sys.exit(main())",
             "peers",
             "--api",
             n1.api,

@@ -10,11 +10,11 @@ import pytest
 from aiortc import RTCPeerConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shoal.mesh.p2p.ice import rtc_configuration
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.invite import Invite
+from shoal.mesh.p2p.signalling import Membership, build_signal
 
-from mesh.ice import rtc_configuration
-from mesh.identity import Identity
-from mesh.invite import Invite
-from mesh.signalling import Membership, build_signal
 from tests.mesh.mesh_nodes import Node, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(150)
@@ -116,7 +116,7 @@ async def test_tampered_fingerprint_forged_signature_and_replay_are_refused(mesh
     liar = build_signal(me, membership, "offer", _tamper_fingerprint(sdp))
     liar["fp"] = good["fp"]
     liar.pop("sig")
-    from mesh.signalling import _canonical
+    from shoal.mesh.p2p.signalling import _canonical
 
     liar["sig"] = base64.b64encode(me.sign(_canonical(liar))).decode()
     reply = await _send(hub, liar)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from mesh import protocol as p
-from mesh.gossip import clean_advert
-from mesh.ice import host_addresses
-from mesh.identity import Identity
-from mesh.invite import Invite
-from mesh.mesh_config import MeshConfig
-from mesh.mesh_errors import MembershipError, SignallingError
-from mesh.signalling import Membership, ReplayGuard, build_signal, sdp_fingerprints, verify_signal
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.errors import MembershipError, SignallingError
+from shoal.mesh.p2p.gossip import clean_advert
+from shoal.mesh.p2p.ice import host_addresses
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.invite import Invite
+from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, sdp_fingerprints, verify_signal
 
 SDP = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=fingerprint:sha-512 01:02\r\n"
 
@@ -100,7 +99,7 @@ def test_host_addresses_can_include_loopback():
 
 
 def test_mesh_section_of_the_node_config(tmp_path):
-    from mesh.config import load_config
+    from shoal.mesh.node.config import load_config
 
     invite = Invite.create("home", ("10.0.0.9:8740",))
     path = tmp_path / "config.toml"

@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 import pytest
-
-from mesh.commands.node import config_overrides
-from mesh.config import ConfigError, PolicyConfig, is_loopback, load_config, parse_host_port
+from shoal.mesh.commands.node import config_overrides
+from shoal.mesh.node.config import ConfigError, PolicyConfig, is_loopback, load_config, parse_host_port
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 def shoal(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-m", "shoal.mesh", *args]
 
 
 def test_non_loopback_without_key_is_refused(tmp_path: Path) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from mesh.events import EventBus
-from mesh.model_manager import ModelManager, ModelNotFoundError
-from models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
+from shoal.mesh.events import EventBus
+from shoal.mesh.node.model_manager import ModelManager, ModelNotFoundError
+from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
 
 CID = "bafybeifvmoiokowzsdfjoiosxsk3t5p42iq6lajhmfld5v22b3osnrzmj4"
 

@@ -5,9 +5,8 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from mesh import protocol as p
-from mesh.mesh_errors import ProtocolError
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.errors import ProtocolError
 
 
 def test_control_round_trip():

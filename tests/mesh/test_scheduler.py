@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from mesh.config import PolicyConfig
-from mesh.partition import allocate_fastest_first, allocate_proportional
-from mesh.scheduler import (
+from shoal.mesh.node.config import PolicyConfig
+from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional
+from shoal.mesh.split.scheduler import (
     LOCAL,
     Device,
     ModelShape,
@@ -20,8 +19,8 @@ from mesh.scheduler import (
     max_layers,
     plan,
 )
-from models.config import ModelConfig
-from models.span import LayerSpan
+from shoal.models.config import ModelConfig
+from shoal.models.span import LayerSpan
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shoal.mesh.p2p.errors import LinkClosed, RemoteError
+from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.mesh.split import wire
+from shoal.mesh.split.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
+from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
+from shoal.models.errors import CompileError
+from shoal.models.span import LayerSpan
 
-from mesh import split_wire as wire
-from mesh.mesh_errors import LinkClosed, RemoteError
-from mesh.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
-from mesh.protocol import TENSOR, BinaryFrame
-from mesh.stage_server import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
-from models.errors import CompileError
-from models.span import LayerSpan
 from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
 
@@ -31,7 +31,7 @@ MAX_TOKENS = 5
 def factory(name: str, span: LayerSpan, cid: str | None = None):
     if name != MODEL:
         raise LookupError(f"no model {name}")
-    from models.reference import ReferenceStage
+    from shoal.models.reference import ReferenceStage
 
     return ReferenceStage(gguf_model(), span, load=dequantized)
 

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.split import wire
 
-from mesh import split_wire as wire
-from mesh.identity import Identity
 from tests.mesh.mesh_nodes import wait_until
 from tests.mesh.split_nodes import SplitNode, start_nodes
 from tests.mesh.tensor_frames import raw_input

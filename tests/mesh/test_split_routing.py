@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from mesh.offload import _token_event, params_to_wire
-from mesh.routing import GREEDY_TOP_K, ForcedRoute, Speeds, _advert_models, _num, logits_top_k
-from models.sampling import SamplingParams
+from shoal.mesh.split.offload import _token_event, params_to_wire
+from shoal.mesh.split.router import GREEDY_TOP_K, ForcedRoute, Speeds, _advert_models, _num, logits_top_k
+from shoal.models.sampling import SamplingParams
 
 
 def test_forced_route_parses_and_validates() -> None:

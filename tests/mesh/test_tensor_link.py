@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from shoal.mesh.p2p.errors import ProtocolError
+from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.mesh.split import tensor_link as tl
+from shoal.mesh.split import wire
+from shoal.mesh.split.pipeline import RemoteStage, SplitPipeline
+from shoal.mesh.split.stage_host import StageHost
+from shoal.models.span import LayerSpan
 
-from mesh import split_wire as wire
-from mesh import tensor_link as tl
-from mesh.mesh_errors import ProtocolError
-from mesh.pipeline import RemoteStage, SplitPipeline
-from mesh.protocol import TENSOR, BinaryFrame
-from mesh.stage_server import StageHost
-from models.span import LayerSpan
 from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
 from tests.mesh.test_split_inprocess import MODEL, PeerLink, blocking, factory, gate_open, greedy
 from tests.models.shared_model import chat_ids, gguf_model, reference_stage

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mesh.events import EventBus
-from mesh.request_log import RequestLog
+from shoal.mesh.events import EventBus
+from shoal.mesh.node.request_log import RequestLog
 
 
 def test_running_split_and_offload_requests_are_pipelines() -> None:

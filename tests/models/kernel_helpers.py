@@ -8,11 +8,10 @@ from functools import cache
 import numpy as np
 import pytest
 import tvm
-
-from models.embedded import embedded_model_path
-from models.gguf import GGUFModel
-from models.kernels.quant import PackedWeight, pack_q4_1, pack_q8_0
-from models.kernels.tir_common import host_has_vnni
+from shoal.models.embedded import embedded_model_path
+from shoal.models.gguf import GGUFModel
+from shoal.models.kernels.quant import PackedWeight, pack_q4_1, pack_q8_0
+from shoal.models.kernels.tir_common import host_has_vnni
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
 PORTABLE = {"kind": "llvm", "num-cores": 2}  # x86-64 baseline: no AVX-512, so the portable path

@@ -6,13 +6,12 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-
-from models.embedded import embedded_model_path
-from models.gguf import GGUFModel
-from models.reference import ReferenceStage
-from models.span import LayerSpan
-from models.stage import Stage
-from models.tokenizer import Tokenizer
+from shoal.models.embedded import embedded_model_path
+from shoal.models.gguf import GGUFModel
+from shoal.models.reference import ReferenceStage
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage
+from shoal.models.tokenizer import Tokenizer
 
 PROMPTS = (
     "What is the capital of France?",

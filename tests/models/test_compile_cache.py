@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm  # this test process compiles in-process: full TVM, not the runtime-only mode
-
-from models.compile import compile_key, compile_shard, config_fingerprint
-from models.config import ModelConfig
-from models.errors import CompileError
-from models.span import LayerSpan
-from models.targets import TargetSpec, detect_target, llvm_target
+from shoal.models.compile import compile_key, compile_shard, config_fingerprint
+from shoal.models.config import ModelConfig
+from shoal.models.errors import CompileError
+from shoal.models.span import LayerSpan
+from shoal.models.targets import TargetSpec, detect_target, llvm_target
 
 TINY = ModelConfig(architecture="llama", num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2,
                    num_kv_heads=1, head_dim=32, vocab_size=128, context_length=256, rope_theta=10000.0,
@@ -163,7 +162,7 @@ def test_detect_target_without_gpu() -> None:
 def test_shoal_compile_command(capsys: pytest.CaptureFixture[str]) -> None:
     """`shoal compile` on the embedded model (the suite's shared cache: a hit once the q4_1 whole-model
     shard exists) prints the library path; bad input is a one-line error with exit code 2."""
-    from mesh.cli import main
+    from shoal.mesh.commands.cli import main
 
     assert main(["compile", "--layers", "0:30", "--target", "llvm"]) == 0
     out, err = capsys.readouterr()

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tvm  # noqa: F401  (this test process compiles in-process: full TVM, not the runtime-only mode)
+from shoal.models.errors import ContextOverflowError
+from shoal.models.runtime import CompiledStage
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage
 
-from models.errors import ContextOverflowError
-from models.runtime import CompiledStage
-from models.span import LayerSpan
-from models.stage import Stage
 from tests.models.shared_model import (
     PROMPTS,
     chat_ids,
@@ -222,7 +222,7 @@ def test_quantized_build_agrees_with_f32(whole: CompiledStage) -> None:
 
 
 def _cuda_or_skip() -> None:
-    from models.targets import cuda_available
+    from shoal.models.targets import cuda_available
 
     if not cuda_available():
         pytest.skip("no CUDA device here")
@@ -265,10 +265,10 @@ def test_cuda_quantized_agrees_with_reference() -> None:
 CHILD = """
 import json, re, sys
 import numpy as np
-from models.embedded import embedded_model_path
-from models.gguf import GGUFModel
-from models.runtime import CompiledStage
-from models.span import LayerSpan
+from shoal.models.embedded import embedded_model_path
+from shoal.models.gguf import GGUFModel
+from shoal.models.runtime import CompiledStage
+from shoal.models.span import LayerSpan
 model = GGUFModel.open(embedded_model_path())
 stage = CompiledStage.load(model, LayerSpan(0, 30), target="llvm", quantization="q4_1")
 model.close()

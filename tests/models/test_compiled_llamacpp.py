@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm  # noqa: F401  (compiles in-process: full TVM, not the runtime-only mode)
+from shoal.models.runtime import CompiledStage
+from shoal.models.span import LayerSpan
 
-from models.runtime import CompiledStage
-from models.span import LayerSpan
 from tests.models.shared_model import fresh_seq_id, gguf_model
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_teacher.json"

@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from shoal.models.errors import ContextOverflowError
+from shoal.models.generate import Engine, EngineStoppedError, TokenEvent
+from shoal.models.reference import ReferenceStage
+from shoal.models.sampling import SamplingParams
+from shoal.models.span import LayerSpan
 
-from models.errors import ContextOverflowError
-from models.generate import Engine, EngineStoppedError, TokenEvent
-from models.reference import ReferenceStage
-from models.sampling import SamplingParams
-from models.span import LayerSpan
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage, tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)

@@ -7,11 +7,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
-from models.embedded import embedded_model_path
-from models.errors import ModelFileError, UnsupportedModelError
-from models.gguf import GGUFModel, read_gguf_index
-from models.span import LayerSpan
+from shoal.models.embedded import embedded_model_path
+from shoal.models.errors import ModelFileError, UnsupportedModelError
+from shoal.models.gguf import GGUFModel, read_gguf_index
+from shoal.models.span import LayerSpan
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from shoal.models.kernels.relax_ops import compile_pipeline  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
-from models.kernels.relax_ops import compile_pipeline  # noqa: E402
 from tests.models.kernel_helpers import DEV, NATIVE, PORTABLE, activations, build, rel_err  # noqa: E402
 
 # ----------------------------------------------------------------------------- decode attention
@@ -45,9 +45,8 @@ def attention_reference(case: dict, h_kv: int, h_qo: int, scale: float) -> tuple
 
 
 def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
+    from shoal.models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
     from tvm.relax.frontend.nn.llm import kv_cache
-
-    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
 
     h_kv, h_qo, d, scale = 3, 9, 64, 0.125
     case = paged_case([37, 16, 1, 200], h_kv, h_qo, d, 5)
@@ -70,7 +69,7 @@ def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
 
 
 def test_fast_prefill_attention_matches_numpy():
-    from models.kernels.attention_cpu import attention_prefill_ragged_cpu
+    from shoal.models.kernels.attention_cpu import attention_prefill_ragged_cpu
 
     h_kv, h_q, d, scale = 3, 9, 64, 0.125
     rng = np.random.default_rng(9)
@@ -99,9 +98,8 @@ def test_fast_prefill_attention_matches_numpy():
 
 
 def test_fast_rope_matches_tvms_kernel():
+    from shoal.models.kernels.rope_cpu import rope_cpu
     from tvm.relax.frontend.nn.llm import kv_cache
-
-    from models.kernels.rope_cpu import rope_cpu
 
     args = (100000.0, 1.0, 64, 9, 3, "float32", {"rope_type": "gptj"})
     lib = build({"ours": rope_cpu(*args), "stock": kv_cache.llama_rope_with_position_map(*args)}, NATIVE)
@@ -129,7 +127,7 @@ def test_fast_rope_matches_tvms_kernel():
 # ----------------------------------------------------------------------------- RMSNorm, SiLU·mul
 
 def test_rms_norm_and_silu_mul_kernels_match_numpy():
-    from models.kernels.norm_act_cpu import rms_norm_func, silu_mul_func
+    from shoal.models.kernels.norm_act_cpu import rms_norm_func, silu_mul_func
 
     lib = build({"rms": rms_norm_func(96, 1e-5), "silu": silu_mul_func(64)}, NATIVE)
     rng = np.random.default_rng(0)
@@ -150,7 +148,7 @@ def test_rms_norm_and_silu_mul_kernels_match_numpy():
 
 
 def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
-    from models.kernels.relax_ops import FastRMSNorm, silu_mul
+    from shoal.models.kernels.relax_ops import FastRMSNorm, silu_mul
 
     class Block(nn.Module):
         def __init__(self):
@@ -172,10 +170,9 @@ def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
 
 
 def test_fast_cpu_attention_swaps_factories_only_for_llvm():
+    from shoal.models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
+    from shoal.models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
     from tvm.relax.frontend.nn.llm import kv_cache
-
-    from models.kernels.attention_cpu import attention_decode_cpu, fast_cpu_attention
-    from models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
 
     with fast_cpu_attention({"kind": "cuda", "arch": "sm_90"}):
         assert kv_cache._attention_decode_cpu is not attention_decode_cpu

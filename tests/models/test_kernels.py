@@ -12,27 +12,27 @@ import pytest
 gguf = pytest.importorskip("gguf")
 tvm = pytest.importorskip("tvm")
 
-from tvm import relax  # noqa: E402
-from tvm.relax.frontend import nn  # noqa: E402
-
-from models.kernels.embed_q8 import embedding_func  # noqa: E402
-from models.kernels.gemm_q4 import gemm_func  # noqa: E402
-from models.kernels.gemv_q4 import gemv_func, quantize_act_func  # noqa: E402
-from models.kernels.quant import (  # noqa: E402
+from shoal.models.kernels.embed_q8 import embedding_func  # noqa: E402
+from shoal.models.kernels.gemm_q4 import gemm_func  # noqa: E402
+from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func  # noqa: E402
+from shoal.models.kernels.quant import (  # noqa: E402
     concat_packed,
     dequantize,
     pack_q4_1,
     quantize_activations,
     reference_matmul,
 )
-from models.kernels.relax_ops import (  # noqa: E402
+from shoal.models.kernels.relax_ops import (  # noqa: E402
     QuantizedEmbedding,
     QuantizedLinear,
     compile_pipeline,
     kernel_backend,
     param_arrays,
 )
-from models.kernels.tir_common import has_vnni  # noqa: E402
+from shoal.models.kernels.tir_common import has_vnni  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend import nn  # noqa: E402
+
 from tests.models.kernel_helpers import (  # noqa: E402
     DEV,
     NATIVE,
@@ -239,9 +239,8 @@ def test_cuda_module_builds_for_sm90_with_the_cuda_pipeline():
 
 
 def test_safe_reshape_rewrite_keeps_kernels_and_makes_reshapes_views():
+    from shoal.models.kernels.pipeline import with_safe_reshape_rewrite
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from models.kernels.pipeline import with_safe_reshape_rewrite
 
     class Two(nn.Module):
         def __init__(self):
@@ -266,7 +265,7 @@ def test_safe_reshape_rewrite_keeps_kernels_and_makes_reshapes_views():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_cuda_matmul_matches_fp32_on_a_gpu(kind, q4_case, q8_case):
-    from models.kernels.cuda_q4 import cuda_matmul_func
+    from shoal.models.kernels.cuda_q4 import cuda_matmul_func
 
     gpu = tvm.cuda(0)
     if not gpu.exist:

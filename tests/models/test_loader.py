@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from models.embedded import embedded_model_path
-from models.errors import ModelFileError
-from models.loader import build_stage, build_stages, open_model, resolve_backend
-from models.reference import ReferenceStage
-from models.span import LayerSpan
+from shoal.models.embedded import embedded_model_path
+from shoal.models.errors import ModelFileError
+from shoal.models.loader import build_stage, build_stages, open_model, resolve_backend
+from shoal.models.reference import ReferenceStage
+from shoal.models.span import LayerSpan
 
 
 def test_open_model_defaults_to_embedded() -> None:

@@ -15,12 +15,12 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from models.kernels.attention_cpu import attention_decode_cpu, attention_prefill_ragged_cpu  # noqa: E402
-from models.kernels.gemm_q4 import gemm_func  # noqa: E402
-from models.kernels.gemv_q4 import gemv_func, quantize_act_func  # noqa: E402
-from models.kernels.quant import concat_packed  # noqa: E402
-from models.kernels.rope_cpu import rope_cpu  # noqa: E402
-from models.reference_quant import (  # noqa: E402
+from shoal.models.kernels.attention_cpu import attention_decode_cpu, attention_prefill_ragged_cpu  # noqa: E402
+from shoal.models.kernels.gemm_q4 import gemm_func  # noqa: E402
+from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func  # noqa: E402
+from shoal.models.kernels.quant import concat_packed  # noqa: E402
+from shoal.models.kernels.rope_cpu import rope_cpu  # noqa: E402
+from shoal.models.reference_quant import (  # noqa: E402
     QuantizedMatrix,
     QuantizedReferenceStage,
     kernel_attention,
@@ -28,9 +28,10 @@ from models.reference_quant import (  # noqa: E402
     padded_kv,
     quantized_matmul,
 )
-from models.runtime import CompiledStage  # noqa: E402
-from models.span import LayerSpan  # noqa: E402
-from models.stage import Stage  # noqa: E402
+from shoal.models.runtime import CompiledStage  # noqa: E402
+from shoal.models.span import LayerSpan  # noqa: E402
+from shoal.models.stage import Stage  # noqa: E402
+
 from tests.models.kernel_helpers import (  # noqa: E402
     DEV,
     NATIVE,

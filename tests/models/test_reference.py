@@ -6,11 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
+from shoal.models.errors import ContextOverflowError
+from shoal.models.reference import KV_CHUNK, ReferenceStage, rope_norm
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage
 
-from models.errors import ContextOverflowError
-from models.reference import KV_CHUNK, ReferenceStage, rope_norm
-from models.span import LayerSpan
-from models.stage import Stage
 from tests.models.shared_model import (
     chat_ids,
     dequantized,

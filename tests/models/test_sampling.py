@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from models.sampling import (
+from shoal.models.sampling import (
     Sampler,
     SamplingParams,
     apply_presence_frequency,

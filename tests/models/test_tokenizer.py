@@ -8,10 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from shoal.models.embedded import embedded_model_path
+from shoal.models.errors import UnsupportedModelError
+from shoal.models.tokenizer import StreamDecoder, Tokenizer
 
-from models.embedded import embedded_model_path
-from models.errors import UnsupportedModelError
-from models.tokenizer import StreamDecoder, Tokenizer
 from tests.models.shared_model import gguf_model
 from tests.models.shared_model import tokenizer as shared_tokenizer
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui.launcher import NodeProcess, probe, start_node
+from shoal.tui.launcher import NodeProcess, probe, start_node
 
 NODE_NAME = "tui-test-node"
 START_TIMEOUT_S = 120.0

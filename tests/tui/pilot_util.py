@@ -6,11 +6,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from shoal.tui.app import ShoalApp
+from shoal.tui.connection import Backoff
 from textual.pilot import Pilot
 from textual.widgets import DataTable
-
-from tui.app import ShoalApp
-from tui.connection import Backoff
 
 SIZE = (110, 32)
 

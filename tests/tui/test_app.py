@@ -6,15 +6,15 @@ from pathlib import Path
 
 import orjson
 import pytest
+from shoal.tui.client import NodeClient
+from shoal.tui.screens.chat import ChatPane, Transcript
+from shoal.tui.screens.prompt import PromptScreen
+from shoal.tui.widgets.progress import JobProgress
+from shoal.tui.widgets.status import StatusBar
 from textual.widgets import DataTable, Input, RichLog, Select, Static, Switch
 
 from tests.tui.node_proc import NODE_NAME, TestNode
 from tests.tui.pilot_util import SIZE, capture_notices, make_app, table_text, wait_until
-from tui.client import NodeClient
-from tui.screens.chat import ChatPane, Transcript
-from tui.screens.prompt import PromptScreen
-from tui.widgets.progress import JobProgress
-from tui.widgets.status import StatusBar
 
 MODEL = "smollm2-135m-instruct"
 

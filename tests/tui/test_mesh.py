@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shoal.tui.client import NodeClient
+from shoal.tui.screens.prompt import PromptScreen
+from shoal.tui.widgets.topology import TopologyView
 from textual.widgets import DataTable, Input, Static
 
 from tests.tui.node_proc import TestNode
 from tests.tui.pilot_util import SIZE, make_app, table_text, wait_until
-from tui.client import NodeClient
-from tui.screens.prompt import PromptScreen
-from tui.widgets.topology import TopologyView
 
 LOOPBACK_MESH = {
     "SHOAL_MESH_ICE_INTERFACES": "lo",

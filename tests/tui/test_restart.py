@@ -6,15 +6,15 @@ import asyncio
 import socket
 from pathlib import Path
 
+from shoal.tui.app import ShoalApp
+from shoal.tui.client import NodeClient
+from shoal.tui.connection import Backoff
+from shoal.tui.launcher import start_node
+from shoal.tui.widgets.status import StatusBar
 from textual.widgets import Input
 
 from tests.tui.node_proc import TestNode
 from tests.tui.pilot_util import SIZE, capture_notices, make_app, wait_until
-from tui.app import ShoalApp
-from tui.client import NodeClient
-from tui.connection import Backoff
-from tui.launcher import start_node
-from tui.widgets.status import StatusBar
 
 
 async def test_app_survives_node_restart(tmp_path: Path) -> None:

@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shoal.tui.widgets.status import StatusBar
+from shoal.tui.widgets.topology import TopologyView
 from textual.widgets import DataTable, Input, Select, Static
 
 from tests.tui.node_proc import TestNode
 from tests.tui.pilot_util import SIZE, make_app, table_text, wait_until
 from tests.tui.snapshot import check_snapshot
-from tui.widgets.status import StatusBar
-from tui.widgets.topology import TopologyView
 
 MODEL = "smollm2-135m-instruct"
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import orjson
 import pytest
-
-from tui.client import ApiError, ClientConfig, NotAvailable, _error_from
-from tui.connection import Backoff
-from tui.format import describe_route, human_bytes, human_eta, human_rate, route_kind, route_replans, short_id
-from tui.screens.logs import level_rank, log_line
-from tui.screens.mesh import peer_row
-from tui.screens.policy import parse_number
-from tui.screens.requests import request_row
-from tui.widgets.topology import draw_topology
+from shoal.tui.client import ApiError, ClientConfig, NotAvailable, _error_from
+from shoal.tui.connection import Backoff
+from shoal.tui.format import (
+    describe_route,
+    human_bytes,
+    human_eta,
+    human_rate,
+    route_kind,
+    route_replans,
+    short_id,
+)
+from shoal.tui.screens.logs import level_rank, log_line
+from shoal.tui.screens.mesh import peer_row
+from shoal.tui.screens.policy import parse_number
+from shoal.tui.screens.requests import request_row
+from shoal.tui.widgets.topology import draw_topology
 
 
 def test_sizes_rates_and_etas() -> None:
@@ -154,8 +161,9 @@ def test_this_node_reads_first_in_a_link() -> None:
 
 
 def test_launcher_probe_and_loopback_rule() -> None:
+    from shoal.tui.launcher import is_loopback_url, probe, start_node
+
     from tests.tui.node_proc import free_port
-    from tui.launcher import is_loopback_url, probe, start_node
 
     assert not probe(f"http://127.0.0.1:{free_port()}", timeout=0.5)
     assert is_loopback_url("http://127.0.0.1:8740") and is_loopback_url("http://localhost:1")
@@ -165,7 +173,7 @@ def test_launcher_probe_and_loopback_rule() -> None:
 
 
 def test_models_merge_with_the_catalog() -> None:
-    from tui.screens.models import merge_catalog
+    from shoal.tui.screens.models import merge_catalog
 
     served = [{"id": "smollm2", "owned_by": "shoal", "shoal": {"cid": None, "size": 98, "loaded": True}}]
     catalog = [

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from shoal.tui.widgets.progress import JobProgress
 from textual.app import App, ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, ProgressBar
-
-from tui.widgets.progress import JobProgress
 
 
 class Host(App[None]):

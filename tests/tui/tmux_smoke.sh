@@ -58,7 +58,7 @@ press() {
 cd "$ROOT"
 touch "$WORK/empty.toml"
 PORT=$(free_port)
-SHOAL_NAME=smoke-node SHOAL_MODELS_PRELOAD=false "$PY" -m mesh.cli node --api "127.0.0.1:$PORT" \
+SHOAL_NAME=smoke-node SHOAL_MODELS_PRELOAD=false "$PY" -m shoal.mesh node --api "127.0.0.1:$PORT" \
     --config "$WORK/empty.toml" --data-dir "$WORK/node" --backend numpy >"$WORK/node.log" 2>&1 &
 NODE_PID=$!
 for _ in $(seq 1 300); do
@@ -67,12 +67,12 @@ for _ in $(seq 1 300); do
 done
 
 tmux new-session -d -s "$SESSION" -x 120 -y 34 \
-    "cd '$ROOT' && $PY -m mesh.cli tui --no-start --api http://127.0.0.1:$PORT; sleep 30"
+    "cd '$ROOT' && $PY -m shoal.mesh tui --no-start --api http://127.0.0.1:$PORT; sleep 30"
 wait_for "$SESSION" "connected" 30
 wait_for "$SESSION" "smoke-node" 10
 press "$SESSION" 2 "smollm2-135m-instruct"
 press "$SESSION" 5 "Battery floor"
-press "$SESSION" 6 "mesh.node"
+press "$SESSION" 6 "shoal.mesh.node.node"
 press "$SESSION" '?' "shoal tui — keys"
 tmux send-keys -t "$SESSION" Escape
 sleep 0.5
@@ -88,7 +88,7 @@ tmux kill-session -t "$SESSION"
 # No node answers at this address: the TUI starts one for the session and says so.
 AUTO_PORT=$(free_port)
 tmux new-session -d -s "$SESSION-auto" -x 160 -y 34 \
-    "cd '$ROOT' && SHOAL_MODELS_PRELOAD=false $PY -m mesh.cli tui --api http://127.0.0.1:$AUTO_PORT \
+    "cd '$ROOT' && SHOAL_MODELS_PRELOAD=false $PY -m shoal.mesh tui --api http://127.0.0.1:$AUTO_PORT \
      --data-dir '$WORK/auto' --backend numpy; sleep 30"
 wait_for "$SESSION-auto" "started one" 20
 wait_for "$SESSION-auto" "connected" 60

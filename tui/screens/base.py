@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from shoal.tui.client import NodeClient, NodeError, NodeUnreachable, NotAvailable
 from textual.containers import Vertical
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from tui.client import NodeClient, NodeError, NodeUnreachable, NotAvailable
-
 if TYPE_CHECKING:
-    from tui.app import ShoalApp
+    from shoal.tui.app import ShoalApp
 
 logger = logging.getLogger(__name__)
 

@@ -6,16 +6,15 @@ import logging
 from typing import Any, ClassVar
 
 from rich.text import Text
+from shoal.tui.client import NodeError, NotAvailable
+from shoal.tui.format import describe_route
+from shoal.tui.screens.base import NodePane
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Input, Select, Static
-
-from tui.client import NodeError, NotAvailable
-from tui.format import describe_route
-from tui.screens.base import NodePane
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 if TYPE_CHECKING:
-    from tui.screens.base import NodePane
+    from shoal.tui.screens.base import NodePane
 
 
 def _rows(bindings: list[BindingType]) -> list[tuple[str, str]]:
@@ -46,7 +46,7 @@ class HelpScreen(ModalScreen[None]):
         )
         table.add_row("tab", "move focus")
         table.add_row("esc", "leave a text field (then 1-6 switch tabs again)")
-        from tui.app import ShoalApp  # the app's own bindings; imported late to avoid a cycle
+        from shoal.tui.app import ShoalApp  # the app's own bindings; imported late to avoid a cycle
 
         for key, desc in _rows([b for b in ShoalApp.BINDINGS if isinstance(b, Binding) and b.show]):
             table.add_row(key, desc)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
+from shoal.tui.format import clock
+from shoal.tui.screens.base import NodePane
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.widgets import RichLog
-
-from tui.format import clock
-from tui.screens.base import NodePane
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LEVEL_STYLE = {"DEBUG": "dim", "INFO": "", "WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red"}

@@ -6,15 +6,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
+from shoal.tui.client import NotAvailable
+from shoal.tui.format import human_bytes, number, short_id
+from shoal.tui.screens.base import NodePane
+from shoal.tui.screens.prompt import PromptScreen
+from shoal.tui.widgets.topology import TopologyView
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
-
-from tui.client import NotAvailable
-from tui.format import human_bytes, number, short_id
-from tui.screens.base import NodePane
-from tui.screens.prompt import PromptScreen
-from tui.widgets.topology import TopologyView
 
 PEER_COLUMNS = (
     "name",

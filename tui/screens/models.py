@@ -6,16 +6,15 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
+from shoal.tui.client import NotAvailable
+from shoal.tui.format import human_bytes, short_id
+from shoal.tui.screens.base import NodePane
+from shoal.tui.screens.prompt import PromptScreen
+from shoal.tui.widgets.progress import JobProgress
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable
-
-from tui.client import NotAvailable
-from tui.format import human_bytes, short_id
-from tui.screens.base import NodePane
-from tui.screens.prompt import PromptScreen
-from tui.widgets.progress import JobProgress
 
 MODEL_COLUMNS = ("model", "size", "CID", "pinned", "loaded", "compiled for", "owner")
 MAX_JOBS = 6

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from shoal.tui.screens.base import NodePane
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.widgets import Input, Static, Switch
-
-from tui.screens.base import NodePane
 
 SWITCHES = (
     ("serve_others", "Serve other peers"),

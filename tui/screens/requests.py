@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
+from shoal.tui.format import clock, describe_route, number, route_kind, route_replans, short_id
+from shoal.tui.screens.base import NodePane
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
-
-from tui.format import clock, describe_route, number, route_kind, route_replans, short_id
-from tui.screens.base import NodePane
 
 REQUEST_COLUMNS = ("id", "model", "route", "status", "TTFT ms", "tok/s", "tokens", "started", "re-plans")
 MAX_ROWS = 200

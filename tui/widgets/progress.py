@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from shoal.tui.format import human_bytes, human_eta, human_rate
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar
-
-from tui.format import human_bytes, human_eta, human_rate
 
 
 class JobProgress(Horizontal):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
+from shoal.tui.format import number, short_id
 from textual.reactive import reactive
 from textual.widgets import Static
-
-from tui.format import number, short_id
 
 
 def _span(span: Any) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.ipfs.service import IpfsService
 
-from mesh.ipfs.config import IpfsConfig
-from mesh.ipfs.service import IpfsService
 from tests.mesh.ipfs.jsipfs import JsIpfs, JsIpfsUnavailable, start_jsipfs
 
 

@@ -8,11 +8,10 @@ import random
 from collections import Counter
 
 from aiohttp import web
-
-from mesh.ipfs import car
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.reader import decode_file_node
-from mesh.ipfs.store import BlockStore
+from shoal.mesh.ipfs import car
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.store import BlockStore
 
 MODES = ("wrong", "truncate", "garbage", "slow", "none")
 

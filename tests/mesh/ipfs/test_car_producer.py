@@ -9,15 +9,15 @@ import os
 from pathlib import Path
 
 import pytest
+import shoal.mesh.ipfs.car_producer as producer_module
 from multiformats import CID
+from shoal.mesh.ipfs import car
+from shoal.mesh.ipfs.car_producer import CarProducer, iter_car, produce
+from shoal.mesh.ipfs.cid import DAG_PB, verify_block
+from shoal.mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.store import BlockStore
 
-import mesh.ipfs.car_producer as producer_module
-from mesh.ipfs import car
-from mesh.ipfs.car_producer import CarProducer, iter_car, produce
-from mesh.ipfs.cid import DAG_PB, verify_block
-from mesh.ipfs.reader import decode_file_node
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.store import BlockStore
 from tests.mesh.ipfs.conftest import make_data, offline_config
 
 MIB = 1024 * 1024

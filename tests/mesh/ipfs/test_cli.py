@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.store import BlockStore
 
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.store import BlockStore
 from tests.mesh.ipfs.conftest import offline_config
 from tests.mesh.ipfs.faults import FaultyGateway
 from tests.mesh.ipfs.jsipfs import REPO_ROOT, free_port
 from tests.mesh.ipfs.test_pull import assert_store_all_verified
 
 MIB = 1024 * 1024
-SHOAL = [sys.executable, "-c", "import sys; from mesh.cli import main; sys.exit(main(sys.argv[1:]))"]
+SHOAL = [sys.executable, "-m", "shoal.mesh"]
 
 
 async def shoal(*args: str, limit_s: float = 60) -> tuple[int, str, str]:

@@ -8,12 +8,11 @@ import io
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from mesh.ipfs import car, dagpb, protobuf, unixfs
-from mesh.ipfs.cid import RAW, cid_to_bytes, make_cid, parse_cid, verify_block, verify_pieces
-from mesh.ipfs.errors import CodecError, InvalidCidError, VerificationError
-from mesh.ipfs.importer import FileBuilder, ImportOptions, import_stream
-from mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs import car, dagpb, protobuf, unixfs
+from shoal.mesh.ipfs.cid import RAW, cid_to_bytes, make_cid, parse_cid, verify_block, verify_pieces
+from shoal.mesh.ipfs.errors import CodecError, InvalidCidError, VerificationError
+from shoal.mesh.ipfs.importer import FileBuilder, ImportOptions, import_stream
+from shoal.mesh.ipfs.reader import decode_file_node
 
 
 @given(st.integers(min_value=0, max_value=2**64 - 1))

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from multiformats import CID
+from shoal.mesh.ipfs.errors import BlockNotFoundError, SourceError
+from shoal.mesh.ipfs.fetcher import Fetcher
+from shoal.mesh.ipfs.importer import ImportOptions, import_stream
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.sources import GatewaySource, KuboRpcSource
+from shoal.mesh.ipfs.store import BlockStore
 
-from mesh.ipfs.errors import BlockNotFoundError, SourceError
-from mesh.ipfs.fetcher import Fetcher
-from mesh.ipfs.importer import ImportOptions, import_stream
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.sources import GatewaySource, KuboRpcSource
-from mesh.ipfs.store import BlockStore
 from tests.mesh.ipfs.conftest import make_data, offline_config
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from multiformats import CID
+from shoal.mesh.ipfs import car
+from shoal.mesh.ipfs.cid import DAG_PB, RAW, make_cid
+from shoal.mesh.ipfs.filestore import FileStore
+from shoal.mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.store import BlockStore
 
-from mesh.ipfs import car
-from mesh.ipfs.cid import DAG_PB, RAW, make_cid
-from mesh.ipfs.filestore import FileStore
-from mesh.ipfs.reader import decode_file_node
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.store import BlockStore
 from tests.mesh.ipfs.conftest import make_data, offline_config, start_gateway
 from tests.mesh.ipfs.test_pull import assert_store_all_verified, same_bytes
 
@@ -290,8 +290,8 @@ def test_partials_of_a_live_writer_are_not_dropped(tmp_path: Path) -> None:
 async def test_car_from_the_model_file_equals_the_block_by_block_car(tmp_path: Path, monkeypatch) -> None:
     """The gateway's CAR (leaf runs read straight from the model file into reused buffers, which grow while
     views of earlier batches are still held) is byte for byte the CAR built block by block."""
-    import mesh.ipfs.car_producer as producer_module
-    from mesh.ipfs.car_producer import CarProducer, produce
+    import shoal.mesh.ipfs.car_producer as producer_module
+    from shoal.mesh.ipfs.car_producer import CarProducer, produce
 
     source = tmp_path / "src.bin"
     source.write_bytes(make_data(9 * MIB + 7, 7))
@@ -315,6 +315,6 @@ async def test_car_from_the_model_file_equals_the_block_by_block_car(tmp_path: P
 
 
 def car_producer_parts(store: BlockStore, root: CID) -> list[bytes]:
-    from mesh.ipfs.car_producer import iter_car
+    from shoal.mesh.ipfs.car_producer import iter_car
 
     return [bytes(part) for part in iter_car(store, root)]

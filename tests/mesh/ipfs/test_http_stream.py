@@ -12,13 +12,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from shoal.mesh.ipfs import http_stream
+from shoal.mesh.ipfs.cid import verify_block
+from shoal.mesh.ipfs.errors import CodecError, SourceError
+from shoal.mesh.ipfs.http_stream import Dechunker, body_length, open_body, parse_head
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.sources import GatewaySource
 
-from mesh.ipfs import http_stream
-from mesh.ipfs.cid import verify_block
-from mesh.ipfs.errors import CodecError, SourceError
-from mesh.ipfs.http_stream import Dechunker, body_length, open_body, parse_head
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.sources import GatewaySource
 from tests.mesh.ipfs.conftest import make_data, offline_config, start_gateway
 from tests.mesh.ipfs.faults import FaultyGateway
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.importer import ImportOptions, import_file
 
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.importer import ImportOptions, import_file
 from tests.mesh.ipfs.jsipfs import JsIpfs
 
 KIB = 1024

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from multiformats import CID
+from shoal.mesh.ipfs.catalog import EMBEDDED_CID, EMBEDDED_NAME
+from shoal.mesh.ipfs.cid import block_key
+from shoal.mesh.ipfs.fetcher import FetchStats
+from shoal.mesh.ipfs.reader import decode_file_node
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.ipfs.store import BlockStore
+from shoal.models.embedded import embedded_model_path
+from shoal.models.gguf import READ_CHUNK, GGUFModel
+from shoal.models.span import LayerSpan
 
-from mesh.ipfs.catalog import EMBEDDED_CID, EMBEDDED_NAME
-from mesh.ipfs.cid import block_key
-from mesh.ipfs.fetcher import FetchStats
-from mesh.ipfs.reader import decode_file_node
-from mesh.ipfs.service import IpfsService
-from mesh.ipfs.store import BlockStore
-from models.embedded import embedded_model_path
-from models.gguf import READ_CHUNK, GGUFModel
-from models.span import LayerSpan
 from tests.mesh.ipfs.conftest import offline_config, start_gateway
 
 SPAN = LayerSpan(10, 20)
@@ -115,7 +115,7 @@ def _run(stage, hidden: np.ndarray) -> np.ndarray:
 
 def test_span_runs_from_the_sparse_file(partial: PartialPull, full_model: GGUFModel) -> None:
     """The NumPy reference for layers [10, 20) gives identical output from the sparse and the full file."""
-    from models.reference import ReferenceStage
+    from shoal.models.reference import ReferenceStage
 
     sparse = GGUFModel.open(partial.sparse_path)
     hidden = _hidden(full_model)
@@ -126,8 +126,8 @@ def test_span_runs_from_the_sparse_file(partial: PartialPull, full_model: GGUFMo
 
 def test_compiled_shard_runs_from_the_sparse_file(partial: PartialPull, full_model: GGUFModel) -> None:
     """The TVM-compiled stage for layers [10, 20) loads from the sparse file and matches the reference."""
-    from models.reference import ReferenceStage
-    from models.runtime import CompiledStage
+    from shoal.models.reference import ReferenceStage
+    from shoal.models.runtime import CompiledStage
 
     sparse = GGUFModel.open(partial.sparse_path)
     hidden = _hidden(full_model)

@@ -9,11 +9,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from shoal.mesh.events import EventBus
+from shoal.mesh.ipfs.cid import parse_cid
+from shoal.mesh.ipfs.errors import BlockNotFoundError, InvalidCidError, UnknownModelError
+from shoal.mesh.ipfs.service import IpfsService
 
-from mesh.events import EventBus
-from mesh.ipfs.cid import parse_cid
-from mesh.ipfs.errors import BlockNotFoundError, InvalidCidError, UnknownModelError
-from mesh.ipfs.service import IpfsService
 from tests.mesh.ipfs.conftest import offline_config, start_gateway
 from tests.mesh.ipfs.faults import FaultyGateway, FaultyRpc
 from tests.mesh.ipfs.jsipfs import JsIpfs, free_port
@@ -105,7 +105,7 @@ async def test_gateway_serves_raw_and_entity_bytes_car(write_data, tmp_path: Pat
             params = {"format": "car", "dag-scope": "entity", "entity-bytes": f"{300_000}:{300_010}"}
             async with http.get(f"{url}/ipfs/{cid}", params=params) as r:
                 assert r.status == 200
-                from mesh.ipfs import car
+                from shoal.mesh.ipfs import car
 
                 body = await r.read()
                 sections = [c async for _, c, _ in car.read_car_chunks(car.in_memory(body))]

@@ -7,9 +7,10 @@ import asyncio
 import tracemalloc
 from pathlib import Path
 
-from mesh.events import EventBus
-from mesh.ipfs.importer import ImportOptions, import_file
-from mesh.ipfs.service import IpfsService
+from shoal.mesh.events import EventBus
+from shoal.mesh.ipfs.importer import ImportOptions, import_file
+from shoal.mesh.ipfs.service import IpfsService
+
 from tests.mesh.ipfs.conftest import offline_config, start_gateway
 
 MIB = 1024 * 1024

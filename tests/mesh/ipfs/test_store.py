@@ -6,11 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
+from shoal.mesh.ipfs.cid import RAW, make_cid
+from shoal.mesh.ipfs.errors import VerificationError
+from shoal.mesh.ipfs.importer import ImportOptions, import_stream
+from shoal.mesh.ipfs.store import BlockStore
 
-from mesh.ipfs.cid import RAW, make_cid
-from mesh.ipfs.errors import VerificationError
-from mesh.ipfs.importer import ImportOptions, import_stream
-from mesh.ipfs.store import BlockStore
 from tests.mesh.ipfs.conftest import make_data
 
 

@@ -1,0 +1,256 @@
+"""Validate OpenAI `chat/completions` and `completions` request bodies into a `CompletionRequest`.
+
+Rules: every known parameter is type-checked (`bool` is not a number); `null` means "not given"; parameters
+that would change the meaning of the answer but that shoal does not implement (`n > 1`, `logprobs`, `tools`,
+`response_format` other than text, `logit_bias`, `echo`, `best_of > 1`, `suffix`, …) are refused with a 400
+naming the parameter; anything else unknown (`user`, `metadata`, `store`, …) is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shoal.mesh.api.errors import invalid
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_MESSAGES = 4096
+ROLES = ("system", "developer", "user", "assistant")
+
+# Accepted with a default-equivalent value only; any other value would change semantics.
+_ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "parallel_tool_calls": (True, False),
+    "modalities": (["text"],),
+    "prediction": (),
+    "audio": (),
+    "function_call": ("none",),
+    "tool_choice": ("none",),
+}
+_EMPTY_OK = ("tools", "functions", "logit_bias")
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated request. `messages` is set for chat, `prompt` (text or token ids) for completions."""
+
+    kind: Literal["chat", "text"]
+    model: str | None
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[int] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for `models.sampling.SamplingParams` (without `max_tokens`)."""
+
+
+def _number(
+    body: dict[str, Any], name: str, low: float, high: float, *, low_open: bool = False
+) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise invalid(f"'{name}' must be a number, got {value!r}", name, "invalid_type")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise invalid(f"'{name}' must be in {bracket}{low}, {high}], got {value}", name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise invalid(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise invalid(f"'{name}' must be a boolean, got {value!r}", name, "invalid_type")
+
+
+def _stop(body: dict[str, Any]) -> list[str] | None:
+    value = body.get("stop")
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise invalid("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise invalid(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}", "stop")
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in items):
+        raise invalid(f"each 'stop' sequence must be 1-{MAX_STOP_LENGTH} characters", "stop")
+    return items or None
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    n = _integer(body, "n", 1, 128)
+    if n is not None and n != 1:
+        raise invalid("'n' must be 1: shoal returns one choice per request", "n", "unsupported_value")
+    for name, allowed in _ONLY_DEFAULT.items():
+        value = body.get(name)
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise invalid(
+                f"'{name}' = {value!r} is not supported by shoal; leave it out", name, "unsupported_parameter"
+            )
+    for name in _EMPTY_OK:
+        value = body.get(name)
+        if value is not None and value not in ([], {}):
+            raise invalid(f"'{name}' is not supported by shoal; leave it out", name, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise invalid(
+                "'response_format' must be an object with a 'type'", "response_format", "invalid_type"
+            )
+        if fmt["type"] != "text":
+            raise invalid(
+                f"response_format type {fmt['type']!r} is not supported by shoal (only 'text')",
+                "response_format",
+                "unsupported_value",
+            )
+
+
+def _message_content(content: Any, index: int) -> str:
+    param = f"messages[{index}].content"
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise invalid(f"'{param}' parts must be objects with a 'type'", param, "invalid_type")
+            if part["type"] != "text":
+                raise invalid(
+                    f"content part type {part['type']!r} is not supported by shoal (text only)",
+                    param,
+                    "unsupported_value",
+                )
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"'{param}' text parts need a string 'text'", param, "invalid_type")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"'{param}' must be a string or a list of content parts", param, "invalid_type")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise invalid("'messages' must be a list of message objects", "messages", "invalid_type")
+    if not messages:
+        raise invalid("'messages' must not be empty", "messages", "empty_array")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"'messages' may hold at most {MAX_MESSAGES} messages", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            if role in ("tool", "function"):
+                raise invalid(
+                    f"role {role!r} is not supported by shoal (no tool calls)",
+                    f"messages[{i}].role",
+                    "unsupported_value",
+                )
+            raise invalid(
+                f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {role!r}", f"messages[{i}].role"
+            )
+        if message.get("tool_calls"):
+            raise invalid(
+                "tool calls are not supported by shoal", f"messages[{i}].tool_calls", "unsupported_value"
+            )
+        text = _message_content(message.get("content"), i)
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        if any(t < 0 for t in prompt):
+            raise invalid("token ids in 'prompt' must be non-negative", "prompt")
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+        raise invalid(
+            "batched prompts are not supported by shoal: send one prompt", "prompt", "unsupported_value"
+        )
+    raise invalid("'prompt' must be a string or a list of token ids", "prompt", "invalid_type")
+
+
+def parse_completion_request(
+    body: Any, kind: Literal["chat", "text"], context_length: int
+) -> CompletionRequest:
+    """Check `body` (decoded JSON) for endpoint `kind`; raises `ApiError` (400) naming the bad parameter."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise invalid("'model' must be a non-empty string", "model", "invalid_type")
+    _refuse_unsupported(body)
+    stream = bool(_boolean(body, "stream"))
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        include_usage = bool(_boolean(options, "include_usage"))
+    max_tokens = _integer(body, "max_tokens", 1, context_length)
+    max_completion = _integer(body, "max_completion_tokens", 1, context_length)
+    if max_completion is not None:
+        max_tokens = max_completion
+    sampling: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, low_open=True),
+        "top_k": _integer(body, "top_k", 0, 1_000_000),
+        "min_p": _number(body, "min_p", 0.0, 1.0),
+        "seed": _integer(body, "seed", 0, 2**63 - 1),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
+        "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0, low_open=True),
+        "stop": _stop(body),
+    }
+    if sampling["min_p"] not in (None, 0.0):
+        raise invalid("'min_p' is not supported by shoal; leave it out", "min_p", "unsupported_parameter")
+    del sampling["min_p"]
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if kind == "chat":
+        return CompletionRequest(
+            kind, model, stream, include_usage, max_tokens, messages=_messages(body), sampling=sampling
+        )
+    return CompletionRequest(
+        kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling
+    )

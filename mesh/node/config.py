@@ -1,0 +1,381 @@
+"""Node configuration: TOML file, then `SHOAL_<SECTION>_<KEY>` environment variables, then CLI flags.
+
+Each TOML section is a frozen dataclass owned by one subsystem (`[api]`, `[policy]`, `[models]` here; `[ipfs]`
+and `[mesh]` in their packages); `NodeConfig` composes them. Values are validated in `__post_init__`; every
+problem is raised as `ConfigError` with a message naming the section and key.
+
+Top-level keys: `name` (the node's display name) and `data_dir`. Env: `SHOAL_NAME`, `SHOAL_DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from shoal.mesh.ipfs.config import IpfsConfig
+from shoal.mesh.p2p.config import MeshConfig
+
+APP_NAME = "shoal"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8740
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BACKENDS = ("tvm", "numpy")
+
+
+class ConfigError(ValueError):
+    """The configuration (file, environment or flags) is invalid; the message says where and why."""
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` can only be reached from this machine (127.0.0.0/8, ::1, `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """`[api]`: the local HTTP endpoint."""
+
+    host: str = DEFAULT_HOST
+    """Address to bind. Anything but loopback requires `key`."""
+    port: int = DEFAULT_PORT
+    """TCP port (0 picks a free one)."""
+    key: str | None = None
+    """Bearer token clients must send (`Authorization: Bearer KEY`). Required off loopback."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted; bigger ones get 413."""
+    request_log_size: int = 256
+    """How many recent requests `/v1/mesh/requests` keeps."""
+    log_buffer_size: int = 2000
+    """How many log lines `/v1/logs` keeps."""
+    shutdown_grace_s: float = 10.0
+    """On SIGINT/SIGTERM, how long in-flight streams may run before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range 0-65535")
+        if self.key is not None and len(self.key) < 8:
+            raise ValueError("key must be at least 8 characters")
+        if not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise ValueError("max_body_bytes must be between 1 KiB and 1 GiB")
+        if not 1 <= self.request_log_size <= 100_000:
+            raise ValueError("request_log_size must be between 1 and 100000")
+        if not 1 <= self.log_buffer_size <= 1_000_000:
+            raise ValueError("log_buffer_size must be between 1 and 1000000")
+        if not 0 <= self.shutdown_grace_s <= 3600:
+            raise ValueError("shutdown_grace_s must be between 0 and 3600")
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond this machine without an API key."""
+        if not is_loopback(self.host) and not self.key:
+            raise ConfigError(
+                f"refusing to listen on {self.host}: binding a non-loopback address requires an API key "
+                "(--api-key KEY, SHOAL_API_KEY or [api] key); clients then send 'Authorization: Bearer KEY'"
+            )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """`[policy]`: what this node is willing to do for the mesh. Mutable at runtime via `PUT /v1/policy`."""
+
+    serve_others: bool = False
+    """Run requests (or layer ranges) for other peers."""
+    battery_floor: int = 20
+    """Stop serving others when the battery is below this percentage (0-100)."""
+    max_memory_share: float = 0.5
+    """Largest share (0-1) of this device's memory that models may take."""
+    trusted_only_splits: bool = True
+    """Only split a request over peers on the allow-list."""
+    prefer_local: bool = True
+    """Run locally whenever the local node can serve the request at all."""
+
+    def __post_init__(self) -> None:
+        for name in ("serve_others", "trusted_only_splits", "prefer_local"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
+        if isinstance(self.battery_floor, bool) or not isinstance(self.battery_floor, int):
+            raise ValueError("battery_floor must be an integer percentage 0-100")
+        if not 0 <= self.battery_floor <= 100:
+            raise ValueError(f"battery_floor {self.battery_floor} is out of range 0-100")
+        if isinstance(self.max_memory_share, bool) or not isinstance(self.max_memory_share, int | float):
+            raise ValueError("max_memory_share must be a number between 0 and 1")
+        if not 0.0 < float(self.max_memory_share) <= 1.0:
+            raise ValueError(f"max_memory_share {self.max_memory_share} must be in (0, 1]")
+        object.__setattr__(self, "max_memory_share", float(self.max_memory_share))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, changes: Mapping[str, Any]) -> PolicyConfig:
+        """A copy with `changes` applied (a partial update); unknown keys and bad values raise ConfigError."""
+        return section_from_mapping(PolicyConfig, {**self.to_dict(), **changes}, "policy", coerce=False)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """`[models]`: which model the node serves and how it runs it."""
+
+    default: str = DEFAULT_MODEL
+    """Model used when a request names none, and prepared at start."""
+    backend: str = "tvm"
+    """`tvm` (compiled for this device) or `numpy` (reference, slow)."""
+    target: str | None = None
+    """TVM target kind (`llvm`, `cuda`); none: detect."""
+    max_batch: int = 8
+    """Sequences decoded together (continuous batching)."""
+    preload: bool = True
+    """Load (and compile if needed) the default model at start."""
+
+    def __post_init__(self) -> None:
+        if not self.default:
+            raise ValueError("default must name a model")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not 1 <= self.max_batch <= 256:
+            raise ValueError(f"max_batch {self.max_batch} must be between 1 and 256")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The whole node's configuration."""
+
+    name: str = field(default_factory=socket.gethostname)
+    data_dir: Path = field(default_factory=default_data_dir)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    ipfs: IpfsConfig = field(default_factory=IpfsConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 64:
+            raise ValueError("name must be 1-64 characters")
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+
+    @property
+    def blocks_dir(self) -> Path:
+        return self.data_dir / "blocks"
+
+    @property
+    def compile_dir(self) -> Path:
+        return self.data_dir / "compile"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.data_dir / "identity"
+
+
+SECTIONS: dict[str, type] = {
+    "api": ApiConfig,
+    "policy": PolicyConfig,
+    "models": ModelsConfig,
+    "ipfs": IpfsConfig,
+    "mesh": MeshConfig,
+}
+TOP_LEVEL = ("name", "data_dir")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn a string (from env/flags) into the field's type; leave other values to type checks."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return _coerce(value, args[0]) if len(args) == 1 else value
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if not isinstance(value, str):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is Path:
+            raise ValueError("expected a path string")
+        return value
+    if hint is bool:
+        return _parse_bool(value)
+    if hint is str:
+        return value
+    if hint is int:
+        return int(value)
+    if hint is float:
+        return float(value)
+    if hint is Path:
+        return Path(value)
+    if origin in (list, tuple):
+        return origin(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, hint) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def section_from_mapping(cls: type, values: Mapping[str, Any], section: str, coerce: bool = True) -> Any:
+    """Build section dataclass `cls` from `values`, with errors that name `[section] key`."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"[{section}] has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        hint = hints[key]
+        expected = _TYPE_NAMES.get(hint, str(hint))
+        try:
+            converted = _coerce(value, hint) if coerce else value
+        except ValueError:
+            raise ConfigError(f"[{section}] {key} must be {expected}, got {value!r}") from None
+        if not coerce and hint is float and isinstance(value, int) and not isinstance(value, bool):
+            converted = float(value)
+        if not _check_type(converted, hint):
+            raise ConfigError(f"[{section}] {key} must be {expected}, got {value!r}")
+        kwargs[key] = converted
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}] {exc}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`SHOAL_<SECTION>_<KEY>` → {section: {key: text}}; `SHOAL_NAME`, `SHOAL_DATA_DIR` → top level."""
+    found: dict[str, Any] = {}
+    for key in TOP_LEVEL:
+        env_name = f"SHOAL_{key.upper()}"
+        if env_name in environ:
+            found[key] = environ[env_name]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            env_name = f"SHOAL_{section.upper()}_{f.name.upper()}"
+            if f.init and env_name in environ:
+                found.setdefault(section, {})[f.name] = environ[env_name]
+    return found
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Compose the node config: file (`path`, else the default file when it exists) < env < `overrides`.
+
+    `overrides` has the file's shape, e.g. `{"api": {"port": 9000}, "data_dir": "/tmp/x"}`.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None:
+        env_path = environ.get("SHOAL_CONFIG")
+        path = Path(env_path) if env_path else None
+        if path is None and default_config_path().is_file():
+            path = default_config_path()
+    raw = read_toml(Path(path).expanduser()) if path is not None else {}
+    raw = _merge(raw, env_overrides(environ))
+    raw = _merge(raw, overrides or {})
+    unknown = sorted(k for k in raw if k not in SECTIONS and k not in TOP_LEVEL)
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) or key(s): {', '.join(unknown)}; "
+            f"sections are {', '.join(f'[{s}]' for s in SECTIONS)}, top-level keys are {', '.join(TOP_LEVEL)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        if section in raw:
+            if not isinstance(raw[section], Mapping):
+                raise ConfigError(f"[{section}] must be a table")
+            kwargs[section] = section_from_mapping(cls, raw[section], section)
+    for key in TOP_LEVEL:
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str):
+                raise ConfigError(f"{key} must be a string, got {value!r}")
+            kwargs[key] = Path(value) if key == "data_dir" else value
+    try:
+        return NodeConfig(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (loopback) → (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"--api {text!r} must look like HOST:PORT, e.g. 127.0.0.1:8740")
+    host = host.strip("[]") or DEFAULT_HOST
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"--api {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--api {text!r}: port {port} is out of range 0-65535")
+    return host, port

@@ -1,0 +1,283 @@
+"""A shoal node: wires config, event bus, models, the HTTP API and the subsystems' services together.
+
+A subsystem plugs in as a `Service` (`start()`, `stop()`, `add_routes(app)`); the node starts them in order
+before the preload of the default model and stops them in reverse after the API has drained.
+`serve_until_signalled` runs a node in the foreground until SIGINT/SIGTERM, then shuts down gracefully: stop
+accepting, let in-flight streams finish (up to `[api] shutdown_grace_s`), cancel the rest cleanly, release the
+port. `build_node` is the node `shoal node` runs (IPFS, mesh, offload/split routing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
+
+from aiohttp import web
+from shoal.mesh.api.app import create_app
+from shoal.mesh.events import EventBus
+from shoal.mesh.ipfs.service import IpfsService
+from shoal.mesh.node.config import NodeConfig, PolicyConfig
+from shoal.mesh.node.logging_bridge import LogBridge
+from shoal.mesh.node.metrics import NodeMetrics
+from shoal.mesh.node.model_manager import LoadFn, ModelManager, load_engine
+from shoal.mesh.node.request_log import RequestLog
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.service import MeshService
+from shoal.models.embedded import DEFAULT_MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """A node subsystem (IPFS, mesh): lifecycle plus the HTTP routes it owns."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+def _peer_address(host: str, port: int) -> str | None:
+    """`host:port` peers can use for this node's API (None for a wildcard host or port 0: use
+    `[mesh] advertise`)."""
+    if port == 0 or host in ("0.0.0.0", "::", ""):
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def shoal_version() -> str:
+    try:
+        return version("shoal")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+class Node:
+    """One node. `await start()` listens on `[api]`; `await stop()` is idempotent."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        load_fn: LoadFn = load_engine,
+    ) -> None:
+        config.api.check_exposure()
+        self.config = config
+        self.version = shoal_version()
+        self.bus = EventBus()
+        self.ipfs = IpfsService(config.ipfs, config.data_dir, self.bus)
+        self.mesh = MeshService(config.mesh, None, config.data_dir, self.bus, block_store=self.ipfs.store)
+        self.mesh.api_address = _peer_address(config.api.host, config.api.port)
+        self.ipfs.add_source(self.mesh.blocks.source())
+        self.metrics = NodeMetrics()
+        self.requests = RequestLog(self.bus, config.api.request_log_size)
+        self.mesh.pipelines = self.requests.pipelines
+        self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
+        cache_dir = None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir
+        self.models = ModelManager(
+            self.bus,
+            backend=config.models.backend,
+            target=config.models.target,
+            cache_dir=cache_dir,
+            max_batch=config.models.max_batch,
+            load_fn=load_fn,
+            catalog=self.ipfs.list_models,
+        )
+        self.policy: PolicyConfig = config.policy
+        self.services: list[Service] = [self.ipfs, self.mesh]
+        self.router: Any = None
+        """Set by `mesh.split_service.SplitService`: completions then stream through `router.stream(served,
+        prompt_ids, params, route)` (local, offload or split); None streams from the local engine."""
+        self.identity: Identity | None = None
+        self.started: float | None = None
+        self.draining = False
+        self.host = config.api.host
+        self.port = config.api.port
+        self._runner: web.AppRunner | None = None
+        self._preload: asyncio.Task[Any] | None = None
+        self._watch: asyncio.Task[Any] | None = None
+        self._started_services: list[Service] = []
+        self._stopped = False
+
+    # --- identity and description --------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.identity.peer_id if self.identity else ""
+
+    @property
+    def name(self) -> str:
+        return self.identity.name if self.identity else self.config.name
+
+    @property
+    def api_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "target": self.config.models.target or self.config.models.backend,
+            "api": self.api_url,
+            "data_dir": str(self.config.data_dir),
+            "started": self.started,
+            "policy": self.policy.to_dict(),
+        }
+
+    def set_policy(self, changes: dict[str, Any]) -> PolicyConfig:
+        """Apply a partial policy update (ConfigError on bad keys/values) and announce it."""
+        self.policy = self.policy.updated(changes)
+        self.bus.publish("policy.changed", policy=self.policy.to_dict())
+        logger.info("policy changed: %s", self.policy)
+        return self.policy
+
+    def requests_running(self, model: str) -> bool:
+        return any(r["model"] == model and r["status"] == "running" for r in self.requests.recent())
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.bus.bind_loop(loop)
+        self.log_bridge.install("shoal.mesh", "shoal.models")
+        for folder in (self.config.data_dir, self.config.blocks_dir, self.config.compile_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.identity = await loop.run_in_executor(
+            None, Identity.load_or_create, self.config.data_dir, self.config.name
+        )
+        self.mesh.set_identity(self.identity)
+        self.models.add_embedded()
+        for service in self.services:
+            await service.start()
+            self._started_services.append(service)
+        runner = web.AppRunner(
+            create_app(self),
+            handler_cancellation=True,
+            shutdown_timeout=self.config.api.shutdown_grace_s + 10.0,
+            access_log=None,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.config.api.host, self.config.api.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise OSError(
+                exc.errno, f"cannot listen on {self.config.api.host}:{self.config.api.port}: {exc.strerror}"
+            ) from exc
+        address = runner.addresses[0]
+        self.host, self.port = str(address[0]), int(address[1])
+        self.mesh.api_address = _peer_address(self.host, self.port)
+        self.started = time.time()
+        logger.info("node %s (%s) listening on %s", self.name, self.id, self.api_url)
+        self._watch = asyncio.create_task(self._watch_pulls(), name="watch-pulls")
+        if self.config.models.preload:
+            self._preload = asyncio.create_task(self._prepare_default(), name="preload-default-model")
+
+    async def _watch_pulls(self) -> None:
+        """Make models servable as soon as a pull completes (the catalog is re-read off the loop)."""
+        subscription = self.bus.subscribe()
+        try:
+            async for event in subscription:
+                if event.kind == "pull.done":
+                    try:
+                        await self.models.refresh_async()
+                    except (OSError, ValueError):
+                        logger.exception("cannot read the catalog after pull %s", event.data.get("pull_id"))
+        finally:
+            subscription.close()
+
+    async def _prepare_default(self) -> None:
+        """Import the embedded model into the block store (so peers can fetch it), then load the default."""
+        name = self.config.models.default
+        try:
+            cid = await self.ipfs.ensure_embedded()
+            self.models.set_cid(DEFAULT_MODEL_NAME, str(cid))
+            logger.info("embedded model %s is %s", DEFAULT_MODEL_NAME, cid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("could not import the embedded model into the block store")
+        try:
+            await self.models.load(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("could not prepare the default model %s; requests will retry loading it", name)
+
+    async def wait_ready(self) -> None:
+        """Wait until the default model is loaded (or its preload has failed)."""
+        if self._preload is not None:
+            await asyncio.shield(self._preload)
+
+    def begin_drain(self) -> None:
+        """Refuse new completions and end event streams (called when shutdown starts)."""
+        if not self.draining:
+            self.draining = True
+            logger.info("shutting down: no new requests accepted")
+            self.bus.close()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.begin_drain()
+        for task in (self._preload, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._runner is not None:
+            await self._runner.cleanup()  # stop listening, drain (on_shutdown), cancel stragglers
+            self._runner = None
+        for service in reversed(self._started_services):
+            try:
+                await service.stop()
+            except Exception:
+                logger.exception("stopping %s failed", type(service).__name__)
+        self._started_services.clear()
+        await self.models.stop()
+        logger.info("node stopped")
+        self.log_bridge.uninstall()
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def build_node(config: NodeConfig) -> Node:
+    """The node `shoal node` runs: IPFS, mesh, and offload/split routing over the mesh."""
+    from shoal.mesh.split.service import SplitService
+
+    node = Node(config)
+    node.services.append(SplitService(node, node.mesh))
+    return node
+
+
+async def serve_until_signalled(node: Node) -> None:
+    """Start `node`, run until SIGINT or SIGTERM, then stop it gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        await stop.wait()
+        logger.info("signal received; stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await node.stop()

@@ -1,0 +1,157 @@
+"""Adverts: what each node holds and can do, sent to every peer periodically and on change.
+
+An advert is a JSON object (at most 64 KiB) with: `name`, `api`, `models` (list), `shards` (list),
+`target`, `speed` ({model: {"prefill_tok_s", "decode_tok_s"}}), `roots` (CIDs of held DAGs), `gateway` (bool),
+`free_memory` (bytes), `queue_depth`, `battery` (percent or null), `plugged` (bool or null), `thermal` (max °C
+or null), `links` ({peer_id: rtt_ms}) and `split` (the split layer's offer). Other layers set their fields
+with `MeshService.gossip.update(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.p2p.peer import Peer
+
+if TYPE_CHECKING:
+    from shoal.mesh.p2p.service import MeshService
+
+logger = logging.getLogger(__name__)
+LIST_FIELDS = ("models", "shards", "roots")
+MAX_LIST = 256
+
+
+def system_state() -> dict[str, Any]:
+    """Free memory, battery and thermal state as far as psutil can tell on this OS."""
+    free = psutil.virtual_memory().available
+    state: dict[str, Any] = {
+        "free_memory": free,
+        "battery": None,
+        "plugged": None,
+        "thermal": None,
+    }
+    try:
+        battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+        if battery is not None:
+            state["battery"] = round(battery.percent, 1)
+            state["plugged"] = bool(battery.power_plugged)
+    except (OSError, RuntimeError):
+        pass
+    try:
+        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+        readings = [t.current for entries in temps.values() for t in entries if t.current]
+        if readings:
+            state["thermal"] = round(max(readings), 1)
+    except (OSError, RuntimeError):
+        pass
+    return state
+
+
+def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
+    """Keep only well-typed advert fields from a peer (drop the rest); raise `ProtocolError` if hopeless."""
+    advert: dict[str, Any] = {}
+    for key in LIST_FIELDS:
+        value = body.get(key, [])
+        if not isinstance(value, list) or len(value) > MAX_LIST:
+            raise p.ProtocolError(f"advert field {key} must be a list of at most {MAX_LIST}")
+        advert[key] = [item for item in value if isinstance(item, str | dict)]
+    for key in ("name", "api", "target"):
+        if isinstance(body.get(key), str):
+            advert[key] = body[key][:200]
+    for key in ("free_memory", "queue_depth", "thermal", "battery"):
+        value = body.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            advert[key] = value
+    for key in ("speed", "links", "split"):  # split: see mesh.split_service
+        if isinstance(body.get(key), dict):
+            advert[key] = body[key]
+    advert["gateway"] = body.get("gateway") is True
+    if isinstance(body.get("plugged"), bool):
+        advert["plugged"] = body["plugged"]
+    return advert
+
+
+class Gossip:
+    def __init__(self, service: MeshService) -> None:
+        self.service = service
+        self.fields: dict[str, Any] = {"models": [], "shards": [], "roots": [], "speed": {}, "queue_depth": 0}
+        self._providers: list[Callable[[], dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        service.on_control("advert", self._on_advert)
+        service.add_peer_listener(self._on_peer)
+
+    def add_provider(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """`provider()` is called for every advert and its fields merged in (keep it cheap)."""
+        self._providers.append(provider)
+
+    def update(self, **fields: Any) -> None:
+        """Set advert fields (e.g. `models=[...]`, `speed={...}`); peers hear about it promptly."""
+        self.fields.update(fields)
+        self._changed.set()
+
+    def advert(self) -> dict[str, Any]:
+        links = {peer.peer_id: peer.summary()["rtt_ms"] for peer in self.service.connected_peers()}
+        provided: dict[str, Any] = {}
+        for provider in self._providers:
+            provided.update(provider())
+        return {
+            **self.fields,
+            **provided,
+            "name": self.service.identity.name,
+            "api": self.service.advertise_address,
+            "links": links,
+            **system_state(),
+        }
+
+    async def start(self) -> None:
+        self._task = self.service.spawn(self._run(), name="gossip")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def _on_peer(self, event: str, peer: Peer) -> None:
+        self._changed.set()  # our links changed: everyone's topology view should hear of it
+        if event == "joined":
+            self.service.spawn(self._send(peer, self.advert()), name="advert")
+
+    async def _send(self, peer: Peer, advert: dict[str, Any]) -> None:
+        try:
+            await peer.notify("advert", advert)
+        except MeshError as exc:
+            logger.debug("advert to %s not sent: %s", peer.peer_id[:12], exc)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.service.config.gossip_interval_s):
+                    await self._changed.wait()
+                await asyncio.sleep(0.1)  # let a burst of updates settle into one advert
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            advert = self.advert()
+            await asyncio.gather(*(self._send(peer, advert) for peer in self.service.connected_peers()))
+
+    async def _on_advert(self, peer: Peer, frame: p.ControlFrame) -> None:
+        previous, peer.advert = peer.advert, clean_advert(frame.body)
+        if _stable(previous) != _stable(peer.advert):  # not on every memory/RTT wiggle: keep the bus calm
+            self.service.events.publish(
+                "peer.updated", id=peer.peer_id, name=peer.name, models=peer.advert.get("models", [])
+            )
+
+
+VOLATILE = frozenset({"free_memory", "links", "thermal", "battery", "queue_depth"})
+
+
+def _stable(advert: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in advert.items() if key not in VOLATILE}

@@ -1,0 +1,152 @@
+"""Invites: a mesh's name, secret and bootstrap addresses as one copy-pasteable token (and a terminal QR).
+
+Token: `shoal1-` + base64url(orjson({"n": name, "s": secret_b64, "b": [addresses]}) || sha256[:4]).
+The mesh id is derived from the secret (`mesh_id_for`), so it can be shown and announced (mDNS) without
+revealing the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from shoal.mesh.p2p.errors import InviteError
+
+PREFIX = "shoal1-"
+SECRET_BYTES = 32
+MAX_TOKEN_LENGTH = 4096
+MAX_BOOTSTRAP = 16
+
+
+def mesh_id_for(secret: bytes) -> str:
+    """A public name of the mesh, derived from its secret: `m` + 16 base32 characters."""
+    digest = hashlib.sha256(b"shoal mesh id\x00" + secret).digest()[:10]
+    return "m" + base64.b32encode(digest).decode("ascii").lower()
+
+
+def membership_proof(secret: bytes, *parts: str) -> str:
+    """HMAC-SHA256 over the given fields with the mesh secret, hex."""
+    message = b"\x00".join(part.encode("utf-8") for part in parts)
+    return hmac.new(secret, b"shoal member\x00" + message, hashlib.sha256).hexdigest()
+
+
+def check_membership_proof(secret: bytes, proof: object, *parts: str) -> bool:
+    if not isinstance(proof, str):
+        return False
+    return hmac.compare_digest(membership_proof(secret, *parts), proof)
+
+
+def _check_address(address: object) -> str:
+    if not isinstance(address, str) or not 3 <= len(address) <= 200 or any(c.isspace() for c in address):
+        raise InviteError(f"bad bootstrap address {address!r:.80}")
+    return address
+
+
+@dataclass(frozen=True)
+class Invite:
+    """What a device needs to join a mesh."""
+
+    name: str
+    """Human name of the mesh."""
+    secret: bytes
+    """The shared mesh secret (32 random bytes); proves membership in signalling."""
+    bootstrap: tuple[str, ...] = ()
+    """`host:port` API addresses of members to contact first."""
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16:
+            raise InviteError("a mesh secret has at least 16 bytes")
+        if len(self.bootstrap) > MAX_BOOTSTRAP:
+            raise InviteError(f"at most {MAX_BOOTSTRAP} bootstrap addresses")
+        for address in self.bootstrap:
+            _check_address(address)
+
+    @property
+    def mesh_id(self) -> str:
+        return mesh_id_for(self.secret)
+
+    @classmethod
+    def create(cls, name: str = "shoal", bootstrap: tuple[str, ...] = ()) -> Invite:
+        return cls(name=name[:64], secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
+
+    def with_bootstrap(self, bootstrap: tuple[str, ...]) -> Invite:
+        return Invite(self.name, self.secret, tuple(bootstrap))
+
+    def to_token(self) -> str:
+        body = orjson.dumps(
+            {"n": self.name, "s": base64.b64encode(self.secret).decode(), "b": list(self.bootstrap)}
+        )
+        checksum = hashlib.sha256(body).digest()[:4]
+        return PREFIX + base64.urlsafe_b64encode(body + checksum).decode("ascii").rstrip("=")
+
+    @classmethod
+    def from_token(cls, token: str) -> Invite:
+        """Parse and validate a token; raises `InviteError` with a message the user can act on."""
+        token = "".join(str(token).split())
+        if not token.startswith(PREFIX):
+            raise InviteError("not a shoal invite (it should start with 'shoal1-')")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InviteError("invite token is too long")
+        payload = token[len(PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        except ValueError as exc:
+            raise InviteError("invite token is not valid base64url (was it cut off?)") from exc
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != payload.rstrip("="):
+            # a stray character is skipped by the decoder, and a last character may differ only in bits
+            # the decoder drops: both decode to the right bytes, but the token was not typed as issued
+            raise InviteError("invite token is not valid base64url (mistyped?)")
+        body, checksum = raw[:-4], raw[-4:]
+        if len(raw) < 5 or hashlib.sha256(body).digest()[:4] != checksum:
+            raise InviteError("invite token checksum does not match (was it cut off or mistyped?)")
+        try:
+            data = orjson.loads(body)
+            name, secret = data["n"], base64.b64decode(data["s"], validate=True)
+            bootstrap = tuple(_check_address(a) for a in data.get("b", []))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InviteError(f"invite token content is malformed: {exc}") from exc
+        if not isinstance(name, str):
+            raise InviteError("invite mesh name is not text")
+        return cls(name=name[:64], secret=secret, bootstrap=bootstrap)
+
+
+def render_qr(token: str) -> str:
+    """The token as a QR code drawn with Unicode half blocks, for phones to scan from a terminal."""
+    import io
+
+    import segno
+
+    buffer = io.StringIO()
+    segno.make(token, error="m").terminal(out=buffer, compact=True)
+    return buffer.getvalue()
+
+
+def saved_invite_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / "mesh" / "invite"
+
+
+def save_invite(data_dir: str | os.PathLike[str], invite: Invite) -> Path:
+    """Keep the invite (it holds the secret: mode 0600) so the node rejoins its mesh after a restart."""
+    path = saved_invite_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(invite.to_token())
+    return path
+
+
+def load_saved_invite(data_dir: str | os.PathLike[str]) -> Invite | None:
+    """The invite saved by `save_invite`, or None; raises `InviteError` if the file is damaged."""
+    path = saved_invite_path(data_dir)
+    try:
+        return Invite.from_token(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InviteError(f"cannot read {path}: {exc}") from exc

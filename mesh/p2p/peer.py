@@ -1,0 +1,444 @@
+"""One link to one peer: an `RTCPeerConnection` with three pre-negotiated data channels (`control` id 0,
+`blocks` id 1, `tensors` id 2), back-pressure-aware sends, heartbeats with RTT, dead-link detection, requests
+with replies and timeouts, and an abuse counter.
+
+Channels are created with `negotiated=True` on both sides before the offer/answer, so their message
+handlers are attached before any byte can arrive (no `datachannel` event race).
+
+Request ids: the offering side uses odd ids, the answering side even ones, so a binary frame whose id has our
+parity is a reply to us and one with the peer's parity is a request for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import RTCDataChannel, RTCPeerConnection
+from shoal.mesh.p2p import aiortc_tuning
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
+
+logger = logging.getLogger(__name__)
+
+ControlHandler = Callable[["Peer", p.ControlFrame], Awaitable[dict[str, Any] | None]]
+BinaryHandler = Callable[["Peer", p.BinaryFrame], Awaitable[p.BinaryFrame | None]]
+CHANNEL_IDS = {p.CONTROL: 0, p.BLOCKS: 1, p.TENSORS: 2}
+BINARY_MESSAGE = 65_536
+"""Size of the data-channel messages binary frames are cut into. aiortc reassembles a message by rescanning
+its chunk list for every arriving SCTP chunk (quadratic in message size): 64 KiB messages moved blocks
+~2.5x faster than 256 KiB ones here, and every remote accepts 64 KiB."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Timing and limits of a link (from `MeshConfig`)."""
+
+    heartbeat_interval_s: float = 1.0
+    """How often a ping is sent on `control`."""
+    dead_timeout_s: float = 4.0
+    """A link with nothing received for this long is closed as dead."""
+    request_timeout_s: float = 10.0
+    """Default wait for a reply."""
+    abuse_limit: int = 5
+    """Protocol violations tolerated before the link is closed and the peer banned."""
+    high_water: int = 1024 * 1024
+    """Bytes queued in a channel before `send` waits for it to drain."""
+    low_water: int = 256 * 1024
+    """Queued bytes below which a waiting `send` resumes."""
+    max_running_handlers: int = 32
+    """Handlers for this peer's requests that run at once; the rest wait their turn."""
+    max_pending_handlers: int = 512
+    """Requests a peer may have waiting for a handler; beyond that each new one is a strike."""
+
+
+class Handlers:
+    """Per-type control handlers and per-kind binary handlers, shared by all links of a node."""
+
+    def __init__(self) -> None:
+        self.control: dict[str, ControlHandler] = {}
+        self.binary: dict[int, BinaryHandler] = {}
+
+    def on_control(self, frame_type: str, handler: ControlHandler) -> None:
+        if frame_type not in p.CONTROL_LIMITS:
+            raise ValueError(f"register {frame_type!r} with protocol.register_control_type first")
+        self.control[frame_type] = handler
+
+    def on_binary(self, kind: int, handler: BinaryHandler) -> None:
+        if kind not in p.BINARY_KINDS:
+            raise ValueError(f"register binary kind {kind} with protocol.register_binary_kind first")
+        self.binary[kind] = handler
+
+
+class Peer:
+    """A link to one remote node. Create with `Peer.create`, then run the offer/answer, then `start()`."""
+
+    def __init__(
+        self,
+        pc: RTCPeerConnection,
+        peer_id: str,
+        name: str,
+        offerer: bool,
+        settings: LinkSettings,
+        handlers: Handlers,
+        on_closed: Callable[[Peer, str], None],
+        on_abuse: Callable[[Peer, str], None],
+    ) -> None:
+        self.pc = pc
+        self.peer_id = peer_id
+        self.name = name
+        self.offerer = offerer
+        self.settings = settings
+        self.handlers = handlers
+        self.api_address: str | None = None
+        self.advert: dict[str, Any] = {}
+        self.rtt_s: float | None = None
+        self.rtt_samples: list[float] = []
+        self.connected_at: float | None = None
+        self.last_seen = time.monotonic()
+        self.abuse = 0
+        self.state = "connecting"
+        self.close_reason: str | None = None
+        self._on_closed = on_closed
+        self._on_abuse = on_abuse
+        self._ids = itertools.count(1 if offerer else 2, 2)
+        self._pending_control: dict[int, asyncio.Future[p.ControlFrame]] = {}
+        self._pending_binary: dict[int, asyncio.Future[p.BinaryFrame]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handler_slots = asyncio.Semaphore(settings.max_running_handlers)
+        self._pending_handlers = 0
+        self._opened = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._drained = {name: asyncio.Event() for name in p.CHANNELS}
+        self._reassemblers = {p.BLOCKS: p.Reassembler(p.BLOCKS), p.TENSORS: p.Reassembler(p.TENSORS)}
+        self.channels: dict[str, RTCDataChannel] = {}
+        for channel_name, channel_id in CHANNEL_IDS.items():
+            channel = pc.createDataChannel(channel_name, negotiated=True, id=channel_id)
+            channel.bufferedAmountLowThreshold = settings.low_water
+            channel.on("message", self._message_handler(channel_name))
+            channel.on("open", self._check_open)
+            channel.on("close", lambda name=channel_name: self._spawn(self.close(f"{name} channel closed")))
+            channel.on("bufferedamountlow", self._drained[channel_name].set)
+            self.channels[channel_name] = channel
+        pc.on("connectionstatechange", self._connection_state_changed)
+
+    # ----- lifecycle -------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("peer %s: task failed", self.peer_id[:12], exc_info=task.exception())
+
+    def _check_open(self) -> None:
+        if all(c.readyState == "open" for c in self.channels.values()):
+            self._opened.set()
+
+    def _connection_state_changed(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self._spawn(self.close(f"connection {self.pc.connectionState}"))
+
+    async def wait_open(self, timeout_s: float) -> None:
+        self._check_open()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._opened.wait()
+        except TimeoutError:
+            raise LinkClosed(f"link to {self.peer_id[:12]} did not open within {timeout_s:.0f} s") from None
+
+    def start(self) -> None:
+        """Mark the link live and start heartbeats (call after `wait_open`)."""
+        self.state = "connected"
+        self.connected_at = time.time()
+        self.last_seen = time.monotonic()
+        self._spawn(self._heartbeat())
+        self._announce_link()
+
+    def _announce_link(self) -> None:
+        """Tell the peer what SCTP packets this end can take (after enabling it, so that its larger packets,
+        sent only once it has read this, are readable here); see `mesh.aiortc_tuning`."""
+        receivable = aiortc_tuning.enable_large_receive(self.pc)
+        if receivable:
+            body = {"max_packet": receivable, "mtu": aiortc_tuning.local_path_mtu(self.pc)}
+            self._spawn(self._send_quietly(p.ControlFrame("link", body)))
+
+    def _on_link(self, body: dict[str, Any]) -> None:
+        max_packet, mtu = body.get("max_packet"), body.get("mtu")
+        if type(max_packet) is not int or type(mtu) is not int or max_packet < 0 or mtu < 0:
+            raise ProtocolError("a link frame needs non-negative integers max_packet and mtu")
+        size = aiortc_tuning.large_packet_size(max_packet, aiortc_tuning.local_path_mtu(self.pc), mtu)
+        chunk = aiortc_tuning.enable_large_send(self.pc, size) if size else 0
+        if chunk:
+            logger.info("peer %s: sending SCTP chunks of %d bytes", self.peer_id[:12], chunk)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == "connected" and not self._closed.is_set()
+
+    async def close(self, reason: str = "closed") -> None:
+        """Close the link (idempotent): fail pending requests, stop tasks, close the connection."""
+        if self.state == "closed":
+            await self._closed.wait()
+            return
+        previous, self.state, self.close_reason = self.state, "closed", reason
+        logger.info("peer %s (%s): link closed: %s", self.peer_id[:12], self.name, reason)
+        for future in [*self._pending_control.values(), *self._pending_binary.values()]:
+            if not future.done():
+                future.set_exception(LinkClosed(f"link to {self.peer_id[:12]} closed: {reason}"))
+        self._pending_control.clear()
+        self._pending_binary.clear()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        try:
+            await self.pc.close()
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for reassembler in self._reassemblers.values():
+                reassembler.clear()
+            self._closed.set()
+            if previous == "connected":
+                self._on_closed(self, reason)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # ----- sending ---------------------------------------------------------------------------------------
+
+    async def _send_raw(self, channel_name: str, data: bytes | str) -> None:
+        channel = self.channels[channel_name]
+        while channel.bufferedAmount > self.settings.high_water:
+            if channel.readyState != "open" or self.state == "closed":
+                break
+            event = self._drained[channel_name]
+            event.clear()
+            try:
+                async with asyncio.timeout(self.settings.dead_timeout_s):
+                    await event.wait()
+            except TimeoutError:
+                if self.state == "closed":
+                    break
+        if channel.readyState != "open" or self.state == "closed":
+            raise LinkClosed(f"link to {self.peer_id[:12]} is closed")
+        channel.send(data)
+
+    async def send_control(self, frame: p.ControlFrame) -> None:
+        await self._send_raw(p.CONTROL, p.encode_control(frame))
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None:
+        """Send a control frame that expects no reply."""
+        await self.send_control(p.ControlFrame(frame_type, body))
+
+    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
+        """Send a control request and return the body of its reply; `RemoteError` if the peer said no."""
+        request_id = next(self._ids)
+        future: asyncio.Future[p.ControlFrame] = asyncio.get_running_loop().create_future()
+        self._pending_control[request_id] = future
+        try:
+            await self.send_control(p.ControlFrame(frame_type, body, id=request_id))
+            async with asyncio.timeout(timeout_s or self.settings.request_timeout_s):
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeout(f"{frame_type} to {self.peer_id[:12]} got no reply") from None
+        finally:
+            self._pending_control.pop(request_id, None)
+        if reply.type == "error":
+            code, message = reply.body.get("code", "error"), reply.body.get("message", "")
+            raise RemoteError(str(code)[:64], str(message)[:500])
+        return reply.body
+
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    async def send_binary(self, frame: p.BinaryFrame) -> None:
+        """Send a binary frame (chunked as needed) on its kind's channel, honouring back-pressure."""
+        channel_name = p.BINARY_KINDS[frame.kind][1]
+        for message in p.encode_binary(frame, BINARY_MESSAGE):
+            await self._send_raw(channel_name, message)
+
+    async def request_binary(
+        self, kind: int, meta: dict[str, Any], payload: bytes = b"", timeout_s: float | None = None
+    ) -> p.BinaryFrame:
+        """Send a binary request and await the binary frame that answers it (same request id)."""
+        request_id = next(self._ids)
+        future: asyncio.Future[p.BinaryFrame] = asyncio.get_running_loop().create_future()
+        self._pending_binary[request_id] = future
+        try:
+            await self.send_binary(p.BinaryFrame(kind, request_id, meta, payload))
+            async with asyncio.timeout(timeout_s or self.settings.request_timeout_s):
+                return await future
+        except TimeoutError:
+            raise RequestTimeout(f"binary request {kind} to {self.peer_id[:12]} got no reply") from None
+        finally:
+            self._pending_binary.pop(request_id, None)
+
+    # ----- receiving -------------------------------------------------------------------------------------
+
+    def _message_handler(self, channel_name: str) -> Callable[[bytes | str], None]:
+        def on_message(data: bytes | str) -> None:
+            if self.state == "closed":
+                return
+            self.last_seen = time.monotonic()
+            try:
+                if channel_name == p.CONTROL:
+                    self._on_control(p.decode_control(data))
+                else:
+                    if not isinstance(data, bytes):
+                        raise ProtocolError(f"text message on binary channel {channel_name}")
+                    frame = self._reassemblers[channel_name].feed(data)
+                    if frame is not None:
+                        self._on_binary(frame)
+            except ProtocolError as exc:
+                self.strike(str(exc))
+
+        return on_message
+
+    def strike(self, reason: str) -> None:
+        """Count one protocol violation; answer with an error frame; past the limit, report abuse."""
+        self.abuse += 1
+        logger.warning(
+            "peer %s (%s): protocol violation %d: %s", self.peer_id[:12], self.name, self.abuse, reason
+        )
+        if self.abuse == self.settings.abuse_limit:
+            self._on_abuse(self, reason)
+        elif self.abuse > self.settings.abuse_limit:
+            return  # already reported; the link is closing
+        elif self.is_open:
+            frame = p.ControlFrame("error", {"code": "protocol", "message": reason[:500]})
+            self._spawn(self._send_quietly(frame))
+
+    async def _send_quietly(self, frame: p.ControlFrame) -> None:
+        try:
+            await self.send_control(frame)
+        except (LinkClosed, ProtocolError):
+            pass
+
+    def _on_control(self, frame: p.ControlFrame) -> None:
+        if frame.re is not None:
+            future = self._pending_control.get(frame.re)
+            if future is None:
+                return  # a reply that came after its request timed out
+            if frame.type not in ("reply", "error"):
+                raise ProtocolError(f"a {frame.type} frame cannot answer a request")
+            if not future.done():
+                future.set_result(frame)
+            return
+        if frame.type == "ping":
+            self._spawn(self._send_quietly(p.ControlFrame("pong", frame.body)))
+        elif frame.type == "pong":
+            sent = frame.body.get("t")
+            if isinstance(sent, float) and 0 <= time.monotonic() - sent < 3600:
+                self.rtt_s = time.monotonic() - sent
+                self.rtt_samples = [*self.rtt_samples[-63:], self.rtt_s]
+        elif frame.type == "link":
+            self._on_link(frame.body)
+        elif frame.type == "error":
+            logger.info("peer %s reports: %.200s", self.peer_id[:12], frame.body.get("message"))
+        elif frame.type == "bye":
+            self._spawn(self.close("peer said bye"))
+        else:
+            handler = self.handlers.control.get(frame.type)
+            if handler is None:
+                if frame.id is not None:
+                    body = {"code": "unsupported", "message": frame.type}
+                    self._spawn(self._send_quietly(p.ControlFrame("error", body, re=frame.id)))
+                return
+            self._admit_handler()
+            self._spawn(self._run_control_handler(handler, frame))
+
+    def _admit_handler(self) -> None:
+        if self._pending_handlers >= self.settings.max_pending_handlers:
+            raise ProtocolError(f"more than {self.settings.max_pending_handlers} requests waiting")
+        self._pending_handlers += 1
+
+    async def _run_control_handler(self, handler: ControlHandler, frame: p.ControlFrame) -> None:
+        try:
+            async with self._handler_slots:
+                body = await handler(self, frame)
+            reply = p.ControlFrame("reply", body or {}, re=frame.id)
+        except ProtocolError as exc:
+            self.strike(str(exc))
+            reply = p.ControlFrame("error", {"code": "protocol", "message": str(exc)[:500]}, re=frame.id)
+        except RemoteError as exc:
+            reply = p.ControlFrame("error", {"code": exc.code, "message": exc.message[:500]}, re=frame.id)
+        except LinkClosed:
+            return
+        except Exception:
+            logger.exception("peer %s: %s handler failed", self.peer_id[:12], frame.type)
+            reply = p.ControlFrame("error", {"code": "internal", "message": "handler failed"}, re=frame.id)
+        finally:
+            self._pending_handlers -= 1
+        if frame.id is not None:
+            await self._send_quietly(reply)
+
+    def _on_binary(self, frame: p.BinaryFrame) -> None:
+        if frame.request_id % 2 == (1 if self.offerer else 0):
+            future = self._pending_binary.get(frame.request_id)
+            if future is not None and not future.done():
+                future.set_result(frame)
+            return
+        handler = self.handlers.binary.get(frame.kind)
+        if handler is None:
+            raise ProtocolError(f"no handler for binary kind {frame.kind}")
+        self._admit_handler()
+        self._spawn(self._run_binary_handler(handler, frame))
+
+    async def _run_binary_handler(self, handler: BinaryHandler, frame: p.BinaryFrame) -> None:
+        try:
+            async with self._handler_slots:
+                reply = await handler(self, frame)
+                if reply is not None:
+                    await self.send_binary(reply)
+        except ProtocolError as exc:
+            self.strike(str(exc))
+        except LinkClosed:
+            pass
+        except Exception:
+            logger.exception("peer %s: binary kind %d handler failed", self.peer_id[:12], frame.kind)
+        finally:
+            self._pending_handlers -= 1
+
+    # ----- liveness --------------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while self.state == "connected":
+            if time.monotonic() - self.last_seen > self.settings.dead_timeout_s:
+                self._spawn(self.close(f"dead: nothing heard for {self.settings.dead_timeout_s:.1f} s"))
+                return
+            await self._send_quietly(p.ControlFrame("ping", {"t": time.monotonic()}))
+            await asyncio.sleep(min(interval, self.settings.dead_timeout_s / 4))
+
+    def remote_addresses(self) -> list[str]:
+        """The peer's ICE candidates (`ip:port/udp`) as it announced them in its SDP."""
+        try:
+            ice = self.pc.sctp.transport.transport if self.pc.sctp is not None else None
+            candidates = ice.getRemoteCandidates() if ice is not None else []
+        except AttributeError:
+            return []
+        return [f"{c.ip}:{c.port}/{c.protocol}" for c in candidates][:16]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.peer_id,
+            "name": self.name,
+            "api": self.api_address,
+            "addresses": self.remote_addresses(),
+            "state": self.state,
+            "rtt_ms": round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None,
+            "connected_at": self.connected_at,
+            "direction": "out" if self.offerer else "in",
+            "abuse": self.abuse,
+            "sctp_chunk": aiortc_tuning.large_send_chunk(self.pc),
+            "advert": self.advert,
+        }

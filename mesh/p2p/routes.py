@@ -1,0 +1,136 @@
+"""HTTP routes of the mesh service: the signalling WebSocket and the mesh admin views."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import WSMsgType, web
+from shoal.mesh.p2p.errors import InviteError, MeshError, SignallingError
+from shoal.mesh.p2p.invite import Invite, render_qr
+
+if TYPE_CHECKING:
+    from shoal.mesh.p2p.service import MeshService
+
+logger = logging.getLogger(__name__)
+MAX_SIGNAL_MESSAGE = 64 * 1024
+SIGNAL_WAIT_S = 10.0
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int, code: str) -> web.Response:
+    return _json(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}, status
+    )
+
+
+def _from_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+def peers_view(service: MeshService) -> dict[str, Any]:
+    return {
+        "self": {
+            "id": service.identity.peer_id,
+            "name": service.identity.name,
+            "api": service.advertise_address,
+            "mesh": service.membership.mesh_id,
+        },
+        "peers": [
+            {**peer.summary(), "trusted": peer.peer_id in service.membership.allow}
+            for peer in service.peers.values()
+        ],
+        "banned": sorted(pid for pid in list(service.bans) if service.is_banned(pid)),
+        "refused": service.refused[-20:],
+        "departed": service.departed[-20:],
+    }
+
+
+def topology_view(service: MeshService) -> dict[str, Any]:
+    me = service.identity.peer_id
+    nodes = {me: {"id": me, "name": service.identity.name}}
+    edges: dict[tuple[str, str], float | None] = {}
+    for peer in service.peers.values():
+        nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name}
+        edges[tuple(sorted((me, peer.peer_id)))] = peer.summary()["rtt_ms"]  # type: ignore[index]
+        links = peer.advert.get("links")
+        if isinstance(links, dict):
+            for other, rtt in links.items():
+                nodes.setdefault(other, {"id": other, "name": service.known.get(other, {}).get("name")})
+                key = tuple(sorted((peer.peer_id, other)))
+                edges.setdefault(key, rtt if isinstance(rtt, int | float) else None)  # type: ignore[arg-type]
+    return {
+        "self": me,
+        "nodes": list(nodes.values()),
+        "links": [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in edges.items()],
+        "pipelines": service.pipelines(),
+    }
+
+
+def add_mesh_routes(app: web.Application, service: MeshService) -> None:
+    async def signal(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_MESSAGE, heartbeat=None)
+        await ws.prepare(request)
+        try:
+            message = await asyncio.wait_for(ws.receive(), SIGNAL_WAIT_S)
+            if message.type != WSMsgType.TEXT:
+                raise SignallingError("expected one text message")
+            body = orjson.loads(message.data)
+            if not isinstance(body, dict) or body.get("op") != "offer":
+                raise SignallingError("expected {'op': 'offer', 'signal': {...}}")
+            answer = await service.handle_offer(body.get("signal"))
+            await ws.send_str(orjson.dumps({"op": "answer", "signal": answer}).decode())
+        except (MeshError, orjson.JSONDecodeError, TimeoutError) as exc:
+            logger.info("signalling from %s refused: %s", request.remote, exc)
+            await ws.send_str(orjson.dumps({"op": "refused", "reason": str(exc)[:300]}).decode())
+        finally:
+            await ws.close()
+        return ws
+
+    async def peers(request: web.Request) -> web.Response:
+        return _json(peers_view(service))
+
+    async def topology(request: web.Request) -> web.Response:
+        return _json(topology_view(service))
+
+    async def invite(request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return _error(
+                "the invite (it holds the mesh secret) is only shown to local clients", 403, "forbidden"
+            )
+        token = service.invite()
+        if token is None:
+            return _error("this node is not in a mesh with a secret", 404, "no_mesh")
+        text = token.to_token()
+        body = {"invite": text, "mesh": service.membership.mesh_id, "name": token.name}
+        if request.query.get("qr") in ("1", "true"):
+            body["qr"] = render_qr(text)
+        return _json(body)
+
+    async def join(request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return _error("joining a mesh is only allowed from local clients", 403, "forbidden")
+        try:
+            body = orjson.loads(await request.read())
+            parsed = Invite.from_token(body["invite"]) if isinstance(body, dict) else None
+        except (orjson.JSONDecodeError, KeyError, InviteError) as exc:
+            return _error(f'expected {{"invite": "shoal1-..."}}: {exc}', 400, "invalid_invite")
+        if parsed is None:
+            return _error("expected a JSON object", 400, "invalid_invite")
+        await service.join(parsed)
+        return _json({"mesh": service.membership.mesh_id, "bootstrap": list(parsed.bootstrap)})
+
+    app.router.add_get("/v1/mesh/signal", signal)
+    app.router.add_get("/v1/mesh/peers", peers)
+    app.router.add_get("/v1/mesh/topology", topology)
+    app.router.add_get("/v1/mesh/invite", invite)
+    app.router.add_post("/v1/mesh/join", join)

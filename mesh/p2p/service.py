@@ -1,0 +1,442 @@
+"""The mesh service: links to peers over WebRTC, signed signalling, membership, bans, and the handle other
+layers use to talk to peers (`peer()`, `request()`, `on_control()`, `on_binary()`, ...).
+
+`MeshService(config, identity, data_dir, events)` has `start()`/`stop()` and `add_routes(app)`; it publishes
+`peer.joined`, `peer.left`, `peer.updated`, `peer.refused` and `peer.banned` events. Discovery, gossip and
+block exchange are parts it owns (`mesh.discovery`, `mesh.gossip`, `mesh.block_exchange`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from shoal.mesh.events import EventBus
+from shoal.mesh.p2p import aiortc_tuning
+from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.errors import LinkClosed, MeshError, PeerUnavailable, SignallingError
+from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.invite import Invite, load_saved_invite, save_invite
+from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
+from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, verify_signal
+
+__all__ = ["MeshConfig", "MeshService"]
+logger = logging.getLogger(__name__)
+SendOffer = Callable[[dict[str, Any]], Awaitable[Any]]
+PeerListener = Callable[[str, Peer], None]
+
+
+class MeshService:
+    """Owns every link of this node. One per process (ICE interface selection is process-wide)."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        identity: Identity | None,
+        data_dir: str | os.PathLike[str],
+        events: EventBus | None = None,
+        *,
+        api_address: str | None = None,
+        block_store: Any = None,
+    ) -> None:
+        self.config = config
+        self._identity = identity
+        self.data_dir = Path(data_dir)
+        self.events = events or EventBus()
+        self.api_address = api_address
+        self.block_store = block_store
+        self.pipelines: Callable[[], list[dict[str, Any]]] = list
+        """Running multi-device requests for `/v1/mesh/topology` (the node sets it to its request log's)."""
+        self.handlers = Handlers()
+        self.settings = LinkSettings(
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            dead_timeout_s=config.dead_timeout_s,
+            request_timeout_s=config.request_timeout_s,
+            abuse_limit=config.abuse_limit,
+        )
+        self.membership = self._initial_membership()
+        self.peers: dict[str, Peer] = {}
+        self.known: dict[str, dict[str, Any]] = {}
+        """Every peer id ever linked or heard of: {"name", "api"}."""
+        self.bans: dict[str, float] = {}
+        self.refused: list[dict[str, Any]] = []
+        self.departed: list[dict[str, Any]] = []
+        self._dialing: dict[str, asyncio.Future[Peer]] = {}
+        self._pending: set[Peer] = set()
+        self.relay_answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        """Offers sent through a relay, by nonce, waiting for their answer (see `discovery`)."""
+        self._replay = ReplayGuard()
+        self._listeners: list[PeerListener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._running = False
+        self._rtc_config = rtc_configuration(
+            config.stun, config.turn, config.turn_username, config.turn_password
+        )
+        from shoal.mesh.ipfs.block_exchange import BlockExchange
+        from shoal.mesh.p2p.discovery import Discovery
+        from shoal.mesh.p2p.gossip import Gossip
+
+        self.gossip = Gossip(self)
+        self.discovery = Discovery(self)
+        self.blocks = BlockExchange(self)
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise PeerUnavailable("the mesh service has not started (no identity loaded yet)")
+        return self._identity
+
+    def set_identity(self, identity: Identity) -> None:
+        """Use the node's identity (loaded by the node) instead of loading it in `start()`."""
+        self._identity = identity
+
+    # ----- membership ------------------------------------------------------------------------------------
+
+    def _initial_membership(self) -> Membership:
+        secret = self.config.secret_bytes()
+        self.saved_bootstrap: tuple[str, ...] = ()
+        if secret is None:
+            try:
+                saved = load_saved_invite(self.data_dir)
+            except MeshError as exc:
+                logger.warning("ignoring the saved invite: %s", exc)
+                saved = None
+            if saved is not None:
+                secret, self.saved_bootstrap = saved.secret, saved.bootstrap
+        return Membership(secret=secret, allow=frozenset(self.config.allow))
+
+    @property
+    def mesh_name(self) -> str:
+        if self.config.invite:
+            return Invite.from_token(self.config.invite).name
+        return "shoal"
+
+    def invite(self) -> Invite | None:
+        """An invite to this mesh with this node as bootstrap (None when the mesh has no secret)."""
+        if not self.membership.secret:
+            return None
+        bootstrap = (self.advertise_address,) if self.advertise_address else ()
+        return Invite(self.mesh_name, self.membership.secret, bootstrap)
+
+    async def join(self, invite: Invite) -> None:
+        """Join a mesh at runtime: adopt its secret, save it for restarts, contact its bootstrap nodes."""
+        self.membership = Membership(secret=invite.secret, allow=self.membership.allow)
+        await asyncio.to_thread(save_invite, self.data_dir, invite)
+        self.discovery.add_bootstrap(invite.bootstrap)
+        self.events.publish("mesh.joined", mesh=self.membership.mesh_id)
+
+    @property
+    def advertise_address(self) -> str:
+        return self.config.advertise or self.api_address or ""
+
+    def is_banned(self, peer_id: str) -> bool:
+        until = self.bans.get(peer_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.bans[peer_id]
+            return False
+        return True
+
+    # ----- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        if self._identity is None:
+            name = self.config.name
+            self._identity = await asyncio.to_thread(Identity.load_or_create, self.data_dir, name)
+        self._running = True
+        restrict_host_addresses(self.config.ice_interfaces)
+        enlarge_socket_buffers()
+        aiortc_tuning.apply()
+        self._session = aiohttp.ClientSession()
+        await self.gossip.start()
+        await self.discovery.start()
+        await self.blocks.start()
+        logger.info(
+            "mesh: node %s (%s) in mesh %s",
+            self.identity.peer_id,
+            self.identity.name,
+            self.membership.mesh_id,
+        )
+
+    async def stop(self) -> None:
+        """Refuse new links, say bye, close every link, stop the parts (idempotent)."""
+        if not self._running:
+            return
+        self._running = False
+        await self.discovery.stop()
+        await self.gossip.stop()
+        await self.blocks.stop()
+        for peer in list(self.peers.values()):
+            try:
+                await asyncio.wait_for(peer.notify("bye", {}), 0.5)
+            except (MeshError, TimeoutError):
+                pass
+        await asyncio.gather(
+            *(peer.close("node stopping") for peer in [*self.peers.values(), *self._pending])
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]:
+        """Run `coro` as a task owned by the service (cancelled in `stop()`)."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, MeshError):
+                logger.info("mesh task %s: %s", task.get_name(), exc)
+            else:
+                logger.error("mesh task %s failed", task.get_name(), exc_info=exc)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise PeerUnavailable("mesh service is not running")
+        return self._session
+
+    # ----- the handle for other layers -------------------------------------------------------------------
+
+    def peer(self, peer_id: str) -> Peer:
+        peer = self.peers.get(peer_id)
+        if peer is None or not peer.is_open:
+            raise PeerUnavailable(f"no live link to {peer_id[:12]}")
+        return peer
+
+    def connected_peers(self) -> list[Peer]:
+        return [peer for peer in self.peers.values() if peer.is_open]
+
+    def on_control(self, frame_type: str, handler: ControlHandler) -> None:
+        self.handlers.on_control(frame_type, handler)
+
+    def on_binary(self, kind: int, handler: BinaryHandler) -> None:
+        self.handlers.on_binary(kind, handler)
+
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        """`listener(event, peer)` with event "joined" or "left", called on the loop."""
+        self._listeners.append(listener)
+
+    async def request(
+        self, peer_id: str, frame_type: str, body: dict[str, Any], timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        return await self.peer(peer_id).request(frame_type, body, timeout_s)
+
+    async def notify(self, peer_id: str, frame_type: str, body: dict[str, Any]) -> None:
+        await self.peer(peer_id).notify(frame_type, body)
+
+    async def send_tensor(self, peer_id: str, request_id: int, meta: dict[str, Any], payload: bytes) -> None:
+        await self.peer(peer_id).send_binary(p.BinaryFrame(p.TENSOR, request_id, meta, payload))
+
+    async def wait_for_peer(self, peer_id: str, timeout_s: float) -> Peer:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                peer = self.peers.get(peer_id)
+                if peer is not None and peer.is_open:
+                    return peer
+                await asyncio.sleep(0.05)
+
+    # ----- dialling --------------------------------------------------------------------------------------
+
+    def _new_peer(self, offerer: bool) -> Peer:
+        pc = RTCPeerConnection(self._rtc_config)
+        peer = Peer(pc, "?", "?", offerer, self.settings, self.handlers, self._peer_closed, self._peer_abused)
+        self._pending.add(peer)
+        return peer
+
+    async def _dial(self, send_offer: SendOffer, expected: str | None) -> Peer:
+        if not self._running:
+            raise PeerUnavailable("mesh service is not running")
+        if not self.membership.active:
+            raise SignallingError("this node has not joined a mesh")
+        peer = self._new_peer(offerer=True)
+        dialing: asyncio.Future[Peer] | None = None
+        if expected:
+            dialing = asyncio.get_running_loop().create_future()
+            self._dialing[expected] = dialing
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await peer.pc.setLocalDescription(await peer.pc.createOffer())
+                offer = build_signal(
+                    self.identity,
+                    self.membership,
+                    "offer",
+                    peer.pc.localDescription.sdp,
+                    to=expected or "",
+                    api=self.advertise_address,
+                )
+                answer = verify_signal(
+                    await send_offer(offer), self.membership, self.identity.peer_id, "answer", self._replay
+                )
+                if answer.reply_to != offer["nonce"]:
+                    raise SignallingError("answer does not answer this offer")
+                if expected and answer.peer_id != expected:
+                    raise SignallingError(f"answer came from {answer.peer_id[:12]}, not {expected[:12]}")
+                if self.is_banned(answer.peer_id):
+                    raise SignallingError(f"{answer.peer_id[:12]} is banned")
+                peer.peer_id, peer.name, peer.api_address = answer.peer_id, answer.name, answer.api or None
+                await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
+                await peer.wait_open(self.config.connect_timeout_s)
+        except BaseException as exc:
+            await peer.close(f"dial failed: {exc!s:.200}")
+            self._pending.discard(peer)
+            if dialing is not None and not dialing.done():
+                dialing.cancel()
+            if isinstance(exc, TimeoutError):
+                raise PeerUnavailable("connection attempt timed out") from None
+            raise
+        finally:
+            if expected and self._dialing.get(expected) is dialing:
+                del self._dialing[expected]
+        self._register(peer)
+        return peer
+
+    async def connect_address(self, address: str, expected: str | None = None) -> Peer:
+        """Link to the node whose API listens at `host:port`, signalling over its WebSocket endpoint."""
+
+        async def send_offer(offer: dict[str, Any]) -> Any:
+            url = f"http://{address}/v1/mesh/signal"
+            async with self.session.ws_connect(
+                url, timeout=aiohttp.ClientWSTimeout(ws_close=2), max_msg_size=64 * 1024
+            ) as ws:
+                await ws.send_json({"op": "offer", "signal": offer})
+                reply = await ws.receive_json()
+            if not isinstance(reply, dict) or reply.get("op") != "answer":
+                reason = reply.get("reason") if isinstance(reply, dict) else None
+                raise SignallingError(f"{address} refused the offer: {reason!s:.200}")
+            return reply.get("signal")
+
+        try:
+            return await self._dial(send_offer, expected)
+        except (aiohttp.ClientError, ValueError, TypeError) as exc:
+            raise PeerUnavailable(f"cannot signal {address}: {exc}") from None
+
+    async def connect_via(self, relay: Peer, target: str) -> Peer:
+        """Link to `target` by relaying signalling through the connected peer `relay` (peer exchange)."""
+
+        async def send_offer(offer: dict[str, Any]) -> Any:
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self.relay_answers[offer["nonce"]] = future
+            try:
+                await relay.notify("signal", {"op": "offer", "to": target, "signal": offer})
+                return await future
+            finally:
+                self.relay_answers.pop(offer["nonce"], None)
+
+        return await self._dial(send_offer, target)
+
+    # ----- answering -------------------------------------------------------------------------------------
+
+    def _refuse(self, reason: str, sender: object) -> None:
+        entry = {"time": time.time(), "from": str(sender)[:64], "reason": reason[:300]}
+        self.refused = [*self.refused[-49:], entry]
+        logger.warning("mesh: refused offer from %s: %s", entry["from"][:12], reason)
+        self.events.publish("peer.refused", **entry)
+
+    async def handle_offer(self, raw: object) -> dict[str, Any]:
+        """Verify an offer and answer it, or raise `SignallingError` (no connection is created then)."""
+        sender = raw.get("from") if isinstance(raw, dict) else None
+        try:
+            if not self._running or not self.membership.active:
+                raise SignallingError("this node is not in a mesh")
+            offer = verify_signal(raw, self.membership, self.identity.peer_id, "offer", self._replay)
+            if self.is_banned(offer.peer_id):
+                raise SignallingError("banned")
+            if offer.peer_id not in self.peers and len(self.peers) >= self.config.max_peers:
+                raise SignallingError("too many peers")
+            if offer.peer_id in self._dialing and self.identity.peer_id < offer.peer_id:
+                raise SignallingError("glare: this node is dialling you")
+        except SignallingError as exc:
+            self._refuse(str(exc), sender)
+            raise
+        peer = self._new_peer(offerer=False)
+        peer.peer_id, peer.name, peer.api_address = offer.peer_id, offer.name, offer.api or None
+        try:
+            await peer.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+            await peer.pc.setLocalDescription(await peer.pc.createAnswer())
+        except (ValueError, AttributeError, TypeError) as exc:
+            await peer.close("bad offer SDP")
+            self._pending.discard(peer)
+            self._refuse(f"unusable SDP: {exc}", sender)
+            raise SignallingError(f"unusable SDP: {exc}") from None
+        self.spawn(self._finish_incoming(peer), name=f"accept {offer.peer_id[:12]}")
+        return build_signal(
+            self.identity,
+            self.membership,
+            "answer",
+            peer.pc.localDescription.sdp,
+            to=offer.peer_id,
+            api=self.advertise_address,
+            reply_to=offer.nonce,
+        )
+
+    async def _finish_incoming(self, peer: Peer) -> None:
+        try:
+            await peer.wait_open(self.config.connect_timeout_s)
+        except LinkClosed:
+            await peer.close("did not open")
+            self._pending.discard(peer)
+            raise
+        self._register(peer)
+
+    # ----- link bookkeeping ------------------------------------------------------------------------------
+
+    def _register(self, peer: Peer) -> None:
+        self._pending.discard(peer)
+        if not self._running or peer.state == "closed":
+            self.spawn(peer.close("node stopping"))
+            return
+        old = self.peers.get(peer.peer_id)
+        self.peers[peer.peer_id] = peer
+        if old is not None and old is not peer:
+            self.spawn(old.close("replaced by a new link"))
+        self.known[peer.peer_id] = {"name": peer.name, "api": peer.api_address}
+        peer.start()
+        logger.info("mesh: linked to %s (%s)", peer.peer_id[:12], peer.name)
+        self.events.publish("peer.joined", id=peer.peer_id, name=peer.name, api=peer.api_address)
+        for listener in self._listeners:
+            listener("joined", peer)
+
+    def _peer_closed(self, peer: Peer, reason: str) -> None:
+        if self.peers.get(peer.peer_id) is not peer:
+            return
+        del self.peers[peer.peer_id]
+        entry = {"time": time.time(), "id": peer.peer_id, "name": peer.name, "reason": reason[:300]}
+        self.departed = [*self.departed[-49:], entry]
+        self.events.publish("peer.left", id=peer.peer_id, name=peer.name, reason=reason)
+        for listener in self._listeners:
+            listener("left", peer)
+
+    def _peer_abused(self, peer: Peer, reason: str) -> None:
+        if self.config.ban_s > 0:
+            self.bans[peer.peer_id] = time.monotonic() + self.config.ban_s
+        logger.warning("mesh: banning %s for %.0f s: %s", peer.peer_id[:12], self.config.ban_s, reason)
+        self.events.publish("peer.banned", id=peer.peer_id, reason=reason[:300], seconds=self.config.ban_s)
+        self.spawn(peer.close(f"banned: {reason}"))
+
+    # ----- views -----------------------------------------------------------------------------------------
+
+    def add_routes(self, app: Any) -> None:
+        from shoal.mesh.p2p.routes import add_mesh_routes
+
+        add_mesh_routes(app, self)

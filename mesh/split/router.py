@@ -1,0 +1,449 @@
+"""Routing: given a request, ask the scheduler where it runs and return one token stream plus its route.
+
+`Router.stream(served, prompt_ids, params, route)` is what the API's completion handler iterates instead of
+`served.engine.stream(...)`. It builds the scheduler's inputs (this node's measured speed and memory budget,
+the peers' adverts and RTTs, the policy), runs the plan, and keeps `route` (the request record's route dict,
+updated in place) describing what happened: `kind` (local/offload/split), `peers` and `spans` per stage,
+`replans`, and the `predicted` times next to the observed ones. A lost peer is handled here (offload: resume
+on a re-planned route from prompt + tokens already streamed) or in `SplitPipeline` (split: rebuild the chain
+and replay), so the client sees one stream. The wiring (handlers, adverts, the stage host) is in
+`mesh.split_service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psutil
+from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
+from shoal.mesh.split import scheduler as sched
+from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
+from shoal.mesh.split.pipeline import LOCAL_PEER, RemoteStage, Replan, SplitPipeline, StageLost
+from shoal.models.errors import ModelError
+from shoal.models.span import LayerSpan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TPS = 10.0
+"""Decode tok/s assumed for a device that holds the model but has not measured it yet."""
+REBUILD_TIMEOUT_S = 330.0
+"""Longest a re-plan may take to open its new stages (a span may have to be fetched or compiled)."""
+FETCH_BPS = 4 * 1024 * 1024
+"""Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
+GREEDY_TOP_K = 1
+"""Logits the last stage returns per row for plain greedy decoding: just the argmax — the lowest id among
+ties, as local decoding picks it (`split_wire.encode_logits`), found in ~4 µs where a top-8 took ~60 µs."""
+STAGE_OVERHEAD = 16 * 1024 * 1024
+"""Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
+
+
+class NoRouteError(ModelError):
+    """No device can serve the request (the API answers with the message)."""
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    stage_timeout_s: float = 30.0
+    max_replans: int = 3
+    top_k_logits: int = 256
+    fp16_hidden: bool = False
+    direct_tensors: bool = True
+    """Send a split's tensors over a direct link (`mesh.tensor_link`) to stages whose address is reachable."""
+
+
+@dataclass(frozen=True)
+class ForcedRoute:
+    """A fixed route for tests and benchmarks (`PUT /v1/mesh/route`): kind and (peer, span) stages."""
+
+    kind: str
+    stages: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_body(cls, body: Any) -> ForcedRoute | None:
+        if body is None or body == {}:
+            return None
+        if not isinstance(body, dict) or body.get("kind") not in ("local", "offload", "split"):
+            raise ValueError("route must be {'kind': 'local'|'offload'|'split', 'stages': [...]}")
+        stages = body.get("stages", [])
+        if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("peer"), str) and isinstance(s.get("layers"), str)
+            for s in stages
+        ):
+            raise ValueError("stages must be a list of {'peer': id|'local', 'layers': 'a:b'}")
+        return cls(body["kind"], tuple((s["peer"], s["layers"]) for s in stages))
+
+    def to_plan(self, num_layers: int) -> sched.Plan:
+        whole = LayerSpan.whole(num_layers)
+        if self.kind == "local":
+            assignments: tuple[sched.Assignment, ...] = (sched.Assignment(sched.LOCAL, whole),)
+        else:
+            assignments = tuple(
+                sched.Assignment(peer, LayerSpan.parse(layers, num_layers)) for peer, layers in self.stages
+            )
+        if not assignments:
+            raise ValueError("a forced offload or split needs stages")
+        return sched.Plan(self.kind, assignments, sched.Prediction(0.0, 0.0, 0.0), ("forced",))  # type: ignore[arg-type]
+
+
+class Speeds:
+    """Measured local prefill/decode tok/s per model (exponential moving average over finished requests)."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, dict[str, float]] = {}
+
+    def observe(self, model: str, prompt_tokens: int, ttft_s: float | None, tok_s: float | None) -> None:
+        entry = self.by_model.setdefault(model, {})
+        if ttft_s and prompt_tokens >= 8:
+            entry["prefill_tok_s"] = _ewma(entry.get("prefill_tok_s"), prompt_tokens / ttft_s)
+        if tok_s:
+            entry["decode_tok_s"] = _ewma(entry.get("decode_tok_s"), tok_s)
+
+    def get(self, model: str) -> tuple[float, float]:
+        entry = self.by_model.get(model, {})
+        return entry.get("decode_tok_s", 0.0), entry.get("prefill_tok_s", 0.0)
+
+
+def _ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
+    return round(new if old is None else (1 - alpha) * old + alpha * new, 3)
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    """A finite number from a peer's advert, or `default`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:
+            pass
+    return default
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _advert_models(advert: dict[str, Any]) -> set[str]:
+    names = set()
+    for item in advert.get("models", []):
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, dict):
+            names.update(str(item[k]) for k in ("name", "id", "cid") if isinstance(item.get(k), str))
+    return names
+
+
+class Router:
+    """Plans and runs requests. Owned by `SplitService`; `node` gives models, policy, config."""
+
+    def __init__(self, node: Any, mesh: Any, host: Any, offload: OffloadClient,
+                 settings: RouteSettings = RouteSettings()) -> None:
+        self.node = node
+        self.mesh = mesh
+        self.host = host
+        self.offload = offload
+        self.settings = settings
+        self.speeds = Speeds()
+        self.forced: ForcedRoute | None = None
+        self.load: Callable[[], int] = lambda: 0
+        """Requests this node is already busy with (its queue depth, for the cost model)."""
+
+    # --- the scheduler's inputs ------------------------------------------------------------------------
+
+    def local_device(self, model: str, holds: bool) -> sched.Device:
+        decode, prefill = self.speeds.get(model)
+        memory = psutil.virtual_memory()
+        battery = None
+        with contextlib.suppress(OSError, RuntimeError, AttributeError):
+            b = psutil.sensors_battery()
+            if b is not None:
+                battery = (float(b.percent), bool(b.power_plugged))
+        return sched.Device(
+            sched.LOCAL, decode or DEFAULT_TPS, prefill, int(memory.available), int(memory.total),
+            holds_model=holds, queue_depth=max(0, self.load()), battery=battery[0] if battery else None,
+            charging=battery[1] if battery else False,
+        )
+
+    def model_cid(self, model: str) -> str | None:
+        try:
+            return self.node.models.resolve(model).cid or None
+        except LookupError:
+            return None
+
+    def peer_devices(self, model: str) -> list[sched.Device]:
+        """The scheduler's view of the linked peers: those that advertise `model`, and — when this node knows
+        the model's CID — those that serve others and could fetch a span of it (bad adverts are skipped)."""
+        devices = []
+        trusted = set(getattr(self.mesh.config, "allow", ()) or ())
+        can_fetch = self.model_cid(model) is not None
+        for peer in self.mesh.connected_peers():
+            advert = peer.advert or {}
+            holds = model in _advert_models(advert)
+            if not holds and not can_fetch:
+                continue
+            split = _dict(advert.get("split"))
+            speed = _dict(_dict(advert.get("speed")).get(model))
+            battery = _dict(advert.get("battery"))
+            free = int(_num(split.get("memory_budget"), _num(advert.get("free_memory"))))
+            try:
+                devices.append(sched.Device(
+                    peer.peer_id,
+                    decode_tps=_num(speed.get("decode_tok_s")) or DEFAULT_TPS,
+                    prefill_tps=_num(speed.get("prefill_tok_s")),
+                    free_memory=max(0, free),
+                    total_memory=max(0, free),
+                    queue_depth=max(0, int(_num(advert.get("queue_depth")))),
+                    battery=_num(battery.get("percent"), 100.0) if battery else None,
+                    charging=bool(battery.get("plugged")) if battery else False,
+                    trusted=peer.peer_id in trusted,
+                    serves_others=split.get("serve_others") is True,
+                    rtt_s=peer.rtt_s or 0.001,
+                    holds_model=holds,
+                    fetch_bps=0.0 if holds else FETCH_BPS,
+                ))
+            except (ValueError, OverflowError) as exc:
+                logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
+        return devices
+
+    def plan(self, model: str, config: Any, weight_bytes: int, holds: bool, prompt_tokens: int,
+             max_tokens: int, exclude: frozenset[str] = frozenset()) -> sched.Plan:
+        if self.forced is not None and not exclude:
+            return self.forced.to_plan(config.num_layers)
+        shape = sched.ModelShape.from_config(config, weight_bytes)
+        request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
+        local = self.local_device(model, holds)
+        policy = self.node.policy
+        # the local share cap is this node's own business; peers advertise the budget they offer
+        local = replace(local, free_memory=local.memory_budget(sched.SchedulerPolicy.of(policy)),
+                        total_memory=local.free_memory)
+        peers = self.peer_devices(model)
+        pol = replace(sched.SchedulerPolicy.of(policy), max_memory_share=1.0)
+        chosen = sched.plan(shape, request, local, peers, pol, exclude=exclude,
+                            max_stages=3 if holds else 1)
+        where = [(a.device[:12], str(a.span)) for a in chosen.stages]
+        logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
+                    prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
+                    chosen.prediction.per_token_s)
+        return chosen
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    async def stream(self, served: Any, prompt_ids: list[int], params: Any, route: dict[str, Any]
+                     ) -> AsyncIterator[Any]:
+        """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
+        model = served.name
+        config, weight_bytes = self.shape(served)
+        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        holds = served.engine is not None
+        try:
+            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
+        except sched.NoPlanError as exc:
+            if not holds:
+                raise NoRouteError(str(exc)) from None
+            # the model is loaded here already: serve it rather than refuse (the budget is a planning aid)
+            logger.warning("%s: %s; running locally anyway", model, exc)
+            whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
+            plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
+        _describe(route, plan)
+        if plan.kind != "offload" and not holds:
+            raise NoRouteError(f"{model} is not held by this node: it can only be offloaded")
+        if plan.kind == "local":
+            source = served.engine.stream(prompt_ids, params)
+        elif plan.kind == "offload":
+            source = self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route)
+        else:
+            source = self._split(served, plan, config, prompt_ids, params, route)
+        started = time.perf_counter()
+        first: float | None = None
+        tokens = 0
+        async with contextlib.aclosing(source) as events:
+            async for event in events:
+                tokens += 1
+                if first is None:
+                    first = time.perf_counter() - started
+                yield event
+        seconds = time.perf_counter() - started
+        per_token = (seconds - first) / (tokens - 1) if first is not None and tokens > 1 else None
+        route["observed"] = {
+            "ttft_s": None if first is None else round(first, 4),
+            "seconds": round(seconds, 4),
+            "per_token_s": None if per_token is None else round(per_token, 5),
+        }
+        logger.info("%s via %s: predicted ttft %.3f s + %.4f s/token, observed ttft %s s + %s s/token",
+                    model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
+                    route["observed"]["ttft_s"], route["observed"]["per_token_s"])
+
+    async def _offload(self, served: Any, plan: sched.Plan, config: Any, weight_bytes: int,
+                       prompt_ids: list[int], params: Any, max_tokens: int, route: dict[str, Any]
+                       ) -> AsyncIterator[Any]:
+        emitted: list[int] = []
+        excluded: set[str] = set()
+        while True:
+            peer = plan.stages[0].device
+            if plan.kind == "local":
+                source = served.engine.stream(prompt_ids + emitted, replace(params, max_tokens=max_tokens
+                                                                             - len(emitted)))
+            elif plan.kind == "offload":
+                body = params_to_wire(params, max_tokens - len(emitted))
+                source = self.offload.stream(peer, served.name, prompt_ids + emitted, body)
+            else:
+                raise StageLost(peer, "a re-planned offload may only go local or to another peer")
+            try:
+                async with contextlib.aclosing(source) as events:
+                    async for event in events:
+                        emitted.append(event.token_id)
+                        yield OffloadEvent(event.token_id, event.text, len(emitted) - 1, len(prompt_ids),
+                                           len(emitted), event.finish_reason)
+                return
+            except StageLost as exc:
+                if len(excluded) >= self.settings.max_replans:
+                    raise
+                logger.warning("offload to %s lost after %d tokens: %s; re-planning", peer[:12],
+                               len(emitted), exc)
+                excluded.add(peer)
+                plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
+                                 len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
+                                 frozenset(excluded))
+                if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
+                    whole = LayerSpan.whole(config.num_layers)
+                    plan = sched.Plan("local", (sched.Assignment(sched.LOCAL, whole),), plan.prediction)
+                route["replans"] = route.get("replans", 0) + 1
+                _describe(route, plan, keep_replans=True)
+
+    async def _split(self, served: Any, plan: sched.Plan, config: Any, prompt_ids: list[int], params: Any,
+                     route: dict[str, Any]) -> AsyncIterator[Any]:
+        from shoal.models.generate import Engine
+
+        loop = asyncio.get_running_loop()
+        _, weight_bytes = self.shape(served)
+        top_k = logits_top_k(params, self.settings.top_k_logits)
+
+        cid = self.model_cid(served.name)
+
+        async def make_stages(p: sched.Plan) -> list[Any]:
+            """This node's part runs in-thread (`DirectStage`); peers' parts are `RemoteStage`s."""
+            stages: list[Any] = []
+            try:
+                for a in p.stages:
+                    if a.device == sched.LOCAL:
+                        try:
+                            stages.append(await self.host.direct_stage(served.name, a.span, cid))
+                        except RemoteError as exc:
+                            if exc.code == "bad_request":
+                                raise
+                            raise StageLost(sched.LOCAL, str(exc)) from None  # re-plan without this node
+                        continue
+                    try:
+                        link = self.mesh.peer(a.device)
+                    except PeerUnavailable as exc:
+                        raise StageLost(a.device, str(exc)) from None
+                    stages.append(RemoteStage(link, loop, served.name, config, a.span,
+                                              timeout_s=self.settings.stage_timeout_s, top_k=top_k,
+                                              fp16=self.settings.fp16_hidden, cid=cid,
+                                              direct=self.settings.direct_tensors))
+            except BaseException:
+                for stage in stages:
+                    await loop.run_in_executor(None, stage.close)
+                raise
+            return stages
+
+        async def replan_and_build(excluded: frozenset[str]) -> list[Any]:
+            new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded)
+            _describe(route, new_plan, keep_replans=True)
+            return await make_stages(new_plan)
+
+        def rebuild(excluded: frozenset[str]) -> list[Any]:
+            """Blocking (the pipeline calls it from the engine's thread): re-plan and open the new stages."""
+            future = asyncio.run_coroutine_threadsafe(replan_and_build(excluded), loop)
+            return future.result(REBUILD_TIMEOUT_S)
+
+        def on_replan(event: Replan) -> None:
+            route["replans"] = route.get("replans", 0) + 1
+            route.setdefault("replan_log", []).append(
+                {"lost": event.lost, "at_tokens": event.at_tokens, "seconds": round(event.seconds, 4)}
+            )
+
+        try:
+            stages = await make_stages(plan)
+        except StageLost as exc:  # a planned peer left before the request started
+            stages = await replan_and_build(frozenset({exc.peer}))
+        pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
+                                 on_replan=on_replan)
+        engine = Engine([pipeline], served.tokenizer, max_batch=1)
+        await engine.start()
+        try:
+            async with contextlib.aclosing(engine.stream(prompt_ids, params)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            await engine.stop()
+            route["stage_timing"] = pipeline.timings()
+            await loop.run_in_executor(None, pipeline.close)
+
+    async def _replan(self, served: Any, config: Any, weight_bytes: int, prompt_ids: list[int], params: Any,
+                      excluded: frozenset[str]) -> sched.Plan:
+        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded)
+        if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
+            whole = LayerSpan.whole(config.num_layers)
+            device = plan.stages[0].device
+            plan = sched.Plan("split", (sched.Assignment(device, whole),), plan.prediction)
+        return plan
+
+    def shape(self, served: Any) -> tuple[Any, int]:
+        """(ModelConfig, file bytes) of a served model."""
+        stage = served.stages[0] if getattr(served, "stages", None) else None
+        config = getattr(stage, "config", None) or getattr(served, "config", None)
+        if config is None:
+            raise RemoteError("no_model", f"{served.name}: model shape unknown")
+        size = int(getattr(served, "weight_bytes", 0) or 0)
+        if not size:
+            try:
+                size = self.node.models.resolve(served.name).size
+            except LookupError:
+                size = 0
+        return config, size or 100 * 1024 * 1024
+
+    async def remote_model(self, name: str) -> Any:
+        """A stand-in for a model this node does not hold but a usable peer serves (None if none does)."""
+        from shoal.mesh.split.remote_model import find_remote_model
+
+        pol = sched.SchedulerPolicy.of(self.node.policy)
+        peers = [d for d in self.peer_devices(name)
+                 if d.holds_model and d.serves_others and (d.trusted or not pol.trusted_only_splits)
+                 and not d.below_battery_floor(pol)]
+        peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
+        return await find_remote_model(self.mesh, name, [d.id for d in peers])
+
+    def observe(self, model: str, record: Any) -> None:
+        """Feed a finished local request's timings into the advertised speed."""
+        if record.route.get("kind") == "local":
+            self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def logits_top_k(params: Any, configured: int) -> int:
+    """How many logits per row the last stage of a split returns for a request with sampling `params`
+    (0: the whole row). Plain greedy needs only the argmax; penalties (which move seen tokens) keep the
+    configured k; sampling keeps every logit unless its own top-k fits within the configured one."""
+    if params.plain_greedy:
+        return min(configured, GREEDY_TOP_K)
+    if params.greedy:  # with penalties, which move seen tokens
+        return configured
+    if params.top_k == 0 or params.top_k > configured:
+        return 0
+    return configured
+
+
+def _describe(route: dict[str, Any], plan: sched.Plan, keep_replans: bool = False) -> None:
+    route["kind"] = plan.kind
+    route["peers"] = [a.device if a.device != sched.LOCAL else LOCAL_PEER for a in plan.stages]
+    route["spans"] = [str(a.span) for a in plan.stages]
+    if not keep_replans:
+        route["replans"] = 0
+    route["predicted"] = plan.prediction.to_dict()

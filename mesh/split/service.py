@@ -1,0 +1,216 @@
+"""The node service for offload and split: hosts stages and offloaded requests for peers, advertises what this
+node offers, and owns the `Router` the API uses for its own requests.
+
+`SplitService(node, mesh)` is a `mesh.node.Service` (start/stop/add_routes). It registers on the mesh:
+`stage.open`/`stage.close` and `offload.*` control handlers, the `TENSOR` binary handler (tensor frames →
+`StageHost.compute`), `tensor.link` (a grant for a direct tensor link, `mesh.tensor_link`, whose requests
+the host's worker answers), and a peer listener that frees a departed peer's sequences. It publishes a `split`
+field in this node's advert: {"serve_others", "memory_budget"} (from the policy), plus `models` and `speed`.
+Routes: `GET /v1/mesh/route` and `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
+`{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
+`{}` to go back to the scheduler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from aiohttp import web
+from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
+from shoal.mesh.split import wire
+from shoal.mesh.split.offload import OffloadClient, OffloadServer
+from shoal.mesh.split.router import ForcedRoute, Router, RouteSettings
+from shoal.mesh.split.stage_host import StageHost
+from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkServer
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+SPAN_FETCH_TIMEOUT_S = 600.0
+
+
+class SplitService:
+    def __init__(self, node: Any, mesh: Any) -> None:
+        self.node = node
+        self.mesh = mesh
+        self.host = StageHost(self._build_stage, self.refusal)
+        self.tensor_links = TensorLinkServer(self.host.serve_link)
+        self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
+        self.offload_client = OffloadClient(mesh)
+        settings = RouteSettings(direct_tensors=mesh.config.direct_tensors)
+        self.router = Router(node, mesh, self.host, self.offload_client, settings)
+        self.router.load = self.load
+        node.router = self.router  # the API's completion handler streams through it
+        self._models: dict[str, Any] = {}
+        self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
+        """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
+        this way)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._advert_task: asyncio.Task[None] | None = None
+        mesh.on_control("stage.open", self._on_stage_open)
+        mesh.on_control("stage.close", self._on_stage_close)
+        mesh.on_binary(TENSOR, self._on_tensor)
+        mesh.on_control(TENSOR_LINK, self._on_tensor_link)
+        mesh.add_peer_listener(self._on_peer)
+
+    # --- policy ---------------------------------------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why this node refuses work for peers right now, or None."""
+        policy = self.node.policy
+        if not policy.serve_others:
+            return "this node does not serve other peers (policy serve_others is off)"
+        try:
+            battery = psutil.sensors_battery()
+        except (OSError, RuntimeError, AttributeError):
+            battery = None
+        if battery is not None and not battery.power_plugged and battery.percent < policy.battery_floor:
+            return f"battery at {battery.percent:.0f}% is below this node's floor of {policy.battery_floor}%"
+        return None
+
+    def advert_fields(self) -> dict[str, Any]:
+        policy = self.node.policy
+        memory = psutil.virtual_memory()
+        budget = int(min(memory.available, policy.max_memory_share * memory.total))
+        models = [m["id"] for m in self.node.models.list_models()]
+        speed = dict(self.router.speeds.by_model)
+        return {"models": models, "speed": speed, "queue_depth": self.load(),
+                "split": {"serve_others": self.refusal() is None, "memory_budget": budget}}
+
+    def load(self) -> int:
+        """Requests this node is busy with: its engines' live and waiting ones plus hosted sequences."""
+        busy = self.host.sequences
+        for name in self.node.models.loaded_names():
+            engine = getattr(self.node.models.served(name), "engine", None)
+            busy += int(getattr(engine, "active_count", 0)) + int(getattr(engine, "queue_depth", 0))
+        return busy
+
+    def publish_advert(self) -> None:
+        self.mesh.gossip.update(**self.advert_fields())
+
+    # --- mesh handlers --------------------------------------------------------------------------------
+
+    async def _on_stage_open(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        return await self.host.open(peer.peer_id, frame.body)
+
+    async def _on_stage_close(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        return await self.host.close(peer.peer_id, frame.body)
+
+    async def _on_tensor(self, peer: Any, frame: BinaryFrame) -> BinaryFrame | None:
+        return await self.host.compute(peer.peer_id, frame)
+
+    async def _on_tensor_link(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+        reason = self.refusal()
+        if reason is not None:
+            raise RemoteError(wire.REFUSED, reason)
+        try:
+            return self.tensor_links.grant(peer.peer_id)
+        except LinkError as exc:
+            raise RemoteError("unavailable", str(exc)) from None
+
+    def _on_peer(self, event: str, peer: Any) -> None:
+        if event == "left":
+            self.tensor_links.drop_peer(peer.peer_id)
+            self.mesh.spawn(self.host.peer_lost(peer.peer_id), name=f"free stages of {peer.peer_id[:12]}")
+
+    # --- stages and models ----------------------------------------------------------------------------
+
+    async def _acquire(self, name: str) -> Any:
+        return await self.node.models.acquire(name)
+
+    def _model_path(self, name: str, span: LayerSpan, cid: str | None) -> Path:
+        """Blocking: the GGUF holding `span` of `name` — the local file, or (not held here, CID known) a
+        sparse file with only the header and the span's tensors, fetched over IPFS ranged reads."""
+        try:
+            return Path(self.node.models.resolve(name).path)  # ModelNotFoundError is a LookupError
+        except LookupError:
+            ipfs = getattr(self.node, "ipfs", None)
+            if not cid or ipfs is None or self._loop is None:
+                raise
+        logger.info("fetching layers %s of %s (%s) over IPFS", span, name, cid)
+        future = asyncio.run_coroutine_threadsafe(ipfs.pull_span(cid, span), self._loop)
+        try:
+            return Path(future.result(SPAN_FETCH_TIMEOUT_S))
+        except TimeoutError:
+            future.cancel()
+            limit = SPAN_FETCH_TIMEOUT_S
+            raise LookupError(f"fetching layers {span} of {cid} took over {limit:.0f} s") from None
+        except Exception as exc:  # the IPFS layer's own errors: report as "cannot find the model"
+            raise LookupError(f"cannot fetch layers {span} of {cid}: {exc}") from exc
+
+    def _build_stage(self, name: str, span: LayerSpan, cid: str | None = None) -> Stage:
+        """Blocking: open the model file (once) and build the span's stage with the node's backend."""
+        path = self._model_path(name, span, cid)
+        if self.stage_factory is not None:
+            return self.stage_factory(path, span)
+        loaded = self._models.get(str(path))
+        if loaded is None:
+            from shoal.models.loader import open_model
+
+            loaded = self._models[str(path)] = open_model(path)
+        from shoal.models.loader import build_stage
+
+        config = self.node.config.models
+        return build_stage(loaded, span, backend=config.backend, target=config.target,
+                           cache_dir=getattr(self.node.models, "cache_dir", None))
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            if self.mesh.config.direct_tensors:
+                self.tensor_links.start(self.node.host)
+        except OSError as exc:  # the API's address cannot take a second listener: tensors use the channel
+            logger.warning("no direct tensor links on %s: %s", self.node.host, exc)
+        self.publish_advert()
+        self._advert_task = asyncio.create_task(self._refresh_adverts(), name="split-adverts")
+
+    async def _refresh_adverts(self) -> None:
+        previous: dict[str, Any] = {}
+        while True:
+            fields = self.advert_fields()
+            fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
+            if fields != previous:
+                self.publish_advert()
+                previous = fields
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self._advert_task is not None:
+            self._advert_task.cancel()
+            await asyncio.gather(self._advert_task, return_exceptions=True)
+            self._advert_task = None
+        await self.offload_server.stop()
+        self.tensor_links.stop()
+        await self.host.stop()
+
+    def add_routes(self, app: web.Application) -> None:
+        async def get_route(request: web.Request) -> web.Response:
+            forced = self.router.forced
+            body = None if forced is None else {
+                "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
+            return web.json_response({"forced": body, "advert": self.advert_fields()}, dumps=_dumps)
+
+        async def put_route(request: web.Request) -> web.Response:
+            try:
+                self.router.forced = ForcedRoute.from_body(await request.json())
+            except ValueError as exc:
+                return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error",
+                                                    "param": None, "code": "bad_route"}}, status=400)
+            return await get_route(request)
+
+        app.router.add_get("/v1/mesh/route", get_route)
+        app.router.add_put("/v1/mesh/route", put_route)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

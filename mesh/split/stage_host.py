@@ -1,0 +1,518 @@
+"""The serving side of a split: this node hosts layer ranges of models for other peers' requests.
+
+`StageHost` is transport-free: the split service feeds it `stage.open` / `stage.close` bodies and tensor
+frames, and sends back whatever it returns. A stage (one `Stage` per (model, span), loaded or compiled once
+and shared by every sequence on it) holds one KV cache per remote sequence; a sequence is named by the peer
+and the u32 the peer chose. Every input is checked before it reaches the model: an unknown sequence, a wrong
+dtype, shape or size, or a token id outside the vocabulary is answered with an error frame — never a crash,
+and never a change to any KV cache. Compute runs on one worker thread (stages are not thread-safe, and the
+event loop must keep answering heartbeats): a dedicated `StageWorker` fed by a `queue.SimpleQueue`, which
+answers the loop with one `call_soon_threadsafe` (no executor and no concurrent future in between). A
+decode frame's inputs (a few KiB) are checked on the loop before they are queued, so a bad frame never
+reaches the worker and a good one takes exactly one hop there and one back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.p2p.protocol import BinaryFrame
+from shoal.mesh.split import wire
+from shoal.mesh.split.tensor_link import LinkError, ServerLink
+from shoal.models.errors import ContextOverflowError, ModelError
+from shoal.models.span import LayerSpan
+from shoal.models.stage import Stage, ids_in_range
+
+logger = logging.getLogger(__name__)
+
+StageFactory = Callable[[str, LayerSpan, "str | None"], Stage]
+"""Blocking: build the stage running `span` of model `name` (whose CID the origin may give, so a node that
+does not hold the model can fetch just that span); raises LookupError if the model cannot be found."""
+Gate = Callable[[], "str | None"]
+"""Returns why this node refuses remote work right now (policy, battery), or None to accept."""
+
+DEFAULT_MAX_SEQUENCES = 64
+CHECK_ON_LOOP_BYTES = 65_536
+"""Inputs up to this size (every decode frame) are checked on the event loop (microseconds); larger prefill
+inputs are checked on the worker, so the loop never scans megabytes."""
+
+
+class HostError(RemoteError):
+    """A `stage.open`/`stage.close` the host refuses; `code` is one of `split_wire`'s error codes. Being a
+    `RemoteError`, the peer link turns it into an error reply with that code."""
+
+
+@dataclass
+class _Hosted:
+    key: tuple[str, LayerSpan]
+    stage: Stage
+    sequences: set[int] = field(default_factory=set)
+    users: int = 0
+    """Local `DirectStage`s holding this stage (it is not trimmed while any exist)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Serialises calls into `stage` (the host's worker and local callers' threads)."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.lock:
+            return fn(*args)
+
+
+@dataclass
+class _Session:
+    hosted: _Hosted
+    local_id: int
+
+
+class StageWorker:
+    """One daemon thread running stage calls in order: calls queued from the loop (`run` awaits the result)
+    and the requests of direct tensor links (`serve_link`), which it reads, computes and answers itself.
+
+    The thread waits in one `select` over its wake-up socket and the links' sockets. A queued call answers the
+    loop with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the loop per call;
+    a link request involves no event loop at all. `stop()` is idempotent; calls queued before it still run
+    (they are stage closes)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[Any, ...] | None) -> None:
+        self._queue.put(item)
+        try:
+            self._wake_write.send(b"\0")
+        except BlockingIOError:  # wake-ups are pending already
+            pass
+        except OSError:  # the worker is gone (stopped): nothing waits for the item
+            pass
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._put((loop, future, fn, args))
+        return await future
+
+    def serve_link(self, link: ServerLink, handle: Callable[[ServerLink], bool]) -> None:
+        """Any thread: read `link` on the worker from now on; `handle(link)` answers one request and returns
+        False when the link is done (the worker then closes it)."""
+        if self._stopped:
+            link.close()
+            return
+        self._put(("link", link, handle))
+
+    def _serve(self) -> None:
+        links: list[ServerLink] = []
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.data is not None:
+                        link, handle = key.data
+                        if not handle(link):
+                            self._selector.unregister(link.sock)
+                            links.remove(link)
+                            link.close()
+                    elif not self._drain(links):
+                        return
+        finally:
+            for link in links:
+                link.close()
+            self._selector.close()
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _drain(self, links: list[ServerLink]) -> bool:
+        """Run what was queued; False once `stop()` was."""
+        try:
+            self._wake_read.recv(4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            if item[0] == "link":
+                _, link, handle = item
+                self._selector.register(link.sock, selectors.EVENT_READ, (link, handle))
+                links.append(link)
+                continue
+            loop, future, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop closed while this call ran: nobody waits for it
+                pass
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class StageHost:
+    """Hosts spans for remote sequences. `stop()` is idempotent and frees every stage."""
+
+    def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = DEFAULT_MAX_SEQUENCES,
+                 keep_idle_stages: int = 2) -> None:
+        self._factory = factory
+        self._gate = gate
+        self._max_sequences = max_sequences
+        self._keep_idle = keep_idle_stages
+        self._worker = StageWorker("stage-host")
+        self._hosted: dict[tuple[str, LayerSpan], _Hosted] = {}
+        self._loading: dict[tuple[str, LayerSpan], asyncio.Future[_Hosted]] = {}
+        self._sessions: dict[tuple[str, int], _Session] = {}
+        self._next_local = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.calls = 0
+        """Tensor frames computed (for tests and metrics)."""
+        self.refused = 0
+        """Tensor frames answered with an error."""
+
+    @property
+    def sequences(self) -> int:
+        return len(self._sessions)
+
+    # --- control ------------------------------------------------------------------------------------
+
+    async def open(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`stage.open`: load (or reuse) the stage and start an empty KV cache for (peer, seq)."""
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        reason = self._gate()
+        if reason is not None:
+            raise HostError(wire.REFUSED, reason)
+        model, span_text, seq = body.get("model"), body.get("span"), body.get("seq")
+        if not isinstance(model, str) or not model or len(model) > 200:
+            raise HostError(wire.BAD_REQUEST, "stage.open needs a model name")
+        if type(seq) is not int or not 0 <= seq < 2**32:
+            raise HostError(wire.BAD_REQUEST, "stage.open needs seq, a u32")
+        if not isinstance(span_text, str):
+            raise HostError(wire.BAD_REQUEST, "stage.open needs span 'a:b'")
+        try:
+            start, stop = (int(x) for x in span_text.split(":"))
+            span = LayerSpan(start, stop)
+        except ValueError:
+            raise HostError(wire.BAD_REQUEST, f"bad span {span_text!r:.40}") from None
+        cid = body.get("cid")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
+            raise HostError(wire.BAD_REQUEST, "stage.open cid must be a CID string")
+        if (peer, seq) in self._sessions:
+            raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
+        if len(self._sessions) >= self._max_sequences:
+            raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
+        hosted = await self._stage(model, span, cid)
+        local_id = self.new_local_id()
+        await self._run(hosted.call, hosted.stage.add_sequence, local_id)
+        hosted.sequences.add(local_id)
+        self._sessions[(peer, seq)] = _Session(hosted, local_id)
+        config = hosted.stage.config
+        logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
+        return {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
+
+    async def close(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        seq = body.get("seq")
+        if type(seq) is not int:
+            raise HostError(wire.BAD_REQUEST, "stage.close needs seq")
+        await self._drop(peer, seq)
+        return {}
+
+    async def peer_lost(self, peer: str) -> None:
+        """Free every sequence of a peer that went away."""
+        for p, seq in [k for k in self._sessions if k[0] == peer]:
+            await self._drop(p, seq)
+
+    async def _drop(self, peer: str, seq: int) -> None:
+        session = self._sessions.pop((peer, seq), None)
+        if session is None:
+            return
+        session.hosted.sequences.discard(session.local_id)
+        await self._run(session.hosted.call, session.hosted.stage.remove_sequence, session.local_id)
+        await self._trim()
+
+    async def _stage(self, model: str, span: LayerSpan, cid: str | None = None) -> _Hosted:
+        key = (model, span)
+        hosted = self._hosted.get(key)
+        if hosted is not None:
+            return hosted
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[key] = pending
+            try:
+                loop = asyncio.get_running_loop()
+                stage = await loop.run_in_executor(None, self._factory, model, span, cid)
+            except LookupError as exc:
+                pending.set_exception(HostError(wire.NO_MODEL, str(exc)))
+            except ValueError as exc:  # the request does not fit the model (e.g. layers past its end)
+                pending.set_exception(HostError(wire.BAD_REQUEST, str(exc)))
+            except ModelError as exc:  # this node cannot build it (compile, file): the origin re-plans
+                logger.warning("building %s layers %s failed: %s", model, span, exc)
+                pending.set_exception(HostError(wire.INTERNAL, str(exc)))
+            except Exception as exc:  # task boundary: report, don't crash the host
+                logger.exception("loading %s layers %s failed", model, span)
+                pending.set_exception(HostError(wire.INTERNAL, f"loading the stage failed: {exc}"))
+            else:
+                hosted = _Hosted(key, stage)
+                self._hosted[key] = hosted
+                pending.set_result(hosted)
+            finally:
+                del self._loading[key]
+                if not pending.done():  # this task was cancelled mid-load: release the other waiters
+                    pending.set_exception(HostError(wire.INTERNAL, "loading the stage was interrupted"))
+            pending.exception()  # mark retrieved: other waiters re-raise it themselves
+        return await asyncio.shield(pending)
+
+    async def direct_stage(self, model: str, span: LayerSpan, cid: str | None = None) -> DirectStage:
+        """This node's part of its own split: the hosted stage, called on the caller's thread."""
+        if self._stopped:
+            raise HostError(wire.REFUSED, "the node is shutting down")
+        hosted = await self._stage(model, span, cid)
+        return DirectStage(self, hosted)
+
+    def new_local_id(self) -> int:
+        with self._lock:
+            self._next_local += 1
+            return self._next_local
+
+    async def _trim(self) -> None:
+        idle = [h for h in self._hosted.values() if not h.sequences and not h.users]
+        for hosted in idle[: max(0, len(idle) - self._keep_idle)]:
+            del self._hosted[hosted.key]
+            await self._run(hosted.call, hosted.stage.close)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._worker.run(fn, *args)
+
+    # --- tensors ------------------------------------------------------------------------------------
+
+    async def compute(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
+        """Run one prefill/decode frame; returns the hidden/logits frame, or an error frame."""
+        try:
+            hosted, message, ids, inputs = self._admit(peer, frame, CHECK_ON_LOOP_BYTES)
+            reply = await self._run(self._serve, hosted, message, ids, inputs)
+        except Exception as exc:
+            return self._refuse(peer, frame, exc)
+        self.calls += 1
+        return reply
+
+    def compute_blocking(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
+        """`compute` on the calling thread (the worker, for a direct tensor link)."""
+        try:
+            reply = self._serve(*self._admit(peer, frame, 0))
+        except Exception as exc:
+            return self._refuse(peer, frame, exc)
+        self.calls += 1
+        return reply
+
+    def serve_link(self, link: ServerLink) -> None:
+        """Answer `link`'s tensor frames on the worker from now on (see `mesh.tensor_link`)."""
+        self._worker.serve_link(link, self._answer_link)
+
+    def _answer_link(self, link: ServerLink) -> bool:
+        try:
+            frame = link.read_frame()
+            link.send_frame(self.compute_blocking(link.peer, frame))
+        except LinkError as exc:
+            logger.info("tensor link of peer %s ends: %s", link.peer[:12], exc)
+            return False
+        return True
+
+    def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int
+               ) -> tuple[_Hosted, wire.TensorMessage, list[int], np.ndarray | None]:
+        """Decode a tensor frame and find its sequences; inputs up to `check_up_to` bytes are checked here
+        (on the loop), larger ones by `_serve` (on the worker). Raises FrameError."""
+        message = wire.decode_input(frame)
+        try:
+            sessions = [self._sessions[(peer, s)] for s in message.seqs]
+        except KeyError:
+            missing = [s for s in message.seqs if (peer, s) not in self._sessions]
+            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}") from None
+        hosted = sessions[0].hosted
+        if any(s.hosted is not hosted for s in sessions):
+            raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
+        local_ids = [s.local_id for s in sessions]
+        inputs = None
+        if message.array is not None and message.array.nbytes <= check_up_to:
+            inputs = self._check_inputs(hosted.stage, message)
+        return hosted, message, local_ids, inputs
+
+    def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
+        """The error frame answering a call that failed with `exc`."""
+        self.refused += 1
+        step = wire.frame_step(frame)
+        if isinstance(exc, wire.FrameError):
+            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
+            return wire.encode_error(frame.request_id, step, exc.code, exc.message)
+        if isinstance(exc, ContextOverflowError | ValueError):
+            return wire.encode_error(frame.request_id, step, wire.BAD_REQUEST, str(exc))
+        logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
+        return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
+
+    def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int],
+               inputs: np.ndarray | None) -> BinaryFrame:
+        """Worker thread: check large inputs (the loop checked small ones: `inputs`), run the stage, encode
+        the reply — in one hop: the loop only decodes the frame's header and sends the reply."""
+        stage = hosted.stage
+        if inputs is None:
+            inputs = self._check_inputs(stage, message)
+        out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
+        # the compute time lets the origin tell link time from compute time
+        if stage.span.is_last(stage.config.num_layers):
+            return wire.encode_logits(message.call, message.step, out, message.top_k, seconds)
+        return wire.encode_hidden(message.call, message.step, out, message.reply_f16, seconds)
+
+    @classmethod
+    def _timed_forward(
+        cls, stage: Stage, op: str, ids: list[int], inputs: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        out = cls._forward(stage, op, ids, inputs)
+        return out, time.perf_counter() - started
+
+    @staticmethod
+    def _check_inputs(stage: Stage, message: wire.TensorMessage) -> np.ndarray:
+        array = message.array
+        assert array is not None  # decode_input always sets it
+        config = stage.config
+        if stage.span.is_first():
+            if array.dtype.kind != "i" or array.ndim != 1:
+                raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
+            if not ids_in_range(array, config.vocab_size):
+                raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
+            return array
+        if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:
+            raise wire.FrameError(
+                wire.BAD_TENSOR, f"this stage takes float hidden states [n, {config.hidden_size}]"
+            )
+        # a float64 sum of float16/32 values cannot overflow: it is finite iff every value is (one pass,
+        # where isfinite().all() takes two)
+        if not math.isfinite(array.sum(dtype=np.float64)):
+            raise wire.FrameError(wire.BAD_TENSOR, "hidden states must be finite")
+        return array.astype(np.float32, copy=False)
+
+    @staticmethod
+    def _forward(stage: Stage, op: str, ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        if op == "prefill":
+            return stage.prefill(ids[0], inputs)
+        return stage.decode(ids, inputs)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._sessions.clear()
+        hosted, self._hosted = list(self._hosted.values()), {}
+        for h in hosted:
+            try:
+                await self._run(h.call, h.stage.close)
+            except Exception:  # shutting down: log and go on freeing the rest
+                logger.exception("closing stage %s failed", h.key)
+        self._worker.stop()
+
+
+class DirectStage:
+    """The local part of a split: a stage this node hosts, called directly on the caller's (the engine's)
+    thread, without hopping through the event loop and the host's worker. Shares the hosted stage (and its
+    lock) with remote peers' sequences; keeps it from being trimmed until closed."""
+
+    peer = "local"
+
+    def __init__(self, host: StageHost, hosted: _Hosted) -> None:
+        from shoal.mesh.split.pipeline import LinkTiming
+
+        self._host = host
+        self._hosted = hosted
+        self.config = hosted.stage.config
+        self.span = hosted.stage.span
+        self._ids: dict[int, int] = {}
+        self._closed = False
+        self.timing = LinkTiming()
+        hosted.users += 1
+
+    def _local(self, seq_id: int) -> int:
+        try:
+            return self._ids[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id}; call add_sequence first") from None
+
+    def add_sequence(self, seq_id: int) -> None:
+        if self._closed:
+            raise ValueError("stage is closed")
+        if seq_id in self._ids:
+            raise ValueError(f"sequence {seq_id} exists already")
+        local = self._host.new_local_id()
+        self._hosted.call(self._hosted.stage.add_sequence, local)
+        self._hosted.sequences.add(local)
+        self._ids[seq_id] = local
+
+    def remove_sequence(self, seq_id: int) -> None:
+        local = self._ids.pop(seq_id, None)
+        if local is None:
+            return
+        self._hosted.sequences.discard(local)
+        self._hosted.call(self._hosted.stage.remove_sequence, local)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._hosted.call(self._hosted.stage.sequence_length, self._local(seq_id))
+
+    def _timed(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+        started = time.perf_counter()
+        out = self._hosted.call(fn, *args)
+        elapsed = time.perf_counter() - started
+        self.timing.calls += 1
+        self.timing.seconds += elapsed
+        self.timing.compute_s += elapsed
+        return out
+
+    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
+        return self._timed(self._hosted.stage.prefill, self._local(seq_id), inputs)
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        return self._timed(self._hosted.stage.decode, [self._local(s) for s in seq_ids], inputs)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for seq_id in list(self._ids):
+            self.remove_sequence(seq_id)
+        self._closed = True
+        self._hosted.users -= 1
+
+    def __repr__(self) -> str:
+        return f"DirectStage(layers {self.span})"

@@ -1,0 +1,423 @@
+"""Direct tensor links: a split's tensor frames over a sealed TCP connection when the stage's node is directly
+reachable — the `tensors` channel's fast path, as a peer's HTTP gateway is the `blocks` channel's.
+
+Why: a decode step of a split sends a few KiB each way. Through aiortc's pure-Python SCTP/DTLS each of those
+calls costs ~1.8 ms on this hardware (four packets, four thread hand-offs through two event loops) against
+~3 ms of compute per stage. Over a TCP socket read and written by the threads that compute — the origin's
+engine thread and the stage node's worker — a call costs two socket writes and two wake-ups.
+
+Who may use it: only a linked peer. The origin asks for a link with a `tensor.link` control frame — over the
+WebRTC control channel, so the peer has proved membership and the reply is DTLS-encrypted — and the stage node
+answers {"port", "token", "key"}: a one-use 16-byte token (valid `TOKEN_TTL_S`) and a fresh AES-256-GCM key.
+The origin connects to the host of the peer's API address (where its gateway is), sends the token, and waits
+for a sealed empty record that says the node took it. A node that binds its API to loopback listens on
+loopback only, so the link is used exactly where the gateway is reachable, and the data channel otherwise.
+
+Records (both directions): `u32 LE length` + AES-GCM(key, nonce, plaintext), nonce = u32 direction (0 origin
+→ stage, 1 back) + u64 counter, so a record cannot be replayed, reordered or reflected. Plaintext: `u32
+request id` + the tensor frame's payload (`mesh.split_wire`'s binary header and array) — the same frame, with
+the same limits, as on the data channel (`mesh.split_wire` decodes both alike). A record that fails
+its tag or breaks the bounds closes the link; a frame whose content is wrong gets an error frame, as on the
+channel. One call is in flight per link: the origin sends a record only once the last one was answered
+(bytes past a record break the link), so a decode record is read whole with one `recv`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from shoal.mesh.p2p import protocol
+from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.p2p.protocol import BINARY_KINDS, MAX_REQUEST_ID, TENSOR, BinaryFrame
+
+logger = logging.getLogger(__name__)
+
+TENSOR_LINK = "tensor.link"
+"""Control frame: {} → {"port", "token", "key"} (hex), or an error reply (refused, unavailable)."""
+protocol.register_control_type(TENSOR_LINK, 256)
+TOKEN_BYTES = 16
+TOKEN_TTL_S = 10.0
+MAX_PENDING_TOKENS = 256
+HANDSHAKE_TIMEOUT_S = 2.0
+MAX_HANDSHAKES = 16
+MAX_LINKS_PER_PEER = 32
+"""Open links of one peer at most (an origin opens one per remote stage of each request in flight)."""
+MAX_LINKS = 128
+"""Connections still to show a token, at once; more are closed unread."""
+RECORD_TIMEOUT_S = 5.0
+"""Once a record's first bytes arrived, the rest must follow within this (the sender writes it at once)."""
+TAG_BYTES = 16
+LENGTH = struct.Struct("<I")
+FRAME_HEAD = struct.Struct("<I")
+MAX_PLAINTEXT = FRAME_HEAD.size + BINARY_KINDS[TENSOR][2]
+MAX_RECORD = MAX_PLAINTEXT + TAG_BYTES
+TO_STAGE, TO_ORIGIN = 0, 1
+
+
+class LinkError(MeshError):
+    """The direct link failed: closed, timed out, or a record that does not open (the link is dropped)."""
+
+
+class LinkIdle(LinkError):
+    """No record began within the socket's timeout (the link itself may be fine)."""
+
+
+# --- records (pure) ---------------------------------------------------------------------------------------
+
+def encode_frame(frame: BinaryFrame) -> bytes:
+    """A tensor frame's plaintext; raises ValueError past the channel's limits."""
+    if frame.kind != TENSOR or frame.meta:
+        raise ValueError("a tensor link carries tensor frames (no metadata) only")
+    if not 0 <= frame.request_id <= MAX_REQUEST_ID:
+        raise ValueError("tensor frame request id out of bounds")
+    if len(frame.payload) > BINARY_KINDS[TENSOR][2]:
+        raise ValueError(f"tensor payload of {len(frame.payload)} bytes exceeds {BINARY_KINDS[TENSOR][2]}")
+    return FRAME_HEAD.pack(frame.request_id) + frame.payload
+
+
+def decode_frame(plaintext: bytes) -> BinaryFrame:
+    """The frame in a record's plaintext; raises LinkError if it is not one (the peer broke the format)."""
+    if len(plaintext) < FRAME_HEAD.size:
+        raise LinkError("tensor record shorter than its header")
+    (request_id,) = FRAME_HEAD.unpack_from(plaintext)
+    return BinaryFrame(TENSOR, request_id, {}, plaintext[FRAME_HEAD.size :])
+
+
+class Sealer:
+    """AES-256-GCM for one end of a link: seals records it sends, opens records it receives, each direction
+    with its own counter."""
+
+    def __init__(self, key: bytes, sends: int) -> None:
+        if len(key) != 32:
+            raise ValueError("a tensor link key has 32 bytes")
+        self._aead = AESGCM(key)
+        self._sends, self._receives = sends, 1 - sends
+        self._sent = 0
+        self._received = 0
+
+    @staticmethod
+    def _nonce(direction: int, counter: int) -> bytes:
+        return struct.pack("<IQ", direction, counter)
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """`u32 length` + sealed record."""
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise ValueError(f"record of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT}")
+        sealed = self._aead.encrypt(self._nonce(self._sends, self._sent), plaintext, None)
+        self._sent += 1
+        return LENGTH.pack(len(sealed)) + sealed
+
+    def open(self, sealed: bytes) -> bytes:
+        try:
+            plaintext = self._aead.decrypt(self._nonce(self._receives, self._received), sealed, None)
+        except InvalidTag:
+            raise LinkError("a tensor record failed authentication") from None
+        self._received += 1
+        return plaintext
+
+
+# --- sockets ----------------------------------------------------------------------------------------------
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise LinkError("the tensor link closed")
+        got += n
+    return bytes(buffer)
+
+
+FIRST_READ = 65_536
+"""The first read of a record takes up to this much: a decode step's record arrives whole in one read."""
+
+
+def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
+    """One record's plaintext. The socket's timeout bounds the wait for the first bytes (`LinkIdle` when it
+    passes); the rest of a long record must follow within `RECORD_TIMEOUT_S`. One call is in flight per
+    link, so nothing may follow a record until it is answered: bytes past it break the link."""
+    try:
+        try:
+            data = sock.recv(FIRST_READ)
+        except TimeoutError:
+            raise LinkIdle("no record within the wait") from None
+        if not data:
+            raise LinkError("the tensor link closed")
+        wait = sock.gettimeout()
+        if len(data) < LENGTH.size:  # the length itself in pieces: rare
+            sock.settimeout(RECORD_TIMEOUT_S)
+            data += _recv_exact(sock, LENGTH.size - len(data))
+            sock.settimeout(wait)
+        (size,) = LENGTH.unpack_from(data)
+        if not TAG_BYTES <= size <= MAX_RECORD:
+            raise LinkError(f"tensor record of {size} bytes is out of bounds")
+        have = len(data) - LENGTH.size
+        if have > size:
+            raise LinkError("bytes past a tensor record before it was answered")
+        if have < size:  # a long record (prefill): read the rest
+            sock.settimeout(RECORD_TIMEOUT_S)
+            data += _recv_exact(sock, size - have)
+            sock.settimeout(wait)
+        return sealer.open(data[LENGTH.size:])
+    except TimeoutError:
+        raise LinkError("tensor link timed out") from None
+    except OSError as exc:
+        raise LinkError(f"tensor link failed: {exc}") from None
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """End a connection from any thread (a blocked read returns), ignoring one that is gone already."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# --- the origin's end -------------------------------------------------------------------------------------
+
+class TensorLinkClient:
+    """The origin's end: blocking `call()`s from one thread at a time (the engine's); `close()` from any (a
+    call in flight then fails at once and releases the socket itself)."""
+
+    def __init__(self, sock: socket.socket, key: bytes) -> None:
+        self._sock = sock
+        self._sealer = Sealer(key, TO_STAGE)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def connect(cls, host: str, grant: dict, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TensorLinkClient:
+        """Connect with a `tensor.link` grant; raises LinkError (the caller keeps the data channel)."""
+        try:
+            port, token, key = int(grant["port"]), bytes.fromhex(grant["token"]), bytes.fromhex(grant["key"])
+        except (KeyError, TypeError, ValueError):
+            raise LinkError(f"bad tensor link grant {str(grant)[:80]}") from None
+        if not 0 < port < 65536 or len(token) != TOKEN_BYTES or len(key) != 32:
+            raise LinkError("bad tensor link grant")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as exc:
+            raise LinkError(f"cannot reach {host}:{port}: {exc}") from None
+        client = cls(sock, key)
+        try:
+            _tune(sock)
+            sock.sendall(token)
+            if read_record(sock, client._sealer) != b"":
+                raise LinkError("the stage node answered the handshake with data")
+        except (LinkError, OSError) as exc:
+            client._release()
+            raise LinkError(f"tensor link handshake with {host}:{port} failed: {exc}") from None
+        return client
+
+    def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+             poll_s: float = 0.25) -> BinaryFrame:
+        """Send one tensor frame and wait for the frame answering it (same request id). Polls `alive` (the
+        WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call at once."""
+        with self._lock:
+            if self._closed:
+                raise LinkError("the tensor link is closed")
+            deadline = time.monotonic() + timeout_s
+            try:
+                record = self._sealer.seal(encode_frame(frame))
+                # a decode record fits the socket's buffer at once; a long prefill one may take a while
+                self._set_timeout(poll_s if len(record) <= FIRST_READ else RECORD_TIMEOUT_S)
+                self._sock.sendall(record)
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise LinkError(f"no answer within {timeout_s:.0f} s")
+                    if not alive():
+                        raise LinkError("the peer's link went down")
+                    self._set_timeout(min(poll_s, remaining))
+                    try:
+                        plaintext = read_record(self._sock, self._sealer)
+                    except LinkIdle:
+                        continue
+                    break
+                reply = decode_frame(plaintext)
+            except (LinkError, ValueError, OSError) as exc:
+                self._release()
+                raise LinkError(str(exc)) from None
+            if reply.request_id != frame.request_id:
+                self._release()
+                raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
+            return reply
+
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._sock.gettimeout():  # settimeout is a system call; gettimeout is not
+            self._sock.settimeout(seconds)
+
+    def _release(self) -> None:
+        """With the lock held (or nothing else using the socket): end the link and free the socket."""
+        self._closed = True
+        _shutdown(self._sock)
+        self._sock.close()
+
+    def close(self) -> None:
+        """Idempotent. Ends the link at once; the socket is freed here, or by the call in flight."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._release()
+            finally:
+                self._lock.release()
+            return
+        self._closed = True
+        _shutdown(self._sock)  # wakes the waiting call, which then releases the socket
+
+
+# --- the stage node's end ---------------------------------------------------------------------------------
+
+@dataclass
+class ServerLink:
+    """An accepted, authenticated link of `peer`."""
+
+    peer: str
+    sock: socket.socket
+    sealer: Sealer
+
+    def read_frame(self) -> BinaryFrame:
+        """Blocking: the next frame (call when the socket is readable); raises LinkError."""
+        return decode_frame(read_record(self.sock, self.sealer))
+
+    def send_frame(self, frame: BinaryFrame) -> None:
+        try:
+            self.sock.sendall(self.sealer.seal(encode_frame(frame)))
+        except (OSError, ValueError) as exc:
+            raise LinkError(f"sending on the tensor link failed: {exc}") from None
+
+    def shutdown(self) -> None:
+        """Any thread: end the link; the owner's next read sees it closed (and then calls `close`)."""
+        _shutdown(self.sock)
+
+    def close(self) -> None:
+        """The owner (the thread that reads the link): release the socket."""
+        self.shutdown()
+        self.sock.close()
+
+
+class TensorLinkServer:
+    """Listens on the API's address (an ephemeral port), hands out grants to linked peers, and gives
+    each authenticated connection to `on_link` (the stage worker, which reads and answers it). One accept
+    thread; the handshake of each connection runs on a short-lived thread of its own."""
+
+    def __init__(self, on_link: Callable[[ServerLink], None]) -> None:
+        self._host = ""
+        self._on_link = on_link
+        self._grants: dict[bytes, tuple[str, bytes, float]] = {}
+        self._links: list[ServerLink] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.port = 0
+
+    def start(self, host: str) -> None:
+        """Listen on `host` (raises OSError if it cannot)."""
+        self._host = host
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._host, 0))
+        listener.listen(16)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="tensor-link-accept", daemon=True)
+        self._thread.start()
+        logger.info("tensor links on %s:%d", self._host, self.port)
+
+    def grant(self, peer: str) -> dict[str, object]:
+        """A one-use token and a fresh key for `peer` (sent over the encrypted control channel)."""
+        if self._listener is None:
+            raise LinkError("tensor links are not listening")
+        token, key = secrets.token_bytes(TOKEN_BYTES), os.urandom(32)
+        now = time.monotonic()
+        with self._lock:
+            self._grants = {t: g for t, g in self._grants.items() if g[2] > now}
+            if len(self._grants) >= MAX_PENDING_TOKENS:
+                raise LinkError("too many tensor link grants pending")
+            self._grants[token] = (peer, key, now + TOKEN_TTL_S)
+        return {"port": self.port, "token": token.hex(), "key": key.hex()}
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while True:
+            try:
+                sock, address = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            if not self._handshakes.acquire(blocking=False):
+                logger.warning("tensor link from %s refused: too many handshakes at once", address[0])
+                sock.close()
+                continue
+            threading.Thread(target=self._handshake, args=(sock, address), name="tensor-link-handshake",
+                             daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, address: tuple) -> None:
+        try:
+            self._authenticate(sock, address)
+        finally:
+            self._handshakes.release()
+
+    def _authenticate(self, sock: socket.socket, address: tuple) -> None:
+        link: ServerLink | None = None
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            _tune(sock)
+            token = _recv_exact(sock, TOKEN_BYTES)
+            with self._lock:  # check and take a place in one step: concurrent handshakes count each other
+                grant = self._grants.pop(token, None)
+                if grant is None or grant[2] < time.monotonic():
+                    raise LinkError("unknown or expired token")
+                peer, key, _ = grant
+                self._links = [x for x in self._links if x.sock.fileno() != -1]
+                mine = sum(x.peer == peer for x in self._links)
+                if len(self._links) >= MAX_LINKS or mine >= MAX_LINKS_PER_PEER:
+                    raise LinkError(f"too many tensor links open (peer {peer[:12]}: {mine})")
+                link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
+                self._links.append(link)
+            sock.sendall(link.sealer.seal(b""))
+            sock.settimeout(RECORD_TIMEOUT_S)  # for good: every read and write of the link
+        except (LinkError, OSError) as exc:
+            logger.warning("tensor link from %s refused: %s", address[0], exc)
+            with self._lock:
+                self._links = [x for x in self._links if x is not link]
+            sock.close()
+            return
+        logger.info("tensor link from peer %s (%s)", peer[:12], address[0])
+        self._on_link(link)
+
+    def drop_peer(self, peer: str) -> None:
+        """Close every link of a peer that left the mesh."""
+        with self._lock:
+            gone = [x for x in self._links if x.peer == peer]
+            self._links = [x for x in self._links if x.peer != peer]
+            self._grants = {t: g for t, g in self._grants.items() if g[0] != peer}
+        for link in gone:
+            link.shutdown()
+
+    def stop(self) -> None:
+        """Idempotent: stop accepting, close every link."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            _shutdown(listener)  # wakes the blocked accept() (Linux)
+            listener.close()
+        with self._lock:
+            links, self._links = self._links, []
+            self._grants.clear()
+        for link in links:
+            link.shutdown()
