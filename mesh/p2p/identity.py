@@ -43,6 +43,12 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return "p" + _b32(_ED25519_PUB_PREFIX + public_key)
 
 
+def default_name(key: Ed25519PrivateKey) -> str:
+    """The host name plus the peer id's last four characters: readable, and unique in practice."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"{socket.gethostname()[:59]}-{peer_id_from_public_key(raw)[-4:]}"
+
+
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """The raw public key inside a peer id; raises `IdentityError` if the id is malformed."""
     if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_LENGTH or not peer_id.startswith("p"):
@@ -94,13 +100,15 @@ class Identity:
 
     @classmethod
     def generate(cls, name: str | None = None) -> Identity:
-        return cls(Ed25519PrivateKey.generate(), clean_name(name or socket.gethostname()))
+        key = Ed25519PrivateKey.generate()
+        return cls(key, clean_name(name or default_name(key)))
 
     @classmethod
     def load_or_create(cls, data_dir: str | os.PathLike[str], name: str | None = None) -> Identity:
         """Load `<data_dir>/identity/ed25519.pem`, creating it (mode 0600) on first start.
 
-        `name` overrides the stored human name; the default is the host name.
+        `name` overrides the stored human name; the default is the host name with a short suffix of the
+        peer id (`laptop-7qzk`), so nodes on one machine, or machines of one name, stay apart.
         """
         folder = Path(data_dir) / "identity"
         key_path = folder / KEY_FILE
@@ -129,4 +137,4 @@ class Identity:
         name_path = folder / NAME_FILE
         if name is None and name_path.exists():
             name = name_path.read_text(encoding="utf-8")
-        return cls(key, clean_name(name or socket.gethostname()))
+        return cls(key, clean_name(name or default_name(key)))
