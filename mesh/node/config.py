@@ -1,8 +1,8 @@
 """Node configuration: TOML file, then `SHOAL_<SECTION>_<KEY>` environment variables, then CLI flags.
 
-Each TOML section is a frozen dataclass owned by one subsystem (`[api]`, `[policy]`, `[models]` here; `[ipfs]`
-and `[mesh]` in their packages); `NodeConfig` composes them. Values are validated in `__post_init__`; every
-problem is raised as `ConfigError` with a message naming the section and key.
+Each TOML section is a frozen dataclass owned by one subsystem (`[api]`, `[policy]`, `[models]` here;
+`[ipfs]`, `[mesh]` and `[split]` in their packages); `NodeConfig` composes them. Values are validated in
+`__post_init__`; every problem is raised as `ConfigError` with a message naming the section and key.
 
 Top-level keys: `name` (the node's display name) and `data_dir`. Env: `SHOAL_NAME`, `SHOAL_DATA_DIR`.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import socket
 import tomllib
 import types
 import typing
@@ -24,6 +23,7 @@ from typing import Any
 import platformdirs
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.split.config import SplitConfig
 
 APP_NAME = "shoal"
 DEFAULT_HOST = "127.0.0.1"
@@ -54,6 +54,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _is_origin(text: str) -> bool:
+    """`*`, or a web origin: `http(s)://host[:port]` with nothing after it."""
+    if text == "*":
+        return True
+    scheme, sep, rest = text.partition("://")
+    return scheme in ("http", "https") and bool(sep) and bool(rest) and not any(c in rest for c in "/?#@ ")
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     """`[api]`: the local HTTP endpoint."""
@@ -72,6 +80,14 @@ class ApiConfig:
     """How many log lines `/v1/logs` keeps."""
     shutdown_grace_s: float = 10.0
     """On SIGINT/SIGTERM, how long in-flight streams may run before they are cancelled."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Extra names clients may send in `Host` (loopback names, the address a client connected to, `host` and
+    `[mesh] advertise` always may); `*` allows any (only behind a proxy that checks it). Others get 403."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins (`https://app.example:8443`) whose pages may call the API from a browser; same-origin
+    pages always may. Other cross-site browser requests get 403."""
+    read_timeout_s: float = 30.0
+    """A request whose headers or body stop arriving for this long is dropped (408, connection closed)."""
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -88,6 +104,16 @@ class ApiConfig:
             raise ValueError("log_buffer_size must be between 1 and 1000000")
         if not 0 <= self.shutdown_grace_s <= 3600:
             raise ValueError("shutdown_grace_s must be between 0 and 3600")
+        for host in self.allowed_hosts:
+            if not isinstance(host, str) or not host or any(c in host for c in " /@[]"):
+                raise ValueError(f"allowed_hosts entry {host!r} must be a host name or address, e.g. box.lan")
+        for origin in self.allowed_origins:
+            if not isinstance(origin, str) or not _is_origin(origin):
+                raise ValueError(
+                    f"allowed_origins entry {origin!r} must be '*' or scheme://host[:port], e.g. https://app.lan"
+                )
+        if not 1 <= self.read_timeout_s <= 3600:
+            raise ValueError("read_timeout_s must be between 1 and 3600")
 
     def check_exposure(self) -> None:
         """Refuse to serve beyond this machine without an API key."""
@@ -163,17 +189,19 @@ class ModelsConfig:
 class NodeConfig:
     """The whole node's configuration."""
 
-    name: str = field(default_factory=socket.gethostname)
+    name: str = ""
+    """The node's human name; empty: the host name plus a short suffix of its peer id (`laptop-7qzk`)."""
     data_dir: Path = field(default_factory=default_data_dir)
     api: ApiConfig = field(default_factory=ApiConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     ipfs: IpfsConfig = field(default_factory=IpfsConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 64:
-            raise ValueError("name must be 1-64 characters")
+        if len(self.name) > 64:
+            raise ValueError("name must be at most 64 characters")
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
 
     @property
@@ -195,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "models": ModelsConfig,
     "ipfs": IpfsConfig,
     "mesh": MeshConfig,
+    "split": SplitConfig,
 }
 TOP_LEVEL = ("name", "data_dir")
 

@@ -58,16 +58,15 @@ class MeshConfig:
     """Period of advert broadcasts (adverts also go out on change)."""
     retry_max_s: float = 30.0
     """Cap of the exponential back-off between connection attempts to one address."""
+    refused_retry_max_s: float = 300.0
+    """Cap of the back-off (from 1 s, doubling) at an address whose node refused this one: not a member,
+    expired invite, banned. The refusal shows as `mesh.status: "refused"` in `GET /v1/mesh/peers`."""
     ban_s: float = 300.0
     """How long a peer that broke the protocol too often stays banned."""
     abuse_limit: int = 5
     """Protocol violations tolerated per link before close and ban."""
     max_peers: int = 32
     """Most simultaneous links."""
-    direct_tensors: bool = True
-    """Carry a split's tensors over a sealed TCP link (`mesh.tensor_link`) to a stage whose API address is
-    reachable, instead of the `tensors` data channel (much slower per call: aiortc's SCTP is pure Python).
-    Off: this node neither listens for nor opens direct links."""
 
     def __post_init__(self) -> None:
         for key in ("allow", "bootstrap", "ice_interfaces", "stun", "turn"):
@@ -91,6 +90,7 @@ class MeshConfig:
             "request_timeout_s",
             "gossip_interval_s",
             "retry_max_s",
+            "refused_retry_max_s",
         ):
             if not 0.05 <= getattr(self, key) <= 3600:
                 raise ValueError(f"{key} must be between 0.05 and 3600 seconds")
@@ -114,7 +114,8 @@ class MeshConfig:
                 raise ValueError("secret must have at least 16 bytes")
             return raw
         if self.invite:
-            return Invite.from_token(self.invite).secret
+            invite = Invite.from_token(self.invite)
+            return invite.secret if invite.expires is None else None
         return None
 
     def all_bootstrap(self) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from typing import Any
 from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.pipeline import StageLost
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class OffloadEvent:
 class OffloadClient:
     """The origin's half. Needs the mesh service (`peer()`, `on_control()`, `add_peer_listener()`)."""
 
-    def __init__(self, mesh: Any, *, open_timeout_s: float = 30.0, token_timeout_s: float = 60.0) -> None:
+    def __init__(self, mesh: Any, *, open_timeout_s: float = SplitConfig.offload_open_timeout_s,
+                 token_timeout_s: float = SplitConfig.offload_token_timeout_s) -> None:
         self._mesh = mesh
         self._open_timeout = open_timeout_s
         self._token_timeout = token_timeout_s

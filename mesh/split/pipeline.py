@@ -32,6 +32,7 @@ import numpy as np
 from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, RequestTimeout
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -40,6 +41,8 @@ from shoal.models.stage import Stage
 logger = logging.getLogger(__name__)
 
 LOCAL_PEER = "local"
+BRIDGE_GRACE_S = 1.0
+"""How much longer than a call's own timeout a thread waits on the loop for it (the call times out first)."""
 _wire_seqs = itertools.count(int.from_bytes(os.urandom(3), "little") << 4)
 
 
@@ -106,9 +109,8 @@ class RemoteStage:
     """Layers `span` of `model`, run by the node behind `link`. Blocking methods; call them off the loop."""
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
-                 span: LayerSpan, *, timeout_s: float = 30.0, per_token_timeout_s: float = 0.05,
-                 open_timeout_s: float = 300.0, top_k: int = wire.DEFAULT_TOP_K, fp16: bool = False,
-                 cid: str | None = None, direct: bool = False) -> None:
+                 span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
+                 fp16: bool = False, cid: str | None = None, direct: bool = False) -> None:
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -116,10 +118,11 @@ class RemoteStage:
         self.span = span
         self.model = model
         self._loop = loop
-        self._timeout = timeout_s
-        self._open_timeout = open_timeout_s
+        self._settings = settings = settings or SplitConfig()
+        self._timeout = settings.stage_timeout_s
+        self._open_timeout = settings.open_timeout_s
         self._cid = cid
-        self._per_token = per_token_timeout_s
+        self._per_token = settings.per_token_timeout_s
         self._top_k = top_k
         self._fp16 = fp16
         self._wire: dict[int, int] = {}
@@ -136,7 +139,7 @@ class RemoteStage:
             raise RuntimeError("RemoteStage methods block; call them from an executor thread")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result(timeout + 1.0)
+            return future.result(timeout + BRIDGE_GRACE_S)
         except TimeoutError:
             future.cancel()
             raise StageLost(self.peer, f"no answer within {timeout:.0f} s") from None
@@ -174,8 +177,10 @@ class RemoteStage:
             return None
         host = address.rsplit(":", 1)[0].strip("[]")
         try:
-            grant = self._call(self.link.request(TENSOR_LINK, {}, 5.0), 5.0)
-            client = TensorLinkClient.connect(host, grant)
+            wait = self._settings.control_timeout_s
+            grant = self._call(self.link.request(TENSOR_LINK, {}, wait), wait)
+            client = TensorLinkClient.connect(host, grant, self._settings.link_handshake_timeout_s,
+                                              self._settings.link_record_timeout_s)
         except (StageLost, ValueError, LinkError) as exc:
             logger.info("no direct tensor link to %s (%s); using the data channel", self.peer[:12], exc)
             return None
@@ -188,7 +193,8 @@ class RemoteStage:
         if wire_seq is None or self._closed:
             return
         try:
-            self._call(self.link.request(wire.STAGE_CLOSE, {"seq": wire_seq}, 5.0), 5.0)
+            wait = self._settings.control_timeout_s
+            self._call(self.link.request(wire.STAGE_CLOSE, {"seq": wire_seq}, wait), wait)
         except (StageLost, ValueError) as exc:
             logger.info("closing sequence %d on %s: %s", seq_id, self.peer[:12], exc)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.pipeline import BRIDGE_GRACE_S
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 
@@ -26,7 +28,7 @@ class RemoteTokenizer:
     """Tokenizes through the peer that holds the model. Blocking; call off the event loop."""
 
     def __init__(self, mesh: Any, loop: asyncio.AbstractEventLoop, peer_id: str, model: str, vocab_size: int,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = SplitConfig.remote_tokenize_timeout_s) -> None:
         self._mesh = mesh
         self._loop = loop
         self.peer_id = peer_id
@@ -38,7 +40,7 @@ class RemoteTokenizer:
         coro = self._mesh.request(self.peer_id, wire.OFFLOAD_TOKENIZE, {"model": self.model, **body},
                                   self._timeout)
         try:
-            reply = asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout + 1)
+            reply = asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout + BRIDGE_GRACE_S)
         except MeshError as exc:
             if getattr(exc, "code", None) == wire.BAD_REQUEST:
                 raise ValueError(getattr(exc, "message", str(exc))) from None
@@ -70,12 +72,15 @@ class RemoteModel:
     weight_bytes: int = 0
 
 
-async def find_remote_model(mesh: Any, name: str, candidates: list[str]) -> RemoteModel | None:
+async def find_remote_model(mesh: Any, name: str, candidates: list[str], settings: SplitConfig | None = None
+                            ) -> RemoteModel | None:
     """Ask the candidate peers (best first) about `name`; the first that answers sensibly backs the model."""
+    settings = settings or SplitConfig()
     loop = asyncio.get_running_loop()
     for peer_id in candidates:
         try:
-            info = await mesh.request(peer_id, wire.OFFLOAD_INFO, {"model": name}, 10.0)
+            info = await mesh.request(peer_id, wire.OFFLOAD_INFO, {"model": name},
+                                      settings.remote_info_timeout_s)
             config = ModelConfig(**info["config"])
             vocab, context = info["vocab_size"], info["context_length"]
             if type(vocab) is not int or type(context) is not int or vocab <= 0 or context <= 0:
@@ -86,6 +91,6 @@ async def find_remote_model(mesh: Any, name: str, candidates: list[str]) -> Remo
         except (KeyError, TypeError, ValueError, ModelError) as exc:
             logger.warning("%s sent malformed info for %s: %s", peer_id[:12], name, exc)
             continue
-        tokenizer = RemoteTokenizer(mesh, loop, peer_id, name, vocab)
+        tokenizer = RemoteTokenizer(mesh, loop, peer_id, name, vocab, settings.remote_tokenize_timeout_s)
         return RemoteModel(name, tokenizer, context, config, peer_id)
     return None

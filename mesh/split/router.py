@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
 from shoal.mesh.split import scheduler as sched
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.pipeline import LOCAL_PEER, RemoteStage, Replan, SplitPipeline, StageLost
 from shoal.models.errors import ModelError
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TPS = 10.0
 """Decode tok/s assumed for a device that holds the model but has not measured it yet."""
-REBUILD_TIMEOUT_S = 330.0
-"""Longest a re-plan may take to open its new stages (a span may have to be fetched or compiled)."""
 FETCH_BPS = 4 * 1024 * 1024
 """Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
 GREEDY_TOP_K = 1
@@ -46,16 +45,6 @@ STAGE_OVERHEAD = 16 * 1024 * 1024
 
 class NoRouteError(ModelError):
     """No device can serve the request (the API answers with the message)."""
-
-
-@dataclass(frozen=True)
-class RouteSettings:
-    stage_timeout_s: float = 30.0
-    max_replans: int = 3
-    top_k_logits: int = 256
-    fp16_hidden: bool = False
-    direct_tensors: bool = True
-    """Send a split's tensors over a direct link (`mesh.tensor_link`) to stages whose address is reachable."""
 
 
 @dataclass(frozen=True)
@@ -143,12 +132,12 @@ class Router:
     """Plans and runs requests. Owned by `SplitService`; `node` gives models, policy, config."""
 
     def __init__(self, node: Any, mesh: Any, host: Any, offload: OffloadClient,
-                 settings: RouteSettings = RouteSettings()) -> None:
+                 settings: SplitConfig | None = None) -> None:
         self.node = node
         self.mesh = mesh
         self.host = host
         self.offload = offload
-        self.settings = settings
+        self.settings = settings or SplitConfig()
         self.speeds = Speeds()
         self.forced: ForcedRoute | None = None
         self.load: Callable[[], int] = lambda: 0
@@ -344,7 +333,7 @@ class Router:
                     except PeerUnavailable as exc:
                         raise StageLost(a.device, str(exc)) from None
                     stages.append(RemoteStage(link, loop, served.name, config, a.span,
-                                              timeout_s=self.settings.stage_timeout_s, top_k=top_k,
+                                              settings=self.settings, top_k=top_k,
                                               fp16=self.settings.fp16_hidden, cid=cid,
                                               direct=self.settings.direct_tensors))
             except BaseException:
@@ -361,7 +350,7 @@ class Router:
         def rebuild(excluded: frozenset[str]) -> list[Any]:
             """Blocking (the pipeline calls it from the engine's thread): re-plan and open the new stages."""
             future = asyncio.run_coroutine_threadsafe(replan_and_build(excluded), loop)
-            return future.result(REBUILD_TIMEOUT_S)
+            return future.result(self.settings.rebuild_timeout_s)
 
         def on_replan(event: Replan) -> None:
             route["replans"] = route.get("replans", 0) + 1
@@ -419,7 +408,7 @@ class Router:
                  if d.holds_model and d.serves_others and (d.trusted or not pol.trusted_only_splits)
                  and not d.below_battery_floor(pol)]
         peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
-        return await find_remote_model(self.mesh, name, [d.id for d in peers])
+        return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
 
     def observe(self, model: str, record: Any) -> None:
         """Feed a finished local request's timings into the advertised speed."""

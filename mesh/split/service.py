@@ -25,8 +25,9 @@ from aiohttp import web
 from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadServer
-from shoal.mesh.split.router import ForcedRoute, Router, RouteSettings
+from shoal.mesh.split.router import ForcedRoute, Router
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkServer
 from shoal.models.span import LayerSpan
@@ -34,21 +35,20 @@ from shoal.models.stage import Stage
 
 logger = logging.getLogger(__name__)
 
-SPAN_FETCH_TIMEOUT_S = 600.0
-
 
 class SplitService:
     def __init__(self, node: Any, mesh: Any) -> None:
         self.node = node
         self.mesh = mesh
-        self.host = StageHost(self._build_stage, self.refusal)
-        self.tensor_links = TensorLinkServer(self.host.serve_link)
+        self.config: SplitConfig = node.config.split
+        self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
+                              keep_idle_stages=self.config.keep_idle_stages)
+        self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
-        self.offload_client = OffloadClient(mesh)
-        settings = RouteSettings(direct_tensors=mesh.config.direct_tensors)
-        self.router = Router(node, mesh, self.host, self.offload_client, settings)
+        self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
+                                            token_timeout_s=self.config.offload_token_timeout_s)
+        self.router = Router(node, mesh, self.host, self.offload_client, self.config)
         self.router.load = self.load
-        node.router = self.router  # the API's completion handler streams through it
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
@@ -138,10 +138,10 @@ class SplitService:
         logger.info("fetching layers %s of %s (%s) over IPFS", span, name, cid)
         future = asyncio.run_coroutine_threadsafe(ipfs.pull_span(cid, span), self._loop)
         try:
-            return Path(future.result(SPAN_FETCH_TIMEOUT_S))
+            return Path(future.result(self.config.span_fetch_timeout_s))
         except TimeoutError:
             future.cancel()
-            limit = SPAN_FETCH_TIMEOUT_S
+            limit = self.config.span_fetch_timeout_s
             raise LookupError(f"fetching layers {span} of {cid} took over {limit:.0f} s") from None
         except Exception as exc:  # the IPFS layer's own errors: report as "cannot find the model"
             raise LookupError(f"cannot fetch layers {span} of {cid}: {exc}") from exc
@@ -167,7 +167,7 @@ class SplitService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            if self.mesh.config.direct_tensors:
+            if self.config.direct_tensors:
                 self.tensor_links.start(self.node.host)
         except OSError as exc:  # the API's address cannot take a second listener: tensors use the channel
             logger.warning("no direct tensor links on %s: %s", self.node.host, exc)
@@ -182,7 +182,7 @@ class SplitService:
             if fields != previous:
                 self.publish_advert()
                 previous = fields
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.config.advert_refresh_s)
 
     async def stop(self) -> None:
         if self._advert_task is not None:

@@ -8,10 +8,11 @@ engine thread and the stage node's worker — a call costs two socket writes and
 
 Who may use it: only a linked peer. The origin asks for a link with a `tensor.link` control frame — over the
 WebRTC control channel, so the peer has proved membership and the reply is DTLS-encrypted — and the stage node
-answers {"port", "token", "key"}: a one-use 16-byte token (valid `TOKEN_TTL_S`) and a fresh AES-256-GCM key.
-The origin connects to the host of the peer's API address (where its gateway is), sends the token, and waits
-for a sealed empty record that says the node took it. A node that binds its API to loopback listens on
-loopback only, so the link is used exactly where the gateway is reachable, and the data channel otherwise.
+answers {"port", "token", "key"}: a one-use 16-byte token (valid `[split] link_token_ttl_s`) and a fresh
+AES-256-GCM key. The origin connects to the host of the peer's API address (where its gateway is), sends the
+token, and waits for a sealed empty record that says the node took it. A node that binds its API to loopback
+listens on loopback only, so the link is used exactly where the gateway is reachable, and the data channel
+otherwise.
 
 Records (both directions): `u32 LE length` + AES-GCM(key, nonce, plaintext), nonce = u32 direction (0 origin
 → stage, 1 back) + u64 counter, so a record cannot be replayed, reordered or reflected. Plaintext: `u32
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shoal.mesh.p2p import protocol
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.p2p.protocol import BINARY_KINDS, MAX_REQUEST_ID, TENSOR, BinaryFrame
+from shoal.mesh.split.config import SplitConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +48,12 @@ TENSOR_LINK = "tensor.link"
 """Control frame: {} → {"port", "token", "key"} (hex), or an error reply (refused, unavailable)."""
 protocol.register_control_type(TENSOR_LINK, 256)
 TOKEN_BYTES = 16
-TOKEN_TTL_S = 10.0
 MAX_PENDING_TOKENS = 256
-HANDSHAKE_TIMEOUT_S = 2.0
 MAX_HANDSHAKES = 16
 MAX_LINKS_PER_PEER = 32
 """Open links of one peer at most (an origin opens one per remote stage of each request in flight)."""
 MAX_LINKS = 128
 """Connections still to show a token, at once; more are closed unread."""
-RECORD_TIMEOUT_S = 5.0
-"""Once a record's first bytes arrived, the rest must follow within this (the sender writes it at once)."""
 TAG_BYTES = 16
 LENGTH = struct.Struct("<I")
 FRAME_HEAD = struct.Struct("<I")
@@ -143,10 +141,12 @@ FIRST_READ = 65_536
 """The first read of a record takes up to this much: a decode step's record arrives whole in one read."""
 
 
-def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
+def read_record(sock: socket.socket, sealer: Sealer,
+                record_timeout_s: float = SplitConfig.link_record_timeout_s) -> bytes:
     """One record's plaintext. The socket's timeout bounds the wait for the first bytes (`LinkIdle` when it
-    passes); the rest of a long record must follow within `RECORD_TIMEOUT_S`. One call is in flight per
-    link, so nothing may follow a record until it is answered: bytes past it break the link."""
+    passes); the rest of a long record must follow within `record_timeout_s` (the sender writes it at once).
+    One call is in flight per link, so nothing may follow a record until it is answered: bytes past it break
+    the link."""
     try:
         try:
             data = sock.recv(FIRST_READ)
@@ -156,7 +156,7 @@ def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
             raise LinkError("the tensor link closed")
         wait = sock.gettimeout()
         if len(data) < LENGTH.size:  # the length itself in pieces: rare
-            sock.settimeout(RECORD_TIMEOUT_S)
+            sock.settimeout(record_timeout_s)
             data += _recv_exact(sock, LENGTH.size - len(data))
             sock.settimeout(wait)
         (size,) = LENGTH.unpack_from(data)
@@ -166,7 +166,7 @@ def read_record(sock: socket.socket, sealer: Sealer) -> bytes:
         if have > size:
             raise LinkError("bytes past a tensor record before it was answered")
         if have < size:  # a long record (prefill): read the rest
-            sock.settimeout(RECORD_TIMEOUT_S)
+            sock.settimeout(record_timeout_s)
             data += _recv_exact(sock, size - have)
             sock.settimeout(wait)
         return sealer.open(data[LENGTH.size:])
@@ -194,15 +194,19 @@ class TensorLinkClient:
     """The origin's end: blocking `call()`s from one thread at a time (the engine's); `close()` from any (a
     call in flight then fails at once and releases the socket itself)."""
 
-    def __init__(self, sock: socket.socket, key: bytes) -> None:
+    def __init__(self, sock: socket.socket, key: bytes,
+                 record_timeout_s: float = SplitConfig.link_record_timeout_s) -> None:
         self._sock = sock
         self._sealer = Sealer(key, TO_STAGE)
+        self._record_timeout = record_timeout_s
         self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
-    def connect(cls, host: str, grant: dict, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TensorLinkClient:
-        """Connect with a `tensor.link` grant; raises LinkError (the caller keeps the data channel)."""
+    def connect(cls, host: str, grant: dict, timeout_s: float = SplitConfig.link_handshake_timeout_s,
+                record_timeout_s: float = SplitConfig.link_record_timeout_s) -> TensorLinkClient:
+        """Connect with a `tensor.link` grant within `timeout_s`; raises LinkError (the caller keeps the data
+        channel)."""
         try:
             port, token, key = int(grant["port"]), bytes.fromhex(grant["token"]), bytes.fromhex(grant["key"])
         except (KeyError, TypeError, ValueError):
@@ -213,11 +217,11 @@ class TensorLinkClient:
             sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as exc:
             raise LinkError(f"cannot reach {host}:{port}: {exc}") from None
-        client = cls(sock, key)
+        client = cls(sock, key, record_timeout_s)
         try:
             _tune(sock)
             sock.sendall(token)
-            if read_record(sock, client._sealer) != b"":
+            if read_record(sock, client._sealer, record_timeout_s) != b"":
                 raise LinkError("the stage node answered the handshake with data")
         except (LinkError, OSError) as exc:
             client._release()
@@ -235,7 +239,7 @@ class TensorLinkClient:
             try:
                 record = self._sealer.seal(encode_frame(frame))
                 # a decode record fits the socket's buffer at once; a long prefill one may take a while
-                self._set_timeout(poll_s if len(record) <= FIRST_READ else RECORD_TIMEOUT_S)
+                self._set_timeout(poll_s if len(record) <= FIRST_READ else self._record_timeout)
                 self._sock.sendall(record)
                 while True:
                     remaining = deadline - time.monotonic()
@@ -245,7 +249,7 @@ class TensorLinkClient:
                         raise LinkError("the peer's link went down")
                     self._set_timeout(min(poll_s, remaining))
                     try:
-                        plaintext = read_record(self._sock, self._sealer)
+                        plaintext = read_record(self._sock, self._sealer, self._record_timeout)
                     except LinkIdle:
                         continue
                     break
@@ -289,10 +293,11 @@ class ServerLink:
     peer: str
     sock: socket.socket
     sealer: Sealer
+    record_timeout_s: float = SplitConfig.link_record_timeout_s
 
     def read_frame(self) -> BinaryFrame:
         """Blocking: the next frame (call when the socket is readable); raises LinkError."""
-        return decode_frame(read_record(self.sock, self.sealer))
+        return decode_frame(read_record(self.sock, self.sealer, self.record_timeout_s))
 
     def send_frame(self, frame: BinaryFrame) -> None:
         try:
@@ -315,9 +320,10 @@ class TensorLinkServer:
     each authenticated connection to `on_link` (the stage worker, which reads and answers it). One accept
     thread; the handshake of each connection runs on a short-lived thread of its own."""
 
-    def __init__(self, on_link: Callable[[ServerLink], None]) -> None:
+    def __init__(self, on_link: Callable[[ServerLink], None], config: SplitConfig | None = None) -> None:
         self._host = ""
         self._on_link = on_link
+        self._config = config or SplitConfig()
         self._grants: dict[bytes, tuple[str, bytes, float]] = {}
         self._links: list[ServerLink] = []
         self._lock = threading.Lock()
@@ -349,7 +355,7 @@ class TensorLinkServer:
             self._grants = {t: g for t, g in self._grants.items() if g[2] > now}
             if len(self._grants) >= MAX_PENDING_TOKENS:
                 raise LinkError("too many tensor link grants pending")
-            self._grants[token] = (peer, key, now + TOKEN_TTL_S)
+            self._grants[token] = (peer, key, now + self._config.link_token_ttl_s)
         return {"port": self.port, "token": token.hex(), "key": key.hex()}
 
     def _accept(self) -> None:
@@ -376,7 +382,7 @@ class TensorLinkServer:
     def _authenticate(self, sock: socket.socket, address: tuple) -> None:
         link: ServerLink | None = None
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            sock.settimeout(self._config.link_handshake_timeout_s)
             _tune(sock)
             token = _recv_exact(sock, TOKEN_BYTES)
             with self._lock:  # check and take a place in one step: concurrent handshakes count each other
@@ -388,10 +394,10 @@ class TensorLinkServer:
                 mine = sum(x.peer == peer for x in self._links)
                 if len(self._links) >= MAX_LINKS or mine >= MAX_LINKS_PER_PEER:
                     raise LinkError(f"too many tensor links open (peer {peer[:12]}: {mine})")
-                link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN))
+                link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN), self._config.link_record_timeout_s)
                 self._links.append(link)
             sock.sendall(link.sealer.seal(b""))
-            sock.settimeout(RECORD_TIMEOUT_S)  # for good: every read and write of the link
+            sock.settimeout(self._config.link_record_timeout_s)  # for good: every read and write of the link
         except (LinkError, OSError) as exc:
             logger.warning("tensor link from %s refused: %s", address[0], exc)
             with self._lock:

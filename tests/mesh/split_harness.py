@@ -28,14 +28,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 from shoal.mesh.node.config import ApiConfig, ModelsConfig, NodeConfig, PolicyConfig
-from shoal.mesh.node.model_manager import ServedModel
 from shoal.mesh.node.node import Node
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.protocol import TENSOR
 from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.service import SplitService
+from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
 
 from tests.mesh.tensor_frames import reply_fields
@@ -236,12 +237,11 @@ async def serve(args: argparse.Namespace) -> None:
                           trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
     mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
                              ice_interfaces=[args.ice_interface], heartbeat_interval_s=0.5,
-                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0,
-                             direct_tensors=not args.no_direct_tensors)
+                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
     config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
                         api=ApiConfig(host=host, port=int(port), key=args.api_key), policy=policy,
                         models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4),
-                        mesh=mesh_config)
+                        mesh=mesh_config, split=SplitConfig(direct_tensors=not args.no_direct_tensors))
     identity = Identity.load_or_create(data_dir, name=config.name)
     weights = _Weights()
     kwargs: dict[str, Any] = {}
@@ -253,6 +253,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.backend == "numpy":
         split.stage_factory = weights.stage
     node.services.extend([split, _TestRoutes(mesh)])
+    node.use_router(split.router)
     await node.start()
     if args.no_model:
         node.models._models.clear()  # test-only: this node holds no model

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from shoal.mesh.commands.node import config_overrides
 from shoal.mesh.node.config import ConfigError, PolicyConfig, is_loopback, load_config, parse_host_port
+from shoal.mesh.split.config import SplitConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -100,6 +101,28 @@ def test_ipfs_section_is_composed(tmp_path: Path) -> None:
     assert config.ipfs.gateways == ("http://127.0.0.1:8081",) and config.ipfs.parallelism == 4
     with pytest.raises(ConfigError, match=r"\[ipfs\]"):
         load_config(write(tmp_path, "[ipfs]\nparallelism = 0\n"), environ={})
+
+
+def test_split_section_holds_the_split_timeouts(tmp_path: Path) -> None:
+    path = write(tmp_path, "[split]\nrebuild_timeout_s = 90\nmax_replans = 1\ndirect_tensors = false\n")
+    env = {"SHOAL_SPLIT_SPAN_FETCH_TIMEOUT_S": "120.5", "SHOAL_SPLIT_LINK_RECORD_TIMEOUT_S": "2"}
+    config = load_config(path, environ=env)
+    assert config.split == SplitConfig(rebuild_timeout_s=90.0, max_replans=1, direct_tensors=False,
+                                       span_fetch_timeout_s=120.5, link_record_timeout_s=2.0)
+    assert isinstance(config.split.rebuild_timeout_s, float)
+    assert load_config(write(tmp_path, ""), environ={}).split == SplitConfig()
+    for toml, env, message in [
+        ("[split]\nrebuild_timeout_s = 0", {}, "rebuild_timeout_s must be in (0, 86400] seconds"),
+        ("[split]\nstage_timeout_s = true", {}, "[split] stage_timeout_s must be a number"),
+        ("[split]\nmax_replans = 1.5", {}, "[split] max_replans must be an integer"),
+        ("[split]\nmax_sequences = 0", {}, "max_sequences 0 must be between 1 and 4096"),
+        ("[split]\nrecord_timeout = 1", {}, "[split] has unknown key(s) record_timeout"),
+        ("", {"SHOAL_SPLIT_OPEN_TIMEOUT_S": "soon"}, "[split] open_timeout_s must be a number, got 'soon'"),
+        ("[mesh]\ndirect_tensors = true", {}, "[mesh] has unknown key(s) direct_tensors"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, toml), environ=env)
+        assert message in str(info.value)
 
 
 def test_non_loopback_needs_a_key() -> None:

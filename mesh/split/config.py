@@ -1,0 +1,80 @@
+"""`[split]` configuration: every timeout and limit of the offload and split paths. Frozen; validated on
+creation (`ValueError` naming the key). Environment overrides (`SHOAL_SPLIT_<KEY>`) are read with every other
+section's by `mesh.node.config.load_config`; nothing in this package reads the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """`[split]`: how this node runs requests over peers (offload, split) and hosts stages for them."""
+
+    direct_tensors: bool = True
+    """Carry a split's tensors over a sealed TCP link (`split.tensor_link`) to a stage whose API address is
+    reachable, instead of the `tensors` data channel (much slower per call: aiortc's SCTP is pure Python).
+    Off: this node neither listens for nor opens direct links."""
+    stage_timeout_s: float = 30.0
+    """Wait for one tensor call of a remote stage (plus `per_token_timeout_s` per input row)."""
+    per_token_timeout_s: float = 0.05
+    """Extra wait per input row of a tensor call (a long prefill takes longer)."""
+    open_timeout_s: float = 300.0
+    """Wait for a peer to open a stage: its first open of a span may load, fetch or compile it."""
+    control_timeout_s: float = 5.0
+    """Wait for a short control reply: a tensor link grant, a `stage.close`."""
+    rebuild_timeout_s: float = 330.0
+    """Longest a re-plan after a lost stage may take to open its new stages."""
+    span_fetch_timeout_s: float = 600.0
+    """Longest this node may take to fetch a span it does not hold (over IPFS) for a peer."""
+    link_handshake_timeout_s: float = 2.0
+    """Connect plus token exchange of a direct tensor link."""
+    link_record_timeout_s: float = 5.0
+    """Once a tensor link record's first bytes arrived, the rest must follow within this."""
+    link_token_ttl_s: float = 10.0
+    """How long a tensor link grant's one-use token stays valid."""
+    offload_open_timeout_s: float = 30.0
+    """Wait for a peer to accept an offloaded request."""
+    offload_token_timeout_s: float = 60.0
+    """Longest silence between two tokens of an offloaded request before its peer counts as lost."""
+    remote_info_timeout_s: float = 10.0
+    """Wait for a peer to describe a model it serves (`offload.info`)."""
+    remote_tokenize_timeout_s: float = 30.0
+    """Wait for a peer to tokenize a prompt for a model this node does not hold."""
+    advert_refresh_s: float = 1.0
+    """How often this node re-checks what it offers (memory budget, load); it re-advertises on change."""
+    max_replans: int = 3
+    """Re-plans of one request after lost stages or peers before it fails."""
+    top_k_logits: int = 256
+    """Logits per row the last stage of a split returns when sampling needs more than the argmax."""
+    fp16_hidden: bool = False
+    """Ask stages to send hidden states as float16 (half the bytes; not bit-exact)."""
+    max_sequences: int = 64
+    """Remote sequences this node hosts at once; more are refused as busy."""
+    keep_idle_stages: int = 2
+    """Hosted stages kept loaded with no sequence on them (reused by the next request)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false")
+            elif f.type in (int, "int"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{f.name} must be an integer")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number")
+            elif not 0 < value <= 86_400:
+                raise ValueError(f"{f.name} must be in (0, 86400] seconds, got {value}")
+            else:
+                object.__setattr__(self, f.name, float(value))
+        if not 0 <= self.max_replans <= 16:
+            raise ValueError(f"max_replans {self.max_replans} must be between 0 and 16")
+        if not 1 <= self.top_k_logits <= 65_536:
+            raise ValueError(f"top_k_logits {self.top_k_logits} must be between 1 and 65536")
+        if not 1 <= self.max_sequences <= 4096:
+            raise ValueError(f"max_sequences {self.max_sequences} must be between 1 and 4096")
+        if not 0 <= self.keep_idle_stages <= 64:
+            raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")
