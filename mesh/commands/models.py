@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 
 from shoal.mesh.commands.cli import CommandError
 from shoal.mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.ipfs.errors import IpfsError
 from shoal.mesh.ipfs.service import IpfsService
+
+
+def print_table(rows: list[tuple[str, ...]], right_aligned: Collection[int] = ()) -> None:
+    """Columns as wide as their widest cell (long model names no longer push the others out of line)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.rjust(w) if i in right_aligned else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
         store = {"blocks": stats.blocks, "bytes": stats.bytes}
         print(json.dumps({"models": models, "store": store}, indent=1))
         return 0
-    print(f"{'NAME':28} {'CID':62} {'SIZE':>10}  STATE")
+    rows = [("NAME", "CID", "SIZE", "STATE")]
     for m in models:
         size = human_bytes(m["size"]) if m["size"] else "-"
         state = "pinned" if m["pinned"] and m["complete"] else ("partial" if m["pinned"] else "remote")
-        print(f"{', '.join(m['names']) or '-':28} {m['cid']:62} {size:>10}  {state}")
+        rows.append((", ".join(m["names"]) or "-", m["cid"], size, state))
+    print_table(rows, right_aligned={2})
     print(f"store: {stats.blocks} blocks, {human_bytes(stats.bytes)}")
     return 0

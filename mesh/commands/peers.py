@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=1))
         return 0
     me = view["self"]
-    print(f"this node: {me['name']} {me['id']} mesh {me['mesh']} api {me['api'] or '-'}")
+    mesh = f"mesh {me['mesh']}" if me.get("mesh") else "not in a mesh (shoal mesh join INVITE)"
+    print(f"this node: {me['name']} {me['id']} {mesh} api {me['api'] or '-'}")
     peers = view["peers"]
     if not peers:
         print("no peers linked")

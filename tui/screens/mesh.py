@@ -64,13 +64,14 @@ class MeshPane(NodePane):
     def compose(self) -> ComposeResult:
         yield self.compose_unavailable()
         yield Static("", id="mesh-self")
+        # The invite sits at the top: toasts open at the bottom right and hid it when it was last.
+        yield Static("", id="invite")
         table: DataTable[Any] = DataTable(id="peers", cursor_type="row", zebra_stripes=True)
         table.border_title = "Peers"
         yield table
         topo = TopologyView(id="topology")
         topo.border_title = "Topology"
         yield topo
-        yield Static("", id="invite")
 
     def on_mount(self) -> None:
         self.query_one("#peers", DataTable).add_columns(*PEER_COLUMNS)
@@ -138,4 +139,4 @@ class MeshPane(NodePane):
         invite = await self.client.invite()
         self.app.copy_to_clipboard(invite)
         self.query_one("#invite", Static).update(Text.assemble(("invite ", "bold"), invite))
-        self.notify("invite copied to the clipboard (and shown below the topology)", title="mesh")
+        self.notify("invite copied to the clipboard (and shown above the peers)", title="mesh")

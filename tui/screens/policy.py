@@ -42,6 +42,7 @@ class PolicyPane(NodePane):
         for key, label in SWITCHES:
             with Horizontal(classes="policy-row"):
                 yield Switch(id=f"policy-{key}")
+                yield Static("off", id=f"policy-{key}-state", classes="policy-onoff")
                 yield Static(label, classes="policy-label")
         for key, label, *_ in NUMBERS:
             with Horizontal(classes="policy-row"):
@@ -58,6 +59,7 @@ class PolicyPane(NodePane):
                 switch = self.query_one(f"#policy-{key}", Switch)
                 with switch.prevent(Switch.Changed):
                     switch.value = bool(policy[key])
+                self._show_state(key, switch.value)
         for key, *_ in NUMBERS:
             if key in policy:
                 field = self.query_one(f"#policy-{key}", Input)
@@ -71,8 +73,13 @@ class PolicyPane(NodePane):
         if kind == "policy.changed" and isinstance(data.get("policy"), dict):
             self.show(data["policy"])
 
+    def _show_state(self, key: str, on: bool) -> None:
+        """The switch's state as a word too: screen readers, logs and tmux captures see no knob."""
+        self.query_one(f"#policy-{key}-state", Static).update("on" if on else "off")
+
     def on_switch_changed(self, event: Switch.Changed) -> None:
         key = (event.switch.id or "").removeprefix("policy-")
+        self._show_state(key, event.value)
         self.run_action(self._apply({key: event.value}), f"policy {key}")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
-from shoal.tui.format import clock, describe_route, number, route_kind, route_replans, short_id
+from shoal.tui.format import clock, describe_route, number, route_kind, route_replans
 from shoal.tui.screens.base import NodePane
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -25,13 +25,22 @@ _STATUS_STYLE = {
 }
 
 
+def request_label(request_id: Any) -> str:
+    """The part of a request id that differs between requests: the id without its kind, cut from the left
+    (ids end in a counter; a cut from the right showed the same `chatcmpl-…` text for all)."""
+    text = str(request_id or "").split("-", 1)[-1]
+    if not text:
+        return "—"
+    return text if len(text) <= 14 else "…" + text[-13:]
+
+
 def request_row(record: dict[str, Any]) -> tuple[Any, ...]:
     route = record.get("route")
     replans = route_replans(route, record)
     highlight = "bold black on yellow" if replans else ""
     status = str(record.get("status") or "?")
     return (
-        Text(short_id(str(record.get("id")), 14), style=highlight),
+        Text(request_label(record.get("id")), style=highlight),
         str(record.get("model") or "—"),
         Text(route_kind(route), style=highlight),
         Text(status, style=_STATUS_STYLE.get(status, "")),
