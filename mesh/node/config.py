@@ -13,8 +13,6 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +21,17 @@ from typing import Any
 import platformdirs
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.sections import ConfigError, section_from_mapping
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.policy import PolicyConfig
+
+__all__ = ["ConfigError", "PolicyConfig", "SplitConfig", "section_from_mapping"]
 
 APP_NAME = "shoal"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8740
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BACKENDS = ("tvm", "numpy")
-
-
-class ConfigError(ValueError):
-    """The configuration (file, environment or flags) is invalid; the message says where and why."""
 
 
 def default_config_path() -> Path:
@@ -125,43 +123,6 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """`[policy]`: what this node is willing to do for the mesh. Mutable at runtime via `PUT /v1/policy`."""
-
-    serve_others: bool = False
-    """Run requests (or layer ranges) for other peers."""
-    battery_floor: int = 20
-    """Stop serving others when the battery is below this percentage (0-100)."""
-    max_memory_share: float = 0.5
-    """Largest share (0-1) of this device's memory that models may take."""
-    trusted_only_splits: bool = True
-    """Only split a request over peers on the allow-list."""
-    prefer_local: bool = True
-    """Run locally whenever the local node can serve the request at all."""
-
-    def __post_init__(self) -> None:
-        for name in ("serve_others", "trusted_only_splits", "prefer_local"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false")
-        if isinstance(self.battery_floor, bool) or not isinstance(self.battery_floor, int):
-            raise ValueError("battery_floor must be an integer percentage 0-100")
-        if not 0 <= self.battery_floor <= 100:
-            raise ValueError(f"battery_floor {self.battery_floor} is out of range 0-100")
-        if isinstance(self.max_memory_share, bool) or not isinstance(self.max_memory_share, int | float):
-            raise ValueError("max_memory_share must be a number between 0 and 1")
-        if not 0.0 < float(self.max_memory_share) <= 1.0:
-            raise ValueError(f"max_memory_share {self.max_memory_share} must be in (0, 1]")
-        object.__setattr__(self, "max_memory_share", float(self.max_memory_share))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def updated(self, changes: Mapping[str, Any]) -> PolicyConfig:
-        """A copy with `changes` applied (a partial update); unknown keys and bad values raise ConfigError."""
-        return section_from_mapping(PolicyConfig, {**self.to_dict(), **changes}, "policy", coerce=False)
-
-
-@dataclass(frozen=True)
 class ModelsConfig:
     """`[models]`: which model the node serves and how it runs it."""
 
@@ -226,94 +187,6 @@ SECTIONS: dict[str, type] = {
     "split": SplitConfig,
 }
 TOP_LEVEL = ("name", "data_dir")
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{text!r} is not a boolean (use true or false)")
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Turn a string (from env/flags) into the field's type; leave other values to type checks."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
-            return None
-        return _coerce(value, args[0]) if len(args) == 1 else value
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if not isinstance(value, str):
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if hint is Path:
-            raise ValueError("expected a path string")
-        return value
-    if hint is bool:
-        return _parse_bool(value)
-    if hint is str:
-        return value
-    if hint is int:
-        return int(value)
-    if hint is float:
-        return float(value)
-    if hint is Path:
-        return Path(value)
-    if origin in (list, tuple):
-        return origin(item.strip() for item in value.split(",") if item.strip())
-    return value
-
-
-def _check_type(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float):
-        return isinstance(value, hint) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
-
-
-def section_from_mapping(cls: type, values: Mapping[str, Any], section: str, coerce: bool = True) -> Any:
-    """Build section dataclass `cls` from `values`, with errors that name `[section] key`."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"[{section}] has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-        )
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        hint = hints[key]
-        expected = _TYPE_NAMES.get(hint, str(hint))
-        try:
-            converted = _coerce(value, hint) if coerce else value
-        except ValueError:
-            raise ConfigError(f"[{section}] {key} must be {expected}, got {value!r}") from None
-        if not coerce and hint is float and isinstance(value, int) and not isinstance(value, bool):
-            converted = float(value)
-        if not _check_type(converted, hint):
-            raise ConfigError(f"[{section}] {key} must be {expected}, got {value!r}")
-        kwargs[key] = converted
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{section}] {exc}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -209,12 +209,11 @@ class Router:
         local = self.local_device(model, holds)
         policy = self.node.policy
         # the local share cap is this node's own business; peers advertise the budget they offer
-        local = replace(local, free_memory=local.memory_budget(sched.SchedulerPolicy.of(policy)),
+        local = replace(local, free_memory=local.memory_budget(policy),
                         total_memory=local.free_memory)
         peers = self.peer_devices(model)
-        pol = replace(sched.SchedulerPolicy.of(policy), max_memory_share=1.0)
-        chosen = sched.plan(shape, request, local, peers, pol, exclude=exclude,
-                            max_stages=3 if holds else 1)
+        chosen = sched.plan(shape, request, local, peers, replace(policy, max_memory_share=1.0),
+                            exclude=exclude, max_stages=3 if holds else 1)
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]
         logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
                     prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
@@ -403,10 +402,10 @@ class Router:
         """A stand-in for a model this node does not hold but a usable peer serves (None if none does)."""
         from shoal.mesh.split.remote_model import find_remote_model
 
-        pol = sched.SchedulerPolicy.of(self.node.policy)
+        policy = self.node.policy
         peers = [d for d in self.peer_devices(name)
-                 if d.holds_model and d.serves_others and (d.trusted or not pol.trusted_only_splits)
-                 and not d.below_battery_floor(pol)]
+                 if d.holds_model and d.serves_others and (d.trusted or not policy.trusted_only_splits)
+                 and not d.below_battery_floor(policy)]
         peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
         return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
 

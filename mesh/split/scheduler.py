@@ -33,8 +33,8 @@ each stage, fastest first, takes as many layers as its memory allows. A stage's 
 weights + their KV cache for prompt + max_tokens positions + the embedding (first stage) + the output head
 (last stage; the embedding again when the head is tied to it) + `overhead_bytes`.
 
-Policy (`mesh.config.PolicyConfig` or anything with the same fields)
--------------------------------------------------------------------
+Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
+----------------------------------------------------------------
 - Peers whose advert says they do not serve others are never used.
 - `battery_floor` (percent): a peer on battery below it is not used. The local node below it prefers any
   feasible remote plan, and runs locally only when nothing else fits.
@@ -51,9 +51,10 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional, spans_of
+from shoal.mesh.split.policy import PolicyConfig
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 
@@ -72,35 +73,6 @@ PlanKind = Literal["local", "offload", "split"]
 
 class NoPlanError(Exception):
     """No device (or set of devices) can serve the request under the policy; the message says why."""
-
-
-class PolicyLike(Protocol):
-    serve_others: bool
-    battery_floor: int
-    max_memory_share: float
-    trusted_only_splits: bool
-    prefer_local: bool
-
-
-@dataclass(frozen=True)
-class SchedulerPolicy:
-    """The planner's view of `mesh.config.PolicyConfig` (same fields, same meaning)."""
-
-    serve_others: bool = False
-    battery_floor: int = 20
-    max_memory_share: float = 0.5
-    trusted_only_splits: bool = True
-    prefer_local: bool = True
-
-    @classmethod
-    def of(cls, policy: PolicyLike) -> SchedulerPolicy:
-        return cls(
-            serve_others=bool(policy.serve_others),
-            battery_floor=int(policy.battery_floor),
-            max_memory_share=float(policy.max_memory_share),
-            trusted_only_splits=bool(policy.trusted_only_splits),
-            prefer_local=bool(policy.prefer_local),
-        )
 
 
 @dataclass(frozen=True)
@@ -208,10 +180,10 @@ class Device:
     def is_local(self) -> bool:
         return self.id == LOCAL
 
-    def memory_budget(self, policy: SchedulerPolicy) -> int:
+    def memory_budget(self, policy: PolicyConfig) -> int:
         return int(min(self.free_memory, policy.max_memory_share * self.total_memory))
 
-    def below_battery_floor(self, policy: SchedulerPolicy) -> bool:
+    def below_battery_floor(self, policy: PolicyConfig) -> bool:
         return self.battery is not None and not self.charging and self.battery < policy.battery_floor
 
     def seconds_per_token(self) -> float:
@@ -313,7 +285,7 @@ def predict_offload(shape: ModelShape, request: Request, device: Device) -> Pred
 
 
 def max_layers(
-    shape: ModelShape, request: Request, device: Device, policy: SchedulerPolicy, first: bool, last: bool
+    shape: ModelShape, request: Request, device: Device, policy: PolicyConfig, first: bool, last: bool
 ) -> int:
     """How many layers `device` can hold in a stage at that position (0 if not even the extras fit)."""
     budget = device.memory_budget(policy) - request.overhead_bytes
@@ -327,7 +299,7 @@ def max_layers(
     return shape.num_layers if per_layer == 0 else min(shape.num_layers, budget // per_layer)
 
 
-def _eligible(devices: Iterable[Device], policy: SchedulerPolicy, exclude: frozenset[str]) -> list[Device]:
+def _eligible(devices: Iterable[Device], policy: PolicyConfig, exclude: frozenset[str]) -> list[Device]:
     out = []
     for d in devices:
         if d.id in exclude or d.decode_tps <= 0 or (not d.holds_model and d.fetch_bps <= 0):
@@ -343,7 +315,7 @@ def _eligible(devices: Iterable[Device], policy: SchedulerPolicy, exclude: froze
 
 
 def _best_split(
-    shape: ModelShape, request: Request, devices: Sequence[Device], policy: SchedulerPolicy, max_stages: int
+    shape: ModelShape, request: Request, devices: Sequence[Device], policy: PolicyConfig, max_stages: int
 ) -> Plan | None:
     best: Plan | None = None
     candidates = sorted(devices, key=lambda d: (-d.decode_tps, d.id))[:6]
@@ -370,7 +342,7 @@ def plan(
     request: Request,
     local: Device | None,
     peers: Sequence[Device],
-    policy: PolicyLike | SchedulerPolicy,
+    policy: PolicyConfig,
     *,
     exclude: Iterable[str] = (),
     max_stages: int = 3,
@@ -380,36 +352,35 @@ def plan(
     `local` is None when this node cannot compute at all; `exclude` names devices to leave out (a re-plan
     after a stage was lost).
     """
-    pol = policy if isinstance(policy, SchedulerPolicy) else SchedulerPolicy.of(policy)
     excluded = frozenset(exclude)
     if local is not None and not local.is_local:
         raise ValueError(f"the local device must have id {LOCAL!r}, not {local.id!r}")
     if any(p.is_local for p in peers):
         raise ValueError(f"a peer may not use the reserved id {LOCAL!r}")
     whole = LayerSpan.whole(shape.num_layers)
-    usable = _eligible(([local] if local else []) + list(peers), pol, excluded)
+    usable = _eligible(([local] if local else []) + list(peers), policy, excluded)
     local_ok = [d for d in usable if d.is_local]
     remote = [d for d in usable if not d.is_local]
 
     local_plan: Plan | None = None
-    if local_ok and max_layers(shape, request, local_ok[0], pol, True, True) >= shape.num_layers:
+    if local_ok and max_layers(shape, request, local_ok[0], policy, True, True) >= shape.num_layers:
         prediction = predict(shape, request, [(local_ok[0], whole)])
         local_plan = Plan("local", (Assignment(LOCAL, whole),), prediction)
-    if local_plan is not None and pol.prefer_local and not local_ok[0].below_battery_floor(pol):
+    if local_plan is not None and policy.prefer_local and not local_ok[0].below_battery_floor(policy):
         return local_plan
 
     options: list[Plan] = [] if local_plan is None else [local_plan]
     for d in remote:  # an offload runs on the peer's own engine: only a peer holding the model can take it
-        if d.holds_model and max_layers(shape, request, d, pol, True, True) >= shape.num_layers:
+        if d.holds_model and max_layers(shape, request, d, policy, True, True) >= shape.num_layers:
             options.append(Plan("offload", (Assignment(d.id, whole),), predict_offload(shape, request, d)))
-    split = _best_split(shape, request, usable, pol, max_stages)
+    split = _best_split(shape, request, usable, policy, max_stages)
     if split is not None:
         options.append(split)
-    if local_ok and local_ok[0].below_battery_floor(pol):
+    if local_ok and local_ok[0].below_battery_floor(policy):
         without_local = [p for p in options if LOCAL not in p.devices]
         options = without_local or options
     if not options:
-        raise NoPlanError(_why_none(shape, request, local, peers, pol, excluded))
+        raise NoPlanError(_why_none(shape, request, local, peers, policy, excluded))
     kind_rank = {"local": 0, "offload": 1, "split": 2}
     return min(options, key=lambda p: (round(p.prediction.ttlt_s, 9), kind_rank[p.kind], p.devices))
 
@@ -419,7 +390,7 @@ def _why_none(
     request: Request,
     local: Device | None,
     peers: Sequence[Device],
-    policy: SchedulerPolicy,
+    policy: PolicyConfig,
     excluded: frozenset[str],
 ) -> str:
     usable = _eligible(([local] if local else []) + list(peers), policy, excluded)

@@ -7,15 +7,14 @@ import dataclasses
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from shoal.mesh.node.config import PolicyConfig
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional
+from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.scheduler import (
     LOCAL,
     Device,
     ModelShape,
     NoPlanError,
     Request,
-    SchedulerPolicy,
     max_layers,
     plan,
 )
@@ -41,7 +40,7 @@ SMOLLM2 = ModelConfig(
 )
 SHAPE = ModelShape.from_config(SMOLLM2, 98_000_000)
 REQ = Request(prompt_tokens=200, max_tokens=128, overhead_bytes=10 * MiB)
-OPEN = SchedulerPolicy(
+OPEN = PolicyConfig(
     serve_others=True, battery_floor=20, max_memory_share=1.0, trusted_only_splits=False, prefer_local=False
 )
 
@@ -263,7 +262,7 @@ def test_any_plan_tiles_fits_and_obeys_policy(
     prefer_local: bool,
     share: float,
 ) -> None:
-    policy = SchedulerPolicy(True, 20, share, trusted_only, prefer_local)
+    policy = PolicyConfig(True, 20, share, trusted_only, prefer_local)
     local = Device(LOCAL, local_tps, 0, local_mem, local_mem)
     by_id = {d.id: d for d in [local, *peers]}
     try:
