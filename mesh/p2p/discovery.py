@@ -4,7 +4,9 @@
 Who dials: an address from the invite/config is always dialled (its peer id is unknown at first); for peers
 learned by mDNS or exchange only the node with the smaller peer id dials, so two nodes do not race.
 Failed attempts back off exponentially up to `retry_max_s`; a dropped peer whose address is known is
-redialled the same way, which is how a restarted node rejoins.
+redialled the same way, which is how a restarted node rejoins. An address whose node refused this one (not a
+member, invite expired, banned) backs off from 1 s up to `refused_retry_max_s`; each outcome goes to
+`service.join_status`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shoal.mesh.p2p import protocol as p
-from shoal.mesh.p2p.errors import IdentityError, MeshError, SignallingError
+from shoal.mesh.p2p.errors import IdentityError, JoinRefused, MeshError, SignallingError
 from shoal.mesh.p2p.identity import public_key_from_peer_id
+from shoal.mesh.p2p.join_status import TRANSIENT_CODES, Refusal, refusal_backoff
 from shoal.mesh.p2p.peer import Peer
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ class Target:
     backoff_s: float = 0.5
     next_try: float = 0.0
     busy: bool = False
+    refused_s: float = 0.0
+    """The wait after this address's last refusal (0: not refused since it last linked)."""
 
 
 class Discovery:
@@ -129,13 +134,32 @@ class Discovery:
             else:
                 peer = await self.service.connect_address(target.address)
             target.peer_id = peer.peer_id
-            target.backoff_s = 0.5
+            target.backoff_s, target.refused_s = 0.5, 0.0
+            self.service.join_status.linked()
+        except JoinRefused as exc:
+            if exc.code in TRANSIENT_CODES:
+                self._failed(target, exc)
+            else:
+                target.refused_s = refusal_backoff(target.refused_s, self.service.config.refused_retry_max_s)
+                target.next_try = time.monotonic() + target.refused_s
+                refusal = Refusal(target.address, exc.code, str(exc)[:300], time.time())
+                self.service.join_status.refused(refusal, target.refused_s)
+                wait = target.refused_s
+                logger.warning("mesh: %s refused this node (retry in %.1f s): %s", target.address, wait, exc)
         except MeshError as exc:
-            target.next_try = time.monotonic() + target.backoff_s
-            logger.info("dial %s failed (retry in %.1f s): %s", target.address, target.backoff_s, exc)
-            target.backoff_s = min(target.backoff_s * 2, self.service.config.retry_max_s)
+            self._failed(target, exc)
         finally:
             target.busy = False
+
+    def _failed(self, target: Target, exc: MeshError) -> None:
+        target.next_try = time.monotonic() + target.backoff_s
+        logger.info("dial %s failed (retry in %.1f s): %s", target.address, target.backoff_s, exc)
+        target.backoff_s = min(target.backoff_s * 2, self.service.config.retry_max_s)
+        self.service.join_status.failed(f"{target.address}: {exc}")
+
+    def dialling(self) -> bool:
+        """Whether some address is still worth dialling (a bootstrap address, or a learned one not linked)."""
+        return any(t.bootstrap or t.peer_id not in self.service.peers for t in self.targets.values())
 
     def _relay_for(self, peer_id: str) -> Peer | None:
         for peer in self.service.connected_peers():
@@ -218,6 +242,7 @@ class Discovery:
                         "to": relay.peer_id,
                         "re": signal.get("nonce"),
                         "reason": "no route",
+                        "code": "no_route",
                     }
                     await relay.notify("signal", reply)
                 return
@@ -232,7 +257,8 @@ class Discovery:
                     "op": "refused",
                     "to": str(signal.get("from")) if isinstance(signal, dict) else "",
                     "re": signal.get("nonce") if isinstance(signal, dict) else None,
-                    "reason": str(exc),
+                    "reason": str(exc)[:300],
+                    "code": exc.code,
                 }
             await relay.notify("signal", reply)
             return
@@ -242,7 +268,10 @@ class Discovery:
             if op == "answer":
                 future.set_result(signal)
             else:
-                future.set_exception(SignallingError(f"refused: {body.get('reason')!s:.200}"))
+                code = body.get("code") if isinstance(body.get("code"), str) else "refused"
+                future.set_exception(
+                    JoinRefused(f"refused: {body.get('reason')!s:.200}", code[:40], relay.peer_id)
+                )
 
     # ----- mDNS ------------------------------------------------------------------------------------------
 

@@ -20,11 +20,32 @@ class ProtocolError(MeshError):
 
 
 class SignallingError(MeshError):
-    """A signalling message is malformed, badly signed, stale, or the sender is not a mesh member."""
+    """A signalling message is malformed, badly signed, stale, or the sender is not a mesh member.
+
+    `code` names the reason in a refusal sent back to the sender (`invalid_signal`, `stale`, `replayed`,
+    `bad_signature`, `banned`, `too_many_peers`, `glare`, `not_in_mesh`, ...)."""
+
+    code = "invalid_signal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class MembershipError(SignallingError):
-    """The sender proved neither the mesh secret nor a place on the allow-list."""
+    """The sender proved neither the mesh secret (or a current invite to it) nor a place on the allow-list.
+    Codes: `not_member`, `foreign_mesh`, `invite_expired`."""
+
+    code = "not_member"
+
+
+class JoinRefused(SignallingError):
+    """A member refused this node's offer; `code` is the member's reason code, `by` the address asked."""
+
+    def __init__(self, message: str, code: str, by: str) -> None:
+        super().__init__(message, code)
+        self.by = by
 
 
 class PeerUnavailable(MeshError):

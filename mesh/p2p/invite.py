@@ -3,6 +3,11 @@
 Token: `shoal1-` + base64url(orjson({"n": name, "s": secret_b64, "b": [addresses]}) || sha256[:4]).
 The mesh id is derived from the secret (`mesh_id_for`), so it can be shown and announced (mDNS) without
 revealing the secret.
+
+An expiring invite carries no mesh secret: `{"n", "k": invite key, "e": expiry (unix s), "m": mesh id, "b"}`
+where the key is HMAC(secret, expiry) (`invite_key`). Members derive the key from the expiry a joiner claims,
+so a joiner who edits `e` holds the wrong key and is refused; after `e` members refuse it as expired. Once
+linked, a member sends the joiner the mesh secret over the link (`mesh.key`, see `mesh.p2p.rekey`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ PREFIX = "shoal1-"
 SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 4096
 MAX_BOOTSTRAP = 16
+MAX_EXPIRY = 2**40
 
 
 def mesh_id_for(secret: bytes) -> str:
@@ -42,6 +48,17 @@ def check_membership_proof(secret: bytes, proof: object, *parts: str) -> bool:
     return hmac.compare_digest(membership_proof(secret, *parts), proof)
 
 
+def invite_key(secret: bytes, expires: int) -> bytes:
+    """The key an invite expiring at `expires` (unix seconds) carries instead of the mesh secret."""
+    return hmac.new(secret, b"shoal invite\x00" + str(expires).encode(), hashlib.sha256).digest()
+
+
+def check_expiry(expires: object) -> int:
+    if type(expires) is not int or not 0 < expires < MAX_EXPIRY:
+        raise InviteError(f"invite expiry must be a unix time in seconds, got {expires!r:.40}")
+    return expires
+
+
 def _check_address(address: object) -> str:
     if not isinstance(address, str) or not 3 <= len(address) <= 200 or any(c.isspace() for c in address):
         raise InviteError(f"bad bootstrap address {address!r:.80}")
@@ -58,10 +75,21 @@ class Invite:
     """The shared mesh secret (32 random bytes); proves membership in signalling."""
     bootstrap: tuple[str, ...] = ()
     """`host:port` API addresses of members to contact first."""
+    expires: int | None = None
+    """Unix time after which members refuse the invite; set only on an expiring invite, whose `secret` is
+    then the invite key (`invite_key`), not the mesh secret."""
+    mesh: str | None = None
+    """The mesh id; given only with `expires` (the mesh id cannot be derived from an invite key)."""
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
             raise InviteError("a mesh secret has at least 16 bytes")
+        if self.expires is not None:
+            check_expiry(self.expires)
+            if not isinstance(self.mesh, str) or not 2 <= len(self.mesh) <= 64 or not self.mesh.isalnum():
+                raise InviteError("an expiring invite names its mesh id")
+        elif self.mesh is not None:
+            raise InviteError("only an expiring invite names its mesh id")
         if len(self.bootstrap) > MAX_BOOTSTRAP:
             raise InviteError(f"at most {MAX_BOOTSTRAP} bootstrap addresses")
         for address in self.bootstrap:
@@ -69,19 +97,33 @@ class Invite:
 
     @property
     def mesh_id(self) -> str:
-        return mesh_id_for(self.secret)
+        return self.mesh if self.mesh is not None else mesh_id_for(self.secret)
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now > self.expires
+
+    def expiring(self, expires: int) -> Invite:
+        """An invite to the same mesh that members refuse after `expires` (needs the mesh secret)."""
+        if self.expires is not None:
+            raise InviteError("an expiring invite holds no mesh secret to derive another invite from")
+        key = invite_key(self.secret, check_expiry(expires))
+        return Invite(self.name, key, self.bootstrap, expires, self.mesh_id)
 
     @classmethod
     def create(cls, name: str = "shoal", bootstrap: tuple[str, ...] = ()) -> Invite:
         return cls(name=name[:64], secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
 
     def with_bootstrap(self, bootstrap: tuple[str, ...]) -> Invite:
-        return Invite(self.name, self.secret, tuple(bootstrap))
+        return Invite(self.name, self.secret, tuple(bootstrap), self.expires, self.mesh)
 
     def to_token(self) -> str:
-        body = orjson.dumps(
-            {"n": self.name, "s": base64.b64encode(self.secret).decode(), "b": list(self.bootstrap)}
-        )
+        secret = base64.b64encode(self.secret).decode()
+        if self.expires is None:
+            fields: dict[str, object] = {"n": self.name, "s": secret, "b": list(self.bootstrap)}
+        else:
+            fields = {"n": self.name, "k": secret, "e": self.expires, "m": self.mesh}
+            fields["b"] = list(self.bootstrap)
+        body = orjson.dumps(fields)
         checksum = hashlib.sha256(body).digest()[:4]
         return PREFIX + base64.urlsafe_b64encode(body + checksum).decode("ascii").rstrip("=")
 
@@ -107,13 +149,14 @@ class Invite:
             raise InviteError("invite token checksum does not match (was it cut off or mistyped?)")
         try:
             data = orjson.loads(body)
-            name, secret = data["n"], base64.b64decode(data["s"], validate=True)
+            expires, mesh = data.get("e"), data.get("m")
+            name, secret = data["n"], base64.b64decode(data["s" if expires is None else "k"], validate=True)
             bootstrap = tuple(_check_address(a) for a in data.get("b", []))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InviteError(f"invite token content is malformed: {exc}") from exc
         if not isinstance(name, str):
             raise InviteError("invite mesh name is not text")
-        return cls(name=name[:64], secret=secret, bootstrap=bootstrap)
+        return cls(name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh)
 
 
 def render_qr(token: str) -> str:

@@ -96,6 +96,8 @@ class Peer:
         self.settings = settings
         self.handlers = handlers
         self.api_address: str | None = None
+        self.admitted: str | None = None
+        """How the peer proved membership in signalling: `secret`, `invite` or `allow` (see `signalling`)."""
         self.advert: dict[str, Any] = {}
         self.rtt_s: float | None = None
         self.rtt_samples: list[float] = []
@@ -290,18 +292,23 @@ class Peer:
                 return
             self.last_seen = time.monotonic()
             try:
-                if channel_name == p.CONTROL:
-                    self._on_control(p.decode_control(data))
-                else:
-                    if not isinstance(data, bytes):
-                        raise ProtocolError(f"text message on binary channel {channel_name}")
-                    frame = self._reassemblers[channel_name].feed(data)
-                    if frame is not None:
-                        self._on_binary(frame)
+                self.receive(channel_name, data)
             except ProtocolError as exc:
                 self.strike(str(exc))
 
         return on_message
+
+    def receive(self, channel_name: str, data: bytes | str) -> None:
+        """Decode and dispatch one message the peer sent on `channel_name`; `ProtocolError` is the only
+        exception peer input can cause here (handlers run as tasks and answer errors themselves)."""
+        if channel_name == p.CONTROL:
+            self._on_control(p.decode_control(data))
+            return
+        if not isinstance(data, bytes):
+            raise ProtocolError(f"text message on binary channel {channel_name}")
+        frame = self._reassemblers[channel_name].feed(data)
+        if frame is not None:
+            self._on_binary(frame)
 
     def strike(self, reason: str) -> None:
         """Count one protocol violation; answer with an error frame; past the limit, report abuse."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 MAX_SIGNAL_MESSAGE = 64 * 1024
 SIGNAL_WAIT_S = 10.0
+MAX_INVITE_LIFETIME_S = 366 * 86400
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -37,16 +39,32 @@ def _from_loopback(request: web.Request) -> bool:
         return False
 
 
+def in_a_mesh(service: MeshService) -> bool:
+    membership = service.membership
+    return bool(membership.secret or membership.allow)
+
+
 def peers_view(service: MeshService) -> dict[str, Any]:
     return {
         "self": {
             "id": service.identity.peer_id,
             "name": service.identity.name,
             "api": service.advertise_address,
-            "mesh": service.membership.mesh_id,
+            # None until the node holds a mesh secret, an invite or an allow-list: "not in a mesh".
+            "mesh": service.membership.mesh_id if in_a_mesh(service) else None,
         },
+        "mesh": service.join_status.view(
+            service.membership.mesh_id,
+            in_a_mesh(service),
+            len(service.connected_peers()),
+            service.discovery.dialling(),
+        ),
         "peers": [
-            {**peer.summary(), "trusted": peer.peer_id in service.membership.allow}
+            {
+                **peer.summary(),
+                "trusted": peer.peer_id in service.membership.allow,
+                "admitted": peer.admitted,
+            }
             for peer in service.peers.values()
         ],
         "banned": sorted(pid for pid in list(service.bans) if service.is_banned(pid)),
@@ -91,7 +109,9 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
             await ws.send_str(orjson.dumps({"op": "answer", "signal": answer}).decode())
         except (MeshError, orjson.JSONDecodeError, TimeoutError) as exc:
             logger.info("signalling from %s refused: %s", request.remote, exc)
-            await ws.send_str(orjson.dumps({"op": "refused", "reason": str(exc)[:300]}).decode())
+            code = exc.code if isinstance(exc, SignallingError) else "invalid_signal"
+            reply = {"op": "refused", "reason": str(exc)[:300] or type(exc).__name__, "code": code}
+            await ws.send_str(orjson.dumps(reply).decode())
         finally:
             await ws.close()
         return ws
@@ -107,11 +127,26 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
             return _error(
                 "the invite (it holds the mesh secret) is only shown to local clients", 403, "forbidden"
             )
-        token = service.invite()
+        lifetime = request.query.get("expires_in")
+        expires: int | None = None
+        if lifetime is not None:
+            if not lifetime.isdigit() or not 1 <= int(lifetime) <= MAX_INVITE_LIFETIME_S:
+                message = f"expires_in is a whole number of seconds from 1 to {MAX_INVITE_LIFETIME_S}"
+                return _error(message, 400, "invalid_expiry")
+            expires = int(time.time()) + int(lifetime)
+        try:
+            token = service.invite(expires)
+        except InviteError as exc:
+            return _error(str(exc), 409, "no_mesh_secret")
         if token is None:
             return _error("this node is not in a mesh with a secret", 404, "no_mesh")
         text = token.to_token()
-        body = {"invite": text, "mesh": service.membership.mesh_id, "name": token.name}
+        body = {
+            "invite": text,
+            "mesh": service.membership.mesh_id,
+            "name": token.name,
+            "expires": token.expires,
+        }
         if request.query.get("qr") in ("1", "true"):
             body["qr"] = render_qr(text)
         return _json(body)
@@ -126,6 +161,9 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
             return _error(f'expected {{"invite": "shoal1-..."}}: {exc}', 400, "invalid_invite")
         if parsed is None:
             return _error("expected a JSON object", 400, "invalid_invite")
+        if parsed.expired(time.time()):
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(parsed.expires or 0))
+            return _error(f"this invite expired at {when}; ask a member for a new one", 400, "invite_expired")
         await service.join(parsed)
         return _json({"mesh": service.membership.mesh_id, "bootstrap": list(parsed.bootstrap)})
 
@@ -133,4 +171,16 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
     app.router.add_get("/v1/mesh/peers", peers)
     app.router.add_get("/v1/mesh/topology", topology)
     app.router.add_get("/v1/mesh/invite", invite)
+
+    async def rotate(request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return _error("rotating the mesh secret is only allowed from local clients", 403, "forbidden")
+        try:
+            result = await service.rotate()
+        except InviteError as exc:
+            return _error(str(exc), 409, "no_mesh_secret")
+        token = service.invite()
+        return _json({**result, "invite": token.to_token() if token is not None else None})
+
     app.router.add_post("/v1/mesh/join", join)
+    app.router.add_post("/v1/mesh/rotate", rotate)

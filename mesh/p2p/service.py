@@ -22,10 +22,18 @@ from shoal.mesh.events import EventBus
 from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.config import MeshConfig
-from shoal.mesh.p2p.errors import LinkClosed, MeshError, PeerUnavailable, SignallingError
+from shoal.mesh.p2p.errors import (
+    InviteError,
+    JoinRefused,
+    LinkClosed,
+    MeshError,
+    PeerUnavailable,
+    SignallingError,
+)
 from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
 from shoal.mesh.p2p.identity import Identity
-from shoal.mesh.p2p.invite import Invite, load_saved_invite, save_invite
+from shoal.mesh.p2p.invite import Invite, save_invite
+from shoal.mesh.p2p.join_status import JoinStatus
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
 from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, verify_signal
 
@@ -63,7 +71,11 @@ class MeshService:
             request_timeout_s=config.request_timeout_s,
             abuse_limit=config.abuse_limit,
         )
+        self.mesh_name = "shoal"
+        """Human name of the mesh (from its invite)."""
         self.membership = self._initial_membership()
+        self.join_status = JoinStatus()
+        """This node's own standing: linked, joining, refused (`mesh` in `GET /v1/mesh/peers`)."""
         self.peers: dict[str, Peer] = {}
         self.known: dict[str, dict[str, Any]] = {}
         """Every peer id ever linked or heard of: {"name", "api"}."""
@@ -85,10 +97,12 @@ class MeshService:
         from shoal.mesh.ipfs.block_exchange import BlockExchange
         from shoal.mesh.p2p.discovery import Discovery
         from shoal.mesh.p2p.gossip import Gossip
+        from shoal.mesh.p2p.rekey import Rekey
 
         self.gossip = Gossip(self)
         self.discovery = Discovery(self)
         self.blocks = BlockExchange(self)
+        self.rekey = Rekey(self)
 
     @property
     def identity(self) -> Identity:
@@ -103,37 +117,45 @@ class MeshService:
     # ----- membership ------------------------------------------------------------------------------------
 
     def _initial_membership(self) -> Membership:
-        secret = self.config.secret_bytes()
-        self.saved_bootstrap: tuple[str, ...] = ()
-        if secret is None:
-            try:
-                saved = load_saved_invite(self.data_dir)
-            except MeshError as exc:
-                logger.warning("ignoring the saved invite: %s", exc)
-                saved = None
-            if saved is not None:
-                secret, self.saved_bootstrap = saved.secret, saved.bootstrap
-        return Membership(secret=secret, allow=frozenset(self.config.allow))
+        from shoal.mesh.p2p.rekey import starting_invite
 
-    @property
-    def mesh_name(self) -> str:
-        if self.config.invite:
-            return Invite.from_token(self.config.invite).name
-        return "shoal"
+        invite, saved = starting_invite(self.config, self.data_dir)
+        self.saved_bootstrap: tuple[str, ...] = invite.bootstrap if invite is not None and saved else ()
+        allow = frozenset(self.config.allow)
+        if invite is None:
+            return Membership(allow=allow)
+        self.mesh_name = invite.name
+        return Membership.from_invite(invite, allow)
 
-    def invite(self) -> Invite | None:
-        """An invite to this mesh with this node as bootstrap (None when the mesh has no secret)."""
-        if not self.membership.secret:
+    def invite(self, expires: int | None = None) -> Invite | None:
+        """An invite to this mesh with this node as bootstrap (None when the mesh has no secret); with
+        `expires` (unix s) one that members refuse after then. A node that joined with an expiring invite and
+        has not been handed the secret yet can only pass on that invite (`InviteError` for `expires`)."""
+        membership = self.membership
+        if not membership.secret:
             return None
         bootstrap = (self.advertise_address,) if self.advertise_address else ()
-        return Invite(self.mesh_name, self.membership.secret, bootstrap)
+        if membership.invite_expires is not None:
+            if expires is not None:
+                raise InviteError("this node holds an expiring invite, not the mesh secret, to make one from")
+            expiry, mesh_id = membership.invite_expires, membership.mesh_id
+            return Invite(self.mesh_name, membership.secret, bootstrap, expiry, mesh_id)
+        invite = Invite(self.mesh_name, membership.secret, bootstrap)
+        return invite.expiring(expires) if expires is not None else invite
 
     async def join(self, invite: Invite) -> None:
-        """Join a mesh at runtime: adopt its secret, save it for restarts, contact its bootstrap nodes."""
-        self.membership = Membership(secret=invite.secret, allow=self.membership.allow)
+        """Join a mesh at runtime: adopt its secret (or invite key), save it for restarts, contact its
+        bootstrap nodes."""
+        self.membership = Membership.from_invite(invite, self.membership.allow)
+        self.mesh_name = invite.name
+        self.join_status = JoinStatus()
         await asyncio.to_thread(save_invite, self.data_dir, invite)
         self.discovery.add_bootstrap(invite.bootstrap)
         self.events.publish("mesh.joined", mesh=self.membership.mesh_id)
+
+    async def rotate(self) -> dict[str, Any]:
+        """A new mesh secret, sent to every member linked now (see `p2p.rekey`)."""
+        return await self.rekey.rotate()
 
     @property
     def advertise_address(self) -> str:
@@ -295,6 +317,7 @@ class MeshService:
                 if self.is_banned(answer.peer_id):
                     raise SignallingError(f"{answer.peer_id[:12]} is banned")
                 peer.peer_id, peer.name, peer.api_address = answer.peer_id, answer.name, answer.api or None
+                peer.admitted = answer.admitted
                 await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
                 await peer.wait_open(self.config.connect_timeout_s)
         except BaseException as exc:
@@ -323,7 +346,9 @@ class MeshService:
                 reply = await ws.receive_json()
             if not isinstance(reply, dict) or reply.get("op") != "answer":
                 reason = reply.get("reason") if isinstance(reply, dict) else None
-                raise SignallingError(f"{address} refused the offer: {reason!s:.200}")
+                code = reply.get("code") if isinstance(reply, dict) else None
+                code = code[:40] if isinstance(code, str) and code else "refused"
+                raise JoinRefused(f"{address} refused the offer: {reason!s:.200}", code, address)
             return reply.get("signal")
 
         try:
@@ -358,19 +383,20 @@ class MeshService:
         sender = raw.get("from") if isinstance(raw, dict) else None
         try:
             if not self._running or not self.membership.active:
-                raise SignallingError("this node is not in a mesh")
+                raise SignallingError("this node is not in a mesh", "not_in_mesh")
             offer = verify_signal(raw, self.membership, self.identity.peer_id, "offer", self._replay)
             if self.is_banned(offer.peer_id):
-                raise SignallingError("banned")
+                raise SignallingError("banned", "banned")
             if offer.peer_id not in self.peers and len(self.peers) >= self.config.max_peers:
-                raise SignallingError("too many peers")
+                raise SignallingError("too many peers", "too_many_peers")
             if offer.peer_id in self._dialing and self.identity.peer_id < offer.peer_id:
-                raise SignallingError("glare: this node is dialling you")
+                raise SignallingError("glare: this node is dialling you", "glare")
         except SignallingError as exc:
             self._refuse(str(exc), sender)
             raise
         peer = self._new_peer(offerer=False)
         peer.peer_id, peer.name, peer.api_address = offer.peer_id, offer.name, offer.api or None
+        peer.admitted = offer.admitted
         try:
             await peer.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())
@@ -378,7 +404,7 @@ class MeshService:
             await peer.close("bad offer SDP")
             self._pending.discard(peer)
             self._refuse(f"unusable SDP: {exc}", sender)
-            raise SignallingError(f"unusable SDP: {exc}") from None
+            raise SignallingError(f"unusable SDP: {exc}", "unusable_sdp") from None
         self.spawn(self._finish_incoming(peer), name=f"accept {offer.peer_id[:12]}")
         return build_signal(
             self.identity,
@@ -388,6 +414,7 @@ class MeshService:
             to=offer.peer_id,
             api=self.advertise_address,
             reply_to=offer.nonce,
+            invite=offer.invite_expires if offer.admitted == "invite" else None,
         )
 
     async def _finish_incoming(self, peer: Peer) -> None:

@@ -148,6 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
         connect_timeout_s=args.connect_timeout,
         ban_s=args.ban,
         retry_max_s=args.retry_max,
+        refused_retry_max_s=args.refused_retry_max,
         advertise=args.advertise,
     )
     ipfs = IpfsService(IpfsConfig(), args.data_dir, events)
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gossip", type=float, default=2.0)
     parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--retry-max", type=float, default=2.0)
+    parser.add_argument("--refused-retry-max", type=float, default=300.0)
     parser.add_argument("--ban", type=float, default=300.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--advertise", help="API address announced to peers (default: the bound one)")

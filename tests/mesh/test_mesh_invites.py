@@ -1,0 +1,113 @@
+"""Invites that expire, a rotated mesh secret, and refusals the joiner sees — real node processes (the mesh
+harness) linked over aiortc on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from shoal.mesh.p2p.invite import Invite, load_saved_invite
+
+from tests.mesh.mesh_nodes import Node, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+LOOPBACK = ["--ice", "lo", "--no-mdns"]
+
+
+def _node(base, name: str, args: list[str]) -> Node:
+    return Node(name, base / name, f"127.0.0.1:{free_port()}", [*LOOPBACK, *args])
+
+
+def _standing(node: Node) -> dict:
+    return node.get("/v1/mesh/peers")["mesh"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    base = tmp_path_factory.mktemp("invites")
+    invite = Invite.create("inv")
+    node = _node(base, "hub", ["--invite", invite.to_token()]).start()
+    nodes = [node]
+    try:
+        yield {"hub": node, "invite": invite, "base": base, "nodes": nodes}
+    finally:
+        for each in nodes:
+            each.kill(15)
+
+
+def test_expired_invite_is_refused_visibly_and_the_joiner_backs_off(hub):
+    node = hub["hub"]
+    expired = hub["invite"].expiring(int(time.time()) - 60).with_bootstrap((node.api,))
+    # a running node will not take an expired invite at all
+    assert node.post("/v1/mesh/join", {"invite": expired.to_token()})["error"]["code"] == "invite_expired"
+
+    joiner = _node(hub["base"], "late", ["--invite", expired.to_token(), "--refused-retry-max", "4"]).start()
+    hub["nodes"].append(joiner)
+    seen: dict[int, float] = {}
+
+    def refused_three_times() -> bool:
+        standing = _standing(joiner)
+        if standing["status"] == "refused":
+            seen.setdefault(standing["refusals"], standing["backoff_s"])
+        return standing["refusals"] >= 3
+
+    wait_until(refused_three_times, 40, "three refusals")
+    standing = _standing(joiner)
+    assert standing["status"] == "refused" and standing["code"] == "invite_expired", standing
+    assert "expired" in standing["reason"] and standing["by"] == node.api
+    assert standing["next_retry"] > standing["at"] and standing["links"] == 0
+    # the wait doubles per refusal (1, 2, 4 s) up to the cap, instead of a fixed rate
+    assert sorted(seen.items())[:3] == [(1, 1.0), (2, 2.0), (3, 4.0)], seen
+    refused = [r for r in node.get("/v1/mesh/peers")["refused"] if r["from"] == joiner.peer_id]
+    assert refused and "expired" in refused[-1]["reason"]
+    assert joiner.peer_id not in node.peers()
+    joiner.kill(15)
+
+
+def test_current_invite_joins_and_the_member_hands_over_the_secret(hub):
+    node = hub["hub"]
+    body = node.get("/v1/mesh/invite?expires_in=3600")
+    token = Invite.from_token(body["invite"])
+    assert token.expires == body["expires"] and token.mesh_id == hub["invite"].mesh_id
+    assert token.secret != hub["invite"].secret and token.bootstrap == (node.api,)
+    assert node.post_get("/v1/mesh/invite?expires_in=0")["error"]["code"] == "invalid_expiry"
+
+    member = _node(hub["base"], "member", ["--invite", body["invite"]]).start()
+    hub["nodes"].append(member)
+    hub["member"] = member
+    wait_until(lambda: node.peer_id in member.peers(), 30, "member link")
+    # the hub sends the mesh secret over the link; the member saves it (so it outlives the invite)
+    wait_until(lambda: member.peers()[node.peer_id]["admitted"] == "secret", 20, "mesh secret handed over")
+    saved = load_saved_invite(member.data_dir)
+    assert saved.expires is None and saved.secret == hub["invite"].secret
+    assert _standing(member)["status"] == "linked"
+
+
+def test_rotation_rekeys_members_and_refuses_the_old_invite(hub):
+    node, member = hub["hub"], hub["member"]
+    old_mesh = hub["invite"].mesh_id
+    wait_until(lambda: node.peer_id in member.peers(), 30, "member link")
+    result = node.post("/v1/mesh/rotate", {})
+    assert result["previous"] == old_mesh and result["mesh"] != old_mesh, result
+    assert result["rekeyed"] == [member.peer_id] and result["failed"] == []
+    new = Invite.from_token(result["invite"])
+    assert new.mesh_id == result["mesh"] and new.secret != hub["invite"].secret
+    assert member.get("/v1/mesh/peers")["self"]["mesh"] == result["mesh"]
+    assert node.peer_id in member.peers()  # the link stays up
+    assert load_saved_invite(member.data_dir).secret == new.secret
+
+    # the member rejoins after a restart with the new secret, though its config still names the old invite
+    member.kill(15)
+    wait_until(lambda: member.peer_id not in node.peers(), 20, "member gone")
+    member.start()
+    wait_until(lambda: member.peer_id in node.peers(), 30, "member back")
+    assert member.get("/v1/mesh/peers")["self"]["mesh"] == result["mesh"]
+
+    # a node holding the old invite is refused, and sees why
+    stale = _node(hub["base"], "stale", ["--invite", hub["invite"].with_bootstrap((node.api,)).to_token()])
+    stale.start()
+    hub["nodes"].append(stale)
+    wait_until(lambda: _standing(stale)["status"] == "refused", 30, "refusal of the old invite")
+    standing = _standing(stale)
+    assert standing["code"] == "foreign_mesh" and result["mesh"] in standing["reason"], standing
+    assert stale.peer_id not in node.peers()
