@@ -1,8 +1,8 @@
 """Running one request across stages on peers, and surviving a stage that leaves.
 
-- `StageLink`: what a stage needs from a link — `mesh.peer.Peer` satisfies it, and so does `LocalLink`,
-  which hands calls straight to this node's own `StageHost` (the local part of a split runs through the
-  same code as a remote one).
+- `StageLink`: what a stage needs from a link — `p2p.peer.Peer` satisfies it (the in-process tests' fake,
+  `tests/mesh/stage_links.py`, hands calls straight to a `StageHost`). The local part of a split is no link:
+  it is a `DirectStage` on this node's own host.
 - `RemoteStage`: the `models.stage.Stage` protocol over a link. The `Engine` calls stages from an executor
   thread; each blocking method bridges to the node's event loop with
   `asyncio.run_coroutine_threadsafe(...).result(timeout)`, except tensor calls over a direct tensor link
@@ -68,27 +68,6 @@ class StageLink(Protocol):
 
     async def request_binary(self, kind: int, meta: dict[str, Any], payload: bytes = b"",
                              timeout_s: float | None = None) -> BinaryFrame: ...
-
-
-class LocalLink:
-    """A `StageLink` to this node's own `StageHost` (no network)."""
-
-    peer_id = LOCAL_PEER
-
-    def __init__(self, host: Any) -> None:
-        self._host = host
-        self._calls = itertools.count(1)
-
-    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
-        if frame_type == wire.STAGE_OPEN:
-            return await self._host.open(LOCAL_PEER, body)
-        if frame_type == wire.STAGE_CLOSE:
-            return await self._host.close(LOCAL_PEER, body)
-        raise RemoteError("unsupported", frame_type)
-
-    async def request_binary(self, kind: int, meta: dict[str, Any], payload: bytes = b"",
-                             timeout_s: float | None = None) -> BinaryFrame:
-        return await self._host.compute(LOCAL_PEER, BinaryFrame(kind, next(self._calls), meta, payload))
 
 
 @dataclass

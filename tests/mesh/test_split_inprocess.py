@@ -15,11 +15,12 @@ import pytest
 from shoal.mesh.p2p.errors import LinkClosed, RemoteError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
-from shoal.mesh.split.pipeline import LocalLink, RemoteStage, SplitPipeline, StageLost
+from shoal.mesh.split.pipeline import RemoteStage, SplitPipeline, StageLost
 from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
 
+from tests.mesh.stage_links import LocalLink
 from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
 from tests.models.shared_model import chat_ids, dequantized, gguf_model, reference_stage
 
