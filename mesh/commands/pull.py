@@ -1,4 +1,8 @@
-"""`shoal pull CID|NAME`: fetch a model from IPFS into the local store, verified and resumable."""
+"""`shoal pull CID|NAME`: fetch a model from IPFS into the local store, verified and resumable.
+
+Exit codes: 0 done; 2 failed (no source has a block, bad input, or no block arrived for `--stall-timeout`
+seconds); 130 interrupted (Ctrl-C / SIGINT, which the pull honours at once: nothing is left running).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from shoal.mesh.ipfs.cli_support import (
     default_data_dir,
     human_bytes,
 )
-from shoal.mesh.ipfs.errors import IpfsError
+from shoal.mesh.ipfs.errors import BlockNotFoundError, IpfsError
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.models.errors import ModelError
 
@@ -26,9 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", metavar="A:B", default=None,
                         help="fetch only the GGUF header and the tensors of layers [A, B)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    parser.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
+                        help="give up (exit 2) when no block arrives for S seconds (default: %(default)s)")
     add_data_dir_option(parser)
     add_source_options(parser)
     parser.set_defaults(handler=run)
+
+
+WHERE_TO_LOOK = (
+    "  sources: this node's block store, a local IPFS node's RPC API (--rpc, default http://127.0.0.1:5001), "
+    "gateways (--gateway URL: an IPFS gateway or a shoal node's API); a running `shoal node` in a mesh also "
+    "asks its peers (`shoal node --join INVITE`)"
+)
+"""Said when no source had a block: where pull looked and which flag or setting adds a source."""
 
 
 async def _pull(args: argparse.Namespace) -> int:
@@ -54,6 +68,8 @@ async def _pull(args: argparse.Namespace) -> int:
             result = await service.pull_detailed(args.model, progress=bar)
             if bar is not None:
                 bar.done()
+        except BlockNotFoundError as exc:
+            raise CommandError(f"{exc}\n{WHERE_TO_LOOK}") from None
         except (IpfsError, ModelError, ValueError) as exc:
             raise CommandError(str(exc)) from None
     stats = result.stats

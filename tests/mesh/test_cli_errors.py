@@ -58,3 +58,9 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
     assert run.returncode == 141
+
+
+def test_pull_with_no_source_says_where_it_looked(tmp_path: Path) -> None:
+    run = shoal("pull", "smollm2-135m-instruct", "--data-dir", str(tmp_path), "--rpc", "http://127.0.0.1:9",
+                "--timeout", "2", "--retries", "1")
+    assert_one_clear_error(run, "--gateway", "--rpc", "peers")
