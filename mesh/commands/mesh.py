@@ -1,8 +1,11 @@
-"""`shoal mesh`: create a mesh (print an invite and its QR code), show a running node's invite, join one."""
+"""`shoal mesh`: create a mesh (print an invite and its QR code), show a running node's invite (optionally
+one that expires), join one, rotate the mesh secret."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from pathlib import Path
 
 from shoal.mesh.commands.cli import CommandError
@@ -36,12 +39,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     invite = sub.add_parser("invite", help="print the invite of the mesh a running node is in")
     invite.add_argument("--api", metavar="URL", help="node to ask (default: the configured address)")
     invite.add_argument("--no-qr", action="store_true", help="print the token only")
+    invite.add_argument(
+        "--expires",
+        type=duration,
+        metavar="DURATION",
+        help="make an invite that members refuse after this long (e.g. 90s, 30m, 1h, 7d)",
+    )
     invite.set_defaults(handler=run_invite)
 
     join = sub.add_parser("join", help="make a running node join a mesh")
     join.add_argument("invite", help="the invite token (shoal1-...)")
     join.add_argument("--api", metavar="URL", help="node to tell (default: the configured address)")
     join.set_defaults(handler=run_join)
+
+    rotate = sub.add_parser(
+        "rotate",
+        help="replace the mesh secret: members linked now get the new one, old invites stop working",
+    )
+    rotate.add_argument("--api", metavar="URL", help="node to tell (default: the configured address)")
+    rotate.add_argument("--no-qr", action="store_true", help="print the new invite's token only")
+    rotate.set_defaults(handler=run_rotate)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """`90`, `90s`, `30m`, `1h`, `7d` as whole seconds (1 s to 366 days)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h or 7d")
+    seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not 1 <= seconds <= 366 * 86400:
+        raise argparse.ArgumentTypeError("a duration from 1 s to 366 days")
+    return seconds
 
 
 def _show(token: str, qr: bool) -> None:
@@ -64,8 +95,11 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_invite(args: argparse.Namespace) -> int:
-    body = call(args.api, "/v1/mesh/invite")
+    path = "/v1/mesh/invite" if args.expires is None else f"/v1/mesh/invite?expires_in={args.expires}"
+    body = call(args.api, path)
     _show(body["invite"], not args.no_qr)
+    if body.get("expires"):
+        print(f"expires {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(body['expires']))}")
     return 0
 
 
@@ -76,4 +110,15 @@ def run_join(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     body = call(args.api, "/v1/mesh/join", {"invite": args.invite})
     print(f"joined mesh {body['mesh']}; contacting {', '.join(body['bootstrap']) or 'no bootstrap address'}")
+    return 0
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    body = call(args.api, "/v1/mesh/rotate", {}, timeout=30.0)
+    print(f"mesh {body['previous']} is now {body['mesh']}; re-keyed {len(body['rekeyed'])} linked member(s)")
+    for failed in body.get("failed") or []:
+        print(f"  not re-keyed: {failed['id'][:16]}: {failed['reason']}")
+    print("members not linked now, and every old invite, are refused from now on; share this new invite:")
+    if body.get("invite"):
+        _show(body["invite"], not args.no_qr)
     return 0

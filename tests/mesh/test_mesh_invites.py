@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from shoal.mesh.commands.cli import main
 from shoal.mesh.p2p.invite import Invite, load_saved_invite
 
 from tests.mesh.mesh_nodes import Node, free_port, wait_until
@@ -64,8 +65,12 @@ def test_expired_invite_is_refused_visibly_and_the_joiner_backs_off(hub):
     joiner.kill(15)
 
 
-def test_current_invite_joins_and_the_member_hands_over_the_secret(hub):
+def test_current_invite_joins_and_the_member_hands_over_the_secret(hub, capsys):
     node = hub["hub"]
+    assert main(["mesh", "invite", "--api", node.api, "--no-qr", "--expires", "1h"]) == 0
+    printed = capsys.readouterr().out.split()
+    token = Invite.from_token(printed[0])
+    assert printed[1] == "expires" and 3500 < token.expires - time.time() <= 3600
     body = node.get("/v1/mesh/invite?expires_in=3600")
     token = Invite.from_token(body["invite"])
     assert token.expires == body["expires"] and token.mesh_id == hub["invite"].mesh_id
@@ -83,15 +88,17 @@ def test_current_invite_joins_and_the_member_hands_over_the_secret(hub):
     assert _standing(member)["status"] == "linked"
 
 
-def test_rotation_rekeys_members_and_refuses_the_old_invite(hub):
+def test_rotation_rekeys_members_and_refuses_the_old_invite(hub, capsys):
     node, member = hub["hub"], hub["member"]
     old_mesh = hub["invite"].mesh_id
     wait_until(lambda: node.peer_id in member.peers(), 30, "member link")
-    result = node.post("/v1/mesh/rotate", {})
-    assert result["previous"] == old_mesh and result["mesh"] != old_mesh, result
-    assert result["rekeyed"] == [member.peer_id] and result["failed"] == []
-    new = Invite.from_token(result["invite"])
-    assert new.mesh_id == result["mesh"] and new.secret != hub["invite"].secret
+    assert main(["mesh", "rotate", "--api", node.api, "--no-qr"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    new = Invite.from_token(printed[-1])
+    assert f"mesh {old_mesh} is now {new.mesh_id}; re-keyed 1 linked member(s)" in printed[0]
+    result = {"mesh": new.mesh_id}
+    assert new.mesh_id != old_mesh and new.secret != hub["invite"].secret
+    assert node.get("/v1/mesh/peers")["self"]["mesh"] == new.mesh_id
     assert member.get("/v1/mesh/peers")["self"]["mesh"] == result["mesh"]
     assert node.peer_id in member.peers()  # the link stays up
     assert load_saved_invite(member.data_dir).secret == new.secret
