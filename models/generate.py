@@ -1,9 +1,11 @@
 """Generation over a chain of stages as async token streams, with continuous batching.
 
 One background task owns the loop. Each turn it admits waiting requests in FIFO order (up to `max_batch`
-live sequences), runs one prefill chunk (at most `prefill_chunk` tokens) of the oldest request still in
-prefill, then one batched decode step for every sequence in decode. All stage work and sampling run in an
-executor thread, never on the event loop. Stage i's output feeds stage i + 1.
+live sequences, and only while the KV cache has room for every token they may use: models/admission.py),
+runs one prefill chunk (at most `prefill_chunk` tokens) of the oldest request still in prefill, then one
+batched decode step for every sequence in decode. All stage work and sampling run in an executor thread,
+never on the event loop. Stage i's output feeds stage i + 1. A failing step ends only the requests it can be
+pinned on: a failed batched decode is retried one sequence at a time for the sequences no stage had touched.
 
     engine = Engine([stage], tokenizer)
     await engine.start()
@@ -15,82 +17,43 @@ executor thread, never on the event loop. Stage i's output feeds stage i + 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
+from shoal.models.admission import Admission, AdmissionLimits, AdmissionTimeoutError
+from shoal.models.chain import StageChain
 from shoal.models.errors import ContextOverflowError, ModelError
-from shoal.models.sampling import Sampler, SamplingParams, split_at_stop
+from shoal.models.requests import (
+    EngineStats,
+    FinishReason,
+    Generation,
+    Request,
+    TokenEvent,
+    TokenStream,
+    next_event,
+)
+from shoal.models.sampling import Sampler, SamplingParams
 from shoal.models.stage import Stage
-from shoal.models.tokenizer import StreamDecoder, Tokenizer
+from shoal.models.tokenizer import Tokenizer
+
+__all__ = ["Engine", "EngineStats", "EngineStoppedError", "FinishReason", "Generation", "TokenEvent"]
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_WAITING = 64
+RATE_SMOOTHING = 0.2
+"""Weight of the newest decode step in the token-rate average behind Retry-After hints."""
 
 
 class EngineStoppedError(ModelError):
     """The engine was stopped (or never started) while a request needed it."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token. The last event of a stream has `finish_reason` set."""
-
-    token_id: int
-    text: str
-    """New text this token completes ("" while a character or a possible stop string is incomplete)."""
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    """Tokens generated so far, this one included (an EOS token counts)."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class EngineStats:
-    """Counters since start, for metrics and tests."""
-
-    prefill_chunks: int = 0
-    prefill_tokens: int = 0
-    decode_steps: int = 0
-    decode_tokens: int = 0
-    """Sum of the batch sizes of all decode steps."""
-    max_decode_batch: int = 0
-    finished: int = 0
-
-
-@dataclass(eq=False)
-class _Request:
-    seq_id: int
-    prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    sampler: Sampler
-    decoder: StreamDecoder
-    queue: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
-    prefilled: int = 0
-    output: list[int] = field(default_factory=list)
-    pending: str = ""
-    """Decoded text held back because it may be the start of a stop string."""
-    in_stages: bool = False
-    done: bool = False
-    cancelled: bool = False
 
 
 class Engine:
@@ -98,40 +61,51 @@ class Engine:
 
     def __init__(self, stages: Sequence[Stage], tokenizer: Tokenizer, *, max_batch: int = 8,
                  executor: Executor | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_context: int | None = None) -> None:
-        if not stages:
-            raise ValueError("an engine needs at least one stage")
+                 max_context: int | None = None, kv_tokens: int | None = None,
+                 max_waiting: int = DEFAULT_MAX_WAITING, wait_timeout_s: float | None = None,
+                 default_max_tokens: int | None = None) -> None:
+        """`kv_tokens`: KV-cache tokens over all live sequences (default: the stages' pool,
+        `max_total_tokens`, else `max_context` × `max_batch`); `max_waiting` requests may wait for room, each
+        at most `wait_timeout_s`; `default_max_tokens` caps a request whose `max_tokens` is None."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
-        expected = 0
-        for st in stages:
-            if st.span.start != expected:
-                raise ValueError(f"stage spans must tile the layers in order; got {st.span} after {expected}")
-            expected = st.span.stop
-        config = stages[0].config
-        if expected != config.num_layers:
-            raise ValueError(f"stage spans end at layer {expected}, the model has {config.num_layers}")
-        self.stages = list(stages)
+        if default_max_tokens is not None and default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1 (or None)")
+        self.chain = StageChain(stages)
+        self.stages = self.chain.stages
+        config = self.chain.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         limits = [config.context_length, *(getattr(st, "max_context", None) or config.context_length
                                            for st in stages)]
-        self.max_context = min(limits if max_context is None else [*limits, max_context])
+        context = min(limits if max_context is None else [*limits, max_context])
+        pools = [p for p in (getattr(st, "max_total_tokens", None) for st in stages) if p]
+        capacity = min([*pools, *([kv_tokens] if kv_tokens else [])] or [context * max_batch])
+        page = max(int(getattr(st, "kv_page_size", 1) or 1) for st in stages)
+        self.admission = Admission(AdmissionLimits(
+            capacity=capacity, page_size=page, max_active=max_batch, max_waiting=max_waiting,
+            wait_timeout_s=wait_timeout_s,
+        ))
+        self.max_context = min(context, self.admission.capacity)
+        """Longest prompt + completion of one request: it must fit the KV cache alone."""
+        self.default_max_tokens = default_max_tokens
         self._executor = executor
         self._owns_executor = executor is None
-        self._stage_lock = threading.Lock()
         self._seq_ids = itertools.count()
-        self._waiting: deque[_Request] = deque()
-        self._prefilling: deque[_Request] = deque()
-        self._decoding: list[_Request] = []
+        self._waiting: dict[int, Request] = {}
+        """Requests not yet admitted, by sequence id (their order is the admission queue's)."""
+        self._prefilling: deque[Request] = deque()
+        self._decoding: list[Request] = []
         self._retired: list[int] = []
         """Sequence ids whose KV caches are still to be freed in the stages."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        self._rate: float | None = None
+        """Recent decode throughput, tokens/s (for Retry-After hints)."""
         self.stats = EngineStats()
 
     # --- lifecycle ----------------------------------------------------------------------------------------
@@ -154,7 +128,7 @@ class Engine:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])  # the task's own CancelledError stays inside it
-        for req in [*self._waiting, *self._prefilling, *self._decoding]:
+        for req in [*self._waiting.values(), *self._prefilling, *self._decoding]:
             if not req.done:
                 req.queue.put_nowait(EngineStoppedError("the engine stopped before the request finished"))
             self._retire(req)
@@ -174,8 +148,13 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a batch slot."""
+        """Requests waiting for admission (a batch slot and room in the KV cache)."""
         return len(self._waiting)
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV-cache tokens reserved by admitted requests (of `admission.capacity`)."""
+        return self.admission.reserved
 
     @property
     def active_count(self) -> int:
@@ -190,8 +169,11 @@ class Engine:
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Queue a request and return its token stream. Raises here, before any work, on a bad prompt, a
-        prompt + max_tokens past the context (ContextOverflowError) or a stopped engine. Closing the
-        iterator early cancels the request and frees its KV cache in every stage."""
+        prompt + max_tokens past the context (ContextOverflowError), a full admission queue
+        (QueueFullError) or a stopped engine. The request reserves prompt + max_tokens KV tokens (None:
+        `default_max_tokens`, else the rest of the context) and waits until they are free; a wait past the
+        timeout ends the stream with AdmissionTimeoutError. Closing the iterator early cancels the request
+        and frees its place in the queue, or its KV cache in every stage."""
         if not self._running:
             raise EngineStoppedError("the engine is not running; call start() first")
         prompt = [int(t) for t in prompt_ids]
@@ -205,19 +187,37 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens; the context holds {self.max_context}"
             )
-        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+        else:
+            max_tokens = min(room, self.default_max_tokens or room)
         if max_tokens > room:
             raise ContextOverflowError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
                 f"{self.max_context} tokens; lower max_tokens to at most {room}"
             )
-        req = _Request(seq_id=next(self._seq_ids), prompt=prompt, params=params, max_tokens=max_tokens,
+        req = Request(seq_id=next(self._seq_ids), prompt=prompt, params=params, max_tokens=max_tokens,
                        sampler=Sampler(params, prompt), decoder=self.tokenizer.stream_decoder())
-        self._waiting.append(req)
+        try:
+            self.admission.submit(req.seq_id, len(prompt) + max_tokens, time.monotonic(), self._rate)
+        except ModelError:
+            self.stats.refused = self.admission.refused
+            raise
+        self._waiting[req.seq_id] = req
         self._wake.set()
-        return self._events(req)
+        return TokenStream(self._events(req), lambda: self._cancel(req))
 
-    async def _events(self, req: _Request) -> AsyncIterator[TokenEvent]:
+    def _cancel(self, req: Request) -> None:
+        """The client left: a waiting request gives its queue place back at once; a running one is reaped
+        (its KV cache freed) at the top of the loop's next turn."""
+        if req.done:
+            return
+        req.cancelled = True
+        if req.seq_id in self._waiting:
+            self._retire(req)
+        self._wake.set()
+
+    async def _events(self, req: Request) -> AsyncIterator[TokenEvent]:
         try:
             while True:
                 item = await req.queue.get()
@@ -227,9 +227,7 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
-            if not req.done:
-                req.cancelled = True
-                self._wake.set()
+            self._cancel(req)
 
     async def generate_text(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
         parts: list[str] = []
@@ -248,36 +246,77 @@ class Engine:
     async def _run(self) -> None:
         while True:
             await self._reap_cancelled()
-            while self._waiting and self.active_count < self.max_batch:
-                self._prefilling.append(self._waiting.popleft())
+            self._admit()
             if not self._prefilling and not self._decoding:
                 self._wake.clear()
-                if not self._waiting and not self._has_cancelled():
-                    await self._wake.wait()
+                if not self._has_cancelled():
+                    await self._idle()
                 continue
             if self._prefilling:
                 await self._guarded(self._prefill_step, [self._prefilling[0]])
             if self._decoding:
                 await self._guarded(self._decode_step, list(self._decoding))
 
-    async def _guarded(self, step: Any, batch: list[_Request]) -> None:
-        """Run a step; a failure ends the requests of that batch with the error (the engine keeps going)."""
+    def _admit(self) -> None:
+        """End waits past the timeout; start the requests the KV cache and the batch now have room for."""
+        now = time.monotonic()
+        for seq_id in self.admission.expire(now):
+            req = self._waiting.pop(seq_id)
+            self.stats.timed_out += 1
+            req.done = True
+            req.queue.put_nowait(AdmissionTimeoutError(
+                f"the request waited {self.admission.limits.wait_timeout_s:g} s for room in the KV cache; "
+                "retry later", self.admission.retry_after_s(self._rate)))
+        for seq_id in self.admission.admit(now):
+            req = self._waiting.pop(seq_id)
+            ticket = self.admission.ticket(seq_id)
+            req.queued_s = ticket.waited_s if ticket is not None else 0.0
+            self.stats.admitted += 1
+            self.stats.queued_s += req.queued_s
+            self._prefilling.append(req)
+
+    async def _idle(self) -> None:
+        """Sleep until woken, or until the oldest waiting request times out."""
+        deadline = self.admission.next_deadline()
+        if deadline is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
+
+    async def _guarded(self, step: Any, batch: list[Request]) -> None:
+        """Run a step; a failure ends only the requests it can be pinned on (the engine keeps going). A failed
+        decode step of several sequences is re-run one sequence at a time for those whose KV caches no stage
+        touched; the others (and a failing single sequence) end with the error."""
         try:
             await step(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.exception("generation step failed for sequences %s", [r.seq_id for r in batch])
+            live = [r for r in batch if not r.done and not r.cancelled]
+            retry = step == self._decode_step and len(live) > 1
+            clean = await self._in_executor(self.chain.untouched, live) if retry else []
             for req in batch:
-                if not req.done:
-                    req.queue.put_nowait(exc)
-                self._retire(req)
+                if req not in clean:
+                    self._fail(req, exc)
             await self._free_retired()
+            for req in clean:
+                self.stats.retried_alone += 1
+                await self._guarded(self._decode_step, [req])
 
-    def _retire(self, req: _Request) -> None:
-        """Take `req` off every list; its KV cache is freed by the next `_free_retired`."""
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if not req.done:
+            req.queue.put_nowait(exc)
+        self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        """Take `req` off every list and release its KV reservation; its KV cache is freed by the next
+        `_free_retired`."""
         req.done = True
-        for queue in (self._waiting, self._prefilling, self._decoding):
+        self._waiting.pop(req.seq_id, None)
+        self.admission.release(req.seq_id)
+        for queue in (self._prefilling, self._decoding):
             if req in queue:
                 queue.remove(req)
         if req.in_stages:
@@ -286,11 +325,11 @@ class Engine:
 
     def _has_cancelled(self) -> bool:
         return bool(self._retired) or any(
-            r.cancelled for r in itertools.chain(self._waiting, self._prefilling, self._decoding)
+            r.cancelled for r in itertools.chain(self._waiting.values(), self._prefilling, self._decoding)
         )
 
     async def _reap_cancelled(self) -> None:
-        live = itertools.chain(self._waiting, self._prefilling, self._decoding)
+        live = itertools.chain(self._waiting.values(), self._prefilling, self._decoding)
         for req in [r for r in live if r.cancelled]:
             self._retire(req)
         await self._free_retired()
@@ -304,26 +343,20 @@ class Engine:
             return
         seq_ids = list(self._retired)
         try:
-            await self._in_executor(self._remove_sequences, seq_ids)
+            await self._in_executor(self.chain.remove, seq_ids)
         except asyncio.CancelledError:
             raise  # the ids stay listed: stop() frees them (removal is idempotent)
         except Exception:
             logger.exception("freeing sequences %s failed", seq_ids)
         self._retired = [s for s in self._retired if s not in seq_ids]
 
-    def _remove_sequences(self, seq_ids: list[int]) -> None:
-        with self._stage_lock:
-            for st in self.stages:
-                for seq_id in seq_ids:
-                    st.remove_sequence(seq_id)
-
-    async def _prefill_step(self, batch: list[_Request]) -> None:
+    async def _prefill_step(self, batch: list[Request]) -> None:
         req = batch[0]
         chunk = req.prompt[req.prefilled:req.prefilled + self.prefill_chunk]
         is_last = req.prefilled + len(chunk) >= len(req.prompt)
         if not req.in_stages:
             req.in_stages = True  # set before the call: a failure half-way still frees what was added
-        token = await self._in_executor(self._run_prefill, req, chunk, is_last)
+        token = await self._in_executor(self.chain.prefill, req, chunk, is_last)
         req.prefilled += len(chunk)
         self.stats.prefill_chunks += 1
         self.stats.prefill_tokens += len(chunk)
@@ -332,67 +365,33 @@ class Engine:
             self._decoding.append(req)
             self._accept(req, token)
 
-    def _run_prefill(self, req: _Request, chunk: list[int], is_last: bool) -> int | None:
-        with self._stage_lock:
-            if req.prefilled == 0:
-                for st in self.stages:
-                    st.add_sequence(req.seq_id)
-            x: np.ndarray = np.asarray(chunk, dtype=np.int32)
-            for st in self.stages:
-                x = st.prefill(req.seq_id, x)
-        return req.sampler.next_token(x) if is_last else None
-
-    async def _decode_step(self, batch: list[_Request]) -> None:
+    async def _decode_step(self, batch: list[Request]) -> None:
         batch = [r for r in batch if not r.cancelled]
         if not batch:
             return
-        tokens = await self._in_executor(self._run_decode, batch)
+        started = time.monotonic()
+        tokens = await self._in_executor(self.chain.decode, batch)
+        elapsed = time.monotonic() - started
+        if elapsed > 0:
+            rate = len(batch) / elapsed
+            self._rate = rate if self._rate is None else self._rate + RATE_SMOOTHING * (rate - self._rate)
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(batch))
         for req, token in zip(batch, tokens, strict=True):
-            if not req.cancelled and not req.done:
+            if isinstance(token, Exception):  # its sampler failed: only this request ends
+                logger.error("sampling failed for sequence %d: %s", req.seq_id, token)
+                self._fail(req, token)
+            elif not req.cancelled and not req.done:
                 self._accept(req, token)
-
-    def _run_decode(self, batch: list[_Request]) -> list[int]:
-        seq_ids = [r.seq_id for r in batch]
-        *body, last = self.stages
-        by_argmax = getattr(last, "decode_argmax", None)
-        with self._stage_lock:
-            x: np.ndarray = np.asarray([r.output[-1] for r in batch], dtype=np.int32)
-            for st in body:
-                x = st.decode(seq_ids, x)
-            if by_argmax is not None and all(r.params.plain_greedy for r in batch):
-                tokens = by_argmax(seq_ids, x)  # the logits stay where they were computed
-            else:
-                x = last.decode(seq_ids, x)
-                tokens = None
-        if tokens is None:
-            return [r.sampler.next_token(row) for r, row in zip(batch, x, strict=True)]
-        for req, token in zip(batch, tokens, strict=True):
-            req.sampler.accept(token)
-        return tokens
 
     # --- tokens -> events ---------------------------------------------------------------------------------
 
-    def _accept(self, req: _Request, token: int) -> None:
+    def _accept(self, req: Request, token: int) -> None:
         """Turn a sampled token into an event; finish the request on EOS, a stop string or max_tokens."""
-        req.output.append(token)
-        finish: FinishReason | None = None
-        if token in self.tokenizer.stop_token_ids:
-            text = req.pending + req.decoder.flush()
-            req.pending = ""
-            finish = "stop"
-        else:
-            text, req.pending, stopped = split_at_stop(req.pending + req.decoder.push(token), req.params.stop)
-            finish = "stop" if stopped else None
-            if finish is None and len(req.output) >= req.max_tokens:
-                text += req.pending + req.decoder.flush()
-                req.pending = ""
-                finish = "length"
-        event = TokenEvent(token_id=token, text=text, finish_reason=finish, prompt_tokens=len(req.prompt),
-                           completion_tokens=len(req.output))
+        event = next_event(req, token, self.tokenizer.stop_token_ids)
         req.queue.put_nowait(event)
-        if finish is not None:
+        if event.finish_reason is not None:
             self.stats.finished += 1
             self._retire(req)  # its KV cache is freed at the top of the next turn
+
