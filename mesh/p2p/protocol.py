@@ -44,10 +44,11 @@ CONTROL_LIMITS: dict[str, int] = {
     "peers": 65_536,
     "signal": 32_768,
     "link": 512,
+    "mesh.key": 1024,
 }
 """`link` is sent once by each end when a link opens: `{"max_packet": int, "mtu": int}`, the largest SCTP
 packet this end can receive (0: aiortc's standard size only) and its MTU for the link's ICE pair (0: unknown).
-See `mesh.aiortc_tuning`."""
+See `mesh.aiortc_tuning`. `mesh.key` hands a member the mesh secret (`p2p.rekey`)."""
 
 # Binary frame kinds: kind -> (name, channel, largest total payload after reassembly).
 BLOCK_WANT = 1

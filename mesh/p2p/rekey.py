@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 KEY_FRAME = "mesh.key"
-p.register_control_type(KEY_FRAME, 1024)
 MAX_SUPERSEDED = 32
 HOLDERS = ("secret", "invite")
 """`Peer.admitted` values of peers that proved a secret-derived key (and may send or get `mesh.key`)."""
