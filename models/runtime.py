@@ -129,6 +129,9 @@ class CompiledStage:
     """Layers `span` of a model, run by a compiled TVM library. Blocking methods; not thread-safe for
     concurrent calls (an internal lock serialises them)."""
 
+    kv_page_size = PAGE_SIZE
+    """Each sequence holds whole KV pages: the engine's admission reserves in these units."""
+
     def __init__(
         self,
         config: ModelConfig,
@@ -270,10 +273,14 @@ class CompiledStage:
                     f"sequence {seq_id} would hold {self._lengths[seq_id] + n} tokens; the model's context "
                     f"is {self.config.context_length}"
                 )
-        if sum(self._lengths.values()) + sum(counts) > self.max_total_tokens:
+        grown = dict(self._lengths)
+        for seq_id, n in zip(seq_ids, counts, strict=True):
+            grown[seq_id] += n
+        pages = sum(-(-length // PAGE_SIZE) for length in grown.values())
+        if pages * PAGE_SIZE > self.max_total_tokens:  # checked in pages: TVM's own check would crash later
             raise ContextOverflowError(
-                f"the KV cache holds at most {self.max_total_tokens} tokens over all sequences; "
-                "remove finished sequences or load the stage with a larger max_total_tokens"
+                f"the KV cache holds at most {self.max_total_tokens} tokens over all sequences, in pages of "
+                f"{PAGE_SIZE}; remove finished sequences or load the stage with a larger max_total_tokens"
             )
 
     # -- inputs --------------------------------------------------------------------------------------------
