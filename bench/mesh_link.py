@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 from shoal.mesh.p2p import protocol as p  # noqa: E402
 
 if TYPE_CHECKING:
+    from shoal.mesh.ipfs.block_exchange import BlockExchange
     from shoal.mesh.p2p.peer import Peer
     from shoal.mesh.p2p.service import MeshService
 
@@ -56,7 +57,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bench_routes(app: web.Application, mesh: MeshService) -> None:
+def bench_routes(app: web.Application, mesh: MeshService, blocks: BlockExchange) -> None:
     """Routes added to a harness node started with `--bench` (both sides of every measurement)."""
     from shoal.mesh.ipfs.cid import parse_cid
 
@@ -86,7 +87,7 @@ def bench_routes(app: web.Application, mesh: MeshService) -> None:
     async def pull(request: web.Request) -> web.Response:
         body = await request.json()
         cids = [parse_cid(c) for c in body["cids"]]
-        source = mesh.blocks.source(prefer_http=body["via"] == "http", only=set(body["peers"]), attempts=1)
+        source = blocks.source(prefer_http=body["via"] == "http", only=set(body["peers"]), attempts=1)
         queue: asyncio.Queue = asyncio.Queue()
         for cid in cids:
             queue.put_nowait(cid)
@@ -116,7 +117,7 @@ def bench_routes(app: web.Application, mesh: MeshService) -> None:
         """Stream a DAG as a CAR from a peer's gateway, counting bytes (nothing stored or verified);
         `reader=aiohttp` receives it through aiohttp instead of `http_stream`; `peer=ID` picks the peer."""
         only = {request.query["peer"]} if "peer" in request.query else None
-        source = mesh.blocks.source(direct_car=request.query.get("reader") != "aiohttp", only=only)
+        source = blocks.source(direct_car=request.query.get("reader") != "aiohttp", only=only)
         total, start = 0, time.perf_counter()
         async for _cid, block in source.stream_car(parse_cid(request.query["cid"])):
             total += len(block)

@@ -19,3 +19,7 @@ class CompileError(ModelError):
 
 class ContextOverflowError(ModelError):
     """A sequence would grow past the model's (or the runtime's) context length."""
+
+
+class ModelNotFoundError(LookupError):
+    """No model by that name (or CID) is known to this node (not a `ModelError`: nothing failed to run)."""

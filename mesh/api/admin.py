@@ -12,10 +12,11 @@ from shoal.mesh.api.errors import ApiError, invalid, json_response
 from shoal.mesh.api.keys import NODE
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.sse import open_sse
-from shoal.mesh.node.config import ConfigError
-from shoal.mesh.node.logging_bridge import LEVELS
 
 logger = logging.getLogger(__name__)
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""The log levels `GET /v1/logs?level=` accepts."""
 
 EVENTS_KEEPALIVE_S = 15.0
 MAX_LOG_LINES = 10_000
@@ -40,6 +41,9 @@ async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     node.metrics.active_streams.set(node.models.active_sequences())
     node.metrics.engine_waiting.set(node.models.waiting())
+    reserved, capacity = node.models.kv_usage()
+    node.metrics.kv_reserved.set(reserved)
+    node.metrics.kv_capacity.set(capacity)
     return web.Response(body=node.metrics.render(), headers={"Content-Type": node.metrics.content_type})
 
 
@@ -54,7 +58,7 @@ async def put_policy(request: web.Request) -> web.Response:
         raise invalid("the policy update must be a JSON object", None, "invalid_type")
     try:
         policy = node.set_policy(changes)
-    except ConfigError as exc:
+    except ValueError as exc:  # the node's ConfigError
         param = next((key for key in changes if f" {key}" in str(exc)), None)
         raise invalid(str(exc).removeprefix("[policy] "), param) from None
     return json_response(policy.to_dict())

@@ -1,4 +1,4 @@
-"""The node's aiohttp application: `create_app(node)`.
+"""The node's aiohttp application: `create_app(node, router=..., routes=...)`.
 
 Middlewares, outermost first: metrics (requests by endpoint and status), errors (every failure becomes an
 OpenAI-style error body, never a traceback), auth (`Authorization: Bearer KEY` when the node has a key).
@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from shoal.mesh.api import admin as api_admin
 from shoal.mesh.api import openai_routes as api_openai
 from shoal.mesh.api.errors import ApiError
-from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER
-from shoal.mesh.node.model_manager import ModelNotFoundError
-from shoal.models.errors import ContextOverflowError, ModelError
+from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
+from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from shoal.mesh.node.node import Node
+    from shoal.mesh.api.ports import NodePort, RouterPort
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +128,25 @@ async def _drain(app: web.Application) -> None:
             await asyncio.wait(pending, timeout=5.0)
 
 
-def create_app(node: Node) -> web.Application:
+def create_app(
+    node: NodePort,
+    *,
+    router: RouterPort | None = None,
+    routes: Iterable[Callable[[web.Application], None]] = (),
+) -> web.Application:
+    """The node's app: the OpenAI and admin routes, plus `routes` (each adds a subsystem's routes).
+    Completions stream through `router` when given, else from the local engine."""
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
         client_max_size=node.config.api.max_body_bytes,
     )
     app[NODE] = node
+    app[ROUTER] = router
     app[INFLIGHT] = set()
     app.on_response_prepare.append(_route_header)
     app.on_shutdown.append(_drain)
     api_openai.add_routes(app)
     api_admin.add_routes(app)
-    for service in node.services:
-        service.add_routes(app)
+    for add_routes in routes:
+        add_routes(app)
     return app

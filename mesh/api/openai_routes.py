@@ -17,13 +17,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 from shoal.mesh.api.errors import ApiError, invalid, json_response
-from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER
+from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
 from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
+from shoal.mesh.api.ports import NodePort, RouterPort
+from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
-from shoal.mesh.node.model_manager import ModelNotFoundError, ServedModel
-from shoal.mesh.node.request_log import RequestRecord
-from shoal.models.errors import ContextOverflowError
+from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
+from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
+from shoal.models.served import Servable
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +75,25 @@ def _context_error(prompt_tokens: int, max_tokens: int, context: int, prompt_par
     )
 
 
-async def _acquire(node: Any, name: str) -> ServedModel:
+async def _acquire(node: NodePort, router: RouterPort | None, name: str) -> Servable:
     """The model, loaded here; or, when this node does not hold it, a stand-in for a peer that serves it
-    (the router then offloads the request: mesh.routing.Router.remote_model)."""
+    (the router then offloads the request: mesh.split.router.Router.remote_model)."""
     try:
         return await node.models.acquire(name)
     except ModelNotFoundError:
-        router = getattr(node, "router", None)
         remote = await router.remote_model(name) if router is not None else None
         if remote is None:
             raise
         return remote
 
 
-async def _prepare(request: web.Request, kind: str) -> tuple[CompletionRequest, ServedModel, list[int], Any]:
+async def _prepare(
+    request: web.Request, kind: str
+) -> tuple[CompletionRequest, Servable, list[int], SamplingParams]:
     node = request.app[NODE]
     body = await read_json(request)
     req = parse_completion_request(body, kind, ABSURD_MAX_TOKENS)  # type: ignore[arg-type]
-    served = await _acquire(node, req.model or node.config.models.default)
+    served = await _acquire(node, request.app[ROUTER], req.model or node.config.models.default)
     context = served.context_length
     if req.max_tokens is not None and req.max_tokens > context:
         param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -165,15 +168,21 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
 
 
 async def _tokens(
-    request: web.Request, served: ServedModel, prompt_ids: list[int], params: Any, record: RequestRecord
-) -> AsyncIterator[Any]:
+    request: web.Request,
+    served: Servable,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    record: RequestRecord,
+) -> AsyncIterator[TokenEvent]:
     """The engine's token events, with metrics; the engine stream is closed whatever happens."""
     metrics = request.app[NODE].metrics
-    router = request.app[NODE].router  # mesh.routing.Router (local / offload / split) when wired
+    router = request.app[ROUTER]  # local / offload / split, when the node has a router
     if router is not None:
         source = router.stream(served, prompt_ids, params, record.route)
-    else:
+    elif served.engine is not None:
         source = served.engine.stream(prompt_ids, params)
+    else:
+        raise ModelError(f"{served.name} runs on a peer, and this node has no router to reach it")
     async with contextlib.aclosing(source) as events:
         async for event in events:
             gap = record.token()
@@ -194,7 +203,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _count(request: web.Request, served: ServedModel, prompt_tokens: int, completion_tokens: int) -> None:
+def _count(request: web.Request, served: Servable, prompt_tokens: int, completion_tokens: int) -> None:
     metrics = request.app[NODE].metrics
     metrics.prompt_tokens.labels(served.name).inc(prompt_tokens)
     metrics.completion_tokens.labels(served.name).inc(completion_tokens)
@@ -203,9 +212,9 @@ def _count(request: web.Request, served: ServedModel, prompt_tokens: int, comple
 async def _collect(
     request: web.Request,
     req: CompletionRequest,
-    served: ServedModel,
+    served: Servable,
     prompt_ids: list[int],
-    params: Any,
+    params: SamplingParams,
     record: RequestRecord,
 ) -> tuple[web.Response, str]:
     parts: list[str] = []
@@ -251,7 +260,7 @@ async def _collect(
 
 
 def _chunk(
-    req: CompletionRequest, record: RequestRecord, served: ServedModel, created: int, **choice: Any
+    req: CompletionRequest, record: RequestRecord, served: Servable, created: int, **choice: Any
 ) -> dict:
     if req.kind == "chat":
         body = {
@@ -286,9 +295,9 @@ def _chunk(
 async def _stream(
     request: web.Request,
     req: CompletionRequest,
-    served: ServedModel,
+    served: Servable,
     prompt_ids: list[int],
-    params: Any,
+    params: SamplingParams,
     record: RequestRecord,
 ) -> tuple[web.StreamResponse, str]:
     """Stream SSE chunks; returns the response and the outcome (stop, length, cancelled, error)."""
@@ -377,7 +386,7 @@ async def _stream(
         _count(request, served, prompt_tokens, completion_tokens)
 
 
-async def _first(tokens: AsyncIterator[Any]) -> Any:
+async def _first(tokens: AsyncIterator[TokenEvent]) -> TokenEvent | None:
     """The first event, before any byte is sent: errors here still become proper HTTP errors."""
     return await anext(tokens, None)
 

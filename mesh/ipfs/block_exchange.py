@@ -9,6 +9,9 @@ also a `CarSource`: `stream_car(root)` streams a whole DAG from one peer's gatew
 first (received by `ipfs.http_stream` straight into large buffers, not through aiohttp). Every block is
 verified against its CID (`get_block` here, the fetcher for CAR streams); a peer that sends a wrong block
 gets a strike.
+
+The node wires it: `BlockExchange(mesh, store)` registers the `block_want` handler on the mesh service (a
+`MeshLinks`: what the exchange needs of it) and the gateway advert fields; `source()` is the IPFS source.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import aiohttp
 from multiformats import CID
 from shoal.mesh.ipfs.cid import parse_cid, verify_block
 from shoal.mesh.ipfs.errors import (
@@ -30,48 +34,61 @@ from shoal.mesh.ipfs.errors import (
     VerificationError,
 )
 from shoal.mesh.ipfs.sources import GatewaySource
+from shoal.mesh.ipfs.store import BlockStore
 from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import MeshError
-from shoal.mesh.p2p.peer import Peer
-
-if TYPE_CHECKING:
-    from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.p2p.gossip import Gossip
+from shoal.mesh.p2p.peer import BinaryHandler, Peer
 
 logger = logging.getLogger(__name__)
 HTTP_RETRY_S = 60.0
 MAX_ROOTS = 256
 
 
-class BlockExchange:
-    """Serves `block_want` requests from the node's block store (if it has one)."""
+class MeshLinks(Protocol):
+    """What the block exchange needs of the mesh service (`shoal.mesh.p2p.service.MeshService`)."""
 
-    def __init__(self, service: MeshService) -> None:
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def gossip(self) -> Gossip: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    def on_binary(self, kind: int, handler: BinaryHandler) -> None: ...
+
+    def connected_peers(self) -> list[Peer]: ...
+
+
+class BlockExchange:
+    """Serves `block_want` requests from `store` (none: answers every want with `block_missing`) and
+    advertises this node's gateway and pinned roots."""
+
+    def __init__(self, service: MeshLinks, store: BlockStore | None = None) -> None:
         self.service = service
+        self.store = store
         self.served = 0
         self._roots: list[str] = []
         self._roots_read = 0.0
         service.on_binary(p.BLOCK_WANT, self._on_want)
-
-    async def start(self) -> None:
-        if self.service.block_store is not None:
-            self.service.gossip.update(gateway=True)
-            self.service.gossip.add_provider(self._held_roots)
+        if store is not None:
+            service.gossip.update(gateway=True)
+            service.gossip.add_provider(self._held_roots)
 
     def _held_roots(self) -> dict[str, Any]:
         """The pinned DAG roots of the store, for adverts (re-read at most every 5 s)."""
         now = time.monotonic()
         if now - self._roots_read > 5.0:
             self._roots_read = now
-            pins = getattr(self.service.block_store, "pins", None)
             try:
-                self._roots = sorted(pins())[:MAX_ROOTS] if pins is not None else []
+                self._roots = sorted(self.store.pins())[:MAX_ROOTS] if self.store is not None else []
             except StoreError as exc:
                 logger.warning("cannot list pinned roots: %s", exc)
         extra = [root for root in self.service.gossip.fields.get("roots", []) if root not in self._roots]
         return {"roots": [*self._roots, *extra][:MAX_ROOTS]}
-
-    async def stop(self) -> None:
-        return None
 
     def source(self, **kwargs: Any) -> MeshBlockSource:
         return MeshBlockSource(self.service, **kwargs)
@@ -84,7 +101,7 @@ class BlockExchange:
             cid = parse_cid(text)
         except InvalidCidError as exc:
             raise p.ProtocolError(str(exc)) from None
-        store = self.service.block_store
+        store = self.store
         data = None
         if store is not None:
             try:
@@ -102,7 +119,7 @@ class MeshBlockSource:
 
     def __init__(
         self,
-        service: MeshService,
+        service: MeshLinks,
         *,
         prefer_http: bool = True,
         attempts: int = 3,

@@ -9,8 +9,6 @@ from typing import Any
 
 from shoal.mesh.events import EventBus
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
 
 class LogBridge(logging.Handler):
     """A logging handler; thread-safe (records from executor threads reach the bus via its loop)."""

@@ -17,18 +17,14 @@ from typing import Any
 
 from shoal.mesh.events import EventBus
 from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
-from shoal.models.errors import ModelError
+from shoal.models.errors import ModelError, ModelNotFoundError
 from shoal.models.generate import Engine
 from shoal.models.loader import build_stage, open_model, resolve_backend
+from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
-from shoal.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(LookupError):
-    """No model by that name (or CID) is known to this node."""
 
 
 @dataclass
@@ -43,19 +39,6 @@ class LocalModel:
     """Bytes of the model file."""
     compiled_targets: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass
-class ServedModel:
-    """A loaded model: what the API needs to serve requests with it."""
-
-    name: str
-    tokenizer: Tokenizer
-    engine: Engine
-    context_length: int
-    """Longest prompt + completion one request may use (the engine's `max_context`)."""
-    stages: list[Stage]
-    backend: str
 
 
 @dataclass(frozen=True)

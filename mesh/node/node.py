@@ -19,11 +19,13 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from shoal.mesh.api.app import create_app
+from shoal.mesh.api.metrics import NodeMetrics
+from shoal.mesh.api.ports import RouterPort
 from shoal.mesh.events import EventBus
+from shoal.mesh.ipfs.block_exchange import BlockExchange
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.node.config import NodeConfig, PolicyConfig
 from shoal.mesh.node.logging_bridge import LogBridge
-from shoal.mesh.node.metrics import NodeMetrics
 from shoal.mesh.node.model_manager import LoadFn, ModelManager, load_engine
 from shoal.mesh.node.request_log import RequestLog
 from shoal.mesh.p2p.identity import Identity
@@ -66,12 +68,18 @@ class Node:
         self.version = shoal_version()
         self.bus = EventBus()
         self.ipfs = IpfsService(config.ipfs, config.data_dir, self.bus)
-        self.mesh = MeshService(config.mesh, None, config.data_dir, self.bus, block_store=self.ipfs.store)
-        self.mesh.api_address = _peer_address(config.api.host, config.api.port)
-        self.ipfs.add_source(self.mesh.blocks.source())
-        self.metrics = NodeMetrics()
         self.requests = RequestLog(self.bus, config.api.request_log_size)
-        self.mesh.pipelines = self.requests.pipelines
+        self.mesh = MeshService(
+            config.mesh,
+            None,
+            config.data_dir,
+            self.bus,
+            api_address=_peer_address(config.api.host, config.api.port),
+            pipelines=self.requests.pipelines,
+        )
+        self.blocks = BlockExchange(self.mesh, self.ipfs.store)
+        self.ipfs.add_source(self.blocks.source())
+        self.metrics = NodeMetrics()
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
         cache_dir = None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir
         self.models = ModelManager(
@@ -85,9 +93,10 @@ class Node:
         )
         self.policy: PolicyConfig = config.policy
         self.services: list[Service] = [self.ipfs, self.mesh]
-        self.router: Any = None
-        """Set by `mesh.split_service.SplitService`: completions then stream through `router.stream(served,
-        prompt_ids, params, route)` (local, offload or split); None streams from the local engine."""
+        self.router: RouterPort | None = None
+        """Set with `use_router` (`build_node` hands it the split service's): completions then stream through
+        `router.stream(served, prompt_ids, params, route)` (local, offload or split); None streams from the
+        local engine."""
         self.identity: Identity | None = None
         self.started: float | None = None
         self.draining = False
@@ -133,6 +142,10 @@ class Node:
         logger.info("policy changed: %s", self.policy)
         return self.policy
 
+    def use_router(self, router: RouterPort) -> None:
+        """Route completions through `router` (before `start()`: the app is handed it when it is built)."""
+        self.router = router
+
     def requests_running(self, model: str) -> bool:
         return any(r["model"] == model and r["status"] == "running" for r in self.requests.recent())
 
@@ -153,7 +166,7 @@ class Node:
             await service.start()
             self._started_services.append(service)
         runner = web.AppRunner(
-            create_app(self),
+            create_app(self, router=self.router, routes=[service.add_routes for service in self.services]),
             handler_cancellation=True,
             shutdown_timeout=self.config.api.shutdown_grace_s + 10.0,
             access_log=None,
@@ -170,7 +183,7 @@ class Node:
             ) from exc
         address = runner.addresses[0]
         self.host, self.port = str(address[0]), int(address[1])
-        self.mesh.api_address = _peer_address(self.host, self.port)
+        self.mesh.set_api_address(_peer_address(self.host, self.port))
         self.started = time.time()
         logger.info("node %s (%s) listening on %s", self.name, self.id, self.api_url)
         self._watch = asyncio.create_task(self._watch_pulls(), name="watch-pulls")
@@ -256,7 +269,9 @@ def build_node(config: NodeConfig) -> Node:
     from shoal.mesh.split.service import SplitService
 
     node = Node(config)
-    node.services.append(SplitService(node, node.mesh))
+    split = SplitService(node, node.mesh)
+    node.services.append(split)
+    node.use_router(split.router)
     return node
 
 

@@ -2,8 +2,9 @@
 layers use to talk to peers (`peer()`, `request()`, `on_control()`, `on_binary()`, ...).
 
 `MeshService(config, identity, data_dir, events)` has `start()`/`stop()` and `add_routes(app)`; it publishes
-`peer.joined`, `peer.left`, `peer.updated`, `peer.refused` and `peer.banned` events. Discovery, gossip and
-block exchange are parts it owns (`mesh.discovery`, `mesh.gossip`, `mesh.block_exchange`).
+`peer.joined`, `peer.left`, `peer.updated`, `peer.refused` and `peer.banned` events. Discovery and gossip
+are parts it owns (`p2p.discovery`, `p2p.gossip`); other layers plug in through its handle (the node wires
+the IPFS block exchange, `ipfs.block_exchange.BlockExchange(mesh, store)`, and the split service).
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ class MeshService:
         events: EventBus | None = None,
         *,
         api_address: str | None = None,
-        block_store: Any = None,
+        pipelines: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
+        """`pipelines()` lists the running multi-device requests for `/v1/mesh/topology` (the node passes its
+        request log's)."""
         self.config = config
         self._identity = identity
         self.data_dir = Path(data_dir)
         self.events = events or EventBus()
         self.api_address = api_address
-        self.block_store = block_store
-        self.pipelines: Callable[[], list[dict[str, Any]]] = list
-        """Running multi-device requests for `/v1/mesh/topology` (the node sets it to its request log's)."""
+        self.pipelines = pipelines
         self.handlers = Handlers()
         self.settings = LinkSettings(
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -94,14 +95,12 @@ class MeshService:
         self._rtc_config = rtc_configuration(
             config.stun, config.turn, config.turn_username, config.turn_password
         )
-        from shoal.mesh.ipfs.block_exchange import BlockExchange
         from shoal.mesh.p2p.discovery import Discovery
         from shoal.mesh.p2p.gossip import Gossip
         from shoal.mesh.p2p.rekey import Rekey
 
         self.gossip = Gossip(self)
         self.discovery = Discovery(self)
-        self.blocks = BlockExchange(self)
         self.rekey = Rekey(self)
 
     @property
@@ -113,6 +112,10 @@ class MeshService:
     def set_identity(self, identity: Identity) -> None:
         """Use the node's identity (loaded by the node) instead of loading it in `start()`."""
         self._identity = identity
+
+    def set_api_address(self, address: str | None) -> None:
+        """The `host:port` of this node's HTTP API that peers may use (known once the API listens)."""
+        self.api_address = address
 
     # ----- membership ------------------------------------------------------------------------------------
 
@@ -185,7 +188,6 @@ class MeshService:
         self._session = aiohttp.ClientSession()
         await self.gossip.start()
         await self.discovery.start()
-        await self.blocks.start()
         logger.info(
             "mesh: node %s (%s) in mesh %s",
             self.identity.peer_id,
@@ -200,7 +202,6 @@ class MeshService:
         self._running = False
         await self.discovery.stop()
         await self.gossip.stop()
-        await self.blocks.stop()
         for peer in list(self.peers.values()):
             try:
                 await asyncio.wait_for(peer.notify("bye", {}), 0.5)

@@ -21,6 +21,7 @@ import time
 import orjson
 from aiohttp import web
 from shoal.mesh.events import EventBus
+from shoal.mesh.ipfs.block_exchange import BlockExchange
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import MeshError
@@ -33,11 +34,11 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
+def test_routes(app: web.Application, mesh: MeshService, blocks: BlockExchange, ipfs: object) -> None:
     from shoal.mesh.ipfs.cid import RAW, make_cid, parse_cid
 
-    source = mesh.blocks.source()
-    channel_source = mesh.blocks.source(prefer_http=False, name="mesh channel")
+    source = blocks.source()
+    channel_source = blocks.source(prefer_http=False, name="mesh channel")
 
     async def put_block(request: web.Request) -> web.Response:
         data = await request.read()
@@ -100,7 +101,7 @@ def test_routes(app: web.Application, mesh: MeshService, ipfs: object) -> None:
 
         body = await request.json()
         root = parse_cid(body["cid"])
-        chosen = mesh.blocks.source(prefer_http=body.get("via") != "channel")
+        chosen = blocks.source(prefer_http=body.get("via") != "channel")
         fetcher = ipfs.fetcher([chosen])  # type: ignore[attr-defined]
         start = time.perf_counter()
         try:
@@ -152,25 +153,26 @@ async def serve(args: argparse.Namespace) -> None:
         advertise=args.advertise,
     )
     ipfs = IpfsService(IpfsConfig(), args.data_dir, events)
-    mesh = MeshService(config, identity, args.data_dir, events, block_store=ipfs.store)
+    mesh = MeshService(config, identity, args.data_dir, events)
+    blocks = BlockExchange(mesh, ipfs.store)
     app = web.Application(client_max_size=8 * 1024 * 1024)
     mesh.add_routes(app)
     ipfs.add_routes(app)
-    test_routes(app, mesh, ipfs)
+    test_routes(app, mesh, blocks, ipfs)
     if args.bench:
         from bench.mesh_link import bench_routes
 
         mesh.discovery.redial = False
-        bench_routes(app, mesh)
+        bench_routes(app, mesh, blocks)
     host, port = args.api.rsplit(":", 1)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, int(port))
     await site.start()
     bound = runner.addresses[0]
-    mesh.api_address = f"{bound[0]}:{bound[1]}"
+    mesh.set_api_address(f"{bound[0]}:{bound[1]}")
     await ipfs.start()
-    ipfs.add_source(mesh.blocks.source())
+    ipfs.add_source(blocks.source())
     await mesh.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

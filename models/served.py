@@ -1,0 +1,56 @@
+"""A model ready to serve requests: `ServedModel` (loaded on this node) and `Servable`, what the API and the
+router read of any model they serve, whether it is loaded here or stands in for a peer's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shoal.models.generate import Engine
+from shoal.models.stage import Stage
+from shoal.models.tokenizer import Tokenizer
+
+
+class PromptTokenizer(Protocol):
+    """Turns a prompt into token ids (blocking: call it off the event loop)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+
+class Servable(Protocol):
+    """What serving a request needs of a model: its name, tokenizer and context length, and its engine
+    (None when a peer runs the model and this node only routes to it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> PromptTokenizer: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    @property
+    def backend(self) -> str: ...
+
+
+@dataclass
+class ServedModel:
+    """A model loaded on this node: a running engine over its stages."""
+
+    name: str
+    tokenizer: Tokenizer
+    engine: Engine
+    context_length: int
+    """Longest prompt + completion one request may use (the engine's `max_context`)."""
+    stages: list[Stage]
+    backend: str
