@@ -2,7 +2,8 @@
 
 A model is served by a chain of stages whose spans tile [0, num_layers). A stage may be the NumPy reference
 (`models.reference.ReferenceStage`), a compiled TVM shard (`models.runtime.CompiledStage`) or a peer over the
-mesh (`mesh.pipeline.RemoteStage`). Every method here is blocking: async callers run them in an executor.
+mesh (`mesh.split.remote_stage.RemoteStage`). Every method here is blocking: async callers run them in an
+executor.
 
 Data contract (all arrays C-contiguous, little-endian):
 - Input of the first stage: int32 token ids. Input of any other stage: float32 hidden states [n, hidden].

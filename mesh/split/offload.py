@@ -27,7 +27,7 @@ from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.pipeline import StageLost
+from shoal.mesh.split.remote_stage import StageLost
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.pipeline import BRIDGE_GRACE_S
+from shoal.mesh.split.remote_stage import BRIDGE_GRACE_S
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 

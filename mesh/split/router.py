@@ -26,7 +26,8 @@ from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
-from shoal.mesh.split.pipeline import LOCAL_PEER, RemoteStage, Replan, SplitPipeline, StageLost
+from shoal.mesh.split.pipeline import LOCAL_PEER, Replan, SplitPipeline
+from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.models.errors import ModelError
 from shoal.models.span import LayerSpan
 

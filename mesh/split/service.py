@@ -29,7 +29,8 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadServer
 from shoal.mesh.split.router import ForcedRoute, Router
 from shoal.mesh.split.stage_host import StageHost
-from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkServer
+from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
+from shoal.mesh.split.tensor_link_server import TensorLinkServer
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
 

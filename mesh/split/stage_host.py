@@ -6,10 +6,11 @@ and shared by every sequence on it) holds one KV cache per remote sequence; a se
 and the u32 the peer chose. Every input is checked before it reaches the model: an unknown sequence, a wrong
 dtype, shape or size, or a token id outside the vocabulary is answered with an error frame — never a crash,
 and never a change to any KV cache. Compute runs on one worker thread (stages are not thread-safe, and the
-event loop must keep answering heartbeats): a dedicated `StageWorker` fed by a `queue.SimpleQueue`, which
-answers the loop with one `call_soon_threadsafe` (no executor and no concurrent future in between). A
+event loop must keep answering heartbeats): a dedicated `StageWorker` (`split.stage_worker`) fed by a
+`queue.SimpleQueue`, which answers the loop with one `call_soon_threadsafe` (no executor in between). A
 decode frame's inputs (a few KiB) are checked on the loop before they are queued, so a bad frame never
-reaches the worker and a good one takes exactly one hop there and one back.
+reaches the worker and a good one takes exactly one hop there and one back. This node's own part of its
+split is a `DirectStage` (`split.hosted`) on a hosted stage.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
-import selectors
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.p2p.protocol import BinaryFrame
 from shoal.mesh.split import wire
-from shoal.mesh.split.tensor_link import LinkError, ServerLink
+from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError
+from shoal.mesh.split.stage_worker import StageWorker
+from shoal.mesh.split.tensor_link import LinkError
+from shoal.mesh.split.tensor_link_server import ServerLink
 from shoal.models.errors import ContextOverflowError, ModelError
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage, ids_in_range
@@ -43,158 +44,29 @@ does not hold the model can fetch just that span); raises LookupError if the mod
 Gate = Callable[[], "str | None"]
 """Returns why this node refuses remote work right now (policy, battery), or None to accept."""
 
-DEFAULT_MAX_SEQUENCES = 64
 CHECK_ON_LOOP_BYTES = 65_536
 """Inputs up to this size (every decode frame) are checked on the event loop (microseconds); larger prefill
 inputs are checked on the worker, so the loop never scans megabytes."""
 
 
-class HostError(RemoteError):
-    """A `stage.open`/`stage.close` the host refuses; `code` is one of `split_wire`'s error codes. Being a
-    `RemoteError`, the peer link turns it into an error reply with that code."""
-
-
-@dataclass
-class _Hosted:
-    key: tuple[str, LayerSpan]
-    stage: Stage
-    sequences: set[int] = field(default_factory=set)
-    users: int = 0
-    """Local `DirectStage`s holding this stage (it is not trimmed while any exist)."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """Serialises calls into `stage` (the host's worker and local callers' threads)."""
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self.lock:
-            return fn(*args)
-
-
 @dataclass
 class _Session:
-    hosted: _Hosted
+    hosted: HostedStage
     local_id: int
-
-
-class StageWorker:
-    """One daemon thread running stage calls in order: calls queued from the loop (`run` awaits the result)
-    and the requests of direct tensor links (`serve_link`), which it reads, computes and answers itself.
-
-    The thread waits in one `select` over its wake-up socket and the links' sockets. A queued call answers the
-    loop with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the loop per call;
-    a link request involves no event loop at all. `stop()` is idempotent; calls queued before it still run
-    (they are stage closes)."""
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._selector = selectors.DefaultSelector()
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self._wake_write.setblocking(False)
-        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def _put(self, item: tuple[Any, ...] | None) -> None:
-        self._queue.put(item)
-        try:
-            self._wake_write.send(b"\0")
-        except BlockingIOError:  # wake-ups are pending already
-            pass
-        except OSError:  # the worker is gone (stopped): nothing waits for the item
-            pass
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._stopped:
-            raise HostError(wire.REFUSED, "the node is shutting down")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._put((loop, future, fn, args))
-        return await future
-
-    def serve_link(self, link: ServerLink, handle: Callable[[ServerLink], bool]) -> None:
-        """Any thread: read `link` on the worker from now on; `handle(link)` answers one request and returns
-        False when the link is done (the worker then closes it)."""
-        if self._stopped:
-            link.close()
-            return
-        self._put(("link", link, handle))
-
-    def _serve(self) -> None:
-        links: list[ServerLink] = []
-        try:
-            while True:
-                for key, _ in self._selector.select():
-                    if key.data is not None:
-                        link, handle = key.data
-                        if not handle(link):
-                            self._selector.unregister(link.sock)
-                            links.remove(link)
-                            link.close()
-                    elif not self._drain(links):
-                        return
-        finally:
-            for link in links:
-                link.close()
-            self._selector.close()
-            self._wake_read.close()
-            self._wake_write.close()
-
-    def _drain(self, links: list[ServerLink]) -> bool:
-        """Run what was queued; False once `stop()` was."""
-        try:
-            self._wake_read.recv(4096)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return True
-            if item is None:
-                return False
-            if item[0] == "link":
-                _, link, handle = item
-                self._selector.register(link.sock, selectors.EVENT_READ, (link, handle))
-                links.append(link)
-                continue
-            loop, future, fn, args = item
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
-                result, error = None, exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:  # the loop closed while this call ran: nobody waits for it
-                pass
-
-    def stop(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            self._put(None)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class StageHost:
     """Hosts spans for remote sequences. `stop()` is idempotent and frees every stage."""
 
-    def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 keep_idle_stages: int = 2) -> None:
+    def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = SplitConfig.max_sequences,
+                 keep_idle_stages: int = SplitConfig.keep_idle_stages) -> None:
         self._factory = factory
         self._gate = gate
         self._max_sequences = max_sequences
         self._keep_idle = keep_idle_stages
         self._worker = StageWorker("stage-host")
-        self._hosted: dict[tuple[str, LayerSpan], _Hosted] = {}
-        self._loading: dict[tuple[str, LayerSpan], asyncio.Future[_Hosted]] = {}
+        self._hosted: dict[tuple[str, LayerSpan], HostedStage] = {}
+        self._loading: dict[tuple[str, LayerSpan], asyncio.Future[HostedStage]] = {}
         self._sessions: dict[tuple[str, int], _Session] = {}
         self._next_local = 0
         self._lock = threading.Lock()
@@ -265,7 +137,7 @@ class StageHost:
         await self._run(session.hosted.call, session.hosted.stage.remove_sequence, session.local_id)
         await self._trim()
 
-    async def _stage(self, model: str, span: LayerSpan, cid: str | None = None) -> _Hosted:
+    async def _stage(self, model: str, span: LayerSpan, cid: str | None = None) -> HostedStage:
         key = (model, span)
         hosted = self._hosted.get(key)
         if hosted is not None:
@@ -288,7 +160,7 @@ class StageHost:
                 logger.exception("loading %s layers %s failed", model, span)
                 pending.set_exception(HostError(wire.INTERNAL, f"loading the stage failed: {exc}"))
             else:
-                hosted = _Hosted(key, stage)
+                hosted = HostedStage(key, stage)
                 self._hosted[key] = hosted
                 pending.set_result(hosted)
             finally:
@@ -303,7 +175,7 @@ class StageHost:
         if self._stopped:
             raise HostError(wire.REFUSED, "the node is shutting down")
         hosted = await self._stage(model, span, cid)
-        return DirectStage(self, hosted)
+        return DirectStage(hosted, self.new_local_id)
 
     def new_local_id(self) -> int:
         with self._lock:
@@ -354,7 +226,7 @@ class StageHost:
         return True
 
     def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int
-               ) -> tuple[_Hosted, wire.TensorMessage, list[int], np.ndarray | None]:
+               ) -> tuple[HostedStage, wire.TensorMessage, list[int], np.ndarray | None]:
         """Decode a tensor frame and find its sequences; inputs up to `check_up_to` bytes are checked here
         (on the loop), larger ones by `_serve` (on the worker). Raises FrameError."""
         message = wire.decode_input(frame)
@@ -384,7 +256,7 @@ class StageHost:
         logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
         return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
 
-    def _serve(self, hosted: _Hosted, message: wire.TensorMessage, ids: list[int],
+    def _serve(self, hosted: HostedStage, message: wire.TensorMessage, ids: list[int],
                inputs: np.ndarray | None) -> BinaryFrame:
         """Worker thread: check large inputs (the loop checked small ones: `inputs`), run the stage, encode
         the reply — in one hop: the loop only decodes the frame's header and sends the reply."""
@@ -446,73 +318,3 @@ class StageHost:
         self._worker.stop()
 
 
-class DirectStage:
-    """The local part of a split: a stage this node hosts, called directly on the caller's (the engine's)
-    thread, without hopping through the event loop and the host's worker. Shares the hosted stage (and its
-    lock) with remote peers' sequences; keeps it from being trimmed until closed."""
-
-    peer = "local"
-
-    def __init__(self, host: StageHost, hosted: _Hosted) -> None:
-        from shoal.mesh.split.pipeline import LinkTiming
-
-        self._host = host
-        self._hosted = hosted
-        self.config = hosted.stage.config
-        self.span = hosted.stage.span
-        self._ids: dict[int, int] = {}
-        self._closed = False
-        self.timing = LinkTiming()
-        hosted.users += 1
-
-    def _local(self, seq_id: int) -> int:
-        try:
-            return self._ids[seq_id]
-        except KeyError:
-            raise ValueError(f"unknown sequence {seq_id}; call add_sequence first") from None
-
-    def add_sequence(self, seq_id: int) -> None:
-        if self._closed:
-            raise ValueError("stage is closed")
-        if seq_id in self._ids:
-            raise ValueError(f"sequence {seq_id} exists already")
-        local = self._host.new_local_id()
-        self._hosted.call(self._hosted.stage.add_sequence, local)
-        self._hosted.sequences.add(local)
-        self._ids[seq_id] = local
-
-    def remove_sequence(self, seq_id: int) -> None:
-        local = self._ids.pop(seq_id, None)
-        if local is None:
-            return
-        self._hosted.sequences.discard(local)
-        self._hosted.call(self._hosted.stage.remove_sequence, local)
-
-    def sequence_length(self, seq_id: int) -> int:
-        return self._hosted.call(self._hosted.stage.sequence_length, self._local(seq_id))
-
-    def _timed(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
-        started = time.perf_counter()
-        out = self._hosted.call(fn, *args)
-        elapsed = time.perf_counter() - started
-        self.timing.calls += 1
-        self.timing.seconds += elapsed
-        self.timing.compute_s += elapsed
-        return out
-
-    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
-        return self._timed(self._hosted.stage.prefill, self._local(seq_id), inputs)
-
-    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
-        return self._timed(self._hosted.stage.decode, [self._local(s) for s in seq_ids], inputs)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        for seq_id in list(self._ids):
-            self.remove_sequence(seq_id)
-        self._closed = True
-        self._hosted.users -= 1
-
-    def __repr__(self) -> str:
-        return f"DirectStage(layers {self.span})"

@@ -125,8 +125,7 @@ def install_trace(path: str) -> None:
     import time
 
     from shoal.mesh.p2p.peer import Peer
-    from shoal.mesh.split import pipeline, tensor_link
-    from shoal.mesh.split import stage_host as stage_server
+    from shoal.mesh.split import hosted, remote_stage, stage_host, tensor_link
     from shoal.models.generate import Engine
 
     out = open(path, "a", buffering=1)  # lives as long as the process
@@ -188,12 +187,12 @@ def install_trace(path: str) -> None:
                lambda peer, frame: frame.kind == TENSOR and mine(peer, frame))
     wrap_async(Peer, "send_binary", None, "p.sent",
                lambda peer, frame: frame.kind == TENSOR and not mine(peer, frame))
-    wrap_async(stage_server.StageHost, "compute", "p.handler_start", "p.handler_end")
-    wrap_sync(stage_server.StageHost, "_timed_forward", "p.exec_start", "p.exec_end")
-    wrap_sync(stage_server.DirectStage, "decode", "o.local_start", "o.local_end")
-    wrap_sync(pipeline.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
+    wrap_async(stage_host.StageHost, "compute", "p.handler_start", "p.handler_end")
+    wrap_sync(stage_host.StageHost, "_timed_forward", "p.exec_start", "p.exec_end")
+    wrap_sync(hosted.DirectStage, "decode", "o.local_start", "o.local_end")
+    wrap_sync(remote_stage.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
     wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
-    wrap_sync(stage_server.StageHost, "compute_blocking", "p.direct_start", "p.direct_end")
+    wrap_sync(stage_host.StageHost, "compute_blocking", "p.direct_start", "p.direct_end")
     wrap_sync(Engine, "_run_decode", "e.thread_start", "e.thread_end")
     wrap_async(Engine, "_decode_step", "e.step_start", "e.step_end")
 
@@ -204,7 +203,7 @@ def delay_tensor_links(seconds: float) -> None:
     the answer anyway)."""
     import time
 
-    from shoal.mesh.split import tensor_link
+    from shoal.mesh.split import tensor_link, tensor_link_server
 
     def delayed(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -214,7 +213,8 @@ def delay_tensor_links(seconds: float) -> None:
         return wrapper
 
     tensor_link.TensorLinkClient.call = delayed(tensor_link.TensorLinkClient.call)  # type: ignore[method-assign]
-    tensor_link.ServerLink.send_frame = delayed(tensor_link.ServerLink.send_frame)  # type: ignore[method-assign]
+    tensor_link_server.ServerLink.send_frame = delayed(  # type: ignore[method-assign]
+        tensor_link_server.ServerLink.send_frame)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -15,8 +15,11 @@ import pytest
 from shoal.mesh.p2p.errors import LinkClosed, RemoteError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
-from shoal.mesh.split.pipeline import RemoteStage, SplitPipeline, StageLost
-from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, HostError, StageHost, StageWorker
+from shoal.mesh.split.hosted import HostError
+from shoal.mesh.split.pipeline import SplitPipeline
+from shoal.mesh.split.remote_stage import RemoteStage, StageLost
+from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, StageHost
+from shoal.mesh.split.stage_worker import StageWorker
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
 

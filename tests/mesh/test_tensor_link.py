@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from shoal.mesh.p2p.errors import ProtocolError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import tensor_link as tl
+from shoal.mesh.split import tensor_link_server as tls
 from shoal.mesh.split import wire
-from shoal.mesh.split.pipeline import RemoteStage, SplitPipeline
+from shoal.mesh.split.pipeline import SplitPipeline
+from shoal.mesh.split.remote_stage import RemoteStage
 from shoal.mesh.split.stage_host import StageHost
 from shoal.models.span import LayerSpan
 
@@ -107,7 +109,7 @@ class DirectPeerLink(PeerLink):
     """An in-process control link to `host` standing in for peer `peer_id`, whose node listens for direct
     tensor links on 127.0.0.1 (a real `TensorLinkServer`)."""
 
-    def __init__(self, host: StageHost, peer_id: str, server: tl.TensorLinkServer) -> None:
+    def __init__(self, host: StageHost, peer_id: str, server: tls.TensorLinkServer) -> None:
         super().__init__(host, peer_id)
         self.server = server
         self.api_address = "127.0.0.1:8740"
@@ -125,7 +127,7 @@ class DirectPeerLink(PeerLink):
         return await super().request_binary(kind, meta, payload, timeout_s)
 
 
-async def connect_when_free(server: tl.TensorLinkServer, peer: str, within_s: float = 10.0
+async def connect_when_free(server: tls.TensorLinkServer, peer: str, within_s: float = 10.0
                             ) -> tl.TensorLinkClient:
     """Connect as soon as the server has room again (it frees slots as it notices closed sockets)."""
     deadline = time.monotonic() + within_s
@@ -147,7 +149,7 @@ def expected() -> list[int]:
 async def served():
     """Two stage hosts a and b, b with a listening tensor link server."""
     hosts = {name: StageHost(factory, gate_open) for name in "ab"}
-    server = tl.TensorLinkServer(hosts["b"].serve_link)
+    server = tls.TensorLinkServer(hosts["b"].serve_link)
     server.start("127.0.0.1")
     links = {"a": PeerLink(hosts["a"], "a"), "b": DirectPeerLink(hosts["b"], "b", server)}
     try:
@@ -313,7 +315,8 @@ async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: li
 
 async def test_idle_connections_cannot_pile_up(served) -> None:
     _, server, _ = served
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(tl.MAX_HANDSHAKES)]
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            for _ in range(tls.MAX_HANDSHAKES)]
     try:
         await asyncio.sleep(0.2)  # every one of them now holds a handshake slot
         extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -355,7 +358,7 @@ def test_close_from_another_thread_ends_a_waiting_call() -> None:
 
 async def test_links_per_peer_are_bounded(served, monkeypatch) -> None:
     _, server, _ = served
-    monkeypatch.setattr(tl, "MAX_LINKS_PER_PEER", 2)
+    monkeypatch.setattr(tls, "MAX_LINKS_PER_PEER", 2)
     first = [await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b")) for _ in range(2)]
     with pytest.raises(tl.LinkError):
         await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))

@@ -1,0 +1,276 @@
+"""`RemoteStage`: the `models.stage.Stage` protocol over a link to the peer that runs the span.
+
+- `StageLink`: what a stage needs from a link — `p2p.peer.Peer` satisfies it (the in-process tests' fake,
+  `tests/mesh/stage_links.py`, hands calls straight to a `StageHost`).
+- The `Engine` calls stages from an executor thread; each blocking method bridges to the node's event loop
+  with `asyncio.run_coroutine_threadsafe(...).result(timeout)`, except tensor calls over a direct tensor link
+  (`split.tensor_link`, opened at the first `add_sequence` when the peer's API address is reachable), which
+  the calling thread makes on the socket itself. A link that closes, times out or answers with an error
+  raises `StageLost` naming the peer. Timeouts come from `[split]` (`SplitConfig`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, RequestTimeout
+from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
+from shoal.models.config import ModelConfig
+from shoal.models.span import LayerSpan
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_GRACE_S = 1.0
+"""How much longer than a call's own timeout a thread waits on the loop for it (the call times out first)."""
+_wire_seqs = itertools.count(int.from_bytes(os.urandom(3), "little") << 4)
+
+
+def next_wire_seq() -> int:
+    """A u32 sequence id for `stage.open`, unique within this process."""
+    return next(_wire_seqs) % 2**32
+
+
+class StageLost(PeerUnavailable):
+    """A stage's peer went away (link closed, timed out, or failed the call); `peer` says which."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(f"stage on {peer[:16]} lost: {message}")
+        self.peer = peer
+
+
+class StageLink(Protocol):
+    peer_id: str
+
+    async def request(
+        self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None
+    ) -> dict: ...
+
+    async def request_binary(self, kind: int, meta: dict[str, Any], payload: bytes = b"",
+                             timeout_s: float | None = None) -> BinaryFrame: ...
+
+
+@dataclass
+class LinkTiming:
+    """Per-stage accounting (for the route trace and the bench)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    """Wall time of the calls, as the origin saw them."""
+    compute_s: float = 0.0
+    """Compute time the stage reported for them: `seconds - compute_s` is what the link and relaying cost."""
+
+    def to_dict(self) -> dict[str, float]:
+        return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4)}
+
+
+class RemoteStage:
+    """Layers `span` of `model`, run by the node behind `link`. Blocking methods; call them off the loop."""
+
+    def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
+                 span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
+                 fp16: bool = False, cid: str | None = None, direct: bool = False) -> None:
+        span.check(config.num_layers)
+        self.link = link
+        self.peer = link.peer_id
+        self.config = config
+        self.span = span
+        self.model = model
+        self._loop = loop
+        self._settings = settings = settings or SplitConfig()
+        self._timeout = settings.stage_timeout_s
+        self._open_timeout = settings.open_timeout_s
+        self._cid = cid
+        self._per_token = settings.per_token_timeout_s
+        self._top_k = top_k
+        self._fp16 = fp16
+        self._wire: dict[int, int] = {}
+        self._lengths: dict[int, int] = {}
+        self._step = 0
+        self._closed = False
+        self._want_direct = direct
+        self._direct: TensorLinkClient | None = None
+        self.timing = LinkTiming()
+
+    def _call(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        if threading.get_ident() == getattr(self._loop, "_thread_id", None):
+            coro.close()
+            raise RuntimeError("RemoteStage methods block; call them from an executor thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout + BRIDGE_GRACE_S)
+        except TimeoutError:
+            future.cancel()
+            raise StageLost(self.peer, f"no answer within {timeout:.0f} s") from None
+        except (PeerUnavailable, RequestTimeout) as exc:
+            raise StageLost(self.peer, str(exc)) from None
+        except RemoteError as exc:
+            if exc.code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
+                raise ValueError(f"stage on {self.peer[:16]} refused the call: {exc.message}") from None
+            raise StageLost(self.peer, str(exc)) from None
+        except MeshError as exc:
+            raise StageLost(self.peer, str(exc)) from None
+
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._wire:
+            raise ValueError(f"sequence {seq_id} exists already")
+        wire_seq = next_wire_seq()
+        body: dict[str, Any] = {"model": self.model, "span": str(self.span), "seq": wire_seq}
+        if self._cid:
+            body["cid"] = self._cid  # lets a peer without the model fetch just this span
+        # the first open of a span loads (or compiles) it on the peer: allow for that
+        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
+        if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:
+            raise StageLost(self.peer, f"serves a different model shape: {reply}")
+        self._wire[seq_id] = wire_seq
+        self._lengths[seq_id] = 0
+        if self._want_direct:
+            self._want_direct = False  # one try per stage
+            self._direct = self._open_direct()
+
+    def _open_direct(self) -> TensorLinkClient | None:
+        """A direct tensor link to the peer when its API address is reachable (see `mesh.tensor_link`), or
+        None: the calls then go over the data channel."""
+        address = getattr(self.link, "advert", {}).get("api") or getattr(self.link, "api_address", None)
+        if not isinstance(address, str) or ":" not in address:
+            return None
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            wait = self._settings.control_timeout_s
+            grant = self._call(self.link.request(TENSOR_LINK, {}, wait), wait)
+            client = TensorLinkClient.connect(host, grant, self._settings.link_handshake_timeout_s,
+                                              self._settings.link_record_timeout_s)
+        except (StageLost, ValueError, LinkError) as exc:
+            logger.info("no direct tensor link to %s (%s); using the data channel", self.peer[:12], exc)
+            return None
+        logger.info("direct tensor link to %s at %s", self.peer[:12], host)
+        return client
+
+    def remove_sequence(self, seq_id: int) -> None:
+        wire_seq = self._wire.pop(seq_id, None)
+        self._lengths.pop(seq_id, None)
+        if wire_seq is None or self._closed:
+            return
+        try:
+            wait = self._settings.control_timeout_s
+            self._call(self.link.request(wire.STAGE_CLOSE, {"seq": wire_seq}, wait), wait)
+        except (StageLost, ValueError) as exc:
+            logger.info("closing sequence %d on %s: %s", seq_id, self.peer[:12], exc)
+
+    def sequence_length(self, seq_id: int) -> int:
+        try:
+            return self._lengths[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id}") from None
+
+    def _wire_ids(self, seq_ids: list[int]) -> list[int]:
+        try:
+            return [self._wire[s] for s in seq_ids]
+        except KeyError as exc:
+            raise ValueError(f"unknown sequence {exc.args[0]}; call add_sequence first") from None
+
+    def _exchange(self, op: str, seq_ids: list[int], inputs: np.ndarray, top_k: int
+                  ) -> tuple[wire.TensorMessage, int]:
+        """One call: send the frame, check the reply; returns it and the number of rows it must hold."""
+        if self._closed:
+            raise ValueError("stage is closed")
+        wire_ids = self._wire_ids(seq_ids)
+        arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
+        self._step += 1
+        call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
+        frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
+        timeout = self._timeout + self._per_token * arr.shape[0]
+        started = time.perf_counter()
+        if self._direct is not None:
+            try:
+                reply = self._direct.call(frame, timeout, self._link_alive)
+            except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
+                raise StageLost(self.peer, f"direct tensor link: {exc}") from None
+        else:
+            reply = self._call(self.link.request_binary(TENSOR, {}, frame.payload, timeout), timeout)
+        self.timing.calls += 1
+        self.timing.seconds += time.perf_counter() - started
+        try:
+            message = wire.decode_output(reply, self.config.vocab_size)
+        except (wire.FrameError, MeshError) as exc:
+            raise StageLost(self.peer, f"sent a bad reply: {exc}") from None
+        self.timing.compute_s += message.compute_s
+        if message.error is not None:
+            code, text = message.error
+            if code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
+                raise ValueError(f"stage on {self.peer[:16]} refused the call: {text}")
+            raise StageLost(self.peer, f"{code}: {text}")
+        for s in seq_ids:
+            self._lengths[s] += arr.shape[0] if op == "prefill" else 1
+        rows = 1 if op == "prefill" and self.span.is_last(self.config.num_layers) else arr.shape[0]
+        return message, rows
+
+    def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        message, rows = self._exchange(op, seq_ids, inputs, self._top_k)
+        out = message.array
+        if out is None:  # top-k logits
+            if message.top_ids is None or message.top_values is None:
+                raise StageLost(self.peer, "sent a reply without values")
+            out = wire.expand_top_k(message.top_ids, message.top_values, self.config.vocab_size)
+        if out.shape[0] != rows:
+            raise StageLost(self.peer, f"returned {out.shape[0]} rows, expected {rows}")
+        if op == "prefill" and self.span.is_last(self.config.num_layers):
+            return out[0]
+        return out
+
+    @property
+    def transport(self) -> str:
+        """How calls travel: "direct" (a tensor link) or "channel" (the peer's `tensors` data channel)."""
+        return "direct" if self._direct is not None else "channel"
+
+    def _link_alive(self) -> bool:
+        return bool(getattr(self.link, "is_open", True))
+
+    def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
+        return self._forward("prefill", [seq_id], inputs)
+
+    def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+        return self._forward("decode", list(seq_ids), inputs)
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        """`decode` + each row's argmax, taken by the stage (see `models.stage`): only the ids come back."""
+        if not self.span.is_last(self.config.num_layers):
+            raise ValueError("only the last stage has logits")
+        message, rows = self._exchange("decode", list(seq_ids), inputs, top_k=1)
+        if message.top_ids is None or message.top_ids.shape != (rows, 1):
+            raise StageLost(self.peer, f"returned no argmax for {rows} rows")
+        return message.top_ids[:, 0].tolist()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for seq_id in list(self._wire):
+            self.remove_sequence(seq_id)
+        self._closed = True
+        self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+
+    def abandon(self) -> None:
+        """Forget every sequence without telling the peer (it is gone)."""
+        self._closed = True
+        self._wire.clear()
+        self._lengths.clear()
+        self._close_direct()
+
+    def __repr__(self) -> str:
+        return f"RemoteStage({self.peer[:12]}, {self.model}, layers {self.span})"

@@ -1,0 +1,181 @@
+"""The stage node's end of direct tensor links (`split.tensor_link` describes the protocol): a listener on
+the API's address that grants one-use tokens to linked peers, authenticates each connection on a short-lived
+thread, and hands the link to the stage worker (`ServerLink`), which reads and answers it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shoal.mesh.p2p.protocol import BinaryFrame
+from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.tensor_link import (
+    TO_ORIGIN,
+    TOKEN_BYTES,
+    LinkError,
+    Sealer,
+    decode_frame,
+    encode_frame,
+    read_record,
+    recv_exact,
+    shutdown_socket,
+    tune_socket,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_TOKENS = 256
+MAX_HANDSHAKES = 16
+MAX_LINKS_PER_PEER = 32
+"""Open links of one peer at most (an origin opens one per remote stage of each request in flight)."""
+MAX_LINKS = 128
+"""Connections still to show a token, at once; more are closed unread."""
+
+
+@dataclass
+class ServerLink:
+    """An accepted, authenticated link of `peer`."""
+
+    peer: str
+    sock: socket.socket
+    sealer: Sealer
+    record_timeout_s: float = SplitConfig.link_record_timeout_s
+
+    def read_frame(self) -> BinaryFrame:
+        """Blocking: the next frame (call when the socket is readable); raises LinkError."""
+        return decode_frame(read_record(self.sock, self.sealer, self.record_timeout_s))
+
+    def send_frame(self, frame: BinaryFrame) -> None:
+        try:
+            self.sock.sendall(self.sealer.seal(encode_frame(frame)))
+        except (OSError, ValueError) as exc:
+            raise LinkError(f"sending on the tensor link failed: {exc}") from None
+
+    def shutdown(self) -> None:
+        """Any thread: end the link; the owner's next read sees it closed (and then calls `close`)."""
+        shutdown_socket(self.sock)
+
+    def close(self) -> None:
+        """The owner (the thread that reads the link): release the socket."""
+        self.shutdown()
+        self.sock.close()
+
+
+class TensorLinkServer:
+    """Listens on the API's address (an ephemeral port), hands out grants to linked peers, and gives
+    each authenticated connection to `on_link` (the stage worker, which reads and answers it). One accept
+    thread; the handshake of each connection runs on a short-lived thread of its own."""
+
+    def __init__(self, on_link: Callable[[ServerLink], None], config: SplitConfig | None = None) -> None:
+        self._host = ""
+        self._on_link = on_link
+        self._config = config or SplitConfig()
+        self._grants: dict[bytes, tuple[str, bytes, float]] = {}
+        self._links: list[ServerLink] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.port = 0
+
+    def start(self, host: str) -> None:
+        """Listen on `host` (raises OSError if it cannot)."""
+        self._host = host
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._host, 0))
+        listener.listen(16)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="tensor-link-accept", daemon=True)
+        self._thread.start()
+        logger.info("tensor links on %s:%d", self._host, self.port)
+
+    def grant(self, peer: str) -> dict[str, object]:
+        """A one-use token and a fresh key for `peer` (sent over the encrypted control channel)."""
+        if self._listener is None:
+            raise LinkError("tensor links are not listening")
+        token, key = secrets.token_bytes(TOKEN_BYTES), os.urandom(32)
+        now = time.monotonic()
+        with self._lock:
+            self._grants = {t: g for t, g in self._grants.items() if g[2] > now}
+            if len(self._grants) >= MAX_PENDING_TOKENS:
+                raise LinkError("too many tensor link grants pending")
+            self._grants[token] = (peer, key, now + self._config.link_token_ttl_s)
+        return {"port": self.port, "token": token.hex(), "key": key.hex()}
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while True:
+            try:
+                sock, address = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            if not self._handshakes.acquire(blocking=False):
+                logger.warning("tensor link from %s refused: too many handshakes at once", address[0])
+                sock.close()
+                continue
+            threading.Thread(target=self._handshake, args=(sock, address), name="tensor-link-handshake",
+                             daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, address: tuple) -> None:
+        try:
+            self._authenticate(sock, address)
+        finally:
+            self._handshakes.release()
+
+    def _authenticate(self, sock: socket.socket, address: tuple) -> None:
+        link: ServerLink | None = None
+        try:
+            sock.settimeout(self._config.link_handshake_timeout_s)
+            tune_socket(sock)
+            token = recv_exact(sock, TOKEN_BYTES)
+            with self._lock:  # check and take a place in one step: concurrent handshakes count each other
+                grant = self._grants.pop(token, None)
+                if grant is None or grant[2] < time.monotonic():
+                    raise LinkError("unknown or expired token")
+                peer, key, _ = grant
+                self._links = [x for x in self._links if x.sock.fileno() != -1]
+                mine = sum(x.peer == peer for x in self._links)
+                if len(self._links) >= MAX_LINKS or mine >= MAX_LINKS_PER_PEER:
+                    raise LinkError(f"too many tensor links open (peer {peer[:12]}: {mine})")
+                link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN), self._config.link_record_timeout_s)
+                self._links.append(link)
+            sock.sendall(link.sealer.seal(b""))
+            sock.settimeout(self._config.link_record_timeout_s)  # for good: every read and write of the link
+        except (LinkError, OSError) as exc:
+            logger.warning("tensor link from %s refused: %s", address[0], exc)
+            with self._lock:
+                self._links = [x for x in self._links if x is not link]
+            sock.close()
+            return
+        logger.info("tensor link from peer %s (%s)", peer[:12], address[0])
+        self._on_link(link)
+
+    def drop_peer(self, peer: str) -> None:
+        """Close every link of a peer that left the mesh."""
+        with self._lock:
+            gone = [x for x in self._links if x.peer == peer]
+            self._links = [x for x in self._links if x.peer != peer]
+            self._grants = {t: g for t, g in self._grants.items() if g[0] != peer}
+        for link in gone:
+            link.shutdown()
+
+    def stop(self) -> None:
+        """Idempotent: stop accepting, close every link."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            shutdown_socket(listener)  # wakes the blocked accept() (Linux)
+            listener.close()
+        with self._lock:
+            links, self._links = self._links, []
+            self._grants.clear()
+        for link in links:
+            link.shutdown()
