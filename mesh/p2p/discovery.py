@@ -143,9 +143,12 @@ class Discovery:
                 target.refused_s = refusal_backoff(target.refused_s, self.service.config.refused_retry_max_s)
                 target.next_try = time.monotonic() + target.refused_s
                 refusal = Refusal(target.address, exc.code, str(exc)[:300], time.time())
-                self.service.join_status.refused(refusal, target.refused_s)
                 wait = target.refused_s
                 logger.warning("mesh: %s refused this node (retry in %.1f s): %s", target.address, wait, exc)
+                self.service.join_status.refused(refusal, target.refused_s)
+                self.service.events.publish(
+                    "mesh.refused", by=refusal.by, code=refusal.code, reason=refusal.reason, retry_in_s=wait
+                )
         except MeshError as exc:
             self._failed(target, exc)
         finally:

@@ -1,5 +1,6 @@
 """Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run), the topology;
-join a mesh from an invite and copy this node's invite."""
+join a mesh from an invite and copy this node's invite. A node the members refused says so in red (who, why,
+when it tries again)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,23 @@ def peer_row(peer: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def refusal_line(standing: dict[str, Any] | None) -> Text | None:
+    """The red line for `mesh` of `GET /v1/mesh/peers` while the members refuse this node, else None."""
+    if not standing or standing.get("status") != "refused":
+        return None
+    retry = standing.get("retry_in_s")
+    return Text.assemble(
+        ("refused ", "bold red"),
+        (f"by {standing.get('by') or '?'} ", "red"),
+        (f"({standing.get('code') or '?'}): ", "red"),
+        str(standing.get("reason") or ""),
+        ("  next try in ", "dim"),
+        f"{number(retry, 0)} s" if isinstance(retry, int | float) else "—",
+        ("  refusals ", "dim"),
+        str(standing.get("refusals") or 0),
+    )
+
+
 class MeshPane(NodePane):
     MAIN = "#peers"
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -64,6 +82,9 @@ class MeshPane(NodePane):
     def compose(self) -> ComposeResult:
         yield self.compose_unavailable()
         yield Static("", id="mesh-self")
+        standing = Static("", id="mesh-standing")
+        standing.display = False
+        yield standing
         # The invite sits at the top: toasts open at the bottom right and hid it when it was last.
         yield Static("", id="invite")
         table: DataTable[Any] = DataTable(id="peers", cursor_type="row", zebra_stripes=True)
@@ -97,6 +118,7 @@ class MeshPane(NodePane):
         topo = self.query_one(TopologyView)
         topo.self_id = str(info.get("id") or "")
         topo.names[topo.self_id] = str(info.get("name") or "")
+        standing: dict[str, Any] | None = None
         try:
             view = await self.client.peers()
         except NotAvailable:
@@ -104,9 +126,14 @@ class MeshPane(NodePane):
             peers: list[dict[str, Any]] = []
         else:
             peers = list(view.get("peers") or [])
+            standing = view.get("mesh") if isinstance(view.get("mesh"), dict) else None
             mesh_id = (view.get("self") or {}).get("mesh")
             where = f"mesh {short_id(str(mesh_id), 20)}" if mesh_id else "not in a mesh (j: join)"
             table.border_title = f"Peers ({len(peers)}) — {where}"
+        refusal = refusal_line(standing)
+        line = self.query_one("#mesh-standing", Static)
+        line.display = refusal is not None
+        line.update(refusal or "")
         table.clear()
         for peer in peers:
             topo.names[str(peer.get("id"))] = str(peer.get("name") or short_id(peer.get("id"), 10))
@@ -117,7 +144,7 @@ class MeshPane(NodePane):
             topo.topology = None
 
     def on_node_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind.startswith("peer.") or kind in ("request.started", "request.finished"):
+        if kind.startswith(("peer.", "mesh.")) or kind in ("request.started", "request.finished"):
             self.reload()
 
     def action_join(self) -> None:
