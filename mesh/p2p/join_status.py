@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-TRANSIENT_CODES = frozenset({"glare", "too_many_peers", "not_in_mesh", "replayed", "no_route"})
+TRANSIENT_CODES = frozenset({"glare", "too_many_peers", "not_in_mesh", "replayed", "no_route", "invite_only"})
 """Refusal codes that say nothing about this node's membership: retried on the ordinary back-off."""
 REFUSED_FIRST_S = 1.0
 """First wait after a member refused this node; doubled per refusal up to `refused_retry_max_s`."""

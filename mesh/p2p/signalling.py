@@ -267,4 +267,7 @@ def _admitted(membership: Membership, sender: str, signal: dict[str, Any], expir
         return "secret" if expires is None else "invite"
     if sender in membership.allow:
         return "allow"
+    if key is None and membership.invite_expires is not None:
+        # a joiner not yet handed the mesh secret cannot check a proof made with it: ask again later
+        raise MembershipError("this node holds only an invite so far, not the mesh secret", "invite_only")
     raise MembershipError(f"{sender[:12]} proved neither the mesh secret nor a place on the allow-list")

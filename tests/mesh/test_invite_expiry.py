@@ -82,6 +82,13 @@ def test_members_admit_a_current_invite_and_refuse_an_expired_or_edited_one():
         _offer_and_verify(Membership.from_invite(other), member)
     assert foreign.value.code == "foreign_mesh"
 
+    # a joiner not yet handed the secret cannot check a member's offer: a transient refusal
+    me = Identity.generate("joiner")
+    offer = build_signal(Identity.generate("member"), member, "offer", SDP, to=me.peer_id)
+    with pytest.raises(MembershipError) as unkeyed:
+        verify_signal(offer, Membership.from_invite(invite), me.peer_id, "offer")
+    assert unkeyed.value.code == "invite_only"
+
     # after a rotation the old invite's key proves nothing
     rotated = Membership(secret=Invite.create("home").secret)
     old = Membership.from_invite(Invite(invite.name, invite.secret, (), invite.expires, rotated.mesh_id))
