@@ -7,8 +7,11 @@ and `ApiError` (the node answered with an OpenAI-style error body).
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -211,7 +214,28 @@ class NodeClient:
         return await self.post("/v1/models/pull", {"model": model})
 
     async def publish(self, path: str) -> dict[str, Any]:
-        return await self.post("/v1/models/publish", {"path": path}, slow=True)
+        """Upload a file from this machine (the node stores and pins it; it reads no paths for clients)."""
+        file = await asyncio.to_thread(lambda: Path(path).expanduser())
+        if not await asyncio.to_thread(file.is_file):
+            raise ApiError(400, f"{path} is not a file", "invalid_request_error", "file_not_found")
+        filename = re.sub(r"[^A-Za-z0-9._-]", "_", file.name).lstrip("._-")[:128] or "upload.gguf"
+        handle = await asyncio.to_thread(open, file, "rb")
+        try:  # aiohttp streams a file body, reading it in a worker thread
+            async with self.session.post(
+                self.base_url + "/v1/models/publish",
+                data=handle,
+                params={"filename": filename},
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=self._timeout(self.config.slow_timeout),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise _error_from(resp.status, raw, "/v1/models/publish")
+                return orjson.loads(raw)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise NodeUnreachable(f"no node answers at {self.base_url} ({type(exc).__name__})") from exc
+        finally:
+            await asyncio.to_thread(handle.close)
 
     async def model_action(
         self, model: str, action: str, body: dict[str, Any] | None = None

@@ -1,7 +1,8 @@
 """The node's aiohttp application: `create_app(node, router=..., routes=...)`.
 
 Middlewares, outermost first: metrics (requests by endpoint and status), errors (every failure becomes an
-OpenAI-style error body, never a traceback), auth (`Authorization: Bearer KEY` when the node has a key).
+OpenAI-style error body, never a traceback), guard (Host, Origin, media type, read deadline:
+`mesh/api/guard.py`), auth (`Authorization: Bearer KEY` when the node has a key).
 Every response carries `x-shoal-route`. On shutdown, in-flight completions get `shutdown_grace_s` to finish
 and are then cancelled (streams end with an error chunk and `data: [DONE]`); event streams end at once.
 """
@@ -16,10 +17,17 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from shoal.mesh.api import admin as api_admin
+from shoal.mesh.api import guard as api_guard
 from shoal.mesh.api import openai_routes as api_openai
 from shoal.mesh.api.errors import ApiError
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
-from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
+from shoal.models.errors import (
+    ContextOverflowError,
+    ModelError,
+    ModelFileError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 
 if TYPE_CHECKING:
     from shoal.mesh.api.ports import NodePort, RouterPort
@@ -60,10 +68,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(404, str(exc), param="model", code="model_not_found").response()
     except ContextOverflowError as exc:
         return ApiError(400, str(exc), code="context_length_exceeded").response()
+    except web.RequestPayloadError as exc:  # a body that does not decode (gzip/deflate) or breaks off
+        return _payload_error(request, exc).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.content_type == "application/json" and exc.body:  # a route's own coded error body
+            return web.Response(status=exc.status, body=exc.body, content_type="application/json",
+                                headers=_allow_header(exc))
         return _http_error(exc).response(headers=_allow_header(exc))
+    except UnsupportedModelError as exc:
+        return ApiError(422, str(exc), param="model", code="unsupported_model").response()
+    except ModelFileError as exc:
+        return ApiError(422, str(exc), param="model", code="invalid_model_file").response()
     except ModelError as exc:
         logger.warning("%s %s: %s", request.method, request.path, exc)
         return ApiError(500, str(exc), code="model_error", type="server_error").response()
@@ -72,6 +89,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         return ApiError(500, "internal error; see the node's log", type="server_error").response()
+
+
+def _payload_error(request: web.Request, exc: web.RequestPayloadError) -> ApiError:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding:
+        message = f"the body is not valid {encoding[:40]} (its Content-Encoding)"
+        return ApiError(400, message, code="invalid_encoding")
+    return ApiError(400, f"the request body is malformed: {exc}"[:300], code="invalid_body")
 
 
 def _http_error(exc: web.HTTPException) -> ApiError:
@@ -133,13 +158,16 @@ def create_app(
     *,
     router: RouterPort | None = None,
     routes: Iterable[Callable[[web.Application], None]] = (),
+    own_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The node's app: the OpenAI and admin routes, plus `routes` (each adds a subsystem's routes).
-    Completions stream through `router` when given, else from the local engine."""
+    Completions stream through `router` when given, else from the local engine. `own_hosts`: more names
+    of this node clients may send in `Host` (e.g. `[mesh] advertise`)."""
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, api_guard.guard_middleware, auth_middleware],
         client_max_size=node.config.api.max_body_bytes,
     )
+    api_guard.install(app, node.config.api, own_hosts)
     app[NODE] = node
     app[ROUTER] = router
     app[INFLIGHT] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -39,6 +40,11 @@ class IpfsConfig:
     ban_s: float = 300.0
     fsync: bool = True
     """fsync each block before renaming it into place (turn off only for throwaway stores)."""
+    publish_dirs: tuple[str, ...] = ()
+    """Folders whose files `POST /v1/models/publish {"path"}` may import (absolute; default none: the API
+    then only takes uploads). The CLI publishes any file its user can read."""
+    max_upload_bytes: int = 64 << 30
+    """Largest file `POST /v1/models/publish` takes as an upload; bigger ones get 413."""
 
     def __post_init__(self) -> None:
         if self.rpc_url is not None:
@@ -57,6 +63,11 @@ class IpfsConfig:
             raise ValueError(f"ipfs retries must be between 1 and 100, not {self.retries}")
         if self.ban_after_bad_blocks < 1:
             raise ValueError("ipfs ban_after_bad_blocks must be at least 1")
+        for folder in self.publish_dirs:
+            if not isinstance(folder, str) or not os.path.isabs(os.path.expanduser(folder)):
+                raise ValueError(f"ipfs publish_dirs entry {folder!r} must be an absolute path")
+        if not 1 <= self.max_upload_bytes <= 1 << 40:
+            raise ValueError("ipfs max_upload_bytes must be between 1 byte and 1 TiB")
 
     @classmethod
     def from_dict(cls, raw: dict) -> IpfsConfig:
@@ -65,7 +76,7 @@ class IpfsConfig:
         if unknown:
             raise ValueError(f"unknown [ipfs] settings: {sorted(unknown)}")
         values = dict(raw)
-        for name in ("gateways", "source_order"):
+        for name in ("gateways", "source_order", "publish_dirs"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

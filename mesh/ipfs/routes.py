@@ -4,7 +4,9 @@
   `Accept: application/vnd.ipld.raw|car`). CAR responses take `dag-scope=block|entity|all` (default all)
   and `entity-bytes=FROM:TO` (TO may be `*`; with it, only the blocks covering those file bytes).
 - `POST /v1/models/pull` `{"model": NAME_OR_CID}` → 202 `{"pull_id", "cid"}`; progress on the event stream.
-- `POST /v1/models/publish` `{"path": FILE, "name"?: NAME}` → `{"cid"}`.
+- `POST /v1/models/publish`: an upload (`Content-Type: application/octet-stream`, the file as the body,
+  `?name=NAME&filename=FILE`), or `{"path": FILE, "name"?: NAME}` for a file inside `[ipfs] publish_dirs`
+  → `{"cid", "name", "size"}`. See `upload.py`.
 - `GET /v1/ipfs/models` → what `shoal models` lists.
 """
 
@@ -12,27 +14,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import orjson
 from aiohttp import web
 from multiformats import CID
 from shoal.mesh.ipfs import car
 from shoal.mesh.ipfs.car_producer import Buffer, CarProducer
+from shoal.mesh.ipfs.catalog import check_name
 from shoal.mesh.ipfs.cid import parse_cid
 from shoal.mesh.ipfs.errors import CodecError, InvalidCidError, IpfsError, UnknownModelError
 from shoal.mesh.ipfs.reader import decode_file_node
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.ipfs.sources import RAW_CONTENT_TYPE
+from shoal.mesh.ipfs.upload import PublishRefused, allowed_path, received_upload, upload_filename
 
 logger = logging.getLogger(__name__)
 ENTITY_BYTES = re.compile(r"^(\d+):(\d+|\*)$")
 
 
-def _json_error(status: type[web.HTTPException], message: str) -> web.HTTPException:
-    return status(text=json.dumps({"error": message}), content_type="application/json")
+def _json_error(
+    status: type[web.HTTPException], message: str, code: str, param: str | None = None
+) -> web.HTTPException:
+    """An HTTP error whose body has the API's shape `{"error": {"message", "type", "param", "code"}}`."""
+    kind = "server_error" if status.status_code >= 500 else "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return status(text=orjson.dumps(body).decode(), content_type="application/json")
+
+
+def _missing_block(cid: CID) -> web.HTTPException:
+    return _json_error(web.HTTPNotFound, f"block {cid} is not held by this node", "block_not_found", "cid")
+
+
+def _refused(exc: PublishRefused) -> web.HTTPException:
+    return _json_error(_STATUS[exc.status], str(exc), exc.code, exc.param)
+
+
+_STATUS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    403: web.HTTPForbidden,
+    404: web.HTTPNotFound,
+    413: web.HTTPRequestEntityTooLarge,
+}
 
 
 def _wanted_format(request: web.Request) -> str | None:
@@ -52,11 +78,13 @@ def _entity_range(text: str | None) -> tuple[int, int | None] | None:
         return None
     match = ENTITY_BYTES.match(text)
     if not match:
-        raise _json_error(web.HTTPBadRequest, f"entity-bytes must be FROM:TO (TO a number or *), not {text}")
+        raise _json_error(web.HTTPBadRequest, f"entity-bytes must be FROM:TO (TO a number or *), not {text}",
+                          "invalid_value", "entity-bytes")
     start = int(match.group(1))
     end = None if match.group(2) == "*" else int(match.group(2)) + 1  # TO is inclusive
     if end is not None and end <= start:
-        raise _json_error(web.HTTPBadRequest, "entity-bytes TO must not be below FROM")
+        raise _json_error(web.HTTPBadRequest, "entity-bytes TO must not be below FROM", "invalid_value",
+                          "entity-bytes")
     return start, end
 
 
@@ -68,22 +96,24 @@ class IpfsRoutes:
         try:
             cid = parse_cid(request.match_info["cid"])
         except InvalidCidError as exc:
-            raise _json_error(web.HTTPBadRequest, str(exc)) from None
+            raise _json_error(web.HTTPBadRequest, str(exc), "invalid_cid", "cid") from None
         fmt = _wanted_format(request)
         if fmt == "raw":
             block = await asyncio.to_thread(self.service.store.get, cid)
             if block is None:
-                raise _json_error(web.HTTPNotFound, f"block {cid} is not held by this node")
+                raise _missing_block(cid)
             return web.Response(body=block, content_type=RAW_CONTENT_TYPE,
                                 headers={"Cache-Control": "public, max-age=29030400, immutable"})
         if fmt != "car":
-            raise _json_error(web.HTTPNotAcceptable, "trustless gateway: ask for format=raw or format=car")
+            raise _json_error(web.HTTPNotAcceptable, "trustless gateway: ask for format=raw or format=car",
+                              "not_acceptable", "format")
         scope = request.query.get("dag-scope", "all")
         if scope not in ("block", "entity", "all"):
-            raise _json_error(web.HTTPBadRequest, f"dag-scope must be block, entity or all, not {scope}")
+            raise _json_error(web.HTTPBadRequest, f"dag-scope must be block, entity or all, not {scope}",
+                              "invalid_value", "dag-scope")
         entity = _entity_range(request.query.get("entity-bytes"))
         if not await asyncio.to_thread(self.service.store.has, cid):
-            raise _json_error(web.HTTPNotFound, f"block {cid} is not held by this node")
+            raise _missing_block(cid)
         response = web.StreamResponse(headers={"Content-Type": f"{car.CONTENT_TYPE}; version=1",
                                                "X-Content-Type-Options": "nosniff"})
         body = aiter(self._car_body(cid, scope, entity))
@@ -151,39 +181,68 @@ class IpfsRoutes:
         body = await _json_body(request)
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise _json_error(web.HTTPBadRequest, 'body must be {"model": NAME_OR_CID}')
+            message = 'body must be {"model": NAME_OR_CID}'
+            raise _json_error(web.HTTPBadRequest, message, "invalid_type", "model")
         try:
             cid = self.service.catalog.resolve(model)
             pull_id = self.service.start_pull(model)
         except (UnknownModelError, InvalidCidError) as exc:
-            raise _json_error(web.HTTPNotFound, str(exc)) from None
+            raise _json_error(web.HTTPNotFound, str(exc), "model_not_found", "model") from None
         except IpfsError as exc:
-            raise _json_error(web.HTTPServiceUnavailable, str(exc)) from None
+            raise _json_error(web.HTTPServiceUnavailable, str(exc), "source_unavailable") from None
         return web.json_response({"pull_id": pull_id, "cid": str(cid), "model": model}, status=202)
 
     async def post_publish(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        path = body.get("path")
-        name = body.get("name")
-        if not isinstance(path, str) or not path or (name is not None and not isinstance(name, str)):
-            raise _json_error(web.HTTPBadRequest, 'body must be {"path": FILE, "name": optional NAME}')
+        """An upload (octet-stream body) or `{"path", "name"?}` inside `[ipfs] publish_dirs`."""
+        try:
+            if request.content_type == "application/octet-stream":
+                name = _model_name(request.query.get("name"))
+                filename = upload_filename(request.query.get("filename"))
+                folder = self.service.data_dir / "uploads"
+                limit = self.service.config.max_upload_bytes
+                async with received_upload(request, folder, filename, limit) as path:
+                    return await self._publish(path, name)
+            body = await _json_body(request)
+            path_text, name = body.get("path"), body.get("name")
+            if not isinstance(path_text, str) or not path_text:
+                raise PublishRefused(400, "invalid_type", 'body must be {"path": FILE, "name": optional '
+                                     'NAME}, or the file itself as application/octet-stream', "path")
+            if name is not None and not isinstance(name, str):
+                raise PublishRefused(400, "invalid_type", "'name' must be a string", "name")
+            name = _model_name(name)
+            path = await asyncio.to_thread(allowed_path, path_text, self.service.config.publish_dirs)
+            return await self._publish(path, name)
+        except PublishRefused as exc:
+            raise _refused(exc) from None
+
+    async def _publish(self, path: Path, name: str | None) -> web.Response:
         try:
             cid = await self.service.publish(path, name)
         except (IpfsError, ValueError, OSError) as exc:
-            raise _json_error(web.HTTPBadRequest, str(exc)) from None
-        return web.json_response({"cid": str(cid), "name": name})
+            raise _json_error(web.HTTPBadRequest, f"cannot publish: {exc}", "publish_failed") from None
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+        return web.json_response({"cid": str(cid), "name": name, "size": size})
 
     async def get_models(self, request: web.Request) -> web.Response:
         return web.json_response({"models": await asyncio.to_thread(self.service.list_models)})
+
+
+def _model_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise PublishRefused(400, "invalid_value", str(exc), "name") from None
 
 
 async def _json_body(request: web.Request) -> dict:
     try:
         body = await request.json()
     except ValueError:
-        raise _json_error(web.HTTPBadRequest, "body must be JSON") from None
+        raise _json_error(web.HTTPBadRequest, "body must be JSON", "invalid_json") from None
     if not isinstance(body, dict):
-        raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+        raise _json_error(web.HTTPBadRequest, "body must be a JSON object", "invalid_type")
     return body
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from shoal.mesh.api.app import create_app
 from shoal.mesh.api.metrics import NodeMetrics
 from shoal.mesh.api.ports import RouterPort
+from shoal.mesh.api.server import api_runner
 from shoal.mesh.events import EventBus
 from shoal.mesh.ipfs.block_exchange import BlockExchange
 from shoal.mesh.ipfs.service import IpfsService
@@ -165,11 +166,16 @@ class Node:
         for service in self.services:
             await service.start()
             self._started_services.append(service)
-        runner = web.AppRunner(
-            create_app(self, router=self.router, routes=[service.add_routes for service in self.services]),
-            handler_cancellation=True,
+        app = create_app(
+            self,
+            router=self.router,
+            routes=[service.add_routes for service in self.services],
+            own_hosts=[self.config.mesh.advertise] if self.config.mesh.advertise else [],
+        )
+        runner = api_runner(
+            app,
+            read_timeout_s=self.config.api.read_timeout_s,
             shutdown_timeout=self.config.api.shutdown_grace_s + 10.0,
-            access_log=None,
         )
         await runner.setup()
         self._runner = runner

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+JSON = "application/json"
+OCTET = "application/octet-stream"
 
 
 def free_port() -> int:
@@ -88,10 +90,10 @@ class Node:
                 self.process.kill()
                 self.process.wait(5)
 
-    def _curl(self, path: str, body: bytes | None, timeout: float) -> Any:
+    def _curl(self, path: str, body: bytes | None, timeout: float, content_type: str = JSON) -> Any:
         command = [*self.http_prefix, "curl", "-s", "-m", str(timeout), f"http://{self.api}{path}"]
         if body is not None:
-            command += ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]
+            command += ["--data-binary", "@-", "-H", f"Content-Type: {content_type}"]
         result = subprocess.run(command, input=body, capture_output=True, timeout=timeout + 5)
         if result.returncode != 0:
             raise OSError(f"curl {path} failed with {result.returncode}")
@@ -112,9 +114,11 @@ class Node:
 
     def post(self, path: str, body: bytes | dict, timeout: float = 30.0) -> Any:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        content_type = OCTET if isinstance(body, bytes) else JSON
         if self.http_prefix:
-            return self._curl(path, data, timeout)
-        request = urllib.request.Request(f"http://{self.api}{path}", data=data, method="POST")
+            return self._curl(path, data, timeout, content_type)
+        request = urllib.request.Request(f"http://{self.api}{path}", data=data, method="POST",
+                                         headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())

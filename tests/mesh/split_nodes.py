@@ -82,8 +82,9 @@ class SplitNode:
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
+        headers = self._headers() if data is None else {**self._headers(), "Content-Type": "application/json"}
         request = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method,
-                                         headers=self._headers())
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
@@ -118,7 +119,7 @@ class SplitNode:
                 "temperature": 0, "stream": True}
         request = urllib.request.Request(f"http://{self.api}/v1/chat/completions",
                                          data=json.dumps(body).encode(), method="POST",
-                                         headers=self._headers())
+                                         headers={**self._headers(), "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=180) as response:
             for raw in response:
                 line = raw.decode().strip()

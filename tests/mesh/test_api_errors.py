@@ -123,12 +123,16 @@ async def test_malformed_json_is_400(node: NodeThread) -> None:
     )
     assert status == 400
     check_error(body, None, "invalid_json")
-    status, body, _ = await request(node, "POST", "/v1/chat/completions", data=b"[1, 2]")
+    json_type = {"Content-Type": "application/json"}
+    status, body, _ = await request(node, "POST", "/v1/chat/completions", data=b"[1, 2]", headers=json_type)
     assert status == 400
     check_error(body, None, "invalid_type")
-    status, body, _ = await request(node, "POST", "/v1/chat/completions", data=b"")
+    status, body, _ = await request(node, "POST", "/v1/chat/completions", data=b"", headers=json_type)
     assert status == 400
     check_error(body, None, "invalid_json")
+    status, body, _ = await request(node, "POST", "/v1/chat/completions", data=b"{}")  # no Content-Type
+    assert status == 415
+    check_error(body, None, "unsupported_media_type")
 
 
 async def test_unknown_model_is_404(node: NodeThread) -> None:

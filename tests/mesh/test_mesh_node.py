@@ -104,9 +104,7 @@ def test_file_published_on_one_node_is_pulled_through_the_mesh(shoal_nodes, tmp_
     wait_until(lambda: full_mesh(shoal_nodes), 60, "full mesh")
     _, n2, n3 = shoal_nodes
     content = os.urandom(700_000)
-    source = tmp_path / "weights.bin"
-    source.write_bytes(content)
-    cid = n2.post("/v1/models/publish", {"path": str(source), "name": "meshfile"})["cid"]
+    cid = n2.post("/v1/models/publish?name=meshfile&filename=weights.bin", content)["cid"]  # an upload
     accepted = n3.post("/v1/models/pull", {"model": cid})
     assert accepted.get("cid") == cid, accepted
 

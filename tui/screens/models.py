@@ -207,7 +207,9 @@ class ModelsPane(NodePane):
                 self.run_action(self._publish(path), "publish")
 
         self.app.push_screen(
-            PromptScreen("Publish a GGUF file to the mesh (path on the node)", "/path/model.gguf"), chosen
+            PromptScreen("Publish a GGUF file to the mesh (a path on this machine; it is uploaded)",
+                         "/path/model.gguf"),
+            chosen,
         )
 
     async def _publish(self, path: str) -> None:
