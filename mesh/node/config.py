@@ -60,14 +60,6 @@ def _is_origin(text: str) -> bool:
     return scheme in ("http", "https") and bool(sep) and bool(rest) and not any(c in rest for c in "/?#@ ")
 
 
-def _is_origin(text: str) -> bool:
-    """`*`, or a web origin: `http(s)://host[:port]` with nothing after it."""
-    if text == "*":
-        return True
-    scheme, sep, rest = text.partition("://")
-    return scheme in ("http", "https") and bool(sep) and bool(rest) and not any(c in rest for c in "/?#@ ")
-
-
 @dataclass(frozen=True)
 class ApiConfig:
     """`[api]`: the local HTTP endpoint."""
@@ -94,14 +86,6 @@ class ApiConfig:
     pages always may. Other cross-site browser requests get 403."""
     read_timeout_s: float = 30.0
     """A request whose headers or body stop arriving for this long is dropped (408, connection closed)."""
-    allowed_hosts: tuple[str, ...] = ()
-    """Extra names clients may send in `Host` (loopback names, the address a client connected to, `host` and
-    `[mesh] advertise` always may); `*` allows any (only behind a proxy that checks it). Others get 403."""
-    allowed_origins: tuple[str, ...] = ()
-    """Web origins (`https://app.example:8443`) whose pages may call the API from a browser; same-origin
-    pages always may. Other cross-site browser requests get 403."""
-    read_timeout_s: float = 30.0
-    """A request whose headers or body stop arriving for this long is dropped (408, connection closed)."""
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -118,16 +102,6 @@ class ApiConfig:
             raise ValueError("log_buffer_size must be between 1 and 1000000")
         if not 0 <= self.shutdown_grace_s <= 3600:
             raise ValueError("shutdown_grace_s must be between 0 and 3600")
-        for host in self.allowed_hosts:
-            if not isinstance(host, str) or not host or any(c in host for c in " /@[]"):
-                raise ValueError(f"allowed_hosts entry {host!r} must be a host name or address, e.g. box.lan")
-        for origin in self.allowed_origins:
-            if not isinstance(origin, str) or not _is_origin(origin):
-                raise ValueError(
-                    f"allowed_origins entry {origin!r} must be '*' or scheme://host[:port], e.g. https://app.lan"
-                )
-        if not 1 <= self.read_timeout_s <= 3600:
-            raise ValueError("read_timeout_s must be between 1 and 3600")
         for host in self.allowed_hosts:
             if not isinstance(host, str) or not host or any(c in host for c in " /@[]"):
                 raise ValueError(f"allowed_hosts entry {host!r} must be a host name or address, e.g. box.lan")
