@@ -29,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     me = view["self"]
     mesh = f"mesh {me['mesh']}" if me.get("mesh") else "not in a mesh (shoal mesh join INVITE)"
     print(f"this node: {me['name']} {me['id']} {mesh} api {me['api'] or '-'}")
+    standing = view.get("mesh") if isinstance(view.get("mesh"), dict) else {}
+    if standing.get("status") == "refused":
+        print(
+            f"refused by {standing.get('by')} ({standing.get('code')}): {standing.get('reason')}; "
+            f"next try in {standing.get('retry_in_s')} s (refusals: {standing.get('refusals')})"
+        )
     peers = view["peers"]
     if not peers:
         print("no peers linked")

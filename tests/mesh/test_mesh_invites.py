@@ -36,7 +36,7 @@ def hub(tmp_path_factory):
             each.kill(15)
 
 
-def test_expired_invite_is_refused_visibly_and_the_joiner_backs_off(hub):
+def test_expired_invite_is_refused_visibly_and_the_joiner_backs_off(hub, capsys):
     node = hub["hub"]
     expired = hub["invite"].expiring(int(time.time()) - 60).with_bootstrap((node.api,))
     # a running node will not take an expired invite at all
@@ -62,6 +62,8 @@ def test_expired_invite_is_refused_visibly_and_the_joiner_backs_off(hub):
     refused = [r for r in node.get("/v1/mesh/peers")["refused"] if r["from"] == joiner.peer_id]
     assert refused and "expired" in refused[-1]["reason"]
     assert joiner.peer_id not in node.peers()
+    assert main(["peers", "--api", joiner.api]) == 0
+    assert f"refused by {node.api} (invite_expired): " in capsys.readouterr().out
     joiner.kill(15)
 
 
