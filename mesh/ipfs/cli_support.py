@@ -49,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> IpfsConfig:
         block_timeout_s=getattr(args, "timeout", 15.0),
         parallelism=getattr(args, "parallel", 8),
         retries=getattr(args, "retries", 4),
+        stall_timeout_s=getattr(args, "stall_timeout", None) or IpfsConfig.stall_timeout_s,
     )
 
 

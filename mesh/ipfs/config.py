@@ -31,6 +31,8 @@ class IpfsConfig:
     """Blocks fetched at once during a pull."""
     retries: int = 4
     """Rounds over all sources before a block is declared missing."""
+    stall_timeout_s: float = 120.0
+    """A whole-model pull that gets no new block for this long fails (`PullStalledError`)."""
     backoff_base_s: float = 0.2
     """First back-off after a source fails; doubles per consecutive failure."""
     backoff_max_s: float = 30.0
@@ -54,7 +56,8 @@ class IpfsConfig:
         unknown = [kind for kind in self.source_order if kind not in SOURCE_KINDS]
         if unknown:
             raise ValueError(f"unknown ipfs source kinds {unknown}; use some of {list(SOURCE_KINDS)}")
-        for name in ("block_timeout_s", "connect_timeout_s", "backoff_base_s", "backoff_max_s", "ban_s"):
+        for name in ("block_timeout_s", "connect_timeout_s", "backoff_base_s", "backoff_max_s", "ban_s",
+                     "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ipfs {name} must be positive, not {getattr(self, name)}")
         if not 1 <= self.parallelism <= 256:

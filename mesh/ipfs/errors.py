@@ -27,6 +27,10 @@ class SourceError(IpfsError):
     """One block source failed (unreachable, timed out, bad status, bad data); others may still succeed."""
 
 
+class PullStalledError(IpfsError):
+    """A pull got no new block within its stall timeout (`[ipfs] stall_timeout_s`, `pull --stall-timeout`)."""
+
+
 class UnknownModelError(IpfsError):
     """A model name that the catalog does not know and that is not a CID."""
 

@@ -3,6 +3,11 @@
 Every block is hashed against its CID before it is stored or used (the store refuses anything else). A source
 that fails is backed off exponentially (capped); one that serves blocks failing verification is banned for a
 while. A pull first asks the local store, so an interrupted pull resumes from the blocks it already has.
+
+Every wait is bounded and every pool ends: one block waits at most `block_timeout_s` per source (through
+`asyncio.timeout`, which never loses a cancellation as Python 3.11's `wait_for` can), a whole-DAG pull that
+gets no new block for `stall_timeout_s` fails with `PullStalledError`, and the block-walk workers stop on a
+sentinel when the walk ends, fails or is cancelled (they never rely on a cancellation reaching them).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.ipfs.errors import (
     BlockNotFoundError,
     CodecError,
+    PullStalledError,
     SourceError,
     StoreError,
     VerificationError,
@@ -86,6 +92,18 @@ class Fetcher:
         self._fetched: set[bytes] = set()
         self.assembled = False
         """Whether the latest `fetch_dag` wrote the output file itself while streaming."""
+        self._stall: asyncio.Timeout | None = None
+        """The running `fetch_dag`'s no-progress deadline, pushed back by every block obtained."""
+        self._stall_kicked = 0.0
+
+    def _progressed(self) -> None:
+        """A block arrived (or was found): push the stall deadline back (at most every 0.1 s)."""
+        if self._stall is None:
+            return
+        now = time.monotonic()
+        if now - self._stall_kicked >= 0.1:
+            self._stall_kicked = now
+            self._stall.reschedule(asyncio.get_running_loop().time() + self.config.stall_timeout_s)
 
     # --- one block ----------------------------------------------------------------------------------------
     def _penalise(self, source: BlockSource, bad_block: bool) -> None:
@@ -122,6 +140,7 @@ class Fetcher:
         self.stats.bytes_fetched += len(data)
         self.stats.by_source[source_name] += 1
         self._fetched.add(bytes(cid.digest))
+        self._progressed()
 
     async def get_block(self, cid: CID) -> bytes:
         """The verified block, from the store or the first source that has it (storing it)."""
@@ -129,6 +148,7 @@ class Fetcher:
         if data is not None:
             if bytes(cid.digest) not in self._fetched:
                 self.stats.blocks_local += 1
+            self._progressed()
             return data
         errors: list[str] = []
         for attempt in range(self.config.retries):
@@ -140,7 +160,8 @@ class Fetcher:
                 ready = [s for s in self.sources if self._health[s.name].retry_at <= time.monotonic()]
             for source in ready:
                 try:
-                    data = await asyncio.wait_for(source.get_block(cid), self.config.block_timeout_s)
+                    async with asyncio.timeout(self.config.block_timeout_s):
+                        data = await source.get_block(cid)
                     await self._store(source.name, cid, data)
                 except VerificationError as exc:
                     logger.warning("rejected block %s from %s: %s", cid, source.name, exc)
@@ -230,6 +251,7 @@ class Fetcher:
             self.stats.by_source[name] += 1
             self._fetched.add(bytes(cid.digest))
             on_block(cid, block)
+        self._progressed()
 
     async def _try_car(self, root: CID, on_block: Callable[[CID, CarBlock], None],
                        assembler: StreamingAssembler | None = None) -> None:
@@ -285,7 +307,23 @@ class Fetcher:
     ) -> int:
         """Make every block of the file DAG under `root` local; return the file size. With `assemble_to`,
         a fresh pull streamed as a CAR also writes the file there as it arrives (`self.assembled` tells
-        whether that worked; if not, the caller assembles it from the store)."""
+        whether that worked; if not, the caller assembles it from the store). Raises `PullStalledError` when
+        no block arrives for `stall_timeout_s`."""
+        stall_s = self.config.stall_timeout_s
+        try:
+            async with asyncio.timeout(stall_s) as deadline:
+                self._stall, self._stall_kicked = deadline, time.monotonic()
+                return await self._fetch_dag(root, progress, assemble_to)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise PullStalledError(f"pull of {root} stalled: no block arrived for {stall_s:g} s "
+                                   f"({self.stats.blocks_fetched} fetched, {self.stats.source_failures} "
+                                   "failed requests)") from None
+        finally:
+            self._stall = None
+
+    async def _fetch_dag(self, root: CID, progress: ProgressCallback | None, assemble_to: Path | None) -> int:
         self.assembled = False
         started = time.monotonic()
         state = {"done": 0, "blocks": 0, "total": 0, "fetched_bytes": 0}
@@ -364,14 +402,26 @@ class Fetcher:
             report()
             return size
 
-        queue: asyncio.Queue[CID] = asyncio.Queue()
+        queue: asyncio.Queue[CID | None] = asyncio.Queue()
         queue.put_nowait(root)
         seen.add(bytes(root.digest))
+        workers = self.config.parallelism
+        closed = False
+
+        def close_pool() -> None:
+            """End the walk: every worker, idle or about to be, meets a sentinel (None) and returns."""
+            nonlocal closed
+            if not closed:
+                closed = True
+                for _ in range(workers):
+                    queue.put_nowait(None)
 
         async def worker() -> None:
             nonlocal last_report
-            while True:
+            while not closed:
                 cid = await queue.get()
+                if cid is None:
+                    return
                 try:
                     before = self.stats.blocks_fetched
                     block = await self.get_block(cid)
@@ -383,15 +433,20 @@ class Fetcher:
                     if time.monotonic() - last_report > 0.25:
                         last_report = time.monotonic()
                         report()
+                except BaseException:
+                    close_pool()  # a worker whose cancellation was lost elsewhere still stops
+                    raise
                 finally:
                     queue.task_done()
 
         try:
             async with asyncio.TaskGroup() as group:
-                workers = [group.create_task(worker()) for _ in range(self.config.parallelism)]
-                await queue.join()
-                for task in workers:
-                    task.cancel()
+                for _ in range(workers):
+                    group.create_task(worker())
+                try:
+                    await queue.join()
+                finally:
+                    close_pool()
         except* Exception as eg:  # the first failure, as itself (IpfsError, OSError), not as a group
             raise eg.exceptions[0] from None
         report()

@@ -27,10 +27,12 @@ from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadServer
+from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.router import ForcedRoute, Router
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
+from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
 
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class SplitService:
-    def __init__(self, node: Any, mesh: Any) -> None:
+    def __init__(self, node: NodeView, mesh: MeshHandle) -> None:
         self.node = node
         self.mesh = mesh
         self.config: SplitConfig = node.config.split
@@ -124,7 +126,7 @@ class SplitService:
 
     # --- stages and models ----------------------------------------------------------------------------
 
-    async def _acquire(self, name: str) -> Any:
+    async def _acquire(self, name: str) -> ServedModel:
         return await self.node.models.acquire(name)
 
     def _model_path(self, name: str, span: LayerSpan, cid: str | None) -> Path:
@@ -133,11 +135,10 @@ class SplitService:
         try:
             return Path(self.node.models.resolve(name).path)  # ModelNotFoundError is a LookupError
         except LookupError:
-            ipfs = getattr(self.node, "ipfs", None)
-            if not cid or ipfs is None or self._loop is None:
+            if not cid or self._loop is None:
                 raise
         logger.info("fetching layers %s of %s (%s) over IPFS", span, name, cid)
-        future = asyncio.run_coroutine_threadsafe(ipfs.pull_span(cid, span), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self.node.ipfs.pull_span(cid, span), self._loop)
         try:
             return Path(future.result(self.config.span_fetch_timeout_s))
         except TimeoutError:
@@ -161,7 +162,7 @@ class SplitService:
 
         config = self.node.config.models
         return build_stage(loaded, span, backend=config.backend, target=config.target,
-                           cache_dir=getattr(self.node.models, "cache_dir", None))
+                           cache_dir=self.node.models.cache_dir)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
