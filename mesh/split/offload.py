@@ -27,6 +27,7 @@ from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.remote_stage import StageLost
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class OffloadEvent:
 class OffloadClient:
     """The origin's half. Needs the mesh service (`peer()`, `on_control()`, `add_peer_listener()`)."""
 
-    def __init__(self, mesh: Any, *, open_timeout_s: float = SplitConfig.offload_open_timeout_s,
+    def __init__(self, mesh: MeshHandle, *, open_timeout_s: float = SplitConfig.offload_open_timeout_s,
                  token_timeout_s: float = SplitConfig.offload_token_timeout_s) -> None:
         self._mesh = mesh
         self._open_timeout = open_timeout_s
@@ -141,7 +142,7 @@ Acquire = Callable[[str], Awaitable[Any]]
 class OffloadServer:
     """The serving half: runs whole requests for peers on this node's engines."""
 
-    def __init__(self, mesh: Any, acquire: Acquire, gate: Callable[[], str | None],
+    def __init__(self, mesh: MeshHandle, acquire: Acquire, gate: Callable[[], str | None],
                  *, max_requests: int = 8) -> None:
         self._mesh = mesh
         self._acquire = acquire

@@ -17,6 +17,7 @@ from typing import Any
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.remote_stage import BRIDGE_GRACE_S
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
@@ -27,8 +28,8 @@ logger = logging.getLogger(__name__)
 class RemoteTokenizer:
     """Tokenizes through the peer that holds the model. Blocking; call off the event loop."""
 
-    def __init__(self, mesh: Any, loop: asyncio.AbstractEventLoop, peer_id: str, model: str, vocab_size: int,
-                 timeout_s: float = SplitConfig.remote_tokenize_timeout_s) -> None:
+    def __init__(self, mesh: MeshHandle, loop: asyncio.AbstractEventLoop, peer_id: str, model: str,
+                 vocab_size: int, timeout_s: float = SplitConfig.remote_tokenize_timeout_s) -> None:
         self._mesh = mesh
         self._loop = loop
         self.peer_id = peer_id
@@ -72,8 +73,8 @@ class RemoteModel:
     weight_bytes: int = 0
 
 
-async def find_remote_model(mesh: Any, name: str, candidates: list[str], settings: SplitConfig | None = None
-                            ) -> RemoteModel | None:
+async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
+                            settings: SplitConfig | None = None) -> RemoteModel | None:
     """Ask the candidate peers (best first) about `name`; the first that answers sensibly backs the model."""
     settings = settings or SplitConfig()
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
@@ -27,9 +27,17 @@ from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.pipeline import LOCAL_PEER, Replan, SplitPipeline
+from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.models.errors import ModelError
+from shoal.models.generate import TokenEvent
+from shoal.models.sampling import SamplingParams
+from shoal.models.served import Servable
 from shoal.models.span import LayerSpan
+
+if TYPE_CHECKING:
+    from shoal.mesh.split.remote_model import RemoteModel
+    from shoal.mesh.split.stage_host import StageHost
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +140,7 @@ def _advert_models(advert: dict[str, Any]) -> set[str]:
 class Router:
     """Plans and runs requests. Owned by `SplitService`; `node` gives models, policy, config."""
 
-    def __init__(self, node: Any, mesh: Any, host: Any, offload: OffloadClient,
+    def __init__(self, node: NodeView, mesh: MeshHandle, host: StageHost, offload: OffloadClient,
                  settings: SplitConfig | None = None) -> None:
         self.node = node
         self.mesh = mesh
@@ -170,7 +178,7 @@ class Router:
         """The scheduler's view of the linked peers: those that advertise `model`, and — when this node knows
         the model's CID — those that serve others and could fetch a span of it (bad adverts are skipped)."""
         devices = []
-        trusted = set(getattr(self.mesh.config, "allow", ()) or ())
+        trusted = set(self.mesh.config.allow)
         can_fetch = self.model_cid(model) is not None
         for peer in self.mesh.connected_peers():
             advert = peer.advert or {}
@@ -223,8 +231,8 @@ class Router:
 
     # --- running ------------------------------------------------------------------------------------------
 
-    async def stream(self, served: Any, prompt_ids: list[int], params: Any, route: dict[str, Any]
-                     ) -> AsyncIterator[Any]:
+    async def stream(self, served: Servable, prompt_ids: list[int], params: SamplingParams,
+                     route: dict[str, Any]) -> AsyncIterator[TokenEvent]:
         """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
         model = served.name
         config, weight_bytes = self.shape(served)
@@ -399,7 +407,7 @@ class Router:
                 size = 0
         return config, size or 100 * 1024 * 1024
 
-    async def remote_model(self, name: str) -> Any:
+    async def remote_model(self, name: str) -> RemoteModel | None:
         """A stand-in for a model this node does not hold but a usable peer serves (None if none does)."""
         from shoal.mesh.split.remote_model import find_remote_model
 
@@ -410,7 +418,7 @@ class Router:
         peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
         return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
 
-    def observe(self, model: str, record: Any) -> None:
+    def observe(self, model: str, record: Observed) -> None:
         """Feed a finished local request's timings into the advertised speed."""
         if record.route.get("kind") == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
