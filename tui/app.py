@@ -104,6 +104,7 @@ class ShoalApp(App[None]):
         if health:
             node = health.get("node") or {}
             status.node_name = str(node.get("name") or node.get("id") or "?")
+            status.version = str(node.get("version") or "")
         if self.connected and not was_connected:
             for pane in self.query(NodePane):
                 pane.reload()

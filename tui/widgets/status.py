@@ -14,17 +14,18 @@ _STATES = {
 
 
 class StatusBar(Static):
-    """`shoal ▸ <node>  ● connected  <url>  <notice>` — state, node and notice are reactive."""
+    """`shoal <version> ▸ <node>  ● connected  <url>  <notice>` — all reactive (the version is the node's)."""
 
     state: reactive[str] = reactive("connecting")
     node_name: reactive[str] = reactive("")
+    version: reactive[str] = reactive("")
     url: reactive[str] = reactive("")
     notice: reactive[str] = reactive("")
 
     def render(self) -> Text:
         mark, style, label = _STATES.get(self.state, _STATES["disconnected"])
         text = Text()
-        text.append(" shoal ", style="bold reverse")
+        text.append(f" shoal {self.version} " if self.version else " shoal ", style="bold reverse")
         text.append(f" ▸ {self.node_name or '?'} ", style="bold")
         text.append(f" {mark} {label} ", style=style)
         text.append(f" {self.url}", style="dim")
