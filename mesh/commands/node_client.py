@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, BinaryIO
 
 from shoal.mesh.commands.cli import CommandError
 from shoal.mesh.node.config import ConfigError, load_config, parse_host_port
@@ -34,6 +34,18 @@ def call(api: str | None, path: str, body: dict[str, Any] | None = None, timeout
     request = urllib.request.Request(
         base + path, data=data, headers=headers, method="POST" if data else "GET"
     )
+    return _send(base, path, request, timeout)
+
+
+def upload(api: str | None, path: str, file: BinaryIO, size: int, timeout: float = 3600.0) -> Any:
+    """POST `file` (`size` bytes, streamed) as `application/octet-stream` to `path`; the JSON answer."""
+    base, headers = node_url(api)
+    headers = {**headers, "Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    request = urllib.request.Request(base + path, data=file, headers=headers, method="POST")
+    return _send(base, path.split("?", 1)[0], request, timeout)
+
+
+def _send(base: str, path: str, request: urllib.request.Request, timeout: float) -> Any:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

@@ -5,8 +5,8 @@
   and `entity-bytes=FROM:TO` (TO may be `*`; with it, only the blocks covering those file bytes).
 - `POST /v1/models/pull` `{"model": NAME_OR_CID}` → 202 `{"pull_id", "cid"}`; progress on the event stream.
 - `POST /v1/models/publish`: an upload (`Content-Type: application/octet-stream`, the file as the body,
-  `?name=NAME&filename=FILE`), or `{"path": FILE, "name"?: NAME}` for a file inside `[ipfs] publish_dirs`
-  → `{"cid", "name", "size"}`. See `upload.py`.
+  `?name=NAME&filename=FILE&cid_version=0|1`), or `{"path": FILE, "name"?: NAME}` for a file inside
+  `[ipfs] publish_dirs` → `{"cid", "name", "size"}`. See `upload.py`.
 - `GET /v1/ipfs/models` → what `shoal models` lists.
 """
 
@@ -198,10 +198,13 @@ class IpfsRoutes:
             if request.content_type == "application/octet-stream":
                 name = _model_name(request.query.get("name"))
                 filename = upload_filename(request.query.get("filename"))
+                version = request.query.get("cid_version", "1")
+                if version not in ("0", "1"):
+                    raise PublishRefused(400, "invalid_value", "'cid_version' must be 0 or 1", "cid_version")
                 folder = self.service.data_dir / "uploads"
                 limit = self.service.config.max_upload_bytes
                 async with received_upload(request, folder, filename, limit) as path:
-                    return await self._publish(path, name)
+                    return await self._publish(path, name, int(version))
             body = await _json_body(request)
             path_text, name = body.get("path"), body.get("name")
             if not isinstance(path_text, str) or not path_text:
@@ -215,9 +218,9 @@ class IpfsRoutes:
         except PublishRefused as exc:
             raise _refused(exc) from None
 
-    async def _publish(self, path: Path, name: str | None) -> web.Response:
+    async def _publish(self, path: Path, name: str | None, cid_version: int = 1) -> web.Response:
         try:
-            cid = await self.service.publish(path, name)
+            cid = await self.service.publish(path, name, cid_version=cid_version)
         except (IpfsError, ValueError, OSError) as exc:
             raise _json_error(web.HTTPBadRequest, f"cannot publish: {exc}", "publish_failed") from None
         size = await asyncio.to_thread(lambda: path.stat().st_size)

@@ -56,6 +56,11 @@ def code_of(body: Any) -> str | None:
     return body["error"]["code"]
 
 
+def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "shoal.mesh", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=free_env())
+
+
 def raw_exchange(node: NodeThread, data: bytes, wait_s: float = 30.0) -> bytes:
     """Send `data` on a fresh connection and read until the node closes it (or `wait_s` passes)."""
     with socket.create_connection((node.node.host, node.node.port), timeout=wait_s) as sock:
@@ -178,13 +183,16 @@ async def test_upload_publishes_the_same_cid_as_the_cli(node: NodeThread, tmp_pa
     )
     assert status == 200, body
     assert body["name"] == "up-test" and body["size"] == 1_300_000
-    cli = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "shoal.mesh", "publish", str(source), "--data-dir", str(tmp_path / "cli")],
-        capture_output=True, text=True, timeout=60, env=free_env(),
-    )
+    cli = await asyncio.to_thread(shoal, "publish", str(source), "--data-dir", str(tmp_path / "cli"))
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == body["cid"]
+    # the CLI's upload to a running node (here CIDv0, Kubo's default) gives the CID it computes in-process
+    local = await asyncio.to_thread(shoal, "publish", str(source), "--cid-version", "0",
+                                    "--data-dir", str(tmp_path / "cli"))
+    sent = await asyncio.to_thread(shoal, "publish", str(source), "--cid-version", "0",
+                                   "--api", f"127.0.0.1:{node.node.port}", "--name", "cli-v0")
+    assert local.returncode == 0 and sent.returncode == 0, (local.stderr, sent.stderr)
+    assert sent.stdout.strip() == local.stdout.strip() and local.stdout.startswith("Qm")
     _, models, _ = await call(node, "GET", "/v1/ipfs/models")
     assert any(m["cid"] == body["cid"] for m in models["models"])
     assert not list((node.node.config.data_dir / "uploads").iterdir())  # the temporary copy is gone
