@@ -22,9 +22,9 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 async def test_pull_endpoint_reports_progress_events(write_data, tmp_path: Path, http) -> None:
     source = write_data(6 * MIB, seed=11)
-    async with IpfsService(offline_config(), tmp_path / "a") as node_a:
+    async with IpfsService(offline_config(publish_dirs=(str(source.parent),)), tmp_path / "a") as node_a:
         runner_a, url_a = await start_gateway(node_a)
-        body = {"path": str(source), "name": "six-mib"}
+        body = {"path": str(source), "name": "six-mib"}  # a path inside [ipfs] publish_dirs
         async with http.post(f"{url_a}/v1/models/publish", json=body) as r:
             assert r.status == 200, await r.text()
             cid = (await r.json())["cid"]
