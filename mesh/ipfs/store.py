@@ -44,6 +44,23 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _writer_gone(name: str, own_prefix: str) -> bool:
+    """Whether a `blk-<pid>-<nonce>-<n>` temp file's writer has ended (other names: unknown, False)."""
+    parts = name.split("-")
+    if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return not name.startswith(own_prefix)  # an earlier process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 @dataclass(frozen=True)
 class Pin:
     cid: str
@@ -203,10 +220,12 @@ class BlockStore:
             return self._stats
 
     def _clean_stale_temps(self) -> None:
+        """Remove temp files a dead writer left (`kill -9` mid-write): a block temp whose writer's pid is not
+        running any more (or is this process, under another prefix) at once, any other after an hour."""
         now = time.time()
         for path in self._tmp.iterdir():
             try:
-                if now - path.stat().st_mtime > STALE_TEMP_S:
+                if _writer_gone(path.name, self._temp_prefix) or now - path.stat().st_mtime > STALE_TEMP_S:
                     path.unlink()
             except OSError:
                 continue

@@ -26,6 +26,7 @@ from shoal.mesh.events import EventBus
 from shoal.mesh.ipfs.block_exchange import BlockExchange
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.node.config import NodeConfig, PolicyConfig
+from shoal.mesh.node.data_dir import DataDirLock
 from shoal.mesh.node.logging_bridge import LogBridge
 from shoal.mesh.node.model_manager import LoadFn, ModelManager, load_engine
 from shoal.mesh.node.request_log import RequestLog
@@ -109,6 +110,8 @@ class Node:
         self._started_services: list[Service] = []
         self._stopped = False
 
+        self._dir_lock = DataDirLock(config.data_dir)
+        """One node per data dir (taken first in `start`, released last in `stop`)."""
     # --- identity and description --------------------------------------------------------------------
 
     @property
@@ -162,6 +165,7 @@ class Node:
             None, Identity.load_or_create, self.config.data_dir, self.config.name
         )
         self.mesh.set_identity(self.identity)
+        await loop.run_in_executor(None, self._dir_lock.acquire)  # DataDirInUseError: another node runs here
         self.models.add_embedded()
         for service in self.services:
             await service.start()
@@ -267,6 +271,7 @@ class Node:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._dir_lock.release()
         await self.stop()
 
 
