@@ -109,9 +109,9 @@ class Node:
         self._watch: asyncio.Task[Any] | None = None
         self._started_services: list[Service] = []
         self._stopped = False
-
         self._dir_lock = DataDirLock(config.data_dir)
         """One node per data dir (taken first in `start`, released last in `stop`)."""
+
     # --- identity and description --------------------------------------------------------------------
 
     @property
@@ -157,6 +157,7 @@ class Node:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._dir_lock.acquire)  # DataDirInUseError: another node runs here
         self.bus.bind_loop(loop)
         self.log_bridge.install("shoal.mesh", "shoal.models")
         for folder in (self.config.data_dir, self.config.blocks_dir, self.config.compile_dir):
@@ -165,7 +166,6 @@ class Node:
             None, Identity.load_or_create, self.config.data_dir, self.config.name
         )
         self.mesh.set_identity(self.identity)
-        await loop.run_in_executor(None, self._dir_lock.acquire)  # DataDirInUseError: another node runs here
         self.models.add_embedded()
         for service in self.services:
             await service.start()
@@ -263,6 +263,7 @@ class Node:
                 logger.exception("stopping %s failed", type(service).__name__)
         self._started_services.clear()
         await self.models.stop()
+        self._dir_lock.release()
         logger.info("node stopped")
         self.log_bridge.uninstall()
 
@@ -271,7 +272,6 @@ class Node:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._dir_lock.release()
         await self.stop()
 
 
