@@ -60,7 +60,28 @@ class NodeMetrics:
             "shoal_active_sequences", "Sequences the engines currently hold", registry=self.registry
         )
         self.engine_waiting = Gauge(
-            "shoal_engine_waiting", "Requests queued for a batch slot in the engines", registry=self.registry
+            "shoal_engine_waiting",
+            "Requests waiting for admission (a batch slot and room in the KV cache) in the engines",
+            registry=self.registry,
+        )
+        self.admission_wait = Histogram(
+            "shoal_admission_wait_seconds",
+            "Time a request waited for room in the KV cache before it started",
+            ("model",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.admission_refused = Counter(
+            "shoal_admission_refused",
+            "Requests refused by KV admission (queue_full: 429; timeout: 503)",
+            ("model", "reason"),
+            registry=self.registry,
+        )
+        self.kv_reserved = Gauge(
+            "shoal_kv_reserved_tokens", "KV-cache tokens reserved by running requests", registry=self.registry
+        )
+        self.kv_capacity = Gauge(
+            "shoal_kv_capacity_tokens", "KV-cache tokens the loaded engines hold", registry=self.registry
         )
 
     def render(self) -> bytes:

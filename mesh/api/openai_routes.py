@@ -16,12 +16,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from shoal.mesh.api.busy import refusal, refused_response
 from shoal.mesh.api.errors import ApiError, invalid, json_response
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
 from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
 from shoal.mesh.api.ports import NodePort, RouterPort
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
+from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
@@ -114,7 +116,10 @@ async def _prepare(
     if not prompt_ids:
         raise invalid("the prompt is empty; send at least one token of text", "prompt")
     if req.max_tokens is None:
-        default = context - len(prompt_ids) if req.kind == "chat" else DEFAULT_COMPLETION_MAX_TOKENS
+        if req.kind == "chat":  # the rest of the context, capped by `[models] default_max_tokens`
+            default = min(context - len(prompt_ids), node.config.models.default_max_tokens)
+        else:
+            default = DEFAULT_COMPLETION_MAX_TOKENS
         max_tokens = max(1, default)
     else:
         max_tokens = req.max_tokens
@@ -188,6 +193,7 @@ async def _tokens(
             gap = record.token()
             if gap is None:
                 metrics.ttft.labels(served.name).observe(record.ttft_s or 0.0)
+                metrics.admission_wait.labels(served.name).observe(getattr(event, "queued_s", 0.0))
             else:
                 metrics.token_latency.labels(served.name).observe(gap)
             yield event
@@ -232,6 +238,8 @@ async def _collect(
         raise ApiError(400, str(exc), code="context_length_exceeded") from None
     except ValueError as exc:  # the engine refused the prompt before any work
         raise invalid(str(exc), "prompt") from None
+    except AdmissionError as exc:  # no room in the KV cache: 429 / 503 with Retry-After
+        return refused_response(request.app[NODE].metrics, served.name, exc), "refused"
     _count(request, served, prompt_tokens, completion_tokens)
     text = "".join(parts)
     created = int(record.started)
@@ -357,6 +365,11 @@ async def _stream(
                 "code": "context_length_exceeded",
             },
         )
+        return sse.response, "error"
+    except AdmissionError as exc:  # before the first token, so before any byte was sent
+        if sse is None:
+            return refused_response(request.app[NODE].metrics, served.name, exc), "refused"
+        await _send_error(sse, refusal(exc).body()["error"])
         return sse.response, "error"
     except ApiError:
         raise

@@ -32,6 +32,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8740
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BACKENDS = ("tvm", "numpy")
+DEFAULT_CACHE_TOKENS = 4096
+"""`[models] cache_tokens`: ~140 MB of fp32 KV for SmolLM2-135M; room for 7 chats of 512 tokens at once."""
+DEFAULT_MAX_TOKENS = 512
 
 
 def default_config_path() -> Path:
@@ -136,6 +139,18 @@ class ModelsConfig:
     """Sequences decoded together (continuous batching)."""
     preload: bool = True
     """Load (and compile if needed) the default model at start."""
+    context: int | None = None
+    """Longest prompt + completion of one request, in tokens; none: the model's trained context. Never more
+    than the trained context or `cache_tokens`."""
+    cache_tokens: int = DEFAULT_CACHE_TOKENS
+    """KV-cache tokens over all requests running at once (memory: ~35 KB a token for SmolLM2-135M). Each
+    request reserves prompt + max_tokens of it before it starts; the others wait."""
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    """`max_tokens` of a chat completion that sets none (and of engine streams without one)."""
+    queue_size: int = 32
+    """Requests that may wait for room in the KV cache; one more gets 429 with `Retry-After`."""
+    queue_timeout_s: float = 120.0
+    """Longest wait for room in the KV cache; past it the request gets 503 with `Retry-After`."""
 
     def __post_init__(self) -> None:
         if not self.default:
@@ -144,6 +159,16 @@ class ModelsConfig:
             raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if not 1 <= self.max_batch <= 256:
             raise ValueError(f"max_batch {self.max_batch} must be between 1 and 256")
+        if self.context is not None and not 16 <= self.context <= 1 << 20:
+            raise ValueError(f"context {self.context} must be between 16 and 1048576 tokens (or none)")
+        if not 16 <= self.cache_tokens <= 1 << 22:
+            raise ValueError(f"cache_tokens {self.cache_tokens} must be between 16 and 4194304")
+        if not 1 <= self.default_max_tokens <= 1 << 20:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} must be between 1 and 1048576")
+        if not 1 <= self.queue_size <= 100_000:
+            raise ValueError(f"queue_size {self.queue_size} must be between 1 and 100000")
+        if not 0 < self.queue_timeout_s <= 3600:
+            raise ValueError(f"queue_timeout_s {self.queue_timeout_s} must be in (0, 3600]")
 
 
 @dataclass(frozen=True)

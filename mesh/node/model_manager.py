@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.mesh.events import EventBus
+from shoal.mesh.node.config import DEFAULT_CACHE_TOKENS, DEFAULT_MAX_TOKENS, ModelsConfig
 from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
 from shoal.models.errors import ModelError, ModelNotFoundError
 from shoal.models.generate import Engine
@@ -42,6 +43,28 @@ class LocalModel:
 
 
 @dataclass(frozen=True)
+class ServingLimits:
+    """What one loaded model may take on: the `[models]` KV and queue knobs its engine enforces."""
+
+    context: int | None = None
+    """Longest prompt + completion of one request; None: the model's trained context (never more)."""
+    cache_tokens: int = DEFAULT_CACHE_TOKENS
+    """KV-cache tokens over all running requests (the compiled stage's pool; the engine's budget)."""
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    """`max_tokens` of a request that sets none."""
+    queue_size: int = 32
+    """Requests that may wait for room; one more is refused (QueueFullError)."""
+    queue_timeout_s: float | None = 120.0
+    """Longest wait for room (AdmissionTimeoutError past it)."""
+
+    @classmethod
+    def from_config(cls, models: ModelsConfig) -> ServingLimits:
+        return cls(context=models.context, cache_tokens=models.cache_tokens,
+                   default_max_tokens=models.default_max_tokens, queue_size=models.queue_size,
+                   queue_timeout_s=models.queue_timeout_s)
+
+
+@dataclass(frozen=True)
 class LoadOptions:
     backend: str = "tvm"
     """`tvm` or `numpy`."""
@@ -51,6 +74,7 @@ class LoadOptions:
     """Compile cache; None uses models.compile's default (`$SHOAL_COMPILE_CACHE` or the user data dir)."""
     max_batch: int = 8
     """Sequences the engine decodes together."""
+    limits: ServingLimits = field(default_factory=ServingLimits)
 
 
 LoadFn = Callable[[LocalModel, LoadOptions, Callable[..., None]], ServedModel]
@@ -61,7 +85,13 @@ def load_engine(model: LocalModel, options: LoadOptions, progress: Callable[...,
     loaded = open_model(model.path)
     span = LayerSpan.whole(loaded.config.num_layers)
     backend = resolve_backend(options.backend)
-    extra: dict[str, Any] = {"max_batch_size": options.max_batch} if backend == "tvm" else {}
+    limits = options.limits
+    context = min(limits.context or loaded.config.context_length, loaded.config.context_length)
+    extra: dict[str, Any] = (
+        {"max_batch_size": options.max_batch, "max_total_tokens": limits.cache_tokens}
+        if backend == "tvm"
+        else {"max_context": context}
+    )
     stage = build_stage(
         loaded,
         span,
@@ -71,9 +101,17 @@ def load_engine(model: LocalModel, options: LoadOptions, progress: Callable[...,
         progress=progress,
         **extra,
     )
-    # One sequence may use the whole KV pool of a compiled stage, never more.
-    pool = getattr(stage, "max_total_tokens", None)
-    engine = Engine([stage], loaded.tokenizer, max_batch=options.max_batch, max_context=pool)
+    # Each request reserves prompt + max_tokens of the KV cache before it starts (models/admission.py).
+    engine = Engine(
+        [stage],
+        loaded.tokenizer,
+        max_batch=options.max_batch,
+        max_context=context,
+        kv_tokens=limits.cache_tokens,
+        max_waiting=limits.queue_size,
+        wait_timeout_s=limits.queue_timeout_s,
+        default_max_tokens=limits.default_max_tokens,
+    )
     return ServedModel(
         name=model.name,
         tokenizer=loaded.tokenizer,
@@ -95,6 +133,7 @@ class ModelManager:
         target: str | None = None,
         cache_dir: Path | None = None,
         max_batch: int = 8,
+        limits: ServingLimits | None = None,
         load_fn: LoadFn = load_engine,
         on_progress: Callable[[float, str], None] | None = None,
         catalog: Callable[[], list[dict[str, Any]]] | None = None,
@@ -108,6 +147,7 @@ class ModelManager:
         self.target = target
         self.cache_dir = cache_dir
         self.max_batch = max_batch
+        self.limits = limits or ServingLimits()
         self._load_fn = load_fn
         self._models: dict[str, LocalModel] = {}
         self._served: dict[str, ServedModel] = {}
@@ -206,6 +246,11 @@ class ModelManager:
         """Requests queued for a batch slot."""
         return sum(s.engine.queue_depth for s in self._served.values())
 
+    def kv_usage(self) -> tuple[int, int]:
+        """KV-cache tokens (reserved by running requests, held) over the loaded engines."""
+        engines = [s.engine for s in self._served.values()]
+        return sum(e.kv_reserved for e in engines), sum(e.admission.capacity for e in engines)
+
     def active_sequences(self) -> int:
         """Requests the engines hold (waiting, in prefill or in decode)."""
         return sum(s.engine.active_count + s.engine.queue_depth for s in self._served.values())
@@ -242,7 +287,7 @@ class ModelManager:
             logger.info("loading %s from %s (backend %s)", model.name, model.path, self.backend)
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            options = LoadOptions(self.backend, self.target, self.cache_dir, self.max_batch)
+            options = LoadOptions(self.backend, self.target, self.cache_dir, self.max_batch, self.limits)
             served = await loop.run_in_executor(
                 None, self._load_fn, model, options, self._progress(model.name)
             )

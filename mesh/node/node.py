@@ -28,7 +28,7 @@ from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.node.config import NodeConfig, PolicyConfig
 from shoal.mesh.node.data_dir import DataDirLock
 from shoal.mesh.node.logging_bridge import LogBridge
-from shoal.mesh.node.model_manager import LoadFn, ModelManager, load_engine
+from shoal.mesh.node.model_manager import LoadFn, ModelManager, ServingLimits, load_engine
 from shoal.mesh.node.request_log import RequestLog
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.service import MeshService
@@ -90,6 +90,7 @@ class Node:
             target=config.models.target,
             cache_dir=cache_dir,
             max_batch=config.models.max_batch,
+            limits=ServingLimits.from_config(config.models),
             load_fn=load_fn,
             catalog=self.ipfs.list_models,
         )
