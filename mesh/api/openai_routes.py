@@ -262,9 +262,9 @@ async def _collect(
         "system_fingerprint": None,
         "choices": [choice],
         "usage": _usage(prompt_tokens, completion_tokens),
-        "shoal_route": record.route,
+        "shoal_route": record.route.to_dict(),
     }
-    return json_response(body, headers={ROUTE_HEADER: record.route["kind"]}), finish
+    return json_response(body, headers={ROUTE_HEADER: record.route.kind}), finish
 
 
 def _chunk(
@@ -318,7 +318,7 @@ async def _stream(
         tokens = _tokens(request, served, prompt_ids, params, record)
         async with contextlib.aclosing(tokens):
             first = await _first(tokens)
-            sse = await open_sse(request, {ROUTE_HEADER: record.route["kind"]})
+            sse = await open_sse(request, {ROUTE_HEADER: record.route.kind})
             if req.kind == "chat":
                 await sse.send(
                     _chunk(req, record, served, created, delta={"role": "assistant", "content": ""})
@@ -333,7 +333,7 @@ async def _stream(
                     await sse.send(_chunk(req, record, served, created, delta={"content": event.text}))
                 event = await anext(tokens, None)
         final = _chunk(req, record, served, created, delta={}, finish_reason=finish)
-        final["shoal_route"] = record.route
+        final["shoal_route"] = record.route.to_dict()
         await sse.send(final)
         if req.include_usage:
             await sse.send(

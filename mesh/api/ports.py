@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from shoal.mesh.api.metrics import NodeMetrics
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.events import EventBus
+from shoal.mesh.route import Route
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable, ServedModel
@@ -150,7 +151,7 @@ class RouterPort(Protocol):
         ...
 
     def stream(
-        self, served: Servable, prompt_ids: list[int], params: SamplingParams, route: dict[str, Any]
+        self, served: Servable, prompt_ids: list[int], params: SamplingParams, route: Route
     ) -> AsyncIterator[TokenEvent]:
         """The request's token events; fills `route` in (kind, peers, spans, replans, timings)."""
         ...

@@ -7,10 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def local_route() -> dict[str, Any]:
-    """The route of a request served entirely by this node."""
-    return {"kind": "local", "peers": [], "spans": [], "replans": 0}
+from shoal.mesh.route import Route
 
 
 @dataclass
@@ -19,7 +16,8 @@ class RequestRecord:
 
     id: str
     model: str
-    route: dict[str, Any] = field(default_factory=local_route)
+    route: Route = field(default_factory=Route)
+    """Where it runs (filled in by the router); serialized here, once, for the response and the log."""
     status: str = "running"
     """running, then stop / length / cancelled / error / shutdown."""
     started: float = field(default_factory=time.time)
@@ -57,7 +55,7 @@ class RequestRecord:
         return {
             "id": self.id,
             "model": self.model,
-            "route": self.route,
+            "route": self.route.to_dict(),
             "status": self.status,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "tokens": self.tokens,

@@ -43,11 +43,11 @@ class RequestLog:
         running = []
         for record in self._records:
             route = record.route
-            if record.status != "running" or route.get("kind") not in ("offload", "split"):
+            if record.status != "running" or route.kind not in ("offload", "split"):
                 continue
             stages = [{"peer": peer, "span": span}
-                      for peer, span in zip(route.get("peers", []), route.get("spans", []), strict=False)]
-            running.append({"request": record.id, "kind": route["kind"], "stages": stages})
+                      for peer, span in zip(route.peers, route.spans, strict=False)]
+            running.append({"request": record.id, "kind": route.kind, "stages": stages})
         return running
 
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:

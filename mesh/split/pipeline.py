@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.route import LOCAL_PEER
 from shoal.mesh.split.remote_stage import LinkTiming, StageLost
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -25,7 +26,6 @@ from shoal.models.stage import Stage
 
 logger = logging.getLogger(__name__)
 
-LOCAL_PEER = "local"
 
 
 def _token_ids(inputs: np.ndarray) -> list[int]:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.gossip import Gossip
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Peer
+from shoal.mesh.route import Route
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.models.served import ServedModel
@@ -126,7 +127,7 @@ class Observed(Protocol):
     """A finished request's record, as the router reads it to learn this node's speed."""
 
     @property
-    def route(self) -> dict[str, Any]: ...
+    def route(self) -> Route: ...
 
     @property
     def prompt_tokens(self) -> int: ...

@@ -2,9 +2,9 @@
 
 `Router.stream(served, prompt_ids, params, route)` is what the API's completion handler iterates instead of
 `served.engine.stream(...)`. It builds the scheduler's inputs (this node's measured speed and memory budget,
-the peers' adverts and RTTs, the policy), runs the plan, and keeps `route` (the request record's route dict,
-updated in place) describing what happened: `kind` (local/offload/split), `peers` and `spans` per stage,
-`replans`, and the `predicted` times next to the observed ones. A lost peer is handled here (offload: resume
+the peers' adverts and RTTs, the policy), runs the plan, and fills in `route` (the request record's
+`mesh.route.Route`) as it goes: `kind` (local/offload/split), `peers` and `spans` per stage, `replans`, and
+the `predicted` times next to the observed ones. A lost peer is handled here (offload: resume
 on a re-planned route from prompt + tokens already streamed) or in `SplitPipeline` (split: rebuild the chain
 and replay), so the client sees one stream. The wiring (handlers, adverts, the stage host) is in
 `mesh.split_service`.
@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
+from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
-from shoal.mesh.split.pipeline import LOCAL_PEER, Replan, SplitPipeline
+from shoal.mesh.split.pipeline import Replan, SplitPipeline
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.models.errors import ModelError
@@ -232,7 +233,7 @@ class Router:
     # --- running ------------------------------------------------------------------------------------------
 
     async def stream(self, served: Servable, prompt_ids: list[int], params: SamplingParams,
-                     route: dict[str, Any]) -> AsyncIterator[TokenEvent]:
+                     route: Route) -> AsyncIterator[TokenEvent]:
         """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
         model = served.name
         config, weight_bytes = self.shape(served)
@@ -247,7 +248,7 @@ class Router:
             logger.warning("%s: %s; running locally anyway", model, exc)
             whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
             plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
-        _describe(route, plan)
+        _follow(route, plan)
         if plan.kind != "offload" and not holds:
             raise NoRouteError(f"{model} is not held by this node: it can only be offloaded")
         if plan.kind == "local":
@@ -267,17 +268,14 @@ class Router:
                 yield event
         seconds = time.perf_counter() - started
         per_token = (seconds - first) / (tokens - 1) if first is not None and tokens > 1 else None
-        route["observed"] = {
-            "ttft_s": None if first is None else round(first, 4),
-            "seconds": round(seconds, 4),
-            "per_token_s": None if per_token is None else round(per_token, 5),
-        }
+        route.observed = ObservedTimes(first, seconds, per_token)
+        observed = route.observed.to_dict()
         logger.info("%s via %s: predicted ttft %.3f s + %.4f s/token, observed ttft %s s + %s s/token",
                     model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
-                    route["observed"]["ttft_s"], route["observed"]["per_token_s"])
+                    observed["ttft_s"], observed["per_token_s"])
 
     async def _offload(self, served: Any, plan: sched.Plan, config: Any, weight_bytes: int,
-                       prompt_ids: list[int], params: Any, max_tokens: int, route: dict[str, Any]
+                       prompt_ids: list[int], params: Any, max_tokens: int, route: Route
                        ) -> AsyncIterator[Any]:
         emitted: list[int] = []
         excluded: set[str] = set()
@@ -310,11 +308,11 @@ class Router:
                 if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
                     whole = LayerSpan.whole(config.num_layers)
                     plan = sched.Plan("local", (sched.Assignment(sched.LOCAL, whole),), plan.prediction)
-                route["replans"] = route.get("replans", 0) + 1
-                _describe(route, plan, keep_replans=True)
+                route.replanned()
+                _follow(route, plan)
 
     async def _split(self, served: Any, plan: sched.Plan, config: Any, prompt_ids: list[int], params: Any,
-                     route: dict[str, Any]) -> AsyncIterator[Any]:
+                     route: Route) -> AsyncIterator[Any]:
         from shoal.models.generate import Engine
 
         loop = asyncio.get_running_loop()
@@ -352,7 +350,7 @@ class Router:
 
         async def replan_and_build(excluded: frozenset[str]) -> list[Any]:
             new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded)
-            _describe(route, new_plan, keep_replans=True)
+            _follow(route, new_plan)
             return await make_stages(new_plan)
 
         def rebuild(excluded: frozenset[str]) -> list[Any]:
@@ -361,10 +359,7 @@ class Router:
             return future.result(self.settings.rebuild_timeout_s)
 
         def on_replan(event: Replan) -> None:
-            route["replans"] = route.get("replans", 0) + 1
-            route.setdefault("replan_log", []).append(
-                {"lost": event.lost, "at_tokens": event.at_tokens, "seconds": round(event.seconds, 4)}
-            )
+            route.replanned(ReplanEntry(event.lost, event.at_tokens, event.seconds))
 
         try:
             stages = await make_stages(plan)
@@ -380,7 +375,7 @@ class Router:
                     yield event
         finally:
             await engine.stop()
-            route["stage_timing"] = pipeline.timings()
+            route.stage_timing = pipeline.timings()
             await loop.run_in_executor(None, pipeline.close)
 
     async def _replan(self, served: Any, config: Any, weight_bytes: int, prompt_ids: list[int], params: Any,
@@ -420,7 +415,7 @@ class Router:
 
     def observe(self, model: str, record: Observed) -> None:
         """Feed a finished local request's timings into the advertised speed."""
-        if record.route.get("kind") == "local":
+        if record.route.kind == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
 
 
@@ -437,10 +432,6 @@ def logits_top_k(params: Any, configured: int) -> int:
     return configured
 
 
-def _describe(route: dict[str, Any], plan: sched.Plan, keep_replans: bool = False) -> None:
-    route["kind"] = plan.kind
-    route["peers"] = [a.device if a.device != sched.LOCAL else LOCAL_PEER for a in plan.stages]
-    route["spans"] = [str(a.span) for a in plan.stages]
-    if not keep_replans:
-        route["replans"] = 0
-    route["predicted"] = plan.prediction.to_dict()
+def _follow(route: Route, plan: sched.Plan) -> None:
+    stages = [(a.device if a.device != sched.LOCAL else LOCAL_PEER, str(a.span)) for a in plan.stages]
+    route.follow(plan.kind, stages, plan.prediction.to_dict())

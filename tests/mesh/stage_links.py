@@ -7,8 +7,8 @@ from typing import Any
 
 from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.p2p.protocol import BinaryFrame
+from shoal.mesh.route import LOCAL_PEER
 from shoal.mesh.split import wire
-from shoal.mesh.split.pipeline import LOCAL_PEER
 from shoal.mesh.split.stage_host import StageHost
 
 

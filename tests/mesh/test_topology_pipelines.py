@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from shoal.mesh.events import EventBus
 from shoal.mesh.node.request_log import RequestLog
+from shoal.mesh.route import ObservedTimes, ReplanEntry, Route
 
 
 def test_running_split_and_offload_requests_are_pipelines() -> None:
     log = RequestLog(EventBus())
     local = log.start("smollm2-135m-instruct")
     split = log.start("smollm2-135m-instruct")
-    split.route = {"kind": "split", "peers": ["local", "peer-b"], "spans": ["0:15", "15:30"], "replans": 0}
+    split.route = Route("split", ["local", "peer-b"], ["0:15", "15:30"])
     offload = log.start("smollm2-135m-instruct")
-    offload.route = {"kind": "offload", "peers": ["peer-c"], "spans": ["0:30"], "replans": 0}
+    offload.route = Route("offload", ["peer-c"], ["0:30"])
 
     pipelines = log.pipelines()
     assert [p["request"] for p in pipelines] == [split.id, offload.id]
@@ -23,3 +24,23 @@ def test_running_split_and_offload_requests_are_pipelines() -> None:
     log.finish(split, "stop")
     log.finish(local, "stop")
     assert [p["request"] for p in log.pipelines()] == [offload.id]
+
+
+def test_route_is_serialized_once_in_the_wire_shape() -> None:
+    route = Route()
+    assert route.to_dict() == {"kind": "local", "peers": [], "spans": [], "replans": 0}
+    route.follow("split", [("local", "0:11"), ("p5ua", "11:30")], {"ttft_s": 0.45, "per_token_s": 0.111})
+    route.replanned(ReplanEntry("p5ua", 39, 0.734567))
+    route.follow("split", [("local", "0:30")], {"ttft_s": 0.2, "per_token_s": 0.05})
+    route.observed = ObservedTimes(0.612345, 1.023456, None)
+    route.stage_timing = [{"peer": "local", "layers": "0:30", "link": "local", "calls": 3}]
+    assert route.to_dict() == {
+        "kind": "split", "peers": ["local"], "spans": ["0:30"], "replans": 1,
+        "predicted": {"ttft_s": 0.2, "per_token_s": 0.05},
+        "observed": {"ttft_s": 0.6123, "seconds": 1.0235, "per_token_s": None},
+        "replan_log": [{"lost": "p5ua", "at_tokens": 39, "seconds": 0.7346}],
+        "stage_timing": [{"peer": "local", "layers": "0:30", "link": "local", "calls": 3}],
+    }
+    record = RequestLog(EventBus()).start("m")
+    record.route.follow("offload", [("peer-c", "0:30")], {})
+    assert record.to_dict()["route"]["kind"] == "offload"  # the record serializes its route
