@@ -22,6 +22,7 @@ import binascii
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,14 +78,15 @@ def starting_invite(config: MeshConfig, data_dir: str | os.PathLike[str]) -> tup
     except MeshError as exc:
         logger.warning("ignoring the saved invite: %s", exc)
         saved = None
-    if saved is None:
-        return configured, False
-    if configured is None:
+    if saved is not None and (
+        configured is None
+        or configured.mesh_id in load_superseded(data_dir)
+        or (configured.expires is not None and saved.expires is None and saved.mesh_id == configured.mesh_id)
+    ):
         return saved, True
-    if configured.mesh_id in load_superseded(data_dir):
-        return saved, True
-    if configured.expires is not None and saved.expires is None and saved.mesh_id == configured.mesh_id:
-        return saved, True
+    if configured is not None and configured.expired(time.time()):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(configured.expires or 0))
+        logger.warning("the configured invite expired at %s: members will refuse this node", when)
     return configured, False
 
 

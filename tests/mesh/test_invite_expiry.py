@@ -115,3 +115,24 @@ def test_refusal_backoff_doubles_to_its_cap_and_status_reports_it():
     assert status.view("m1", True, 0, True)["status"] == "joining"  # a transient refusal
     status.linked()
     assert status.view("m1", True, 1, True) == {"status": "linked", "id": "m1", "links": 1, "refusals": 0}
+
+
+def test_starting_invite_prefers_the_saved_secret_only_where_it_replaces_the_configured_one(tmp_path):
+    from shoal.mesh.p2p.config import MeshConfig
+    from shoal.mesh.p2p.invite import save_invite
+    from shoal.mesh.p2p.rekey import add_superseded, starting_invite
+
+    old, other = Invite.create("home"), Invite.create("other")
+    expiring = old.expiring(int(time.time()) + 600)
+    assert starting_invite(MeshConfig(), tmp_path) == (None, False)
+    assert starting_invite(MeshConfig(invite=expiring.to_token()), tmp_path) == (expiring, False)
+    save_invite(tmp_path, old)  # handed the secret over the link
+    assert starting_invite(MeshConfig(invite=expiring.to_token()), tmp_path) == (old, True)
+    assert starting_invite(MeshConfig(invite=other.to_token()), tmp_path) == (other, False)
+    assert starting_invite(MeshConfig(), tmp_path) == (old, True)
+    rotated = Invite.create("home")
+    save_invite(tmp_path, rotated)
+    add_superseded(tmp_path, old.mesh_id)
+    assert starting_invite(MeshConfig(invite=old.to_token()), tmp_path) == (rotated, True)
+    assert starting_invite(MeshConfig(secret=old.secret.hex()), tmp_path) == (rotated, True)
+    assert starting_invite(MeshConfig(invite=other.to_token()), tmp_path) == (other, False)
