@@ -10,6 +10,7 @@ Each side keeps its receipts append-only, one JSON object per line, in `<data_di
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from shoal.mesh.p2p.errors import IdentityError
@@ -278,3 +279,83 @@ def verify_file(path: Path) -> tuple[int, list[str]]:
 
 def now() -> float:
     return round(time.time(), 3)
+
+
+class HasIdentity(Protocol):
+    """Whatever holds this node's identity once it has started (the mesh service)."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the client saw of a request it asked a peer to serve: the receipt must say the same."""
+
+    server: str
+    request: str
+    kind: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+
+
+MAX_PENDING = 1024
+"""Receipts issued and not yet countersigned that a server remembers (oldest forgotten first)."""
+
+
+class UsageLedger:
+    """One node's receipts: issues them as server, countersigns them as client, keeps both kinds.
+
+    File writes go to a thread; everything else is a few signature checks (~0.1 ms)."""
+
+    def __init__(self, holder: HasIdentity, data_dir: Path) -> None:
+        self._holder = holder
+        self._data_dir = Path(data_dir)
+        self._log: ReceiptLog | None = None
+        self._pending: dict[tuple[str, str], Receipt] = {}
+
+    @property
+    def log(self) -> ReceiptLog:
+        if self._log is None:
+            self._log = ReceiptLog.in_data_dir(self._data_dir, self._holder.identity.peer_id)
+        return self._log
+
+    def issue(self, usage: Usage) -> Receipt:
+        """Sign `usage` as its server and remember it until the client countersigns."""
+        receipt = sign_as_server(self._holder.identity, usage)
+        self._pending[(usage.client, usage.request)] = receipt
+        while len(self._pending) > MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+        return receipt
+
+    async def accept(self, client: str, data: Any) -> Receipt:
+        """Server side: the client's countersigned copy of a receipt this node issued; kept once it holds."""
+        receipt = Receipt.from_dict(data)
+        issued = self._pending.get((client, receipt.usage.request))
+        if issued is None or (issued.usage, issued.server_sig) != (receipt.usage, receipt.server_sig):
+            raise ReceiptError(f"{client[:12]} returned a receipt this node did not issue")
+        receipt.check()
+        await asyncio.to_thread(self.log.append, receipt)
+        self._pending.pop((client, receipt.usage.request), None)
+        return receipt
+
+    async def countersign(self, expected: Expected, data: Any) -> Receipt:
+        """Client side: check a server's receipt against what this node saw, countersign and keep it."""
+        receipt = Receipt.from_dict(data)
+        usage = receipt.usage
+        seen = (usage.server, usage.request, usage.kind, usage.model, usage.tokens_in, usage.tokens_out)
+        wanted = (expected.server, expected.request, expected.kind, expected.model, expected.tokens_in,
+                  expected.tokens_out)
+        if seen != wanted:
+            raise ReceiptError(f"the receipt from {expected.server[:12]} says {seen[2:]}, this node saw "
+                               f"{wanted[2:]}")
+        signed = countersign(self._holder.identity, receipt)
+        await asyncio.to_thread(self.log.append, signed)
+        return signed
+
+    async def view(self) -> dict[str, Any]:
+        """Per-peer totals for `GET /v1/mesh/usage`."""
+        by_peer = await asyncio.to_thread(self.log.totals)
+        return {"self": self.log.me, "receipts": str(self.log.path),
+                "peers": {peer: entry.to_dict() for peer, entry in sorted(by_peer.items())}}

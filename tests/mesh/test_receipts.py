@@ -12,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.split.receipts import (
+    Expected,
     Receipt,
     ReceiptError,
     ReceiptLog,
     Usage,
+    UsageLedger,
     countersign,
     sign_as_server,
     verify_file,
@@ -137,3 +139,40 @@ def test_usage_verify_passes_good_files_and_fails_a_tampered_one(tmp_path: Path)
     assert run.returncode == 0
     view = orjson.loads(run.stdout)
     assert view["peers"][CLIENT.peer_id]["given_requests"] == 2
+
+
+class Holder:
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+
+async def test_the_ledgers_of_server_and_client_each_keep_one_verified_copy(tmp_path: Path) -> None:
+    server = UsageLedger(Holder(SERVER), tmp_path / "server")
+    client = UsageLedger(Holder(CLIENT), tmp_path / "client")
+    issued = server.issue(usage())
+    seen = Expected(SERVER.peer_id, "chatcmpl-1", "offload", "bafkreiexample", 20, 12)
+    signed = await client.countersign(seen, issued.to_dict())
+    await server.accept(CLIENT.peer_id, signed.to_dict())
+    for ledger, peer in ((server, CLIENT.peer_id), (client, SERVER.peer_id)):
+        kept = list(ledger.log.receipts())
+        assert kept == [signed]
+        assert peer in (await ledger.view())["peers"]
+    with pytest.raises(ReceiptError, match="did not issue"):  # a second copy of the same receipt
+        await server.accept(CLIENT.peer_id, signed.to_dict())
+
+
+async def test_a_client_refuses_a_receipt_that_overcharges(tmp_path: Path) -> None:
+    server = UsageLedger(Holder(SERVER), tmp_path / "server")
+    client = UsageLedger(Holder(CLIENT), tmp_path / "client")
+    issued = server.issue(usage(tokens_out=50))
+    seen = Expected(SERVER.peer_id, "chatcmpl-1", "offload", "bafkreiexample", 20, 12)
+    with pytest.raises(ReceiptError, match="this node saw"):
+        await client.countersign(seen, issued.to_dict())
+    assert list(client.log.receipts()) == []
+
+
+async def test_a_server_refuses_a_receipt_it_never_issued(tmp_path: Path) -> None:
+    server = UsageLedger(Holder(SERVER), tmp_path / "server")
+    forged = countersign(CLIENT, Receipt(usage(), signed().server_sig))
+    with pytest.raises(ReceiptError, match="did not issue"):
+        await server.accept(CLIENT.peer_id, forged.to_dict())
