@@ -30,6 +30,18 @@ class ApiSettings(Protocol):
     @property
     def shutdown_grace_s(self) -> float: ...
 
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]: ...
+
+    @property
+    def read_timeout_s(self) -> float: ...
+
 
 class ModelSettings(Protocol):
     """The `[models]` settings the app reads."""
