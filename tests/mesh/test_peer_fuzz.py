@@ -172,7 +172,15 @@ def rig(tmp_path_factory):
         logging.getLogger("shoal.mesh").removeHandler(errors)
         if state["peer"] is not None:
             loop.run_until_complete(state["peer"].close("done"))
+        loop.run_until_complete(_cancel_all(service))
         loop.close()
+
+
+async def _cancel_all(service: MeshService) -> None:
+    tasks = [task for task in service._tasks if task.get_loop() is asyncio.get_running_loop()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _new_peer(service: MeshService) -> Peer:
