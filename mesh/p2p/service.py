@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from shoal.mesh.events import EventBus
 from shoal.mesh.p2p import aiortc_tuning
@@ -464,7 +465,7 @@ class MeshService:
 
     # ----- views -----------------------------------------------------------------------------------------
 
-    def add_routes(self, app: Any) -> None:
+    def add_routes(self, app: web.Application) -> None:
         from shoal.mesh.p2p.routes import add_mesh_routes
 
         add_mesh_routes(app, self)

@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.mesh.p2p.errors import MeshError, RemoteError
+from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.remote_stage import StageLost
+from shoal.models.sampling import SamplingParams
+from shoal.models.served import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +64,14 @@ class OffloadClient:
             mesh.on_control(frame_type, self._on_frame)
         mesh.add_peer_listener(self._on_peer)
 
-    async def _on_frame(self, peer: Any, frame: ControlFrame) -> None:
+    async def _on_frame(self, peer: Peer, frame: ControlFrame) -> None:
         rid = frame.body.get("rid")
         queue = self._queues.get((peer.peer_id, rid)) if type(rid) is int else None
         if queue is not None:
             queue.put_nowait(frame)
         return None
 
-    def _on_peer(self, event: str, peer: Any) -> None:
+    def _on_peer(self, event: str, peer: Peer) -> None:
         if event != "left":
             return
         for (peer_id, _), queue in list(self._queues.items()):
@@ -135,7 +138,7 @@ def _token_event(body: dict[str, Any], index: int) -> OffloadEvent | None:
     return OffloadEvent(token, text, index, prompt, completion, finish)
 
 
-Acquire = Callable[[str], Awaitable[Any]]
+Acquire = Callable[[str], Awaitable[ServedModel]]
 """Returns the served model (`.engine`, `.tokenizer`, `.context_length`) or raises LookupError."""
 
 
@@ -157,9 +160,7 @@ class OffloadServer:
         mesh.on_control(wire.OFFLOAD_TOKENIZE, self._on_tokenize)
         mesh.add_peer_listener(self._on_peer)
 
-    async def _on_open(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
-        from shoal.models.sampling import SamplingParams
-
+    async def _on_open(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         if self._stopped:
             raise RemoteError(wire.REFUSED, "the node is shutting down")
         reason = self._gate()
@@ -200,7 +201,9 @@ class OffloadServer:
         logger.info("offload %d from %s: %s, %d prompt tokens", rid, peer.peer_id[:12], model, len(ids))
         return {"accepted": True}
 
-    async def _run(self, peer: Any, rid: int, served: Any, ids: list[int], sampling: Any) -> None:
+    async def _run(
+        self, peer: Peer, rid: int, served: ServedModel, ids: list[int], sampling: SamplingParams
+    ) -> None:
         index = 0
         try:
             async with contextlib.aclosing(served.engine.stream(ids, sampling)) as events:
@@ -228,7 +231,7 @@ class OffloadServer:
                 body = {"rid": rid, "code": wire.INTERNAL, "message": str(exc)[:500]}
                 await peer.notify(wire.OFFLOAD_ERROR, body)
 
-    async def _served(self, body: dict[str, Any]) -> Any:
+    async def _served(self, body: dict[str, Any]) -> ServedModel:
         reason = self._gate()
         if reason is not None:
             raise RemoteError(wire.REFUSED, reason)
@@ -240,13 +243,13 @@ class OffloadServer:
         except LookupError as exc:
             raise RemoteError(wire.NO_MODEL, str(exc)) from None
 
-    async def _on_info(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+    async def _on_info(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         served = await self._served(frame.body)
         config = served.stages[0].config
         return {"config": config.to_dict(), "vocab_size": served.tokenizer.vocab_size,
                 "context_length": served.context_length}
 
-    async def _on_tokenize(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+    async def _on_tokenize(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         from shoal.models.tokenizer import validate_messages
 
         served = await self._served(frame.body)
@@ -264,13 +267,13 @@ class OffloadServer:
             raise RemoteError(wire.BAD_REQUEST, str(exc)[:300]) from None
         return {"ids": [int(i) for i in ids]}
 
-    async def _on_cancel(self, peer: Any, frame: ControlFrame) -> None:
+    async def _on_cancel(self, peer: Peer, frame: ControlFrame) -> None:
         task = self._tasks.get((peer.peer_id, frame.body.get("rid")))  # type: ignore[arg-type]
         if task is not None:
             task.cancel()
         return None
 
-    def _on_peer(self, event: str, peer: Any) -> None:
+    def _on_peer(self, event: str, peer: Peer) -> None:
         if event == "left":
             for (peer_id, _), task in list(self._tasks.items()):
                 if peer_id == peer.peer_id:

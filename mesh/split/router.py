@@ -274,7 +274,7 @@ class Router:
                     model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
                     observed["ttft_s"], observed["per_token_s"])
 
-    async def _offload(self, served: Any, plan: sched.Plan, config: Any, weight_bytes: int,
+    async def _offload(self, served: Servable, plan: sched.Plan, config: Any, weight_bytes: int,
                        prompt_ids: list[int], params: Any, max_tokens: int, route: Route
                        ) -> AsyncIterator[Any]:
         emitted: list[int] = []
@@ -311,8 +311,8 @@ class Router:
                 route.replanned()
                 _follow(route, plan)
 
-    async def _split(self, served: Any, plan: sched.Plan, config: Any, prompt_ids: list[int], params: Any,
-                     route: Route) -> AsyncIterator[Any]:
+    async def _split(self, served: Servable, plan: sched.Plan, config: Any, prompt_ids: list[int],
+                     params: SamplingParams, route: Route) -> AsyncIterator[Any]:
         from shoal.models.generate import Engine
 
         loop = asyncio.get_running_loop()
@@ -378,8 +378,8 @@ class Router:
             route.stage_timing = pipeline.timings()
             await loop.run_in_executor(None, pipeline.close)
 
-    async def _replan(self, served: Any, config: Any, weight_bytes: int, prompt_ids: list[int], params: Any,
-                      excluded: frozenset[str]) -> sched.Plan:
+    async def _replan(self, served: Servable, config: Any, weight_bytes: int, prompt_ids: list[int],
+                      params: SamplingParams, excluded: frozenset[str]) -> sched.Plan:
         max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
         plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded)
         if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
@@ -388,7 +388,7 @@ class Router:
             plan = sched.Plan("split", (sched.Assignment(device, whole),), plan.prediction)
         return plan
 
-    def shape(self, served: Any) -> tuple[Any, int]:
+    def shape(self, served: Servable) -> tuple[Any, int]:
         """(ModelConfig, file bytes) of a served model."""
         stage = served.stages[0] if getattr(served, "stages", None) else None
         config = getattr(stage, "config", None) or getattr(served, "config", None)

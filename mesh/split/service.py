@@ -23,6 +23,7 @@ import orjson
 import psutil
 from aiohttp import web
 from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
@@ -101,16 +102,16 @@ class SplitService:
 
     # --- mesh handlers --------------------------------------------------------------------------------
 
-    async def _on_stage_open(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+    async def _on_stage_open(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         return await self.host.open(peer.peer_id, frame.body)
 
-    async def _on_stage_close(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+    async def _on_stage_close(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         return await self.host.close(peer.peer_id, frame.body)
 
-    async def _on_tensor(self, peer: Any, frame: BinaryFrame) -> BinaryFrame | None:
+    async def _on_tensor(self, peer: Peer, frame: BinaryFrame) -> BinaryFrame | None:
         return await self.host.compute(peer.peer_id, frame)
 
-    async def _on_tensor_link(self, peer: Any, frame: ControlFrame) -> dict[str, Any]:
+    async def _on_tensor_link(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         reason = self.refusal()
         if reason is not None:
             raise RemoteError(wire.REFUSED, reason)
@@ -119,7 +120,7 @@ class SplitService:
         except LinkError as exc:
             raise RemoteError("unavailable", str(exc)) from None
 
-    def _on_peer(self, event: str, peer: Any) -> None:
+    def _on_peer(self, event: str, peer: Peer) -> None:
         if event == "left":
             self.tensor_links.drop_peer(peer.peer_id)
             self.mesh.spawn(self.host.peer_lost(peer.peer_id), name=f"free stages of {peer.peer_id[:12]}")
