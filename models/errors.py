@@ -9,8 +9,12 @@ class ModelFileError(ModelError):
     """A model file is missing, truncated, not GGUF, or otherwise unreadable."""
 
 
-class UnsupportedModelError(ModelError):
-    """The GGUF describes an architecture or tensor type shoal cannot run."""
+class UnsupportedModelError(ModelFileError):
+    """The GGUF describes an architecture or tensor type shoal cannot run (the message lists what it runs)."""
+
+
+class InvalidModelError(ModelFileError):
+    """A GGUF whose numbers are out of bounds or disagree with its own tensor index (models/validate.py)."""
 
 
 class CompileError(ModelError):

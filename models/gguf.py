@@ -5,13 +5,15 @@ Two entry points:
   (`read(offset, size) -> bytes`), fetching 64 KiB at a time, so a node can learn where a span's tensors lie
   before it has the file (the IPFS fetcher uses this for partial pulls).
 - `GGUFModel.open(path)` maps a local file (possibly sparse: only the header and one span's tensors present)
-  and dequantizes tensors with the `gguf` package.
+  and dequantizes tensors with the `gguf` package. It refuses a file that fails `models.validate.check_model`
+  (numbers out of bounds or disagreeing with the tensor index); errors name the file.
 
 Shapes are NumPy order, [out, in] (GGUF stores dimensions innermost first; we reverse them).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,12 +27,14 @@ from gguf.quants import dequantize as _gguf_dequantize
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelFileError, UnsupportedModelError
 from shoal.models.span import LayerSpan
+from shoal.models.validate import check_model
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 READ_CHUNK = 64 * 1024
 _MAX_STRING = 1 << 26  # 64 MiB: a larger string length means a corrupt file
 _MAX_COUNT = 1 << 26  # items in one array, tensors or metadata keys
+_MAX_ELEMENTS = 1 << 40  # elements of one tensor: more means a corrupt (or crafted) index
 
 # Tensor types shoal dequantizes (through `gguf.quants`): floats, the classic blocks and the K-quants.
 SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset(
@@ -244,7 +248,9 @@ def read_gguf_index(read: Callable[[int, int], bytes], *, chunk: int = READ_CHUN
     for name, dims, raw_type, rel_offset in raw_tensors:
         ttype = _tensor_type(name, raw_type)
         block, type_size = GGML_QUANT_SIZES[ttype]
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n = math.prod(dims)  # Python ints: a crafted shape cannot overflow into a small or negative size
+        if not 0 < n <= _MAX_ELEMENTS:
+            raise ModelFileError(f"corrupt GGUF: tensor {name!r} has shape {dims} ({n} elements)")
         if dims and dims[0] % block:
             raise ModelFileError(f"corrupt GGUF: tensor {name!r} rows are not a multiple of {block}")
         tensors[name] = TensorInfo(
@@ -265,7 +271,9 @@ class GGUFModel:
         self._data = data
 
     @classmethod
-    def open(cls, path: str | Path) -> GGUFModel:
+    def open(cls, path: str | Path, *, check: bool = True) -> GGUFModel:
+        """Map `path`. With `check` (always, but in tests of the reader itself) the file must pass
+        `models.validate.check_model` first."""
         path = Path(path)
         if not path.exists():
             raise ModelFileError(f"model file {path} does not exist")
@@ -278,11 +286,16 @@ class GGUFModel:
                 fh.seek(offset)
                 return fh.read(n)
 
-            index = read_gguf_index(read)
+            try:
+                index = read_gguf_index(read)
+            except ModelFileError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
         if index.file_size > size:
             raise ModelFileError(
                 f"model file {path} is truncated: {size} bytes, but its tensors end at byte {index.file_size}"
             )
+        if check:
+            check_model(index, source=str(path), file_size=size)  # before anything is built from its numbers
         data = np.memmap(path, dtype=np.uint8, mode="r")
         return cls(path, index, data)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gguf
@@ -166,10 +167,12 @@ def test_truncated_data(model: GGUFModel, tmp_path: Path) -> None:
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "mamba.gguf", "mamba",
                        {"token_embd.weight": (np.zeros((32, 64), np.float32), None)})
-    model = GGUFModel.open(path)  # the index reads fine; the config is what shoal cannot run
+    model = GGUFModel.open(path, check=False)  # the index reads fine; the config is what shoal cannot run
     expected = r"architecture 'mamba' is not supported; shoal runs: llama"
     with pytest.raises(UnsupportedModelError, match=expected):
         _ = model.config
+    with pytest.raises(UnsupportedModelError, match=rf"^{re.escape(str(path))}: {expected}"):
+        GGUFModel.open(path)  # checked: refused at once, naming the file
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
@@ -187,7 +190,7 @@ def test_small_synthetic_file_roundtrip(tmp_path: Path) -> None:
         "token_embd.weight": (weights, None),
         "blk.0.attn_norm.weight": (np.ones(64, np.float32), None),
     })
-    model = GGUFModel.open(path)
+    model = GGUFModel.open(path, check=False)  # not a whole model: the reader alone is under test
     assert model.config.num_layers == 1 and model.config.vocab_size == 32
     assert model.tensor_info("token_embd.weight").shape == (32, 64)
     np.testing.assert_array_equal(model.dequantize("token_embd.weight"), weights)
