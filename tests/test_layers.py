@@ -3,6 +3,7 @@ talks HTTP only, models is pure), and the wheel installs one top-level package, 
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -26,6 +27,30 @@ def test_import_contracts_are_kept() -> None:
     summary = re.search(r"Contracts: (\d+) kept, (\d+) broken", result.stdout)
     assert summary is not None, result.stdout + result.stderr
     assert int(summary[1]) >= 3 and int(summary[2]) == 0
+
+
+COLLABORATORS = frozenset(
+    {"node", "mesh", "service", "router", "host", "peer", "store", "link", "served", "engine", "stage", "bus",
+     "ipfs", "app", "record", "blocks", "gossip", "discovery"}
+)
+"""Parameter names that hold another part of the system: each gets a real type or a Protocol, never Any."""
+
+
+def _any_collaborators(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            arguments = node.args
+            for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
+                annotation = arg.annotation
+                if arg.arg in COLLABORATORS and isinstance(annotation, ast.Name) and annotation.id == "Any":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({arg.arg}: Any)")
+    return found
+
+
+def test_no_collaborator_is_typed_any() -> None:
+    offenders = [hit for path in sorted((ROOT / "mesh").rglob("*.py")) for hit in _any_collaborators(path)]
+    assert not offenders, "type these with the class or a Protocol at the seam:\n" + "\n".join(offenders)
 
 
 def _package_dirs() -> list[str]:
