@@ -56,6 +56,8 @@ class Discovery:
         """Dial addresses learned from links/mDNS (off only in benchmarks that open and close links)."""
         self._task: asyncio.Task[None] | None = None
         self._mdns: Any = None
+        self._mdns_info: Any = None
+        self._mdns_starting = False
         self._browser: Any = None
         service.on_control("peers", self._on_peers)
         service.on_control("signal", self._on_signal)
@@ -86,7 +88,37 @@ class Discovery:
         self.add_bootstrap((*self.service.config.all_bootstrap(), *self.service.saved_bootstrap))
         self._task = self.service.spawn(self._run(), name="discovery")
         if self.service.config.mdns:
+            self._mdns_starting = True
             self.service.spawn(self._start_mdns(), name="mdns")
+
+    async def mesh_changed(self) -> None:
+        """Announce the mesh id this node is in now (after a runtime join or a rotation) over mDNS: update
+        the TXT record, or start mDNS if the node had no mesh to announce before."""
+        if not self.service.config.mdns:
+            return
+        info = self._mdns_info
+        if self._mdns is None or info is None:
+            if not self._mdns_starting:
+                self._mdns_starting = True
+                await self._start_mdns()
+            return
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        properties = {"id": self.service.identity.peer_id, "mesh": self.service.membership.mesh_id}
+        new = AsyncServiceInfo(
+            info.type,
+            info.name,
+            addresses=info.addresses,
+            port=info.port,
+            properties=properties,
+            server=info.server,
+        )
+        try:
+            await self._mdns.async_update_service(new)
+        except (OSError, RuntimeError) as exc:
+            logger.info("mdns update failed: %s", exc)
+            return
+        self._mdns_info = new
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -94,7 +126,7 @@ class Discovery:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._mdns is not None:
-            mdns, self._mdns = self._mdns, None
+            mdns, self._mdns, self._mdns_info = self._mdns, None, None
             try:
                 if self._browser is not None:
                     await self._browser.async_cancel()
@@ -299,7 +331,8 @@ class Discovery:
             await asyncio.sleep(0.1)
         ip = self._mdns_address()
         if ip is None or not self.service.membership.active:
-            logger.info("mdns off: no IPv4 API address to announce")
+            logger.info("mdns off: no IPv4 API address or mesh to announce")
+            self._mdns_starting = False
             return
         me = self.service.identity.peer_id
         port = int(self.service.advertise_address.rsplit(":", 1)[1])
@@ -307,6 +340,7 @@ class Discovery:
             mdns = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
         except OSError as exc:
             logger.info("mdns unavailable on %s: %s", ip, exc)
+            self._mdns_starting = False
             return
         self._mdns = mdns
         info = AsyncServiceInfo(
@@ -326,6 +360,10 @@ class Discovery:
             await mdns.async_register_service(info)
         except (OSError, RuntimeError) as exc:
             logger.info("mdns registration failed: %s", exc)
+            return
+        self._mdns_info = info
+        if info.properties.get(b"mesh") != self.service.membership.mesh_id.encode():
+            await self.mesh_changed()  # the mesh changed while registering
 
     async def _resolve(self, mdns: Any, service_type: str, name: str) -> None:
         from zeroconf.asyncio import AsyncServiceInfo

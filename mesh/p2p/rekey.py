@@ -168,6 +168,8 @@ class Rekey:
         how = "rotated" if rotated else "received"
         logger.info("mesh: %s the mesh secret (mesh %s)", how, service.membership.mesh_id)
         service.events.publish("mesh.rekeyed", mesh=service.membership.mesh_id, previous=old.mesh_id)
+        if service.membership.mesh_id != old.mesh_id:
+            service.spawn(service.discovery.mesh_changed(), name="mdns update")
 
     async def _on_key(self, peer: Peer, frame: p.ControlFrame) -> dict[str, Any]:
         body = frame.body

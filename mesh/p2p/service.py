@@ -156,6 +156,8 @@ class MeshService:
         await asyncio.to_thread(save_invite, self.data_dir, invite)
         self.discovery.add_bootstrap(invite.bootstrap)
         self.events.publish("mesh.joined", mesh=self.membership.mesh_id)
+        if self._running:
+            self.spawn(self.discovery.mesh_changed(), name="mdns update")
 
     async def rotate(self) -> dict[str, Any]:
         """A new mesh secret, sent to every member linked now (see `p2p.rekey`)."""

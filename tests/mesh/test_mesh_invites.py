@@ -1,13 +1,18 @@
 """Invites that expire, a rotated mesh secret, and refusals the joiner sees — real node processes (the mesh
-harness) linked over aiortc on loopback."""
+harness) linked over aiortc on loopback; and the mesh id a node announces over mDNS after a join or a
+rotation."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from shoal.mesh.commands.cli import main
+from shoal.mesh.p2p.discovery import SERVICE_TYPE
 from shoal.mesh.p2p.invite import Invite, load_saved_invite
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from tests.mesh.mesh_nodes import Node, free_port, wait_until
 
@@ -120,3 +125,29 @@ def test_rotation_rekeys_members_and_refuses_the_old_invite(hub, capsys):
     standing = _standing(stale)
     assert standing["code"] == "foreign_mesh" and result["mesh"] in standing["reason"], standing
     assert stale.peer_id not in node.peers()
+
+
+async def _announced_mesh(peer_id: str, timeout_s: float = 20.0) -> str | None:
+    """The `mesh` TXT value a node announces over mDNS on loopback (None until it announces one)."""
+    zc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    try:
+        info = AsyncServiceInfo(SERVICE_TYPE, f"{peer_id[:20]}.{SERVICE_TYPE}")
+        if not await info.async_request(zc.zeroconf, int(timeout_s * 1000)):
+            return None
+        value = info.properties.get(b"mesh")
+        return value.decode() if value else None
+    finally:
+        await zc.async_close()
+
+
+def test_mdns_announces_the_mesh_after_a_join_and_a_rotation(tmp_path):
+    node = Node("lan", tmp_path / "lan", f"127.0.0.1:{free_port()}", ["--ice", "lo"]).start()
+    try:
+        invite = Invite.create("lan")
+        assert node.post("/v1/mesh/join", {"invite": invite.to_token()})["mesh"] == invite.mesh_id
+        seen = wait_until(lambda: asyncio.run(_announced_mesh(node.peer_id, 2.0)), 30, "announcement")
+        assert seen == invite.mesh_id
+        rotated = node.post("/v1/mesh/rotate", {})["mesh"]
+        wait_until(lambda: asyncio.run(_announced_mesh(node.peer_id, 2.0)) == rotated, 30, "new mesh id")
+    finally:
+        node.kill(15)
