@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -75,10 +76,17 @@ class IpfsService:
         self._closing = False
 
     def _clean_stale_temps(self) -> None:
-        """Remove half-written model files an interrupted (even `kill -9`ed) pull left behind."""
+        """Remove half-written model files an interrupted (even `kill -9`ed) pull left behind, and the
+        folders of uploads a killed node was receiving (`POST /v1/models/publish`, see `upload.py`)."""
+        now = time.time()
+        for folder in self.data_dir.glob("uploads/upload-*"):
+            try:
+                if now - folder.stat().st_mtime > STALE_TEMP_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                continue
         if not self.models_dir.is_dir():
             return
-        now = time.time()
         for path in self.models_dir.glob(".*.gguf.*"):
             try:
                 if now - path.stat().st_mtime > STALE_TEMP_S:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,3 +282,17 @@ async def test_state_changes_from_other_hosts_need_the_key(node: NodeThread) -> 
 
     assert is_loopback_name("127.0.0.1") and is_loopback_name("::1") and is_loopback_name("a.localhost")
     assert not is_loopback_name("192.168.1.7") and not is_loopback_name("localhost.attacker.example")
+
+
+async def test_uploads_a_killed_node_left_are_removed_at_start(tmp_path: Path) -> None:
+    from shoal.mesh.ipfs.config import IpfsConfig
+    from shoal.mesh.ipfs.service import STALE_TEMP_S, IpfsService
+
+    old, fresh = tmp_path / "uploads" / "upload-old", tmp_path / "uploads" / "upload-fresh"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "model.gguf").write_bytes(b"partial")
+    past = time.time() - STALE_TEMP_S - 60
+    os.utime(old, (past, past))
+    async with IpfsService(IpfsConfig(rpc_url=None), tmp_path):
+        assert not old.exists() and fresh.exists()  # a fresh one may belong to a running node
