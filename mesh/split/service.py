@@ -93,8 +93,9 @@ class SplitService:
         """Requests this node is busy with: its engines' live and waiting ones plus hosted sequences."""
         busy = self.host.sequences
         for name in self.node.models.loaded_names():
-            engine = getattr(self.node.models.served(name), "engine", None)
-            busy += int(getattr(engine, "active_count", 0)) + int(getattr(engine, "queue_depth", 0))
+            served = self.node.models.served(name)
+            if served is not None:
+                busy += served.engine.active_count + served.engine.queue_depth
         return busy
 
     def publish_advert(self) -> None:
