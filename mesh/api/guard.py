@@ -72,7 +72,14 @@ def host_name(value: str) -> str | None:
     host = host.rstrip(".")
     if not host or any(c in host for c in " /@\\?#[]\t"):
         return None
-    return host
+    address = _ip(host)
+    return str(address) if address is not None else host
+
+
+def _config_name(text: str) -> str | None:
+    """A configured name: an address as it is (`::1`, `10.0.0.5`), else `name[:port]` like a Host header."""
+    address = _ip(text.strip().strip("[]"))
+    return str(address) if address is not None else host_name(text)
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -118,7 +125,7 @@ class RequestGuard:
     @classmethod
     def from_settings(cls, api: GuardSettings, extra_hosts: Iterable[str] = ()) -> RequestGuard:
         names = {api.host, *extra_hosts, *api.allowed_hosts}
-        hosts = {h for h in (host_name(n) for n in names if n and n not in _WILDCARDS) if h}
+        hosts = {h for h in (_config_name(n) for n in names if n and n not in _WILDCARDS) if h}
         origins = {parts for parts in map(_origin_parts, api.allowed_origins) if parts}
         return cls(
             hosts=frozenset(hosts - {"*"}),

@@ -276,12 +276,24 @@ def test_half_sent_headers_are_dropped(node: NodeThread) -> None:
     assert not answer.endswith(b"<timeout>")  # the node closed the connection
 
 
-async def test_state_changes_from_other_hosts_need_the_key(node: NodeThread) -> None:
-    """Only loopback clients reach a key-less node; the check is there for a proxy on the same machine."""
-    from shoal.mesh.api.guard import is_loopback_name
+def test_host_names_of_the_node() -> None:
+    from shoal.mesh.api.guard import RequestGuard, is_loopback_name
+    from shoal.mesh.node.config import ApiConfig
 
-    assert is_loopback_name("127.0.0.1") and is_loopback_name("::1") and is_loopback_name("a.localhost")
-    assert not is_loopback_name("192.168.1.7") and not is_loopback_name("localhost.attacker.example")
+    api = ApiConfig(host="0.0.0.0", allowed_hosts=("fd00::5", "Box.LAN", "gpu.lan:8740"))
+    guard = RequestGuard.from_settings(api, ["laptop.local:8740"])
+    for host in ("[fd00::5]:8740", "box.lan:1", "BOX.LAN.", "gpu.lan", "laptop.local", "[::1]:80",
+                 "127.0.0.2:5", "localhost", "a.localhost:9", "10.0.0.5:8740"):
+        assert guard.host_allowed(host, "10.0.0.5"), host  # 10.0.0.5: the address the client reached
+    for host in ("evil.example", "localhost.evil.example", "10.0.0.6", "127.0.0.1.nip.io", "::1", "a b",
+                 "box.lan@evil.example", "[fd00::5"):
+        assert not guard.host_allowed(host, "10.0.0.5"), host
+    assert not guard.host_allowed("10.0.0.5", "::ffff:10.0.0.6")
+    assert guard.host_allowed("10.0.0.6", "::ffff:10.0.0.6")  # IPv4 on a dual-stack socket
+    assert is_loopback_name("::1") and not is_loopback_name("192.168.1.7")
+    assert guard.origin_allowed("http://box.lan:8740", "box.lan:8740", secure=False)
+    assert not guard.origin_allowed("https://box.lan:8740", "box.lan:8740", secure=False)
+    assert not guard.origin_allowed("http://box.lan:8741", "box.lan:8740", secure=False)
 
 
 async def test_uploads_a_killed_node_left_are_removed_at_start(tmp_path: Path) -> None:
