@@ -30,6 +30,9 @@ from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.remote_stage import StageLost
+from shoal.models.admission import AdmissionError
+from shoal.models.errors import ContextOverflowError
+from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import ServedModel
 
@@ -188,25 +191,23 @@ class OffloadServer:
             served = await self._acquire(model)
         except LookupError as exc:
             raise RemoteError(wire.NO_MODEL, str(exc)) from None
-        vocab = getattr(served.tokenizer, "vocab_size", None)
-        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
-            raise RemoteError(wire.BAD_REQUEST, f"token ids must be in [0, {vocab})")
-        if len(ids) + (sampling.max_tokens or 1) > served.context_length:
-            context = served.context_length
-            raise RemoteError(wire.BAD_REQUEST, f"prompt + max_tokens exceed the context {context}")
+        try:  # the engine checks the ids and the context (the one place that does) before any work
+            stream = served.engine.stream(ids, sampling)
+        except AdmissionError as exc:
+            raise RemoteError(wire.BUSY, str(exc)) from None
+        except (ContextOverflowError, ValueError) as exc:
+            raise RemoteError(wire.BAD_REQUEST, str(exc)) from None
         key = (peer.peer_id, rid)
-        task = self._mesh.spawn(self._run(peer, rid, served, ids, sampling), name=f"offload {rid}")
+        task = self._mesh.spawn(self._run(peer, rid, stream), name=f"offload {rid}")
         self._tasks[key] = task
         task.add_done_callback(lambda _t: self._tasks.pop(key, None))
         logger.info("offload %d from %s: %s, %d prompt tokens", rid, peer.peer_id[:12], model, len(ids))
         return {"accepted": True}
 
-    async def _run(
-        self, peer: Peer, rid: int, served: ServedModel, ids: list[int], sampling: SamplingParams
-    ) -> None:
+    async def _run(self, peer: Peer, rid: int, stream: AsyncIterator[TokenEvent]) -> None:
         index = 0
         try:
-            async with contextlib.aclosing(served.engine.stream(ids, sampling)) as events:
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     body = {
                         "rid": rid,

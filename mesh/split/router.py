@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -28,6 +27,7 @@ from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.pipeline import Replan, SplitPipeline
+from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.models.errors import ModelError
@@ -55,87 +55,6 @@ STAGE_OVERHEAD = 16 * 1024 * 1024
 
 class NoRouteError(ModelError):
     """No device can serve the request (the API answers with the message)."""
-
-
-@dataclass(frozen=True)
-class ForcedRoute:
-    """A fixed route for tests and benchmarks (`PUT /v1/mesh/route`): kind and (peer, span) stages."""
-
-    kind: str
-    stages: tuple[tuple[str, str], ...]
-
-    @classmethod
-    def from_body(cls, body: Any) -> ForcedRoute | None:
-        if body is None or body == {}:
-            return None
-        if not isinstance(body, dict) or body.get("kind") not in ("local", "offload", "split"):
-            raise ValueError("route must be {'kind': 'local'|'offload'|'split', 'stages': [...]}")
-        stages = body.get("stages", [])
-        if not isinstance(stages, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("peer"), str) and isinstance(s.get("layers"), str)
-            for s in stages
-        ):
-            raise ValueError("stages must be a list of {'peer': id|'local', 'layers': 'a:b'}")
-        return cls(body["kind"], tuple((s["peer"], s["layers"]) for s in stages))
-
-    def to_plan(self, num_layers: int) -> sched.Plan:
-        whole = LayerSpan.whole(num_layers)
-        if self.kind == "local":
-            assignments: tuple[sched.Assignment, ...] = (sched.Assignment(sched.LOCAL, whole),)
-        else:
-            assignments = tuple(
-                sched.Assignment(peer, LayerSpan.parse(layers, num_layers)) for peer, layers in self.stages
-            )
-        if not assignments:
-            raise ValueError("a forced offload or split needs stages")
-        return sched.Plan(self.kind, assignments, sched.Prediction(0.0, 0.0, 0.0), ("forced",))  # type: ignore[arg-type]
-
-
-class Speeds:
-    """Measured local prefill/decode tok/s per model (exponential moving average over finished requests)."""
-
-    def __init__(self) -> None:
-        self.by_model: dict[str, dict[str, float]] = {}
-
-    def observe(self, model: str, prompt_tokens: int, ttft_s: float | None, tok_s: float | None) -> None:
-        entry = self.by_model.setdefault(model, {})
-        if ttft_s and prompt_tokens >= 8:
-            entry["prefill_tok_s"] = _ewma(entry.get("prefill_tok_s"), prompt_tokens / ttft_s)
-        if tok_s:
-            entry["decode_tok_s"] = _ewma(entry.get("decode_tok_s"), tok_s)
-
-    def get(self, model: str) -> tuple[float, float]:
-        entry = self.by_model.get(model, {})
-        return entry.get("decode_tok_s", 0.0), entry.get("prefill_tok_s", 0.0)
-
-
-def _ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
-    return round(new if old is None else (1 - alpha) * old + alpha * new, 3)
-
-
-def _num(value: Any, default: float = 0.0) -> float:
-    """A finite number from a peer's advert, or `default`."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            if math.isfinite(value):
-                return float(value)
-        except OverflowError:
-            pass
-    return default
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _advert_models(advert: dict[str, Any]) -> set[str]:
-    names = set()
-    for item in advert.get("models", []):
-        if isinstance(item, str):
-            names.add(item)
-        elif isinstance(item, dict):
-            names.update(str(item[k]) for k in ("name", "id", "cid") if isinstance(item.get(k), str))
-    return names
 
 
 class Router:
@@ -183,22 +102,22 @@ class Router:
         can_fetch = self.model_cid(model) is not None
         for peer in self.mesh.connected_peers():
             advert = peer.advert or {}
-            holds = model in _advert_models(advert)
+            holds = model in advert_models(advert)
             if not holds and not can_fetch:
                 continue
-            split = _dict(advert.get("split"))
-            speed = _dict(_dict(advert.get("speed")).get(model))
-            battery = _dict(advert.get("battery"))
-            free = int(_num(split.get("memory_budget"), _num(advert.get("free_memory"))))
+            split = advert_table(advert.get("split"))
+            speed = advert_table(advert_table(advert.get("speed")).get(model))
+            battery = advert_table(advert.get("battery"))
+            free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
             try:
                 devices.append(sched.Device(
                     peer.peer_id,
-                    decode_tps=_num(speed.get("decode_tok_s")) or DEFAULT_TPS,
-                    prefill_tps=_num(speed.get("prefill_tok_s")),
+                    decode_tps=advert_number(speed.get("decode_tok_s")) or DEFAULT_TPS,
+                    prefill_tps=advert_number(speed.get("prefill_tok_s")),
                     free_memory=max(0, free),
                     total_memory=max(0, free),
-                    queue_depth=max(0, int(_num(advert.get("queue_depth")))),
-                    battery=_num(battery.get("percent"), 100.0) if battery else None,
+                    queue_depth=max(0, int(advert_number(advert.get("queue_depth")))),
+                    battery=advert_number(battery.get("percent"), 100.0) if battery else None,
                     charging=bool(battery.get("plugged")) if battery else False,
                     trusted=peer.peer_id in trusted,
                     serves_others=split.get("serve_others") is True,
@@ -237,7 +156,7 @@ class Router:
         """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
         model = served.name
         config, weight_bytes = self.shape(served)
-        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        max_tokens = _planned_tokens(served, prompt_ids, params)
         holds = served.engine is not None
         try:
             plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
@@ -380,7 +299,7 @@ class Router:
 
     async def _replan(self, served: Servable, config: Any, weight_bytes: int, prompt_ids: list[int],
                       params: SamplingParams, excluded: frozenset[str]) -> sched.Plan:
-        max_tokens = params.max_tokens or max(1, served.context_length - len(prompt_ids))
+        max_tokens = _planned_tokens(served, prompt_ids, params)
         plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded)
         if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
             whole = LayerSpan.whole(config.num_layers)
@@ -417,6 +336,13 @@ class Router:
         """Feed a finished local request's timings into the advertised speed."""
         if record.route.kind == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingParams) -> int:
+    """Completion tokens the plan budgets for: the request's max_tokens (the API always sets it), else the
+    rest of the context. Plans are sized by it; the engine that runs the request (this node's, a peer's for an
+    offload, the split pipeline's) enforces the context itself."""
+    return params.max_tokens or max(1, served.context_length - len(prompt_ids))
 
 
 def logits_top_k(params: Any, configured: int) -> int:

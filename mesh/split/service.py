@@ -28,8 +28,9 @@ from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadServer
+from shoal.mesh.split.plan_inputs import ForcedRoute
 from shoal.mesh.split.ports import MeshHandle, NodeView
-from shoal.mesh.split.router import ForcedRoute, Router
+from shoal.mesh.split.router import Router
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
 from shoal.mesh.split.tensor_link_server import TensorLinkServer

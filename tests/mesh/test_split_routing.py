@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 from shoal.mesh.split.offload import _token_event, params_to_wire
-from shoal.mesh.split.router import GREEDY_TOP_K, ForcedRoute, Speeds, _advert_models, _num, logits_top_k
+from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number
+from shoal.mesh.split.router import GREEDY_TOP_K, logits_top_k
 from shoal.models.sampling import SamplingParams
 
 
@@ -36,9 +37,10 @@ def test_speeds_are_a_moving_average() -> None:
 
 
 def test_advert_parsing_tolerates_junk() -> None:
-    assert _advert_models({"models": ["a", {"id": "b"}, 3, {"name": 4}]}) == {"a", "b"}
-    assert _advert_models({}) == set()
-    assert _num("7") == 0.0 and _num(float("inf"), 1.0) == 1.0 and _num(2**2000) == 0.0 and _num(2.5) == 2.5
+    assert advert_models({"models": ["a", {"id": "b"}, 3, {"name": 4}]}) == {"a", "b"}
+    assert advert_models({}) == set()
+    assert advert_number("7") == 0.0 and advert_number(float("inf"), 1.0) == 1.0
+    assert advert_number(2**2000) == 0.0 and advert_number(2.5) == 2.5
 
 
 def test_offload_params_and_token_frames() -> None:

@@ -1,0 +1,92 @@
+"""What the router plans from besides the scheduler: a forced route (tests and benchmarks), this node's
+measured speeds, and a defensive reading of peers' adverts (a bad field is skipped, never trusted)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.mesh.split import scheduler as sched
+from shoal.models.span import LayerSpan
+
+
+@dataclass(frozen=True)
+class ForcedRoute:
+    """A fixed route for tests and benchmarks (`PUT /v1/mesh/route`): kind and (peer, span) stages."""
+
+    kind: str
+    stages: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_body(cls, body: Any) -> ForcedRoute | None:
+        if body is None or body == {}:
+            return None
+        if not isinstance(body, dict) or body.get("kind") not in ("local", "offload", "split"):
+            raise ValueError("route must be {'kind': 'local'|'offload'|'split', 'stages': [...]}")
+        stages = body.get("stages", [])
+        if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("peer"), str) and isinstance(s.get("layers"), str)
+            for s in stages
+        ):
+            raise ValueError("stages must be a list of {'peer': id|'local', 'layers': 'a:b'}")
+        return cls(body["kind"], tuple((s["peer"], s["layers"]) for s in stages))
+
+    def to_plan(self, num_layers: int) -> sched.Plan:
+        whole = LayerSpan.whole(num_layers)
+        if self.kind == "local":
+            assignments: tuple[sched.Assignment, ...] = (sched.Assignment(sched.LOCAL, whole),)
+        else:
+            assignments = tuple(
+                sched.Assignment(peer, LayerSpan.parse(layers, num_layers)) for peer, layers in self.stages
+            )
+        if not assignments:
+            raise ValueError("a forced offload or split needs stages")
+        return sched.Plan(self.kind, assignments, sched.Prediction(0.0, 0.0, 0.0), ("forced",))  # type: ignore[arg-type]
+
+
+class Speeds:
+    """Measured local prefill/decode tok/s per model (exponential moving average over finished requests)."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, dict[str, float]] = {}
+
+    def observe(self, model: str, prompt_tokens: int, ttft_s: float | None, tok_s: float | None) -> None:
+        entry = self.by_model.setdefault(model, {})
+        if ttft_s and prompt_tokens >= 8:
+            entry["prefill_tok_s"] = ewma(entry.get("prefill_tok_s"), prompt_tokens / ttft_s)
+        if tok_s:
+            entry["decode_tok_s"] = ewma(entry.get("decode_tok_s"), tok_s)
+
+    def get(self, model: str) -> tuple[float, float]:
+        entry = self.by_model.get(model, {})
+        return entry.get("decode_tok_s", 0.0), entry.get("prefill_tok_s", 0.0)
+
+
+def ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
+    return round(new if old is None else (1 - alpha) * old + alpha * new, 3)
+
+
+def advert_number(value: Any, default: float = 0.0) -> float:
+    """A finite number from a peer's advert, or `default`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:
+            pass
+    return default
+
+
+def advert_table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def advert_models(advert: dict[str, Any]) -> set[str]:
+    names = set()
+    for item in advert.get("models", []):
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, dict):
+            names.update(str(item[k]) for k in ("name", "id", "cid") if isinstance(item.get(k), str))
+    return names

@@ -1,0 +1,88 @@
+"""`OffloadServer` over a real `Engine` (NumPy reference stage): `offload.open` leaves the prompt's ids and
+the context limit to the engine — the one place that checks them — and answers a refusal before any work."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.p2p.protocol import ControlFrame
+from shoal.mesh.split import wire
+from shoal.mesh.split.offload import OffloadServer
+from shoal.models.generate import Engine
+from shoal.models.served import ServedModel
+
+from tests.models.shared_model import chat_ids, reference_stage, tokenizer
+
+MODEL = "smollm2-135m-instruct"
+
+
+class FakeMesh:
+    """The handlers `OffloadServer` registers, and the tasks it spawns."""
+
+    def __init__(self) -> None:
+        self.control: dict[str, Any] = {}
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def on_control(self, frame_type: str, handler: Any) -> None:
+        self.control[frame_type] = handler
+
+    def add_peer_listener(self, listener: Any) -> None:
+        return None
+
+    def spawn(self, coro: Any, name: str = "mesh") -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.append(task)
+        return task
+
+
+class FakePeer:
+    peer_id = "origin-peer"
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, dict[str, Any]]] = []
+        self.finished = asyncio.Event()
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None:
+        self.frames.append((frame_type, body))
+        if frame_type in (wire.OFFLOAD_DONE, wire.OFFLOAD_ERROR):
+            self.finished.set()
+
+
+async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
+    stage = reference_stage(0, 30)
+    async with Engine([stage], tokenizer(), max_context=64) as engine:
+        served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=engine,
+                             context_length=engine.max_context, stages=[stage], backend="numpy")
+
+        async def acquire(name: str) -> ServedModel:
+            return served
+
+        mesh = FakeMesh()
+        server = OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+        open_request = mesh.control[wire.OFFLOAD_OPEN]
+        peer = FakePeer()
+        prompt = chat_ids("What is the capital of France?")
+        room = engine.max_context - len(prompt)
+
+        def frame(rid: int, ids: list[int], max_tokens: int) -> ControlFrame:
+            body = {"rid": rid, "model": MODEL, "prompt_ids": ids,
+                    "params": {"temperature": 0, "max_tokens": max_tokens}}
+            return ControlFrame(wire.OFFLOAD_OPEN, body)
+
+        with pytest.raises(RemoteError) as too_long:
+            await open_request(peer, frame(1, prompt, room + 1))
+        assert too_long.value.code == wire.BAD_REQUEST and "exceeds the context" in too_long.value.message
+        with pytest.raises(RemoteError) as bad_id:
+            await open_request(peer, frame(2, [*prompt[:-1], 10**6], 4))
+        assert bad_id.value.code == wire.BAD_REQUEST and "token ids" in bad_id.value.message
+        assert mesh.tasks == [] and engine.kv_reserved == 0  # refused before any work
+
+        assert await open_request(peer, frame(3, prompt, room)) == {"accepted": True}
+        await asyncio.wait_for(peer.finished.wait(), 120)
+        tokens = [body for kind, body in peer.frames if kind == wire.OFFLOAD_TOKEN]
+        assert peer.frames[-1] == (wire.OFFLOAD_DONE, {"rid": 3})
+        assert [t["index"] for t in tokens] == list(range(len(tokens))) and 0 < len(tokens) <= room
+        await server.stop()
