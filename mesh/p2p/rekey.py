@@ -7,9 +7,12 @@
   that were away, are refused afterwards (a different mesh id: `foreign_mesh`); give those a new invite.
 
 Frame `mesh.key` (request, over the DTLS-encrypted control channel): `{"secret": base64, "name": mesh name,
-"rotate": bool}`. It is accepted only from a peer that proved, in signalling, the mesh secret or the invite
-this node holds (`Peer.admitted`), never from one admitted by the allow-list alone; `rotate: false` must name
-the mesh this node is in. Any member can thus rotate the secret, as any member could share it.
+"rotate": bool, "previous": mesh id (rotations)}`. It is accepted only from a peer that proved, in signalling,
+the mesh secret or the invite this node holds (`Peer.admitted`), never from one admitted by the allow-list
+alone; `rotate: false` must name the mesh this node is in, a rotation must start from it (`previous`). Two
+rotations of one mesh at once converge: a node that rotated from the same `previous` takes the other secret
+if its mesh id sorts first, else answers `stale_rotation`. Any member can thus rotate the secret, as any
+member could share it.
 The receiver saves the secret (`<data_dir>/mesh/invite`, 0600) and, on rotation, lists the old mesh id in
 `<data_dir>/mesh/superseded`, so that a configured invite to the old mesh does not win after a restart.
 """
@@ -99,6 +102,8 @@ class Rekey:
 
     def __init__(self, service: MeshService) -> None:
         self.service = service
+        self.forked_from: str | None = None
+        """The mesh id this node's last rotation started from."""
         service.on_control(KEY_FRAME, self._on_key)
         service.add_peer_listener(self._on_peer)
 
@@ -120,11 +125,13 @@ class Rekey:
         membership = self.service.membership
         if not membership.has_mesh_secret or membership.secret is None:
             raise InviteError("this node holds no mesh secret")
-        body = {
+        body: dict[str, Any] = {
             "secret": base64.b64encode(membership.secret).decode("ascii"),
             "name": self.service.mesh_name,
             "rotate": rotate,
         }
+        if rotate:
+            body["previous"] = self.forked_from
         return await peer.request(KEY_FRAME, body)
 
     async def rotate(self) -> dict[str, Any]:
@@ -133,7 +140,7 @@ class Rekey:
         previous = self.service.membership
         if not previous.has_mesh_secret:
             raise InviteError("this node holds no mesh secret to rotate (not in a mesh, or an invite only)")
-        await self._adopt(secrets.token_bytes(SECRET_BYTES), self.service.mesh_name, rotated=True)
+        await self._adopt(secrets.token_bytes(SECRET_BYTES), self.service.mesh_name, previous.mesh_id)
         rekeyed, failed = await self._pass_on(exclude=None)
         mesh = self.service.membership.mesh_id
         return {"mesh": mesh, "previous": previous.mesh_id, "rekeyed": rekeyed, "failed": failed}
@@ -156,16 +163,19 @@ class Rekey:
                 rekeyed.append(peer.peer_id)
         return rekeyed, failed
 
-    async def _adopt(self, secret: bytes, name: str, rotated: bool) -> None:
+    async def _adopt(self, secret: bytes, name: str, forked_from: str | None) -> None:
+        """Take `secret` as the mesh secret and save it; `forked_from`: a rotation from that mesh id."""
         service = self.service
         old = service.membership
         service.membership = Membership(secret=secret, allow=old.allow)
         service.mesh_name = name
+        if forked_from is not None:
+            self.forked_from = forked_from
         bootstrap = tuple(a for a, t in service.discovery.targets.items() if t.bootstrap)[:16]
         await asyncio.to_thread(save_invite, service.data_dir, Invite(name, secret, bootstrap))
-        if rotated:
+        if forked_from is not None:
             await asyncio.to_thread(add_superseded, service.data_dir, old.mesh_id)
-        how = "rotated" if rotated else "received"
+        how = "rotated" if forked_from is not None else "received"
         logger.info("mesh: %s the mesh secret (mesh %s)", how, service.membership.mesh_id)
         service.events.publish("mesh.rekeyed", mesh=service.membership.mesh_id, previous=old.mesh_id)
         if service.membership.mesh_id != old.mesh_id:
@@ -176,6 +186,9 @@ class Rekey:
         secret_text, name, rotate = body.get("secret"), body.get("name"), body.get("rotate")
         if not isinstance(secret_text, str) or not isinstance(name, str) or not isinstance(rotate, bool):
             raise p.ProtocolError("mesh.key needs a base64 secret, a name and a rotate flag")
+        previous = body.get("previous")
+        if rotate and (not isinstance(previous, str) or not 0 < len(previous) <= 64):
+            raise p.ProtocolError("a rotating mesh.key names the previous mesh id")
         try:
             secret = base64.b64decode(secret_text, validate=True)
         except (ValueError, binascii.Error):
@@ -191,7 +204,12 @@ class Rekey:
         if not rotate and new_id != membership.mesh_id:
             message = f"that secret is for mesh {new_id}, this node is in {membership.mesh_id}"
             raise RemoteError("wrong_mesh", message)
-        await self._adopt(secret, name.strip()[:64] or "shoal", rotated=rotate)
+        if rotate and previous != membership.mesh_id:
+            if not (previous == self.forked_from and new_id < membership.mesh_id):
+                message = f"a rotation from mesh {previous}, this node is in {membership.mesh_id}"
+                raise RemoteError("stale_rotation", message)
+            previous = self.forked_from  # two rotations at once: the smaller mesh id wins everywhere
+        await self._adopt(secret, name.strip()[:64] or "shoal", previous if rotate else None)
         peer.admitted = "secret"
         if rotate:
             self.service.spawn(self._pass_on(exclude=peer.peer_id), name="mesh.key pass on")

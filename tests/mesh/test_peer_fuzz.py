@@ -27,6 +27,7 @@ from tests.mesh.mesh_nodes import Node, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 SOMEONE = Identity.generate("someone").peer_id
+INVITE = Invite.create("fuzz")
 ME = Identity.generate("me")
 KEYS = [
     "t",
@@ -82,7 +83,9 @@ def _valid_frames() -> list[bytes]:
         p.ControlFrame(
             "signal", {"op": "refused", "to": ME.peer_id, "re": "ab", "reason": "no", "code": "x"}
         ),
-        p.ControlFrame("mesh.key", {"secret": secret, "name": "m", "rotate": True}, id=3),
+        p.ControlFrame(
+            "mesh.key", {"secret": secret, "name": "m", "rotate": True, "previous": INVITE.mesh_id}, id=3
+        ),
         p.ControlFrame("reply", {"ok": True}, re=2),
         p.ControlFrame("error", {"code": "protocol", "message": "m"}),
     ]
@@ -159,7 +162,7 @@ class Errors(logging.Handler):
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     loop = asyncio.new_event_loop()
-    invite = Invite.create("fuzz")
+    invite = INVITE
     service = MeshService(
         MeshConfig(invite=invite.to_token(), mdns=False), ME, tmp_path_factory.mktemp("fuzz")
     )
