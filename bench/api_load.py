@@ -2,9 +2,12 @@
 same load on the `Engine` called directly in this process, in one run on one machine.
 
     python bench/api_load.py [--backend numpy|tvm] [--max-tokens 32] [--levels 1,8,32] [--api URL]
+                             [--long-clients 8]
 
 For each level: aggregate completion tok/s, TTFT p50/p99, per-token latency p50/p99, errors; then the HTTP
 overhead (node minus direct) of TTFT and per-token latency, and the aggregate speed-up over one client.
+Last, the long row: `--long-clients` chats asking for long stories at once, without `max_tokens` (the node's
+`[models] default_max_tokens` applies; KV admission queues what does not fit): all must complete.
 Both are loaded at once but never run at the same time: each level runs on the engine, then through the
 node; then alternating one-token requests measure the TTFT overhead pair by pair.
 """
@@ -38,6 +41,7 @@ from shoal.mesh.node.model_manager import ModelManager
 from shoal.models.embedded import DEFAULT_MODEL_NAME
 from shoal.models.sampling import SamplingParams
 
+LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper, chapter {i}, with many characters."
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a CPU cache is.",
@@ -54,6 +58,7 @@ class Run:
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
+    finish: str | None = None
 
 
 @dataclass
@@ -132,17 +137,21 @@ def direct_client(served: Any) -> OneRequest:
 # --- http: a real node ------------------------------------------------------------------------------------
 
 
-def http_client(session: aiohttp.ClientSession, url: str) -> OneRequest:
+def http_client(session: aiohttp.ClientSession, url: str, long: bool = False) -> OneRequest:
+    """`one(i, max_tokens)` through the node; `long`: a long-story prompt, and max_tokens 0 omits it."""
+
     async def one(i: int, max_tokens: int) -> Run:
         run = Run()
-        body = {
+        content = LONG_PROMPT.format(i=i) if long else PROMPTS[i % len(PROMPTS)]
+        body: dict[str, Any] = {
             "model": DEFAULT_MODEL_NAME,
-            "messages": messages(i),
-            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}],
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if max_tokens:
+            body["max_tokens"] = max_tokens
         t0 = time.perf_counter()
         last = t0
         try:
@@ -154,6 +163,8 @@ def http_client(session: aiohttp.ClientSession, url: str) -> OneRequest:
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
                     chunk = orjson.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                        run.finish = chunk["choices"][0]["finish_reason"]
                     if "error" in chunk:
                         run.error = chunk["error"]["message"]
                     elif chunk.get("usage"):
@@ -243,7 +254,8 @@ def ms(value: float) -> str:
     return f"{value * 1000:8.1f}"
 
 
-def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int) -> None:
+def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int,
+           long: Level | None = None) -> None:
     print(f"\nshoal API load: backend={backend}, max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs")
     header = (
         f"{'path':<7}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'tok p50':>9}"
@@ -266,7 +278,16 @@ def report(direct: list[Level], http: list[Level], backend: str, max_tokens: int
         gap = pct(h.gaps(), 50) - pct(d.gaps(), 50)
         ratio = h.tok_s / d.tok_s if d.tok_s else float("nan")
         print(f"{d.clients:>8}{ms(ttft):>10}{ms(gap):>9}{ratio:>13.2f}")
-    errors = [r.error for lv in (*direct, *http) for r in lv.runs if r.error]
+    if long is not None:
+        finishes = sorted({r.finish or "-" for r in long.runs})
+        done = sum(r.error is None and r.finish is not None for r in long.runs)
+        print(f"\nlong generations through the node, no max_tokens: {long.clients} clients at once")
+        print(f"{'clients':>8}{'complete':>9}{'errors':>8}{'tokens':>8}{'wall s':>8}{'tok/s':>8}"
+              f"{'TTFT p50':>10}{'TTFT max':>10}  finish")
+        print(f"{long.clients:>8}{done:>9}{long.errors:>8}{long.tokens:>8}{long.wall:>8.1f}{long.tok_s:>8.1f}"
+              f"{ms(pct(long.ttfts(), 50)):>10}{ms(max(long.ttfts(), default=float('nan'))):>10}"
+              f"  {','.join(finishes)}")
+    errors = [r.error for lv in (*direct, *http, *([long] if long else [])) for r in lv.runs if r.error]
     if errors:
         print(f"\nfirst error: {errors[0]}")
 
@@ -282,6 +303,8 @@ async def main() -> None:
         "--pairs", type=int, default=20, help="alternating 1-token requests for TTFT overhead"
     )
     parser.add_argument("--api", help="use this running node instead of starting one")
+    parser.add_argument("--long-clients", type=int, default=8,
+                        help="clients of the long-generation row (no max_tokens); 0 skips it")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     manager = ModelManager(EventBus(), backend=args.backend)
@@ -298,12 +321,16 @@ async def main() -> None:
             http_one = http_client(session, url.rstrip("/"))
             direct, http = await interleaved_levels(direct_one, http_one, args.max_tokens, levels)
             diffs = await paired_ttft(direct_one, http_one, args.pairs)
+            long = None
+            if args.long_clients:
+                long_one = http_client(session, url.rstrip("/"), long=True)
+                long = await run_level(args.long_clients, lambda i: long_one(i, 0))
     finally:
         await manager.stop()
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.wait, 60)
-    report(direct, http, args.backend, args.max_tokens)
+    report(direct, http, args.backend, args.max_tokens, long)
     if diffs:
         print(
             f"\nTTFT overhead, {len(diffs)} alternating 1-token pairs (http - direct): "

@@ -33,7 +33,7 @@ DEFAULT_PORT = 8740
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BACKENDS = ("tvm", "numpy")
 DEFAULT_CACHE_TOKENS = 4096
-"""`[models] cache_tokens`: ~140 MB of fp32 KV for SmolLM2-135M; room for 7 chats of 512 tokens at once."""
+"""`[models] cache_tokens`: ~190 MB of fp32 KV for SmolLM2-135M; room for 7 chats of 512 tokens at once."""
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -143,14 +143,15 @@ class ModelsConfig:
     """Longest prompt + completion of one request, in tokens; none: the model's trained context. Never more
     than the trained context or `cache_tokens`."""
     cache_tokens: int = DEFAULT_CACHE_TOKENS
-    """KV-cache tokens over all requests running at once (memory: ~35 KB a token for SmolLM2-135M). Each
+    """KV-cache tokens over all requests running at once (fp32: ~46 KB a token for SmolLM2-135M). Each
     request reserves prompt + max_tokens of it before it starts; the others wait."""
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     """`max_tokens` of a chat completion that sets none (and of engine streams without one)."""
     queue_size: int = 32
     """Requests that may wait for room in the KV cache; one more gets 429 with `Retry-After`."""
-    queue_timeout_s: float = 120.0
-    """Longest wait for room in the KV cache; past it the request gets 503 with `Retry-After`."""
+    queue_timeout_s: float = 600.0
+    """Longest wait for room in the KV cache; past it the request gets 503 with `Retry-After` (as long as
+    the `openai` client's own default timeout: long generations on a small machine take minutes)."""
 
     def __post_init__(self) -> None:
         if not self.default:

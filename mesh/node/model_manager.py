@@ -54,7 +54,7 @@ class ServingLimits:
     """`max_tokens` of a request that sets none."""
     queue_size: int = 32
     """Requests that may wait for room; one more is refused (QueueFullError)."""
-    queue_timeout_s: float | None = 120.0
+    queue_timeout_s: float | None = 600.0
     """Longest wait for room (AdmissionTimeoutError past it)."""
 
     @classmethod
