@@ -117,3 +117,20 @@ async def test_a_full_queue_is_429_with_retry_after(node: NodeThread) -> None:
             assert (await answer.json())["choices"][0]["finish_reason"] in ("stop", "length")
     samples = await metrics(node)
     assert samples["shoal_admission_refused_total"] >= 1 and samples["shoal_engine_waiting"] == 0
+
+
+def test_a_timed_out_wait_is_503_and_both_refusals_count() -> None:
+    from shoal.mesh.api.busy import refused_response
+    from shoal.mesh.api.metrics import NodeMetrics
+    from shoal.models.admission import AdmissionTimeoutError, QueueFullError
+
+    metrics = NodeMetrics()
+    timeout = refused_response(metrics, MODEL, AdmissionTimeoutError("waited 600 s", 7))
+    assert timeout.status == 503 and timeout.headers["Retry-After"] == "7"
+    assert b'"code":"queue_timeout"' in timeout.body and b'"type":"server_error"' in timeout.body
+    full = refused_response(metrics, MODEL, QueueFullError("full", 0))
+    assert full.status == 429 and full.headers["Retry-After"] == "1"  # never less than a second
+    assert b'"code":"queue_full"' in full.body and b'"type":"rate_limit_error"' in full.body
+    refused = metrics.admission_refused
+    assert refused.labels(MODEL, "timeout")._value.get() == 1
+    assert refused.labels(MODEL, "queue_full")._value.get() == 1
