@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -56,6 +57,7 @@ class GuardSettings(Protocol):
     def read_timeout_s(self) -> float: ...
 
 
+@functools.lru_cache(maxsize=512)
 def host_name(value: str) -> str | None:
     """The host part of a `Host` header or `host[:port]` (lower case, IPv6 unbracketed); None if malformed."""
     value = value.strip().lower()
@@ -82,6 +84,7 @@ def _config_name(text: str) -> str | None:
     return str(address) if address is not None else host_name(text)
 
 
+@functools.lru_cache(maxsize=512)
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address((text or "").split("%", 1)[0])
@@ -100,6 +103,7 @@ def is_loopback_name(host: str) -> bool:
     return address is not None and address.is_loopback
 
 
+@functools.lru_cache(maxsize=512)
 def _origin_parts(origin: str) -> tuple[str, str, int] | None:
     try:
         parts = urlsplit(origin.strip().lower())
