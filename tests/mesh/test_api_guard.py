@@ -247,6 +247,20 @@ def test_broken_encodings_are_400_json(node: NodeThread, encoding: str, data: by
     assert code_of(body) in ("invalid_encoding", "invalid_json"), body
 
 
+@pytest.mark.parametrize(("request_bytes", "code"), [
+    (b"GARBAGE\r\n\r\n", "bad_request"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: " + b"a" * 20000 + b"\r\n\r\n", "header_too_large"),
+    (b"POST /v1/policy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n", "bad_request"),
+    (b"POST /v1/policy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "bad_request"),
+])
+def test_malformed_http_gets_a_json_400(node: NodeThread, request_bytes: bytes, code: str) -> None:
+    head, _, payload = raw_exchange(node, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") and b"application/json" in head, head
+    assert code_of(json.loads(payload)) == code
+
+
 def test_good_encodings_are_decoded(node: NodeThread) -> None:
     policy = b'{"battery_floor": 25}'
     for encoding, data in (("gzip", gzip.compress(policy)), ("deflate", zlib.compress(policy))):
