@@ -53,11 +53,17 @@ def _refused(exc: PublishRefused) -> web.HTTPException:
     return _json_error(_STATUS[exc.status], str(exc), exc.code, exc.param)
 
 
+class _UploadTooLarge(web.HTTPClientError):
+    """413 without aiohttp's `max_size`/`actual_size` arguments (a stream has no size up front)."""
+
+    status_code = 413
+
+
 _STATUS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
     403: web.HTTPForbidden,
     404: web.HTTPNotFound,
-    413: web.HTTPRequestEntityTooLarge,
+    413: _UploadTooLarge,
 }
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from tests.mesh.api_harness import NodeThread, free_env, make_config
 
 pytestmark = pytest.mark.timeout(120)
 SECRET = base64.b64encode(b"k" * 32).decode()
+UPLOAD_LIMIT = 3 << 20
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, published_dir: Path) -> Itera
         api={"read_timeout_s": 1.0, "allowed_origins": ["https://app.example"]},
         models={"preload": False},
         mesh={"secret": SECRET},
-        ipfs={"publish_dirs": [str(published_dir)]},
+        ipfs={"publish_dirs": [str(published_dir)], "max_upload_bytes": UPLOAD_LIMIT},
     )
     started = NodeThread(config).start(wait_ready=False)
     yield started
@@ -209,6 +210,17 @@ async def test_upload_refusals(node: NodeThread) -> None:
     status, body, _ = await call(node, "POST", "/v1/models/publish", params={"name": "Bad Name"},
                                  data=b"abc", headers=octet)
     assert status == 400 and body["error"]["param"] == "name"
+    too_big = os.urandom(UPLOAD_LIMIT + 1)
+    status, body, _ = await call(node, "POST", "/v1/models/publish", data=too_big, headers=octet)
+    assert status == 413 and code_of(body) == "request_too_large"  # refused from Content-Length
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(too_big), 1 << 20):
+            yield too_big[start:start + (1 << 20)]
+
+    status, body, _ = await call(node, "POST", "/v1/models/publish", data=chunked(), headers=octet)
+    assert status == 413 and code_of(body) == "request_too_large"  # refused while streaming
+    assert not list((node.node.config.data_dir / "uploads").iterdir())
 
 
 async def test_gateway_errors_keep_their_message(node: NodeThread) -> None:
