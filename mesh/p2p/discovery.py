@@ -17,16 +17,14 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.errors import IdentityError, JoinRefused, MeshError, SignallingError
 from shoal.mesh.p2p.identity import public_key_from_peer_id
 from shoal.mesh.p2p.join_status import TRANSIENT_CODES, Refusal, refusal_backoff
 from shoal.mesh.p2p.peer import Peer
-
-if TYPE_CHECKING:
-    from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.p2p.ports import DiscoveryHost
 
 logger = logging.getLogger(__name__)
 SERVICE_TYPE = "_shoal._tcp.local."
@@ -49,7 +47,7 @@ class Target:
 
 
 class Discovery:
-    def __init__(self, service: MeshService) -> None:
+    def __init__(self, service: DiscoveryHost) -> None:
         self.service = service
         self.targets: dict[str, Target] = {}
         self.redial = True
@@ -252,7 +250,7 @@ class Discovery:
                 continue
             if api:
                 self._learn(peer_id, api)
-            if self.redial and me < peer_id and peer_id not in self.service._dialing:
+            if self.redial and me < peer_id and not self.service.is_dialing(peer_id):
                 self.service.spawn(self._exchange_dial(relay, peer_id), name=f"exchange {peer_id[:12]}")
 
     async def _exchange_dial(self, relay: Peer, peer_id: str) -> None:

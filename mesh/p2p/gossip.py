@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import psutil
-from shoal.mesh.events import EventBus
 from shoal.mesh.p2p import protocol as p
-from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import MeshError
-from shoal.mesh.p2p.identity import Identity
-from shoal.mesh.p2p.peer import ControlHandler, Peer
+from shoal.mesh.p2p.peer import Peer
+from shoal.mesh.p2p.ports import GossipHost
 
 logger = logging.getLogger(__name__)
 LIST_FIELDS = ("models", "shards", "roots")
@@ -75,30 +73,6 @@ def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(body.get("plugged"), bool):
         advert["plugged"] = body["plugged"]
     return advert
-
-
-class GossipHost(Protocol):
-    """What gossip needs of the mesh service (`p2p.service.MeshService`)."""
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def identity(self) -> Identity: ...
-
-    @property
-    def advertise_address(self) -> str: ...
-
-    @property
-    def events(self) -> EventBus: ...
-
-    def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
-
-    def add_peer_listener(self, listener: Callable[[str, Peer], None]) -> None: ...
-
-    def connected_peers(self) -> list[Peer]: ...
-
-    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
 
 
 class Gossip:

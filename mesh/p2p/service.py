@@ -167,6 +167,10 @@ class MeshService:
     def advertise_address(self) -> str:
         return self.config.advertise or self.api_address or ""
 
+    def is_dialing(self, peer_id: str) -> bool:
+        """Whether a dial to `peer_id` is under way (discovery then does not start another)."""
+        return peer_id in self._dialing
+
     def is_banned(self, peer_id: str) -> bool:
         until = self.bans.get(peer_id)
         if until is None:

@@ -1,0 +1,92 @@
+"""What discovery and gossip need of the mesh service (`p2p.service.MeshService`, which satisfies both
+structurally): they take these Protocols rather than import the service that owns them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from shoal.mesh.events import EventBus
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.identity import Identity
+from shoal.mesh.p2p.join_status import JoinStatus
+from shoal.mesh.p2p.peer import ControlHandler, Peer
+from shoal.mesh.p2p.signalling import Membership
+
+
+class GossipHost(Protocol):
+    """What gossip needs of the mesh service (`p2p.service.MeshService`)."""
+
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def advertise_address(self) -> str: ...
+
+    @property
+    def events(self) -> EventBus: ...
+
+    def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
+
+    def add_peer_listener(self, listener: Callable[[str, Peer], None]) -> None: ...
+
+    def connected_peers(self) -> list[Peer]: ...
+
+    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
+
+
+class DiscoveryHost(Protocol):
+    """What discovery needs of the mesh service (`p2p.service.MeshService`): who this node is, whom it links
+    to or has heard of, and how to dial (directly or through a relay) and answer offers."""
+
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def advertise_address(self) -> str: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def join_status(self) -> JoinStatus: ...
+
+    @property
+    def saved_bootstrap(self) -> tuple[str, ...]: ...
+
+    @property
+    def peers(self) -> dict[str, Peer]: ...
+
+    @property
+    def known(self) -> dict[str, dict[str, Any]]: ...
+
+    @property
+    def relay_answers(self) -> dict[str, asyncio.Future[dict[str, Any]]]: ...
+
+    def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
+
+    def add_peer_listener(self, listener: Callable[[str, Peer], None]) -> None: ...
+
+    def connected_peers(self) -> list[Peer]: ...
+
+    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
+
+    def is_banned(self, peer_id: str) -> bool: ...
+
+    def is_dialing(self, peer_id: str) -> bool: ...
+
+    async def connect_address(self, address: str, expected: str | None = None) -> Peer: ...
+
+    async def connect_via(self, relay: Peer, target: str) -> Peer: ...
+
+    async def handle_offer(self, raw: object) -> dict[str, Any]: ...
