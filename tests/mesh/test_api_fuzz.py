@@ -10,6 +10,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -25,6 +26,7 @@ ENDPOINTS = [
     ("PUT", "/v1/policy"),
     ("POST", "/v1/models/pull"),
     ("POST", "/v1/models/publish"),
+    ("POST", "/v1/models/publish?name=fuzz-up&filename=f.gguf"),
     ("POST", "/v1/mesh/join"),
     ("POST", "/v1/models/fuzz-missing/load"),
     ("POST", "/v1/models/fuzz-missing/compile"),
@@ -64,6 +66,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeThread]:
         tmp_path_factory.mktemp("fuzz-node"),
         api={"read_timeout_s": 2.0},
         models={"preload": False, "default": "fuzz-missing", "backend": "numpy"},
+        ipfs={"max_upload_bytes": 16},  # many random uploads cross it
     )
     started = NodeThread(config).start(wait_ready=False)
     yield started
@@ -85,13 +88,12 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes]:
     query = draw(st.dictionaries(st.sampled_from(["limit", "level", "format", "name", "filename", "replay"]),
                                  HEADER_TEXT, max_size=2))
     if query:
-        from urllib.parse import urlencode
-
-        path += "?" + urlencode(query)
+        path += ("&" if "?" in path else "?") + urlencode(query)
     headers: dict[str, str] = {}
     wellformed = draw(st.integers(0, 9)) < 7  # most requests pass the guard, so the handlers get fuzzed too
     if wellformed:
-        headers["Content-Type"] = "application/json"
+        upload = path.startswith("/v1/models/publish") and draw(st.booleans())
+        headers["Content-Type"] = "application/octet-stream" if upload else "application/json"
     elif draw(st.booleans()):
         headers["Content-Type"] = draw(st.sampled_from(CONTENT_TYPES) | HEADER_TEXT)
     encoding = None
@@ -129,6 +131,8 @@ def send(node: NodeThread, method: str, path: str, headers: dict[str, str], body
 def test_no_request_gets_a_5xx(node: NodeThread, request: tuple[str, str, dict[str, str], bytes]) -> None:
     status, body = send(node, *request)
     event(f"HTTP {status}")
+    if request[1].startswith("/v1/models/publish") and request[2].get("Content-Type", "").endswith("stream"):
+        event(f"upload: HTTP {status}")
     assert status < 500, (request, status, body[:500])
     if status >= 400:
         error = json.loads(body)["error"]
