@@ -89,3 +89,14 @@ def test_wheel_has_only_shoal_at_its_top(tmp_path: Path) -> None:
     assert "shoal/tui/shoal.tcss" in names
     missing = [package for package in _package_dirs() if f"{package}/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel (add them to [tool.setuptools] packages): {missing}"
+
+
+def test_architecture_doc_maps_every_package() -> None:
+    """docs/architecture.md's package map names every sub-package of mesh/ and models/ and every top-level
+    module of mesh/ (a new one is added to the map, and to the layers contract, when it is created)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    inits = [*(ROOT / "mesh").glob("*/__init__.py"), *(ROOT / "models").glob("*/__init__.py")]
+    packages = [f"{init.parent.name}/" for init in inits]
+    modules = [path.name for path in (ROOT / "mesh").glob("*.py") if not path.name.startswith("__")]
+    missing = [name for name in [*packages, *modules] if name not in text]
+    assert not missing, f"docs/architecture.md does not map: {missing}"
