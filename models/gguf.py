@@ -305,7 +305,11 @@ class GGUFModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self.index.config
+        """The model's `ModelConfig`; `UnsupportedModelError` naming this file when shoal cannot run it."""
+        try:
+            return self.index.config
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{self.path.name}: {exc}") from None
 
     @cached_property
     def architecture(self) -> str:

@@ -1,4 +1,7 @@
-"""The Llama-family model in `tvm.relax.frontend.nn`, buildable for one layer range (a shard).
+"""The decoder of every family shoal runs (llama, qwen2, qwen3, phi3, gemma3: models/config.py) in
+`tvm.relax.frontend.nn`, buildable for one layer range (a shard). One layer class with the families' options
+(QKV bias, per-head Q/K norm, post-norms, GELU, scaled embeddings, soft-capped logits, sliding-window layers);
+the GGUF tensor names behind each parameter live in models/weights.py.
 
 A shard runs the decoder layers of a `LayerSpan`. The first shard owns the token embedding and takes int32
 token ids; the others take float32 hidden states [b, s, hidden]. The last shard owns the final RMSNorm and the
@@ -13,8 +16,11 @@ Exported functions (`LlamaShard.get_default_spec`):
   support_sliding_window)`: TVM's paged KV cache holding this shard's layers only (local layer ids 0..n-1).
 
 Attention goes through the KV cache's `attention_with_fused_qkv`, which applies RoPE. llama.cpp's GGUF
-stores Q/K rows for the interleaved ("NORM", GPT-J style) rotation, so the cache uses `RopeMode.NORMAL` with
-the `gptj` frequency style (FACTS.md).
+stores llama Q/K rows for the interleaved ("NORM", GPT-J style) rotation, so the cache uses `RopeMode.NORMAL`
+with the `gptj` frequency style (FACTS.md); the NEOX families use the default (half-split) style. Gemma 3's
+local and global layers rotate with different bases, which the cache (one base) cannot do: its shards rotate
+Q/K themselves (`RopeMode.NONE`, positions from the cache). Sliding-window layers are the cache's
+`mha_sliding` layers.
 
 Linear layers are made by `make_linear`, so a quantized building block can replace `nn.Linear` per
 quantization without touching the model code. Parameter names follow `weight_names()`'s mapping.
@@ -74,46 +80,115 @@ def linear_factory(quantization: str, target: Target) -> LinearFactory:
     raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
 
 
+class Bias(nn.Module):
+    """A learned bias added to the last axis (qwen2's QKV biases), kept out of the linear-layer seam."""
+
+    def __init__(self, features: int):
+        self.bias = nn.Parameter((features,), dtype="float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias
+
+
+def _rms_norm(features: int, eps: float) -> nn.Module:
+    return nn.RMSNorm(features, -1, eps, bias=False, dtype="float32")
+
+
+def rope_neox(x: Tensor, positions: Tensor, theta: float, scale: float) -> Tensor:
+    """Rotate pairs (i, i + D/2) of x [b, s, heads, D] by position · scale (llama.cpp NEOX); positions are
+    the cache's query positions [b · s] (row-major over b, s)."""
+
+    def compute(t: te.Tensor, pos: te.Tensor) -> te.Tensor:
+        b, s, heads, _ = t.shape
+        dim = int(t.shape[3])
+        half = dim // 2
+
+        def element(i: Any, j: Any, h: Any, d: Any) -> Any:
+            exponent = tirx.Cast("float32", (d % half) * 2) / tirx.const(float(dim), "float32")
+            angle = (tirx.Cast("float32", pos[i * s + j]) * tirx.const(scale, "float32")
+                     / tirx.power(tirx.const(theta, "float32"), exponent))
+            rotated = tirx.if_then_else(d < half, -t[i, j, h, d + half], t[i, j, h, d - half])
+            return t[i, j, h, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
+
+        return te.compute((b, s, heads, dim), element, name="rope_neox")
+
+    return op.tensor_expr_op(compute, "rope_neox", [x, positions])
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        self.sm_scale = config.softmax_scale
         qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = make_linear(config.hidden_size, qkv_rows, "qkv")
+        if config.qkv_bias:
+            self.qkv_bias = Bias(qkv_rows)
+        if config.qk_norm:
+            self.q_norm = _rms_norm(config.head_dim, config.rms_eps)
+            self.k_norm = _rms_norm(config.head_dim, config.rms_eps)
+        # (theta, scale) when this model rotates Q/K itself (models_own_rope), else None: the cache does
+        self.rope = config.layer_rope(layer) if models_own_rope(config) else None
         self.o_proj = make_linear(config.num_heads * config.head_dim, config.hidden_size, "o")
 
     def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
-        out = paged_kv_cache.attention_with_fused_qkv(
-            layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5
-        )
+        qkv = self.qkv_proj(x)
+        if hasattr(self, "qkv_bias"):
+            qkv = self.qkv_bias(qkv)
+        qkv = op.reshape(qkv, (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        if hasattr(self, "q_norm") or self.rope is not None:
+            q, k, v = op.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.rope is not None:
+                positions = paged_kv_cache.get_query_positions(b * s)
+                q, k = (rope_neox(t, positions, *self.rope) for t in (q, k))
+            qkv = op.concat([q, k, v], dim=2)
+        out = paged_kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory):
         self.intermediate_size = config.intermediate_size
+        self.activation = config.activation
         self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, "gate_up")
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, "down")
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        act = op.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else op.silu(gate)
+        return self.down_proj(act * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int):
+        """`layer`: the global index of this layer (sliding window and RoPE base depend on it)."""
         eps = config.rms_eps
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False, dtype="float32")
-        self.self_attn = LlamaAttention(config, make_linear)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False, dtype="float32")
+        self.input_layernorm = _rms_norm(config.hidden_size, eps)
+        self.self_attn = LlamaAttention(config, make_linear, layer)
+        self.post_attention_layernorm = _rms_norm(config.hidden_size, eps)  # HF's name: the pre-MLP norm
         self.mlp = LlamaMLP(config, make_linear)
+        if config.post_norms:
+            self.attn_post_norm = _rms_norm(config.hidden_size, eps)
+            self.ffn_post_norm = _rms_norm(config.hidden_size, eps)
 
     def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id)
+        if hasattr(self, "attn_post_norm"):
+            attn = self.attn_post_norm(attn)
+        x = x + attn
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        if hasattr(self, "ffn_post_norm"):
+            mlp = self.ffn_post_norm(mlp)
+        return x + mlp
+
+
+def models_own_rope(config: ModelConfig) -> bool:
+    """Whether the shard rotates Q/K itself: when layers differ in RoPE base or scale (gemma3)."""
+    return len({config.layer_rope(i) for i in range(config.num_layers)}) > 1
 
 
 def _last_position(x: Tensor) -> Tensor:
@@ -145,7 +220,9 @@ class LlamaShard(nn.Module):
         shared_head = self.is_last and config.tie_embeddings and quantization != "f32"
         if self.is_first or shared_head:
             self.embed_tokens = _make_embedding(config, quantization, target)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, make_linear) for _ in range(len(span))])
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, make_linear, i) for i in range(span.start, span.stop)]
+        )
         if self.is_last:
             self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_eps, bias=False, dtype="float32")
             if not shared_head:
@@ -153,15 +230,17 @@ class LlamaShard(nn.Module):
 
     def _body(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
         h = self.embed_tokens(inputs) if self.is_first else inputs
+        if self.is_first and self.config.embedding_scale != 1.0:
+            h = h * self.config.embedding_scale
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, paged_kv_cache, layer_id)
         return h
 
     def _head(self, h: Tensor) -> Tensor:
         h = self.norm(h)
-        if hasattr(self, "lm_head"):
-            return self.lm_head(h)
-        return self.embed_tokens.project(h)
+        logits = self.lm_head(h) if hasattr(self, "lm_head") else self.embed_tokens.project(h)
+        cap = self.config.logit_softcap
+        return op.tanh(logits / cap) * cap if cap else logits
 
     def prefill(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
         h = self._body(inputs, paged_kv_cache)
@@ -195,30 +274,49 @@ class LlamaShard(nn.Module):
                         prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                         support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.config
+        sliding = [c.is_sliding(i) for i in range(self.span.start, self.span.stop)]
+        own_rope = models_own_rope(c)
+        if own_rope:
+            rope_mode, rope_scaling = RopeMode.NONE, {}
+        elif c.rope_neox:
+            rope_mode, rope_scaling = RopeMode.NORMAL, {}
+        else:
+            rope_mode, rope_scaling = RopeMode.NORMAL, {"rope_type": "gptj"}
+        extra: dict[str, Any] = {}
+        kinds: Any = "mha"
+        if any(sliding):
+            extra["layer_sliding_window_size"] = c.sliding_window
+            kinds = ["mha_sliding" if s else "mha" for s in sliding]
+            if all(sliding):
+                # TVM's cache fails at the first prefill ("data_ != nullptr") when every layer slides: one
+                # unused full-attention layer after the shard's own avoids that (costs its KV pages).
+                kinds.append("mha")
+        cache_layers = len(kinds) if isinstance(kinds, list) else len(self.span)
         return TIRPagedKVCache(
-            attn_kind="mha",
+            attn_kind=kinds,
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, len(self.span)]),
-            num_hidden_layers=len(self.span),
+            layer_partition=rx.ShapeExpr([0, cache_layers]),
+            num_hidden_layers=cache_layers,
             num_attention_heads=c.num_heads,
             num_key_value_heads=c.num_kv_heads,
             qk_head_dim=c.head_dim,
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
-            rope_scale=1,
+            rope_mode=rope_mode,
+            rope_scale=1 if c.rope_freq_scale == 1.0 else c.rope_freq_scale,
             rope_theta=c.rope_theta,
-            rope_scaling={"rope_type": "gptj"},
+            rope_scaling=rope_scaling,
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
             dtype="float32",
             target=self.target,
+            **extra,
         )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

@@ -1,8 +1,10 @@
 """NumPy fp32 forward pass of a layer span: the correctness oracle and the runtime where TVM is missing.
 
-Llama family: RMSNorm, RoPE NORM (llama.cpp's layout for GGUF llama weights: rotate adjacent pairs
-(2i, 2i+1)), grouped-query attention, SiLU-gated MLP, optional tied head. Weights are dequantized to fp32 for
-the span's tensors only. Implements the `models.stage.Stage` protocol (see its data contract).
+The Llama decoder with each family's options (models/config.py): RMSNorm, RoPE NORM (llama.cpp's layout for
+GGUF llama weights: rotate adjacent pairs (2i, 2i+1)) or NEOX (pairs (i, i + D/2): qwen2, qwen3, phi3,
+gemma3), grouped-query attention (optionally sliding-window), QKV biases, per-head Q/K norms, post-norms,
+SiLU- or GELU-gated MLP, scaled embeddings, logit soft-capping, optional tied head. Weights are dequantized
+to fp32 for the span's tensors only. Implements the `models.stage.Stage` protocol (see its data contract).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
 from shoal.models.gguf import GGUFModel
 from shoal.models.span import LayerSpan
+from shoal.models.weights import layer_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,11 @@ class _Layer:
     ffn_norm: np.ndarray  # [hidden]
     wgate_up: Any  # [2 F, hidden]
     wdown: Any  # [hidden, F]
+    bqkv: np.ndarray | None = None  # [(H + 2 KV) * D] (qwen2)
+    q_norm: np.ndarray | None = None  # [D] (qwen3, gemma3)
+    k_norm: np.ndarray | None = None
+    attn_post_norm: np.ndarray | None = None  # [hidden] (gemma3)
+    ffn_post_norm: np.ndarray | None = None
 
 
 class _SequenceCache:
@@ -82,6 +90,24 @@ def rope_norm(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
+def rope_neox(x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:
+    """Rotate pairs (i, i + D/2) of the last axis of x [n, heads, D] by position · scale (llama.cpp NEOX)."""
+    dim = x.shape[-1]
+    half = dim // 2
+    inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = (positions.astype(np.float64) * scale)[:, None] * inv_freq[None, :]  # [n, D/2]
+    cos = np.cos(angles).astype(np.float32)[:, None, :]
+    sin = np.sin(angles).astype(np.float32)[:, None, :]
+    first, second = x[..., :half], x[..., half:]
+    return np.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (ggml_gelu, HF `gelu_pytorch_tanh`)."""
+    inner = np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+
+
 def _linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [n, in] times weight [out, in] transposed. Written W @ x.T: OpenBLAS runs small-n batches of this
     shape 2-3x faster than x @ W.T."""
@@ -112,6 +138,7 @@ class ReferenceStage:
         load = load or model.dequantize
         self._is_first = span.is_first()
         self._is_last = span.is_last(config.num_layers)
+        self._tensors = set(model.tensor_names())
         self.embedding = load("token_embd.weight") if self._is_first else None
         self.layers = [self._load_layer(load, i) for i in range(span.start, span.stop)]
         self.output_norm: np.ndarray | None = None
@@ -141,14 +168,23 @@ class ReferenceStage:
         return _linear(x, weight)
 
     def _load_layer(self, load: Callable[[str], np.ndarray], i: int) -> _Layer:
-        p = f"blk.{i}."
+        names = layer_tensor_names(self.config, self._tensors, i)
+
+        def vector(role: str) -> np.ndarray | None:
+            if role not in names:
+                return None
+            parts = [load(n).reshape(-1) for n in names[role]]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
         return _Layer(
-            attn_norm=load(p + "attn_norm.weight"),
-            wqkv=self._load_matrix(load, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
-            wo=self._load_matrix(load, [p + "attn_output.weight"]),
-            ffn_norm=load(p + "ffn_norm.weight"),
-            wgate_up=self._load_matrix(load, [p + "ffn_gate.weight", p + "ffn_up.weight"]),
-            wdown=self._load_matrix(load, [p + "ffn_down.weight"]),
+            attn_norm=load(names["attn_norm"][0]),
+            wqkv=self._load_matrix(load, names["qkv"]),
+            wo=self._load_matrix(load, names["o"]),
+            ffn_norm=load(names["ffn_norm"][0]),
+            wgate_up=self._load_matrix(load, names["gate_up"]),
+            wdown=self._load_matrix(load, names["down"]),
+            bqkv=vector("qkv_bias"), q_norm=vector("q_norm"), k_norm=vector("k_norm"),
+            attn_post_norm=vector("attn_post_norm"), ffn_post_norm=vector("ffn_post_norm"),
         )
 
     # --- sequences ----------------------------------------------------------------------------------------
@@ -235,7 +271,9 @@ class ReferenceStage:
             if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
                 raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
             assert self.embedding is not None
-            return self.embedding[arr.astype(np.int64)]
+            hidden = self.embedding[arr.astype(np.int64)]
+            scale = self.config.embedding_scale
+            return hidden if scale == 1.0 else hidden * np.float32(scale)
         if arr.ndim != 2 or arr.shape[1] != self.config.hidden_size:
             raise ValueError(f"{what} of stage {self.span} takes hidden states "
                              f"[n, {self.config.hidden_size}], got {list(arr.shape)}")
@@ -249,20 +287,30 @@ class ReferenceStage:
         n = x.shape[0]
         h = self._norm(x, layer.attn_norm)
         qkv = self._project(h, layer.wqkv)
+        if layer.bqkv is not None:
+            qkv = qkv + layer.bqkv
         q = qkv[:, :heads * dim].reshape(n, heads, dim)
         k = qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(n, kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].reshape(n, kv_heads, dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q = self._norm(q, layer.q_norm)
+            k = self._norm(k, layer.k_norm)
         positions = np.concatenate([pos for _, pos, _ in rows])
-        q = self._rope(q, positions)
-        k = self._rope(k, positions)
+        q = self._layer_rope(li, q, positions)
+        k = self._layer_rope(li, k, positions)
         for cache, _, sl in rows:
             start = cache.length
             cache.k[li, :, start:start + sl.stop - sl.start] = k[sl].transpose(1, 0, 2)
             cache.v[li, :, start:start + sl.stop - sl.start] = v[sl].transpose(1, 0, 2)
-        x = x + self._project(self._attend_rows(li, q, rows), layer.wo)
+        attn = self._project(self._attend_rows(li, q, rows), layer.wo)
+        if layer.attn_post_norm is not None:
+            attn = self._norm(attn, layer.attn_post_norm)
+        x = x + attn
         h = self._norm(x, layer.ffn_norm)
-        x = x + self._project(self._gated(self._project(h, layer.wgate_up)), layer.wdown)
-        return x
+        mlp = self._project(self._gated(self._project(h, layer.wgate_up)), layer.wdown)
+        if layer.ffn_post_norm is not None:
+            mlp = self._norm(mlp, layer.ffn_post_norm)
+        return x + mlp
 
     # Hooks for the elementwise/reduction steps, so a subclass can reproduce another implementation's float
     # rounding (models/reference_quant.py) without copying the layer.
@@ -273,27 +321,43 @@ class ReferenceStage:
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return rope_norm(x, positions, self.config.rope_theta)
 
+    def _layer_rope(self, li: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """RoPE of local layer `li`: the `_rope` hook for llama's single NORM rotation, else the family's."""
+        cfg = self.config
+        theta, scale = cfg.layer_rope(self.span.start + li)
+        if not cfg.rope_neox and (theta, scale) == (cfg.rope_theta, 1.0):
+            return self._rope(x, positions)
+        if cfg.rope_neox:
+            return rope_neox(x, positions, theta, scale)
+        return rope_norm(x, positions.astype(np.float64) * scale, theta)
+
     def _gated(self, gate_up: np.ndarray) -> np.ndarray:
-        """silu(gate) · up for gate_up [n, 2F] = concat(gate, up)."""
+        """act(gate) · up for gate_up [n, 2F] = concat(gate, up); act is SiLU or GELU (tanh)."""
         ffn = self.config.intermediate_size
-        return silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+        act = gelu_tanh if self.config.activation == "gelu_tanh" else silu
+        return act(gate_up[:, :ffn]) * gate_up[:, ffn:]
 
     def _attend_rows(self, li: int, q: np.ndarray,
                      rows: list[tuple[_SequenceCache, np.ndarray, slice]]) -> np.ndarray:
         """Attention output [n, H·D] of queries q [n, H, D] over layer `li`'s caches (which already hold the
         new keys), one `_attend` per sequence; a subclass may batch the sequences."""
         attn = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        window = self.config.sliding_window if self.config.is_sliding(self.span.start + li) else 0
+        extra = {"window": window} if window else {}
         for cache, _, sl in rows:
             stop = cache.length + sl.stop - sl.start
-            attn[sl] = self._attend(q[sl], cache.k[li, :, :stop], cache.v[li, :, :stop], cache.length)
+            attn[sl] = self._attend(q[sl], cache.k[li, :, :stop], cache.v[li, :, :stop], cache.length,
+                                    **extra)
         return attn
 
-    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int) -> np.ndarray:
-        """Causal GQA: q [n, H, D] at positions past..past+n-1; keys/values [KV, T, D], T = past + n."""
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int,
+                window: int = 0) -> np.ndarray:
+        """Causal GQA: q [n, H, D] at positions past..past+n-1; keys/values [KV, T, D], T = past + n. With
+        a `window`, a query at position p sees keys at positions p - window < k <= p only."""
         n, heads, dim = q.shape
         kv_heads, total, _ = keys.shape
         group = heads // kv_heads
-        scale = np.float32(1.0 / np.sqrt(dim))
+        scale = np.float32(self.config.softmax_scale)
         out = np.empty((n, heads, dim), np.float32)
         for b0 in range(0, n, _QUERY_BLOCK):
             b1 = min(n, b0 + _QUERY_BLOCK)
@@ -302,9 +366,11 @@ class ReferenceStage:
             qg = q[b0:b1].reshape(m, kv_heads, group, dim).transpose(1, 2, 0, 3)
             qg = qg.reshape(kv_heads, group * m, dim)
             scores = np.matmul(qg, keys.transpose(0, 2, 1)) * scale  # [KV, group*m, T]
-            if m > 1 or past + b0 + 1 < total:
+            if m > 1 or past + b0 + 1 < total or window:
                 query_pos = past + b0 + np.tile(np.arange(m), group)  # row r is query r % m
                 mask = np.arange(total)[None, :] > query_pos[:, None]
+                if window:
+                    mask |= np.arange(total)[None, :] <= query_pos[:, None] - window
                 scores = np.where(mask[None], np.float32(-np.inf), scores)
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
@@ -316,7 +382,11 @@ class ReferenceStage:
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         assert self.output_norm is not None and self.head is not None
         h = self._norm(hidden, self.output_norm)
-        return np.ascontiguousarray(self._project(h, self.head), dtype=np.float32)
+        logits = self._project(h, self.head)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = np.float32(cap) * np.tanh(logits / np.float32(cap))
+        return np.ascontiguousarray(logits, dtype=np.float32)
 
     def close(self) -> None:
         self._caches.clear()

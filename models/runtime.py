@@ -99,12 +99,13 @@ def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
 
     load = load or gguf_model.dequantize
     config: ModelConfig = gguf_model.config
+    tensor_names = set(gguf_model.tensor_names())
     out = []
     packed: dict[str, dict[str, Any]] = {}
     for name, shape, dtype in shard.params:
         module_path, _, attr = name.rpartition(".")
-        sources = gguf_sources(config, shard.span, module_path)
-        if shard.quantization == "f32" or (attr == "weight" and len(shape) == 1):
+        sources = gguf_sources(config, shard.span, module_path, tensor_names)
+        if shard.quantization == "f32" or len(shape) == 1:  # norms and biases stay float32
             parts = [load(s) for s in sources]
             array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
             if array.ndim == 2 and module_path != "embed_tokens":
@@ -155,6 +156,11 @@ class CompiledStage:
         self.target = shard.target
         self.max_batch_size = max_batch_size
         self.max_total_tokens = min(max_total_tokens, config.context_length * max_batch_size)
+        if config.sliding_window and any(config.is_sliding(i) for i in range(shard.span.start,
+                                                                          shard.span.stop)):
+            # TVM's prefill attends within a chunk without the window, and a query that sees no cached key
+            # inside its window makes NaNs: chunks shorter than the window avoid both (measured, gemma3).
+            prefill_chunk = min(prefill_chunk, max(1, config.sliding_window - 1))
         self.prefill_chunk = prefill_chunk
         self._is_first = self.span.is_first()
         self._is_last = self.span.is_last(config.num_layers)

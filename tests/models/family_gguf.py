@@ -1,0 +1,152 @@
+"""Write small GGUFs of each architecture shoal runs: the family's real tensor names, shape pattern and
+metadata (what llama.cpp's converter writes), tiny dimensions, random F32 weights at realistic scales, and a
+byte-level BPE vocabulary of 256 bytes plus a few merges and ChatML control tokens. Deterministic for a
+seed, so a test re-creates the file and checks its sha256 against the llama.cpp fixture made from it
+(scripts/make_family_fixtures.py).
+
+    path = write_family_gguf("qwen3", tmp_path / "qwen3.gguf")
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter
+
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "r e", "a t")
+
+
+@dataclass(frozen=True)
+class FamilyShape:
+    layers: int = 3
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    ffn: int = 128
+    context: int = 256
+
+
+SHAPES = {
+    "llama": FamilyShape(),
+    "qwen2": FamilyShape(),
+    "qwen3": FamilyShape(head_dim=32),  # heads x head_dim != hidden, as in Qwen3-0.6B
+    "phi3": FamilyShape(kv_heads=4),  # Phi-3-mini: no GQA
+    "gemma3": FamilyShape(layers=7, head_dim=32, context=512),  # one global layer after 5 local + 1 local
+}
+GEMMA3_WINDOW = 8
+"""Small, so the fixtures' prompts and 32 generated steps cross the sliding window."""
+
+
+def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges): GPT-2's 256 byte symbols, one token per merge, the ChatML specials."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    byte_symbols = [chr(c) for _, c in sorted(zip(printable, chars, strict=True))]
+    tokens = byte_symbols + [m.replace(" ", "") for m in MERGES] + list(SPECIALS)
+    types = [1] * (len(tokens) - len(SPECIALS)) + [3] * len(SPECIALS)
+    return tokens, types, list(MERGES)
+
+
+def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+
+def _norm(rng: np.random.Generator, n: int) -> np.ndarray:
+    return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None = None) -> Path:
+    """Write a GGUF of architecture `arch` to `path` (deterministic for `seed`) and return `path`."""
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown family {arch!r}")
+    shape = SHAPES[arch]
+    rng = np.random.default_rng(seed)
+    tokens, types, merges = byte_level_vocab()
+    vocab = len(tokens)
+    tie = arch in ("gemma3", "qwen3") if tie is None else tie
+    w = GGUFWriter(str(path), arch)
+    w.add_name("shoal family test")  # not the family: llama.cpp keys vocab quirks on names like "phi3"
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.hidden)
+    w.add_block_count(shape.layers)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_layer_norm_rms_eps(1e-6 if arch in ("qwen2", "qwen3", "gemma3") else 1e-5)
+    w.add_rope_freq_base(1_000_000.0 if arch in ("qwen2", "qwen3", "gemma3") else 10_000.0)
+    if arch in ("qwen3", "gemma3"):
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
+    else:
+        w.add_rope_dimension_count(shape.head_dim)
+    if arch == "gemma3":
+        w.add_sliding_window(GEMMA3_WINDOW)
+        w.add_rope_freq_base_swa(10_000.0)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(shape.context)
+    w.add_file_type(0)  # all F32
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(False)
+
+    hidden, q_rows, kv_rows = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    emb_scale = 1.0 / np.sqrt(hidden) if arch == "gemma3" else 1.0  # gemma3 multiplies by sqrt(hidden)
+    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * emb_scale).astype(np.float32))
+    for i in range(shape.layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", _norm(rng, hidden))
+        if arch == "phi3":
+            w.add_tensor(p + "attn_qkv.weight", _matrix(rng, q_rows + 2 * kv_rows, hidden))
+        else:
+            w.add_tensor(p + "attn_q.weight", _matrix(rng, q_rows, hidden))
+            w.add_tensor(p + "attn_k.weight", _matrix(rng, kv_rows, hidden))
+            w.add_tensor(p + "attn_v.weight", _matrix(rng, kv_rows, hidden))
+        if arch == "qwen2":
+            w.add_tensor(p + "attn_q.bias", (0.5 * rng.standard_normal(q_rows)).astype(np.float32))
+            w.add_tensor(p + "attn_k.bias", (0.5 * rng.standard_normal(kv_rows)).astype(np.float32))
+            w.add_tensor(p + "attn_v.bias", (0.1 * rng.standard_normal(kv_rows)).astype(np.float32))
+        if arch in ("qwen3", "gemma3"):
+            w.add_tensor(p + "attn_q_norm.weight", _norm(rng, shape.head_dim))
+            w.add_tensor(p + "attn_k_norm.weight", _norm(rng, shape.head_dim))
+        w.add_tensor(p + "attn_output.weight", _matrix(rng, hidden, q_rows))
+        if arch == "gemma3":
+            w.add_tensor(p + "post_attention_norm.weight", _norm(rng, hidden))
+        w.add_tensor(p + "ffn_norm.weight", _norm(rng, hidden))
+        if arch == "phi3":
+            w.add_tensor(p + "ffn_up.weight", _matrix(rng, 2 * shape.ffn, hidden))  # gate rows, then up rows
+        else:
+            w.add_tensor(p + "ffn_gate.weight", _matrix(rng, shape.ffn, hidden))
+            w.add_tensor(p + "ffn_up.weight", _matrix(rng, shape.ffn, hidden))
+        w.add_tensor(p + "ffn_down.weight", _matrix(rng, hidden, shape.ffn))
+        if arch == "gemma3":
+            w.add_tensor(p + "post_ffw_norm.weight", _norm(rng, hidden))
+    w.add_tensor("output_norm.weight", _norm(rng, hidden))
+    if not tie:
+        w.add_tensor("output.weight", 2.0 * _matrix(rng, vocab, hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
