@@ -109,7 +109,9 @@ def _http_error(exc: web.HTTPException) -> ApiError:
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError(413, f"the request body is too large: {exc.text}", code="request_too_large")
-    return ApiError(exc.status, exc.reason, code=None)
+    text = " ".join((exc.text or "").split())[:300]  # a handler's text; aiohttp's default: "400: Bad Request"
+    message = text if text and text != f"{exc.status}: {exc.reason}" else exc.reason
+    return ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_").replace("-", "_"))
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SIGNED_PATHS = frozenset({"/v1/mesh/signal"})
+"""Paths any `Host` may reach: mesh signalling, whose offers carry their own signed membership proof, and
+which a joiner may dial under a name the node does not know (an invite's bootstrap `laptop.local:8740`).
+Browsers are still held off by the Origin check."""
 UPLOAD_ROUTES = frozenset({"/v1/models/publish"})
 """Routes that take a raw upload (`application/octet-stream`) as well as JSON."""
 READ_CHECK_S = 0.5
@@ -177,7 +181,7 @@ def check_request(guard: RequestGuard, request: web.Request, key: str | None) ->
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
     local = str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
-    if not guard.host_allowed(host, local):
+    if request.path not in SIGNED_PATHS and not guard.host_allowed(host, local):
         raise _refuse(403, f"Host {host!r} is not a name of this node; add it to [api] allowed_hosts if it "
                       "is one", "host_not_allowed")
     origin = request.headers.get("Origin")

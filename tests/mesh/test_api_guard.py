@@ -100,6 +100,16 @@ async def test_a_rebound_host_name_is_refused(node: NodeThread, path: str) -> No
         assert status == 200, (host, body)
 
 
+async def test_signalling_answers_any_host_but_no_web_page(node: NodeThread) -> None:
+    """A joiner may dial the bootstrap name its invite holds; the offer carries its own proof."""
+    other = {"Host": f"laptop.local:{node.node.port}"}
+    status, body, _ = await call(node, "GET", "/v1/mesh/signal", headers=other)
+    assert status == 400 and "websocket" in body["error"]["message"].lower()  # past the guard: not an upgrade
+    status, body, _ = await call(node, "GET", "/v1/mesh/signal",
+                                 headers={**other, "Origin": "http://laptop.local:1"})
+    assert status == 403 and code_of(body) == "origin_not_allowed"
+
+
 async def test_cross_origin_text_plain_post_is_refused(node: NodeThread, published_dir: Path) -> None:
     target = published_dir / "weights.bin"
     target.write_bytes(b"secret weights")
@@ -114,10 +124,10 @@ async def test_cross_origin_text_plain_post_is_refused(node: NodeThread, publish
     status, answer, _ = await call(node, "POST", "/v1/models/publish", data=body,
                                    headers={"Content-Type": "text/plain"})
     assert status == 415 and code_of(answer) == "unsupported_media_type"
-    status, answer, _ = await call(node, "PUT", "/v1/policy", data=b'{"serve_others": true}')
+    status, answer, _ = await call(node, "PUT", "/v1/policy", data=b'{"serve_others": false}')
     assert status == 415 and code_of(answer) == "unsupported_media_type"
     status, policy, _ = await call(node, "GET", "/v1/policy")
-    assert policy["serve_others"] is False
+    assert policy["serve_others"] is True
 
 
 async def test_same_origin_and_allowed_origins_pass(node: NodeThread) -> None:
