@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shoal.models.config import ModelConfig
 from shoal.models.generate import Engine
 from shoal.models.stage import Stage
 from shoal.models.tokenizer import Tokenizer
@@ -42,6 +43,16 @@ class Servable(Protocol):
     @property
     def backend(self) -> str: ...
 
+    @property
+    def config(self) -> ModelConfig:
+        """The model's shape (layers, sizes), for planning where it runs."""
+        ...
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights (0: unknown here; the node's catalog has the file size)."""
+        ...
+
 
 @dataclass
 class ServedModel:
@@ -54,3 +65,11 @@ class ServedModel:
     """Longest prompt + completion one request may use (the engine's `max_context`)."""
     stages: list[Stage]
     backend: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.stages[0].config
+
+    @property
+    def weight_bytes(self) -> int:
+        return 0  # the catalog entry (`resolve(name).size`) has the file size

@@ -309,11 +309,8 @@ class Router:
 
     def shape(self, served: Servable) -> tuple[Any, int]:
         """(ModelConfig, file bytes) of a served model."""
-        stage = served.stages[0] if getattr(served, "stages", None) else None
-        config = getattr(stage, "config", None) or getattr(served, "config", None)
-        if config is None:
-            raise RemoteError("no_model", f"{served.name}: model shape unknown")
-        size = int(getattr(served, "weight_bytes", 0) or 0)
+        config = served.config
+        size = served.weight_bytes
         if not size:
             try:
                 size = self.node.models.resolve(served.name).size
