@@ -15,14 +15,15 @@ from shoal.mesh.sections import section_from_mapping
 class PolicyConfig:
     """`[policy]`: what this node is willing to do for the mesh. Mutable at runtime via `PUT /v1/policy`."""
 
-    serve_others: bool = False
-    """Run requests (or layer ranges) for other peers."""
+    serve_others: bool = True
+    """Run requests (or layer ranges) for other members of this node's mesh (a node in no mesh has no peers).
+    The battery floor and the memory share still apply; false refuses every peer with code `refused`."""
     battery_floor: int = 20
     """Stop serving others when the battery is below this percentage (0-100)."""
     max_memory_share: float = 0.5
     """Largest share (0-1) of this device's memory that models may take."""
-    trusted_only_splits: bool = True
-    """Only split a request over peers on the allow-list."""
+    trusted_only_splits: bool = False
+    """Only plan splits and offloads onto peers on `[mesh] allow` (false: any member of the mesh)."""
     prefer_local: bool = True
     """Run locally whenever the local node can serve the request at all."""
 

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow", action="append", default=[])
     parser.add_argument("--bootstrap", action="append", default=[])
     parser.add_argument("--backend", choices=("numpy", "tvm"), default="numpy")
-    parser.add_argument("--serve-others", action="store_true")
+    parser.add_argument("--serve-others", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-memory-share", type=float, default=0.5)
     parser.add_argument("--trusted-only", action="store_true")
     parser.add_argument("--prefer-local", action="store_true")
