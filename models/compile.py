@@ -41,7 +41,7 @@ Progress = Callable[[float, str], None]
 """`progress(fraction in [0, 1], message)`."""
 
 MANIFEST_VERSION = 1
-_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py")
+_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py", "block_types.py", "native.py")
 _SOURCE_DIRS = ("kernels",)
 """models/kernels also supplies the CPU attention and RoPE kernels, so every build depends on it."""
 
@@ -234,7 +234,8 @@ def _pipeline(target: TargetSpec, tvm_target: Any, quantization: str, progress: 
 
 
 def _build(config: ModelConfig, span: LayerSpan, quantization: str, target: TargetSpec,
-           so: Path, progress: Progress | None) -> list[tuple[str, tuple[int, ...], str]]:
+           so: Path, progress: Progress | None,
+           tensor_types: Any = None) -> list[tuple[str, tuple[int, ...], str]]:
     import tvm
     from shoal.models.llama import export_shard
 
@@ -248,7 +249,7 @@ def _build(config: ModelConfig, span: LayerSpan, quantization: str, target: Targ
 
         if shutil.which("nvcc"):
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-    mod, named_params = export_shard(config, span, tvm_target, quantization)
+    mod, named_params = export_shard(config, span, tvm_target, quantization, tensor_types)
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     pipeline = _pipeline(target, tvm_target, quantization, progress)
     executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
@@ -268,13 +269,18 @@ def compile_shard(
     cache: Path | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    tensor_types: Any = None,
 ) -> CompiledShard:
     """The library for this shard: from the cache when a valid entry exists, else built and cached.
 
-    `fingerprint` is `model_fingerprint(gguf_model)` (default: `config_fingerprint(config)`).
+    `fingerprint` is `model_fingerprint(gguf_model)` (default: `config_fingerprint(config)`; it covers every
+    tensor's block type, so a native build's key does too). `tensor_types`
+    (`block_types.TensorTypes.from_gguf(gguf_model)`) is required for quantization="native".
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "native" and (tensor_types is None or fingerprint is None):
+        raise ValueError("a native build needs the GGUF's tensor types and model fingerprint")
     span.check(config.num_layers)
     folder = Path(cache) if cache is not None else cache_dir()
     try:
@@ -303,7 +309,7 @@ def compile_shard(
         manifest.unlink(missing_ok=True)
         start = time.perf_counter()
         try:
-            params = _build(config, span, quantization, target, so, progress)
+            params = _build(config, span, quantization, target, so, progress, tensor_types)
         except CompileError:
             raise
         except Exception as exc:

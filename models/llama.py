@@ -31,7 +31,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from shoal.models.block_types import TensorTypes
 from shoal.models.config import ModelConfig
+from shoal.models.native import NativePlan
 from shoal.models.span import LayerSpan
 from shoal.models.weights import QUANTIZATIONS
 from tvm import relax as rx
@@ -63,8 +65,13 @@ def _f32_linear(in_features: int, out_features: int, role: str) -> nn.Module:
     return F32Linear(in_features, out_features)
 
 
-def linear_factory(quantization: str, target: Target) -> LinearFactory:
-    """The linear-layer builder for `quantization` (one of `QUANTIZATIONS`) on `target`."""
+def linear_factory(quantization: str, target: Target, native: NativePlan | None = None) -> LinearFactory:
+    """The linear-layer builder for `quantization` (one of `QUANTIZATIONS`) on `target`; a "native" build
+    needs the GGUF's tensor types (`native`, models/native.py) and keeps each weight's block type."""
+    if quantization == "native":
+        if native is None:
+            raise ValueError("a native build needs the GGUF's tensor types (tensor_types=...)")
+        return native.linear_factory(target)
     if quantization == "f32":
         return _f32_linear
     if quantization == "q4_1":
@@ -205,8 +212,10 @@ class LlamaShard(nn.Module):
     """Decoder layers `span` of `config`, with embedding (first shard) and norm + head (last shard)."""
 
     def __init__(
-        self, config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32"
+        self, config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32",
+        tensor_types: TensorTypes | None = None,
     ) -> None:
+        """`tensor_types`: the GGUF's per-tensor block types, for quantization="native"."""
         span.check(config.num_layers)
         self.config = config
         self.span = span
@@ -214,12 +223,13 @@ class LlamaShard(nn.Module):
         self.quantization = quantization
         self.is_first = span.is_first()
         self.is_last = span.is_last(config.num_layers)
-        make_linear = linear_factory(quantization, target)
+        native = NativePlan(config, span, tensor_types) if tensor_types is not None else None
+        make_linear = linear_factory(quantization, target, native)
         # The f32 head keeps its own transposed [hidden, vocab] copy of a tied embedding; a quantized head
         # reads the embedding's blocks (models/kernels).
         shared_head = self.is_last and config.tie_embeddings and quantization != "f32"
         if self.is_first or shared_head:
-            self.embed_tokens = _make_embedding(config, quantization, target)
+            self.embed_tokens = _make_embedding(config, quantization, target, native)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config, make_linear, i) for i in range(span.start, span.stop)]
         )
@@ -347,7 +357,12 @@ class LlamaShard(nn.Module):
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 
-def _make_embedding(config: ModelConfig, quantization: str, target: Target) -> nn.Module:
+def _make_embedding(config: ModelConfig, quantization: str, target: Target,
+                    native: NativePlan | None = None) -> nn.Module:
+    if quantization == "native":
+        if native is None:
+            raise ValueError("a native build needs the GGUF's tensor types (tensor_types=...)")
+        return native.embedding(target)
     if quantization == "f32":
         return nn.Embedding(config.vocab_size, config.hidden_size, dtype="float32")
     from shoal.models.kernels.relax_ops import QuantizedEmbedding, kernel_backend
@@ -356,11 +371,12 @@ def _make_embedding(config: ModelConfig, quantization: str, target: Target) -> n
 
 
 def export_shard(
-    config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32"
+    config: ModelConfig, span: LayerSpan, target: Target, quantization: str = "f32",
+    tensor_types: TensorTypes | None = None,
 ) -> tuple[Any, list[tuple[str, nn.Parameter]]]:
     """The shard as a Relax IRModule plus its parameters (name, Parameter) in the order the functions take
-    them."""
-    model = LlamaShard(config, span, target, quantization)
+    them. `tensor_types` (models/block_types.py) is required for quantization="native"."""
+    model = LlamaShard(config, span, target, quantization, tensor_types)
     # the kernel factories (models/kernels) cache their PrimFuncs per shape: ~12 distinct for ~420 calls
     mod, named_params, *_ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params

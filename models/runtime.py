@@ -70,6 +70,12 @@ def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
 def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
                    quantization: str) -> dict[str, Any]:
     """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
+    if quantization == "native":  # each tensor keeps its block type (models/block_types.py)
+        from shoal.models.block_types import TensorTypes, native_arrays
+
+        shapes = {name: tuple(gguf_model.tensor_info(name).shape) for name in sources}
+        return native_arrays(TensorTypes.from_gguf(gguf_model), sources, shapes,
+                             lambda name: _read_blocks(gguf_model, name), module_path == "embed_tokens")
     from shoal.models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0  # NumPy only: no Relax import
     from shoal.models.weights import WEIGHT_KINDS
 
@@ -104,6 +110,9 @@ def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
     packed: dict[str, dict[str, Any]] = {}
     for name, shape, dtype in shard.params:
         module_path, _, attr = name.rpartition(".")
+        if ".parts." in module_path:  # a row part of a native build's MixedLinear
+            module_path, _, part = module_path.partition(".parts.")
+            attr = f"parts.{part}.{attr}"
         sources = gguf_sources(config, shard.span, module_path, tensor_names)
         if shard.quantization == "f32" or len(shape) == 1:  # norms and biases stay float32
             parts = [load(s) for s in sources]
@@ -233,8 +242,12 @@ class CompiledStage:
             spec = shard.target
         else:
             spec = detect_target(target)
+            from shoal.models.block_types import NATIVE, TensorTypes
+
+            types = TensorTypes.from_gguf(gguf_model) if quantization == NATIVE else None
             shard = compile_shard(config, span, spec, quantization=quantization,
-                                  fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress)
+                                  fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress,
+                                  tensor_types=types)
         params = _load_weights(gguf_model, shard, spec.device(), load)
         return cls(config, shard, params, **options)
 

@@ -10,9 +10,11 @@ from collections.abc import Container
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 
-QUANTIZATIONS = ("f32", "q4_1")
+QUANTIZATIONS = ("f32", "q4_1", "native")
 """`f32`: weights dequantized to float32 at load. `q4_1`: linear weights kept as Q4_1 blocks and the
-embedding/tied head as Q8_0 blocks, repacked once at load (models/kernels)."""
+embedding/tied head as Q8_0 blocks, repacked once at load (models/kernels). `native`: every linear weight and
+the embedding keep the block type they have in the GGUF (models/block_types.py; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K, Q6_K, F16, BF16), mixed types in one file included."""
 
 WEIGHT_KINDS = {"q4_1": {"linear": "q4_1", "embedding": "q8_0"}}
 """The GGUF block type each role must have for a quantized build."""
