@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = GGUFModel.open(args.model)
         span = LayerSpan.parse(args.layers, model.config.num_layers)
+        from shoal.models.block_types import NATIVE, TensorTypes
+
+        types = TensorTypes.from_gguf(model) if args.quantization == NATIVE else None
         shard = compile_shard(model.config, span, detect_target(args.target), quantization=args.quantization,
-                              fingerprint=model_fingerprint(model), cache=args.cache, progress=report)
+                              fingerprint=model_fingerprint(model), cache=args.cache, progress=report,
+                              tensor_types=types)
     except Exception as exc:  # reported to the parent, which raises CompileError
         print(json.dumps({"manifest": None, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
