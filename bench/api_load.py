@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,8 @@ from shoal.mesh.events import EventBus
 from shoal.mesh.node.model_manager import ModelManager
 from shoal.models.embedded import DEFAULT_MODEL_NAME
 from shoal.models.sampling import SamplingParams
+
+from tests.nodes import NodeProcess
 
 LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper, chapter {i}, with many characters."
 PROMPTS = [
@@ -207,44 +207,15 @@ async def paired_ttft(direct: OneRequest, http: OneRequest, pairs: int) -> list[
     return diffs
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def start_node(backend: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    data_dir = tempfile.mkdtemp(prefix="shoal-bench-")
-    env = {**os.environ, "SHOAL_CONFIG": os.devnull}
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from shoal.mesh.commands.cli import main; sys.exit(main())",
-        "node",
-        "--api",
-        f"127.0.0.1:{port}",
-        "--data-dir",
-        data_dir,
-        "--backend",
-        backend,
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit("shoal node exited during start")
-            try:
-                async with session.get(url + "/health") as r:
-                    if r.status == 200 and (await r.json())["models"]:
-                        return proc, url
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    proc.kill()
-    raise SystemExit("shoal node did not become ready")
+async def start_node(backend: str) -> NodeProcess:
+    """A `shoal node` started as users do (`tests.nodes`: a config file), ready once its model is loaded."""
+    node = NodeProcess("bench", Path(tempfile.mkdtemp(prefix="shoal-bench-")) / "node",
+                       {"models": {"backend": backend}}).launch()
+    try:
+        return await asyncio.to_thread(node.wait_ready, 900, lambda health: bool(health["models"]))
+    except RuntimeError as exc:
+        node.kill()
+        raise SystemExit(f"shoal node did not become ready: {exc}") from None
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -315,7 +286,8 @@ async def main() -> None:
         direct_one = direct_client(served)
         url = args.api
         if url is None:
-            proc, url = await start_node(args.backend)
+            proc = await start_node(args.backend)
+            url = proc.url
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             http_one = http_client(session, url.rstrip("/"))
@@ -328,8 +300,7 @@ async def main() -> None:
     finally:
         await manager.stop()
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(proc.wait, 60)
+            await asyncio.to_thread(proc.stop, signal.SIGTERM, 60)
     report(direct, http, args.backend, args.max_tokens, long)
     if diffs:
         print(

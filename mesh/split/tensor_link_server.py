@@ -81,7 +81,8 @@ class TensorLinkServer:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.handshakes = 0
+        """Connections accepted and still to show their token (at most `MAX_HANDSHAKES` at once)."""
         self.port = 0
 
     def start(self, host: str) -> None:
@@ -118,7 +119,11 @@ class TensorLinkServer:
                 sock, address = listener.accept()
             except OSError:  # closed by stop()
                 return
-            if not self._handshakes.acquire(blocking=False):
+            with self._lock:
+                full = self.handshakes >= MAX_HANDSHAKES
+                if not full:
+                    self.handshakes += 1
+            if full:
                 logger.warning("tensor link from %s refused: too many handshakes at once", address[0])
                 sock.close()
                 continue
@@ -129,7 +134,8 @@ class TensorLinkServer:
         try:
             self._authenticate(sock, address)
         finally:
-            self._handshakes.release()
+            with self._lock:
+                self.handshakes -= 1
 
     def _authenticate(self, sock: socket.socket, address: tuple) -> None:
         link: ServerLink | None = None

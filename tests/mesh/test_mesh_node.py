@@ -7,58 +7,29 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from shoal.mesh.p2p.invite import Invite
 
 from tests.mesh.mesh_nodes import REPO, Node, free_port, full_mesh, wait_until
+from tests.nodes import NodeProcess
 
 pytestmark = pytest.mark.timeout(180)
 
 
 class ShoalNode(Node):
-    """A `shoal node --join INVITE` process (numpy backend, no model preload, loopback ICE, no mDNS)."""
+    """A `shoal node --join INVITE` process started as a user would (`tests.nodes.NodeProcess`: a config
+    file with the numpy backend, no model preload, loopback ICE, no mDNS), with `mesh_nodes.Node`'s HTTP
+    helpers."""
 
     def start(self, timeout_s: float = 60.0) -> ShoalNode:
-        self.log_path = self.data_dir.parent / f"{self.name}.log"
-        log = open(self.log_path, "a")
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == "SHOAL_COMPILE_CACHE"
-        }
-        env.update(
-            SHOAL_CONFIG=os.devnull,
-            SHOAL_NAME=self.name,
-            SHOAL_MODELS_PRELOAD="false",
-            SHOAL_MESH_ICE_INTERFACES="lo",
-            SHOAL_MESH_MDNS="false",
-            PYTHONPATH=str(REPO),
-        )
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from shoal.mesh.commands.cli import main; sys.exit(main())",
-            "node",
-            "--api",
-            self.api,
-            "--data-dir",
-            str(self.data_dir),
-            "--backend",
-            "numpy",
-            *self.args,
-        ]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
-            try:
-                self.peer_id = self.get("/v1/mesh/peers", timeout=2)["self"]["id"]
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+        host, port = self.api.rsplit(":", 1)
+        node = NodeProcess(self.name, self.data_dir, {"models": {"backend": "numpy", "preload": False}},
+                           args=self.args, host=host, port=int(port))
+        node.start(timeout_s)
+        self.process, self.peer_id, self.log_path = node.process, node.peer_id, node.log_path  # type: ignore[assignment]
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +95,12 @@ def test_mesh_events_on_the_node_event_stream(shoal_nodes):
     wait_until(lambda: full_mesh(shoal_nodes), 60, "full mesh")
     n1, _, n3 = shoal_nodes
     seen: list[dict] = []
+    subscribed = threading.Event()
 
     def listen() -> None:
         try:
             with urllib.request.urlopen(f"http://{n1.api}/v1/events", timeout=60) as stream:
+                subscribed.set()
                 for raw in stream:
                     line = raw.decode().strip()
                     if line.startswith("data:"):
@@ -139,7 +112,7 @@ def test_mesh_events_on_the_node_event_stream(shoal_nodes):
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    time.sleep(1.0)
+    assert subscribed.wait(30), "the event stream did not open"  # n1 subscribes before it answers
     n3.kill(15)  # graceful: says bye, so n1 sees it leave at once
     wait_until(
         lambda: any(e["kind"] == "peer.left" and e["data"]["id"] == n3.peer_id for e in seen),

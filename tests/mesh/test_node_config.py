@@ -152,3 +152,17 @@ def test_parse_host_port() -> None:
     for bad in ("localhost", "host:port", "h:99999"):
         with pytest.raises(ConfigError):
             parse_host_port(bad)
+
+
+def test_the_test_node_config_file_is_what_load_config_reads(tmp_path: Path) -> None:
+    from tests.nodes import NodeProcess, to_toml
+
+    node = NodeProcess("n1", tmp_path / "n1", {"models": {"backend": "numpy", "preload": False},
+                                               "split": {"rebuild_timeout_s": 45, "direct_tensors": False}},
+                       port=9123, key="a-long-api-key")
+    config = load_config(write(tmp_path, to_toml(node.config())), environ={})
+    assert (config.name, config.data_dir, config.api.port, config.api.key) == ("n1", tmp_path / "n1", 9123,
+                                                                               "a-long-api-key")
+    assert config.models.backend == "numpy" and config.models.preload is False
+    assert config.mesh.mdns is False and config.mesh.ice_interfaces == ("lo",) and config.ipfs.rpc_url is None
+    assert config.split == SplitConfig(rebuild_timeout_s=45.0, direct_tensors=False)

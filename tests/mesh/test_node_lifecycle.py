@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import orjson
 import pytest
 
 from tests.mesh.api_harness import BACKEND, NodeThread, chat_body, free_env, make_config
+from tests.nodes import NodeProcess
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,33 +100,12 @@ async def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-async def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 240
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "shoal node exited early"
-            try:
-                async with session.get(url + "/health") as r:
-                    if r.status == 200 and (await r.json())["models"]:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.25)
-    raise AssertionError("shoal node did not become ready")
-
-
 async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**free_env(), "SHOAL_API_SHUTDOWN_GRACE_S": "0"}
-    proc = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-        shoal("node", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), "--backend", BACKEND),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    node = NodeProcess("sigterm", tmp_path / "node",
+                       {"api": {"shutdown_grace_s": 0}, "models": {"backend": BACKEND}}).launch()
+    port, url = node.port, node.url
     try:
-        await wait_healthy(url, proc)
+        await asyncio.to_thread(node.wait_ready, 240, lambda health: bool(health["models"]))
         async with aiohttp.ClientSession() as session:
             body = chat_body("Tell me a long story.", max_tokens=2000, stream=True)
             response = await session.post(url + "/v1/chat/completions", json=body)
@@ -136,15 +115,15 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
                 if line.startswith(b"data: "):
                     frames.append(line[6:].strip())
                     if len(frames) == 2:
-                        proc.send_signal(signal.SIGTERM)
+                        node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             # With no grace the stream is cut at once: an error chunk naming the shutdown, then [DONE].
             assert frames[-1] == b"[DONE]"
             last = orjson.loads(frames[-2])
             assert last["error"]["code"] == "shutdown", last
             assert len(frames) < 2000
-            stderr = await asyncio.to_thread(proc.communicate, timeout=60)
-        assert proc.returncode == 0, stderr[1].decode()[-2000:]
-        assert b"Traceback" not in stderr[1]
+            returncode = await asyncio.to_thread(node.wait, 60)
+        assert returncode == 0, node.log_tail(2000)
+        assert "Traceback" not in node.log_tail(10**7)
         with socket.socket() as sock:  # nothing listens any more, and a new server may take the port
             assert sock.connect_ex(("127.0.0.1", port)) != 0
         with socket.socket() as sock:
@@ -152,9 +131,7 @@ async def test_sigterm_with_a_stream_in_flight(tmp_path: Path) -> None:
             sock.bind(("127.0.0.1", port))
             sock.listen()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        node.kill()
 
 
 async def test_stop_lets_a_short_stream_finish(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import tensor_link as tl
 from shoal.mesh.split import tensor_link_server as tls
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage
 from shoal.mesh.split.stage_host import StageHost
@@ -313,20 +315,36 @@ async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: li
         await blocking(pipeline.close)
 
 
-async def test_idle_connections_cannot_pile_up(served) -> None:
-    _, server, _ = served
+async def test_idle_connections_cannot_pile_up() -> None:
+    host = StageHost(factory, gate_open)
+    # handshakes that outlast the test: a connection closed now was refused for the limit, not timed out
+    server = tls.TensorLinkServer(host.serve_link, SplitConfig(link_handshake_timeout_s=600.0))
+    server.start("127.0.0.1")
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
             for _ in range(tls.MAX_HANDSHAKES)]
     try:
-        await asyncio.sleep(0.2)  # every one of them now holds a handshake slot
+        await until(lambda: server.handshakes == tls.MAX_HANDSHAKES, "every idle connection holds a slot")
         extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         assert extra.recv(10) == b""  # closed unread
         extra.close()
+        for sock in idle:
+            sock.close()
+        client = await connect_when_free(server, "b")  # the handshakes see their peers gone: slots free
+        client.close()
     finally:
         for sock in idle:
             sock.close()
-    client = await connect_when_free(server, "b")  # the handshakes see their peers gone and free the slots
-    client.close()
+        server.stop()
+        await host.stop()
+
+
+async def until(condition: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
+    """Poll `condition` until it holds (fails the test after `within_s`)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
 
 
 def test_close_from_another_thread_ends_a_waiting_call() -> None:
