@@ -1,4 +1,4 @@
-"""Who may drive the API, checked before anything else runs (`guard_middleware`):
+"""Who may drive the API, checked before the API key and any handler (`guard_middleware`):
 
 - `Host` must be one of the node's own names: a loopback name or address, the address the client connected
   to, `[api] host`, `[mesh] advertise`, or `[api] allowed_hosts` (DNS rebinding: a page whose name resolves
@@ -47,9 +47,6 @@ class GuardSettings(Protocol):
 
     @property
     def host(self) -> str: ...
-
-    @property
-    def key(self) -> str | None: ...
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]: ...
@@ -171,8 +168,8 @@ GUARD: web.AppKey[RequestGuard] = web.AppKey("guard")
 """The app's guard (`install`)."""
 
 
-def _refuse(status: int, message: str, code: str, type: str | None = None) -> ApiError:
-    return ApiError(status, message, code=code, type=type)
+def _refuse(status: int, message: str, code: str) -> ApiError:
+    return ApiError(status, message, code=code)
 
 
 def check_request(guard: RequestGuard, request: web.Request, key: str | None) -> None:
