@@ -344,3 +344,25 @@ async def test_uploads_a_killed_node_left_are_removed_at_start(tmp_path: Path) -
     os.utime(old, (past, past))
     async with IpfsService(IpfsConfig(rpc_url=None), tmp_path):
         assert not old.exists() and fresh.exists()  # a fresh one may belong to a running node
+
+
+def test_guard_settings_from_toml_and_env(tmp_path: Path) -> None:
+    from shoal.mesh.node.config import ConfigError, load_config
+
+    toml = tmp_path / "config.toml"
+    toml.write_text('[api]\nallowed_origins = ["https://app.example"]\nread_timeout_s = 5\n'
+                    '[ipfs]\npublish_dirs = ["/srv/models"]\n')
+    config = load_config(toml, environ={"SHOAL_API_ALLOWED_HOSTS": "box.lan, gpu.lan"})
+    assert config.api.allowed_hosts == ("box.lan", "gpu.lan")
+    assert config.api.allowed_origins == ("https://app.example",) and config.api.read_timeout_s == 5.0
+    assert config.ipfs.publish_dirs == ("/srv/models",)
+    for section, values, words in (
+        ("api", {"allowed_origins": ["app.example"]}, "allowed_origins"),
+        ("api", {"allowed_origins": ["https://app.example/path"]}, "allowed_origins"),
+        ("api", {"allowed_hosts": ["a/b"]}, "allowed_hosts"),
+        ("api", {"read_timeout_s": 0}, "read_timeout_s"),
+        ("ipfs", {"publish_dirs": ["relative/dir"]}, "publish_dirs"),
+        ("ipfs", {"max_upload_bytes": 0}, "max_upload_bytes"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            load_config(environ={}, overrides={section: values})
