@@ -4,6 +4,7 @@
 runtime alone costs a few MB. `CompiledStage.load` uses `resolve_in_subprocess` when this process has not
 imported TVM yet: the child (`python -m shoal.models.compile_worker ...`) runs `compile_shard` and reports
 progress and the result as JSON lines on stdout; the parent then loads the library with the runtime only.
+The child is bounded in time and memory and dies with its waiter (see `compile_guard.py`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from shoal.models.compile import CompiledShard, Progress
+from shoal.models.compile_guard import (
+    MEMORY_ENV,
+    TIMEOUT_ENV,
+    CompileCancelledError,
+    CompileLimits,
+    current_scope,
+)
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
 from shoal.models.targets import TargetSpec
@@ -53,17 +64,76 @@ def shard_from_manifest(manifest: Path, span: LayerSpan, quantization: str, cach
 
 
 def resolve_in_subprocess(gguf_path: Path, span: LayerSpan, quantization: str, target: str | None,
-                          cache: Path | None, progress: Progress | None) -> CompiledShard:
-    """Run `compile_shard` in a child process; forward its progress; return the shard it reports."""
+                          cache: Path | None, progress: Progress | None,
+                          limits: CompileLimits | None = None) -> CompiledShard:
+    """Run `compile_shard` in a child process; forward its progress; return the shard it reports. The child
+    is bounded by `limits` (default: from the environment) and killed when the calling work's
+    `CompileScope` is cancelled (CompileCancelledError) or when this call ends in any other way."""
+    limits = limits or CompileLimits.from_env()
+    scope = current_scope()
+    if scope is not None and scope.cancelled:
+        raise CompileCancelledError("the compile was cancelled")
     cmd = [sys.executable, "-m", "shoal.models.compile_worker", "--model", str(gguf_path),
-           "--layers", str(span), "--quantization", quantization, "--target", target or "auto"]
+           "--layers", str(span), "--quantization", quantization, "--target", target or "auto",
+           "--max-memory", str(limits.memory_bytes)]
     if cache is not None:
         cmd += ["--cache", str(cache)]
     env = dict(os.environ)
     env.pop("TVM_USE_RUNTIME_LIB", None)  # the child needs the compiler
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with tempfile.TemporaryFile("w+") as errors:  # a file: a chatty child never blocks on a full pipe
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+                                env=env)
+        timed_out = threading.Event()
+
+        def kill_for_time() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(limits.timeout_s, kill_for_time)
+        timer.daemon = True
+        try:
+            if scope is not None:
+                scope.adopt(proc)
+            timer.start()
+            result = _read_reports(proc, progress)
+        finally:
+            timer.cancel()
+            if scope is not None:
+                scope.release(proc)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()
+        errors.seek(0)
+        stderr = errors.read()
+    if scope is not None and scope.cancelled:
+        raise CompileCancelledError(f"the compile of layers {span} was cancelled (its process was killed)")
+    if timed_out.is_set():
+        raise CompileError(f"the compile of layers {span} took longer than {limits.timeout_s:g} s and was "
+                           f"stopped (raise {TIMEOUT_ENV} if this model needs longer)")
+    if proc.returncode != 0 or result is None:
+        reported = str((result or {}).get("error") or "")
+        if any(sign in reported + stderr for sign in _OUT_OF_MEMORY):
+            raise CompileError(f"the compile of layers {span} ran out of its memory limit "
+                               f"({limits.memory_bytes >> 20} MiB; {MEMORY_ENV} sets it): {reported[:200]}")
+        if reported:
+            raise CompileError(reported)
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        raise CompileError(f"the compile process for layers {span} failed (exit {proc.returncode}): {tail}")
+    return shard_from_manifest(Path(result["manifest"]), span, quantization, bool(result["cached"]),
+                               float(result["seconds"]))
+
+
+_OUT_OF_MEMORY = ("MemoryError", "bad_alloc", "Cannot allocate memory", "failed to map segment",
+                  "can't start new thread")
+"""What a child that hit its RLIMIT_DATA says (Python, C++, the loader)."""
+
+
+def _read_reports(proc: subprocess.Popen[str], progress: Progress | None) -> dict[str, Any] | None:
+    """Forward the child's progress lines until it closes stdout; its final report (or None)."""
     result: dict[str, Any] | None = None
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -75,14 +145,20 @@ def resolve_in_subprocess(gguf_path: Path, span: LayerSpan, quantization: str, t
             progress(float(msg["progress"]), str(msg["message"]))
         elif "manifest" in msg:
             result = msg
-    stderr = proc.stderr.read() if proc.stderr else ""
-    if proc.wait() != 0 or result is None:
-        if result is not None and "error" in result:
-            raise CompileError(result["error"])
-        tail = " | ".join(stderr.strip().splitlines()[-3:])
-        raise CompileError(f"the compile process for layers {span} failed (exit {proc.returncode}): {tail}")
-    return shard_from_manifest(Path(result["manifest"]), span, quantization, bool(result["cached"]),
-                               float(result["seconds"]))
+    return result
+
+
+def _limit_self(max_memory: int) -> None:
+    """In the child, before TVM loads: exit when the parent goes (stdin closes), and cap data memory."""
+
+    def watch_parent() -> None:
+        while os.read(0, 4096):  # unbuffered: no lock held at interpreter exit; b"" at EOF
+            pass
+        os._exit(3)  # the parent closed the pipe or died
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    if max_memory > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (max_memory, max_memory))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", required=True)
     parser.add_argument("--target", default="auto")
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--max-memory", type=int, default=0, help="RLIMIT_DATA in bytes (0: none)")
     args = parser.parse_args(argv)
+    _limit_self(args.max_memory)
 
     def report(fraction: float, message: str) -> None:
         print(json.dumps({"progress": fraction, "message": message}), flush=True)

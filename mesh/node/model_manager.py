@@ -17,6 +17,7 @@ from typing import Any
 
 from shoal.mesh.events import EventBus
 from shoal.mesh.node.config import DEFAULT_CACHE_TOKENS, DEFAULT_MAX_TOKENS, ModelsConfig
+from shoal.models.compile_guard import run_compile_work
 from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
 from shoal.models.errors import ModelError, ModelNotFoundError
 from shoal.models.generate import Engine
@@ -288,9 +289,8 @@ class ModelManager:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             options = LoadOptions(self.backend, self.target, self.cache_dir, self.max_batch, self.limits)
-            served = await loop.run_in_executor(
-                None, self._load_fn, model, options, self._progress(model.name)
-            )
+            # A compile child dies with this waiter (a client that leaves, a node that stops).
+            served = await run_compile_work(self._load_fn, model, options, self._progress(model.name))
             try:
                 await served.engine.start()
             except BaseException:
@@ -331,7 +331,7 @@ class ModelManager:
             return {"model": model.name, "layers": f"{span.start}:{span.stop}", "target": target or "auto"}
 
         started = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(None, work)
+        result = await run_compile_work(work)
         seconds = round(time.perf_counter() - started, 3)
         self._bus.publish("compile.done", model=model.name, span=result["layers"], seconds=seconds)
         return result
