@@ -13,7 +13,6 @@ CID, so a node that sends wrong bytes fails the whole stream, as a bad CAR would
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -51,7 +50,12 @@ async def _interior(root: CID, get_block: GetBlock) -> tuple[list[tuple[CID, byt
     while level:
         if len(nodes) + len(level) > MAX_INTERIOR_NODES:
             raise SourceError(f"{root}: more than {MAX_INTERIOR_NODES} interior nodes")
-        blocks = await asyncio.gather(*(fetch(cid) for cid, _ in level))
+        try:  # a group, not gather: one failure ends the level's other fetches too
+            async with asyncio.TaskGroup() as group:
+                fetches = [group.create_task(fetch(cid)) for cid, _ in level]
+        except* Exception as eg:
+            raise eg.exceptions[0] from None
+        blocks = [task.result() for task in fetches]
         following: list[tuple[CID, int | None]] = []
         for (cid, _), block in zip(level, blocks, strict=True):
             node = decode_file_node(cid, block)
@@ -96,5 +100,6 @@ async def stream_blocks(
     finally:
         if not cat.done():
             cat.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, SourceError, TimeoutError):
-            (await cat).close()
+        await asyncio.wait([cat])  # raises only if this task is cancelled (never swallows that)
+        if not cat.cancelled() and cat.exception() is None:
+            cat.result().close()

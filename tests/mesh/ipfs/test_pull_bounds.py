@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from multiformats import CID
-from shoal.mesh.ipfs.errors import BlockNotFoundError, PullStalledError
+from shoal.mesh.ipfs import cat_stream, dagpb
+from shoal.mesh.ipfs.errors import BlockNotFoundError, PullStalledError, SourceError
 from shoal.mesh.ipfs.fetcher import Fetcher
 from shoal.mesh.ipfs.importer import ImportOptions, import_file
 from shoal.mesh.ipfs.service import IpfsService
@@ -116,6 +117,24 @@ async def test_cancelled_walk_leaves_no_task_behind(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await ended(task)
     assert asyncio.all_tasks() == before
+
+
+async def test_cat_stream_interior_walk_ends_its_other_fetches_on_a_failure(tmp_path: Path) -> None:
+    store, root, _ = published(tmp_path, 200 * 1024, chunk=1024)  # 200 leaves: two interior nodes
+    children = [link.cid for link in dagpb.decode_node(store.get(root)).links]  # type: ignore[arg-type]
+    assert len(children) == 2
+
+    async def get_block(cid: CID) -> bytes:
+        if cid == children[0]:
+            raise SourceError("broken")
+        if cid == children[1]:
+            await asyncio.Event().wait()  # never answers
+        return store.get(cid)  # type: ignore[return-value]
+
+    before = asyncio.all_tasks()
+    with pytest.raises(SourceError, match="broken"):
+        await ended(cat_stream._interior(root, get_block))
+    assert asyncio.all_tasks() == before  # the silent fetch was cancelled, not left behind
 
 
 async def pull_cli(*args: str) -> tuple[int, str]:
