@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: CUDA when an NVIDIA GPU is present, else this CPU (default auto)")
     parser.add_argument("--layers", metavar="A:B", default=":",
                         help="the layer range [A, B) to build; either side may be empty (default: all)")
-    parser.add_argument("--quantization", choices=("q4_1", "f32"), default=None,
-                        help="q4_1: 4-bit weights inside the kernels; f32: dequantized at load "
-                        "(default: the runtime's default)")
+    parser.add_argument("--quantization", choices=("q4_1", "native", "f32"), default=None,
+                        help="q4_1: 4-bit weights inside the kernels; native: every weight in its GGUF block "
+                        "type inside the kernels; f32: dequantized at load (default: the runtime's default)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even when a valid cached library exists")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
@@ -48,6 +48,7 @@ def _progress_line(quiet: bool) -> Callable[[float, str], None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shoal.models.block_types import NATIVE, TensorTypes
     from shoal.models.compile import compile_shard, model_fingerprint
     from shoal.models.embedded import embedded_model_path
     from shoal.models.errors import ModelError
@@ -62,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             span = LayerSpan.parse(args.layers, model.config.num_layers)
             target = detect_target(args.target)
+            quantization = args.quantization or DEFAULT_QUANTIZATION
+            types = TensorTypes.from_gguf(model) if quantization == NATIVE else None
             shard = compile_shard(
-                model.config, span, target, quantization=args.quantization or DEFAULT_QUANTIZATION,
+                model.config, span, target, quantization=quantization, tensor_types=types,
                 fingerprint=model_fingerprint(model), progress=_progress_line(args.quiet), force=args.force,
             )
         finally:
