@@ -229,6 +229,7 @@ class IpfsService:
         """Fetch only the GGUF header and the tensors of layers `span`, into a sparse local file that
         `GGUFModel.open` can map. Only the UnixFS blocks covering those byte ranges are fetched."""
         from shoal.models.gguf import read_gguf_index
+        from shoal.models.validate import check_model
 
         self._require_session()
         cid = self.catalog.resolve(name_or_cid)
@@ -241,6 +242,7 @@ class IpfsService:
             return asyncio.run_coroutine_threadsafe(reader.read(cid, offset, length), loop).result()
 
         index = await asyncio.to_thread(read_gguf_index, read)
+        await asyncio.to_thread(check_model, index, source=str(cid), file_size=size)  # refuse a crafted file
         ranges = [(0, index.data_start), *index.byte_ranges_for_span(span)]
         await asyncio.to_thread(self.store.pin, cid, name="", size=size, complete=False)
         dest = self.models_dir / f"{cid}.layers-{span.start}-{span.stop}.gguf"

@@ -223,3 +223,22 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
         await runner.cleanup()
     assert proc.returncode == 130
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+
+
+async def test_span_pull_of_a_crafted_model_is_refused_after_its_header(tmp_path: Path) -> None:
+    from shoal.models.errors import InvalidModelError
+    from shoal.models.span import LayerSpan
+
+    from tests.models.test_validate import write_llama
+
+    crafted = write_llama(tmp_path / "crafted.gguf", block_count=100_000)
+    async with IpfsService(offline_config(), tmp_path / "pub") as publisher:
+        cid = await publisher.publish(crafted)
+        runner, url = await start_gateway(publisher)
+        try:
+            async with IpfsService(offline_config(gateways=(url,)), tmp_path / "b") as puller:
+                with pytest.raises(InvalidModelError, match=rf"^{cid}: num_layers = 100000 is outside"):
+                    await ended(puller.pull_span(str(cid), LayerSpan(0, 1)))
+                assert not list(puller.models_dir.glob("*.gguf"))  # nothing written past the header
+        finally:
+            await runner.cleanup()
