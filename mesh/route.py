@@ -92,3 +92,46 @@ class Route:
         if self.stage_timing is not None:
             out["stage_timing"] = [dict(t) for t in self.stage_timing]
         return out
+
+
+ROUTE_MODES = ("auto", "local", "offload", "split")
+MAX_ROUTE_PEERS = 16
+"""Most peer ids or names one request may list in `prefer` or `avoid`."""
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """What one request asks of routing (`{"shoal": {"route", "prefer", "avoid"}}` or `x-shoal-route`)."""
+
+    mode: str = "auto"
+    """`auto` (the scheduler, or the node-wide forced route), `local`, `offload` or `split`."""
+    prefer: tuple[str, ...] = ()
+    """Peer ids or names to use first, in this order, when the request goes to a peer."""
+    avoid: tuple[str, ...] = ()
+    """Peer ids or names never to use for this request."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ROUTE_MODES:
+            raise ValueError(f"route must be one of {', '.join(ROUTE_MODES)}")
+        for name in ("prefer", "avoid"):
+            peers = getattr(self, name)
+            ok = all(isinstance(p, str) and 0 < len(p) <= 128 for p in peers)
+            if len(peers) > MAX_ROUTE_PEERS or not ok:
+                raise ValueError(f"{name} must list at most {MAX_ROUTE_PEERS} peer ids or names")
+
+    @property
+    def is_default(self) -> bool:
+        return self.mode == "auto" and not self.prefer and not self.avoid
+
+
+class RouteFailed(Exception):
+    """A request could not be routed (no usable device, or its peer refused, failed or is over quota): the
+    API answers `status` with an OpenAI-style body carrying `code` (`peer_refused`, `peer_unreachable`,
+    `peer_busy`, `peer_quota`, `no_route`)."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s

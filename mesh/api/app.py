@@ -19,8 +19,9 @@ from aiohttp import web
 from shoal.mesh.api import admin as api_admin
 from shoal.mesh.api import guard as api_guard
 from shoal.mesh.api import openai_routes as api_openai
-from shoal.mesh.api.errors import ApiError
+from shoal.mesh.api.errors import ApiError, route_error, route_error_headers
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
+from shoal.mesh.route import RouteFailed
 from shoal.models.errors import (
     ContextOverflowError,
     ModelError,
@@ -68,6 +69,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(404, str(exc), param="model", code="model_not_found").response()
     except ContextOverflowError as exc:
         return ApiError(400, str(exc), code="context_length_exceeded").response()
+    except RouteFailed as exc:
+        logger.info("%s %s: %s (%s)", request.method, request.path, exc.message, exc.code)
+        return route_error(exc).response(headers=route_error_headers(exc))
     except web.RequestPayloadError as exc:  # a body that does not decode (gzip/deflate) or breaks off
         return _payload_error(request, exc).response()
     except web.HTTPException as exc:

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from shoal.mesh.route import RouteFailed
 
 _TYPES = {
     400: "invalid_request_error",
@@ -65,3 +66,20 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
         content_type="application/json",
         headers=headers,
     )
+
+
+def route_error(exc: RouteFailed) -> ApiError:
+    """A request that could not be routed (`mesh.route.RouteFailed`: a peer refused, failed or is over
+    quota, or no device can take it), as its coded error: 503 or 429, never a 500."""
+    return ApiError(exc.status, exc.message, code=exc.code)
+
+
+def route_error_headers(exc: RouteFailed) -> dict[str, str]:
+    """`Retry-After` where the peer said when to come back; `x-should-retry: false` (the `openai` client
+    honours it) for a refusal, which asking again would only repeat."""
+    headers: dict[str, str] = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, int(exc.retry_after_s + 0.999)))
+    if exc.code in ("peer_refused", "no_route", "peer_bad_request", "peer_quota"):
+        headers["x-should-retry"] = "false"
+    return headers

@@ -17,12 +17,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 from shoal.mesh.api.busy import refusal, refused_response
-from shoal.mesh.api.errors import ApiError, invalid, json_response
+from shoal.mesh.api.errors import ApiError, invalid, json_response, route_error
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
-from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
+from shoal.mesh.api.openai_schema import ROUTE_HEADER_IN, CompletionRequest, parse_completion_request
 from shoal.mesh.api.ports import NodePort, RouterPort
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
+from shoal.mesh.route import RouteChoice, RouteFailed
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
 from shoal.models.generate import TokenEvent
@@ -94,7 +95,8 @@ async def _prepare(
 ) -> tuple[CompletionRequest, Servable, list[int], SamplingParams]:
     node = request.app[NODE]
     body = await read_json(request)
-    req = parse_completion_request(body, kind, ABSURD_MAX_TOKENS)  # type: ignore[arg-type]
+    req = parse_completion_request(body, kind, ABSURD_MAX_TOKENS,  # type: ignore[arg-type]
+                                   request.headers.get(ROUTE_HEADER_IN))
     served = await _acquire(node, request.app[ROUTER], req.model or node.config.models.default)
     context = served.context_length
     if req.max_tokens is not None and req.max_tokens > context:
@@ -178,12 +180,16 @@ async def _tokens(
     prompt_ids: list[int],
     params: SamplingParams,
     record: RequestRecord,
+    choice: RouteChoice,
 ) -> AsyncIterator[TokenEvent]:
     """The engine's token events, with metrics; the engine stream is closed whatever happens."""
     metrics = request.app[NODE].metrics
     router = request.app[ROUTER]  # local / offload / split, when the node has a router
     if router is not None:
-        source = router.stream(served, prompt_ids, params, record.route)
+        source = router.stream(served, prompt_ids, params, record.route, choice)
+    elif choice.mode not in ("auto", "local"):
+        raise ApiError(503, "this node has no mesh router, so requests run locally only", param="shoal.route",
+                       code="no_route", type="server_error")
     elif served.engine is not None:
         source = served.engine.stream(prompt_ids, params)
     else:
@@ -228,7 +234,7 @@ async def _collect(
     completion_tokens = 0
     prompt_tokens = len(prompt_ids)
     try:
-        async for event in _tokens(request, served, prompt_ids, params, record):
+        async for event in _tokens(request, served, prompt_ids, params, record, req.route):
             parts.append(event.text)
             completion_tokens = event.completion_tokens
             prompt_tokens = event.prompt_tokens
@@ -315,7 +321,7 @@ async def _stream(
     finish = "length"
     sse: SseWriter | None = None
     try:
-        tokens = _tokens(request, served, prompt_ids, params, record)
+        tokens = _tokens(request, served, prompt_ids, params, record, req.route)
         async with contextlib.aclosing(tokens):
             first = await _first(tokens)
             sse = await open_sse(request, {ROUTE_HEADER: record.route.kind})
@@ -373,6 +379,11 @@ async def _stream(
         return sse.response, "error"
     except ApiError:
         raise
+    except RouteFailed as exc:
+        if sse is None:
+            raise
+        await _send_error(sse, route_error(exc).body()["error"])
+        return sse.response, "error"
     except ValueError as exc:
         if sse is None:
             raise invalid(str(exc), "prompt") from None

@@ -4,6 +4,8 @@ Rules: every known parameter is type-checked (`bool` is not a number); `null` me
 that would change the meaning of the answer but that shoal does not implement (`n > 1`, `logprobs`, `tools`,
 `response_format` other than text, `logit_bias`, `echo`, `best_of > 1`, `suffix`, …) are refused with a 400
 naming the parameter; anything else unknown (`user`, `metadata`, `store`, …) is accepted and ignored.
+shoal's own routing wishes come in an optional `shoal` object (`{"route", "prefer", "avoid"}`, what the
+`openai` client sends as `extra_body={"shoal": {...}}`) or the `x-shoal-route` header (`route_choice`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shoal.mesh.api.errors import invalid
+from shoal.mesh.route import MAX_ROUTE_PEERS, ROUTE_MODES, RouteChoice
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
@@ -49,6 +52,47 @@ class CompletionRequest:
     prompt: str | list[int] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for `models.sampling.SamplingParams` (without `max_tokens`)."""
+    route: RouteChoice = field(default_factory=RouteChoice)
+    """Where the request may run (the `shoal` body field, else the `x-shoal-route` header)."""
+
+
+ROUTE_HEADER_IN = "x-shoal-route"
+
+
+def route_choice(value: Any, header: str | None) -> RouteChoice:
+    """The request's routing wishes: the body's `shoal` object (`route`, `prefer`, `avoid`) and, where the
+    body names no route, the `x-shoal-route` header. Raises a 400 naming the bad field."""
+    mode = None
+    if header is not None:
+        mode = header.strip().lower()
+        if mode not in ROUTE_MODES:
+            raise invalid(f"header x-shoal-route must be one of {', '.join(ROUTE_MODES)}", ROUTE_HEADER_IN)
+    if value is None:
+        return RouteChoice(mode or "auto")
+    if not isinstance(value, dict):
+        raise invalid("'shoal' must be an object: {route, prefer, avoid}", "shoal", "invalid_type")
+    for key in value:
+        if key not in ("route", "prefer", "avoid"):
+            raise invalid(f"'shoal.{str(key)[:40]}' is not a shoal option (route, prefer, avoid)",
+                          f"shoal.{str(key)[:40]}", "unknown_parameter")
+    route = value.get("route")
+    if route is not None:
+        if route not in ROUTE_MODES:
+            raise invalid(f"'shoal.route' must be one of {', '.join(ROUTE_MODES)}", "shoal.route")
+        mode = route
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("prefer", "avoid"):
+        peers = value.get(key)
+        if peers is None:
+            lists[key] = ()
+            continue
+        if not isinstance(peers, list) or len(peers) > MAX_ROUTE_PEERS or not all(
+            isinstance(p, str) and 0 < len(p) <= 128 for p in peers
+        ):
+            raise invalid(f"'shoal.{key}' must be a list of at most {MAX_ROUTE_PEERS} peer ids or names",
+                          f"shoal.{key}", "invalid_type")
+        lists[key] = tuple(peers)
+    return RouteChoice(mode or "auto", lists["prefer"], lists["avoid"])
 
 
 def _number(
@@ -210,9 +254,10 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
 
 
 def parse_completion_request(
-    body: Any, kind: Literal["chat", "text"], context_length: int
+    body: Any, kind: Literal["chat", "text"], context_length: int, route_header: str | None = None
 ) -> CompletionRequest:
-    """Check `body` (decoded JSON) for endpoint `kind`; raises `ApiError` (400) naming the bad parameter."""
+    """Check `body` (decoded JSON) for endpoint `kind`; raises `ApiError` (400) naming the bad parameter.
+    `route_header`: the request's `x-shoal-route` header, if any."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
@@ -247,10 +292,12 @@ def parse_completion_request(
         raise invalid("'min_p' is not supported by shoal; leave it out", "min_p", "unsupported_parameter")
     del sampling["min_p"]
     sampling = {k: v for k, v in sampling.items() if v is not None}
+    route = route_choice(body.get("shoal"), route_header)
     if kind == "chat":
         return CompletionRequest(
-            kind, model, stream, include_usage, max_tokens, messages=_messages(body), sampling=sampling
+            kind, model, stream, include_usage, max_tokens, messages=_messages(body), sampling=sampling,
+            route=route,
         )
     return CompletionRequest(
-        kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling
+        kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling, route=route
     )

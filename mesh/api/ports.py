@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from shoal.mesh.api.metrics import NodeMetrics
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.events import EventBus
-from shoal.mesh.route import Route
+from shoal.mesh.route import Route, RouteChoice
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable, ServedModel
@@ -163,9 +163,11 @@ class RouterPort(Protocol):
         ...
 
     def stream(
-        self, served: Servable, prompt_ids: list[int], params: SamplingParams, route: Route
+        self, served: Servable, prompt_ids: list[int], params: SamplingParams, route: Route,
+        choice: RouteChoice | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """The request's token events; fills `route` in (kind, peers, spans, replans, timings)."""
+        """The request's token events, routed within `choice` (the request's own wishes); fills `route` in
+        (kind, peers, spans, replans, timings). Raises `RouteFailed` when no device takes it."""
         ...
 
     def observe(self, model: str, record: RequestRecord) -> None:

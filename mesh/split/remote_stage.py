@@ -45,9 +45,11 @@ def next_wire_seq() -> int:
 class StageLost(PeerUnavailable):
     """A stage's peer went away (link closed, timed out, or failed the call); `peer` says which."""
 
-    def __init__(self, peer: str, message: str) -> None:
+    def __init__(self, peer: str, message: str, code: str | None = None) -> None:
         super().__init__(f"stage on {peer[:16]} lost: {message}")
         self.peer = peer
+        self.code = code
+        """The peer's error code when it refused (`refused`, `quota`, `busy`, ...), else None."""
 
 
 class StageLink(Protocol):
@@ -118,7 +120,7 @@ class RemoteStage:
         except RemoteError as exc:
             if exc.code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
                 raise ValueError(f"stage on {self.peer[:16]} refused the call: {exc.message}") from None
-            raise StageLost(self.peer, str(exc)) from None
+            raise StageLost(self.peer, str(exc), exc.code) from None
         except MeshError as exc:
             raise StageLost(self.peer, str(exc)) from None
 

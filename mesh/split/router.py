@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
-from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route
+from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route, RouteChoice, RouteFailed
 from shoal.mesh.split import scheduler as sched
+from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.pipeline import Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
-from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
@@ -53,8 +53,17 @@ STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
 
 
-class NoRouteError(ModelError):
-    """No device can serve the request (the API answers with the message)."""
+PEER_FAILURES = {
+    wire.REFUSED: (503, "peer_refused"),
+    wire.QUOTA: (429, "peer_quota"),
+    wire.BUSY: (503, "peer_busy"),
+    wire.NO_MODEL: (503, "peer_no_model"),
+    wire.BAD_REQUEST: (400, "peer_bad_request"),
+}
+"""How a peer's error code reaches the API's client: (HTTP status, error code). Anything else (a lost link, a
+timeout, an internal error) is 503 `peer_unreachable`."""
+REPLANNABLE = frozenset({wire.REFUSED, wire.QUOTA, wire.BUSY, wire.NO_MODEL})
+"""Peer error codes after which a request is planned again without that peer (never on the same one)."""
 
 
 class Router:
@@ -129,10 +138,20 @@ class Router:
                 logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
         return devices
 
+    def peer_ids(self, names: tuple[str, ...]) -> list[str]:
+        """Peer ids for ids or names a request lists (`prefer`/`avoid`), in order; unknown ones are kept as
+        given (they match nothing)."""
+        by_name = {p.name: p.peer_id for p in self.mesh.connected_peers() if p.name}
+        return list(dict.fromkeys(by_name.get(n, n) for n in names))
+
     def plan(self, model: str, config: Any, weight_bytes: int, holds: bool, prompt_tokens: int,
-             max_tokens: int, exclude: frozenset[str] = frozenset()) -> sched.Plan:
-        if self.forced is not None and not exclude:
+             max_tokens: int, exclude: frozenset[str] = frozenset(), choice: RouteChoice | None = None
+             ) -> sched.Plan:
+        choice = choice or RouteChoice()
+        if self.forced is not None and not exclude and choice.mode in ("auto", self.forced.kind):
             return self.forced.to_plan(config.num_layers)
+        exclude = exclude | frozenset(self.peer_ids(choice.avoid))
+        kinds = None if choice.mode == "auto" else (choice.mode,)
         shape = sched.ModelShape.from_config(config, weight_bytes)
         request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
         local = self.local_device(model, holds)
@@ -141,8 +160,9 @@ class Router:
         local = replace(local, free_memory=local.memory_budget(policy),
                         total_memory=local.free_memory)
         peers = self.peer_devices(model)
-        chosen = sched.plan(shape, request, local, peers, replace(policy, max_memory_share=1.0),
-                            exclude=exclude, max_stages=3 if holds else 1)
+        chosen = sched.plan(shape, request, local if holds or choice.mode != "local" else None, peers,
+                            replace(policy, max_memory_share=1.0), exclude=exclude,
+                            max_stages=3 if holds else 1, kinds=kinds, prefer=self.peer_ids(choice.prefer))
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]
         logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
                     prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
@@ -152,39 +172,48 @@ class Router:
     # --- running ------------------------------------------------------------------------------------------
 
     async def stream(self, served: Servable, prompt_ids: list[int], params: SamplingParams,
-                     route: Route) -> AsyncIterator[TokenEvent]:
-        """Token events for one request, from wherever the plan says; `route` is filled in as it goes."""
+                     route: Route, choice: RouteChoice | None = None) -> AsyncIterator[TokenEvent]:
+        """Token events for one request, from wherever the plan says (within `choice`, the request's own
+        routing wishes); `route` is filled in as it goes. A request no device can take, or whose peers all
+        refused or failed, raises `RouteFailed` (the API answers with its status and code)."""
         model = served.name
+        choice = choice or RouteChoice()
         config, weight_bytes = self.shape(served)
         max_tokens = _planned_tokens(served, prompt_ids, params)
         holds = served.engine is not None
+        if choice.mode == "local" and not holds:
+            raise RouteFailed(503, "no_route", f"{model} is not held by this node, so it cannot run locally")
         try:
-            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens)
+            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens, choice=choice)
         except sched.NoPlanError as exc:
-            if not holds:
-                raise NoRouteError(str(exc)) from None
+            if not holds or choice.mode != "auto":
+                raise RouteFailed(503, "no_route", f"{model}: {exc}") from None
             # the model is loaded here already: serve it rather than refuse (the budget is a planning aid)
             logger.warning("%s: %s; running locally anyway", model, exc)
             whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
             plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
         _follow(route, plan)
         if plan.kind != "offload" and not holds:
-            raise NoRouteError(f"{model} is not held by this node: it can only be offloaded")
+            raise RouteFailed(503, "no_route", f"{model} is not held by this node: it can only be offloaded")
         if plan.kind == "local":
             source = served.engine.stream(prompt_ids, params)
         elif plan.kind == "offload":
-            source = self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route)
+            source = self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route,
+                                   choice)
         else:
-            source = self._split(served, plan, config, prompt_ids, params, route)
+            source = self._split(served, plan, config, prompt_ids, params, route, choice)
         started = time.perf_counter()
         first: float | None = None
         tokens = 0
-        async with contextlib.aclosing(source) as events:
-            async for event in events:
-                tokens += 1
-                if first is None:
-                    first = time.perf_counter() - started
-                yield event
+        try:
+            async with contextlib.aclosing(source) as events:
+                async for event in events:
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter() - started
+                    yield event
+        except (StageLost, RemoteError) as exc:  # a split's recovery gave up, or a peer's error ends it
+            raise peer_failure(exc) from None
         seconds = time.perf_counter() - started
         per_token = (seconds - first) / (tokens - 1) if first is not None and tokens > 1 else None
         route.observed = ObservedTimes(first, seconds, per_token)
@@ -194,8 +223,8 @@ class Router:
                     observed["ttft_s"], observed["per_token_s"])
 
     async def _offload(self, served: Servable, plan: sched.Plan, config: Any, weight_bytes: int,
-                       prompt_ids: list[int], params: Any, max_tokens: int, route: Route
-                       ) -> AsyncIterator[Any]:
+                       prompt_ids: list[int], params: Any, max_tokens: int, route: Route,
+                       choice: RouteChoice) -> AsyncIterator[Any]:
         emitted: list[int] = []
         excluded: set[str] = set()
         while True:
@@ -215,15 +244,20 @@ class Router:
                         yield OffloadEvent(event.token_id, event.text, len(emitted) - 1, len(prompt_ids),
                                            len(emitted), event.finish_reason)
                 return
-            except StageLost as exc:
+            except (StageLost, RemoteError) as exc:
+                if isinstance(exc, RemoteError) and exc.code not in REPLANNABLE:
+                    raise peer_failure(exc, peer) from None
                 if len(excluded) >= self.settings.max_replans:
-                    raise
-                logger.warning("offload to %s lost after %d tokens: %s; re-planning", peer[:12],
+                    raise peer_failure(exc, peer) from None
+                logger.warning("offload to %s failed after %d tokens: %s; re-planning without it", peer[:12],
                                len(emitted), exc)
                 excluded.add(peer)
-                plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
-                                 len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
-                                 frozenset(excluded))
+                try:
+                    plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
+                                     len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
+                                     frozenset(excluded), choice)
+                except sched.NoPlanError:
+                    raise peer_failure(exc, peer) from None
                 if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
                     whole = LayerSpan.whole(config.num_layers)
                     plan = sched.Plan("local", (sched.Assignment(sched.LOCAL, whole),), plan.prediction)
@@ -231,7 +265,7 @@ class Router:
                 _follow(route, plan)
 
     async def _split(self, served: Servable, plan: sched.Plan, config: Any, prompt_ids: list[int],
-                     params: SamplingParams, route: Route) -> AsyncIterator[Any]:
+                     params: SamplingParams, route: Route, choice: RouteChoice) -> AsyncIterator[Any]:
         from shoal.models.generate import Engine
 
         loop = asyncio.get_running_loop()
@@ -268,7 +302,7 @@ class Router:
             return stages
 
         async def replan_and_build(excluded: frozenset[str]) -> list[Any]:
-            new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded)
+            new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded, choice)
             _follow(route, new_plan)
             return await make_stages(new_plan)
 
@@ -298,9 +332,13 @@ class Router:
             await loop.run_in_executor(None, pipeline.close)
 
     async def _replan(self, served: Servable, config: Any, weight_bytes: int, prompt_ids: list[int],
-                      params: SamplingParams, excluded: frozenset[str]) -> sched.Plan:
+                      params: SamplingParams, excluded: frozenset[str], choice: RouteChoice) -> sched.Plan:
         max_tokens = _planned_tokens(served, prompt_ids, params)
-        plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded)
+        try:
+            plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded,
+                             choice)
+        except sched.NoPlanError as exc:
+            raise StageLost(sorted(excluded)[0] if excluded else sched.LOCAL, str(exc)) from None
         if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
             whole = LayerSpan.whole(config.num_layers)
             device = plan.stages[0].device
@@ -333,6 +371,15 @@ class Router:
         """Feed a finished local request's timings into the advertised speed."""
         if record.route.kind == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def peer_failure(exc: StageLost | RemoteError, peer: str | None = None) -> RouteFailed:
+    """The API's error for a request its peer(s) refused or failed (see `PEER_FAILURES`)."""
+    code = exc.code if isinstance(exc, RemoteError) else getattr(exc, "code", None)
+    who = peer or getattr(exc, "peer", None) or "a peer"
+    status, name = PEER_FAILURES.get(code or "", (503, "peer_unreachable"))
+    retry = getattr(exc, "retry_after_s", None)
+    return RouteFailed(status, name, f"{who[:16]}: {exc}"[:500], retry_after_s=retry)
 
 
 def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingParams) -> int:

@@ -346,11 +346,15 @@ def plan(
     *,
     exclude: Iterable[str] = (),
     max_stages: int = 3,
+    kinds: Iterable[PlanKind] | None = None,
+    prefer: Sequence[str] = (),
 ) -> Plan:
     """The plan with the least predicted time-to-last-token, under `policy`; raises `NoPlanError`.
 
     `local` is None when this node cannot compute at all; `exclude` names devices to leave out (a re-plan
-    after a stage was lost).
+    after a stage was lost, or peers a request avoids). `kinds` keeps only plans of those kinds (a request's
+    own route; `prefer_local` then only applies when `local` is among them). `prefer` ranks plans that use
+    those devices first, in that order (a split then draws its peers from them when any is usable).
     """
     excluded = frozenset(exclude)
     if local is not None and not local.is_local:
@@ -358,6 +362,7 @@ def plan(
     if any(p.is_local for p in peers):
         raise ValueError(f"a peer may not use the reserved id {LOCAL!r}")
     whole = LayerSpan.whole(shape.num_layers)
+    allowed = frozenset(kinds) if kinds is not None else frozenset(("local", "offload", "split"))
     usable = _eligible(([local] if local else []) + list(peers), policy, excluded)
     local_ok = [d for d in usable if d.is_local]
     remote = [d for d in usable if not d.is_local]
@@ -366,23 +371,34 @@ def plan(
     if local_ok and max_layers(shape, request, local_ok[0], policy, True, True) >= shape.num_layers:
         prediction = predict(shape, request, [(local_ok[0], whole)])
         local_plan = Plan("local", (Assignment(LOCAL, whole),), prediction)
-    if local_plan is not None and policy.prefer_local and not local_ok[0].below_battery_floor(policy):
+    if local_plan is not None and (allowed == {"local"} or (
+            kinds is None and policy.prefer_local and not local_ok[0].below_battery_floor(policy))):
         return local_plan
 
     options: list[Plan] = [] if local_plan is None else [local_plan]
     for d in remote:  # an offload runs on the peer's own engine: only a peer holding the model can take it
         if d.holds_model and max_layers(shape, request, d, policy, True, True) >= shape.num_layers:
             options.append(Plan("offload", (Assignment(d.id, whole),), predict_offload(shape, request, d)))
-    split = _best_split(shape, request, usable, policy, max_stages)
-    if split is not None:
-        options.append(split)
+    if "split" in allowed:
+        favoured = [d for d in usable if d.is_local or d.id in prefer]
+        pool = favoured if any(not d.is_local for d in favoured) else usable
+        split = _best_split(shape, request, pool, policy, max_stages)
+        if split is not None:
+            options.append(split)
+    options = [p for p in options if p.kind in allowed]
     if local_ok and local_ok[0].below_battery_floor(policy):
         without_local = [p for p in options if LOCAL not in p.devices]
         options = without_local or options
     if not options:
-        raise NoPlanError(_why_none(shape, request, local, peers, policy, excluded))
+        raise NoPlanError(_why_none(shape, request, local, peers, policy, excluded, allowed))
     kind_rank = {"local": 0, "offload": 1, "split": 2}
-    return min(options, key=lambda p: (round(p.prediction.ttlt_s, 9), kind_rank[p.kind], p.devices))
+    rank = {device: i for i, device in enumerate(prefer)}
+
+    def preferred(p: Plan) -> int:
+        return min((rank[d] for d in p.devices if d in rank), default=len(rank))
+
+    return min(options, key=lambda p: (preferred(p), round(p.prediction.ttlt_s, 9), kind_rank[p.kind],
+                                       p.devices))
 
 
 def _why_none(
@@ -392,8 +408,14 @@ def _why_none(
     peers: Sequence[Device],
     policy: PolicyConfig,
     excluded: frozenset[str],
+    allowed: frozenset[str] = frozenset(("local", "offload", "split")),
 ) -> str:
     usable = _eligible(([local] if local else []) + list(peers), policy, excluded)
+    if "local" not in allowed and not any(not d.is_local for d in usable):
+        return (
+            f"no peer can take this request ({', '.join(sorted(allowed))}): {len(peers)} peer(s) known, "
+            f"none usable under the policy (serving others, trust, battery floor {policy.battery_floor}%)"
+        )
     if not usable:
         return (
             f"no device can run this model: {len(peers)} peer(s) known, none usable under the policy "

@@ -211,6 +211,12 @@ class SplitService:
             except ValueError as exc:
                 return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error",
                                                     "param": None, "code": "bad_route"}}, status=400)
+            if self.router.forced is not None:
+                logger.warning("node-wide forced route set (for tests and benchmarks): %s %s; every "
+                               "request without its own route follows it", self.router.forced.kind,
+                               list(self.router.forced.stages))
+            else:
+                logger.info("node-wide forced route cleared: the scheduler plans again")
             return await get_route(request)
 
         app.router.add_get("/v1/mesh/route", get_route)

@@ -73,6 +73,8 @@ for _name, _limit in (
 # Error codes (in error frames and RemoteError.code).
 REFUSED = "refused"
 """The node does not serve others (policy), or is below its battery floor."""
+QUOTA = "quota"
+"""The asking peer used its share of this node's tokens for the hour (`max_tokens_per_peer_per_hour`)."""
 NO_MODEL = "no_model"
 BAD_REQUEST = "bad_request"
 UNKNOWN_SEQUENCE = "unknown_sequence"

@@ -1,0 +1,101 @@
+"""Routing across three real node processes (NumPy backend, loopback), driven by the official `openai`
+client (max_retries=0): a refused or unreachable peer leads to a re-plan or to a coded 503 (never a 500), and
+a request's own route (`extra_body={"shoal": ...}`, `x-shoal-route`) is followed and validated.
+
+Node a is the origin; b and c serve others (the default). c refuses (serve_others off) where a test says so.
+"""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import pytest
+from shoal.mesh.p2p.identity import Identity
+
+from tests.mesh.mesh_nodes import wait_until
+from tests.mesh.split_nodes import MODEL, SplitNode, start_nodes
+
+pytestmark = pytest.mark.timeout(300)
+
+QUESTION = [{"role": "user", "content": "Name a primary colour."}]
+FAKE_PEER = "p" + "z" * 51
+
+
+@pytest.fixture(scope="module")
+def mesh3(tmp_path_factory):
+    base = tmp_path_factory.mktemp("route3")
+    secret = os.urandom(32).hex()
+    for n in "abc":
+        Identity.load_or_create(base / n, name=n)
+    a = SplitNode("a", base / "a")
+    b = SplitNode("b", base / "b", {"mesh": {"bootstrap": [a.api]}})
+    c = SplitNode("c", base / "c", {"mesh": {"bootstrap": [a.api]}})
+    nodes = [a, b, c]
+    start_nodes(nodes, secret)
+    try:
+        def ready() -> bool:
+            peers = a.peers()
+            return all(n.peer_id in peers and peers[n.peer_id]["advert"].get("split", {}).get("serve_others")
+                       for n in (b, c))
+
+        wait_until(ready, 60, "a linked to b and c, both serving others")
+        yield a, b, c
+    finally:
+        for node in nodes:
+            node.kill(15)
+
+
+def client(node: SplitNode) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{node.api}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def ask(node: SplitNode, **kw) -> dict:
+    reply = client(node).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                                 **kw)
+    return reply.model_extra["shoal_route"]
+
+
+def test_a_refusing_peer_is_replanned_around_or_answered_with_a_code(mesh3):
+    a, b, c = mesh3
+    local = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                              extra_headers={"x-shoal-route": "local"})
+    c.policy(serve_others=False)
+    try:
+        a.force("offload", (c.peer_id, "0:30"))  # a stale plan: c refuses it
+        route = ask(a, extra_body={"shoal": {"avoid": [b.peer_id]}})
+        assert route["kind"] == "local" and route["replans"] == 1, route  # re-planned without c (nor b)
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(a, extra_body={"shoal": {"route": "offload", "avoid": ["b"]}})
+        assert refused.value.status_code == 503, refused.value
+        assert refused.value.body["code"] == "peer_refused", refused.value.body
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        with pytest.raises(openai.APIStatusError) as refused_stream:  # before the first byte: an HTTP 503
+            client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, stream=True,
+                                              extra_body={"shoal": {"route": "offload", "avoid": ["b"]}})
+        assert refused_stream.value.status_code == 503
+        a.force("offload", (FAKE_PEER, "0:30"))  # a peer that is not linked
+        with pytest.raises(openai.APIStatusError) as gone:
+            ask(a, extra_body={"shoal": {"route": "offload", "avoid": ["b", "c"]}})
+        assert (gone.value.status_code, gone.value.body["code"]) == (503, "peer_unreachable"), gone.value.body
+    finally:
+        a.force(None)
+        c.policy(serve_others=True)
+    wait_until(lambda: a.peers()[c.peer_id]["advert"]["split"]["serve_others"], 20, "c serving again")
+    # the request's own route and preferences, by peer id or name
+    route = ask(a, extra_body={"shoal": {"route": "offload", "prefer": ["c"]}})
+    assert route["kind"] == "offload" and route["peers"] == [c.peer_id], route
+    route = ask(a, extra_headers={"x-shoal-route": "offload"}, extra_body={"shoal": {"avoid": ["c"]}})
+    assert route["kind"] == "offload" and route["peers"] == [b.peer_id], route
+    route = ask(a, extra_body={"shoal": {"route": "split", "prefer": [b.peer_id]}})
+    assert route["kind"] == "split" and set(route["peers"]) == {"local", b.peer_id}, route
+    offloaded = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                                  extra_body={"shoal": {"route": "offload"}})
+    assert offloaded.choices[0].message.content == local.choices[0].message.content
+    for shoal, param in (({"route": "sideways"}, "shoal.route"), ({"prefer": "b"}, "shoal.prefer")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            ask(a, extra_body={"shoal": shoal})
+        assert bad.value.body["param"] == param, bad.value.body
+    with pytest.raises(openai.BadRequestError) as bad:
+        ask(a, extra_headers={"x-shoal-route": "sideways"})
+    assert bad.value.body["param"] == "x-shoal-route"
