@@ -31,18 +31,22 @@ from shoal.models.chain import StageChain
 from shoal.models.errors import ContextOverflowError, ModelError
 from shoal.models.requests import (
     EngineStats,
+    EventLogprobs,
     FinishReason,
     Generation,
     Request,
     TokenEvent,
+    TokenLogprob,
     TokenStream,
+    event_logprobs,
     next_event,
 )
 from shoal.models.sampling import Sampler, SamplingParams
 from shoal.models.stage import Stage
 from shoal.models.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineStats", "EngineStoppedError", "FinishReason", "Generation", "TokenEvent"]
+__all__ = ["Engine", "EngineStats", "EngineStoppedError", "EventLogprobs", "FinishReason", "Generation",
+           "TokenEvent", "TokenLogprob"]
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +393,9 @@ class Engine:
 
     def _accept(self, req: Request, token: int) -> None:
         """Turn a sampled token into an event; finish the request on EOS, a stop string or max_tokens."""
-        event = next_event(req, token, self.tokenizer.stop_token_ids)
+        found = req.sampler.last_logprobs if req.params.logprobs is not None else None
+        logprobs = event_logprobs(found, token, self.tokenizer.token_bytes) if found is not None else None
+        event = next_event(req, token, self.tokenizer.stop_token_ids, logprobs)
         req.queue.put_nowait(event)
         if event.finish_reason is not None:
             self.stats.finished += 1

@@ -19,6 +19,37 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token and its log-probability (natural log), as OpenAI's `logprobs` report it."""
+
+    token_id: int
+    token: str
+    """The token's text (its bytes decoded as UTF-8, a cut character as U+FFFD)."""
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class EventLogprobs:
+    """The chosen token's log-probability and the most likely tokens at its step (most likely first)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
+def event_logprobs(found: tuple[float, list[tuple[int, float]]], token: int,
+                   token_bytes: Callable[[int], bytes]) -> EventLogprobs:
+    """`Sampler.last_logprobs` of `token` as an `EventLogprobs`, with each token's text and bytes."""
+
+    def entry(token_id: int, logprob: float) -> TokenLogprob:
+        raw = token_bytes(token_id)
+        return TokenLogprob(token_id, raw.decode("utf-8", errors="replace"), raw, logprob)
+
+    logprob, top = found
+    return EventLogprobs(entry(token, logprob), tuple(entry(i, lp) for i, lp in top))
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token. The last event of a stream has `finish_reason` set."""
 
@@ -31,6 +62,8 @@ class TokenEvent:
     """Tokens generated so far, this one included (an EOS token counts)."""
     queued_s: float = 0.0
     """Seconds the request waited for admission (room in the KV cache, a batch slot)."""
+    logprobs: EventLogprobs | None = None
+    """Set when the request asked for logprobs (`SamplingParams.logprobs`) and the stage gave logits."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +118,8 @@ class Request:
     cancelled: bool = False
 
 
-def next_event(req: Request, token: int, stop_token_ids: Collection[int]) -> TokenEvent:
+def next_event(req: Request, token: int, stop_token_ids: Collection[int],
+               logprobs: EventLogprobs | None = None) -> TokenEvent:
     """Append `token` to `req`'s output and make its event; it finishes the request on a stop token, a stop
     string or max_tokens."""
     req.output.append(token)
@@ -102,7 +136,7 @@ def next_event(req: Request, token: int, stop_token_ids: Collection[int]) -> Tok
             req.pending = ""
             finish = "length"
     return TokenEvent(token_id=token, text=text, finish_reason=finish, prompt_tokens=len(req.prompt),
-                      completion_tokens=len(req.output), queued_s=req.queued_s)
+                      completion_tokens=len(req.output), queued_s=req.queued_s, logprobs=logprobs)
 
 
 def sample_row(req: Request, row: np.ndarray) -> int | Exception:

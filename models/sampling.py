@@ -4,12 +4,22 @@ state."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 MAX_STOP_SEQUENCES = 8
+MAX_TOP_LOGPROBS = 20
+GGUF_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+"""GGUF metadata keys (llama.cpp's `general.sampling.*`) that set a model's sampling defaults."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,9 @@ class SamplingParams:
     """Seed of this request's RNG: the same seed, prompt and params give the same tokens."""
     stop: tuple[str, ...] = field(default=())
     """Text that ends generation; it is not part of the output. A str or up to 8 strings."""
+    logprobs: int | None = None
+    """Report each chosen token's log-probability and the `logprobs` most likely tokens (0 to
+    `MAX_TOP_LOGPROBS`); None: off. Taken from the model's own distribution (raw logits)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -67,6 +80,9 @@ class SamplingParams:
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(stop))
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -76,7 +92,7 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy without penalties: the token is the argmax of the raw logits (the lowest id among ties)."""
         return (self.temperature == 0 and self.repetition_penalty == 1.0 and self.presence_penalty == 0
-                and self.frequency_penalty == 0)
+                and self.frequency_penalty == 0 and self.logprobs is None)
 
 
 def _is_int(value: object) -> bool:
@@ -180,6 +196,38 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return int(rng.choice(probs.size, p=probs))
 
 
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under softmax(`logits`), and the `k` most likely (id, log-probability)
+    pairs, most likely first (ties by lower id)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = float(np.max(x))
+    lse = top + float(np.log(np.sum(np.exp(x - top))))
+    chosen = float(x[token]) - lse
+    if k <= 0:
+        return chosen, []
+    k = min(k, x.size)
+    part = np.argpartition(-x, k - 1)[:k]
+    order = part[np.lexsort((part, -x[part]))]
+    return chosen, [(int(i), float(x[i]) - lse) for i in order]
+
+
+def defaults_from_gguf(metadata: Mapping[str, Any]) -> dict[str, float | int]:
+    """A model's sampling defaults from its GGUF `general.sampling.*` keys, as `SamplingParams` keyword
+    arguments; a value out of range (or of the wrong type) is left out, so the documented default holds."""
+    out: dict[str, float | int] = {}
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        value = metadata.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            continue
+        value = int(value) if name == "top_k" else float(value)
+        try:
+            SamplingParams(**{name: value})
+        except ValueError:
+            continue
+        out[name] = value
+    return out
+
+
 def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     """Stop strings over streamed text. `pending` is text not yet emitted. Returns (emit, keep, stopped):
     with a stop string in `pending`, emit what precedes the first one and stop; otherwise emit all but the
@@ -207,9 +255,13 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self._context: list[int] = list(prompt_ids) if params.repetition_penalty != 1.0 else []
         self._counts: dict[int, int] = {}
+        self.last_logprobs: tuple[float, list[tuple[int, float]]] | None = None
+        """With `params.logprobs` set: the last token's log-probability and the top alternatives."""
 
     def next_token(self, logits: np.ndarray) -> int:
         token = sample(logits, self.params, self.rng, context_ids=self._context, output_counts=self._counts)
+        if self.params.logprobs is not None:
+            self.last_logprobs = token_logprobs(logits, token, self.params.logprobs)
         self.accept(token)
         return token
 
