@@ -40,6 +40,7 @@ os.environ.setdefault("SHOAL_COMPILE_CACHE", str(REPO / ".cache" / "compile"))
 
 from tests.mesh.mesh_nodes import wait_until  # noqa: E402 (after the sys.path line)
 from tests.mesh.split_nodes import SplitNode, start_nodes  # noqa: E402
+from tests.nodes import merged  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -152,23 +153,26 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
     placement, cores = PLACEMENTS[label]
     network = host_network(args) if args.netns else None
     delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
-    backend = ["--backend", args.backend, "--delay-ms", str(delay)]
+    instruments = ["--delay-ms", str(delay)]
     if args.switch_interval_ms is not None:
-        backend += ["--switch-interval-ms", str(args.switch_interval_ms)]
+        instruments += ["--switch-interval-ms", str(args.switch_interval_ms)]
 
     def extra(name: str) -> list[str]:
         return ["--trace", str(base / f"{name}.trace")] if args.trace else []
 
-    def node(index: int, name: str, args: list[str]) -> SplitNode:
+    def node(index: int, name: str, settings: dict) -> SplitNode:
+        settings = merged({"models": {"backend": args.backend}}, settings)
         if network is None:
-            return SplitNode(name, base / name, args + extra(name), prefix=cores[index])
-        return SplitNode(name, base / name, [*args, *extra(name), "--ice-interface", "eth0"],
+            return SplitNode(name, base / name, settings, harness_args=instruments + extra(name),
+                             prefix=cores[index])
+        return SplitNode(name, base / name, merged(settings, {"mesh": {"ice_interfaces": ["eth0"]}}),
+                         harness_args=instruments + extra(name),
                          prefix=[*network.exec_prefix(index), *cores[index]], host=network.address(index),
                          key=secret[:32])
 
-    a = node(0, "a", ["--serve-others", *backend])
-    b = node(1, "b", ["--serve-others", "--bootstrap", a.api, *backend])
-    c = node(2, "c", ["--serve-others", "--bootstrap", a.api, *backend])
+    a = node(0, "a", {})
+    b = node(1, "b", {"mesh": {"bootstrap": [a.api]}})
+    c = node(2, "c", {"mesh": {"bootstrap": [a.api]}})
     nodes = [a, b, c]
     try:
         start_nodes(nodes, secret)

@@ -183,12 +183,14 @@ class NodeProcess:
     def log_tail(self, size: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-size:] if self.log_path.exists() else ""
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
         """JSON in, JSON out; an HTTP error's JSON body is returned too (raises OSError when unreachable)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
+        headers.update(self.auth_headers())
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -1,16 +1,18 @@
-"""A full node process for split/offload tests and benchmarks: `mesh.node.Node` (OpenAI API, models) plus the
-mesh service and the split service, on loopback.
+"""A full node process for split/offload tests and benchmarks: the node `shoal node` runs (`mesh.node.Node`
+with the mesh and split services), configured by a config TOML like any node, plus what only tests need.
 
-    python -m tests.mesh.split_harness --data-dir D --api 127.0.0.1:PORT --secret S [--allow ID ...]
-        [--bootstrap H:P ...] [--serve-others] [--max-memory-share F] [--trusted-only] [--prefer-local]
-        [--backend numpy|tvm] [--no-model] [--delay-ms N] [--trace FILE] [--ice-interface lo] [--api-key K]
-        [--switch-interval-ms MS]
+    python -m tests.mesh.split_harness --config FILE [--no-model] [--delay-ms N] [--trace FILE]
+        [--switch-interval-ms MS] [-v]
 
-Prints one JSON line `{"ready": true, "id": ..., "api": "host:port"}` on stdout once the default model is
-loaded. With the NumPy backend, the node's engine and the spans it hosts share one cache of dequantized
-tensors (one process holds the fp32 model once). `--no-model` removes the model from the catalog after start
-(a node that does not hold it). `--trace FILE` appends one JSON line per hop event of the split decode path
-(`[event, key, perf_counter]`; CLOCK_MONOTONIC, so comparable across processes) for bench/split.py --trace.
+Every node setting (API address and key, policy, `[mesh]` secret/allow/bootstrap/timing, `[models]` backend,
+`[split]`) comes from the file, which `tests.mesh.split_nodes.SplitNode` writes (`tests.nodes.NodeProcess`).
+The flags are test and bench instruments only. Prints one JSON line `{"ready": true, "id": ..., "api":
+"host:port"}` on stdout once the default model is loaded. With the NumPy backend, the node's engine and the
+spans it hosts share one cache of dequantized tensors (one process holds the fp32 model once); test-only
+routes (`/test/control`, `/test/tensor`) send raw frames to a peer. `--no-model` removes the model from the
+catalog after start (a node that does not hold it). `--trace FILE` appends one JSON line per hop event of the
+split decode path (`[event, key, perf_counter]`; CLOCK_MONOTONIC, so comparable across processes) for
+bench/split.py --trace.
 """
 
 from __future__ import annotations
@@ -22,19 +24,17 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
-from shoal.mesh.node.config import ApiConfig, ModelsConfig, NodeConfig, PolicyConfig
+from shoal.mesh.node.config import ConfigError, load_config
 from shoal.mesh.node.node import Node
-from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import MeshError, RemoteError
-from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.protocol import TENSOR
 from shoal.mesh.p2p.service import MeshService
-from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.service import SplitService
 from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
@@ -218,9 +218,15 @@ def delay_tensor_links(seconds: float) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        raise SystemExit(f"split_harness: {exc}") from None
+    if args.no_model:
+        config = replace(config, models=replace(config.models, preload=False))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format=f"%(asctime)s {args.name or ''} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {config.name} %(levelname)s %(name)s: %(message)s",
     )
     if args.switch_interval_ms is not None:  # bench A/B only: measured no gain (docs/split.md)
         sys.setswitchinterval(args.switch_interval_ms / 1000)
@@ -231,26 +237,13 @@ async def serve(args: argparse.Namespace) -> None:
 
         delay_outgoing_datagrams(args.delay_ms / 1000)  # emulated link latency (this kernel has no netem)
         delay_tensor_links(args.delay_ms / 1000)
-    data_dir = Path(args.data_dir)
-    host, port = args.api.rsplit(":", 1)
-    policy = PolicyConfig(serve_others=args.serve_others, max_memory_share=args.max_memory_share,
-                          trusted_only_splits=args.trusted_only, prefer_local=args.prefer_local)
-    mesh_config = MeshConfig(secret=args.secret, allow=args.allow, bootstrap=args.bootstrap, mdns=False,
-                             ice_interfaces=[args.ice_interface], heartbeat_interval_s=0.5,
-                             dead_timeout_s=args.dead_timeout, gossip_interval_s=1.0, retry_max_s=2.0)
-    config = NodeConfig(name=args.name or "split-node", data_dir=data_dir,
-                        api=ApiConfig(host=host, port=int(port), key=args.api_key), policy=policy,
-                        models=ModelsConfig(backend=args.backend, preload=not args.no_model, max_batch=4),
-                        mesh=mesh_config, split=SplitConfig(direct_tensors=not args.no_direct_tensors))
-    identity = Identity.load_or_create(data_dir, name=config.name)
+    numpy = config.models.backend == "numpy"
     weights = _Weights()
-    kwargs: dict[str, Any] = {}
-    if args.backend == "numpy":
-        kwargs["load_fn"] = numpy_load_fn(weights)
+    kwargs: dict[str, Any] = {"load_fn": numpy_load_fn(weights)} if numpy else {}
     node = Node(config, **kwargs)
-    mesh = node.mesh  # the node owns its mesh service (configured from `mesh_config` above)
+    mesh = node.mesh  # the node owns its mesh service (configured from `[mesh]`)
     split = SplitService(node, mesh)
-    if args.backend == "numpy":
+    if numpy:
         split.stage_factory = weights.stage
     node.services.extend([split, _TestRoutes(mesh)])
     node.use_router(split.router)
@@ -264,8 +257,8 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(orjson.dumps({"ready": True, "id": identity.peer_id, "api": f"{node.host}:{node.port}"}).decode(),
-          flush=True)
+    ready = {"ready": True, "id": node.id, "api": f"{node.host}:{node.port}"}
+    print(orjson.dumps(ready).decode(), flush=True)
     try:
         await stop.wait()
     finally:
@@ -274,24 +267,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.mesh.split_harness")
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--api", required=True, help="HOST:PORT (fixed: peers learn it from signalling)")
-    parser.add_argument("--name")
-    parser.add_argument("--secret", required=True)
-    parser.add_argument("--allow", action="append", default=[])
-    parser.add_argument("--bootstrap", action="append", default=[])
-    parser.add_argument("--backend", choices=("numpy", "tvm"), default="numpy")
-    parser.add_argument("--serve-others", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max-memory-share", type=float, default=0.5)
-    parser.add_argument("--trusted-only", action="store_true")
-    parser.add_argument("--prefer-local", action="store_true")
-    parser.add_argument("--no-model", action="store_true")
-    parser.add_argument("--dead-timeout", type=float, default=2.0)
+    parser.add_argument("--config", required=True, help="the node's config TOML (every node setting)")
+    parser.add_argument("--no-model", action="store_true", help="test-only: drop the model after start")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every outgoing datagram this long")
-    parser.add_argument("--ice-interface", default="lo", help="the interface ICE gathers host candidates on")
-    parser.add_argument("--api-key", help="required when --api is not a loopback address")
-    parser.add_argument("--no-direct-tensors", action="store_true",
-                        help="keep a split's tensors on the data channel (no direct tensor links)")
     parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
     parser.add_argument("--switch-interval-ms", type=float,
                         help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")

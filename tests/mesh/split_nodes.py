@@ -1,11 +1,10 @@
-"""Helpers for split/offload tests and the split bench: start real node processes
-(`tests.mesh.split_harness`) in parallel, force routes, run completions (plain and streamed), change
-policy."""
+"""Helpers for split/offload tests and the split bench: real node processes (`tests.mesh.split_harness`, a
+`tests.nodes.NodeProcess` with test-only instruments) started in parallel, forced routes, completions (plain
+and streamed), policy changes."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,49 +13,51 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tests.mesh.mesh_nodes import free_port
+from tests.nodes import REPO, NodeProcess, merged, node_env, to_toml
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 
 
+SPLIT_TEST_CONFIG: dict[str, Any] = {
+    "models": {"backend": "numpy", "max_batch": 4},
+    "policy": {"serve_others": True, "trusted_only_splits": False, "prefer_local": False},
+    "mesh": {"heartbeat_interval_s": 0.5, "dead_timeout_s": 2.0, "gossip_interval_s": 1.0,
+             "retry_max_s": 2.0},
+}
+"""What every split test node runs with (quick links and adverts, no trust or local preference in the way),
+under `settings`: the NumPy backend, a node that serves others."""
+
+
 @dataclass
-class SplitNode:
-    name: str
-    data_dir: Path
-    args: list[str]
-    prefix: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    host: str = "127.0.0.1"
-    """Address the API binds (a network namespace's address in the bench's --netns mode)."""
-    key: str | None = None
-    """API key: needed, and sent, when `host` is not loopback."""
-    peer_id: str = ""
-    process: subprocess.Popen[str] | None = None
+class SplitNode(NodeProcess):
+    """A `tests.mesh.split_harness` process configured by a TOML file like any node (`NodeProcess`); the
+    mesh secret is given at `launch`. `harness_args` are the harness's test-only instruments (`--no-model`,
+    `--delay-ms`, `--trace`, `--switch-interval-ms`)."""
 
-    @property
-    def api(self) -> str:
-        return f"{self.host}:{self.port}"
+    harness_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=lambda: {"OPENBLAS_NUM_THREADS": "1"})
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.name}.log"
+    def config(self) -> dict[str, Any]:
+        return merged(super().config(), merged(SPLIT_TEST_CONFIG, self.settings))
 
-    def launch(self, secret: str) -> None:
-        log = open(self.log_path, "a")  # the process owns it
-        command = [*self.prefix, sys.executable, "-m", "tests.mesh.split_harness",
-                   "--data-dir", str(self.data_dir), "--api", self.api, "--name", self.name,
-                   "--secret", secret, "-v", *self.args]
-        if self.key:
-            command += ["--api-key", self.key]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
-                                        env=env)
+    def command(self) -> list[str]:
+        return [*self.prefix, sys.executable, "-m", "tests.mesh.split_harness", "--config",
+                str(self.config_path), "-v", *self.harness_args]
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
+    def launch(self, secret: str | None = None) -> SplitNode:  # type: ignore[override]
+        if secret is not None:
+            self.settings = merged(self.settings, {"mesh": {"secret": secret}})
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(to_toml(self.config()))
+        with open(self.log_path, "a") as log:  # the process keeps its own descriptor
+            self.process = subprocess.Popen(self.command(), cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, env=node_env(self.env))  # type: ignore[assignment]
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0, ready: Any = None) -> SplitNode:
+        """Read the harness's ready line (it prints it once the model is loaded and advertised)."""
         assert self.process is not None and self.process.stdout is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -65,34 +66,11 @@ class SplitNode:
                 raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
             if line.startswith("{"):
                 self.peer_id = json.loads(line)["id"]
-                return
+                return self
         raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
 
-    def log_tail(self) -> str:
-        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        headers = self._headers() if data is None else {**self._headers(), "Content-Type": "application/json"}
-        request = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method,
-                                         headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return json.loads(exc.read())
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+    def kill(self, sig: int = signal.SIGKILL) -> None:  # type: ignore[override]
+        self.stop(sig, timeout_s=15.0)
 
     def peers(self) -> dict[str, dict]:
         view = self.call("GET", "/v1/mesh/peers")
@@ -119,7 +97,7 @@ class SplitNode:
                 "temperature": 0, "stream": True}
         request = urllib.request.Request(f"http://{self.api}/v1/chat/completions",
                                          data=json.dumps(body).encode(), method="POST",
-                                         headers={**self._headers(), "Content-Type": "application/json"})
+                                         headers={**self.auth_headers(), "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=180) as response:
             for raw in response:
                 line = raw.decode().strip()

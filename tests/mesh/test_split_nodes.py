@@ -33,10 +33,10 @@ def mesh3(tmp_path_factory):
     base = tmp_path_factory.mktemp("split3")
     secret = os.urandom(32).hex()
     ids = {n: Identity.load_or_create(base / n, name=n).peer_id for n in "abc"}
-    a = SplitNode("a", base / "a", ["--serve-others", "--allow", ids["b"]])
-    b = SplitNode("b", base / "b", ["--serve-others", "--bootstrap", a.api, "--no-direct-tensors"])
-    c = SplitNode("c", base / "c", ["--serve-others", "--bootstrap", a.api])
-    d = SplitNode("d", base / "d", ["--no-model", "--serve-others", "--bootstrap", a.api])  # holds no model
+    a = SplitNode("a", base / "a", {"mesh": {"allow": [ids["b"]]}})
+    b = SplitNode("b", base / "b", {"mesh": {"bootstrap": [a.api]}, "split": {"direct_tensors": False}})
+    c = SplitNode("c", base / "c", {"mesh": {"bootstrap": [a.api]}})
+    d = SplitNode("d", base / "d", {"mesh": {"bootstrap": [a.api]}}, harness_args=["--no-model"])  # no model
     nodes = [a, b, c, d]
     start_nodes(nodes, secret)
     try:
@@ -252,8 +252,8 @@ def test_kill_the_offload_target_mid_generation(mesh3):
 def test_compiled_backend_split_and_offload_equal_local(tmp_path):
     """The same over TVM-compiled shards (compiles 3-4 shards on a cold cache: opt in with -m slow)."""
     secret = os.urandom(32).hex()
-    a = SplitNode("a", tmp_path / "a", ["--serve-others", "--backend", "tvm"])
-    b = SplitNode("b", tmp_path / "b", ["--serve-others", "--backend", "tvm", "--bootstrap", a.api])
+    a = SplitNode("a", tmp_path / "a", {"models": {"backend": "tvm"}})
+    b = SplitNode("b", tmp_path / "b", {"models": {"backend": "tvm"}, "mesh": {"bootstrap": [a.api]}})
     start_nodes([a, b], secret)
     try:
         wait_until(lambda: b.peer_id in a.peers(), 60, "a linked to b")
