@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -177,7 +176,7 @@ async def _in_process(args: argparse.Namespace, config: NodeConfig) -> AsyncIter
         EventBus(),
         backend=config.models.backend,
         target=config.models.target,
-        cache_dir=None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir,
+        cache_dir=config.compile_dir,
         on_progress=progress,
     )
     manager.add_embedded()

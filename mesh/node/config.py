@@ -4,7 +4,8 @@ Each TOML section is a frozen dataclass owned by one subsystem (`[api]`, `[polic
 `[ipfs]`, `[mesh]` and `[split]` in their packages); `NodeConfig` composes them. Values are validated in
 `__post_init__`; every problem is raised as `ConfigError` with a message naming the section and key.
 
-Top-level keys: `name` (the node's display name) and `data_dir`. Env: `SHOAL_NAME`, `SHOAL_DATA_DIR`.
+Top-level keys: `name` (the node's display name), `data_dir` and `compile_cache`. Env: `SHOAL_NAME`,
+`SHOAL_DATA_DIR`, `SHOAL_COMPILE_CACHE`. The environment is read here only (`load_config`).
 """
 
 from __future__ import annotations
@@ -185,11 +186,15 @@ class NodeConfig:
     ipfs: IpfsConfig = field(default_factory=IpfsConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    compile_cache: Path | None = None
+    """Where compiled models are kept; none: `data_dir/compile`. Env: `SHOAL_COMPILE_CACHE`."""
 
     def __post_init__(self) -> None:
         if len(self.name) > 64:
             raise ValueError("name must be at most 64 characters")
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if self.compile_cache is not None:
+            object.__setattr__(self, "compile_cache", Path(self.compile_cache).expanduser())
 
     @property
     def blocks_dir(self) -> Path:
@@ -197,7 +202,7 @@ class NodeConfig:
 
     @property
     def compile_dir(self) -> Path:
-        return self.data_dir / "compile"
+        return self.compile_cache or self.data_dir / "compile"
 
     @property
     def identity_dir(self) -> Path:
@@ -212,7 +217,7 @@ SECTIONS: dict[str, type] = {
     "mesh": MeshConfig,
     "split": SplitConfig,
 }
-TOP_LEVEL = ("name", "data_dir")
+TOP_LEVEL = ("name", "data_dir", "compile_cache")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -287,7 +292,7 @@ def load_config(
             value = raw[key]
             if not isinstance(value, str):
                 raise ConfigError(f"{key} must be a string, got {value!r}")
-            kwargs[key] = Path(value) if key == "data_dir" else value
+            kwargs[key] = Path(value) if key in ("data_dir", "compile_cache") else value
     try:
         return NodeConfig(**kwargs)
     except ValueError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from typing import Any, Protocol
@@ -83,7 +82,7 @@ class Node:
         self.ipfs.add_source(self.blocks.source())
         self.metrics = NodeMetrics()
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
-        cache_dir = None if os.environ.get("SHOAL_COMPILE_CACHE") else config.compile_dir
+        cache_dir = config.compile_dir
         self.models = ModelManager(
             self.bus,
             backend=config.models.backend,

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> NodeConfig:
     overrides: dict[str, Any] = {"data_dir": str(data_dir), "name": "test-node"}
+    if os.environ.get("SHOAL_COMPILE_CACHE"):  # the suite's compile cache (tests/conftest.py)
+        overrides["compile_cache"] = os.environ["SHOAL_COMPILE_CACHE"]
     overrides["api"] = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5.0, **sections.pop("api", {})}
     overrides["models"] = {"backend": BACKEND, **sections.pop("models", {})}
     overrides["mesh"] = {"mdns": False, **sections.pop("mesh", {})}

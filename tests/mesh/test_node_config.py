@@ -166,3 +166,12 @@ def test_the_test_node_config_file_is_what_load_config_reads(tmp_path: Path) -> 
     assert config.models.backend == "numpy" and config.models.preload is False
     assert config.mesh.mdns is False and config.mesh.ice_interfaces == ("lo",) and config.ipfs.rpc_url is None
     assert config.split == SplitConfig(rebuild_timeout_s=45.0, direct_tensors=False)
+
+
+def test_compile_cache_is_a_top_level_setting(tmp_path: Path) -> None:
+    base = {"SHOAL_CONFIG": str(write(tmp_path, 'data_dir = "/tmp/shoal-d"\n'))}
+    assert load_config(environ=base).compile_dir == Path("/tmp/shoal-d/compile")
+    env = {**base, "SHOAL_COMPILE_CACHE": "/elsewhere"}
+    assert load_config(environ=env).compile_dir == Path("/elsewhere")
+    in_file = write(tmp_path, 'compile_cache = "/cache/here"\n')
+    assert load_config(in_file, environ={}).compile_dir == Path("/cache/here")
