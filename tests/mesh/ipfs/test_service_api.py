@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -97,7 +98,10 @@ async def test_stop_cancels_running_pulls(write_data, tmp_path: Path) -> None:
         service = IpfsService(offline_config(gateways=(url,), parallelism=1), tmp_path / "b", bus)
         await service.start()
         pull_id = service.start_pull(str(cid))
-        await asyncio.sleep(0.8)
+        deadline = time.monotonic() + 30
+        while not gateway.requests:  # the pull is under way: a block request waits at the slow gateway
+            assert time.monotonic() < deadline, "the pull never reached the gateway"
+            await asyncio.sleep(0.01)
         await service.stop()
         await service.stop()  # idempotent
     finally:
