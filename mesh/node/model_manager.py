@@ -218,6 +218,14 @@ class ModelManager:
             model = next((m for m in self._models.values() if m.cid and m.cid == name_or_cid), None)
         return model
 
+    def _canonical(self, model: LocalModel) -> LocalModel:
+        """The first registered entry for the same model (same CID, or same file): every alias, and the CID,
+        load and serve one engine under that entry's name."""
+        for other in self._models.values():
+            if other is model or (model.cid and other.cid == model.cid) or other.path == model.path:
+                return other
+        return model
+
     def list_models(self) -> list[dict[str, Any]]:
         """The OpenAI model list entries (call `refresh`/`refresh_async` first to see new pulls)."""
         return [
@@ -279,7 +287,7 @@ class ModelManager:
         return await self.load(name)
 
     async def load(self, name: str) -> ServedModel:
-        model = self.resolve(name)
+        model = self._canonical(self.resolve(name))
         lock = self._locks.setdefault(model.name, asyncio.Lock())
         async with lock:
             served = self._served.get(model.name)
@@ -337,7 +345,7 @@ class ModelManager:
         return result
 
     async def unload(self, name: str) -> bool:
-        model = self.resolve(name)
+        model = self._canonical(self.resolve(name))
         lock = self._locks.setdefault(model.name, asyncio.Lock())
         async with lock:
             served = self._served.pop(model.name, None)

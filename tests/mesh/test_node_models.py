@@ -52,3 +52,22 @@ async def test_resolve_reads_the_catalog_on_a_miss() -> None:
     with pytest.raises(ModelNotFoundError) as info:
         manager.resolve("nope")
     assert "have: pulled-model" in str(info.value)
+
+
+async def test_a_model_loads_once_whatever_alias_or_cid_names_it() -> None:
+    bus = EventBus()
+    manager = ModelManager(bus, backend="numpy", catalog=catalog_entries)
+    manager.add_embedded()
+    manager.set_cid(DEFAULT_MODEL_NAME, CID)
+    await manager.refresh_async()  # "pulled-model": the same CID under another name
+    try:
+        by_name = await manager.acquire(DEFAULT_MODEL_NAME)
+        by_cid = await manager.acquire(CID)
+        by_alias = await manager.acquire("pulled-model")
+        assert by_cid is by_name and by_alias is by_name
+        assert manager.loaded_names() == [DEFAULT_MODEL_NAME]
+        assert len(bus.recent("model.loaded")) == 1
+        assert await manager.unload("pulled-model") is True  # the alias names the one engine
+        assert manager.loaded_names() == []
+    finally:
+        await manager.stop()
