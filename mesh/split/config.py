@@ -34,6 +34,8 @@ class SplitConfig:
     """Once a tensor link record's first bytes arrived, the rest must follow within this."""
     link_token_ttl_s: float = 10.0
     """How long a tensor link grant's one-use token stays valid."""
+    link_alive_poll_s: float = 0.25
+    """While a call waits on a direct tensor link, how often the origin checks that the peer is linked."""
     offload_open_timeout_s: float = 30.0
     """Wait for a peer to accept an offloaded request."""
     offload_token_timeout_s: float = 60.0
@@ -52,6 +54,8 @@ class SplitConfig:
     """Ask stages to send hidden states as float16 (half the bytes; not bit-exact)."""
     max_sequences: int = 64
     """Remote sequences this node hosts at once; more are refused as busy."""
+    max_offloads: int = 8
+    """Whole requests this node runs for peers at once; more are refused as busy."""
     keep_idle_stages: int = 2
     """Hosted stages kept loaded with no sequence on them (reused by the next request)."""
 
@@ -76,5 +80,7 @@ class SplitConfig:
             raise ValueError(f"top_k_logits {self.top_k_logits} must be between 1 and 65536")
         if not 1 <= self.max_sequences <= 4096:
             raise ValueError(f"max_sequences {self.max_sequences} must be between 1 and 4096")
+        if not 1 <= self.max_offloads <= 1024:
+            raise ValueError(f"max_offloads {self.max_offloads} must be between 1 and 1024")
         if not 0 <= self.keep_idle_stages <= 64:
             raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")

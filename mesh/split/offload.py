@@ -149,7 +149,7 @@ class OffloadServer:
     """The serving half: runs whole requests for peers on this node's engines."""
 
     def __init__(self, mesh: MeshHandle, acquire: Acquire, gate: Callable[[], str | None],
-                 *, max_requests: int = 8) -> None:
+                 *, max_requests: int = SplitConfig.max_offloads) -> None:
         self._mesh = mesh
         self._acquire = acquire
         self._gate = gate

@@ -196,7 +196,7 @@ class RemoteStage:
         started = time.perf_counter()
         if self._direct is not None:
             try:
-                reply = self._direct.call(frame, timeout, self._link_alive)
+                reply = self._direct.call(frame, timeout, self._link_alive, self._settings.link_alive_poll_s)
             except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
                 raise StageLost(self.peer, f"direct tensor link: {exc}") from None
         else:

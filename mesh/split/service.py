@@ -49,7 +49,8 @@ class SplitService:
         self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
                               keep_idle_stages=self.config.keep_idle_stages)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
-        self.offload_server = OffloadServer(mesh, self._acquire, self.refusal)
+        self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,
+                                            max_requests=self.config.max_offloads)
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
                                             token_timeout_s=self.config.offload_token_timeout_s)
         self.router = Router(node, mesh, self.host, self.offload_client, self.config)

@@ -220,7 +220,7 @@ class TensorLinkClient:
         return client
 
     def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
-             poll_s: float = 0.25) -> BinaryFrame:
+             poll_s: float = SplitConfig.link_alive_poll_s) -> BinaryFrame:
         """Send one tensor frame and wait for the frame answering it (same request id). Polls `alive` (the
         WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call at once."""
         with self._lock:
