@@ -1,5 +1,5 @@
 """`shoal mesh`: create a mesh (print an invite and its QR code), show a running node's invite (optionally
-one that expires), join one, rotate the mesh secret."""
+one that expires), join one, leave it, rotate the mesh secret."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument("invite", help="the invite token (shoal1-...)")
     join.add_argument("--api", metavar="URL", help="node to tell (default: the configured address)")
     join.set_defaults(handler=run_join)
+
+    leave = sub.add_parser("leave", help="make a running node leave its mesh and forget it (no rejoin)")
+    leave.add_argument("--api", metavar="URL", help="node to tell (default: the configured address)")
+    leave.set_defaults(handler=run_leave)
 
     rotate = sub.add_parser(
         "rotate",
@@ -110,6 +114,18 @@ def run_join(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     body = call(args.api, "/v1/mesh/join", {"invite": args.invite})
     print(f"joined mesh {body['mesh']}; contacting {', '.join(body['bootstrap']) or 'no bootstrap address'}")
+    return 0
+
+
+def run_leave(args: argparse.Namespace) -> int:
+    body = call(args.api, "/v1/mesh/leave", {})
+    if body.get("left"):
+        print(f"left mesh {body['left']}; closed {body['closed']} link(s); the saved invite is forgotten")
+    else:
+        print("this node was in no mesh")
+    if body.get("configured"):
+        print("note: the node's config names a mesh secret or invite ([mesh] invite/secret), so it joins "
+              "again on restart; remove it from the config to stay out")
     return 0
 
 

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         config.api.check_exposure()
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
+    if args.join:
+        remember_invite(config.data_dir, args.join)
     for name in ("shoal.mesh", "shoal.models"):  # the node logs its progress (compile, requests) by default
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
@@ -76,3 +78,23 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, MeshError, IpfsError) as exc:  # port taken, unreadable identity or store, ...
         raise CommandError(str(exc)) from None
     return 0
+
+
+def remember_invite(data_dir: Path, token: str) -> None:
+    """Keep a `--join` invite, as a runtime join does, so the node rejoins after a restart without the flag —
+    unless the saved invite is already of that mesh (it may hold the secret an expiring invite led to) or
+    that mesh was rotated away from (the saved invite holds the new secret)."""
+    from shoal.mesh.p2p.invite import Invite, load_saved_invite, save_invite
+    from shoal.mesh.p2p.rekey import load_superseded
+
+    try:
+        invite = Invite.from_token(token)
+        try:
+            saved = load_saved_invite(data_dir)
+        except MeshError:  # damaged: replace it
+            saved = None
+        rotated_away = invite.mesh_id in load_superseded(data_dir)
+        if saved is None or (saved.mesh_id != invite.mesh_id and not rotated_away):
+            save_invite(data_dir, invite)
+    except (OSError, MeshError) as exc:
+        raise CommandError(f"cannot keep the invite in {data_dir}: {exc}") from None

@@ -184,6 +184,15 @@ def save_invite(data_dir: str | os.PathLike[str], invite: Invite) -> Path:
     return path
 
 
+def forget_invite(data_dir: str | os.PathLike[str]) -> bool:
+    """Remove the saved invite (`shoal mesh leave`); whether there was one."""
+    try:
+        saved_invite_path(data_dir).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def load_saved_invite(data_dir: str | os.PathLike[str]) -> Invite | None:
     """The invite saved by `save_invite`, or None; raises `InviteError` if the file is damaged."""
     path = saved_invite_path(data_dir)

@@ -52,6 +52,7 @@ def peers_view(service: MeshService) -> dict[str, Any]:
             "api": service.advertise_address,
             # None until the node holds a mesh secret, an invite or an allow-list: "not in a mesh".
             "mesh": service.membership.mesh_id if in_a_mesh(service) else None,
+            "mesh_name": service.mesh_name if in_a_mesh(service) else None,
         },
         "mesh": service.join_status.view(
             service.membership.mesh_id,
@@ -165,7 +166,13 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(parsed.expires or 0))
             return _error(f"this invite expired at {when}; ask a member for a new one", 400, "invite_expired")
         await service.join(parsed)
-        return _json({"mesh": service.membership.mesh_id, "bootstrap": list(parsed.bootstrap)})
+        return _json({"mesh": service.membership.mesh_id, "name": service.mesh_name,
+                      "bootstrap": list(parsed.bootstrap)})
+
+    async def leave(request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return _error("leaving the mesh is only allowed from local clients", 403, "forbidden")
+        return _json(await service.leave())
 
     app.router.add_get("/v1/mesh/signal", signal)
     app.router.add_get("/v1/mesh/peers", peers)
@@ -183,4 +190,5 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
         return _json({**result, "invite": token.to_token() if token is not None else None})
 
     app.router.add_post("/v1/mesh/join", join)
+    app.router.add_post("/v1/mesh/leave", leave)
     app.router.add_post("/v1/mesh/rotate", rotate)

@@ -10,6 +10,7 @@ the IPFS block exchange, `ipfs.block_exchange.BlockExchange(mesh, store)`, and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from shoal.mesh.p2p.errors import (
 )
 from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
 from shoal.mesh.p2p.identity import Identity
-from shoal.mesh.p2p.invite import Invite, save_invite
+from shoal.mesh.p2p.invite import Invite, forget_invite, save_invite
 from shoal.mesh.p2p.join_status import JoinStatus
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
 from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, verify_signal
@@ -158,6 +159,31 @@ class MeshService:
         self.events.publish("mesh.joined", mesh=self.membership.mesh_id)
         if self._running:
             self.spawn(self.discovery.mesh_changed(), name="mdns update")
+
+    async def leave(self) -> dict[str, Any]:
+        """Leave the mesh: forget its secret (and the saved invite), say bye to and close every link, stop
+        dialling its members. The allow-list (configuration) stays. `configured` is true when the config
+        still names a secret or invite, which a restart would join again."""
+        left = self.membership.mesh_id if self.membership.secret else None
+        self.membership = Membership(allow=self.membership.allow)
+        self.mesh_name = "shoal"
+        self.join_status = JoinStatus()
+        self.saved_bootstrap = ()
+        await asyncio.to_thread(forget_invite, self.data_dir)
+        for address, target in list(self.discovery.targets.items()):
+            if target.bootstrap:
+                del self.discovery.targets[address]
+        peers = [peer for peer in self.peers.values() if peer.peer_id not in self.membership.allow]
+        for peer in peers:
+            with contextlib.suppress(MeshError, TimeoutError):
+                await asyncio.wait_for(peer.notify("bye", {}), 0.5)
+        await asyncio.gather(*(peer.close("left the mesh") for peer in peers))
+        logger.info("mesh: left mesh %s; closed %d link(s)", left, len(peers))
+        self.events.publish("mesh.left", mesh=left)
+        if self._running:
+            self.spawn(self.discovery.mesh_changed(), name="mdns update")
+        configured = bool(self.config.secret or self.config.invite)
+        return {"left": left, "closed": len(peers), "configured": configured}
 
     async def rotate(self) -> dict[str, Any]:
         """A new mesh secret, sent to every member linked now (see `p2p.rekey`)."""
