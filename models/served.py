@@ -4,7 +4,7 @@ router read of any model they serve, whether it is loaded here or stands in for 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shoal.models.config import ModelConfig
@@ -53,6 +53,12 @@ class Servable(Protocol):
         """Bytes of the model's weights (0: unknown here; the node's catalog has the file size)."""
         ...
 
+    @property
+    def sampling_defaults(self) -> Mapping[str, float | int]:
+        """`SamplingParams` defaults of this model (its GGUF `general.sampling.*`); a request's own values
+        win. Empty: the documented defaults."""
+        ...
+
 
 @dataclass
 class ServedModel:
@@ -65,6 +71,8 @@ class ServedModel:
     """Longest prompt + completion one request may use (the engine's `max_context`)."""
     stages: list[Stage]
     backend: str
+    sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
+    """From the GGUF's `general.sampling.*` keys (`models.sampling.defaults_from_gguf`)."""
 
     @property
     def config(self) -> ModelConfig:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from aiohttp import web
 from shoal.mesh.api.busy import refusal, refused_response
 from shoal.mesh.api.errors import ApiError, invalid, json_response, route_error
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
+from shoal.mesh.api.logprobs import for_kind
 from shoal.mesh.api.openai_schema import ROUTE_HEADER_IN, CompletionRequest, parse_completion_request
 from shoal.mesh.api.ports import NodePort, RouterPort
 from shoal.mesh.api.records import RequestRecord
@@ -26,7 +28,7 @@ from shoal.mesh.api.sse import SseWriter, open_sse
 from shoal.mesh.route import RouteChoice, RouteFailed
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
-from shoal.models.generate import TokenEvent
+from shoal.models.generate import EventLogprobs, TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
 
@@ -93,10 +95,22 @@ async def _acquire(node: NodePort, router: RouterPort | None, name: str) -> Serv
 async def _prepare(
     request: web.Request, kind: str
 ) -> tuple[CompletionRequest, Servable, list[int], SamplingParams]:
-    node = request.app[NODE]
     body = await read_json(request)
     req = parse_completion_request(body, kind, ABSURD_MAX_TOKENS,  # type: ignore[arg-type]
                                    request.headers.get(ROUTE_HEADER_IN))
+    served, prompt_ids, params = await prepare(request, req, body)
+    return req, served, prompt_ids, params
+
+
+async def prepare(
+    request: web.Request, req: CompletionRequest, body: dict[str, Any]
+) -> tuple[Servable, list[int], SamplingParams]:
+    """A validated request's model, prompt ids and sampling parameters (the model's `sampling_defaults`
+    under the request's own values); 503 while the node drains, 400 naming the bad field (`body` is the
+    request as `parse_completion_request` read it)."""
+    node = request.app[NODE]
+    if node.draining:
+        raise ApiError(503, "the node is shutting down", code="shutdown", type="server_error")
     served = await _acquire(node, request.app[ROUTER], req.model or node.config.models.default)
     context = served.context_length
     if req.max_tokens is not None and req.max_tokens > context:
@@ -128,46 +142,64 @@ async def _prepare(
     if len(prompt_ids) + max_tokens > context:
         raise _context_error(len(prompt_ids), max_tokens, context, "messages" if req.messages else "prompt")
     try:
-        params = SamplingParams(max_tokens=max_tokens, **req.sampling)
+        params = SamplingParams(max_tokens=max_tokens, **{**served.sampling_defaults, **req.sampling})
     except ValueError as exc:
         first_word = str(exc).split(" ", 1)[0]
         raise invalid(str(exc), first_word if first_word in body else None) from None
-    return req, served, prompt_ids, params
+    return served, prompt_ids, params
 
 
 async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
-    node = request.app[NODE]
-    if node.draining:
-        raise ApiError(503, "the node is shutting down", code="shutdown", type="server_error")
     req, served, prompt_ids, params = await _prepare(request, kind)
-    record = node.requests.start(served.name, "chatcmpl" if kind == "chat" else "cmpl")
+    async with tracked(request, served, prompt_ids, "chatcmpl" if kind == "chat" else "cmpl") as run:
+        if req.stream:
+            response, run.status = await _stream(request, req, served, prompt_ids, params, run.record)
+        else:
+            response, run.status = await _collect(request, req, served, prompt_ids, params, run.record)
+        return response
+
+
+@dataclass
+class Run:
+    """One request being served: its record, and its outcome for the metrics (`stop`, `length`, `error`,
+    `refused`, `cancelled`, `shutdown`)."""
+
+    record: RequestRecord
+    status: str = "error"
+
+
+@contextlib.asynccontextmanager
+async def tracked(
+    request: web.Request, served: Servable, prompt_ids: list[int], prefix: str
+) -> AsyncIterator[Run]:
+    """Serve one request: its record (id `prefix-...`), in-flight set, queue depth, completion metric and log
+    line. The handler sets `run.status`; a cancelled handler counts as `cancelled` (`shutdown` when the node
+    drains)."""
+    node = request.app[NODE]
+    run = Run(node.requests.start(served.name, prefix))
+    record = run.record
     record.prompt_tokens = len(prompt_ids)
     task = asyncio.current_task()
     inflight = request.app[INFLIGHT]
     if task is not None:
         inflight.add(task)  # type: ignore[arg-type]
     node.metrics.queue_depth.inc()
-    status = "error"
     try:
-        if req.stream:
-            response, status = await _stream(request, req, served, prompt_ids, params, record)
-        else:
-            response, status = await _collect(request, req, served, prompt_ids, params, record)
-        return response
+        yield run
     except asyncio.CancelledError:
-        status = "shutdown" if node.draining else "cancelled"
+        run.status = "shutdown" if node.draining else "cancelled"
         raise
     finally:
         node.metrics.queue_depth.dec()
         if task is not None:
             inflight.discard(task)  # type: ignore[arg-type]
-        node.metrics.completions.labels(served.name, status).inc()
-        node.requests.finish(record, status)
+        node.metrics.completions.labels(served.name, run.status).inc()
+        node.requests.finish(record, run.status)
         logger.info(
             "%s %s: %s, %d prompt + %d completion tokens, ttft %s ms",
             record.id,
             served.name,
-            status,
+            run.status,
             record.prompt_tokens,
             record.tokens,
             "-" if record.ttft_ms is None else f"{record.ttft_ms:.1f}",
@@ -230,12 +262,15 @@ async def _collect(
     record: RequestRecord,
 ) -> tuple[web.Response, str]:
     parts: list[str] = []
+    logprobs: list[EventLogprobs] = []
     finish = "length"
     completion_tokens = 0
     prompt_tokens = len(prompt_ids)
     try:
         async for event in _tokens(request, served, prompt_ids, params, record, req.route):
             parts.append(event.text)
+            if event.logprobs is not None:
+                logprobs.append(event.logprobs)
             completion_tokens = event.completion_tokens
             prompt_tokens = event.prompt_tokens
             if event.finish_reason is not None:
@@ -253,12 +288,13 @@ async def _collect(
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
+            "logprobs": for_kind(req.kind, logprobs) if params.logprobs is not None else None,
             "finish_reason": finish,
         }
         obj = "chat.completion"
     else:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        found = for_kind(req.kind, logprobs) if params.logprobs is not None else None
+        choice = {"text": text, "index": 0, "logprobs": found, "finish_reason": finish}
         obj = "text_completion"
     body = {
         "id": record.id,
@@ -296,7 +332,7 @@ def _chunk(
                 {
                     "text": choice.get("delta", {}).get("content", ""),
                     "index": 0,
-                    "logprobs": None,
+                    "logprobs": choice.get("logprobs"),
                     "finish_reason": choice.get("finish_reason"),
                 }
             ],
@@ -320,6 +356,8 @@ async def _stream(
     completion_tokens = 0
     finish = "length"
     sse: SseWriter | None = None
+    held: list[EventLogprobs] = []
+    offset = 0
     try:
         tokens = _tokens(request, served, prompt_ids, params, record, req.route)
         async with contextlib.aclosing(tokens):
@@ -335,10 +373,17 @@ async def _stream(
                 prompt_tokens = event.prompt_tokens
                 if event.finish_reason is not None:
                     finish = event.finish_reason
+                if event.logprobs is not None:
+                    held.append(event.logprobs)
                 if event.text:
-                    await sse.send(_chunk(req, record, served, created, delta={"content": event.text}))
+                    extra = {"logprobs": for_kind(req.kind, held, offset)} if held else {}
+                    delta = {"content": event.text}
+                    await sse.send(_chunk(req, record, served, created, delta=delta, **extra))
+                    offset += len(event.text)
+                    held = []
                 event = await anext(tokens, None)
-        final = _chunk(req, record, served, created, delta={}, finish_reason=finish)
+        extra = {"logprobs": for_kind(req.kind, held, offset)} if held else {}
+        final = _chunk(req, record, served, created, delta={}, finish_reason=finish, **extra)
         final["shoal_route"] = record.route.to_dict()
         await sse.send(final)
         if req.include_usage:

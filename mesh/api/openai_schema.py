@@ -1,9 +1,12 @@
 """Validate OpenAI `chat/completions` and `completions` request bodies into a `CompletionRequest`.
 
 Rules: every known parameter is type-checked (`bool` is not a number); `null` means "not given"; parameters
-that would change the meaning of the answer but that shoal does not implement (`n > 1`, `logprobs`, `tools`,
-`response_format` other than text, `logit_bias`, `echo`, `best_of > 1`, `suffix`, …) are refused with a 400
-naming the parameter; anything else unknown (`user`, `metadata`, `store`, …) is accepted and ignored.
+that would change the meaning of the answer but that shoal does not implement (`n > 1`, `tools`,
+`response_format` other than text, `logit_bias`, `echo`, `best_of > 1`, `suffix`, `web_search_options`, …)
+are refused with a 400 naming the parameter; anything else unknown (`user`, `metadata`, `store`, …) is
+accepted and ignored. `logprobs` (chat: a boolean plus `top_logprobs`; completions: the number of top
+tokens) becomes `SamplingParams.logprobs`; sampling fields a request leaves out come from the model
+(`sampling_defaults`).
 shoal's own routing wishes come in an optional `shoal` object (`{"route", "prefer", "avoid"}`, what the
 `openai` client sends as `extra_body={"shoal": {...}}`) or the `x-shoal-route` header (`route_choice`).
 """
@@ -24,8 +27,6 @@ ROLES = ("system", "developer", "user", "assistant")
 
 # Accepted with a default-equivalent value only; any other value would change semantics.
 _ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
@@ -35,8 +36,22 @@ _ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
     "audio": (),
     "function_call": ("none",),
     "tool_choice": ("none",),
+    "web_search_options": (),
 }
 _EMPTY_OK = ("tools", "functions", "logit_bias")
+MAX_LOGPROBS = 20
+
+
+def _logprobs(body: dict[str, Any], kind: Literal["chat", "text"]) -> int | None:
+    """How many top tokens to report with each token's logprob; None: no logprobs. Chat takes `logprobs`
+    (boolean) and `top_logprobs` (0-20, only with `logprobs`); completions take `logprobs` (0-20)."""
+    if kind == "text":
+        return _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    wanted = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 @dataclass(frozen=True)
@@ -288,9 +303,7 @@ def parse_completion_request(
         "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0, low_open=True),
         "stop": _stop(body),
     }
-    if sampling["min_p"] not in (None, 0.0):
-        raise invalid("'min_p' is not supported by shoal; leave it out", "min_p", "unsupported_parameter")
-    del sampling["min_p"]
+    sampling["logprobs"] = _logprobs(body, kind)
     sampling = {k: v for k, v in sampling.items() if v is not None}
     route = route_choice(body.get("shoal"), route_header)
     if kind == "chat":

@@ -22,6 +22,7 @@ from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
 from shoal.models.errors import ModelError, ModelNotFoundError
 from shoal.models.generate import Engine
 from shoal.models.loader import build_stage, open_model, resolve_backend
+from shoal.models.sampling import defaults_from_gguf
 from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
@@ -120,6 +121,7 @@ def load_engine(model: LocalModel, options: LoadOptions, progress: Callable[...,
         context_length=engine.max_context,
         stages=[stage],
         backend=backend,
+        sampling_defaults=defaults_from_gguf(loaded.gguf.metadata),
     )
 
 

@@ -71,6 +71,8 @@ class RemoteModel:
     stages: list[Any] = field(default_factory=list)
     backend: str = "remote"
     weight_bytes: int = 0
+    sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
+    """None known here: the documented defaults (the request's own values go to the peer)."""
 
 
 async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],

@@ -65,8 +65,11 @@ BAD_CHAT = [
     ({"presence_penalty": 3}, "presence_penalty", None),
     ({"frequency_penalty": -2.5}, "frequency_penalty", None),
     ({"n": 2}, "n", "unsupported_value"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ({"logprobs": "yes"}, "logprobs", "invalid_type"),
+    ({"top_logprobs": 3}, "top_logprobs", None),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"min_p": 1.5}, "min_p", None),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
     ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
@@ -100,6 +103,8 @@ BAD_COMPLETION = [
     ({"echo": True}, "echo", "unsupported_parameter"),
     ({"best_of": 3}, "best_of", "unsupported_parameter"),
     ({"suffix": "end"}, "suffix", "unsupported_parameter"),
+    ({"logprobs": 21}, "logprobs", None),
+    ({"logprobs": True}, "logprobs", "invalid_type"),
 ]
 
 
