@@ -274,9 +274,11 @@ class LlamaShard(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         from shoal.models.kernels.attention_cpu import fast_cpu_attention
+        from shoal.models.sliding_prefill import fixed_sliding_prefill
 
-        # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels.
-        with fast_cpu_attention(self.target):
+        # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels;
+        # sliding-window layers get a fixed copy of TVM's paged-prefill kernel (models/sliding_prefill.py).
+        with fast_cpu_attention(self.target), fixed_sliding_prefill():
             return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                         support_sliding_window)
 
