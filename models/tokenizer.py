@@ -1,9 +1,12 @@
-"""The tokenizer of a GGUF model (HF `tokenizers` BPE from its vocabulary and merges) and its chat template
-(jinja2, sandboxed).
+"""The tokenizer of a GGUF model and its chat template (jinja2, sandboxed).
 
-Recipe for GGUF `gpt2`-model vocabularies (measured equal to llama.cpp's ids, see FACTS.md): BPE over the
-vocab + merges; pre-tokenizer = digits split one by one, then ByteLevel (GPT-2 regex, no prefix space);
-control tokens (GGUF token type 3) are special and matched verbatim in the text; no BOS is added.
+GGUF `gpt2`-model vocabularies (byte-level BPE: SmolLM, Llama 3, Qwen) run on HF `tokenizers` BPE over the
+vocab + merges, with the pre-tokenizer llama.cpp picks for `tokenizer.ggml.pre` (`PRE_TOKENIZERS`: the same
+regexes, applied in turn, then ByteLevel); control and user-defined tokens are special and matched verbatim
+in the text. GGUF `llama`-model vocabularies (SentencePiece: Gemma, Phi-3, Llama 2) run on
+`models.spm.SentencePieceEncoder`, llama.cpp's algorithm. BOS is added when the GGUF says so (or, without
+the key, when llama.cpp's default for that vocabulary does). Ids equal llama.cpp's
+(tests/models/test_tokenizer*.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from shoal.models.errors import UnsupportedModelError
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from shoal.models.spm import SPACE, SentencePieceEncoder
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,26 @@ logger = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant")
 _CONTROL = 3  # llama.cpp token type: control
 _USER_DEFINED = 4
+_BYTE = 6
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_REGEX = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "smollm": (r"\p{N}", _GPT2_REGEX),
+    "gpt-2": (_GPT2_REGEX,),
+    "llama-bpe": (_LLAMA3_REGEX,),
+    "llama3": (_LLAMA3_REGEX,),
+    "llama-v3": (_LLAMA3_REGEX,),
+    "qwen2": (_QWEN2_REGEX,),
+    "deepseek-r1-qwen": (_QWEN2_REGEX,),
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"),
+}
+"""`tokenizer.ggml.pre` -> the regexes llama.cpp (llama-vocab.cpp) splits text with, in turn, before BPE."""
+_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+"""Pre-tokenizers whose pieces that are whole vocabulary tokens skip the merges (llama.cpp ignore_merges)."""
 # Used when a GGUF carries no chat template (ChatML, as SmolLM and many others use).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -57,25 +81,17 @@ class Tokenizer:
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
                  eos_token_id: int, bos_token_id: int | None = None, chat_template: str | None = None,
-                 add_bos: bool = False) -> None:
+                 add_bos: bool = False, pre: str = "smollm", spm: SentencePieceEncoder | None = None) -> None:
+        """A byte-level BPE tokenizer (`merges`, pre-tokenizer `pre`), or a SentencePiece one when `spm` is
+        given (then `merges` and `pre` are unused)."""
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        pairs = []
-        for merge in merges:
-            left, sep, right = merge.partition(" ")
-            if not sep:
-                raise UnsupportedModelError(f"malformed BPE merge {merge!r} in the GGUF vocabulary")
-            pairs.append((left, right))
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-        hf.decoder = decoders.ByteLevel()
         special = [i for i, t in enumerate(token_types) if t in (_CONTROL, _USER_DEFINED)]
-        hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-        self._hf = hf
-        self._hf_plain = HFTokenizer.from_str(hf.to_str())
-        self._hf_plain.encode_special_tokens = True  # message content: `<|im_start|>` is just text there
+        self._spm = spm
+        if spm is None:
+            self._hf = _byte_level_bpe(tokens, merges, pre, special)
+            self._hf_plain = HFTokenizer.from_str(self._hf.to_str())
+            self._hf_plain.encode_special_tokens = True  # message content: `<|im_start|>` is just text there
+        self._byte_tokens = frozenset(i for i, t in enumerate(token_types) if t == _BYTE)
         self.vocab_size = len(tokens)
         self.special_ids = frozenset(special)
         self.eos_token_id = eos_token_id
@@ -101,30 +117,53 @@ class Tokenizer:
         """Build from a `GGUFModel` (or anything with a GGUF `.metadata` mapping)."""
         meta: Mapping[str, Any] = model.metadata
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise UnsupportedModelError(
-                f"tokenizer model {kind!r} is not supported; "
-                "shoal reads GGUF 'gpt2' (byte-level BPE) vocabularies"
+                f"tokenizer model {kind!r} is not supported; shoal reads GGUF 'gpt2' (byte-level BPE) and "
+                "'llama' (SentencePiece) vocabularies"
             )
         tokens = meta.get("tokenizer.ggml.tokens")
         merges = meta.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
+        if not tokens or (kind == "gpt2" and merges is None):
             raise UnsupportedModelError("the GGUF has no tokenizer vocabulary or merges")
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if eos is None:
             raise UnsupportedModelError("the GGUF names no end-of-sequence token (eos_token_id)")
         bos = meta.get("tokenizer.ggml.bos_token_id")
+        pre = str(meta.get("tokenizer.ggml.pre") or "default")
+        spm = None
+        if kind == "llama":
+            scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            name = str(meta.get("general.name", "")).lower()
+            rstrip: frozenset[int] = frozenset()
+            if "phi-3" in name or "phi3" in name:  # llama.cpp's Phi-3 special-token attributes
+                keep = {"<unk>", "<s>", "<|endoftext|>"}
+                rstrip = frozenset(i for i, t in enumerate(types)
+                                   if (t in (_CONTROL, _USER_DEFINED, 2) and tokens[i] not in keep)
+                                   or tokens[i] == "</s>")
+            spm = SentencePieceEncoder(
+                tokens, scores, types, rstrip_ids=rstrip,
+                add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+        elif pre not in PRE_TOKENIZERS:
+            raise UnsupportedModelError(
+                f"pre-tokenizer {pre!r} is not supported; shoal knows: {', '.join(PRE_TOKENIZERS)}")
+        default_bos = kind == "llama" or pre in _IGNORE_MERGES  # llama.cpp's defaults without the key
         return cls(
-            tokens, merges, types, eos_token_id=int(eos), bos_token_id=None if bos is None else int(bos),
+            tokens, merges or [], types, eos_token_id=int(eos),
+            bos_token_id=None if bos is None else int(bos),
             chat_template=meta.get("tokenizer.chat_template"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)), pre=pre, spm=spm,
         )
 
     def _bytes_of(self, token_id: int) -> bytes:
         text = self._tokens[token_id]
         if token_id in self.special_ids:
             return text.encode("utf-8")
+        if self._spm is not None:
+            if token_id in self._byte_tokens and len(text) == 6 and text.startswith("<0x"):
+                return bytes([int(text[3:5], 16)])
+            return text.replace(SPACE, " ").encode("utf-8")
         try:
             return bytes(_UNICODE_TO_BYTE[c] for c in text)
         except KeyError:  # not byte-level (should not happen in a gpt2 vocabulary)
@@ -136,7 +175,7 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, not {type(text).__name__}")
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text, special=True)
         if self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
@@ -188,15 +227,47 @@ class Tokenizer:
             return self.encode(self.render_chat(checked, add_generation_prompt))
         ids = self.encode(pieces[0])
         for index, template_text in zip(order, pieces[2::2], strict=True):
-            ids += self._hf_plain.encode(checked[index]["content"], add_special_tokens=False).ids
-            ids += self._hf.encode(template_text, add_special_tokens=False).ids
+            ids += self._encode(checked[index]["content"], special=False)
+            ids += self._encode(template_text, special=True)
         return ids
+
+    def _encode(self, text: str, *, special: bool) -> list[int]:
+        """Ids of `text` without BOS; `special=False`: control tokens spelled in it are plain text."""
+        if self._spm is not None:
+            return self._spm.encode(text, special=special)
+        hf = self._hf if special else self._hf_plain
+        return hf.encode(text, add_special_tokens=False).ids
 
     def _token_text_or_empty(self, token_id: int | None) -> str:
         return self._tokens[token_id] if token_id is not None and 0 <= token_id < self.vocab_size else ""
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def _byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str,
+                    special: list[int]) -> HFTokenizer:
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise UnsupportedModelError(f"malformed BPE merge {merge!r} in the GGUF vocabulary")
+        pairs.append((left, right))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                                ignore_merges=pre in _IGNORE_MERGES))
+    if pre == "smollm":  # measured equal to llama.cpp's ids (FACTS.md); kept as it was
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    return hf
 
 
 def _raise_template_error(message: str) -> None:

@@ -119,8 +119,8 @@ def test_sandboxed_template_cannot_reach_python(tok: Tokenizer) -> None:
 
 
 def test_unsupported_tokenizer_model() -> None:
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}
-    with pytest.raises(UnsupportedModelError, match="tokenizer model 'llama' is not supported"):
+    meta = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}
+    with pytest.raises(UnsupportedModelError, match="tokenizer model 'bert' is not supported"):
         Tokenizer.from_gguf(SimpleNamespace(metadata=meta))
 
 
