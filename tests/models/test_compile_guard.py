@@ -89,3 +89,36 @@ def test_child_exits_when_its_parent_goes(tmp_path: Path) -> None:
     assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(timeout=120) == 3
+
+
+async def test_node_load_kills_its_compile_child_when_the_request_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finding: a client left while its model compiled, and the compile ran on. Now cancelling the
+    node's load (what aiohttp does to a handler whose client went) kills the child."""
+    import psutil
+    from shoal.mesh.events import EventBus
+    from shoal.mesh.node.model_manager import ModelManager
+    from shoal.models import compile_worker
+
+    monkeypatch.setattr(compile_worker, "runtime_only_wanted", lambda: True)  # a child even if TVM is here
+    monkeypatch.delenv("TVM_USE_RUNTIME_LIB", raising=False)  # restored afterwards (use_runtime_only sets it)
+    manager = ModelManager(EventBus(), backend="tvm", target="llvm", cache_dir=tmp_path / "cache")
+    manager.register("tiny", write_llama(tmp_path / "tiny.gguf"))
+    task = asyncio.ensure_future(manager.load("tiny"))
+
+    def compile_children() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True)
+                if "shoal.models.compile_worker" in " ".join(p.cmdline())]
+
+    children: list[psutil.Process] = []
+    for _ in range(3000):
+        children = compile_children()
+        if children or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert children, "the load started no compile child"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 5)  # killed: gone in milliseconds
+    assert not alive, f"compile children still run: {[p.pid for p in alive]}"

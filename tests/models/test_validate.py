@@ -39,9 +39,10 @@ def write_llama(path: Path, *, arch: str = "llama", layers: int = LAYERS, block_
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(tokens)])
+    w.add_token_list(["a", "b", "ab", *(f"t{i}" for i in range(tokens - 3))])  # enough to build a tokenizer
     w.add_token_types([1] * tokens)
-    w.add_token_merges([])
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(2)
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     wanted: dict[str, tuple[int, ...]] = {"token_embd.weight": (VOCAB, HIDDEN)}
     for i in range(layers):
