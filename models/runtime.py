@@ -50,6 +50,10 @@ def configure_threads() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _broken_message(seq_id: int) -> str:
+    return f"sequence {seq_id}'s KV cache is unusable after a failed step; remove the sequence"
+
+
 def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
     """A tensor's stored bytes, read with pread rather than through the file mapping, so the mapped pages do
     not stay resident in this process once the weights are packed (peak RSS, issue 3)."""
@@ -192,6 +196,8 @@ class CompiledStage:
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._lengths: dict[int, int] = {}
+        self._broken: set[int] = set()
+        """Sequences a failed forward left unusable (see `_forward`); only `remove_sequence` clears them."""
         self._closed = False
         # Per-call costs outside the kernels, measured with the caches cold after a step's weights went
         # through them: tvm.runtime.tensor ~120 µs, Tensor.numpy() ~90 µs, a ShapeTuple ~28 µs. On the CPU,
@@ -271,6 +277,7 @@ class CompiledStage:
 
     def remove_sequence(self, seq_id: int) -> None:
         with self._lock:
+            self._broken.discard(seq_id)
             if self._closed or seq_id not in self._lengths:
                 return
             self._remove_seq(self._kv, seq_id)
@@ -278,6 +285,8 @@ class CompiledStage:
             del self._seq_shapes[seq_id]
 
     def sequence_length(self, seq_id: int) -> int:
+        if seq_id in self._broken:
+            raise ValueError(_broken_message(seq_id))
         try:
             return self._lengths[seq_id]
         except KeyError:
@@ -287,6 +296,8 @@ class CompiledStage:
         for seq_id, n in zip(seq_ids, counts, strict=True):
             if seq_id not in self._lengths:
                 raise ValueError(f"unknown sequence {seq_id}; call add_sequence first")
+            if seq_id in self._broken:
+                raise ValueError(_broken_message(seq_id))
             if self._lengths[seq_id] + n > self.config.context_length:
                 raise ContextOverflowError(
                     f"sequence {seq_id} would hold {self._lengths[seq_id] + n} tokens; the model's context "
@@ -337,11 +348,8 @@ class CompiledStage:
                 chunk = inputs[start:start + self.prefill_chunk]
                 m = chunk.shape[0]
                 x = chunk.reshape(1, m) if self._is_first else chunk.reshape(1, m, -1)
-                self._begin(self._kv, self._shape_tuple([seq_id]), self._shape_tuple([m]))
-                try:
-                    out = self._prefill(self._tvm.runtime.tensor(x, self._device), self._kv, self._params)
-                finally:
-                    self._end(self._kv)
+                out = self._forward([seq_id], self._shape_tuple([seq_id]), self._shape_tuple([m]),
+                                    self._prefill, self._tvm.runtime.tensor(x, self._device))
                 self._lengths[seq_id] += m
                 if not self._is_last or start + m >= n:
                     outputs.append(self._numpy(out))
@@ -364,19 +372,30 @@ class CompiledStage:
             self._reserve(seq_ids, [1] * b)
             x = inputs.reshape(b, 1) if self._is_first else inputs.reshape(b, 1, -1)
             if b == 1:
-                self._begin(self._kv, self._seq_shapes[seq_ids[0]], self._one)
+                out = self._forward(seq_ids, self._seq_shapes[seq_ids[0]], self._one, self._decode,
+                                    self._decode_input(x))
             else:
-                self._begin(self._kv, self._shape_tuple(seq_ids), self._shape_tuple([1] * b))
-            try:
-                run = self._decode if b == 1 else self._batch_decode
-                out = run(self._decode_input(x), self._kv, self._params)
-            finally:
-                self._end(self._kv)
+                out = self._forward(seq_ids, self._shape_tuple(seq_ids), self._shape_tuple([1] * b),
+                                    self._batch_decode, self._decode_input(x))
             for seq_id in seq_ids:
                 self._lengths[seq_id] += 1
             result = self._numpy(out)
         width = self.config.vocab_size if self._is_last else self.config.hidden_size
         return result.reshape(b, width)
+
+    def _forward(self, seq_ids: list[int], ids: Any, lengths: Any, run: Any, x: Any) -> Any:
+        """One VM call between `begin_forward` and `end_forward` (lock held). A failure past `begin_forward`
+        marks the call's sequences broken: TVM has grown them already (a "KV cache is full" left each one
+        token longer), and `kv_state_popn` does not restore them (probed: logits off by up to 22 after it)."""
+        try:
+            self._begin(self._kv, ids, lengths)
+            try:
+                return run(x, self._kv, self._params)
+            finally:
+                self._end(self._kv)
+        except BaseException:
+            self._broken.update(seq_ids)
+            raise
 
     def _decode_input(self, x: np.ndarray) -> Any:
         """A tensor holding `x` for one decode call (lock held). On the CPU: a tensor kept per shape (one per
@@ -400,6 +419,7 @@ class CompiledStage:
                 return
             self._closed = True
             self._lengths.clear()
+            self._broken.clear()
             self._seq_shapes.clear()
             self._decode_inputs.clear()
             self._params = []
