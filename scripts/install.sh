@@ -44,5 +44,11 @@ if [ "${1:-}" = "test" ]; then
     (apt-get update -qq && apt-get install -y -qq ipfs-cid) >/dev/null 2>&1 \
       || echo "install: ipfs-cid not installed (optional second CID oracle)" >&2
   fi
+  # Debian's Chromium drives the browser-member tests (tests/mesh/test_browser_member.py), headless in a
+  # network namespace; without it (or without root) those tests are reported as skipped, with the reason.
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "install: chromium not installed (browser-member tests will be skipped)" >&2
+  fi
 fi
 "$py" -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true

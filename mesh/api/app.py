@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from shoal.mesh.api import admin as api_admin
 from shoal.mesh.api import guard as api_guard
+from shoal.mesh.api import join_page
 from shoal.mesh.api import openai_routes as api_openai
 from shoal.mesh.api.errors import ApiError, route_error, route_error_headers
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/health", "/v1/mesh/signal"})
-"""Paths served without the API key (liveness probes; mesh signalling, which carries its own signed proof)."""
+OPEN_PATHS = frozenset({"/health", "/v1/mesh/signal", *join_page.PATHS})
+"""Paths served without the API key (liveness probes; mesh signalling, which carries its own signed proof;
+the join page, which holds nothing secret)."""
 
 
 def _endpoint(request: web.Request) -> str:
@@ -181,6 +183,7 @@ def create_app(
     app.on_shutdown.append(_drain)
     api_openai.add_routes(app)
     api_admin.add_routes(app)
+    join_page.add_routes(app)
     for add_routes in routes:
         add_routes(app)
     return app

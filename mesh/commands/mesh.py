@@ -79,12 +79,18 @@ def duration(text: str) -> int:
     return seconds
 
 
-def _show(token: str, qr: bool) -> None:
+def _show(token: str, qr: bool, url: str | None = None) -> None:
     print(token)
     if qr:
+        if url:
+            print(f"join page: {url}")
         print()
-        print(render_qr(token), end="")
-        print("Scan on a phone, or paste the token into `shoal node --join` / `shoal mesh join`.")
+        print(render_qr(url or token), end="")
+        if url:
+            print("Scan on a phone to join in its browser, or paste the token (or the URL) into "
+                  "`shoal node --join` / `shoal mesh join`.")
+        else:
+            print("Scan on a phone, or paste the token into `shoal node --join` / `shoal mesh join`.")
 
 
 def run_create(args: argparse.Namespace) -> int:
@@ -101,7 +107,7 @@ def run_create(args: argparse.Namespace) -> int:
 def run_invite(args: argparse.Namespace) -> int:
     path = "/v1/mesh/invite" if args.expires is None else f"/v1/mesh/invite?expires_in={args.expires}"
     body = call(args.api, path)
-    _show(body["invite"], not args.no_qr)
+    _show(body["invite"], not args.no_qr, body.get("url"))
     if body.get("expires"):
         print(f"expires {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(body['expires']))}")
     return 0

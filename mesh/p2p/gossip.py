@@ -3,8 +3,9 @@
 An advert is a JSON object (at most 64 KiB) with: `name`, `api`, `models` (list), `shards` (list),
 `target`, `speed` ({model: {"prefill_tok_s", "decode_tok_s"}}), `roots` (CIDs of held DAGs), `gateway` (bool),
 `free_memory` (bytes), `queue_depth`, `battery` (percent or null), `plugged` (bool or null), `thermal` (max °C
-or null), `links` ({peer_id: rtt_ms}) and `split` (the split layer's offer). Other layers set their fields
-with `MeshService.gossip.update(...)`.
+or null), `links` ({peer_id: rtt_ms}), `split` (the split layer's offer) and `kind` (`node`, or `browser`
+for a tab that joined through `GET /join`). Other layers set their fields with
+`MeshService.gossip.update(...)`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from shoal.mesh.p2p.ports import GossipHost
 logger = logging.getLogger(__name__)
 LIST_FIELDS = ("models", "shards", "roots")
 MAX_LIST = 256
+MEMBER_KINDS = ("node", "browser")
+"""What a member is (`kind` in adverts): a `shoal node`, or a browser tab (`GET /join`)."""
 
 
 def system_state() -> dict[str, Any]:
@@ -70,6 +73,7 @@ def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body.get(key), dict):
             advert[key] = body[key]
     advert["gateway"] = body.get("gateway") is True
+    advert["kind"] = body["kind"] if body.get("kind") in MEMBER_KINDS else "node"
     if isinstance(body.get("plugged"), bool):
         advert["plugged"] = body["plugged"]
     return advert
@@ -102,6 +106,7 @@ class Gossip:
         return {
             **self.fields,
             **provided,
+            "kind": "node",
             "name": self.service.identity.name,
             "api": self.service.advertise_address,
             "links": links,

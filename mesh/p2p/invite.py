@@ -129,8 +129,12 @@ class Invite:
 
     @classmethod
     def from_token(cls, token: str) -> Invite:
-        """Parse and validate a token; raises `InviteError` with a message the user can act on."""
+        """Parse and validate a token, or a join page URL holding one in its fragment
+        (`http://host:port/join#shoal1-…`, see `join_url`); raises `InviteError` with a message the user can
+        act on."""
         token = "".join(str(token).split())
+        if "#" in token and not token.startswith(PREFIX):
+            token = token.split("#", 1)[1]
         if not token.startswith(PREFIX):
             raise InviteError("not a shoal invite (it should start with 'shoal1-')")
         if len(token) > MAX_TOKEN_LENGTH:
@@ -157,6 +161,12 @@ class Invite:
         if not isinstance(name, str):
             raise InviteError("invite mesh name is not text")
         return cls(name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh)
+
+
+def join_url(address: str, token: str) -> str:
+    """The join page of the node at `address` (`host:port`) with the invite in the URL fragment, which a
+    browser never sends to a server: a phone that scans it becomes a member (`mesh/api/join_page.py`)."""
+    return f"http://{address}/join#{token}"
 
 
 def render_qr(token: str) -> str:

@@ -439,6 +439,7 @@ class Peer:
         return {
             "id": self.peer_id,
             "name": self.name,
+            "kind": self.advert.get("kind", "node"),
             "api": self.api_address,
             "addresses": self.remote_addresses(),
             "state": self.state,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import WSMsgType, web
 from shoal.mesh.p2p.errors import InviteError, MeshError, SignallingError
-from shoal.mesh.p2p.invite import Invite, render_qr
+from shoal.mesh.p2p.invite import Invite, join_url, render_qr
 
 if TYPE_CHECKING:
     from shoal.mesh.p2p.service import MeshService
@@ -76,10 +76,10 @@ def peers_view(service: MeshService) -> dict[str, Any]:
 
 def topology_view(service: MeshService) -> dict[str, Any]:
     me = service.identity.peer_id
-    nodes = {me: {"id": me, "name": service.identity.name}}
+    nodes = {me: {"id": me, "name": service.identity.name, "kind": "node"}}
     edges: dict[tuple[str, str], float | None] = {}
     for peer in service.peers.values():
-        nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name}
+        nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name, "kind": peer.advert.get("kind", "node")}
         edges[tuple(sorted((me, peer.peer_id)))] = peer.summary()["rtt_ms"]  # type: ignore[index]
         links = peer.advert.get("links")
         if isinstance(links, dict):
@@ -142,14 +142,17 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
         if token is None:
             return _error("this node is not in a mesh with a secret", 404, "no_mesh")
         text = token.to_token()
+        address = service.advertise_address
+        url = join_url(address, text) if address and not address.startswith(("0.0.0.0:", "[::]:")) else None
         body = {
             "invite": text,
+            "url": url,  # the join page with the invite in its fragment: what phones scan
             "mesh": service.membership.mesh_id,
             "name": token.name,
             "expires": token.expires,
         }
         if request.query.get("qr") in ("1", "true"):
-            body["qr"] = render_qr(text)
+            body["qr"] = render_qr(url or text)
         return _json(body)
 
     async def join(request: web.Request) -> web.Response:

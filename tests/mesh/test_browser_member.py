@@ -1,0 +1,193 @@
+"""A browser tab as a mesh member (`GET /join`, mesh/api/static/join/): Debian's Chromium, headless, inside a
+network namespace this test makes (only `lo`, so no packet leaves the test's own addresses), driven over the
+DevTools protocol on a pipe (`tests.mesh.chromium`). Two real `shoal node` processes run in the same
+namespace.
+
+The page joins with the invite in its URL fragment; both nodes list it as a `browser` member; a chat typed in
+the page streams an answer through its linked node and shows the route; a page holding a wrong invite is
+refused; closing the tab is seen as a departure. A screenshot of the page after the chat is kept in
+`.cache/artifacts/join-page.png` (or `$SHOAL_TEST_ARTIFACTS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shoal.mesh.p2p.invite import Invite
+
+from tests.mesh import chromium, netns
+from tests.nodes import REPO, NodeProcess
+
+pytestmark = pytest.mark.timeout(240)
+DEAD_TIMEOUT_S = 4.0
+ARTIFACTS = Path(os.environ.get("SHOAL_TEST_ARTIFACTS", REPO / ".cache" / "artifacts"))
+
+
+def _why_not() -> str | None:
+    if chromium.executable() is None:
+        return "chromium is not installed (scripts/install.sh test installs it where apt is available)"
+    return netns.available()
+
+
+@pytest.fixture(scope="module")
+def namespace():
+    reason = _why_not()
+    if reason:
+        pytest.skip(f"browser member tests need chromium and network namespaces: {reason}")
+    name = f"shoalweb{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=20)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=20)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=20)
+
+
+class NamespacedNode(NodeProcess):
+    """A `shoal node` inside the namespace; its API is reached with curl run there too."""
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
+        command = [*self.prefix, "curl", "-s", "-m", str(timeout), "-X", method, self.url + path]
+        if body is not None:
+            command += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        data = json.dumps(body).encode() if body is not None else None
+        result = subprocess.run(command, input=data, capture_output=True, timeout=timeout + 10)
+        if result.returncode != 0:
+            raise OSError(f"curl {path}: exit {result.returncode}")
+        return json.loads(result.stdout)
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        view = self.get("/v1/mesh/peers", timeout=10)
+        return {p["id"]: p for p in view["peers"] if p["state"] == "connected"}
+
+
+@pytest.fixture(scope="module")
+def nodes(namespace, tmp_path_factory):
+    base = tmp_path_factory.mktemp("browsermesh")
+    prefix = ["ip", "netns", "exec", namespace]
+    mesh = {"heartbeat_interval_s": 1.0, "dead_timeout_s": DEAD_TIMEOUT_S}
+    a = NamespacedNode("a", base / "a", {"models": {"backend": "numpy"}, "mesh": mesh}, prefix=prefix)
+    b = NamespacedNode("b", base / "b", {"models": {"backend": "numpy", "preload": False}, "mesh": mesh},
+                       prefix=prefix, port=a.port + 1)
+    invite = Invite.create("browsers", (a.api,))
+    a.args = b.args = ["--join", invite.to_token()]
+    started: list[NamespacedNode] = []
+    try:
+        for node in (a, b):
+            started.append(node.launch())
+        for node in started:
+            node.wait_ready(180, ready=lambda health: health.get("status") == "ok")
+        deadline = time.monotonic() + 60
+        while b.peer_id not in a.members():
+            assert time.monotonic() < deadline, "the two nodes did not link"
+            time.sleep(0.2)
+        yield a, b, invite
+    finally:
+        for node in started:
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(namespace, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    instance = chromium.Chromium.launch(profile, prefix=["ip", "netns", "exec", namespace],
+                                        log=profile.parent / "chromium.log")
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def page(nodes, browser):
+    a, _, invite = nodes
+    tab = browser.open(f"{a.url}/join#{invite.to_token()}")
+    tab.wait_for("window.shoalMember && shoalMember.status.state === 'linked'", 30, "the page to join")
+    return tab
+
+
+def test_page_joins_and_both_nodes_list_it_as_a_browser(nodes, page):
+    a, b, invite = nodes
+    me = page.evaluate("shoalMember.identity.id")
+    assert page.evaluate("shoalMember.membership.mesh") == invite.mesh_id
+    # linked to the node that served the page by its WebSocket, to the other by peer exchange
+    page.wait_for(f"shoalMember.links.size === 2 && shoalMember.links.has({json.dumps(b.peer_id)})", 30,
+                  "links to both nodes")
+    for node in (a, b):
+        entry = _wait(lambda node=node: node.members().get(me), 20, f"{node.name} to list the tab")
+        assert entry["kind"] == "browser" and entry["advert"]["kind"] == "browser"
+        assert entry["admitted"] == "secret" and entry["name"] == page.evaluate("shoalMember.identity.name")
+        _wait(lambda node=node: (node.members().get(me) or {}).get("rtt_ms") is not None, 20, "heartbeats")
+    topology = a.get("/v1/mesh/topology")
+    kinds = {n["id"]: n["kind"] for n in topology["nodes"]}
+    assert kinds[me] == "browser" and kinds[b.peer_id] == "node"
+    shown = page.evaluate("[...document.querySelectorAll('#members tbody tr')].map(r => r.dataset.kind)")
+    assert sorted(shown) == ["node", "node"]
+
+
+def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
+    page.wait_for("document.querySelector('#model').options.length > 0", 30, "the model list")
+    page.evaluate("""(() => {
+        window.answerUpdates = [];
+        new MutationObserver(() => answerUpdates.push(document.querySelector('#answer').textContent))
+            .observe(document.querySelector('#answer'),
+                     {childList: true, characterData: true, subtree: true});
+    })()""")
+    page.type_text("#prompt", "Name the capital of France in one sentence.")
+    page.press_enter()
+    state = page.wait_for("['done', 'error'].includes(document.querySelector('#answer').dataset.state) && "
+                          "document.querySelector('#answer').dataset.state", 180, "the answer")
+    route = page.evaluate("document.querySelector('#route').textContent")
+    assert state == "done", route
+    answer = page.evaluate("document.querySelector('#answer').textContent")
+    updates = page.evaluate("answerUpdates.filter(t => t.length > 0)")
+    assert answer.strip() and len(set(updates)) >= 2, (answer, updates)  # it arrived in pieces
+    assert route == "route: local — answered by a", route
+    shot = page.screenshot(ARTIFACTS / "join-page.png")
+    print(f"screenshot of the page after the chat: {shot}")
+
+
+def test_page_with_a_wrong_invite_is_refused(nodes, namespace, tmp_path):
+    a, b, invite = nodes
+    # the right mesh id and expiry, but a key that is not derived from the mesh secret; another browser
+    # profile, as on another device (tabs of one profile share the origin's identity)
+    wrong = Invite(invite.name, os.urandom(32), invite.bootstrap, int(time.time()) + 600, invite.mesh_id)
+    other = chromium.Chromium.launch(tmp_path / "profile", prefix=["ip", "netns", "exec", namespace])
+    tab = other.open(f"{a.url}/join#{wrong.to_token()}")
+    try:
+        tab.wait_for("window.shoalMember && shoalMember.status.state === 'refused'", 30, "the refusal")
+        assert tab.evaluate("shoalMember.status.code") == "not_member"
+        assert tab.evaluate("document.querySelector('#status').dataset.state") == "refused"
+        intruder = tab.evaluate("shoalMember.identity.id")
+        assert intruder not in a.members() and intruder not in b.members()
+        assert any(r["from"] == intruder for r in a.get("/v1/mesh/peers")["refused"])
+    finally:
+        other.close()
+
+
+def test_closing_the_tab_is_a_departure(nodes, page):
+    a, b, _ = nodes
+    me = page.evaluate("shoalMember.identity.id")
+    page.close()
+    budget = 2 * DEAD_TIMEOUT_S  # a deadline for the poll; the page says bye, so it is seen well before
+    for node in (a, b):
+        _wait(lambda node=node: me not in node.members(), budget, f"{node.name} to see the tab leave")
+        departed = [d for d in node.get("/v1/mesh/peers")["departed"] if d["id"] == me]
+        assert departed and not departed[-1]["reason"].startswith("dead"), departed
+
+
+def _wait(condition: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
