@@ -29,8 +29,8 @@ PAGE_SIZE = 16
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_TOTAL_TOKENS = 2048
 """KV-cache tokens over all sequences. The pages are resident (fp32: 2·layers·kv_heads·head_dim·4 bytes a
-token, ~35 KB for SmolLM2 over 30 layers, ~70 MB at 2048), so this bounds memory; pass `max_total_tokens`
-for longer conversations or more concurrent sequences."""
+token, ~46 KB for SmolLM2 over 30 layers, ~94 MB at 2048), so this bounds memory; pass `max_total_tokens`
+for longer conversations or more concurrent sequences (a node passes `[models] cache_tokens`)."""
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_QUANTIZATION = "q4_1"
 """What `CompiledStage.load` builds unless told otherwise."""
