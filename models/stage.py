@@ -17,6 +17,11 @@ Data contract (all arrays C-contiguous, little-endian):
 A last stage whose logits live elsewhere (a split's remote last stage) may also offer `decode_argmax(seq_ids,
 inputs) -> list[int]`: `decode` followed by each row's argmax (the lowest id among ties), without moving
 the rows. The engine uses it for a step whose requests all decode greedily without penalties.
+
+A stage with a fixed KV pool says so with `max_total_tokens` (tokens over all sequences) and `kv_page_size`
+(the unit each sequence holds): the engine's admission (models/admission.py) never lets requests reserve
+more. A stage whose failed call leaves a sequence's cache changed must make `sequence_length` tell (or
+raise): the engine re-runs a failed batched decode alone only for sequences still at their pre-step length.
 """
 
 from __future__ import annotations
