@@ -4,27 +4,7 @@ Pure functions over plain dataclasses: no I/O, no clocks. `plan()` takes what th
 capability, the peers' adverts and link measurements, the policy, the model's shape and the request's size)
 and returns the `Plan` with the earliest predicted finish, or raises `NoPlanError` saying why nothing fits.
 
-Cost model (all times in seconds; every prediction is logged by the caller next to what really happened)
-------------------------------------------------------------------------------------------------------------
-Decoding a token is memory-bound, so a device's time for part of the model is its measured whole-model time
-scaled by the share of weight bytes that part reads:
-
-    compute_d(part) = bytes(part) / bytes(model) / decode_tps_d × (1 + queue_depth_d)
-
-with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). Prefill uses
-`prefill_tps_d` the same way, per prompt token. A device that does not hold the model but can fetch it adds
-`bytes(span) / fetch_bps` once, before its first token.
-
-- **local**:   ttft = prefill_local(P);  per_token = compute_local(model)
-- **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model). Tokens stream back pipelined over
-  `control`, so the link costs one RTT in total, not one per token.
-- **split** over stages s_1..s_k (the origin relays between them, a star as llama.cpp RPC does):
-  per_token = Σ_i compute_i(span_i) + Σ_{remote i} (rtt_i + (in_i + out_i) / bandwidth_i)
-  where `in`/`out` are the bytes a stage receives and returns per step (4 for a token id, 4·hidden for a
-  hidden state, `logit_bytes` for the last stage);
-  ttft = Σ_i prefill_i(P, span_i) + Σ_{remote i} (chunks · rtt_i + P · (in_i + out_i) / bandwidth_i).
-
-  ttlt = ttft + (max_tokens − 1) · per_token is what is minimised.
+The cost model (`split.cost_model`) predicts each option; `plan()` picks the cheapest allowed.
 
 Layer ranges (`mesh.partition`). For an ordered choice of devices, two allocations are scored and the
 cheaper kept (ties go to the balanced one, which spreads load for concurrent requests): **proportional** —
@@ -46,179 +26,35 @@ Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shoal.mesh.split.cost_model import (
+    LOCAL,
+    Device,
+    ModelShape,
+    Prediction,
+    Request,
+    max_layers,
+    predict,
+    predict_offload,
+)
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional, spans_of
 from shoal.mesh.split.policy import PolicyConfig
-from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 
-LOCAL = "local"
-"""The device id of the node making the plan."""
-
-DEFAULT_BANDWIDTH = 8 * 1024 * 1024
-"""Bytes/s assumed for a link that has not been measured (aiortc's SCTP on loopback: 6-9 MiB/s)."""
-DEFAULT_OVERHEAD = 200 * 1024 * 1024
-"""Runtime bytes a stage needs beyond weights and KV cache (TVM runtime, buffers)."""
-DEFAULT_LOGIT_BYTES = 256 * 8
-"""What the last stage returns per step: the top-256 logits (value + id)."""
+__all__ = [  # the planner, and the cost model's names its callers use
+    "LOCAL", "Assignment", "Device", "ModelShape", "NoPlanError", "Plan", "PlanKind", "Prediction", "Request",
+    "max_layers", "plan",
+]
 
 PlanKind = Literal["local", "offload", "split"]
 
 
 class NoPlanError(Exception):
     """No device (or set of devices) can serve the request under the policy; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes the cost model needs; `from_config` estimates them from a `ModelConfig` and the file size."""
-
-    num_layers: int
-    hidden_size: int
-    layer_bytes: int
-    """Weight bytes of one decoder layer."""
-    embed_bytes: int
-    """Weight bytes of the token embedding."""
-    head_bytes: int
-    """Weight bytes of the final norm + output head (equal to `embed_bytes` when tied)."""
-    kv_bytes_per_token_layer: int
-    """KV-cache bytes one position takes in one layer."""
-
-    def __post_init__(self) -> None:
-        if self.num_layers <= 0 or self.hidden_size <= 0:
-            raise ValueError("num_layers and hidden_size must be positive")
-        if min(self.layer_bytes, self.embed_bytes, self.head_bytes, self.kv_bytes_per_token_layer) < 0:
-            raise ValueError("byte sizes must not be negative")
-        if self.layer_bytes == 0 and self.head_bytes == 0:
-            raise ValueError("a model needs some weights")
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, weight_bytes: int) -> ModelShape:
-        """Split `weight_bytes` (the whole file's tensors) by parameter count: layers, embedding, head."""
-        h, f = config.hidden_size, config.intermediate_size
-        kv = config.num_kv_heads * config.head_dim
-        layer_params = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-        embed_params = config.vocab_size * h
-        head_params = embed_params + h
-        head_extra = h if config.tie_embeddings else head_params
-        total = config.num_layers * layer_params + embed_params + head_extra
-        per_param = weight_bytes / total
-        return cls(
-            num_layers=config.num_layers,
-            hidden_size=h,
-            layer_bytes=int(layer_params * per_param),
-            embed_bytes=int(embed_params * per_param),
-            head_bytes=int(head_params * per_param),
-            kv_bytes_per_token_layer=2 * kv * 4,
-        )
-
-    @property
-    def compute_bytes(self) -> int:
-        """Bytes read per decoded token by the whole model: every layer and the head."""
-        return self.num_layers * self.layer_bytes + self.head_bytes
-
-    def span_compute_bytes(self, span: LayerSpan) -> int:
-        return len(span) * self.layer_bytes + (self.head_bytes if span.is_last(self.num_layers) else 0)
-
-    def span_memory(self, span: LayerSpan, context_tokens: int, overhead: int) -> int:
-        """Bytes a stage running `span` needs for a request of `context_tokens` positions."""
-        extra = overhead
-        if span.is_first():
-            extra += self.embed_bytes
-        if span.is_last(self.num_layers):
-            extra += self.head_bytes
-        return extra + len(span) * (self.layer_bytes + context_tokens * self.kv_bytes_per_token_layer)
-
-
-@dataclass(frozen=True)
-class Device:
-    """A device the planner may use: the local node (`id == LOCAL`) or a peer, as its advert describes it."""
-
-    id: str
-    decode_tps: float
-    """Measured whole-model decode speed for this model, tokens/s (0: unknown — the device is not used)."""
-    prefill_tps: float
-    """Measured whole-model prefill speed, prompt tokens/s (0: taken as 10 × decode_tps)."""
-    free_memory: int
-    """Bytes free for models now."""
-    total_memory: int
-    """Bytes of memory in all (bounds `max_memory_share`)."""
-    holds_model: bool = True
-    """Has the model's weights (or, for a span, can read them without fetching)."""
-    fetch_bps: float = 0.0
-    """If not holding the model: bytes/s it can fetch weights at (0: cannot)."""
-    queue_depth: int = 0
-    battery: float | None = None
-    """Percent 0-100, or None for mains power."""
-    charging: bool = False
-    trusted: bool = True
-    serves_others: bool = True
-    rtt_s: float = 0.0
-    """Round-trip time from the local node (0 for the local node)."""
-    bandwidth_bps: float = DEFAULT_BANDWIDTH
-    """Bytes/s on the link from the local node."""
-
-    def __post_init__(self) -> None:
-        if not self.id:
-            raise ValueError("device id must not be empty")
-        for name in ("decode_tps", "prefill_tps", "fetch_bps", "rtt_s"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"device {self.id}: {name} must be a finite number >= 0")
-        if self.bandwidth_bps <= 0 or not math.isfinite(self.bandwidth_bps):
-            raise ValueError(f"device {self.id}: bandwidth_bps must be positive")
-        if self.free_memory < 0 or self.total_memory < 0 or self.queue_depth < 0:
-            raise ValueError(f"device {self.id}: memory and queue depth must be >= 0")
-
-    @property
-    def is_local(self) -> bool:
-        return self.id == LOCAL
-
-    def memory_budget(self, policy: PolicyConfig) -> int:
-        return int(min(self.free_memory, policy.max_memory_share * self.total_memory))
-
-    def below_battery_floor(self, policy: PolicyConfig) -> bool:
-        return self.battery is not None and not self.charging and self.battery < policy.battery_floor
-
-    def seconds_per_token(self) -> float:
-        return (1 + self.queue_depth) / self.decode_tps
-
-    def seconds_per_prompt_token(self) -> float:
-        prefill = self.prefill_tps or 10 * self.decode_tps
-        return (1 + self.queue_depth) / prefill
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_tokens: int
-    max_tokens: int
-    prefill_chunk: int = 128
-    logit_bytes: int = DEFAULT_LOGIT_BYTES
-    overhead_bytes: int = DEFAULT_OVERHEAD
-
-    def __post_init__(self) -> None:
-        if self.prompt_tokens <= 0 or self.max_tokens <= 0 or self.prefill_chunk <= 0:
-            raise ValueError("prompt_tokens, max_tokens and prefill_chunk must be positive")
-
-    @property
-    def context_tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens
-
-
-@dataclass(frozen=True)
-class Prediction:
-    ttft_s: float
-    per_token_s: float
-    ttlt_s: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"ttft_s": self.ttft_s, "per_token_s": self.per_token_s, "ttlt_s": self.ttlt_s}
 
 
 @dataclass(frozen=True)
@@ -245,58 +81,6 @@ class Plan:
             "stages": [{"peer": a.device, "layers": str(a.span)} for a in self.stages],
             "predicted": self.prediction.to_dict(),
         }
-
-
-def _stage_cost(
-    shape: ModelShape, request: Request, device: Device, span: LayerSpan
-) -> tuple[float, float]:
-    """(prefill seconds, per-token seconds) of `device` running `span`, its link included."""
-    share = shape.span_compute_bytes(span) / shape.compute_bytes
-    per_token = share * device.seconds_per_token()
-    prefill = share * device.seconds_per_prompt_token() * request.prompt_tokens
-    if not device.holds_model:
-        prefill += shape.span_memory(span, 0, 0) / device.fetch_bps
-    if not device.is_local:
-        in_bytes = 4 if span.is_first() else 4 * shape.hidden_size
-        out_bytes = request.logit_bytes if span.is_last(shape.num_layers) else 4 * shape.hidden_size
-        per_token += device.rtt_s + (in_bytes + out_bytes) / device.bandwidth_bps
-        chunks = math.ceil(request.prompt_tokens / request.prefill_chunk)
-        transfer = request.prompt_tokens * (in_bytes + out_bytes) / device.bandwidth_bps
-        prefill += chunks * device.rtt_s + transfer
-    return prefill, per_token
-
-
-def predict(shape: ModelShape, request: Request, stages: Sequence[tuple[Device, LayerSpan]]) -> Prediction:
-    """Predicted TTFT, per-token time and time-to-last-token of running `stages` in order."""
-    prefill = per_token = 0.0
-    for device, span in stages:
-        p, t = _stage_cost(shape, request, device, span)
-        prefill, per_token = prefill + p, per_token + t
-    return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
-
-
-def predict_offload(shape: ModelShape, request: Request, device: Device) -> Prediction:
-    """Offload: the whole request runs on `device`; one RTT for the request, tokens stream back pipelined."""
-    whole = LayerSpan.whole(shape.num_layers)
-    local_view = dataclasses.replace(device, id=LOCAL)  # its compute, without per-step links
-    prefill, per_token = _stage_cost(shape, request, local_view, whole)
-    prefill += device.rtt_s + request.prompt_tokens * 4 / device.bandwidth_bps
-    return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
-
-
-def max_layers(
-    shape: ModelShape, request: Request, device: Device, policy: PolicyConfig, first: bool, last: bool
-) -> int:
-    """How many layers `device` can hold in a stage at that position (0 if not even the extras fit)."""
-    budget = device.memory_budget(policy) - request.overhead_bytes
-    if first:
-        budget -= shape.embed_bytes
-    if last:
-        budget -= shape.head_bytes
-    per_layer = shape.layer_bytes + request.context_tokens * shape.kv_bytes_per_token_layer
-    if budget < 0:
-        return 0
-    return shape.num_layers if per_layer == 0 else min(shape.num_layers, budget // per_layer)
 
 
 def _eligible(devices: Iterable[Device], policy: PolicyConfig, exclude: frozenset[str]) -> list[Device]:
