@@ -76,8 +76,11 @@ async def test_long_chats_without_max_tokens_queue_and_all_finish(node: NodeThre
             assert usage["completion_tokens"] == DEFAULT_MAX_TOKENS  # the documented default cap
         else:
             assert final["finish_reason"] == "stop" and usage["completion_tokens"] <= DEFAULT_MAX_TOKENS
-    # Two such chats fit the cache at once: the others waited, and the metrics show it.
-    assert served.engine.stats.admitted >= 6 and served.engine.stats.max_decode_batch <= 2
+    # Only a few such chats fit the cache at once (whole 16-token pages each): the others waited.
+    prompt = served.tokenizer.encode_chat([{"role": "user", "content": f"{LONG} Chapter 0."}])
+    at_once = CACHE_TOKENS // (-(-(len(prompt) + DEFAULT_MAX_TOKENS) // 16) * 16)
+    assert 1 <= at_once < 6
+    assert served.engine.stats.admitted >= 6 and served.engine.stats.max_decode_batch <= at_once
     samples = await metrics(node)
     assert samples["shoal_admission_wait_seconds_count"] >= 6
     assert samples["shoal_admission_wait_seconds_sum"] > 0
