@@ -165,8 +165,9 @@ class SplitService:
         from shoal.models.loader import build_stage
 
         config = self.node.config.models
+        pool = {"max_total_tokens": config.cache_tokens} if config.backend == "tvm" else {}  # KV pool size
         return build_stage(loaded, span, backend=config.backend, target=config.target,
-                           cache_dir=self.node.models.cache_dir)
+                           cache_dir=self.node.models.cache_dir, **pool)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
