@@ -7,7 +7,8 @@ import json
 from collections.abc import Collection
 
 from shoal.mesh.commands.cli import CommandError
-from shoal.mesh.ipfs.cli_support import add_data_dir_option, default_data_dir, human_bytes
+from shoal.mesh.commands.node_client import data_dir
+from shoal.mesh.ipfs.cli_support import add_data_dir_option, human_bytes
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.ipfs.errors import IpfsError
 from shoal.mesh.ipfs.service import IpfsService
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    service = IpfsService(IpfsConfig(), args.data_dir or default_data_dir())
+    service = IpfsService(IpfsConfig(), data_dir(args.data_dir))
     try:
         for name in args.unpin:
             if not service.store.unpin(service.catalog.resolve(name)):

@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from shoal.mesh.commands.cli import CommandError
 from shoal.mesh.node.config import ConfigError, load_config, parse_host_port
+
+
+def data_dir(flag: Path | None) -> Path:
+    """`--data-dir`, else the node's data dir as `shoal node` reads it (config file, `SHOAL_DATA_DIR`)."""
+    if flag is not None:
+        return flag
+    try:
+        return load_config().data_dir
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def node_url(api: str | None) -> tuple[str, dict[str, str]]:

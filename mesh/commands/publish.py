@@ -11,9 +11,9 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from shoal.mesh.commands.cli import CommandError
-from shoal.mesh.commands.node_client import upload
+from shoal.mesh.commands.node_client import data_dir, upload
 from shoal.mesh.ipfs.catalog import check_name
-from shoal.mesh.ipfs.cli_support import add_data_dir_option, config_from_args, default_data_dir
+from shoal.mesh.ipfs.cli_support import add_data_dir_option, config_from_args
 from shoal.mesh.ipfs.errors import IpfsError
 from shoal.mesh.ipfs.service import IpfsService
 
@@ -62,7 +62,7 @@ async def _publish(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    async with IpfsService(config, args.data_dir or default_data_dir()) as service:
+    async with IpfsService(config, data_dir(args.data_dir)) as service:
         try:
             cid = await service.publish(args.file, args.name, cid_version=args.cid_version,
                                         to_ipfs=args.to_ipfs)

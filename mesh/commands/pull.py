@@ -10,12 +10,12 @@ import argparse
 import asyncio
 
 from shoal.mesh.commands.cli import CommandError
+from shoal.mesh.commands.node_client import data_dir as node_data_dir
 from shoal.mesh.ipfs.cli_support import (
     ProgressLine,
     add_data_dir_option,
     add_source_options,
     config_from_args,
-    default_data_dir,
     human_bytes,
 )
 from shoal.mesh.ipfs.errors import BlockNotFoundError, IpfsError
@@ -50,8 +50,7 @@ async def _pull(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    data_dir = args.data_dir or default_data_dir()
-    async with IpfsService(config, data_dir) as service:
+    async with IpfsService(config, node_data_dir(args.data_dir)) as service:
         try:
             if args.layers:
                 from shoal.models.span import LayerSpan

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,21 +10,11 @@ from pathlib import Path
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.ipfs.fetcher import Progress
 
-DATA_DIR_ENV = "SHOAL_DATA_DIR"
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("shoal"))
-
 
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"node data directory (default: ${DATA_DIR_ENV} or the platform's data dir)")
+                        help="node data directory (default: the node's: config file, SHOAL_DATA_DIR, or the "
+                             "platform's data dir)")
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:

@@ -175,3 +175,18 @@ def test_compile_cache_is_a_top_level_setting(tmp_path: Path) -> None:
     assert load_config(environ=env).compile_dir == Path("/elsewhere")
     in_file = write(tmp_path, 'compile_cache = "/cache/here"\n')
     assert load_config(in_file, environ={}).compile_dir == Path("/cache/here")
+
+
+def test_store_commands_use_the_node_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.mesh.commands.cli import CommandError
+    from shoal.mesh.commands.node_client import data_dir
+
+    monkeypatch.delenv("SHOAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("SHOAL_CONFIG", str(write(tmp_path, 'data_dir = "/srv/shoal"\n')))
+    assert data_dir(None) == Path("/srv/shoal")  # `shoal publish/pull/models` use the node's store
+    monkeypatch.setenv("SHOAL_DATA_DIR", "/tmp/shoal-env")
+    assert data_dir(None) == Path("/tmp/shoal-env")
+    assert data_dir(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.setenv("SHOAL_CONFIG", str(write(tmp_path, "[apii]\n")))
+    with pytest.raises(CommandError, match="unknown config section"):
+        data_dir(None)
