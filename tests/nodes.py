@@ -149,7 +149,7 @@ class NodeProcess:
                 if ready(self.get("/health", timeout=2.0)):
                     self.peer_id = self.get("/v1/node", timeout=5.0)["id"]
                     return self
-            except OSError:
+            except (OSError, ValueError, KeyError):  # not listening yet, or not answering JSON yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not become ready within {timeout_s:.0f} s: "
