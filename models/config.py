@@ -8,7 +8,7 @@ post-norms, GELU, sliding-window layers with their own RoPE base and optional fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +61,8 @@ class ModelConfig:
     """With a window: layer i slides unless i % pattern == pattern - 1 (llama.cpp's pattern; 0 or 1: all)."""
     rope_theta_local: float = 0.0
     """RoPE base of the sliding-window layers (0: `rope_theta`); their RoPE is never scaled."""
+    rope_freq_factors: bool = False
+    """RoPE frequency i is divided by the GGUF's `rope_freqs.weight`[i] (Llama 3.1+ scaling)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -103,8 +105,9 @@ class ModelConfig:
         return self.rope_theta, self.rope_freq_scale
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output_weight: bool) -> ModelConfig:
-        """Build from GGUF key/values (already decoded to Python values)."""
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output_weight: bool,
+                           tensor_names: Container[str] = ()) -> ModelConfig:
+        """Build from GGUF key/values (already decoded to Python values) and the file's tensor names."""
         arch = meta.get("general.architecture")
         if not isinstance(arch, str):
             raise UnsupportedModelError("GGUF metadata has no general.architecture")
@@ -141,7 +144,10 @@ class ModelConfig:
                        or meta.get(f"{arch}.rope.scale_linear", 0.0))
         if scaling not in ("none", "linear") and factor not in (0.0, 1.0):
             raise UnsupportedModelError(f"RoPE scaling {scaling!r} is not supported (shoal does linear)")
-        options: dict[str, Any] = {}
+        if "rope_factors_short.weight" in tensor_names or "rope_factors_long.weight" in tensor_names:
+            raise UnsupportedModelError("long-context RoPE factors (rope_factors_short/long, e.g. Phi-3 "
+                                        "128k) are not supported")
+        options: dict[str, Any] = {"rope_freq_factors": "rope_freqs.weight" in tensor_names}
         if arch == "qwen2":
             options["qkv_bias"] = True
         if arch == "qwen3":

@@ -88,7 +88,8 @@ class GGUFIndex:
     def config(self) -> ModelConfig:
         if not self._config:
             has_output = "output.weight" in self.tensors
-            self._config.append(ModelConfig.from_gguf_metadata(self.metadata, has_output_weight=has_output))
+            self._config.append(ModelConfig.from_gguf_metadata(self.metadata, has_output_weight=has_output,
+                                                               tensor_names=self.tensors))
         return self._config[0]
 
     @property
@@ -111,7 +112,7 @@ class GGUFIndex:
         span.check(cfg.num_layers)
         prefixes = tuple(f"blk.{i}." for i in range(span.start, span.stop))
         names = [n for n in self.tensors if n.startswith(prefixes)]
-        extra: list[str] = []
+        extra: list[str] = ["rope_freqs.weight"] if "rope_freqs.weight" in self.tensors else []
         if span.is_first():
             extra.append("token_embd.weight")
         if span.is_last(cfg.num_layers):

@@ -28,6 +28,7 @@ quantization without touching the model code. Parameter names follow `weight_nam
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -101,25 +102,39 @@ def _rms_norm(features: int, eps: float) -> nn.Module:
     return nn.RMSNorm(features, -1, eps, bias=False, dtype="float32")
 
 
-def rope_neox(x: Tensor, positions: Tensor, theta: float, scale: float) -> Tensor:
-    """Rotate pairs (i, i + D/2) of x [b, s, heads, D] by position · scale (llama.cpp NEOX); positions are
-    the cache's query positions [b · s] (row-major over b, s)."""
+class RopeFactors(nn.Module):
+    """The GGUF's `rope_freqs.weight` [head_dim / 2]: RoPE frequency i is divided by weight[i] (Llama 3.1)."""
 
-    def compute(t: te.Tensor, pos: te.Tensor) -> te.Tensor:
+    def __init__(self, pairs: int):
+        self.weight = nn.Parameter((pairs,), dtype="float32")
+
+
+def rope(x: Tensor, positions: Tensor, theta: float, scale: float, neox: bool,
+         factors: Tensor | None = None) -> Tensor:
+    """Rotate x [b, s, heads, D] by position · scale: pairs (i, i + D/2) (llama.cpp NEOX) or (2i, 2i + 1)
+    (NORM), frequency i = theta^(-2i/D) / factors[i]; positions are the cache's query positions [b · s]."""
+
+    def compute(t: te.Tensor, pos: te.Tensor, *rest: te.Tensor) -> te.Tensor:
         b, s, heads, _ = t.shape
         dim = int(t.shape[3])
         half = dim // 2
 
         def element(i: Any, j: Any, h: Any, d: Any) -> Any:
-            exponent = tirx.Cast("float32", (d % half) * 2) / tirx.const(float(dim), "float32")
+            pair = d % half if neox else d // 2
+            exponent = tirx.Cast("float32", pair * 2) / tirx.const(float(dim), "float32")
             angle = (tirx.Cast("float32", pos[i * s + j]) * tirx.const(scale, "float32")
                      / tirx.power(tirx.const(theta, "float32"), exponent))
-            rotated = tirx.if_then_else(d < half, -t[i, j, h, d + half], t[i, j, h, d - half])
+            if rest:
+                angle = angle / rest[0][pair]
+            if neox:
+                rotated = tirx.if_then_else(d < half, -t[i, j, h, d + half], t[i, j, h, d - half])
+            else:
+                rotated = tirx.if_then_else(d % 2 == 0, -t[i, j, h, d + 1], t[i, j, h, d - 1])
             return t[i, j, h, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
 
-        return te.compute((b, s, heads, dim), element, name="rope_neox")
+        return te.compute((b, s, heads, dim), element, name="rope")
 
-    return op.tensor_expr_op(compute, "rope_neox", [x, positions])
+    return op.tensor_expr_op(compute, "rope", [x, positions] + ([factors] if factors is not None else []))
 
 
 class LlamaAttention(nn.Module):
@@ -137,9 +152,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = _rms_norm(config.head_dim, config.rms_eps)
         # (theta, scale) when this model rotates Q/K itself (models_own_rope), else None: the cache does
         self.rope = config.layer_rope(layer) if models_own_rope(config) else None
+        self.neox = config.rope_neox
         self.o_proj = make_linear(config.num_heads * config.head_dim, config.hidden_size, "o")
 
-    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int,
+                rope_factors: Tensor | None = None) -> Tensor:
         b, s, _ = x.shape
         qkv = self.qkv_proj(x)
         if hasattr(self, "qkv_bias"):
@@ -151,7 +168,7 @@ class LlamaAttention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rope is not None:
                 positions = paged_kv_cache.get_query_positions(b * s)
-                q, k = (rope_neox(t, positions, *self.rope) for t in (q, k))
+                q, k = (rope(t, positions, *self.rope, self.neox, rope_factors) for t in (q, k))
             qkv = op.concat([q, k, v], dim=2)
         out = paged_kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
@@ -182,8 +199,9 @@ class LlamaDecoderLayer(nn.Module):
             self.attn_post_norm = _rms_norm(config.hidden_size, eps)
             self.ffn_post_norm = _rms_norm(config.hidden_size, eps)
 
-    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id)
+    def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int,
+                rope_factors: Tensor | None = None) -> Tensor:
+        attn = self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id, rope_factors)
         if hasattr(self, "attn_post_norm"):
             attn = self.attn_post_norm(attn)
         x = x + attn
@@ -194,8 +212,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def models_own_rope(config: ModelConfig) -> bool:
-    """Whether the shard rotates Q/K itself: when layers differ in RoPE base or scale (gemma3)."""
-    return len({config.layer_rope(i) for i in range(config.num_layers)}) > 1
+    """Whether the shard rotates Q/K itself: when layers differ in RoPE base or scale (gemma3) or the
+    frequencies have per-pair factors (Llama 3.1+)."""
+    return config.rope_freq_factors or len({config.layer_rope(i) for i in range(config.num_layers)}) > 1
 
 
 def _last_position(x: Tensor) -> Tensor:
@@ -233,6 +252,8 @@ class LlamaShard(nn.Module):
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config, make_linear, i) for i in range(span.start, span.stop)]
         )
+        if config.rope_freq_factors:
+            self.rope_freqs = RopeFactors(config.head_dim // 2)
         if self.is_last:
             self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_eps, bias=False, dtype="float32")
             if not shared_head:
@@ -242,8 +263,9 @@ class LlamaShard(nn.Module):
         h = self.embed_tokens(inputs) if self.is_first else inputs
         if self.is_first and self.config.embedding_scale != 1.0:
             h = h * self.config.embedding_scale
+        factors = self.rope_freqs.weight if hasattr(self, "rope_freqs") else None
         for layer_id, layer in enumerate(self.layers):
-            h = layer(h, paged_kv_cache, layer_id)
+            h = layer(h, paged_kv_cache, layer_id, factors)
         return h
 
     def _head(self, h: Tensor) -> Tensor:
@@ -278,7 +300,8 @@ class LlamaShard(nn.Module):
 
         # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels;
         # sliding-window layers get a fixed copy of TVM's paged-prefill kernel (models/sliding_prefill.py).
-        with fast_cpu_attention(self.target), fixed_sliding_prefill():
+        fix = fixed_sliding_prefill() if self.config.sliding_window else contextlib.nullcontext()
+        with fast_cpu_attention(self.target), fix:
             return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                         support_sliding_window)
 

@@ -76,10 +76,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale.astype(np.float32)) * weight
 
 
-def rope_norm(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """Rotate adjacent pairs (2i, 2i+1) of the last axis of x [n, heads, D] by position (llama.cpp NORM)."""
+def rope_norm(x: np.ndarray, positions: np.ndarray, theta: float,
+              factors: np.ndarray | None = None) -> np.ndarray:
+    """Rotate adjacent pairs (2i, 2i+1) of the last axis of x [n, heads, D] by position (llama.cpp NORM);
+    frequency i is divided by `factors[i]` when given (rope_freqs)."""
     dim = x.shape[-1]
     inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factors is not None:
+        inv_freq = inv_freq / factors.astype(np.float64)
     angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [n, D/2]
     cos = np.cos(angles).astype(np.float32)[:, None, :]
     sin = np.sin(angles).astype(np.float32)[:, None, :]
@@ -90,11 +94,14 @@ def rope_norm(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-def rope_neox(x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:
+def rope_neox(x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0,
+              factors: np.ndarray | None = None) -> np.ndarray:
     """Rotate pairs (i, i + D/2) of the last axis of x [n, heads, D] by position · scale (llama.cpp NEOX)."""
     dim = x.shape[-1]
     half = dim // 2
     inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factors is not None:
+        inv_freq = inv_freq / factors.astype(np.float64)
     angles = (positions.astype(np.float64) * scale)[:, None] * inv_freq[None, :]  # [n, D/2]
     cos = np.cos(angles).astype(np.float32)[:, None, :]
     sin = np.sin(angles).astype(np.float32)[:, None, :]
@@ -140,6 +147,7 @@ class ReferenceStage:
         self._is_last = span.is_last(config.num_layers)
         self._tensors = set(model.tensor_names())
         self.embedding = load("token_embd.weight") if self._is_first else None
+        self.rope_factors = load("rope_freqs.weight") if config.rope_freq_factors else None
         self.layers = [self._load_layer(load, i) for i in range(span.start, span.stop)]
         self.output_norm: np.ndarray | None = None
         self.head: Any = None
@@ -325,11 +333,12 @@ class ReferenceStage:
         """RoPE of local layer `li`: the `_rope` hook for llama's single NORM rotation, else the family's."""
         cfg = self.config
         theta, scale = cfg.layer_rope(self.span.start + li)
-        if not cfg.rope_neox and (theta, scale) == (cfg.rope_theta, 1.0):
+        factors = self.rope_factors
+        if not cfg.rope_neox and (theta, scale) == (cfg.rope_theta, 1.0) and factors is None:
             return self._rope(x, positions)
         if cfg.rope_neox:
-            return rope_neox(x, positions, theta, scale)
-        return rope_norm(x, positions.astype(np.float64) * scale, theta)
+            return rope_neox(x, positions, theta, scale, factors)
+        return rope_norm(x, positions.astype(np.float64) * scale, theta, factors)
 
     def _gated(self, gate_up: np.ndarray) -> np.ndarray:
         """act(gate) · up for gate_up [n, 2F] = concat(gate, up); act is SiLU or GELU (tanh)."""

@@ -72,6 +72,8 @@ def gguf_sources(config: ModelConfig, span: LayerSpan, module_path: str,
         return ["token_embd.weight"]
     if module_path == "norm":
         return ["output_norm.weight"]
+    if module_path == "rope_freqs":
+        return ["rope_freqs.weight"]
     if module_path == "lm_head":
         return ["token_embd.weight" if config.tie_embeddings else "output.weight"]
     parts = module_path.split(".")

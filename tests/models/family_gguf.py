@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "phi3", "gemma3")
+ARCHITECTURE = {"llama3": "llama"}
+"""Variant -> GGUF architecture (others are their own): llama3 is a llama file with Llama 3.1's
+`rope_freqs.weight` (llama3 RoPE scaling, as llama.cpp's converter writes it)."""
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "r e", "a t")
 
@@ -34,6 +37,7 @@ class FamilyShape:
 
 SHAPES = {
     "llama": FamilyShape(),
+    "llama3": FamilyShape(),
     "qwen2": FamilyShape(),
     "qwen3": FamilyShape(head_dim=32),  # heads x head_dim != hidden, as in Qwen3-0.6B
     "phi3": FamilyShape(kv_heads=4),  # Phi-3-mini: no GQA
@@ -59,6 +63,19 @@ def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, list(MERGES)
 
 
+def llama3_rope_factors(head_dim: int, theta: float, factor: float = 8.0, low: float = 1.0,
+                        high: float = 4.0, original_context: int = 256) -> np.ndarray:
+    """The `rope_freqs.weight` llama.cpp's converter computes for Llama 3.1 (`rope_type: llama3`), here with a
+    small original context so the factors span 1 … factor over a 16-dim head."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original_context / wavelen - low) / (high - low)
+    middle = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < original_context / high, 1.0,
+                       np.where(wavelen > original_context / low, factor, middle))
+    return factors.astype(np.float32)
+
+
 def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
@@ -72,6 +89,7 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
     if arch not in FAMILIES:
         raise ValueError(f"unknown family {arch!r}")
     shape = SHAPES[arch]
+    variant, arch = arch, ARCHITECTURE.get(arch, arch)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_level_vocab()
     vocab = len(tokens)
@@ -85,7 +103,8 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
     w.add_head_count(shape.heads)
     w.add_head_count_kv(shape.kv_heads)
     w.add_layer_norm_rms_eps(1e-6 if arch in ("qwen2", "qwen3", "gemma3") else 1e-5)
-    w.add_rope_freq_base(1_000_000.0 if arch in ("qwen2", "qwen3", "gemma3") else 10_000.0)
+    theta = {"qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "llama3": 500_000.0}.get(variant, 10_000.0)
+    w.add_rope_freq_base(theta)
     if arch in ("qwen3", "gemma3"):
         w.add_key_length(shape.head_dim)
         w.add_value_length(shape.head_dim)
@@ -110,6 +129,8 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
     hidden, q_rows, kv_rows = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     emb_scale = 1.0 / np.sqrt(hidden) if arch == "gemma3" else 1.0  # gemma3 multiplies by sqrt(hidden)
     w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * emb_scale).astype(np.float32))
+    if variant == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(shape.head_dim, theta))
     for i in range(shape.layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", _norm(rng, hidden))

@@ -22,7 +22,7 @@ from shoal.models.gguf import GGUFModel
 from shoal.models.reference import ReferenceStage
 from shoal.models.span import LayerSpan
 
-from tests.models.family_gguf import FAMILIES, sha256, write_family_gguf
+from tests.models.family_gguf import ARCHITECTURE, FAMILIES, sha256, write_family_gguf
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_families.json"
 LOGIT_TOLERANCE = 2e-3
@@ -92,7 +92,7 @@ def _check_agreement(arch: str, stages: list[Any], fixture: dict[str, Any]) -> f
 def test_reference_matches_llamacpp(arch: str, family_files: dict[str, Path],
                                     fixture: dict[str, Any]) -> None:
     model = GGUFModel.open(family_files[arch])
-    assert model.config.architecture == arch
+    assert model.config.architecture == ARCHITECTURE.get(arch, arch)
     stage = ReferenceStage(model, LayerSpan.whole(model.config.num_layers))
     stage.add_sequence(0)
     prompt_logits = stage.prefill(0, np.array(fixture["prompt"]), all_logits=True)
@@ -104,7 +104,8 @@ def test_reference_matches_llamacpp(arch: str, family_files: dict[str, Path],
 
 def test_family_options_come_from_metadata(family_files: dict[str, Path]) -> None:
     configs = {arch: GGUFModel.open(path).config for arch, path in family_files.items()}
-    assert not configs["llama"].rope_neox and all(configs[a].rope_neox for a in FAMILIES if a != "llama")
+    assert not configs["llama"].rope_neox and all(configs[a].rope_neox for a in FAMILIES if "llama" not in a)
+    assert configs["llama3"].rope_freq_factors and not configs["llama"].rope_freq_factors
     assert configs["qwen2"].qkv_bias and not configs["llama"].qkv_bias
     assert configs["qwen3"].qk_norm and configs["qwen3"].num_heads * configs["qwen3"].head_dim == 128
     gemma = configs["gemma3"]
