@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.ports import MeshHandle
+from shoal.mesh.split.quota import PeerQuota
+from shoal.mesh.split.receipts import Expected, ReceiptError, Usage, UsageLedger
 from shoal.mesh.split.remote_stage import StageLost
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError
@@ -52,41 +55,82 @@ class OffloadEvent:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    logprobs: Any = None
+    """Not carried over the mesh yet: an offloaded token has none (the API then leaves them out)."""
+    stop_sequence: str | None = None
+    """Not carried over the mesh yet either (the Anthropic route then says `end_turn`)."""
 
 
 class OffloadClient:
     """The origin's half. Needs the mesh service (`peer()`, `on_control()`, `add_peer_listener()`)."""
 
     def __init__(self, mesh: MeshHandle, *, open_timeout_s: float = SplitConfig.offload_open_timeout_s,
-                 token_timeout_s: float = SplitConfig.offload_token_timeout_s) -> None:
+                 token_timeout_s: float = SplitConfig.offload_token_timeout_s,
+                 ledger: UsageLedger | None = None) -> None:
         self._mesh = mesh
         self._open_timeout = open_timeout_s
         self._token_timeout = token_timeout_s
+        self._ledger = ledger
         self._queues: dict[tuple[str, int], asyncio.Queue[ControlFrame | BaseException]] = {}
+        self._seen: dict[tuple[str, int], _Seen] = {}
+        """What this node saw of each offloaded request until its `offload.done` (the receipt is checked
+        against it): kept past `stream()`, which returns at the finish token, before the done frame."""
         for frame_type in (wire.OFFLOAD_TOKEN, wire.OFFLOAD_DONE, wire.OFFLOAD_ERROR):
             mesh.on_control(frame_type, self._on_frame)
         mesh.add_peer_listener(self._on_peer)
 
     async def _on_frame(self, peer: Peer, frame: ControlFrame) -> None:
         rid = frame.body.get("rid")
-        queue = self._queues.get((peer.peer_id, rid)) if type(rid) is int else None
+        if type(rid) is not int:
+            return None
+        key = (peer.peer_id, rid)
+        seen = self._seen.get(key)
+        if seen is not None:
+            if frame.type == wire.OFFLOAD_TOKEN:
+                seen.tokens_out += 1
+            else:
+                del self._seen[key]
+                receipt = frame.body.get("receipt")
+                if frame.type == wire.OFFLOAD_DONE and receipt is not None and self._ledger is not None:
+                    self._mesh.spawn(self._countersign(peer, rid, seen, receipt), name=f"receipt {rid}")
+        queue = self._queues.get(key)
         if queue is not None:
             queue.put_nowait(frame)
         return None
 
+    async def _countersign(self, peer: Peer, rid: int, seen: _Seen, receipt: Any) -> None:
+        """Check the server's receipt against what this node saw, countersign and keep it, send it back."""
+        if self._ledger is None:
+            return
+        usage = receipt.get("usage") if isinstance(receipt, dict) else None
+        model = usage.get("model") if isinstance(usage, dict) else None
+        expected = Expected(peer.peer_id, str(rid), "offload", model if model in seen.models else seen.model,
+                            seen.tokens_in, seen.tokens_out)
+        try:
+            signed = await self._ledger.countersign(expected, receipt)
+            await peer.request(wire.OFFLOAD_RECEIPT, {"receipt": signed.to_dict()})
+        except (ReceiptError, MeshError) as exc:
+            logger.warning("offload %d: receipt from %s not countersigned: %s", rid, peer.peer_id[:12], exc)
+
     def _on_peer(self, event: str, peer: Peer) -> None:
         if event != "left":
             return
+        for key in [k for k in self._seen if k[0] == peer.peer_id]:
+            del self._seen[key]
         for (peer_id, _), queue in list(self._queues.items()):
             if peer_id == peer.peer_id:
                 queue.put_nowait(StageLost(peer_id, f"link closed: {peer.close_reason or 'gone'}"))
 
-    async def stream(self, peer_id: str, model: str, prompt_ids: list[int], params: dict[str, Any]
-                     ) -> AsyncIterator[OffloadEvent]:
+    async def stream(self, peer_id: str, model: str, prompt_ids: list[int], params: dict[str, Any],
+                     cid: str | None = None) -> AsyncIterator[OffloadEvent]:
+        """`cid`: the model's CID where this node knows it (a receipt may name the model by either)."""
         rid = next(_rids) % 2**32
         key = (peer_id, rid)
         queue: asyncio.Queue[ControlFrame | BaseException] = asyncio.Queue()
         self._queues[key] = queue
+        self._seen[key] = _Seen(model, frozenset(m for m in (model, cid) if m), len(prompt_ids))
+        while len(self._seen) > MAX_SEEN:
+            self._seen.pop(next(iter(self._seen)))
         finished = False
         try:
             try:
@@ -125,8 +169,24 @@ class OffloadClient:
         finally:
             self._queues.pop(key, None)
             if not finished:
+                self._seen.pop(key, None)
                 with contextlib.suppress(MeshError):
                     await self._mesh.peer(peer_id).notify(wire.OFFLOAD_CANCEL, {"rid": rid})
+
+
+MAX_SEEN = 1024
+"""Offloaded requests whose `offload.done` a client still waits for (oldest forgotten first)."""
+
+
+@dataclass
+class _Seen:
+    """What the origin saw of one offloaded request."""
+
+    model: str
+    models: frozenset[str]
+    """Names the receipt may give the model by: the requested name, its CID."""
+    tokens_in: int
+    tokens_out: int = 0
 
 
 def _token_event(body: dict[str, Any], index: int) -> OffloadEvent | None:
@@ -149,8 +209,14 @@ class OffloadServer:
     """The serving half: runs whole requests for peers on this node's engines."""
 
     def __init__(self, mesh: MeshHandle, acquire: Acquire, gate: Callable[[], str | None],
-                 *, max_requests: int = SplitConfig.max_offloads) -> None:
+                 *, max_requests: int = SplitConfig.max_offloads, ledger: UsageLedger | None = None,
+                 model_id: Callable[[str], str] = lambda name: name, quota: PeerQuota | None = None) -> None:
+        """`ledger`: issue a usage receipt at the end of each request (in `offload.done`); `model_id`: the
+        name a receipt gives a model (its CID where known); `quota`: refuse a peer past its hourly share."""
         self._mesh = mesh
+        self._quota = quota
+        self._ledger = ledger
+        self._model_id = model_id
         self._acquire = acquire
         self._gate = gate
         self._max = max_requests
@@ -161,6 +227,7 @@ class OffloadServer:
         mesh.on_control(wire.OFFLOAD_CANCEL, self._on_cancel)
         mesh.on_control(wire.OFFLOAD_INFO, self._on_info)
         mesh.on_control(wire.OFFLOAD_TOKENIZE, self._on_tokenize)
+        mesh.on_control(wire.OFFLOAD_RECEIPT, self._on_receipt)
         mesh.add_peer_listener(self._on_peer)
 
     async def _on_open(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
@@ -169,6 +236,9 @@ class OffloadServer:
         reason = self._gate()
         if reason is not None:
             raise RemoteError(wire.REFUSED, reason)
+        over = self._quota.refusal(peer.peer_id) if self._quota is not None else None
+        if over is not None:
+            raise RemoteError(wire.QUOTA, over)
         body = frame.body
         rid, model = body.get("rid"), body.get("model")
         ids, params = body.get("prompt_ids"), body.get("params")
@@ -198,13 +268,16 @@ class OffloadServer:
         except (ContextOverflowError, ValueError) as exc:
             raise RemoteError(wire.BAD_REQUEST, str(exc)) from None
         key = (peer.peer_id, rid)
-        task = self._mesh.spawn(self._run(peer, rid, stream), name=f"offload {rid}")
+        layers = served.stages[0].config.num_layers if served.stages else 0
+        usage = _Served(self._model_id(model), layers, len(ids), time.time())
+        task = self._mesh.spawn(self._run(peer, rid, stream, usage), name=f"offload {rid}")
         self._tasks[key] = task
         task.add_done_callback(lambda _t: self._tasks.pop(key, None))
         logger.info("offload %d from %s: %s, %d prompt tokens", rid, peer.peer_id[:12], model, len(ids))
         return {"accepted": True}
 
-    async def _run(self, peer: Peer, rid: int, stream: AsyncIterator[TokenEvent]) -> None:
+    async def _run(self, peer: Peer, rid: int, stream: AsyncIterator[TokenEvent],
+                   served: _Served | None = None) -> None:
         index = 0
         try:
             async with contextlib.aclosing(stream) as events:
@@ -220,8 +293,15 @@ class OffloadServer:
                     }
                     await peer.notify(wire.OFFLOAD_TOKEN, body)
                     index += 1
-            await peer.notify(wire.OFFLOAD_DONE, {"rid": rid})
+            done: dict[str, Any] = {"rid": rid}
+            if self._ledger is not None and served is not None:
+                usage = Usage(self._mesh.identity.peer_id, peer.peer_id, str(rid), "offload", served.model,
+                              (0, served.layers), served.tokens_in, index, served.started, time.time())
+                done["receipt"] = self._ledger.issue(usage).to_dict()
+            await peer.notify(wire.OFFLOAD_DONE, done)
             self.served += 1
+            if self._quota is not None and served is not None:
+                self._quota.record(peer.peer_id, served.tokens_in + index)
         except MeshError as exc:
             logger.info("offload %d: link to %s lost: %s", rid, peer.peer_id[:12], exc)
         except asyncio.CancelledError:
@@ -268,6 +348,16 @@ class OffloadServer:
             raise RemoteError(wire.BAD_REQUEST, str(exc)[:300]) from None
         return {"ids": [int(i) for i in ids]}
 
+    async def _on_receipt(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
+        """The origin's countersigned copy of a receipt this node issued: kept if it is that receipt."""
+        if self._ledger is None:
+            raise RemoteError(wire.BAD_REQUEST, "this node keeps no receipts")
+        try:
+            await self._ledger.accept(peer.peer_id, frame.body.get("receipt"))
+        except ReceiptError as exc:
+            raise RemoteError(wire.BAD_REQUEST, str(exc)[:300]) from None
+        return {}
+
     async def _on_cancel(self, peer: Peer, frame: ControlFrame) -> None:
         task = self._tasks.get((peer.peer_id, frame.body.get("rid")))  # type: ignore[arg-type]
         if task is not None:
@@ -286,6 +376,16 @@ class OffloadServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What the server's receipt for one offloaded request says besides the token count."""
+
+    model: str
+    layers: int
+    tokens_in: int
+    started: float
 
 
 def params_to_wire(params: Any, max_tokens: int | None = None) -> dict[str, Any]:

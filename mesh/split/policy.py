@@ -26,6 +26,9 @@ class PolicyConfig:
     """Only plan splits and offloads onto peers on `[mesh] allow` (false: any member of the mesh)."""
     prefer_local: bool = True
     """Run locally whenever the local node can serve the request at all."""
+    max_tokens_per_peer_per_hour: int = 0
+    """Most tokens (prompt + generated, or stage rows) this node serves one peer in a sliding hour; past it
+    the peer is refused with code `quota` (its client answers 429 `peer_quota`). 0: no quota."""
 
     def __post_init__(self) -> None:
         for name in ("serve_others", "trusted_only_splits", "prefer_local"):
@@ -37,6 +40,9 @@ class PolicyConfig:
             raise ValueError(f"battery_floor {self.battery_floor} is out of range 0-100")
         if isinstance(self.max_memory_share, bool) or not isinstance(self.max_memory_share, int | float):
             raise ValueError("max_memory_share must be a number between 0 and 1")
+        quota = self.max_tokens_per_peer_per_hour
+        if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+            raise ValueError("max_tokens_per_peer_per_hour must be a whole number of tokens, 0 for no quota")
         if not 0.0 < float(self.max_memory_share) <= 1.0:
             raise ValueError(f"max_memory_share {self.max_memory_share} must be in (0, 1]")
         object.__setattr__(self, "max_memory_share", float(self.max_memory_share))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.gossip import Gossip
+from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Peer
 from shoal.mesh.route import Route
 from shoal.mesh.split.config import SplitConfig
@@ -30,6 +31,11 @@ class MeshHandle(Protocol):
 
     @property
     def gossip(self) -> Gossip: ...
+
+    @property
+    def identity(self) -> Identity:
+        """This node's key (receipts are signed with it); available once the mesh service started."""
+        ...
 
     def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
 
@@ -93,6 +99,9 @@ class ModelSettings(Protocol):
 class NodeSettings(Protocol):
     @property
     def split(self) -> SplitConfig: ...
+
+    @property
+    def data_dir(self) -> Path: ...
 
     @property
     def models(self) -> ModelSettings: ...

@@ -234,7 +234,8 @@ class Router:
                                                                              - len(emitted)))
             elif plan.kind == "offload":
                 body = params_to_wire(params, max_tokens - len(emitted))
-                source = self.offload.stream(peer, served.name, prompt_ids + emitted, body)
+                source = self.offload.stream(peer, served.name, prompt_ids + emitted, body,
+                                             self.model_cid(served.name))
             else:
                 raise StageLost(peer, "a re-planned offload may only go local or to another peer")
             try:

@@ -30,6 +30,8 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadServer
 from shoal.mesh.split.plan_inputs import ForcedRoute
 from shoal.mesh.split.ports import MeshHandle, NodeView
+from shoal.mesh.split.quota import PeerQuota
+from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.router import Router
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
@@ -46,13 +48,20 @@ class SplitService:
         self.node = node
         self.mesh = mesh
         self.config: SplitConfig = node.config.split
+        self.quota = PeerQuota(lambda: self.node.policy.max_tokens_per_peer_per_hour)
+        """Tokens served per peer in the last hour, against `[policy] max_tokens_per_peer_per_hour`."""
         self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
-                              keep_idle_stages=self.config.keep_idle_stages)
+                              keep_idle_stages=self.config.keep_idle_stages, quota=self.quota)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
+        self.ledger = UsageLedger(mesh, Path(node.config.data_dir))
+        """Usage receipts: issued for work this node served to peers, countersigned for work they served."""
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,
-                                            max_requests=self.config.max_offloads)
+                                            max_requests=self.config.max_offloads, ledger=self.ledger,
+                                            model_id=lambda name: self.router.model_cid(name) or name,
+                                            quota=self.quota)
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
-                                            token_timeout_s=self.config.offload_token_timeout_s)
+                                            token_timeout_s=self.config.offload_token_timeout_s,
+                                            ledger=self.ledger)
         self.router = Router(node, mesh, self.host, self.offload_client, self.config)
         self.router.load = self.load
         self._models: dict[str, Any] = {}
@@ -221,6 +230,10 @@ class SplitService:
                 logger.info("node-wide forced route cleared: the scheduler plans again")
             return await get_route(request)
 
+        async def get_usage(request: web.Request) -> web.Response:
+            return web.json_response(await self.ledger.view(), dumps=_dumps)
+
+        app.router.add_get("/v1/mesh/usage", get_usage)
         app.router.add_get("/v1/mesh/route", get_route)
         app.router.add_put("/v1/mesh/route", put_route)
 

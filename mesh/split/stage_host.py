@@ -29,6 +29,7 @@ from shoal.mesh.p2p.protocol import BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError
+from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.stage_worker import StageWorker
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
@@ -59,9 +60,12 @@ class StageHost:
     """Hosts spans for remote sequences. `stop()` is idempotent and frees every stage."""
 
     def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = SplitConfig.max_sequences,
-                 keep_idle_stages: int = SplitConfig.keep_idle_stages) -> None:
+                 keep_idle_stages: int = SplitConfig.keep_idle_stages,
+                 quota: PeerQuota | None = None) -> None:
+        """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts."""
         self._factory = factory
         self._gate = gate
+        self._quota = quota
         self._max_sequences = max_sequences
         self._keep_idle = keep_idle_stages
         self._worker = StageWorker("stage-host")
@@ -89,6 +93,9 @@ class StageHost:
         reason = self._gate()
         if reason is not None:
             raise HostError(wire.REFUSED, reason)
+        over = self._quota.refusal(peer) if self._quota is not None else None
+        if over is not None:
+            raise HostError(wire.QUOTA, over)
         model, span_text, seq = body.get("model"), body.get("span"), body.get("seq")
         if not isinstance(model, str) or not model or len(model) > 200:
             raise HostError(wire.BAD_REQUEST, "stage.open needs a model name")
@@ -200,17 +207,24 @@ class StageHost:
             reply = await self._run(self._serve, hosted, message, ids, inputs)
         except Exception as exc:
             return self._refuse(peer, frame, exc)
-        self.calls += 1
+        self._count(peer, message)
         return reply
 
     def compute_blocking(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
         """`compute` on the calling thread (the worker, for a direct tensor link)."""
         try:
-            reply = self._serve(*self._admit(peer, frame, 0))
+            admitted = self._admit(peer, frame, 0)
+            reply = self._serve(*admitted)
         except Exception as exc:
             return self._refuse(peer, frame, exc)
-        self.calls += 1
+        self._count(peer, admitted[1])
         return reply
+
+    def _count(self, peer: str, message: wire.TensorMessage) -> None:
+        """A call served: count it, and its rows (tokens) against the peer's quota."""
+        self.calls += 1
+        if self._quota is not None and message.array is not None:
+            self._quota.record(peer, int(message.array.shape[0]))
 
     def serve_link(self, link: ServerLink) -> None:
         """Answer `link`'s tensor frames on the worker from now on (see `mesh.tensor_link`)."""

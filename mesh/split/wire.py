@@ -12,6 +12,9 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
   sends `offload.token` {rid, index, token, text} per token and one `offload.done` {rid, finish_reason,
   usage} or `offload.error` {rid, code, message}. `rid` is the `id` of the `offload.open` frame.
 - `offload.cancel` {rid} — the origin gave up on the request; the server stops generating.
+- `offload.done` carries `receipt` (`split.receipts`: usage signed by the server) when the server keeps a
+  ledger; the origin checks it against what it saw (prompt tokens sent, token frames received), countersigns
+  it and sends it back as `offload.receipt` {receipt} → reply {} (the server keeps only what it issued).
 - `offload.info` {model} → reply {config (ModelConfig fields), vocab_size, context_length} and
   `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs to
   accept a request for it and offload it (its tokenizer lives with the model).
@@ -56,17 +59,19 @@ OFFLOAD_ERROR = "offload.error"
 OFFLOAD_CANCEL = "offload.cancel"
 OFFLOAD_INFO = "offload.info"
 OFFLOAD_TOKENIZE = "offload.tokenize"
+OFFLOAD_RECEIPT = "offload.receipt"
 
 for _name, _limit in (
     (STAGE_OPEN, 4096),
     (STAGE_CLOSE, 512),
     (OFFLOAD_OPEN, 196_608),
     (OFFLOAD_TOKEN, 2048),
-    (OFFLOAD_DONE, 4096),
+    (OFFLOAD_DONE, 8192),
     (OFFLOAD_ERROR, 2048),
     (OFFLOAD_CANCEL, 256),
     (OFFLOAD_INFO, 512),
     (OFFLOAD_TOKENIZE, 196_608),
+    (OFFLOAD_RECEIPT, 8192),
 ):
     protocol.register_control_type(_name, _limit)
 

@@ -45,6 +45,7 @@ async def test_health_and_node(node: NodeThread) -> None:
         "max_memory_share",
         "trusted_only_splits",
         "prefer_local",
+        "max_tokens_per_peer_per_hour",
     }
 
 

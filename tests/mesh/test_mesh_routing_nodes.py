@@ -8,9 +8,11 @@ Node a is the origin; b and c serve others (the default). c refuses (serve_other
 from __future__ import annotations
 
 import os
+import shutil
 
 import openai
 import pytest
+from shoal.mesh.commands.cli import main
 from shoal.mesh.p2p.identity import Identity
 
 from tests.mesh.mesh_nodes import wait_until
@@ -99,3 +101,44 @@ def test_a_refusing_peer_is_replanned_around_or_answered_with_a_code(mesh3):
     with pytest.raises(openai.BadRequestError) as bad:
         ask(a, extra_headers={"x-shoal-route": "sideways"})
     assert bad.value.body["param"] == "x-shoal-route"
+
+
+def test_an_offload_leaves_one_countersigned_receipt_on_each_side(mesh3, tmp_path, capsys):
+    a, b, _ = mesh3
+
+    def receipts(node: SplitNode) -> list[str]:
+        path = node.data_dir / "usage" / "receipts.jsonl"
+        return path.read_text().splitlines() if path.exists() else []
+
+    before_a, before_b = len(receipts(a)), len(receipts(b))
+    route = ask(a, extra_body={"shoal": {"route": "offload", "prefer": [b.peer_id]}})
+    assert route["kind"] == "offload" and route["peers"] == [b.peer_id], route
+    wait_until(lambda: len(receipts(b)) == before_b + 1, 20, "b kept the countersigned receipt")
+    assert len(receipts(a)) == before_a + 1
+    assert receipts(a)[-1] == receipts(b)[-1]  # the same receipt, signed by both
+    usage = a.call("GET", "/v1/mesh/usage")
+    assert usage["peers"][b.peer_id]["received_requests"] >= 1, usage
+    assert b.call("GET", "/v1/mesh/usage")["peers"][a.peer_id]["given_requests"] >= 1
+    for node in (a, b):
+        assert main(["usage", "verify", str(node.data_dir / "usage" / "receipts.jsonl")]) == 0
+    tampered = tmp_path / "tampered.jsonl"
+    shutil.copy(b.data_dir / "usage" / "receipts.jsonl", tampered)
+    text = tampered.read_text()
+    tampered.write_text(text.replace('"tokens_out":', '"tokens_out":1', 1))
+    assert main(["usage", "verify", str(tampered)]) != 0
+    capsys.readouterr()
+
+
+def test_a_peer_over_its_quota_is_a_429(mesh3):
+    a, b, c = mesh3
+    only_c = {"shoal": {"route": "offload", "prefer": ["c"], "avoid": ["b"]}}
+    assert ask(a, extra_body=only_c)["peers"] == [c.peer_id]  # c has served a some tokens this hour
+    c.policy(max_tokens_per_peer_per_hour=1)
+    try:
+        with pytest.raises(openai.RateLimitError) as over:
+            ask(a, extra_body=only_c)
+        assert over.value.body["code"] == "peer_quota", over.value.body
+        assert over.value.response.headers["x-should-retry"] == "false"
+        assert ask(a, extra_body={"shoal": {"route": "offload"}})["peers"] == [b.peer_id]  # re-planned to b
+    finally:
+        c.policy(max_tokens_per_peer_per_hour=0)

@@ -18,6 +18,7 @@ SWITCHES = (
 NUMBERS = (
     ("battery_floor", "Battery floor (%, 0-100): stop serving others below it", int, 0, 100),
     ("max_memory_share", "Max memory share (0-1) the node may use for others", float, 0.0, 1.0),
+    ("max_tokens_per_peer_per_hour", "Tokens served per peer per hour (0: no quota)", int, 0, 1_000_000_000),
 )
 
 
