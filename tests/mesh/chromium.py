@@ -11,6 +11,7 @@ drive a browser that runs in a network namespace without any socket between them
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import json
 import os
@@ -73,9 +74,10 @@ class Chromium:
         to_browser_r, to_browser_w = os.pipe()
         from_browser_r, from_browser_w = os.pipe()
 
-        def wire_fds() -> None:  # in the child: the pipe ends become fds 3 and 4
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+        def wire_fds() -> None:  # in the child: the pipe ends become fds 3 and 4, open across exec
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
+            os.dup2(high[0], 3)  # (via fds >= 10: a pipe end that already is fd 3 or 4 keeps close-on-exec)
+            os.dup2(high[1], 4)
 
         stderr = open(log, "ab") if log is not None else subprocess.DEVNULL
         process = subprocess.Popen(
@@ -193,7 +195,24 @@ class Tab:
             if value and not isinstance(value, CdpError):
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what} (last: {value!r:.300})")
+        raise AssertionError(f"timed out waiting for {what} (last: {value!r:.300}); console:\n"
+                             + "\n".join(self.console()[-20:]))
+
+    def console(self) -> list[str]:
+        """The page's console messages so far (`console.log` & co., uncaught exceptions)."""
+        lines = []
+        for event in list(self.browser.events):
+            if event.get("sessionId") != self.session:
+                continue
+            params = event.get("params", {})
+            if event.get("method") == "Runtime.consoleAPICalled":
+                args = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+                lines.append(f"{params.get('type')}: {args}")
+            elif event.get("method") == "Runtime.exceptionThrown":
+                details = params.get("exceptionDetails", {})
+                text = details.get("exception", {}).get("description") or details.get("text")
+                lines.append(f"exception: {text}")
+        return lines
 
     def type_text(self, selector: str, text: str) -> None:
         """Focus the element and type `text` into it as keyboard input would."""

@@ -1,7 +1,6 @@
 """A browser tab as a mesh member (`GET /join`, mesh/api/static/join/): Debian's Chromium, headless, inside a
-network namespace this test makes (only `lo`, so no packet leaves the test's own addresses), driven over the
-DevTools protocol on a pipe (`tests.mesh.chromium`). Two real `shoal node` processes run in the same
-namespace.
+network namespace this test makes (`lo` and a veth pair inside it: no packet leaves it), driven over the
+DevTools protocol on a pipe (`tests.mesh.chromium`). Two real `shoal node` processes run in the namespace.
 
 The page joins with the invite in its URL fragment; both nodes list it as a `browser` member; a chat typed in
 the page streams an answer through its linked node and shows the route; a page holding a wrong invite is
@@ -26,6 +25,12 @@ from tests.nodes import REPO, NodeProcess
 
 pytestmark = pytest.mark.timeout(240)
 DEAD_TIMEOUT_S = 4.0
+TAB_ADDRESS = "198.51.100.7"
+GATEWAY = "198.51.100.1"
+"""The tabs' address, on a veth pair with both ends in the namespace, and a default route to a gateway that is
+not there: Chromium gathers host candidates only on the default route's interface (none on `lo` alone), and
+two tabs need one to link to each other (nodes offer loopback candidates, `[mesh] ice_interfaces = ["lo"]`).
+Nothing leaves the namespace."""
 ARTIFACTS = Path(os.environ.get("SHOAL_TEST_ARTIFACTS", REPO / ".cache" / "artifacts"))
 
 
@@ -43,7 +48,10 @@ def namespace():
     name = f"shoalweb{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=20)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=20)
+        for command in (["link", "set", "lo", "up"], ["link", "add", "web0", "type", "veth", "peer", "web1"],
+                        ["addr", "add", f"{TAB_ADDRESS}/24", "dev", "web0"], ["link", "set", "web0", "up"],
+                        ["link", "set", "web1", "up"], ["route", "add", "default", "via", GATEWAY]):
+            subprocess.run(["ip", "-n", name, *command], check=True, timeout=20)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=20)
@@ -104,31 +112,54 @@ def browser(namespace, tmp_path_factory):
         instance.close()
 
 
-@pytest.fixture(scope="module")
-def page(nodes, browser):
-    a, _, invite = nodes
-    tab = browser.open(f"{a.url}/join#{invite.to_token()}")
-    tab.wait_for("window.shoalMember && shoalMember.status.state === 'linked'", 30, "the page to join")
+def _join(browser: chromium.Chromium, url: str) -> chromium.Tab:
+    tab = browser.open(url)
+    tab.wait_for("window.shoalMember && shoalMember.status.state === 'linked'", 30, f"{url[:40]} to join")
     return tab
 
 
-def test_page_joins_and_both_nodes_list_it_as_a_browser(nodes, page):
+@pytest.fixture(scope="module")
+def pages(nodes, browser):
+    """Two members in one browser: the page as node `a` serves it, and as node `b` serves it (another origin,
+    so another identity in IndexedDB — as another device would have)."""
     a, b, invite = nodes
-    me = page.evaluate("shoalMember.identity.id")
-    assert page.evaluate("shoalMember.membership.mesh") == invite.mesh_id
-    # linked to the node that served the page by its WebSocket, to the other by peer exchange
-    page.wait_for(f"shoalMember.links.size === 2 && shoalMember.links.has({json.dumps(b.peer_id)})", 30,
-                  "links to both nodes")
+    token = invite.to_token()
+    return _join(browser, f"{a.url}/join#{token}"), _join(browser, f"{b.url}/join#{token}")
+
+
+@pytest.fixture(scope="module")
+def page(pages):
+    return pages[0]
+
+
+def test_pages_join_and_both_nodes_list_them_as_browsers(nodes, pages):
+    a, b, invite = nodes
+    ids = [tab.evaluate("shoalMember.identity.id") for tab in pages]
+    assert ids[0] != ids[1]
+    assert all(tab.evaluate("shoalMember.membership.mesh") == invite.mesh_id for tab in pages)
+    # each is linked to the node that served it by its WebSocket, to the rest by peer exchange (offers relayed
+    # over links): the two nodes and the other tab
+    for tab, other in zip(pages, reversed(ids), strict=True):
+        wanted = json.dumps([a.peer_id, b.peer_id, other])
+        tab.wait_for(f"{wanted}.every(id => shoalMember.links.get(id)?.state === 'connected')", 30,
+                     "links to both nodes and the other tab")
     for node in (a, b):
-        entry = _wait(lambda node=node: node.members().get(me), 20, f"{node.name} to list the tab")
-        assert entry["kind"] == "browser" and entry["advert"]["kind"] == "browser"
-        assert entry["admitted"] == "secret" and entry["name"] == page.evaluate("shoalMember.identity.name")
-        _wait(lambda node=node: (node.members().get(me) or {}).get("rtt_ms") is not None, 20, "heartbeats")
-    topology = a.get("/v1/mesh/topology")
+        for me, tab in zip(ids, pages, strict=True):
+            entry = _wait(lambda node=node, me=me: node.members().get(me), 20, f"{node.name} to list a tab")
+            assert entry["kind"] == "browser" and entry["advert"]["kind"] == "browser"
+            assert entry["admitted"] == "secret"
+            assert entry["name"] == tab.evaluate("shoalMember.identity.name")
+            _wait(lambda node=node, me=me: (node.members().get(me) or {}).get("rtt_ms") is not None, 20,
+                  "heartbeats")
+    def tabs_linked() -> dict[str, Any] | None:
+        view = a.get("/v1/mesh/topology")
+        return view if any({link["a"], link["b"]} == set(ids) for link in view["links"]) else None
+
+    topology = _wait(tabs_linked, 20, "the tabs' own link in the topology")
     kinds = {n["id"]: n["kind"] for n in topology["nodes"]}
-    assert kinds[me] == "browser" and kinds[b.peer_id] == "node"
-    shown = page.evaluate("[...document.querySelectorAll('#members tbody tr')].map(r => r.dataset.kind)")
-    assert sorted(shown) == ["node", "node"]
+    assert kinds[ids[0]] == kinds[ids[1]] == "browser" and kinds[a.peer_id] == kinds[b.peer_id] == "node"
+    shown = pages[0].evaluate("[...document.querySelectorAll('#members tbody tr')].map(r => r.dataset.kind)")
+    assert sorted(shown) == ["browser", "node", "node"]
 
 
 def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
@@ -153,13 +184,12 @@ def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
     print(f"screenshot of the page after the chat: {shot}")
 
 
-def test_page_with_a_wrong_invite_is_refused(nodes, namespace, tmp_path):
+def test_page_with_a_wrong_invite_is_refused(nodes, browser):
     a, b, invite = nodes
-    # the right mesh id and expiry, but a key that is not derived from the mesh secret; another browser
-    # profile, as on another device (tabs of one profile share the origin's identity)
+    # the right mesh id and expiry, but a key that is not derived from the mesh secret; `localhost` is a
+    # third origin, so the page has an identity of its own
     wrong = Invite(invite.name, os.urandom(32), invite.bootstrap, int(time.time()) + 600, invite.mesh_id)
-    other = chromium.Chromium.launch(tmp_path / "profile", prefix=["ip", "netns", "exec", namespace])
-    tab = other.open(f"{a.url}/join#{wrong.to_token()}")
+    tab = browser.open(f"http://localhost:{a.port}/join#{wrong.to_token()}")
     try:
         tab.wait_for("window.shoalMember && shoalMember.status.state === 'refused'", 30, "the refusal")
         assert tab.evaluate("shoalMember.status.code") == "not_member"
@@ -168,18 +198,21 @@ def test_page_with_a_wrong_invite_is_refused(nodes, namespace, tmp_path):
         assert intruder not in a.members() and intruder not in b.members()
         assert any(r["from"] == intruder for r in a.get("/v1/mesh/peers")["refused"])
     finally:
-        other.close()
+        tab.close()
 
 
-def test_closing_the_tab_is_a_departure(nodes, page):
+def test_closing_a_tab_is_a_departure(nodes, pages):
     a, b, _ = nodes
+    page, other = pages
     me = page.evaluate("shoalMember.identity.id")
     page.close()
     budget = 2 * DEAD_TIMEOUT_S  # a deadline for the poll; the page says bye, so it is seen well before
     for node in (a, b):
         _wait(lambda node=node: me not in node.members(), budget, f"{node.name} to see the tab leave")
         departed = [d for d in node.get("/v1/mesh/peers")["departed"] if d["id"] == me]
-        assert departed and not departed[-1]["reason"].startswith("dead"), departed
+        assert departed and departed[-1]["reason"] == "peer said bye", departed
+    other.wait_for(f"!shoalMember.links.has({json.dumps(me)})", budget, "the other tab to see it leave")
+    assert other.evaluate("shoalMember.links.size") == 2
 
 
 def _wait(condition: Any, timeout_s: float, what: str) -> Any:

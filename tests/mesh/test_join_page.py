@@ -43,7 +43,7 @@ async def test_page_and_modules_are_served_without_the_key_with_a_strict_policy(
     policy = headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "http" not in policy
     assert headers["Referrer-Policy"] == "no-referrer"
-    for name in ("join.js", "member.js", "mesh.js"):
+    for name in ("join.js", "member.js", "mesh.js", "link.js"):
         status, body, headers = await fetch(node, f"/join/{name}")
         assert status == 200 and headers["Content-Type"].startswith("text/javascript"), name
         assert b"https://" not in body and b"http://" not in body, f"{name} must load nothing from elsewhere"
@@ -74,7 +74,7 @@ async def test_invite_route_gives_the_join_url_and_its_qr(node):
 def test_a_join_url_parses_as_its_invite():
     invite = Invite.create("home", ("10.0.0.2:8740",))
     assert Invite.from_token(join_url("10.0.0.2:8740", invite.to_token())) == invite
-    assert join_page.PATHS >= {"/join", "/join/join.js", "/join/mesh.js", "/join/member.js"}
+    assert join_page.PATHS >= {"/join", "/join/join.js", "/join/mesh.js", "/join/member.js", "/join/link.js"}
 
 
 def test_adverts_keep_a_members_kind():

@@ -1,6 +1,7 @@
 // The tab's membership: joins through the node that served the page (its /v1/mesh/signal WebSocket), then
 // links to the other members by peer exchange, with offers relayed over links (as mesh/p2p/discovery.py).
-import { Link, MeshError, buildSignal, meshIdFor, verifySignal } from "./mesh.js";
+import { Link } from "./link.js";
+import { MeshError, buildSignal, meshIdFor, verifySignal } from "./mesh.js";
 
 const CONNECT_TIMEOUT_MS = 10000;
 const GOSSIP_INTERVAL_MS = 10000;
