@@ -189,6 +189,10 @@ class NodeClient:
         """`{"peers": [...]}`, plus `"self"` (id, name, mesh) on nodes that report it."""
         return dict(await self.get("/v1/mesh/peers"))
 
+    async def usage(self) -> dict[str, Any]:
+        """`GET /v1/mesh/usage`: work given to and received from each peer, from the signed receipts."""
+        return dict(await self.get("/v1/mesh/usage"))
+
     async def topology(self) -> dict[str, Any]:
         return await self.get("/v1/mesh/topology")
 

@@ -99,8 +99,12 @@ def test_peer_row_reads_the_advert() -> None:
         "80%",
         "1",
         "yes",
+        "—",
+        "—",
     ]
     assert "—" in [str(getattr(c, "plain", c)) for c in peer_row({"id": "x"})]
+    usage = {"given_requests": 2, "given_tokens": 74, "received_requests": 0, "received_tokens": 0}
+    assert [str(c) for c in peer_row(peer, usage)[-2:]] == ["2 req / 74 tok", "—"]
 
 
 def test_replanned_requests_are_highlighted() -> None:

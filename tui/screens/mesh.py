@@ -1,4 +1,5 @@
-"""Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run), the topology;
+"""Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run, the work given to
+and received from each, from the signed usage receipts), the topology;
 join a mesh from an invite and copy this node's invite. A node the members refused says so in red (who, why,
 when it tries again)."""
 
@@ -29,12 +30,22 @@ PEER_COLUMNS = (
     "batt",
     "queue",
     "trusted",
+    "given",
+    "received",
 )
 _STATE_STYLE = {"connected": "green", "connecting": "yellow", "failed": "red", "closed": "red"}
 
 
-def peer_row(peer: dict[str, Any]) -> tuple[Any, ...]:
+def _work(requests: Any, tokens: Any) -> str:
+    if not requests:
+        return "—"
+    return f"{requests} req / {tokens} tok"
+
+
+def peer_row(peer: dict[str, Any], usage: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """One table row; `usage`: this peer's entry of `GET /v1/mesh/usage` (given = served by this node)."""
     advert = peer.get("advert") or {}
+    work = usage or {}
     speed = advert.get("speed") or {}
     decode = [v.get("decode_tok_s") for v in speed.values() if isinstance(v, dict) and v.get("decode_tok_s")]
     state = str(peer.get("state") or "?")
@@ -52,6 +63,8 @@ def peer_row(peer: dict[str, Any]) -> tuple[Any, ...]:
         f"{number(battery, 0)}%" if battery is not None else "—",
         str(advert.get("queue_depth", "—")),
         "yes" if peer.get("trusted") else "no",
+        _work(work.get("given_requests"), work.get("given_tokens")),
+        _work(work.get("received_requests"), work.get("received_tokens")),
     )
 
 
@@ -127,17 +140,25 @@ class MeshPane(NodePane):
         else:
             peers = list(view.get("peers") or [])
             standing = view.get("mesh") if isinstance(view.get("mesh"), dict) else None
-            mesh_id = (view.get("self") or {}).get("mesh")
-            where = f"mesh {short_id(str(mesh_id), 20)}" if mesh_id else "not in a mesh (j: join)"
+            own = view.get("self") or {}
+            mesh_id, mesh_name = own.get("mesh"), own.get("mesh_name")
+            named = f"{mesh_name} " if mesh_name else ""
+            where = f"mesh {named}{short_id(str(mesh_id), 20)}" if mesh_id else "not in a mesh (j: join)"
             table.border_title = f"Peers ({len(peers)}) — {where}"
         refusal = refusal_line(standing)
         line = self.query_one("#mesh-standing", Static)
         line.display = refusal is not None
         line.update(refusal or "")
+        usage: dict[str, Any] = {}
+        if peers:
+            try:
+                usage = dict((await self.client.usage()).get("peers") or {})
+            except NotAvailable:
+                usage = {}
         table.clear()
         for peer in peers:
             topo.names[str(peer.get("id"))] = str(peer.get("name") or short_id(peer.get("id"), 10))
-            table.add_row(*peer_row(peer), key=str(peer.get("id")))
+            table.add_row(*peer_row(peer, usage.get(str(peer.get("id")))), key=str(peer.get("id")))
         try:
             topo.topology = await self.client.topology()
         except NotAvailable:
