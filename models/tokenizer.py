@@ -100,7 +100,8 @@ class Tokenizer:
         self._tokens = list(tokens)
         self._token_bytes = [self._bytes_of(i) for i in range(len(tokens))]
         stops = {eos_token_id}
-        for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"):
+        for name in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
+                     "<end_of_turn>"):
             if name in vocab and vocab[name] in self.special_ids:
                 stops.add(vocab[name])
         self.stop_token_ids: frozenset[int] = frozenset(stops)
@@ -224,11 +225,18 @@ class Tokenizer:
         order = [int(i) for i in pieces[1::2]]
         if order != sorted(set(order)) or any(nonce in piece for piece in pieces[::2]):
             logger.info("the chat template transforms message content; encoding its render as a whole")
-            return self.encode(self.render_chat(checked, add_generation_prompt))
+            return self._one_bos(self.encode(self.render_chat(checked, add_generation_prompt)))
         ids = self.encode(pieces[0])
         for index, template_text in zip(order, pieces[2::2], strict=True):
             ids += self._encode(checked[index]["content"], special=False)
             ids += self._encode(template_text, special=True)
+        return self._one_bos(ids)
+
+    def _one_bos(self, ids: list[int]) -> list[int]:
+        """Templates that write `{{ bos_token }}` (Llama 3, Gemma) and a vocabulary that adds BOS would give
+        two; keep one, as llama.cpp's chat code does."""
+        if self.add_bos and len(ids) >= 2 and ids[0] == ids[1] == self.bos_token_id:
+            return ids[1:]
         return ids
 
     def _encode(self, text: str, *, special: bool) -> list[int]:

@@ -38,15 +38,20 @@ def fixture() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory: pytest.TempPathFactory, fixture: dict[str, Any]) -> dict[str, Tokenizer]:
+def indices(tmp_path_factory: pytest.TempPathFactory, fixture: dict[str, Any]) -> dict[str, GGUFIndex]:
     folder = tmp_path_factory.mktemp("vocabs")
     out = {}
     for kind in KINDS:
         path = write_vocab_gguf(kind, folder / f"{kind}.gguf")
         assert sha256(path) == fixture["kinds"][kind]["gguf_sha256"], (
             f"{kind}: the generated GGUF differs from the fixture's; run scripts/make_tokenizer_fixtures.py")
-        out[kind] = Tokenizer.from_gguf(_index(path))
+        out[kind] = _index(path)
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizers(indices: dict[str, GGUFIndex]) -> dict[str, Tokenizer]:
+    return {kind: Tokenizer.from_gguf(index) for kind, index in indices.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -77,6 +82,15 @@ def test_chat_encoding_keeps_content_plain(tokenizers: dict[str, Tokenizer]) -> 
     im_end = tok.encode("<|im_end|>")[-1]
     assert ids.count(im_end) == 1  # the template's, not the one spelled in the content
     assert ids[0] == tok.bos_token_id  # llama-bpe GGUFs add BOS unless they say otherwise
+
+
+def test_template_bos_is_not_doubled(indices: dict[str, GGUFIndex]) -> None:
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for kind in ("llama-bpe", "spm"):  # both add BOS; the template writes it too (Llama 3, Gemma)
+        meta = {**indices[kind].metadata, "tokenizer.chat_template": template}
+        tok = Tokenizer.from_gguf(SimpleNamespace(metadata=meta))
+        ids = tok.encode_chat([{"role": "user", "content": "hello world"}])
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id, kind
 
 
 def test_unknown_pre_tokenizer_is_refused() -> None:
