@@ -262,15 +262,9 @@ class Engine:
                 await self._guarded(self._decode_step, list(self._decoding))
 
     def _admit(self) -> None:
-        """End waits past the timeout; start the requests the KV cache and the batch now have room for."""
+        """Start the requests the KV cache and the batch now have room for, then end the waits past the
+        timeout (a request that fits now is admitted, however long it waited)."""
         now = time.monotonic()
-        for seq_id in self.admission.expire(now):
-            req = self._waiting.pop(seq_id)
-            self.stats.timed_out += 1
-            req.done = True
-            req.queue.put_nowait(AdmissionTimeoutError(
-                f"the request waited {self.admission.limits.wait_timeout_s:g} s for room in the KV cache; "
-                "retry later", self.admission.retry_after_s(self._rate)))
         for seq_id in self.admission.admit(now):
             req = self._waiting.pop(seq_id)
             ticket = self.admission.ticket(seq_id)
@@ -278,6 +272,13 @@ class Engine:
             self.stats.admitted += 1
             self.stats.queued_s += req.queued_s
             self._prefilling.append(req)
+        for seq_id in self.admission.expire(now):
+            req = self._waiting.pop(seq_id)
+            self.stats.timed_out += 1
+            req.done = True
+            req.queue.put_nowait(AdmissionTimeoutError(
+                f"the request waited {self.admission.limits.wait_timeout_s:g} s for room in the KV cache; "
+                "retry later", self.admission.retry_after_s(self._rate)))
 
     async def _idle(self) -> None:
         """Sleep until woken, or until the oldest waiting request times out."""
