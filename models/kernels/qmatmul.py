@@ -74,17 +74,53 @@ def step_codes(bits: int, qw: tirx.Buffer, nb: Any, g: Any, s: int) -> tirx.Prim
     return tirx.bitwise_or(codes, tirx.shift_left(high, bcast(u32(4))))
 
 
-def half_dots(bits: int, vnni: bool, qw: tirx.Buffer, nb: Any, g: Any, xq: tirx.Buffer,
+ISAS = ("vnni", "avx2", "portable")
+
+
+def _lanes(vec: tirx.PrimExpr, start: int, count: int) -> tirx.PrimExpr:
+    return tirx.Shuffle([vec], [tirx.const(i, "int32") for i in range(start, start + count)])
+
+
+def _avx2_half(bits: int, codes: list[tirx.PrimExpr], xwords: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """int32x16 sum over steps of codes·x with AVX2: `vpmaddubsw` (u8 × s8, adjacent pairs summed to s16)
+    on each 256-bit half of the 16 lanes, s16 sums of up to 32767 / (2·max code·127) steps, then `vpmaddwd`
+    by ones to s32. Exact: codes ≤ 63 and |x| ≤ 127 never saturate the s16 sums."""
+    per_sum = max(1, 32767 // (2 * ((1 << bits) - 1) * 127))
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    total = None
+    for first in range(0, len(codes), per_sum):
+        halves = []
+        for h in range(2):
+            s16 = None
+            for c, x in zip(codes[first:first + per_sum], xwords[first:first + per_sum], strict=True):
+                cw = tirx.reinterpret("int8x32", _lanes(c, 8 * h, 8))
+                xw = tirx.reinterpret("int8x32", tirx.Broadcast(x, 8))
+                p = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", cw, xw)
+                s16 = p if s16 is None else s16 + p
+            halves.append(tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", s16, ones))
+        part = tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(16)])
+        total = part if total is None else total + part
+    return total
+
+
+def half_dots(bits: int, isa: str, qw: tirx.Buffer, nb: Any, g: Any, xq: tirx.Buffer,
               b: Any) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """int32x16 (dot over inputs 0..15, dot over inputs 16..31) of group g with activation row b; two
-    chains per half."""
-    dot = dot4_vnni if vnni else dot4_portable
+    """int32x16 (dot over inputs 0..15, dot over inputs 16..31) of group g with activation row b (exact
+    integers whatever the instruction set `isa`: "vnni", "avx2" for codes of ≤ 6 bits, or "portable")."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown instruction set {isa!r}: expected one of {ISAS}")
     halves = []
     for half in range(2):
+        steps = [4 * half + i for i in range(4)]
+        codes = [step_codes(bits, qw, nb, g, s) for s in steps]
+        xwords = [xq[b, g * 8 + s] for s in steps]
+        if isa == "avx2" and bits <= 6:
+            halves.append(_avx2_half(bits, codes, xwords))
+            continue
+        dot = dot4_vnni if isa == "vnni" else dot4_portable
         chains = [bcast(tirx.const(0, "int32"))] * 2
-        for i in range(4):
-            s = 4 * half + i
-            chains[i % 2] = dot(chains[i % 2], step_codes(bits, qw, nb, g, s), xq[b, g * 8 + s])
+        for i, (c, x) in enumerate(zip(codes, xwords, strict=True)):
+            chains[i % 2] = dot(chains[i % 2], c, x)
         halves.append(chains[0] + chains[1])
     return halves[0], halves[1]
 
@@ -93,11 +129,11 @@ def _f32(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast("float32x16", v)
 
 
-def group_update(kind: str, vnni: bool, acc: tirx.PrimExpr, qw: tirx.Buffer, params: list[tirx.Buffer],
+def group_update(kind: str, isa: str, acc: tirx.PrimExpr, qw: tirx.Buffer, params: list[tirx.Buffer],
                  nb: Any, g: Any, xq: tirx.Buffer, xd: tirx.Buffer, xs: tirx.Buffer, b: Any) -> tirx.PrimExpr:
     """float32x16 accumulator after group g (formulas in the module docstring)."""
     spec = block_kind(kind)
-    lo, hi = half_dots(spec.bits, vnni, qw, nb, g, xq, b)
+    lo, hi = half_dots(spec.bits, isa, qw, nb, g, xq, b)
     p = dict(zip(spec.params, params, strict=True))
     lanes = tirx.Ramp(0, 1, LANES)
     xdv = bcast(xd[b, g])
@@ -293,7 +329,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
 
 
 @functools.cache  # TVMScript parsing costs ~0.1 s; a model asks for each shape many times
-def qgemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
+def qgemv_func(kind: str, n: int, k: int, isa: str) -> tirx.PrimFunc:
     """Decode: x fp32 [B, K] (quantized inside, single-threaded), qweight, params… -> y fp32 [B, N]; the row
     blocks are split over the threads."""
     check_shape(kind, n, k)
@@ -306,7 +342,7 @@ def qgemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
             for b in range(batch):
                 acc[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                 for g in range(groups):
-                    acc[T.Ramp(0, 1, LANES)] = group_update(kind, vnni, acc[T.Ramp(0, 1, LANES)], qw, params,
+                    acc[T.Ramp(0, 1, LANES)] = group_update(kind, isa, acc[T.Ramp(0, 1, LANES)], qw, params,
                                                             nb, g, xq, xd, xs, b)
                 y[b, T.Ramp(nb * ROWS, 1, LANES)] = acc[T.Ramp(0, 1, LANES)]
 
@@ -314,7 +350,7 @@ def qgemv_func(kind: str, n: int, k: int, vnni: bool) -> tirx.PrimFunc:
 
 
 @functools.cache
-def qgemm_func(kind: str, n: int, k: int, vnni: bool, tile: int = TILE, chunk: int = CHUNK) -> tirx.PrimFunc:
+def qgemm_func(kind: str, n: int, k: int, isa: str, tile: int = TILE, chunk: int = CHUNK) -> tirx.PrimFunc:
     """Prefill: xq, xd, xs (from `quantize_act_sums_func`), qweight, params… -> y fp32 [M, N]. Rows in chunks
     of `chunk`, tiles of `tile` rows share each 16-row weight block (as gemm_q4)."""
     check_shape(kind, n, k)
@@ -335,7 +371,7 @@ def qgemm_func(kind: str, n: int, k: int, vnni: bool, tile: int = TILE, chunk: i
                             for i in T.unroll(tile):
                                 row = T.meta_var(T.min(mc * chunk + bt * tile + i, batch - 1))
                                 acc[i, T.Ramp(0, 1, LANES)] = group_update(
-                                    kind, vnni, acc[i, T.Ramp(0, 1, LANES)], qw, params, nb, g, xq, xd, xs,
+                                    kind, isa, acc[i, T.Ramp(0, 1, LANES)], qw, params, nb, g, xq, xd, xs,
                                     row)
                         for i in T.unroll(tile):
                             row = T.meta_var(T.min(mc * chunk + bt * tile + i, batch - 1))

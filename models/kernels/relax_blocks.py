@@ -4,7 +4,8 @@ made of row parts of different types (a Q4_K_M file's attn_q/attn_k Q4_K beside 
 
 Q4_1 and Q8_0 use the tuned kernels (relax_ops.QuantizedLinear / QuantizedEmbedding: parameters qweight,
 scale[, min]); the other types the generic ones (qmatmul.py, fmatmul.py, embed_any.py: parameters qweight
-and blocks.py's per-type arrays, or `weight` for F16/BF16). CPU backends only ("x86_vnni", "llvm").
+and blocks.py's per-type arrays, or `weight` for F16/BF16). CPU backends only ("x86_vnni", "x86_avx2",
+"llvm").
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from shoal.models.kernels.relax_ops import (
 )
 from tvm.relax.frontend import nn
 
-CPU_BACKENDS = ("x86_vnni", "llvm")
+CPU_BACKENDS = ("x86_vnni", "x86_avx2", "llvm")
+ISA = {"x86_vnni": "vnni", "x86_avx2": "avx2", "llvm": "portable"}
 
 
 def _check_cpu(kind: str, backend: str) -> None:
@@ -61,7 +63,7 @@ def block_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[nn.Te
     if block_kind(kind).is_float:
         y = nn.op.tensor_ir_op(fmatmul_func(kind, out_features, k), f"fmatmul_{name}", [x2, *weights], out)
     elif _is_decode(x):
-        func = qgemv_func(kind, out_features, k, backend == "x86_vnni")
+        func = qgemv_func(kind, out_features, k, ISA[backend])
         y = nn.op.tensor_ir_op(func, f"gemv_{name}", [x2, *weights], out)
     else:
         groups = k // GROUP
@@ -69,7 +71,7 @@ def block_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[nn.Te
             quantize_act_sums_func(k), f"quantize_act_sums_{k}", [x2],
             [nn.Tensor.placeholder([rows, k // 4], "int32"), nn.Tensor.placeholder([rows, groups], "float32"),
              nn.Tensor.placeholder([rows, 2 * groups], "int32")])
-        func = qgemm_func(kind, out_features, k, backend == "x86_vnni")
+        func = qgemm_func(kind, out_features, k, ISA[backend])
         y = nn.op.tensor_ir_op(func, f"gemm_{name}", [xq, xd, xs, *weights], out)
     return nn.op.reshape(y, [*lead, out_features]) if len(x.shape) != 2 else y
 

@@ -2,7 +2,8 @@
 or Q8_0 weights kept packed) and `QuantizedEmbedding` (Q8_0 token embedding that doubles as the tied output
 head), plus the loader helpers that turn GGUF tensors into their parameter arrays.
 
-The kernels are picked per target backend (see `kernel_backend`): "x86_vnni" (AVX-512 VNNI), "llvm"
+The kernels are picked per target backend (see `kernel_backend`): "x86_vnni" (AVX-512 VNNI), "x86_avx2"
+(AVX2 without VNNI: the generic block-type kernels use `vpmaddubsw`, Q4_1/Q8_0 the portable path), "llvm"
 (portable vector code for any other llvm target) or "cuda". Compile modules that use these with
 `compile_pipeline(target)` (see docs/kernels.md).
 """
@@ -16,11 +17,11 @@ from shoal.models.kernels.embed_q8 import embedding_func
 from shoal.models.kernels.gemm_q4 import gemm_func
 from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func
 from shoal.models.kernels.quant import GROUP, ROWS, PackedWeight, pack_gguf_tensor
-from shoal.models.kernels.tir_common import as_target, has_vnni
+from shoal.models.kernels.tir_common import as_target, has_avx2, has_vnni
 from tvm import tirx
 from tvm.relax.frontend import nn
 
-BACKENDS = ("x86_vnni", "llvm", "cuda")
+BACKENDS = ("x86_vnni", "x86_avx2", "llvm", "cuda")
 _WORDS = {"q4_1": 4, "q8_0": 8}
 
 
@@ -31,7 +32,9 @@ def kernel_backend(target: Any) -> str:
         return "cuda"
     if target.kind.name != "llvm":
         raise ValueError(f"no quantized kernels for target kind {target.kind.name!r} (llvm and cuda only)")
-    return "x86_vnni" if has_vnni(target) else "llvm"
+    if has_vnni(target):
+        return "x86_vnni"
+    return "x86_avx2" if has_avx2(target) else "llvm"
 
 
 def _check_backend(backend: str) -> None:

@@ -29,6 +29,23 @@ def has_vnni(target: Any) -> bool:
         codegen.target_has_features("avx512bw", target))
 
 
+def has_avx2(target: Any) -> bool:
+    """True when the llvm target is x86 with AVX2 (`vpmaddubsw` / `vpmaddwd` on 256-bit vectors)."""
+    target = as_target(target)
+    if target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx2", target))
+
+
+def host_has_avx2() -> bool:
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    return has_avx2({"kind": "llvm", "mcpu": cpu}) if cpu and cpu != "generic" else False
+
+
 def host_has_vnni() -> bool:
     """Whether the machine running this process has AVX-512 VNNI (per LLVM's host CPU name)."""
     from tvm.target import codegen

@@ -28,10 +28,14 @@ from shoal.models.kernels.reference_blocks import (  # noqa: E402
     reference_embedding,
     reference_matmul,
 )
+from shoal.models.kernels.tir_common import host_has_avx2  # noqa: E402
 
 from tests.models.kernel_helpers import DEV, HOST_VNNI, NATIVE, activations, build, rel_err  # noqa: E402
 
 N, K = 64, 512
+ISA = "vnni" if HOST_VNNI else ("avx2" if host_has_avx2() else "portable")
+HOST = NATIVE if HOST_VNNI or not host_has_avx2() else {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+"""The instruction set the integer kernels are tested with here, and a target that has it."""
 SCALES = {  # (byte offset of an fp16 field, low, high) per kind: realistic magnitudes, finite values
     "q4_0": [(0, 0.001, 0.02)], "q8_0": [(0, 0.001, 0.01)], "q5_0": [(0, 0.001, 0.02)],
     "q4_1": [(0, 0.001, 0.02), (2, -0.2, 0.0)], "q5_1": [(0, 0.001, 0.02), (2, -0.2, 0.0)],
@@ -98,11 +102,17 @@ def _t(a: np.ndarray) -> tvm.runtime.Tensor:
     return tvm.runtime.tensor(np.ascontiguousarray(a), DEV)
 
 
-@pytest.mark.parametrize("kind", [k for k, s in KINDS.items() if not s.is_float])
-def test_integer_kernels_match_the_reference_bit_for_bit(kind: str) -> None:
+INTEGER_CASES = [(k, ISA) for k, s in KINDS.items() if not s.is_float]
+if ISA != "portable":
+    INTEGER_CASES += [("q5_k", "portable"), ("q6_k", "portable")]
+
+
+@pytest.mark.parametrize(("kind", "isa"), INTEGER_CASES)
+def test_integer_kernels_match_the_reference_bit_for_bit(kind: str, isa: str) -> None:
     w = pack_blocks(kind, random_raw(kind, N, K, 5), N, K)
-    lib = build({"gemv": qgemv_func(kind, N, K, HOST_VNNI), "gemm": qgemm_func(kind, N, K, HOST_VNNI),
-                 "quantize": quantize_act_sums_func(K), "embed": embed_func(kind, N, K)}, NATIVE)
+    target = HOST if isa == ISA else NATIVE
+    lib = build({"gemv": qgemv_func(kind, N, K, isa), "gemm": qgemm_func(kind, N, K, isa),
+                 "quantize": quantize_act_sums_func(K), "embed": embed_func(kind, N, K)}, target)
     arrays = [_t(a) for _, a in w.arrays]
     for rows in (1, 3, 37):
         x = activations(rows, K, rows)
