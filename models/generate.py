@@ -287,7 +287,9 @@ class Engine:
             await self._wake.wait()
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
+            # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that meets the wake-up.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._wake.wait()
 
     async def _guarded(self, step: Any, batch: list[Request]) -> None:
         """Run a step; a failure ends only the requests it can be pinned on (the engine keeps going). A failed

@@ -78,7 +78,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         await sse.comment("shoal events")
         while True:
             try:
-                event = await asyncio.wait_for(subscription.get(), EVENTS_KEEPALIVE_S)
+                async with asyncio.timeout(EVENTS_KEEPALIVE_S):  # wait_for can lose a cancellation (3.11)
+                    event = await subscription.get()
             except TimeoutError:
                 await sse.comment("keep-alive")
                 continue

@@ -100,7 +100,8 @@ def add_mesh_routes(app: web.Application, service: MeshService) -> None:
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_MESSAGE, heartbeat=None)
         await ws.prepare(request)
         try:
-            message = await asyncio.wait_for(ws.receive(), SIGNAL_WAIT_S)
+            async with asyncio.timeout(SIGNAL_WAIT_S):  # wait_for can lose a cancellation (3.11)
+                message = await ws.receive()
             if message.type != WSMsgType.TEXT:
                 raise SignallingError("expected one text message")
             body = orjson.loads(message.data)

@@ -176,7 +176,8 @@ class MeshService:
         peers = [peer for peer in self.peers.values() if peer.peer_id not in self.membership.allow]
         for peer in peers:
             with contextlib.suppress(MeshError, TimeoutError):
-                await asyncio.wait_for(peer.notify("bye", {}), 0.5)
+                async with asyncio.timeout(0.5):  # wait_for can lose a cancellation (3.11)
+                    await peer.notify("bye", {})
         await asyncio.gather(*(peer.close("left the mesh") for peer in peers))
         logger.info("mesh: left mesh %s; closed %d link(s)", left, len(peers))
         self.events.publish("mesh.left", mesh=left)
@@ -237,7 +238,8 @@ class MeshService:
         await self.gossip.stop()
         for peer in list(self.peers.values()):
             try:
-                await asyncio.wait_for(peer.notify("bye", {}), 0.5)
+                async with asyncio.timeout(0.5):  # wait_for can lose a cancellation (3.11)
+                    await peer.notify("bye", {})
             except (MeshError, TimeoutError):
                 pass
         await asyncio.gather(
