@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.nodes import free_port
+
+__all__ = ["Node", "free_port", "full_mesh", "wait_until"]
+
 REPO = Path(__file__).resolve().parents[2]
 JSON = "application/json"
 OCTET = "application/octet-stream"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -21,12 +21,6 @@ from tests.nodes import NodeProcess
 pytestmark = pytest.mark.timeout(300)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def shoal(*args: str) -> list[str]:
     return [sys.executable, "-m", "shoal.mesh", *args]
 
