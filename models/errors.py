@@ -27,3 +27,8 @@ class ContextOverflowError(ModelError):
 
 class ModelNotFoundError(LookupError):
     """No model by that name (or CID) is known to this node (not a `ModelError`: nothing failed to run)."""
+
+
+class InsufficientMemoryError(ModelError):
+    """A stage would need more memory than the machine has free (the message says the largest context that
+    fits)."""

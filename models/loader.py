@@ -67,17 +67,30 @@ def build_stage(model: LoadedModel, span: LayerSpan | None = None, backend: str 
                 target: str | None = None, cache_dir: str | Path | None = None,
                 progress: Callable[[float, str], None] | None = None, **options: Any) -> Stage:
     """A stage running `span` (default: every layer) of `model`. For "tvm", `target`, `cache_dir`,
-    `progress(fraction, message)` and `options` go to `CompiledStage.load`; "numpy" takes `max_context`."""
+    `progress(fraction, message)` and `options` go to `CompiledStage.load`; "numpy" takes `max_context`.
+    Raises `InsufficientMemoryError` (with the largest context that fits) before loading a stage the
+    machine's free memory cannot hold (models/memory.py)."""
+    from shoal.models.memory import check_fits
+
     span = span or LayerSpan.whole(model.config.num_layers)
     span.check(model.config.num_layers)
     chosen = resolve_backend(backend)
+    source = model.path.name
     if chosen == "numpy":
         from shoal.models.reference import ReferenceStage
 
+        check_fits(model.gguf, span, 0, source=source)  # its KV cache grows as sequences do
         return ReferenceStage(model.gguf, span, **options)
     if not tvm_available():
         raise ValueError("the tvm backend needs apache-tvm and models.runtime; use backend='numpy'")
+    from shoal.models import runtime
     from shoal.models.runtime import CompiledStage  # imports TVM: slow, heavy
+
+    tokens = min(int(options.get("max_total_tokens", runtime.DEFAULT_MAX_TOTAL_TOKENS)),
+                 model.config.context_length * int(options.get("max_batch_size", runtime.DEFAULT_MAX_BATCH)))
+    check_fits(model.gguf, span, tokens, source=source,
+               quantization=str(options.get("quantization", runtime.DEFAULT_QUANTIZATION)),
+               prefill_chunk=int(options.get("prefill_chunk", runtime.DEFAULT_PREFILL_CHUNK)))
 
     return CompiledStage.load(model.gguf, span, target=target, cache_dir=cache_dir, progress=progress,
                               **options)

@@ -1,0 +1,135 @@
+"""What a model needs in memory, checked before a stage loads, and a one-line summary of a model file.
+
+Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positions over all sequences:
+- weights: the span's tensors as the build keeps them — fp32 for `f32` (plus the transposed copy of a tied
+  head) and the reference, about their GGUF size for quantized builds (blocks repacked, norms fp32);
+- KV cache: 2 (K and V) × layers × kv_heads × head_dim × 4 bytes (fp32 pages) per token;
+- workspace: one prefill chunk's activations (hidden, QKV, gate/up, logits) plus a fixed runtime overhead.
+
+`check_fits` compares the total with the memory available now (MemAvailable) and raises
+`InsufficientMemoryError` naming the file, the need, what is free and the largest context that fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from shoal.models.config import ModelConfig
+from shoal.models.errors import InsufficientMemoryError
+from shoal.models.span import LayerSpan
+
+RUNTIME_OVERHEAD = 256 << 20
+"""TVM/NumPy runtime, code and allocator slack (measured RSS of an empty CompiledStage is ~150-200 MB)."""
+PAGE = 16
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights: int
+    kv_cache: int
+    workspace: int
+    tokens: int
+    """KV-cache positions the estimate is for."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace
+
+
+def kv_bytes_per_token(config: ModelConfig, span: LayerSpan) -> int:
+    return 2 * len(span) * config.num_kv_heads * config.head_dim * 4
+
+
+def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
+    """Resident bytes of the span's weights (`index`: a GGUFIndex or GGUFModel)."""
+    total = 0
+    for name in index.tensor_names_for_span(span):
+        info = index.tensor_info(name)
+        total += info.n_elements * 4 if quantization == "f32" or len(info.shape) == 1 else info.size
+    config: ModelConfig = index.config
+    if quantization == "f32" and span.is_last(config.num_layers) and config.tie_embeddings:
+        total += config.vocab_size * config.hidden_size * 4  # the head's own transposed copy
+    return total
+
+
+def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
+                prefill_chunk: int = 512) -> MemoryNeed:
+    c: ModelConfig = index.config
+    width = c.hidden_size * 3 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
+    if span.is_last(c.num_layers):
+        width += c.vocab_size
+    workspace = prefill_chunk * width * 4 + RUNTIME_OVERHEAD
+    return MemoryNeed(weight_bytes(index, span, quantization), tokens * kv_bytes_per_token(c, span),
+                      workspace, tokens)
+
+
+def available_bytes() -> int:
+    """Memory the system can give now without swapping (Linux MemAvailable)."""
+    return int(psutil.virtual_memory().available)
+
+
+def largest_context(index: Any, span: LayerSpan, available: int, *, quantization: str = "f32",
+                    prefill_chunk: int = 512) -> int:
+    """Most KV-cache tokens (a multiple of the 16-token page, at most the trained context) that fit in
+    `available` bytes; 0 when not even the weights fit."""
+    base = memory_need(index, span, 0, quantization=quantization, prefill_chunk=prefill_chunk)
+    room = available - base.total
+    per_token = kv_bytes_per_token(index.config, span)
+    if room < per_token * PAGE:
+        return 0
+    return int(min(room // per_token // PAGE * PAGE, index.config.context_length))
+
+
+def check_fits(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
+               prefill_chunk: int = 512, available: int | None = None,
+               source: str = "the model") -> MemoryNeed:
+    """The need of a stage for `tokens` KV positions; `InsufficientMemoryError` if it exceeds `available`
+    (default: what the system has free now)."""
+    need = memory_need(index, span, tokens, quantization=quantization, prefill_chunk=prefill_chunk)
+    free = available_bytes() if available is None else available
+    if need.total <= free:
+        return need
+    fits = largest_context(index, span, free, quantization=quantization, prefill_chunk=prefill_chunk)
+    advice = (f"the largest context that fits is {fits} tokens (max_total_tokens={fits})" if fits
+              else "not even its weights and workspace fit: use a quantized build or fewer layers")
+    raise InsufficientMemoryError(
+        f"{source}: layers {span} need about {_gib(need.total)} for {tokens} context tokens (weights "
+        f"{_gib(need.weights)}, KV cache {_gib(need.kv_cache)}, workspace {_gib(need.workspace)}), but "
+        f"{_gib(free)} is available; {advice}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def model_summary(index: Any, *, quantization: str = "f32", tokens: int | None = None) -> dict[str, Any]:
+    """Architecture, quantization (the most common block type of the matrices), parameter count, trained
+    context and memory the whole model needs at `tokens` KV positions (default: the trained context)."""
+    c: ModelConfig = index.config
+    counts: dict[str, int] = {}
+    params = 0
+    for name in index.tensor_names():
+        info = index.tensor_info(name)
+        params += info.n_elements
+        if len(info.shape) == 2:
+            counts[info.type.name] = counts.get(info.type.name, 0) + info.n_elements
+    kind = max(counts, key=lambda k: counts[k]) if counts else "-"
+    whole = LayerSpan.whole(c.num_layers)
+    need = memory_need(index, whole, tokens or c.context_length, quantization=quantization)
+    return {"architecture": c.architecture, "quantization": kind, "parameters": int(params),
+            "context_length": c.context_length, "memory_bytes": need.total, "memory_tokens": need.tokens}
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """`model_summary` of a local GGUF file (reads its header only)."""
+    from shoal.models.gguf import read_gguf_index
+
+    with Path(path).open("rb") as fh:
+        def read(offset: int, n: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(n)
+
+        return model_summary(read_gguf_index(read))
