@@ -64,6 +64,8 @@ class TokenEvent:
     """Seconds the request waited for admission (room in the KV cache, a batch slot)."""
     logprobs: EventLogprobs | None = None
     """Set when the request asked for logprobs (`SamplingParams.logprobs`) and the stage gave logits."""
+    stop_sequence: str | None = None
+    """On the last event, when a stop string (not a stop token) ended the request: that string."""
 
 
 @dataclass(frozen=True)
@@ -124,19 +126,25 @@ def next_event(req: Request, token: int, stop_token_ids: Collection[int],
     string or max_tokens."""
     req.output.append(token)
     finish: FinishReason | None = None
+    matched: str | None = None
     if token in stop_token_ids:
         text = req.pending + req.decoder.flush()
         req.pending = ""
         finish = "stop"
     else:
-        text, req.pending, stopped = split_at_stop(req.pending + req.decoder.push(token), req.params.stop)
+        combined = req.pending + req.decoder.push(token)
+        text, req.pending, stopped = split_at_stop(combined, req.params.stop)
         finish = "stop" if stopped else None
+        if stopped:
+            found = [(i, s) for s in req.params.stop if (i := combined.find(s)) >= 0]
+            matched = min(found)[1]
         if finish is None and len(req.output) >= req.max_tokens:
             text += req.pending + req.decoder.flush()
             req.pending = ""
             finish = "length"
     return TokenEvent(token_id=token, text=text, finish_reason=finish, prompt_tokens=len(req.prompt),
-                      completion_tokens=len(req.output), queued_s=req.queued_s, logprobs=logprobs)
+                      completion_tokens=len(req.output), queued_s=req.queued_s, logprobs=logprobs,
+                      stop_sequence=matched)
 
 
 def sample_row(req: Request, row: np.ndarray) -> int | Exception:

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from shoal.mesh.api import admin as api_admin
+from shoal.mesh.api import anthropic_routes as api_anthropic
 from shoal.mesh.api import guard as api_guard
 from shoal.mesh.api import join_page
+from shoal.mesh.api import ollama_routes as api_ollama
 from shoal.mesh.api import openai_routes as api_openai
 from shoal.mesh.api.errors import ApiError, route_error, route_error_headers
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
@@ -183,6 +185,8 @@ def create_app(
     app.on_shutdown.append(_drain)
     api_openai.add_routes(app)
     api_admin.add_routes(app)
+    api_ollama.add_routes(app)
+    api_anthropic.add_routes(app)
     join_page.add_routes(app)
     for add_routes in routes:
         add_routes(app)

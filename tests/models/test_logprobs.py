@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from shoal.models.generate import Engine
+from shoal.models.requests import Request, next_event
 from shoal.models.sampling import (
     MAX_TOP_LOGPROBS,
     Sampler,
@@ -68,3 +69,14 @@ async def test_engine_events_carry_logprobs() -> None:
         assert len(top) == 4 and top[0].token_id == event.token_id  # greedy: the chosen one is the top one
         assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
     assert all(e.logprobs is None for e in plain)
+
+
+def test_the_last_event_names_the_stop_string_that_ended_it() -> None:
+    tok = tokenizer()
+    params = SamplingParams(stop=("zz", "lo w"))
+    req = Request(seq_id=0, prompt=[1], params=params, max_tokens=50, sampler=Sampler(params),
+                  decoder=tok.stream_decoder())
+    events = [next_event(req, t, tok.stop_token_ids) for t in tok.encode("Hello world")]
+    assert events[-1].finish_reason == "stop" and events[-1].stop_sequence == "lo w"
+    assert "".join(e.text for e in events) == "Hel"
+    assert all(e.stop_sequence is None for e in events[:-1])

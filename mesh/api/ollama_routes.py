@@ -1,0 +1,217 @@
+"""Ollama's own API (`/api/*`), which many desktop apps and editor plugins speak, over shoal's models.
+
+`POST /api/chat` and `POST /api/generate` stream NDJSON (one JSON object a line, `done: true` on the last,
+with token counts and durations in nanoseconds) unless `"stream": false`; they run through the same code as
+the OpenAI routes (`mesh.api.generation`). `GET /api/tags`, `POST /api/show`, `GET /api/ps` and
+`GET /api/version` describe the models. Errors keep the API's one body shape
+`{"error": {"message", "type", "param", "code"}}` (the `ollama` client raises `ResponseError` with it); an
+error after the first line is a last line `{"error": {...}}`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from shoal.mesh.api.errors import invalid, json_response
+from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames, tracked
+from shoal.mesh.api.keys import NODE, ROUTE_HEADER
+from shoal.mesh.api.ollama_schema import MODEL_TAG, OllamaRequest, model_name, parse_chat, parse_generate
+from shoal.mesh.api.openai_routes import read_json
+from shoal.mesh.api.records import RequestRecord
+from shoal.models.generate import EventLogprobs, TokenEvent
+
+OLLAMA_VERSION = "0.12.0"
+"""The Ollama release whose API this dialect follows (clients gate features on it)."""
+NDJSON = "application/x-ndjson"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _logprobs(events: list[EventLogprobs]) -> list[dict[str, Any]]:
+    return [
+        {"token": e.chosen.token, "logprob": e.chosen.logprob,
+         "top_logprobs": [{"token": t.token, "logprob": t.logprob} for t in e.top]}
+        for e in events
+    ]
+
+
+class _Answer:
+    """The Ollama answer objects of one request: `chat` puts text in `message.content`, `generate` in
+    `response` (and the token ids in `context` at the end)."""
+
+    def __init__(self, kind: str, model: str, record: RequestRecord, prompt_ids: list[int]) -> None:
+        self.kind = kind
+        self.model = model
+        self.record = record
+        self.prompt_ids = prompt_ids
+        self.t0 = time.perf_counter()
+
+    def part(self, text: str, logprobs: list[EventLogprobs] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "created_at": _now()}
+        if self.kind == "chat":
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["response"] = text
+        body["done"] = False
+        if logprobs:
+            body["logprobs"] = _logprobs(logprobs)
+        return body
+
+    def last(self, done: Collected, text: str = "", logprobs: list[EventLogprobs] | None = None,
+             token_ids: list[int] | None = None) -> dict[str, Any]:
+        body = self.part(text, logprobs)
+        total = int((time.perf_counter() - self.t0) * 1e9)
+        prompt_ns = int((self.record.ttft_s or 0.0) * 1e9)
+        body.update(done=True, done_reason=done.finish, total_duration=total, load_duration=0,
+                    prompt_eval_count=done.prompt_tokens, prompt_eval_duration=prompt_ns,
+                    eval_count=done.completion_tokens, eval_duration=max(0, total - prompt_ns))
+        if self.kind == "generate":
+            body["context"] = self.prompt_ids + (token_ids or [])
+        return body
+
+
+class _NdjsonFramer:
+    """Writes each token's text as one line, then the summary line."""
+
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
+        self.response: web.StreamResponse | None = None
+        self._held: list[EventLogprobs] = []
+        self._ids: list[int] = []
+
+    async def _line(self, payload: Any) -> None:
+        assert self.response is not None
+        await self.response.write(orjson.dumps(payload) + b"\n")
+
+    async def open(self, request: web.Request) -> None:
+        self.response = web.StreamResponse(headers={
+            "Content-Type": NDJSON, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+            ROUTE_HEADER: self.answer.record.route.kind,
+        })
+        await self.response.prepare(request)
+
+    async def token(self, event: TokenEvent) -> None:
+        self._ids.append(event.token_id)
+        if event.logprobs is not None:
+            self._held.append(event.logprobs)
+        if event.text:
+            await self._line(self.answer.part(event.text, self._held))
+            self._held = []
+
+    async def finish(self, done: Collected) -> None:
+        await self._line(self.answer.last(done, "", self._held, self._ids))
+        assert self.response is not None
+        await self.response.write_eof()
+
+    async def error(self, error: dict[str, Any]) -> None:
+        if self.response is not None:
+            await self._line({"error": error})
+            await self.response.write_eof()
+
+
+async def _run(request: web.Request, kind: str, parsed: OllamaRequest, stream: bool) -> web.StreamResponse:
+    req = parsed.completion
+    served, prompt_ids, params = await prepare(request, req, parsed.body)
+    async with tracked(request, served, prompt_ids, "ollama") as run:
+        answer = _Answer(kind, served.name, run.record, prompt_ids)
+        if stream:
+            response, run.status = await stream_frames(request, req, served, prompt_ids, params, run.record,
+                                                       _NdjsonFramer(answer))
+            return response
+        done = await collect(request, req, served, prompt_ids, params, run.record)
+        if isinstance(done, web.Response):
+            run.status = "refused"
+            return done
+        run.status = done.finish
+        body = answer.last(done, done.text, done.logprobs, done.token_ids)
+        return json_response(body, headers={ROUTE_HEADER: run.record.route.kind})
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    parsed, stream = parse_chat(await read_json(request))
+    return await _run(request, "chat", parsed, stream)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    parsed, name, stream = parse_generate(await read_json(request))
+    if parsed is None:  # an empty prompt loads the model (Ollama's way to warm one up)
+        served = await request.app[NODE].models.acquire(name)
+        return json_response({"model": served.name, "created_at": _now(), "response": "", "done": True,
+                              "done_reason": "load"})
+    return await _run(request, "generate", parsed, stream)
+
+
+def _details(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": entry.get("family", ""),
+            "families": [entry["family"]] if entry.get("family") else None,
+            "parameter_size": "", "quantization_level": ""}
+
+
+def _tag(entry: dict[str, Any]) -> dict[str, Any]:
+    shoal = entry.get("shoal") or {}
+    created = datetime.fromtimestamp(entry.get("created") or 0, UTC).isoformat().replace("+00:00", "Z")
+    return {"name": entry["id"] + MODEL_TAG, "model": entry["id"] + MODEL_TAG, "modified_at": created,
+            "size": int(shoal.get("size") or 0), "digest": str(shoal.get("cid") or ""),
+            "details": _details(entry)}
+
+
+async def _entries(request: web.Request) -> list[dict[str, Any]]:
+    models = request.app[NODE].models
+    await models.refresh_async()
+    return models.list_models()
+
+
+async def tags(request: web.Request) -> web.Response:
+    return json_response({"models": [_tag(e) for e in await _entries(request)]})
+
+
+async def ps(request: web.Request) -> web.Response:
+    loaded = [e for e in await _entries(request) if (e.get("shoal") or {}).get("loaded")]
+    models = [{**_tag(e), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0} for e in loaded]
+    return json_response({"models": models})
+
+
+async def show(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", None, "invalid_type")
+    name = model_name(body.get("model", body.get("name")))
+    entry = next((e for e in await _entries(request) if e["id"] == name), None)
+    if entry is None:
+        raise invalid(f"model {name!r} is not on this node (see /api/tags)", "model", "model_not_found")
+    info: dict[str, Any] = {}
+    if (entry.get("shoal") or {}).get("loaded"):
+        served = await request.app[NODE].models.acquire(name)
+        config = served.config
+        arch = config.architecture
+        info = {"general.architecture": arch, f"{arch}.context_length": served.context_length,
+                f"{arch}.embedding_length": config.hidden_size, f"{arch}.block_count": config.num_layers,
+                f"{arch}.attention.head_count": config.num_heads,
+                f"{arch}.attention.head_count_kv": config.num_kv_heads,
+                f"{arch}.vocab_size": config.vocab_size}
+        entry = {**entry, "family": arch}
+        parameters = "\n".join(f"{k} {v}" for k, v in served.sampling_defaults.items())
+    else:
+        parameters = ""
+    return json_response({"modelfile": "", "parameters": parameters, "template": "",
+                          "details": _details(entry), "model_info": info, "capabilities": ["completion"],
+                          "modified_at": _tag(entry)["modified_at"]})
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": OLLAMA_VERSION, "shoal": request.app[NODE].version})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_post("/api/show", show)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_get("/api/version", version)
