@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +63,24 @@ class StageLink(Protocol):
                              timeout_s: float | None = None) -> BinaryFrame: ...
 
 
+@dataclass(frozen=True)
+class StageSeen:
+    """What the origin saw of one sequence on a peer's stage: its receipt must say the same."""
+
+    peer: str
+    seq: int
+    """The u32 the origin named the sequence by (the receipt's request is `stage-<seq>`)."""
+    models: frozenset[str]
+    """Names the receipt may give the model by: the requested name, its CID."""
+    tokens_in: int
+    """Prompt rows prefilled."""
+    tokens_out: int
+    """Decode steps run."""
+
+
+ReceiptSink = Callable[[StageSeen, Any], None]
+
+
 @dataclass
 class LinkTiming:
     """Per-stage accounting (for the route trace and the bench)."""
@@ -82,7 +100,10 @@ class RemoteStage:
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
-                 fp16: bool = False, cid: str | None = None, direct: bool = False) -> None:
+                 fp16: bool = False, cid: str | None = None, direct: bool = False,
+                 on_receipt: ReceiptSink | None = None) -> None:
+        """`on_receipt`: called (on this thread) with what the origin saw of a sequence and the receipt the
+        peer returned when the sequence closes; it must not block (the router hands it to the loop)."""
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -99,6 +120,8 @@ class RemoteStage:
         self._fp16 = fp16
         self._wire: dict[int, int] = {}
         self._lengths: dict[int, int] = {}
+        self._prefilled: dict[int, int] = {}
+        self._on_receipt = on_receipt
         self._step = 0
         self._closed = False
         self._want_direct = direct
@@ -137,6 +160,7 @@ class RemoteStage:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq
         self._lengths[seq_id] = 0
+        self._prefilled[seq_id] = 0
         if self._want_direct:
             self._want_direct = False  # one try per stage
             self._direct = self._open_direct()
@@ -161,14 +185,21 @@ class RemoteStage:
 
     def remove_sequence(self, seq_id: int) -> None:
         wire_seq = self._wire.pop(seq_id, None)
-        self._lengths.pop(seq_id, None)
+        length = self._lengths.pop(seq_id, 0)
+        prefilled = self._prefilled.pop(seq_id, 0)
         if wire_seq is None or self._closed:
             return
         try:
             wait = self._settings.control_timeout_s
-            self._call(self.link.request(wire.STAGE_CLOSE, {"seq": wire_seq}, wait), wait)
+            reply = self._call(self.link.request(wire.STAGE_CLOSE, {"seq": wire_seq}, wait), wait)
         except (StageLost, ValueError) as exc:
             logger.info("closing sequence %d on %s: %s", seq_id, self.peer[:12], exc)
+            return
+        receipt = reply.get("receipt") if isinstance(reply, dict) else None
+        if receipt is not None and self._on_receipt is not None:
+            seen = StageSeen(self.peer, wire_seq, frozenset(m for m in (self.model, self._cid) if m),
+                             prefilled, length - prefilled)
+            self._on_receipt(seen, receipt)
 
     def sequence_length(self, seq_id: int) -> int:
         try:
@@ -212,9 +243,11 @@ class RemoteStage:
             code, text = message.error
             if code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
                 raise ValueError(f"stage on {self.peer[:16]} refused the call: {text}")
-            raise StageLost(self.peer, f"{code}: {text}")
+            raise StageLost(self.peer, f"{code}: {text}", code)
         for s in seq_ids:
             self._lengths[s] += arr.shape[0] if op == "prefill" else 1
+            if op == "prefill":
+                self._prefilled[s] += arr.shape[0]
         rows = 1 if op == "prefill" and self.span.is_last(self.config.num_layers) else arr.shape[0]
         return message, rows
 

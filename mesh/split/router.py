@@ -30,7 +30,7 @@ from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.pipeline import Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
-from shoal.mesh.split.remote_stage import RemoteStage, StageLost
+from shoal.mesh.split.remote_stage import ReceiptSink, RemoteStage, StageLost
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
@@ -80,6 +80,8 @@ class Router:
         self.forced: ForcedRoute | None = None
         self.load: Callable[[], int] = lambda: 0
         """Requests this node is already busy with (its queue depth, for the cost model)."""
+        self.stage_receipts: ReceiptSink | None = None
+        """Where a peer's stage hands the receipt of a closed sequence (`split.stage_receipts`)."""
 
     # --- the scheduler's inputs ------------------------------------------------------------------------
 
@@ -295,7 +297,8 @@ class Router:
                     stages.append(RemoteStage(link, loop, served.name, config, a.span,
                                               settings=self.settings, top_k=top_k,
                                               fp16=self.settings.fp16_hidden, cid=cid,
-                                              direct=self.settings.direct_tensors))
+                                              direct=self.settings.direct_tensors,
+                                              on_receipt=self.stage_receipts))
             except BaseException:
                 for stage in stages:
                     await loop.run_in_executor(None, stage.close)

@@ -34,6 +34,7 @@ from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.router import Router
 from shoal.mesh.split.stage_host import StageHost
+from shoal.mesh.split.stage_receipts import StageReceipts
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
 from shoal.models.served import ServedModel
@@ -50,11 +51,13 @@ class SplitService:
         self.config: SplitConfig = node.config.split
         self.quota = PeerQuota(lambda: self.node.policy.max_tokens_per_peer_per_hour)
         """Tokens served per peer in the last hour, against `[policy] max_tokens_per_peer_per_hour`."""
-        self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
-                              keep_idle_stages=self.config.keep_idle_stages, quota=self.quota)
-        self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
         self.ledger = UsageLedger(mesh, Path(node.config.data_dir))
         """Usage receipts: issued for work this node served to peers, countersigned for work they served."""
+        self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
+                              keep_idle_stages=self.config.keep_idle_stages, quota=self.quota,
+                              ledger=self.ledger)
+        self.stage_receipts = StageReceipts(mesh, self.ledger)
+        self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,
                                             max_requests=self.config.max_offloads, ledger=self.ledger,
                                             model_id=lambda name: self.router.model_cid(name) or name,
@@ -64,6 +67,7 @@ class SplitService:
                                             ledger=self.ledger)
         self.router = Router(node, mesh, self.host, self.offload_client, self.config)
         self.router.load = self.load
+        self.router.stage_receipts = self.stage_receipts.sink
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
@@ -182,6 +186,7 @@ class SplitService:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.stage_receipts.start()
         try:
             if self.config.direct_tensors:
                 self.tensor_links.start(self.node.host)

@@ -30,6 +30,7 @@ from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError
 from shoal.mesh.split.quota import PeerQuota
+from shoal.mesh.split.receipts import Usage, UsageLedger
 from shoal.mesh.split.stage_worker import StageWorker
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
@@ -54,6 +55,13 @@ inputs are checked on the worker, so the loop never scans megabytes."""
 class _Session:
     hosted: HostedStage
     local_id: int
+    model: str = ""
+    """The name a receipt gives the model: its CID where the origin sent one, else the name."""
+    started: float = 0.0
+    tokens_in: int = 0
+    """Rows prefilled."""
+    tokens_out: int = 0
+    """Decode steps."""
 
 
 class StageHost:
@@ -61,8 +69,10 @@ class StageHost:
 
     def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = SplitConfig.max_sequences,
                  keep_idle_stages: int = SplitConfig.keep_idle_stages,
-                 quota: PeerQuota | None = None) -> None:
-        """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts."""
+                 quota: PeerQuota | None = None, ledger: UsageLedger | None = None) -> None:
+        """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts.
+        `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply)."""
+        self._ledger = ledger
         self._factory = factory
         self._gate = gate
         self._quota = quota
@@ -119,7 +129,7 @@ class StageHost:
         local_id = self.new_local_id()
         await self._run(hosted.call, hosted.stage.add_sequence, local_id)
         hosted.sequences.add(local_id)
-        self._sessions[(peer, seq)] = _Session(hosted, local_id)
+        self._sessions[(peer, seq)] = _Session(hosted, local_id, cid or model, time.time())
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
         return {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
@@ -128,8 +138,15 @@ class StageHost:
         seq = body.get("seq")
         if type(seq) is not int:
             raise HostError(wire.BAD_REQUEST, "stage.close needs seq")
+        session = self._sessions.get((peer, seq))
         await self._drop(peer, seq)
-        return {}
+        if session is None or self._ledger is None or not session.tokens_in:
+            return {}
+        span = session.hosted.stage.span
+        usage = Usage(self._ledger.log.me, peer, f"stage-{seq}", "stage", session.model,
+                      (span.start, span.stop), session.tokens_in, session.tokens_out, session.started,
+                      time.time())
+        return {"receipt": self._ledger.issue(usage).to_dict()}
 
     async def peer_lost(self, peer: str) -> None:
         """Free every sequence of a peer that went away."""
@@ -221,10 +238,20 @@ class StageHost:
         return reply
 
     def _count(self, peer: str, message: wire.TensorMessage) -> None:
-        """A call served: count it, and its rows (tokens) against the peer's quota."""
+        """A call served: count it, its rows per sequence (for the receipts), and its rows (tokens) against
+        the peer's quota."""
         self.calls += 1
-        if self._quota is not None and message.array is not None:
-            self._quota.record(peer, int(message.array.shape[0]))
+        rows = int(message.array.shape[0]) if message.array is not None else 0
+        for seq in message.seqs:
+            session = self._sessions.get((peer, seq))
+            if session is None:
+                continue
+            if message.op == "prefill":
+                session.tokens_in += rows
+            else:
+                session.tokens_out += 1
+        if self._quota is not None:
+            self._quota.record(peer, rows)
 
     def serve_link(self, link: ServerLink) -> None:
         """Answer `link`'s tensor frames on the worker from now on (see `mesh.tensor_link`)."""

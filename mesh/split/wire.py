@@ -7,7 +7,10 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
 - `stage.open` {model, span "a:b", seq, cid?} → reply {hidden, vocab, span} — host layers `span` of `model`
   for one sequence `seq` (a u32 the caller picks, unique per link); a node that does not hold the model
   fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an error frame (codes below).
-- `stage.close` {seq} → reply {} — forget the sequence (idempotent).
+- `stage.close` {seq} → reply {} or {receipt} — forget the sequence (idempotent); a node that keeps a ledger
+  returns the sequence's usage receipt (kind `stage`, request `stage-<seq>`, tokens_in = rows prefilled,
+  tokens_out = decode steps), which the origin checks, countersigns and sends back as `stage.receipt`
+  {receipt} → reply {}.
 - `offload.open` {model, prompt_ids, params} → reply {accepted} — run a whole request; then the serving side
   sends `offload.token` {rid, index, token, text} per token and one `offload.done` {rid, finish_reason,
   usage} or `offload.error` {rid, code, message}. `rid` is the `id` of the `offload.open` frame.
@@ -60,10 +63,11 @@ OFFLOAD_CANCEL = "offload.cancel"
 OFFLOAD_INFO = "offload.info"
 OFFLOAD_TOKENIZE = "offload.tokenize"
 OFFLOAD_RECEIPT = "offload.receipt"
+STAGE_RECEIPT = "stage.receipt"
 
 for _name, _limit in (
     (STAGE_OPEN, 4096),
-    (STAGE_CLOSE, 512),
+    (STAGE_CLOSE, 512),  # its reply (a `reply` frame, up to 64 KiB) may carry a receipt
     (OFFLOAD_OPEN, 196_608),
     (OFFLOAD_TOKEN, 2048),
     (OFFLOAD_DONE, 8192),
@@ -72,6 +76,7 @@ for _name, _limit in (
     (OFFLOAD_INFO, 512),
     (OFFLOAD_TOKENIZE, 196_608),
     (OFFLOAD_RECEIPT, 8192),
+    (STAGE_RECEIPT, 8192),
 ):
     protocol.register_control_type(_name, _limit)
 

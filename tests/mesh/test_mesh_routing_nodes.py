@@ -7,6 +7,7 @@ Node a is the origin; b and c serve others (the default). c refuses (serve_other
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -127,6 +128,14 @@ def test_an_offload_leaves_one_countersigned_receipt_on_each_side(mesh3, tmp_pat
     tampered.write_text(text.replace('"tokens_out":', '"tokens_out":1', 1))
     assert main(["usage", "verify", str(tampered)]) != 0
     capsys.readouterr()
+    # a split: b's stage returns its receipt when the sequence closes
+    route = ask(a, extra_body={"shoal": {"route": "split", "prefer": [b.peer_id]}})
+    assert route["kind"] == "split" and b.peer_id in route["peers"], route
+    wait_until(lambda: len(receipts(b)) == before_b + 2, 20, "b kept the stage's countersigned receipt")
+    assert receipts(a)[-1] == receipts(b)[-1]
+    stage = json.loads(receipts(a)[-1])["usage"]
+    assert stage["kind"] == "stage" and stage["tokens_in"] > 10 and stage["tokens_out"] >= 1, stage
+    assert main(["usage", "verify", str(a.data_dir / "usage" / "receipts.jsonl")]) == 0
 
 
 def test_a_peer_over_its_quota_is_a_429(mesh3):
