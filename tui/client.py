@@ -199,6 +199,11 @@ class NodeClient:
     async def invite(self) -> str:
         return str((await self.get("/v1/mesh/invite")).get("invite", ""))
 
+    async def invite_view(self) -> dict[str, Any]:
+        """`GET /v1/mesh/invite?qr=1`: the invite, `url` (the join page with the invite in its fragment, or
+        None) and `qr` (a QR code of the URL, else of the invite, in Unicode half blocks)."""
+        return dict(await self.get("/v1/mesh/invite?qr=1"))
+
     async def join(self, invite: str) -> dict[str, Any]:
         return await self.post("/v1/mesh/join", {"invite": invite})
 

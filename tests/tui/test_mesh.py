@@ -53,6 +53,8 @@ async def test_invite_then_join_shows_the_peer_and_link(two_nodes: tuple[TestNod
         await pilot.press("i")
         shown = app.query_one("#invite", Static)
         await wait_until(pilot, lambda: invite in str(shown.render()), "the invite shown after copying it")
+        assert f"/join#{invite}" in str(shown.render())  # the join page's URL, above its QR code
+        assert "▀" in str(shown.render()) or "▄" in str(shown.render())
 
     app = make_app(beta.url)
     async with app.run_test(size=SIZE) as pilot:

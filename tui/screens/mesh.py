@@ -1,7 +1,7 @@
 """Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run, the work given to
 and received from each, from the signed usage receipts), the topology;
-join a mesh from an invite and copy this node's invite. A node the members refused says so in red (who, why,
-when it tries again)."""
+join a mesh from an invite and copy this node's invite (shown with the join page's URL and its QR code). A
+node the members refused says so in red (who, why, when it tries again)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def peer_row(peer: dict[str, Any], usage: dict[str, Any] | None = None) -> tuple
     return (
         peer.get("name") or "—",
         short_id(peer.get("id")),
-        advert.get("target") or "—",
+        advert.get("target") or ("browser" if peer.get("kind") == "browser" else "—"),
         Text(state, style=_STATE_STYLE.get(state, "")),
         number(peer.get("rtt_ms"), 1),
         ", ".join(advert.get("models") or []) or "—",
@@ -184,7 +184,12 @@ class MeshPane(NodePane):
         self.run_action(self._copy_invite(), "invite")
 
     async def _copy_invite(self) -> None:
-        invite = await self.client.invite()
+        view = await self.client.invite_view()
+        invite, url = str(view.get("invite", "")), view.get("url")
         self.app.copy_to_clipboard(invite)
-        self.query_one("#invite", Static).update(Text.assemble(("invite ", "bold"), invite))
+        shown = Text.assemble(("invite ", "bold"), invite)
+        if url:  # a phone that scans the QR code opens the join page and becomes a member in its browser
+            shown.append_text(Text.assemble("\n", ("join page ", "bold"), str(url), " — scan on a phone:\n"))
+            shown.append(str(view.get("qr") or ""))
+        self.query_one("#invite", Static).update(shown)
         self.notify("invite copied to the clipboard (and shown above the peers)", title="mesh")
