@@ -123,7 +123,7 @@ def model_summary(index: Any, *, quantization: str = "f32", tokens: int | None =
             "context_length": c.context_length, "memory_bytes": need.total, "memory_tokens": need.tokens}
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, *, tokens: int | None = None) -> dict[str, Any]:
     """`model_summary` of a local GGUF file (reads its header only)."""
     from shoal.models.gguf import read_gguf_index
 
@@ -132,4 +132,4 @@ def describe(path: str | Path) -> dict[str, Any]:
             fh.seek(offset)
             return fh.read(n)
 
-        return model_summary(read_gguf_index(read))
+        return model_summary(read_gguf_index(read), quantization="native", tokens=tokens)

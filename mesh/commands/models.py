@@ -1,4 +1,6 @@
-"""`shoal models`: the models this node knows (catalog) and holds (pinned), with sizes."""
+"""`shoal models`: the models this node knows (catalog) and holds (pinned), with sizes, and for the files it
+holds their architecture, quantization, parameter count, trained context and the memory a whole-model
+stage needs with the default KV cache (2,048 tokens)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,28 @@ from shoal.mesh.ipfs.cli_support import add_data_dir_option, human_bytes
 from shoal.mesh.ipfs.config import IpfsConfig
 from shoal.mesh.ipfs.errors import IpfsError
 from shoal.mesh.ipfs.service import IpfsService
+from shoal.models.errors import ModelError
+from shoal.models.memory import describe
+
+SUMMARY_TOKENS = 2048
+"""KV-cache tokens the MEM column assumes (CompiledStage's default)."""
+
+
+def _summary(path: str | None) -> dict[str, object] | None:
+    """The file's `models.memory` summary, or None when it is absent or unreadable."""
+    if path is None:
+        return None
+    try:
+        return describe(path, tokens=SUMMARY_TOKENS)
+    except (ModelError, OSError):
+        return None
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}" if n < 10 * scale else f"{n / scale:.0f}{unit}"
+    return str(n)
 
 
 def print_table(rows: list[tuple[str, ...]], right_aligned: Collection[int] = ()) -> None:
@@ -46,16 +70,22 @@ def run(args: argparse.Namespace) -> int:
         freed = service.store.gc()
         print(f"gc: freed {freed.blocks} blocks, {human_bytes(freed.bytes)}")
     models = service.list_models()
+    for m in models:
+        m["summary"] = _summary(m.get("path"))
     stats = service.store.stats()
     if args.json:
         store = {"blocks": stats.blocks, "bytes": stats.bytes}
         print(json.dumps({"models": models, "store": store}, indent=1))
         return 0
-    rows = [("NAME", "CID", "SIZE", "STATE")]
+    rows = [("NAME", "CID", "SIZE", "STATE", "ARCH", "QUANT", "PARAMS", "CTX", "MEM@2k")]
     for m in models:
         size = human_bytes(m["size"]) if m["size"] else "-"
         state = "pinned" if m["pinned"] and m["complete"] else ("partial" if m["pinned"] else "remote")
-        rows.append((", ".join(m["names"]) or "-", m["cid"], size, state))
-    print_table(rows, right_aligned={2})
+        info = m["summary"]
+        details = ((str(info["architecture"]), str(info["quantization"]), _count(int(info["parameters"])),
+                    str(info["context_length"]), human_bytes(int(info["memory_bytes"])))
+                   if info else ("-",) * 5)
+        rows.append((", ".join(m["names"]) or "-", m["cid"], size, state, *details))
+    print_table(rows, right_aligned={2, 6, 7, 8})
     print(f"store: {stats.blocks} blocks, {human_bytes(stats.bytes)}")
     return 0
