@@ -50,5 +50,12 @@ if [ "${1:-}" = "test" ]; then
     (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
       || echo "install: chromium not installed (browser-member tests will be skipped)" >&2
   fi
+  # Debian's coturn (STUN/TURN server) and iptables build the NAT tests (tests/mesh/test_mesh_nat.py): two
+  # home networks behind NATs in network namespaces; without them (or without root) those tests are skipped.
+  if { ! command -v turnserver >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; } \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn iptables) >/dev/null 2>&1 \
+      || echo "install: coturn/iptables not installed (NAT traversal tests will be skipped)" >&2
+  fi
 fi
 "$py" -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true

@@ -1,4 +1,5 @@
-"""`shoal peers`: the peers a running node is linked to, with round-trip times and what they advertise."""
+"""`shoal peers`: the peers a running node is linked to, with round-trip times, what kind of link (host,
+server-reflexive, peer-reflexive or relayed, and over which protocol) and what they advertise."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def _memory(value: object) -> str:
     return f"{value / 2**30:.1f}G"
 
 
+def _link(path: object) -> str:
+    """`host/udp`, `server-reflexive/udp`, `relayed/tcp`, ...: what the link's selected ICE pair is."""
+    if not isinstance(path, dict):
+        return "-"
+    return f"{path.get('type', '?')}/{path.get('protocol', '?')}"
+
+
 def run(args: argparse.Namespace) -> int:
     view = call(args.api, "/v1/mesh/peers")
     if args.json:
@@ -39,13 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if not peers:
         print("no peers linked")
     else:
-        print(f"{'NAME':16} {'ID':20} {'STATE':10} {'RTT ms':>8} {'FREE':>6} {'QUEUE':>5}  MODELS")
+        header = f"{'NAME':16} {'ID':20} {'STATE':10} {'RTT ms':>8} {'LINK':22} {'FREE':>6} {'QUEUE':>5}"
+        print(f"{header}  MODELS")
         for peer in peers:
             advert = peer.get("advert") or {}
             rtt = f"{peer['rtt_ms']:.2f}" if isinstance(peer.get("rtt_ms"), int | float) else "-"
             models = ", ".join(str(m) for m in advert.get("models", []))[:40] or "-"
             print(
                 f"{peer['name'][:16]:16} {peer['id'][:20]:20} {peer['state']:10} {rtt:>8} "
+                f"{_link(peer.get('path')):22} "
                 f"{_memory(advert.get('free_memory')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
             )
     if view.get("banned"):

@@ -8,12 +8,15 @@ for tests and a node can keep to its LAN. This is the one patch point into aioic
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import aioice.ice
+import aioice.turn
 import ifaddr
-from aiortc import RTCConfiguration, RTCIceServer
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +98,76 @@ def enlarge_socket_buffers(size: int = SOCKET_BUFFER_BYTES) -> None:
     import aioice.turn
 
     aioice.turn.UDP_SOCKET_BUFFER_SIZE = size
+
+
+CANDIDATE_WORDS = {"host": "host", "srflx": "server-reflexive", "prflx": "peer-reflexive", "relay": "relayed"}
+"""ICE candidate types and the words `/v1/mesh/peers` uses for a link of that type."""
+
+
+def _ice_connection(pc: RTCPeerConnection) -> Any:
+    """aioice's `Connection` under a peer connection's data channels, or None before it exists."""
+    try:
+        return pc.sctp.transport.transport._connection if pc.sctp is not None else None
+    except AttributeError:
+        return None
+
+
+def _on_link(address: str) -> bool:
+    """Whether `address` lies in the network of one of this host's interfaces (reached without a router)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for adapter in ifaddr.get_adapters():
+        for entry in adapter.ips:
+            host = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
+            try:
+                network = ipaddress.ip_network(f"{host}/{entry.network_prefix}", strict=False)
+            except ValueError:
+                continue
+            if ip.version == network.version and ip in network:
+                return True
+    return False
+
+
+def _turn_transport(protocol: Any) -> str:
+    """How a relayed candidate reaches its TURN server: `udp`, `tcp` or `tls` (aioice keeps the TURN client
+    protocol in a private attribute of its `TurnTransport`)."""
+    inner = getattr(getattr(protocol, "transport", None), "_TurnTransport__inner_protocol", None)
+    if inner is None or not isinstance(inner, aioice.turn.TurnClientTcpProtocol):
+        return "udp"
+    stream = getattr(inner, "transport", None)
+    return "tls" if stream is not None and stream.get_extra_info("sslcontext") is not None else "tcp"
+
+
+def link_path(pc: RTCPeerConnection) -> dict[str, Any] | None:
+    """The selected (nominated) ICE candidate pair of a link, or None before ICE has chosen one.
+
+    `local`/`remote`: the ICE candidate types (`host`, `srflx`, `prflx`, `relay`). aioice pairs from the base
+    of a server-reflexive candidate, so `local` says `srflx` where this host's socket has a STUN-learned
+    mapping to another address and the remote end is not on a local network (the datagrams go through the
+    NAT). `type`: the link as a whole in words — `relayed` if either end is relayed, else `server-reflexive`
+    or `peer-reflexive` if either end is, else `host`. `protocol`: what this end sends over — `udp`, or for a
+    relayed local candidate the transport to the TURN server (`udp`, `tcp`, `tls`)."""
+    connection = _ice_connection(pc)
+    pairs = getattr(connection, "_nominated", None)
+    if not pairs:
+        return None
+    pair = pairs[min(pairs)]
+    local, remote = pair.local_candidate, pair.remote_candidate
+    local_type = local.type
+    if local_type == "host" and not _on_link(remote.host):
+        for candidate in connection.local_candidates:
+            mapped = (candidate.related_address, candidate.related_port) == (local.host, local.port)
+            if candidate.type == "srflx" and mapped and candidate.host != local.host:
+                local_type = "srflx"
+    ends = (local_type, remote.type)
+    kind = next((t for t in ("relay", "srflx", "prflx") if t in ends), "host")
+    return {
+        "type": CANDIDATE_WORDS[kind],
+        "local": local_type,
+        "remote": remote.type,
+        "protocol": _turn_transport(pair.protocol) if local.type == "relay" else "udp",
+        "local_address": f"{local.host}:{local.port}",
+        "remote_address": f"{remote.host}:{remote.port}",
+    }

@@ -23,6 +23,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
+from shoal.mesh.p2p.ice import link_path
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +443,7 @@ class Peer:
             "kind": self.advert.get("kind", "node"),
             "api": self.api_address,
             "addresses": self.remote_addresses(),
+            "path": link_path(self.pc),
             "state": self.state,
             "rtt_ms": round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None,
             "connected_at": self.connected_at,

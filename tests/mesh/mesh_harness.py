@@ -151,6 +151,10 @@ async def serve(args: argparse.Namespace) -> None:
         retry_max_s=args.retry_max,
         refused_retry_max_s=args.refused_retry_max,
         advertise=args.advertise,
+        stun=args.stun,
+        turn=args.turn,
+        turn_username=args.turn_username,
+        turn_password=args.turn_password,
     )
     ipfs = IpfsService(IpfsConfig(), args.data_dir, events)
     mesh = MeshService(config, identity, args.data_dir, events)
@@ -207,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ban", type=float, default=300.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--advertise", help="API address announced to peers (default: the bound one)")
+    parser.add_argument("--stun", action="append", default=[], help="stun:host:port")
+    parser.add_argument("--turn", action="append", default=[], help="turn:host:port?transport=udp|tcp")
+    parser.add_argument("--turn-username")
+    parser.add_argument("--turn-password")
     parser.add_argument("--bench", action="store_true", help="add the routes of bench/mesh_link.py")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -56,6 +56,10 @@ def test_invite_join_and_peers_through_running_nodes(tmp_path, capsys):
         assert main(["peers", "--api", n2.api]) == 0
         out = capsys.readouterr().out
         assert "n1" in out and n1.peer_id[:20] in out
+        assert "host/udp" in out  # loopback: the link's selected ICE pair is host to host, over UDP
+        path = n2.peers()[n1.peer_id]["path"]
+        assert path["type"] == "host" and (path["local"], path["remote"]) == ("host", "host"), path
+        assert path["remote_address"].startswith("127.0.0.1:") and path["protocol"] == "udp"
         # the joined invite is saved: after a restart n2 is still a member and relinks by itself
         n2.kill(15)
         n2.start()

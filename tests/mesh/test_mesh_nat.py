@@ -1,0 +1,87 @@
+"""Members behind NATs (network namespaces this test makes, as root; coturn as the STUN/TURN server): they
+meet through a reachable bootstrap member (peer exchange relays their signalling), then link directly by
+hole punching, or through TURN, and `/v1/mesh/peers` says which. Skipped visibly without root, iptables or
+coturn (`scripts/install.sh test` installs the last two where apt is available)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from shoal.mesh.p2p.invite import Invite
+
+from tests.mesh import nat_netns
+from tests.mesh.mesh_nodes import Node, wait_until
+
+pytestmark = [pytest.mark.timeout(120)]
+_why_not = nat_netns.available()
+STUN = f"stun:{nat_netns.SERVER}:{nat_netns.TURN_PORT}"
+TURN_USER, TURN_PASSWORD = "shoal", "shoal-pass"
+
+
+def _nat(base: Path, nat1: str, nat2: str) -> Iterator[nat_netns.NatNetwork]:
+    if _why_not:
+        pytest.skip(f"NAT namespaces unavailable: {_why_not}")
+    network = nat_netns.NatNetwork(prefix=f"sn{os.getpid() % 100000}").setup(nat1, nat2)
+    try:
+        network.start_turn(base)
+        yield network
+    finally:
+        network.close()
+
+
+def _start(network: nat_netns.NatNetwork, base: Path, turn: list[str], user: str = TURN_USER,
+           password: str = TURN_PASSWORD) -> list[Node]:
+    token = Invite.create("nat").to_token()
+    ice = ["--stun", STUN, *(a for url in turn for a in ("--turn", url)),
+           "--turn-username", user, "--turn-password", password]
+    public = f"{nat_netns.PUBLIC_HOST}:8740"
+    plan = [
+        ("pub", network.public_host, public, []),
+        ("home1", network.home(1), f"{network.home_address(1)}:8740", ["--bootstrap", public]),
+        ("home2", network.home(2), f"{network.home_address(2)}:8740", ["--bootstrap", public]),
+    ]
+    nodes: list[Node] = []
+    try:
+        for name, namespace, api, extra in plan:
+            prefix = network.exec_prefix(namespace)
+            args = ["--invite", token, "--no-mdns", *ice, *extra]
+            nodes.append(Node(name, base / name, api, args, prefix=prefix, http_prefix=prefix).start())
+    except BaseException:
+        for node in nodes:
+            node.kill(15)
+        raise
+    return nodes
+
+
+def _linked(a: Node, b: Node) -> dict | None:
+    view = a.peers().get(b.peer_id)
+    return view if view and view.get("path") else None
+
+
+@pytest.fixture
+def cone(tmp_path: Path) -> Iterator[list[Node]]:
+    for network in _nat(tmp_path, "cone", "cone"):
+        nodes = _start(network, tmp_path, [])
+        try:
+            yield nodes
+        finally:
+            for node in nodes:
+                node.kill(15)
+
+
+def test_cone_nats_link_directly_server_reflexive(cone: list[Node]) -> None:
+    pub, home1, home2 = cone
+    view = wait_until(lambda: _linked(home1, home2), 60, "home1 linked to home2")
+    other = wait_until(lambda: _linked(home2, home1), 10, "home2 linked to home1")
+    for path in (view["path"], other["path"]):
+        assert path["type"] == "server-reflexive", path
+        assert path["protocol"] == "udp"
+        assert path["local"] == "srflx" and path["remote"] in ("srflx", "prflx"), path
+    # the datagrams go NAT to NAT: each sees the other's router address, never its home address
+    assert view["path"]["remote_address"].startswith(nat_netns.NatNetwork.uplink_address(2) + ":")
+    assert other["path"]["remote_address"].startswith(nat_netns.NatNetwork.uplink_address(1) + ":")
+    to_pub = home1.peers()[pub.peer_id]["path"]
+    assert to_pub["remote"] == "host" and to_pub["local"] == "srflx" and to_pub["type"] == "server-reflexive"
