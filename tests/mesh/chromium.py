@@ -37,7 +37,7 @@ FLAGS = (
     "--disable-sync",
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--window-size=900,1000",
+    "--window-size=900,720",
 )
 """Headless as root; WebRTC may use (and show) loopback candidates: the test's namespace has only `lo`."""
 

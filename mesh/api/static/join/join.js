@@ -74,7 +74,8 @@ async function chat(event) {
   answer.textContent = "";
   answer.dataset.state = "streaming";
   $("route").textContent = "";
-  const body = { model: $("model").value, messages: [{ role: "user", content: prompt }], stream: true, max_tokens: 64 };
+  const body = { model: $("model").value, messages: [{ role: "user", content: prompt }], stream: true, max_tokens: 64,
+    temperature: 0 };  // greedy: small models answer best so
   try {
     const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!response.ok) {
@@ -148,4 +149,5 @@ $("invite-form").addEventListener("submit", (event) => {
   location.reload();
 });
 $("chat-form").addEventListener("submit", chat);
+$("api-key").addEventListener("change", loadModels);  // a node with [api] key lists its models only then
 start();
