@@ -243,6 +243,26 @@ class ReferenceStage:
         logits = self._logits(hidden if all_logits else hidden[-1:])
         return logits if all_logits else logits[0]
 
+    def hidden_states(self, token_ids: np.ndarray) -> np.ndarray:
+        """The final-normed hidden state at every position of `token_ids` [n, hidden], for embeddings; needs
+        a whole-model stage and keeps no sequence."""
+        self._check_open()
+        if not (self._is_first and self._is_last) or self.output_norm is None:
+            raise ValueError("hidden_states needs a stage holding every layer")
+        cfg = self.config
+        cache = _SequenceCache(len(self.layers), cfg.num_kv_heads, cfg.head_dim)  # private to this call
+        hidden = self._input_hidden(token_ids, what="prefill")
+        n = hidden.shape[0]
+        if n == 0:
+            raise ValueError("hidden_states needs at least one token")
+        if n > self.max_context:
+            raise ContextOverflowError(f"{n} tokens do not fit the context of {self.max_context}")
+        cache.reserve(n)
+        positions = np.arange(n)
+        for li, layer in enumerate(self.layers):
+            hidden = self._layer(li, layer, hidden, [(cache, positions, slice(0, n))])
+        return np.ascontiguousarray(self._norm(hidden, self.output_norm), dtype=np.float32)
+
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
         self._check_open()
         if len(set(seq_ids)) != len(seq_ids):

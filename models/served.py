@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shoal.models.config import ModelConfig
+from shoal.models.embeddings import Embedder
 from shoal.models.generate import Engine
 from shoal.models.stage import Stage
 from shoal.models.tokenizer import Tokenizer
@@ -59,6 +60,11 @@ class Servable(Protocol):
         win. Empty: the documented defaults."""
         ...
 
+    @property
+    def embedder(self) -> Embedder | None:
+        """Embeds texts with this model (None: not here, e.g. a peer's model)."""
+        ...
+
 
 @dataclass
 class ServedModel:
@@ -73,6 +79,8 @@ class ServedModel:
     backend: str
     sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
     """From the GGUF's `general.sampling.*` keys (`models.sampling.defaults_from_gguf`)."""
+    embedder: Embedder | None = None
+    """For `/v1/embeddings` (its weights load on first use)."""
 
     @property
     def config(self) -> ModelConfig:

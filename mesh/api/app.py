@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from shoal.mesh.api import admin as api_admin
 from shoal.mesh.api import anthropic_routes as api_anthropic
+from shoal.mesh.api import embeddings_routes as api_embeddings
 from shoal.mesh.api import guard as api_guard
 from shoal.mesh.api import join_page
 from shoal.mesh.api import ollama_routes as api_ollama
@@ -187,6 +188,7 @@ def create_app(
     api_admin.add_routes(app)
     api_ollama.add_routes(app)
     api_anthropic.add_routes(app)
+    api_embeddings.add_routes(app)
     join_page.add_routes(app)
     for add_routes in routes:
         add_routes(app)

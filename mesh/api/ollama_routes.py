@@ -3,7 +3,8 @@
 `POST /api/chat` and `POST /api/generate` stream NDJSON (one JSON object a line, `done: true` on the last,
 with token counts and durations in nanoseconds) unless `"stream": false`; they run through the same code as
 the OpenAI routes (`mesh.api.generation`). `GET /api/tags`, `POST /api/show`, `GET /api/ps` and
-`GET /api/version` describe the models. Errors keep the API's one body shape
+`GET /api/version` describe the models; `POST /api/embed` embeds (`mesh.api.embeddings_routes`). Errors keep
+the API's one body shape
 `{"error": {"message", "type", "param", "code"}}` (the `ollama` client raises `ResponseError` with it); an
 error after the first line is a last line `{"error": {...}}`.
 """
@@ -16,10 +17,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from shoal.mesh.api.embeddings_routes import embed_inputs, parse_inputs
 from shoal.mesh.api.errors import invalid, json_response
 from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames, tracked
 from shoal.mesh.api.keys import NODE, ROUTE_HEADER
-from shoal.mesh.api.ollama_schema import MODEL_TAG, OllamaRequest, model_name, parse_chat, parse_generate
+from shoal.mesh.api.ollama_schema import (
+    MODEL_TAG,
+    OllamaRequest,
+    check_options,
+    model_name,
+    parse_chat,
+    parse_generate,
+)
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.records import RequestRecord
 from shoal.models.generate import EventLogprobs, TokenEvent
@@ -204,6 +213,28 @@ async def show(request: web.Request) -> web.Response:
                           "modified_at": _tag(entry)["modified_at"]})
 
 
+async def embed(request: web.Request) -> web.Response:
+    """`{model, input, truncate?, dimensions?}` -> `{model, embeddings, prompt_eval_count, ...}`."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", None, "invalid_type")
+    name = model_name(body.get("model"))
+    inputs = parse_inputs(body.get("input"))
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise invalid("'truncate' must be a boolean", "truncate", "invalid_type")
+    check_options(body.get("options"))
+    started = time.perf_counter()
+    served, vectors, total = await embed_inputs(request, name, inputs, truncate=truncate)
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions != served.config.hidden_size:
+        raise invalid(f"'dimensions' must be {served.config.hidden_size} for {served.name} (no truncation)",
+                      "dimensions", "unsupported_value")
+    return json_response({"model": served.name, "embeddings": [[float(x) for x in v] for v in vectors],
+                          "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+                          "prompt_eval_count": total})
+
+
 async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_VERSION, "shoal": request.app[NODE].version})
 
@@ -215,3 +246,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/show", show)
     app.router.add_get("/api/ps", ps)
     app.router.add_get("/api/version", version)
+    app.router.add_post("/api/embed", embed)

@@ -77,6 +77,11 @@ def _options(options: Any) -> dict[str, Any]:
     return out
 
 
+def check_options(options: Any) -> None:
+    """400 naming a bad or unknown option (for endpoints that use none of them, e.g. `/api/embed`)."""
+    _options(options)
+
+
 def _refuse(body: dict[str, Any]) -> None:
     for name in REFUSED_FIELDS:
         if body.get(name) not in (None, "", [], {}):

@@ -19,6 +19,7 @@ from shoal.mesh.events import EventBus
 from shoal.mesh.node.config import DEFAULT_CACHE_TOKENS, DEFAULT_MAX_TOKENS, ModelsConfig
 from shoal.models.compile_guard import run_compile_work
 from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
+from shoal.models.embeddings import Embedder
 from shoal.models.errors import ModelError, ModelNotFoundError
 from shoal.models.generate import Engine
 from shoal.models.loader import build_stage, open_model, resolve_backend
@@ -122,6 +123,7 @@ def load_engine(model: LocalModel, options: LoadOptions, progress: Callable[...,
         stages=[stage],
         backend=backend,
         sampling_defaults=defaults_from_gguf(loaded.gguf.metadata),
+        embedder=Embedder(model.path, context),
     )
 
 

@@ -73,6 +73,8 @@ class RemoteModel:
     weight_bytes: int = 0
     sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
     """None known here: the documented defaults (the request's own values go to the peer)."""
+    embedder: None = None
+    """Embeddings run where the model is loaded, not through a peer (yet)."""
 
 
 async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
