@@ -2,9 +2,10 @@
 network namespace this test makes (`lo` and a veth pair inside it: no packet leaves it), driven over the
 DevTools protocol on a pipe (`tests.mesh.chromium`). Two real `shoal node` processes run in the namespace.
 
-The page joins with the invite in its URL fragment; both nodes list it as a `browser` member; a chat typed in
-the page streams an answer through its linked node and shows the route; a page holding a wrong invite is
-refused; closing the tab is seen as a departure. A screenshot of the page after the chat is kept in
+Two tabs join with the invite in their URL fragment, link to both nodes and to each other, and both nodes
+list them as `browser` members; a chat typed in a page streams an answer through its linked node and shows
+the route; a page holding a wrong invite is refused; a tab's malformed frames are strikes as any peer's;
+closing a tab is seen as a departure. A screenshot of the page after the chat is kept in
 `.cache/artifacts/join-page.png` (or `$SHOAL_TEST_ARTIFACTS`).
 """
 
@@ -199,6 +200,18 @@ def test_page_with_a_wrong_invite_is_refused(nodes, browser):
         assert any(r["from"] == intruder for r in a.get("/v1/mesh/peers")["refused"])
     finally:
         tab.close()
+
+
+def test_a_tabs_frames_are_checked_like_any_peers(nodes, pages):
+    a, _, _ = nodes
+    tab = pages[1]
+    me = tab.evaluate("shoalMember.identity.id")
+    before = a.members()[me]["abuse"]
+    link = f"shoalMember.links.get({json.dumps(a.peer_id)})"
+    for frame in ('{"v": 1, "t": "no.such.type"}', "not json", '{"v": 1, "t": "ping", "b": [1]}'):
+        tab.evaluate(f"{link}.channels.control.send({json.dumps(frame)})")
+    _wait(lambda: a.members()[me]["abuse"] == before + 3, 10, "three strikes against the tab")
+    assert tab.evaluate(f"{link}.state") == "connected"  # under the abuse limit
 
 
 def test_closing_a_tab_is_a_departure(nodes, pages):
