@@ -1,5 +1,5 @@
-"""What discovery and gossip need of the mesh service (`p2p.service.MeshService`, which satisfies both
-structurally): they take these Protocols rather than import the service that owns them."""
+"""What discovery, gossip and the dialer need of the mesh service (`p2p.service.MeshService`, which satisfies
+them structurally): they take these Protocols rather than import the service that owns them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 from shoal.mesh.events import EventBus
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.identity import Identity
@@ -90,3 +91,36 @@ class DiscoveryHost(Protocol):
     async def connect_via(self, relay: Peer, target: str) -> Peer: ...
 
     async def handle_offer(self, raw: object) -> dict[str, Any]: ...
+
+
+class LinkHost(Protocol):
+    """What the dialer (`p2p.dialer.Dialer`) needs of the mesh service: who this node is, which mesh it is
+    in, whom it links to or bans, and an HTTP session to signal over."""
+
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def advertise_address(self) -> str: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def peers(self) -> dict[str, Peer]: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
+
+    def is_banned(self, peer_id: str) -> bool: ...

@@ -20,29 +20,22 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from shoal.mesh.events import EventBus
 from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.config import MeshConfig
-from shoal.mesh.p2p.errors import (
-    InviteError,
-    JoinRefused,
-    LinkClosed,
-    MeshError,
-    PeerUnavailable,
-    SignallingError,
-)
+from shoal.mesh.p2p.dialer import Dialer
+from shoal.mesh.p2p.errors import InviteError, MeshError, PeerUnavailable
 from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite, forget_invite, save_invite
 from shoal.mesh.p2p.join_status import JoinStatus
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
-from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, verify_signal
+from shoal.mesh.p2p.signalling import Membership
 
 __all__ = ["MeshConfig", "MeshService"]
 logger = logging.getLogger(__name__)
-SendOffer = Callable[[dict[str, Any]], Awaitable[Any]]
 PeerListener = Callable[[str, Peer], None]
 
 
@@ -83,13 +76,9 @@ class MeshService:
         self.known: dict[str, dict[str, Any]] = {}
         """Every peer id ever linked or heard of: {"name", "api"}."""
         self.bans: dict[str, float] = {}
-        self.refused: list[dict[str, Any]] = []
         self.departed: list[dict[str, Any]] = []
-        self._dialing: dict[str, asyncio.Future[Peer]] = {}
-        self._pending: set[Peer] = set()
-        self.relay_answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        """Offers sent through a relay, by nonce, waiting for their answer (see `discovery`)."""
-        self._replay = ReplayGuard()
+        self.dialer = Dialer(self, self._new_peer, self._register)
+        """Dials peers and answers their offers (`p2p.dialer`)."""
         self._listeners: list[PeerListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -196,7 +185,11 @@ class MeshService:
 
     def is_dialing(self, peer_id: str) -> bool:
         """Whether a dial to `peer_id` is under way (discovery then does not start another)."""
-        return peer_id in self._dialing
+        return self.dialer.is_dialing(peer_id)
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def is_banned(self, peer_id: str) -> bool:
         until = self.bans.get(peer_id)
@@ -243,7 +236,7 @@ class MeshService:
             except (MeshError, TimeoutError):
                 pass
         await asyncio.gather(
-            *(peer.close("node stopping") for peer in [*self.peers.values(), *self._pending])
+            *(peer.close("node stopping") for peer in [*self.peers.values(), *self.dialer.pending])
         )
         for task in list(self._tasks):
             task.cancel()
@@ -314,158 +307,37 @@ class MeshService:
                     return peer
                 await asyncio.sleep(0.05)
 
-    # ----- dialling --------------------------------------------------------------------------------------
+    # ----- making links (p2p.dialer) ----------------------------------------------------------------------
 
     def _new_peer(self, offerer: bool) -> Peer:
         pc = RTCPeerConnection(self._rtc_config)
-        peer = Peer(pc, "?", "?", offerer, self.settings, self.handlers, self._peer_closed, self._peer_abused)
-        self._pending.add(peer)
-        return peer
+        return Peer(pc, "?", "?", offerer, self.settings, self.handlers, self._peer_closed, self._peer_abused)
 
-    async def _dial(self, send_offer: SendOffer, expected: str | None) -> Peer:
-        if not self._running:
-            raise PeerUnavailable("mesh service is not running")
-        if not self.membership.active:
-            raise SignallingError("this node has not joined a mesh")
-        peer = self._new_peer(offerer=True)
-        dialing: asyncio.Future[Peer] | None = None
-        if expected:
-            dialing = asyncio.get_running_loop().create_future()
-            self._dialing[expected] = dialing
-        try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                await peer.pc.setLocalDescription(await peer.pc.createOffer())
-                offer = build_signal(
-                    self.identity,
-                    self.membership,
-                    "offer",
-                    peer.pc.localDescription.sdp,
-                    to=expected or "",
-                    api=self.advertise_address,
-                )
-                answer = verify_signal(
-                    await send_offer(offer), self.membership, self.identity.peer_id, "answer", self._replay
-                )
-                if answer.reply_to != offer["nonce"]:
-                    raise SignallingError("answer does not answer this offer")
-                if expected and answer.peer_id != expected:
-                    raise SignallingError(f"answer came from {answer.peer_id[:12]}, not {expected[:12]}")
-                if self.is_banned(answer.peer_id):
-                    raise SignallingError(f"{answer.peer_id[:12]} is banned")
-                peer.peer_id, peer.name, peer.api_address = answer.peer_id, answer.name, answer.api or None
-                peer.admitted = answer.admitted
-                await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
-                await peer.wait_open(self.config.connect_timeout_s)
-        except BaseException as exc:
-            await peer.close(f"dial failed: {exc!s:.200}")
-            self._pending.discard(peer)
-            if dialing is not None and not dialing.done():
-                dialing.cancel()
-            if isinstance(exc, TimeoutError):
-                raise PeerUnavailable("connection attempt timed out") from None
-            raise
-        finally:
-            if expected and self._dialing.get(expected) is dialing:
-                del self._dialing[expected]
-        self._register(peer)
-        return peer
+    @property
+    def relay_answers(self) -> dict[str, asyncio.Future[dict[str, Any]]]:
+        """Offers sent through a relay, by nonce, waiting for their answer (see `discovery`)."""
+        return self.dialer.relay_answers
+
+    @property
+    def refused(self) -> list[dict[str, Any]]:
+        """The last offers this node refused."""
+        return self.dialer.refused
 
     async def connect_address(self, address: str, expected: str | None = None) -> Peer:
         """Link to the node whose API listens at `host:port`, signalling over its WebSocket endpoint."""
-
-        async def send_offer(offer: dict[str, Any]) -> Any:
-            url = f"http://{address}/v1/mesh/signal"
-            async with self.session.ws_connect(
-                url, timeout=aiohttp.ClientWSTimeout(ws_close=2), max_msg_size=64 * 1024
-            ) as ws:
-                await ws.send_json({"op": "offer", "signal": offer})
-                reply = await ws.receive_json()
-            if not isinstance(reply, dict) or reply.get("op") != "answer":
-                reason = reply.get("reason") if isinstance(reply, dict) else None
-                code = reply.get("code") if isinstance(reply, dict) else None
-                code = code[:40] if isinstance(code, str) and code else "refused"
-                raise JoinRefused(f"{address} refused the offer: {reason!s:.200}", code, address)
-            return reply.get("signal")
-
-        try:
-            return await self._dial(send_offer, expected)
-        except (aiohttp.ClientError, ValueError, TypeError) as exc:
-            raise PeerUnavailable(f"cannot signal {address}: {exc}") from None
+        return await self.dialer.connect_address(address, expected)
 
     async def connect_via(self, relay: Peer, target: str) -> Peer:
         """Link to `target` by relaying signalling through the connected peer `relay` (peer exchange)."""
-
-        async def send_offer(offer: dict[str, Any]) -> Any:
-            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self.relay_answers[offer["nonce"]] = future
-            try:
-                await relay.notify("signal", {"op": "offer", "to": target, "signal": offer})
-                return await future
-            finally:
-                self.relay_answers.pop(offer["nonce"], None)
-
-        return await self._dial(send_offer, target)
-
-    # ----- answering -------------------------------------------------------------------------------------
-
-    def _refuse(self, reason: str, sender: object) -> None:
-        entry = {"time": time.time(), "from": str(sender)[:64], "reason": reason[:300]}
-        self.refused = [*self.refused[-49:], entry]
-        logger.warning("mesh: refused offer from %s: %s", entry["from"][:12], reason)
-        self.events.publish("peer.refused", **entry)
+        return await self.dialer.connect_via(relay, target)
 
     async def handle_offer(self, raw: object) -> dict[str, Any]:
         """Verify an offer and answer it, or raise `SignallingError` (no connection is created then)."""
-        sender = raw.get("from") if isinstance(raw, dict) else None
-        try:
-            if not self._running or not self.membership.active:
-                raise SignallingError("this node is not in a mesh", "not_in_mesh")
-            offer = verify_signal(raw, self.membership, self.identity.peer_id, "offer", self._replay)
-            if self.is_banned(offer.peer_id):
-                raise SignallingError("banned", "banned")
-            if offer.peer_id not in self.peers and len(self.peers) >= self.config.max_peers:
-                raise SignallingError("too many peers", "too_many_peers")
-            if offer.peer_id in self._dialing and self.identity.peer_id < offer.peer_id:
-                raise SignallingError("glare: this node is dialling you", "glare")
-        except SignallingError as exc:
-            self._refuse(str(exc), sender)
-            raise
-        peer = self._new_peer(offerer=False)
-        peer.peer_id, peer.name, peer.api_address = offer.peer_id, offer.name, offer.api or None
-        peer.admitted = offer.admitted
-        try:
-            await peer.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
-            await peer.pc.setLocalDescription(await peer.pc.createAnswer())
-        except (ValueError, AttributeError, TypeError) as exc:
-            await peer.close("bad offer SDP")
-            self._pending.discard(peer)
-            self._refuse(f"unusable SDP: {exc}", sender)
-            raise SignallingError(f"unusable SDP: {exc}", "unusable_sdp") from None
-        self.spawn(self._finish_incoming(peer), name=f"accept {offer.peer_id[:12]}")
-        return build_signal(
-            self.identity,
-            self.membership,
-            "answer",
-            peer.pc.localDescription.sdp,
-            to=offer.peer_id,
-            api=self.advertise_address,
-            reply_to=offer.nonce,
-            invite=offer.invite_expires if offer.admitted == "invite" else None,
-        )
-
-    async def _finish_incoming(self, peer: Peer) -> None:
-        try:
-            await peer.wait_open(self.config.connect_timeout_s)
-        except LinkClosed:
-            await peer.close("did not open")
-            self._pending.discard(peer)
-            raise
-        self._register(peer)
+        return await self.dialer.handle_offer(raw)
 
     # ----- link bookkeeping ------------------------------------------------------------------------------
 
     def _register(self, peer: Peer) -> None:
-        self._pending.discard(peer)
         if not self._running or peer.state == "closed":
             self.spawn(peer.close("node stopping"))
             return

@@ -14,7 +14,7 @@ from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.ipfs.block_exchange import MeshLinks
 from shoal.mesh.node.config import NodeConfig
 from shoal.mesh.node.node import Node, build_node
-from shoal.mesh.p2p.ports import DiscoveryHost, GossipHost
+from shoal.mesh.p2p.ports import DiscoveryHost, GossipHost, LinkHost
 from shoal.mesh.split import ports as split_ports
 from shoal.mesh.split.remote_model import RemoteModel
 from shoal.models.served import Servable, ServedModel
@@ -69,6 +69,7 @@ async def test_the_product_has_every_member_of_each_seam(node: Node) -> None:
         (node.mesh, MeshLinks),
         (node.mesh, GossipHost),
         (node.mesh, DiscoveryHost),
+        (node.mesh, LinkHost),
     ]
     gaps = {f"{type(obj).__name__} as {proto.__name__}": _missing(obj, proto) for obj, proto in pairs}
     assert {seam: names for seam, names in gaps.items() if names} == {}
