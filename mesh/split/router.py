@@ -24,9 +24,9 @@ import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
 from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route, RouteChoice, RouteFailed
 from shoal.mesh.split import scheduler as sched
-from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
+from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
 from shoal.mesh.split.pipeline import Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
@@ -53,17 +53,6 @@ STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
 
 
-PEER_FAILURES = {
-    wire.REFUSED: (503, "peer_refused"),
-    wire.QUOTA: (429, "peer_quota"),
-    wire.BUSY: (503, "peer_busy"),
-    wire.NO_MODEL: (503, "peer_no_model"),
-    wire.BAD_REQUEST: (400, "peer_bad_request"),
-}
-"""How a peer's error code reaches the API's client: (HTTP status, error code). Anything else (a lost link, a
-timeout, an internal error) is 503 `peer_unreachable`."""
-REPLANNABLE = frozenset({wire.REFUSED, wire.QUOTA, wire.BUSY, wire.NO_MODEL})
-"""Peer error codes after which a request is planned again without that peer (never on the same one)."""
 
 
 class Router:
@@ -375,15 +364,6 @@ class Router:
         """Feed a finished local request's timings into the advertised speed."""
         if record.route.kind == "local":
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
-
-
-def peer_failure(exc: StageLost | RemoteError, peer: str | None = None) -> RouteFailed:
-    """The API's error for a request its peer(s) refused or failed (see `PEER_FAILURES`)."""
-    code = exc.code if isinstance(exc, RemoteError) else getattr(exc, "code", None)
-    who = peer or getattr(exc, "peer", None) or "a peer"
-    status, name = PEER_FAILURES.get(code or "", (503, "peer_unreachable"))
-    retry = getattr(exc, "retry_after_s", None)
-    return RouteFailed(status, name, f"{who[:16]}: {exc}"[:500], retry_after_s=retry)
 
 
 def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingParams) -> int:

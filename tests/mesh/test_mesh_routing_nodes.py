@@ -147,6 +147,7 @@ def test_a_peer_over_its_quota_is_a_429(mesh3):
         with pytest.raises(openai.RateLimitError) as over:
             ask(a, extra_body=only_c)
         assert over.value.body["code"] == "peer_quota", over.value.body
+        assert 0 < int(over.value.response.headers["retry-after"]) <= 3600
         assert over.value.response.headers["x-should-retry"] == "false"
         assert ask(a, extra_body={"shoal": {"route": "offload"}})["peers"] == [b.peer_id]  # re-planned to b
     finally:

@@ -8,7 +8,10 @@ import dataclasses
 import pytest
 from shoal.mesh.api.errors import ApiError
 from shoal.mesh.api.openai_schema import parse_completion_request, route_choice
+from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.route import RouteChoice
+from shoal.mesh.split.peer_failures import peer_failure
+from shoal.mesh.split.remote_stage import StageLost
 from shoal.mesh.split.scheduler import LOCAL, NoPlanError, plan
 
 from tests.mesh.test_scheduler import OPEN, REQ, SHAPE, dev
@@ -62,3 +65,13 @@ def test_plan_within_the_requested_kind() -> None:
     refusing = dataclasses.replace(fast, serves_others=False)
     with pytest.raises(NoPlanError):
         plan(SHAPE, REQ, local, [refusing], keep_local, kinds=("offload",))
+
+
+def test_peer_failures_become_coded_errors() -> None:
+    refused = peer_failure(RemoteError("refused", "serve_others is off"), "pb")
+    assert (refused.status, refused.code) == (503, "peer_refused") and "serve_others" in refused.message
+    over = peer_failure(RemoteError("quota", "peer pa used 9 of its 5 tokens; retry in 120 s"), "pc")
+    assert (over.status, over.code, over.retry_after_s) == (429, "peer_quota", 120.0)
+    assert peer_failure(StageLost("pc", "no answer within 5 s")).code == "peer_unreachable"
+    assert peer_failure(RemoteError("bad_request", "ids"), "pb").status == 400
+    assert peer_failure(RemoteError("internal", "boom"), "pb").code == "peer_unreachable"
