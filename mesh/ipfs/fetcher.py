@@ -2,7 +2,8 @@
 
 Every block is hashed against its CID before it is stored or used (the store refuses anything else). A source
 that fails is backed off exponentially (capped); one that serves blocks failing verification is banned for a
-while. A pull first asks the local store, so an interrupted pull resumes from the blocks it already has.
+while (`ipfs.source_health`). A pull first asks the local store, so an interrupted pull resumes from the
+blocks it already has; its progress is counted by `ipfs.pull_progress`.
 
 Every wait is bounded and every pool ends: one block waits at most `block_timeout_s` per source (through
 `asyncio.timeout`, which never loses a cancellation as Python 3.11's `wait_for` can), a whole-DAG pull that
@@ -17,9 +18,7 @@ import functools
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from multiformats import CID
@@ -36,10 +35,12 @@ from shoal.mesh.ipfs.errors import (
     StoreError,
     VerificationError,
 )
-from shoal.mesh.ipfs.reader import decoded_node
+from shoal.mesh.ipfs.pull_progress import FetchStats, Progress, ProgressCallback, PullTally
+from shoal.mesh.ipfs.source_health import SourceHealth
 from shoal.mesh.ipfs.sources import BlockSource, CarSource
 from shoal.mesh.ipfs.store import BlockStore
 
+__all__ = ["FetchStats", "Fetcher", "Progress", "ProgressCallback"]
 logger = logging.getLogger(__name__)
 CAR_BATCH_BYTES = 4 << 20
 
@@ -47,47 +48,12 @@ _Streamed = tuple[CID, CarBlock, list[int], CarBlock]
 """A block from a CAR stream: (cid, bytes, offsets in the assembled file, the file bytes it holds)."""
 
 
-@dataclass
-class _Health:
-    failures: int = 0
-    retry_at: float = 0.0
-    bad_blocks: int = 0
-
-
-@dataclass
-class FetchStats:
-    blocks_local: int = 0
-    """Blocks found in the local store (not fetched)."""
-    blocks_fetched: int = 0
-    """Blocks fetched from a source, verified and stored."""
-    bytes_fetched: int = 0
-    bad_blocks: int = 0
-    """Blocks rejected because they did not hash to their CID."""
-    source_failures: int = 0
-    """Requests that failed (errors, timeouts, truncated or undecodable responses), bad blocks included."""
-    by_source: Counter = field(default_factory=Counter)
-    """Verified blocks per source name."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    cid: str
-    bytes_done: int
-    bytes_total: int
-    blocks_done: int
-    rate_bps: float
-    eta_s: float | None
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
 class Fetcher:
     def __init__(self, store: BlockStore, sources: Sequence[BlockSource], config: IpfsConfig) -> None:
         self.store = store
         self.sources = list(sources)
         self.config = config
-        self._health: dict[str, _Health] = {s.name: _Health() for s in self.sources}
+        self.health = SourceHealth(self.sources, config)
         self.stats = FetchStats()
         self._fetched: set[bytes] = set()
         self.assembled = False
@@ -107,23 +73,10 @@ class Fetcher:
 
     # --- one block ----------------------------------------------------------------------------------------
     def _penalise(self, source: BlockSource, bad_block: bool) -> None:
-        health = self._health.setdefault(source.name, _Health())
-        health.failures += 1
         self.stats.source_failures += 1
         if bad_block:
-            health.bad_blocks += 1
             self.stats.bad_blocks += 1
-        if health.bad_blocks >= self.config.ban_after_bad_blocks:
-            health.retry_at = time.monotonic() + self.config.ban_s
-            logger.warning("source %s banned for %.0f s (bad blocks)", source.name, self.config.ban_s)
-            return
-        delay = min(self.config.backoff_base_s * 2 ** (health.failures - 1), self.config.backoff_max_s)
-        health.retry_at = time.monotonic() + delay
-
-    def _reward(self, source: BlockSource) -> None:
-        health = self._health.setdefault(source.name, _Health())
-        health.failures = 0
-        health.retry_at = 0.0
+        self.health.penalise(source, bad_block)
 
     async def _store(
         self, source_name: str, cid: CID, data: bytes, then: Callable[[], None] | None = None
@@ -152,12 +105,11 @@ class Fetcher:
             return data
         errors: list[str] = []
         for attempt in range(self.config.retries):
-            now = time.monotonic()
-            ready = [s for s in self.sources if self._health[s.name].retry_at <= now]
+            ready = self.health.ready(self.sources)
             if not ready and self.sources:  # everyone is backing off: wait for the first to come back
-                wait = min(self._health[s.name].retry_at for s in self.sources) - now
+                wait = min(self.health.retry_at(s) for s in self.sources) - time.monotonic()
                 await asyncio.sleep(min(max(wait, 0.0), self.config.backoff_max_s))
-                ready = [s for s in self.sources if self._health[s.name].retry_at <= time.monotonic()]
+                ready = self.health.ready(self.sources)
             for source in ready:
                 try:
                     async with asyncio.timeout(self.config.block_timeout_s):
@@ -183,7 +135,7 @@ class Fetcher:
                     self._penalise(source, bad_block=False)
                     errors.append(f"{source.name}: {type(exc).__name__}: {exc}")
                     continue
-                self._reward(source)
+                self.health.reward(source)
                 return data
             if attempt + 1 < self.config.retries:
                 await asyncio.sleep(min(self.config.backoff_base_s * 2**attempt, self.config.backoff_max_s))
@@ -259,11 +211,11 @@ class Fetcher:
         parallel threads (in batches of about 4 MiB) while the stream goes on. Any failure just ends the
         attempt: the block walk that follows fills whatever is missing from the other sources."""
         for source in self.sources:
-            if not isinstance(source, CarSource) or self._health[source.name].retry_at > time.monotonic():
+            if not isinstance(source, CarSource) or self.health.retry_at(source) > time.monotonic():
                 continue
             try:
                 await self._ingest(source.name, source.stream_car(root), on_block, assembler)
-                self._reward(source)
+                self.health.reward(source)
             except* VerificationError as eg:
                 logger.warning("rejected CAR from %s: %s", source.name, eg.exceptions[0])
                 self._penalise(source, bad_block=True)
@@ -325,55 +277,16 @@ class Fetcher:
 
     async def _fetch_dag(self, root: CID, progress: ProgressCallback | None, assemble_to: Path | None) -> int:
         self.assembled = False
-        started = time.monotonic()
-        state = {"done": 0, "blocks": 0, "total": 0, "fetched_bytes": 0}
+        tally = PullTally(root, progress)
         seen: set[bytes] = set()
-        last_report = 0.0
-
-        def report() -> None:
-            if progress is None:
-                return
-            elapsed = max(time.monotonic() - started, 1e-6)
-            rate = state["fetched_bytes"] / elapsed
-            left = state["total"] - state["done"]
-            eta = left / rate if rate > 0 and left >= 0 else None
-            progress(Progress(str(root), state["done"], state["total"], state["blocks"], rate, eta))
-
-        counted: set[bytes] = set()
-
-        def count(cid: CID, block: CarBlock, fetched: bool) -> list[CID]:
-            children: list[CID] = []
-            key = bytes(cid.digest)
-            already = key in counted
-            counted.add(key)
-            if cid.codec.name == DAG_PB:
-                node = decoded_node(cid, bytes(contiguous(block)))  # raises CodecError unless a file node
-                children = [child for child, _ in node.children]
-                if cid == root:
-                    state["total"] = node.size
-                if not already:
-                    state["done"] += len(node.data)
-            else:
-                if cid == root:
-                    state["total"] = len(block)
-                if not already:
-                    state["done"] += len(block)
-            if not already:
-                state["blocks"] += 1
-                if fetched:
-                    state["fetched_bytes"] += len(block)
-            return children
 
         if not await asyncio.to_thread(self.store.has, root):
             def on_car_block(cid: CID, block: CarBlock) -> None:
-                nonlocal last_report
                 try:
-                    count(cid, block, True)
+                    tally.count(cid, block, True)
                 except CodecError:
                     return  # not a file node: the walk reports it
-                if time.monotonic() - last_report > 0.25:
-                    last_report = time.monotonic()
-                    report()
+                tally.report_soon()
 
             assembler = None
             if assemble_to is not None:
@@ -390,16 +303,13 @@ class Fetcher:
                 # the whole DAG is stored, so no scan is needed.
                 self.assembled = await asyncio.to_thread(assembler.finish)
                 if self.assembled and assembler.size is not None:
-                    state["done"] = state["total"] = assembler.size
-                    report()
+                    tally.complete(assembler.size)
                     return assembler.size
         present = await asyncio.to_thread(self._scan_local, root)
         if present is not None:  # complete already: no walk needed
             size, keys = present
             self.stats.blocks_local += len(keys - self._fetched)
-            state["total"] = state["done"] = size
-            state["blocks"] = len(keys)
-            report()
+            tally.complete(size, len(keys))
             return size
 
         queue: asyncio.Queue[CID | None] = asyncio.Queue()
@@ -417,7 +327,6 @@ class Fetcher:
                     queue.put_nowait(None)
 
         async def worker() -> None:
-            nonlocal last_report
             while not closed:
                 cid = await queue.get()
                 if cid is None:
@@ -425,14 +334,12 @@ class Fetcher:
                 try:
                     before = self.stats.blocks_fetched
                     block = await self.get_block(cid)
-                    for child in count(cid, block, self.stats.blocks_fetched > before):
+                    for child in tally.count(cid, block, self.stats.blocks_fetched > before):
                         key = bytes(child.digest)
                         if key not in seen:
                             seen.add(key)
                             queue.put_nowait(child)
-                    if time.monotonic() - last_report > 0.25:
-                        last_report = time.monotonic()
-                        report()
+                    tally.report_soon()
                 except BaseException:
                     close_pool()  # a worker whose cancellation was lost elsewhere still stops
                     raise
@@ -449,5 +356,5 @@ class Fetcher:
                     close_pool()
         except* Exception as eg:  # the first failure, as itself (IpfsError, OSError), not as a group
             raise eg.exceptions[0] from None
-        report()
-        return state["total"]
+        tally.report()
+        return tally.total
