@@ -24,6 +24,7 @@ from tests.mesh import netns
 SERVER = "203.0.113.1"
 PUBLIC_HOST = "203.0.113.2"
 TURN_PORT = 3478
+NOWHERE = "203.0.113.254"
 NAT_KINDS = ("cone", "symmetric", "udp-blocked")
 
 
@@ -94,6 +95,10 @@ class NatNetwork:
             _ip("-n", pub, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
             _ip("-n", pub, "addr", "add", f"{SERVER}/24", "dev", "br0")
             _ip("-n", pub, "link", "set", "br0", "up")
+            # the rest of the internet: datagrams to addresses nobody here has vanish silently, as they do
+            # out there (with no route at all, coturn's sends fail and it drops the allocation)
+            # (a gateway that never answers ARP)
+            _ip("-n", pub, "route", "add", "default", "via", NOWHERE)
             self._add(self.public_host)
             self._uplink(self.public_host, "vph", f"{PUBLIC_HOST}/24")
             for index, kind in ((1, nat1), (2, nat2)):
@@ -122,6 +127,7 @@ class NatNetwork:
         _ip("-n", home, "addr", "add", f"{self.home_address(index)}/26", "dev", "eth0")
         _ip("-n", home, "link", "set", "eth0", "up")
         _ip("-n", home, "route", "add", "default", "via", gateway)
+        _ip("-n", router, "route", "add", "default", "via", SERVER)
         subprocess.run([*self.exec_prefix(router), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
                        check=True, capture_output=True, timeout=20)
         # a home router's WAN firewall: nothing unsolicited reaches the router itself. Without it, a datagram
@@ -144,8 +150,8 @@ class NatNetwork:
         self.turn_process = subprocess.Popen(
             [*self.exec_prefix(self.public), "turnserver", "-n", f"--listening-ip={SERVER}",
              f"--relay-ip={SERVER}", f"--listening-port={TURN_PORT}", *auth, f"--realm={realm}",
-             "--no-tls", "--no-dtls", "--no-cli", "--log-file=stdout",
-             "--simple-log"],
+             "--no-tls", "--no-dtls", "--no-cli", "--log-file=stdout", "--simple-log",
+             f"--pidfile={log_dir / 'turnserver.pid'}", f"--userdb={log_dir / 'turndb'}"],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10

@@ -61,15 +61,19 @@ def _linked(a: Node, b: Node) -> dict | None:
     return view if view and view.get("path") else None
 
 
-@pytest.fixture
-def cone(tmp_path: Path) -> Iterator[list[Node]]:
-    for network in _nat(tmp_path, "cone", "cone"):
-        nodes = _start(network, tmp_path, [])
+def _mesh(tmp_path: Path, nat1: str, nat2: str, turn: list[str], **credentials: str) -> Iterator[list[Node]]:
+    for network in _nat(tmp_path, nat1, nat2):
+        nodes = _start(network, tmp_path, turn, **credentials)
         try:
             yield nodes
         finally:
             for node in nodes:
                 node.kill(15)
+
+
+@pytest.fixture
+def cone(tmp_path: Path) -> Iterator[list[Node]]:
+    yield from _mesh(tmp_path, "cone", "cone", [])
 
 
 def test_cone_nats_link_directly_server_reflexive(cone: list[Node]) -> None:
@@ -85,3 +89,39 @@ def test_cone_nats_link_directly_server_reflexive(cone: list[Node]) -> None:
     assert other["path"]["remote_address"].startswith(nat_netns.NatNetwork.uplink_address(1) + ":")
     to_pub = home1.peers()[pub.peer_id]["path"]
     assert to_pub["remote"] == "host" and to_pub["local"] == "srflx" and to_pub["type"] == "server-reflexive"
+
+
+TURN_UDP = f"turn:{nat_netns.SERVER}:{nat_netns.TURN_PORT}"
+TURN_TCP = f"turn:{nat_netns.SERVER}:{nat_netns.TURN_PORT}?transport=tcp"
+
+
+@pytest.fixture
+def symmetric(tmp_path: Path) -> Iterator[list[Node]]:
+    yield from _mesh(tmp_path, "cone", "symmetric", [TURN_UDP])
+
+
+def test_symmetric_nat_links_through_turn_shown_as_relayed(symmetric: list[Node]) -> None:
+    _, home1, home2 = symmetric
+    views = [wait_until(lambda a=a, b=b: _linked(a, b), 60, f"{a.name} linked to {b.name}")
+             for a, b in ((home1, home2), (home2, home1))]
+    for view in views:
+        assert view["path"]["type"] == "relayed", view["path"]
+        assert "relay" in (view["path"]["local"], view["path"]["remote"])
+    # the relayed end's datagrams go to the TURN server over UDP; the relay's address is the server's
+    relayed = [v["path"] for v in views if v["path"]["local"] == "relay"]
+    assert relayed and all(p["protocol"] == "udp" for p in relayed)
+    assert all(p["local_address"].startswith(nat_netns.SERVER + ":") for p in relayed)
+
+
+@pytest.fixture
+def udp_blocked(tmp_path: Path) -> Iterator[list[Node]]:
+    yield from _mesh(tmp_path, "cone", "udp-blocked", [TURN_TCP])
+
+
+def test_udp_blocked_links_through_turn_over_tcp(udp_blocked: list[Node]) -> None:
+    pub, home1, home2 = udp_blocked
+    view = wait_until(lambda: _linked(home2, home1), 60, "home2 (no UDP out) linked to home1")
+    path = view["path"]
+    assert path["type"] == "relayed" and path["local"] == "relay" and path["protocol"] == "tcp", path
+    to_pub = wait_until(lambda: _linked(home2, pub), 10, "home2 linked to the public member")
+    assert to_pub["path"]["protocol"] == "tcp"
