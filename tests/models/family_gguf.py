@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "phi3", "gemma3")
 ARCHITECTURE = {"llama3": "llama"}
@@ -84,14 +84,20 @@ def _norm(rng: np.random.Generator, n: int) -> np.ndarray:
     return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
 
-def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None = None) -> Path:
-    """Write a GGUF of architecture `arch` to `path` (deterministic for `seed`) and return `path`."""
+def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None = None,
+                      quantized: bool = False) -> Path:
+    """Write a GGUF of architecture `arch` to `path` (deterministic for `seed`) and return `path`.
+    `quantized`: the blocks' matrices as Q8_0 and the embedding/head as F16, the vocabulary padded with
+    control tokens to a multiple of 16 (what a native build's kernels take)."""
     if arch not in FAMILIES:
         raise ValueError(f"unknown family {arch!r}")
     shape = SHAPES[arch]
     variant, arch = arch, ARCHITECTURE.get(arch, arch)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_level_vocab()
+    if quantized:
+        pad = -len(tokens) % 16
+        tokens, types = tokens + [f"<|pad{i}|>" for i in range(pad)], types + [3] * pad
     vocab = len(tokens)
     tie = arch in ("gemma3", "qwen3") if tie is None else tie
     w = GGUFWriter(str(path), arch)
@@ -115,7 +121,18 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
         w.add_rope_freq_base_swa(10_000.0)
     if arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(shape.context)
-    w.add_file_type(0)  # all F32
+    w.add_file_type(7 if quantized else 0)  # mostly Q8_0 / all F32
+    add_tensor = w.add_tensor
+
+    def put(name: str, array: np.ndarray) -> None:
+        if not quantized or array.ndim != 2:
+            add_tensor(name, array)
+        elif name.startswith("blk."):
+            blocks = quants.quantize(array, GGMLQuantizationType.Q8_0)
+            add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            add_tensor(name, array.astype(np.float16))
+
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -128,40 +145,40 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
 
     hidden, q_rows, kv_rows = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     emb_scale = 1.0 / np.sqrt(hidden) if arch == "gemma3" else 1.0  # gemma3 multiplies by sqrt(hidden)
-    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * emb_scale).astype(np.float32))
+    put("token_embd.weight", (rng.standard_normal((vocab, hidden)) * emb_scale).astype(np.float32))
     if variant == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(shape.head_dim, theta))
+        put("rope_freqs.weight", llama3_rope_factors(shape.head_dim, theta))
     for i in range(shape.layers):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", _norm(rng, hidden))
+        put(p + "attn_norm.weight", _norm(rng, hidden))
         if arch == "phi3":
-            w.add_tensor(p + "attn_qkv.weight", _matrix(rng, q_rows + 2 * kv_rows, hidden))
+            put(p + "attn_qkv.weight", _matrix(rng, q_rows + 2 * kv_rows, hidden))
         else:
-            w.add_tensor(p + "attn_q.weight", _matrix(rng, q_rows, hidden))
-            w.add_tensor(p + "attn_k.weight", _matrix(rng, kv_rows, hidden))
-            w.add_tensor(p + "attn_v.weight", _matrix(rng, kv_rows, hidden))
+            put(p + "attn_q.weight", _matrix(rng, q_rows, hidden))
+            put(p + "attn_k.weight", _matrix(rng, kv_rows, hidden))
+            put(p + "attn_v.weight", _matrix(rng, kv_rows, hidden))
         if arch == "qwen2":
-            w.add_tensor(p + "attn_q.bias", (0.5 * rng.standard_normal(q_rows)).astype(np.float32))
-            w.add_tensor(p + "attn_k.bias", (0.5 * rng.standard_normal(kv_rows)).astype(np.float32))
-            w.add_tensor(p + "attn_v.bias", (0.1 * rng.standard_normal(kv_rows)).astype(np.float32))
+            put(p + "attn_q.bias", (0.5 * rng.standard_normal(q_rows)).astype(np.float32))
+            put(p + "attn_k.bias", (0.5 * rng.standard_normal(kv_rows)).astype(np.float32))
+            put(p + "attn_v.bias", (0.1 * rng.standard_normal(kv_rows)).astype(np.float32))
         if arch in ("qwen3", "gemma3"):
-            w.add_tensor(p + "attn_q_norm.weight", _norm(rng, shape.head_dim))
-            w.add_tensor(p + "attn_k_norm.weight", _norm(rng, shape.head_dim))
-        w.add_tensor(p + "attn_output.weight", _matrix(rng, hidden, q_rows))
+            put(p + "attn_q_norm.weight", _norm(rng, shape.head_dim))
+            put(p + "attn_k_norm.weight", _norm(rng, shape.head_dim))
+        put(p + "attn_output.weight", _matrix(rng, hidden, q_rows))
         if arch == "gemma3":
-            w.add_tensor(p + "post_attention_norm.weight", _norm(rng, hidden))
-        w.add_tensor(p + "ffn_norm.weight", _norm(rng, hidden))
+            put(p + "post_attention_norm.weight", _norm(rng, hidden))
+        put(p + "ffn_norm.weight", _norm(rng, hidden))
         if arch == "phi3":
-            w.add_tensor(p + "ffn_up.weight", _matrix(rng, 2 * shape.ffn, hidden))  # gate rows, then up rows
+            put(p + "ffn_up.weight", _matrix(rng, 2 * shape.ffn, hidden))  # gate rows, then up rows
         else:
-            w.add_tensor(p + "ffn_gate.weight", _matrix(rng, shape.ffn, hidden))
-            w.add_tensor(p + "ffn_up.weight", _matrix(rng, shape.ffn, hidden))
-        w.add_tensor(p + "ffn_down.weight", _matrix(rng, hidden, shape.ffn))
+            put(p + "ffn_gate.weight", _matrix(rng, shape.ffn, hidden))
+            put(p + "ffn_up.weight", _matrix(rng, shape.ffn, hidden))
+        put(p + "ffn_down.weight", _matrix(rng, hidden, shape.ffn))
         if arch == "gemma3":
-            w.add_tensor(p + "post_ffw_norm.weight", _norm(rng, hidden))
-    w.add_tensor("output_norm.weight", _norm(rng, hidden))
+            put(p + "post_ffw_norm.weight", _norm(rng, hidden))
+    put("output_norm.weight", _norm(rng, hidden))
     if not tie:
-        w.add_tensor("output.weight", 2.0 * _matrix(rng, vocab, hidden))
+        put("output.weight", 2.0 * _matrix(rng, vocab, hidden))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
