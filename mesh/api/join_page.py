@@ -19,6 +19,7 @@ STATIC = Path(__file__).resolve().parent / "static" / "join"
 ASSETS: dict[str, str] = {
     "index.html": "text/html",
     "join.js": "text/javascript",
+    "crypto.js": "text/javascript",
     "link.js": "text/javascript",
     "member.js": "text/javascript",
     "mesh.js": "text/javascript",

@@ -63,6 +63,8 @@ class NamespacedNode(NodeProcess):
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
         command = [*self.prefix, "curl", "-s", "-m", str(timeout), "-X", method, self.url + path]
+        for name, value in self.auth_headers().items():
+            command += ["-H", f"{name}: {value}"]
         if body is not None:
             command += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
         data = json.dumps(body).encode() if body is not None else None
@@ -82,8 +84,10 @@ def nodes(namespace, tmp_path_factory):
     prefix = ["ip", "netns", "exec", namespace]
     mesh = {"heartbeat_interval_s": 1.0, "dead_timeout_s": DEAD_TIMEOUT_S}
     a = NamespacedNode("a", base / "a", {"models": {"backend": "numpy"}, "mesh": mesh}, prefix=prefix)
+    # b's API listens on the namespace's other address: a page it serves is no secure context (as on a phone
+    # that opens http://LAN-ADDRESS/join), so it signs and verifies with crypto.js, not WebCrypto
     b = NamespacedNode("b", base / "b", {"models": {"backend": "numpy", "preload": False}, "mesh": mesh},
-                       prefix=prefix, port=a.port + 1)
+                       prefix=prefix, host=TAB_ADDRESS, key="b-api-key")  # (a key: not on loopback)
     invite = Invite.create("browsers", (a.api,))
     a.args = b.args = ["--join", invite.to_token()]
     started: list[NamespacedNode] = []
@@ -136,6 +140,8 @@ def page(pages):
 def test_pages_join_and_both_nodes_list_them_as_browsers(nodes, pages):
     a, b, invite = nodes
     ids = [tab.evaluate("shoalMember.identity.id") for tab in pages]
+    assert [tab.evaluate("[isSecureContext, shoalMember.identity.webcrypto]") for tab in pages] == [
+        [True, True], [False, False]]
     assert ids[0] != ids[1]
     assert all(tab.evaluate("shoalMember.membership.mesh") == invite.mesh_id for tab in pages)
     # each is linked to the node that served it by its WebSocket, to the rest by peer exchange (offers relayed

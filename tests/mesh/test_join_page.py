@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,10 +44,12 @@ async def test_page_and_modules_are_served_without_the_key_with_a_strict_policy(
     policy = headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "http" not in policy
     assert headers["Referrer-Policy"] == "no-referrer"
-    for name in ("join.js", "member.js", "mesh.js", "link.js"):
+    for name in ("join.js", "member.js", "mesh.js", "link.js", "crypto.js"):
         status, body, headers = await fetch(node, f"/join/{name}")
         assert status == 200 and headers["Content-Type"].startswith("text/javascript"), name
-        assert b"https://" not in body and b"http://" not in body, f"{name} must load nothing from elsewhere"
+        imports = re.findall(rb'^import .* from "([^"]+)";', body, re.MULTILINE)
+        assert all(spec.startswith(b"./") for spec in imports), f"{name} must load nothing from elsewhere"
+        assert b"fetch(\"http" not in body and b"new WebSocket(\"" not in body
     status, body, _ = await fetch(node, "/join/secrets.txt")  # not a page file: the API key applies
     assert status == 401
     status, body, _ = await fetch(node, "/join/secrets.txt", headers={"Authorization": f"Bearer {KEY}"})

@@ -1,7 +1,9 @@
 // A browser tab as a shoal mesh member, part 1: the invite (mesh/p2p/invite.py), an Ed25519 identity kept in
 // IndexedDB (mesh/p2p/identity.py) and the signed signalling of mesh/p2p/signalling.py. Links are in link.js.
-// No dependencies, no bundler: ES modules served by the node.
+// No dependencies, no bundler: ES modules served by the node. WebCrypto where the page has it (a secure
+// context: https, localhost), crypto.js otherwise (a phone on http://LAN-ADDRESS/join).
 /* eslint-disable no-bitwise */
+import * as plain from "./crypto.js";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -9,6 +11,7 @@ const B32 = "abcdefghijklmnopqrstuvwxyz234567";
 const PEER_ID_LENGTH = 56;
 const MAX_CLOCK_SKEW_S = 300;
 const SIGNAL_FIELDS = new Set("v kind mesh from to name api sdp fp ts nonce re inv proof sig".split(" "));
+const subtle = globalThis.crypto?.subtle;  // undefined outside a secure context
 
 export class MeshError extends Error {
   constructor(message, code = "refused") {
@@ -78,7 +81,7 @@ function concat(...parts) {
 }
 
 async function sha256(bytes) {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return subtle ? new Uint8Array(await subtle.digest("SHA-256", bytes)) : plain.sha256(bytes);
 }
 
 /** Python's repr() of a float for the few values signalling uses (unix times). */
@@ -130,9 +133,10 @@ export async function parseInvite(text) {
 }
 
 async function hmacHex(key, parts) {
-  const imported = await crypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
   const message = enc.encode(`shoal member\0${parts.join("\0")}`);
-  return hex(await crypto.subtle.sign("HMAC", imported, message));
+  if (!subtle) return hex(plain.hmacSha256(key, message));
+  const imported = await subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  return hex(await subtle.sign("HMAC", imported, message));
 }
 
 function proofParts(signal) {
@@ -179,17 +183,39 @@ export async function loadIdentity() {
   const db = await openStore();
   let keys = await storeOp(db, "readonly", (s) => s.get("self"));
   if (!keys) {
-    keys = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
-    await storeOp(db, "readwrite", (s) => s.put({ privateKey: keys.privateKey, publicKey: keys.publicKey }, "self"));
+    try {  // a WebCrypto key whose private half no script can read
+      keys = await subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
+      keys = { privateKey: keys.privateKey, publicKey: keys.publicKey };
+    } catch {  // no secure context (or no Ed25519 in this browser's WebCrypto): a seed, signed with crypto.js
+      keys = { seed: crypto.getRandomValues(new Uint8Array(32)) };
+    }
+    await storeOp(db, "readwrite", (s) => s.put(keys, "self"));
   }
   db.close();
-  const publicKey = new Uint8Array(await crypto.subtle.exportKey("raw", keys.publicKey));
+  const { seed, privateKey } = keys;
+  const publicKey = seed ? plain.ed25519PublicKey(seed) : new Uint8Array(await subtle.exportKey("raw", keys.publicKey));
   const id = peerIdFor(publicKey);
   return {
     id,
     name: `browser-${id.slice(-4)}`,
-    sign: async (bytes) => new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, keys.privateKey, bytes)),
+    webcrypto: !seed,
+    sign: async (bytes) => (seed ? plain.ed25519Sign(seed, bytes)
+      : new Uint8Array(await subtle.sign({ name: "Ed25519" }, privateKey, bytes))),
   };
+}
+
+const ed25519InWebCrypto = subtle
+  ? subtle.generateKey({ name: "Ed25519" }, false, ["sign"]).then(() => true, () => false)
+  : Promise.resolve(false);
+
+async function verifyEd25519(publicKey, signature, message) {
+  if (!(await ed25519InWebCrypto)) return plain.ed25519Verify(publicKey, signature, message);
+  try {
+    const key = await subtle.importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"]);
+    return await subtle.verify({ name: "Ed25519" }, key, signature, message);
+  } catch {
+    return false;
+  }
 }
 
 // ----- signalling -----------------------------------------------------------------------------------------
@@ -235,10 +261,9 @@ export async function verifySignal(signal, membership, myId, kind) {
   if (signal.to && signal.to !== myId) fail("signal is addressed to another member", "wrong_addressee");
   if (!Array.isArray(signal.fp) || !signal.fp.every((f) => typeof f === "string")) fail("fp must be a list of strings");
   if (typeof signal.ts !== "number" || Math.abs(Date.now() / 1000 - signal.ts) > MAX_CLOCK_SKEW_S) fail("stale signal", "stale");
-  const key = await crypto.subtle.importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"]);
   let good = false;
   try {
-    good = await crypto.subtle.verify({ name: "Ed25519" }, key, b64decode(signal.sig), enc.encode(canonical(withoutSig(signal))));
+    good = await verifyEd25519(publicKey, b64decode(signal.sig), enc.encode(canonical(withoutSig(signal))));
   } catch {
     good = false;
   }
