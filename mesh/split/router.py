@@ -59,18 +59,29 @@ class Router:
     """Plans and runs requests. Owned by `SplitService`; `node` gives models, policy, config."""
 
     def __init__(self, node: NodeView, mesh: MeshHandle, host: StageHost, offload: OffloadClient,
-                 settings: SplitConfig | None = None) -> None:
+                 settings: SplitConfig | None = None, *, load: Callable[[], int] | None = None,
+                 stage_receipts: ReceiptSink | None = None) -> None:
+        """`load()` counts the requests this node is already busy with (its queue depth, for the cost model);
+        `stage_receipts` is where a peer's stage hands the receipt of a closed sequence
+        (`split.stage_receipts`)."""
         self.node = node
         self.mesh = mesh
         self.host = host
         self.offload = offload
         self.settings = settings or SplitConfig()
         self.speeds = Speeds()
-        self.forced: ForcedRoute | None = None
-        self.load: Callable[[], int] = lambda: 0
-        """Requests this node is already busy with (its queue depth, for the cost model)."""
-        self.stage_receipts: ReceiptSink | None = None
-        """Where a peer's stage hands the receipt of a closed sequence (`split.stage_receipts`)."""
+        self._forced: ForcedRoute | None = None
+        self.load: Callable[[], int] = load or (lambda: 0)
+        self.stage_receipts = stage_receipts
+
+    @property
+    def forced(self) -> ForcedRoute | None:
+        """The node-wide forced route (tests and benchmarks), or None when the scheduler plans."""
+        return self._forced
+
+    def force(self, route: ForcedRoute | None) -> None:
+        """Make every request without a route of its own follow `route` (None: the scheduler plans again)."""
+        self._forced = route
 
     # --- the scheduler's inputs ------------------------------------------------------------------------
 

@@ -65,9 +65,8 @@ class SplitService:
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
                                             token_timeout_s=self.config.offload_token_timeout_s,
                                             ledger=self.ledger)
-        self.router = Router(node, mesh, self.host, self.offload_client, self.config)
-        self.router.load = self.load
-        self.router.stage_receipts = self.stage_receipts.sink
+        self.router = Router(node, mesh, self.host, self.offload_client, self.config, load=self.load,
+                             stage_receipts=self.stage_receipts.sink)
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
@@ -223,7 +222,7 @@ class SplitService:
 
         async def put_route(request: web.Request) -> web.Response:
             try:
-                self.router.forced = ForcedRoute.from_body(await request.json())
+                self.router.force(ForcedRoute.from_body(await request.json()))
             except ValueError as exc:
                 return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error",
                                                     "param": None, "code": "bad_route"}}, status=400)
