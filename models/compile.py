@@ -41,7 +41,8 @@ Progress = Callable[[float, str], None]
 """`progress(fraction in [0, 1], message)`."""
 
 MANIFEST_VERSION = 1
-_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py", "block_types.py", "native.py")
+_SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py", "block_types.py", "native.py",
+                 "sliding_prefill.py")
 _SOURCE_DIRS = ("kernels",)
 """models/kernels also supplies the CPU attention and RoPE kernels, so every build depends on it."""
 
