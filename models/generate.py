@@ -22,13 +22,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from shoal.models.admission import Admission, AdmissionLimits, AdmissionTimeoutError
 from shoal.models.chain import StageChain
 from shoal.models.errors import ContextOverflowError, ModelError
+from shoal.models.grammar import GrammarMatcher
 from shoal.models.requests import (
     EngineStats,
     EventLogprobs,
@@ -201,7 +202,8 @@ class Engine:
                 f"{self.max_context} tokens; lower max_tokens to at most {room}"
             )
         req = Request(seq_id=next(self._seq_ids), prompt=prompt, params=params, max_tokens=max_tokens,
-                       sampler=Sampler(params, prompt), decoder=self.tokenizer.stream_decoder())
+                       sampler=Sampler(params, prompt, self._matcher(params)),
+                       decoder=self.tokenizer.stream_decoder())
         try:
             self.admission.submit(req.seq_id, len(prompt) + max_tokens, time.monotonic(), self._rate)
         except ModelError:
@@ -210,6 +212,14 @@ class Engine:
         self._waiting[req.seq_id] = req
         self._wake.set()
         return TokenStream(self._events(req), lambda: self._cancel(req))
+
+    def _matcher(self, params: SamplingParams) -> Callable[[], GrammarMatcher] | None:
+        """The factory of a constrained request's grammar matcher (run by its first sampling step)."""
+        constraint = params.constraint
+        if constraint is None:
+            return None
+        vocab = self.chain.config.vocab_size
+        return lambda: GrammarMatcher(constraint, self.tokenizer, vocab)
 
     def _cancel(self, req: Request) -> None:
         """The client left: a waiting request gives its queue place back at once; a running one is reaped

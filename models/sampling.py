@@ -4,11 +4,15 @@ state."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from shoal.models.grammar import Constraint
+
+if TYPE_CHECKING:
+    from shoal.models.grammar import GrammarMatcher
 
 MAX_STOP_SEQUENCES = 8
 MAX_TOP_LOGPROBS = 20
@@ -50,6 +54,8 @@ class SamplingParams:
     logprobs: int | None = None
     """Report each chosen token's log-probability and the `logprobs` most likely tokens (0 to
     `MAX_TOP_LOGPROBS`); None: off. Taken from the model's own distribution (raw logits)."""
+    constraint: Constraint | None = None
+    """A grammar the output must match (models/grammar.py); tokens it forbids are never sampled."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -83,6 +89,13 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}")
+        if isinstance(self.constraint, dict):  # from the wire (dataclasses.asdict)
+            try:
+                object.__setattr__(self, "constraint", Constraint(**self.constraint))
+            except TypeError:
+                raise ValueError("constraint must be {kind, spec}") from None
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError("constraint must be a models.grammar.Constraint")
 
     @property
     def greedy(self) -> bool:
@@ -92,7 +105,7 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy without penalties: the token is the argmax of the raw logits (the lowest id among ties)."""
         return (self.temperature == 0 and self.repetition_penalty == 1.0 and self.presence_penalty == 0
-                and self.frequency_penalty == 0 and self.logprobs is None)
+                and self.frequency_penalty == 0 and self.logprobs is None and self.constraint is None)
 
 
 def _is_int(value: object) -> bool:
@@ -248,10 +261,14 @@ def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
 
 
 class Sampler:
-    """One request's sampling state: its RNG and the tokens seen so far."""
+    """One request's sampling state: its RNG, the tokens seen so far and, with a constraint, its grammar
+    matcher (`matcher()` builds it on the first token, in the engine's thread: compiling can take ms)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (),
+                 matcher: Callable[[], GrammarMatcher] | None = None) -> None:
         self.params = params
+        self._make_matcher = matcher
+        self.matcher: GrammarMatcher | None = None
         self.rng = np.random.default_rng(params.seed)
         self._context: list[int] = list(prompt_ids) if params.repetition_penalty != 1.0 else []
         self._counts: dict[int, int] = {}
@@ -259,13 +276,20 @@ class Sampler:
         """With `params.logprobs` set: the last token's log-probability and the top alternatives."""
 
     def next_token(self, logits: np.ndarray) -> int:
-        token = sample(logits, self.params, self.rng, context_ids=self._context, output_counts=self._counts)
+        allowed = logits
+        if self._make_matcher is not None:
+            if self.matcher is None:
+                self.matcher = self._make_matcher()
+            allowed = self.matcher.apply(np.asarray(logits, dtype=np.float32))
+        token = sample(allowed, self.params, self.rng, context_ids=self._context, output_counts=self._counts)
         if self.params.logprobs is not None:
             self.last_logprobs = token_logprobs(logits, token, self.params.logprobs)
         self.accept(token)
         return token
 
     def accept(self, token: int) -> None:
+        if self.matcher is not None:
+            self.matcher.accept(token)
         self._counts[token] = self._counts.get(token, 0) + 1
         if self.params.repetition_penalty != 1.0:
             self._context.append(token)

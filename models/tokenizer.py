@@ -196,6 +196,10 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self._tokens[token_id]
 
+    def hf_json(self) -> str:
+        """The tokenizer as a HF `tokenizers` JSON document (for llguidance: models/grammar.py)."""
+        return self._hf.to_str()
+
     # --- chat ---------------------------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:

@@ -387,7 +387,10 @@ def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingPar
 def logits_top_k(params: Any, configured: int) -> int:
     """How many logits per row the last stage of a split returns for a request with sampling `params`
     (0: the whole row). Plain greedy needs only the argmax; penalties (which move seen tokens) keep the
-    configured k; sampling keeps every logit unless its own top-k fits within the configured one."""
+    configured k; sampling keeps every logit unless its own top-k fits within the configured one; a grammar
+    constraint or logprobs need the whole row."""
+    if params.constraint is not None or params.logprobs is not None:
+        return 0
     if params.plain_greedy:
         return min(configured, GREEDY_TOP_K)
     if params.greedy:  # with penalties, which move seen tokens
