@@ -68,6 +68,7 @@ def peers_view(service: MeshService) -> dict[str, Any]:
             }
             for peer in service.peers.values()
         ],
+        "ice": service.relays.view(),
         "banned": sorted(pid for pid in list(service.bans) if service.is_banned(pid)),
         "refused": service.refused[-20:],
         "departed": service.departed[-20:],

@@ -27,11 +27,12 @@ from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.dialer import Dialer
 from shoal.mesh.p2p.errors import InviteError, MeshError, PeerUnavailable
-from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses, rtc_configuration
+from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite, forget_invite, save_invite
 from shoal.mesh.p2p.join_status import JoinStatus
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
+from shoal.mesh.p2p.relays import Relays
 from shoal.mesh.p2p.signalling import Membership
 
 __all__ = ["MeshConfig", "MeshService"]
@@ -83,9 +84,8 @@ class MeshService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._running = False
-        self._rtc_config = rtc_configuration(
-            config.stun, config.turn, config.turn_username, config.turn_password
-        )
+        self.relays = Relays(config, lambda: self.membership)
+        """STUN/TURN servers, TURN credentials and TURN checks (`p2p.relays`)."""
         from shoal.mesh.p2p.discovery import Discovery
         from shoal.mesh.p2p.gossip import Gossip
         from shoal.mesh.p2p.rekey import Rekey
@@ -215,6 +215,7 @@ class MeshService:
         self._session = aiohttp.ClientSession()
         await self.gossip.start()
         await self.discovery.start()
+        self.spawn(self.relays.run(), name="turn check")
         logger.info(
             "mesh: node %s (%s) in mesh %s",
             self.identity.peer_id,
@@ -310,7 +311,7 @@ class MeshService:
     # ----- making links (p2p.dialer) ----------------------------------------------------------------------
 
     def _new_peer(self, offerer: bool) -> Peer:
-        pc = RTCPeerConnection(self._rtc_config)
+        pc = RTCPeerConnection(self.relays.rtc_configuration())
         return Peer(pc, "?", "?", offerer, self.settings, self.handlers, self._peer_closed, self._peer_abused)
 
     @property

@@ -111,6 +111,9 @@ def test_symmetric_nat_links_through_turn_shown_as_relayed(symmetric: list[Node]
     relayed = [v["path"] for v in views if v["path"]["local"] == "relay"]
     assert relayed and all(p["protocol"] == "udp" for p in relayed)
     assert all(p["local_address"].startswith(nat_netns.SERVER + ":") for p in relayed)
+    check = wait_until(lambda: home2.get("/v1/mesh/peers")["ice"]["turn"][0]["ok"] is not None
+                       and home2.get("/v1/mesh/peers")["ice"]["turn"][0], 20, "home2's TURN check")
+    assert check["ok"] is True and check["relayed"].startswith(nat_netns.SERVER + ":"), check
 
 
 @pytest.fixture
@@ -125,3 +128,28 @@ def test_udp_blocked_links_through_turn_over_tcp(udp_blocked: list[Node]) -> Non
     assert path["type"] == "relayed" and path["local"] == "relay" and path["protocol"] == "tcp", path
     to_pub = wait_until(lambda: _linked(home2, pub), 10, "home2 linked to the public member")
     assert to_pub["path"]["protocol"] == "tcp"
+
+
+@pytest.fixture
+def wrong_password(tmp_path: Path) -> Iterator[list[Node]]:
+    yield from _mesh(tmp_path, "cone", "symmetric", [TURN_UDP], password="not-the-password")
+
+
+def test_wrong_turn_credential_is_reported_not_a_crash(wrong_password: list[Node]) -> None:
+    pub, home1, home2 = wrong_password
+
+    def turn_status(node: Node) -> dict | None:
+        checks = node.get("/v1/mesh/peers")["ice"]["turn"]
+        return checks[0] if checks and checks[0]["ok"] is not None else None
+
+    for node in (home1, home2):
+        status = wait_until(lambda node=node: turn_status(node), 20, f"{node.name}'s TURN check")
+        assert status["ok"] is False and status["code"] == "unauthorized", status
+        assert "refused the configured credentials (401" in status["reason"], status
+        assert status["credentials"] == "static"
+    assert "relay unusable" in home2.log_tail() and "401" in home2.log_tail()
+    # the members still link to the public one; no relayed pair between the homes, and nobody crashed
+    wait_until(lambda: pub.peer_id in home2.peers(), 20, "home2 linked to the public member")
+    assert not _linked(home2, home1) or _linked(home2, home1)["path"]["type"] != "relayed"
+    for node in wrong_password:
+        assert node.process is not None and node.process.poll() is None
