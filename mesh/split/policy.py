@@ -26,12 +26,15 @@ class PolicyConfig:
     """Only plan splits and offloads onto peers on `[mesh] allow` (false: any member of the mesh)."""
     prefer_local: bool = True
     """Run locally whenever the local node can serve the request at all."""
+    metered: bool = False
+    """This node is on a metered link (mobile data): it serves no peer (code `refused`) and, as origin, runs a
+    request itself whenever it can (offloads and splits only what it cannot hold)."""
     max_tokens_per_peer_per_hour: int = 0
     """Most tokens (prompt + generated, or stage rows) this node serves one peer in a sliding hour; past it
     the peer is refused with code `quota` (its client answers 429 `peer_quota`). 0: no quota."""
 
     def __post_init__(self) -> None:
-        for name in ("serve_others", "trusted_only_splits", "prefer_local"):
+        for name in ("serve_others", "trusted_only_splits", "prefer_local", "metered"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false")
         if isinstance(self.battery_floor, bool) or not isinstance(self.battery_floor, int):

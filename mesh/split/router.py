@@ -27,7 +27,7 @@ from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
-from shoal.mesh.split.pipeline import Replan, SplitPipeline
+from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import ReceiptSink, RemoteStage, StageLost
@@ -162,8 +162,9 @@ class Router:
         local = replace(local, free_memory=local.memory_budget(policy),
                         total_memory=local.free_memory)
         peers = self.peer_devices(model)
+        planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
         chosen = sched.plan(shape, request, local if holds or choice.mode != "local" else None, peers,
-                            replace(policy, max_memory_share=1.0), exclude=exclude,
+                            planning, exclude=exclude,
                             max_stages=3 if holds else 1, kinds=kinds, prefer=self.peer_ids(choice.prefer))
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]
         logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
@@ -277,9 +278,9 @@ class Router:
 
         cid = self.model_cid(served.name)
 
-        async def make_stages(p: sched.Plan) -> list[Any]:
+        async def make_stages(p: sched.Plan) -> list[ChainStage]:
             """This node's part runs in-thread (`DirectStage`); peers' parts are `RemoteStage`s."""
-            stages: list[Any] = []
+            stages: list[ChainStage] = []
             try:
                 for a in p.stages:
                     if a.device == sched.LOCAL:
@@ -305,12 +306,12 @@ class Router:
                 raise
             return stages
 
-        async def replan_and_build(excluded: frozenset[str]) -> list[Any]:
+        async def replan_and_build(excluded: frozenset[str]) -> list[ChainStage]:
             new_plan = await self._replan(served, config, weight_bytes, prompt_ids, params, excluded, choice)
             _follow(route, new_plan)
             return await make_stages(new_plan)
 
-        def rebuild(excluded: frozenset[str]) -> list[Any]:
+        def rebuild(excluded: frozenset[str]) -> list[ChainStage]:
             """Blocking (the pipeline calls it from the engine's thread): re-plan and open the new stages."""
             future = asyncio.run_coroutine_threadsafe(replan_and_build(excluded), loop)
             return future.result(self.settings.rebuild_timeout_s)

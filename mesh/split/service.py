@@ -86,6 +86,8 @@ class SplitService:
         policy = self.node.policy
         if not policy.serve_others:
             return "this node does not serve other peers (policy serve_others is off)"
+        if policy.metered:
+            return "this node is on a metered link and serves no peers (policy metered)"
         try:
             battery = psutil.sensors_battery()
         except (OSError, RuntimeError, AttributeError):

@@ -46,6 +46,7 @@ async def test_health_and_node(node: NodeThread) -> None:
         "trusted_only_splits",
         "prefer_local",
         "max_tokens_per_peer_per_hour",
+        "metered",
     }
 
 

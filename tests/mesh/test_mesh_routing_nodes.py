@@ -81,9 +81,14 @@ def test_a_refusing_peer_is_replanned_around_or_answered_with_a_code(mesh3):
         with pytest.raises(openai.APIStatusError) as gone:
             ask(a, extra_body={"shoal": {"route": "offload", "avoid": ["b", "c"]}})
         assert (gone.value.status_code, gone.value.body["code"]) == (503, "peer_unreachable"), gone.value.body
+        c.policy(serve_others=True, metered=True)  # a metered link refuses as well
+        a.force("offload", (c.peer_id, "0:30"))
+        with pytest.raises(openai.APIStatusError) as metered:
+            ask(a, extra_body={"shoal": {"route": "offload", "avoid": ["b"]}})
+        assert metered.value.body["code"] == "peer_refused" and "metered" in metered.value.body["message"]
     finally:
         a.force(None)
-        c.policy(serve_others=True)
+        c.policy(serve_others=True, metered=False)
     wait_until(lambda: a.peers()[c.peer_id]["advert"]["split"]["serve_others"], 20, "c serving again")
     # the request's own route and preferences, by peer id or name
     route = ask(a, extra_body={"shoal": {"route": "offload", "prefer": ["c"]}})

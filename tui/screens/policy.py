@@ -14,6 +14,7 @@ SWITCHES = (
     ("serve_others", "Serve other peers"),
     ("trusted_only_splits", "Split requests only across trusted peers"),
     ("prefer_local", "Prefer running requests locally"),
+    ("metered", "On a metered link: serve no peers, run locally when possible"),
 )
 NUMBERS = (
     ("battery_floor", "Battery floor (%, 0-100): stop serving others below it", int, 0, 100),
