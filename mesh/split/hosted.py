@@ -44,6 +44,7 @@ class DirectStage:
     lock) with remote peers' sequences; keeps it from being trimmed until closed."""
 
     peer = "local"
+    transport = "local"
 
     def __init__(self, hosted: HostedStage, new_id: Callable[[], int]) -> None:
         self._new_id = new_id
@@ -96,6 +97,10 @@ class DirectStage:
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
         return self._timed(self._hosted.stage.decode, [self._local(s) for s in seq_ids], inputs)
 
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        """`decode` + each row's argmax (the lowest id among ties)."""
+        return [int(i) for i in np.argmax(self.decode(seq_ids, inputs), axis=1)]
+
     def close(self) -> None:
         if self._closed:
             return
@@ -103,6 +108,10 @@ class DirectStage:
             self.remove_sequence(seq_id)
         self._closed = True
         self._hosted.users -= 1
+
+    def abandon(self) -> None:
+        """Close it (this node's own part: there is no peer to wait on)."""
+        self.close()
 
     def __repr__(self) -> str:
         return f"DirectStage(layers {self.span})"

@@ -14,11 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from shoal.mesh.p2p.errors import MeshError
-from shoal.mesh.route import LOCAL_PEER
 from shoal.mesh.split.remote_stage import LinkTiming, StageLost
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -33,7 +32,29 @@ def _token_ids(inputs: np.ndarray) -> list[int]:
     return np.asarray(inputs, dtype=np.int64).reshape(-1).tolist()
 
 
-Rebuild = Callable[[frozenset[str]], list[Stage]]
+class ChainStage(Stage, Protocol):
+    """A link of the chain: a peer's part (`split.remote_stage.RemoteStage`) or this node's own
+    (`split.hosted.DirectStage`)."""
+
+    peer: str
+    """The peer that runs it (`local`: this node)."""
+    timing: LinkTiming
+
+    @property
+    def transport(self) -> str:
+        """How calls travel: "local", "direct" (a tensor link) or "channel" (a data channel)."""
+        ...
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
+        """`decode` + each row's argmax (the lowest id among ties), taken where the logits are."""
+        ...
+
+    def abandon(self) -> None:
+        """Drop the stage without waiting on its peer, which is gone."""
+        ...
+
+
+Rebuild = Callable[[frozenset[str]], list[ChainStage]]
 """Blocking: a new chain of stages tiling the model, avoiding the given peers (a re-plan)."""
 
 
@@ -49,8 +70,8 @@ class Replan:
 class SplitPipeline:
     """A whole-model `Stage` run by a chain of stages, rebuilt (at most `max_replans` times) on a loss."""
 
-    def __init__(self, config: ModelConfig, stages: list[Stage], rebuild: Rebuild, *, max_replans: int = 3,
-                 on_replan: Callable[[Replan], None] | None = None) -> None:
+    def __init__(self, config: ModelConfig, stages: list[ChainStage], rebuild: Rebuild, *,
+                 max_replans: int = 3, on_replan: Callable[[Replan], None] | None = None) -> None:
         self._check_chain(config, stages)
         self.config = config
         self.span = LayerSpan.whole(config.num_layers)
@@ -65,7 +86,7 @@ class SplitPipeline:
         self._closed = False
 
     @staticmethod
-    def _check_chain(config: ModelConfig, stages: list[Stage]) -> None:
+    def _check_chain(config: ModelConfig, stages: list[ChainStage]) -> None:
         start = 0
         for stage in stages:
             if stage.span.start != start:
@@ -75,17 +96,12 @@ class SplitPipeline:
             raise ValueError(f"stages end at layer {start}, the model has {config.num_layers}")
 
     def route(self) -> list[tuple[str, str]]:
-        return [(getattr(s, "peer", LOCAL_PEER), str(s.span)) for s in self.stages]
+        return [(s.peer, str(s.span)) for s in self.stages]
 
     def timings(self) -> list[dict[str, Any]]:
         """Per-stage call accounting of the current chain (see `LinkTiming`)."""
-        out = []
-        for stage in self.stages:
-            timing = getattr(stage, "timing", None)
-            if isinstance(timing, LinkTiming):
-                out.append({"peer": getattr(stage, "peer", LOCAL_PEER), "layers": str(stage.span),
-                            "link": getattr(stage, "transport", "local"), **timing.to_dict()})
-        return out
+        return [{"peer": stage.peer, "layers": str(stage.span), "link": stage.transport,
+                 **stage.timing.to_dict()} for stage in self.stages]
 
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._history:
@@ -119,10 +135,7 @@ class SplitPipeline:
         x = inputs
         for stage in body:
             x = stage.decode(seq_ids, x)
-        by_argmax = getattr(last, "decode_argmax", None)
-        if by_argmax is not None:
-            return by_argmax(seq_ids, x)
-        return [int(i) for i in np.argmax(last.decode(seq_ids, x), axis=1)]
+        return last.decode_argmax(seq_ids, x)
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         ids = _token_ids(inputs)
@@ -172,7 +185,7 @@ class SplitPipeline:
         old, self.stages = self.stages, []
         for stage in old:
             try:
-                if getattr(stage, "peer", None) == lost.peer and hasattr(stage, "abandon"):
+                if stage.peer == lost.peer:
                     stage.abandon()  # its peer is gone: don't wait on it to say goodbye
                 else:
                     stage.close()

@@ -53,7 +53,22 @@ class StageLost(PeerUnavailable):
 
 
 class StageLink(Protocol):
+    """The link a `RemoteStage` talks over (`p2p.peer.Peer`; tests use in-process links)."""
+
     peer_id: str
+
+    @property
+    def advert(self) -> dict[str, Any]:
+        """The peer's gossiped advert (its `api` address among others; {} before the first)."""
+        ...
+
+    @property
+    def api_address(self) -> str | None:
+        """The `host:port` of the peer's HTTP API it signalled with, if any."""
+        ...
+
+    @property
+    def is_open(self) -> bool: ...
 
     async def request(
         self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None
@@ -168,7 +183,7 @@ class RemoteStage:
     def _open_direct(self) -> TensorLinkClient | None:
         """A direct tensor link to the peer when its API address is reachable (see `mesh.tensor_link`), or
         None: the calls then go over the data channel."""
-        address = getattr(self.link, "advert", {}).get("api") or getattr(self.link, "api_address", None)
+        address = self.link.advert.get("api") or self.link.api_address
         if not isinstance(address, str) or ":" not in address:
             return None
         host = address.rsplit(":", 1)[0].strip("[]")
@@ -270,7 +285,7 @@ class RemoteStage:
         return "direct" if self._direct is not None else "channel"
 
     def _link_alive(self) -> bool:
-        return bool(getattr(self.link, "is_open", True))
+        return self.link.is_open
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         return self._forward("prefill", [seq_id], inputs)

@@ -20,6 +20,9 @@ class LocalLink:
     def __init__(self, host: StageHost) -> None:
         self._host = host
         self._calls = itertools.count(1)
+        self.advert: dict[str, Any] = {}
+        self.api_address: str | None = None
+        self.is_open = True
 
     async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
         if frame_type == wire.STAGE_OPEN:
