@@ -6,6 +6,7 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
+from aiortc.rtcicetransport import parse_stun_turn_uri
 from shoal.mesh.p2p.errors import IdentityError, InviteError
 from shoal.mesh.p2p.identity import public_key_from_peer_id
 from shoal.mesh.p2p.invite import Invite
@@ -83,6 +84,14 @@ class MeshConfig:
                 raise ValueError(f"invite: {exc}") from None
         if self.secret is not None:
             self.secret_bytes()
+        for key, schemes in (("stun", ("stun", "stuns")), ("turn", ("turn", "turns"))):
+            for url in getattr(self, key):
+                try:
+                    scheme = parse_stun_turn_uri(url)["scheme"]
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {url!r:.100} is not a {key} URL ({exc})") from None
+                if scheme not in schemes:
+                    raise ValueError(f"{key}: {url!r:.100} is not a {key} URL ({schemes[0]}:host:port)")
         for key in (
             "heartbeat_interval_s",
             "dead_timeout_s",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from shoal.mesh.p2p.invite import Invite
+from shoal.mesh.p2p.relays import turn_secret
 
 from tests.mesh import nat_netns
 from tests.mesh.mesh_nodes import Node, wait_until
@@ -21,22 +22,23 @@ STUN = f"stun:{nat_netns.SERVER}:{nat_netns.TURN_PORT}"
 TURN_USER, TURN_PASSWORD = "shoal", "shoal-pass"
 
 
-def _nat(base: Path, nat1: str, nat2: str) -> Iterator[nat_netns.NatNetwork]:
+def _nat(base: Path, nat1: str, nat2: str, secret: str | None = None) -> Iterator[nat_netns.NatNetwork]:
     if _why_not:
         pytest.skip(f"NAT namespaces unavailable: {_why_not}")
     network = nat_netns.NatNetwork(prefix=f"sn{os.getpid() % 100000}").setup(nat1, nat2)
     try:
-        network.start_turn(base)
+        network.start_turn(base, secret=secret)
         yield network
     finally:
         network.close()
 
 
-def _start(network: nat_netns.NatNetwork, base: Path, turn: list[str], user: str = TURN_USER,
-           password: str = TURN_PASSWORD) -> list[Node]:
-    token = Invite.create("nat").to_token()
-    ice = ["--stun", STUN, *(a for url in turn for a in ("--turn", url)),
-           "--turn-username", user, "--turn-password", password]
+def _start(network: nat_netns.NatNetwork, base: Path, turn: list[str], user: str | None = TURN_USER,
+           password: str | None = TURN_PASSWORD, invite: Invite | None = None) -> list[Node]:
+    token = (invite or Invite.create("nat")).to_token()
+    ice = ["--stun", STUN, *(a for url in turn for a in ("--turn", url))]
+    if user is not None and password is not None:
+        ice += ["--turn-username", user, "--turn-password", password]
     public = f"{nat_netns.PUBLIC_HOST}:8740"
     plan = [
         ("pub", network.public_host, public, []),
@@ -61,9 +63,10 @@ def _linked(a: Node, b: Node) -> dict | None:
     return view if view and view.get("path") else None
 
 
-def _mesh(tmp_path: Path, nat1: str, nat2: str, turn: list[str], **credentials: str) -> Iterator[list[Node]]:
-    for network in _nat(tmp_path, nat1, nat2):
-        nodes = _start(network, tmp_path, turn, **credentials)
+def _mesh(tmp_path: Path, nat1: str, nat2: str, turn: list[str], secret: str | None = None,
+          **credentials: object) -> Iterator[list[Node]]:
+    for network in _nat(tmp_path, nat1, nat2, secret):
+        nodes = _start(network, tmp_path, turn, **credentials)  # type: ignore[arg-type]
         try:
             yield nodes
         finally:
@@ -153,3 +156,19 @@ def test_wrong_turn_credential_is_reported_not_a_crash(wrong_password: list[Node
     assert not _linked(home2, home1) or _linked(home2, home1)["path"]["type"] != "relayed"
     for node in wrong_password:
         assert node.process is not None and node.process.poll() is None
+
+
+@pytest.fixture
+def mesh_credentials(tmp_path: Path) -> Iterator[list[Node]]:
+    invite = Invite.create("nat")
+    secret = turn_secret(invite.secret)  # what the relay's operator gives coturn (static-auth-secret)
+    yield from _mesh(tmp_path, "cone", "symmetric", [TURN_UDP], secret, user=None, password=None,
+                     invite=invite)
+
+
+def test_turn_rest_credentials_derived_from_the_mesh_secret(mesh_credentials: list[Node]) -> None:
+    _, home1, home2 = mesh_credentials
+    view = wait_until(lambda: _linked(home2, home1), 60, "home2 linked to home1 through TURN")
+    assert view["path"]["type"] == "relayed", view["path"]
+    check = home2.get("/v1/mesh/peers")["ice"]["turn"][0]
+    assert check["ok"] is True and check["credentials"] == "mesh", check

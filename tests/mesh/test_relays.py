@@ -1,0 +1,64 @@
+"""TURN credentials and TURN checks (`mesh.p2p.relays`) without namespaces: the REST-style credential
+arithmetic, which credentials a node uses, and the coded reasons of checks that cannot succeed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import socket
+
+import pytest
+from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.invite import Invite
+from shoal.mesh.p2p.relays import Relays, rest_credentials, turn_secret
+from shoal.mesh.p2p.signalling import Membership
+
+
+def test_rest_credentials_follow_coturns_scheme() -> None:
+    username, password = rest_credentials("s3cret", "mabc", ttl_s=600, now=1_000_000.4)
+    assert username == "1000600:mabc"
+    expected = hmac.new(b"s3cret", b"1000600:mabc", hashlib.sha1).digest()
+    assert base64.b64decode(password) == expected
+
+
+def test_turn_secret_is_per_mesh_and_reveals_nothing_of_the_secret() -> None:
+    a, b = Invite.create("a"), Invite.create("b")
+    assert turn_secret(a.secret) == turn_secret(a.secret) != turn_secret(b.secret)
+    assert a.secret.hex() not in turn_secret(a.secret)
+
+
+def test_credentials_static_then_mesh_then_none() -> None:
+    invite = Invite.create("m")
+    membership = Membership.from_invite(invite)
+    static = Relays(MeshConfig(turn=["turn:203.0.113.1:3478"], turn_username="u", turn_password="p"),
+                    lambda: membership)
+    assert static.credentials() == ("u", "p", "static")
+    derived = Relays(MeshConfig(turn=["turn:203.0.113.1:3478"]), lambda: membership)
+    username, _, kind = derived.credentials()
+    assert kind == "mesh" and username.endswith(":" + membership.mesh_id)
+    assert rest_credentials(turn_secret(invite.secret), membership.mesh_id, now=0)[0] != username
+    expiring = Membership.from_invite(invite.expiring(2_000_000_000))
+    assert Relays(MeshConfig(turn=["turn:203.0.113.1:3478"]), lambda: expiring).credentials()[2] == "none"
+    assert Relays(MeshConfig(), lambda: membership).credentials()[2] == "none"
+
+
+def test_checks_that_cannot_succeed_say_why() -> None:
+    with socket.socket() as sock:  # a loopback TCP port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"turn:127.0.0.1:{port}?transport=tcp"
+    relays = Relays(MeshConfig(turn=[url], turn_username="u", turn_password="p"), Membership)
+    assert relays.view()["turn"][0]["ok"] is None  # not checked yet
+    status = asyncio.run(relays.check(url))
+    assert (status.ok, status.code, status.credentials) == (False, "unreachable", "static"), status
+    assert f"127.0.0.1:{port} (tcp) unreachable" in (status.reason or "")
+    assert relays.view()["turn"][0]["code"] == "unreachable"
+
+
+@pytest.mark.parametrize("key, url", [("turn", "turn:203.0.113.1:port"), ("turn", "stun:203.0.113.1"),
+                                      ("stun", "turn:203.0.113.1"), ("stun", "http://203.0.113.1")])
+def test_malformed_server_urls_are_refused_by_the_config(key: str, url: str) -> None:
+    with pytest.raises(ValueError, match=f"{key}: "):
+        MeshConfig(**{key: [url]})
