@@ -191,6 +191,26 @@ def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
     print(f"screenshot of the page after the chat: {shot}")
 
 
+def test_a_page_from_another_device_chats_only_with_the_nodes_key(nodes, pages):
+    _, b, _ = nodes
+    tab = pages[1]  # served by b on its non-loopback address, as to a phone
+    tab.type_text("#prompt", "Name the capital of France in one sentence.")
+    tab.press_enter()
+    tab.wait_for("document.querySelector('#answer').dataset.state === 'error'", 30, "the refusal")
+    assert "(invalid_api_key)" in tab.evaluate("document.querySelector('#route').textContent")
+    tab.evaluate("document.querySelector('#chat details').open = true")  # as a click on "API key" does
+    tab.type_text("#api-key", b.key or "")
+    tab.evaluate("document.querySelector('#api-key').dispatchEvent(new Event('change'))")
+    tab.wait_for("document.querySelector('#model').options.length > 0", 30, "the model list, with the key")
+    tab.evaluate("document.querySelector('#chat-form').requestSubmit()")
+    state = tab.wait_for("['done', 'error'].includes(document.querySelector('#answer').dataset.state) && "
+                         "document.querySelector('#answer').dataset.state", 180, "the answer")
+    route = tab.evaluate("document.querySelector('#route').textContent")
+    assert state == "done" and route.startswith("route: "), route
+    assert tab.evaluate("document.querySelector('#answer').textContent").strip()
+    print(f"chat from the non-loopback page: {route}")
+
+
 def test_page_with_a_wrong_invite_is_refused(nodes, browser):
     a, b, invite = nodes
     # the right mesh id and expiry, but a key that is not derived from the mesh secret; `localhost` is a
