@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         for peer in peers:
             advert = peer.get("advert") or {}
             rtt = f"{peer['rtt_ms']:.2f}" if isinstance(peer.get("rtt_ms"), int | float) else "-"
-            models = ", ".join(str(m) for m in advert.get("models", []))[:40] or "-"
+            models = ", ".join(str(m) for m in advert.get("models", []))[:40]
+            models = models or ("(browser tab)" if peer.get("kind") == "browser" else "-")
             print(
                 f"{peer['name'][:16]:16} {peer['id'][:20]:20} {peer['state']:10} {rtt:>8} "
                 f"{_link(peer.get('path')):22} "
