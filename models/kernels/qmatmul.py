@@ -84,7 +84,11 @@ def _lanes(vec: tirx.PrimExpr, start: int, count: int) -> tirx.PrimExpr:
 def _avx2_half(bits: int, codes: list[tirx.PrimExpr], xwords: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     """int32x16 sum over steps of codes·x with AVX2: `vpmaddubsw` (u8 × s8, adjacent pairs summed to s16)
     on each 256-bit half of the 16 lanes, s16 sums of up to 32767 / (2·max code·127) steps, then `vpmaddwd`
-    by ones to s32. Exact: codes ≤ 63 and |x| ≤ 127 never saturate the s16 sums."""
+    by ones to s32. Exact: codes ≤ 63 and |x| ≤ 127 never saturate the s16 sums. 8-bit codes (q + 128)
+    give the centred dot Σ q·x instead: `vpmaddubsw(|q|, vpsignb(x, q))` (|q| ≤ 128 as u8, |x| ≤ 127, so
+    |q|·|x| ≤ 16256 per product)."""
+    if bits == 8:
+        return _avx2_centred_half(codes, xwords)
     per_sum = max(1, 32767 // (2 * ((1 << bits) - 1) * 127))
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
     total = None
@@ -103,10 +107,29 @@ def _avx2_half(bits: int, codes: list[tirx.PrimExpr], xwords: list[tirx.PrimExpr
     return total
 
 
+def _avx2_centred_half(codes: list[tirx.PrimExpr], xwords: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    bias = tirx.Broadcast(tirx.const(-128, "int8"), 32)
+    total = None
+    for c, x in zip(codes, xwords, strict=True):
+        xv = tirx.reinterpret("int8x32", tirx.Broadcast(x, 8))
+        halves = []
+        for h in range(2):
+            q = tirx.bitwise_xor(tirx.reinterpret("int8x32", _lanes(c, 8 * h, 8)), bias)  # code − 128
+            aq = tirx.call_llvm_pure_intrin("int8x32", "llvm.abs", q, tirx.const(False, "bool"))  # u8 0..128
+            signed = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", xv, q)
+            s16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", aq, signed)
+            halves.append(tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", s16, ones))
+        part = tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(16)])
+        total = part if total is None else total + part
+    return total
+
+
 def half_dots(bits: int, isa: str, qw: tirx.Buffer, nb: Any, g: Any, xq: tirx.Buffer,
               b: Any) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """int32x16 (dot over inputs 0..15, dot over inputs 16..31) of group g with activation row b (exact
-    integers whatever the instruction set `isa`: "vnni", "avx2" for codes of ≤ 6 bits, or "portable")."""
+    integers whatever the instruction set `isa`: "vnni", "avx2" or "portable"). With "avx2", 8-bit codes
+    give centred dots (code − 128)·x: `centred_dots` says when."""
     if isa not in ISAS:
         raise ValueError(f"unknown instruction set {isa!r}: expected one of {ISAS}")
     halves = []
@@ -114,7 +137,7 @@ def half_dots(bits: int, isa: str, qw: tirx.Buffer, nb: Any, g: Any, xq: tirx.Bu
         steps = [4 * half + i for i in range(4)]
         codes = [step_codes(bits, qw, nb, g, s) for s in steps]
         xwords = [xq[b, g * 8 + s] for s in steps]
-        if isa == "avx2" and bits <= 6:
+        if isa == "avx2":
             halves.append(_avx2_half(bits, codes, xwords))
             continue
         dot = dot4_vnni if isa == "vnni" else dot4_portable
@@ -127,6 +150,10 @@ def half_dots(bits: int, isa: str, qw: tirx.Buffer, nb: Any, g: Any, xq: tirx.Bu
 
 def _f32(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast("float32x16", v)
+
+
+def centred_dots(bits: int, isa: str) -> bool:
+    return bits == 8 and isa == "avx2"
 
 
 def group_update(kind: str, isa: str, acc: tirx.PrimExpr, qw: tirx.Buffer, params: list[tirx.Buffer],
@@ -148,7 +175,9 @@ def group_update(kind: str, isa: str, acc: tirx.PrimExpr, qw: tirx.Buffer, param
     if not spec.affine:
         s = _f32(p["d"][nb, g, lanes])
         total = xs[b, 2 * g] + xs[b, 2 * g + 1]
-        delta = lo + hi - bcast(total * tirx.const(spec.offset, "int32"))
+        delta = lo + hi
+        if not centred_dots(spec.bits, isa):
+            delta = delta - bcast(total * tirx.const(spec.offset, "int32"))
         return fma(_f32(delta), s * xdv, acc)
     if "m" in p:  # q4_1, q5_1
         s, neg_m = _f32(p["d"][nb, g, lanes]), _f32(p["m"][nb, g, lanes])

@@ -63,6 +63,10 @@ def _is_decode(x: nn.Tensor) -> bool:
 def quantized_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[nn.Tensor],
                      backend: str) -> nn.Tensor:
     """y [..., N] = x [..., K] · Wᵀ for packed weights `weights` (qweight, scale[, min])."""
+    if backend == "x86_avx2":  # the generic kernels' AVX2 path reads the same arrays (blocks.py)
+        from shoal.models.kernels.relax_blocks import block_matmul
+
+        return block_matmul(x, kind, out_features, weights, backend)
     k = x.shape[-1]
     lead = list(x.shape[:-1])
     rows = _rows(x)
