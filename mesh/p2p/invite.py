@@ -27,6 +27,7 @@ PREFIX = "shoal1-"
 SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 4096
 MAX_BOOTSTRAP = 16
+MAX_SERVERS = 8
 MAX_EXPIRY = 2**40
 
 
@@ -65,6 +66,14 @@ def _check_address(address: object) -> str:
     return address
 
 
+def _check_server(url: object) -> str:
+    if not isinstance(url, str) or not 6 <= len(url) <= 200 or any(c.isspace() for c in url):
+        raise InviteError(f"bad STUN/TURN server {url!r:.80} (stun:host:port or turn:host:port)")
+    if url.split(":", 1)[0] not in ("stun", "stuns", "turn", "turns"):
+        raise InviteError(f"bad STUN/TURN server {url!r:.80} (stun:host:port or turn:host:port)")
+    return url
+
+
 @dataclass(frozen=True)
 class Invite:
     """What a device needs to join a mesh."""
@@ -80,6 +89,10 @@ class Invite:
     then the invite key (`invite_key`), not the mesh secret."""
     mesh: str | None = None
     """The mesh id; given only with `expires` (the mesh id cannot be derived from an invite key)."""
+    servers: tuple[str, ...] = ()
+    """The mesh's STUN/TURN servers (`stun:host:port`, `turn:host:port?transport=tcp`, ...), which a joiner
+    uses besides its own `[mesh] stun`/`turn`. TURN credentials are not in the invite: members derive them
+    from the mesh secret (`mesh.p2p.relays`)."""
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
@@ -94,6 +107,10 @@ class Invite:
             raise InviteError(f"at most {MAX_BOOTSTRAP} bootstrap addresses")
         for address in self.bootstrap:
             _check_address(address)
+        if len(self.servers) > MAX_SERVERS:
+            raise InviteError(f"at most {MAX_SERVERS} STUN/TURN servers")
+        for url in self.servers:
+            _check_server(url)
 
     @property
     def mesh_id(self) -> str:
@@ -107,14 +124,17 @@ class Invite:
         if self.expires is not None:
             raise InviteError("an expiring invite holds no mesh secret to derive another invite from")
         key = invite_key(self.secret, check_expiry(expires))
-        return Invite(self.name, key, self.bootstrap, expires, self.mesh_id)
+        return Invite(self.name, key, self.bootstrap, expires, self.mesh_id, self.servers)
 
     @classmethod
     def create(cls, name: str = "shoal", bootstrap: tuple[str, ...] = ()) -> Invite:
         return cls(name=name[:64], secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
 
     def with_bootstrap(self, bootstrap: tuple[str, ...]) -> Invite:
-        return Invite(self.name, self.secret, tuple(bootstrap), self.expires, self.mesh)
+        return Invite(self.name, self.secret, tuple(bootstrap), self.expires, self.mesh, self.servers)
+
+    def with_servers(self, servers: tuple[str, ...]) -> Invite:
+        return Invite(self.name, self.secret, self.bootstrap, self.expires, self.mesh, tuple(servers))
 
     def to_token(self) -> str:
         secret = base64.b64encode(self.secret).decode()
@@ -123,6 +143,8 @@ class Invite:
         else:
             fields = {"n": self.name, "k": secret, "e": self.expires, "m": self.mesh}
             fields["b"] = list(self.bootstrap)
+        if self.servers:
+            fields["i"] = list(self.servers)
         body = orjson.dumps(fields)
         checksum = hashlib.sha256(body).digest()[:4]
         return PREFIX + base64.urlsafe_b64encode(body + checksum).decode("ascii").rstrip("=")
@@ -156,11 +178,14 @@ class Invite:
             expires, mesh = data.get("e"), data.get("m")
             name, secret = data["n"], base64.b64decode(data["s" if expires is None else "k"], validate=True)
             bootstrap = tuple(_check_address(a) for a in data.get("b", []))
+            servers = tuple(data.get("i", []))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InviteError(f"invite token content is malformed: {exc}") from exc
         if not isinstance(name, str):
             raise InviteError("invite mesh name is not text")
-        return cls(name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh)
+        return cls(
+            name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh, servers=servers
+        )
 
 
 def join_url(address: str, token: str) -> str:

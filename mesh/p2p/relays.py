@@ -71,17 +71,32 @@ class RelayStatus:
 class Relays:
     """The configured STUN/TURN servers of one mesh service, with their credentials and check results."""
 
-    def __init__(self, config: MeshConfig, membership: Callable[[], Membership]) -> None:
+    def __init__(self, config: MeshConfig, membership: Callable[[], Membership],
+                 invite_servers: Callable[[], tuple[str, ...]] = tuple) -> None:
         self.config = config
         self._membership = membership
-        self.status = {url: RelayStatus(url) for url in config.turn}
+        self._invite_servers = invite_servers
+        self.status: dict[str, RelayStatus] = {}
+
+    def servers(self) -> tuple[str, ...]:
+        """Every STUN/TURN server URL this node uses: its config's, then its invite's (what the invites it
+        makes carry)."""
+        return tuple(dict.fromkeys((*self.config.stun, *self.config.turn, *self._invite_servers())))
+
+    @property
+    def stun(self) -> list[str]:
+        return [url for url in self.servers() if url.startswith("stun")]
+
+    @property
+    def turn(self) -> list[str]:
+        return [url for url in self.servers() if url.startswith("turn")]
 
     def credentials(self) -> tuple[str | None, str | None, str]:
         """(username, password, kind) for the TURN servers now."""
         if self.config.turn_username is not None and self.config.turn_password is not None:
             return self.config.turn_username, self.config.turn_password, "static"
         membership = self._membership()
-        if self.config.turn and membership.has_mesh_secret and membership.secret:
+        if self.turn and membership.has_mesh_secret and membership.secret:
             username, password = rest_credentials(turn_secret(membership.secret), membership.mesh_id)
             return username, password, "mesh"
         return self.config.turn_username, self.config.turn_password, "none"
@@ -89,7 +104,7 @@ class Relays:
     def rtc_configuration(self) -> RTCConfiguration:
         """The aiortc configuration for a new link (fresh credentials each time)."""
         username, password, _ = self.credentials()
-        return rtc_configuration(self.config.stun, self.config.turn, username, password)
+        return rtc_configuration(self.stun, self.turn, username, password)
 
     async def check(self, url: str) -> RelayStatus:
         """Allocate on the TURN server at `url` and release the allocation; record and return the outcome."""
@@ -141,11 +156,12 @@ class Relays:
     async def run(self) -> None:
         """Check every TURN server now and again: every `RECHECK_OK_S` while all are fine, sooner (from 5 s,
         doubling up to 300 s) while one fails."""
-        if not self.config.turn:
-            return
         wait_failed = RECHECK_FAILED_S[0]
         while True:
-            results = await asyncio.gather(*(self.check(url) for url in self.config.turn))
+            results = await asyncio.gather(*(self.check(url) for url in self.turn))
+            if not results:  # none yet (a runtime join may bring some with its invite)
+                await asyncio.sleep(RECHECK_FAILED_S[0])
+                continue
             if all(result.ok for result in results):
                 wait_failed = RECHECK_FAILED_S[0]
                 await asyncio.sleep(RECHECK_OK_S)
@@ -156,6 +172,6 @@ class Relays:
     def view(self) -> dict[str, Any]:
         """`ice` in `GET /v1/mesh/peers`: the servers this node uses and how its TURN checks went."""
         return {
-            "stun": list(self.config.stun),
-            "turn": [asdict(status) for status in self.status.values()],
+            "stun": self.stun,
+            "turn": [asdict(self.status.get(url) or RelayStatus(url)) for url in self.turn],
         }

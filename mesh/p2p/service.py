@@ -84,7 +84,7 @@ class MeshService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._running = False
-        self.relays = Relays(config, lambda: self.membership)
+        self.relays = Relays(config, lambda: self.membership, lambda: self.invite_servers)
         """STUN/TURN servers, TURN credentials and TURN checks (`p2p.relays`)."""
         from shoal.mesh.p2p.discovery import Discovery
         from shoal.mesh.p2p.gossip import Gossip
@@ -115,6 +115,8 @@ class MeshService:
 
         invite, saved = starting_invite(self.config, self.data_dir)
         self.saved_bootstrap: tuple[str, ...] = invite.bootstrap if invite is not None and saved else ()
+        self.invite_servers: tuple[str, ...] = invite.servers if invite is not None else ()
+        """The STUN/TURN servers named by the invite this node joined with (used besides the config's)."""
         allow = frozenset(self.config.allow)
         if invite is None:
             return Membership(allow=allow)
@@ -133,8 +135,9 @@ class MeshService:
             if expires is not None:
                 raise InviteError("this node holds an expiring invite, not the mesh secret, to make one from")
             expiry, mesh_id = membership.invite_expires, membership.mesh_id
-            return Invite(self.mesh_name, membership.secret, bootstrap, expiry, mesh_id)
-        invite = Invite(self.mesh_name, membership.secret, bootstrap)
+            servers = self.relays.servers()
+            return Invite(self.mesh_name, membership.secret, bootstrap, expiry, mesh_id, servers)
+        invite = Invite(self.mesh_name, membership.secret, bootstrap, servers=self.relays.servers())
         return invite.expiring(expires) if expires is not None else invite
 
     async def join(self, invite: Invite) -> None:
@@ -142,6 +145,7 @@ class MeshService:
         bootstrap nodes."""
         self.membership = Membership.from_invite(invite, self.membership.allow)
         self.mesh_name = invite.name
+        self.invite_servers = invite.servers
         self.join_status = JoinStatus()
         await asyncio.to_thread(save_invite, self.data_dir, invite)
         self.discovery.add_bootstrap(invite.bootstrap)
@@ -158,6 +162,7 @@ class MeshService:
         self.mesh_name = "shoal"
         self.join_status = JoinStatus()
         self.saved_bootstrap = ()
+        self.invite_servers = ()
         await asyncio.to_thread(forget_invite, self.data_dir)
         for address, target in list(self.discovery.targets.items()):
             if target.bootstrap:

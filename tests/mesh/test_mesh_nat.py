@@ -36,7 +36,7 @@ def _nat(base: Path, nat1: str, nat2: str, secret: str | None = None) -> Iterato
 def _start(network: nat_netns.NatNetwork, base: Path, turn: list[str], user: str | None = TURN_USER,
            password: str | None = TURN_PASSWORD, invite: Invite | None = None) -> list[Node]:
     token = (invite or Invite.create("nat")).to_token()
-    ice = ["--stun", STUN, *(a for url in turn for a in ("--turn", url))]
+    ice = ["--stun", STUN, *(a for url in turn for a in ("--turn", url))] if not invite else []
     if user is not None and password is not None:
         ice += ["--turn-username", user, "--turn-password", password]
     public = f"{nat_netns.PUBLIC_HOST}:8740"
@@ -160,15 +160,18 @@ def test_wrong_turn_credential_is_reported_not_a_crash(wrong_password: list[Node
 
 @pytest.fixture
 def mesh_credentials(tmp_path: Path) -> Iterator[list[Node]]:
-    invite = Invite.create("nat")
+    # the nodes are given no STUN/TURN server and no credential: the invite names the servers, and the
+    # credentials come from the mesh secret
+    invite = Invite.create("nat").with_servers((STUN, TURN_UDP))
     secret = turn_secret(invite.secret)  # what the relay's operator gives coturn (static-auth-secret)
     yield from _mesh(tmp_path, "cone", "symmetric", [TURN_UDP], secret, user=None, password=None,
                      invite=invite)
 
 
-def test_turn_rest_credentials_derived_from_the_mesh_secret(mesh_credentials: list[Node]) -> None:
+def test_invite_servers_and_turn_credentials_from_the_mesh_secret(mesh_credentials: list[Node]) -> None:
     _, home1, home2 = mesh_credentials
     view = wait_until(lambda: _linked(home2, home1), 60, "home2 linked to home1 through TURN")
     assert view["path"]["type"] == "relayed", view["path"]
-    check = home2.get("/v1/mesh/peers")["ice"]["turn"][0]
-    assert check["ok"] is True and check["credentials"] == "mesh", check
+    ice = home2.get("/v1/mesh/peers")["ice"]
+    assert ice["stun"] == [STUN] and ice["turn"][0]["url"] == TURN_UDP, ice
+    assert ice["turn"][0]["ok"] is True and ice["turn"][0]["credentials"] == "mesh", ice

@@ -9,10 +9,13 @@ import hashlib
 import hmac
 import socket
 
+import orjson
 import pytest
 from shoal.mesh.p2p.config import MeshConfig
+from shoal.mesh.p2p.errors import InviteError
 from shoal.mesh.p2p.invite import Invite
 from shoal.mesh.p2p.relays import Relays, rest_credentials, turn_secret
+from shoal.mesh.p2p.service import MeshService
 from shoal.mesh.p2p.signalling import Membership
 
 
@@ -62,3 +65,27 @@ def test_checks_that_cannot_succeed_say_why() -> None:
 def test_malformed_server_urls_are_refused_by_the_config(key: str, url: str) -> None:
     with pytest.raises(ValueError, match=f"{key}: "):
         MeshConfig(**{key: [url]})
+
+
+def test_invite_carries_the_mesh_servers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    servers = ("stun:203.0.113.1:3478", "turn:203.0.113.1:3478?transport=tcp")
+    invite = Invite.create("m").with_servers(servers)
+    again = Invite.from_token(invite.to_token())
+    assert again.servers == servers and again.secret == invite.secret
+    assert again.expiring(2_000_000_000).servers == servers
+    assert "i" not in orjson.loads(_body(Invite.create("plain").to_token()))  # old tokens stay as they were
+    for bad in ("http://x", "turn: spaced", "s" * 300):
+        with pytest.raises(InviteError):
+            Invite.create("m").with_servers((bad,))
+    # a member passes on its config's servers and its invite's in the invites it makes
+    config = MeshConfig(invite=invite.to_token(), stun=["stun:198.51.100.9:3478"])
+    service = MeshService(config, None, tmp_path)
+    made = service.invite()
+    assert made is not None and made.servers == ("stun:198.51.100.9:3478", *servers)
+    assert service.relays.stun == ["stun:198.51.100.9:3478", servers[0]]
+    assert service.relays.turn == [servers[1]]
+
+
+def _body(token: str) -> bytes:
+    payload = token.removeprefix("shoal1-")
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))[:-4]
