@@ -36,6 +36,7 @@ from shoal.mesh.split.remote_stage import StageLost
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError
 from shoal.models.generate import TokenEvent
+from shoal.models.requests import EventLogprobs
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import ServedModel
 
@@ -55,8 +56,8 @@ class OffloadEvent:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
-    logprobs: Any = None
-    """Not carried over the mesh yet: an offloaded token has none (the API then leaves them out)."""
+    logprobs: EventLogprobs | None = None
+    """The token's log-probabilities when the request asked for them (carried in `offload.token`)."""
     stop_sequence: str | None = None
     """Not carried over the mesh yet either (the Anthropic route then says `end_turn`)."""
 
@@ -198,7 +199,11 @@ def _token_event(body: dict[str, Any], index: int) -> OffloadEvent | None:
         return None
     if finish is not None and not isinstance(finish, str):
         return None
-    return OffloadEvent(token, text, index, prompt, completion, finish)
+    try:
+        found = wire.decode_logprobs(body["logprobs"]) if body.get("logprobs") is not None else None
+    except ValueError:
+        return None
+    return OffloadEvent(token, text, index, prompt, completion, finish, found)
 
 
 Acquire = Callable[[str], Awaitable[ServedModel]]
@@ -291,6 +296,8 @@ class OffloadServer:
                         "completion_tokens": event.completion_tokens,
                         "finish": event.finish_reason,
                     }
+                    if event.logprobs is not None:
+                        body["logprobs"] = wire.encode_logprobs(event.logprobs)
                     await peer.notify(wire.OFFLOAD_TOKEN, body)
                     index += 1
             done: dict[str, Any] = {"rid": rid}

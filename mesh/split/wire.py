@@ -15,6 +15,8 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
   sends `offload.token` {rid, index, token, text} per token and one `offload.done` {rid, finish_reason,
   usage} or `offload.error` {rid, code, message}. `rid` is the `id` of the `offload.open` frame.
 - `offload.cancel` {rid} — the origin gave up on the request; the server stops generating.
+- `offload.token` carries `logprobs` {chosen, top: [...]} (each `[id, base64 bytes, logprob]`) when the
+  request asked for them (`encode_logprobs` / `decode_logprobs`).
 - `offload.done` carries `receipt` (`split.receipts`: usage signed by the server) when the server keeps a
   ledger; the origin checks it against what it saw (prompt tokens sent, token frames received), countersigns
   it and sends it back as `offload.receipt` {receipt} → reply {} (the server keeps only what it issued).
@@ -43,14 +45,20 @@ rows.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
 from shoal.mesh.p2p import protocol
 from shoal.mesh.p2p.errors import ProtocolError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.models.requests import EventLogprobs, TokenLogprob
+from shoal.models.sampling import MAX_TOP_LOGPROBS
 from shoal.models.stage import ids_in_range
 
 STAGE_OPEN = "stage.open"
@@ -69,7 +77,7 @@ for _name, _limit in (
     (STAGE_OPEN, 4096),
     (STAGE_CLOSE, 512),  # its reply (a `reply` frame, up to 64 KiB) may carry a receipt
     (OFFLOAD_OPEN, 196_608),
-    (OFFLOAD_TOKEN, 2048),
+    (OFFLOAD_TOKEN, 6144),  # with logprobs: up to 21 [id, bytes, logprob] entries
     (OFFLOAD_DONE, 8192),
     (OFFLOAD_ERROR, 2048),
     (OFFLOAD_CANCEL, 256),
@@ -79,6 +87,45 @@ for _name, _limit in (
     (STAGE_RECEIPT, 8192),
 ):
     protocol.register_control_type(_name, _limit)
+
+MAX_TOKEN_BYTES = 64
+"""Longest token (in bytes) a logprob entry may carry."""
+
+
+def encode_logprobs(found: EventLogprobs) -> dict[str, Any]:
+    """An `offload.token`'s `logprobs`: each entry `[token id, base64 of its bytes, logprob]`."""
+
+    def entry(t: TokenLogprob) -> list[Any]:
+        logprob = t.logprob if math.isfinite(t.logprob) else -9999.0  # as OpenAI writes -inf
+        return [t.token_id, base64.b64encode(t.bytes).decode("ascii"), logprob]
+
+    return {"chosen": entry(found.chosen), "top": [entry(t) for t in found.top]}
+
+
+def decode_logprobs(value: Any) -> EventLogprobs:
+    """`encode_logprobs`'s output, checked (ValueError when malformed: the sender misbehaves)."""
+
+    def entry(item: Any) -> TokenLogprob:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError("a logprob entry is [id, bytes, logprob]")
+        token, raw, logprob = item
+        if type(token) is not int or token < 0 or not isinstance(raw, str) or len(raw) > MAX_TOKEN_BYTES * 2:
+            raise ValueError("a logprob entry needs a token id and its base64 bytes")
+        if isinstance(logprob, bool) or not isinstance(logprob, int | float) or not logprob <= 0.0:
+            raise ValueError("a logprob is a number <= 0")  # also refuses NaN
+        data = base64.b64decode(raw, validate=True)
+        return TokenLogprob(token, data.decode("utf-8", errors="replace"), data, float(logprob))
+
+    if not isinstance(value, dict) or not isinstance(value.get("top", []), list):
+        raise ValueError("logprobs must be {chosen, top}")
+    top = value.get("top", [])
+    if len(top) > MAX_TOP_LOGPROBS:
+        raise ValueError(f"at most {MAX_TOP_LOGPROBS} top logprobs")
+    try:
+        return EventLogprobs(entry(value.get("chosen")), tuple(entry(t) for t in top))
+    except binascii.Error as exc:
+        raise ValueError(f"bad token bytes: {exc}") from None
+
 
 # Error codes (in error frames and RemoteError.code).
 REFUSED = "refused"

@@ -62,6 +62,7 @@ def ask(node: SplitNode, **kw) -> dict:
 def test_a_refusing_peer_is_replanned_around_or_answered_with_a_code(mesh3):
     a, b, c = mesh3
     local = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                              logprobs=True, top_logprobs=2,
                                               extra_headers={"x-shoal-route": "local"})
     c.policy(serve_others=False)
     try:
@@ -98,8 +99,14 @@ def test_a_refusing_peer_is_replanned_around_or_answered_with_a_code(mesh3):
     route = ask(a, extra_body={"shoal": {"route": "split", "prefer": [b.peer_id]}})
     assert route["kind"] == "split" and set(route["peers"]) == {"local", b.peer_id}, route
     offloaded = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                                  logprobs=True, top_logprobs=2,
                                                   extra_body={"shoal": {"route": "offload"}})
+    assert offloaded.model_extra["shoal_route"]["kind"] == "offload"
     assert offloaded.choices[0].message.content == local.choices[0].message.content
+    remote, here = offloaded.choices[0].logprobs.content, local.choices[0].logprobs.content
+    assert [(t.token, t.bytes, [x.token for x in t.top_logprobs]) for t in remote] == \
+        [(t.token, t.bytes, [x.token for x in t.top_logprobs]) for t in here]  # carried over the mesh
+    assert [t.logprob for t in remote] == pytest.approx([t.logprob for t in here], abs=1e-4)
     for shoal, param in (({"route": "sideways"}, "shoal.route"), ({"prefer": "b"}, "shoal.prefer")):
         with pytest.raises(openai.BadRequestError) as bad:
             ask(a, extra_body={"shoal": shoal})

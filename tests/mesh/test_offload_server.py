@@ -86,3 +86,17 @@ async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
         assert peer.frames[-1] == (wire.OFFLOAD_DONE, {"rid": 3})
         assert [t["index"] for t in tokens] == list(range(len(tokens))) and 0 < len(tokens) <= room
         await server.stop()
+
+
+def test_logprobs_cross_the_wire_checked() -> None:
+    import orjson
+    from shoal.models.requests import EventLogprobs, TokenLogprob
+
+    chosen = TokenLogprob(7, "é", "é".encode(), -0.25)
+    found = EventLogprobs(chosen, (chosen, TokenLogprob(9, "\ufffd", b"\xc3", -float("inf"))))
+    back = wire.decode_logprobs(orjson.loads(orjson.dumps(wire.encode_logprobs(found))))
+    assert back.chosen == found.chosen and back.top[1].bytes == b"\xc3" and back.top[1].logprob == -9999.0
+    for bad in ({"chosen": [1, "!!", -1.0]}, {"chosen": [1, "", 0.5]}, {"chosen": [-1, "", -1.0]},
+                {"chosen": [1, "", -1.0], "top": [[1, "", -1.0]] * 21}, [], {"chosen": [1, "", True]}):
+        with pytest.raises(ValueError):
+            wire.decode_logprobs(bad)
