@@ -1,5 +1,5 @@
 """`shoal mesh`: create a mesh (print an invite and its QR code), show a running node's invite (optionally
-one that expires), join one, leave it, rotate the mesh secret."""
+one that expires), join one, leave it, rotate the mesh secret, print a TURN relay's settings."""
 
 from __future__ import annotations
 
@@ -33,12 +33,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="also save the invite in this node data dir, so `shoal node` joins it",
     )
+    create.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN/TURN server the invite names (stun:host:port, turn:host:port?transport=tcp; repeatable)",
+    )
     create.add_argument("--no-qr", action="store_true", help="print the token only")
     create.set_defaults(handler=run_create)
+
+    relay = sub.add_parser(
+        "relay", help="print coturn settings for a TURN relay of a mesh (credentials derived from its secret)"
+    )
+    relay.add_argument("invite", help="an invite holding the mesh secret (not an expiring one)")
+    relay.add_argument("--realm", default="shoal", help="the TURN realm (default: %(default)s)")
+    relay.set_defaults(handler=run_relay)
 
     invite = sub.add_parser("invite", help="print the invite of the mesh a running node is in")
     invite.add_argument("--api", metavar="URL", help="node to ask (default: the configured address)")
     invite.add_argument("--no-qr", action="store_true", help="print the token only")
+    invite.add_argument("--qr", action="store_true",
+                        help="show the QR code of the join page's URL (the default; --no-qr turns it off)")
     invite.add_argument(
         "--expires",
         type=duration,
@@ -95,12 +111,32 @@ def _show(token: str, qr: bool, url: str | None = None) -> None:
 
 def run_create(args: argparse.Namespace) -> int:
     try:
-        invite = Invite.create(args.name, tuple(args.bootstrap))
+        invite = Invite.create(args.name, tuple(args.bootstrap)).with_servers(tuple(args.server))
     except InviteError as exc:
         raise CommandError(str(exc)) from None
     if args.data_dir is not None:
         save_invite(args.data_dir, invite)
     _show(invite.to_token(), not args.no_qr)
+    return 0
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    """coturn's configuration lines for a relay whose TURN credentials members derive from the mesh secret
+    (`mesh.p2p.relays`)."""
+    from shoal.mesh.p2p.relays import turn_secret
+
+    try:
+        invite = Invite.from_token(args.invite)
+    except InviteError as exc:
+        raise CommandError(str(exc)) from None
+    if invite.expires is not None:
+        raise CommandError("an expiring invite holds no mesh secret; use the mesh's own invite")
+    print(f"# /etc/turnserver.conf for mesh {invite.mesh_id} ({invite.name}); keep it private")
+    print("listening-port=3478")
+    print(f"realm={args.realm}")
+    print("use-auth-secret")
+    print(f"static-auth-secret={turn_secret(invite.secret)}")
+    print("no-cli")
     return 0
 
 

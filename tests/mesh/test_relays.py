@@ -89,3 +89,18 @@ def test_invite_carries_the_mesh_servers(tmp_path) -> None:  # type: ignore[no-u
 def _body(token: str) -> bytes:
     payload = token.removeprefix("shoal1-")
     return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))[:-4]
+
+
+def test_cli_creates_invites_with_servers_and_prints_relay_settings(capsys) -> None:  # type: ignore[no-untyped-def]
+    from shoal.mesh.commands.cli import main
+
+    assert main(["mesh", "create", "--server", "turn:203.0.113.1:3478", "--no-qr"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[0]
+    invite = Invite.from_token(token)
+    assert invite.servers == ("turn:203.0.113.1:3478",)
+    assert main(["mesh", "relay", token]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"static-auth-secret={turn_secret(invite.secret)}" in lines and "use-auth-secret" in lines
+    assert main(["mesh", "relay", invite.expiring(2_000_000_000).to_token()]) != 0
+    assert "no mesh secret" in capsys.readouterr().err
+    assert main(["mesh", "create", "--server", "http://203.0.113.1", "--no-qr"]) != 0
