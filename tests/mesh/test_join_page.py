@@ -84,3 +84,16 @@ def test_adverts_keep_a_members_kind():
     assert clean_advert({"kind": "browser"})["kind"] == "browser"
     assert clean_advert({"kind": "toaster"})["kind"] == "node"
     assert clean_advert({})["kind"] == "node"
+
+
+def test_cli_shows_the_join_url_and_its_qr(capsys):
+    from shoal.mesh.commands.mesh import _show
+
+    token = Invite.create("home", ("10.0.0.2:8740",)).to_token()
+    url = join_url("10.0.0.2:8740", token)
+    _show(token, True, url)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == token and lines[1] == f"join page: {url}"
+    assert any("▀" in line or "▄" in line for line in lines) and "browser" in lines[-1]
+    _show(token, False, url)  # --no-qr: the token only, as before
+    assert capsys.readouterr().out == token + "\n"
