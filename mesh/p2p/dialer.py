@@ -88,8 +88,7 @@ class Dialer:
                     raise SignallingError(f"answer came from {answer.peer_id[:12]}, not {expected[:12]}")
                 if host.is_banned(answer.peer_id):
                     raise SignallingError(f"{answer.peer_id[:12]} is banned")
-                peer.peer_id, peer.name, peer.api_address = answer.peer_id, answer.name, answer.api or None
-                peer.admitted = answer.admitted
+                peer.identify(answer.peer_id, answer.name, answer.api or None, answer.admitted)
                 await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
                 await peer.wait_open(host.config.connect_timeout_s)
         except BaseException as exc:
@@ -168,8 +167,7 @@ class Dialer:
             self._refuse(str(exc), sender)
             raise
         peer = self._peer(offerer=False)
-        peer.peer_id, peer.name, peer.api_address = offer.peer_id, offer.name, offer.api or None
-        peer.admitted = offer.admitted
+        peer.identify(offer.peer_id, offer.name, offer.api or None, offer.admitted)
         try:
             await peer.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())

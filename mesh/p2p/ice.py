@@ -140,6 +140,16 @@ def _turn_transport(protocol: Any) -> str:
     return "tls" if stream is not None and stream.get_extra_info("sslcontext") is not None else "tcp"
 
 
+def remote_addresses(pc: RTCPeerConnection) -> list[str]:
+    """The peer's ICE candidates (`ip:port/udp`, at most 16) as it announced them in its SDP."""
+    try:
+        ice = pc.sctp.transport.transport if pc.sctp is not None else None
+        candidates = ice.getRemoteCandidates() if ice is not None else []
+    except AttributeError:
+        return []
+    return [f"{c.ip}:{c.port}/{c.protocol}" for c in candidates][:16]
+
+
 def link_path(pc: RTCPeerConnection) -> dict[str, Any] | None:
     """The selected (nominated) ICE candidate pair of a link, or None before ICE has chosen one.
 

@@ -16,64 +16,25 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
-from shoal.mesh.p2p.ice import link_path
+from shoal.mesh.p2p.ice import link_path, remote_addresses
+from shoal.mesh.p2p.link_shared import BinaryHandler, ControlHandler, Handlers, LinkSettings
 
+__all__ = [
+    "BINARY_MESSAGE", "CHANNEL_IDS", "BinaryHandler", "ControlHandler", "Handlers", "LinkSettings", "Peer"
+]
 logger = logging.getLogger(__name__)
 
-ControlHandler = Callable[["Peer", p.ControlFrame], Awaitable[dict[str, Any] | None]]
-BinaryHandler = Callable[["Peer", p.BinaryFrame], Awaitable[p.BinaryFrame | None]]
 CHANNEL_IDS = {p.CONTROL: 0, p.BLOCKS: 1, p.TENSORS: 2}
 BINARY_MESSAGE = 65_536
 """Size of the data-channel messages binary frames are cut into. aiortc reassembles a message by rescanning
 its chunk list for every arriving SCTP chunk (quadratic in message size): 64 KiB messages moved blocks
 ~2.5x faster than 256 KiB ones here, and every remote accepts 64 KiB."""
-
-
-@dataclass(frozen=True)
-class LinkSettings:
-    """Timing and limits of a link (from `MeshConfig`)."""
-
-    heartbeat_interval_s: float = 1.0
-    """How often a ping is sent on `control`."""
-    dead_timeout_s: float = 4.0
-    """A link with nothing received for this long is closed as dead."""
-    request_timeout_s: float = 10.0
-    """Default wait for a reply."""
-    abuse_limit: int = 5
-    """Protocol violations tolerated before the link is closed and the peer banned."""
-    high_water: int = 1024 * 1024
-    """Bytes queued in a channel before `send` waits for it to drain."""
-    low_water: int = 256 * 1024
-    """Queued bytes below which a waiting `send` resumes."""
-    max_running_handlers: int = 32
-    """Handlers for this peer's requests that run at once; the rest wait their turn."""
-    max_pending_handlers: int = 512
-    """Requests a peer may have waiting for a handler; beyond that each new one is a strike."""
-
-
-class Handlers:
-    """Per-type control handlers and per-kind binary handlers, shared by all links of a node."""
-
-    def __init__(self) -> None:
-        self.control: dict[str, ControlHandler] = {}
-        self.binary: dict[int, BinaryHandler] = {}
-
-    def on_control(self, frame_type: str, handler: ControlHandler) -> None:
-        if frame_type not in p.CONTROL_LIMITS:
-            raise ValueError(f"register {frame_type!r} with protocol.register_control_type first")
-        self.control[frame_type] = handler
-
-    def on_binary(self, kind: int, handler: BinaryHandler) -> None:
-        if kind not in p.BINARY_KINDS:
-            raise ValueError(f"register binary kind {kind} with protocol.register_binary_kind first")
-        self.binary[kind] = handler
 
 
 class Peer:
@@ -129,6 +90,10 @@ class Peer:
             channel.on("bufferedamountlow", self._drained[channel_name].set)
             self.channels[channel_name] = channel
         pc.on("connectionstatechange", self._connection_state_changed)
+
+    def identify(self, peer_id: str, name: str, api_address: str | None, admitted: str | None) -> None:
+        """Who the link goes to, once signalling proved it (the verified offer or answer)."""
+        self.peer_id, self.name, self.api_address, self.admitted = peer_id, name, api_address, admitted
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
@@ -427,22 +392,13 @@ class Peer:
             await self._send_quietly(p.ControlFrame("ping", {"t": time.monotonic()}))
             await asyncio.sleep(min(interval, self.settings.dead_timeout_s / 4))
 
-    def remote_addresses(self) -> list[str]:
-        """The peer's ICE candidates (`ip:port/udp`) as it announced them in its SDP."""
-        try:
-            ice = self.pc.sctp.transport.transport if self.pc.sctp is not None else None
-            candidates = ice.getRemoteCandidates() if ice is not None else []
-        except AttributeError:
-            return []
-        return [f"{c.ip}:{c.port}/{c.protocol}" for c in candidates][:16]
-
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.peer_id,
             "name": self.name,
             "kind": self.advert.get("kind", "node"),
             "api": self.api_address,
-            "addresses": self.remote_addresses(),
+            "addresses": remote_addresses(self.pc),
             "path": link_path(self.pc),
             "state": self.state,
             "rtt_ms": round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None,
