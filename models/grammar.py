@@ -48,7 +48,7 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> Constraint:
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(schema))  # key order kept: it is the order properties come out
 
     def grammar(self) -> str:
         """The llguidance grammar text."""

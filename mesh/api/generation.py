@@ -26,6 +26,7 @@ from shoal.mesh.route import RouteChoice, RouteFailed
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
 from shoal.models.generate import EventLogprobs, TokenEvent
+from shoal.models.grammar import GrammarError, check_constraint
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
 
@@ -105,6 +106,13 @@ async def prepare(
     except ValueError as exc:
         first_word = str(exc).split(" ", 1)[0]
         raise invalid(str(exc), first_word if first_word in body else None) from None
+    if params.constraint is not None and served.engine is not None:  # a peer checks its own
+        engine = served.engine
+        try:
+            await loop.run_in_executor(None, check_constraint, params.constraint, engine.tokenizer,
+                                       served.config.vocab_size)
+        except GrammarError as exc:
+            raise invalid(str(exc), "tools" if req.tools is not None else "response_format") from None
     return served, prompt_ids, params
 
 

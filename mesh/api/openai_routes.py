@@ -20,6 +20,7 @@ from shoal.mesh.api.logprobs import for_kind
 from shoal.mesh.api.openai_schema import ROUTE_HEADER_IN, CompletionRequest, parse_completion_request
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
+from shoal.mesh.api.structured import ToolCallStream, parse_call
 from shoal.models.generate import EventLogprobs, TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
@@ -95,11 +96,15 @@ async def _collect(
         return done, "refused"
     logprobs = for_kind(req.kind, done.logprobs) if params.logprobs is not None else None
     if req.kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
+        call = parse_call(done.text) if req.tools is not None else None
+        if call is not None:
+            message.update(content=None, tool_calls=[call])
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": done.text, "refusal": None},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": done.finish,
+            "finish_reason": "tool_calls" if call is not None else done.finish,
         }
         obj = "chat.completion"
     else:
@@ -164,6 +169,7 @@ class _SseFramer:
         self._sse: SseWriter | None = None
         self._held: list[EventLogprobs] = []
         self._offset = 0
+        self._calls = ToolCallStream() if req.tools is not None else None
 
     def _logprobs(self) -> dict[str, Any]:
         found = {"logprobs": for_kind(self.req.kind, self._held, self._offset)} if self._held else {}
@@ -183,12 +189,20 @@ class _SseFramer:
     async def token(self, event: TokenEvent) -> None:
         if event.logprobs is not None:
             self._held.append(event.logprobs)
-        if event.text:
+        if event.text and self._calls is not None:
+            for delta in self._calls.push(event.text):
+                await self._send(self._chunk(delta=delta, **self._logprobs()))
+        elif event.text:
             await self._send(self._chunk(delta={"content": event.text}, **self._logprobs()))
             self._offset += len(event.text)
 
     async def finish(self, done: Collected) -> None:
-        final = self._chunk(delta={}, finish_reason=done.finish, **self._logprobs())
+        finish = done.finish
+        if self._calls is not None:
+            for delta in self._calls.finish():
+                await self._send(self._chunk(delta=delta))
+            finish = "tool_calls" if self._calls.is_call and finish == "stop" else finish
+        final = self._chunk(delta={}, finish_reason=finish, **self._logprobs())
         final["shoal_route"] = self.record.route.to_dict()
         await self._send(final)
         if self.req.include_usage:

@@ -13,11 +13,13 @@ shoal's own routing wishes come in an optional `shoal` object (`{"route", "prefe
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shoal.mesh.api.errors import invalid
+from shoal.mesh.api.structured import ToolSpec, response_constraint, tool_spec
 from shoal.mesh.route import MAX_ROUTE_PEERS, ROUTE_MODES, RouteChoice
 
 MAX_STOP_SEQUENCES = 4
@@ -35,10 +37,9 @@ _ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
     "prediction": (),
     "audio": (),
     "function_call": ("none",),
-    "tool_choice": ("none",),
     "web_search_options": (),
 }
-_EMPTY_OK = ("tools", "functions", "logit_bias")
+_EMPTY_OK = ("functions", "logit_bias")
 MAX_LOGPROBS = 20
 
 
@@ -69,6 +70,8 @@ class CompletionRequest:
     """Keyword arguments for `models.sampling.SamplingParams` (without `max_tokens`)."""
     route: RouteChoice = field(default_factory=RouteChoice)
     """Where the request may run (the `shoal` body field, else the `x-shoal-route` header)."""
+    tools: ToolSpec | None = None
+    """The functions the model may call (chat), when given and `tool_choice` is not `none`."""
 
 
 ROUTE_HEADER_IN = "x-shoal-route"
@@ -173,18 +176,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         value = body.get(name)
         if value is not None and value not in ([], {}):
             raise invalid(f"'{name}' is not supported by shoal; leave it out", name, "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-            raise invalid(
-                "'response_format' must be an object with a 'type'", "response_format", "invalid_type"
-            )
-        if fmt["type"] != "text":
-            raise invalid(
-                f"response_format type {fmt['type']!r} is not supported by shoal (only 'text')",
-                "response_format",
-                "unsupported_value",
-            )
 
 
 def _message_content(content: Any, index: int) -> str:
@@ -226,23 +217,53 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
         role = message.get("role")
+        if role == "tool":  # a function's result, told to the model as a user turn
+            text = _message_content(message.get("content"), i)
+            out.append({"role": "user", "content": f"Function result: {text}"})
+            continue
         if role not in ROLES:
-            if role in ("tool", "function"):
+            if role == "function":
                 raise invalid(
-                    f"role {role!r} is not supported by shoal (no tool calls)",
+                    "role 'function' is not supported by shoal (use 'tool')",
                     f"messages[{i}].role",
                     "unsupported_value",
                 )
             raise invalid(
                 f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {role!r}", f"messages[{i}].role"
             )
-        if message.get("tool_calls"):
-            raise invalid(
-                "tool calls are not supported by shoal", f"messages[{i}].tool_calls", "unsupported_value"
-            )
         text = _message_content(message.get("content"), i)
+        if message.get("tool_calls") and role == "assistant":
+            text = (text + "\n" if text else "") + _calls_text(message["tool_calls"], i)
         out.append({"role": "system" if role == "developer" else role, "content": text})
     return out
+
+
+def _calls_text(calls: Any, index: int) -> str:
+    """An assistant message's `tool_calls` as the text the model writes to make them."""
+    param = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise invalid(f"'{param}' must be a list", param, "invalid_type")
+    parts = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(
+                fn.get("arguments", "{}"), str):
+            raise invalid(f"'{param}' entries must be {{function: {{name, arguments}}}}", param,
+                          "invalid_type")
+        try:
+            arguments = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            raise invalid(f"'{param}' arguments must be JSON text", param) from None
+        parts.append(json.dumps({"name": fn["name"], "arguments": arguments}))
+    return "\n".join(parts)
+
+
+def _with_tools(messages: list[dict[str, str]], tools: ToolSpec) -> list[dict[str, str]]:
+    """`messages` with the tools described in the (first) system message."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + tools.system_text()},
+                *messages[1:]]
+    return [{"role": "system", "content": tools.system_text()}, *messages]
 
 
 def _prompt(body: dict[str, Any]) -> str | list[int]:
@@ -304,12 +325,23 @@ def parse_completion_request(
         "stop": _stop(body),
     }
     sampling["logprobs"] = _logprobs(body, kind)
+    sampling["constraint"] = response_constraint(body.get("response_format"))
+    tools = tool_spec(body) if kind == "chat" else None
+    if kind == "text" and body.get("tools"):
+        raise invalid("'tools' is for chat completions", "tools", "unsupported_parameter")
+    if tools is not None:
+        if sampling["constraint"] is not None:
+            raise invalid("'response_format' cannot be combined with 'tools'", "response_format",
+                          "unsupported_value")
+        sampling["constraint"] = tools.constraint
     sampling = {k: v for k, v in sampling.items() if v is not None}
     route = route_choice(body.get("shoal"), route_header)
     if kind == "chat":
+        messages = _messages(body)
         return CompletionRequest(
-            kind, model, stream, include_usage, max_tokens, messages=_messages(body), sampling=sampling,
-            route=route,
+            kind, model, stream, include_usage, max_tokens,
+            messages=_with_tools(messages, tools) if tools is not None else messages, sampling=sampling,
+            route=route, tools=tools,
         )
     return CompletionRequest(
         kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling, route=route
