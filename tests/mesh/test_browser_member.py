@@ -211,6 +211,25 @@ def test_a_page_from_another_device_chats_only_with_the_nodes_key(nodes, pages):
     print(f"chat from the non-loopback page: {route}")
 
 
+def test_tabs_relink_when_a_node_restarts(nodes, pages):
+    """The tab served by `b` redials it (as nodes redial their bootstrap addresses); the other tab relinks by
+    peer exchange."""
+    _, b, _ = nodes
+    ids = [tab.evaluate("shoalMember.identity.id") for tab in pages]
+    b.stop()
+    for tab in pages:
+        tab.wait_for(f"!shoalMember.links.has({json.dumps(b.peer_id)})", 10, "b's departure")
+    pages[1].wait_for("shoalMember.rejoinMs > 1000", 10, "the tab to redial b")
+    b.start(120)
+    for tab in pages:
+        tab.wait_for(f"shoalMember.links.get({json.dumps(b.peer_id)})?.state === 'connected'", 60,
+                     "the link to the restarted node")
+    _wait(lambda: set(ids) <= set(b.members()), 20, "b to list both tabs again")
+    # the tab b served rejoined through b's signalling (its back-off, doubled by the failed tries, is reset)
+    pages[1].wait_for("shoalMember.rejoinTimer === null && shoalMember.rejoinMs === 1000", 30, "the rejoin")
+    assert pages[1].evaluate("[shoalMember.status.state, shoalMember.homeId]") == ["linked", b.peer_id]
+
+
 def test_page_with_a_wrong_invite_is_refused(nodes, browser):
     a, b, invite = nodes
     # the right mesh id and expiry, but a key that is not derived from the mesh secret; `localhost` is a

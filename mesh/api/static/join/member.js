@@ -6,6 +6,8 @@ import { MeshError, buildSignal, meshIdFor, verifySignal } from "./mesh.js";
 const CONNECT_TIMEOUT_MS = 10000;
 const GOSSIP_INTERVAL_MS = 10000;
 const MAX_EXCHANGED = 64;
+const REJOIN_FIRST_MS = 1000;
+const REJOIN_MAX_MS = 60000;
 
 export class Member extends EventTarget {
   constructor(identity, membership, settings = {}) {
@@ -17,6 +19,11 @@ export class Member extends EventTarget {
     this.dialing = new Set();
     this.relayed = new Map();
     this.status = { state: "joining" };
+    this.signalUrl = null;
+    this.homeId = null;  // the node that served the page, which the tab keeps a link to (as nodes do with
+    this.rejoinMs = REJOIN_FIRST_MS;  // their bootstrap addresses): redialled, backing off, when it drops
+    this.rejoinTimer = null;
+    this.leaving = false;
     this.gossipTimer = setInterval(() => this.gossip(), GOSSIP_INTERVAL_MS);
   }
 
@@ -31,14 +38,27 @@ export class Member extends EventTarget {
 
   /** Join through the node at `signalUrl` (the page's own node): a signed offer over its WebSocket. */
   async join(signalUrl) {
-    this.setStatus("joining");
+    this.signalUrl = signalUrl;
+    if (this.links.size === 0) this.setStatus("joining");
     try {
       const link = await this.dial((offer) => this.signalOver(signalUrl, offer), "");
+      this.homeId = link.peerId;
+      this.rejoinMs = REJOIN_FIRST_MS;
       this.setStatus("linked", { via: link.peerId });
     } catch (error) {
-      this.setStatus("refused", { code: error.code ?? "error", reason: error.message });
+      if (this.links.size === 0) this.setStatus("refused", { code: error.code ?? "error", reason: error.message });
+      this.rejoinLater();
       throw error;
     }
+  }
+
+  rejoinLater() {
+    if (this.rejoinTimer !== null || this.leaving) return;
+    this.rejoinTimer = setTimeout(() => {
+      this.rejoinTimer = null;
+      this.join(this.signalUrl).catch((error) => console.info(`rejoin failed: ${error.message}`));
+    }, this.rejoinMs);
+    this.rejoinMs = Math.min(this.rejoinMs * 2, REJOIN_MAX_MS);
   }
 
   signalOver(url, offer) {
@@ -101,6 +121,7 @@ export class Member extends EventTarget {
       this.links.delete(link.peerId);
       this.dispatchEvent(new CustomEvent("left", { detail: { id: link.peerId, name: link.name, reason } }));
       if (this.links.size === 0 && this.status.state === "linked") this.setStatus("alone", { reason });
+      if (link.peerId === this.homeId) this.rejoinLater();
       this.gossip();
     }
     if (wasConnected) this.changed();
@@ -203,6 +224,8 @@ export class Member extends EventTarget {
 
   /** Leave: say bye on every link and close it (the tab is closing, or the user left). */
   leave() {
+    this.leaving = true;
+    clearTimeout(this.rejoinTimer);
     clearInterval(this.gossipTimer);
     for (const link of [...this.links.values()]) link.close("left the mesh", true);
     this.setStatus("left");
