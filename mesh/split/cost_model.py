@@ -134,6 +134,9 @@ class Device:
     """Round-trip time from the local node (0 for the local node)."""
     bandwidth_bps: float = DEFAULT_BANDWIDTH
     """Bytes/s on the link from the local node."""
+    link: str = "host"
+    """What the link from the local node is (its selected ICE pair, docs/mesh.md "Across NATs"): `host`,
+    `server-reflexive`, `peer-reflexive` or `relayed` (through a TURN server)."""
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from shoal.mesh.p2p.errors import PeerUnavailable, RemoteError
+from shoal.mesh.p2p.ice import link_path
 from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route, RouteChoice, RouteFailed
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
@@ -133,6 +134,7 @@ class Router:
                     trusted=peer.peer_id in trusted,
                     serves_others=split.get("serve_others") is True,
                     rtt_s=peer.rtt_s or 0.001,
+                    link=(link_path(getattr(peer, "pc", None)) or {}).get("type", "host"),
                     holds_model=holds,
                     fetch_bps=0.0 if holds else FETCH_BPS,
                 ))

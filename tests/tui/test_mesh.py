@@ -68,6 +68,8 @@ async def test_invite_then_join_shows_the_peer_and_link(two_nodes: tuple[TestNod
             pilot, lambda: "alpha" in table_text(peers), "alpha in beta's peers table", within=60
         )
         await wait_until(pilot, lambda: "connected" in table_text(peers), "the link to come up", within=60)
+        # what the link is: loopback, so a host-to-host ICE pair over UDP
+        await wait_until(pilot, lambda: "host/udp" in table_text(peers), "the link kind in the table")
         topology = app.query_one(TopologyView)
         await wait_until(pilot, lambda: "1 link" in str(topology.render()), "the link in the topology")
         assert "beta (this node) ──" in str(topology.render())

@@ -74,6 +74,7 @@ def test_peer_row_reads_the_advert() -> None:
         "name": "pi",
         "state": "connected",
         "rtt_ms": 2.5,
+        "path": {"type": "relayed", "local": "relay", "remote": "srflx", "protocol": "tcp"},
         "trusted": True,
         "advert": {
             "models": ["smollm2"],
@@ -92,6 +93,7 @@ def test_peer_row_reads_the_advert() -> None:
         "llvm",
         "connected",
         "2.5",
+        "relay/tcp",
         "smollm2",
         "1",
         "95.5",
@@ -103,6 +105,8 @@ def test_peer_row_reads_the_advert() -> None:
         "—",
     ]
     assert "—" in [str(getattr(c, "plain", c)) for c in peer_row({"id": "x"})]
+    assert str(peer_row({**peer, "path": {"type": "server-reflexive", "protocol": "udp"}})[5]) == "srflx/udp"
+    assert peer_row({**peer, "path": None})[5] == "—"
     usage = {"given_requests": 2, "given_tokens": 74, "received_requests": 0, "received_tokens": 0}
     assert [str(c) for c in peer_row(peer, usage)[-2:]] == ["2 req / 74 tok", "—"]
 

@@ -1,5 +1,6 @@
-"""Mesh tab: this node, its peers (link state, RTT, what they hold and how fast they run, the work given to
-and received from each, from the signed usage receipts), the topology;
+"""Mesh tab: this node, its peers (link state, RTT, what the link is — host, hole-punched or relayed —, what
+they hold and how fast they run, the work given to and received from each, from the signed usage receipts),
+the topology;
 join a mesh from an invite and copy this node's invite (shown with the join page's URL and its QR code). A
 node the members refused says so in red (who, why, when it tries again)."""
 
@@ -23,6 +24,7 @@ PEER_COLUMNS = (
     "target",
     "state",
     "RTT ms",
+    "link",
     "models",
     "shards",
     "tok/s",
@@ -42,6 +44,18 @@ def _work(requests: Any, tokens: Any) -> str:
     return f"{requests} req / {tokens} tok"
 
 
+_LINK_WORDS = {"host": "host", "server-reflexive": "srflx", "peer-reflexive": "prflx", "relayed": "relay"}
+
+
+def link_cell(path: Any) -> Text | str:
+    """What the link is (its selected ICE pair, `path` in `GET /v1/mesh/peers`): `host/udp`, `srflx/udp`
+    (hole punched through a NAT), `relay/tcp` (through a TURN server, in yellow), or — before ICE chose."""
+    if not isinstance(path, dict) or path.get("type") not in _LINK_WORDS:
+        return "—"
+    kind = _LINK_WORDS[path["type"]]
+    return Text(f"{kind}/{path.get('protocol') or '?'}", style="yellow" if kind == "relay" else "")
+
+
 def peer_row(peer: dict[str, Any], usage: dict[str, Any] | None = None) -> tuple[Any, ...]:
     """One table row; `usage`: this peer's entry of `GET /v1/mesh/usage` (given = served by this node)."""
     advert = peer.get("advert") or {}
@@ -56,6 +70,7 @@ def peer_row(peer: dict[str, Any], usage: dict[str, Any] | None = None) -> tuple
         advert.get("target") or ("browser" if peer.get("kind") == "browser" else "—"),
         Text(state, style=_STATE_STYLE.get(state, "")),
         number(peer.get("rtt_ms"), 1),
+        link_cell(peer.get("path")),
         ", ".join(advert.get("models") or []) or "—",
         str(len(advert.get("shards") or [])),
         number(max(decode), 1) if decode else "—",
