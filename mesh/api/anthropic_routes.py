@@ -3,8 +3,9 @@
 The body (`model`, `max_tokens`, `messages` of text blocks, `system`, `stop_sequences`, `temperature`,
 `top_p`, `top_k`, `stream`) is rewritten into the OpenAI shape and checked by
 `openai_schema.parse_completion_request`; an error names the Anthropic field. Features shoal lacks
-(`tools`, `tool_choice`, `output_config`, enabled `thinking`, image/document/tool blocks, a final assistant
-message to continue) are 400s naming the field. Streaming sends Anthropic's named SSE events:
+(`tools`, `tool_choice`, enabled `thinking`, image/document/tool blocks, a final assistant message to
+continue) are 400s naming the field; `output_config.format` (a JSON Schema) constrains the answer.
+Streaming sends Anthropic's named SSE events:
 `message_start`, `content_block_start`, `ping`, `content_block_delta` (text), `content_block_stop`,
 `message_delta` (stop reason, output tokens), `message_stop`; an error once streaming is an `error` event.
 It runs through `mesh.api.generation`.
@@ -25,8 +26,9 @@ from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import open_sse
 from shoal.models.generate import TokenEvent
 
-REFUSED = ("tools", "tool_choice", "mcp_servers", "container", "output_config")
-RENAMED = {"stop": "stop_sequences"}
+REFUSED = ("tools", "tool_choice", "mcp_servers", "container")
+RENAMED = {"stop": "stop_sequences", "response_format": "output_config.format",
+           "response_format.json_schema.schema": "output_config.format.schema"}
 """OpenAI field -> Anthropic field, for error messages."""
 
 
@@ -72,6 +74,22 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _output_format(config: Any) -> dict[str, Any] | None:
+    """`output_config.format` (`{"type": "json_schema", "schema"}`) as OpenAI's `response_format`; `effort`
+    is accepted and has no effect."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise invalid("'output_config' must be an object", "output_config", "invalid_type")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise invalid("'output_config.format' must be {type: json_schema, schema}", "output_config.format",
+                      "unsupported_value")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
+
+
 def parse_messages(body: Any) -> tuple[CompletionRequest, dict[str, Any]]:
     """A `/v1/messages` body as the shared `CompletionRequest` (and the OpenAI-shaped body it was read as)."""
     if not isinstance(body, dict):
@@ -99,13 +117,19 @@ def parse_messages(body: Any) -> tuple[CompletionRequest, dict[str, Any]]:
     if stops is not None and not isinstance(stops, list):
         raise invalid("'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
     translated["stop"] = stops
+    translated["response_format"] = _output_format(body.get("output_config"))
     translated["stream"] = bool(stream)
     try:
         return parse_completion_request(translated, "chat", 1 << 20), translated
     except ApiError as exc:
-        param = RENAMED.get(exc.param or "", exc.param)
-        message = exc.message.replace(f"'{exc.param}'", f"'{param}'")
-        raise ApiError(exc.status, message, param=param, code=exc.code, type=exc.type) from None
+        raise _renamed(exc) from None
+
+
+def _renamed(exc: ApiError) -> ApiError:
+    """`exc` naming the Anthropic field instead of the OpenAI one."""
+    param = RENAMED.get(exc.param or "", exc.param)
+    message = exc.message.replace(f"'{exc.param}'", f"'{param}'")
+    return ApiError(exc.status, message, param=param, code=exc.code, type=exc.type)
 
 
 def _stop_reason(done: Collected) -> tuple[str, str | None]:
@@ -170,7 +194,10 @@ class _EventFramer:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     req, body = parse_messages(await read_json(request))
-    served, prompt_ids, params = await prepare(request, req, body)
+    try:
+        served, prompt_ids, params = await prepare(request, req, body)
+    except ApiError as exc:
+        raise _renamed(exc) from None
     async with tracked(request, served, prompt_ids, "msg") as run:
         if body["stream"]:
             framer = _EventFramer(run.record, served.name)

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from shoal.mesh.api.embeddings_routes import embed_inputs, parse_inputs
-from shoal.mesh.api.errors import invalid, json_response
+from shoal.mesh.api.errors import ApiError, invalid, json_response
 from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames, tracked
 from shoal.mesh.api.keys import NODE, ROUTE_HEADER
 from shoal.mesh.api.ollama_schema import (
@@ -28,6 +28,7 @@ from shoal.mesh.api.ollama_schema import (
     model_name,
     parse_chat,
     parse_generate,
+    renamed,
 )
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.records import RequestRecord
@@ -126,7 +127,10 @@ class _NdjsonFramer:
 
 async def _run(request: web.Request, kind: str, parsed: OllamaRequest, stream: bool) -> web.StreamResponse:
     req = parsed.completion
-    served, prompt_ids, params = await prepare(request, req, parsed.body)
+    try:
+        served, prompt_ids, params = await prepare(request, req, parsed.body)
+    except ApiError as exc:
+        raise renamed(exc) from None
     async with tracked(request, served, prompt_ids, "ollama") as run:
         answer = _Answer(kind, served.name, run.record, prompt_ids)
         if stream:

@@ -5,7 +5,8 @@ dialects share one set of rules; an error names the Ollama field (`options.num_p
 `options` keys shoal honours map to sampling fields; runtime knobs that do not change the answer (`num_ctx`,
 `num_thread`, `num_gpu`, `use_mmap`, …) are accepted and ignored; sampling features shoal lacks (`mirostat`,
 `typical_p`, `tfs_z`, `penalize_newline`) are refused unless set to their neutral value; anything else unknown
-is a 400 naming it. `format`, `tools`, `images`, `template`, `suffix`, `context` and `think` are refused.
+is a 400 naming it. `format` (`"json"` or a JSON Schema) constrains the answer as OpenAI's `response_format`
+does; `tools`, `images`, `template`, `suffix`, `context` and `think` are refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ IGNORED_OPTIONS = frozenset({
     "use_mlock", "num_thread", "numa", "num_keep", "repeat_last_n", "mirostat_tau", "mirostat_eta",
 })
 NEUTRAL_OPTIONS: dict[str, Any] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "penalize_newline": False}
-REFUSED_FIELDS = ("format", "tools", "images", "template", "suffix", "context")
+REFUSED_FIELDS = ("tools", "images", "template", "suffix", "context")
 IGNORED_FIELDS = ("keep_alive", "options", "stream", "raw", "system", "think", "logprobs", "top_logprobs")
 MODEL_TAG = ":latest"
 
@@ -116,18 +117,28 @@ def _translate(
 ) -> OllamaRequest:
     openai_body.update(_options(body.get("options")))
     openai_body.update(_logprobs(body, kind))
+    fmt = body.get("format")
+    if fmt == "json":
+        openai_body["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        schema = {"name": "format", "schema": fmt}
+        openai_body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif fmt not in (None, ""):
+        raise invalid("'format' must be \"json\" or a JSON Schema object", "format", "invalid_value")
     openai_body["stream"] = False  # the Ollama route streams itself
     try:
         req = parse_completion_request(openai_body, kind, 1 << 20)
     except ApiError as exc:
-        raise _renamed(exc) from None
+        raise renamed(exc) from None
     return OllamaRequest(req, openai_body)
 
 
-def _renamed(exc: ApiError) -> ApiError:
+def renamed(exc: ApiError) -> ApiError:
     """`exc` with its OpenAI field name turned into the Ollama one."""
     back = {v: f"options.{k}" for k, v in OPTIONS.items()}
     param = back.get(exc.param or "", exc.param)
+    if param and param.startswith("response_format"):
+        param = "format"
     message = exc.message.replace(f"'{exc.param}'", f"'{param}'") if param != exc.param else exc.message
     return ApiError(exc.status, message, param=param, code=exc.code, type=exc.type)
 

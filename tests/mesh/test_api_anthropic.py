@@ -3,10 +3,12 @@ the streamed events, stop reasons, and coded 400s naming the Anthropic field."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 
 from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
@@ -60,6 +62,16 @@ async def test_stop_reasons(client: anthropic.AsyncAnthropic) -> None:
     assert stopped.content[0].text == text[: text.index(cut)]
 
 
+async def test_output_config_format_constrains_the_answer(client: anthropic.AsyncAnthropic) -> None:
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Spain"]}},
+              "required": ["capital", "country"], "additionalProperties": False}
+    answer = await client.messages.create(model=MODEL, max_tokens=60, messages=QUESTION, extra_body=GREEDY,
+                                          output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert answer.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(answer.content[0].text), schema)
+
+
 BAD = [
     ({"max_tokens": None}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -72,7 +84,8 @@ BAD = [
     ({"stop_sequences": "x"}, "stop_sequences"),
     ({"temperature": "warm"}, "temperature"),
     ({"system": 5}, "system"),
-    ({"output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config"),
+    ({"output_config": {"format": {"type": "yaml"}}}, "output_config.format"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": 5}}}, "output_config.format.schema"),
 ]
 
 

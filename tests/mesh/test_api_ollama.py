@@ -3,10 +3,12 @@ generate (streamed NDJSON and whole), tags, show, ps, version, options, and code
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 
 from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
@@ -79,12 +81,26 @@ async def test_tags_show_ps_version(client: ollama.AsyncClient, node: NodeThread
 
 
 X = [{"role": "user", "content": "x"}]
+async def test_format_json_schema_constrains_the_answer(client: ollama.AsyncClient) -> None:
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Spain"]}},
+              "required": ["capital", "country"], "additionalProperties": False}
+    answer = await client.chat(model=MODEL, messages=[{"role": "user", "content": QUESTION}], format=schema,
+                               options={"temperature": 0, "num_predict": 60}, stream=False)
+    assert answer.done_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), schema)
+    loose = await client.generate(model=MODEL, prompt=QUESTION, format="json",
+                                  options={"temperature": 0, "num_predict": 60})
+    assert isinstance(json.loads(loose.response), dict)
+
+
 BAD = [
     ("/api/chat", {"messages": X}, "model"),
     ("/api/chat", {"model": MODEL, "messages": "x"}, "messages"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
      "messages[0].images"),
-    ("/api/chat", {"model": MODEL, "messages": X, "format": "json"}, "format"),
+    ("/api/chat", {"model": MODEL, "messages": X, "format": "yaml"}, "format"),
+    ("/api/chat", {"model": MODEL, "messages": X, "format": {"type": "object", "properties": 5}}, "format"),
     ("/api/chat", {"model": MODEL, "messages": X, "options": {"mirostat": 2}},
      "options.mirostat"),
     ("/api/chat", {"model": MODEL, "messages": X, "options": {"warp": 9}},
