@@ -164,7 +164,8 @@ def run(folder: Path, quants: list[str], steps: int = 128, repeats: int = 3) -> 
         return (folder / "cubin" / f"{hashlib.sha256(code.encode()).hexdigest()}.fatbin").read_bytes()
 
     from shoal.models.compile import CompiledShard
-    from shoal.models.runtime import CompiledStage, _load_weights
+    from shoal.models.runtime import CompiledStage
+    from shoal.models.shard_weights import load_shard_weights
     from shoal.models.span import LayerSpan
     from shoal.models.targets import TargetSpec
 
@@ -179,7 +180,7 @@ def run(folder: Path, quants: list[str], steps: int = 128, repeats: int = 3) -> 
                               target=TargetSpec("cuda", info["target"]),
                               params=tuple((p[0], tuple(p[1]), p[2]) for p in info["params"]),
                               compile_seconds=0.0, cached=True)
-        stage = CompiledStage(model.config, shard, _load_weights(model, shard, dev))
+        stage = CompiledStage(model.config, shard, load_shard_weights(model, shard, dev))
         ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=200).astype(np.int32)
         prefill, decode = [], []
         for r in range(repeats + 1):  # the first run warms up

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from shoal.models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
 from shoal.models.config import ModelConfig
-from shoal.models.errors import ContextOverflowError, UnsupportedModelError
+from shoal.models.errors import ContextOverflowError
+from shoal.models.shard_weights import load_shard_weights
 from shoal.models.span import LayerSpan
 from shoal.models.stage import ids_in_range
 from shoal.models.targets import TargetSpec, detect_target, host_cores
@@ -52,91 +53,6 @@ def configure_threads() -> None:
 
 def _broken_message(seq_id: int) -> str:
     return f"sequence {seq_id}'s KV cache is unusable after a failed step; remove the sequence"
-
-
-def _read_blocks(gguf_model: Any, name: str) -> np.ndarray:
-    """A tensor's stored bytes, read with pread rather than through the file mapping, so the mapped pages do
-    not stay resident in this process once the weights are packed (peak RSS, issue 3)."""
-    info = gguf_model.tensor_info(name)
-    path = getattr(gguf_model, "path", None)
-    if path is None:
-        return np.array(gguf_model.raw(name)).reshape(-1)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, info.size, info.offset)
-    finally:
-        os.close(fd)
-    if len(data) != info.size:
-        raise ValueError(f"tensor {name}: read {len(data)} of {info.size} bytes (truncated file?)")
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def _packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
-                   quantization: str) -> dict[str, Any]:
-    """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
-    if quantization == "native":  # each tensor keeps its block type (models/block_types.py)
-        from shoal.models.block_types import TensorTypes, native_arrays
-
-        shapes = {name: tuple(gguf_model.tensor_info(name).shape) for name in sources}
-        return native_arrays(TensorTypes.from_gguf(gguf_model), sources, shapes,
-                             lambda name: _read_blocks(gguf_model, name), module_path == "embed_tokens")
-    from shoal.models.kernels.quant import concat_packed, pack_q4_1, pack_q8_0  # NumPy only: no Relax import
-    from shoal.models.weights import WEIGHT_KINDS
-
-    kind = WEIGHT_KINDS[quantization]["embedding" if module_path == "embed_tokens" else "linear"]
-    packed = []
-    for name in sources:
-        info = gguf_model.tensor_info(name)
-        if info.type.name.lower() != kind:
-            raise UnsupportedModelError(
-                f"tensor {name} is {info.type.name}, but a {quantization} build keeps it as {kind.upper()}; "
-                "load this model with quantization='f32'"
-            )
-        out_features, in_features = info.shape
-        pack = pack_q4_1 if kind == "q4_1" else pack_q8_0
-        packed.append(pack(_read_blocks(gguf_model, name), out_features, in_features))
-    weight = packed[0] if len(packed) == 1 else concat_packed(packed)
-    names = ["qweight", "scale"] + (["min"] if weight.min is not None else [])  # QuantizedLinear's order
-    return dict(zip(names, weight.arrays(), strict=True))
-
-
-def _load_weights(gguf_model: Any, shard: CompiledShard, device: Any,
-                  load: Callable[[str], np.ndarray] | None = None) -> list[Any]:
-    """The shard's parameters as TVM tensors on `device`, in the order the compiled functions take them.
-    `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
-    import tvm
-    from shoal.models.weights import gguf_sources
-
-    load = load or gguf_model.dequantize
-    config: ModelConfig = gguf_model.config
-    tensor_names = set(gguf_model.tensor_names())
-    out = []
-    packed: dict[str, dict[str, Any]] = {}
-    for name, shape, dtype in shard.params:
-        module_path, _, attr = name.rpartition(".")
-        if ".parts." in module_path:  # a row part of a native build's MixedLinear
-            module_path, _, part = module_path.partition(".parts.")
-            attr = f"parts.{part}.{attr}"
-        sources = gguf_sources(config, shard.span, module_path, tensor_names)
-        if shard.quantization == "f32" or len(shape) == 1:  # norms and biases stay float32
-            parts = [load(s) for s in sources]
-            array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-            if array.ndim == 2 and module_path != "embed_tokens":
-                array = np.ascontiguousarray(array.T)  # F32Linear stores [in, out]
-        else:
-            if module_path not in packed:
-                packed[module_path] = _packed_arrays(gguf_model, module_path, sources, shard.quantization)
-            array = packed[module_path].pop(attr)
-            if not packed[module_path]:
-                del packed[module_path]
-        if tuple(array.shape) != shape or str(array.dtype) != dtype:
-            raise ValueError(
-                f"parameter {name}: the GGUF gives {array.dtype}{list(array.shape)}, "
-                f"the compiled shard expects {dtype}{list(shape)}"
-            )
-        out.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
-        del array
-    return out
 
 
 class CompiledStage:
@@ -254,7 +170,7 @@ class CompiledStage:
             shard = compile_shard(config, span, spec, quantization=quantization,
                                   fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress,
                                   tensor_types=types)
-        params = _load_weights(gguf_model, shard, spec.device(), load)
+        params = load_shard_weights(gguf_model, shard, spec.device(), load)
         return cls(config, shard, params, **options)
 
     # -- sequences -----------------------------------------------------------------------------------------
