@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.ports import MeshHandle
@@ -42,9 +42,11 @@ class RemoteTokenizer:
                                   self._timeout)
         try:
             reply = asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout + BRIDGE_GRACE_S)
+        except RemoteError as exc:
+            if exc.code == wire.BAD_REQUEST:
+                raise ValueError(exc.message) from None
+            raise ModelError(f"tokenizing on {self.peer_id[:12]} failed: {exc}") from None
         except MeshError as exc:
-            if getattr(exc, "code", None) == wire.BAD_REQUEST:
-                raise ValueError(getattr(exc, "message", str(exc))) from None
             raise ModelError(f"tokenizing on {self.peer_id[:12]} failed: {exc}") from None
         ids = reply.get("ids")
         if not isinstance(ids, list) or any(type(t) is not int or not 0 <= t < self.vocab_size for t in ids):

@@ -1,11 +1,19 @@
-"""Router pieces that need no network: forced routes, speed measurement, advert parsing, offload params."""
+"""Router pieces that need no network: forced routes, speed measurement, advert parsing, offload params, a
+remote tokenizer's errors."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
+from shoal.mesh.p2p.errors import LinkClosed, MeshError, RemoteError
+from shoal.mesh.split import wire
 from shoal.mesh.split.offload import _token_event, params_to_wire
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number
+from shoal.mesh.split.remote_model import RemoteTokenizer
 from shoal.mesh.split.router import GREEDY_TOP_K, logits_top_k
+from shoal.models.errors import ModelError
 from shoal.models.sampling import SamplingParams
 
 
@@ -64,3 +72,28 @@ def test_logits_top_k_by_sampling_params() -> None:
     assert logits_top_k(SamplingParams(temperature=0.7), 256) == 0  # no top-k: every logit
     assert logits_top_k(SamplingParams(temperature=0.7, top_k=40), 256) == 256
     assert logits_top_k(SamplingParams(temperature=0.7, top_k=400), 256) == 0
+
+
+class _FailingMesh:
+    """A mesh whose every request fails with `error`."""
+
+    def __init__(self, error: MeshError) -> None:
+        self.error = error
+
+    async def request(self, peer_id: str, frame_type: str, body: dict[str, Any],
+                      timeout_s: float | None = None) -> dict[str, Any]:
+        raise self.error
+
+
+async def test_remote_tokenizer_errors() -> None:
+    """A peer's bad_request refusal is the caller's ValueError (its message kept); other failures are
+    ModelError."""
+    loop = asyncio.get_running_loop()
+    refused = RemoteTokenizer(_FailingMesh(RemoteError(wire.BAD_REQUEST, "messages[0] has no content")),  # type: ignore[arg-type]
+                              loop, "peer", "m", 100)
+    with pytest.raises(ValueError, match=r"^messages\[0\] has no content$"):
+        await asyncio.to_thread(refused.encode, "hi")
+    for error in (RemoteError("busy", "try later"), LinkClosed("link closed")):
+        failing = RemoteTokenizer(_FailingMesh(error), loop, "peer", "m", 100)  # type: ignore[arg-type]
+        with pytest.raises(ModelError, match="tokenizing on peer failed"):
+            await asyncio.to_thread(failing.encode, "hi")
