@@ -1,6 +1,6 @@
 """Prefill and decode speed of shoal's compiled runtime, shoal's NumPy reference and llama.cpp, one table.
 
-    python bench/decode.py [--target auto|llvm|cuda] [--quantization q4_1|f32] [--repeats 3]
+    python bench/decode.py [--target auto|llvm|cuda] [--quantization q4_1|native|f32] [--repeats 3]
 
 Each engine runs in its own subprocess (so peak RSS is its own): a ~200-token chat prompt is prefilled, then
 128 greedy decode steps follow; the median of `--repeats` runs is reported. llama.cpp (llama-cpp-python,
@@ -169,6 +169,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
                                    quantization=args.quantization)
         result["compile_s"] = json.loads(stage.shard.manifest.read_text()).get("compile_seconds")
+        result["weight_bytes"] = sum(_nbytes(shape, dtype) for _, shape, dtype in stage.shard.params)
         result["device"] = stage.target.kind
         engine: Any = _ShoalEngine(stage, gguf.config.vocab_size)
     elif args.worker == "shoal-numpy":
@@ -178,6 +179,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                               gguf.config.vocab_size)
     else:
         engine = _LlamaCppEngine(model_path, args.threads or host_cores())
+        result["weight_bytes"] = sum(gguf.tensor_info(n).size for n in gguf.tensor_names())
     gguf.close()  # the engines hold their own copies; drop the mapped file's pages
     result["load_s"] = time.perf_counter() - start
     engine.run(prompt[:16], 4)  # warm up
@@ -206,6 +208,39 @@ def _run_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"engine": engine, "error": " | ".join(tail) or f"exit {proc.returncode}"}
     return json.loads(lines[-1])
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    import numpy as np
+
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s moved (read + write) by the best of `repeats` NumPy copies of `mib` MiB: a practical ceiling
+    for streaming weights from memory (one thread)."""
+    import numpy as np
+
+    src = np.ones(mib << 18, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def print_bandwidth(rows: list[dict[str, Any]]) -> None:
+    """Each engine's decode weight stream (weight bytes × decode tok/s) as a share of `copy_bandwidth`."""
+    limit = copy_bandwidth()
+    print(f"\nmemory bandwidth limit (NumPy 256 MiB copy, read + write, one thread): {limit / 1e9:.1f} GB/s")
+    for r in rows:
+        if "error" not in r and r.get("weight_bytes"):
+            stream = r["weight_bytes"] * r["decode_tps"]
+            mib = r["weight_bytes"] / 2**20
+            print(f"  {r['engine']:<16} decode streams {mib:.0f} MiB of weights a token: "
+                  f"{stream / 1e9:.1f} GB/s = {100 * stream / limit:.0f}% of the limit")
 
 
 def _llama_cpp_available() -> bool:
@@ -241,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="auto", choices=("auto", "llvm", "cuda"))
-    parser.add_argument("--quantization", default="q4_1", choices=("q4_1", "f32"))
+    parser.add_argument("--quantization", default="q4_1", choices=("q4_1", "native", "f32"))
     parser.add_argument("--model", default="default", help="GGUF path, or `default` (the embedded model)")
     parser.add_argument("--steps", type=int, default=128, help="greedy decode steps (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is shown")
@@ -273,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; median of "
           f"{args.repeats}; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
+    print_bandwidth(rows)
     for row in rows:
         if row.get("profile"):
             print(f"\nper-function decode time ({row['engine']}, instrumented; top 15):")
