@@ -3,7 +3,8 @@
 `POST /api/chat` and `POST /api/generate` stream NDJSON (one JSON object a line, `done: true` on the last,
 with token counts and durations in nanoseconds) unless `"stream": false`; they run through the same code as
 the OpenAI routes (`mesh.api.generation`). `GET /api/tags`, `POST /api/show`, `GET /api/ps` and
-`GET /api/version` describe the models; `POST /api/embed` embeds (`mesh.api.embeddings_routes`). Errors keep
+`GET /api/version` describe the models; `POST /api/embed` embeds (`mesh.api.embeddings_routes`); `POST
+/api/pull` fetches a model over shoal's IPFS path (progress from the node's `pull.*` events). Errors keep
 the API's one body shape
 `{"error": {"message", "type", "param", "code"}}` (the `ollama` client raises `ResponseError` with it); an
 error after the first line is a last line `{"error": {...}}`.
@@ -32,6 +33,7 @@ from shoal.mesh.api.ollama_schema import (
 )
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.records import RequestRecord
+from shoal.mesh.events import Event
 from shoal.models.generate import EventLogprobs, TokenEvent
 
 OLLAMA_VERSION = "0.12.0"
@@ -239,6 +241,65 @@ async def embed(request: web.Request) -> web.Response:
                           "prompt_eval_count": total})
 
 
+def _pull_line(event: Event) -> dict[str, Any] | None:
+    """A pull event as Ollama's progress object (None: the pull is over)."""
+    data = event.data
+    if event.kind == "pull.progress":
+        cid = str(data.get("cid") or "")
+        return {"status": f"pulling {cid[:16]}", "digest": cid, "total": data.get("bytes_total") or 0,
+                "completed": data.get("bytes_done") or 0}
+    return None
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """`{model, stream?}`: fetch a model over shoal's IPFS path (a catalog name or a CID); NDJSON progress
+    `{status, digest, total, completed}` then `{"status": "success"}`, or just the last object unstreamed."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", None, "invalid_type")
+    name = model_name(body.get("model", body.get("name")))
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be a boolean", "stream", "invalid_type")
+    node = request.app[NODE]
+    events = node.bus.subscribe()  # before the pull starts: no event is missed
+    try:
+        try:
+            pull_id = node.start_pull(name)
+        except LookupError as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        except ConnectionError as exc:
+            raise ApiError(503, str(exc), code="source_unavailable") from None
+        response: web.StreamResponse | None = None
+        if stream:
+            response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            await response.write(orjson.dumps({"status": "pulling manifest"}) + b"\n")
+        async for event in events:
+            if event.data.get("pull_id") != pull_id or not event.kind.startswith("pull."):
+                continue
+            if event.kind == "pull.failed":
+                error = ApiError(502, f"pulling {name} failed: {event.data.get('error')}", code="pull_failed")
+                if response is None:
+                    raise error
+                await response.write(orjson.dumps(error.body()) + b"\n")
+                break
+            if event.kind == "pull.done":
+                if response is None:
+                    return json_response({"status": "success"})
+                await response.write(orjson.dumps({"status": "success"}) + b"\n")
+                break
+            line = _pull_line(event)
+            if line is not None and response is not None:
+                await response.write(orjson.dumps(line) + b"\n")
+        if response is None:  # the bus closed: the node is stopping
+            raise ApiError(503, "the node stopped before the pull finished", code="shutdown")
+        await response.write_eof()
+        return response
+    finally:
+        events.close()
+
+
 async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_VERSION, "shoal": request.app[NODE].version})
 
@@ -251,3 +312,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/ps", ps)
     app.router.add_get("/api/version", version)
     app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/pull", pull)

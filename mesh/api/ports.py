@@ -154,6 +154,11 @@ class NodePort(Protocol):
 
     def begin_drain(self) -> None: ...
 
+    def start_pull(self, name_or_cid: str) -> str:
+        """Start pulling a model over IPFS; returns the id its `pull.*` bus events carry. LookupError: unknown
+        name or bad CID; ConnectionError: no source."""
+        ...
+
 
 class RouterPort(Protocol):
     """Routes a completion: locally, offloaded to one peer, or split over several (`mesh.split.router`)."""

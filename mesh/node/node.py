@@ -23,6 +23,7 @@ from shoal.mesh.api.ports import RouterPort
 from shoal.mesh.api.server import api_runner
 from shoal.mesh.events import EventBus
 from shoal.mesh.ipfs.block_exchange import BlockExchange
+from shoal.mesh.ipfs.errors import InvalidCidError, IpfsError, UnknownModelError
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.node.config import NodeConfig, PolicyConfig
 from shoal.mesh.node.data_dir import DataDirLock
@@ -152,6 +153,17 @@ class Node:
 
     def requests_running(self, model: str) -> bool:
         return any(r["model"] == model and r["status"] == "running" for r in self.requests.recent())
+
+    def start_pull(self, name_or_cid: str) -> str:
+        """Start pulling a model over IPFS (as `POST /v1/models/pull` does); its progress comes on the bus as
+        `pull.*` events carrying the returned id. LookupError: an unknown name or a bad CID; ConnectionError:
+        no source can serve it."""
+        try:
+            return self.ipfs.start_pull(name_or_cid)
+        except (UnknownModelError, InvalidCidError) as exc:
+            raise LookupError(str(exc)) from None
+        except IpfsError as exc:
+            raise ConnectionError(str(exc)) from None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 

@@ -133,3 +133,15 @@ async def test_client_sees_errors_as_response_error(client: ollama.AsyncClient) 
     with pytest.raises(ollama.ResponseError) as err:
         await client.chat(model=MODEL, messages=X, options={"typical_p": 0.5})
     assert err.value.status_code == 400 and "typical_p" in str(err.value)
+
+
+async def test_pull_goes_through_the_ipfs_path(client: ollama.AsyncClient) -> None:
+    """The embedded model is in the node's block store: the pull completes from it, with progress."""
+    parts = [p async for p in await client.pull(MODEL, stream=True)]
+    assert parts[0].status == "pulling manifest" and parts[-1].status == "success"
+    progress = [p for p in parts if p.digest]
+    assert all(p.completed <= p.total for p in progress)
+    assert (await client.pull(MODEL + ":latest")).status == "success"
+    with pytest.raises(ollama.ResponseError) as err:
+        await client.pull("no-such-model")
+    assert err.value.status_code == 404
