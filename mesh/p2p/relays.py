@@ -101,10 +101,17 @@ class Relays:
             return username, password, "mesh"
         return self.config.turn_username, self.config.turn_password, "none"
 
+    def usable_turn(self) -> list[str]:
+        """The TURN URLs a new link may use, in order: those not known to fail. aiortc uses only the first
+        one, so a failing `turn:…` (UDP blocked, say) must not hide a working `…?transport=tcp` after it;
+        the periodic checks bring a server back once it answers."""
+        failing = {url for url, status in self.status.items() if status.ok is False}
+        return [url for url in self.turn if url not in failing]
+
     def rtc_configuration(self) -> RTCConfiguration:
         """The aiortc configuration for a new link (fresh credentials each time)."""
         username, password, _ = self.credentials()
-        return rtc_configuration(self.stun, self.turn, username, password)
+        return rtc_configuration(self.stun, self.usable_turn(), username, password)
 
     async def check(self, url: str) -> RelayStatus:
         """Allocate on the TURN server at `url` and release the allocation; record and return the outcome."""

@@ -121,7 +121,9 @@ def test_symmetric_nat_links_through_turn_shown_as_relayed(symmetric: list[Node]
 
 @pytest.fixture
 def udp_blocked(tmp_path: Path) -> Iterator[list[Node]]:
-    yield from _mesh(tmp_path, "cone", "udp-blocked", [TURN_TCP])
+    # UDP TURN first: aiortc uses only the first TURN server, so the node must skip the one its check found
+    # unreachable
+    yield from _mesh(tmp_path, "cone", "udp-blocked", [TURN_UDP, TURN_TCP])
 
 
 def test_udp_blocked_links_through_turn_over_tcp(udp_blocked: list[Node]) -> None:
@@ -131,6 +133,9 @@ def test_udp_blocked_links_through_turn_over_tcp(udp_blocked: list[Node]) -> Non
     assert path["type"] == "relayed" and path["local"] == "relay" and path["protocol"] == "tcp", path
     to_pub = wait_until(lambda: _linked(home2, pub), 10, "home2 linked to the public member")
     assert to_pub["path"]["protocol"] == "tcp"
+    checks = {c["url"]: c for c in home2.get("/v1/mesh/peers")["ice"]["turn"]}
+    assert checks[TURN_UDP]["ok"] is False and checks[TURN_UDP]["code"] == "timeout", checks
+    assert checks[TURN_TCP]["ok"] is True, checks
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import InviteError
 from shoal.mesh.p2p.invite import Invite
-from shoal.mesh.p2p.relays import Relays, rest_credentials, turn_secret
+from shoal.mesh.p2p.relays import Relays, RelayStatus, rest_credentials, turn_secret
 from shoal.mesh.p2p.service import MeshService
 from shoal.mesh.p2p.signalling import Membership
 
@@ -104,3 +104,15 @@ def test_cli_creates_invites_with_servers_and_prints_relay_settings(capsys) -> N
     assert main(["mesh", "relay", invite.expiring(2_000_000_000).to_token()]) != 0
     assert "no mesh secret" in capsys.readouterr().err
     assert main(["mesh", "create", "--server", "http://203.0.113.1", "--no-qr"]) != 0
+
+
+def test_a_failing_turn_server_does_not_hide_a_working_one() -> None:
+    udp, tcp = "turn:203.0.113.1:3478", "turn:203.0.113.1:3478?transport=tcp"
+    relays = Relays(MeshConfig(turn=[udp, tcp], turn_username="u", turn_password="p"), Membership)
+    assert relays.usable_turn() == [udp, tcp]  # not checked yet: all of them, in order
+    relays.status[udp] = RelayStatus(udp, ok=False, code="timeout")
+    assert relays.usable_turn() == [tcp]
+    servers = relays.rtc_configuration().iceServers
+    assert [s.urls for s in servers] == [tcp] and servers[0].username == "u"
+    relays.status[udp] = RelayStatus(udp, ok=True)
+    assert relays.usable_turn() == [udp, tcp]
