@@ -95,17 +95,45 @@ export function sha512(bytes) {
   return out;
 }
 
-export function hmacSha256(key, message) {
-  let k = key.length > 64 ? sha256(key) : key;
-  k = Uint8Array.from({ length: 64 }, (_, i) => k[i] ?? 0);
-  const inner = new Uint8Array(64 + message.length);
-  inner.set(k.map((b) => b ^ 0x36));
-  inner.set(message, 64);
-  const outer = new Uint8Array(64 + 32);
-  outer.set(k.map((b) => b ^ 0x5c));
-  outer.set(sha256(inner), 64);
-  return sha256(outer);
+/** SHA-1, for TURN REST credentials only (what coturn's use-auth-secret expects). */
+export function sha1(bytes) {
+  const h = Uint32Array.from([0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0]);
+  const data = pad(bytes, 64, 8);
+  const view = new DataView(data.buffer);
+  const w = new Uint32Array(80);
+  const rotl = (x, n) => (x << n) | (x >>> (32 - n));
+  for (let offset = 0; offset < data.length; offset += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(offset + i * 4);
+    for (let i = 16; i < 80; i++) w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    let [a, b, c, d, e] = h;
+    for (let i = 0; i < 80; i++) {
+      const [f, k] = i < 20 ? [(b & c) | (~b & d), 0x5a827999] : i < 40 ? [b ^ c ^ d, 0x6ed9eba1]
+        : i < 60 ? [(b & c) | (b & d) | (c & d), 0x8f1bbcdc] : [b ^ c ^ d, 0xca62c1d6];
+      [e, d, c, b, a] = [d, c, rotl(b, 30) >>> 0, a, (rotl(a, 5) + f + e + k + w[i]) >>> 0];
+    }
+    [a, b, c, d, e].forEach((v, i) => { h[i] = (h[i] + v) >>> 0; });
+  }
+  const out = new Uint8Array(20);
+  const outView = new DataView(out.buffer);
+  h.forEach((v, i) => outView.setUint32(i * 4, v));
+  return out;
 }
+
+function hmac(hash, blockSize, key, message) {
+  let k = key.length > blockSize ? hash(key) : key;
+  k = Uint8Array.from({ length: blockSize }, (_, i) => k[i] ?? 0);
+  const inner = new Uint8Array(blockSize + message.length);
+  inner.set(k.map((b) => b ^ 0x36));
+  inner.set(message, blockSize);
+  const digest = hash(inner);
+  const outer = new Uint8Array(blockSize + digest.length);
+  outer.set(k.map((b) => b ^ 0x5c));
+  outer.set(digest, blockSize);
+  return hash(outer);
+}
+
+export const hmacSha256 = (key, message) => hmac(sha256, 64, key, message);
+export const hmacSha1 = (key, message) => hmac(sha1, 64, key, message);
 
 // ----- Ed25519 ----------------------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ export class Link {
     this.lastSeen = performance.now();
     this.nextId = offerer ? 1 : 2;
     this.pending = new Map();
-    this.pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc = new RTCPeerConnection({ iceServers: mesh.iceServers });
     this.channels = {};
     for (const [name, id] of CHANNELS) {
       const channel = this.pc.createDataChannel(name, { negotiated: true, id });

@@ -1,7 +1,7 @@
 // The tab's membership: joins through the node that served the page (its /v1/mesh/signal WebSocket), then
 // links to the other members by peer exchange, with offers relayed over links (as mesh/p2p/discovery.py).
 import { Link } from "./link.js";
-import { MeshError, buildSignal, meshIdFor, verifySignal } from "./mesh.js";
+import { MeshError, buildSignal, iceServers, meshIdFor, verifySignal } from "./mesh.js";
 
 const CONNECT_TIMEOUT_MS = 10000;
 const GOSSIP_INTERVAL_MS = 10000;
@@ -18,6 +18,7 @@ export class Member extends EventTarget {
     this.links = new Map();
     this.dialing = new Set();
     this.relayed = new Map();
+    this.iceServers = [];  // the invite's STUN/TURN servers (`refreshIceServers`)
     this.status = { state: "joining" };
     this.signalUrl = null;
     this.homeId = null;  // the node that served the page, which the tab keeps a link to (as nodes do with
@@ -37,10 +38,15 @@ export class Member extends EventTarget {
   }
 
   /** Join through the node at `signalUrl` (the page's own node): a signed offer over its WebSocket. */
+  async refreshIceServers() {
+    this.iceServers = await iceServers(this.membership);  // TURN credentials last a day: renewed per join
+  }
+
   async join(signalUrl) {
     this.signalUrl = signalUrl;
     if (this.links.size === 0) this.setStatus("joining");
     try {
+      await this.refreshIceServers();
       const link = await this.dial((offer) => this.signalOver(signalUrl, offer), "");
       this.homeId = link.peerId;
       this.rejoinMs = REJOIN_FIRST_MS;
@@ -218,6 +224,7 @@ export class Member extends EventTarget {
     if (!body.rotate && mesh !== this.membership.mesh) throw new MeshError(`that secret is for mesh ${mesh}`, "wrong_mesh");
     if (body.rotate && body.previous !== this.membership.mesh) throw new MeshError("a rotation from another mesh", "stale_rotation");
     this.membership = { ...this.membership, key: secret, expires: null, mesh };
+    await this.refreshIceServers();  // now with TURN credentials
     this.changed();
     return { mesh, changed: true };
   }

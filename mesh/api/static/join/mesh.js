@@ -129,14 +129,13 @@ export async function parseInvite(text) {
   const key = b64decode(expires === null ? data.s : data.k);
   if (key.length < 16) throw new MeshError("the invite's secret is too short", "invalid_invite");
   const mesh = expires === null ? await meshIdFor(key) : String(data.m);
-  return { name: String(data.n ?? "shoal").slice(0, 64), key, expires, mesh };
+  const servers = (Array.isArray(data.i) ? data.i : [])
+    .filter((url) => typeof url === "string" && url.length <= 300 && /^(stuns?|turns?):/.test(url)).slice(0, 8);
+  return { name: String(data.n ?? "shoal").slice(0, 64), key, expires, mesh, servers };
 }
 
 async function hmacHex(key, parts) {
-  const message = enc.encode(`shoal member\0${parts.join("\0")}`);
-  if (!subtle) return hex(plain.hmacSha256(key, message));
-  const imported = await subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
-  return hex(await subtle.sign("HMAC", imported, message));
+  return hex(await hmac("SHA-256", key, enc.encode(`shoal member\0${parts.join("\0")}`)));
 }
 
 function proofParts(signal) {
@@ -144,6 +143,29 @@ function proofParts(signal) {
     signal.mesh, signal.kind, signal.from, signal.to, signal.fp.join(","), signal.nonce, pyFloat(signal.ts),
     signal.re ?? "", ...("inv" in signal ? [String(signal.inv)] : []),
   ];
+}
+
+/** The RTCPeerConnection ICE servers of the invite's STUN/TURN URLs (mesh/p2p/relays.py): TURN with REST
+ * credentials derived from the mesh secret (username `EXPIRY:MESH_ID`, valid a day), so only a tab holding
+ * the secret (not an expiring invite's key) gets TURN. */
+export async function iceServers(membership, nowS = Date.now() / 1000) {
+  const stun = membership.servers.filter((url) => url.startsWith("stun"));
+  const turn = membership.servers.filter((url) => url.startsWith("turn"));
+  const out = stun.length ? [{ urls: stun }] : [];
+  if (turn.length && membership.expires === null) out.push({ urls: turn, ...(await turnCredentials(membership.key, membership.mesh, nowS)) });
+  return out;
+}
+
+export async function turnCredentials(secret, meshId, nowS, ttlS = 24 * 3600) {
+  const restSecret = enc.encode(hex(await hmac("SHA-256", secret, enc.encode("shoal turn rest secret v1"))));
+  const username = `${Math.floor(nowS + ttlS)}:${meshId}`;
+  return { username, credential: b64encode(await hmac("SHA-1", restSecret, enc.encode(username))) };
+}
+
+async function hmac(hash, key, message) {
+  if (!subtle) return hash === "SHA-1" ? plain.hmacSha1(key, message) : plain.hmacSha256(key, message);
+  const imported = await subtle.importKey("raw", key, { name: "HMAC", hash }, false, ["sign"]);
+  return new Uint8Array(await subtle.sign("HMAC", imported, message));
 }
 
 // ----- identity -------------------------------------------------------------------------------------------
