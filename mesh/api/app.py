@@ -23,6 +23,7 @@ from shoal.mesh.api import guard as api_guard
 from shoal.mesh.api import join_page
 from shoal.mesh.api import ollama_routes as api_ollama
 from shoal.mesh.api import openai_routes as api_openai
+from shoal.mesh.api import responses_routes as api_responses
 from shoal.mesh.api.errors import ApiError, route_error, route_error_headers
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTE_HEADER, ROUTER
 from shoal.mesh.route import RouteFailed
@@ -189,6 +190,7 @@ def create_app(
     api_ollama.add_routes(app)
     api_anthropic.add_routes(app)
     api_embeddings.add_routes(app)
+    api_responses.add_routes(app)
     join_page.add_routes(app)
     for add_routes in routes:
         add_routes(app)
