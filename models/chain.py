@@ -55,16 +55,15 @@ class StageChain:
         last stage with `decode_argmax` takes the argmax itself when every request is plain greedy."""
         seq_ids = [r.seq_id for r in batch]
         *body, last = self.stages
-        by_argmax = getattr(last, "decode_argmax", None)
         with self.lock:
             x: np.ndarray = np.asarray([r.output[-1] for r in batch], dtype=np.int32)
             for st in body:
                 x = st.decode(seq_ids, x)
-            if by_argmax is not None and all(r.params.plain_greedy for r in batch):
-                tokens = by_argmax(seq_ids, x)  # the logits stay where they were computed
-            else:
+            tokens = None
+            if all(r.params.plain_greedy for r in batch):
+                tokens = last.decode_argmax(seq_ids, x)  # None unless offered: the logits stay where they are
+            if tokens is None:
                 x = last.decode(seq_ids, x)
-                tokens = None
         if tokens is None:
             return [sample_row(r, row) for r, row in zip(batch, x, strict=True)]
         for req, token in zip(batch, tokens, strict=True):

@@ -84,12 +84,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        limits = [config.context_length, *(getattr(st, "max_context", None) or config.context_length
-                                           for st in stages)]
+        limits = [config.context_length, *(st.max_context or config.context_length for st in stages)]
         context = min(limits if max_context is None else [*limits, max_context])
-        pools = [p for p in (getattr(st, "max_total_tokens", None) for st in stages) if p]
+        pools = [st.max_total_tokens for st in stages if st.max_total_tokens]
         capacity = min([*pools, *([kv_tokens] if kv_tokens else [])] or [context * max_batch])
-        page = max(int(getattr(st, "kv_page_size", 1) or 1) for st in stages)
+        page = max(st.kv_page_size or 1 for st in stages)
         self.admission = Admission(AdmissionLimits(
             capacity=capacity, page_size=page, max_active=max_batch, max_waiting=max_waiting,
             wait_timeout_s=wait_timeout_s,

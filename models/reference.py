@@ -19,6 +19,7 @@ from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
 from shoal.models.gguf import GGUFModel
 from shoal.models.span import LayerSpan
+from shoal.models.stage import StageDefaults
 from shoal.models.weights import layer_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-class ReferenceStage:
+class ReferenceStage(StageDefaults):
     """A `Stage` computing layers `span` of `model` in NumPy fp32. Not thread-safe: callers serialise calls
     (the Engine does)."""
 

@@ -20,7 +20,7 @@ from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
 from shoal.models.shard_weights import load_shard_weights
 from shoal.models.span import LayerSpan
-from shoal.models.stage import ids_in_range
+from shoal.models.stage import StageDefaults, ids_in_range
 from shoal.models.targets import TargetSpec, detect_target, host_cores
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _broken_message(seq_id: int) -> str:
     return f"sequence {seq_id}'s KV cache is unusable after a failed step; remove the sequence"
 
 
-class CompiledStage:
+class CompiledStage(StageDefaults):
     """Layers `span` of a model, run by a compiled TVM library. Blocking methods; not thread-safe for
     concurrent calls (an internal lock serialises them)."""
 
@@ -174,6 +174,11 @@ class CompiledStage:
         return cls(config, shard, params, **options)
 
     # -- sequences -----------------------------------------------------------------------------------------
+
+    @property
+    def target_kind(self) -> str | None:  # type: ignore[override]
+        """The TVM target kind (`llvm`, `cuda`) this stage runs on."""
+        return self.target.kind
 
     def _check_open(self) -> None:
         if self._closed:

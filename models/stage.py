@@ -14,13 +14,17 @@ Data contract (all arrays C-contiguous, little-endian):
 - Sequences are identified by caller-chosen non-negative ints; each stage keeps the KV cache of its layers
   for each live sequence.
 
-A last stage whose logits live elsewhere (a split's remote last stage) may also offer `decode_argmax(seq_ids,
-inputs) -> list[int]`: `decode` followed by each row's argmax (the lowest id among ties), without moving
-the rows. The engine uses it for a step whose requests all decode greedily without penalties.
-
-A stage with a fixed KV pool says so with `max_total_tokens` (tokens over all sequences) and `kv_page_size`
-(the unit each sequence holds): the engine's admission (models/admission.py) never lets requests reserve
-more. A stage whose failed call leaves a sequence's cache changed must make `sequence_length` tell (or
+Optional members, declared with the values that mean "not offered" on `StageDefaults` (which stages
+inherit, overriding what they offer):
+- `decode_argmax(seq_ids, inputs) -> list[int] | None`: a last stage whose logits live elsewhere (a split's
+  remote last stage) returns `decode` followed by each row's argmax (the lowest id among ties), without
+  moving the rows; None (the default) means "not offered: call `decode`". The engine asks it for a step whose
+  requests all decode greedily without penalties.
+- `max_total_tokens` (tokens over all sequences) and `kv_page_size` (the unit each sequence holds): a stage
+  with a fixed KV pool says so, and the engine's admission (models/admission.py) never lets requests reserve
+  more. `max_context`: the longest sequence the stage holds (None: the model's context length).
+- `target_kind`: the TVM target kind (`llvm`, `cuda`) a compiled stage runs on; None for others.
+ A stage whose failed call leaves a sequence's cache changed must make `sequence_length` tell (or
 raise): the engine re-runs a failed batched decode alone only for sequences still at their pre-step length.
 """
 
@@ -37,6 +41,13 @@ from shoal.models.span import LayerSpan
 class Stage(Protocol):
     config: ModelConfig
     span: LayerSpan
+    max_context: int | None
+    max_total_tokens: int | None
+    kv_page_size: int
+    target_kind: str | None
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int] | None:
+        """`decode` + each row's argmax, taken where the logits are; None when the stage does not offer it."""
 
     def add_sequence(self, seq_id: int) -> None:
         """Start an empty KV cache for `seq_id`. Raises ValueError if it exists already."""
@@ -55,6 +66,18 @@ class Stage(Protocol):
 
     def close(self) -> None:
         """Release memory. Safe to call twice."""
+
+
+class StageDefaults:
+    """A `Stage`'s optional members, as "not offered"; stages inherit this and override what they offer."""
+
+    max_context: int | None = None
+    max_total_tokens: int | None = None
+    kv_page_size: int = 1
+    target_kind: str | None = None
+
+    def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int] | None:
+        return None
 
 
 def ids_in_range(ids: np.ndarray, high: int) -> bool:

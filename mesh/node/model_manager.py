@@ -371,7 +371,7 @@ class ModelManager:
 
 def _note_target(model: LocalModel, stage: Stage) -> None:
     """Record the TVM target kind (`llvm`, `cuda`) a compiled stage was built for."""
-    kind = getattr(getattr(stage, "target", None), "kind", None)
+    kind = stage.target_kind
     if kind is not None and kind not in model.compiled_targets:
         model.compiled_targets.append(kind)
 

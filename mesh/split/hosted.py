@@ -13,7 +13,7 @@ import numpy as np
 from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.split.remote_stage import LinkTiming
 from shoal.models.span import LayerSpan
-from shoal.models.stage import Stage
+from shoal.models.stage import Stage, StageDefaults
 
 
 class HostError(RemoteError):
@@ -38,7 +38,7 @@ class HostedStage:
             return fn(*args)
 
 
-class DirectStage:
+class DirectStage(StageDefaults):
     """The local part of a split: a stage this node hosts, called directly on the caller's (the engine's)
     thread, without hopping through the event loop and the host's worker. Shares the hosted stage (and its
     lock) with remote peers' sequences; keeps it from being trimmed until closed."""

@@ -21,7 +21,7 @@ from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.split.remote_stage import LinkTiming, StageLost
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
-from shoal.models.stage import Stage
+from shoal.models.stage import Stage, StageDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Replan:
     stages: list[tuple[str, str]] = field(default_factory=list)
 
 
-class SplitPipeline:
+class SplitPipeline(StageDefaults):
     """A whole-model `Stage` run by a chain of stages, rebuilt (at most `max_replans` times) on a loss."""
 
     def __init__(self, config: ModelConfig, stages: list[ChainStage], rebuild: Rebuild, *,

@@ -29,6 +29,7 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
+from shoal.models.stage import StageDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class LinkTiming:
         return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4)}
 
 
-class RemoteStage:
+class RemoteStage(StageDefaults):
     """Layers `span` of `model`, run by the node behind `link`. Blocking methods; call them off the loop."""
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,

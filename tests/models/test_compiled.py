@@ -55,6 +55,8 @@ def halves() -> tuple[CompiledStage, CompiledStage]:
 def test_compiled_stage_is_a_stage(whole: CompiledStage) -> None:
     assert isinstance(whole, Stage)
     assert whole.span == LayerSpan(0, LAYERS)
+    assert whole.target_kind == whole.target.kind and whole.target_kind in ("llvm", "cuda")
+    assert whole.kv_page_size == 16 and whole.max_total_tokens and whole.decode_argmax([0], None) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("question", PROMPTS)

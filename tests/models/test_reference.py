@@ -47,7 +47,10 @@ def _greedy(stages: list[ReferenceStage], ids: list[int], steps: int) -> tuple[l
 
 
 def test_is_a_stage() -> None:
-    assert isinstance(reference_stage(0, 30), Stage)
+    stage = reference_stage(0, 30)
+    assert isinstance(stage, Stage)
+    assert stage.target_kind is None and stage.kv_page_size == 1 and stage.max_total_tokens is None
+    assert stage.max_context == stage.config.context_length
 
 
 def test_answers_paris() -> None:
