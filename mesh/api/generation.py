@@ -188,7 +188,7 @@ async def token_events(
             gap = record.token()
             if gap is None:
                 metrics.ttft.labels(served.name).observe(record.ttft_s or 0.0)
-                metrics.admission_wait.labels(served.name).observe(getattr(event, "queued_s", 0.0))
+                metrics.admission_wait.labels(served.name).observe(event.queued_s)
             else:
                 metrics.token_latency.labels(served.name).observe(gap)
             yield event
