@@ -37,11 +37,12 @@ export class Member extends EventTarget {
     this.dispatchEvent(new Event("change"));
   }
 
-  /** Join through the node at `signalUrl` (the page's own node): a signed offer over its WebSocket. */
   async refreshIceServers() {
     this.iceServers = await iceServers(this.membership);  // TURN credentials last a day: renewed per join
   }
 
+  /** Join through the node at `signalUrl` (the page's own node): a signed offer over its WebSocket. On
+   * failure, and when that link drops later, it is tried again (`rejoinLater`). */
   async join(signalUrl) {
     this.signalUrl = signalUrl;
     if (this.links.size === 0) this.setStatus("joining");
