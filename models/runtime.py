@@ -18,6 +18,7 @@ import numpy as np
 from shoal.models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
+from shoal.models.gguf import GGUFModel
 from shoal.models.shard_weights import load_shard_weights
 from shoal.models.span import LayerSpan
 from shoal.models.stage import StageDefaults, ids_in_range
@@ -126,7 +127,7 @@ class CompiledStage(StageDefaults):
     @classmethod
     def load(
         cls,
-        gguf_model: Any,
+        gguf_model: GGUFModel,
         span: LayerSpan,
         *,
         target: str | TargetSpec | None = None,
@@ -154,13 +155,12 @@ class CompiledStage(StageDefaults):
         config = gguf_model.config
         span.check(config.num_layers)
         cache = Path(cache_dir) if cache_dir is not None else None
-        path = getattr(gguf_model, "path", None)
         in_child = runtime_only_wanted() or runtime_only_loaded()
-        if path is not None and not isinstance(target, TargetSpec) and in_child:
+        if not isinstance(target, TargetSpec) and in_child:
             # Compile (or find the library) in a child process; this one loads only TVM's runtime (also on
             # a second load, e.g. after an unload: a runtime-only process can never compile).
             use_runtime_only()
-            shard = resolve_in_subprocess(Path(path), span, quantization, target, cache, progress)
+            shard = resolve_in_subprocess(gguf_model.path, span, quantization, target, cache, progress)
             spec = shard.target
         else:
             spec = detect_target(target)

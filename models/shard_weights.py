@@ -13,16 +13,14 @@ import numpy as np
 from shoal.models.compile import CompiledShard
 from shoal.models.config import ModelConfig
 from shoal.models.errors import UnsupportedModelError
+from shoal.models.gguf import GGUFModel
 
 
-def read_blocks(gguf_model: Any, name: str) -> np.ndarray:
+def read_blocks(gguf_model: GGUFModel, name: str) -> np.ndarray:
     """A tensor's stored bytes, read with pread rather than through the file mapping, so the mapped pages do
     not stay resident in this process once the weights are packed (peak RSS, issue 3)."""
     info = gguf_model.tensor_info(name)
-    path = getattr(gguf_model, "path", None)
-    if path is None:
-        return np.array(gguf_model.raw(name)).reshape(-1)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(gguf_model.path, os.O_RDONLY)
     try:
         data = os.pread(fd, info.size, info.offset)
     finally:
@@ -32,7 +30,7 @@ def read_blocks(gguf_model: Any, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
+def packed_arrays(gguf_model: GGUFModel, module_path: str, sources: list[str],
                    quantization: str) -> dict[str, Any]:
     """The packed parameter arrays (qweight, scale[, min]) of one quantized module, from the GGUF's blocks."""
     if quantization == "native":  # each tensor keeps its block type (models/block_types.py)
@@ -61,7 +59,7 @@ def packed_arrays(gguf_model: Any, module_path: str, sources: list[str],
     return dict(zip(names, weight.arrays(), strict=True))
 
 
-def load_shard_weights(gguf_model: Any, shard: CompiledShard, device: Any,
+def load_shard_weights(gguf_model: GGUFModel, shard: CompiledShard, device: Any,
                   load: Callable[[str], np.ndarray] | None = None) -> list[Any]:
     """The shard's parameters as TVM tensors on `device`, in the order the compiled functions take them.
     `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
