@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -91,8 +91,11 @@ class Invite:
     """The mesh id; given only with `expires` (the mesh id cannot be derived from an invite key)."""
     servers: tuple[str, ...] = ()
     """The mesh's STUN/TURN servers (`stun:host:port`, `turn:host:port?transport=tcp`, ...), which a joiner
-    uses besides its own `[mesh] stun`/`turn`. TURN credentials are not in the invite: members derive them
-    from the mesh secret (`mesh.p2p.relays`)."""
+    uses besides its own `[mesh] stun`/`turn`. Members derive TURN credentials from the mesh secret
+    (`mesh.p2p.relays`)."""
+    turn_credential: tuple[str, str] | None = None
+    """On an expiring invite (whose holder has no mesh secret to derive them from): a TURN REST-style
+    (username, password) that expires with the invite."""
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
@@ -111,6 +114,12 @@ class Invite:
             raise InviteError(f"at most {MAX_SERVERS} STUN/TURN servers")
         for url in self.servers:
             _check_server(url)
+        if self.turn_credential is not None:
+            if self.expires is None:
+                raise InviteError("only an expiring invite carries a TURN credential")
+            credential = self.turn_credential
+            if len(credential) != 2 or not all(isinstance(c, str) and 1 <= len(c) <= 200 for c in credential):
+                raise InviteError("an invite's TURN credential is [username, password]")
 
     @property
     def mesh_id(self) -> str:
@@ -126,15 +135,18 @@ class Invite:
         key = invite_key(self.secret, check_expiry(expires))
         return Invite(self.name, key, self.bootstrap, expires, self.mesh_id, self.servers)
 
+    def with_turn_credential(self, username: str, password: str) -> Invite:
+        return replace(self, turn_credential=(username, password))
+
     @classmethod
     def create(cls, name: str = "shoal", bootstrap: tuple[str, ...] = ()) -> Invite:
         return cls(name=name[:64], secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
 
     def with_bootstrap(self, bootstrap: tuple[str, ...]) -> Invite:
-        return Invite(self.name, self.secret, tuple(bootstrap), self.expires, self.mesh, self.servers)
+        return replace(self, bootstrap=tuple(bootstrap))
 
     def with_servers(self, servers: tuple[str, ...]) -> Invite:
-        return Invite(self.name, self.secret, self.bootstrap, self.expires, self.mesh, tuple(servers))
+        return replace(self, servers=tuple(servers))
 
     def to_token(self) -> str:
         secret = base64.b64encode(self.secret).decode()
@@ -145,6 +157,8 @@ class Invite:
             fields["b"] = list(self.bootstrap)
         if self.servers:
             fields["i"] = list(self.servers)
+        if self.turn_credential:
+            fields["t"] = list(self.turn_credential)
         body = orjson.dumps(fields)
         checksum = hashlib.sha256(body).digest()[:4]
         return PREFIX + base64.urlsafe_b64encode(body + checksum).decode("ascii").rstrip("=")
@@ -179,12 +193,14 @@ class Invite:
             name, secret = data["n"], base64.b64decode(data["s" if expires is None else "k"], validate=True)
             bootstrap = tuple(_check_address(a) for a in data.get("b", []))
             servers = tuple(data.get("i", []))
+            credential = tuple(data["t"]) if data.get("t") is not None else None
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InviteError(f"invite token content is malformed: {exc}") from exc
         if not isinstance(name, str):
             raise InviteError("invite mesh name is not text")
         return cls(
-            name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh, servers=servers
+            name=name[:64], secret=secret, bootstrap=bootstrap, expires=expires, mesh=mesh, servers=servers,
+            turn_credential=credential,  # type: ignore[arg-type]
         )
 
 

@@ -27,10 +27,12 @@ from aiortc import RTCConfiguration
 from aiortc.rtcicetransport import parse_stun_turn_uri
 from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.ice import rtc_configuration
+from shoal.mesh.p2p.invite import Invite
 from shoal.mesh.p2p.signalling import Membership
 
 logger = logging.getLogger(__name__)
 CREDENTIAL_TTL_S = 24 * 3600
+CREDENTIAL_WORDS = {"static": "the configured", "mesh": "the mesh's", "invite": "the invite's", "none": "no"}
 CHECK_TIMEOUT_S = 5.0
 RECHECK_OK_S = 600.0
 RECHECK_FAILED_S = (5.0, 300.0)
@@ -43,9 +45,11 @@ def turn_secret(mesh_secret: bytes) -> str:
 
 
 def rest_credentials(secret: str, mesh_id: str, ttl_s: float = CREDENTIAL_TTL_S,
-                     now: float | None = None) -> tuple[str, str]:
-    """TURN REST-style (username, password) valid for `ttl_s` from `now`, for the shared `secret`."""
-    expiry = int((time.time() if now is None else now) + ttl_s)
+                     now: float | None = None, expiry: int | None = None) -> tuple[str, str]:
+    """TURN REST-style (username, password) valid for `ttl_s` from `now` (or until `expiry`, unix s), for
+    the shared `secret`."""
+    if expiry is None:
+        expiry = int((time.time() if now is None else now) + ttl_s)
     username = f"{expiry}:{mesh_id}"
     digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
     return username, base64.b64encode(digest).decode("ascii")
@@ -64,7 +68,8 @@ class RelayStatus:
     relayed: str | None = None
     """The relayed address the server gave (`ip:port`) when ok."""
     credentials: str = "none"
-    """`static` (from the config), `mesh` (REST-style, from the mesh secret) or `none`."""
+    """`static` (from the config), `mesh` (REST-style, from the mesh secret), `invite` (an expiring invite's)
+    or `none`."""
     checked_at: float | None = None
 
 
@@ -72,16 +77,19 @@ class Relays:
     """The configured STUN/TURN servers of one mesh service, with their credentials and check results."""
 
     def __init__(self, config: MeshConfig, membership: Callable[[], Membership],
-                 invite_servers: Callable[[], tuple[str, ...]] = tuple) -> None:
+                 invite: Callable[[], Invite | None] = lambda: None) -> None:
+        """`invite()`: the invite this node joined with (its servers, and an expiring one's credential)."""
         self.config = config
         self._membership = membership
-        self._invite_servers = invite_servers
+        self._invite = invite
         self.status: dict[str, RelayStatus] = {}
 
     def servers(self) -> tuple[str, ...]:
         """Every STUN/TURN server URL this node uses: its config's, then its invite's (what the invites it
         makes carry)."""
-        return tuple(dict.fromkeys((*self.config.stun, *self.config.turn, *self._invite_servers())))
+        invite = self._invite()
+        joined = invite.servers if invite is not None else ()
+        return tuple(dict.fromkeys((*self.config.stun, *self.config.turn, *joined)))
 
     @property
     def stun(self) -> list[str]:
@@ -99,6 +107,9 @@ class Relays:
         if self.turn and membership.has_mesh_secret and membership.secret:
             username, password = rest_credentials(turn_secret(membership.secret), membership.mesh_id)
             return username, password, "mesh"
+        invite = self._invite()
+        if self.turn and invite is not None and invite.turn_credential and not invite.expired(time.time()):
+            return invite.turn_credential[0], invite.turn_credential[1], "invite"
         return self.config.turn_username, self.config.turn_password, "none"
 
     def usable_turn(self) -> list[str]:
@@ -139,7 +150,7 @@ class Relays:
             status.ok = False
             if code in (401, 403, 438) or (code == 0 and username is None):
                 status.code = "unauthorized"
-                how = {"static": "the configured", "mesh": "the mesh's", "none": "no"}[kind]
+                how = CREDENTIAL_WORDS[kind]
                 status.reason = f"{where} refused {how} credentials ({code} {text.strip()})"
             else:
                 status.code = "refused"

@@ -32,7 +32,7 @@ from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite, forget_invite, save_invite
 from shoal.mesh.p2p.join_status import JoinStatus
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
-from shoal.mesh.p2p.relays import Relays
+from shoal.mesh.p2p.relays import Relays, rest_credentials, turn_secret
 from shoal.mesh.p2p.signalling import Membership
 
 __all__ = ["MeshConfig", "MeshService"]
@@ -84,7 +84,7 @@ class MeshService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._running = False
-        self.relays = Relays(config, lambda: self.membership, lambda: self.invite_servers)
+        self.relays = Relays(config, lambda: self.membership, lambda: self.joined_invite)
         """STUN/TURN servers, TURN credentials and TURN checks (`p2p.relays`)."""
         from shoal.mesh.p2p.discovery import Discovery
         from shoal.mesh.p2p.gossip import Gossip
@@ -115,8 +115,9 @@ class MeshService:
 
         invite, saved = starting_invite(self.config, self.data_dir)
         self.saved_bootstrap: tuple[str, ...] = invite.bootstrap if invite is not None and saved else ()
-        self.invite_servers: tuple[str, ...] = invite.servers if invite is not None else ()
-        """The STUN/TURN servers named by the invite this node joined with (used besides the config's)."""
+        self.joined_invite: Invite | None = invite
+        """The invite this node joined with: its STUN/TURN servers are used besides the config's (and an
+        expiring one's TURN credential until the mesh secret arrives)."""
         allow = frozenset(self.config.allow)
         if invite is None:
             return Membership(allow=allow)
@@ -136,16 +137,23 @@ class MeshService:
                 raise InviteError("this node holds an expiring invite, not the mesh secret, to make one from")
             expiry, mesh_id = membership.invite_expires, membership.mesh_id
             servers = self.relays.servers()
-            return Invite(self.mesh_name, membership.secret, bootstrap, expiry, mesh_id, servers)
+            held = self.joined_invite.turn_credential if self.joined_invite is not None else None
+            return Invite(self.mesh_name, membership.secret, bootstrap, expiry, mesh_id, servers, held)
         invite = Invite(self.mesh_name, membership.secret, bootstrap, servers=self.relays.servers())
-        return invite.expiring(expires) if expires is not None else invite
+        if expires is None:
+            return invite
+        expiring = invite.expiring(expires)
+        if not self.relays.turn:
+            return expiring
+        secret = turn_secret(membership.secret)
+        return expiring.with_turn_credential(*rest_credentials(secret, membership.mesh_id, expiry=expires))
 
     async def join(self, invite: Invite) -> None:
         """Join a mesh at runtime: adopt its secret (or invite key), save it for restarts, contact its
         bootstrap nodes."""
         self.membership = Membership.from_invite(invite, self.membership.allow)
         self.mesh_name = invite.name
-        self.invite_servers = invite.servers
+        self.joined_invite = invite
         self.join_status = JoinStatus()
         await asyncio.to_thread(save_invite, self.data_dir, invite)
         self.discovery.add_bootstrap(invite.bootstrap)
@@ -162,7 +170,7 @@ class MeshService:
         self.mesh_name = "shoal"
         self.join_status = JoinStatus()
         self.saved_bootstrap = ()
-        self.invite_servers = ()
+        self.joined_invite = None
         await asyncio.to_thread(forget_invite, self.data_dir)
         for address, target in list(self.discovery.targets.items()):
             if target.bootstrap:

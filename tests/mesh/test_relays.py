@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import socket
+import time
 
 import orjson
 import pytest
@@ -116,3 +117,38 @@ def test_a_failing_turn_server_does_not_hide_a_working_one() -> None:
     assert [s.urls for s in servers] == [tcp] and servers[0].username == "u"
     relays.status[udp] = RelayStatus(udp, ok=True)
     assert relays.usable_turn() == [udp, tcp]
+
+
+def test_an_expiring_invite_carries_a_turn_credential_that_expires_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    invite = Invite.create("m")
+    expires = int(time.time()) + 3600
+    turn = "turn:203.0.113.1:3478"
+    member = MeshService(MeshConfig(invite=invite.to_token(), turn=[turn]), None, tmp_path / "member")
+    made = member.invite(expires=expires)
+    assert made is not None and made.expires == expires and made.servers == (turn,)
+    secret = turn_secret(invite.secret)
+    assert made.turn_credential == rest_credentials(secret, invite.mesh_id, expiry=expires)
+    assert made.turn_credential[0] == f"{expires}:{invite.mesh_id}"
+    again = Invite.from_token(made.to_token())
+    assert again.turn_credential == made.turn_credential
+    # the joiner holds no mesh secret: it uses the invite's credential, and its own invites pass it on
+    joiner = MeshService(MeshConfig(invite=made.to_token()), None, tmp_path / "joiner")
+    assert joiner.relays.credentials() == (*made.turn_credential, "invite")
+    passed_on = joiner.invite()
+    assert passed_on is not None and passed_on.turn_credential == made.turn_credential
+    # a mesh with no TURN server gives no credential; a non-expiring invite never carries one
+    plain_node = MeshService(MeshConfig(invite=invite.to_token()), None, tmp_path / "plain")
+    plain = plain_node.invite(expires=expires)
+    assert plain is not None and plain.turn_credential is None
+    with pytest.raises(InviteError, match="only an expiring invite"):
+        invite.with_turn_credential("u", "p")
+    with pytest.raises(InviteError, match="username, password"):
+        made.with_turn_credential("u", "")
+
+
+def test_an_expired_invite_credential_is_not_used() -> None:
+    invite = Invite.create("m")
+    old = invite.expiring(int(time.time()) - 10).with_turn_credential("1:m", "p")
+    relays = Relays(MeshConfig(turn=["turn:203.0.113.1:3478"]), lambda: Membership.from_invite(old),
+                    lambda: old)
+    assert relays.credentials()[2] == "none"
