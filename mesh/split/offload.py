@@ -60,6 +60,9 @@ class OffloadEvent:
     """The token's log-probabilities when the request asked for them (carried in `offload.token`)."""
     stop_sequence: str | None = None
     """Not carried over the mesh yet either (the Anthropic route then says `end_turn`)."""
+    queued_s: float = 0.0
+    """Admission wait on this node (the API's metric reads it from the first event): an offload waits on the
+    peer, not here."""
 
 
 class OffloadClient:

@@ -32,6 +32,9 @@ GATEWAY = "198.51.100.1"
 not there: Chromium gathers host candidates only on the default route's interface (none on `lo` alone), and
 two tabs need one to link to each other (nodes offer loopback candidates, `[mesh] ice_interfaces = ["lo"]`).
 Nothing leaves the namespace."""
+ANSWERED = ("['done', 'error'].includes(document.querySelector('#answer').dataset.state) && "
+            "document.querySelector('#answer').dataset.state")
+"""The answer's final state, once the page has one."""
 ARTIFACTS = Path(os.environ.get("SHOAL_TEST_ARTIFACTS", REPO / ".cache" / "artifacts"))
 
 
@@ -189,6 +192,20 @@ def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
     assert route == "route: local — answered by a", route
     shot = page.screenshot(ARTIFACTS / "join-page.png")
     print(f"screenshot of the page after the chat: {shot}")
+
+
+def test_the_page_shows_an_offloaded_answers_route(nodes, page):
+    a, b, _ = nodes
+    assert "error" not in a.call("PUT", "/v1/mesh/route", {"kind": "offload",
+                                                          "stages": [{"peer": b.peer_id, "layers": "0:30"}]})
+    try:
+        page.evaluate("document.querySelector('#answer').dataset.state = 'idle'")
+        page.evaluate("document.querySelector('#chat-form').requestSubmit()")  # the same question again
+        state = page.wait_for(ANSWERED, 180, "the offloaded answer")
+        route = page.evaluate("document.querySelector('#route').textContent")
+        assert state == "done" and route == "route: offload — a → b [0:30]", route
+    finally:
+        a.call("PUT", "/v1/mesh/route", {})
 
 
 def test_a_page_from_another_device_chats_only_with_the_nodes_key(nodes, pages):
