@@ -40,6 +40,13 @@ class RequestRecord:
         self.tokens += 1
         return gap
 
+    def finish(self, status: str) -> bool:
+        """End the request with `status`, now; False (and no change) when it had ended already."""
+        if self.finished is not None:
+            return False
+        self.status, self.finished = status, time.time()
+        return True
+
     @property
     def ttft_s(self) -> float | None:
         return None if self._t_first is None else self._t_first - self._t0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections import deque
 from typing import Any
 
@@ -28,10 +27,8 @@ class RequestLog:
         return record
 
     def finish(self, record: RequestRecord, status: str) -> None:
-        if record.finished is not None:
+        if not record.finish(status):
             return
-        record.status = status
-        record.finished = time.time()
         self._bus.publish("request.finished", **self._event(record))
 
     def _event(self, record: RequestRecord) -> dict[str, Any]:

@@ -26,6 +26,17 @@ def test_running_split_and_offload_requests_are_pipelines() -> None:
     assert [p["request"] for p in log.pipelines()] == [offload.id]
 
 
+def test_a_request_finishes_once() -> None:
+    bus = EventBus()
+    log = RequestLog(bus)
+    record = log.start("smollm2-135m-instruct")
+    log.finish(record, "stop")
+    finished = record.finished
+    log.finish(record, "error")  # a late second finish changes nothing and says nothing
+    assert record.status == "stop" and record.finished == finished is not None
+    assert [e.data["status"] for e in bus.recent("request.finished")] == ["stop"]
+
+
 def test_route_is_serialized_once_in_the_wire_shape() -> None:
     route = Route()
     assert route.to_dict() == {"kind": "local", "peers": [], "spans": [], "replans": 0}
