@@ -95,6 +95,10 @@ class Peer:
         """Who the link goes to, once signalling proved it (the verified offer or answer)."""
         self.peer_id, self.name, self.api_address, self.admitted = peer_id, name, api_address, admitted
 
+    def holds_secret(self) -> None:
+        """The peer now holds the mesh secret (this node handed it over or took it from the peer)."""
+        self.admitted = "secret"
+
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     def _spawn(self, coro: Awaitable[Any]) -> None:

@@ -114,7 +114,7 @@ class Rekey:
     async def _hand_over(self, peer: Peer) -> None:
         try:
             await self._send(peer, rotate=False)
-            peer.admitted = "secret"
+            peer.holds_secret()
             logger.info(
                 "mesh: sent the mesh secret to %s (joined with an expiring invite)", peer.peer_id[:12]
             )
@@ -210,7 +210,7 @@ class Rekey:
                 raise RemoteError("stale_rotation", message)
             previous = self.forked_from  # two rotations at once: the smaller mesh id wins everywhere
         await self._adopt(secret, name.strip()[:64] or "shoal", previous if rotate else None)
-        peer.admitted = "secret"
+        peer.holds_secret()
         if rotate:
             self.service.spawn(self._pass_on(exclude=peer.peer_id), name="mesh.key pass on")
         return {"mesh": new_id, "changed": True}
