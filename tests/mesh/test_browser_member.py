@@ -5,7 +5,7 @@ DevTools protocol on a pipe (`tests.mesh.chromium`). Two real `shoal node` proce
 Two tabs join with the invite in their URL fragment, link to both nodes and to each other, and both nodes
 list them as `browser` members; a chat typed in a page streams an answer through its linked node and shows
 the route; a page holding a wrong invite is refused; a tab's malformed frames are strikes as any peer's;
-closing a tab is seen as a departure. A screenshot of the page after the chat is kept in
+closing a tab is seen as a departure. A screenshot of the page after an offloaded chat is kept in
 `.cache/artifacts/join-page.png` (or `$SHOAL_TEST_ARTIFACTS`).
 """
 
@@ -190,8 +190,6 @@ def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
     updates = page.evaluate("answerUpdates.filter(t => t.length > 0)")
     assert answer.strip() and len(set(updates)) >= 2, (answer, updates)  # it arrived in pieces
     assert route == "route: local — answered by a", route
-    shot = page.screenshot(ARTIFACTS / "join-page.png")
-    print(f"screenshot of the page after the chat: {shot}")
 
 
 def test_the_page_shows_an_offloaded_answers_route(nodes, page):
@@ -204,6 +202,8 @@ def test_the_page_shows_an_offloaded_answers_route(nodes, page):
         state = page.wait_for(ANSWERED, 180, "the offloaded answer")
         route = page.evaluate("document.querySelector('#route').textContent")
         assert state == "done" and route == "route: offload — a → b [0:30]", route
+        shot = page.screenshot(ARTIFACTS / "join-page.png")
+        print(f"screenshot of the page after an offloaded chat: {shot}")
     finally:
         a.call("PUT", "/v1/mesh/route", {})
 
