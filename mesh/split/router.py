@@ -134,7 +134,7 @@ class Router:
                     trusted=peer.peer_id in trusted,
                     serves_others=split.get("serve_others") is True,
                     rtt_s=peer.rtt_s or 0.001,
-                    link=(link_path(getattr(peer, "pc", None)) or {}).get("type", "host"),
+                    link=(link_path(peer.pc) or {}).get("type", "host"),
                     holds_model=holds,
                     fetch_bps=0.0 if holds else FETCH_BPS,
                 ))
