@@ -168,6 +168,16 @@ def test_this_node_reads_first_in_a_link() -> None:
     assert "laptop (this node) ──—── pi" in draw_topology(topology, {}, "").plain
 
 
+def test_a_browser_member_is_marked_in_the_topology() -> None:
+    topology = {
+        "self": "zzz",
+        "nodes": [{"id": "zzz", "name": "laptop", "kind": "node"},
+                  {"id": "bbb", "name": "tab", "kind": "browser"}],
+        "links": [{"a": "bbb", "b": "zzz", "rtt_ms": 1.5}],
+    }
+    assert "laptop (this node) ──1.5 ms── tab (browser)" in draw_topology(topology, {}, "").plain
+
+
 def test_launcher_probe_and_loopback_rule() -> None:
     from shoal.tui.launcher import is_loopback_url, probe, start_node
 

@@ -24,14 +24,19 @@ def draw_topology(topology: dict[str, Any], names: dict[str, str], self_id: str)
     names = dict(names)
     self_id = self_id or str(topology.get("self") or "")
     nodes: list[str] = []
+    browsers: set[str] = set()
     for node in topology.get("nodes") or []:
         node_id = str(node.get("id", "?")) if isinstance(node, dict) else str(node)
         nodes.append(node_id)
         if isinstance(node, dict) and node.get("name"):
             names.setdefault(node_id, str(node["name"]))
+        if isinstance(node, dict) and node.get("kind") == "browser":
+            browsers.add(node_id)
 
     def name(node_id: str) -> str:
         label = names.get(node_id) or short_id(node_id, 10)
+        if node_id in browsers:  # a browser tab that joined through GET /join
+            label += " (browser)"
         return f"{label} (this node)" if node_id == self_id else label
 
     text = Text()
