@@ -5,10 +5,13 @@ network namespaces this helper makes (root only; see ../shared/FACTS.md "NATs, r
                                                                         +- public bridge 203.0.113.1 (coturn)
     home2 198.51.100.66/26 - router2 198.51.100.65 | 203.0.113.12 (NAT) -+   public host 203.0.113.2
 
-Each router masquerades its home behind its uplink address: a cone NAT (Linux keeps the source port and lets
-replies in), a symmetric one (`--random-fully`: a new random port per destination), or one that also drops
-all UDP (then only TCP leaves home). The homes have no route to each other's addresses. Only documentation
-ranges (198.51.100.0/24, 203.0.113.0/24) are used, and only inside these namespaces.
+Each router masquerades its home behind its uplink address and drops unsolicited datagrams to itself (a home
+router's WAN firewall): a cone NAT (Linux keeps the source port and lets replies in), a symmetric one
+(`--random-fully`: a new random port per destination), one that also drops all UDP (then only TCP leaves
+home), or `open-cone`: a cone NAT without that firewall, where early inbound datagrams become conntrack
+entries that move the hole to another port (docs/mesh.md, "Two traps"). The homes have no route to each
+other's addresses. Only documentation ranges (198.51.100.0/24, 203.0.113.0/24) are used, and only inside
+these namespaces.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ SERVER = "203.0.113.1"
 PUBLIC_HOST = "203.0.113.2"
 TURN_PORT = 3478
 NOWHERE = "203.0.113.254"
-NAT_KINDS = ("cone", "symmetric", "udp-blocked")
+NAT_KINDS = ("cone", "symmetric", "udp-blocked", "open-cone")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -133,8 +136,9 @@ class NatNetwork:
         # a home router's WAN firewall: nothing unsolicited reaches the router itself. Without it, a datagram
         # that arrives before the home member's own first one leaves becomes a conntrack entry for the router,
         # and the NAT then maps the member's datagrams to a new port: hole punching fails.
-        self._iptables(router, "-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "NEW,INVALID",
-                       "-j", "DROP")
+        if kind != "open-cone":  # a Linux box that only masquerades: its own ports are open to the internet
+            self._iptables(router, "-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "NEW,INVALID",
+                           "-j", "DROP")
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
         self._iptables(router, *masquerade, *(["--random-fully"] if kind == "symmetric" else []))
         if kind == "udp-blocked":

@@ -189,3 +189,17 @@ def test_invite_servers_and_turn_credentials_from_the_mesh_secret(mesh_credentia
     ice = home2.get("/v1/mesh/peers")["ice"]
     assert ice["stun"] == [STUN] and ice["turn"][0]["url"] == TURN_UDP, ice
     assert ice["turn"][0]["ok"] is True and ice["turn"][0]["credentials"] == "mesh", ice
+
+
+@pytest.fixture
+def open_cones(tmp_path: Path) -> Iterator[list[Node]]:
+    yield from _mesh(tmp_path, "open-cone", "open-cone", [TURN_UDP])
+
+
+def test_nats_without_a_wan_firewall_still_link_with_turn(open_cones: list[Node]) -> None:
+    """Hole punching usually fails here (the NAT moves the hole when the peer's datagram came first); the
+    link must still come up, through TURN where punching failed, and say which it is."""
+    _, home1, home2 = open_cones
+    view = wait_until(lambda: _linked(home1, home2), 60, "home1 linked to home2")
+    assert view["path"]["type"] in ("server-reflexive", "peer-reflexive", "relayed"), view["path"]
+    print(f"two NATs without WAN firewall linked as {view['path']['type']}")
