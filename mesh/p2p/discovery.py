@@ -66,6 +66,11 @@ class Discovery:
             if address and address != self.service.advertise_address:
                 self.targets.setdefault(address, Target(address, bootstrap=True))
 
+    def drop_bootstrap(self) -> None:
+        """Stop dialling the bootstrap nodes (the mesh was left)."""
+        for address in [a for a, target in self.targets.items() if target.bootstrap]:
+            del self.targets[address]
+
     def _learn(self, peer_id: str, address: str | None) -> None:
         if (
             not address

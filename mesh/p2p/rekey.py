@@ -35,7 +35,6 @@ from shoal.mesh.p2p.config import MeshConfig
 from shoal.mesh.p2p.errors import InviteError, MeshError, RemoteError
 from shoal.mesh.p2p.invite import SECRET_BYTES, Invite, load_saved_invite, mesh_id_for, save_invite
 from shoal.mesh.p2p.peer import Peer
-from shoal.mesh.p2p.signalling import Membership
 
 if TYPE_CHECKING:
     from shoal.mesh.p2p.service import MeshService
@@ -166,9 +165,7 @@ class Rekey:
     async def _adopt(self, secret: bytes, name: str, forked_from: str | None) -> None:
         """Take `secret` as the mesh secret and save it; `forked_from`: a rotation from that mesh id."""
         service = self.service
-        old = service.membership
-        service.membership = Membership(secret=secret, allow=old.allow)
-        service.mesh_name = name
+        old = service.adopt_secret(secret, name)
         if forked_from is not None:
             self.forked_from = forked_from
         bootstrap = tuple(a for a, t in service.discovery.targets.items() if t.bootstrap)[:16]

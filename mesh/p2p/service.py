@@ -172,9 +172,7 @@ class MeshService:
         self.saved_bootstrap = ()
         self.joined_invite = None
         await asyncio.to_thread(forget_invite, self.data_dir)
-        for address, target in list(self.discovery.targets.items()):
-            if target.bootstrap:
-                del self.discovery.targets[address]
+        self.discovery.drop_bootstrap()
         peers = [peer for peer in self.peers.values() if peer.peer_id not in self.membership.allow]
         for peer in peers:
             with contextlib.suppress(MeshError, TimeoutError):
@@ -187,6 +185,13 @@ class MeshService:
             self.spawn(self.discovery.mesh_changed(), name="mdns update")
         configured = bool(self.config.secret or self.config.invite)
         return {"left": left, "closed": len(peers), "configured": configured}
+
+    def adopt_secret(self, secret: bytes, name: str) -> Membership:
+        """Take `secret` as the mesh secret, named `name` (`p2p.rekey`); returns the replaced membership."""
+        old = self.membership
+        self.membership = Membership(secret=secret, allow=old.allow)
+        self.mesh_name = name
+        return old
 
     async def rotate(self) -> dict[str, Any]:
         """A new mesh secret, sent to every member linked now (see `p2p.rekey`)."""
