@@ -112,7 +112,12 @@ async function chat(event) {
 }
 
 async function start() {
-  const fragment = decodeURIComponent(location.hash.slice(1));
+  let fragment = location.hash.slice(1);
+  try {
+    fragment = decodeURIComponent(fragment);
+  } catch {
+    // not percent-encoded: parseInvite says what is wrong with it
+  }
   if (!fragment) {
     $("invite-box").hidden = false;
     setStatus("no-invite", "no invite in this page's address");

@@ -6,6 +6,7 @@ import { MeshError, buildSignal, iceServers, meshIdFor, verifySignal } from "./m
 const CONNECT_TIMEOUT_MS = 10000;
 const GOSSIP_INTERVAL_MS = 10000;
 const MAX_EXCHANGED = 64;
+const MAX_LINKS = 32;  // as a node's [mesh] max_peers default
 const REJOIN_FIRST_MS = 1000;
 const REJOIN_MAX_MS = 60000;
 
@@ -157,6 +158,7 @@ export class Member extends EventTarget {
       if (typeof entry?.id !== "string") throw new MeshError("malformed peers entry", "protocol");
       const id = entry.id;
       if (id === this.identity.id || this.links.has(id) || this.dialing.has(id)) continue;
+      if (this.links.size + this.dialing.size >= MAX_LINKS) break;
       if (this.identity.id < id) {  // the smaller id dials, as native members do
         this.dial((offer) => this.relayOffer(relay, id, offer), id).catch((error) => {
           console.info(`peer exchange dial to ${id.slice(0, 12)} failed: ${error.message}`);
@@ -197,6 +199,7 @@ export class Member extends EventTarget {
 
   async answerRelayed(relay, raw) {
     const offer = await verifySignal(raw, this.membership, this.identity.id, "offer");
+    if (!this.links.has(offer.from) && this.links.size >= MAX_LINKS) throw new MeshError("too many peers", "too_many_peers");
     if (this.dialing.has(offer.from) && this.identity.id < offer.from) throw new MeshError("glare: this member is dialling you", "glare");
     const link = new Link(this, false);
     link.peerId = offer.from;
