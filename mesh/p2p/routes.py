@@ -79,9 +79,15 @@ def topology_view(service: MeshService) -> dict[str, Any]:
     me = service.identity.peer_id
     nodes = {me: {"id": me, "name": service.identity.name, "kind": "node"}}
     edges: dict[tuple[str, str], float | None] = {}
+    kinds: dict[tuple[str, str], str] = {}
+    """What this node's own links are (`path.type`); other members' links are known by RTT only."""
     for peer in service.peers.values():
         nodes[peer.peer_id] = {"id": peer.peer_id, "name": peer.name, "kind": peer.advert.get("kind", "node")}
-        edges[tuple(sorted((me, peer.peer_id)))] = peer.summary()["rtt_ms"]  # type: ignore[index]
+        summary = peer.summary()
+        own = tuple(sorted((me, peer.peer_id)))
+        edges[own] = summary["rtt_ms"]  # type: ignore[index]
+        if summary.get("path"):
+            kinds[own] = summary["path"]["type"]  # type: ignore[index]
         links = peer.advert.get("links")
         if isinstance(links, dict):
             for other, rtt in links.items():
@@ -91,7 +97,9 @@ def topology_view(service: MeshService) -> dict[str, Any]:
     return {
         "self": me,
         "nodes": list(nodes.values()),
-        "links": [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in edges.items()],
+        "links": [
+            {"a": a, "b": b, "rtt_ms": rtt, "type": kinds.get((a, b))} for (a, b), rtt in edges.items()
+        ],
         "pipelines": service.pipelines(),
     }
 

@@ -46,6 +46,10 @@ def test_three_nodes_reach_full_mesh_via_bootstrap_and_exchange(three_nodes):
     wait_until(lambda: frozenset((n2.peer_id, n3.peer_id)) in edges()[0], 20, "n2-n3 edge in n1's topology")
     topology = edges()[1]
     assert len(topology["nodes"]) == 3
+    # n1's own links say what they are (loopback: host to host); the n2-n3 link is known by its RTT only
+    types = {frozenset((e["a"], e["b"])): e["type"] for e in topology["links"]}
+    assert types[frozenset((n1.peer_id, n2.peer_id))] == "host"
+    assert types[frozenset((n2.peer_id, n3.peer_id))] is None
 
 
 def test_adverts_and_rtt_exchanged(three_nodes):
