@@ -3,8 +3,10 @@
 The body (`model`, `max_tokens`, `messages` of text blocks, `system`, `stop_sequences`, `temperature`,
 `top_p`, `top_k`, `stream`) is rewritten into the OpenAI shape and checked by
 `openai_schema.parse_completion_request`; an error names the Anthropic field. Features shoal lacks
-(`tools`, `tool_choice`, enabled `thinking`, image/document/tool blocks, a final assistant message to
-continue) are 400s naming the field; `output_config.format` (a JSON Schema) constrains the answer.
+(enabled `thinking`, image/document blocks, server tools, a final assistant message to continue) are 400s
+naming the field; `output_config.format` (a JSON Schema) constrains the answer; custom `tools` with
+`tool_choice` auto/any/tool/none run through `mesh.api.structured` (a `tool_use` block, `stop_reason:
+"tool_use"`; streamed as `input_json_delta`s), and `tool_use`/`tool_result` blocks continue a conversation.
 Streaming sends Anthropic's named SSE events:
 `message_start`, `content_block_start`, `ping`, `content_block_delta` (text), `content_block_stop`,
 `message_delta` (stop reason, output tokens), `message_stop`; an error once streaming is an `error` event.
@@ -13,6 +15,7 @@ It runs through `mesh.api.generation`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -24,11 +27,13 @@ from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import open_sse
+from shoal.mesh.api.structured import ToolCallStream, parse_call
 from shoal.models.generate import TokenEvent
 
-REFUSED = ("tools", "tool_choice", "mcp_servers", "container")
+REFUSED = ("mcp_servers", "container")
 RENAMED = {"stop": "stop_sequences", "response_format": "output_config.format",
-           "response_format.json_schema.schema": "output_config.format.schema"}
+           "response_format.json_schema.schema": "output_config.format.schema",
+           "tool_choice.function.name": "tool_choice.name"}
 """OpenAI field -> Anthropic field, for error messages."""
 
 
@@ -52,7 +57,60 @@ def _text(content: Any, param: str) -> str:
     return "".join(parts)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _tool_blocks(content: Any, role: str, param: str) -> list[dict[str, Any]] | None:
+    """A message with `tool_use` (assistant) or `tool_result` (user) blocks as OpenAI-shaped messages; None
+    when it has none."""
+    if not isinstance(content, list) or not any(
+            isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in content):
+        return None
+    text = _text([b for b in content if isinstance(b, dict) and b.get("type") == "text"], param)
+    out: list[dict[str, Any]] = []
+    calls = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                raise invalid(f"'{param}[{j}]' must be {{type: tool_use, id, name, input}}", f"{param}[{j}]",
+                              "invalid_type")
+            calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
+                "name": block["name"], "arguments": json.dumps(block.get("input", {}))}})
+        elif kind == "tool_result" and role == "user":
+            result = block.get("content", "")
+            out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
+                        "content": _text(result, f"{param}[{j}].content") if result else ""})
+        elif kind != "text":
+            raise invalid(f"content block type {kind!r} is not supported here by shoal", f"{param}[{j}].type",
+                          "unsupported_value")
+    if role == "assistant":
+        return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
+    return out + ([{"role": "user", "content": text}] if text else [])
+
+
+def _tools(body: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic `tools` / `tool_choice` in OpenAI's shape (`mesh.api.structured` enforces them)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools in (None, []):
+        return {}
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list of {name, description, input_schema}", "tools", "invalid_type")
+    functions = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
+            raise invalid("only custom tools {name, description, input_schema} are supported by shoal",
+                          f"tools[{i}]", "unsupported_value")
+        functions.append({"type": "function", "function": {
+            "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("input_schema", {"type": "object"})}})
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if choice is not None and kind not in ("auto", "any", "tool", "none"):
+        raise invalid("'tool_choice' must be {type: auto|any|tool|none}", "tool_choice", "invalid_type")
+    mapped: Any = {"auto": "auto", "any": "required", "none": "none", None: "auto"}.get(kind)
+    if kind == "tool":
+        mapped = {"type": "function", "function": {"name": choice.get("name")}}
+    return {"tools": functions, "tool_choice": mapped}
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list of messages", "messages", "invalid_type")
@@ -67,6 +125,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if role not in ("user", "assistant"):
             raise invalid(f"'messages[{i}].role' must be 'user' or 'assistant', got {role!r}",
                           f"messages[{i}].role")
+        blocks = _tool_blocks(message.get("content"), role, f"messages[{i}].content")
+        if blocks is not None:
+            out.extend(blocks)
+            continue
         out.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
     if out[-1]["role"] == "assistant":
         raise invalid("continuing a final assistant message (prefill) is not supported by shoal",
@@ -118,6 +180,7 @@ def parse_messages(body: Any) -> tuple[CompletionRequest, dict[str, Any]]:
         raise invalid("'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
     translated["stop"] = stops
     translated["response_format"] = _output_format(body.get("output_config"))
+    translated.update(_tools(body))
     translated["stream"] = bool(stream)
     try:
         return parse_completion_request(translated, "chat", 1 << 20), translated
@@ -140,11 +203,19 @@ def _stop_reason(done: Collected) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def _message(record: RequestRecord, model: str, text: str | None, done: Collected | None) -> dict[str, Any]:
+def _message(record: RequestRecord, model: str, text: str | None, done: Collected | None,
+             tools: bool = False) -> dict[str, Any]:
     reason, sequence = _stop_reason(done) if done is not None else (None, None)
+    content: list[dict[str, Any]] = [] if text is None else [{"type": "text", "text": text}]
+    call = parse_call(text) if tools and text is not None and reason == "end_turn" else None
+    if call is not None:
+        fn = call["function"]
+        content = [{"type": "tool_use", "id": "toolu_" + call["id"][5:], "name": fn["name"],
+                    "input": json.loads(fn["arguments"])}]
+        reason = "tool_use"
     return {
         "id": "msg_" + record.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": model,
-        "content": [] if text is None else [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": reason, "stop_sequence": sequence,
         "usage": {"input_tokens": record.prompt_tokens,
                   "output_tokens": done.completion_tokens if done is not None else 0},
@@ -152,12 +223,37 @@ def _message(record: RequestRecord, model: str, text: str | None, done: Collecte
 
 
 class _EventFramer:
-    """Anthropic's named SSE events around one text block."""
+    """Anthropic's named SSE events around one content block: `text`, or with tools a `tool_use` block whose
+    input streams as `input_json_delta`s (`structured.ToolCallStream` tells which)."""
 
-    def __init__(self, record: RequestRecord, model: str) -> None:
+    def __init__(self, record: RequestRecord, model: str, tools: bool = False) -> None:
         self.record = record
         self.model = model
         self.response: web.StreamResponse | None = None
+        self._calls = ToolCallStream() if tools else None
+        self._block: str | None = None
+
+    async def _start(self, block: dict[str, Any]) -> None:
+        self._block = block["type"]
+        await self._event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                  "content_block": block})
+
+    async def _delta(self, delta: dict[str, Any]) -> None:
+        if "content" in delta:
+            if self._block is None:
+                await self._start({"type": "text", "text": ""})
+            text = {"type": "text_delta", "text": delta["content"]}
+            await self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                      "delta": text})
+            return
+        call = delta["tool_calls"][0]
+        fn = call.get("function", {})
+        if "name" in fn:
+            await self._start({"type": "tool_use", "id": "toolu_" + call["id"][5:], "name": fn["name"],
+                               "input": {}})
+        if fn.get("arguments"):
+            await self._event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": fn["arguments"]}})
 
     async def _event(self, name: str, payload: dict[str, Any]) -> None:
         assert self.response is not None
@@ -167,17 +263,22 @@ class _EventFramer:
         self.response = (await open_sse(request, {ROUTE_HEADER: self.record.route.kind})).response
         await self._event("message_start", {"type": "message_start",
                                             "message": _message(self.record, self.model, None, None)})
-        await self._event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                  "content_block": {"type": "text", "text": ""}})
         await self._event("ping", {"type": "ping"})
 
     async def token(self, event: TokenEvent) -> None:
-        if event.text:
-            await self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                      "delta": {"type": "text_delta", "text": event.text}})
+        if not event.text:
+            return
+        for delta in self._calls.push(event.text) if self._calls is not None else [{"content": event.text}]:
+            await self._delta(delta)
 
     async def finish(self, done: Collected) -> None:
         reason, sequence = _stop_reason(done)
+        for delta in self._calls.finish() if self._calls is not None else []:
+            await self._delta(delta)
+        if self._block is None:
+            await self._start({"type": "text", "text": ""})
+        if self._block == "tool_use" and reason == "end_turn":
+            reason = "tool_use"
         await self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
         await self._event("message_delta", {"type": "message_delta",
                                             "delta": {"stop_reason": reason, "stop_sequence": sequence},
@@ -200,7 +301,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise _renamed(exc) from None
     async with tracked(request, served, prompt_ids, "msg") as run:
         if body["stream"]:
-            framer = _EventFramer(run.record, served.name)
+            framer = _EventFramer(run.record, served.name, req.tools is not None)
             response, run.status = await stream_frames(request, req, served, prompt_ids, params, run.record,
                                                        framer)
             return response
@@ -209,7 +310,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             run.status = "refused"
             return done
         run.status = done.finish
-        return json_response(_message(run.record, served.name, done.text, done),
+        return json_response(_message(run.record, served.name, done.text, done, req.tools is not None),
                              headers={ROUTE_HEADER: run.record.route.kind})
 
 

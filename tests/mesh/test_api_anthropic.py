@@ -72,6 +72,33 @@ async def test_output_config_format_constrains_the_answer(client: anthropic.Asyn
     jsonschema.validate(json.loads(answer.content[0].text), schema)
 
 
+WEATHER = {"name": "get_weather", "description": "The current weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                            "required": ["city"], "additionalProperties": False}}
+
+
+async def test_tool_use_whole_streamed_and_continued(client: anthropic.AsyncAnthropic) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = {"model": MODEL, "max_tokens": 60, "messages": ask, "tools": [WEATHER],
+              "tool_choice": {"type": "any"}, "extra_body": GREEDY}
+    whole = await client.messages.create(**params)
+    assert whole.stop_reason == "tool_use"
+    block = whole.content[0]
+    assert block.type == "tool_use" and block.name == "get_weather" and block.id.startswith("toolu_")
+    jsonschema.validate(block.input, WEATHER["input_schema"])
+    async with client.messages.stream(**params) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[0].input == block.input
+    follow = await client.messages.create(
+        model=MODEL, max_tokens=10, tools=[WEATHER], extra_body=GREEDY, messages=[
+            *ask, {"role": "assistant", "content": [{"type": "tool_use", "id": block.id, "name": block.name,
+                                                     "input": block.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id,
+                                          "content": "18 degrees and sunny"}]}],
+        tool_choice={"type": "none"})
+    assert follow.content[0].type == "text" and follow.content[0].text
+
+
 BAD = [
     ({"max_tokens": None}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -79,7 +106,9 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": "The"}]}, "messages[1].role"),
-    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}],
+      "tool_choice": {"type": "tool", "name": "g"}}, "tool_choice.name"),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
     ({"stop_sequences": "x"}, "stop_sequences"),
     ({"temperature": "warm"}, "temperature"),
