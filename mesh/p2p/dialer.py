@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiortc import RTCSessionDescription
 from shoal.mesh.p2p.errors import JoinRefused, LinkClosed, PeerUnavailable, SignallingError
+from shoal.mesh.p2p.ice import ice_summary
 from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.ports import LinkHost
 from shoal.mesh.p2p.signalling import ReplayGuard, build_signal, verify_signal
@@ -92,12 +93,13 @@ class Dialer:
                 await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
                 await peer.wait_open(host.config.connect_timeout_s)
         except BaseException as exc:
+            why = ice_summary(peer.pc)  # before close() releases the candidates
             await peer.close(f"dial failed: {exc!s:.200}")
             self.pending.discard(peer)
             if dialing is not None and not dialing.done():
                 dialing.cancel()
             if isinstance(exc, TimeoutError):
-                raise PeerUnavailable("connection attempt timed out") from None
+                raise PeerUnavailable(f"connection attempt timed out ({why})") from None
             raise
         finally:
             if expected and self._dialing.get(expected) is dialing:
@@ -192,7 +194,7 @@ class Dialer:
         try:
             await peer.wait_open(self._host.config.connect_timeout_s)
         except LinkClosed:
-            await peer.close("did not open")
+            await peer.close(f"did not open ({ice_summary(peer.pc)})")
             self.pending.discard(peer)
             raise
         self._open(peer)

@@ -181,3 +181,20 @@ def link_path(pc: RTCPeerConnection) -> dict[str, Any] | None:
         "local_address": f"{local.host}:{local.port}",
         "remote_address": f"{remote.host}:{remote.port}",
     }
+
+
+def ice_summary(pc: RTCPeerConnection) -> str:
+    """Why a link may not have opened, in one line: the ICE state, the candidate types on each side and how
+    the candidate-pair checks went (`ICE checking: local host,srflx; remote host,relay; 4 pairs: 3 failed,
+    1 in progress`). A side with no `srflx` had no STUN answer; no `relay`, no TURN allocation."""
+    connection = _ice_connection(pc)
+    if connection is None:
+        return "no ICE transport yet"
+    local = ",".join(sorted({c.type for c in connection.local_candidates})) or "none"
+    remote = ",".join(sorted({c.type for c in connection.remote_candidates})) or "none"
+    states: dict[str, int] = {}
+    for pair in getattr(connection, "_check_list", []):
+        name = pair.state.name.lower().replace("_", " ")
+        states[name] = states.get(name, 0) + 1
+    checks = ", ".join(f"{count} {name}" for name, count in sorted(states.items())) or "none checked"
+    return f"ICE {pc.iceConnectionState}: local {local}; remote {remote}; pairs: {checks}"

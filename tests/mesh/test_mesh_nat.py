@@ -168,6 +168,19 @@ def test_wrong_turn_credential_is_reported_not_a_crash(wrong_password: list[Node
     # the members still link to the public one; no relayed pair between the homes, and nobody crashed
     wait_until(lambda: pub.peer_id in home2.peers(), 20, "home2 linked to the public member")
     assert not _linked(home2, home1) or _linked(home2, home1)["path"]["type"] != "relayed"
+    # a failed attempt says how far ICE got: no relayed candidate on the side whose TURN refused it
+    # (whichever home dials: the one with the smaller id)
+    def timed_out() -> str | None:
+        for node in (home1, home2):
+            text = node.log_path.read_text(errors="replace") if node.log_path else ""
+            found = [line for line in text.splitlines() if "timed out (ICE" in line]
+            if found:
+                return found[0]
+        return None
+
+    line = wait_until(timed_out, 40, "a timed-out dial with its ICE summary")
+    local = line.split("local ", 1)[1].split(";", 1)[0]
+    assert "srflx" in local and "relay" not in local, line
     for node in wrong_password:
         assert node.process is not None and node.process.poll() is None
 
