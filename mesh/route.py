@@ -78,6 +78,14 @@ class Route:
         if entry is not None:
             self.replan_log.append(entry)
 
+    def measured(self, observed: ObservedTimes) -> None:
+        """Record the times the request took."""
+        self.observed = observed
+
+    def timed(self, stage_timing: list[dict[str, Any]]) -> None:
+        """Record a split's per-stage call accounting."""
+        self.stage_timing = stage_timing
+
     def to_dict(self) -> dict[str, Any]:
         """The wire form: `kind`, `peers`, `spans`, `replans`, then whichever of `predicted`, `observed`,
         `replan_log` and `stage_timing` are known."""

@@ -221,8 +221,9 @@ class Router:
             raise peer_failure(exc) from None
         seconds = time.perf_counter() - started
         per_token = (seconds - first) / (tokens - 1) if first is not None and tokens > 1 else None
-        route.observed = ObservedTimes(first, seconds, per_token)
-        observed = route.observed.to_dict()
+        times = ObservedTimes(first, seconds, per_token)
+        route.measured(times)
+        observed = times.to_dict()
         logger.info("%s via %s: predicted ttft %.3f s + %.4f s/token, observed ttft %s s + %s s/token",
                     model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
                     observed["ttft_s"], observed["per_token_s"])
@@ -335,7 +336,7 @@ class Router:
                     yield event
         finally:
             await engine.stop()
-            route.stage_timing = pipeline.timings()
+            route.timed(pipeline.timings())
             await loop.run_in_executor(None, pipeline.close)
 
     async def _replan(self, served: Servable, config: Any, weight_bytes: int, prompt_ids: list[int],

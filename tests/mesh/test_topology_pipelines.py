@@ -43,8 +43,8 @@ def test_route_is_serialized_once_in_the_wire_shape() -> None:
     route.follow("split", [("local", "0:11"), ("p5ua", "11:30")], {"ttft_s": 0.45, "per_token_s": 0.111})
     route.replanned(ReplanEntry("p5ua", 39, 0.734567))
     route.follow("split", [("local", "0:30")], {"ttft_s": 0.2, "per_token_s": 0.05})
-    route.observed = ObservedTimes(0.612345, 1.023456, None)
-    route.stage_timing = [{"peer": "local", "layers": "0:30", "link": "local", "calls": 3}]
+    route.measured(ObservedTimes(0.612345, 1.023456, None))
+    route.timed([{"peer": "local", "layers": "0:30", "link": "local", "calls": 3}])
     assert route.to_dict() == {
         "kind": "split", "peers": ["local"], "spans": ["0:30"], "replans": 1,
         "predicted": {"ttft_s": 0.2, "per_token_s": 0.05},
