@@ -142,6 +142,7 @@ class Chromium:
         tab = Tab(self, target, session)
         tab.call("Page.enable")
         tab.call("Runtime.enable")
+        tab.call("Network.enable")  # requests and WebSocket frames show up in `Tab.sent()`
         tab.call("Page.navigate", {"url": url})
         return tab
 
@@ -197,6 +198,21 @@ class Tab:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what} (last: {value!r:.300}); console:\n"
                              + "\n".join(self.console()[-20:]))
+
+    def sent(self) -> list[str]:
+        """What the page sent: each request's URL (browsers keep the fragment: CDP's `urlFragment`) and body,
+        and each WebSocket frame."""
+        out = []
+        for event in list(self.browser.events):
+            if event.get("sessionId") != self.session:
+                continue
+            params = event.get("params", {})
+            if event.get("method") == "Network.requestWillBeSent":
+                request = params.get("request", {})
+                out += [request.get("url", ""), request.get("postData", "")]
+            elif event.get("method") == "Network.webSocketFrameSent":
+                out.append(params.get("response", {}).get("payloadData", ""))
+        return out
 
     def console(self) -> list[str]:
         """The page's console messages so far (`console.log` & co., uncaught exceptions)."""

@@ -11,6 +11,7 @@ closing a tab is seen as a departure. A screenshot of the page after an offloade
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -170,6 +171,11 @@ def test_pages_join_and_both_nodes_list_them_as_browsers(nodes, pages):
     assert kinds[ids[0]] == kinds[ids[1]] == "browser" and kinds[a.peer_id] == kinds[b.peer_id] == "node"
     shown = pages[0].evaluate("[...document.querySelectorAll('#members tbody tr')].map(r => r.dataset.kind)")
     assert sorted(shown) == ["browser", "node", "node"]
+    # the invite (its secret) stayed in the tabs: no request URL or body, no WebSocket frame carried it
+    secret_b64 = base64.b64encode(invite.secret).decode()
+    sent = [item for tab in pages for item in tab.sent()]
+    assert any('"op":"offer"' in item for item in sent) and any("/join/join.js" in item for item in sent)
+    assert not [item for item in sent if invite.to_token()[8:40] in item or secret_b64 in item]
 
 
 def test_chat_typed_in_the_page_streams_an_answer_with_its_route(nodes, page):
@@ -245,6 +251,21 @@ def test_tabs_relink_when_a_node_restarts(nodes, pages):
     # the tab b served rejoined through b's signalling (its back-off, doubled by the failed tries, is reset)
     pages[1].wait_for("shoalMember.rejoinTimer === null && shoalMember.rejoinMs === 1000", 30, "the rejoin")
     assert pages[1].evaluate("[shoalMember.status.state, shoalMember.homeId]") == ["linked", b.peer_id]
+
+
+def test_page_without_a_usable_invite_says_so(nodes, browser):
+    a, _, invite = nodes
+    cut = invite.to_token()[:-6]  # cut off, as a mangled QR code or copy could be
+    for fragment, state, words in (("", "no-invite", "no invite"), (cut, "error", "cut off")):
+        tab = browser.open(f"{a.url}/join#{fragment}")
+        try:
+            status = "document.querySelector('#status')"
+            shown = tab.wait_for(f"{status}.dataset.state === {json.dumps(state)} && {status}.textContent",
+                                 20, f"the {state} state")
+            assert words in shown and tab.evaluate("!document.querySelector('#invite-box').hidden")
+            assert tab.evaluate("window.shoalMember === undefined")
+        finally:
+            tab.close()
 
 
 def test_page_with_a_wrong_invite_is_refused(nodes, browser):
