@@ -109,7 +109,7 @@ def test_js_invites_signals_and_turn_credentials_match_python(webcrypto):
 
     servers = ("stun:198.51.100.9:3478", "turn:198.51.100.9:3478?transport=udp")
     full = Invite.create("home", ("10.0.0.2:8740",)).with_servers(servers)
-    expiring = full.expiring(int(time.time()) + 600)
+    expiring = full.expiring(int(time.time()) + 600).with_turn_credential("123:m-test", "pass+word")
     member, seed, now = Identity.generate("node-a"), os.urandom(32), 1_765_000_000
     js_id = peer_id_from_public_key(_raw_public(Ed25519PrivateKey.from_private_bytes(seed)))
     answers = [json.dumps(build_signal(member, Membership.from_invite(full), "answer", SDP, to=js_id,
@@ -134,4 +134,5 @@ def test_js_invites_signals_and_turn_credentials_match_python(webcrypto):
     assert out["invites"][0]["turn"] == {"username": username, "credential": password}
     assert out["invites"][0]["ice"] == [{"urls": [servers[0]]},
                                         {"urls": [servers[1]], "username": username, "credential": password}]
-    assert out["invites"][1]["ice"] == [{"urls": [servers[0]]}]  # no TURN credentials from an invite key
+    carried = {"username": "123:m-test", "credential": "pass+word"}  # what the expiring invite carries
+    assert out["invites"][1]["ice"] == [{"urls": [servers[0]]}, {"urls": [servers[1]], **carried}]

@@ -131,7 +131,10 @@ export async function parseInvite(text) {
   const mesh = expires === null ? await meshIdFor(key) : String(data.m);
   const servers = (Array.isArray(data.i) ? data.i : [])
     .filter((url) => typeof url === "string" && url.length <= 300 && /^(stuns?|turns?):/.test(url)).slice(0, 8);
-  return { name: String(data.n ?? "shoal").slice(0, 64), key, expires, mesh, servers };
+  const t = data.t;  // an expiring invite's TURN REST credential, which expires with it
+  const turn = Array.isArray(t) && t.length === 2 && t.every((x) => typeof x === "string" && x.length <= 300)
+    ? { username: t[0], credential: t[1] } : null;
+  return { name: String(data.n ?? "shoal").slice(0, 64), key, expires, mesh, servers, turn };
 }
 
 async function hmacHex(key, parts) {
@@ -146,13 +149,16 @@ function proofParts(signal) {
 }
 
 /** The RTCPeerConnection ICE servers of the invite's STUN/TURN URLs (mesh/p2p/relays.py): TURN with REST
- * credentials derived from the mesh secret (username `EXPIRY:MESH_ID`, valid a day), so only a tab holding
- * the secret (not an expiring invite's key) gets TURN. */
+ * credentials derived from the mesh secret (username `EXPIRY:MESH_ID`, valid a day), or, on an expiring
+ * invite, the credential it carries until it expires. */
 export async function iceServers(membership, nowS = Date.now() / 1000) {
   const stun = membership.servers.filter((url) => url.startsWith("stun"));
   const turn = membership.servers.filter((url) => url.startsWith("turn"));
   const out = stun.length ? [{ urls: stun }] : [];
-  if (turn.length && membership.expires === null) out.push({ urls: turn, ...(await turnCredentials(membership.key, membership.mesh, nowS)) });
+  let credential = null;
+  if (membership.expires === null) credential = await turnCredentials(membership.key, membership.mesh, nowS);
+  else if (membership.turn && nowS <= membership.expires) credential = membership.turn;
+  if (turn.length && credential) out.push({ urls: turn, ...credential });
   return out;
 }
 
