@@ -25,16 +25,8 @@ from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, Reques
 from shoal.mesh.p2p.ice import link_path, remote_addresses
 from shoal.mesh.p2p.link_shared import BinaryHandler, ControlHandler, Handlers, LinkSettings
 
-__all__ = [
-    "BINARY_MESSAGE", "CHANNEL_IDS", "BinaryHandler", "ControlHandler", "Handlers", "LinkSettings", "Peer"
-]
+__all__ = ["BinaryHandler", "ControlHandler", "Handlers", "LinkSettings", "Peer"]
 logger = logging.getLogger(__name__)
-
-CHANNEL_IDS = {p.CONTROL: 0, p.BLOCKS: 1, p.TENSORS: 2}
-BINARY_MESSAGE = 65_536
-"""Size of the data-channel messages binary frames are cut into. aiortc reassembles a message by rescanning
-its chunk list for every arriving SCTP chunk (quadratic in message size): 64 KiB messages moved blocks
-~2.5x faster than 256 KiB ones here, and every remote accepts 64 KiB."""
 
 
 class Peer:
@@ -81,7 +73,7 @@ class Peer:
         self._drained = {name: asyncio.Event() for name in p.CHANNELS}
         self._reassemblers = {p.BLOCKS: p.Reassembler(p.BLOCKS), p.TENSORS: p.Reassembler(p.TENSORS)}
         self.channels: dict[str, RTCDataChannel] = {}
-        for channel_name, channel_id in CHANNEL_IDS.items():
+        for channel_name, channel_id in p.CHANNEL_IDS.items():
             channel = pc.createDataChannel(channel_name, negotiated=True, id=channel_id)
             channel.bufferedAmountLowThreshold = settings.low_water
             channel.on("message", self._message_handler(channel_name))
@@ -235,7 +227,7 @@ class Peer:
     async def send_binary(self, frame: p.BinaryFrame) -> None:
         """Send a binary frame (chunked as needed) on its kind's channel, honouring back-pressure."""
         channel_name = p.BINARY_KINDS[frame.kind][1]
-        for message in p.encode_binary(frame, BINARY_MESSAGE):
+        for message in p.encode_binary(frame, p.BINARY_MESSAGE):
             await self._send_raw(channel_name, message)
 
     async def request_binary(

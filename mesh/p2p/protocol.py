@@ -29,6 +29,12 @@ CONTROL = "control"
 BLOCKS = "blocks"
 TENSORS = "tensors"
 CHANNELS = (CONTROL, BLOCKS, TENSORS)
+CHANNEL_IDS = {CONTROL: 0, BLOCKS: 1, TENSORS: 2}
+"""Each channel's pre-negotiated data-channel id (both ends create them before the offer/answer)."""
+BINARY_MESSAGE = 65_536
+"""Size of the data-channel messages binary frames are cut into. aiortc reassembles a message by rescanning
+its chunk list for every arriving SCTP chunk (quadratic in message size): 64 KiB messages moved blocks
+~2.5x faster than 256 KiB ones here, and every remote accepts 64 KiB."""
 MAX_MESSAGE_SIZE = 262_144
 """aiortc's maximum data-channel message (65,536 if the remote SDP lacks `a=max-message-size`)."""
 MAX_REQUEST_ID = 2**32 - 1

@@ -30,7 +30,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses
-from shoal.mesh.p2p.peer import CHANNEL_IDS, Handlers, LinkSettings, Peer
+from shoal.mesh.p2p.peer import Handlers, LinkSettings, Peer
 
 ECHO_SIZES = [1, 1_171, 1_172, 1_173, 16_355, 16_356, 16_357, 65_000, 65_536, 200_000, 1_000_000, 3_000_000]
 BULK_FRAME = 1_000_000
@@ -87,7 +87,7 @@ async def _stats(pc: RTCPeerConnection) -> dict[str, int]:
 async def run_stock(pc: RTCPeerConnection, offer: bool) -> None:
     opened = asyncio.Event()
     channels = {}
-    for name, channel_id in CHANNEL_IDS.items():
+    for name, channel_id in p.CHANNEL_IDS.items():
         channel = pc.createDataChannel(name, negotiated=True, id=channel_id)
         channels[name] = channel
     tensors = channels[p.TENSORS]
