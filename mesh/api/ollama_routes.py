@@ -12,6 +12,7 @@ error after the first line is a last line `{"error": {...}}`.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,7 @@ from shoal.mesh.api.ollama_schema import (
 )
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.records import RequestRecord
+from shoal.mesh.api.structured import ToolCallStream, parse_call
 from shoal.mesh.events import Event
 from shoal.models.generate import EventLogprobs, TokenEvent
 
@@ -76,8 +78,13 @@ class _Answer:
         return body
 
     def last(self, done: Collected, text: str = "", logprobs: list[EventLogprobs] | None = None,
-             token_ids: list[int] | None = None) -> dict[str, Any]:
-        body = self.part(text, logprobs)
+             token_ids: list[int] | None = None, tools: bool = False) -> dict[str, Any]:
+        call = parse_call(text) if tools and done.finish == "stop" else None
+        body = self.part("" if call is not None else text, logprobs)
+        if call is not None:
+            fn = call["function"]
+            body["message"]["tool_calls"] = [{"function": {"name": fn["name"],
+                                                           "arguments": json.loads(fn["arguments"])}}]
         total = int((time.perf_counter() - self.t0) * 1e9)
         prompt_ns = int((self.record.ttft_s or 0.0) * 1e9)
         body.update(done=True, done_reason=done.finish, total_duration=total, load_duration=0,
@@ -91,11 +98,12 @@ class _Answer:
 class _NdjsonFramer:
     """Writes each token's text as one line, then the summary line."""
 
-    def __init__(self, answer: _Answer) -> None:
+    def __init__(self, answer: _Answer, tools: bool = False) -> None:
         self.answer = answer
         self.response: web.StreamResponse | None = None
         self._held: list[EventLogprobs] = []
         self._ids: list[int] = []
+        self._calls = ToolCallStream() if tools else None
 
     async def _line(self, payload: Any) -> None:
         assert self.response is not None
@@ -112,12 +120,21 @@ class _NdjsonFramer:
         self._ids.append(event.token_id)
         if event.logprobs is not None:
             self._held.append(event.logprobs)
-        if event.text:
+        if event.text and self._calls is not None:  # a call goes out whole, with the last line
+            for delta in self._calls.push(event.text):
+                if "content" in delta:
+                    await self._line(self.answer.part(delta["content"], self._held))
+                    self._held = []
+        elif event.text:
             await self._line(self.answer.part(event.text, self._held))
             self._held = []
 
     async def finish(self, done: Collected) -> None:
-        await self._line(self.answer.last(done, "", self._held, self._ids))
+        text = ""
+        if self._calls is not None:
+            pending = [d["content"] for d in self._calls.finish() if "content" in d]
+            text = self._calls.text if self._calls.mode == "call" else "".join(pending)
+        await self._line(self.answer.last(done, text, self._held, self._ids, self._calls is not None))
         assert self.response is not None
         await self.response.write_eof()
 
@@ -136,15 +153,16 @@ async def _run(request: web.Request, kind: str, parsed: OllamaRequest, stream: b
     async with tracked(request, served, prompt_ids, "ollama") as run:
         answer = _Answer(kind, served.name, run.record, prompt_ids)
         if stream:
+            framer = _NdjsonFramer(answer, req.tools is not None)
             response, run.status = await stream_frames(request, req, served, prompt_ids, params, run.record,
-                                                       _NdjsonFramer(answer))
+                                                       framer)
             return response
         done = await collect(request, req, served, prompt_ids, params, run.record)
         if isinstance(done, web.Response):
             run.status = "refused"
             return done
         run.status = done.finish
-        body = answer.last(done, done.text, done.logprobs, done.token_ids)
+        body = answer.last(done, done.text, done.logprobs, done.token_ids, req.tools is not None)
         return json_response(body, headers={ROUTE_HEADER: run.record.route.kind})
 
 

@@ -6,11 +6,13 @@ dialects share one set of rules; an error names the Ollama field (`options.num_p
 `num_thread`, `num_gpu`, `use_mmap`, …) are accepted and ignored; sampling features shoal lacks (`mirostat`,
 `typical_p`, `tfs_z`, `penalize_newline`) are refused unless set to their neutral value; anything else unknown
 is a 400 naming it. `format` (`"json"` or a JSON Schema) constrains the answer as OpenAI's `response_format`
-does; `tools`, `images`, `template`, `suffix`, `context` and `think` are refused.
+does; `tools` (chat) work as OpenAI's with `tool_choice` auto; `images`, `template`, `suffix`, `context` and
+`think` are refused.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +37,7 @@ IGNORED_OPTIONS = frozenset({
     "use_mlock", "num_thread", "numa", "num_keep", "repeat_last_n", "mirostat_tau", "mirostat_eta",
 })
 NEUTRAL_OPTIONS: dict[str, Any] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "penalize_newline": False}
-REFUSED_FIELDS = ("tools", "images", "template", "suffix", "context")
+REFUSED_FIELDS = ("images", "template", "suffix", "context")
 IGNORED_FIELDS = ("keep_alive", "options", "stream", "raw", "system", "think", "logprobs", "top_logprobs")
 MODEL_TAG = ":latest"
 
@@ -155,7 +157,29 @@ def parse_chat(body: Any) -> tuple[OllamaRequest, bool]:
                 raise invalid("images are not supported by shoal (text only)", f"messages[{i}].images",
                               "unsupported_value")
     name = model_name(body.get("model"))
-    return _translate(body, {"model": name, "messages": messages}, "chat"), _stream(body)
+    chat: dict[str, Any] = {"model": name, "messages": _openai_messages(messages)}
+    if body.get("tools"):
+        chat["tools"] = body["tools"]
+    return _translate(body, chat, "chat"), _stream(body)
+
+
+def _openai_messages(messages: Any) -> Any:
+    """Ollama's assistant `tool_calls` (arguments as an object) in OpenAI's shape (arguments as JSON text)."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list):
+            converted = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), dict):
+                    fn = {**fn, "arguments": json.dumps(fn["arguments"])}
+                converted.append({"type": "function", "function": fn})
+            message = {**message, "tool_calls": converted}
+        out.append(message)
+    return out
 
 
 def parse_generate(body: Any) -> tuple[OllamaRequest | None, str, bool]:

@@ -145,3 +145,32 @@ async def test_pull_goes_through_the_ipfs_path(client: ollama.AsyncClient) -> No
     with pytest.raises(ollama.ResponseError) as err:
         await client.pull("no-such-model")
     assert err.value.status_code == 404
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+async def test_tools_give_text_or_a_valid_call_and_continue(client: ollama.AsyncClient) -> None:
+    messages = [{"role": "system", "content": "Always answer by calling a function."},
+                {"role": "user", "content": "What is the weather in Paris?"}]
+    options = {"temperature": 0, "num_predict": 60}
+    whole = await client.chat(model=MODEL, messages=messages, tools=[WEATHER_TOOL], options=options)
+    parts = [p async for p in await client.chat(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                options=options, stream=True)]
+    calls = parts[-1].message.tool_calls
+    if whole.message.tool_calls:
+        call = whole.message.tool_calls[0].function
+        assert call.name == "get_weather"
+        jsonschema.validate(dict(call.arguments), WEATHER_TOOL["function"]["parameters"])
+        assert calls and calls[0].function.arguments == call.arguments
+    else:
+        assert whole.message.content and not calls
+        assert "".join(p.message.content or "" for p in parts) == whole.message.content
+    follow = await client.chat(model=MODEL, options={"temperature": 0, "num_predict": 8}, messages=[
+        *messages, {"role": "assistant", "content": "",
+                    "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 degrees and sunny"}])
+    assert follow.message.content
