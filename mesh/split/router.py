@@ -32,6 +32,7 @@ from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import ReceiptSink, RemoteStage, StageLost
+from shoal.models.config import ModelConfig
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
@@ -148,7 +149,7 @@ class Router:
         by_name = {p.name: p.peer_id for p in self.mesh.connected_peers() if p.name}
         return list(dict.fromkeys(by_name.get(n, n) for n in names))
 
-    def plan(self, model: str, config: Any, weight_bytes: int, holds: bool, prompt_tokens: int,
+    def plan(self, model: str, config: ModelConfig, weight_bytes: int, holds: bool, prompt_tokens: int,
              max_tokens: int, exclude: frozenset[str] = frozenset(), choice: RouteChoice | None = None
              ) -> sched.Plan:
         choice = choice or RouteChoice()
@@ -228,7 +229,7 @@ class Router:
                     model, plan.kind, plan.prediction.ttft_s, plan.prediction.per_token_s,
                     observed["ttft_s"], observed["per_token_s"])
 
-    async def _offload(self, served: Servable, plan: sched.Plan, config: Any, weight_bytes: int,
+    async def _offload(self, served: Servable, plan: sched.Plan, config: ModelConfig, weight_bytes: int,
                        prompt_ids: list[int], params: Any, max_tokens: int, route: Route,
                        choice: RouteChoice) -> AsyncIterator[Any]:
         emitted: list[int] = []
@@ -271,7 +272,7 @@ class Router:
                 route.replanned()
                 _follow(route, plan)
 
-    async def _split(self, served: Servable, plan: sched.Plan, config: Any, prompt_ids: list[int],
+    async def _split(self, served: Servable, plan: sched.Plan, config: ModelConfig, prompt_ids: list[int],
                      params: SamplingParams, route: Route, choice: RouteChoice) -> AsyncIterator[Any]:
         from shoal.models.generate import Engine
 
@@ -339,7 +340,7 @@ class Router:
             route.timed(pipeline.timings())
             await loop.run_in_executor(None, pipeline.close)
 
-    async def _replan(self, served: Servable, config: Any, weight_bytes: int, prompt_ids: list[int],
+    async def _replan(self, served: Servable, config: ModelConfig, weight_bytes: int, prompt_ids: list[int],
                       params: SamplingParams, excluded: frozenset[str], choice: RouteChoice) -> sched.Plan:
         max_tokens = _planned_tokens(served, prompt_ids, params)
         try:
@@ -388,7 +389,7 @@ def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingPar
     return params.max_tokens or max(1, served.context_length - len(prompt_ids))
 
 
-def logits_top_k(params: Any, configured: int) -> int:
+def logits_top_k(params: SamplingParams, configured: int) -> int:
     """How many logits per row the last stage of a split returns for a request with sampling `params`
     (0: the whole row). Plain greedy needs only the argmax; penalties (which move seen tokens) keep the
     configured k; sampling keeps every logit unless its own top-k fits within the configured one; a grammar
