@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{_link(peer.get('path')):22} "
                 f"{_memory(advert.get('free_memory')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
             )
+    ice = view.get("ice") if isinstance(view.get("ice"), dict) else {}
+    for check in ice.get("turn") or []:
+        if isinstance(check, dict) and check.get("ok") is False:
+            print(f"TURN {check.get('url')} unusable ({check.get('code')}): {check.get('reason')}")
     if view.get("banned"):
         print(f"banned: {', '.join(pid[:20] for pid in view['banned'])}")
     return 0

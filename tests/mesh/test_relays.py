@@ -152,3 +152,26 @@ def test_an_expired_invite_credential_is_not_used() -> None:
     relays = Relays(MeshConfig(turn=["turn:203.0.113.1:3478"]), lambda: Membership.from_invite(old),
                     lambda: old)
     assert relays.credentials()[2] == "none"
+
+
+def test_a_node_reports_an_unreachable_turn_server(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from shoal.mesh.commands.cli import main
+
+    from tests.mesh.mesh_nodes import Node, free_port, wait_until
+
+    dead = f"turn:127.0.0.1:{free_port()}?transport=tcp"  # nobody listens there
+    token = Invite.create("t").to_token()
+    node = Node("t", tmp_path / "t", f"127.0.0.1:{free_port()}",
+                ["--invite", token, "--ice", "lo", "--no-mdns", "--turn", dead, "--turn-username", "u",
+                 "--turn-password", "p"]).start()
+    try:
+        def checked() -> dict | None:
+            status = node.get("/v1/mesh/peers")["ice"]["turn"][0]
+            return status if status["ok"] is not None else None
+
+        check = wait_until(checked, 20, "the TURN check")
+        assert check["url"] == dead and check["ok"] is False and check["code"] == "unreachable", check
+        assert main(["peers", "--api", node.api]) == 0
+        assert f"TURN {dead} unusable (unreachable)" in capsys.readouterr().out
+    finally:
+        node.kill(15)
