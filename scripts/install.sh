@@ -54,8 +54,14 @@ if [ "${1:-}" = "test" ]; then
   # home networks behind NATs in network namespaces; without them (or without root) those tests are skipped.
   if { ! command -v turnserver >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; } \
     && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn iptables) >/dev/null 2>&1 \
-      || echo "install: coturn/iptables not installed (NAT traversal tests will be skipped)" >&2
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn iptables) >/dev/null 2>&1
+    then
+      # the tests run their own turnserver in a namespace; the package's system service (started on install
+      # where systemd runs) would leave a TURN server listening on port 3478 of this machine
+      if command -v systemctl >/dev/null 2>&1; then systemctl disable --now coturn >/dev/null 2>&1 || true; fi
+    else
+      echo "install: coturn/iptables not installed (NAT traversal tests will be skipped)" >&2
+    fi
   fi
 fi
 "$py" -c "import shoal.models.embedded as e; print('shoal: embedded model at', e.embedded_model_path())" || true
