@@ -146,7 +146,7 @@ class Gossip:
             await asyncio.gather(*(self._send(peer, advert) for peer in self.service.connected_peers()))
 
     async def _on_advert(self, peer: Peer, frame: p.ControlFrame) -> None:
-        previous, peer.advert = peer.advert, clean_advert(frame.body)
+        previous = peer.advertised(clean_advert(frame.body))
         if _stable(previous) != _stable(peer.advert):  # not on every memory/RTT wiggle: keep the bus calm
             self.service.events.publish(
                 "peer.updated", id=peer.peer_id, name=peer.name, models=peer.advert.get("models", [])

@@ -1,13 +1,17 @@
 """What every link of a node shares: its timing and limits (`LinkSettings`, from `MeshConfig`) and the frame
-handlers by control type and binary kind (`Handlers`). `p2p.peer` re-exports these names."""
+handlers by control type and binary kind (`Handlers`), and how a link bounds the handlers running for its
+peer's requests (`HandlerSlots`). `p2p.peer` re-exports the first two."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shoal.mesh.p2p import protocol as p
+from shoal.mesh.p2p.errors import ProtocolError
 
 if TYPE_CHECKING:
     from shoal.mesh.p2p.peer import Peer
@@ -54,3 +58,28 @@ class Handlers:
         if kind not in p.BINARY_KINDS:
             raise ValueError(f"register binary kind {kind} with protocol.register_binary_kind first")
         self.binary[kind] = handler
+
+
+class HandlerSlots:
+    """One link's bound on the handlers of its peer's requests: `max_running_handlers` run at once, and at
+    most `max_pending_handlers` are admitted (running or waiting) before a new request is a violation."""
+
+    def __init__(self, settings: LinkSettings) -> None:
+        self._running = asyncio.Semaphore(settings.max_running_handlers)
+        self._limit = settings.max_pending_handlers
+        self.admitted = 0
+
+    def admit(self) -> None:
+        """Count one more request waiting for its handler; `ProtocolError` past the limit."""
+        if self.admitted >= self._limit:
+            raise ProtocolError(f"more than {self._limit} requests waiting")
+        self.admitted += 1
+
+    @contextlib.asynccontextmanager
+    async def run(self) -> AsyncIterator[None]:
+        """Hold a running slot for an admitted handler; its admission ends with the block, however it ends."""
+        try:
+            async with self._running:
+                yield
+        finally:
+            self.admitted -= 1

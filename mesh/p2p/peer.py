@@ -23,7 +23,7 @@ from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
 from shoal.mesh.p2p.ice import link_path, remote_addresses
-from shoal.mesh.p2p.link_shared import BinaryHandler, ControlHandler, Handlers, LinkSettings
+from shoal.mesh.p2p.link_shared import BinaryHandler, ControlHandler, Handlers, HandlerSlots, LinkSettings
 
 __all__ = ["BinaryHandler", "ControlHandler", "Handlers", "LinkSettings", "Peer"]
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class Peer:
         self._pending_control: dict[int, asyncio.Future[p.ControlFrame]] = {}
         self._pending_binary: dict[int, asyncio.Future[p.BinaryFrame]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handler_slots = asyncio.Semaphore(settings.max_running_handlers)
-        self._pending_handlers = 0
+        self._handler_slots = HandlerSlots(settings)
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
         self._drained = {name: asyncio.Event() for name in p.CHANNELS}
@@ -86,6 +85,11 @@ class Peer:
     def identify(self, peer_id: str, name: str, api_address: str | None, admitted: str | None) -> None:
         """Who the link goes to, once signalling proved it (the verified offer or answer)."""
         self.peer_id, self.name, self.api_address, self.admitted = peer_id, name, api_address, admitted
+
+    def advertised(self, advert: dict[str, Any]) -> dict[str, Any]:
+        """Take the peer's newest (checked) advert; returns the one it replaces."""
+        previous, self.advert = self.advert, advert
+        return previous
 
     def holds_secret(self) -> None:
         """The peer now holds the mesh secret (this node handed it over or took it from the peer)."""
@@ -322,17 +326,12 @@ class Peer:
                     body = {"code": "unsupported", "message": frame.type}
                     self._spawn(self._send_quietly(p.ControlFrame("error", body, re=frame.id)))
                 return
-            self._admit_handler()
+            self._handler_slots.admit()
             self._spawn(self._run_control_handler(handler, frame))
-
-    def _admit_handler(self) -> None:
-        if self._pending_handlers >= self.settings.max_pending_handlers:
-            raise ProtocolError(f"more than {self.settings.max_pending_handlers} requests waiting")
-        self._pending_handlers += 1
 
     async def _run_control_handler(self, handler: ControlHandler, frame: p.ControlFrame) -> None:
         try:
-            async with self._handler_slots:
+            async with self._handler_slots.run():
                 body = await handler(self, frame)
             reply = p.ControlFrame("reply", body or {}, re=frame.id)
         except ProtocolError as exc:
@@ -345,8 +344,6 @@ class Peer:
         except Exception:
             logger.exception("peer %s: %s handler failed", self.peer_id[:12], frame.type)
             reply = p.ControlFrame("error", {"code": "internal", "message": "handler failed"}, re=frame.id)
-        finally:
-            self._pending_handlers -= 1
         if frame.id is not None:
             await self._send_quietly(reply)
 
@@ -359,12 +356,12 @@ class Peer:
         handler = self.handlers.binary.get(frame.kind)
         if handler is None:
             raise ProtocolError(f"no handler for binary kind {frame.kind}")
-        self._admit_handler()
+        self._handler_slots.admit()
         self._spawn(self._run_binary_handler(handler, frame))
 
     async def _run_binary_handler(self, handler: BinaryHandler, frame: p.BinaryFrame) -> None:
         try:
-            async with self._handler_slots:
+            async with self._handler_slots.run():
                 reply = await handler(self, frame)
                 if reply is not None:
                     await self.send_binary(reply)
@@ -374,8 +371,6 @@ class Peer:
             pass
         except Exception:
             logger.exception("peer %s: binary kind %d handler failed", self.peer_id[:12], frame.kind)
-        finally:
-            self._pending_handlers -= 1
 
     # ----- liveness --------------------------------------------------------------------------------------
 

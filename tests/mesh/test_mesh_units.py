@@ -1,17 +1,20 @@
-"""Pure parts of the mesh layer: config validation, signal verification, advert filtering, ICE selection."""
+"""Pure parts of the mesh layer: config validation, signal verification, advert filtering, ICE selection, a
+link's bound on running handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.config import MeshConfig
-from shoal.mesh.p2p.errors import MembershipError, SignallingError
+from shoal.mesh.p2p.errors import MembershipError, ProtocolError, SignallingError
 from shoal.mesh.p2p.gossip import clean_advert
 from shoal.mesh.p2p.ice import host_addresses
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite
+from shoal.mesh.p2p.link_shared import HandlerSlots, LinkSettings
 from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, sdp_fingerprints, verify_signal
 
 SDP = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=fingerprint:sha-512 01:02\r\n"
@@ -111,3 +114,31 @@ def test_mesh_section_of_the_node_config(tmp_path):
     assert mesh.ice_interfaces == ("lo",) and mesh.mdns is False and mesh.dead_timeout_s == 3.0
     assert mesh.all_bootstrap() == ("10.0.0.1:8740", "10.0.0.2:8740", "10.0.0.9:8740")
     assert mesh.secret_bytes() == invite.secret
+
+
+async def test_handler_slots_bound_running_and_admitted_handlers() -> None:
+    slots = HandlerSlots(LinkSettings(max_running_handlers=1, max_pending_handlers=2))
+    slots.admit()
+    slots.admit()
+    with pytest.raises(ProtocolError):
+        slots.admit()  # a third waiting request is a violation
+    release = asyncio.Event()
+    running: list[str] = []
+
+    async def handler(name: str) -> None:
+        async with slots.run():
+            running.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(handler("first"))
+    second = asyncio.create_task(handler("second"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert running == ["first"]  # one slot: the second waits
+    second.cancel()  # a waiting handler that is cancelled gives its admission back
+    await asyncio.gather(second, return_exceptions=True)
+    assert slots.admitted == 1
+    release.set()
+    await first
+    assert slots.admitted == 0
+    slots.admit()
