@@ -5,6 +5,7 @@ coturn (`scripts/install.sh test` installs the last two where apt is available).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,3 +217,36 @@ def test_nats_without_a_wan_firewall_still_link_with_turn(open_cones: list[Node]
     view = wait_until(lambda: _linked(home1, home2), 60, "home1 linked to home2")
     assert view["path"]["type"] in ("server-reflexive", "peer-reflexive", "relayed"), view["path"]
     print(f"two NATs without WAN firewall linked as {view['path']['type']}")
+
+
+def _relayed(home1: Node, home2: Node) -> list[dict]:
+    """Both ends' paths once the homes share one link through TURN."""
+
+    def both_ends() -> list[dict] | None:
+        views = [_linked(home1, home2), _linked(home2, home1)]
+        if not all(views):
+            return None
+        paths = [v["path"] for v in views]  # type: ignore[index]
+        return paths if "relay" in (paths[0]["local"], paths[1]["local"]) else None
+
+    return wait_until(both_ends, 60, "home1 and home2 linked through TURN")
+
+
+def test_block_pull_over_the_relayed_link_gives_identical_bytes(symmetric: list[Node],
+                                                                 tmp_path: Path) -> None:
+    """A file published in home2 is pulled by home1 with only the mesh as source. home2's gateway address is
+    in its own home (no route from home1), so the pull must fall back to the relayed data channel — and the
+    gateway-preferring source is used, so a hanging gateway attempt would show here as a timeout."""
+    _, home1, home2 = symmetric
+    paths = _relayed(home1, home2)
+    assert all(p["type"] == "relayed" for p in paths), paths
+    content = os.urandom(600_000)  # several blocks: a DAG, not one leaf
+    source = tmp_path / "published.bin"
+    source.write_bytes(content)
+    cid = home2.post("/test/publish", {"path": str(source)})["cid"]
+    result = home1.post("/test/mesh-pull", {"cid": cid}, timeout=60)
+    assert "error" not in result, result
+    assert result["sha256"] == hashlib.sha256(content).hexdigest(), result
+    assert result["stats"].get("channel", 0) >= 1 and not result["stats"].get("http"), result["stats"]
+    # still the relayed link (the pull did not go round through the public member)
+    assert _linked(home1, home2)["path"]["type"] == "relayed"
