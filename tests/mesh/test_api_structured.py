@@ -152,3 +152,32 @@ async def test_bad_structured_requests_are_400(client: openai.AsyncOpenAI, chang
 def test_split_stages_return_whole_rows_for_constrained_requests() -> None:
     assert logits_top_k(SamplingParams(temperature=0, constraint=Constraint("json_object")), 256) == 0
     assert logits_top_k(SamplingParams(temperature=0, logprobs=2), 256) == 0
+
+
+@pytest.mark.slow
+def test_model_answers_are_valid_on_generated_schemas(node: NodeThread) -> None:
+    """The real model (not random logits, as tests/models/test_grammar.py uses) on 100 generated schemas:
+    every finished answer validates. `-m slow`; a few minutes on two cores."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.models.test_grammar import TOP
+
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+    finished: list[bool] = []
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(schema=TOP)
+    def check(schema: dict[str, Any]) -> None:
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Fill in this JSON form."}], max_tokens=300,
+            temperature=0.7, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": schema}},
+        )
+        choice = answer.choices[0]
+        finished.append(choice.finish_reason == "stop")
+        if finished[-1]:
+            jsonschema.validate(json.loads(choice.message.content), schema)
+
+    check()
+    print(f"{sum(finished)} of {len(finished)} answers finished within max_tokens; all of them valid")
+    assert sum(finished) >= 0.8 * len(finished)
