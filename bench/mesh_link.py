@@ -1,7 +1,7 @@
 """Mesh link benchmark: separate node processes on loopback (the mesh harness), measured from a client node.
 
     python bench/mesh_link.py [--blocks 32] [--block-size 262144] [--rtt-count 200] [--repeat 3]
-                              [--stream-mib 64] [--car-only]
+                              [--stream-mib 64] [--car-only] [--nat-only | --no-nat]
 
 Reports: link setup time; RTT of 1 KiB and 8 KiB frames (median, p99) on `control` and `tensors`; block
 throughput over one data channel (1 request in flight, then 8), from three peers at once over data channels,
@@ -11,6 +11,9 @@ baseline, `bench/naive_aiortc.py`, included) is measured `--repeat` times and re
 the issue-6 ratios at the end. The server processes are started with `--bench`, which adds the routes below
 to the harness. `--car-only` runs just the CAR stream (received by `http_stream`, as the product does, and
 through aiohttp) and plain TCP, taking turns for `--repeat` rounds, and prints medians and per-round ratios.
+Then the across-NAT rows (bench/mesh_nat.py: a link hole-punched through two cone NATs and one relayed
+through TURN, each against a host link in the same topology; root, iptables and coturn, else a printed
+reason); `--nat-only` runs just those, `--no-nat` leaves them out.
 """
 
 from __future__ import annotations
@@ -222,7 +225,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--car-only", action="store_true",
                         help="only the CAR stream vs plain TCP, alternating, --repeat pairs (one server)")
+    parser.add_argument("--nat-only", action="store_true", help="only the across-NAT rows (mesh_nat.py)")
+    parser.add_argument("--no-nat", action="store_true", help="leave out the across-NAT rows")
     args = parser.parse_args()
+    if args.nat_only:
+        return nat_rows(args, None)
 
     token = Invite.create("bench").to_token()
     common = [
@@ -306,8 +313,7 @@ def main() -> int:
             node.kill(15)
         shutil.rmtree(base, ignore_errors=True)  # published files and node data: hundreds of MB a run
     if args.json:
-        print(json.dumps(results, indent=1))
-        return 0
+        return nat_rows(args, results)
     print(f"{'measurement':40} {'value':>24}")
     print(f"{'link setup (median of 5)':40} {results['setup_ms_median']:>21.1f} ms")
     for channel in ("control", "tensors"):
@@ -339,6 +345,18 @@ def main() -> int:
     car = results["car_stream_only"]["mib_s"]
     print(f"{'3 peers / one naive aiortc link':40} {three / naive:>19.1f} x   (target >= 2)")
     print(f"{'CAR stream / plain TCP':40} {100 * car / tcp:>19.0f} %   (target >= 50)")
+    return 0 if args.no_nat else nat_rows(args, None)
+
+
+def nat_rows(args: argparse.Namespace, results: dict[str, object] | None) -> int:
+    """Measure and print the across-NAT rows; with --json, as `nat` of one object with `results`."""
+    from bench.mesh_nat import print_rows, rows
+
+    nat = rows(args)
+    if args.json:
+        print(json.dumps({**(results or {}), "nat": nat}, indent=1))
+    else:
+        print_rows(nat)
     return 0
 
 

@@ -166,7 +166,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.bench:
         from bench.mesh_link import bench_routes
 
-        mesh.discovery.redial = False
+        mesh.discovery.redial = args.bench_redial
         bench_routes(app, mesh, blocks)
     host, port = args.api.rsplit(":", 1)
     runner = web.AppRunner(app, handle_signals=False)
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turn-username")
     parser.add_argument("--turn-password")
     parser.add_argument("--bench", action="store_true", help="add the routes of bench/mesh_link.py")
+    parser.add_argument("--bench-redial", action="store_true",
+                        help="with --bench, still dial peers learned from links (bench/mesh_nat.py)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:

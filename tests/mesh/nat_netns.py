@@ -118,6 +118,16 @@ class NatNetwork:
         _ip("-n", namespace, "addr", "add", address, "dev", "eth0")
         _ip("-n", namespace, "link", "set", "eth0", "up")
 
+    def add_public_host(self, index: int) -> str:
+        """Another member's namespace on the public bridge, at 203.0.113.(2 + index) (index 1: .3); a link
+        between two public hosts is a plain host link over the same bridge, the baseline of bench rows."""
+        if not 1 <= index <= 7:
+            raise ValueError("public host index must be 1..7 (203.0.113.3-9)")
+        namespace = f"{self.prefix}ph{index}"
+        self._add(namespace)
+        self._uplink(namespace, f"vph{index}", f"203.0.113.{2 + index}/24")
+        return namespace
+
     def _home(self, index: int, kind: str) -> None:
         router, home = self.router(index), self.home(index)
         self._add(router)
