@@ -11,15 +11,18 @@ import tvm
 from shoal.models.embedded import embedded_model_path
 from shoal.models.gguf import GGUFModel
 from shoal.models.kernels.quant import PackedWeight, pack_q4_1, pack_q8_0
-from shoal.models.kernels.tir_common import host_has_vnni
+from shoal.models.kernels.tir_common import host_has_avx2, host_has_vnni
+from tvm.target import codegen
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
 PORTABLE = {"kind": "llvm", "num-cores": 2}  # x86-64 baseline: no AVX-512, so the portable path
 DEV = tvm.cpu()
 HOST_VNNI = host_has_vnni()
 needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this CPU has no AVX-512 VNNI")
-NATIVE = ZNVER4 if HOST_VNNI else PORTABLE
-"""The CPU target the tests run kernels on: VNNI where this CPU has it."""
+HOST_AVX2 = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2}
+NATIVE = ZNVER4 if HOST_VNNI else (HOST_AVX2 if host_has_avx2() else PORTABLE)
+"""The CPU target the tests run kernels on: VNNI where this CPU has it, else this CPU (with FMA, as the
+NumPy references of the float kernels assume) where it has AVX2."""
 
 
 @cache
