@@ -36,6 +36,9 @@ class SplitConfig:
     """How long a tensor link grant's one-use token stays valid."""
     link_alive_poll_s: float = 0.25
     """While a call waits on a direct tensor link, how often the origin checks that the peer is linked."""
+    direct_retry_s: float = 60.0
+    """After a direct tensor link to a peer's address failed to connect (its address is not reachable from
+    here, as across NATs), new stages on that peer use the data channel at once for this long."""
     offload_open_timeout_s: float = 30.0
     """Wait for a peer to accept an offloaded request."""
     offload_token_timeout_s: float = 60.0

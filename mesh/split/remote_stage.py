@@ -111,15 +111,43 @@ class LinkTiming:
         return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4)}
 
 
+class DirectLinkFailures:
+    """Peers' direct tensor link addresses that did not connect, each remembered for `hold_s`, so that a new
+    stage on a peer whose address is unreachable from here (across NATs) does not wait out the handshake
+    timeout again. Shared by a router's stages (their threads); plain dict updates, safe under the GIL."""
+
+    def __init__(self, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s = hold_s
+        self._clock = clock
+        self._until: dict[tuple[str, str], float] = {}
+
+    def recent(self, peer: str, address: str) -> bool:
+        until = self._until.get((peer, address))
+        return until is not None and self._clock() < until
+
+    def failed(self, peer: str, address: str) -> None:
+        now = self._clock()
+        if len(self._until) >= 256:  # bounded: drop the expired, then the oldest
+            self._until = {k: t for k, t in self._until.items() if t > now} or self._until
+            while len(self._until) >= 256:
+                del self._until[next(iter(self._until))]
+        self._until[(peer, address)] = now + self.hold_s
+
+    def connected(self, peer: str, address: str) -> None:
+        self._until.pop((peer, address), None)
+
+
 class RemoteStage(StageDefaults):
     """Layers `span` of `model`, run by the node behind `link`. Blocking methods; call them off the loop."""
 
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
                  fp16: bool = False, cid: str | None = None, direct: bool = False,
-                 on_receipt: ReceiptSink | None = None) -> None:
+                 on_receipt: ReceiptSink | None = None, direct_failures: DirectLinkFailures | None = None
+                 ) -> None:
         """`on_receipt`: called (on this thread) with what the origin saw of a sequence and the receipt the
-        peer returned when the sequence closes; it must not block (the router hands it to the loop)."""
+        peer returned when the sequence closes; it must not block (the router hands it to the loop).
+        `direct_failures`: where addresses that did not connect are remembered (skipped while recent)."""
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -141,6 +169,7 @@ class RemoteStage(StageDefaults):
         self._step = 0
         self._closed = False
         self._want_direct = direct
+        self._direct_failures = direct_failures
         self._direct: TensorLinkClient | None = None
         self.timing = LinkTiming()
 
@@ -188,6 +217,11 @@ class RemoteStage(StageDefaults):
         if not isinstance(address, str) or ":" not in address:
             return None
         host = address.rsplit(":", 1)[0].strip("[]")
+        failures = self._direct_failures
+        if failures is not None and failures.recent(self.peer, host):
+            logger.debug("direct tensor link to %s at %s failed recently; using the data channel",
+                         self.peer[:12], host)
+            return None
         try:
             wait = self._settings.control_timeout_s
             grant = self._call(self.link.request(TENSOR_LINK, {}, wait), wait)
@@ -195,7 +229,11 @@ class RemoteStage(StageDefaults):
                                               self._settings.link_record_timeout_s)
         except (StageLost, ValueError, LinkError) as exc:
             logger.info("no direct tensor link to %s (%s); using the data channel", self.peer[:12], exc)
+            if failures is not None and isinstance(exc, LinkError):
+                failures.failed(self.peer, host)
             return None
+        if failures is not None:
+            failures.connected(self.peer, host)
         logger.info("direct tensor link to %s at %s", self.peer[:12], host)
         return client
 

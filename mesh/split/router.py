@@ -31,7 +31,7 @@ from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
 from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
-from shoal.mesh.split.remote_stage import ReceiptSink, RemoteStage, StageLost
+from shoal.mesh.split.remote_stage import DirectLinkFailures, ReceiptSink, RemoteStage, StageLost
 from shoal.models.config import ModelConfig
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
@@ -72,6 +72,7 @@ class Router:
         self.offload = offload
         self.settings = settings or SplitConfig()
         self.speeds = Speeds()
+        self.direct_failures = DirectLinkFailures(self.settings.direct_retry_s)
         self._forced: ForcedRoute | None = None
         self.load: Callable[[], int] = load or (lambda: 0)
         self.stage_receipts = stage_receipts
@@ -303,7 +304,8 @@ class Router:
                                               settings=self.settings, top_k=top_k,
                                               fp16=self.settings.fp16_hidden, cid=cid,
                                               direct=self.settings.direct_tensors,
-                                              on_receipt=self.stage_receipts))
+                                              on_receipt=self.stage_receipts,
+                                              direct_failures=self.direct_failures))
             except BaseException:
                 for stage in stages:
                     await loop.run_in_executor(None, stage.close)

@@ -119,5 +119,6 @@ def test_two_stage_split_over_the_relayed_link_streams_the_local_tokens(relayed_
     # home2's direct tensor address is not reachable from home1: the stage ran on the data channel
     assert [t["link"] for t in route["stage_timing"]] == ["local", "channel"], route
     assert home1.peers()[home2.peer_id]["path"]["type"] == "relayed"
+    # tried once (the handshake timed out), then remembered: the second split did not wait for it again
     log = home1.log_path.read_text(errors="replace")
-    assert f"no direct tensor link to {home2.peer_id[:12]} (cannot reach" in log, home1.log_tail()
+    assert log.count(f"no direct tensor link to {home2.peer_id[:12]} (cannot reach") == 1, home1.log_tail()

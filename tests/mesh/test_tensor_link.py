@@ -27,7 +27,7 @@ from shoal.mesh.split import tensor_link_server as tls
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.pipeline import SplitPipeline
-from shoal.mesh.split.remote_stage import RemoteStage
+from shoal.mesh.split.remote_stage import DirectLinkFailures, RemoteStage
 from shoal.mesh.split.stage_host import StageHost
 from shoal.models.span import LayerSpan
 
@@ -385,3 +385,44 @@ async def test_links_per_peer_are_bounded(served, monkeypatch) -> None:
         client.close()
     again = await connect_when_free(server, "b")  # the worker sees them closed and frees them
     again.close()
+
+
+class UnreachablePeerLink(DirectPeerLink):
+    """b grants direct links, but nothing answers at the granted port (as b's address across a NAT)."""
+
+    def __init__(self, host: StageHost, peer_id: str, server: tls.TensorLinkServer) -> None:
+        super().__init__(host, peer_id, server)
+        self.grants = 0
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            self.closed_port = probe.getsockname()[1]
+
+    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
+        if frame_type == tl.TENSOR_LINK:
+            self.grants += 1
+            return {**self.server.grant(self.peer_id), "port": self.closed_port}
+        return await super().request(frame_type, body, timeout_s)
+
+
+async def test_an_unreachable_direct_address_is_not_retried_while_recent(served) -> None:
+    hosts, server, _ = served
+    link = UnreachablePeerLink(hosts["b"], "b", server)
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    now = [100.0]
+    failures = DirectLinkFailures(60.0, clock=lambda: now[0])
+
+    async def open_stage() -> RemoteStage:
+        stage = RemoteStage(link, loop, MODEL, config, LayerSpan(15, 30), direct=True,
+                            direct_failures=failures)
+        await blocking(stage.add_sequence, 5)
+        await blocking(stage.remove_sequence, 5)
+        await blocking(stage.close)
+        return stage
+
+    assert (await open_stage()).transport == "channel" and link.grants == 1  # tried, refused: the channel
+    assert failures.recent("b", "127.0.0.1")
+    assert (await open_stage()).transport == "channel" and link.grants == 1  # not tried again
+    now[0] += 61.0
+    assert not failures.recent("b", "127.0.0.1")
+    assert (await open_stage()).transport == "channel" and link.grants == 2  # tried again after hold_s
+    assert failures.recent("b", "127.0.0.1") and not failures.recent("c", "127.0.0.1")
