@@ -28,6 +28,7 @@ from multiformats import CID
 from shoal.mesh.ipfs.cid import parse_cid, verify_block
 from shoal.mesh.ipfs.errors import (
     BlockNotFoundError,
+    GatewayUnreachableError,
     InvalidCidError,
     SourceError,
     StoreError,
@@ -227,6 +228,8 @@ class MeshBlockSource:
             except SourceError as exc:
                 if started:
                     raise  # a broken stream: the fetcher walks the DAG for what is missing
+                if isinstance(exc, GatewayUnreachableError):  # its blocks too: the channel, at once
+                    self._mark_http_down(peer, exc)
                 errors.append(str(exc))
                 continue
             self.stats["car"] += 1

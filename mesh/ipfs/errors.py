@@ -27,6 +27,10 @@ class SourceError(IpfsError):
     """One block source failed (unreachable, timed out, bad status, bad data); others may still succeed."""
 
 
+class GatewayUnreachableError(SourceError):
+    """A gateway's address took no connection (refused, unroutable, timed out): as a peer's behind a NAT."""
+
+
 class PullStalledError(IpfsError):
     """A pull got no new block within its stall timeout (`[ipfs] stall_timeout_s`, `pull --stall-timeout`)."""
 

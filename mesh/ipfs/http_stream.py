@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from shoal.mesh.ipfs.errors import SourceError
+from shoal.mesh.ipfs.errors import GatewayUnreachableError, SourceError
 
 MAX_HEAD = 64 * 1024
 """Status line and headers (and, for chunked bodies, the trailer section), at most."""
@@ -354,9 +354,9 @@ async def open_body(url: str, headers: Mapping[str, str], *, connect_timeout_s: 
         async with asyncio.timeout(connect_timeout_s):
             transport, receiver = await loop.create_connection(_Receiver, host, port)
     except TimeoutError:
-        raise SourceError(f"cannot connect to {host}:{port} (timed out)") from None
+        raise GatewayUnreachableError(f"cannot connect to {host}:{port} (timed out)") from None
     except OSError as exc:
-        raise SourceError(f"cannot connect to {host}:{port} ({exc.strerror or exc})") from exc
+        raise GatewayUnreachableError(f"cannot connect to {host}:{port} ({exc.strerror or exc})") from exc
     try:
         transport.write(request)
         head, rest = await _read_head(receiver, read_timeout_s)

@@ -215,8 +215,8 @@ class GatewaySource(_HttpSource):
         try:
             body = await http_stream.open_body(url, headers, connect_timeout_s=min(self.timeout_s, 5.0),
                                                read_timeout_s=self.timeout_s)
-        except SourceError as exc:
-            raise SourceError(f"{self.name}: {exc} for {what}") from exc
+        except SourceError as exc:  # the same kind (unreachable or not), named
+            raise type(exc)(f"{self.name}: {exc} for {what}") from exc
         try:
             async for _roots, cid, block in car.read_car_chunks(body.read_chunk):
                 yield cid, block

@@ -248,5 +248,8 @@ def test_block_pull_over_the_relayed_link_gives_identical_bytes(symmetric: list[
     assert "error" not in result, result
     assert result["sha256"] == hashlib.sha256(content).hexdigest(), result
     assert result["stats"].get("channel", 0) >= 1 and not result["stats"].get("http"), result["stats"]
+    # home2's gateway was tried once (the CAR stream's connect timed out), then left alone for the blocks too
+    log = home1.log_path.read_text(errors="replace") if home1.log_path else ""
+    assert log.count(f"gateway of {home2.peer_id[:12]} unreachable") == 1, home1.log_tail()
     # still the relayed link (the pull did not go round through the public member)
     assert _linked(home1, home2)["path"]["type"] == "relayed"

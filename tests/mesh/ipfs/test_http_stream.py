@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from shoal.mesh.ipfs import http_stream
 from shoal.mesh.ipfs.cid import verify_block
-from shoal.mesh.ipfs.errors import CodecError, SourceError
+from shoal.mesh.ipfs.errors import CodecError, GatewayUnreachableError, SourceError
 from shoal.mesh.ipfs.http_stream import Dechunker, body_length, open_body, parse_head
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.ipfs.sources import GatewaySource
@@ -204,12 +204,14 @@ async def test_a_trickling_header_is_bounded_as_a_whole() -> None:
 async def test_refused_connections_and_urls_it_cannot_send() -> None:
     async with raw_server(replies()) as url:
         pass  # closed again: nothing listens there now
-    with pytest.raises(SourceError, match=r"cannot connect to 127\.0\.0\.1"):
+    # unreachable is its own kind: the mesh source then leaves that peer's gateway alone for a while
+    with pytest.raises(GatewayUnreachableError, match=r"cannot connect to 127\.0\.0\.1"):
         await read_all(f"{url}/ipfs/x")
     for bad in ["https://127.0.0.1:1/ipfs/x", "http://127.0.0.1:1/a b", "http://user@127.0.0.1:1/",
                 "http://127.0.0.1:99999/", "http://127.0.0.1:1/\r\nX-Injected: 1"]:
-        with pytest.raises(SourceError, match=r"http:// URL|bad port"):
+        with pytest.raises(SourceError, match=r"http:// URL|bad port") as caught:
             await read_all(bad)
+        assert not isinstance(caught.value, GatewayUnreachableError)
     with pytest.raises(SourceError, match="bad request header"):
         await open_body("http://127.0.0.1:1/", {"X-Bad": "a\r\nb"}, connect_timeout_s=1, read_timeout_s=1)
 
