@@ -34,7 +34,8 @@ DEFAULT_MAX_TOTAL_TOKENS = 2048
 token, ~46 KB for SmolLM2 over 30 layers, ~94 MB at 2048), so this bounds memory; pass `max_total_tokens`
 for longer conversations or more concurrent sequences (a node passes `[models] cache_tokens`)."""
 DEFAULT_PREFILL_CHUNK = 512
-DEFAULT_QUANTIZATION = "q4_1"
+DEFAULT_QUANTIZATION = "auto"
+"""Chosen per file (models.weights.choose_quantization): q4_1 for the embedded SmolLM2, native otherwise."""
 """What `CompiledStage.load` builds unless told otherwise."""
 
 
@@ -140,14 +141,17 @@ class CompiledStage(StageDefaults):
         """Compile (or find cached) the shard for `span` of `gguf_model` (a `models.gguf.GGUFModel`) and load
         its weights. `load(name)` overrides how GGUF tensors are dequantized (tests share a cache); `options`
         go to the constructor (max_batch_size, max_total_tokens, prefill_chunk)."""
+        from shoal.models.block_types import TensorTypes
         from shoal.models.compile_worker import (
             resolve_in_subprocess,
             runtime_only_loaded,
             runtime_only_wanted,
             use_runtime_only,
         )
-        from shoal.models.weights import QUANTIZATIONS
+        from shoal.models.weights import AUTO, QUANTIZATIONS, choose_quantization
 
+        if quantization == AUTO:
+            quantization = choose_quantization(TensorTypes.from_gguf(gguf_model).kinds)
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; "
                              f"choose one of {', '.join(QUANTIZATIONS)}")

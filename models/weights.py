@@ -5,7 +5,7 @@ Kept free of TVM imports: the runtime loads weights without importing the Relax 
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Mapping
 
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -18,6 +18,26 @@ Q4_K, Q5_K, Q6_K, F16, BF16), mixed types in one file included."""
 
 WEIGHT_KINDS = {"q4_1": {"linear": "q4_1", "embedding": "q8_0"}}
 """The GGUF block type each role must have for a quantized build."""
+
+AUTO = "auto"
+"""Pick the build from the file (`choose_quantization`): what loaders and `shoal compile` use by default."""
+
+
+def choose_quantization(tensor_kinds: Mapping[str, str]) -> str:
+    """`q4_1` for a file laid out as that build keeps it (every block matrix Q4_1, the embedding Q8_0 —
+    the embedded SmolLM2), else `native`: any other file (Q4_K_M, Q8_0, F16, ...) runs as it is, each tensor
+    in its own block type. `tensor_kinds`: GGUF tensor name -> lower-case block type."""
+    wanted = WEIGHT_KINDS["q4_1"]
+    for name, kind in tensor_kinds.items():
+        if name == "token_embd.weight":
+            if kind != wanted["embedding"]:
+                return "native"
+        elif name.startswith("blk.") and name.endswith(".weight") and kind not in ("f32",):
+            if kind != wanted["linear"]:
+                return "native"
+        elif name == "output.weight" and kind != wanted["embedding"]:
+            return "native"
+    return "q4_1"
 
 
 _LAYER_ROLES = {

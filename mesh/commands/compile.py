@@ -23,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: CUDA when an NVIDIA GPU is present, else this CPU (default auto)")
     parser.add_argument("--layers", metavar="A:B", default=":",
                         help="the layer range [A, B) to build; either side may be empty (default: all)")
-    parser.add_argument("--quantization", choices=("q4_1", "native", "f32"), default=None,
-                        help="q4_1: 4-bit weights inside the kernels; native: every weight in its GGUF block "
-                        "type inside the kernels; f32: dequantized at load (default: the runtime's default)")
+    parser.add_argument("--quantization", choices=("auto", "q4_1", "native", "f32"), default=None,
+                        help="q4_1: 4-bit weights inside the kernels; native: every weight in its GGUF "
+                        "block type inside the kernels; f32: dequantized at load; auto (default): q4_1 for a "
+                        "file laid out as that build keeps it, else native")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even when a valid cached library exists")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.models.runtime import DEFAULT_QUANTIZATION
     from shoal.models.span import LayerSpan
     from shoal.models.targets import detect_target
+    from shoal.models.weights import AUTO, choose_quantization
 
     try:
         path = embedded_model_path() if args.model == "default" else Path(args.model)
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             span = LayerSpan.parse(args.layers, model.config.num_layers)
             target = detect_target(args.target)
             quantization = args.quantization or DEFAULT_QUANTIZATION
+            if quantization == AUTO:
+                quantization = choose_quantization(TensorTypes.from_gguf(model).kinds)
             types = TensorTypes.from_gguf(model) if quantization == NATIVE else None
             shard = compile_shard(
                 model.config, span, target, quantization=quantization, tensor_types=types,

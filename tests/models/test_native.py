@@ -83,3 +83,19 @@ def test_tiny_native_build_matches_the_f32_build(model: GGUFModel, tmp_path: Pat
     finally:
         native.close()
         f32.close()
+
+
+def test_auto_runs_a_file_as_it_is_and_keeps_the_q4_1_build_for_smollm2(model: GGUFModel) -> None:
+    from shoal.models.embedded import embedded_model_path
+    from shoal.models.runtime import DEFAULT_QUANTIZATION
+    from shoal.models.weights import AUTO, choose_quantization
+
+    assert DEFAULT_QUANTIZATION == AUTO
+    assert choose_quantization(TensorTypes.from_gguf(model).kinds) == "native"
+    smollm2 = GGUFModel.open(embedded_model_path())
+    try:
+        assert choose_quantization(TensorTypes.from_gguf(smollm2).kinds) == "q4_1"
+    finally:
+        smollm2.close()
+    assert choose_quantization({"token_embd.weight": "q8_0", "blk.0.attn_q.weight": "q4_k"}) == "native"
+    assert choose_quantization({"token_embd.weight": "q4_0", "blk.0.attn_q.weight": "q4_1"}) == "native"
