@@ -249,6 +249,13 @@ class ModelManager:
             for m in self._models.values()
         ]
 
+    def compiled_targets(self) -> list[str]:
+        """Target kinds (`llvm`, `cuda`) the loaded models were compiled for, in first-seen order."""
+        kinds: list[str] = []
+        for model in self._models.values():
+            kinds += [kind for kind in model.compiled_targets if kind not in kinds]
+        return kinds
+
     def loaded_names(self) -> list[str]:
         return list(self._served)
 

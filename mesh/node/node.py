@@ -128,12 +128,19 @@ class Node:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def _compile_target(self) -> str:
+        """What this node compiles for: the loaded models' target kinds, else the configured choice."""
+        if self.config.models.backend == "numpy":
+            return "numpy"
+        return ",".join(self.models.compiled_targets()) or self.config.models.target or "auto"
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "version": self.version,
-            "target": self.config.models.target or self.config.models.backend,
+            "target": self._compile_target(),
+            "backend": self.config.models.backend,
             "api": self.api_url,
             "data_dir": str(self.config.data_dir),
             "started": self.started,
@@ -175,7 +182,7 @@ class Node:
         for folder in (self.config.data_dir, self.config.blocks_dir, self.config.compile_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.identity = await loop.run_in_executor(
-            None, Identity.load_or_create, self.config.data_dir, self.config.name
+            None, Identity.load_or_create, self.config.data_dir, self.config.name or None
         )
         self.mesh.set_identity(self.identity)
         self.models.add_embedded()

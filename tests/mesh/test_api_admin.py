@@ -37,6 +37,9 @@ async def test_health_and_node(node: NodeThread) -> None:
     assert status == 200
     assert info["id"] == health["node"]["id"] and info["version"] == health["node"]["version"]
     assert info["api"] == node.url
+    assert info["backend"] == node.node.config.models.backend
+    # The compile target (llvm, cuda), not the backend; a NumPy node compiles nothing.
+    assert info["target"] in (("numpy",) if info["backend"] == "numpy" else ("llvm", "cuda", "auto"))
     assert info["data_dir"] == str(node.node.config.data_dir)
     assert isinstance(info["started"], float)
     assert set(info["policy"]) == {
