@@ -1,12 +1,13 @@
 """Prefill and decode speed of shoal's compiled runtime, shoal's NumPy reference and llama.cpp, one table.
 
-    python bench/decode.py [--target auto|llvm|cuda] [--quantization q4_1|native|f32] [--repeats 3]
+    python bench/decode.py [--target auto|llvm|cuda] [--quantization auto|q4_1|native|f32] [--rounds 3]
 
 Each engine runs in its own subprocess (so peak RSS is its own): a ~200-token chat prompt is prefilled, then
-128 greedy decode steps follow; the median of `--repeats` runs is reported. llama.cpp (llama-cpp-python,
-n_threads = the core count, same GGUF) is included when importable; ratios are against it. The compiled
-engine's library is built (or found) in the compile cache before it is timed; the compile column is the
-build time recorded in the cache manifest (`--fresh-compile` rebuilds into a temporary cache first).
+128 greedy decode steps follow. `--rounds` rounds each run every engine once, alternating the order; a row
+shows the medians of its runs, and its ratios are the median over rounds of the per-round ratio to
+llama.cpp. llama.cpp (llama-cpp-python, n_threads = the core count, same GGUF) is included when importable.
+The compiled engine's library is built (or found) in the compile cache before it is timed; the compile column
+is the build time recorded in the cache manifest (`--fresh-compile` rebuilds into a temporary cache first).
 """
 
 from __future__ import annotations
@@ -255,8 +256,30 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def merge_rounds(rounds: list[dict[str, dict[str, Any]]], engines: list[str]) -> list[dict[str, Any]]:
+    """One row per engine: medians of its rounds' speeds, and — the figure to quote — the median over rounds
+    of its speed divided by llama.cpp's in the same round (this machine's speed drifts between minutes; a
+    round runs every engine back to back, so the drift cancels in its ratios)."""
+    rows = []
+    for engine in engines:
+        runs = [r[engine] for r in rounds if "error" not in r.get(engine, {"error": ""})]
+        if not runs:
+            rows.append(next(r[engine] for r in rounds if engine in r))
+            continue
+        row = dict(runs[-1])
+        for key in ("prefill_tps", "decode_tps", "peak_rss_mb"):
+            row[key] = statistics.median(run[key] for run in runs)
+        for kind in ("prefill", "decode"):
+            ratios = [r[engine][f"{kind}_tps"] / r["llama.cpp"][f"{kind}_tps"] for r in rounds
+                      if "error" not in r.get(engine, {"error": ""})
+                      and "error" not in r.get("llama.cpp", {"error": ""})]
+            row[f"{kind}_ratio"] = statistics.median(ratios) if ratios else None
+            row[f"{kind}_ratios"] = ratios
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    ref = next((r for r in rows if r["engine"] == "llama.cpp" and "error" not in r), None)
     head = (f"{'engine':<16} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak RSS MB':>11} {'compile s':>9} "
             f"{'prefill ×llama.cpp':>18} {'decode ×llama.cpp':>17}")
     print(head)
@@ -265,21 +288,25 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "error" in r:
             print(f"{r['engine']:<16} failed: {r['error']}")
             continue
-        pr = r["prefill_tps"] / ref["prefill_tps"] if ref else None
-        dr = r["decode_tps"] / ref["decode_tps"] if ref else None
         print(f"{r['engine']:<16} {r['prefill_tps']:>13.1f} {r['decode_tps']:>12.1f} "
               f"{r['peak_rss_mb']:>11.0f} {_fmt(r.get('compile_s'), '9.1f'):>9} "
-              f"{_fmt(pr, '17.2f'):>17}× {_fmt(dr, '16.2f'):>16}×")
+              f"{_fmt(r.get('prefill_ratio'), '17.2f'):>17}× {_fmt(r.get('decode_ratio'), '16.2f'):>16}×")
+    for r in rows:
+        if r.get("decode_ratios") and r["engine"] != "llama.cpp":
+            spread = ", ".join(f"{x:.2f}" for x in r["decode_ratios"])
+            print(f"  {r['engine']}: decode ×llama.cpp per round {spread}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="auto", choices=("auto", "llvm", "cuda"))
-    parser.add_argument("--quantization", default="q4_1", choices=("q4_1", "native", "f32"))
+    parser.add_argument("--quantization", default="auto", choices=("auto", "q4_1", "native", "f32"))
     parser.add_argument("--model", default="default", help="GGUF path, or `default` (the embedded model)")
     parser.add_argument("--steps", type=int, default=128, help="greedy decode steps (default 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per engine and round (median)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds; each runs every engine once, alternating the order (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: core count)")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of " + ", ".join(ENGINES))
@@ -301,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     if "llama.cpp" in engines and not _llama_cpp_available():
         print("llama.cpp: llama-cpp-python is not installed; skipped", file=sys.stderr)
         engines.remove("llama.cpp")
-    rows = []
-    for engine in engines:
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        rows.append(_run_engine(engine, args))
-    print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; median of "
-          f"{args.repeats}; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for number in range(1, args.rounds + 1):
+        order = engines if number % 2 else engines[::-1]  # alternate who goes first
+        round_rows = {}
+        for engine in order:
+            print(f"round {number}/{args.rounds}: {engine} ...", file=sys.stderr, flush=True)
+            round_rows[engine] = _run_engine(engine, args)
+        rounds.append(round_rows)
+    rows = merge_rounds(rounds, engines)
+    print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; {args.rounds} "
+          f"rounds (engines alternated), median of {args.repeats} runs each; ratios: median of per-round "
+          f"ratios; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
     print_bandwidth(rows)
     for row in rows:
