@@ -117,7 +117,7 @@ class Discovery:
             server=info.server,
         )
         try:
-            await self._mdns.async_update_service(new)
+            await (await self._mdns.async_update_service(new))
         except (OSError, RuntimeError) as exc:
             logger.info("mdns update failed: %s", exc)
             return
@@ -360,7 +360,9 @@ class Discovery:
 
         self._browser = AsyncServiceBrowser(mdns.zeroconf, SERVICE_TYPE, handlers=[on_change])
         try:
-            await mdns.async_register_service(info)
+            # The first await queues the registration; the second waits for its probes and announcements,
+            # so an update (a rotation) never races the announcements of the first registration.
+            await (await mdns.async_register_service(info))
         except (OSError, RuntimeError) as exc:
             logger.info("mdns registration failed: %s", exc)
             return
