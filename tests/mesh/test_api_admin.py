@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, chat_body, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread, chat_body
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 async def call(node: NodeThread, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:

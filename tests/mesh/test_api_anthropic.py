@@ -4,14 +4,13 @@ the streamed events, stop reasons, and coded 400s naming the Anthropic field."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import jsonschema
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -19,12 +18,6 @@ pytestmark = pytest.mark.timeout(300)
 QUESTION = [{"role": "user", "content": "Name the capital of France in one sentence."}]
 GREEDY = {"temperature": 0}
 """Sampling fields go in `extra_body`: recent `anthropic` clients dropped them from `create()`."""
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

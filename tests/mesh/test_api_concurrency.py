@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from tests.mesh.api_harness import NodeThread, chat_body, read_sse, shared_node, stop_shared_node
+from tests.mesh.api_harness import NodeThread, chat_body, read_sse
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 async def wait_for_no_sequences(node: NodeThread) -> None:

@@ -3,7 +3,6 @@ base64, batches, token ids) and Ollama's `/api/embed`, checked against the NumPy
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -12,7 +11,7 @@ import pytest
 from shoal.models.embedded import embedded_model_path
 from shoal.models.embeddings import Embedder, mean_pool
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 from tests.models.shared_model import tokenizer
 
 openai = pytest.importorskip("openai")
@@ -20,12 +19,6 @@ ollama = pytest.importorskip("ollama")
 
 pytestmark = pytest.mark.timeout(300)
 TEXTS = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew five percent."]
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, chat_body, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread, chat_body
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 def check_error(body: Any, param: str | None = None, code: str | None = None) -> dict[str, Any]:

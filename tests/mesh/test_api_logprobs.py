@@ -4,22 +4,15 @@ completions, streamed and not."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.timeout(300)
 MESSAGES = [{"role": "user", "content": "Name the capital of France in one sentence."}]
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

@@ -4,25 +4,18 @@ generate (streamed NDJSON and whole), tags, show, ps, version, options, and code
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import jsonschema
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 ollama = pytest.importorskip("ollama")
 
 pytestmark = pytest.mark.timeout(300)
 QUESTION = "Name the capital of France in one sentence."
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, chat_body, read_sse, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread, chat_body, read_sse
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 def prompt_tokens(node: NodeThread, messages: list[dict[str, str]]) -> int:

@@ -3,21 +3,13 @@ and errors surface as the client's own exception types."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

@@ -4,24 +4,17 @@ typed events (and the client's own accumulation of them), `text.format` json_sch
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.timeout(300)
 QUESTION = "Name the capital of France in one sentence."
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

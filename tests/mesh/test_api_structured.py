@@ -6,7 +6,6 @@ its result."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -15,7 +14,7 @@ from shoal.mesh.split.router import logits_top_k
 from shoal.models.grammar import Constraint
 from shoal.models.sampling import SamplingParams
 
-from tests.mesh.api_harness import MODEL, NodeThread, shared_node, stop_shared_node
+from tests.mesh.api_harness import MODEL, NodeThread
 
 openai = pytest.importorskip("openai")
 
@@ -42,12 +41,6 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
                    "required": ["city"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 @pytest.fixture

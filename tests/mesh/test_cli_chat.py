@@ -6,22 +6,15 @@ import asyncio
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from tests.mesh.api_harness import BACKEND, MODEL, NodeThread, free_env, shared_node, stop_shared_node
+from tests.mesh.api_harness import BACKEND, MODEL, NodeThread, free_env
 
 pytestmark = pytest.mark.timeout(300)
 
 PROMPT = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def node() -> Iterator[NodeThread]:
-    yield shared_node()
-    stop_shared_node()
 
 
 def shoal(*args: str) -> list[str]:
