@@ -16,8 +16,8 @@ from shoal.mesh.p2p.peer import ControlHandler, Peer
 from shoal.mesh.p2p.signalling import Membership
 
 
-class GossipHost(Protocol):
-    """What gossip needs of the mesh service (`p2p.service.MeshService`)."""
+class MeshSelf(Protocol):
+    """Who this node is in the mesh: what every part of p2p reads of the mesh service."""
 
     @property
     def config(self) -> MeshConfig: ...
@@ -30,6 +30,12 @@ class GossipHost(Protocol):
 
     @property
     def events(self) -> EventBus: ...
+
+    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
+
+
+class PeerRegistry(Protocol):
+    """The control-frame handlers and the live links of the mesh service."""
 
     def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
 
@@ -37,27 +43,17 @@ class GossipHost(Protocol):
 
     def connected_peers(self) -> list[Peer]: ...
 
-    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
+
+class GossipHost(MeshSelf, PeerRegistry, Protocol):
+    """What gossip needs of the mesh service (`p2p.service.MeshService`)."""
 
 
-class DiscoveryHost(Protocol):
-    """What discovery needs of the mesh service (`p2p.service.MeshService`): who this node is, whom it links
-    to or has heard of, and how to dial (directly or through a relay) and answer offers."""
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def identity(self) -> Identity: ...
-
-    @property
-    def advertise_address(self) -> str: ...
+class DiscoveryHost(MeshSelf, PeerRegistry, Protocol):
+    """What discovery needs of the mesh service (`p2p.service.MeshService`): also whom it links to or has
+    heard of, and how to dial (directly or through a relay) and answer offers."""
 
     @property
     def membership(self) -> Membership: ...
-
-    @property
-    def events(self) -> EventBus: ...
 
     @property
     def join_status(self) -> JoinStatus: ...
@@ -74,14 +70,6 @@ class DiscoveryHost(Protocol):
     @property
     def relay_answers(self) -> dict[str, asyncio.Future[dict[str, Any]]]: ...
 
-    def on_control(self, frame_type: str, handler: ControlHandler) -> None: ...
-
-    def add_peer_listener(self, listener: Callable[[str, Peer], None]) -> None: ...
-
-    def connected_peers(self) -> list[Peer]: ...
-
-    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
-
     def is_banned(self, peer_id: str) -> bool: ...
 
     def is_dialing(self, peer_id: str) -> bool: ...
@@ -93,24 +81,12 @@ class DiscoveryHost(Protocol):
     async def handle_offer(self, raw: object) -> dict[str, Any]: ...
 
 
-class LinkHost(Protocol):
-    """What the dialer (`p2p.dialer.Dialer`) needs of the mesh service: who this node is, which mesh it is
-    in, whom it links to or bans, and an HTTP session to signal over."""
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def identity(self) -> Identity: ...
-
-    @property
-    def advertise_address(self) -> str: ...
+class LinkHost(MeshSelf, Protocol):
+    """What the dialer (`p2p.dialer.Dialer`) needs of the mesh service: also which mesh it is in, whom it
+    links to or bans, and an HTTP session to signal over."""
 
     @property
     def membership(self) -> Membership: ...
-
-    @property
-    def events(self) -> EventBus: ...
 
     @property
     def peers(self) -> dict[str, Peer]: ...
@@ -120,7 +96,5 @@ class LinkHost(Protocol):
 
     @property
     def session(self) -> aiohttp.ClientSession: ...
-
-    def spawn(self, coro: Awaitable[Any], name: str = "mesh") -> asyncio.Task[Any]: ...
 
     def is_banned(self, peer_id: str) -> bool: ...
