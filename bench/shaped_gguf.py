@@ -1,7 +1,7 @@
 """Write a GGUF with a real model's shapes (llama architecture) and random quantized blocks, for speed runs
 of the native build where no such model file is at hand (weights are noise: never use it for correctness).
 
-    python bench/shaped_gguf.py llama-3.2-1b q4_k_m OUT.gguf     # or qwen2.5-0.5b; q4_k_m | q8_0
+    python bench/shaped_gguf.py llama-3.2-1b q4_k_m OUT.gguf     # or llama-3.2-3b, qwen2.5-0.5b; q4_k_m | q8_0
 
 The tokenizer (and so the vocabulary, 49152) is the embedded SmolLM2's, so engines can encode a chat prompt;
 everything else has the named model's sizes. "q4_k_m" mimics llama.cpp's mix: Q4_K, with Q6_K for the tied
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {  # hidden, ffn, layers, heads, kv heads, head dim
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 64),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128),
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 64),
 }
 BLOCKS = {"q4_k": (256, 144, [(0, 1e-4, 2e-3), (2, 1e-4, 2e-3)]), "q6_k": (256, 210, [(208, 1e-4, 1e-3)]),
