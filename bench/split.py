@@ -183,6 +183,13 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
     results: dict[str, tuple[float, float]] = {}
     try:
         wait_until(lambda: {b.peer_id, c.peer_id} <= set(a.peers()), 60, "links")
+        if args.recovery_only:
+            routes_now = {"3-stage": ("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30")),
+                          "offload": ("offload", (b.peer_id, "0:30"))}
+            print(f"\n## {label} ({placement}), backend {args.backend}, {args.tokens} tokens")
+            recovery_rows(a, {"3-stage": (c, routes_now["3-stage"]), "offload": (b, routes_now["offload"])},
+                          nodes, secret, args)
+            return results
         routes = {
             "local": ("local",),
             "offload": ("offload", (b.peer_id, "0:30")),
@@ -253,14 +260,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
                 print(f"{name}: {results[name][1]:.2f} tok/s = {results[name][1] / bound:.2f}x the bound "
                       f"1/(compute + {remote} RTT) = {bound:.2f} tok/s at RTT {rtt * 1000:.0f} ms")
         if args.recovery:
-            a.force(*routes["3-stage"])
-            _, _, stamps, route = timed_stream(a, args.tokens, kill=c, kill_after=args.tokens // 3)
-            gaps = [t2 - t1 for t1, t2 in itertools.pairwise(stamps)]
-            typical = statistics.median(gaps)
-            replay = route.get("replan_log", [{}])[0].get("seconds")
-            print(f"recovery after kill -9 of stage c: longest token gap {max(gaps) * 1000:.0f} ms "
-                  f"(typical {typical * 1000:.0f} ms); re-plan + replay {replay} s; "
-                  f"replans {route.get('replans')}; resumed on {route.get('kind')} {route.get('spans')}")
+            recovery_rows(a, {"3-stage": (c, routes["3-stage"]), "offload": (b, routes["offload"])},
+                          [a, b, c], secret, args)
     finally:
         for n in nodes:
             n.kill(15)
@@ -268,6 +269,64 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             network.close()  # deleting the bridge's namespace takes the root veth with it
         shutil.rmtree(base, ignore_errors=True)  # node data dirs: ~280 MB each run
     return results
+
+
+def _serving(origin: SplitNode, node: SplitNode) -> bool:
+    peer = origin.peers().get(node.peer_id)
+    return peer is not None and bool(peer["advert"].get("split", {}).get("serve_others"))
+
+
+def recovery_rows(a: SplitNode, victims: dict[str, tuple[SplitNode, tuple]], nodes: list[SplitNode],
+                  secret: str, args: argparse.Namespace) -> None:
+    """`kill -9` of a stage (3-stage split: c) and of an offload target (b) mid-stream, `--recovery-rounds`
+    times each (the victim is started again between rounds): the longest gap between two tokens at the
+    client, median over rounds, and whether the text equals an undisturbed local run."""
+    a.force("local")
+    want = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in a.chat_stream(PROMPT,
+                                                                                               args.tokens))
+    for name, (victim, route) in victims.items():
+        longest: list[float] = []
+        typical: list[float] = []
+        phases: list[dict] = []
+        same = 0
+        for _ in range(args.recovery_rounds):
+            if victim.process is None or victim.process.poll() is not None:
+                victim.launch(secret).wait_ready()
+                wait_until(lambda v=victim: _serving(a, v), 60, f"{victim.name} linked again")
+            a.force(*route)
+            timed_stream(a, 4)  # the victim loads (or compiles) its span before the measured run
+            text: list[str] = []
+            start = time.perf_counter()
+            stamps: list[float] = []
+            final: dict = {}
+            for chunk in a.chat_stream(PROMPT, args.tokens):
+                choice = chunk["choices"][0]
+                if choice["delta"].get("content"):
+                    text.append(choice["delta"]["content"])
+                    stamps.append(time.perf_counter() - start)
+                    if len(stamps) == args.tokens // 3 and victim.process is not None:
+                        victim.process.kill()  # SIGKILL, not waited for here: the client's clock runs on
+                if choice.get("finish_reason"):
+                    final = chunk.get("shoal_route", {})
+            victim.kill()  # reaps it
+            gaps = [t2 - t1 for t1, t2 in itertools.pairwise(stamps)]
+            longest.append(max(gaps))
+            typical.append(statistics.median(gaps))
+            same += "".join(text) == want
+            log = final.get("replan_log") or [{}]
+            phases.append(log[0])
+        rows = ", ".join(f"{g * 1000:.0f}" for g in longest)
+        print(f"recovery after kill -9 of the {name} peer ({victim.name}), {args.recovery_rounds} rounds: "
+              f"longest token gap median {statistics.median(longest) * 1000:.0f} ms (rounds: {rows} ms; "
+              f"typical gap {statistics.median(typical) * 1000:.0f} ms); text equal to local in {same} of "
+              f"{args.recovery_rounds}")
+        keys = sorted({k for p in phases for k, v in p.items()
+                       if isinstance(v, int | float) and k != "at_tokens"})
+        for key in keys:
+            values = [p[key] for p in phases if key in p]
+            print(f"  {key}: median {statistics.median(values) * 1000:.0f} ms "
+                  f"({', '.join(f'{v * 1000:.0f}' for v in values)})")
+    a.force(None)
 
 
 def main() -> int:
@@ -279,6 +338,9 @@ def main() -> int:
     parser.add_argument("--skip-pinned", action="store_true")
     parser.add_argument("--skip-unpinned", action="store_true")
     parser.add_argument("--no-recovery", dest="recovery", action="store_false")
+    parser.add_argument("--recovery-rounds", type=int, default=1,
+                        help="kill -9 rounds per recovery row (the victim restarts between rounds)")
+    parser.add_argument("--recovery-only", action="store_true", help="only the recovery rows")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",

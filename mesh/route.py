@@ -24,9 +24,15 @@ class ReplanEntry:
     lost: str
     at_tokens: int
     seconds: float
+    phases: Mapping[str, float] = field(default_factory=dict)
+    """Where `seconds` went (`detect_s`: from the failed call's start until it failed; `close_s`, `rebuild_s`,
+    `replay_s`), each in seconds."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lost": self.lost, "at_tokens": self.at_tokens, "seconds": round(self.seconds, 4)}
+        out: dict[str, Any] = {"lost": self.lost, "at_tokens": self.at_tokens,
+                               "seconds": round(self.seconds, 4)}
+        out.update((name, round(value, 4)) for name, value in self.phases.items())
+        return out
 
 
 @dataclass(frozen=True)

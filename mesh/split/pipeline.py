@@ -65,6 +65,9 @@ class Replan:
     at_tokens: int
     seconds: float
     stages: list[tuple[str, str]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    """`detect_s` (the failed call, from its start until it failed), `close_s` (dropping the old chain),
+    `rebuild_s` (re-plan and open the new stages), `replay_s` (prefill of the remembered ids)."""
 
 
 class SplitPipeline(StageDefaults):
@@ -164,21 +167,24 @@ class SplitPipeline(StageDefaults):
 
     def _retrying(self, call: Callable[[], Any]) -> Any:
         while True:
+            began = time.perf_counter()
             try:
                 return call()
             except StageLost as exc:
                 lost = exc
+            detect = time.perf_counter() - began
             while True:  # recover; a stage of the new chain may be lost during the replay too
                 self._attempts += 1
                 if self._attempts > self._max_replans:
                     raise lost
                 try:
-                    self._recover(lost)
+                    self._recover(lost, detect)
                     break
                 except StageLost as exc:
                     lost = exc
+                    detect = 0.0
 
-    def _recover(self, lost: StageLost) -> None:
+    def _recover(self, lost: StageLost, detect_s: float = 0.0) -> None:
         started = time.perf_counter()
         logger.warning("split: %s; re-planning without it", lost)
         self._excluded.add(lost.peer)  # "local" too: this node failed to build its part
@@ -191,19 +197,24 @@ class SplitPipeline(StageDefaults):
                     stage.close()
             except (StageLost, ValueError, MeshError) as exc:
                 logger.info("closing %r after a loss: %s", stage, exc)
+        closed = time.perf_counter()
         stages = self._rebuild(frozenset(self._excluded))
         self._check_chain(self.config, stages)
         self.stages = stages
+        built = time.perf_counter()
         for seq_id, history in self._history.items():
             for stage in stages:
                 stage.add_sequence(seq_id)
             if history:
                 self._chain("prefill", [seq_id], np.asarray(history, dtype=np.int32))
         tokens = max((len(h) for h in self._history.values()), default=0)
-        replan = Replan(lost.peer, str(lost), tokens, time.perf_counter() - started, self.route())
+        ended = time.perf_counter()
+        phases = {"detect_s": detect_s, "close_s": closed - started, "rebuild_s": built - closed,
+                  "replay_s": ended - built}
+        replan = Replan(lost.peer, str(lost), tokens, ended - started, self.route(), phases)
         self.replans.append(replan)
-        logger.warning("split: resumed on %s after %.2f s (replayed %d tokens)", replan.stages,
-                       replan.seconds, tokens)
+        logger.warning("split: resumed on %s after %.2f s (replayed %d tokens; %s)", replan.stages,
+                       replan.seconds, tokens, ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
         if self._on_replan is not None:
             self._on_replan(replan)
 

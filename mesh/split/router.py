@@ -323,7 +323,7 @@ class Router:
             return future.result(self.settings.rebuild_timeout_s)
 
         def on_replan(event: Replan) -> None:
-            route.replanned(ReplanEntry(event.lost, event.at_tokens, event.seconds))
+            route.replanned(ReplanEntry(event.lost, event.at_tokens, event.seconds, event.phases))
 
         try:
             stages = await make_stages(plan)
