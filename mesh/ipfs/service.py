@@ -4,7 +4,9 @@ gateway and model routes to the node's aiohttp app.
 
 Data dir layout: `ipfs/blocks/…`, `ipfs/filestore/…`, `ipfs/pins.json`, `ipfs/catalog.json`,
 `models/<cid>.gguf` (assembled files; they also hold the model's raw leaves for the store, see
-`filestore.py`), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and one span's tensors).
+`filestore.py`), `models/<cid>.layers-<a>-<b>.gguf` (sparse files holding the header and one span's
+tensors), and `models/<cid>.header.gguf` (the header alone: tokenizer and shape of a model this node only
+routes or splits).
 """
 
 from __future__ import annotations
@@ -225,14 +227,16 @@ class IpfsService:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("pull %s failed: %s", pull_id, task.exception())
 
-    async def pull_span(self, name_or_cid: str, span: LayerSpan) -> Path:
-        """Fetch only the GGUF header and the tensors of layers `span`, into a sparse local file that
-        `GGUFModel.open` can map. Only the UnixFS blocks covering those byte ranges are fetched."""
+    async def pull_span(self, name_or_cid: str, span: LayerSpan | None) -> Path:
+        """Fetch only the GGUF header and the tensors of layers `span` (None: the header alone), into a
+        sparse local file that `GGUFModel.open` can map. Only the UnixFS blocks covering those byte ranges are
+        fetched; a `span.fetched` event and `last_span_stats` say how many bytes that was."""
         from shoal.models.gguf import read_gguf_index
         from shoal.models.validate import check_model
 
         self._require_session()
         cid = self.catalog.resolve(name_or_cid)
+        started = time.perf_counter()
         fetcher = self.fetcher()
         reader = UnixFSReader(fetcher.get_block)
         size = await reader.size(cid)
@@ -243,9 +247,12 @@ class IpfsService:
 
         index = await asyncio.to_thread(read_gguf_index, read)
         await asyncio.to_thread(check_model, index, source=str(cid), file_size=size)  # refuse a crafted file
-        ranges = [(0, index.data_start), *index.byte_ranges_for_span(span)]
+        ranges = [(0, index.data_start)]
+        if span is not None:
+            ranges += index.byte_ranges_for_span(span)
         await asyncio.to_thread(self.store.pin, cid, name="", size=size, complete=False)
-        dest = self.models_dir / f"{cid}.layers-{span.start}-{span.stop}.gguf"
+        part = "header" if span is None else f"layers-{span.start}-{span.stop}"
+        dest = self.models_dir / f"{cid}.{part}.gguf"
         writer = await asyncio.to_thread(SparseFileWriter, dest, size)
         try:
             for start, end in ranges:  # a few MiB at a time: memory stays flat for any span
@@ -256,7 +263,17 @@ class IpfsService:
         except BaseException:
             writer.discard()
             raise
-        self.last_span_stats = fetcher.stats
+        stats = self.last_span_stats = fetcher.stats
+        wanted = sum(end - start for start, end in ranges)
+        seconds = time.perf_counter() - started
+        logger.info("fetched %s of %s: %d bytes wanted of a %d-byte file, %d bytes in %d blocks fetched "
+                    "(%s), %d blocks local, %.1f s", part, cid, wanted, size, stats.bytes_fetched,
+                    stats.blocks_fetched, dict(stats.by_source), stats.blocks_local, seconds)
+        if self.events is not None:
+            self.events.publish("span.fetched", cid=str(cid), span=None if span is None else str(span),
+                                file_bytes=size, span_bytes=wanted, bytes_fetched=stats.bytes_fetched,
+                                blocks_fetched=stats.blocks_fetched, blocks_local=stats.blocks_local,
+                                by_source=dict(stats.by_source), seconds=round(seconds, 3))
         return dest
 
     # --- publish ------------------------------------------------------------------------------------------

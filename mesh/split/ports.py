@@ -95,6 +95,11 @@ class ModelSettings(Protocol):
     @property
     def target(self) -> str | None: ...
 
+    @property
+    def context(self) -> int | None:
+        """Longest prompt + completion of one request (None: the model's trained context)."""
+        ...
+
 
 class NodeSettings(Protocol):
     @property
@@ -108,9 +113,10 @@ class NodeSettings(Protocol):
 
 
 class SpanFetcher(Protocol):
-    """The node's IPFS service: fetches one layer span of a model it does not hold."""
+    """The node's IPFS service: fetches one layer span of a model it does not hold (None: the GGUF header
+    alone — tokenizer and shape), into a sparse file."""
 
-    async def pull_span(self, name_or_cid: str, span: LayerSpan) -> Path: ...
+    async def pull_span(self, name_or_cid: str, span: LayerSpan | None) -> Path: ...
 
 
 class NodeView(Protocol):

@@ -32,7 +32,15 @@ from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import DirectLinkFailures, ReceiptSink, RemoteStage, StageLost
+from shoal.mesh.split.span_model import (
+    HEADER_TIMEOUT_S,
+    SpanModel,
+    SpanModels,
+    advert_catalog,
+    cid_in_adverts,
+)
 from shoal.models.config import ModelConfig
+from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import Servable
@@ -76,6 +84,8 @@ class Router:
         self._forced: ForcedRoute | None = None
         self.load: Callable[[], int] = load or (lambda: 0)
         self.stage_receipts = stage_receipts
+        self.span_models = SpanModels(node)
+        """Models this node plans over the mesh without holding them (their headers, by CID)."""
 
     @property
     def forced(self) -> ForcedRoute | None:
@@ -88,7 +98,8 @@ class Router:
 
     # --- the scheduler's inputs ------------------------------------------------------------------------
 
-    def local_device(self, model: str, holds: bool) -> sched.Device:
+    def local_device(self, model: str, holds: bool, fetch: bool = False) -> sched.Device:
+        """This node as the planner sees it; `fetch`: it can fetch spans of a model it does not hold."""
         decode, prefill = self.speeds.get(model)
         memory = psutil.virtual_memory()
         battery = None
@@ -98,6 +109,7 @@ class Router:
                 battery = (float(b.percent), bool(b.power_plugged))
         return sched.Device(
             sched.LOCAL, decode or DEFAULT_TPS, prefill, int(memory.available), int(memory.total),
+            fetch_bps=FETCH_BPS if fetch and not holds else 0.0,
             holds_model=holds, queue_depth=max(0, self.load()), battery=battery[0] if battery else None,
             charging=battery[1] if battery else False,
         )
@@ -108,15 +120,22 @@ class Router:
         except LookupError:
             return None
 
-    def peer_devices(self, model: str) -> list[sched.Device]:
-        """The scheduler's view of the linked peers: those that advertise `model`, and — when this node knows
-        the model's CID — those that serve others and could fetch a span of it (bad adverts are skipped)."""
+    def served_cid(self, served: Servable) -> str | None:
+        """The CID stages fetch `served` by: a span model's own, else the local catalog's."""
+        return served.cid if isinstance(served, SpanModel) else self.model_cid(served.name)
+
+    def peer_devices(self, model: str, cid: str | None = None) -> list[sched.Device]:
+        """The scheduler's view of the linked peers: those that advertise `model` (by name, or its `cid` in
+        their `catalog`), and — when the model's CID is known — those that serve others and could fetch a
+        span of it (bad adverts are skipped)."""
         devices = []
         trusted = set(self.mesh.config.allow)
-        can_fetch = self.model_cid(model) is not None
+        cid = cid or self.model_cid(model)
+        can_fetch = cid is not None
         for peer in self.mesh.connected_peers():
             advert = peer.advert or {}
-            holds = model in advert_models(advert)
+            holds = model in advert_models(advert) or (
+                cid is not None and cid in advert_catalog(advert).values())
             if not holds and not can_fetch:
                 continue
             split = advert_table(advert.get("split"))
@@ -151,8 +170,10 @@ class Router:
         return list(dict.fromkeys(by_name.get(n, n) for n in names))
 
     def plan(self, model: str, config: ModelConfig, weight_bytes: int, holds: bool, prompt_tokens: int,
-             max_tokens: int, exclude: frozenset[str] = frozenset(), choice: RouteChoice | None = None
-             ) -> sched.Plan:
+             max_tokens: int, exclude: frozenset[str] = frozenset(), choice: RouteChoice | None = None,
+             cid: str | None = None) -> sched.Plan:
+        """`holds`: this node runs the model whole; `cid` (a `SpanModel`): it does not, but this node's stages
+        and its peers' can fetch spans of it by this CID."""
         choice = choice or RouteChoice()
         if self.forced is not None and not exclude and choice.mode in ("auto", self.forced.kind):
             return self.forced.to_plan(config.num_layers)
@@ -160,16 +181,17 @@ class Router:
         kinds = None if choice.mode == "auto" else (choice.mode,)
         shape = sched.ModelShape.from_config(config, weight_bytes)
         request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
-        local = self.local_device(model, holds)
+        local = self.local_device(model, holds, fetch=cid is not None)
         policy = self.node.policy
         # the local share cap is this node's own business; peers advertise the budget they offer
         local = replace(local, free_memory=local.memory_budget(policy),
                         total_memory=local.free_memory)
-        peers = self.peer_devices(model)
+        peers = self.peer_devices(model, cid)
         planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
+        stages = 3 if holds or cid else 1
         chosen = sched.plan(shape, request, local if holds or choice.mode != "local" else None, peers,
                             planning, exclude=exclude,
-                            max_stages=3 if holds else 1, kinds=kinds, prefer=self.peer_ids(choice.prefer))
+                            max_stages=stages, kinds=kinds, prefer=self.peer_ids(choice.prefer))
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]
         logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
                     prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
@@ -188,21 +210,23 @@ class Router:
         config, weight_bytes = self.shape(served)
         max_tokens = _planned_tokens(served, prompt_ids, params)
         holds = served.engine is not None
+        span_cid = served.cid if isinstance(served, SpanModel) else None
         if choice.mode == "local" and not holds:
             raise RouteFailed(503, "no_route", f"{model} is not held by this node, so it cannot run locally")
         try:
-            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens, choice=choice)
+            plan = self.plan(model, config, weight_bytes, holds, len(prompt_ids), max_tokens, choice=choice,
+                             cid=span_cid)
         except sched.NoPlanError as exc:
             if not holds or choice.mode != "auto":
-                raise RouteFailed(503, "no_route", f"{model}: {exc}") from None
+                raise RouteFailed(503, exc.code, f"{model}: {exc}") from None
             # the model is loaded here already: serve it rather than refuse (the budget is a planning aid)
             logger.warning("%s: %s; running locally anyway", model, exc)
             whole = sched.Assignment(sched.LOCAL, LayerSpan.whole(config.num_layers))
             plan = sched.Plan("local", (whole,), sched.Prediction(0.0, 0.0, 0.0), ("over budget",))
         _follow(route, plan)
-        if plan.kind != "offload" and not holds:
+        if plan.kind != "offload" and not holds and span_cid is None:
             raise RouteFailed(503, "no_route", f"{model} is not held by this node: it can only be offloaded")
-        if plan.kind == "local":
+        if plan.kind == "local" and served.engine is not None:
             source = served.engine.stream(prompt_ids, params)
         elif plan.kind == "offload":
             source = self._offload(served, plan, config, weight_bytes, prompt_ids, params, max_tokens, route,
@@ -264,8 +288,10 @@ class Router:
                 try:
                     plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
                                      len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
-                                     frozenset(excluded), choice)
+                                     frozenset(excluded), choice, self._span_cid(served))
                 except sched.NoPlanError:
+                    raise peer_failure(exc, peer) from None
+                if plan.kind != "offload" and served.engine is None:  # resuming through stages: not wired
                     raise peer_failure(exc, peer) from None
                 if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
                     whole = LayerSpan.whole(config.num_layers)
@@ -281,7 +307,7 @@ class Router:
         _, weight_bytes = self.shape(served)
         top_k = logits_top_k(params, self.settings.top_k_logits)
 
-        cid = self.model_cid(served.name)
+        cid = self.served_cid(served)
 
         async def make_stages(p: sched.Plan) -> list[ChainStage]:
             """This node's part runs in-thread (`DirectStage`); peers' parts are `RemoteStage`s."""
@@ -346,8 +372,8 @@ class Router:
                       params: SamplingParams, excluded: frozenset[str], choice: RouteChoice) -> sched.Plan:
         max_tokens = _planned_tokens(served, prompt_ids, params)
         try:
-            plan = self.plan(served.name, config, weight_bytes, True, len(prompt_ids), max_tokens, excluded,
-                             choice)
+            plan = self.plan(served.name, config, weight_bytes, served.engine is not None, len(prompt_ids),
+                             max_tokens, excluded, choice, self._span_cid(served))
         except sched.NoPlanError as exc:
             raise StageLost(sorted(excluded)[0] if excluded else sched.LOCAL, str(exc)) from None
         if plan.kind != "split":  # the pipeline needs stages: run a local or offload plan as stages
@@ -355,6 +381,10 @@ class Router:
             device = plan.stages[0].device
             plan = sched.Plan("split", (sched.Assignment(device, whole),), plan.prediction)
         return plan
+
+    @staticmethod
+    def _span_cid(served: Servable) -> str | None:
+        return served.cid if isinstance(served, SpanModel) else None
 
     def shape(self, served: Servable) -> tuple[Any, int]:
         """(ModelConfig, file bytes) of a served model."""
@@ -367,10 +397,21 @@ class Router:
                 size = 0
         return config, size or 100 * 1024 * 1024
 
-    async def remote_model(self, name: str) -> RemoteModel | None:
-        """A stand-in for a model this node does not hold but a usable peer serves (None if none does)."""
+    async def remote_model(self, name: str) -> RemoteModel | SpanModel | None:
+        """A stand-in for a model this node does not hold (None if no peer has it): a `SpanModel` when peers'
+        adverts name its CID — the planner then offloads it to a member that can hold it, or splits it over
+        members whose budgets together can, each stage fetching its own layers — else a `RemoteModel`
+        (tokenizer and shape asked of a peer that serves it)."""
         from shoal.mesh.split.remote_model import find_remote_model
 
+        cid = cid_in_adverts(name, [peer.advert or {} for peer in self.mesh.connected_peers()])
+        if cid is not None:
+            try:
+                return await self.span_models.open(name, cid, HEADER_TIMEOUT_S)
+            except ModelError as exc:
+                logger.warning("%s: %s", name, exc)
+                raise RouteFailed(503, "peer_unreachable", f"{name} ({cid}) is held in the mesh, but {exc}"
+                                  ) from None
         policy = self.node.policy
         peers = [d for d in self.peer_devices(name)
                  if d.holds_model and d.serves_others and (d.trusted or not policy.trusted_only_splits)

@@ -56,6 +56,12 @@ PlanKind = Literal["local", "offload", "split"]
 class NoPlanError(Exception):
     """No device (or set of devices) can serve the request under the policy; the message says why."""
 
+    def __init__(self, message: str, code: str = "no_route") -> None:
+        super().__init__(message)
+        self.code = code
+        """`insufficient_memory` when the usable devices' memory budgets together cannot hold the model (for
+        this request's context), else `no_route`."""
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -174,7 +180,8 @@ def plan(
         without_local = [p for p in options if LOCAL not in p.devices]
         options = without_local or options
     if not options:
-        raise NoPlanError(_why_none(shape, request, local, peers, policy, excluded, allowed))
+        why = _why_none(shape, request, local, peers, policy, excluded, allowed)
+        raise NoPlanError(why, "insufficient_memory" if why.startswith("not enough memory") else "no_route")
     kind_rank = {"local": 0, "offload": 1, "split": 2}
     rank = {device: i for i, device in enumerate(prefer)}
 

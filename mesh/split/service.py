@@ -5,7 +5,8 @@ node offers, and owns the `Router` the API uses for its own requests.
 `stage.open`/`stage.close` and `offload.*` control handlers, the `TENSOR` binary handler (tensor frames →
 `StageHost.compute`), `tensor.link` (a grant for a direct tensor link, `mesh.tensor_link`, whose requests
 the host's worker answers), and a peer listener that frees a departed peer's sequences. It publishes a `split`
-field in this node's advert: {"serve_others", "memory_budget"} (from the policy), plus `models` and `speed`.
+field in this node's advert: {"serve_others", "memory_budget" (from the policy), "catalog" (name → CID of the
+model files held here: `split.span_model`)}, plus `models` and `speed`.
 Routes: `GET /v1/mesh/route` and `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
 `{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
 `{}` to go back to the scheduler).
@@ -33,6 +34,7 @@ from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.router import Router
+from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.stage_receipts import StageReceipts
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
@@ -101,9 +103,18 @@ class SplitService:
         memory = psutil.virtual_memory()
         budget = int(min(memory.available, policy.max_memory_share * memory.total))
         models = [m["id"] for m in self.node.models.list_models()]
+        catalog = {}  # name -> CID of the complete files held here: members find a model's bytes by it
+        for name in models[:MAX_CATALOG]:
+            try:
+                cid = self.node.models.resolve(name).cid
+            except LookupError:
+                continue
+            if cid:
+                catalog[name] = cid
         speed = dict(self.router.speeds.by_model)
         return {"models": models, "speed": speed, "queue_depth": self.load(),
-                "split": {"serve_others": self.refusal() is None, "memory_budget": budget}}
+                "split": {"serve_others": self.refusal() is None, "memory_budget": budget,
+                          "catalog": catalog}}
 
     def load(self) -> int:
         """Requests this node is busy with: its engines' live and waiting ones plus hosted sequences."""
