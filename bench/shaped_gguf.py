@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SHAPES = {  # hidden, ffn, layers, heads, kv heads, head dim
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 64),
     "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128),
+    "llama-3.2-3b-slice": (768, 2048, 12, 6, 2, 128),  # a quarter of the 3B's width, 12 of its 28 layers
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 64),
     "gemma-3-1b": (1152, 6912, 26, 4, 1, 256),
 }
