@@ -32,3 +32,13 @@ class ModelNotFoundError(LookupError):
 class InsufficientMemoryError(ModelError):
     """A stage would need more memory than the machine has free (the message says the largest context that
     fits)."""
+
+
+class ModelMemoryBudgetError(ModelError):
+    """Loading a model would take the node's loaded models past its memory budget (`[models]
+    memory_budget_mb`) even after unloading the idle ones; the message says what is loaded and what the model
+    needs. `retryable`: some loaded model is busy or loading, so waiting may make room."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -31,6 +31,7 @@ from shoal.models.errors import (
     ContextOverflowError,
     ModelError,
     ModelFileError,
+    ModelMemoryBudgetError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BUDGET_RETRY_AFTER_S = 5
+"""`Retry-After` of a load refused by the memory budget while busy models hold the room."""
 OPEN_PATHS = frozenset({"/health", "/v1/mesh/signal", *join_page.PATHS})
 """Paths served without the API key (liveness probes; mesh signalling, which carries its own signed proof;
 the join page, which holds nothing secret)."""
@@ -87,6 +90,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return web.Response(status=exc.status, body=exc.body, content_type="application/json",
                                 headers=_allow_header(exc))
         return _http_error(exc).response(headers=_allow_header(exc))
+    except ModelMemoryBudgetError as exc:  # busy models hold the room: worth a retry; else it never fits
+        headers = {"Retry-After": str(BUDGET_RETRY_AFTER_S)} if exc.retryable else None
+        error = ApiError(503, str(exc), param="model", code="model_memory_budget", type="server_error")
+        return error.response(headers=headers)
     except UnsupportedModelError as exc:
         return ApiError(422, str(exc), param="model", code="unsupported_model").response()
     except ModelFileError as exc:

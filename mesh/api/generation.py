@@ -142,7 +142,8 @@ async def tracked(
         inflight.add(task)  # type: ignore[arg-type]
     node.metrics.queue_depth.inc()
     try:
-        yield run
+        with node.models.hold(served.name):  # not unloaded while it runs; keep_alive counts from the end
+            yield run
     except asyncio.CancelledError:
         run.status = "shutdown" if node.draining else "cancelled"
         raise

@@ -3,7 +3,8 @@
 `POST /api/chat` and `POST /api/generate` stream NDJSON (one JSON object a line, `done: true` on the last,
 with token counts and durations in nanoseconds) unless `"stream": false`; they run through the same code as
 the OpenAI routes (`mesh.api.generation`). `GET /api/tags`, `POST /api/show`, `GET /api/ps` and
-`GET /api/version` describe the models; `POST /api/embed` embeds (`mesh.api.embeddings_routes`); `POST
+`GET /api/version` describe the models (`/api/ps`: the loaded ones, with `expires_at` from their
+`keep_alive`); `POST /api/embed` embeds (`mesh.api.embeddings_routes`); `POST
 /api/pull` fetches a model over shoal's IPFS path (progress from the node's `pull.*` events). Errors keep
 the API's one body shape
 `{"error": {"message", "type", "param", "code"}}` (the `ollama` client raises `ResponseError` with it); an
@@ -26,7 +27,9 @@ from shoal.mesh.api.keys import NODE, ROUTE_HEADER
 from shoal.mesh.api.ollama_schema import (
     MODEL_TAG,
     OllamaRequest,
+    WarmRequest,
     check_options,
+    keep_alive,
     model_name,
     parse_chat,
     parse_generate,
@@ -41,6 +44,8 @@ from shoal.models.generate import EventLogprobs, TokenEvent
 OLLAMA_VERSION = "0.12.0"
 """The Ollama release whose API this dialect follows (clients gate features on it)."""
 NDJSON = "application/x-ndjson"
+FOREVER_AT = "2262-04-11T23:47:16Z"
+"""`expires_at` of a model kept loaded (negative keep_alive): Go's largest time, as Ollama shows it."""
 
 
 def _now() -> str:
@@ -150,6 +155,8 @@ async def _run(request: web.Request, kind: str, parsed: OllamaRequest, stream: b
         served, prompt_ids, params = await prepare(request, req, parsed.body)
     except ApiError as exc:
         raise renamed(exc) from None
+    if parsed.keep_alive is not None:  # how long it stays loaded after this request (0: unload at its end)
+        request.app[NODE].models.set_keep_alive(served.name, parsed.keep_alive)
     async with tracked(request, served, prompt_ids, "ollama") as run:
         answer = _Answer(kind, served.name, run.record, prompt_ids)
         if stream:
@@ -166,17 +173,35 @@ async def _run(request: web.Request, kind: str, parsed: OllamaRequest, stream: b
         return json_response(body, headers={ROUTE_HEADER: run.record.route.kind})
 
 
+async def _warm(request: web.Request, kind: str, warm: WarmRequest) -> web.Response:
+    """No messages / no prompt: load the model (Ollama's way to warm one up), or with `keep_alive: 0` unload
+    it (at once when idle, else when its requests end)."""
+    models = request.app[NODE].models
+    if warm.keep_alive == 0:
+        models.resolve(warm.model)  # 404 for an unknown model
+        await models.release(warm.model)
+        name, reason = warm.model, "unload"
+    else:
+        name, reason = (await models.acquire(warm.model, warm.keep_alive)).name, "load"
+    body: dict[str, Any] = {"model": name, "created_at": _now()}
+    if kind == "chat":
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return json_response({**body, "done": True, "done_reason": reason})
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     parsed, stream = parse_chat(await read_json(request))
+    if isinstance(parsed, WarmRequest):
+        return await _warm(request, "chat", parsed)
     return await _run(request, "chat", parsed, stream)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    parsed, name, stream = parse_generate(await read_json(request))
-    if parsed is None:  # an empty prompt loads the model (Ollama's way to warm one up)
-        served = await request.app[NODE].models.acquire(name)
-        return json_response({"model": served.name, "created_at": _now(), "response": "", "done": True,
-                              "done_reason": "load"})
+    parsed, stream = parse_generate(await read_json(request))
+    if isinstance(parsed, WarmRequest):
+        return await _warm(request, "generate", parsed)
     return await _run(request, "generate", parsed, stream)
 
 
@@ -204,9 +229,31 @@ async def tags(request: web.Request) -> web.Response:
     return json_response({"models": [_tag(e) for e in await _entries(request)]})
 
 
+def _expires(at: float | None) -> str:
+    if at is None:
+        return FOREVER_AT
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _running(entry: dict[str, Any]) -> dict[str, Any]:
+    """A loaded model as `/api/ps` lists it: `size` its memory (shoal's estimate), `size_vram` the part on a
+    GPU (all of it for a CUDA build, else 0), `expires_at` when it unloads if it stays idle."""
+    shoal = entry.get("shoal") or {}
+    size = int(shoal.get("memory") or 0)
+    on_gpu = "cuda" in (shoal.get("compiled_targets") or [])
+    return {**_tag(entry), "size": size, "size_vram": size if on_gpu else 0,
+            "expires_at": _expires(shoal.get("expires_at")), "context_length": shoal.get("context_length")}
+
+
 async def ps(request: web.Request) -> web.Response:
-    loaded = [e for e in await _entries(request) if (e.get("shoal") or {}).get("loaded")]
-    models = [{**_tag(e), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0} for e in loaded]
+    seen: set[str] = set()
+    models = []
+    for entry in await _entries(request):
+        shoal = entry.get("shoal") or {}
+        key = str(shoal.get("cid") or entry["id"])
+        if shoal.get("state") == "loaded" and key not in seen:  # aliases of one model: listed once
+            seen.add(key)
+            models.append(_running(entry))
     return json_response({"models": models})
 
 
@@ -248,8 +295,14 @@ async def embed(request: web.Request) -> web.Response:
     if not isinstance(truncate, bool):
         raise invalid("'truncate' must be a boolean", "truncate", "invalid_type")
     check_options(body.get("options"))
+    keep = keep_alive(body)
     started = time.perf_counter()
     served, vectors, total = await embed_inputs(request, name, inputs, truncate=truncate)
+    models = request.app[NODE].models
+    if keep == 0:
+        await models.release(served.name)
+    elif keep is not None:
+        models.set_keep_alive(served.name, keep)
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != served.config.hidden_size:
         raise invalid(f"'dimensions' must be {served.config.hidden_size} for {served.name} (no truncation)",

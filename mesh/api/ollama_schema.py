@@ -7,7 +7,9 @@ dialects share one set of rules; an error names the Ollama field (`options.num_p
 `typical_p`, `tfs_z`, `penalize_newline`) are refused unless set to their neutral value; anything else unknown
 is a 400 naming it. `format` (`"json"` or a JSON Schema) constrains the answer as OpenAI's `response_format`
 does; `tools` (chat) work as OpenAI's with `tool_choice` auto; `images`, `template`, `suffix`, `context` and
-`think` are refused.
+`think` are refused. `keep_alive` (`"5m"`, seconds, negative: forever, 0: unload after the request) sets how
+long the model stays loaded afterwards (`mesh.api.keep_alive`); a chat without messages or a generate without
+a prompt only loads the model — or, with `keep_alive: 0`, unloads it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shoal.mesh.api.errors import ApiError, invalid
+from shoal.mesh.api.keep_alive import parse_keep_alive
 from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
 
 OPTIONS = {
@@ -38,7 +41,7 @@ IGNORED_OPTIONS = frozenset({
 })
 NEUTRAL_OPTIONS: dict[str, Any] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "penalize_newline": False}
 REFUSED_FIELDS = ("images", "template", "suffix", "context")
-IGNORED_FIELDS = ("keep_alive", "options", "stream", "raw", "system", "think", "logprobs", "top_logprobs")
+IGNORED_FIELDS = ("options", "stream", "raw", "system", "think", "logprobs", "top_logprobs")
 MODEL_TAG = ":latest"
 
 
@@ -49,6 +52,16 @@ class OllamaRequest:
     completion: CompletionRequest
     body: dict[str, Any]
     """The OpenAI-shaped body (for `generation.prepare`'s error messages)."""
+    keep_alive: float | None = None
+    """Seconds the model stays loaded after this request (negative: forever); None: the node's default."""
+
+
+@dataclass(frozen=True)
+class WarmRequest:
+    """A chat without messages or a generate without a prompt: load `model` (or unload it: keep_alive 0)."""
+
+    model: str
+    keep_alive: float | None
 
 
 def model_name(value: Any) -> str:
@@ -114,6 +127,11 @@ def _logprobs(body: dict[str, Any], kind: Literal["chat", "text"]) -> dict[str, 
     return {"logprobs": 0 if top is None else top}
 
 
+def keep_alive(body: dict[str, Any]) -> float | None:
+    """The body's `keep_alive` in seconds (negative: forever), None when absent; 400 when malformed."""
+    return parse_keep_alive(body.get("keep_alive"))
+
+
 def _translate(
     body: dict[str, Any], openai_body: dict[str, Any], kind: Literal["chat", "text"]
 ) -> OllamaRequest:
@@ -132,7 +150,7 @@ def _translate(
         req = parse_completion_request(openai_body, kind, 1 << 20)
     except ApiError as exc:
         raise renamed(exc) from None
-    return OllamaRequest(req, openai_body)
+    return OllamaRequest(req, openai_body, keep_alive(body))
 
 
 def renamed(exc: ApiError) -> ApiError:
@@ -145,12 +163,16 @@ def renamed(exc: ApiError) -> ApiError:
     return ApiError(exc.status, message, param=param, code=exc.code, type=exc.type)
 
 
-def parse_chat(body: Any) -> tuple[OllamaRequest, bool]:
-    """`/api/chat`: (the request, whether to stream)."""
+def parse_chat(body: Any) -> tuple[OllamaRequest | WarmRequest, bool]:
+    """`/api/chat`: (the request — a `WarmRequest` when there are no messages —, whether to stream)."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     _refuse(body)
     messages = body.get("messages")
+    if messages is None or messages == []:
+        name = model_name(body.get("model"))
+        _options(body.get("options"))
+        return WarmRequest(name, keep_alive(body)), _stream(body)
     if isinstance(messages, list):
         for i, message in enumerate(messages):
             if isinstance(message, dict) and message.get("images"):
@@ -182,10 +204,10 @@ def _openai_messages(messages: Any) -> Any:
     return out
 
 
-def parse_generate(body: Any) -> tuple[OllamaRequest | None, str, bool]:
-    """`/api/generate`: (the request, or None when the prompt is empty (Ollama then just loads the model);
-    the model name; whether to stream). `raw` sends the prompt as is; otherwise it becomes a chat turn
-    (after `system`, if given) through the model's chat template."""
+def parse_generate(body: Any) -> tuple[OllamaRequest | WarmRequest, bool]:
+    """`/api/generate`: (the request — a `WarmRequest` when the prompt is empty (Ollama then just loads, or
+    with keep_alive 0 unloads, the model) —, whether to stream). `raw` sends the prompt as is; otherwise it
+    becomes a chat turn (after `system`, if given) through the model's chat template."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     _refuse(body)
@@ -200,11 +222,11 @@ def parse_generate(body: Any) -> tuple[OllamaRequest | None, str, bool]:
     stream = _stream(body)
     if not prompt:
         _options(body.get("options"))
-        return None, name, stream
+        return WarmRequest(name, keep_alive(body)), stream
     if raw:
         if system:
             raise invalid("'system' does not apply to a raw prompt", "system", "unsupported_value")
-        return _translate(body, {"model": name, "prompt": prompt}, "text"), name, stream
+        return _translate(body, {"model": name, "prompt": prompt}, "text"), stream
     turn = [{"role": "user", "content": prompt}]
     messages = ([{"role": "system", "content": system}] if system else []) + turn
-    return _translate(body, {"model": name, "messages": messages}, "chat"), name, stream
+    return _translate(body, {"model": name, "messages": messages}, "chat"), stream

@@ -7,6 +7,7 @@ satisfy these Protocols structurally, so the API imports neither (the import rul
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from shoal.mesh.api.metrics import NodeMetrics
@@ -81,7 +82,23 @@ class Models(Protocol):
 
     def resolve(self, name_or_cid: str) -> object: ...
 
-    async def acquire(self, name: str) -> ServedModel: ...
+    async def acquire(self, name: str, keep_alive: float | None = None) -> ServedModel:
+        """The model, loaded on first use; `keep_alive`: the request's own (seconds, negative: forever)."""
+        ...
+
+    def hold(self, name: str) -> AbstractContextManager[None]:
+        """In use for the block (a request's life): never unloaded meanwhile; keep_alive runs from its end."""
+        ...
+
+    def set_keep_alive(self, name: str, seconds: float | None) -> None: ...
+
+    async def release(self, name: str) -> bool:
+        """keep_alive 0 now: unload it at once if idle (True), else when its requests end."""
+        ...
+
+    def residency(self, name: str) -> dict[str, Any]:
+        """`state`, `loaded`, `memory`, `keep_alive`, `expires_at`, `requests` of a model."""
+        ...
 
     async def load(self, name: str) -> ServedModel: ...
 

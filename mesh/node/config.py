@@ -36,6 +36,8 @@ BACKENDS = ("tvm", "numpy")
 DEFAULT_CACHE_TOKENS = 4096
 """`[models] cache_tokens`: ~190 MB of fp32 KV for SmolLM2-135M; room for 7 chats of 512 tokens at once."""
 DEFAULT_MAX_TOKENS = 512
+MAX_KEEP_ALIVE_S = 366 * 86400.0
+"""The longest finite `keep_alive` (a year); longer is as good as forever (negative)."""
 
 
 def default_config_path() -> Path:
@@ -153,6 +155,17 @@ class ModelsConfig:
     queue_timeout_s: float = 600.0
     """Longest wait for room in the KV cache; past it the request gets 503 with `Retry-After` (as long as
     the `openai` client's own default timeout: long generations on a small machine take minutes)."""
+    memory_budget_mb: int | None = None
+    """Memory the loaded models may take together, in MiB (each model's estimate from `shoal.models.memory`:
+    weights + KV cache at `cache_tokens` + workspace); none: half the machine's RAM. Loading past it first
+    unloads idle models (least recently used); if it still does not fit, the request gets 503
+    `model_memory_budget`."""
+    keep_alive_s: float = 300.0
+    """How long a model stays loaded after its last request (a request's own `keep_alive` overrides it);
+    0 unloads right after each request, negative keeps models loaded (never unloaded automatically)."""
+    keep_default_loaded: bool = True
+    """Keep the `default` model loaded (as a negative `keep_alive_s` does for it): never unloaded for idleness
+    or to make room, unless a request's own `keep_alive` or an explicit unload says otherwise."""
 
     def __post_init__(self) -> None:
         if not self.default:
@@ -171,6 +184,12 @@ class ModelsConfig:
             raise ValueError(f"queue_size {self.queue_size} must be between 1 and 100000")
         if not 0 < self.queue_timeout_s <= 3600:
             raise ValueError(f"queue_timeout_s {self.queue_timeout_s} must be in (0, 3600]")
+        if self.memory_budget_mb is not None and not 16 <= self.memory_budget_mb <= 1 << 30:
+            raise ValueError(f"memory_budget_mb {self.memory_budget_mb} must be between 16 and 1073741824 "
+                             "MiB (or none: half the machine's RAM)")
+        if not self.keep_alive_s <= MAX_KEEP_ALIVE_S:  # NaN fails too
+            raise ValueError(f"keep_alive_s {self.keep_alive_s} must be at most {MAX_KEEP_ALIVE_S:.0f} s "
+                             "(a year; negative: forever)")
 
 
 @dataclass(frozen=True)

@@ -3,128 +3,54 @@
 Loading reads the GGUF, builds (compiles, or finds in the cache) one stage covering every layer, and starts
 an `Engine` over it. All blocking work runs in an executor thread; progress is logged and published as
 `compile.progress` / `compile.done` / `model.loaded` / `model.unloaded` events.
+
+Several models may be loaded at once within the node's memory budget; a model is loaded on first use
+(`acquire`), unloaded when idle past its `keep_alive`, and unloaded to make room for another (least recently
+used, idle ones only) — the bookkeeping is `model_residency`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from shoal.mesh.events import EventBus
-from shoal.mesh.node.config import DEFAULT_CACHE_TOKENS, DEFAULT_MAX_TOKENS, ModelsConfig
+from shoal.mesh.node.model_loading import (
+    LoadFn,
+    LoadOptions,
+    LocalModel,
+    ServingLimits,
+    close_stages,
+    compile_span,
+    load_engine,
+    note_target,
+)
+from shoal.mesh.node.model_residency import (
+    AVAILABLE,
+    FOREVER,
+    LOADED,
+    IdleReaper,
+    Resident,
+    budget_message,
+    default_budget,
+    estimate_need,
+    pick_victims,
+)
 from shoal.models.compile_guard import run_compile_work
 from shoal.models.embedded import DEFAULT_MODEL_NAME, embedded_model_path
-from shoal.models.embeddings import Embedder
-from shoal.models.errors import ModelError, ModelNotFoundError
-from shoal.models.generate import Engine
-from shoal.models.loader import build_stage, open_model, resolve_backend
-from shoal.models.sampling import defaults_from_gguf
+from shoal.models.errors import ModelError, ModelMemoryBudgetError, ModelNotFoundError
+from shoal.models.loader import resolve_backend
 from shoal.models.served import ServedModel
-from shoal.models.span import LayerSpan
-from shoal.models.stage import Stage
+
+__all__ = ["LoadFn", "LoadOptions", "LocalModel", "ModelManager", "ModelNotFoundError", "ServingLimits",
+           "load_engine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LocalModel:
-    """A model file this node holds."""
-
-    name: str
-    path: Path
-    cid: str | None = None
-    pinned: bool = False
-    size: int = 0
-    """Bytes of the model file."""
-    compiled_targets: list[str] = field(default_factory=list)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What one loaded model may take on: the `[models]` KV and queue knobs its engine enforces."""
-
-    context: int | None = None
-    """Longest prompt + completion of one request; None: the model's trained context (never more)."""
-    cache_tokens: int = DEFAULT_CACHE_TOKENS
-    """KV-cache tokens over all running requests (the compiled stage's pool; the engine's budget)."""
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
-    """`max_tokens` of a request that sets none."""
-    queue_size: int = 32
-    """Requests that may wait for room; one more is refused (QueueFullError)."""
-    queue_timeout_s: float | None = 600.0
-    """Longest wait for room (AdmissionTimeoutError past it)."""
-
-    @classmethod
-    def from_config(cls, models: ModelsConfig) -> ServingLimits:
-        return cls(context=models.context, cache_tokens=models.cache_tokens,
-                   default_max_tokens=models.default_max_tokens, queue_size=models.queue_size,
-                   queue_timeout_s=models.queue_timeout_s)
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    backend: str = "tvm"
-    """`tvm` or `numpy`."""
-    target: str | None = None
-    """TVM target kind; None detects the local one."""
-    cache_dir: Path | None = None
-    """Compile cache; None uses models.compile's default (`$SHOAL_COMPILE_CACHE` or the user data dir)."""
-    max_batch: int = 8
-    """Sequences the engine decodes together."""
-    limits: ServingLimits = field(default_factory=ServingLimits)
-
-
-LoadFn = Callable[[LocalModel, LoadOptions, Callable[..., None]], ServedModel]
-
-
-def load_engine(model: LocalModel, options: LoadOptions, progress: Callable[..., None]) -> ServedModel:
-    """Blocking: open the GGUF and build one whole-model stage. The engine is started by the caller."""
-    loaded = open_model(model.path)
-    span = LayerSpan.whole(loaded.config.num_layers)
-    backend = resolve_backend(options.backend)
-    limits = options.limits
-    context = min(limits.context or loaded.config.context_length, loaded.config.context_length)
-    extra: dict[str, Any] = (
-        {"max_batch_size": options.max_batch, "max_total_tokens": limits.cache_tokens}
-        if backend == "tvm"
-        else {"max_context": context}
-    )
-    stage = build_stage(
-        loaded,
-        span,
-        backend=backend,
-        target=options.target,
-        cache_dir=options.cache_dir,
-        progress=progress,
-        **extra,
-    )
-    # Each request reserves prompt + max_tokens of the KV cache before it starts (models/admission.py).
-    engine = Engine(
-        [stage],
-        loaded.tokenizer,
-        max_batch=options.max_batch,
-        max_context=context,
-        kv_tokens=limits.cache_tokens,
-        max_waiting=limits.queue_size,
-        wait_timeout_s=limits.queue_timeout_s,
-        default_max_tokens=limits.default_max_tokens,
-    )
-    return ServedModel(
-        name=model.name,
-        tokenizer=loaded.tokenizer,
-        engine=engine,
-        context_length=engine.max_context,
-        stages=[stage],
-        backend=backend,
-        sampling_defaults=defaults_from_gguf(loaded.gguf.metadata),
-        embedder=Embedder(model.path, context),
-    )
 
 
 class ModelManager:
@@ -142,9 +68,15 @@ class ModelManager:
         load_fn: LoadFn = load_engine,
         on_progress: Callable[[float, str], None] | None = None,
         catalog: Callable[[], list[dict[str, Any]]] | None = None,
+        memory_budget: int | None = None,
+        keep_alive_s: float = 300.0,
+        keep_loaded: str | None = None,
     ) -> None:
         """`catalog` lists models held elsewhere on this node (the IPFS store: dicts with `names`, `cid`,
-        `path`, `complete`); complete ones become servable under each of their names and their CID."""
+        `path`, `complete`); complete ones become servable under each of their names and their CID.
+        `memory_budget`: bytes the loaded models may take together (None: half the RAM); `keep_alive_s`: idle
+        seconds before a model is unloaded (negative: never; needs `start()`); `keep_loaded`: a model (the
+        node's default) whose keep_alive is forever unless a request sets its own."""
         self._catalog = catalog
         self._bus = bus
         self._on_progress = on_progress
@@ -157,6 +89,14 @@ class ModelManager:
         self._models: dict[str, LocalModel] = {}
         self._served: dict[str, ServedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.memory_budget = default_budget() if memory_budget is None else memory_budget
+        self.keep_alive_s = keep_alive_s
+        self.keep_loaded = keep_loaded
+        self._residents: dict[str, Resident] = {}
+        self._room = asyncio.Lock()
+        """Taken to decide whether a model fits (and to unload idle ones for it), so two loads never both
+        count on the same free room."""
+        self._reaper = IdleReaper(self._residents.values, self._busy, self._unload_idle)
 
     # --- catalog ---------------------------------------------------------------------------------------
 
@@ -231,7 +171,8 @@ class ModelManager:
         return model
 
     def list_models(self) -> list[dict[str, Any]]:
-        """The OpenAI model list entries (call `refresh`/`refresh_async` first to see new pulls)."""
+        """The OpenAI model list entries (call `refresh`/`refresh_async` first to see new pulls), each with
+        its residency (`residency`)."""
         return [
             {
                 "id": m.name,
@@ -242,12 +183,36 @@ class ModelManager:
                     "cid": m.cid,
                     "size": m.size,
                     "pinned": m.pinned,
-                    "loaded": m.name in self._served,
                     "compiled_targets": list(m.compiled_targets),
+                    **self.residency(m.name),
                 },
             }
             for m in self._models.values()
         ]
+
+    def residency(self, name: str) -> dict[str, Any]:
+        """`state` (`loaded`, `loading` or `available`), `loaded`, `memory` (estimated bytes, when loaded or
+        loading), `keep_alive` (seconds, -1: kept loaded), `expires_at` (Unix time it unloads if it stays
+        idle; None: never or not loaded) and `requests` (in flight) of `name` (an alias reports its model)."""
+        model = self._find(name)
+        resident = self._residents.get(self._canonical(model).name) if model is not None else None
+        if resident is None:
+            return {"state": AVAILABLE, "loaded": False, "memory": None, "context_length": None,
+                    "keep_alive": None, "expires_at": None, "requests": 0}
+        busy = self._busy(resident)
+        expires = resident.expires_at(time.monotonic(), busy) if resident.state == LOADED else None
+        served = self._served.get(resident.name)
+        engine = served.engine if served is not None else None
+        requests = max(resident.holds, engine.active_count + engine.queue_depth if engine is not None else 0)
+        return {"state": resident.state, "loaded": resident.state == LOADED, "memory": resident.need,
+                "context_length": served.context_length if served is not None else None,
+                "keep_alive": resident.keep_alive_s,
+                "expires_at": None if expires is None else round(expires, 3),
+                "requests": requests}
+
+    def memory_used(self) -> int:
+        """Estimated bytes of the models loaded and loading (of `memory_budget`)."""
+        return sum(r.need for r in self._residents.values())
 
     def compiled_targets(self) -> list[str]:
         """Target kinds (`llvm`, `cuda`) the loaded models were compiled for, in first-seen order."""
@@ -290,12 +255,117 @@ class ModelManager:
 
         return report
 
-    async def acquire(self, name: str) -> ServedModel:
-        """The served model `name`, loading it first if needed (ModelNotFoundError if unknown)."""
-        served = self._served.get(name)
-        if served is not None:
-            return served
-        return await self.load(name)
+    # --- residency -------------------------------------------------------------------------------------
+
+    def _default_keep_alive(self, name: str) -> float:
+        keep = self._find(self.keep_loaded) if self.keep_loaded else None
+        if keep is not None and self._canonical(keep).name == name:
+            return FOREVER
+        return FOREVER if self.keep_alive_s < 0 else self.keep_alive_s
+
+    def _busy(self, resident: Resident) -> bool:
+        if resident.holds > 0 or resident.pending(time.monotonic()):
+            return True
+        served = self._served.get(resident.name)
+        return served is not None and served.engine.active_count + served.engine.queue_depth > 0
+
+    def _resident(self, name: str) -> Resident | None:
+        model = self._find(name)
+        return self._residents.get(self._canonical(model).name) if model is not None else None
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        """Mark `name` in use for the block (one request's life): it is not unloaded meanwhile, and its
+        keep_alive runs from the end. A name this node has not loaded (a peer's model) holds nothing."""
+        resident = self._resident(name)
+        if resident is None:
+            yield
+            return
+        resident.holds += 1
+        resident.claim()
+        try:
+            yield
+        finally:
+            resident.holds -= 1
+            resident.last_used = time.monotonic()
+            self._reaper.wake()
+
+    def set_keep_alive(self, name: str, seconds: float | None) -> None:
+        """A request's own keep_alive for `name` (None: the node's default), from now until the next request
+        sets another (Ollama's rule); negative keeps it loaded."""
+        resident = self._resident(name)
+        if resident is not None:
+            resident.keep_alive_s = self._default_keep_alive(resident.name) if seconds is None else (
+                FOREVER if seconds < 0 else seconds)
+            self._reaper.wake()
+
+    async def acquire(self, name: str, keep_alive: float | None = None) -> ServedModel:
+        """The served model `name`, loading it first if needed (ModelNotFoundError if unknown;
+        ModelMemoryBudgetError if it does not fit). Counts as a use: its keep_alive becomes `keep_alive`
+        (None: the node's default) and restarts."""
+        model = self._canonical(self.resolve(name))
+        served = self._served.get(model.name)
+        if served is None:
+            served = await self.load(name)
+        resident = self._residents.get(model.name)
+        if resident is not None:
+            resident.note_acquired(time.monotonic())
+            resident.keep_alive_s = self._default_keep_alive(model.name) if keep_alive is None else (
+                FOREVER if keep_alive < 0 else keep_alive)
+            self._reaper.wake()
+        return served
+
+    async def release(self, name: str) -> bool:
+        """keep_alive 0 from now (Ollama's unload request): unload `name` at once when no request holds it
+        and its engine is idle (True), else when they end. An acquire not yet followed by its request does
+        not keep it."""
+        resident = self._resident(name)
+        if resident is None:
+            return False
+        resident.keep_alive_s = 0.0
+        resident.acquired.clear()
+        unloaded = await self._unload_idle(resident.name, reason="keep_alive")
+        self._reaper.wake()
+        return unloaded
+
+    async def _make_room(self, model: LocalModel) -> Resident:
+        """Reserve `model`'s estimated memory (unloading idle models, least recently used first, as needed);
+        ModelMemoryBudgetError when it cannot fit."""
+        need = await asyncio.to_thread(
+            estimate_need, model.path, resolve_backend(self.backend), cache_tokens=self.limits.cache_tokens,
+            max_batch=self.max_batch, context=self.limits.context)
+        async with self._room:
+            for _ in range(8):  # a chosen model may turn busy before it is unloaded: choose again
+                others = list(self._residents.values())
+                victims = pick_victims(others, need, self.memory_budget, self._busy)
+                if victims is None:
+                    message, retryable = budget_message(model.name, need, self.memory_budget, others,
+                                                        self._busy)
+                    logger.warning("not loading %s: %s", model.name, message)
+                    raise ModelMemoryBudgetError(message, retryable=retryable)
+                if not victims:
+                    break
+                for victim in victims:
+                    logger.info("unloading %s (idle) to make room for %s", victim.name, model.name)
+                    await self._unload_idle(victim.name, reason="memory_budget")
+            resident = Resident(model.name, need, self._default_keep_alive(model.name))
+            self._residents[model.name] = resident
+            return resident
+
+    async def _unload_idle(self, name: str, reason: str = "idle") -> bool:
+        """Unload `name` if it is still loaded and idle (the reaper's and the budget's way)."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            resident = self._residents.get(name)
+            if resident is None or resident.state != LOADED or self._busy(resident):
+                return False
+            return await self._unload_locked(name, reason)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start unloading idle models (call on the node's event loop)."""
+        self._reaper.start()
 
     async def load(self, name: str) -> ServedModel:
         model = self._canonical(self.resolve(name))
@@ -304,85 +374,72 @@ class ModelManager:
             served = self._served.get(model.name)
             if served is not None:
                 return served
-            logger.info("loading %s from %s (backend %s)", model.name, model.path, self.backend)
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            options = LoadOptions(self.backend, self.target, self.cache_dir, self.max_batch, self.limits)
-            # A compile child dies with this waiter (a client that leaves, a node that stops).
-            served = await run_compile_work(self._load_fn, model, options, self._progress(model.name))
+            resident = await self._make_room(model)
             try:
-                await served.engine.start()
+                served = await self._load_locked(model)
             except BaseException:
-                await loop.run_in_executor(None, _close_stages, served)
+                self._residents.pop(model.name, None)
                 raise
-            for stage in served.stages:
-                _note_target(model, stage)
-            self._served[model.name] = served
-            elapsed = time.perf_counter() - started
-            self._bus.publish("compile.done", model=model.name, span=None, seconds=round(elapsed, 3))
-            self._bus.publish("model.loaded", model=model.name)
-            logger.info("loaded %s in %.1f s", model.name, elapsed)
+            resident.state = LOADED
+            resident.last_used = time.monotonic()
+            self._reaper.wake()
             return served
+
+    async def _load_locked(self, model: LocalModel) -> ServedModel:
+        logger.info("loading %s from %s (backend %s)", model.name, model.path, self.backend)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        options = LoadOptions(self.backend, self.target, self.cache_dir, self.max_batch, self.limits)
+        # A compile child dies with this waiter (a client that leaves, a node that stops).
+        served = await run_compile_work(self._load_fn, model, options, self._progress(model.name))
+        try:
+            await served.engine.start()
+        except BaseException:
+            await loop.run_in_executor(None, close_stages, served)
+            raise
+        for stage in served.stages:
+            note_target(model, stage)
+        self._served[model.name] = served
+        elapsed = time.perf_counter() - started
+        self._bus.publish("compile.done", model=model.name, span=None, seconds=round(elapsed, 3))
+        self._bus.publish("model.loaded", model=model.name)
+        logger.info("loaded %s in %.1f s", model.name, elapsed)
+        return served
 
     async def compile(
         self, name: str, target: str | None = None, layers: str | None = None
     ) -> dict[str, Any]:
         """Build (or find cached) the library for `layers` of `name` without serving it."""
         model = self.resolve(name)
-
-        def work() -> dict[str, Any]:
-            loaded = open_model(model.path)
-            span = (
-                LayerSpan.parse(layers, loaded.config.num_layers)
-                if layers
-                else LayerSpan.whole(loaded.config.num_layers)
-            )
-            stage = build_stage(
-                loaded,
-                span,
-                backend="tvm",
-                target=target or self.target,
-                cache_dir=self.cache_dir,
-                progress=self._progress(model.name),
-            )
-            _note_target(model, stage)
-            stage.close()
-            return {"model": model.name, "layers": f"{span.start}:{span.stop}", "target": target or "auto"}
-
         started = time.perf_counter()
-        result = await run_compile_work(work)
+        result = await run_compile_work(compile_span, model, target or self.target, layers, self.cache_dir,
+                                        self._progress(model.name))
+        result["target"] = target or "auto"
         seconds = round(time.perf_counter() - started, 3)
         self._bus.publish("compile.done", model=model.name, span=result["layers"], seconds=seconds)
         return result
 
-    async def unload(self, name: str) -> bool:
+    async def unload(self, name: str, reason: str = "request") -> bool:
         model = self._canonical(self.resolve(name))
         lock = self._locks.setdefault(model.name, asyncio.Lock())
         async with lock:
-            served = self._served.pop(model.name, None)
-            if served is None:
-                return False
-            await served.engine.stop()
-            await asyncio.get_running_loop().run_in_executor(None, _close_stages, served)
-            self._bus.publish("model.unloaded", model=model.name)
-            logger.info("unloaded %s", model.name)
-            return True
+            return await self._unload_locked(model.name, reason)
+
+    async def _unload_locked(self, name: str, reason: str) -> bool:
+        served = self._served.pop(name, None)
+        self._residents.pop(name, None)
+        if served is None:
+            return False
+        await served.engine.stop()
+        await asyncio.get_running_loop().run_in_executor(None, close_stages, served)
+        self._bus.publish("model.unloaded", model=name, reason=reason)
+        logger.info("unloaded %s (%s)", name, reason)
+        return True
 
     async def stop(self) -> None:
+        await self._reaper.stop()
         for name in list(self._served):
             try:
                 await self.unload(name)
             except ModelError:
                 logger.exception("unloading %s failed", name)
-
-
-def _note_target(model: LocalModel, stage: Stage) -> None:
-    """Record the TVM target kind (`llvm`, `cuda`) a compiled stage was built for."""
-    kind = stage.target_kind
-    if kind is not None and kind not in model.compiled_targets:
-        model.compiled_targets.append(kind)
-
-
-def _close_stages(served: ServedModel) -> None:
-    for stage in served.stages:
-        stage.close()

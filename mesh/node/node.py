@@ -84,6 +84,7 @@ class Node:
         self.metrics = NodeMetrics()
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
         cache_dir = config.compile_dir
+        budget_mb = config.models.memory_budget_mb
         self.models = ModelManager(
             self.bus,
             backend=config.models.backend,
@@ -93,6 +94,9 @@ class Node:
             limits=ServingLimits.from_config(config.models),
             load_fn=load_fn,
             catalog=self.ipfs.list_models,
+            memory_budget=None if budget_mb is None else budget_mb << 20,
+            keep_alive_s=config.models.keep_alive_s,
+            keep_loaded=config.models.default if config.models.keep_default_loaded else None,
         )
         self.policy: PolicyConfig = config.policy
         self.services: list[Service] = [self.ipfs, self.mesh]
@@ -186,6 +190,7 @@ class Node:
         )
         self.mesh.set_identity(self.identity)
         self.models.add_embedded()
+        self.models.start()
         for service in self.services:
             await service.start()
             self._started_services.append(service)

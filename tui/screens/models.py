@@ -20,6 +20,16 @@ MODEL_COLUMNS = ("model", "size", "CID", "pinned", "loaded", "compiled for", "ow
 MAX_JOBS = 6
 
 
+def _state(meta: dict[str, Any]) -> Text:
+    """The node's `shoal.state` (loaded / loading / available; older nodes: the `loaded` flag)."""
+    state = meta.get("state") or ("loaded" if meta.get("loaded") else None)
+    if state == "loaded":
+        return Text("loaded", style="green")
+    if state == "loading":
+        return Text("loading…", style="yellow")
+    return Text("—", style="dim")
+
+
 def model_row(model: dict[str, Any]) -> tuple[Any, ...]:
     meta = model.get("shoal") or {}
     loaded = bool(meta.get("loaded"))
@@ -28,7 +38,7 @@ def model_row(model: dict[str, Any]) -> tuple[Any, ...]:
         human_bytes(meta.get("size")) if meta.get("size") is not None else "—",
         short_id(meta.get("cid"), 20),
         "yes" if meta.get("pinned") else "no",
-        Text("loaded", style="green") if loaded else Text("—", style="dim"),
+        _state(meta),
         ", ".join(str(t) for t in meta.get("compiled_targets") or []) or "—",
         str(model.get("owned_by") or "—"),
     )
