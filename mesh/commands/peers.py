@@ -1,5 +1,7 @@
 """`shoal peers`: the peers a running node is linked to, with round-trip times, what kind of link (host,
-server-reflexive, peer-reflexive or relayed, and over which protocol) and what they advertise."""
+server-reflexive, peer-reflexive or relayed, and over which protocol) and what they advertise: free memory,
+measured speed (TOK/S: the fastest decode tok/s over their models) and load (QUEUE: requests they are busy
+with), which the planner places requests by."""
 
 from __future__ import annotations
 
@@ -29,6 +31,15 @@ def _link(path: object) -> str:
     return f"{path.get('type', '?')}/{path.get('protocol', '?')}"
 
 
+def _speed(advert: dict) -> str:
+    """The fastest measured decode tok/s the peer advertises over its models (its speed probe, then its
+    finished requests), or `-` before any measurement."""
+    speed = advert.get("speed") if isinstance(advert.get("speed"), dict) else {}
+    rates = [v.get("decode_tok_s") for v in speed.values() if isinstance(v, dict)]
+    rates = [r for r in rates if isinstance(r, int | float) and not isinstance(r, bool) and r > 0]
+    return f"{max(rates):.1f}" if rates else "-"
+
+
 def run(args: argparse.Namespace) -> int:
     view = call(args.api, "/v1/mesh/peers")
     if args.json:
@@ -47,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if not peers:
         print("no peers linked")
     else:
-        header = f"{'NAME':16} {'ID':20} {'STATE':10} {'RTT ms':>8} {'LINK':22} {'FREE':>6} {'QUEUE':>5}"
+        header = (f"{'NAME':16} {'ID':20} {'STATE':10} {'RTT ms':>8} {'LINK':22} {'FREE':>6} {'TOK/S':>6} "
+                  f"{'QUEUE':>5}")
         print(f"{header}  MODELS")
         for peer in peers:
             advert = peer.get("advert") or {}
@@ -57,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{peer['name'][:16]:16} {peer['id'][:20]:20} {peer['state']:10} {rtt:>8} "
                 f"{_link(peer.get('path')):22} "
-                f"{_memory(advert.get('free_memory')):>6} {advert.get('queue_depth', '-')!s:>5}  {models}"
+                f"{_memory(advert.get('free_memory')):>6} {_speed(advert):>6} "
+                f"{advert.get('queue_depth', '-')!s:>5}  {models}"
             )
     ice = view.get("ice") if isinstance(view.get("ice"), dict) else {}
     for check in ice.get("turn") or []:

@@ -69,6 +69,17 @@ class SplitConfig:
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name} must be true or false")
             elif f.type in (int, "int"):
+    speed_probe: bool = True
+    """Measure each model's speed once it loads (a short fixed prompt, one request then two at once:
+    `split.speed_probe`), so the planner and the peers know it before the first request finishes."""
+    speed_probe_tokens: int = 16
+    """Tokens the speed probe decodes per request (2-256)."""
+    offload_gain_percent: int = 20
+    """An automatic plan leaves this node only when predicted to finish at least this much sooner (0-90)."""
+    stay_gain_percent: int = 5
+    """Once this node's last automatic plan for a model went to peers, the (smaller) gain that keeps it
+    there: the band between the two is the hysteresis that stops requests flapping (0-90, at most
+    `offload_gain_percent`)."""
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"{f.name} must be an integer")
             elif isinstance(value, bool) or not isinstance(value, int | float):
@@ -87,3 +98,11 @@ class SplitConfig:
             raise ValueError(f"max_offloads {self.max_offloads} must be between 1 and 1024")
         if not 0 <= self.keep_idle_stages <= 64:
             raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")
+        if not 2 <= self.speed_probe_tokens <= 256:
+            raise ValueError(f"speed_probe_tokens {self.speed_probe_tokens} must be between 2 and 256")
+        for name in ("offload_gain_percent", "stay_gain_percent"):
+            if not 0 <= getattr(self, name) <= 90:
+                raise ValueError(f"{name} {getattr(self, name)} must be between 0 and 90")
+        if self.stay_gain_percent > self.offload_gain_percent:
+            raise ValueError(f"stay_gain_percent {self.stay_gain_percent} must not exceed "
+                             f"offload_gain_percent {self.offload_gain_percent}")

@@ -6,8 +6,12 @@ Cost model (all times in seconds; every prediction is logged by the caller next 
 Decoding a token is memory-bound, so a device's time for part of the model is its measured whole-model time
 scaled by the share of weight bytes that part reads:
 
-    compute_d(part) = bytes(part) / bytes(model) / decode_tps_d × (1 + queue_depth_d)
+    compute_d(part) = bytes(part) / bytes(model) / decode_tps_d × (1 + batch_cost_d × queue_depth_d)
 
+where `queue_depth_d` counts the requests the device is already busy with (its engine's live and waiting
+ones, sequences it hosts for peers, and what this node has just placed there) and `batch_cost_d` is the share
+of one request's step time each of them adds (measured by the device's speed probe, `split.speed_probe`: 1.0
+when batching gains nothing, as with the NumPy reference; less where a batched step reads the weights once),
 with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). Prefill uses
 `prefill_tps_d` the same way, per prompt token. A device that does not hold the model but can fetch it adds
 `bytes(span) / fetch_bps` once, before its first token.
@@ -125,6 +129,13 @@ class Device:
     fetch_bps: float = 0.0
     """If not holding the model: bytes/s it can fetch weights at (0: cannot)."""
     queue_depth: int = 0
+    """Requests the device is already busy with (running, waiting, hosted stages)."""
+    batch_cost: float = 1.0
+    """Share of one request's step time each request already running there adds (1: no gain from
+    batching; unknown is taken as 1)."""
+    measured: bool = True
+    """Whether `decode_tps`/`prefill_tps` were measured for this model; the scheduler never assumes an
+    unmeasured device is faster than the one it compares it with."""
     battery: float | None = None
     """Percent 0-100, or None for mains power."""
     charging: bool = False
@@ -141,7 +152,7 @@ class Device:
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("device id must not be empty")
-        for name in ("decode_tps", "prefill_tps", "fetch_bps", "rtt_s"):
+        for name in ("decode_tps", "prefill_tps", "fetch_bps", "rtt_s", "batch_cost"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"device {self.id}: {name} must be a finite number >= 0")
@@ -160,12 +171,20 @@ class Device:
     def below_battery_floor(self, policy: PolicyConfig) -> bool:
         return self.battery is not None and not self.charging and self.battery < policy.battery_floor
 
+    @property
+    def load_factor(self) -> float:
+        """How much slower a new request runs here than on the idle device."""
+        return 1 + self.batch_cost * self.queue_depth
+
+    @property
+    def effective_prefill_tps(self) -> float:
+        return self.prefill_tps or 10 * self.decode_tps
+
     def seconds_per_token(self) -> float:
-        return (1 + self.queue_depth) / self.decode_tps
+        return self.load_factor / self.decode_tps
 
     def seconds_per_prompt_token(self) -> float:
-        prefill = self.prefill_tps or 10 * self.decode_tps
-        return (1 + self.queue_depth) / prefill
+        return self.load_factor / self.effective_prefill_tps
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,13 @@ class ForcedRoute:
 
 
 class Speeds:
-    """Measured local prefill/decode tok/s per model (exponential moving average over finished requests)."""
+    """Measured local speeds per model, as advertised (`speed[model]` in the advert): `decode_tok_s` and
+    `prefill_tok_s` (seeded by the speed probe after a model loads, then an exponential moving average over
+    finished requests that ran alone), `batch_cost` (from the probe: the share of one request's step time a
+    second request running alongside adds) and `source` (`probe` or `requests`)."""
 
     def __init__(self) -> None:
-        self.by_model: dict[str, dict[str, float]] = {}
+        self.by_model: dict[str, dict[str, Any]] = {}
 
     def observe(self, model: str, prompt_tokens: int, ttft_s: float | None, tok_s: float | None) -> None:
         entry = self.by_model.setdefault(model, {})
@@ -57,10 +60,27 @@ class Speeds:
             entry["prefill_tok_s"] = ewma(entry.get("prefill_tok_s"), prompt_tokens / ttft_s)
         if tok_s:
             entry["decode_tok_s"] = ewma(entry.get("decode_tok_s"), tok_s)
+            entry["source"] = "requests"
+
+    def probed(self, model: str, decode_tok_s: float, prefill_tok_s: float, batch_cost: float | None) -> None:
+        """The speed probe's result: replaces the model's speeds (a fresh load, a fresh measurement)."""
+        entry = self.by_model.setdefault(model, {})
+        entry["decode_tok_s"] = round(decode_tok_s, 3)
+        if prefill_tok_s > 0:
+            entry["prefill_tok_s"] = round(prefill_tok_s, 3)
+        if batch_cost is not None:
+            entry["batch_cost"] = round(batch_cost, 3)
+        entry["source"] = "probe"
 
     def get(self, model: str) -> tuple[float, float]:
         entry = self.by_model.get(model, {})
         return entry.get("decode_tok_s", 0.0), entry.get("prefill_tok_s", 0.0)
+
+    def batch_cost(self, model: str) -> float:
+        return float(self.by_model.get(model, {}).get("batch_cost", 1.0))
+
+    def measured(self, model: str) -> bool:
+        return bool(self.by_model.get(model, {}).get("decode_tok_s"))
 
 
 def ewma(old: float | None, new: float, alpha: float = 0.3) -> float:

@@ -24,8 +24,10 @@ class PolicyConfig:
     """Largest share (0-1) of this device's memory that models may take."""
     trusted_only_splits: bool = False
     """Only plan splits and offloads onto peers on `[mesh] allow` (false: any member of the mesh)."""
-    prefer_local: bool = True
-    """Run locally whenever the local node can serve the request at all."""
+    prefer_local: bool = False
+    """Run locally whenever the local node can serve the request at all (false: the scheduler places each
+    request where it is predicted to finish first — a slow or busy node offloads to a faster or idle member,
+    with a margin against flapping: docs/split.md "Placement")."""
     metered: bool = False
     """This node is on a metered link (mobile data): it serves no peer (code `refused`) and, as origin, runs a
     request itself whenever it can (offloads and splits only what it cannot hold)."""

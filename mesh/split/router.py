@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from shoal.mesh.split.span_model import (
     advert_catalog,
     cid_in_adverts,
 )
+from shoal.mesh.split.speed_probe import MAX_BATCH_COST
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
@@ -47,6 +49,7 @@ from shoal.models.served import Servable
 from shoal.models.span import LayerSpan
 
 if TYPE_CHECKING:
+    from shoal.mesh.split.remote_embed import RemoteEmbedder
     from shoal.mesh.split.remote_model import RemoteModel
     from shoal.mesh.split.stage_host import StageHost
 
@@ -61,6 +64,8 @@ GREEDY_TOP_K = 1
 ties, as local decoding picks it (`split_wire.encode_logits`), found in ~4 µs where a top-8 took ~60 µs."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
+MAX_QUEUE = 1 << 20
+"""Largest queue depth read from an advert (a bigger number is as good as this one)."""
 
 
 
@@ -86,6 +91,13 @@ class Router:
         self.stage_receipts = stage_receipts
         self.span_models = SpanModels(node)
         """Models this node plans over the mesh without holding them (their headers, by CID)."""
+        self.placed: Counter[str] = Counter()
+        """Requests this router has placed on each device (`local` or a peer id) that are still running: a
+        lower bound on that device's load until its own count (engine, advert) catches up."""
+        self._away: dict[str, bool] = {}
+        """Per model: whether the last automatic plan left this node (picks the hysteresis margin)."""
+        self._contended: set[int] = set()
+        """Routes (by id) of local requests that ran alongside others: their speed is not this node's."""
 
     @property
     def forced(self) -> ForcedRoute | None:
@@ -102,6 +114,7 @@ class Router:
         """This node as the planner sees it; `fetch`: it can fetch spans of a model it does not hold."""
         decode, prefill = self.speeds.get(model)
         memory = psutil.virtual_memory()
+        busy = max(0, self.load(), self.placed[sched.LOCAL])
         battery = None
         with contextlib.suppress(OSError, RuntimeError, AttributeError):
             b = psutil.sensors_battery()
@@ -110,8 +123,9 @@ class Router:
         return sched.Device(
             sched.LOCAL, decode or DEFAULT_TPS, prefill, int(memory.available), int(memory.total),
             fetch_bps=FETCH_BPS if fetch and not holds else 0.0,
-            holds_model=holds, queue_depth=max(0, self.load()), battery=battery[0] if battery else None,
-            charging=battery[1] if battery else False,
+            holds_model=holds, queue_depth=busy, battery=battery[0] if battery else None,
+            charging=battery[1] if battery else False, measured=decode > 0,
+            batch_cost=self.speeds.batch_cost(model),
         )
 
     def model_cid(self, model: str) -> str | None:
@@ -142,14 +156,19 @@ class Router:
             speed = advert_table(advert_table(advert.get("speed")).get(model))
             battery = advert_table(advert.get("battery"))
             free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
+            decode = advert_number(speed.get("decode_tok_s"))
+            advertised = int(min(advert_number(advert.get("queue_depth")), MAX_QUEUE))
+            busy = max(0, advertised, self.placed[peer.peer_id])
             try:
                 devices.append(sched.Device(
                     peer.peer_id,
-                    decode_tps=advert_number(speed.get("decode_tok_s")) or DEFAULT_TPS,
+                    decode_tps=decode or DEFAULT_TPS,
                     prefill_tps=advert_number(speed.get("prefill_tok_s")),
                     free_memory=max(0, free),
                     total_memory=max(0, free),
-                    queue_depth=max(0, int(advert_number(advert.get("queue_depth")))),
+                    queue_depth=busy,
+                    measured=decode > 0,
+                    batch_cost=min(MAX_BATCH_COST, max(0.0, advert_number(speed.get("batch_cost"), 1.0))),
                     battery=advert_number(battery.get("percent"), 100.0) if battery else None,
                     charging=bool(battery.get("plugged")) if battery else False,
                     trusted=peer.peer_id in trusted,
@@ -188,14 +207,22 @@ class Router:
                         total_memory=local.free_memory)
         peers = self.peer_devices(model, cid)
         planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
+        automatic = choice.mode == "auto" and not choice.prefer
+        settings = self.settings
+        gain = settings.stay_gain_percent if self._away.get(model) else settings.offload_gain_percent
         stages = 3 if holds or cid else 1
         chosen = sched.plan(shape, request, local if holds or choice.mode != "local" else None, peers,
                             planning, exclude=exclude,
-                            max_stages=stages, kinds=kinds, prefer=self.peer_ids(choice.prefer))
+                            max_stages=stages, kinds=kinds, prefer=self.peer_ids(choice.prefer),
+                            margin=gain / 100 if automatic and holds else 0.0)
+        if automatic and holds and not exclude:
+            self._away[model] = chosen.kind != "local"
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]
-        logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token", model,
-                    prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
-                    chosen.prediction.per_token_s)
+        logger.info("plan for %s (%d+%d tokens): %s %s, predicted ttft %.3f s, %.4f s/token; loads %s%s",
+                    model, prompt_tokens, max_tokens, chosen.kind, where, chosen.prediction.ttft_s,
+                    chosen.prediction.per_token_s,
+                    {d.id[:12]: d.queue_depth for d in [local, *peers] if d.queue_depth},
+                    "; " + "; ".join(chosen.notes) if chosen.notes else "")
         return chosen
 
     # --- running ------------------------------------------------------------------------------------------
@@ -226,6 +253,25 @@ class Router:
         _follow(route, plan)
         if plan.kind != "offload" and not holds and span_cid is None:
             raise RouteFailed(503, "no_route", f"{model} is not held by this node: it can only be offloaded")
+        placed = plan.devices
+        self.placed.update(placed)  # before any await: the next request plans with this one counted
+        if plan.kind == "local" and self.placed[sched.LOCAL] + self.load() > 1:
+            self._contended.add(id(route))
+        try:
+            async with contextlib.aclosing(self._run(served, plan, config, weight_bytes, prompt_ids, params,
+                                                     max_tokens, route, choice)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if plan.kind == "local" and max(self.load(), self.placed[sched.LOCAL]) > 1:
+                self._contended.add(id(route))
+            self.placed.subtract(placed)
+            self.placed += Counter()  # drop the zero counts
+
+    async def _run(self, served: Servable, plan: sched.Plan, config: ModelConfig, weight_bytes: int,
+                   prompt_ids: list[int], params: SamplingParams, max_tokens: int, route: Route,
+                   choice: RouteChoice) -> AsyncIterator[TokenEvent]:
+        model = served.name
         if plan.kind == "local" and served.engine is not None:
             source = served.engine.stream(prompt_ids, params)
         elif plan.kind == "offload":
@@ -416,12 +462,20 @@ class Router:
         peers = [d for d in self.peer_devices(name)
                  if d.holds_model and d.serves_others and (d.trusted or not policy.trusted_only_splits)
                  and not d.below_battery_floor(policy)]
-        peers.sort(key=lambda d: (-d.decode_tps / (1 + d.queue_depth), d.rtt_s))
+        peers.sort(key=lambda d: (-d.decode_tps / d.load_factor, d.rtt_s))
         return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
 
     def observe(self, model: str, record: Observed) -> None:
+    async def remote_embedder(self, name: str, dim: int) -> RemoteEmbedder | None:
+        """Embeds `name` (`dim` wide) through a peer that holds it, for a node without it (`remote_embed`)."""
+        from shoal.mesh.split.remote_embed import pick_embedder
+
+        return pick_embedder(self.mesh, name, dim, self.peer_devices(name), self.node.policy, self.settings)
+
         """Feed a finished local request's timings into the advertised speed."""
-        if record.route.kind == "local":
+        contended = id(record.route) in self._contended
+        self._contended.discard(id(record.route))
+        if record.route.kind == "local" and not contended:
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
 
 

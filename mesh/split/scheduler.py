@@ -22,10 +22,24 @@ Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 - `trusted_only_splits`: untrusted peers are left out of every remote plan — splits and offloads alike (an
   offload exposes the whole prompt, a split exposes hidden states; neither goes to a peer not trusted).
 - `prefer_local`: when the local node can serve the request at all, it does.
+
+Placement that pays off
+-----------------------
+- **Unmeasured speeds.** A device whose speed for the model was never measured (`Device.measured` false: no
+  speed probe and no finished request yet) is never taken to be faster than the device it is compared with:
+  an unmeasured peer gets this node's speed when this node is faster, and an unmeasured local node gets the
+  fastest measured peer's. So nothing is offloaded *for speed* on a guess; load and memory still count.
+- **Load.** Each device's time is scaled by its `load_factor` (1 + batch_cost × queue depth): many requests
+  at one node make a less busy peer the earlier finish, so concurrent requests spread over the members.
+- **Hysteresis.** With `margin` > 0 (the router passes `[split] offload_gain_percent` while it runs requests
+  locally, `stay_gain_percent` once it offloads), an automatic plan leaves the local node only when it is
+  predicted to finish at least that fraction sooner: small differences in measured speed do not flap requests
+  between devices. A request that asks for a route or prefers peers is planned without a margin.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +61,7 @@ from shoal.models.span import LayerSpan
 
 __all__ = [  # the planner, and the cost model's names its callers use
     "LOCAL", "Assignment", "Device", "ModelShape", "NoPlanError", "Plan", "PlanKind", "Prediction", "Request",
-    "max_layers", "plan",
+    "assume_unmeasured", "max_layers", "plan",
 ]
 
 PlanKind = Literal["local", "offload", "split"]
@@ -114,7 +128,7 @@ def _best_split(
             caps = [
                 max_layers(shape, request, d, policy, i == 0, i == k - 1) for i, d in enumerate(order)
             ]
-            speeds = [d.decode_tps / (1 + d.queue_depth) for d in order]
+            speeds = [d.decode_tps / d.load_factor for d in order]
             for allocate in (allocate_proportional, allocate_fastest_first):
                 counts = allocate(shape.num_layers, speeds, caps)
                 if counts is None:
@@ -125,6 +139,25 @@ def _best_split(
                 if best is None or prediction.ttlt_s < best.prediction.ttlt_s - 1e-12:
                     best = plan
     return best
+
+
+def assume_unmeasured(local: Device | None, peers: Sequence[Device]) -> tuple[Device | None, list[Device]]:
+    """`local` and `peers` with unmeasured speeds replaced so that no unmeasured device looks faster than the
+    one it is compared with (the module docstring, *Unmeasured speeds*)."""
+    measured = [p for p in peers if p.measured]
+    if local is not None and not local.measured and measured:
+        fastest = max(measured, key=lambda p: (p.decode_tps, p.effective_prefill_tps))
+        local = dataclasses.replace(local, decode_tps=fastest.decode_tps,
+                                    prefill_tps=fastest.effective_prefill_tps)
+    if local is None:
+        return None, list(peers)
+    out = []
+    for p in peers:
+        if not p.measured:
+            p = dataclasses.replace(p, decode_tps=min(p.decode_tps, local.decode_tps),
+                                    prefill_tps=min(p.effective_prefill_tps, local.effective_prefill_tps))
+        out.append(p)
+    return local, out
 
 
 def plan(
@@ -138,6 +171,7 @@ def plan(
     max_stages: int = 3,
     kinds: Iterable[PlanKind] | None = None,
     prefer: Sequence[str] = (),
+    margin: float = 0.0,
 ) -> Plan:
     """The plan with the least predicted time-to-last-token, under `policy`; raises `NoPlanError`.
 
@@ -145,13 +179,18 @@ def plan(
     after a stage was lost, or peers a request avoids). `kinds` keeps only plans of those kinds (a request's
     own route; `prefer_local` then only applies when `local` is among them). `prefer` ranks plans that use
     those devices first, in that order (a split then draws its peers from them when any is usable).
+    `margin` (0 <= margin < 1): with `kinds` and `prefer` unset, a plan that leaves the local node must be
+    predicted to finish at least that fraction sooner than running locally (hysteresis).
     """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
     excluded = frozenset(exclude)
     if local is not None and not local.is_local:
         raise ValueError(f"the local device must have id {LOCAL!r}, not {local.id!r}")
     if any(p.is_local for p in peers):
         raise ValueError(f"a peer may not use the reserved id {LOCAL!r}")
     whole = LayerSpan.whole(shape.num_layers)
+    local, peers = assume_unmeasured(local, peers)
     allowed = frozenset(kinds) if kinds is not None else frozenset(("local", "offload", "split"))
     usable = _eligible(([local] if local else []) + list(peers), policy, excluded)
     local_ok = [d for d in usable if d.is_local]
@@ -188,8 +227,16 @@ def plan(
     def preferred(p: Plan) -> int:
         return min((rank[d] for d in p.devices if d in rank), default=len(rank))
 
-    return min(options, key=lambda p: (preferred(p), round(p.prediction.ttlt_s, 9), kind_rank[p.kind],
+    best = min(options, key=lambda p: (preferred(p), round(p.prediction.ttlt_s, 9), kind_rank[p.kind],
                                        p.devices))
+    if (margin > 0 and kinds is None and not prefer and local_plan is not None and local_plan in options
+            and best is not local_plan
+            and best.prediction.ttlt_s > local_plan.prediction.ttlt_s * (1 - margin)):
+        note = (f"{best.kind} on {', '.join(d[:12] for d in best.devices)} predicted "
+                f"{best.prediction.ttlt_s:.3f} s, not {margin:.0%} sooner than local "
+                f"{local_plan.prediction.ttlt_s:.3f} s")
+        return dataclasses.replace(local_plan, notes=(note,))
+    return best
 
 
 def _why_none(

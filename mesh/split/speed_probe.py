@@ -1,0 +1,133 @@
+"""This node's speed for a model, measured as soon as the model loads (not after the first request ends).
+
+A node that has just loaded a model knows nothing of its speed, and its peers see none in its advert; the
+planner (`split.scheduler`) then cannot tell a phone from a laptop. The probe runs a fixed prompt (a
+counting sequence: greedy decoding keeps counting, so it does not stop at an end token) through the model's
+own engine — the same code path as a request, every step on the engine's executor thread, never on the
+event loop:
+
+1. one request alone: prefill tok/s = prompt tokens / time to the first token; decode tok/s = tokens after
+   the first / the time they took;
+2. two requests at once: the decode step time while both decode, over the step time alone, gives
+   `batch_cost` (the share of one request's step time a second running request adds: ~1 where batching
+   gains nothing, as with the NumPy reference; less where a batched step reads the weights once).
+
+Cost: 2 × prompt (72 tokens) of prefill and 3 × `speed_probe_tokens` decode steps, about 1 s for SmolLM2 on
+one core. The result goes into the router's `Speeds` (advertised as `speed[model]`, `source: probe`); finished
+requests refine it afterwards. `[split] speed_probe = false` turns it off (the planner then assumes an
+unmeasured device is no faster than the one it is compared with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shoal.mesh.split.plan_inputs import Speeds
+from shoal.mesh.split.ports import NodeModels
+from shoal.models.errors import ModelError
+from shoal.models.sampling import SamplingParams
+from shoal.models.served import ServedModel
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXT = ", ".join(str(i) for i in range(1, 25)) + ","
+"""The probe's prompt: greedy decoding continues the count (", 25, 26, ...") for as long as asked."""
+MAX_BATCH_COST = 1.5
+"""Upper bound of a measured `batch_cost` (a noisy machine can make two requests look worse than serial)."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    decode_tok_s: float
+    prefill_tok_s: float
+    batch_cost: float | None
+    """None when the two-request run gave too few shared steps to time."""
+
+
+async def _timed_stream(served: ServedModel, prompt: list[int], tokens: int) -> list[float]:
+    """Arrival times (perf_counter) of each token of one greedy request, the start time first."""
+    times = [time.perf_counter()]
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    async with contextlib.aclosing(served.engine.stream(prompt, params)) as events:
+        async for _ in events:
+            times.append(time.perf_counter())
+    return times
+
+
+async def measure(served: ServedModel, tokens: int) -> ProbeResult | None:
+    """Run the probe on `served`'s engine; None when the model stopped too early to time decoding."""
+    prompt = await asyncio.to_thread(served.tokenizer.encode, PROBE_TEXT)
+    alone = await _timed_stream(served, prompt, tokens)
+    if len(alone) < 4:
+        return None
+    start, first, last = alone[0], alone[1], alone[-1]
+    step_alone = (last - first) / (len(alone) - 2)
+    if step_alone <= 0 or first <= start:
+        return None
+    a, b = await asyncio.gather(_timed_stream(served, prompt, tokens), _timed_stream(served, prompt, tokens))
+    batch_cost = None
+    both_from, both_to = max(a[1], b[1]), min(a[-1], b[-1])
+    steps = sum(1 for t in a[1:] if both_from < t <= both_to)
+    if steps >= 2:
+        step_pair = (both_to - both_from) / steps
+        batch_cost = min(MAX_BATCH_COST, max(0.0, step_pair / step_alone - 1))
+    return ProbeResult(1 / step_alone, len(prompt) / (first - start), batch_cost)
+
+
+class SpeedProbe:
+    """Probes each model once after it loads (one probe at a time). `poll()` is called periodically (the
+    split service's advert loop); `stop()` cancels a running probe."""
+
+    def __init__(self, models: NodeModels, speeds: Speeds, tokens: int, *, busy: Callable[[], int],
+                 on_done: Callable[[], None]) -> None:
+        """`busy()` counts requests this node is running (a probe waits until it is idle: it would time
+        them, not itself); `on_done()` runs after a result went into `speeds` (re-advertise)."""
+        self.models = models
+        self.speeds = speeds
+        self.tokens = tokens
+        self.busy = busy
+        self.on_done = on_done
+        self.probed: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def poll(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        if self.busy() > 0:
+            return
+        for name in self.models.loaded_names():
+            served = self.models.served(name)
+            if name in self.probed or served is None or self.speeds.measured(name):
+                continue
+            self.probed.add(name)
+            self._task = asyncio.create_task(self._probe(served), name=f"speed-probe-{name}")
+            return
+
+    async def _probe(self, served: ServedModel) -> None:
+        started = time.perf_counter()
+        try:
+            result = await measure(served, self.tokens)
+        except asyncio.CancelledError:
+            raise
+        except (ModelError, ValueError, RuntimeError) as exc:  # unloaded, stopped, a full queue
+            logger.warning("speed probe of %s failed: %s", served.name, exc)
+            return
+        if result is None:
+            logger.warning("speed probe of %s: the model stopped too early to time", served.name)
+            return
+        self.speeds.probed(served.name, result.decode_tok_s, result.prefill_tok_s, result.batch_cost)
+        logger.info("speed probe of %s in %.2f s: decode %.1f tok/s, prefill %.0f tok/s, batch cost %s",
+                    served.name, time.perf_counter() - started, result.decode_tok_s, result.prefill_tok_s,
+                    "unknown" if result.batch_cost is None else f"{result.batch_cost:.2f}")
+        self.on_done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

@@ -1,0 +1,100 @@
+"""Placement that pays off (pure planner): unmeasured speeds, load and the hysteresis margin; the speed
+probe's numbers as the router keeps and advertises them; the `[split]` placement knobs."""
+
+from __future__ import annotations
+
+import pytest
+from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.plan_inputs import Speeds
+from shoal.mesh.split.scheduler import LOCAL, assume_unmeasured, plan
+
+from tests.mesh.test_scheduler import OPEN, REQ, SHAPE, dev
+
+
+def test_an_unmeasured_peer_is_never_taken_for_faster() -> None:
+    local = dev(LOCAL, tps=10)
+    guess = dev("guess", tps=1000, measured=False)  # e.g. the default for a peer that advertises no speed
+    p = plan(SHAPE, REQ, local, [guess], OPEN)
+    assert p.kind == "local", p
+    _, [assumed] = assume_unmeasured(local, [guess])
+    assert assumed.decode_tps == 10 and assumed.prefill_tps == local.prefill_tps
+    slow_guess = dev("slow", tps=2, measured=False)  # an unmeasured peer slower than us keeps its number
+    assert assume_unmeasured(local, [slow_guess])[1][0].decode_tps == 2
+    # it still serves when it must: the local node cannot hold the model
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=10, mem=1), [guess], OPEN)
+    assert p.kind == "offload" and p.devices == ["guess"]
+
+
+def test_an_unmeasured_local_node_is_taken_as_fast_as_the_fastest_measured_peer() -> None:
+    local = dev(LOCAL, tps=10, measured=False)  # e.g. the default while the speed probe runs
+    p = plan(SHAPE, REQ, local, [dev("fast", tps=1000), dev("mid", tps=100)], OPEN)
+    assert p.kind == "local", p
+    assumed, _ = assume_unmeasured(local, [dev("fast", tps=1000)])
+    assert assumed is not None and assumed.decode_tps == 1000
+
+
+def test_a_slow_node_offloads_to_a_fast_one_past_the_margin() -> None:
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=4), [dev("fast", tps=20), dev("mid", tps=8)], OPEN, margin=0.2)
+    assert p.kind == "offload" and p.devices == ["fast"]
+    assert p.prediction.ttlt_s < 0.8 * plan(SHAPE, REQ, dev(LOCAL, tps=4), [], OPEN).prediction.ttlt_s
+
+
+def test_the_margin_keeps_small_gains_local_and_is_hysteresis() -> None:
+    local, peer = dev(LOCAL, tps=100), dev("peer", tps=115)  # ~13 % sooner there
+    assert plan(SHAPE, REQ, local, [peer], OPEN).kind == "offload"  # no margin: the least ttlt wins
+    kept = plan(SHAPE, REQ, local, [peer], OPEN, margin=0.2)  # leaving needs 20 %
+    assert kept.kind == "local" and "not 20% sooner" in kept.notes[0], kept
+    assert plan(SHAPE, REQ, local, [peer], OPEN, margin=0.05).kind == "offload"  # staying needs 5 %
+    # a request that asks for a route or prefers a peer gets it without a margin
+    assert plan(SHAPE, REQ, local, [peer], OPEN, margin=0.2, kinds=("offload",)).kind == "offload"
+    assert plan(SHAPE, REQ, local, [peer], OPEN, margin=0.2, prefer=["peer"]).kind == "offload"
+    with pytest.raises(ValueError):
+        plan(SHAPE, REQ, local, [peer], OPEN, margin=1.0)
+
+
+def test_a_busy_node_spreads_to_an_idle_equal_peer() -> None:
+    twin = dev("twin", rtt_s=0.002)
+    assert plan(SHAPE, REQ, dev(LOCAL), [twin], OPEN, margin=0.2).kind == "local"
+    busy = dev(LOCAL, queue_depth=1)  # one request running here: a second one takes twice as long
+    assert plan(SHAPE, REQ, busy, [twin], OPEN, margin=0.2).devices == ["twin"]
+    # batching that makes a second request nearly free keeps it here...
+    cheap = dev(LOCAL, queue_depth=1, batch_cost=0.1)
+    assert plan(SHAPE, REQ, cheap, [twin], OPEN, margin=0.2).kind == "local"
+    # ...until enough of them run
+    assert plan(SHAPE, REQ, dev(LOCAL, queue_depth=4, batch_cost=0.1), [twin], OPEN, margin=0.2).devices == \
+        ["twin"]
+    # a busy peer is worth less than an idle one; equally busy: local (no link to pay)
+    p = plan(SHAPE, REQ, busy, [dev("twin", queue_depth=1), dev("idle", tps=90)], OPEN, margin=0.2)
+    assert p.devices == ["idle"]
+    assert plan(SHAPE, REQ, busy, [dev("twin", queue_depth=1)], OPEN).kind == "local"
+
+
+def test_load_factor_and_batch_cost_bounds() -> None:
+    assert dev(LOCAL, queue_depth=3, batch_cost=0.5).load_factor == 2.5
+    assert dev(LOCAL).seconds_per_token() == pytest.approx(1 / 100)
+    with pytest.raises(ValueError):
+        dev(LOCAL, batch_cost=-1.0)
+    with pytest.raises(ValueError):
+        dev(LOCAL, batch_cost=float("nan"))
+
+
+def test_speeds_keep_the_probe_then_the_requests() -> None:
+    speeds = Speeds()
+    assert not speeds.measured("m") and speeds.batch_cost("m") == 1.0
+    speeds.probed("m", decode_tok_s=20.0, prefill_tok_s=250.0, batch_cost=0.4)
+    assert speeds.measured("m") and speeds.get("m") == (20.0, 250.0) and speeds.batch_cost("m") == 0.4
+    assert speeds.by_model["m"]["source"] == "probe"
+    speeds.observe("m", prompt_tokens=100, ttft_s=0.5, tok_s=10.0)
+    decode, prefill = speeds.get("m")
+    assert 10 < decode < 20 and 200 < prefill < 250 and speeds.by_model["m"]["source"] == "requests"
+    speeds.probed("m", decode_tok_s=30.0, prefill_tok_s=0.0, batch_cost=None)  # a reload: probed again
+    assert speeds.get("m")[0] == 30.0 and speeds.batch_cost("m") == 0.4
+
+
+def test_split_config_placement_knobs() -> None:
+    config = SplitConfig()
+    assert config.speed_probe and config.offload_gain_percent == 20 and config.stay_gain_percent == 5
+    for bad in ({"offload_gain_percent": 95}, {"stay_gain_percent": -1}, {"speed_probe_tokens": 1},
+                {"offload_gain_percent": 5, "stay_gain_percent": 10}, {"speed_probe": 1}):
+        with pytest.raises(ValueError):
+            SplitConfig(**bad)
