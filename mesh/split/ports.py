@@ -83,6 +83,10 @@ class NodeModels(Protocol):
 
     def resolve(self, name_or_cid: str) -> HeldModel: ...
 
+    async def refresh_async(self) -> None:
+        """Pick up model files published or pulled since (reads the catalog off the event loop)."""
+        ...
+
     async def acquire(self, name: str) -> ServedModel: ...
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
 
 logger = logging.getLogger(__name__)
+CATALOG_REFRESH_S = 5.0
+"""How often the advert loop re-reads the model catalog (files published or pulled outside a request)."""
 
 
 class SplitService:
@@ -214,7 +217,14 @@ class SplitService:
 
     async def _refresh_adverts(self) -> None:
         previous: dict[str, Any] = {}
+        next_catalog = 0.0
         while True:
+            if time.monotonic() >= next_catalog:  # files published or pulled since: advertise them too
+                next_catalog = time.monotonic() + CATALOG_REFRESH_S
+                try:
+                    await self.node.models.refresh_async()
+                except Exception:  # the loop's boundary: a bad catalog file must not stop the adverts
+                    logger.exception("cannot re-read the model catalog")
             fields = self.advert_fields()
             fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
             if fields != previous:
