@@ -61,14 +61,6 @@ class SplitConfig:
     """Whole requests this node runs for peers at once; more are refused as busy."""
     keep_idle_stages: int = 2
     """Hosted stages kept loaded with no sequence on them (reused by the next request)."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in (bool, "bool"):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{f.name} must be true or false")
-            elif f.type in (int, "int"):
     speed_probe: bool = True
     """Measure each model's speed once it loads (a short fixed prompt, one request then two at once:
     `split.speed_probe`), so the planner and the peers know it before the first request finishes."""
@@ -80,6 +72,14 @@ class SplitConfig:
     """Once this node's last automatic plan for a model went to peers, the (smaller) gain that keeps it
     there: the band between the two is the hysteresis that stops requests flapping (0-90, at most
     `offload_gain_percent`)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false")
+            elif f.type in (int, "int"):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"{f.name} must be an integer")
             elif isinstance(value, bool) or not isinstance(value, int | float):
@@ -96,8 +96,6 @@ class SplitConfig:
             raise ValueError(f"max_sequences {self.max_sequences} must be between 1 and 4096")
         if not 1 <= self.max_offloads <= 1024:
             raise ValueError(f"max_offloads {self.max_offloads} must be between 1 and 1024")
-        if not 0 <= self.keep_idle_stages <= 64:
-            raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")
         if not 2 <= self.speed_probe_tokens <= 256:
             raise ValueError(f"speed_probe_tokens {self.speed_probe_tokens} must be between 2 and 256")
         for name in ("offload_gain_percent", "stay_gain_percent"):
@@ -106,3 +104,5 @@ class SplitConfig:
         if self.stay_gain_percent > self.offload_gain_percent:
             raise ValueError(f"stay_gain_percent {self.stay_gain_percent} must not exceed "
                              f"offload_gain_percent {self.offload_gain_percent}")
+        if not 0 <= self.keep_idle_stages <= 64:
+            raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")

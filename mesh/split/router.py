@@ -465,13 +465,13 @@ class Router:
         peers.sort(key=lambda d: (-d.decode_tps / d.load_factor, d.rtt_s))
         return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
 
-    def observe(self, model: str, record: Observed) -> None:
     async def remote_embedder(self, name: str, dim: int) -> RemoteEmbedder | None:
         """Embeds `name` (`dim` wide) through a peer that holds it, for a node without it (`remote_embed`)."""
         from shoal.mesh.split.remote_embed import pick_embedder
 
         return pick_embedder(self.mesh, name, dim, self.peer_devices(name), self.node.policy, self.settings)
 
+    def observe(self, model: str, record: Observed) -> None:
         """Feed a finished local request's timings into the advertised speed."""
         contended = id(record.route) in self._contended
         self._contended.discard(id(record.route))

@@ -36,10 +36,10 @@ from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.router import Router
 from shoal.mesh.split.span_model import MAX_CATALOG
+from shoal.mesh.split.speed_probe import SpeedProbe
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.stage_receipts import StageReceipts
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
-from shoal.mesh.split.speed_probe import SpeedProbe
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
 from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
@@ -73,6 +73,9 @@ class SplitService:
                                             ledger=self.ledger)
         self.router = Router(node, mesh, self.host, self.offload_client, self.config, load=self.load,
                              stage_receipts=self.stage_receipts.sink)
+        self.speed_probe = SpeedProbe(node.models, self.router.speeds, self.config.speed_probe_tokens,
+                                      busy=self.load, on_done=self.publish_advert)
+        """Measures each model's speed once it loads (`[split] speed_probe`), polled by the advert loop."""
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
@@ -80,9 +83,6 @@ class SplitService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._advert_task: asyncio.Task[None] | None = None
         mesh.on_control("stage.open", self._on_stage_open)
-        self.speed_probe = SpeedProbe(node.models, self.router.speeds, self.config.speed_probe_tokens,
-                                      busy=self.load, on_done=self.publish_advert)
-        """Measures each model's speed once it loads (`[split] speed_probe`), polled by the advert loop."""
         mesh.on_control("stage.close", self._on_stage_close)
         mesh.on_binary(TENSOR, self._on_tensor)
         mesh.on_control(TENSOR_LINK, self._on_tensor_link)
@@ -225,6 +225,8 @@ class SplitService:
                     await self.node.models.refresh_async()
                 except Exception:  # the loop's boundary: a bad catalog file must not stop the adverts
                     logger.exception("cannot re-read the model catalog")
+            if self.config.speed_probe:
+                self.speed_probe.poll()
             fields = self.advert_fields()
             fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
             if fields != previous:
@@ -233,18 +235,11 @@ class SplitService:
             await asyncio.sleep(self.config.advert_refresh_s)
 
     async def stop(self) -> None:
-            if time.monotonic() >= next_catalog:  # files published or pulled since: advertise them too
-                next_catalog = time.monotonic() + CATALOG_REFRESH_S
-                try:
-                    await self.node.models.refresh_async()
-                except Exception:  # the loop's boundary: a bad catalog file must not stop the adverts
-                    logger.exception("cannot re-read the model catalog")
-            if self.config.speed_probe:
-                self.speed_probe.poll()
         if self._advert_task is not None:
             self._advert_task.cancel()
             await asyncio.gather(self._advert_task, return_exceptions=True)
             self._advert_task = None
+        await self.speed_probe.stop()
         await self.offload_server.stop()
         self.tensor_links.stop()
         await self.host.stop()
@@ -253,7 +248,6 @@ class SplitService:
         async def get_route(request: web.Request) -> web.Response:
             forced = self.router.forced
             body = None if forced is None else {
-        await self.speed_probe.stop()
                 "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
             return web.json_response({"forced": body, "advert": self.advert_fields()}, dumps=_dumps)
 
