@@ -352,7 +352,7 @@ class ModelManager:
             self._residents[model.name] = resident
             return resident
 
-    async def _unload_idle(self, name: str, reason: str = "idle") -> bool:
+    async def _unload_idle(self, name: str, reason: str = "keep_alive") -> bool:
         """Unload `name` if it is still loaded and idle (the reaper's and the budget's way)."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
