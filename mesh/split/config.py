@@ -51,6 +51,14 @@ class SplitConfig:
     """How often this node re-checks what it offers (memory budget, load); it re-advertises on change."""
     max_replans: int = 3
     """Re-plans of one request after lost stages or peers before it fails."""
+    suspect_floor_s: float = 0.3
+    """While a reply over a data channel is awaited (an offload's next token, a stage's answer), a silence
+    this long (or `suspect_factor` typical gaps between the request's replies, if longer) makes the origin
+    ping the peer (`split.liveness`)."""
+    suspect_factor: float = 8.0
+    """How many typical reply gaps of a request a silence may last before the peer is pinged."""
+    probe_timeout_s: float = 0.4
+    """A pinged peer that sends nothing back within this (at least 4 RTTs) is lost: re-plan without it."""
     top_k_logits: int = 256
     """Logits per row the last stage of a split returns when sampling needs more than the argmax."""
     fp16_hidden: bool = False

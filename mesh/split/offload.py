@@ -29,6 +29,7 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.liveness import PeerSilent, Watch, await_reply
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Expected, ReceiptError, Usage, UsageLedger
@@ -70,10 +71,12 @@ class OffloadClient:
 
     def __init__(self, mesh: MeshHandle, *, open_timeout_s: float = SplitConfig.offload_open_timeout_s,
                  token_timeout_s: float = SplitConfig.offload_token_timeout_s,
-                 ledger: UsageLedger | None = None) -> None:
+                 ledger: UsageLedger | None = None, settings: SplitConfig | None = None) -> None:
+        """`settings`: when a silent peer is pinged, and lost (`split.liveness`)."""
         self._mesh = mesh
         self._open_timeout = open_timeout_s
         self._token_timeout = token_timeout_s
+        self._watch = Watch.from_config(settings or SplitConfig())
         self._ledger = ledger
         self._queues: dict[tuple[str, int], asyncio.Queue[ControlFrame | BaseException]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
@@ -146,12 +149,15 @@ class OffloadClient:
             except MeshError as exc:
                 raise StageLost(peer_id, str(exc)) from None
             index = 0
+            clock = self._watch.clock()
             while True:
-                try:
-                    async with asyncio.timeout(self._token_timeout):
-                        item = await queue.get()
+                try:  # a killed peer is found by its silence and an unanswered ping, well before heartbeats
+                    item = await await_reply(queue.get(), peer, clock, self._watch.probe_timeout_s,
+                                             self._token_timeout)
                 except TimeoutError:
                     raise StageLost(peer_id, f"no token for {self._token_timeout:.0f} s") from None
+                except PeerSilent as exc:
+                    raise StageLost(peer_id, str(exc)) from None
                 if isinstance(item, BaseException):
                     raise item
                 body = item.body

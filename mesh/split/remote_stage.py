@@ -26,6 +26,7 @@ from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, Reque
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.liveness import PeerSilent, Watch, await_reply, heard_from
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -70,6 +71,12 @@ class StageLink(Protocol):
 
     @property
     def is_open(self) -> bool: ...
+
+    last_seen: float
+    """`time.monotonic()` when the peer was last heard from (`split.liveness` pings a silent one)."""
+    rtt_s: float | None
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None: ...
 
     async def request(
         self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None
@@ -171,6 +178,11 @@ class RemoteStage(StageDefaults):
         self._want_direct = direct
         self._direct_failures = direct_failures
         self._direct: TensorLinkClient | None = None
+        self._watch = Watch.from_config(settings)
+        self._clock = self._watch.clock()
+        """The usual time of this stage's calls: a call silent for much longer makes the origin ping it."""
+        self._call_started = 0.0
+        self._probed_at = 0.0
         self.timing = LinkTiming()
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
@@ -183,7 +195,7 @@ class RemoteStage(StageDefaults):
         except TimeoutError:
             future.cancel()
             raise StageLost(self.peer, f"no answer within {timeout:.0f} s") from None
-        except (PeerUnavailable, RequestTimeout) as exc:
+        except (PeerUnavailable, RequestTimeout, PeerSilent) as exc:
             raise StageLost(self.peer, str(exc)) from None
         except RemoteError as exc:
             if exc.code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
@@ -200,7 +212,8 @@ class RemoteStage(StageDefaults):
         if self._cid:
             body["cid"] = self._cid  # lets a peer without the model fetch just this span
         # the first open of a span loads (or compiles) it on the peer: allow for that
-        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
+        opening = self.link.request(wire.STAGE_OPEN, body, self._open_timeout)
+        reply = self._call(self._watched(opening, self._watch.clock()), self._open_timeout)
         if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq
@@ -278,14 +291,18 @@ class RemoteStage(StageDefaults):
         call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
         frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
         timeout = self._timeout + self._per_token * arr.shape[0]
-        started = time.perf_counter()
+        started = self._call_started = time.perf_counter()
         if self._direct is not None:
             try:
                 reply = self._direct.call(frame, timeout, self._link_alive, self._settings.link_alive_poll_s)
             except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
                 raise StageLost(self.peer, f"direct tensor link: {exc}") from None
+            if op == "decode":
+                self._clock.observe(time.perf_counter() - started)
         else:
-            reply = self._call(self.link.request_binary(TENSOR, {}, frame.payload, timeout), timeout)
+            call = self.link.request_binary(TENSOR, {}, frame.payload, timeout)
+            reply = self._call(self._watched(call, self._clock if op == "decode" else self._watch.clock()),
+                               timeout)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
         try:
@@ -323,8 +340,26 @@ class RemoteStage(StageDefaults):
         """How calls travel: "direct" (a tensor link) or "channel" (the peer's `tensors` data channel)."""
         return "direct" if self._direct is not None else "channel"
 
+    async def _watched(self, reply: Coroutine[Any, Any, Any], clock: Any) -> Any:
+        """`reply`, unless the peer falls silent and does not answer a ping (`PeerSilent`)."""
+        return await await_reply(reply, self.link, clock, self._watch.probe_timeout_s)
+
     def _link_alive(self) -> bool:
-        return self.link.is_open
+        """Polled by a direct link's call while it waits: the mesh link is up and, once the call has taken
+        much longer than this stage's usual call, the peer answers a ping (at most one ping per wait)."""
+        if not self.link.is_open:
+            return False
+        now = time.perf_counter()
+        if now - self._call_started < self._clock.suspect_after() or self._probed_at >= self._call_started:
+            return True
+        self._probed_at = now
+        wait = self._watch.probe_timeout_s
+        probe = asyncio.run_coroutine_threadsafe(heard_from(self.link, wait), self._loop)
+        try:
+            return bool(probe.result(wait + BRIDGE_GRACE_S))
+        except TimeoutError:
+            probe.cancel()
+            return False
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         return self._forward("prefill", [seq_id], inputs)

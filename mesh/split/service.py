@@ -70,7 +70,7 @@ class SplitService:
                                             quota=self.quota)
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
                                             token_timeout_s=self.config.offload_token_timeout_s,
-                                            ledger=self.ledger)
+                                            ledger=self.ledger, settings=self.config)
         self.router = Router(node, mesh, self.host, self.offload_client, self.config, load=self.load,
                              stage_receipts=self.stage_receipts.sink)
         self.speed_probe = SpeedProbe(node.models, self.router.speeds, self.config.speed_probe_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from shoal.mesh.p2p.errors import RemoteError
@@ -23,6 +24,17 @@ class LocalLink:
         self.advert: dict[str, Any] = {}
         self.api_address: str | None = None
         self.is_open = True
+        self.rtt_s: float | None = None
+        self.pings = 0
+        """Pings the origin sent (a silence made it probe the peer: `split.liveness`)."""
+
+    @property
+    def last_seen(self) -> float:
+        """A host in this process is always heard from."""
+        return time.monotonic()
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None:
+        self.pings += frame_type == "ping"
 
     async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
         if frame_type == wire.STAGE_OPEN:

@@ -8,6 +8,7 @@ the no-fault tokens, malformed frames are refused without touching any KV cache.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from shoal.mesh.p2p.errors import LinkClosed, RemoteError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.hosted import HostError
 from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
@@ -177,6 +179,67 @@ async def test_lost_stage_is_replanned_with_the_same_tokens(expected: dict[str, 
         assert rebuilt == [frozenset({"b"})]
         assert len(pipeline.replans) == 1 and pipeline.replans[0].lost == "b"
         assert [peer for peer, _ in pipeline.route()] == ["a", "c"]
+    finally:
+        await blocking(pipeline.close)
+        for h in hosts.values():
+            await h.stop()
+
+
+class SilentLink(PeerLink):
+    """A peer that stops answering after `cut_after` calls without closing anything (as after `kill -9`
+    over a data channel: nothing arrives any more, and the mesh's heartbeats would take seconds to tell)."""
+
+    def __init__(self, host: StageHost, peer_id: str) -> None:
+        super().__init__(host, peer_id)
+        self.heard = time.monotonic()
+        self.silent_since: float | None = None
+
+    @property
+    def last_seen(self) -> float:
+        return self.heard if self.silent_since is not None else time.monotonic()
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.cut_after is not None and self.calls > self.cut_after and self.silent_since is None:
+            self.heard = time.monotonic()
+            self.silent_since = self.heard
+
+    async def request_binary(
+        self, kind: int, meta: dict[str, Any], payload: bytes = b"", timeout_s: float | None = None
+    ) -> BinaryFrame:
+        self._check()
+        if self.silent_since is not None:
+            await asyncio.Event().wait()  # never answers
+        return await self._host.compute(self.peer_id, BinaryFrame(kind, self.calls, meta, payload))
+
+
+async def test_a_silent_peer_is_found_by_a_ping_and_replanned(expected: dict[str, list[int]]) -> None:
+    """A stage whose peer falls silent mid-stream (no error, no closed link) is lost once it misses a ping:
+    the call fails in about `suspect_floor_s + probe_timeout_s`, not the 30 s stage timeout, and the tokens
+    equal the no-fault run."""
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    settings = SplitConfig(suspect_floor_s=0.2, probe_timeout_s=0.2)
+    hosts = {name: StageHost(factory, gate_open) for name in ("a", "b")}
+    silent = SilentLink(hosts["b"], "b")
+    silent.cut_after = 4  # open + prefill + 2 decode steps, then nothing
+    healthy = PeerLink(hosts["a"], "a")
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        assert excluded == frozenset({"b"})
+        return [RemoteStage(healthy, loop, MODEL, config, LayerSpan(0, 30), settings=settings)]
+
+    first = [RemoteStage(healthy, loop, MODEL, config, LayerSpan(0, 10), settings=settings),
+             RemoteStage(silent, loop, MODEL, config, LayerSpan(10, 30), settings=settings)]
+    pipeline = SplitPipeline(config, first, rebuild)
+    try:
+        prompt = PROMPTS[0]
+        got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, 8)
+        assert got == expected[prompt]
+        assert silent.silent_since is not None and silent.pings >= 1
+        assert [r.lost for r in pipeline.replans] == ["b"]
+        assert "did not answer a ping" in pipeline.replans[0].reason
+        print(f"silent peer: call failed after {pipeline.replans[0].phases['detect_s']:.2f} s")
     finally:
         await blocking(pipeline.close)
         for h in hosts.values():

@@ -1,0 +1,119 @@
+"""Telling a dead peer from a slow one while a reply is awaited, in well under the mesh's heartbeat timeout.
+
+A peer killed mid-request sends nothing more; over a data channel nothing says so until the mesh's heartbeats
+give up on the link (`[mesh] dead_timeout_s`, 4 s). A request knows better what to expect: its replies (a
+token of an offload, a stage's answer to a call) come at a steady pace. `ReplyClock` learns that pace per
+request; once a silence lasts `suspect_factor` typical gaps (at least `suspect_floor_s`), `await_reply` pings
+the peer, and a peer that answers nothing within `probe_timeout_s` (at least 4 RTTs) is lost. A peer that is
+busy (a long prefill, a first-time load or compile) still answers pings from its event loop, so it is waited
+for, up to the call's own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.split.config import SplitConfig
+
+T = TypeVar("T")
+
+PROBE_POLL_S = 0.005
+"""How often a probe checks whether the peer was heard from."""
+
+
+class Probed(Protocol):
+    """What a probe needs of a link (`p2p.peer.Peer`): when it last heard from the peer, and a way to ping."""
+
+    peer_id: str
+    last_seen: float
+    """`time.monotonic()` of the last message received from the peer."""
+    rtt_s: float | None
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None: ...
+
+
+class PeerSilent(Exception):
+    """The peer answered neither the awaited reply nor a ping in time."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How a request watches its peer (`[split] suspect_floor_s`, `suspect_factor`, `probe_timeout_s`)."""
+
+    floor_s: float = SplitConfig.suspect_floor_s
+    factor: float = SplitConfig.suspect_factor
+    probe_timeout_s: float = SplitConfig.probe_timeout_s
+
+    @classmethod
+    def from_config(cls, config: SplitConfig) -> Watch:
+        return cls(config.suspect_floor_s, config.suspect_factor, config.probe_timeout_s)
+
+    def clock(self) -> ReplyClock:
+        return ReplyClock(self.floor_s, self.factor)
+
+
+class ReplyClock:
+    """The usual time between replies of one request; `suspect_after` is how long a silence may last before
+    the peer is pinged."""
+
+    def __init__(self, floor_s: float, factor: float, window: int = 16) -> None:
+        self.floor_s = floor_s
+        self.factor = factor
+        self._gaps: deque[float] = deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        self._gaps.append(seconds)
+
+    def suspect_after(self) -> float:
+        if not self._gaps:
+            return self.floor_s
+        return max(self.floor_s, self.factor * statistics.median(self._gaps))
+
+
+async def heard_from(link: Probed, timeout_s: float) -> bool:
+    """Ping the peer; True when anything at all arrives from it within `timeout_s` (at least 4 RTTs)."""
+    sent = time.monotonic()
+    try:
+        await link.notify("ping", {"t": sent})
+    except MeshError:
+        return False
+    wait = max(timeout_s, 4 * (link.rtt_s or 0.0))
+    deadline = sent + wait
+    while time.monotonic() < deadline:
+        if link.last_seen >= sent:
+            return True
+        await asyncio.sleep(PROBE_POLL_S)
+    return link.last_seen >= sent
+
+
+async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, probe_timeout_s: float,
+                      timeout_s: float | None = None) -> T:
+    """`reply`'s result. Raises `PeerSilent` when the peer stays silent past `clock.suspect_after()` and then
+    does not answer a ping; `TimeoutError` past `timeout_s` (None: no limit but the peer's silence)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(reply)
+    began = loop.time()
+    deadline = None if timeout_s is None else began + timeout_s
+    try:
+        while True:
+            wait = clock.suspect_after()
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, wait))
+            if done:
+                clock.observe(loop.time() - began)
+                return task.result()
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError
+            if not await heard_from(link, probe_timeout_s) and not task.done():
+                raise PeerSilent(f"silent for {loop.time() - began:.2f} s and did not answer a ping")
+    finally:
+        if not task.done():
+            task.cancel()
