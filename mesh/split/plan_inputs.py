@@ -10,6 +10,15 @@ from typing import Any
 from shoal.mesh.split import scheduler as sched
 from shoal.models.span import LayerSpan
 
+DEFAULT_TPS = 10.0
+"""Decode tok/s assumed for a device that holds the model but has not measured it (`Device.measured` false:
+the scheduler never takes it for faster than the device it compares it with)."""
+MAX_QUEUE = 1 << 20
+"""Largest queue depth read from an advert (a bigger number is as good as this one)."""
+MAX_BATCH_COST = 1.5
+"""Largest batch cost read from an advert or measured (a noisy probe can make two requests look worse
+than serial)."""
+
 
 @dataclass(frozen=True)
 class ForcedRoute:
@@ -110,3 +119,35 @@ def advert_models(advert: dict[str, Any]) -> set[str]:
         elif isinstance(item, dict):
             names.update(str(item[k]) for k in ("name", "id", "cid") if isinstance(item.get(k), str))
     return names
+
+
+def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bool, trusted: bool,
+                  rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0) -> sched.Device:
+    """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
+    batch cost; none: unmeasured), `queue_depth` (at least `placed`, the requests this node placed there
+    that are still running: the advert lags), `split` (serves others, memory budget), `battery`. Junk fields
+    read as absent; ValueError when the result is not a valid device."""
+    split = advert_table(advert.get("split"))
+    speed = advert_table(advert_table(advert.get("speed")).get(model))
+    battery = advert_table(advert.get("battery"))
+    free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
+    decode = advert_number(speed.get("decode_tok_s"))
+    advertised = int(min(advert_number(advert.get("queue_depth")), MAX_QUEUE))
+    return sched.Device(
+        peer_id,
+        decode_tps=decode or DEFAULT_TPS,
+        prefill_tps=advert_number(speed.get("prefill_tok_s")),
+        free_memory=max(0, free),
+        total_memory=max(0, free),
+        queue_depth=max(0, advertised, placed),
+        measured=decode > 0,
+        batch_cost=min(MAX_BATCH_COST, max(0.0, advert_number(speed.get("batch_cost"), 1.0))),
+        battery=advert_number(battery.get("percent"), 100.0) if battery else None,
+        charging=bool(battery.get("plugged")) if battery else False,
+        trusted=trusted,
+        serves_others=split.get("serve_others") is True,
+        rtt_s=rtt_s,
+        link=link,
+        holds_model=holds,
+        fetch_bps=fetch_bps,
+    )

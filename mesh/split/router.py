@@ -30,7 +30,13 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
 from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
-from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number, advert_table
+from shoal.mesh.split.plan_inputs import (
+    DEFAULT_TPS,
+    ForcedRoute,
+    Speeds,
+    advert_device,
+    advert_models,
+)
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import DirectLinkFailures, ReceiptSink, RemoteStage, StageLost
 from shoal.mesh.split.span_model import (
@@ -40,7 +46,6 @@ from shoal.mesh.split.span_model import (
     advert_catalog,
     cid_in_adverts,
 )
-from shoal.mesh.split.speed_probe import MAX_BATCH_COST
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
@@ -55,8 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TPS = 10.0
-"""Decode tok/s assumed for a device that holds the model but has not measured it yet."""
 FETCH_BPS = 4 * 1024 * 1024
 """Bytes/s assumed for a peer fetching a span it does not hold (blocks over the mesh)."""
 GREEDY_TOP_K = 1
@@ -64,8 +67,6 @@ GREEDY_TOP_K = 1
 ties, as local decoding picks it (`split_wire.encode_logits`), found in ~4 µs where a top-8 took ~60 µs."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
-MAX_QUEUE = 1 << 20
-"""Largest queue depth read from an advert (a bigger number is as good as this one)."""
 
 
 
@@ -152,32 +153,11 @@ class Router:
                 cid is not None and cid in advert_catalog(advert).values())
             if not holds and not can_fetch:
                 continue
-            split = advert_table(advert.get("split"))
-            speed = advert_table(advert_table(advert.get("speed")).get(model))
-            battery = advert_table(advert.get("battery"))
-            free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
-            decode = advert_number(speed.get("decode_tok_s"))
-            advertised = int(min(advert_number(advert.get("queue_depth")), MAX_QUEUE))
-            busy = max(0, advertised, self.placed[peer.peer_id])
             try:
-                devices.append(sched.Device(
-                    peer.peer_id,
-                    decode_tps=decode or DEFAULT_TPS,
-                    prefill_tps=advert_number(speed.get("prefill_tok_s")),
-                    free_memory=max(0, free),
-                    total_memory=max(0, free),
-                    queue_depth=busy,
-                    measured=decode > 0,
-                    batch_cost=min(MAX_BATCH_COST, max(0.0, advert_number(speed.get("batch_cost"), 1.0))),
-                    battery=advert_number(battery.get("percent"), 100.0) if battery else None,
-                    charging=bool(battery.get("plugged")) if battery else False,
-                    trusted=peer.peer_id in trusted,
-                    serves_others=split.get("serve_others") is True,
-                    rtt_s=peer.rtt_s or 0.001,
-                    link=(link_path(peer.pc) or {}).get("type", "host"),
-                    holds_model=holds,
-                    fetch_bps=0.0 if holds else FETCH_BPS,
-                ))
+                devices.append(advert_device(
+                    peer.peer_id, advert, model, holds=holds, trusted=peer.peer_id in trusted,
+                    rtt_s=peer.rtt_s or 0.001, link=(link_path(peer.pc) or {}).get("type", "host"),
+                    placed=self.placed[peer.peer_id], fetch_bps=0.0 if holds else FETCH_BPS))
             except (ValueError, OverflowError) as exc:
                 logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
         return devices

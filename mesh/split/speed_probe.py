@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.mesh.split.plan_inputs import Speeds
+from shoal.mesh.split.plan_inputs import MAX_BATCH_COST, Speeds
 from shoal.mesh.split.ports import NodeModels
 from shoal.models.errors import ModelError
 from shoal.models.sampling import SamplingParams
@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 PROBE_TEXT = ", ".join(str(i) for i in range(1, 25)) + ","
 """The probe's prompt: greedy decoding continues the count (", 25, 26, ...") for as long as asked."""
-MAX_BATCH_COST = 1.5
-"""Upper bound of a measured `batch_cost` (a noisy machine can make two requests look worse than serial)."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.plan_inputs import Speeds
+from shoal.mesh.split.plan_inputs import DEFAULT_TPS, MAX_BATCH_COST, MAX_QUEUE, Speeds, advert_device
 from shoal.mesh.split.scheduler import LOCAL, assume_unmeasured, plan
 
 from tests.mesh.test_scheduler import OPEN, REQ, SHAPE, dev
@@ -98,3 +98,22 @@ def test_split_config_placement_knobs() -> None:
                 {"offload_gain_percent": 5, "stay_gain_percent": 10}, {"speed_probe": 1}):
         with pytest.raises(ValueError):
             SplitConfig(**bad)
+
+
+def test_a_peer_device_from_its_advert() -> None:
+    advert = {"speed": {"m": {"decode_tok_s": 40.0, "prefill_tok_s": 400.0, "batch_cost": 0.5,
+                              "source": "probe"}},
+              "queue_depth": 1, "split": {"serve_others": True, "memory_budget": 2 * 2**30}}
+    d = advert_device("p1", advert, "m", holds=True, trusted=False, rtt_s=0.002, link="host")
+    assert (d.decode_tps, d.prefill_tps, d.batch_cost, d.queue_depth) == (40.0, 400.0, 0.5, 1) and d.measured
+    assert d.serves_others and d.free_memory == 2 * 2**30 and not d.trusted
+    # requests this node just placed there count until the advert catches up
+    assert advert_device("p1", advert, "m", holds=True, trusted=True, rtt_s=0.002, link="host",
+                         placed=3).queue_depth == 3
+    # no speed for this model: unmeasured, at the default; junk reads as absent
+    junk = {"speed": {"m": {"decode_tok_s": "fast", "batch_cost": 99.0}}, "queue_depth": 2**80,
+            "split": "yes"}
+    d = advert_device("p2", junk, "m", holds=True, trusted=True, rtt_s=0.001, link="host")
+    assert not d.measured and d.decode_tps == DEFAULT_TPS and not d.serves_others
+    assert d.batch_cost == MAX_BATCH_COST and d.queue_depth == MAX_QUEUE
+    assert not advert_device("p3", {}, "m", holds=True, trusted=True, rtt_s=0.001, link="host").measured
