@@ -5,8 +5,10 @@ give up on the link (`[mesh] dead_timeout_s`, 4 s). A request knows better what 
 token of an offload, a stage's answer to a call) come at a steady pace. `ReplyClock` learns that pace per
 request; once a silence lasts `suspect_factor` typical gaps (at least `suspect_floor_s`), `await_reply` pings
 the peer, and a peer that answers nothing within `probe_timeout_s` (at least 4 RTTs) is lost. A peer that is
-busy (a long prefill, a first-time load or compile) still answers pings from its event loop, so it is waited
-for, up to the call's own timeout.
+busy computing still answers pings from its event loop, so it is waited for, up to the call's own timeout.
+Only a request that has had a reply is watched this way: before it (a `stage.open`, a first prefill, an
+offload's first token) the peer may be loading or compiling, which can hold its event loop for seconds, so
+there only the mesh's heartbeats count.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ class ReplyClock:
     def observe(self, seconds: float) -> None:
         self._gaps.append(seconds)
 
-    def suspect_after(self) -> float:
+    def suspect_after(self) -> float | None:
+        """None until a reply was seen: nothing to compare a silence with yet (never ping then)."""
         if not self._gaps:
-            return self.floor_s
+            return None
         return max(self.floor_s, self.factor * statistics.median(self._gaps))
 
 
@@ -105,13 +108,16 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
         while True:
             wait = clock.suspect_after()
             if deadline is not None:
-                wait = min(wait, deadline - loop.time())
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, wait))
+                left = deadline - loop.time()
+                wait = left if wait is None else min(wait, left)
+            done, _ = await asyncio.wait({task}, timeout=None if wait is None else max(0.0, wait))
             if done:
                 clock.observe(loop.time() - began)
                 return task.result()
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError
+            if clock.suspect_after() is None:
+                continue
             if not await heard_from(link, probe_timeout_s) and not task.done():
                 raise PeerSilent(f"silent for {loop.time() - began:.2f} s and did not answer a ping")
     finally:

@@ -212,8 +212,7 @@ class RemoteStage(StageDefaults):
         if self._cid:
             body["cid"] = self._cid  # lets a peer without the model fetch just this span
         # the first open of a span loads (or compiles) it on the peer: allow for that
-        opening = self.link.request(wire.STAGE_OPEN, body, self._open_timeout)
-        reply = self._call(self._watched(opening, self._watch.clock()), self._open_timeout)
+        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
         if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq
@@ -301,8 +300,9 @@ class RemoteStage(StageDefaults):
                 self._clock.observe(time.perf_counter() - started)
         else:
             call = self.link.request_binary(TENSOR, {}, frame.payload, timeout)
-            reply = self._call(self._watched(call, self._clock if op == "decode" else self._watch.clock()),
-                               timeout)
+            # decode steps are watched (a silent peer is pinged); an open or a prefill may find the peer
+            # still loading, which can hold its loop: there only the mesh's heartbeats count
+            reply = self._call(self._watched(call) if op == "decode" else call, timeout)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
         try:
@@ -340,9 +340,9 @@ class RemoteStage(StageDefaults):
         """How calls travel: "direct" (a tensor link) or "channel" (the peer's `tensors` data channel)."""
         return "direct" if self._direct is not None else "channel"
 
-    async def _watched(self, reply: Coroutine[Any, Any, Any], clock: Any) -> Any:
+    async def _watched(self, reply: Coroutine[Any, Any, Any]) -> Any:
         """`reply`, unless the peer falls silent and does not answer a ping (`PeerSilent`)."""
-        return await await_reply(reply, self.link, clock, self._watch.probe_timeout_s)
+        return await await_reply(reply, self.link, self._clock, self._watch.probe_timeout_s)
 
     def _link_alive(self) -> bool:
         """Polled by a direct link's call while it waits: the mesh link is up and, once the call has taken
@@ -350,7 +350,8 @@ class RemoteStage(StageDefaults):
         if not self.link.is_open:
             return False
         now = time.perf_counter()
-        if now - self._call_started < self._clock.suspect_after() or self._probed_at >= self._call_started:
+        suspect = self._clock.suspect_after()
+        if suspect is None or now - self._call_started < suspect or self._probed_at >= self._call_started:
             return True
         self._probed_at = now
         wait = self._watch.probe_timeout_s
