@@ -25,6 +25,16 @@ class PromptTokenizer(Protocol):
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
 
 
+class Embeds(Protocol):
+    """Turns token-id sequences into unit vectors (blocking: call it off the event loop): `Embedder` here,
+    or a peer's through the mesh."""
+
+    @property
+    def dimensions(self) -> int: ...
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[Any]: ...
+
+
 class Servable(Protocol):
     """What serving a request needs of a model: its name, tokenizer and context length, and its engine
     (None when a peer runs the model and this node only routes to it)."""
@@ -61,8 +71,8 @@ class Servable(Protocol):
         ...
 
     @property
-    def embedder(self) -> Embedder | None:
-        """Embeds texts with this model (None: not here, e.g. a peer's model)."""
+    def embedder(self) -> Embeds | None:
+        """Embeds texts with this model (None: it cannot embed where it is)."""
         ...
 
 

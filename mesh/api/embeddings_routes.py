@@ -4,7 +4,9 @@ An embedding is the unit-length mean of the model's last hidden state over the i
 (`models.embeddings`). `input` is a string, a list of strings, a list of token ids or a list of such lists
 (at most `MAX_INPUTS`); `encoding_format` is `float` (default) or `base64` (little-endian float32, what the
 `openai` client asks for); `dimensions` may only be the model's own. An input longer than the context is a
-400 (`context_length_exceeded`), unless the caller truncates (Ollama's `truncate`, on by default).
+400 (`context_length_exceeded`), unless the caller truncates (Ollama's `truncate`, on by default). A model
+this node does not hold is embedded by a peer that does (the router's stand-in, `split.remote_embed`), with
+the same vectors; a model held here always embeds here.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from shoal.mesh.api.errors import ApiError, invalid, json_response
-from shoal.mesh.api.generation import tracked
-from shoal.mesh.api.keys import NODE
+from shoal.mesh.api.generation import acquire_model, tracked
+from shoal.mesh.api.keys import NODE, ROUTER
 from shoal.mesh.api.openai_routes import read_json
 from shoal.models.errors import ContextOverflowError
 from shoal.models.served import Servable
@@ -56,8 +58,11 @@ async def embed_inputs(
     node = request.app[NODE]
     if node.draining:
         raise ApiError(503, "the node is shutting down", code="shutdown", type="server_error")
-    served = await node.models.acquire(name or node.config.models.default)
+    router = request.app[ROUTER]
+    served = await acquire_model(node, router, name or node.config.models.default)
     embedder = served.embedder
+    if embedder is None and served.engine is None and router is not None:  # a stand-in for a peer's model
+        embedder = await router.remote_embedder(served.name, served.config.hidden_size)
     if embedder is None:
         raise ApiError(400, f"{served.name} is not loaded on this node, so it cannot embed here",
                        param="model", code="embeddings_unavailable")

@@ -16,7 +16,7 @@ from shoal.mesh.events import EventBus
 from shoal.mesh.route import Route, RouteChoice
 from shoal.models.generate import TokenEvent
 from shoal.models.sampling import SamplingParams
-from shoal.models.served import Servable, ServedModel
+from shoal.models.served import Embeds, Servable, ServedModel
 
 
 class ApiSettings(Protocol):
@@ -190,6 +190,11 @@ class RouterPort(Protocol):
     ) -> AsyncIterator[TokenEvent]:
         """The request's token events, routed within `choice` (the request's own wishes); fills `route` in
         (kind, peers, spans, replans, timings). Raises `RouteFailed` when no device takes it."""
+        ...
+
+    async def remote_embedder(self, name: str, dim: int) -> Embeds | None:
+        """Embeds `name` (`dim` wide) through a peer that holds it, for a stand-in model without an
+        `embedder` of its own (None: no peer can)."""
         ...
 
     def observe(self, model: str, record: RequestRecord) -> None:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from shoal.mesh.split.remote_stage import StageLost
 from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError
 from shoal.models.generate import TokenEvent
+from shoal.models.grammar import GrammarError, check_constraint
 from shoal.models.requests import EventLogprobs
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import ServedModel
@@ -60,7 +61,7 @@ class OffloadEvent:
     logprobs: EventLogprobs | None = None
     """The token's log-probabilities when the request asked for them (carried in `offload.token`)."""
     stop_sequence: str | None = None
-    """Not carried over the mesh yet either (the Anthropic route then says `end_turn`)."""
+    """The stop string that ended the answer (carried as `stop_index`, its place in the request's stops)."""
     queued_s: float = 0.0
     """Admission wait on this node (the API's metric reads it from the first event): an offload waits on the
     peer, not here."""
@@ -167,7 +168,7 @@ class OffloadClient:
                 if item.type == wire.OFFLOAD_DONE:
                     finished = True
                     return
-                event = _token_event(body, index)
+                event = _token_event(body, index, params.get("stop") or ())
                 if event is None:
                     raise StageLost(peer_id, "sent a malformed token frame")
                 index += 1
@@ -199,7 +200,7 @@ class _Seen:
     tokens_out: int = 0
 
 
-def _token_event(body: dict[str, Any], index: int) -> OffloadEvent | None:
+def _token_event(body: dict[str, Any], index: int, stops: Sequence[str] = ()) -> OffloadEvent | None:
     token, text, i = body.get("token"), body.get("text"), body.get("index")
     prompt, completion, finish = body.get("prompt_tokens"), body.get("completion_tokens"), body.get("finish")
     if type(token) is not int or not isinstance(text, str) or i != index:
@@ -212,7 +213,11 @@ def _token_event(body: dict[str, Any], index: int) -> OffloadEvent | None:
         found = wire.decode_logprobs(body["logprobs"]) if body.get("logprobs") is not None else None
     except ValueError:
         return None
-    return OffloadEvent(token, text, index, prompt, completion, finish, found)
+    stop = body.get("stop_index")
+    if stop is not None and (type(stop) is not int or not 0 <= stop < len(stops) or finish is None):
+        return None
+    return OffloadEvent(token, text, index, prompt, completion, finish, found,
+                        None if stop is None else stops[stop])
 
 
 Acquire = Callable[[str], Awaitable[ServedModel]]
@@ -275,6 +280,13 @@ class OffloadServer:
             served = await self._acquire(model)
         except LookupError as exc:
             raise RemoteError(wire.NO_MODEL, str(exc)) from None
+        if sampling.constraint is not None:  # a grammar that does not compile is the asker's mistake
+            try:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, check_constraint, sampling.constraint,
+                                           served.engine.tokenizer, served.config.vocab_size)
+            except GrammarError as exc:
+                raise RemoteError(wire.BAD_REQUEST, str(exc)[:500]) from None
         try:  # the engine checks the ids and the context (the one place that does) before any work
             stream = served.engine.stream(ids, sampling)
         except AdmissionError as exc:
@@ -283,7 +295,7 @@ class OffloadServer:
             raise RemoteError(wire.BAD_REQUEST, str(exc)) from None
         key = (peer.peer_id, rid)
         layers = served.stages[0].config.num_layers if served.stages else 0
-        usage = _Served(self._model_id(model), layers, len(ids), time.time())
+        usage = _Served(self._model_id(model), layers, len(ids), time.time(), sampling.stop)
         task = self._mesh.spawn(self._run(peer, rid, stream, usage), name=f"offload {rid}")
         self._tasks[key] = task
         task.add_done_callback(lambda _t: self._tasks.pop(key, None))
@@ -307,6 +319,9 @@ class OffloadServer:
                     }
                     if event.logprobs is not None:
                         body["logprobs"] = wire.encode_logprobs(event.logprobs)
+                    if event.stop_sequence is not None and served is not None and \
+                            event.stop_sequence in served.stops:
+                        body["stop_index"] = served.stops.index(event.stop_sequence)
                     await peer.notify(wire.OFFLOAD_TOKEN, body)
                     index += 1
             done: dict[str, Any] = {"rid": rid}
@@ -402,6 +417,8 @@ class _Served:
     layers: int
     tokens_in: int
     started: float
+    stops: tuple[str, ...] = ()
+    """The request's stop strings (a token frame names the one that matched by its place here)."""
 
 
 def params_to_wire(params: Any, max_tokens: int | None = None) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 request and the router can offload it.
 
 The tokenizer lives with the model, so `RemoteTokenizer` asks the peer (`offload.tokenize`); the API calls
-it from an executor thread, so it bridges to the event loop like `RemoteStage` does. The model's shape comes
-from `offload.info`.
+it from an executor thread, so it bridges to the event loop like `RemoteStage` does. Embeddings go to the same
+peer (`remote_embed.RemoteEmbedder`, `offload.embed`). The model's shape comes from `offload.info`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.ports import MeshHandle
+from shoal.mesh.split.remote_embed import RemoteEmbedder
 from shoal.mesh.split.remote_stage import BRIDGE_GRACE_S
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
@@ -75,8 +76,8 @@ class RemoteModel:
     weight_bytes: int = 0
     sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
     """None known here: the documented defaults (the request's own values go to the peer)."""
-    embedder: None = None
-    """Embeddings run where the model is loaded, not through a peer (yet)."""
+    embedder: RemoteEmbedder | None = None
+    """Embeds through the peer (`offload.embed`)."""
 
 
 async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
@@ -99,5 +100,7 @@ async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
             logger.warning("%s sent malformed info for %s: %s", peer_id[:12], name, exc)
             continue
         tokenizer = RemoteTokenizer(mesh, loop, peer_id, name, vocab, settings.remote_tokenize_timeout_s)
-        return RemoteModel(name, tokenizer, context, config, peer_id)
+        embedder = RemoteEmbedder(mesh, loop, peer_id, name, config.hidden_size,
+                                  settings.offload_token_timeout_s)
+        return RemoteModel(name, tokenizer, context, config, peer_id, embedder=embedder)
     return None

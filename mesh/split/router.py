@@ -301,7 +301,8 @@ class Router:
                     async for event in events:
                         emitted.append(event.token_id)
                         yield OffloadEvent(event.token_id, event.text, len(emitted) - 1, len(prompt_ids),
-                                           len(emitted), event.finish_reason, event.logprobs)
+                                           len(emitted), event.finish_reason, event.logprobs,
+                                           event.stop_sequence)
                 return
             except (StageLost, RemoteError) as exc:
                 if isinstance(exc, RemoteError) and exc.code not in REPLANNABLE:

@@ -34,6 +34,7 @@ from shoal.mesh.split.plan_inputs import ForcedRoute
 from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
+from shoal.mesh.split.remote_embed import EmbedServer
 from shoal.mesh.split.router import Router
 from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.mesh.split.speed_probe import SpeedProbe
@@ -68,6 +69,8 @@ class SplitService:
                                             max_requests=self.config.max_offloads, ledger=self.ledger,
                                             model_id=lambda name: self.router.model_cid(name) or name,
                                             quota=self.quota)
+        self.embed_server = EmbedServer(mesh, self._acquire, self.refusal,
+                                        max_requests=self.config.max_offloads, quota=self.quota)
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
                                             token_timeout_s=self.config.offload_token_timeout_s,
                                             ledger=self.ledger, settings=self.config)

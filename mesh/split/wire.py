@@ -23,6 +23,12 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
 - `offload.info` {model} → reply {config (ModelConfig fields), vocab_size, context_length} and
   `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs to
   accept a request for it and offload it (its tokenizer lives with the model).
+- `offload.embed` {model, inputs: [[token ids]...]} → reply {dim, vectors: [base64 little-endian float32]}:
+  embeddings of a model this node does not hold, by a peer that does (`split.remote_embed`): at most
+  `MAX_EMBED_INPUTS` inputs and `MAX_EMBED_IDS` ids per frame, and only as many inputs as fit one reply
+  (`embed_batch`).
+- `offload.token` names the stop string that ended the answer as `stop_index` (its place in the request's
+  `params.stop`), so "which stop matched" survives an offload.
 
 Tensor frames (binary kind `TENSOR` on the `tensors` channel, or records on a direct tensor link; header
 request_id = a call id, unique per link and direction; no metadata) are a small fixed binary header + raw
@@ -71,6 +77,7 @@ OFFLOAD_CANCEL = "offload.cancel"
 OFFLOAD_INFO = "offload.info"
 OFFLOAD_TOKENIZE = "offload.tokenize"
 OFFLOAD_RECEIPT = "offload.receipt"
+OFFLOAD_EMBED = "offload.embed"
 STAGE_RECEIPT = "stage.receipt"
 
 for _name, _limit in (
@@ -83,6 +90,7 @@ for _name, _limit in (
     (OFFLOAD_CANCEL, 256),
     (OFFLOAD_INFO, 512),
     (OFFLOAD_TOKENIZE, 196_608),
+    (OFFLOAD_EMBED, 196_608),  # up to MAX_EMBED_IDS ids
     (OFFLOAD_RECEIPT, 8192),
     (STAGE_RECEIPT, 8192),
 ):
@@ -90,6 +98,34 @@ for _name, _limit in (
 
 MAX_TOKEN_BYTES = 64
 """Longest token (in bytes) a logprob entry may carry."""
+MAX_EMBED_INPUTS = 64
+MAX_EMBED_IDS = 16_384
+EMBED_REPLY_BYTES = 60_000
+"""Room for vectors in one `offload.embed` reply (a `reply` frame holds 64 KiB)."""
+
+
+def embed_batch(dim: int) -> int:
+    """How many `dim`-wide vectors one `offload.embed` reply carries (0: not even one fits)."""
+    per_vector = 4 * ((dim * 4 + 2) // 3) + 3  # base64 of float32s, quotes and a comma
+    return min(MAX_EMBED_INPUTS, EMBED_REPLY_BYTES // per_vector)
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(value: Any, dim: int) -> np.ndarray:
+    """One base64 float32 vector of `dim` finite values (ValueError otherwise: the sender misbehaves)."""
+    if not isinstance(value, str) or len(value) != 4 * ((dim * 4 + 2) // 3):
+        raise ValueError(f"an embedding is {dim} base64 float32 values")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad embedding bytes: {exc}") from None
+    vector = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if vector.shape != (dim,) or not np.isfinite(vector).all():
+        raise ValueError(f"an embedding is {dim} finite float32 values")
+    return vector
 
 
 def encode_logprobs(found: EventLogprobs) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class _Weights:
 
 def numpy_load_fn(weights: _Weights) -> Any:
     def load(model: Any, options: Any, *rest: Any) -> ServedModel:
+        from shoal.models.embeddings import Embedder
         from shoal.models.generate import Engine
         from shoal.models.tokenizer import Tokenizer
 
@@ -74,7 +75,8 @@ def numpy_load_fn(weights: _Weights) -> Any:
         tokenizer = Tokenizer.from_gguf(gguf)
         engine = Engine([stage], tokenizer, max_batch=getattr(options, "max_batch", 8))
         return ServedModel(name=model.name, tokenizer=tokenizer, engine=engine,
-                           context_length=gguf.config.context_length, stages=[stage], backend="numpy")
+                           context_length=gguf.config.context_length, stages=[stage], backend="numpy",
+                           embedder=Embedder(model.path, gguf.config.context_length))  # as a node's
 
     return load
 

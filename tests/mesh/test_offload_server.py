@@ -1,5 +1,7 @@
 """`OffloadServer` over a real `Engine` (NumPy reference stage): `offload.open` leaves the prompt's ids and
-the context limit to the engine — the one place that checks them — and answers a refusal before any work."""
+the context limit to the engine — the one place that checks them — and answers a refusal before any work
+(a grammar constraint that does not compile included). `EmbedServer` refuses malformed or oversized
+`offload.embed` bodies before any work; embedding vectors cross the wire checked."""
 
 from __future__ import annotations
 
@@ -78,6 +80,12 @@ async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
         with pytest.raises(RemoteError) as bad_id:
             await open_request(peer, frame(2, [*prompt[:-1], 10**6], 4))
         assert bad_id.value.code == wire.BAD_REQUEST and "token ids" in bad_id.value.message
+        bad_schema = frame(4, prompt, 4)
+        bad_schema.body["params"]["constraint"] = {"kind": "json_schema", "spec": '{"type": "object", '
+                                                                                 '"properties": 5}'}
+        with pytest.raises(RemoteError) as bad_grammar:
+            await open_request(peer, bad_schema)
+        assert bad_grammar.value.code == wire.BAD_REQUEST and "schema" in bad_grammar.value.message
         assert mesh.tasks == [] and engine.kv_reserved == 0  # refused before any work
 
         assert await open_request(peer, frame(3, prompt, room)) == {"accepted": True}
@@ -100,3 +108,49 @@ def test_logprobs_cross_the_wire_checked() -> None:
                 {"chosen": [1, "", -1.0], "top": [[1, "", -1.0]] * 21}, [], {"chosen": [1, "", True]}):
         with pytest.raises(ValueError):
             wire.decode_logprobs(bad)
+
+
+async def test_embed_server_refuses_before_any_work() -> None:
+    from shoal.mesh.split.remote_embed import EmbedServer
+
+    stage = reference_stage(0, 30)
+    served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=None,  # type: ignore[arg-type]
+                         context_length=64, stages=[stage], backend="numpy")  # no embedder
+
+    async def acquire(name: str) -> ServedModel:
+        if name != MODEL:
+            raise LookupError(f"no model {name}")
+        return served
+
+    mesh = FakeMesh()
+    EmbedServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+    embed = mesh.control[wire.OFFLOAD_EMBED]
+    cases = [({"inputs": [[1]]}, wire.BAD_REQUEST), ({"model": MODEL, "inputs": []}, wire.BAD_REQUEST),
+             ({"model": MODEL, "inputs": [[1, "2"]]}, wire.BAD_REQUEST),
+             ({"model": MODEL, "inputs": [[1]] * (wire.MAX_EMBED_INPUTS + 1)}, wire.BAD_REQUEST),
+             ({"model": MODEL, "inputs": [[1] * 9000, [1] * 9000]}, wire.BAD_REQUEST),
+             ({"model": "other", "inputs": [[1]]}, wire.NO_MODEL),
+             ({"model": MODEL, "inputs": [[1]]}, wire.NO_MODEL)]  # loaded without an embedder
+    for body, code in cases:
+        with pytest.raises(RemoteError) as err:
+            await embed(FakePeer(), ControlFrame(wire.OFFLOAD_EMBED, body))
+        assert err.value.code == code, (body, err.value)
+    refusing = FakeMesh()
+    EmbedServer(refusing, acquire, lambda: "not serving others")  # type: ignore[arg-type]
+    with pytest.raises(RemoteError) as refused:
+        await refusing.control[wire.OFFLOAD_EMBED](FakePeer(), ControlFrame(wire.OFFLOAD_EMBED, {}))
+    assert refused.value.code == wire.REFUSED
+
+
+def test_embedding_vectors_cross_the_wire_checked() -> None:
+    import numpy as np
+
+    vector = np.linspace(-1, 1, 576, dtype=np.float32)
+    assert np.array_equal(wire.decode_vector(wire.encode_vector(vector), 576), vector)
+    assert wire.embed_batch(576) >= 16 and wire.embed_batch(1 << 20) == 0
+    nan = vector.copy()
+    nan[3] = np.nan
+    for bad, dim in ((wire.encode_vector(vector), 575), (wire.encode_vector(nan), 576), ("!" * 3072, 576),
+                     (5, 576)):
+        with pytest.raises(ValueError):
+            wire.decode_vector(bad, dim)

@@ -62,6 +62,13 @@ def test_offload_params_and_token_frames() -> None:
     assert _token_event(good, 1) is None  # out of order
     assert _token_event({**good, "token": "5"}, 0) is None
     assert _token_event({**good, "finish": 3}, 0) is None
+    stops = ("zz", "x")  # the stop that matched travels as its place in the request's stops
+    last = {**good, "finish": "stop", "stop_index": 1}
+    found = _token_event(last, 0, stops)
+    assert found is not None and found.stop_sequence == "x" and found.finish_reason == "stop"
+    assert _token_event(last, 0) is None and _token_event({**last, "stop_index": 2}, 0, stops) is None
+    assert _token_event({**last, "stop_index": True}, 0, stops) is None
+    assert _token_event({**last, "finish": None}, 0, stops) is None  # only the last token names a stop
 
 
 def test_logits_top_k_by_sampling_params() -> None:
