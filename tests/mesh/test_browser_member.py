@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,64 +21,25 @@ from typing import Any
 import pytest
 from shoal.mesh.p2p.invite import Invite
 
-from tests.mesh import chromium, netns
-from tests.nodes import REPO, NodeProcess
+from tests.mesh import chromium
+from tests.mesh.browser_harness import TAB_ADDRESS, NamespacedNode, browser_namespace, wait, why_not
+from tests.nodes import REPO
 
 pytestmark = pytest.mark.timeout(240)
 DEAD_TIMEOUT_S = 4.0
-TAB_ADDRESS = "198.51.100.7"
-GATEWAY = "198.51.100.1"
-"""The tabs' address, on a veth pair with both ends in the namespace, and a default route to a gateway that is
-not there: Chromium gathers host candidates only on the default route's interface (none on `lo` alone), and
-two tabs need one to link to each other (nodes offer loopback candidates, `[mesh] ice_interfaces = ["lo"]`).
-Nothing leaves the namespace."""
 ANSWERED = ("['done', 'error'].includes(document.querySelector('#answer').dataset.state) && "
             "document.querySelector('#answer').dataset.state")
 """The answer's final state, once the page has one."""
 ARTIFACTS = Path(os.environ.get("SHOAL_TEST_ARTIFACTS", REPO / ".cache" / "artifacts"))
 
 
-def _why_not() -> str | None:
-    if chromium.executable() is None:
-        return "chromium is not installed (scripts/install.sh test installs it where apt is available)"
-    return netns.available()
-
-
 @pytest.fixture(scope="module")
 def namespace():
-    reason = _why_not()
+    reason = why_not()
     if reason:
         pytest.skip(f"browser member tests need chromium and network namespaces: {reason}")
-    name = f"shoalweb{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=20)
-    try:
-        for command in (["link", "set", "lo", "up"], ["link", "add", "web0", "type", "veth", "peer", "web1"],
-                        ["addr", "add", f"{TAB_ADDRESS}/24", "dev", "web0"], ["link", "set", "web0", "up"],
-                        ["link", "set", "web1", "up"], ["route", "add", "default", "via", GATEWAY]):
-            subprocess.run(["ip", "-n", name, *command], check=True, timeout=20)
+    with browser_namespace() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=20)
-
-
-class NamespacedNode(NodeProcess):
-    """A `shoal node` inside the namespace; its API is reached with curl run there too."""
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
-        command = [*self.prefix, "curl", "-s", "-m", str(timeout), "-X", method, self.url + path]
-        for name, value in self.auth_headers().items():
-            command += ["-H", f"{name}: {value}"]
-        if body is not None:
-            command += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
-        data = json.dumps(body).encode() if body is not None else None
-        result = subprocess.run(command, input=data, capture_output=True, timeout=timeout + 10)
-        if result.returncode != 0:
-            raise OSError(f"curl {path}: exit {result.returncode}")
-        return json.loads(result.stdout)
-
-    def members(self) -> dict[str, dict[str, Any]]:
-        view = self.get("/v1/mesh/peers", timeout=10)
-        return {p["id"]: p for p in view["peers"] if p["state"] == "connected"}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +93,9 @@ def pages(nodes, browser):
     so another identity in IndexedDB — as another device would have)."""
     a, b, invite = nodes
     token = invite.to_token()
-    return _join(browser, f"{a.url}/join#{token}"), _join(browser, f"{b.url}/join#{token}")
+    # (not serving: these tests are about membership and chat; tests/mesh/test_browser_compute.py serves)
+    return (_join(browser, f"{a.url}/join?serve=off#{token}"),
+            _join(browser, f"{b.url}/join?serve=off#{token}"))
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +118,17 @@ def test_pages_join_and_both_nodes_list_them_as_browsers(nodes, pages):
                      "links to both nodes and the other tab")
     for node in (a, b):
         for me, tab in zip(ids, pages, strict=True):
-            entry = _wait(lambda node=node, me=me: node.members().get(me), 20, f"{node.name} to list a tab")
+            entry = wait(lambda node=node, me=me: node.members().get(me), 20, f"{node.name} to list a tab")
             assert entry["kind"] == "browser" and entry["advert"]["kind"] == "browser"
             assert entry["admitted"] == "secret"
             assert entry["name"] == tab.evaluate("shoalMember.identity.name")
-            _wait(lambda node=node, me=me: (node.members().get(me) or {}).get("rtt_ms") is not None, 20,
+            wait(lambda node=node, me=me: (node.members().get(me) or {}).get("rtt_ms") is not None, 20,
                   "heartbeats")
     def tabs_linked() -> dict[str, Any] | None:
         view = a.get("/v1/mesh/topology")
         return view if any({link["a"], link["b"]} == set(ids) for link in view["links"]) else None
 
-    topology = _wait(tabs_linked, 20, "the tabs' own link in the topology")
+    topology = wait(tabs_linked, 20, "the tabs' own link in the topology")
     kinds = {n["id"]: n["kind"] for n in topology["nodes"]}
     assert kinds[ids[0]] == kinds[ids[1]] == "browser" and kinds[a.peer_id] == kinds[b.peer_id] == "node"
     shown = pages[0].evaluate("[...document.querySelectorAll('#members tbody tr')].map(r => r.dataset.kind)")
@@ -247,7 +209,7 @@ def test_tabs_relink_when_a_node_restarts(nodes, pages):
     for tab in pages:
         tab.wait_for(f"shoalMember.links.get({json.dumps(b.peer_id)})?.state === 'connected'", 60,
                      "the link to the restarted node")
-    _wait(lambda: set(ids) <= set(b.members()), 20, "b to list both tabs again")
+    wait(lambda: set(ids) <= set(b.members()), 20, "b to list both tabs again")
     # the tab b served rejoined through b's signalling (its back-off, doubled by the failed tries, is reset)
     pages[1].wait_for("shoalMember.rejoinTimer === null && shoalMember.rejoinMs === 1000", 30, "the rejoin")
     assert pages[1].evaluate("[shoalMember.status.state, shoalMember.homeId]") == ["linked", b.peer_id]
@@ -293,7 +255,7 @@ def test_a_tabs_frames_are_checked_like_any_peers(nodes, pages):
     link = f"shoalMember.links.get({json.dumps(a.peer_id)})"
     for frame in ('{"v": 1, "t": "no.such.type"}', "not json", '{"v": 1, "t": "ping", "b": [1]}'):
         tab.evaluate(f"{link}.channels.control.send({json.dumps(frame)})")
-    _wait(lambda: a.members()[me]["abuse"] == before + 3, 10, "three strikes against the tab")
+    wait(lambda: a.members()[me]["abuse"] == before + 3, 10, "three strikes against the tab")
     assert tab.evaluate(f"{link}.state") == "connected"  # under the abuse limit
 
 
@@ -304,19 +266,9 @@ def test_closing_a_tab_is_a_departure(nodes, pages):
     page.close()
     budget = 2 * DEAD_TIMEOUT_S  # a deadline for the poll; the page says bye, so it is seen well before
     for node in (a, b):
-        _wait(lambda node=node: me not in node.members(), budget, f"{node.name} to see the tab leave")
+        wait(lambda node=node: me not in node.members(), budget, f"{node.name} to see the tab leave")
         departed = [d for d in node.get("/v1/mesh/peers")["departed"] if d["id"] == me]
         assert departed and departed[-1]["reason"] == "peer said bye", departed
     other.wait_for(f"!shoalMember.links.has({json.dumps(me)})", budget, "the other tab to see it leave")
     assert other.evaluate("shoalMember.links.size") == 2
 
-
-def _wait(condition: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)

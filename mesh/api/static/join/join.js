@@ -3,6 +3,7 @@
 // POST /v1/chat/completions, streamed as server-sent events), showing the route each answer took.
 import { MeshError, loadIdentity, parseInvite } from "./mesh.js";
 import { Member } from "./member.js";
+import { Compute } from "./serve.js";
 
 const $ = (id) => document.getElementById(id);
 let member = null;
@@ -36,6 +37,34 @@ function render() {
   $("members").tBodies[0].replaceChildren(...rows);
   const via = member.links.get(member.status.via);
   if (via) $("via").textContent = via.name;
+  if (member.status.state === "linked" && member.compute?.state === "idle") startCompute();  // members only
+}
+
+const COMPUTE_TEXT = {
+  idle: "not started", off: "off: this tab does not serve the mesh", fetching: "fetching the model",
+  loading: "loading the model", warming: "measuring this tab's speed", ready: "serving", error: "failed",
+  unavailable: "no compute",
+};
+
+function renderCompute() {
+  const compute = member.compute;
+  const { state, detail, progress, job, served } = compute;
+  const shown = !compute.serve && state !== "unavailable" ? "off" : state;
+  $("compute-status").dataset.state = shown;
+  $("compute-status").textContent = `${COMPUTE_TEXT[shown] ?? shown}${detail && shown !== "off" ? ` — ${detail}` : ""}`
+    + (job ? " · serving a request" : "");
+  $("serve").checked = compute.serve;
+  $("serve").disabled = state === "unavailable";
+  const bar = $("compute-progress");
+  bar.hidden = state !== "fetching" || !progress;
+  if (progress && progress[1]) bar.value = progress[0] / progress[1];
+  const battery = compute.battery ? ` · battery ${compute.battery.level}%${compute.battery.charging ? " (charging)" : ""}` : "";
+  const done = served.filter((r) => r.finish && r.finish !== "cancelled" && r.finish !== "error");
+  $("compute-served").textContent = `${done.length} request(s) served for the mesh${battery}`;
+}
+
+function startCompute() {
+  if (member.compute.serve) member.compute.start(headers());
 }
 
 function headers() {
@@ -137,6 +166,11 @@ async function start() {
   member = new Member(identity, membership);
   window.shoalMember = member;  // for tests and the console
   member.addEventListener("change", render);
+  const compute = new Compute();
+  member.useCompute(compute);
+  compute.addEventListener("change", renderCompute);
+  compute.watchBattery();
+  renderCompute();
   window.addEventListener("pagehide", () => member.leave());
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   try {
@@ -154,5 +188,12 @@ $("invite-form").addEventListener("submit", (event) => {
   location.reload();
 });
 $("chat-form").addEventListener("submit", chat);
-$("api-key").addEventListener("change", loadModels);  // a node with [api] key lists its models only then
+$("api-key").addEventListener("change", () => {  // a node with [api] key lists (and serves) its models only then
+  loadModels();
+  if (member?.compute?.state === "error") startCompute();
+});
+$("serve").addEventListener("change", (event) => {
+  member?.compute?.setServe(event.target.checked);
+  if (event.target.checked && member?.status.state === "linked" && ["idle", "error"].includes(member.compute.state)) startCompute();
+});
 start();

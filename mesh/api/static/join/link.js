@@ -8,6 +8,8 @@ const dec = new TextDecoder();
 export const CONTROL_LIMITS = {
   ping: 256, pong: 256, bye: 512, reply: 65536, error: 2048, advert: 65536, peers: 65536,
   signal: 32768, link: 512, "mesh.key": 1024,
+  // offloads this tab serves (mesh/split/wire.py's limits)
+  "offload.open": 196608, "offload.cancel": 256, "offload.token": 6144, "offload.done": 8192, "offload.error": 2048,
 };
 const CHANNELS = [["control", 0], ["blocks", 1], ["tensors", 2]];
 const BLOCK_WANT = 1;
@@ -171,7 +173,14 @@ export class Link {
       case "peers": this.mesh.onPeers(this, frame.b); break;
       case "signal": this.mesh.onSignal(this, frame.b); break;
       case "mesh.key": this.answer(frame, () => this.mesh.onMeshKey(this, frame.b)); break;
-      default:  // a type of another layer (stages, offloads): this tab serves none of them
+      case "offload.open":
+        this.answer(frame, () => {
+          if (!this.mesh.compute) throw new MeshError("this browser member runs no models", "refused");
+          return this.mesh.compute.open(this, frame.b);
+        });
+        break;
+      case "offload.cancel": this.mesh.compute?.cancel(this, frame.b); break;
+      default:  // a type of another layer (stages, offload.info/tokenize): this tab serves none of them
         this.sendReply(frame, "error", { code: "unsupported", message: frame.t });
     }
   }
@@ -204,6 +213,7 @@ export class Link {
       waiter.reject(new MeshError(`link closed: ${reason}`, "link_closed"));
     }
     this.pending.clear();
+    this.mesh.compute?.linkClosed(this);
     this.pc.close();
     this.mesh.closed(this, reason, wasConnected);
   }

@@ -26,6 +26,8 @@ export class Member extends EventTarget {
     this.rejoinMs = REJOIN_FIRST_MS;  // their bootstrap addresses): redialled, backing off, when it drops
     this.rejoinTimer = null;
     this.leaving = false;
+    this.compute = null;  // serve.js's Compute where the tab serves (`useCompute`)
+    this.lastAdvert = "";
     this.gossipTimer = setInterval(() => this.gossip(), GOSSIP_INTERVAL_MS);
   }
 
@@ -135,12 +137,25 @@ export class Member extends EventTarget {
     if (wasConnected) this.changed();
   }
 
+  /** Serve offloads with `compute` (serve.js): its models, speed, switch and battery join the advert, which
+   * goes out again when they change. */
+  useCompute(compute) {
+    this.compute = compute;
+    compute.addEventListener("change", () => {
+      const fields = JSON.stringify(compute.advertFields());
+      if (fields !== this.lastAdvert) {
+        this.lastAdvert = fields;
+        this.gossip();
+      }
+    });
+  }
+
   advert() {
     const links = {};
     for (const [id, link] of this.links) if (link.state === "connected") links[id] = link.rttMs === null ? null : Math.round(link.rttMs * 1000) / 1000;
     return {
       kind: "browser", name: this.identity.name, api: "", models: [], shards: [], roots: [], speed: {},
-      queue_depth: 0, gateway: false, links,
+      queue_depth: 0, gateway: false, links, ...(this.compute ? this.compute.advertFields() : {}),
     };
   }
 
