@@ -1,7 +1,7 @@
 """Automatic placement on loopback: does the scheduler's own choice pay off? Three real `shoal node` processes
 (tests.nodes.NodeProcess), every routing setting at its default.
 
-    python bench/placement.py [--rounds 5] [--tokens 32] [--clients 4] [--slow 0.25] [--backend numpy]
+    python bench/placement.py [--rounds 5] [--tokens 32] [--clients 4] [--slow 0.1] [--backend numpy]
 
 - **slow → fast**: node a is a slow device (its CPU capped to `--slow` of one core: tests.cpu_cap, a cgroup v1
   cpu quota or a SIGSTOP/SIGCONT duty cycle); b and c are not. One streamed greedy request at a with
@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--slow", type=float, default=0.25, help="a's CPU cap, a fraction of one core")
+    parser.add_argument("--slow", type=float, default=0.1, help="a's CPU cap, a fraction of one core")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "tvm"])
     args = parser.parse_args()
     if shutil.which("taskset") is None:
