@@ -73,6 +73,8 @@ async def prepare(
     if node.draining:
         raise ApiError(503, "the node is shutting down", code="shutdown", type="server_error")
     served = await acquire_model(node, request.app[ROUTER], req.model or node.config.models.default)
+    if req.keep_alive is not None:  # `shoal.keep_alive`: how long it stays loaded after this request
+        node.models.set_keep_alive(served.name, req.keep_alive)
     context = served.context_length
     if req.max_tokens is not None and req.max_tokens > context:
         param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

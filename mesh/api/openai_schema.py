@@ -8,7 +8,8 @@ accepted and ignored. `logprobs` (chat: a boolean plus `top_logprobs`; completio
 tokens) becomes `SamplingParams.logprobs`; sampling fields a request leaves out come from the model
 (`sampling_defaults`).
 shoal's own routing wishes come in an optional `shoal` object (`{"route", "prefer", "avoid"}`, what the
-`openai` client sends as `extra_body={"shoal": {...}}`) or the `x-shoal-route` header (`route_choice`).
+`openai` client sends as `extra_body={"shoal": {...}}`) or the `x-shoal-route` header (`route_choice`); its
+`keep_alive` (Ollama's durations, `mesh.api.keep_alive`) sets how long the model stays loaded afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shoal.mesh.api.errors import invalid
+from shoal.mesh.api.keep_alive import parse_keep_alive
 from shoal.mesh.api.structured import ToolSpec, response_constraint, tool_spec
 from shoal.mesh.route import MAX_ROUTE_PEERS, ROUTE_MODES, RouteChoice
 
@@ -72,6 +74,9 @@ class CompletionRequest:
     """Where the request may run (the `shoal` body field, else the `x-shoal-route` header)."""
     tools: ToolSpec | None = None
     """The functions the model may call (chat), when given and `tool_choice` is not `none`."""
+    keep_alive: float | None = None
+    """`shoal.keep_alive`: seconds the model stays loaded after this request (negative: forever; None: the
+    node's default)."""
 
 
 ROUTE_HEADER_IN = "x-shoal-route"
@@ -90,8 +95,8 @@ def route_choice(value: Any, header: str | None) -> RouteChoice:
     if not isinstance(value, dict):
         raise invalid("'shoal' must be an object: {route, prefer, avoid}", "shoal", "invalid_type")
     for key in value:
-        if key not in ("route", "prefer", "avoid"):
-            raise invalid(f"'shoal.{str(key)[:40]}' is not a shoal option (route, prefer, avoid)",
+        if key not in ("route", "prefer", "avoid", "keep_alive"):
+            raise invalid(f"'shoal.{str(key)[:40]}' is not a shoal option (route, prefer, avoid, keep_alive)",
                           f"shoal.{str(key)[:40]}", "unknown_parameter")
     route = value.get("route")
     if route is not None:
@@ -336,13 +341,16 @@ def parse_completion_request(
         sampling["constraint"] = tools.constraint
     sampling = {k: v for k, v in sampling.items() if v is not None}
     route = route_choice(body.get("shoal"), route_header)
+    extension = body.get("shoal")
+    keep = parse_keep_alive(extension.get("keep_alive"), "shoal.keep_alive") if extension else None
     if kind == "chat":
         messages = _messages(body)
         return CompletionRequest(
             kind, model, stream, include_usage, max_tokens,
             messages=_with_tools(messages, tools) if tools is not None else messages, sampling=sampling,
-            route=route, tools=tools,
+            route=route, tools=tools, keep_alive=keep,
         )
     return CompletionRequest(
-        kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling, route=route
+        kind, model, stream, include_usage, max_tokens, prompt=_prompt(body), sampling=sampling, route=route,
+        keep_alive=keep,
     )

@@ -192,6 +192,12 @@ async def test_idle_models_unload_after_keep_alive_and_the_default_stays(
     entry = (await states(node))[OTHER]  # its own keep_alive, not the node's 1 s
     assert entry["state"] == "loaded" and entry["keep_alive"] == 600
     assert entry["expires_at"] > time.time() + 500
+    await chat(node, OTHER, extra_body={"shoal": {"keep_alive": -1}})  # the OpenAI routes' extension
+    entry = (await states(node))[OTHER]
+    assert entry["keep_alive"] == -1 and entry["expires_at"] is None
+    with pytest.raises(openai.BadRequestError) as bad:
+        await chat(node, OTHER, extra_body={"shoal": {"keep_alive": "a while"}})
+    assert bad.value.body["param"] == "shoal.keep_alive"
     running = {m.model: m for m in (await client.ps()).models}
     assert running[MODEL + ":latest"].expires_at.year == 2262  # kept loaded: Go's largest time, as Ollama
     # `shoal models` (the block store's catalog) asks the node for each model's STATE
