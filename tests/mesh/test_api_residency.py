@@ -93,7 +93,8 @@ def unloads(node: NodeThread) -> list[tuple[str, str]]:
 
 async def chat(node: NodeThread, model: str, **extra: Any) -> Any:
     client = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
-    return await client.chat.completions.create(model=model, messages=HI, max_tokens=4, temperature=0, **extra)
+    return await client.chat.completions.create(model=model, messages=HI, max_tokens=4, temperature=0,
+                                                **extra)
 
 
 async def test_two_models_load_on_first_use_and_list_their_state(start: Callable[..., NodeThread]) -> None:
@@ -116,7 +117,8 @@ async def test_two_models_load_on_first_use_and_list_their_state(start: Callable
     assert by_name[OTHER + ":latest"].expires_at > datetime.now(UTC)
 
 
-async def test_ollama_keep_alive_zero_unloads_and_an_empty_chat_loads(start: Callable[..., NodeThread]) -> None:
+async def test_ollama_keep_alive_zero_unloads_and_an_empty_chat_loads(
+        start: Callable[..., NodeThread]) -> None:
     node = start(2.5)
     client = ollama.AsyncClient(host=node.url)
     answer = await client.chat(model=OTHER, messages=HI, options={"num_predict": 4}, keep_alive=0)
@@ -152,8 +154,9 @@ async def test_a_budget_for_one_unloads_the_idle_model_first(start: Callable[...
     async with stream:
         async for _ in stream:
             break  # the first chunk: OTHER is serving
+        other = {"model": MODEL, "messages": HI, "max_tokens": 4}
         async with aiohttp.ClientSession() as session, session.post(
-                node.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 4}) as r:
+                node.url + "/v1/chat/completions", json=other) as r:
             body = await r.json()
             assert r.status == 503 and r.headers["Retry-After"] == "5"
     error = body["error"]
@@ -201,9 +204,10 @@ async def test_idle_models_unload_after_keep_alive_and_the_default_stays(
     running = {m.model: m for m in (await client.ps()).models}
     assert running[MODEL + ":latest"].expires_at.year == 2262  # kept loaded: Go's largest time, as Ollama
     # `shoal models` (the block store's catalog) asks the node for each model's STATE
-    done = subprocess.run([sys.executable, "-m", "shoal.mesh", "models", "--json", "--api", node.url,
-                           "--data-dir", str(node.node.config.data_dir)],
-                          capture_output=True, text=True, timeout=120, env=free_env(), check=True)
+    command = [sys.executable, "-m", "shoal.mesh", "models", "--json", "--api", node.url,
+               "--data-dir", str(node.node.config.data_dir)]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120,
+                                   env=free_env(), check=True)
     listing = json.loads(done.stdout)
     assert listing["node"] is True
     assert next(m for m in listing["models"] if MODEL in m["names"])["state"] == "loaded"

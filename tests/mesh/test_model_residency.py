@@ -89,7 +89,7 @@ def test_models_config_keys() -> None:
     defaults = load_config(environ={}, overrides={"data_dir": "/tmp/x"}).models
     assert defaults.memory_budget_mb is None and defaults.keep_alive_s == 300
     for bad in ({"memory_budget_mb": 1}, {"keep_alive_s": 10.0**9}, {"keep_alive_s": float("nan")}):
-        with pytest.raises(ConfigError, match="memory_budget_mb|keep_alive_s"):
+        with pytest.raises(ConfigError, match=r"memory_budget_mb|keep_alive_s"):
             load_config(environ={}, overrides={"data_dir": "/tmp/x", "models": bad})
 
 

@@ -203,3 +203,12 @@ def test_models_merge_with_the_catalog() -> None:
     assert [r["id"] for r in rows] == ["smollm2", "other-model", "bafy-anon"]
     assert rows[0]["shoal"]["cid"] == "bafy-smol" and rows[0]["shoal"]["loaded"] is True
     assert rows[1]["owned_by"] == "catalog (stored)" and rows[2]["owned_by"] == "catalog"
+
+
+def test_a_model_row_shows_the_nodes_state() -> None:
+    from shoal.tui.screens.models import MODEL_COLUMNS, model_row
+
+    column = MODEL_COLUMNS.index("loaded")
+    for meta, shown in (({"state": "loading", "loaded": False}, "loading…"), ({"state": "loaded"}, "loaded"),
+                        ({"state": "available", "loaded": False}, "—"), ({"loaded": True}, "loaded")):
+        assert model_row({"id": "m", "shoal": meta})[column].plain == shown
