@@ -24,12 +24,15 @@ from typing import Any
 import psutil
 
 from tests.mesh.mesh_nodes import wait_until
-from tests.nodes import REPO, NodeProcess, node_env
+from tests.nodes import REPO, NodeProcess, merged, node_env
 
 NAME = "big-llama"
 """The catalog name the publisher gives the file."""
-MESH_TIMING = {"heartbeat_interval_s": 0.5, "dead_timeout_s": 4.0, "gossip_interval_s": 1.0,
+MESH_TIMING = {"heartbeat_interval_s": 1.0, "dead_timeout_s": 20.0, "gossip_interval_s": 1.0,
                "retry_max_s": 2.0}
+"""Quick adverts; a patient dead-link timeout: building a stage (loading TVM, packing a span's weights) on a
+loaded 2-core machine can keep a node's loop from answering heartbeats for seconds, and no test here kills a
+member."""
 STAGE_OVERHEAD = 16 * 1024 * 1024  # mesh.split.router.STAGE_OVERHEAD
 
 
@@ -96,6 +99,8 @@ class BigMesh:
     prefixes: dict[str, list[str]] = field(default_factory=dict)
     """Command prefixes per member name (`taskset -c 1`)."""
     env: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More settings for every node, by section (`{"split": {"open_timeout_s": 3600}}`)."""
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
     cid: str = ""
 
@@ -108,12 +113,12 @@ class BigMesh:
         return fraction * self.need / psutil.virtual_memory().total
 
     def settings(self, fraction: float, secret: str, bootstrap: list[str]) -> dict[str, Any]:
-        return {
+        return merged({
             "models": {"backend": self.backend, "preload": False, "context": 1024, "max_batch": 2},
-            "policy": {"max_memory_share": self.share_of_memory(fraction), "prefer_local": True},
+            "policy": {"max_memory_share": self.share_of_memory(fraction)},
             "mesh": {"secret": secret, "bootstrap": bootstrap, **MESH_TIMING},
             "split": {"speed_probe": False},
-        }
+        }, self.extra)
 
     def start(self) -> BigMesh:
         secret = os.urandom(32).hex()
@@ -148,8 +153,9 @@ class BigMesh:
 
     def single(self, name: str = "single", prefix: list[str] | None = None) -> NodeProcess:
         """A node holding the file with a budget that fits it, in no mesh (the reference run)."""
-        settings = {"models": {"backend": self.backend, "preload": False, "context": 1024, "max_batch": 2},
-                    "policy": {"max_memory_share": 0.9}, "split": {"speed_probe": False}}
+        settings = merged({"models": {"backend": self.backend, "preload": False, "context": 1024,
+                                      "max_batch": 2},
+                           "policy": {"max_memory_share": 0.9}, "split": {"speed_probe": False}}, self.extra)
         node = NodeProcess(name, self.base / name, settings, prefix=prefix or [],
                            env={"OPENBLAS_NUM_THREADS": "1", **self.env})
         publish(self.model_path, node.data_dir)
@@ -166,7 +172,11 @@ class BigMesh:
             node.stop()
 
 
-def chat(node: NodeProcess, model: str, max_tokens: int, question: str = "Say hello.", **extra: Any) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "logprobs": True, "top_logprobs": 3, **extra}
+def chat(node: NodeProcess, model: str, max_tokens: int, question: str = "Say hello.", *,
+         logprobs: bool = True) -> dict:
+    """A greedy chat completion (with the top 3 logprobs of each token unless `logprobs` is off)."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": question}],
+                            "max_tokens": max_tokens, "temperature": 0}
+    if logprobs:
+        body.update(logprobs=True, top_logprobs=3)
     return node.call("POST", "/v1/chat/completions", body, timeout=900)
