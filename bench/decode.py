@@ -1,6 +1,7 @@
 """Prefill and decode speed of shoal's compiled runtime, shoal's NumPy reference and llama.cpp, one table.
 
     python bench/decode.py [--target auto|llvm|cuda] [--quantization auto|q4_1|native|f32] [--rounds 3]
+                           [--model FILE] [--context 4096]
 
 Each engine runs in its own subprocess (so peak RSS is its own): a ~200-token chat prompt is prefilled, then
 128 greedy decode steps follow. `--rounds` rounds each run every engine once, alternating the order; a row
@@ -8,6 +9,11 @@ shows the medians of its runs, and its ratios are the median over rounds of the 
 llama.cpp. llama.cpp (llama-cpp-python, n_threads = the core count, same GGUF) is included when importable.
 The compiled engine's library is built (or found) in the compile cache before it is timed; the compile column
 is the build time recorded in the cache manifest (`--fresh-compile` rebuilds into a temporary cache first).
+
+`--context N` sizes every engine's KV cache for N positions (shoal: one sequence of N tokens; llama.cpp:
+n_ctx = N) and, in the first round, fills it after the timed runs: a prompt of N − 8 tokens, then 4 decode
+steps. The peak RSS of that process (VmHWM: weights, KV cache, runtime, and the GGUF pages mapped while
+loading) is printed beside the issue's target, file size + 250 MB.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 ENGINES = ("shoal-compiled", "shoal-numpy", "llama.cpp")
 PROMPT_TOKENS = 200
+RSS_ALLOWANCE_MB = 250
+"""Issue 16's memory target: peak RSS at a 4k context ≤ the GGUF's size + this."""
 TOPIC = ("Explain, step by step and with examples, how a compiler turns a high level program into fast "
          "machine code for a small computer with two cores, covering parsing, optimisation, scheduling and "
          "memory. ")
@@ -88,12 +96,12 @@ class _ShoalEngine:
 
 
 class _LlamaCppEngine:
-    def __init__(self, model_path: Path, threads: int) -> None:
+    def __init__(self, model_path: Path, threads: int, context: int) -> None:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=1024, n_batch=512, logits_all=False, verbose=False)
+                                   n_ctx=context or 1024, n_batch=512, logits_all=False, verbose=False)
         self.vocab = self.llm.n_vocab()
 
     def _argmax(self) -> int:
@@ -167,8 +175,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "shoal-compiled":
         from shoal.models.runtime import CompiledStage
 
+        sizing = {"max_batch_size": 1, "max_total_tokens": args.context} if args.context else {}
         stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
-                                   quantization=args.quantization)
+                                   quantization=args.quantization, **sizing)
         result["compile_s"] = json.loads(stage.shard.manifest.read_text()).get("compile_seconds")
         result["weight_bytes"] = sum(_nbytes(shape, dtype) for _, shape, dtype in stage.shard.params)
         result["device"] = stage.target.kind
@@ -179,7 +188,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         engine = _ShoalEngine(ReferenceStage(gguf, LayerSpan.whole(gguf.config.num_layers)),
                               gguf.config.vocab_size)
     else:
-        engine = _LlamaCppEngine(model_path, args.threads or host_cores())
+        engine = _LlamaCppEngine(model_path, args.threads or host_cores(), args.context)
         result["weight_bytes"] = sum(gguf.tensor_info(n).size for n in gguf.tensor_names())
     gguf.close()  # the engines hold their own copies; drop the mapped file's pages
     result["load_s"] = time.perf_counter() - start
@@ -193,12 +202,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                   peak_rss_mb=_peak_rss_mb(), first_tokens=tokens[:8])
     if args.profile and args.worker == "shoal-compiled":
         result["profile"] = profile_decode(stage, prompt)
+    if args.fill and args.context:
+        long_prompt = (prompt * (args.context // len(prompt) + 1))[:args.context - 8]
+        start = time.perf_counter()
+        engine.run(long_prompt, 4)
+        result.update(context_rss_mb=_peak_rss_mb(), fill_s=time.perf_counter() - start)
     return result
 
 
-def _run_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
+def _run_engine(engine: str, args: argparse.Namespace, fill: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--target", args.target, "--model", args.model,
-           "--quantization", args.quantization, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+           "--quantization", args.quantization, "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--context", str(args.context)]
+    if fill:
+        cmd.append("--fill")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.profile:
@@ -269,6 +286,9 @@ def merge_rounds(rounds: list[dict[str, dict[str, Any]]], engines: list[str]) ->
         row = dict(runs[-1])
         for key in ("prefill_tps", "decode_tps", "peak_rss_mb"):
             row[key] = statistics.median(run[key] for run in runs)
+        filled = [run for run in runs if "context_rss_mb" in run]
+        if filled:
+            row["context_rss_mb"] = filled[0]["context_rss_mb"]
         for kind in ("prefill", "decode"):
             ratios = [r[engine][f"{kind}_tps"] / r["llama.cpp"][f"{kind}_tps"] for r in rounds
                       if "error" not in r.get(engine, {"error": ""})
@@ -297,6 +317,20 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"  {r['engine']}: decode ×llama.cpp per round {spread}")
 
 
+def print_context_rss(rows: list[dict[str, Any]], model_path: Path, context: int) -> None:
+    """Each engine's peak RSS with `context` positions filled, beside file size + RSS_ALLOWANCE_MB (decimal
+    MB here: VmHWM's MiB × 1.048576)."""
+    file_mb = model_path.stat().st_size / 1e6
+    target = file_mb + RSS_ALLOWANCE_MB
+    print(f"\npeak RSS with the {context}-token context filled (target: file {file_mb:.0f} MB + "
+          f"{RSS_ALLOWANCE_MB} = {target:.0f} MB)")
+    for r in rows:
+        if "context_rss_mb" in r:
+            rss = r["context_rss_mb"] * 2**20 / 1e6
+            verdict = "within" if rss <= target else "OVER"
+            print(f"  {r['engine']:<16} {rss:7.0f} MB  {verdict} ({rss - file_mb:+.0f} MB beside the file)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: core count)")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of " + ", ".join(ENGINES))
+    parser.add_argument("--context", type=int, default=0,
+                        help="size the KV cache for this many positions and, in round 1, fill it and report "
+                             "peak RSS against file size + 250 MB (e.g. 4096)")
+    parser.add_argument("--fill", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fresh-compile", action="store_true", help="rebuild into a temporary compile cache")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     parser.add_argument("--profile", action="store_true",
@@ -334,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         round_rows = {}
         for engine in order:
             print(f"round {number}/{args.rounds}: {engine} ...", file=sys.stderr, flush=True)
-            round_rows[engine] = _run_engine(engine, args)
+            round_rows[engine] = _run_engine(engine, args, fill=number == 1 and engine != "shoal-numpy")
         rounds.append(round_rows)
     rows = merge_rounds(rounds, engines)
     print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; {args.rounds} "
@@ -342,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
           f"ratios; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
     print_bandwidth(rows)
+    if args.context:
+        from shoal.models.embedded import embedded_model_path
+
+        print_context_rss(rows, Path(args.model) if args.model != "default" else embedded_model_path(),
+                          args.context)
     for row in rows:
         if row.get("profile"):
             print(f"\nper-function decode time ({row['engine']}, instrumented; top 15):")

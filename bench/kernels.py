@@ -7,6 +7,11 @@ over enough copies to exceed the last-level cache (a Python loop for both, ~1-2 
 GB/s counts the bytes of the weights each call reads (packed for the kernels, fp32 for NumPy).
 
     python3 bench/kernels.py [--rows 200] [--threads 2] [--portable]
+    python3 bench/kernels.py --kinds q8_0,q4_k,q6_k,q5_0 --threads 1   # generic GEMVs, Llama-3.2-1B shapes
+
+`--kinds` times the generic block-type GEMV (models/kernels/qmatmul.py, this CPU's instruction set) on
+random blocks of Llama-3.2-1B's decode shapes (qkv, gate_up, down) and prints bytes/s cold and hot beside a
+NumPy read of 256 MiB (the streaming limit of one thread), as process CPU time (robust under load).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--portable", action="store_true", help="also time the portable (non-VNNI) path")
     parser.add_argument("--cuda", action="store_true", help="also time the CUDA kernels on GPU 0")
+    parser.add_argument("--kinds", default="",
+                        help="comma-separated block types: time the generic GEMVs instead (e.g. q8_0,q4_k)")
     parser.add_argument("--stack-only", action="store_true",
                         help="only time the 30-layer stack of matmuls in one VM call (decode ceiling)")
     args = parser.parse_args()
@@ -55,6 +62,9 @@ def main() -> None:
     if args.portable or not paths:
         paths.append(("portable", False))
     dev = tvm.cpu()
+    if args.kinds:
+        kinds_table(target, args.kinds.split(","))
+        return
     if args.stack_only:
         stack_table(target)
         return
@@ -128,6 +138,61 @@ def main() -> None:
     if args.cuda:
         cuda_table(tensors, args.rows)
     stack_table(target)
+
+
+KIND_SHAPES = [(3072, 2048), (16384, 2048), (2048, 8192)]
+"""Llama-3.2-1B's fused qkv, fused gate_up and down projections (N x K)."""
+
+
+def kinds_table(target, kinds: list[str]) -> None:
+    """Generic GEMV per block type: process CPU time per call, cold (round-robin over copies > 200 MiB) and
+    hot (one copy, L2/L3), as GB/s of the packed bytes read."""
+    import numpy as np
+    import tvm
+    from shoal.models.kernels.blocks import pack_blocks
+    from shoal.models.kernels.qmatmul import qgemv_func
+    from shoal.models.kernels.tir_common import has_avx2, has_vnni
+
+    from bench.shaped_gguf import random_blocks
+
+    isa = "vnni" if has_vnni(target) else "avx2" if has_avx2(target) else "portable"
+    dev = tvm.cpu()
+    data = np.ones(256 << 20, np.uint8)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.process_time()
+        data.view(np.uint64).sum()
+        best = min(best, time.process_time() - t0)
+    print(f"target {target} ({isa}), TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, load "
+          f"{os.getloadavg()[0]:.1f}; NumPy read of 256 MiB: {data.nbytes / best / 1e9:.1f} GB/s")
+    del data
+    print(f"{'kind':>5} {'N x K':>13} {'MiB':>6} | {'cold us':>8} {'GB/s':>5} | {'hot us':>8} {'GB/s':>5}")
+    rng = np.random.default_rng(0)
+    for kind in kinds:
+        for n, k in KIND_SHAPES:
+            w = pack_blocks(kind, random_blocks(kind, n, k, rng), n, k)
+            func = qgemv_func(kind, n, k, isa).with_attr("global_symbol", "gemv")
+            gemv = tvm.compile(tvm.IRModule({"gemv": func}), target=target)["gemv"]
+            nbytes = sum(a.nbytes for _, a in w.arrays)
+            copies = max(2, (200 << 20) // nbytes)
+            sets = [[tvm.runtime.tensor(a, dev) for _, a in w.arrays] for _ in range(copies)]
+            x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
+            y = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
+            for ws in sets:
+                gemv(x, *ws, y)
+            cold = float("inf")
+            for _ in range(5):
+                t0 = time.process_time()
+                for ws in sets:
+                    gemv(x, *ws, y)
+                cold = min(cold, (time.process_time() - t0) / copies)
+            t0 = time.process_time()
+            for _ in range(100):
+                gemv(x, *sets[0], y)
+            hot = (time.process_time() - t0) / 100
+            del sets
+            print(f"{kind:>5} {n:>6} x {k:<5} {nbytes / 2**20:6.1f} | {cold * 1e6:8.1f} "
+                  f"{nbytes / cold / 1e9:5.1f} | {hot * 1e6:8.1f} {nbytes / hot / 1e9:5.1f}", flush=True)
 
 
 def stack_table(target) -> None:

@@ -6,7 +6,8 @@ Same signatures and outputs (attention output and log2-sum-exp `lse`) as TVM's k
 (sequence or token, query head), split over the CPU threads; each works 16 keys at a time: 16-lane vector
 dot products for the scores, one online-softmax rescale per block, the block's probabilities by one
 polynomial exp2 vector, vector FMAs into the output.
-Limits: float32 Q/KV, head_dim a multiple of 16, 16-token pages, no sliding window, rope not applied inline
+Limits: float32 Q/KV, head_dim a multiple of 16, 16-token pages (decode: also sliding-window layers; the
+ragged prefill is over the new tokens only), rope not applied inline
 (`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache rotates K when appending); other configurations
 keep TVM's kernels (the factories return them).
 
@@ -42,10 +43,11 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
                          sliding_window: bool, rope_scaling: dict[str, Any], page_size: int = 16
                          ) -> tirx.PrimFunc:
     """The decode-attention PrimFunc for these sizes (TVM's own kernel where this one does not apply)."""
-    if (sliding_window or qkv_dtype != "float32" or head_dim % LANES or num_qo_heads % num_kv_heads
-            or page_size != LANES):
+    if qkv_dtype != "float32" or head_dim % LANES or num_qo_heads % num_kv_heads or page_size != LANES:
         return _STOCK_DECODE_CPU(num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window,
                                  rope_scaling, page_size)
+    if sliding_window:
+        return _sliding_decode(num_kv_heads, num_qo_heads, head_dim, page_size)
     h_qo, h_kv, d_head = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     chunks = d_head // LANES
@@ -121,6 +123,95 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
             lse[b, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
 
     return batch_decode_paged_kv.with_attr("global_symbol", "batch_decode_paged_kv_cpu")
+
+
+def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int) -> tirx.PrimFunc:
+    """`batch_decode_paged_kv_cpu_sliding_window`: as the decode kernel above over TVM's sliding-window
+    view of a sequence — `length_info` [3, batch] = (last page length, window offset, sink length); visible
+    position i is stored at i (i < sink) or i − sink + offset, as TVM's `_get_seq_offset` maps it. Keys go
+    16 positions at a time, each looked up through the page table."""
+    group = h_qo // h_kv
+    chunks = d_head // LANES
+
+    def score(q: tirx.Buffer, pages: tirx.Buffer, b: Any, h: Any, page: Any, row: Any) -> tirx.PrimExpr:
+        total = None
+        for c in range(chunks):
+            lanes = tirx.Ramp(c * LANES, 1, LANES)
+            part = q[b, h, lanes] * pages[page, 0, h // group, row, lanes]
+            total = part if total is None else total + part
+        return vsum(total)
+
+    @T.prim_func(private=True)
+    def batch_decode_paged_kv_sliding(
+        q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
+        page_table_values_handle: T.handle, var_length_info: T.handle, k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tir.noalias": True})
+        batch = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(q_handle, (batch, h_qo, d_head), "float32")
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d_head), "float32")
+        indptr = T.match_buffer(page_table_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
+        info = T.match_buffer(var_length_info, (3, batch), "int32", elem_offset=length_offset)
+        output = T.match_buffer(output_handle, (batch, h_qo, d_head), "float32")
+        lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
+        assert rotary_mode == 0, "fast CPU decode attention: inline rope is not supported"
+        for task in T.parallel(batch * h_qo):
+            b = T.meta_var(task // h_qo)
+            h = T.meta_var(task % h_qo)
+            acc = T.alloc_buffer((d_head,), "float32", scope="global")
+            s = T.alloc_buffer((page_size,), "float32", scope="global")
+            where = T.alloc_buffer((page_size, 2), "int32", scope="global")  # (page, row) of each key
+            st = T.alloc_buffer((3,), "float32", scope="global")  # running max, running sum, block max
+            st[0] = T.float32(-5e4)
+            st[1] = T.float32(0)
+            for c in range(chunks):
+                acc[T.Ramp(c * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            npages = T.meta_var(indptr[b + 1] - indptr[b])
+            visible = T.meta_var(T.if_then_else(
+                npages > 0, (npages - 1) * page_size + info[0, b] - info[1, b] + info[2, b], 0))
+            for kb in range((visible + page_size - 1) // page_size):
+                rows = T.meta_var(T.min(page_size, visible - kb * page_size))
+                st[2] = T.float32(-5e4)
+                for i in range(rows):
+                    pos = T.meta_var(kb * page_size + i)
+                    stored = T.meta_var(T.if_then_else(pos < info[2, b], pos, pos - info[2, b] + info[1, b]))
+                    where[i, 0] = values[indptr[b] + stored // page_size]
+                    where[i, 1] = stored % page_size
+                    s[i] = score(q, pages, b, h, where[i, 0], where[i, 1]) * (sm_scale * T.float32(LOG2E))
+                    st[2] = T.max(st[2], s[i])
+                if st[2] > st[0]:  # rescale what came before to the new max
+                    st[1] = st[1] * T.exp2(st[0] - st[2])
+                    for c in range(chunks):
+                        acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] * T.Broadcast(
+                            T.exp2(st[0] - st[2]), LANES)
+                    st[0] = st[2]
+                s[T.Ramp(0, 1, LANES)] = _block_probs(s[T.Ramp(0, 1, LANES)], st[0], rows)
+                st[1] = st[1] + vsum(s[T.Ramp(0, 1, LANES)])
+                for c in range(chunks):
+                    for i in range(rows):
+                        acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
+                            s[i], LANES) * pages[where[i, 0], 1, h // group, where[i, 1],
+                                                 T.Ramp(c * LANES, 1, LANES)]
+            for c in range(chunks):
+                output[b, h, T.Ramp(c * LANES, 1, LANES)] = T.Select(
+                    st[1] > T.float32(0), acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(st[1], LANES),
+                    T.Broadcast(T.float32(0), LANES))
+            lse[b, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
+
+    return batch_decode_paged_kv_sliding.with_attr("global_symbol",
+                                                   "batch_decode_paged_kv_cpu_sliding_window")
 
 
 def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str,
