@@ -5,6 +5,13 @@ seed, so a test re-creates the file and checks its sha256 against the llama.cpp 
 (scripts/make_family_fixtures.py).
 
     path = write_family_gguf("qwen3", tmp_path / "qwen3.gguf")
+    path = write_family_gguf("phi3", tmp_path / "phi3-mixed.gguf", blocks=MIXED)
+    path = write_family_gguf("llama", tmp_path / "llama-q5_k.gguf", blocks="q5_k")
+
+`blocks` writes the family at a shape where the K-quants fit (rows of 256 inputs: BLOCK_SHAPES) with its
+weight matrices in block types a native build keeps, one type per tensor (`block_layout`): MIXED takes every
+type in turn, so each file holds all ten at least once; a type name puts every matrix in that type. The
+matrices are quantized by tests/models/native_gguf.py's encoders; fixtures by scripts/make_block_fixtures.py.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from tests.models.native_gguf import encode
 
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "phi3", "gemma3")
 ARCHITECTURE = {"llama3": "llama"}
@@ -46,6 +55,28 @@ SHAPES = {
 GEMMA3_WINDOW = 8
 """Small, so the fixtures' prompts and 32 generated steps cross the sliding window."""
 
+BLOCK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "bf16")
+"""Every block type a native build keeps (models/kernels/blocks.py ALL_KINDS)."""
+MIXED = "mixed"
+"""`blocks=MIXED`: every block type in one file (`block_layout`)."""
+FILE_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q5_k": 17, "q6_k": 18,
+              "f16": 1, "bf16": 32, MIXED: 15}
+"""`general.file_type` (llama.cpp's LLAMA_FTYPE) of a `blocks` file; a mix is written as Q4_K_M's."""
+_BLOCK = FamilyShape(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512)
+BLOCK_SHAPES = {
+    "llama": _BLOCK,
+    "llama3": _BLOCK,
+    "qwen2": _BLOCK,
+    "qwen3": FamilyShape(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128, ffn=512),  # q rows 512
+    "phi3": FamilyShape(layers=3, hidden=256, heads=4, kv_heads=4, head_dim=64, ffn=512),  # 4 matrices/layer
+    "gemma3": FamilyShape(layers=7, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, context=512),
+}
+"""Shapes of the `blocks` files: every matrix's input width a multiple of 256 (hidden 256, ffn 512,
+heads x head_dim 256 or 512) and at least 10 weight matrices per file, so every block type fits once."""
+TIED_EMBEDDING_SCALE = {"qwen3": 0.1, "gemma3": 0.03}
+"""Embedding std in the tied `blocks` files: small beside what the layers add to the residual stream (as
+in trained models), else the tied head's logit of the last input token (|e|² at hidden 256) wins each step."""
+
 
 def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges): GPT-2's 256 byte symbols, one token per merge, the ChatML specials."""
@@ -76,6 +107,33 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float = 8.0, low: f
     return factors.astype(np.float32)
 
 
+def matrix_names(arch: str, shape: FamilyShape, tie: bool) -> list[str]:
+    """The family's weight matrices (GGUF names without `.weight`) in file order."""
+    fused = ARCHITECTURE.get(arch, arch) == "phi3"
+    per_layer = (["attn_qkv"] if fused else ["attn_q", "attn_k", "attn_v"]) + ["attn_output"] + (
+        ["ffn_up"] if fused else ["ffn_gate", "ffn_up"]) + ["ffn_down"]
+    names = ["token_embd"] + [f"blk.{i}.{n}" for i in range(shape.layers) for n in per_layer]
+    return names if tie else [*names, "output"]
+
+
+def block_layout(arch: str, blocks: str = MIXED) -> dict[str, str]:
+    """Tensor (without `.weight`) -> block type in the `blocks` file of `arch`. MIXED: BLOCK_TYPES in turn
+    over the matrices in file order, starting at a different type per family (so the embedding, the head
+    and the fused modules get different types in different families); a type name: that type throughout."""
+    shape = BLOCK_SHAPES[arch]
+    names = matrix_names(arch, shape, _ties(arch))
+    if blocks != MIXED:
+        if blocks not in BLOCK_TYPES:
+            raise ValueError(f"blocks={blocks!r}: expected {MIXED!r} or one of {BLOCK_TYPES}")
+        return dict.fromkeys(names, blocks)
+    start = FAMILIES.index(arch) * 3
+    return {name: BLOCK_TYPES[(start + i) % len(BLOCK_TYPES)] for i, name in enumerate(names)}
+
+
+def _ties(arch: str) -> bool:
+    return ARCHITECTURE.get(arch, arch) in ("gemma3", "qwen3")
+
+
 def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
@@ -85,21 +143,25 @@ def _norm(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None = None,
-                      quantized: bool = False) -> Path:
+                      quantized: bool = False, blocks: str | None = None) -> Path:
     """Write a GGUF of architecture `arch` to `path` (deterministic for `seed`) and return `path`.
-    `quantized`: the blocks' matrices as Q8_0 and the embedding/head as F16, the vocabulary padded with
-    control tokens to a multiple of 16 (what a native build's kernels take)."""
+    `quantized`: the blocks' matrices as Q8_0 and the embedding/head as F16; `blocks` (MIXED or a block
+    type): BLOCK_SHAPES' shape, each matrix in its `block_layout` type. Both pad the vocabulary with control
+    tokens to a multiple of 16 (what a native build's kernels take)."""
     if arch not in FAMILIES:
         raise ValueError(f"unknown family {arch!r}")
-    shape = SHAPES[arch]
+    if blocks and (quantized or tie is not None):
+        raise ValueError("blocks has its own layout: no quantized or tie")
+    shape = BLOCK_SHAPES[arch] if blocks else SHAPES[arch]
+    layout = block_layout(arch, blocks) if blocks else {}
     variant, arch = arch, ARCHITECTURE.get(arch, arch)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_level_vocab()
-    if quantized:
+    if quantized or blocks:
         pad = -len(tokens) % 16
         tokens, types = tokens + [f"<|pad{i}|>" for i in range(pad)], types + [3] * pad
     vocab = len(tokens)
-    tie = arch in ("gemma3", "qwen3") if tie is None else tie
+    tie = _ties(arch) if tie is None else tie
     w = GGUFWriter(str(path), arch)
     w.add_name("shoal family test")  # not the family: llama.cpp keys vocab quirks on names like "phi3"
     w.add_context_length(shape.context)
@@ -121,15 +183,19 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
         w.add_rope_freq_base_swa(10_000.0)
     if arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(shape.context)
-    w.add_file_type(7 if quantized else 0)  # mostly Q8_0 / all F32
+    w.add_file_type(FILE_TYPES[blocks] if blocks else 7 if quantized else 0)  # mostly Q8_0 / all F32
     add_tensor = w.add_tensor
 
     def put(name: str, array: np.ndarray) -> None:
-        if not quantized or array.ndim != 2:
+        if blocks and array.ndim == 2:
+            data, qtype = encode(layout[name.removesuffix(".weight")], array)
+            data = data.reshape(array.shape[0], -1)
+            add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        elif not quantized or array.ndim != 2:
             add_tensor(name, array)
         elif name.startswith("blk."):
-            blocks = quants.quantize(array, GGMLQuantizationType.Q8_0)
-            add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+            q8 = quants.quantize(array, GGMLQuantizationType.Q8_0)
+            add_tensor(name, q8, raw_shape=q8.shape, raw_dtype=GGMLQuantizationType.Q8_0)
         else:
             add_tensor(name, array.astype(np.float16))
 
@@ -145,6 +211,8 @@ def write_family_gguf(arch: str, path: Path, seed: int = 0, *, tie: bool | None 
 
     hidden, q_rows, kv_rows = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     emb_scale = 1.0 / np.sqrt(hidden) if arch == "gemma3" else 1.0  # gemma3 multiplies by sqrt(hidden)
+    if blocks and tie:
+        emb_scale = TIED_EMBEDDING_SCALE[arch]
     put("token_embd.weight", (rng.standard_normal((vocab, hidden)) * emb_scale).astype(np.float32))
     if variant == "llama3":
         put("rope_freqs.weight", llama3_rope_factors(shape.head_dim, theta))
