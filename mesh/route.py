@@ -8,7 +8,7 @@ each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,6 +68,16 @@ class Route:
     replan_log: list[ReplanEntry] = field(default_factory=list)
     stage_timing: list[dict[str, Any]] | None = None
     """Per-stage call accounting of a split (`remote_stage.LinkTiming`, with peer, layers and link)."""
+    listener: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False, compare=False)
+    """Where `progress` goes: the API's stream of this request (an SSE comment), or nowhere."""
+
+    def progress(self, message: str, **data: Any) -> None:
+        """Tell the client why it waits and how far (`{"message": ..., **data}`: `waiting` says for what —
+        `peer_load`, `local_load`, `peer_start`, `queue`, `recovery` — plus `seconds`, `peer`, `layers`,
+        `fraction` where known). Any thread may call it: the listener is thread-safe."""
+        listener = self.listener
+        if listener is not None:
+            listener({"message": message, **data})
 
     def follow(self, kind: RouteKind, stages: Iterable[tuple[str, str]], predicted: Mapping[str, float]
                ) -> None:

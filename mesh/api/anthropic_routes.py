@@ -25,6 +25,7 @@ from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames
 from shoal.mesh.api.keys import ROUTE_HEADER
 from shoal.mesh.api.openai_routes import read_json
 from shoal.mesh.api.openai_schema import CompletionRequest, parse_completion_request
+from shoal.mesh.api.progress import comment_text
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import open_sse
 from shoal.mesh.api.structured import ToolCallStream, parse_call
@@ -264,6 +265,11 @@ class _EventFramer:
         await self._event("message_start", {"type": "message_start",
                                             "message": _message(self.record, self.model, None, None)})
         await self._event("ping", {"type": "ping"})
+
+    async def progress(self, report: dict[str, Any]) -> None:
+        """An SSE comment (`: shoal progress {...}`), which the official client skips."""
+        assert self.response is not None
+        await self.response.write(b": " + comment_text(report).encode() + b"\n\n")
 
     async def token(self, event: TokenEvent) -> None:
         if not event.text:

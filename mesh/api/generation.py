@@ -21,6 +21,7 @@ from shoal.mesh.api.errors import ApiError, invalid, route_error
 from shoal.mesh.api.keys import INFLIGHT, NODE, ROUTER
 from shoal.mesh.api.openai_schema import CompletionRequest
 from shoal.mesh.api.ports import NodePort, RouterPort
+from shoal.mesh.api.progress import ProgressFeed, ProgressPump
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.route import RouteChoice, RouteFailed
 from shoal.models.admission import AdmissionError
@@ -256,7 +257,10 @@ async def collect(
 
 class Framer(Protocol):
     """How one dialect writes a streamed answer. `open` starts the response (called once the first token is
-    in, so errors before it are still plain HTTP errors); `error` writes an error frame and ends it."""
+    in, so errors before it are still plain HTTP errors); `error` writes an error frame and ends it. A framer
+    that can show progress (an SSE dialect: `mesh.api.progress`) also has `async progress(report)`; its
+    response then opens at the first report of a wait (after ~1 s without a token), and errors after that
+    are error frames."""
 
     response: web.StreamResponse | None
 
@@ -279,15 +283,22 @@ async def stream_frames(
     framer: Framer,
 ) -> tuple[web.StreamResponse, str]:
     """Stream the answer through `framer`; returns the response and the outcome (stop, length, refused,
-    cancelled, error)."""
+    cancelled, error). While the client waits, what for goes out as progress (`mesh.api.progress`)."""
     done = Collected("", "length", len(prompt_ids), 0)
-    opened = False
+    gate = _OpenGate(request, framer)
+    node = request.app[NODE]
+    engine = served.engine
+    depth = (lambda: engine.queue_depth) if engine is not None else None
+    pump = ProgressPump(ProgressFeed(asyncio.get_running_loop()), gate.progress, model=served.name,
+                        bus=node.bus, queue_depth=depth)
+    record.route.listener = pump.feed.push
+    pump.start()
     try:
         tokens = token_events(request, served, prompt_ids, params, record, req.route)
         async with contextlib.aclosing(tokens):
             event = await anext(tokens, None)
-            await framer.open(request)
-            opened = True
+            pump.first_token()
+            await gate.open()
             while event is not None:
                 done.completion_tokens = event.completion_tokens
                 done.prompt_tokens = event.prompt_tokens
@@ -296,37 +307,47 @@ async def stream_frames(
                     done.stop_sequence = event.stop_sequence
                 await framer.token(event)
                 event = await anext(tokens, None)
+        await pump.stop()
         await framer.finish(done)
         return _response(framer), done.finish
     except ConnectionResetError:
         logger.info("%s: client went away mid-stream; generation cancelled", record.id)
         return (framer.response or web.Response(status=499)), "cancelled"
     except asyncio.CancelledError:
-        if request.app[NODE].draining and opened:
+        await pump.stop()
+        if request.app[NODE].draining and gate.opened:
             with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
                 async with asyncio.timeout(1.0):  # wait_for can lose a cancellation (3.11)
                     await framer.error(SHUTDOWN_ERROR)
         raise
     except ContextOverflowError as exc:
         error = ApiError(400, str(exc), code="context_length_exceeded")
-        if not opened:
+        await pump.stop()
+        if not gate.opened:
             raise error from None
         await framer.error(error.body()["error"])
         return _response(framer), "error"
     except AdmissionError as exc:  # before the first token, so before any byte was sent
-        if not opened:
+        await pump.stop()
+        if not gate.opened:
             return refused_response(request.app[NODE].metrics, served.name, exc), "refused"
         await framer.error(refusal(exc).body()["error"])
         return _response(framer), "error"
-    except ApiError:
-        raise
+    except ApiError as exc:
+        await pump.stop()
+        if not gate.opened:
+            raise
+        await framer.error(exc.body()["error"])
+        return _response(framer), "error"
     except RouteFailed as exc:
-        if not opened:
+        await pump.stop()
+        if not gate.opened:
             raise
         await framer.error(route_error(exc).body()["error"])
         return _response(framer), "error"
     except ValueError as exc:
-        if not opened:
+        await pump.stop()
+        if not gate.opened:
             raise invalid(str(exc), "prompt") from None
         logger.exception("%s: generation failed", record.id)
         await framer.error({"message": str(exc), "type": "server_error", "param": None,
@@ -334,12 +355,39 @@ async def stream_frames(
         return _response(framer), "error"
     except Exception:
         logger.exception("%s: generation failed", record.id)
-        if not opened:
+        await pump.stop()
+        if not gate.opened:
             raise
         await framer.error(GENERATION_FAILED)
         return _response(framer), "error"
     finally:
+        record.route.listener = None
+        await pump.stop()
         count_tokens(request, served, done.prompt_tokens, done.completion_tokens)
+
+
+class _OpenGate:
+    """Opens the framer's response once, whichever comes first: the first token or the first progress
+    report."""
+
+    def __init__(self, request: web.Request, framer: Framer) -> None:
+        self._request = request
+        self._framer = framer
+        self._lock = asyncio.Lock()
+        self.opened = False
+
+    async def open(self) -> None:
+        async with self._lock:
+            if not self.opened:
+                await self._framer.open(self._request)
+                self.opened = True
+
+    async def progress(self, report: dict[str, Any]) -> None:
+        write = getattr(self._framer, "progress", None)
+        if write is None:  # this dialect has no place for progress (NDJSON lines are all answer objects)
+            return
+        await self.open()
+        await write(report)
 
 
 def _response(framer: Framer) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames
 from shoal.mesh.api.keys import NODE, ROUTE_HEADER
 from shoal.mesh.api.logprobs import for_kind
 from shoal.mesh.api.openai_schema import ROUTE_HEADER_IN, CompletionRequest, parse_completion_request
+from shoal.mesh.api.progress import comment_text
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
 from shoal.mesh.api.structured import ToolCallStream, parse_call
@@ -44,7 +45,10 @@ async def read_json(request: web.Request) -> Any:
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[NODE].models
     await models.refresh_async()
-    return json_response({"object": "list", "data": models.list_models()})
+    data = models.list_models()
+    memory = models.memory()  # the loaded models' estimates against the node's budget
+    return json_response({"object": "list", "data": data,
+                          "shoal": {"memory_budget": memory["budget"], "memory_used": memory["used"]}})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -185,6 +189,11 @@ class _SseFramer:
         self.response = self._sse.response
         if self.req.kind == "chat":
             await self._send(self._chunk(delta={"role": "assistant", "content": ""}))
+
+    async def progress(self, report: dict[str, Any]) -> None:
+        """An SSE comment (`: shoal progress {...}`): the official client skips comment lines."""
+        assert self._sse is not None
+        await self._sse.comment(comment_text(report))
 
     async def token(self, event: TokenEvent) -> None:
         if event.logprobs is not None:

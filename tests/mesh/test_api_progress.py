@@ -1,0 +1,114 @@
+"""No silent waits: a streamed request that waits says why, as SSE comments the official client skips.
+
+A node with a small KV cache: one streamed answer holds the whole cache, so the next streamed request queues
+for room; its stream opens within about a second with `: shoal progress {...}` comments naming the queue, and
+the official `openai` client, reading the same kind of stream, gets a normal answer. The pump itself is
+checked on a real event bus (compile progress of the model forwarded, of other models not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from shoal.mesh.api.progress import PREFIX, ProgressFeed, ProgressPump, comment_text
+from shoal.mesh.events import EventBus
+
+from tests.mesh.api_harness import MODEL, NodeThread, make_config
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.timeout(300)
+
+CACHE_TOKENS = 192
+LONG = "Write a very long story about a lighthouse keeper and the sea."
+
+
+async def test_the_pump_forwards_reports_ticks_while_waiting_and_the_models_compile_progress() -> None:
+    bus = EventBus()
+    bus.bind_loop(asyncio.get_running_loop())
+    written: list[dict[str, Any]] = []
+
+    async def write(report: dict[str, Any]) -> None:
+        written.append(report)
+
+    feed = ProgressFeed(asyncio.get_running_loop())
+    pump = ProgressPump(feed, write, model="m", bus=bus, queue_depth=lambda: 3)
+    pump.start()
+    try:
+        feed.push({"message": "waiting for peer p to load layers 10:20", "waiting": "peer_load"})
+        await asyncio.sleep(0.05)
+        bus.publish("compile.progress", model="other", span="0:3", fraction=0.5, message="")
+        bus.publish("compile.progress", model="m", span="0:3", fraction=0.25, message="kernels")
+        await asyncio.sleep(1.3)  # nothing more said: a tick says the request still waits (queued here)
+        waits = [r.get("waiting") for r in written]
+        assert waits[0] == "peer_load"
+        compiled = [r for r in written if r.get("waiting") == "local_load"]
+        assert [(r["layers"], r["fraction"]) for r in compiled] == [("0:3", 0.25)]
+        assert "queue" in waits and next(r for r in written if r["waiting"] == "queue")["queued"] == 3
+        pump.first_token()
+        count = len(written)
+        await asyncio.sleep(1.3)
+        assert len(written) == count, "no ticks once tokens flow"
+        feed.push({"message": "peer p lost; resumed", "waiting": "recovery"})  # a re-plan mid-stream
+        await asyncio.sleep(0.05)
+        assert written[-1]["waiting"] == "recovery"
+    finally:
+        await pump.stop()
+    line = comment_text(written[0])
+    assert line.startswith(PREFIX) and "\n" not in line
+    assert orjson.loads(line[len(PREFIX):])["waiting"] == "peer_load"
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[NodeThread]:
+    data_dir = Path(tempfile.mkdtemp(prefix="shoal-progress-test-"))
+    node = NodeThread(make_config(data_dir, models={"cache_tokens": CACHE_TOKENS, "queue_size": 4})).start()
+    yield node
+    node.stop()
+
+
+async def test_a_queued_stream_says_so_and_the_openai_client_ignores_it(node: NodeThread) -> None:
+    served = node.node.models.served(MODEL)
+    assert served is not None
+    prompt = served.tokenizer.encode_chat([{"role": "user", "content": LONG}])
+    fill = {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "stream": True,
+            "max_tokens": CACHE_TOKENS - len(prompt), "stop": ["zzzz"]}  # reserves the whole cache
+    small = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
+             "temperature": 0, "stream": True}
+    client = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+    async with aiohttp.ClientSession() as session:
+        running = await session.post(node.url + "/v1/chat/completions", json=fill)
+        assert running.status == 200  # streaming: its first token exists, so it holds the cache
+        waiter = await session.post(node.url + "/v1/chat/completions", json=small)
+        assert waiter.status == 200  # opened for the first report, before any token
+        comments: list[dict[str, Any]] = []
+        async for raw in waiter.content:
+            line = raw.decode().strip()
+            if line.startswith(": " + PREFIX):
+                comments.append(orjson.loads(line[2 + len(PREFIX):]))
+            if line.startswith("data:") and '"content":""' not in line.replace(" ", ""):
+                break  # a token (the role chunk that opens the stream carries no text)
+            if len(comments) >= 2:
+                break
+        assert comments, "the queued stream said nothing"
+        assert comments[0]["waiting"] == "queue" and comments[0]["queued"] >= 1, comments
+        assert "KV cache" in comments[0]["message"]
+        print(f"queued stream's first report: {comments[0]}")
+        official = asyncio.create_task(client.chat.completions.create(**small))
+        await asyncio.sleep(1.5)  # it waits too, and is sent comments meanwhile
+        running.close()  # the filler leaves: the cache frees and both waiters run
+        text = ""
+        async for chunk in await official:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+        assert text.strip()
+        rest = (await waiter.read()).decode()
+        assert "data: [DONE]" in rest
+        waiter.close()
