@@ -83,7 +83,7 @@ STAGE_RECEIPT = "stage.receipt"
 for _name, _limit in (
     (STAGE_OPEN, 4096),
     (STAGE_CLOSE, 512),  # its reply (a `reply` frame, up to 64 KiB) may carry a receipt
-    (OFFLOAD_OPEN, 196_608),
+    (OFFLOAD_OPEN, 262_144),  # 16,384 prompt ids and a 64,000-character grammar, even all quotes
     (OFFLOAD_TOKEN, 6144),  # with logprobs: up to 21 [id, bytes, logprob] entries
     (OFFLOAD_DONE, 8192),
     (OFFLOAD_ERROR, 2048),

@@ -71,6 +71,21 @@ def test_offload_params_and_token_frames() -> None:
     assert _token_event({**last, "finish": None}, 0, stops) is None  # only the last token names a stop
 
 
+def test_the_largest_offload_open_fits_its_frame() -> None:
+    """The longest prompt and grammar a request may carry, with every stop string, fit `offload.open`."""
+    from shoal.mesh.p2p.protocol import ControlFrame, encode_control
+    from shoal.mesh.split import wire as split_wire
+    from shoal.mesh.split.offload import MAX_PROMPT_IDS
+    from shoal.models.grammar import MAX_GRAMMAR_CHARS, Constraint
+
+    worst = Constraint("lark", '"' * MAX_GRAMMAR_CHARS)  # each quote doubles when escaped
+    params = SamplingParams(max_tokens=8192, temperature=0.5, seed=2**63 - 1, constraint=worst,
+                            stop=tuple("\U0001F600" * 256 for _ in range(8)), logprobs=20)
+    body = {"rid": 2**32 - 1, "model": "m" * 200, "prompt_ids": [99_999] * MAX_PROMPT_IDS,
+            "params": params_to_wire(params)}
+    assert encode_control(ControlFrame(split_wire.OFFLOAD_OPEN, body, id=2**32 - 1))
+
+
 def test_logits_top_k_by_sampling_params() -> None:
     assert logits_top_k(SamplingParams(temperature=0), 256) == GREEDY_TOP_K  # argmax: a one-packet reply
     assert logits_top_k(SamplingParams(temperature=0), 4) == GREEDY_TOP_K
