@@ -266,8 +266,8 @@ async def show(request: web.Request) -> web.Response:
     if entry is None:
         raise invalid(f"model {name!r} is not on this node (see /api/tags)", "model", "model_not_found")
     info: dict[str, Any] = {}
-    if (entry.get("shoal") or {}).get("loaded"):
-        served = await request.app[NODE].models.acquire(name)
+    if (entry.get("shoal") or {}).get("loaded"):  # keeping the keep_alive its last request set
+        served = await request.app[NODE].models.acquire(name, (entry.get("shoal") or {}).get("keep_alive"))
         config = served.config
         arch = config.architecture
         info = {"general.architecture": arch, f"{arch}.context_length": served.context_length,

@@ -96,6 +96,10 @@ class Models(Protocol):
         """keep_alive 0 now: unload it at once if idle (True), else when its requests end."""
         ...
 
+    def memory(self) -> dict[str, int]:
+        """`budget` and `used` (bytes): the loaded models' memory estimates against the node's budget."""
+        ...
+
     def residency(self, name: str) -> dict[str, Any]:
         """`state`, `loaded`, `memory`, `keep_alive`, `expires_at`, `requests` of a model."""
         ...

@@ -214,6 +214,10 @@ class ModelManager:
         """Estimated bytes of the models loaded and loading (of `memory_budget`)."""
         return sum(r.need for r in self._residents.values())
 
+    def memory(self) -> dict[str, int]:
+        """`budget` and `used`: bytes."""
+        return {"budget": self.memory_budget, "used": self.memory_used()}
+
     def compiled_targets(self) -> list[str]:
         """Target kinds (`llvm`, `cuda`) the loaded models were compiled for, in first-seen order."""
         kinds: list[str] = []

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.models.errors import ModelFileError
 from shoal.models.memory import memory_need
 from shoal.models.span import LayerSpan
 
@@ -83,12 +84,15 @@ def estimate_need(path: Path, backend: str, *, cache_tokens: int, max_batch: int
     weights and a `cache_tokens` KV pool for `tvm`, fp32 weights and a context-sized cache for `numpy`."""
     from shoal.models.gguf import read_gguf_index
 
-    with Path(path).open("rb") as fh:
-        def read(offset: int, n: int) -> bytes:
-            fh.seek(offset)
-            return fh.read(n)
+    try:
+        with Path(path).open("rb") as fh:
+            def read(offset: int, n: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(n)
 
-        index = read_gguf_index(read)
+            index = read_gguf_index(read)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the model file {path}: {exc.strerror or exc}") from None
     config = index.config
     span = LayerSpan.whole(config.num_layers)
     if backend == "numpy":

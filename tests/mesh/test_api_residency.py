@@ -106,6 +106,9 @@ async def test_two_models_load_on_first_use_and_list_their_state(start: Callable
     assert first.choices[0].message.content and second.choices[0].message.content
     listed = await states(node)
     now = time.time()
+    async with aiohttp.ClientSession() as session, session.get(node.url + "/v1/models") as r:
+        memory = (await r.json())["shoal"]
+    assert memory == {"memory_budget": int(NEED * 2.5) >> 20 << 20, "memory_used": 2 * NEED}
     for name in (MODEL, OTHER):
         assert listed[name]["state"] == "loaded" and listed[name]["loaded"] is True
         assert listed[name]["memory"] == NEED and listed[name]["keep_alive"] == 300

@@ -4,6 +4,7 @@ kept ones), `keep_alive` durations as Ollama spells them, the `[models]` keys, a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from shoal.mesh.api.errors import ApiError
@@ -16,8 +17,10 @@ from shoal.mesh.node.model_residency import (
     IdleReaper,
     Resident,
     budget_message,
+    estimate_need,
     pick_victims,
 )
+from shoal.models.errors import ModelFileError
 
 MB = 1 << 20
 
@@ -91,6 +94,11 @@ def test_models_config_keys() -> None:
     for bad in ({"memory_budget_mb": 1}, {"keep_alive_s": 10.0**9}, {"keep_alive_s": float("nan")}):
         with pytest.raises(ConfigError, match=r"memory_budget_mb|keep_alive_s"):
             load_config(environ={}, overrides={"data_dir": "/tmp/x", "models": bad})
+
+
+def test_an_unreadable_file_is_a_model_file_error() -> None:
+    with pytest.raises(ModelFileError, match="cannot read the model file"):
+        estimate_need(Path("/nonexistent/model.gguf"), "tvm", cache_tokens=256, max_batch=8, context=None)
 
 
 async def test_the_reaper_unloads_expired_idle_models_only() -> None:
