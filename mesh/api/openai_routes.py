@@ -45,7 +45,10 @@ async def read_json(request: web.Request) -> Any:
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[NODE].models
     await models.refresh_async()
-    return json_response({"object": "list", "data": models.list_models()})
+    data = models.list_models()
+    memory = models.memory()  # the loaded models' estimates against the node's budget
+    return json_response({"object": "list", "data": data,
+                          "shoal": {"memory_budget": memory["budget"], "memory_used": memory["used"]}})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
