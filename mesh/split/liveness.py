@@ -1,4 +1,5 @@
-"""Telling a dead peer from a slow one while a reply is awaited, in well under the mesh's heartbeat timeout.
+"""Long waits on peers: telling a dead peer from a slow one in well under the mesh's heartbeat timeout, and
+telling the request's client what it waits for (`mesh.route.Route.progress`, once a second).
 
 A peer killed mid-request sends nothing more; over a data channel nothing says so until the mesh's heartbeats
 give up on the link (`[mesh] dead_timeout_s`, 4 s). A request knows better what to expect: its replies (a
@@ -17,17 +18,23 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from shoal.mesh.p2p.errors import MeshError
+from shoal.mesh.route import Route
 from shoal.mesh.split.config import SplitConfig
+from shoal.models.span import LayerSpan
 
 T = TypeVar("T")
 
 PROBE_POLL_S = 0.005
 """How often a probe checks whether the peer was heard from."""
+REPORT_EVERY_S = 1.0
+"""How often a long wait is reported to the request's client (`Route.progress`)."""
+Report = Callable[[float], None]
+"""Called with the seconds waited so far, every `REPORT_EVERY_S` of a long wait."""
 
 
 class Probed(Protocol):
@@ -96,10 +103,29 @@ async def heard_from(link: Probed, timeout_s: float) -> bool:
     return link.last_seen >= sent
 
 
+async def reporting(waited: Awaitable[T], report: Report | None, every_s: float = REPORT_EVERY_S) -> T:
+    """`waited`'s result; until it is done, `report(seconds so far)` every `every_s` (None: just await)."""
+    if report is None:
+        return await waited
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(waited)
+    began = loop.time()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if done:
+                return task.result()
+            report(loop.time() - began)
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, probe_timeout_s: float,
-                      timeout_s: float | None = None) -> T:
+                      timeout_s: float | None = None, report: Report | None = None) -> T:
     """`reply`'s result. Raises `PeerSilent` when the peer stays silent past `clock.suspect_after()` and then
-    does not answer a ping; `TimeoutError` past `timeout_s` (None: no limit but the peer's silence)."""
+    does not answer a ping; `TimeoutError` past `timeout_s` (None: no limit but the peer's silence). Before
+    the request's first reply (nothing to compare a silence with), `report` hears of the wait each second."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(reply)
     began = loop.time()
@@ -107,6 +133,8 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
     try:
         while True:
             wait = clock.suspect_after()
+            if wait is None and report is not None:
+                wait = REPORT_EVERY_S
             if deadline is not None:
                 left = deadline - loop.time()
                 wait = left if wait is None else min(wait, left)
@@ -117,9 +145,31 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError
             if clock.suspect_after() is None:
+                if report is not None:
+                    report(loop.time() - began)
                 continue
             if not await heard_from(link, probe_timeout_s) and not task.done():
                 raise PeerSilent(f"silent for {loop.time() - began:.2f} s and did not answer a ping")
     finally:
         if not task.done():
             task.cancel()
+
+
+def local_load_report(route: Route, span: LayerSpan) -> Report:
+    """Tells `route`'s client that this node is loading (or compiling) its part of a split."""
+    def report(seconds: float) -> None:
+        route.progress(f"loading layers {span} here ({seconds:.0f} s)", waiting="local_load",
+                       layers=str(span), seconds=round(seconds, 1))
+    return report
+
+
+def offload_wait_report(route: Route, peer: str) -> Callable[[str, float], None]:
+    """Tells `route`'s client what an offload waits for: the peer taking the request, or its first token."""
+    def report(what: str, seconds: float) -> None:
+        if what == "open":
+            message = f"waiting for peer {peer[:12]} to take the request; it may be loading the model"
+        else:
+            message = f"waiting for peer {peer[:12]}'s first token"
+        route.progress(f"{message} ({seconds:.0f} s)", waiting="peer_start", peer=peer,
+                       seconds=round(seconds, 1))
+    return report

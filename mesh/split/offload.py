@@ -29,7 +29,7 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.liveness import PeerSilent, Watch, await_reply
+from shoal.mesh.split.liveness import PeerSilent, Report, Watch, await_reply, reporting
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Expected, ReceiptError, Usage, UsageLedger
@@ -130,8 +130,11 @@ class OffloadClient:
                 queue.put_nowait(StageLost(peer_id, f"link closed: {peer.close_reason or 'gone'}"))
 
     async def stream(self, peer_id: str, model: str, prompt_ids: list[int], params: dict[str, Any],
-                     cid: str | None = None) -> AsyncIterator[OffloadEvent]:
-        """`cid`: the model's CID where this node knows it (a receipt may name the model by either)."""
+                     cid: str | None = None, on_wait: Callable[[str, float], None] | None = None
+                     ) -> AsyncIterator[OffloadEvent]:
+        """`cid`: the model's CID where this node knows it (a receipt may name the model by either).
+        `on_wait(what, seconds)`: told each second while the peer opens (`open`: it may load the model) or
+        has sent no token yet (`first_token`)."""
         rid = next(_rids) % 2**32
         key = (peer_id, rid)
         queue: asyncio.Queue[ControlFrame | BaseException] = asyncio.Queue()
@@ -144,7 +147,8 @@ class OffloadClient:
             try:
                 peer = self._mesh.peer(peer_id)
                 body = {"rid": rid, "model": model, "prompt_ids": list(prompt_ids), "params": params}
-                await peer.request(wire.OFFLOAD_OPEN, body, self._open_timeout)
+                opened: Report | None = (lambda s: on_wait("open", s)) if on_wait is not None else None
+                await reporting(peer.request(wire.OFFLOAD_OPEN, body, self._open_timeout), opened)
             except RemoteError:
                 raise
             except MeshError as exc:
@@ -153,8 +157,10 @@ class OffloadClient:
             clock = self._watch.clock()
             while True:
                 try:  # a killed peer is found by its silence and an unanswered ping, well before heartbeats
+                    first: Report | None = (lambda s: on_wait("first_token", s)) \
+                        if on_wait is not None and index == 0 else None
                     item = await await_reply(queue.get(), peer, clock, self._watch.probe_timeout_s,
-                                             self._token_timeout)
+                                             self._token_timeout, first)
                 except TimeoutError:
                     raise StageLost(peer_id, f"no token for {self._token_timeout:.0f} s") from None
                 except PeerSilent as exc:

@@ -74,7 +74,9 @@ class SplitPipeline(StageDefaults):
     """A whole-model `Stage` run by a chain of stages, rebuilt (at most `max_replans` times) on a loss."""
 
     def __init__(self, config: ModelConfig, stages: list[ChainStage], rebuild: Rebuild, *,
-                 max_replans: int = 3, on_replan: Callable[[Replan], None] | None = None) -> None:
+                 max_replans: int = 3, on_replan: Callable[[Replan], None] | None = None,
+                 progress: Callable[..., None] | None = None) -> None:
+        """`progress` (`mesh.route.Route.progress`): told of a lost stage and of the resumed request."""
         self._check_chain(config, stages)
         self.config = config
         self.span = LayerSpan.whole(config.num_layers)
@@ -82,6 +84,7 @@ class SplitPipeline(StageDefaults):
         self._rebuild = rebuild
         self._max_replans = max_replans
         self._on_replan = on_replan
+        self._progress = progress
         self._history: dict[int, list[int]] = {}
         self._excluded: set[str] = set()
         self.replans: list[Replan] = []
@@ -187,6 +190,9 @@ class SplitPipeline(StageDefaults):
     def _recover(self, lost: StageLost, detect_s: float = 0.0) -> None:
         started = time.perf_counter()
         logger.warning("split: %s; re-planning without it", lost)
+        if self._progress is not None:
+            self._progress(f"peer {lost.peer[:12]} was lost; re-planning without it", waiting="recovery",
+                           peer=lost.peer, seconds=round(detect_s, 3))
         self._excluded.add(lost.peer)  # "local" too: this node failed to build its part
         old, self.stages = self.stages, []
         for stage in old:
@@ -217,6 +223,10 @@ class SplitPipeline(StageDefaults):
                        replan.seconds, tokens, ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
         if self._on_replan is not None:
             self._on_replan(replan)
+        if self._progress is not None:
+            where = ", ".join(f"{peer[:12]} {span}" for peer, span in replan.stages)
+            self._progress(f"resumed on {where} after {replan.seconds:.2f} s (replayed {tokens} tokens)",
+                           waiting="recovery", seconds=round(replan.seconds, 3), replayed=tokens)
 
     def close(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, Reque
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.liveness import PeerSilent, Watch, await_reply, heard_from
+from shoal.mesh.split.liveness import REPORT_EVERY_S, PeerSilent, Watch, await_reply, heard_from
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -102,6 +102,8 @@ class StageSeen:
 
 
 ReceiptSink = Callable[[StageSeen, Any], None]
+Progress = Callable[..., None]
+"""`mesh.route.Route.progress`: (message, **data) for the request's client; any thread."""
 
 
 @dataclass
@@ -150,11 +152,12 @@ class RemoteStage(StageDefaults):
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
                  fp16: bool = False, cid: str | None = None, direct: bool = False,
-                 on_receipt: ReceiptSink | None = None, direct_failures: DirectLinkFailures | None = None
-                 ) -> None:
+                 on_receipt: ReceiptSink | None = None, direct_failures: DirectLinkFailures | None = None,
+                 progress: Progress | None = None) -> None:
         """`on_receipt`: called (on this thread) with what the origin saw of a sequence and the receipt the
         peer returned when the sequence closes; it must not block (the router hands it to the loop).
-        `direct_failures`: where addresses that did not connect are remembered (skipped while recent)."""
+        `direct_failures`: where addresses that did not connect are remembered (skipped while recent).
+        `progress`: told each second while the peer opens the stage (it may load, fetch or compile it)."""
         span.check(config.num_layers)
         self.link = link
         self.peer = link.peer_id
@@ -178,6 +181,7 @@ class RemoteStage(StageDefaults):
         self._want_direct = direct
         self._direct_failures = direct_failures
         self._direct: TensorLinkClient | None = None
+        self._progress = progress
         self._watch = Watch.from_config(settings)
         self._clock = self._watch.clock()
         """The usual time of this stage's calls: a call silent for much longer makes the origin ping it."""
@@ -185,13 +189,25 @@ class RemoteStage(StageDefaults):
         self._probed_at = 0.0
         self.timing = LinkTiming()
 
-    def _call(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
+              report: Callable[[float], None] | None = None) -> Any:
+        """`coro`'s result, run on the loop; `report(seconds)` each second while it runs (when given)."""
         if threading.get_ident() == getattr(self._loop, "_thread_id", None):
             coro.close()
             raise RuntimeError("RemoteStage methods block; call them from an executor thread")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result(timeout + BRIDGE_GRACE_S)
+            if report is None:
+                return future.result(timeout + BRIDGE_GRACE_S)
+            began = time.monotonic()
+            while True:
+                left = timeout + BRIDGE_GRACE_S - (time.monotonic() - began)
+                try:
+                    return future.result(max(0.0, min(REPORT_EVERY_S, left)))
+                except TimeoutError:
+                    if left <= REPORT_EVERY_S:
+                        raise
+                    report(time.monotonic() - began)
         except TimeoutError:
             future.cancel()
             raise StageLost(self.peer, f"no answer within {timeout:.0f} s") from None
@@ -212,7 +228,8 @@ class RemoteStage(StageDefaults):
         if self._cid:
             body["cid"] = self._cid  # lets a peer without the model fetch just this span
         # the first open of a span loads (or compiles) it on the peer: allow for that
-        reply = self._call(self.link.request(wire.STAGE_OPEN, body, self._open_timeout), self._open_timeout)
+        opening = self.link.request(wire.STAGE_OPEN, body, self._open_timeout)
+        reply = self._call(opening, self._open_timeout, self._report_open if self._progress else None)
         if reply.get("hidden") != self.config.hidden_size or reply.get("vocab") != self.config.vocab_size:
             raise StageLost(self.peer, f"serves a different model shape: {reply}")
         self._wire[seq_id] = wire_seq
@@ -221,6 +238,11 @@ class RemoteStage(StageDefaults):
         if self._want_direct:
             self._want_direct = False  # one try per stage
             self._direct = self._open_direct()
+
+    def _report_open(self, seconds: float) -> None:
+        assert self._progress is not None
+        self._progress(f"waiting for peer {self.peer[:12]} to load layers {self.span} ({seconds:.0f} s)",
+                       waiting="peer_load", peer=self.peer, layers=str(self.span), seconds=round(seconds, 1))
 
     def _open_direct(self) -> TensorLinkClient | None:
         """A direct tensor link to the peer when its API address is reachable (see `mesh.tensor_link`), or

@@ -27,6 +27,7 @@ from shoal.mesh.p2p.ice import link_path
 from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route, RouteChoice, RouteFailed
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.liveness import local_load_report, offload_wait_report, reporting
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
 from shoal.mesh.split.pipeline import ChainStage, Replan, SplitPipeline
@@ -293,7 +294,7 @@ class Router:
             elif plan.kind == "offload":
                 body = params_to_wire(params, max_tokens - len(emitted))
                 source = self.offload.stream(peer, served.name, prompt_ids + emitted, body,
-                                             self.model_cid(served.name))
+                                             self.model_cid(served.name), offload_wait_report(route, peer))
             else:
                 raise StageLost(peer, "a re-planned offload may only go local or to another peer")
             try:
@@ -325,6 +326,9 @@ class Router:
                     plan = sched.Plan("local", (sched.Assignment(sched.LOCAL, whole),), plan.prediction)
                 route.replanned()
                 _follow(route, plan)
+                where = "this node" if plan.kind == "local" else f"peer {plan.stages[0].device[:12]}"
+                route.progress(f"peer {peer[:12]} was lost after {len(emitted)} tokens; resuming on {where}",
+                               waiting="recovery", peer=peer)
 
     async def _split(self, served: Servable, plan: sched.Plan, config: ModelConfig, prompt_ids: list[int],
                      params: SamplingParams, route: Route, choice: RouteChoice) -> AsyncIterator[Any]:
@@ -343,7 +347,8 @@ class Router:
                 for a in p.stages:
                     if a.device == sched.LOCAL:
                         try:
-                            stages.append(await self.host.direct_stage(served.name, a.span, cid))
+                            loading = self.host.direct_stage(served.name, a.span, cid)
+                            stages.append(await reporting(loading, local_load_report(route, a.span)))
                         except RemoteError as exc:
                             if exc.code == "bad_request":
                                 raise
@@ -358,7 +363,8 @@ class Router:
                                               fp16=self.settings.fp16_hidden, cid=cid,
                                               direct=self.settings.direct_tensors,
                                               on_receipt=self.stage_receipts,
-                                              direct_failures=self.direct_failures))
+                                              direct_failures=self.direct_failures,
+                                              progress=route.progress))
             except BaseException:
                 for stage in stages:
                     await loop.run_in_executor(None, stage.close)
@@ -383,7 +389,7 @@ class Router:
         except StageLost as exc:  # a planned peer left before the request started
             stages = await replan_and_build(frozenset({exc.peer}))
         pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
-                                 on_replan=on_replan)
+                                 on_replan=on_replan, progress=route.progress)
         engine = Engine([pipeline], served.tokenizer, max_batch=1)
         await engine.start()
         try:

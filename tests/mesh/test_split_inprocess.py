@@ -246,6 +246,54 @@ async def test_a_silent_peer_is_found_by_a_ping_and_replanned(expected: dict[str
             await h.stop()
 
 
+class SlowOpenLink(PeerLink):
+    """A peer that takes `open_s` to open a stage (as one that loads or compiles the span first)."""
+
+    open_s = 2.5
+
+    async def request(self, frame_type: str, body: dict[str, Any], timeout_s: float | None = None) -> dict:
+        if frame_type == wire.STAGE_OPEN:
+            await asyncio.sleep(self.open_s)
+        return await super().request(frame_type, body, timeout_s)
+
+
+async def test_a_slow_stage_open_and_a_recovery_are_reported(expected: dict[str, list[int]]) -> None:
+    """The client hears of a long `stage.open` once a second (peer, layers, seconds) and of a lost stage and
+    the resumed request (`Route.progress`, which the API writes as SSE comments)."""
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    reports: list[dict[str, Any]] = []
+
+    def progress(message: str, **data: Any) -> None:
+        reports.append({"message": message, **data})
+
+    hosts = {name: StageHost(factory, gate_open) for name in ("a", "b")}
+    slow = SlowOpenLink(hosts["b"], "b")
+    healthy = PeerLink(hosts["a"], "a")
+    healthy.cut_after = 5  # open + prefill + 3 decode steps, then its link closes
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        return [RemoteStage(slow, loop, MODEL, config, LayerSpan(0, 30), progress=progress)]
+
+    first = [RemoteStage(healthy, loop, MODEL, config, LayerSpan(0, 10), progress=progress),
+             RemoteStage(slow, loop, MODEL, config, LayerSpan(10, 30), progress=progress)]
+    pipeline = SplitPipeline(config, first, rebuild, progress=progress)
+    try:
+        got = await blocking(greedy, pipeline, chat_ids(PROMPTS[1]), MAX_TOKENS, 9)
+        assert got == expected[PROMPTS[1]]
+    finally:
+        await blocking(pipeline.close)
+        for h in hosts.values():
+            await h.stop()
+    loads = [r for r in reports if r["waiting"] == "peer_load"]
+    assert len(loads) >= 2 * 2, reports  # two slow opens of ~2.5 s each: at least two reports apiece
+    assert {r["layers"] for r in loads} == {"10:30", "0:30"} and {r["peer"] for r in loads} == {"b"}
+    assert all(0.5 < r["seconds"] < 60 for r in loads)
+    recovery = [r["message"] for r in reports if r["waiting"] == "recovery"]
+    assert len(recovery) == 2 and "peer a was lost" in recovery[0]
+    assert recovery[1].startswith("resumed on b 0:30")
+
+
 async def test_replans_are_bounded() -> None:
     loop = asyncio.get_running_loop()
     config = gguf_model().config
