@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
+from shoal.mesh.api.errors import ApiError
 
 STATIC = Path(__file__).resolve().parent / "static" / "join"
 ASSETS: dict[str, str] = {
@@ -78,7 +79,8 @@ def add_routes(app: web.Application) -> None:
         name = f"{request.match_info['package']}/{request.match_info['name']}"
         path = STATIC / "vendor" / name
         if name not in VENDOR or not path.is_file():
-            raise web.HTTPNotFound(text=f"not vendored on this node: {name[:80]} (scripts/install_wllama.sh)")
+            raise ApiError(404, f"not vendored on this node: {name[:80]} (scripts/install_wllama.sh)",
+                           code="not_vendored")
         response = web.FileResponse(path, headers={**HEADERS, "Content-Type": VENDOR[name],
                                                    "Cache-Control": "public, max-age=86400"})
         return response

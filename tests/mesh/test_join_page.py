@@ -97,3 +97,21 @@ def test_cli_shows_the_join_url_and_its_qr(capsys):
     assert any("▀" in line or "▄" in line for line in lines) and "browser" in lines[-1]
     _show(token, False, url)  # --no-qr: the token only, as before
     assert capsys.readouterr().out == token + "\n"
+
+
+async def test_vendored_wllama_is_served_where_installed_and_only_then(node, tmp_path, monkeypatch):
+    """`scripts/install_wllama.sh` vendors wllama into static/join/vendor/ (git-ignored): served without the
+    key as wasm and JavaScript when there, 404 when not (the page then joins and chats without compute)."""
+    static = tmp_path / "static" / "join"
+    (static / "vendor" / "wllama").mkdir(parents=True)
+    (static / "vendor" / "wllama" / "wllama.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    monkeypatch.setattr(join_page, "STATIC", static)
+    status, body, headers = await fetch(node, "/join/vendor/wllama/wllama.wasm")
+    assert status == 200 and body == b"\0asm\x01\0\0\0" and headers["Content-Type"] == "application/wasm"
+    assert "'wasm-unsafe-eval'" in headers["Content-Security-Policy"]
+    status, body, _ = await fetch(node, "/join/vendor/wllama/index.js")  # not installed in this folder
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_vendored"
+    status, _, _ = await fetch(node, "/join/vendor/other/x.js")
+    assert status == 401  # only the listed files are page paths
+    policy = (await fetch(node, "/join"))[2]["Content-Security-Policy"]
+    assert "script-src 'self' 'wasm-unsafe-eval'" in policy and "worker-src blob:" in policy

@@ -14,6 +14,8 @@ const MAX_MODEL_BYTES = 1 << 30;
 const MAX_PROMPT_IDS = 16384;  // as mesh/split/offload.py
 const MAX_PREFILL_S = 45;  // the origin waits 60 s ([split] offload_token_timeout_s) for the first token
 const BATTERY_FLOOR = 20;  // percent, as a native node's [policy] battery_floor default
+const RETRY_FIRST_MS = 5000;
+const RETRY_MAX_MS = 60000;
 const WARM_PROMPT = 16;
 const WARM_DECODE = 8;
 const PARAMS = {  // the fields of models.sampling.SamplingParams and their defaults
@@ -30,7 +32,8 @@ export function checkParams(params) {
   const bad = (message) => { throw new MeshError(`bad sampling parameters: ${message}`, "bad_request"); };
   const refuse = (message) => { throw new MeshError(`this browser member ${message}`, "refused"); };
   if (params === null || typeof params !== "object" || Array.isArray(params)) bad("params must be an object");
-  for (const key of Object.keys(params)) if (!(key in PARAMS)) bad(`unexpected keyword argument '${key.slice(0, 40)}'`);
+  // a field this page does not know (an origin of a newer shoal): another member may apply it
+  for (const key of Object.keys(params)) if (!(key in PARAMS)) refuse(`does not know the parameter '${key.slice(0, 40)}'`);
   const p = { ...PARAMS, ...params };
   if (p.max_tokens !== null && !(isInt(p.max_tokens) && p.max_tokens >= 1)) bad("max_tokens must be a positive integer");
   for (const [key, lo, hi] of [["temperature", 0, 2], ["top_p", 0, 1], ["min_p", 0, 1], ["repetition_penalty", 0, 10],
@@ -162,29 +165,51 @@ export class Compute extends EventTarget {
       this.set("ready", `${this.speed.decode_tok_s.toFixed(1)} tok/s decode, ${this.speed.prefill_tok_s.toFixed(1)} tok/s prefill (wasm, 1 thread)`);
     } catch (error) {
       console.warn("compute failed", error);
-      this.set("error", `${error.code ?? "error"}: ${String(error.message).slice(0, 300)}`);
+      let retry = "";
+      if (!this.wllama && ["no_model", "unreachable"].includes(error.code)) {
+        // the node may still be importing the model into its block store: try again, backing off
+        this.retryMs = Math.min((this.retryMs ?? RETRY_FIRST_MS / 2) * 2, RETRY_MAX_MS);
+        clearTimeout(this.retryTimer);
+        this.retryTimer = setTimeout(() => { if (this.serve && this.state === "error") this.start(headers); }, this.retryMs);
+        retry = ` (trying again in ${this.retryMs / 1000} s)`;
+      }
+      this.set("error", `${error.code ?? "error"}: ${String(error.message).slice(0, 300)}${retry}`);
     }
   }
 
   /** A short greedy run (prompt of WARM_PROMPT tokens, WARM_DECODE decode steps): this tab's own speed. */
   async warmUp() {
+    const prompt = await this.wllama.tokenize("The history of the Roman Empire began when the city of Rome was founded, and it", true);
+    const run = await this.measure(prompt.slice(0, WARM_PROMPT), WARM_DECODE);
+    return { decode_tok_s: round(run.decode_tok_s), prefill_tok_s: round(run.prefill_tok_s) };
+  }
+
+  /** Greedy from `ids` for `steps` tokens, timed (the warm-up; bench/browser_member.py): {tokens,
+   * prefill_s, decode_s, prefill_tok_s, decode_tok_s}. Offloads are refused (`busy`) meanwhile. */
+  async measure(ids, steps) {
+    if (this.job) throw new MeshError("serving an offloaded request", "busy");
     const w = this.wllama;
-    const prompt = await w.tokenize("The history of the Roman Empire began when the city of Rome was founded, and it", true);
-    const ids = prompt.slice(0, WARM_PROMPT);
-    await w.kvClear();
-    await w.samplingInit({ temp: 0 });
-    let start = performance.now();
-    await w.decode(ids, {});
-    const prefillS = (performance.now() - start) / 1000;
-    start = performance.now();
-    for (let i = 0; i < WARM_DECODE; i++) {
-      const { token } = await w.samplingSample();
-      await w.samplingAccept([token]);
-      await w.decode([token], {});
+    this.job = { measuring: true, cancelled: false };
+    try {
+      await w.kvClear();
+      await w.samplingInit({ temp: 0 });
+      let start = performance.now();
+      await w.decode(ids, {});
+      const prefillS = (performance.now() - start) / 1000;
+      const tokens = [];
+      start = performance.now();
+      for (let i = 0; i < steps; i++) {
+        const { token } = await w.samplingSample();
+        tokens.push(token);
+        await w.samplingAccept([token]);
+        await w.decode([token], {});
+      }
+      const decodeS = (performance.now() - start) / 1000;
+      await w.kvClear();
+      return { tokens, prefill_s: prefillS, decode_s: decodeS, prefill_tok_s: ids.length / prefillS, decode_tok_s: steps / decodeS };
+    } finally {
+      this.job = null;
     }
-    const decodeS = (performance.now() - start) / 1000;
-    await w.kvClear();
-    return { decode_tok_s: round(WARM_DECODE / decodeS), prefill_tok_s: round(ids.length / prefillS) };
   }
 
   // ----- serving --------------------------------------------------------------------------------------
