@@ -16,12 +16,16 @@ quantized type and keeps fp32 activations for F16/BF16. So the gap is llama.cpp'
  - The NumPy fp32 reference (the exact dequantized weights, no rounding) is itself 0.050–0.097 away from
    llama.cpp on the single-type files of the quantized types, 0.004 for F16 and 0.018 for BF16; the native
    build is 0.062–0.123, 0.004 and 0.018 (shoal's F16/BF16 kernels are the reference's arithmetic).
- - The reference with llama.cpp's rounding put back (tests/models/llamacpp_rounding.py) agrees with llama.cpp
-   to 1e-5 on the Q4_0, Q5_0 and Q6_K files, to 0.015 on Q8_0 and 0.002/0.007 on F16/BF16 (where a single
-   activation code lands on the other side of a rounding boundary, one ulp apart in the two engines' fp32
-   norms): the family code and every block type's decoding are exact, and one moved int8 code in one layer
-   moves these random networks' logits by up to ~0.05. (Q4_1/Q5_1, whose Q8_1 block sums llama.cpp keeps in
-   fp16, and Q4_K/Q5_K stay ~0.08 apart even so.)
+ - The reference with llama.cpp's arithmetic put back (tests/models/llamacpp_rounding.py: that activation
+   rounding, Q8_1's fp16 block sums, ggml's RMSNorm and fp16-table GELU) reproduces llama.cpp's top-8 logits
+   to 1e-5 at every step on the Q4_0, Q5_0 and Q6_K files and qwen2's mixed file, and at 24–31 of 32 steps
+   on the Q8_0, Q5_1, F16 and BF16 files and the llama/llama3 mixed ones (the plain reference: at none). The
+   other steps are 0.002–0.04 off: one activation code landed on the other side of a rounding boundary (its
+   input one ulp apart, e.g. through exp in SiLU) and stays in the KV cache. So the family code and every
+   block type's decoding are exact, and one moved int8 code moves these random networks' logits by up to
+   ~0.05. The Q4_K, Q5_K and Q4_1 files drift 0.05–0.09 even so (fed one token at a time, the Q4_K prompt is
+   reproduced exactly, in one batch not: llama.cpp's repacked Q4_K GEMM; Q5_K's and Q4_1's drift is not
+   explained).
 TOLERANCE is the larger of the native and reference gaps on the type's single-type file, rounded up by about
 half; a mixed file takes the largest tolerance of the types it holds (Q4_K's). Measured gaps per family are
 in docs/models.md.
@@ -49,9 +53,11 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_family
 TOLERANCE = {"q4_0": 0.1, "q4_1": 0.125, "q5_0": 0.125, "q5_1": 0.125, "q8_0": 0.125, "q4_k": 0.2,
              "q5_k": 0.15, "q6_k": 0.15, "f16": 0.01, "bf16": 0.03}
 """Max |Δlogit| against llama.cpp over its top-8 ids, per block type (see the module docstring)."""
-ROUNDING_TOLERANCE = {"q4_0": 1e-3, "q5_0": 1e-3, "q6_k": 1e-3, "q8_0": 0.03, "f16": 0.005, "bf16": 0.015}
-"""The NumPy reference with llama.cpp's activation rounding vs llama.cpp, on the single-type files where the
-rounding is reproduced (measured 1e-5, 1e-5, 1e-5, 0.015, 0.002, 0.007)."""
+ROUNDING_EXACT = {"llama-q4_0": 32, "llama-q5_0": 32, "llama-q6_k": 32, "qwen2-mixed": 32, "llama-q8_0": 28,
+                  "llama-q5_1": 28, "llama-f16": 20, "llama-bf16": 16, "llama-mixed": 28, "llama3-mixed": 28}
+"""Steps (of 32) at which the reference with llama.cpp's arithmetic reproduces llama.cpp's top-8 logits to
+EXACT (measured 32, 32, 32, 32, 31, 30, 24, 19, 30, 31; the plain reference 0 on each but F16's 7)."""
+EXACT = 1e-3
 DEFAULT_FAMILIES = ("llama", "phi3")
 """Compiled in the default suite (~15 s each on 2 cores); the others (gemma3's 7 layers take longest) are
 `slow`."""
@@ -153,23 +159,20 @@ def test_reference_matches_llamacpp(arch: str, tmp_path_factory: pytest.TempPath
     check_against_llamacpp(stage, case, tolerance(case["layout"]), f"reference {arch}")
 
 
-@pytest.mark.parametrize("blocks", list(ROUNDING_TOLERANCE))
-def test_llamacpp_rounding_reproduces_llamacpp(blocks: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """With llama.cpp's activation rounding put back, the reference lands on llama.cpp's logits: the gap the
-    tolerances allow is that rounding (module docstring)."""
-    path, case = _file(tmp_path_factory, "llama", blocks)
+@pytest.mark.parametrize("name", list(ROUNDING_EXACT))
+def test_llamacpp_arithmetic_reproduces_llamacpp(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With llama.cpp's rounding put back, the reference lands on llama.cpp's logits at (nearly) every step:
+    the gap the tolerances allow is that rounding (module docstring)."""
+    arch, blocks = name.split("-")
+    path, case = _file(tmp_path_factory, arch, blocks)
     model = GGUFModel.open(path)
     stage = LlamaCppRounding(model, LayerSpan.whole(model.config.num_layers))
-    plain = ReferenceStage(model, LayerSpan.whole(model.config.num_layers))
-    prompt = _fixture()["prompt"]
-    gaps, plain_gaps = [], []
-    for row, base, ids, logits in zip(_teacher_forced(stage, prompt, case["tokens"]),
-                                      _teacher_forced(plain, prompt, case["tokens"]),
-                                      case["top_ids"], case["top_logits"], strict=True):
-        gaps.append(float(np.abs(row[ids] - np.asarray(logits)).max()))
-        plain_gaps.append(float(np.abs(base[ids] - np.asarray(logits)).max()))
-    assert max(gaps) <= ROUNDING_TOLERANCE[blocks], gaps
-    assert np.median(gaps) < np.median(plain_gaps), (gaps, plain_gaps)
+    gaps = [float(np.abs(row[ids] - np.asarray(logits)).max())
+            for row, ids, logits in zip(_teacher_forced(stage, _fixture()["prompt"], case["tokens"]),
+                                        case["top_ids"], case["top_logits"], strict=True)]
+    exact = sum(gap <= EXACT for gap in gaps)
+    assert exact >= ROUNDING_EXACT[name], f"{name}: {exact} of 32 steps within {EXACT}: {gaps}"
+    assert max(gaps) <= tolerance(case["layout"]), gaps
 
 
 # --- the compiled native build ----------------------------------------------------------------------------
