@@ -72,6 +72,8 @@ class ChatDelta:
     text: str = ""
     route: dict[str, Any] | None = None
     finish_reason: str | None = None
+    progress: str | None = None
+    """Why the answer waits, as the node reports it (a peer loading layers, a queue, a recovery)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,8 +94,20 @@ def _error_from(status: int, body: bytes, path: str) -> NodeError:
     return ApiError(status, message, str(err.get("type", "")), code)
 
 
-async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """Yield the data of each server-sent event (multi-line data joined with newlines)."""
+PROGRESS_PREFIX = "shoal progress "
+"""A node's progress comment (`: shoal progress {json}`) while a streamed answer waits."""
+
+
+@dataclass
+class SseComment:
+    """A comment line of an SSE stream (what follows the colon, one leading space removed)."""
+
+    text: str
+
+
+async def iter_sse(content: Any, comments: bool = False) -> AsyncIterator[Any]:
+    """Yield the data of each server-sent event (multi-line data joined with newlines); with `comments`, also
+    each comment line as an `SseComment`."""
     data: list[str] = []
     async for raw in content:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -103,12 +117,25 @@ async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[str]:
                 data = []
             continue
         if line.startswith(":"):
+            if comments:
+                yield SseComment(line[2:] if line.startswith(": ") else line[1:])
             continue
         name, _, value = line.partition(":")
         if name == "data":
             data.append(value[1:] if value.startswith(" ") else value)
     if data:
         yield "\n".join(data)
+
+
+def progress_report(comment: str) -> dict[str, Any] | None:
+    """The report a `shoal progress` comment carries, or None for any other comment."""
+    if not comment.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        report = orjson.loads(comment[len(PROGRESS_PREFIX):])
+    except orjson.JSONDecodeError:
+        return None
+    return report if isinstance(report, dict) else None
 
 
 class NodeClient:
@@ -262,8 +289,10 @@ class NodeClient:
         body: Any,
         sock_read: float | None,
         headers: dict[str, str] | None = None,
-    ) -> AsyncIterator[str]:
-        """The data of each server-sent event; the response headers are copied into `headers` first."""
+        comments: bool = False,
+    ) -> AsyncIterator[Any]:
+        """The data of each server-sent event (and, with `comments`, each `SseComment`); the response
+        headers are copied into `headers` first."""
         try:
             async with self.session.request(
                 method, self.base_url + path, json=body, timeout=self._timeout(None, sock_read)
@@ -272,7 +301,7 @@ class NodeClient:
                     raise _error_from(resp.status, await resp.read(), path)
                 if headers is not None:
                     headers.update({k.lower(): v for k, v in resp.headers.items()})
-                async for data in iter_sse(resp.content):
+                async for data in iter_sse(resp.content, comments):
                     yield data
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             raise NodeUnreachable(f"stream {path} from {self.base_url} broke ({type(exc).__name__})") from exc
@@ -300,8 +329,14 @@ class NodeClient:
         }
         headers: dict[str, str] = {}
         announced = False
-        stream = self._stream("POST", "/v1/chat/completions", body, self.config.stream_idle_timeout, headers)
+        stream = self._stream("POST", "/v1/chat/completions", body, self.config.stream_idle_timeout, headers,
+                              comments=True)
         async for data in stream:
+            if isinstance(data, SseComment):
+                report = progress_report(data.text)
+                if report is not None:
+                    yield ChatDelta(progress=str(report.get("message", "")))
+                continue
             if not announced and headers.get("x-shoal-route"):  # the route, before the first token
                 announced = True
                 yield ChatDelta(route={"kind": headers["x-shoal-route"]})

@@ -123,7 +123,11 @@ async def _remote(url: str, headers: dict[str, str], args: argparse.Namespace) -
         ):
             if response.status != 200:
                 raise CommandError(_error_message(response.status, await response.read()))
+            status = _StatusLine()
             async for line in response.content:
+                if line.startswith(PROGRESS_COMMENT):  # why the node makes us wait: on stderr, in place
+                    status.show(line[len(PROGRESS_COMMENT):])
+                    continue
                 if not line.startswith(b"data: "):
                     continue
                 payload = line[6:].strip()
@@ -135,6 +139,7 @@ async def _remote(url: str, headers: dict[str, str], args: argparse.Namespace) -
                 for choice in chunk.get("choices", []):
                     text = (choice.get("delta") or {}).get("content")
                     if text:
+                        status.clear()
                         yield text
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise CommandError(f"lost the connection to the node at {url}: {exc}") from None
@@ -146,6 +151,33 @@ def _error_message(status: int, raw: bytes) -> str:
         return f"the node refused ({status}): {error['message']}"
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return f"the node answered HTTP {status}"
+
+
+PROGRESS_COMMENT = b": shoal progress "
+"""The SSE comment a node streams while the answer waits (`mesh.api.progress`)."""
+
+
+class _StatusLine:
+    """The node's latest progress report, as one self-overwriting line on stderr until text arrives."""
+
+    def __init__(self) -> None:
+        self.width = 0
+
+    def show(self, raw: bytes) -> None:
+        try:
+            message = str(orjson.loads(raw).get("message", ""))
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        text = message.replace("\n", " ")[:100]
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = max(self.width, len(text))
+
+    def clear(self) -> None:
+        if self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
 
 
 class _ProgressLine:

@@ -112,3 +112,18 @@ async def test_a_queued_stream_says_so_and_the_openai_client_ignores_it(node: No
         rest = (await waiter.read()).decode()
         assert "data: [DONE]" in rest
         waiter.close()
+
+
+def test_shoal_chat_shows_reports_on_one_stderr_line_until_text(capsys: pytest.CaptureFixture) -> None:
+    from shoal.mesh.commands.chat import PROGRESS_COMMENT, _StatusLine
+
+    line = b': shoal progress {"message": "waiting for peer abc to load layers 10:20 (2 s)"}\n'
+    assert line.startswith(PROGRESS_COMMENT)
+    status = _StatusLine()
+    status.show(line[len(PROGRESS_COMMENT):])
+    status.show(b'{"message": "resumed"}')
+    status.show(b"{not json")  # ignored
+    status.clear()
+    err = capsys.readouterr().err
+    assert err.startswith("\rwaiting for peer abc to load layers 10:20 (2 s)")
+    assert "\rresumed" in err and err.endswith("\r") and "\n" not in err

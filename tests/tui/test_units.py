@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from shoal.tui.client import ApiError, ClientConfig, NotAvailable, _error_from
+from shoal.tui.client import (
+    ApiError,
+    ClientConfig,
+    NotAvailable,
+    SseComment,
+    _error_from,
+    iter_sse,
+    progress_report,
+)
 from shoal.tui.connection import Backoff
 from shoal.tui.format import (
     describe_route,
@@ -212,3 +220,20 @@ def test_a_model_row_shows_the_nodes_state() -> None:
     for meta, shown in (({"state": "loading", "loaded": False}, "loading…"), ({"state": "loaded"}, "loaded"),
                         ({"state": "available", "loaded": False}, "—"), ({"loaded": True}, "loaded")):
         assert model_row({"id": "m", "shoal": meta})[column].plain == shown
+
+
+async def test_progress_comments_of_a_stream_are_read_and_other_comments_skipped() -> None:
+    async def lines():
+        for line in (b": keep-alive\n", b"\n", b': shoal progress {"message": "waiting for peer abc", '
+                     b'"waiting": "peer_load"}\n', b"\n", b'data: {"x": 1}\n', b"\n"):
+            yield line
+
+    plain = [item async for item in iter_sse(lines())]
+    assert plain == ['{"x": 1}']
+    items = [item async for item in iter_sse(lines(), comments=True)]
+    assert isinstance(items[1], SseComment) and items[2] == '{"x": 1}'
+    assert progress_report(items[0].text) is None  # not a progress comment
+    report = progress_report(items[1].text)
+    assert report is not None and report["waiting"] == "peer_load"
+    assert report["message"] == "waiting for peer abc"
+    assert progress_report("shoal progress {not json") is None

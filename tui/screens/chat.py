@@ -29,6 +29,8 @@ class Transcript(Widget):
     answer: reactive[str] = reactive("", layout=True)
     route: reactive[str] = reactive("", layout=True)
     error: reactive[str] = reactive("", layout=True)
+    status: reactive[str] = reactive("", layout=True)
+    """Why the answer waits (the node's progress report), until more text arrives."""
     deltas: int = 0
     """Text deltas received for the current answer (a streamed answer has several)."""
 
@@ -40,6 +42,8 @@ class Transcript(Widget):
         text.append(self.question + "\n\n")
         text.append("node ", style="bold green")
         text.append(self.answer or "…")
+        if self.status:
+            text.append(f"\n{self.status}", style="dim italic")
         if self.route:
             text.append(f"\n\nroute: {self.route}", style="italic magenta")
         if self.error:
@@ -103,6 +107,7 @@ class ChatPane(NodePane):
         event.input.value = ""
         transcript = self.query_one(Transcript)
         transcript.question, transcript.answer, transcript.route, transcript.error = prompt, "", "", ""
+        transcript.status = ""
         transcript.deltas = 0
         self.query_one("#chat-route", Static).update("")
         self.run_worker(self._stream(model, prompt), group="chat", exclusive=True, exit_on_error=False)
@@ -122,10 +127,14 @@ class ChatPane(NodePane):
             transcript.error = f"error: {type(exc).__name__}: {exc}"
         finally:
             self.streaming = False
+            transcript.status = ""
 
     async def _consume(self, model: str, prompt: str, transcript: Transcript) -> None:
         async for delta in self.client.chat(model, prompt, max_tokens=self.max_tokens):
+            if delta.progress:
+                transcript.status = delta.progress
             if delta.text:
+                transcript.status = ""
                 transcript.answer += delta.text
                 transcript.deltas += 1
                 self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
