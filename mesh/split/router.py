@@ -47,6 +47,7 @@ from shoal.mesh.split.span_model import (
     advert_catalog,
     cid_in_adverts,
 )
+from shoal.mesh.split.standby import Standby
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
@@ -68,6 +69,8 @@ GREEDY_TOP_K = 1
 ties, as local decoding picks it (`split_wire.encode_logits`), found in ~4 µs where a top-8 took ~60 µs."""
 STAGE_OVERHEAD = 16 * 1024 * 1024
 """Bytes of runtime a stage needs beyond weights and KV cache, in the planner's memory check."""
+MAX_CONTENDED = 4096
+"""Most routes remembered as having run alongside others (their records are observed when they finish)."""
 
 
 
@@ -88,6 +91,8 @@ class Router:
         self.settings = settings or SplitConfig()
         self.speeds = Speeds()
         self.direct_failures = DirectLinkFailures(self.settings.direct_retry_s)
+        self.standby = Standby(host.prepare, host.holds) if self.settings.standby_spans else None
+        """Loads the spans a re-plan would put here, while a split runs (`split.standby`)."""
         self._forced: ForcedRoute | None = None
         self.load: Callable[[], int] = load or (lambda: 0)
         self.stage_receipts = stage_receipts
@@ -136,6 +141,12 @@ class Router:
         except LookupError:
             return None
 
+    def models_room(self) -> int:
+        """Bytes left in this node's budget for loaded models (`[models] memory_budget_mb` less what the
+        loaded models take): what it can still take on, for a span or a model of its own."""
+        memory = self.node.models.memory()
+        return max(0, int(memory["budget"]) - int(memory["used"]))
+
     def served_cid(self, served: Servable) -> str | None:
         """The CID stages fetch `served` by: a span model's own, else the local catalog's."""
         return served.cid if isinstance(served, SpanModel) else self.model_cid(served.name)
@@ -183,9 +194,12 @@ class Router:
         request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
         local = self.local_device(model, holds, fetch=cid is not None)
         policy = self.node.policy
-        # the local share cap is this node's own business; peers advertise the budget they offer
-        local = replace(local, free_memory=local.memory_budget(policy),
-                        total_memory=local.free_memory)
+        # the local share cap is this node's own business; peers advertise the budget they offer. A model
+        # not loaded here also has only the room left in the loaded models' budget ([models] memory_budget_mb)
+        budget = local.memory_budget(policy)
+        if not holds:
+            budget = min(budget, self.models_room())
+        local = replace(local, free_memory=budget, total_memory=local.free_memory)
         peers = self.peer_devices(model, cid)
         planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
         automatic = choice.mode == "auto" and not choice.prefer
@@ -236,6 +250,8 @@ class Router:
             raise RouteFailed(503, "no_route", f"{model} is not held by this node: it can only be offloaded")
         placed = plan.devices
         self.placed.update(placed)  # before any await: the next request plans with this one counted
+        if len(self._contended) > MAX_CONTENDED:  # routes whose record was never observed (failed requests)
+            self._contended.clear()
         if plan.kind == "local" and self.placed[sched.LOCAL] + self.load() > 1:
             self._contended.add(id(route))
         try:
@@ -388,6 +404,8 @@ class Router:
             stages = await make_stages(plan)
         except StageLost as exc:  # a planned peer left before the request started
             stages = await replan_and_build(frozenset({exc.peer}))
+        self._want_standby(served, config, weight_bytes, len(prompt_ids), _planned_tokens(served, prompt_ids,
+                           params), [s.peer for s in stages], choice, cid)
         pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
                                  on_replan=on_replan, progress=route.progress)
         engine = Engine([pipeline], served.tokenizer, max_batch=1)
@@ -400,6 +418,24 @@ class Router:
             await engine.stop()
             route.timed(pipeline.timings())
             await loop.run_in_executor(None, pipeline.close)
+
+    def _want_standby(self, served: Servable, config: ModelConfig, weight_bytes: int, prompt_tokens: int,
+                      max_tokens: int, peers: list[str], choice: RouteChoice, cid: str | None) -> None:
+        """Queue for loading the spans this node would run if each remote stage's peer were lost."""
+        if self.standby is None:
+            return
+        cap = self.settings.standby_max_mb << 20
+        for peer in dict.fromkeys(p for p in peers if p != LOCAL_PEER):
+            try:
+                alt = self.plan(served.name, config, weight_bytes, True, prompt_tokens, max_tokens,
+                                frozenset({peer}), choice, self._span_cid(served))
+            except sched.NoPlanError:
+                continue
+            spans = [a.span for a in alt.stages if a.device == sched.LOCAL] if alt.kind == "split" else \
+                [LayerSpan.whole(config.num_layers)] if alt.kind == "local" else []
+            for span in spans:
+                if weight_bytes * len(span) // config.num_layers <= cap:
+                    self.standby.want(served.name, span, cid)
 
     async def _replan(self, served: Servable, config: ModelConfig, weight_bytes: int, prompt_ids: list[int],
                       params: SamplingParams, excluded: frozenset[str], choice: RouteChoice) -> sched.Plan:
@@ -431,13 +467,15 @@ class Router:
         return config, size or 100 * 1024 * 1024
 
     async def remote_model(self, name: str) -> RemoteModel | SpanModel | None:
-        """A stand-in for a model this node does not hold (None if no peer has it): a `SpanModel` when peers'
-        adverts name its CID — the planner then offloads it to a member that can hold it, or splits it over
-        members whose budgets together can, each stage fetching its own layers — else a `RemoteModel`
-        (tokenizer and shape asked of a peer that serves it)."""
+        """A stand-in for a model this node does not hold, or holds but cannot load within its budget (None if
+        no peer has it): a `SpanModel` when its CID is known (this node's catalog, or peers' adverts) — the
+        planner then offloads it to a member that can hold it, or splits it over members whose budgets
+        together can, each stage reading or fetching its own layers — else a `RemoteModel` (tokenizer and
+        shape asked of a peer that serves it)."""
         from shoal.mesh.split.remote_model import find_remote_model
 
-        cid = cid_in_adverts(name, [peer.advert or {} for peer in self.mesh.connected_peers()])
+        adverts = [peer.advert or {} for peer in self.mesh.connected_peers()]
+        cid = self.model_cid(name) or cid_in_adverts(name, adverts)
         if cid is not None:
             try:
                 return await self.span_models.open(name, cid, HEADER_TIMEOUT_S)
