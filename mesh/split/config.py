@@ -59,6 +59,12 @@ class SplitConfig:
     """How many typical reply gaps of a request a silence may last before the peer is pinged."""
     probe_timeout_s: float = 0.4
     """A pinged peer that sends nothing back within this (at least 4 RTTs) is lost: re-plan without it."""
+    standby_spans: bool = True
+    """When a split with stages on peers starts, load in the background (one at a time) the spans a re-plan
+    without each of those peers would put on this node (`split.standby`), so a lost stage's replacement is
+    ready."""
+    standby_max_mb: int = 1024
+    """Largest standby span (its share of the model file), in MiB; bigger ones are left to load on need."""
     top_k_logits: int = 256
     """Logits per row the last stage of a split returns when sampling needs more than the argmax."""
     fp16_hidden: bool = False
@@ -96,6 +102,8 @@ class SplitConfig:
                 raise ValueError(f"{f.name} must be in (0, 86400] seconds, got {value}")
             else:
                 object.__setattr__(self, f.name, float(value))
+        if not 1 <= self.standby_max_mb <= 1 << 20:
+            raise ValueError(f"standby_max_mb {self.standby_max_mb} must be between 1 and 1048576")
         if not 0 <= self.max_replans <= 16:
             raise ValueError(f"max_replans {self.max_replans} must be between 0 and 16")
         if not 1 <= self.top_k_logits <= 65_536:

@@ -243,6 +243,8 @@ class SplitService:
             await asyncio.gather(self._advert_task, return_exceptions=True)
             self._advert_task = None
         await self.speed_probe.stop()
+        if self.router.standby is not None:
+            await self.router.standby.stop()
         await self.offload_server.stop()
         self.tensor_links.stop()
         await self.host.stop()

@@ -194,6 +194,16 @@ class StageHost:
             pending.exception()  # mark retrieved: other waiters re-raise it themselves
         return await asyncio.shield(pending)
 
+    def holds(self, model: str, span: LayerSpan) -> bool:
+        """Whether the stage for (model, span) is loaded or loading."""
+        return (model, span) in self._hosted or (model, span) in self._loading
+
+    async def prepare(self, model: str, span: LayerSpan, cid: str | None = None) -> None:
+        """Load the stage ahead of need (`split.standby`); it stays as an idle stage (`keep_idle_stages`)."""
+        if self._stopped:
+            return
+        await self._stage(model, span, cid)
+
     async def direct_stage(self, model: str, span: LayerSpan, cid: str | None = None) -> DirectStage:
         """This node's part of its own split: the hosted stage, called on the caller's thread."""
         if self._stopped:

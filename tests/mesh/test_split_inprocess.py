@@ -22,6 +22,7 @@ from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, StageHost
 from shoal.mesh.split.stage_worker import StageWorker
+from shoal.mesh.split.standby import Standby
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
 
@@ -292,6 +293,28 @@ async def test_a_slow_stage_open_and_a_recovery_are_reported(expected: dict[str,
     recovery = [r["message"] for r in reports if r["waiting"] == "recovery"]
     assert len(recovery) == 2 and "peer a was lost" in recovery[0]
     assert recovery[1].startswith("resumed on b 0:30")
+
+
+async def test_standby_loads_spans_once_in_the_background() -> None:
+    host = StageHost(factory, gate_open)
+    standby = Standby(host.prepare, host.holds)
+    try:
+        await host.prepare(MODEL, LayerSpan(0, 10))
+        assert not standby.want(MODEL, LayerSpan(0, 10)), "a held span is not loaded again"
+        assert standby.want(MODEL, LayerSpan(10, 30))
+        assert not standby.want(MODEL, LayerSpan(10, 30)), "a queued span is not queued twice"
+        assert standby.want("no-such-model", LayerSpan(0, 30))  # fails in the background, skipped
+        for _ in range(600):
+            if len(standby.loaded) == 1 and not standby._wanted:
+                break
+            await asyncio.sleep(0.05)
+        assert standby.loaded == [(MODEL, "10:30")]
+        assert host.holds(MODEL, LayerSpan(10, 30)) and not host.holds("no-such-model", LayerSpan(0, 30))
+        direct = await host.direct_stage(MODEL, LayerSpan(10, 30))  # the loaded stage, no second load
+        assert direct.span == LayerSpan(10, 30)
+    finally:
+        await standby.stop()
+        await host.stop()
 
 
 async def test_replans_are_bounded() -> None:
