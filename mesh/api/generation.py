@@ -25,7 +25,7 @@ from shoal.mesh.api.progress import ProgressFeed, ProgressPump
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.route import RouteChoice, RouteFailed
 from shoal.models.admission import AdmissionError
-from shoal.models.errors import ContextOverflowError, ModelError, ModelNotFoundError
+from shoal.models.errors import ContextOverflowError, ModelError, ModelMemoryBudgetError, ModelNotFoundError
 from shoal.models.generate import EventLogprobs, TokenEvent
 from shoal.models.grammar import GrammarError, check_constraint
 from shoal.models.sampling import SamplingParams
@@ -53,11 +53,12 @@ def _context_error(prompt_tokens: int, max_tokens: int, context: int, prompt_par
 
 
 async def acquire_model(node: NodePort, router: RouterPort | None, name: str) -> Servable:
-    """The model, loaded here; or, when this node does not hold it, a stand-in for a peer that serves it
-    (the router then offloads the request: mesh.split.router.Router.remote_model)."""
+    """The model, loaded here; or, when this node does not hold it (or holds it but its memory budget cannot
+    load it), a stand-in that the router offloads or splits over the mesh's members
+    (mesh.split.router.Router.remote_model)."""
     try:
         return await node.models.acquire(name)
-    except ModelNotFoundError:
+    except (ModelNotFoundError, ModelMemoryBudgetError):
         remote = await router.remote_model(name) if router is not None else None
         if remote is None:
             raise

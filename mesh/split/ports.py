@@ -89,6 +89,10 @@ class NodeModels(Protocol):
 
     async def acquire(self, name: str) -> ServedModel: ...
 
+    def memory(self) -> dict[str, int]:
+        """`budget` and `used` (bytes): the loaded models' memory estimates against their budget."""
+        ...
+
 
 class ModelSettings(Protocol):
     """The `[models]` settings split builds hosted stages with."""

@@ -111,7 +111,7 @@ class SplitService:
     def advert_fields(self) -> dict[str, Any]:
         policy = self.node.policy
         memory = psutil.virtual_memory()
-        budget = int(min(memory.available, policy.max_memory_share * memory.total))
+        budget = int(min(memory.available, policy.max_memory_share * memory.total, self.router.models_room()))
         models = [m["id"] for m in self.node.models.list_models()]
         catalog = {}  # name -> CID of the complete files held here: members find a model's bytes by it
         for name in models[:MAX_CATALOG]:

@@ -6,8 +6,9 @@ processes (`tests.nodes.NodeProcess`, i.e. `python -m shoal.mesh node`): for `te
 (`bench/shaped_gguf.py`). `BigMesh` publishes it on one member (`publisher`, which then holds the file) and
 starts two more that hold nothing (`origin`, where requests go, and `helper`); every member's
 `[policy] max_memory_share` is set so that its advertised budget is `share` of what the planner estimates the
-whole model needs (weights + KV + a stage's overhead): with `share` ≤ ~0.5 no member can hold it alone and no
-two can, so the planner must use all three. `single` starts a fourth node that holds the file with a budget
+whole model needs (weights + KV + a stage's overhead), and `[models] memory_budget_mb` to the same: with
+`share` ≤ ~0.5 no member can hold it alone and no two can, so the planner must use all three (and the
+publisher cannot load it either). `single` starts a fourth node that holds the file with a budget
 that fits it (the reference)."""
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ class BigMesh:
         return fraction * self.need / psutil.virtual_memory().total
 
     def settings(self, fraction: float, secret: str, bootstrap: list[str]) -> dict[str, Any]:
+        budget_mb = max(16, int(fraction * self.need) >> 20)  # the loaded models' budget says the same
         return merged({
-            "models": {"backend": self.backend, "preload": False, "context": 1024, "max_batch": 2},
+            "models": {"backend": self.backend, "preload": False, "context": 1024, "max_batch": 2,
+                       "memory_budget_mb": budget_mb},
             "policy": {"max_memory_share": self.share_of_memory(fraction)},
             "mesh": {"secret": secret, "bootstrap": bootstrap, **MESH_TIMING},
             "split": {"speed_probe": False},

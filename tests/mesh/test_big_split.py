@@ -2,13 +2,14 @@
 on loopback (issue 17), each stage fetching only its own layers' bytes by CID from whoever holds them.
 
 The publisher holds the file (published under a name before it starts); origin and helper hold nothing. Each
-member's budget (`[policy] max_memory_share`) is half of what the planner estimates the whole model needs, so
-no member, and no two, can hold it: a request at the origin (default settings, no forced route) must become a
-3-stage split. The origin finds the model by name (or CID) in the publisher's advert, fetches only its GGUF
-header (tokenizer and shape), and the stages on origin and helper fetch only their spans. The stream equals a
-single node's that holds the whole model (greedy; the weights are random noise, so the logprobs are compared
-too). The default-suite run uses `llama-3.2-3b-slice` (78 MB, NumPy backend); `-m slow` runs the 3B shape in
-Q4_K_M (1.9 GB) on the compiled backend.
+member's budget (`[policy] max_memory_share` and `[models] memory_budget_mb`) is half of what the planner
+estimates the whole model needs, so no member, and no two, can hold it: a request at the origin (default
+settings, no forced route) must become a 3-stage split, and so must one at the publisher, whose budget
+refuses to load the file it holds. The origin finds the model by name (or CID) in the publisher's advert,
+fetches only its GGUF header (tokenizer and shape), and the stages on origin and helper fetch only their
+spans. The stream equals a single node's that holds the whole model (greedy; the weights are random noise, so
+the logprobs are compared too). The default-suite run uses `llama-3.2-3b-slice` (78 MB, NumPy backend);
+`-m slow` runs the 3B shape in Q4_K_M (1.8 GB) on the compiled backend.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _check_fetches(mesh: BigMesh, spans: dict[str, str]) -> None:
         # blocks are 256 KiB: each range may pull in a partial block at both ends, plus the DAG's nodes
         assert mine["bytes_fetched"] <= mine["span_bytes"] + 4 * 2**20, mine
         assert mine["bytes_fetched"] + mine["blocks_local"] * 2**18 >= 0.9 * mine["span_bytes"] - 2**20, mine
-    assert not span_fetches(mesh.nodes["publisher"])
+    assert not [f for f in span_fetches(mesh.nodes["publisher"]) if f["span"]]
 
 
 def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
@@ -65,6 +66,12 @@ def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
     _check_fetches(mesh, spans)
     by_cid = chat(origin, mesh.cid, MAX_TOKENS)  # the same model by its CID
     _check_split(mesh, by_cid)
+    # at the publisher, which holds the file but whose budget cannot load it: the same split, its own stage
+    # read from its file
+    at_publisher = chat(mesh.nodes["publisher"], NAME, MAX_TOKENS)
+    assert at_publisher["shoal_route"]["kind"] == "split", at_publisher.get("shoal_route", at_publisher)
+    assert "local" in at_publisher["shoal_route"]["peers"]
+    assert not [f for f in span_fetches(mesh.nodes["publisher"]) if f["span"]]
 
     single = mesh.single(prefix=single_prefix)
     try:
@@ -72,7 +79,7 @@ def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
         assert want["shoal_route"]["kind"] == "local", want["shoal_route"]
     finally:
         single.stop()
-    for reply in (by_name, by_cid):
+    for reply in (by_name, by_cid, at_publisher):
         got, expected = reply["choices"][0], want["choices"][0]
         assert got["message"]["content"] == expected["message"]["content"]
         assert [t["token"] for t in got["logprobs"]["content"]] == \
