@@ -2,12 +2,15 @@
 same load on the `Engine` called directly in this process, in one run on one machine.
 
     python bench/api_load.py [--backend numpy|tvm] [--max-tokens 32] [--levels 1,8,32] [--api URL]
-                             [--long-clients 8]
+                             [--long-clients 8] [--constrained-rounds 5] [--constrained-only]
 
 For each level: aggregate completion tok/s, TTFT p50/p99, per-token latency p50/p99, errors; then the HTTP
 overhead (node minus direct) of TTFT and per-token latency, and the aggregate speed-up over one client.
 Last, the long row: `--long-clients` chats asking for long stories at once, without `max_tokens` (the node's
 `[models] default_max_tokens` applies; KV admission queues what does not fit): all must complete.
+Then the constrained row (`bench/api_constrained.py`): decode tok/s with a `json_schema` response_format over
+the same prompts unconstrained, alternated round by round, the median of per-round ratios, and the grammar
+mask's time per token (`--constrained-only` runs just that row).
 Both are loaded at once but never run at the same time: each level runs on the engine, then through the
 node; then alternating one-token requests measure the TTFT overhead pair by pair.
 """
@@ -276,6 +279,9 @@ async def main() -> None:
     parser.add_argument("--api", help="use this running node instead of starting one")
     parser.add_argument("--long-clients", type=int, default=8,
                         help="clients of the long-generation row (no max_tokens); 0 skips it")
+    parser.add_argument("--constrained-rounds", type=int, default=5,
+                        help="rounds of the constrained-decoding row (json_schema vs none); 0 skips it")
+    parser.add_argument("--constrained-only", action="store_true", help="run only the constrained row")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     manager = ModelManager(EventBus(), backend=args.backend)
@@ -291,17 +297,32 @@ async def main() -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             http_one = http_client(session, url.rstrip("/"))
-            direct, http = await interleaved_levels(direct_one, http_one, args.max_tokens, levels)
-            diffs = await paired_ttft(direct_one, http_one, args.pairs)
+            direct: list[Level] = []
+            http: list[Level] = []
+            diffs: list[float] = []
             long = None
-            if args.long_clients:
-                long_one = http_client(session, url.rstrip("/"), long=True)
-                long = await run_level(args.long_clients, lambda i: long_one(i, 0))
+            if not args.constrained_only:
+                direct, http = await interleaved_levels(direct_one, http_one, args.max_tokens, levels)
+                diffs = await paired_ttft(direct_one, http_one, args.pairs)
+                if args.long_clients:
+                    long_one = http_client(session, url.rstrip("/"), long=True)
+                    long = await run_level(args.long_clients, lambda i: long_one(i, 0))
+            constrained = None
+            if args.constrained_rounds or args.constrained_only:
+                from bench.api_constrained import constrained_row
+
+                constrained = await constrained_row(served, session, url.rstrip("/"),
+                                                    args.constrained_rounds or 5, args.max_tokens)
     finally:
         await manager.stop()
         if proc is not None:
             await asyncio.to_thread(proc.stop, signal.SIGTERM, 60)
-    report(direct, http, args.backend, args.max_tokens, long)
+    if not args.constrained_only:
+        report(direct, http, args.backend, args.max_tokens, long)
+    if constrained is not None:
+        from bench.api_constrained import report_constrained
+
+        report_constrained(constrained)
     if diffs:
         print(
             f"\nTTFT overhead, {len(diffs)} alternating 1-token pairs (http - direct): "
