@@ -9,7 +9,9 @@ test runs last (it removes c).
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -26,6 +28,11 @@ pytestmark = pytest.mark.timeout(400)
 PROMPTS = ["What is the capital of France?", "Name a primary colour.", "Say hello.", "2+2=",
            "What do bees make?"]
 MAX_TOKENS = 4
+
+
+def longest_gap(stamps: list[float]) -> float:
+    """The longest time between two consecutive stamps (reported, never asserted: wall-clock)."""
+    return max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +211,22 @@ def test_kill_a_stage_mid_generation(mesh3):
     want = a.chat(PROMPTS[0], long_tokens)["choices"][0]["message"]["content"]
     a.force("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30"))
     parts: list[str] = []
+    stamps: list[float] = []
     final = None
     for chunk in a.chat_stream(PROMPTS[0], long_tokens):
         choice = chunk["choices"][0]
         parts.append(choice["delta"].get("content") or "")
+        if parts[-1]:
+            stamps.append(time.perf_counter())
         if sum(1 for p in parts if p) == 3 and c.process is not None and c.process.poll() is None:
-            c.kill()  # SIGKILL: no goodbye, the link just goes silent
+            c.process.kill()  # SIGKILL: no goodbye; the test's clock runs on (reaped below)
         if choice.get("finish_reason"):
             final = chunk
+    c.kill()
     assert c.process is not None and c.process.poll() is not None, "c was not killed mid-stream"
     assert "".join(parts) == want
+    print(f"\nkill -9 of a split stage: longest gap between tokens {longest_gap(stamps):.3f} s "
+          f"(replan log {final and final['shoal_route'].get('replan_log')})")
     assert final is not None
     route = final["shoal_route"]
     assert route["replans"] >= 1, route
@@ -231,17 +244,22 @@ def test_kill_the_offload_target_mid_generation(mesh3):
     parts: list[str] = []
     final = None
     victim: SplitNode | None = None
+    stamps: list[float] = []
     for chunk in d.chat_stream(PROMPTS[1], long_tokens):
         choice = chunk["choices"][0]
         parts.append(choice["delta"].get("content") or "")
+        if parts[-1]:
+            stamps.append(time.perf_counter())
         if victim is None and sum(1 for p in parts if p) == 3:
             running = [r for r in d.call("GET", "/v1/mesh/requests")["requests"] if r["status"] == "running"]
             victim = alive[running[-1]["route"]["peers"][0]]
             victim.kill()
+            stamps.append(time.perf_counter())  # the gap counts from the kill (the lookup above took a while)
         if choice.get("finish_reason"):
             final = chunk
     assert victim is not None and victim.process is not None and victim.process.poll() is not None
     assert "".join(parts) == want
+    print(f"\nkill -9 of the offload target: longest gap after the kill {longest_gap(stamps[3:]):.3f} s")
     assert final is not None
     route = final["shoal_route"]
     assert route["kind"] == "offload" and route["replans"] >= 1, route
