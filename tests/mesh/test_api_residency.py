@@ -137,6 +137,9 @@ async def test_ollama_keep_alive_zero_unloads_and_an_empty_chat_loads(
     gone = await client.generate(model=OTHER, keep_alive=0)  # an empty prompt with keep_alive 0: unload
     assert gone.done_reason == "unload"
     await until(node, OTHER, "available")
+    embedded = await client.embed(model=OTHER, input="hi", keep_alive=0)  # loads, embeds, unloads
+    assert len(embedded.embeddings[0]) == 576
+    await until(node, OTHER, "available")
     with pytest.raises(ollama.ResponseError) as err:
         await client.generate(model=OTHER, prompt="x", keep_alive="soon")
     assert err.value.status_code == 400 and "keep_alive" in str(err.value)
