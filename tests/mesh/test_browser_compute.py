@@ -11,6 +11,8 @@ elsewhere.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,7 @@ SAFE_MARGIN = 0.5
 """Least top-1 logit margin the reference prompts keep at every step: a wasm build of llama.cpp may add floats
 in another order than the native one (differences of ~1e-3 on these logits), which could flip a near-tie."""
 COMPUTE = "shoalMember.compute"
+ARTIFACTS = Path(os.environ.get("SHOAL_TEST_ARTIFACTS", REPO / ".cache" / "artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +178,10 @@ def test_the_planner_offloads_to_the_tab_it_is_asked_to_prefer(node, tab):
     assert record["tokens"] == case["tokens"] and record["finish"] == "stop"
     assert text_of(chunks, chat=True) == case["text"] and finish_of(chunks) == "stop"
     wait(lambda: node.members()[me]["advert"]["queue_depth"] == 0, 20, "the tab to advertise it is idle")
+    done = len([r for r in served(tab) if r["finish"] in ("stop", "length")])
+    tab.wait_for(f"document.querySelector('#compute-served').textContent.startsWith('{done} request')", 10,
+                 "the page to count what it served")
+    print(f"screenshot of a serving tab: {tab.screenshot(ARTIFACTS / 'join-page-serving.png')}")
 
 
 @pytest.mark.parametrize(("body", "code"), [
