@@ -164,8 +164,9 @@ class RemoteEmbedder:
 def pick_embedder(mesh: MeshHandle, name: str, dim: int, devices: Sequence[Device], policy: PolicyConfig,
                   settings: SplitConfig) -> RemoteEmbedder | None:
     """An embedder for `name` through the best usable peer that holds it (None: no such peer). Call it on the
-    event loop (the embedder bridges back to it)."""
-    usable = [d for d in devices if d.holds_model and d.serves_others
+    event loop (the embedder bridges back to it). Browser members serve offloads only, not `offload.embed`."""
+    browsers = {p.peer_id for p in mesh.connected_peers() if p.advert.get("kind") == "browser"}
+    usable = [d for d in devices if d.holds_model and d.serves_others and d.id not in browsers
               and (d.trusted or not policy.trusted_only_splits) and not d.below_battery_floor(policy)]
     if not usable:
         return None

@@ -119,3 +119,31 @@ async def test_remote_tokenizer_errors() -> None:
         failing = RemoteTokenizer(_FailingMesh(error), loop, "peer", "m", 100)  # type: ignore[arg-type]
         with pytest.raises(ModelError, match="tokenizing on peer failed"):
             await asyncio.to_thread(failing.encode, "hi")
+
+
+async def test_embeddings_go_to_the_best_usable_holder_never_a_browser() -> None:
+    from shoal.mesh.split.config import SplitConfig
+    from shoal.mesh.split.cost_model import Device
+    from shoal.mesh.split.policy import PolicyConfig
+    from shoal.mesh.split.remote_embed import pick_embedder
+
+    class Linked:  # the one member of MeshHandle pick_embedder reads
+        def __init__(self, adverts: dict[str, dict[str, str]]) -> None:
+            self.peers = [type("P", (), {"peer_id": k, "advert": v})() for k, v in adverts.items()]
+
+        def connected_peers(self) -> list[Any]:
+            return self.peers
+
+    gb = 1 << 30
+    devices = [Device("fast-browser", 50.0, 0.0, gb, gb), Device("slow", 5.0, 0.0, gb, gb),
+               Device("fast-untrusted", 40.0, 0.0, gb, gb, trusted=False),
+               Device("no-model", 90.0, 0.0, gb, gb, holds_model=False, fetch_bps=1e6),
+               Device("refuses", 90.0, 0.0, gb, gb, serves_others=False),
+               Device("flat", 90.0, 0.0, gb, gb, battery=3.0), Device("ok", 20.0, 0.0, gb, gb)]
+    mesh = Linked({"fast-browser": {"kind": "browser"}, "ok": {"kind": "node"}})
+    trusting = PolicyConfig(trusted_only_splits=False)
+    picked = pick_embedder(mesh, "m", 576, devices, trusting, SplitConfig())  # type: ignore[arg-type]
+    assert picked is not None and picked.peer_id == "fast-untrusted" and picked.dimensions == 576
+    careful = PolicyConfig(trusted_only_splits=True)
+    assert pick_embedder(mesh, "m", 576, devices, careful, SplitConfig()).peer_id == "ok"  # type: ignore[arg-type,union-attr]
+    assert pick_embedder(mesh, "m", 576, devices[:1], trusting, SplitConfig()) is None  # type: ignore[arg-type]
