@@ -365,7 +365,7 @@ class OffloadServer:
         served = await self._served(frame.body)
         config = served.stages[0].config
         return {"config": config.to_dict(), "vocab_size": served.tokenizer.vocab_size,
-                "context_length": served.context_length}
+                "context_length": served.context_length, "sampling_defaults": dict(served.sampling_defaults)}
 
     async def _on_tokenize(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         from shoal.models.tokenizer import validate_messages

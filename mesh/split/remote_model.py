@@ -22,6 +22,7 @@ from shoal.mesh.split.remote_embed import RemoteEmbedder
 from shoal.mesh.split.remote_stage import BRIDGE_GRACE_S
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
+from shoal.models.sampling import GGUF_SAMPLING_KEYS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class RemoteModel:
     backend: str = "remote"
     weight_bytes: int = 0
     sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
-    """None known here: the documented defaults (the request's own values go to the peer)."""
+    """The model's own (its GGUF `general.sampling.*`, from `offload.info`), so a request that leaves a field
+    out samples as it would on the peer's own API."""
     embedder: RemoteEmbedder | None = None
     """Embeds through the peer (`offload.embed`)."""
 
@@ -93,6 +95,7 @@ async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
             vocab, context = info["vocab_size"], info["context_length"]
             if type(vocab) is not int or type(context) is not int or vocab <= 0 or context <= 0:
                 raise ValueError("bad sizes")
+            defaults = _sampling_defaults(info.get("sampling_defaults"))
         except MeshError as exc:
             logger.info("%s cannot serve %s: %s", peer_id[:12], name, exc)
             continue
@@ -102,5 +105,19 @@ async def find_remote_model(mesh: MeshHandle, name: str, candidates: list[str],
         tokenizer = RemoteTokenizer(mesh, loop, peer_id, name, vocab, settings.remote_tokenize_timeout_s)
         embedder = RemoteEmbedder(mesh, loop, peer_id, name, config.hidden_size,
                                   settings.offload_token_timeout_s)
-        return RemoteModel(name, tokenizer, context, config, peer_id, embedder=embedder)
+        return RemoteModel(name, tokenizer, context, config, peer_id, sampling_defaults=defaults,
+                           embedder=embedder)
     return None
+
+
+def _sampling_defaults(value: Any) -> dict[str, float | int]:
+    """`offload.info`'s `sampling_defaults`, checked: known `SamplingParams` fields with values it accepts
+    (ValueError otherwise; absent from an older peer: none)."""
+    if value is None:
+        return {}
+    names = set(GGUF_SAMPLING_KEYS.values())
+    if not isinstance(value, dict) or not set(value) <= names or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):
+        raise ValueError(f"sampling_defaults must map {sorted(names)} to numbers")
+    SamplingParams(**value)  # in range
+    return dict(value)

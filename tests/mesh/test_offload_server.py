@@ -154,3 +154,34 @@ def test_embedding_vectors_cross_the_wire_checked() -> None:
                      (5, 576)):
         with pytest.raises(ValueError):
             wire.decode_vector(bad, dim)
+
+
+async def test_a_remote_model_samples_with_the_peers_defaults() -> None:
+    """`offload.info` carries the model's own sampling defaults, so a request that leaves temperature out
+    samples the same through a node that does not hold the model; malformed defaults skip that peer."""
+    from shoal.mesh.split.remote_model import find_remote_model
+
+    stage = reference_stage(0, 30)
+    served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=None,  # type: ignore[arg-type]
+                         context_length=64, stages=[stage], backend="numpy",
+                         sampling_defaults={"temperature": 0.6, "top_k": 40})
+
+    async def acquire(name: str) -> ServedModel:
+        return served
+
+    mesh = FakeMesh()
+    OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+    tamper: dict[str, Any] = {}
+
+    class Link(FakeMesh):  # the origin's side: each request answered by the server's handler
+        async def request(self, peer_id: str, frame_type: str, body: dict[str, Any],
+                          timeout_s: float | None = None) -> dict[str, Any]:
+            reply = await mesh.control[frame_type](FakePeer(), ControlFrame(frame_type, body))
+            return {**reply, **tamper.get(peer_id, {})}
+
+    remote = await find_remote_model(Link(), MODEL, ["good"])  # type: ignore[arg-type]
+    assert remote is not None and dict(remote.sampling_defaults) == {"temperature": 0.6, "top_k": 40}
+    tamper.update({"bad": {"sampling_defaults": {"temperature": 9.0}},
+                   "odd": {"sampling_defaults": {"logit_bias": 1}}})
+    remote = await find_remote_model(Link(), MODEL, ["bad", "odd", "good"])  # type: ignore[arg-type]
+    assert remote is not None and remote.peer_id == "good"
