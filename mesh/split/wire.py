@@ -20,7 +20,8 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
 - `offload.done` carries `receipt` (`split.receipts`: usage signed by the server) when the server keeps a
   ledger; the origin checks it against what it saw (prompt tokens sent, token frames received), countersigns
   it and sends it back as `offload.receipt` {receipt} → reply {} (the server keeps only what it issued).
-- `offload.info` {model} → reply {config (ModelConfig fields), vocab_size, context_length} and
+- `offload.info` {model} → reply {config (ModelConfig fields), vocab_size, context_length, sampling_defaults}
+  and
   `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs to
   accept a request for it and offload it (its tokenizer lives with the model).
 - `offload.embed` {model, inputs: [[token ids]...]} → reply {dim, vectors: [base64 little-endian float32]}:
