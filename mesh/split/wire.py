@@ -21,9 +21,8 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
   ledger; the origin checks it against what it saw (prompt tokens sent, token frames received), countersigns
   it and sends it back as `offload.receipt` {receipt} → reply {} (the server keeps only what it issued).
 - `offload.info` {model} → reply {config (ModelConfig fields), vocab_size, context_length, sampling_defaults}
-  and
-  `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs to
-  accept a request for it and offload it (its tokenizer lives with the model).
+  and `offload.tokenize` {model, messages | text} → reply {ids}: what a node that does not hold a model needs
+  to accept a request for it and offload it (its tokenizer and sampling defaults live with the model).
 - `offload.embed` {model, inputs: [[token ids]...]} → reply {dim, vectors: [base64 little-endian float32]}:
   embeddings of a model this node does not hold, by a peer that does (`split.remote_embed`): at most
   `MAX_EMBED_INPUTS` inputs and `MAX_EMBED_IDS` ids per frame, and only as many inputs as fit one reply
