@@ -50,8 +50,10 @@ function renderCompute() {
   const compute = member.compute;
   const { state, detail, progress, job, served } = compute;
   const shown = !compute.serve && state !== "unavailable" ? "off" : state;
+  const speed = state === "ready" && compute.speed  // what the advert says now (warm-up, then served requests)
+    ? `${compute.speed.decode_tok_s.toFixed(1)} tok/s decode, ${compute.speed.prefill_tok_s.toFixed(1)} tok/s prefill (wasm, 1 thread)` : detail;
   $("compute-status").dataset.state = shown;
-  $("compute-status").textContent = `${COMPUTE_TEXT[shown] ?? shown}${detail && shown !== "off" ? ` — ${detail}` : ""}`
+  $("compute-status").textContent = `${COMPUTE_TEXT[shown] ?? shown}${speed && shown !== "off" ? ` — ${speed}` : ""}`
     + (job ? " · serving a request" : "");
   $("serve").checked = compute.serve;
   $("serve").disabled = state === "unavailable";
