@@ -18,7 +18,7 @@ from shoal.mesh.api.generation import Collected, collect, prepare, stream_frames
 from shoal.mesh.api.keys import NODE, ROUTE_HEADER
 from shoal.mesh.api.logprobs import for_kind
 from shoal.mesh.api.openai_schema import ROUTE_HEADER_IN, CompletionRequest, parse_completion_request
-from shoal.mesh.api.progress import comment_text
+from shoal.mesh.api.progress import EARLY_STREAM, comment_text, while_loading
 from shoal.mesh.api.records import RequestRecord
 from shoal.mesh.api.sse import SseWriter, open_sse
 from shoal.mesh.api.structured import ToolCallStream, parse_call
@@ -65,12 +65,23 @@ async def _prepare(
     body = await read_json(request)
     req = parse_completion_request(body, kind, ABSURD_MAX_TOKENS,  # type: ignore[arg-type]
                                    request.headers.get(ROUTE_HEADER_IN))
-    served, prompt_ids, params = await prepare(request, req, body)
+    preparing = prepare(request, req, body)
+    if req.stream:  # a model still loading (or compiling) here is reported on the opened stream
+        model = req.model or request.app[NODE].config.models.default
+        served, prompt_ids, params = await while_loading(request, preparing, model)
+    else:
+        served, prompt_ids, params = await preparing
     return req, served, prompt_ids, params
 
 
 async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
-    req, served, prompt_ids, params = await _prepare(request, kind)
+    try:
+        req, served, prompt_ids, params = await _prepare(request, kind)
+    except Exception as exc:
+        early = request.get(EARLY_STREAM)
+        if early is None:
+            raise
+        return await _early_error(request, early, exc)
     async with tracked(request, served, prompt_ids, "chatcmpl" if kind == "chat" else "cmpl") as run:
         if req.stream:
             response, run.status = await _stream(request, req, served, prompt_ids, params, run.record)
@@ -185,7 +196,10 @@ class _SseFramer:
         await self._sse.send(payload)
 
     async def open(self, request: web.Request) -> None:
-        self._sse = await open_sse(request, {ROUTE_HEADER: self.record.route.kind})
+        early = request.get(EARLY_STREAM)  # opened while the model loaded (no route header then)
+        if early is None:
+            early = await open_sse(request, {ROUTE_HEADER: self.record.route.kind})
+        self._sse = early
         self.response = self._sse.response
         if self.req.kind == "chat":
             await self._send(self._chunk(delta={"role": "assistant", "content": ""}))
@@ -240,6 +254,26 @@ async def _stream(
     """Stream SSE chunks; returns the response and the outcome (stop, length, cancelled, error)."""
     framer = _SseFramer(req, record, served)
     return await stream_frames(request, req, served, prompt_ids, params, record, framer)
+
+
+async def _early_error(request: web.Request, sse: SseWriter, exc: Exception) -> web.StreamResponse:
+    """A request whose stream opened while its model loaded, then failed: the error the API would have
+    answered (status and body as `app.error_middleware` makes them) as an error frame, then `[DONE]`."""
+    from shoal.mesh.api.app import error_middleware  # the app imports this module
+
+    async def fail(_: web.Request) -> web.StreamResponse:
+        raise exc
+
+    answer = await error_middleware(request, fail)
+    body = getattr(answer, "body", None)
+    try:
+        error = orjson.loads(body)["error"] if isinstance(body, bytes) else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        error = None
+    await sse.send({"error": error or {"message": "the request failed", "type": "server_error", "param": None,
+                                       "code": None}})
+    await sse.done()
+    return sse.response
 
 
 def add_routes(app: web.Application) -> None:

@@ -19,9 +19,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from aiohttp import web
+from shoal.mesh.api.keys import NODE
+from shoal.mesh.api.sse import SseWriter, open_sse
 from shoal.mesh.events import EventBus
 
 TICK_S = 1.0
@@ -30,6 +33,11 @@ said anything)."""
 MAX_PENDING = 64
 """Reports kept while the stream writes (the oldest are dropped past this)."""
 PREFIX = "shoal progress "
+EARLY_STREAM: Any = web.RequestKey("shoal.early_stream", SseWriter) if hasattr(web, "RequestKey") \
+    else "shoal.early_stream"  # aiohttp before 3.12: a plain key
+"""The request's key for an SSE response opened while the model was still loading (`while_loading`); the
+dialect's framer writes into it instead of opening another."""
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +83,12 @@ class ProgressPump:
     marks the end of the wait: from then on only reports pushed to the feed (re-plans) are written."""
 
     def __init__(self, feed: ProgressFeed, write: Callable[[dict[str, Any]], Awaitable[None]], *,
-                 model: str, bus: EventBus | None = None, queue_depth: Callable[[], int] | None = None
-                 ) -> None:
+                 model: str, bus: EventBus | None = None, queue_depth: Callable[[], int] | None = None,
+                 idle: Callable[[float], dict[str, Any]] | None = None) -> None:
+        """`idle(seconds)`: the report of a tick with nothing else to say (default: the queue, or still
+        waiting for the first token)."""
         self.feed = feed
+        self._idle = idle
         self._write = write
         self._model = model
         self._bus = bus
@@ -129,6 +140,8 @@ class ProgressPump:
 
     def _still_waiting(self, now: float) -> dict[str, Any]:
         seconds = round(now - self._started, 1)
+        if self._idle is not None:
+            return self._idle(seconds)
         depth = self._queue_depth() if self._queue_depth is not None else 0
         if depth:
             return {"message": f"queued for room in the KV cache, {depth} waiting ({seconds:.0f} s)",
@@ -151,3 +164,31 @@ class ProgressPump:
             seconds = round(time.monotonic() - self._started, 1)
             self.feed.push({"message": text, "waiting": "local_load", "layers": span,
                             "fraction": round(fraction, 3), "seconds": seconds})
+
+
+async def while_loading(request: web.Request, work: Awaitable[T], model: str) -> T:
+    """`work`'s result (preparing a streamed request: loading, maybe compiling, its model). When it takes
+    longer than `TICK_S`, the SSE response opens (kept under `EARLY_STREAM`) and the wait is reported: this
+    node's compile progress for the model, else "loading MODEL here (n s)" each second."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=TICK_S)
+    if done:
+        return task.result()
+    sse: SseWriter = await open_sse(request)
+    request[EARLY_STREAM] = sse
+
+    async def write(report: dict[str, Any]) -> None:
+        await sse.comment(comment_text(report))
+
+    def idle(seconds: float) -> dict[str, Any]:
+        return {"message": f"loading {model} here ({seconds:.0f} s)", "waiting": "model_load",
+                "seconds": seconds}
+
+    pump = ProgressPump(ProgressFeed(asyncio.get_running_loop()), write, model=model,
+                        bus=request.app[NODE].bus, idle=idle)
+    pump.feed.push(idle(TICK_S))
+    pump.start()
+    try:
+        return await task
+    finally:
+        await pump.stop()

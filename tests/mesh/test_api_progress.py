@@ -127,3 +127,33 @@ def test_shoal_chat_shows_reports_on_one_stderr_line_until_text(capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith("\rwaiting for peer abc to load layers 10:20 (2 s)")
     assert "\rresumed" in err and err.endswith("\r") and "\n" not in err
+
+
+async def test_a_stream_waiting_for_its_model_says_so_and_errors_come_as_frames(tmp_path: Path) -> None:
+    """A node that loads its model on first use: two streamed requests wait for the load; both streams open
+    with `model_load` reports; the good one streams its answer, the one asking for more tokens than the
+    context (found only once the model is loaded) gets an error frame naming `max_tokens`, then `[DONE]`."""
+    node = NodeThread(make_config(tmp_path, models={"preload": False})).start()
+    try:
+        good = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
+                "temperature": 0, "stream": True}
+        bad = {**good, "max_tokens": 1 << 19}
+
+        async def read(session: aiohttp.ClientSession, body: dict) -> tuple[int, list[str]]:
+            async with session.post(node.url + "/v1/chat/completions", json=body) as r:
+                return r.status, [line.decode().strip() async for line in r.content if line.strip()]
+
+        async with aiohttp.ClientSession() as session:
+            (ok_status, ok_lines), (bad_status, bad_lines) = await asyncio.gather(read(session, good),
+                                                                                  read(session, bad))
+    finally:
+        node.stop()
+    for status, lines in ((ok_status, ok_lines), (bad_status, bad_lines)):
+        assert status == 200
+        reports = [orjson.loads(line[2 + len(PREFIX):]) for line in lines if line.startswith(": " + PREFIX)]
+        assert reports and reports[0]["waiting"] == "model_load" and MODEL in reports[0]["message"], lines[:3]
+        assert lines[-1] == "data: [DONE]"
+    print(f"model load reports: {len([x for x in ok_lines if x.startswith(':')])}, first: {ok_lines[0]}")
+    assert any('"content":"' in line and '"content":""' not in line for line in ok_lines)
+    error = orjson.loads(bad_lines[-2][len("data: "):])["error"]
+    assert error["param"] == "max_tokens" and error["type"] == "invalid_request_error", error
