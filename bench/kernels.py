@@ -144,9 +144,24 @@ KIND_SHAPES = [(3072, 2048), (16384, 2048), (2048, 8192)]
 """Llama-3.2-1B's fused qkv, fused gate_up and down projections (N x K)."""
 
 
-def kinds_table(target, kinds: list[str]) -> None:
+def _gemv_without_prefetch(kind: str, n: int, k: int, isa: str):
+    """The same GEMV built with PREFETCH_BYTES = 0 (no software prefetch), for the side-by-side column."""
+    from shoal.models.kernels import qmatmul
+
+    saved = qmatmul.PREFETCH_BYTES
+    qmatmul.PREFETCH_BYTES = 0
+    try:
+        return qmatmul.qgemv_func.__wrapped__(kind, n, k, isa)
+    finally:
+        qmatmul.PREFETCH_BYTES = saved
+
+
+def kinds_table(target, kinds: list[str], rounds: int = 5) -> None:
     """Generic GEMV per block type: process CPU time per call, cold (round-robin over copies > 200 MiB) and
-    hot (one copy, L2/L3), as GB/s of the packed bytes read."""
+    hot (one copy, L2/L3), as GB/s of the packed bytes read; beside it the same kernel without its software
+    prefetch, alternated round by round (the ratio is the median of per-round ratios)."""
+    import statistics
+
     import numpy as np
     import tvm
     from shoal.models.kernels.blocks import pack_blocks
@@ -166,33 +181,39 @@ def kinds_table(target, kinds: list[str]) -> None:
     print(f"target {target} ({isa}), TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, load "
           f"{os.getloadavg()[0]:.1f}; NumPy read of 256 MiB: {data.nbytes / best / 1e9:.1f} GB/s")
     del data
-    print(f"{'kind':>5} {'N x K':>13} {'MiB':>6} | {'cold us':>8} {'GB/s':>5} | {'hot us':>8} {'GB/s':>5}")
+    print(f"{'kind':>5} {'N x K':>13} {'MiB':>6} | {'cold us':>8} {'GB/s':>5} | {'hot us':>8} {'GB/s':>5} | "
+          f"{'no-prefetch cold GB/s':>21} {'prefetch ×':>10}")
     rng = np.random.default_rng(0)
     for kind in kinds:
         for n, k in KIND_SHAPES:
             w = pack_blocks(kind, random_blocks(kind, n, k, rng), n, k)
-            func = qgemv_func(kind, n, k, isa).with_attr("global_symbol", "gemv")
-            gemv = tvm.compile(tvm.IRModule({"gemv": func}), target=target)["gemv"]
+            funcs = {"pf": qgemv_func(kind, n, k, isa), "nopf": _gemv_without_prefetch(kind, n, k, isa)}
+            mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+            lib = tvm.compile(mod, target=target)
             nbytes = sum(a.nbytes for _, a in w.arrays)
             copies = max(2, (200 << 20) // nbytes)
             sets = [[tvm.runtime.tensor(a, dev) for _, a in w.arrays] for _ in range(copies)]
             x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
             y = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
-            for ws in sets:
-                gemv(x, *ws, y)
-            cold = float("inf")
-            for _ in range(5):
-                t0 = time.process_time()
-                for ws in sets:
-                    gemv(x, *ws, y)
-                cold = min(cold, (time.process_time() - t0) / copies)
+            cold: dict[str, list[float]] = {"pf": [], "nopf": []}
+            for r in range(rounds):
+                for name in (("pf", "nopf") if r % 2 == 0 else ("nopf", "pf")):
+                    gemv = lib[name]
+                    t0 = time.process_time()
+                    for ws in sets:
+                        gemv(x, *ws, y)
+                    cold[name].append((time.process_time() - t0) / copies)
+            gemv = lib["pf"]
             t0 = time.process_time()
             for _ in range(100):
                 gemv(x, *sets[0], y)
             hot = (time.process_time() - t0) / 100
             del sets
-            print(f"{kind:>5} {n:>6} x {k:<5} {nbytes / 2**20:6.1f} | {cold * 1e6:8.1f} "
-                  f"{nbytes / cold / 1e9:5.1f} | {hot * 1e6:8.1f} {nbytes / hot / 1e9:5.1f}", flush=True)
+            ratio = statistics.median(b / a for a, b in zip(cold["pf"][1:], cold["nopf"][1:], strict=True))
+            best_pf, best_no = min(cold["pf"]), min(cold["nopf"])
+            print(f"{kind:>5} {n:>6} x {k:<5} {nbytes / 2**20:6.1f} | {best_pf * 1e6:8.1f} "
+                  f"{nbytes / best_pf / 1e9:5.1f} | {hot * 1e6:8.1f} {nbytes / hot / 1e9:5.1f} | "
+                  f"{nbytes / best_no / 1e9:21.1f} {ratio:9.2f}×", flush=True)
 
 
 def stack_table(target) -> None:
