@@ -30,8 +30,9 @@ async def test_catalog_models_become_servable_by_name_and_cid() -> None:
     listing = {m["id"]: m for m in manager.list_models()}
     assert set(listing) == {DEFAULT_MODEL_NAME, "pulled-model"}  # the incomplete pull is not servable
     assert listing["pulled-model"]["shoal"] == {
-        "cid": CID, "size": 123, "pinned": True, "loaded": False, "compiled_targets": [], "state": "available",
-        "memory": None, "context_length": None, "keep_alive": None, "expires_at": None, "requests": 0}
+        "cid": CID, "size": 123, "pinned": True, "loaded": False, "compiled_targets": [],
+        "state": "available", "memory": None, "context_length": None, "keep_alive": None, "expires_at": None,
+        "requests": 0}
     assert listing[DEFAULT_MODEL_NAME]["shoal"]["size"] == embedded_model_path().stat().st_size
     assert manager.resolve(CID).name == "pulled-model"
     manager.set_cid(DEFAULT_MODEL_NAME, "bafyembedded")
