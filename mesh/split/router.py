@@ -476,19 +476,22 @@ class Router:
 
         adverts = [peer.advert or {} for peer in self.mesh.connected_peers()]
         cid = self.model_cid(name) or cid_in_adverts(name, adverts)
+        failed: ModelError | None = None
         if cid is not None:
             try:
                 return await self.span_models.open(name, cid, HEADER_TIMEOUT_S)
-            except ModelError as exc:
+            except ModelError as exc:  # no header from the mesh: a peer that serves it may still take it
                 logger.warning("%s: %s", name, exc)
-                raise RouteFailed(503, "peer_unreachable", f"{name} ({cid}) is held in the mesh, but {exc}"
-                                  ) from None
+                failed = exc
         policy = self.node.policy
         peers = [d for d in self.peer_devices(name)
                  if d.holds_model and d.serves_others and (d.trusted or not policy.trusted_only_splits)
                  and not d.below_battery_floor(policy)]
         peers.sort(key=lambda d: (-d.decode_tps / d.load_factor, d.rtt_s))
-        return await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
+        found = await find_remote_model(self.mesh, name, [d.id for d in peers], self.settings)
+        if found is None and failed is not None:
+            raise RouteFailed(503, "peer_unreachable", f"{name} ({cid}) is held in the mesh, but {failed}")
+        return found
 
     async def remote_embedder(self, name: str, dim: int) -> RemoteEmbedder | None:
         """Embeds `name` (`dim` wide) through a peer that holds it, for a node without it (`remote_embed`)."""
