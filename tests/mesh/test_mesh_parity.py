@@ -1,8 +1,9 @@
 """The API's features give the same answers whether a request runs locally, offloaded to a peer or split over
-two stages (greedy, and seeded sampling): logprobs and top_logprobs, `stop` (and which stop matched, as the
-Anthropic dialect reports it), `seed`, `response_format` json_schema, tools (chat and Responses), and the
-`max_tokens` length finish. A node that does not hold the model embeds through a peer with the holder's own
-vectors, generates constrained output through it, and gets a coded 400 for a schema the peer cannot enforce.
+two stages (greedy, and seeded sampling): logprobs and top_logprobs (whole and streamed), `stop` (and which
+stop matched, as the Anthropic dialect reports it), `seed`, `response_format` json_schema, tools (chat, and
+Responses whole and streamed), and the `max_tokens` length finish. A node that does not hold the model
+embeds through a peer with the holder's own vectors, generates constrained output through it, and gets a
+coded 400 for a schema that cannot be enforced.
 
 Three real node processes on loopback (NumPy backend): a (origin, holds the model), b (holds it, serves
 others), d (no model). Routes are forced on a with `PUT /v1/mesh/route`.
@@ -116,6 +117,19 @@ def _run(a: SplitNode, stop: list[str]) -> dict[str, Any]:
                                        tool_choice="required")
     out["responses"] = (response.output[0].type, response.output[0].name,
                         json.loads(response.output[0].arguments))
+    events = list(client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=30,
+                                          temperature=0, tools=[{"type": "function", **WEATHER}],
+                                          tool_choice="required", stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    final = events[-1].response.output[0]
+    out["responses_stream"] = (final.name, json.loads(final.arguments), json.loads(deltas))
+    text, streamed_logprobs = "", []
+    for chunk in client.chat.completions.create(model=MODEL, **REQUESTS["logprobs"], stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed_logprobs += [(t.token, round(t.logprob, 4)) for t in chunk.choices[0].logprobs.content]
+    out["chat_stream"] = (text, streamed_logprobs)
     return out
 
 
@@ -134,6 +148,9 @@ def test_features_through_offload_and_split_equal_local(mesh):
     assert local["stop"]["finish"] == "stop" and stop[1] not in local["stop"]["text"]
     assert local["anthropic"][1:] == ("stop_sequence", stop[1]), local["anthropic"]
     assert local["responses"][:2] == ("function_call", "get_weather")
+    assert local["responses_stream"][:2] == local["responses"][1:]  # streamed as whole
+    assert local["responses_stream"][1] == local["responses_stream"][2]  # the deltas add up to the arguments
+    assert local["chat_stream"][0] == local["logprobs"]["text"] and len(local["chat_stream"][1]) == 5
     routes = {"offload": ("offload", (b.peer_id, "0:30")),
               "split": ("split", ("local", "0:15"), (b.peer_id, "15:30"))}
     for label, (kind, *stages) in routes.items():
@@ -144,7 +161,7 @@ def test_features_through_offload_and_split_equal_local(mesh):
                 assert _same_logprobs(got[name].pop("logprobs"), want["logprobs"]), (label, name)
                 want = {k: v for k, v in want.items() if k != "logprobs"}
             assert got[name] == want, (label, name, got[name], want)
-        kinds = {r["route"]["kind"] for r in a.call("GET", "/v1/mesh/requests?limit=8")["requests"]}
+        kinds = {r["route"]["kind"] for r in a.call("GET", "/v1/mesh/requests?limit=10")["requests"]}
         assert kinds == {kind}, (label, kinds)
     a.force(None)
 
