@@ -47,7 +47,7 @@ from shoal.mesh.split.span_model import (
     advert_catalog,
     cid_in_adverts,
 )
-from shoal.mesh.split.standby import Standby
+from shoal.mesh.split.standby import Standby, remote_loader
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError
 from shoal.models.generate import TokenEvent
@@ -91,7 +91,8 @@ class Router:
         self.settings = settings or SplitConfig()
         self.speeds = Speeds()
         self.direct_failures = DirectLinkFailures(self.settings.direct_retry_s)
-        self.standby = Standby(host.prepare, host.holds) if self.settings.standby_spans else None
+        self.standby = Standby(host.prepare, host.holds, remote_loader(mesh, self.settings)) \
+            if self.settings.standby_spans else None
         """Loads the spans a re-plan would put here, while a split runs (`split.standby`)."""
         self._forced: ForcedRoute | None = None
         self.load: Callable[[], int] = load or (lambda: 0)
@@ -431,11 +432,10 @@ class Router:
                                 frozenset({peer}), choice, self._span_cid(served))
             except sched.NoPlanError:
                 continue
-            spans = [a.span for a in alt.stages if a.device == sched.LOCAL] if alt.kind == "split" else \
-                [LayerSpan.whole(config.num_layers)] if alt.kind == "local" else []
-            for span in spans:
-                if weight_bytes * len(span) // config.num_layers <= cap:
-                    self.standby.want(served.name, span, cid)
+            for a in alt.stages:  # an offload re-plans as one whole-model stage on that peer
+                if weight_bytes * len(a.span) // config.num_layers <= cap:
+                    where = LOCAL_PEER if a.device == sched.LOCAL else a.device
+                    self.standby.want(served.name, a.span, cid, where)
 
     async def _replan(self, served: Servable, config: ModelConfig, weight_bytes: int, prompt_ids: list[int],
                       params: SamplingParams, excluded: frozenset[str], choice: RouteChoice) -> sched.Plan:

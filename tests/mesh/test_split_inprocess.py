@@ -22,7 +22,7 @@ from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, StageHost
 from shoal.mesh.split.stage_worker import StageWorker
-from shoal.mesh.split.standby import Standby
+from shoal.mesh.split.standby import Standby, remote_loader
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
 
@@ -295,9 +295,22 @@ async def test_a_slow_stage_open_and_a_recovery_are_reported(expected: dict[str,
     assert recovery[1].startswith("resumed on b 0:30")
 
 
+class OneLinkMesh:
+    """The part of a `MeshHandle` standby's remote loads use: `peer(id)`."""
+
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+
+    def peer(self, peer_id: str) -> PeerLink:
+        assert peer_id == self.link.peer_id
+        return self.link
+
+
 async def test_standby_loads_spans_once_in_the_background() -> None:
     host = StageHost(factory, gate_open)
-    standby = Standby(host.prepare, host.holds)
+    peer_host = StageHost(factory, gate_open)
+    standby = Standby(host.prepare, host.holds,
+                      remote_loader(OneLinkMesh(PeerLink(peer_host, "b")), SplitConfig()))  # type: ignore[arg-type]
     try:
         await host.prepare(MODEL, LayerSpan(0, 10))
         assert not standby.want(MODEL, LayerSpan(0, 10)), "a held span is not loaded again"
@@ -312,9 +325,20 @@ async def test_standby_loads_spans_once_in_the_background() -> None:
         assert host.holds(MODEL, LayerSpan(10, 30)) and not host.holds("no-such-model", LayerSpan(0, 30))
         direct = await host.direct_stage(MODEL, LayerSpan(10, 30))  # the loaded stage, no second load
         assert direct.span == LayerSpan(10, 30)
+        # a peer's span: a sequence opened and closed there, the stage left loaded; not asked twice
+        assert standby.want(MODEL, LayerSpan(0, 30), peer="b")
+        assert not standby.want(MODEL, LayerSpan(0, 30), peer="b")
+        for _ in range(600):
+            if len(standby.loaded) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert standby.loaded[-1] == (f"b:{MODEL}", "0:30")
+        assert peer_host.holds(MODEL, LayerSpan(0, 30)) and peer_host.sequences == 0
+        assert not standby.want(MODEL, LayerSpan(0, 30), peer="b"), "asked lately"
     finally:
         await standby.stop()
         await host.stop()
+        await peer_host.stop()
 
 
 async def test_replans_are_bounded() -> None:
