@@ -274,3 +274,19 @@ def test_without_wllama_the_page_says_it_does_not_compute(node, tab):
         return [compute.state, compute.detail, compute.advertFields().models];
     })()""")
     assert state[0] == "unavailable" and "does not compute" in state[1] and state[2] == []
+
+
+def test_a_reloaded_tab_loads_the_model_it_kept_without_fetching_it(node, tab):
+    """The verified file is kept in IndexedDB by CID: a reload (a phone reopening the page) fetches none."""
+    me = tab_id(tab)
+
+    def block_requests() -> int:
+        return len([u for u in tab.sent() if u.startswith(f"{node.url}/ipfs/")])
+
+    before = block_requests()
+    tab.call("Page.reload")
+    tab.wait_for(f"window.shoalMember && {COMPUTE}.state === 'ready'", 240, "the reloaded tab's model")
+    assert tab.evaluate(f"{COMPUTE}.fromCache") is True and block_requests() == before
+    assert tab_id(tab) == me  # the same member (its identity is kept too)
+    wait(lambda: MODEL in node.members().get(me, {}).get("advert", {}).get("models", []), 30,
+         "the reloaded tab to offer the model again")

@@ -70,6 +70,7 @@ export class Compute extends EventTarget {
     this.progress = null;  // [bytes, total] while fetching
     this.wllama = null;
     this.cid = null;
+    this.fromCache = false;  // the model came from this browser's IndexedDB (fetched and verified before)
     this.speed = null;  // {decode_tok_s, prefill_tok_s} from the warm-up, then from served requests
     this.job = null;  // the request being served
     this.served = [];  // what this tab served: [{rid, model, prompt_ids, tokens, finish}] (tests read it)
@@ -151,11 +152,18 @@ export class Compute extends EventTarget {
       this.set("fetching", "finding the model");
       this.cid = await findModel(headers);
       this.set("fetching", `${MODEL} ${this.cid.slice(0, 16)}…`);
-      const blob = await fetchFile(this.cid, {
-        headers, maxBytes: MAX_MODEL_BYTES,
-        onProgress: (bytes, total) => { this.progress = [bytes, total]; this.changed(); },
-      });
-      this.set("loading", `${(blob.size / 2 ** 20).toFixed(1)} MiB verified`);
+      let blob = await cached(this.cid);
+      this.fromCache = blob !== null;
+      if (blob === null) {
+        blob = await fetchFile(this.cid, {
+          headers, maxBytes: MAX_MODEL_BYTES,
+          onProgress: (bytes, total) => { this.progress = [bytes, total]; this.changed(); },
+        });
+        await keep(this.cid, blob);
+      } else {
+        this.progress = [blob.size, blob.size];
+      }
+      this.set("loading", `${(blob.size / 2 ** 20).toFixed(1)} MiB verified${this.fromCache ? " (kept by this browser)" : ""}`);
       const wllama = new Wllama({ "single-thread/wllama.wasm": new URL(WASM, location.href).href },
         { suppressNativeLog: true, logger: { debug: () => {}, log: () => {}, warn: () => {}, error: console.error } });
       await wllama.loadModel([blob], { n_threads: 1, n_ctx: N_CTX, seed: 0 });
@@ -327,6 +335,59 @@ function ewma(old, value, alpha = 0.3) {
 function memoryBudget() {
   const gib = typeof navigator.deviceMemory === "number" ? navigator.deviceMemory : 4;
   return Math.floor(gib * 2 ** 30 / 4);
+}
+
+// ----- the model kept in this browser (IndexedDB, by CID) ----------------------------------------------
+// A file is stored only after every block of it was verified against its CID, and found again only by that
+// CID, so a kept copy needs no second check. One model is kept (the newest); IndexedDB works outside secure
+// contexts too (a phone on http://LAN-ADDRESS/join), unlike the Cache API. Failures (quota, private mode)
+// only mean the next visit fetches again.
+
+function modelStore() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open("shoal-models", 1);
+    request.onupgradeneeded = () => request.result.createObjectStore("files");
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+function storeRequest(db, mode, op) {
+  return new Promise((resolve, reject) => {
+    const transaction = db.transaction("files", mode);
+    const request = op(transaction.objectStore("files"));
+    transaction.oncomplete = () => resolve(request.result);
+    transaction.onerror = () => reject(transaction.error);
+    transaction.onabort = () => reject(transaction.error);
+  });
+}
+
+async function cached(cid) {
+  try {
+    const db = await modelStore();
+    try {
+      const blob = await storeRequest(db, "readonly", (store) => store.get(cid));
+      return blob instanceof Blob ? blob : null;
+    } finally {
+      db.close();
+    }
+  } catch (error) {
+    console.info("no kept model", error);
+    return null;
+  }
+}
+
+async function keep(cid, blob) {
+  try {
+    const db = await modelStore();
+    try {
+      await storeRequest(db, "readwrite", (store) => { store.clear(); return store.put(blob, cid); });
+    } finally {
+      db.close();
+    }
+  } catch (error) {
+    console.info("model not kept", error);
+  }
 }
 
 /** The default model's CID, from the node's model list (GET /v1/ipfs/models). */
