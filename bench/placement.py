@@ -13,7 +13,9 @@
 
 b is pinned to core 0, c and a to core 1 (two devices of one core each; a's cap applies on top). Each round
 runs both contenders of a scenario back to back, alternating which goes first; ratios are the median of the
-per-round ratios (auto over local), with the quartiles. Every node measures its speed when its model loads
+per-round ratios (auto over local), with the quartiles. `--settle` seconds pass between scenarios: a plan
+reads peers' load from their adverts (refreshed every second), so a request right after a burst can still
+see the burst's load and stay local. Every node measures its speed when its model loads
 (`split.speed_probe`); nodes start one after the other so that no probe shares a core with another's start.
 """
 
@@ -158,6 +160,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--slow", type=float, default=0.1, help="a's CPU cap, a fraction of one core")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "tvm"])
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds between scenarios, so peers' adverted load is current (0: none)")
     args = parser.parse_args()
     if shutil.which("taskset") is None:
         print("taskset is needed (util-linux)", file=sys.stderr)
@@ -184,11 +188,13 @@ def main() -> int:
                 slow[name].append((ttft, ttlt))
                 if name == "auto":
                     slow_where.append(route.get("kind", "?"))
+            time.sleep(args.settle)  # the adverts catch up with the load just ended (advert_refresh_s 1 s)
             for name in order:
                 rate, _, where = burst(b, args.clients, args.tokens, "local" if name == "local" else None)
                 spread[name].append(rate)
                 if name == "auto":
                     spread_where += where
+            time.sleep(args.settle)
             print(f"  round {r + 1}: slow ttlt local {slow['local'][-1][1]:.2f} s "
                   f"auto {slow['auto'][-1][1]:.2f} s; burst local {spread['local'][-1]:.1f} tok/s "
                   f"auto {spread['auto'][-1]:.1f} tok/s")

@@ -9,6 +9,7 @@ bandwidth control, threads and children included. Elsewhere (cgroup v2 only, no 
 runs a duty cycle of SIGCONT/SIGSTOP on the process, as `cpulimit` does: in each `period_s` the process runs
 for fraction × period and is stopped for the rest (coarser: its threads stop together, and its sockets go
 unanswered while stopped). `stop()` (or leaving the block) lifts the cap and leaves the process running.
+`CPU_CAP_METHOD=signals` in the environment forces the duty cycle (to test the fallback where cgroups work).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 class CpuCap:
     def __init__(self, pid: int, fraction: float, period_s: float = 0.1, *,
-                 allow_cgroup: bool = True) -> None:
+                 allow_cgroup: bool | None = None) -> None:
         if not 0 < fraction < 1:
             raise ValueError("fraction must be in (0, 1)")
         self.pid = pid
         self.fraction = fraction
         self.period_s = period_s
+        if allow_cgroup is None:
+            allow_cgroup = os.environ.get("CPU_CAP_METHOD") != "signals"
         self.allow_cgroup = allow_cgroup
         self.method: str | None = None
         self._group: Path | None = None
