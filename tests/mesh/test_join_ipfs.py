@@ -1,7 +1,8 @@
 """The join page's verified fetch (mesh/api/static/join/ipfs.js) in Node.js (skipped, visibly, without it)
 against shoal's own importer (mesh/ipfs/importer.py): DAGs of CIDv1 with raw leaves and of CIDv0 with dag-pb
 leaves, one to three levels deep, and an empty file, each read back block by block from a gateway stand-in
-(`fetch` answering from the importer's blocks) to the same bytes; a block that does not hash to its CID, one
+(`fetch` answering from the importer's blocks) to the same bytes, hashing with WebCrypto and, as outside a
+secure context, with crypto.js; a block that does not hash to its CID, one
 over the size bound, a file over `maxBytes` and a missing block stop the fetch with a code. The browser test
 (tests/mesh/test_browser_compute.py) fetches the real model from a real node's gateway."""
 
@@ -23,8 +24,11 @@ from shoal.mesh.ipfs.importer import ImportOptions, import_stream
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run ipfs.js")
 
 SCRIPT = """
+const { createHash } = await import("node:crypto");
+const { root, blocks, corrupt, maxBytes, big, plain } = JSON.parse(process.argv[1]);
+// `plain`: no WebCrypto, as in a page outside a secure context (http://LAN-ADDRESS/join): crypto.js hashes
+if (plain) Object.defineProperty(globalThis, "crypto", { value: undefined, configurable: true });
 const { fetchFile, parseCid } = await import(%s);
-const { root, blocks, corrupt, maxBytes, big } = JSON.parse(process.argv[1]);
 const served = [];
 globalThis.fetch = async (url, options) => {
   const cid = url.match(/^\\/ipfs\\/([^?]+)\\?format=raw$/)[1];
@@ -43,7 +47,7 @@ try {
   const onProgress = (n, total) => progress.push([n, total]);
   const blob = await fetchFile(root, { maxBytes: maxBytes ?? 1 << 30, onProgress });
   const bytes = new Uint8Array(await blob.arrayBuffer());
-  const digest = Buffer.from(await crypto.subtle.digest("SHA-256", bytes)).toString("hex");
+  const digest = createHash("sha256").update(bytes).digest("hex");
   const version = parseCid(root).version;
   console.log(JSON.stringify({ size: bytes.length, digest, served, last: progress.at(-1), version }));
 } catch (error) {
@@ -73,10 +77,11 @@ def _fetch(root: str, blocks: dict[str, str], **extra: Any) -> dict[str, Any]:
     {"cid_version": 0, "chunk_size": 1000, "max_links": 4},  # CIDv0, dag-pb leaves with inline data
     {"cid_version": 1, "chunk_size": 20_000, "max_links": 174},  # one block: the root is the raw leaf
 ])
-def test_fetch_file_reads_back_what_the_importer_wrote(options):
+@pytest.mark.parametrize("plain", [False, True], ids=["webcrypto", "crypto.js"])
+def test_fetch_file_reads_back_what_the_importer_wrote(options, plain):
     data = os.urandom(17_345)
     root, blocks = _dag(data, **options)
-    got = _fetch(root, blocks)
+    got = _fetch(root, blocks, plain=plain)
     assert got.get("digest") == hashlib.sha256(data).hexdigest() and got["size"] == len(data), got
     assert sorted(set(got["served"])) == sorted(blocks) and len(got["served"]) == len(blocks)  # each once
     assert got["last"] == [len(data), len(data)] and got["version"] == options["cid_version"]
@@ -88,10 +93,11 @@ def test_an_empty_file():
     assert got["size"] == 0 and got["digest"] == hashlib.sha256(b"").hexdigest()
 
 
-def test_a_block_that_does_not_hash_to_its_cid_stops_the_fetch():
+@pytest.mark.parametrize("plain", [False, True], ids=["webcrypto", "crypto.js"])
+def test_a_block_that_does_not_hash_to_its_cid_stops_the_fetch(plain):
     root, blocks = _dag(os.urandom(9_000), chunk_size=1000, max_links=3)
     for corrupt in (root, sorted(set(blocks) - {root})[0]):  # the root (dag-pb) and a leaf or inner node
-        got = _fetch(root, blocks, corrupt=corrupt)
+        got = _fetch(root, blocks, corrupt=corrupt, plain=plain)
         assert got["code"] == "bad_block" and "does not match its CID" in got["message"], got
 
 
