@@ -179,3 +179,22 @@ def test_response_store_is_bounded_by_count_and_size() -> None:
     assert store.bytes <= 2000 and store.get("big") is not None and len(store) <= 3
     assert store.put("bigger", {}, [{"role": "user", "content": "x" * 1500}])  # the first big one goes
     assert store.get("big") is None and store.bytes <= 2000
+
+
+async def test_the_agent_loop_by_previous_response_id(client: openai.AsyncOpenAI) -> None:
+    """The loop coding agents run: the model calls a tool; the client answers with the call's output, naming
+    the response instead of resending the conversation; same answer as sending it all."""
+    tools = [WEATHER]
+    first = await client.responses.create(model=MODEL, input=ASK, tools=tools, tool_choice="required",
+                                          max_output_tokens=60, temperature=0)
+    call = first.output[0]
+    assert call.type == "function_call"
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "18 C, sunny"}
+    after = {"tools": tools, "tool_choice": "none", "max_output_tokens": 10, "temperature": 0}
+    follow = await client.responses.create(model=MODEL, previous_response_id=first.id, input=[result],
+                                           **after)
+    spelled = await client.responses.create(model=MODEL, **after, input=[
+        {"role": "user", "content": ASK},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        result])
+    assert follow.output[0].type == "message" and follow.output_text == spelled.output_text
