@@ -276,6 +276,35 @@ def test_without_wllama_the_page_says_it_does_not_compute(node, tab):
     assert state[0] == "unavailable" and "does not compute" in state[1] and state[2] == []
 
 
+def test_sampled_requests_use_llamacpps_sampler(node, tab):
+    """Temperature, top_p, top_k and min_p go to wllama's sampler (no reference: another engine's RNG)."""
+    me = tab_id(tab)
+    before = len(served(tab))
+    chunks = node.stream("/v1/chat/completions", {
+        "model": MODEL, "messages": CASES["capital"]["messages"], "max_tokens": 4, "temperature": 0.8,
+        "top_p": 0.9, "top_k": 40, "stream": True, "shoal": {"route": "offload", "prefer": [me]}})
+    assert route_of(chunks)["peers"] == [me]
+    record = served(tab)[before]
+    assert record["finish"] in ("stop", "length") and 1 <= len(record["tokens"]) <= 4
+
+
+def test_a_client_that_goes_away_cancels_the_tabs_work(node, tab):
+    """The origin sends `offload.cancel` when its client disconnects; the tab stops between tokens."""
+    me = tab_id(tab)
+    before = len(served(tab))
+    body = {"model": MODEL, "messages": CASES["count"]["messages"], "max_tokens": 400, "temperature": 0,
+            "stream": True, "shoal": {"route": "offload", "prefer": [me]}}
+    try:
+        node._curl("POST", "/v1/chat/completions", body, 12, "-N")  # curl gives up after 12 s
+    except OSError:
+        pass
+    tab.wait_for(f"{COMPUTE}.served.length > {before} && {COMPUTE}.served[{before}].finish !== null", 60,
+                 "the tab to stop")
+    record = served(tab)[before]
+    assert record["finish"] == "cancelled" and len(record["tokens"]) < 400, record
+    tab.wait_for(f"{COMPUTE}.job === null", 10, "the tab to be free again")
+
+
 def test_a_reloaded_tab_loads_the_model_it_kept_without_fetching_it(node, tab):
     """The verified file is kept in IndexedDB by CID: a reload (a phone reopening the page) fetches none."""
     me = tab_id(tab)
