@@ -8,21 +8,25 @@ event loop:
 
 1. one request alone: prefill tok/s = prompt tokens / time to the first token; decode tok/s = tokens after
    the first / the time they took;
-2. two requests at once: the decode step time while both decode, over the step time alone, gives
+2. two requests at once, then one alone again: the median decode step while both decode, over the median
+   step alone (before and after, so that a drift in the machine's speed cancels), gives
    `batch_cost` (the share of one request's step time a second running request adds: ~1 where batching
-   gains nothing, as with the NumPy reference; less where a batched step reads the weights once).
+   gains nothing; less where a batched step reads the weights once). Medians, because on a busy machine a
+   few steps wait for another process and would move a mean.
 
-Cost: 2 × prompt (72 tokens) of prefill and 3 × `speed_probe_tokens` decode steps, about 1 s for SmolLM2 on
-one core. The result goes into the router's `Speeds` (advertised as `speed[model]`, `source: probe`); finished
-requests refine it afterwards. `[split] speed_probe = false` turns it off (the planner then assumes an
-unmeasured device is no faster than the one it is compared with).
+Cost: 4 × prompt (72 tokens) of prefill and 4 × `speed_probe_tokens` decode steps, about 1.5 s for SmolLM2
+on one core (NumPy reference). The result goes into the router's `Speeds` (advertised as `speed[model]`,
+`source: probe`); finished requests refine it afterwards. `[split] speed_probe = false` turns it off (the
+planner then assumes an unmeasured device is no faster than the one it is compared with).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +61,10 @@ async def _timed_stream(served: ServedModel, prompt: list[int], tokens: int) -> 
     return times
 
 
+def _gaps(times: list[float]) -> list[float]:
+    return [y - x for x, y in itertools.pairwise(times)]
+
+
 async def measure(served: ServedModel, tokens: int) -> ProbeResult | None:
     """Run the probe on `served`'s engine; None when the model stopped too early to time decoding."""
     prompt = await asyncio.to_thread(served.tokenizer.encode, PROBE_TEXT)
@@ -68,12 +76,17 @@ async def measure(served: ServedModel, tokens: int) -> ProbeResult | None:
     if step_alone <= 0 or first <= start:
         return None
     a, b = await asyncio.gather(_timed_stream(served, prompt, tokens), _timed_stream(served, prompt, tokens))
-    batch_cost = None
+    after = await _timed_stream(served, prompt, tokens)  # alone again: the machine's drift cancels
     both_from, both_to = max(a[1], b[1]), min(a[-1], b[-1])
-    steps = sum(1 for t in a[1:] if both_from < t <= both_to)
-    if steps >= 2:
-        step_pair = (both_to - both_from) / steps
-        batch_cost = min(MAX_BATCH_COST, max(0.0, step_pair / step_alone - 1))
+    shared = [t for t in a[1:] if both_from <= t <= both_to]
+    batch_cost = None
+    if len(shared) >= 3:
+        # medians of the step gaps, alone (before and after) and shared: a step delayed by another process
+        # (a busy machine) moves a mean, not a median
+        typical_alone = statistics.median(_gaps(alone[1:]) + _gaps(after[1:]))
+        typical_pair = statistics.median(_gaps(shared))
+        if typical_alone > 0:
+            batch_cost = min(MAX_BATCH_COST, max(0.0, typical_pair / typical_alone - 1))
     return ProbeResult(1 / step_alone, len(prompt) / (first - start), batch_cost)
 
 
