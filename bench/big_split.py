@@ -13,6 +13,8 @@ completion at the origin (a 3-stage split: each stage fetched only its layers by
 time after the first token ÷ tokens after it). Prints each round, the medians, the median of the per-round
 ratios, and the bytes each stage fetched. The first request of each (fetch + compile) is a warm-up, not
 timed. The weights are random noise (`bench/shaped_gguf.py`): the tokens of both are compared, not judged.
+`[split] standby_spans` is off unless `--standby` (its background fetches and compiles of the spans a re-plan
+would need compete with the timed rounds).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=Path, default=REPO / ".cache" / "shaped",
                         help="where the shaped GGUF is written once and kept")
     parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
+    parser.add_argument("--standby", action="store_true",
+                        help="leave [split] standby_spans on (members then fetch and build the spans a "
+                             "re-plan would give them, in the background, while rounds run)")
     args = parser.parse_args(argv)
 
     args.files.mkdir(parents=True, exist_ok=True)
@@ -66,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB ({time.perf_counter() - started:.0f} s)")
     base = Path(tempfile.mkdtemp(prefix="shoal-big-split-"))
     # a stage's first open compiles its shard (minutes for a 3B span on 2 busy cores): wait for it
+    split = {"open_timeout_s": 3600.0, "rebuild_timeout_s": 3700.0, "standby_spans": args.standby}
     mesh = BigMesh(base, path, share=args.share, backend=args.backend, context_tokens=256,
-                   extra={"split": {"open_timeout_s": 3600.0, "rebuild_timeout_s": 3700.0}})
+                   extra={"split": split})
     try:
         mesh.start()
         single = mesh.single()
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ratios, split_rates, single_rates = [], [], []
         texts = set()
+        timings: dict[str, list[float]] = {}
         for i in range(args.rounds):
             order = [("split", origin), ("local", single)]
             if i % 2:
@@ -95,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind, node in order:
                 reply = chat(node, NAME, args.tokens, PROMPT, logprobs=False)
                 rates[kind] = decode_rate(reply, kind)
+                for stage in reply["shoal_route"].get("stage_timing") or []:
+                    if stage.get("calls"):  # per call: wall time at the origin, and the stage's own compute
+                        key = f"{stage['peer'][:12]} {stage['layers']} ({stage['link']})"
+                        timings.setdefault(key, []).append(stage["seconds"] / stage["calls"])
+                        timings.setdefault(key + " compute", []).append(stage["compute_s"] / stage["calls"])
                 texts.add((kind, reply["choices"][0]["message"]["content"]))
             split_rates.append(rates["split"])
             single_rates.append(rates["local"])
@@ -112,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median of per-round ratios: {statistics.median(ratios):.3f}x (target >= 0.9x); "
               f"rounds {', '.join(f'{r:.3f}' for r in ratios)}")
         print(f"same text split vs single: {len({t for _, t in texts}) == 1}")
+        if timings:
+            print("\nsplit stages, ms per call (median over rounds; prefill and decode calls together):")
+            for key, values in timings.items():
+                print(f"  {statistics.median(values) * 1000:9.1f}  {key}")
         print(f"\n{'member':10} {'layers':>8} {'span+header MiB':>16} {'fetched MiB':>12} {'file MiB':>9} "
               "sources")
         for name in ("origin", "helper", "publisher"):
