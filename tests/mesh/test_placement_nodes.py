@@ -26,7 +26,7 @@ from tests.mesh.mesh_nodes import wait_until
 from tests.mesh.split_nodes import MODEL
 from tests.nodes import NodeProcess
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)
 
 QUESTION = [{"role": "user", "content": "List the planets of the solar system in order."}]
 SLOW_FRACTION = 0.1
