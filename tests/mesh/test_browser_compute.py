@@ -20,7 +20,7 @@ from shoal.mesh.p2p.invite import Invite
 from shoal.mesh.split.offload import MAX_PROMPT_IDS
 
 from tests.mesh import chromium
-from tests.mesh.browser_harness import NamespacedNode, browser_namespace, wait, why_not
+from tests.mesh.browser_harness import TAB_ADDRESS, NamespacedNode, browser_namespace, wait, why_not
 from tests.nodes import REPO
 
 pytestmark = pytest.mark.timeout(420)
@@ -319,3 +319,47 @@ def test_a_reloaded_tab_loads_the_model_it_kept_without_fetching_it(node, tab):
     assert tab_id(tab) == me  # the same member (its identity is kept too)
     wait(lambda: MODEL in node.members().get(me, {}).get("advert", {}).get("models", []), 30,
          "the reloaded tab to offer the model again")
+
+
+@pytest.fixture(scope="module")
+def lan_node(namespace, tmp_path_factory):
+    """A node on the namespace's other address with an API key: its page is no secure context (as a phone's
+    `http://LAN-ADDRESS/join`), so the tab hashes with crypto.js and needs the key for the model."""
+    base = tmp_path_factory.mktemp("browsercompute-lan")
+    b = NamespacedNode("b", base / "b", {"models": {"backend": "numpy"}},
+                       prefix=["ip", "netns", "exec", namespace], host=TAB_ADDRESS, key="lan-api-key")
+    b.args = ["--join", Invite.create("lan", (b.api,)).to_token()]
+    try:
+        b.launch().wait_ready(180, ready=lambda health: health.get("status") == "ok")
+        yield b
+    finally:
+        b.stop()
+
+
+def test_a_page_outside_a_secure_context_serves_once_given_the_key(lan_node, tab):
+    b = lan_node
+    page = tab.browser.open(f"{b.url}/join#{b.args[1]}")
+    try:
+        page.wait_for("window.shoalMember && shoalMember.status.state === 'linked'", 30, "the page to join")
+        assert page.evaluate("[isSecureContext, shoalMember.identity.webcrypto]") == [False, False]
+        page.wait_for(f"{COMPUTE}.state === 'error'", 30, "the model list to be refused without the key")
+        assert "invalid_api_key" in page.evaluate(f"{COMPUTE}.detail")
+        page.evaluate("document.querySelector('#chat details').open = true")
+        page.type_text("#api-key", b.key or "")
+        page.evaluate("document.querySelector('#api-key').dispatchEvent(new Event('change'))")
+        page.wait_for(f"{COMPUTE}.state === 'ready'", 300, "the model, hashed with crypto.js")
+        me = page.evaluate("shoalMember.identity.id")
+        case = CASES["capital"]
+        assert "error" not in b.call("PUT", "/v1/mesh/route", {"kind": "offload",
+                                                              "stages": [{"peer": me, "layers": "0:30"}]})
+        try:
+            chunks = b.stream("/v1/chat/completions", {"model": MODEL, "messages": case["messages"],
+                                                       "max_tokens": 16, "temperature": 0, "stream": True})
+        finally:
+            b.call("PUT", "/v1/mesh/route", {})
+        assert route_of(chunks)["peers"] == [me]
+        record = page.evaluate(f"{COMPUTE}.served[0]")
+        assert record["prompt_ids"] == case["prompt_ids"] and record["tokens"] == case["tokens"]
+        assert text_of(chunks, chat=True) == case["text"]
+    finally:
+        page.close()
