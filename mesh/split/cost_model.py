@@ -17,8 +17,9 @@ with `bytes(model)` = layers + output head (the embedding lookup reads one row a
 `bytes(span) / fetch_bps` once, before its first token.
 
 - **local**:   ttft = prefill_local(P);  per_token = compute_local(model)
-- **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model). Tokens stream back pipelined over
-  `control`, so the link costs one RTT in total, not one per token.
+- **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model) + `OFFLOAD_TOKEN_S`. Tokens stream
+  back pipelined over `control`, so the link costs one RTT in total, not one per token; what each token frame
+  costs the two nodes' event loops is the constant.
 - **split** over stages s_1..s_k (the origin relays between them, a star as llama.cpp RPC does):
   per_token = Σ_i compute_i(span_i) + Σ_{remote i} (rtt_i + (in_i + out_i) / bandwidth_i)
   where `in`/`out` are the bytes a stage receives and returns per step (4 for a token id, 4·hidden for a
@@ -48,6 +49,10 @@ DEFAULT_OVERHEAD = 200 * 1024 * 1024
 """Runtime bytes a stage needs beyond weights and KV cache (TVM runtime, buffers)."""
 DEFAULT_LOGIT_BYTES = 256 * 8
 """What the last stage returns per step: the top-256 logits (value + id)."""
+OFFLOAD_TOKEN_S = 0.001
+"""Per-token cost of an offload's token stream (a frame through both nodes' event loops and aiortc's SCTP):
+with every node on one core an offload decoded at 0.87x of local for SmolLM2 on TVM at ~140 tok/s
+(docs/split.md, bench/split.py --one-core), i.e. ~1 ms a token."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ def predict_offload(shape: ModelShape, request: Request, device: Device) -> Pred
     local_view = dataclasses.replace(device, id=LOCAL)  # its compute, without per-step links
     prefill, per_token = _stage_cost(shape, request, local_view, whole)
     prefill += device.rtt_s + request.prompt_tokens * 4 / device.bandwidth_bps
+    per_token += OFFLOAD_TOKEN_S
     return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
 
 

@@ -40,8 +40,11 @@ def test_a_slow_node_offloads_to_a_fast_one_past_the_margin() -> None:
 
 
 def test_the_margin_keeps_small_gains_local_and_is_hysteresis() -> None:
-    local, peer = dev(LOCAL, tps=100), dev("peer", tps=115)  # ~13 % sooner there
-    assert plan(SHAPE, REQ, local, [peer], OPEN).kind == "offload"  # no margin: the least ttlt wins
+    local, peer = dev(LOCAL, tps=100), dev("peer", tps=135)  # ~10 % sooner there, its token stream included
+    best = plan(SHAPE, REQ, local, [peer], OPEN)
+    assert best.kind == "offload"  # no margin: the least ttlt wins
+    alone = plan(SHAPE, REQ, local, [], OPEN)
+    assert 0.8 < best.prediction.ttlt_s / alone.prediction.ttlt_s < 0.95
     kept = plan(SHAPE, REQ, local, [peer], OPEN, margin=0.2)  # leaving needs 20 %
     assert kept.kind == "local" and "not 20% sooner" in kept.notes[0], kept
     assert plan(SHAPE, REQ, local, [peer], OPEN, margin=0.05).kind == "offload"  # staying needs 5 %
