@@ -32,6 +32,7 @@ ASSETS: dict[str, str] = {
     "mesh.js": "text/javascript",
     "ipfs.js": "text/javascript",
     "serve.js": "text/javascript",
+    "kept.js": "text/javascript",
     "join.css": "text/css",
 }
 VENDOR: dict[str, str] = {

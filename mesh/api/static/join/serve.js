@@ -4,6 +4,7 @@
 // frames in mesh/split/wire.py): one request at a time, from the origin's token ids, greedy or sampled by
 // llama.cpp's own sampler. Its measured speed, the serve switch and the battery go in the tab's advert.
 import { fetchFile } from "./ipfs.js";
+import { cached, keep } from "./kept.js";
 import { MeshError } from "./mesh.js";
 
 export const MODEL = "smollm2-135m-instruct";  // the embedded default (mesh/ipfs/catalog.py EMBEDDED_NAME)
@@ -335,59 +336,6 @@ function ewma(old, value, alpha = 0.3) {
 function memoryBudget() {
   const gib = typeof navigator.deviceMemory === "number" ? navigator.deviceMemory : 4;
   return Math.floor(gib * 2 ** 30 / 4);
-}
-
-// ----- the model kept in this browser (IndexedDB, by CID) ----------------------------------------------
-// A file is stored only after every block of it was verified against its CID, and found again only by that
-// CID, so a kept copy needs no second check. One model is kept (the newest); IndexedDB works outside secure
-// contexts too (a phone on http://LAN-ADDRESS/join), unlike the Cache API. Failures (quota, private mode)
-// only mean the next visit fetches again.
-
-function modelStore() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open("shoal-models", 1);
-    request.onupgradeneeded = () => request.result.createObjectStore("files");
-    request.onsuccess = () => resolve(request.result);
-    request.onerror = () => reject(request.error);
-  });
-}
-
-function storeRequest(db, mode, op) {
-  return new Promise((resolve, reject) => {
-    const transaction = db.transaction("files", mode);
-    const request = op(transaction.objectStore("files"));
-    transaction.oncomplete = () => resolve(request.result);
-    transaction.onerror = () => reject(transaction.error);
-    transaction.onabort = () => reject(transaction.error);
-  });
-}
-
-async function cached(cid) {
-  try {
-    const db = await modelStore();
-    try {
-      const blob = await storeRequest(db, "readonly", (store) => store.get(cid));
-      return blob instanceof Blob ? blob : null;
-    } finally {
-      db.close();
-    }
-  } catch (error) {
-    console.info("no kept model", error);
-    return null;
-  }
-}
-
-async function keep(cid, blob) {
-  try {
-    const db = await modelStore();
-    try {
-      await storeRequest(db, "readwrite", (store) => { store.clear(); return store.put(blob, cid); });
-    } finally {
-      db.close();
-    }
-  } catch (error) {
-    console.info("model not kept", error);
-  }
 }
 
 /** The default model's CID, from the node's model list (GET /v1/ipfs/models). */
