@@ -128,6 +128,9 @@ class SpeedProbe:
         except (ModelError, ValueError, RuntimeError) as exc:  # unloaded, stopped, a full queue
             logger.warning("speed probe of %s failed: %s", served.name, exc)
             return
+        except Exception:  # the task's boundary: a probe never takes the node down
+            logger.exception("speed probe of %s failed", served.name)
+            return
         if result is None:
             logger.warning("speed probe of %s: the model stopped too early to time", served.name)
             return
