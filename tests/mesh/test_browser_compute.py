@@ -134,7 +134,7 @@ def test_the_tab_fetches_the_model_by_cid_verifies_it_and_advertises_its_speed(n
 
     seen = wait(advert, 30, "the tab's advert with the model")
     speed = seen["speed"][MODEL]
-    assert speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
+    assert speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0 and speed["batch_cost"] == 1
     assert seen["split"]["serve_others"] is True and seen["split"]["memory_budget"] > 0
     assert seen["kind"] == "browser" and seen["queue_depth"] == 0
     if tab.evaluate("typeof navigator.getBattery === 'function'"):

@@ -123,7 +123,8 @@ export class Compute extends EventTarget {
   advertFields() {
     const ready = this.state === "ready";
     const fields = {
-      models: ready ? [MODEL] : [], speed: ready && this.speed ? { [MODEL]: this.speed } : {},
+      // batch_cost 1: one request at a time, so each one waiting costs a whole request (scheduler load_factor)
+      models: ready ? [MODEL] : [], speed: ready && this.speed ? { [MODEL]: { ...this.speed, batch_cost: 1 } } : {},
       queue_depth: this.job ? 1 : 0,
       split: { serve_others: ready && this.refusal() === null, memory_budget: ready ? memoryBudget() : 0 },
     };
