@@ -80,6 +80,9 @@ class SplitConfig:
     `split.speed_probe`), so the planner and the peers know it before the first request finishes."""
     speed_probe_tokens: int = 16
     """Tokens the speed probe decodes per request (2-256)."""
+    speed_probe_every_min: int = 10
+    """Probe a loaded model again this many minutes after its last probe, when the node is idle (0: only
+    after each load; at most 1440)."""
     offload_gain_percent: int = 20
     """An automatic plan leaves this node only when predicted to finish at least this much sooner (0-90)."""
     stay_gain_percent: int = 5
@@ -114,6 +117,8 @@ class SplitConfig:
             raise ValueError(f"max_offloads {self.max_offloads} must be between 1 and 1024")
         if not 2 <= self.speed_probe_tokens <= 256:
             raise ValueError(f"speed_probe_tokens {self.speed_probe_tokens} must be between 2 and 256")
+        if not 0 <= self.speed_probe_every_min <= 1440:
+            raise ValueError(f"speed_probe_every_min {self.speed_probe_every_min} must be between 0 and 1440")
         for name in ("offload_gain_percent", "stay_gain_percent"):
             if not 0 <= getattr(self, name) <= 90:
                 raise ValueError(f"{name} {getattr(self, name)} must be between 0 and 90")

@@ -77,7 +77,8 @@ class SplitService:
         self.router = Router(node, mesh, self.host, self.offload_client, self.config, load=self.load,
                              stage_receipts=self.stage_receipts.sink)
         self.speed_probe = SpeedProbe(node.models, self.router.speeds, self.config.speed_probe_tokens,
-                                      busy=self.load, on_done=self.publish_advert)
+                                      busy=self.load, on_done=self.publish_advert,
+                                      every_s=self.config.speed_probe_every_min * 60.0)
         """Measures each model's speed once it loads (`[split] speed_probe`), polled by the advert loop."""
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None

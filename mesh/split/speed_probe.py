@@ -91,20 +91,30 @@ async def measure(served: ServedModel, tokens: int) -> ProbeResult | None:
 
 
 class SpeedProbe:
-    """Probes each model once after it loads (one probe at a time). `poll()` is called periodically (the
-    split service's advert loop); `stop()` cancels a running probe."""
+    """Probes each model after it loads, and again every `every_s` while the node is idle (one probe at a
+    time). `poll()` is called periodically (the split service's advert loop); `stop()` cancels a probe."""
 
     def __init__(self, models: NodeModels, speeds: Speeds, tokens: int, *, busy: Callable[[], int],
-                 on_done: Callable[[], None]) -> None:
+                 on_done: Callable[[], None], every_s: float = 0.0) -> None:
         """`busy()` counts requests this node is running (a probe waits until it is idle: it would time
-        them, not itself); `on_done()` runs after a result went into `speeds` (re-advertise)."""
+        them, not itself); `on_done()` runs after a result went into `speeds` (re-advertise); `every_s` > 0
+        probes a loaded model again that long after its last probe (a device's speed changes: other work,
+        heat, power saving), 0 only once per load."""
         self.models = models
         self.speeds = speeds
         self.tokens = tokens
         self.busy = busy
         self.on_done = on_done
-        self.probed: set[str] = set()
+        self.every_s = every_s
+        self.probed: dict[str, float] = {}
+        """Model name → when (monotonic) its last probe started."""
         self._task: asyncio.Task[None] | None = None
+
+    def _due(self, name: str) -> bool:
+        last = self.probed.get(name)
+        if last is None:
+            return not self.speeds.measured(name)  # finished requests measured it already
+        return self.every_s > 0 and time.monotonic() - last >= self.every_s
 
     def poll(self) -> None:
         if self._task is not None and not self._task.done():
@@ -113,9 +123,9 @@ class SpeedProbe:
             return
         for name in self.models.loaded_names():
             served = self.models.served(name)
-            if name in self.probed or served is None or self.speeds.measured(name):
+            if served is None or not self._due(name):
                 continue
-            self.probed.add(name)
+            self.probed[name] = time.monotonic()
             self._task = asyncio.create_task(self._probe(served), name=f"speed-probe-{name}")
             return
 

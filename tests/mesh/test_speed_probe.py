@@ -1,6 +1,6 @@
 """The speed probe on a real engine (the node's ModelManager, NumPy backend, the embedded model): it measures
-decode and prefill tok/s and the batch cost once per loaded model, waits while the node is busy, and the
-numbers land in `Speeds` as the advert carries them."""
+decode and prefill tok/s and the batch cost once per loaded model (again when due), waits while the node is
+busy, and the numbers land in `Speeds` as the advert carries them."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ async def test_the_probe_measures_a_loaded_model_once() -> None:
         probe.poll()  # once per model: no second probe
         assert probe._task is None or probe._task.done()
         assert not done.is_set()
+        probe.every_s = 1e-6  # `[split] speed_probe_every_min`: probed again once it is due, when idle
+        probe.poll()
+        await asyncio.wait_for(done.wait(), 240)
+        assert speeds.by_model[DEFAULT_MODEL_NAME]["source"] == "probe"
         again = await measure(served, 3)  # the measurement itself, directly
         assert again is not None and again.decode_tok_s > 0
     finally:
