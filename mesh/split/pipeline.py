@@ -56,6 +56,13 @@ class ChainStage(Stage, Protocol):
 
 Rebuild = Callable[[frozenset[str]], list[ChainStage]]
 """Blocking: a new chain of stages tiling the model, avoiding the given peers (a re-plan)."""
+Replace = Callable[[LayerSpan, frozenset[str]], "ChainStage | None"]
+"""Blocking: one stage for the span of a lost stage, avoiding the given peers (None: re-plan the chain)."""
+MAX_KEPT_BYTES = 64 << 20
+"""Inputs of the stages kept per request (for a patch, below); past this the request re-plans whole."""
+Spec = tuple[str, list[int], bool]
+"""A call: op (`prefill`/`decode`, or `open`: adding a sequence), its sequences, whether the last stage
+takes the argmax."""
 
 
 @dataclass
@@ -75,8 +82,11 @@ class SplitPipeline(StageDefaults):
 
     def __init__(self, config: ModelConfig, stages: list[ChainStage], rebuild: Rebuild, *,
                  max_replans: int = 3, on_replan: Callable[[Replan], None] | None = None,
-                 progress: Callable[..., None] | None = None) -> None:
-        """`progress` (`mesh.route.Route.progress`): told of a lost stage and of the resumed request."""
+                 progress: Callable[..., None] | None = None, replace: Replace | None = None) -> None:
+        """`progress` (`mesh.route.Route.progress`): told of a lost stage and of the resumed request.
+        `replace`: with it, a lost stage of a one-sequence request is *patched*: only its span gets a new
+        stage, prefilled with the inputs that stage had (kept as the request runs, up to `MAX_KEPT_BYTES`);
+        the other stages keep their KV caches, and the failed step goes on from the new stage."""
         self._check_chain(config, stages)
         self.config = config
         self.span = LayerSpan.whole(config.num_layers)
@@ -86,6 +96,13 @@ class SplitPipeline(StageDefaults):
         self._on_replan = on_replan
         self._progress = progress
         self._history: dict[int, list[int]] = {}
+        self._replace = replace
+        self._keeping = replace is not None
+        self._kept: dict[int, dict[int, list[np.ndarray]]] = {}
+        """Per sequence, per stage index > 0: that stage's inputs so far (the previous stage's outputs)."""
+        self._kept_bytes = 0
+        self._at: tuple[int, np.ndarray] | None = None
+        """The stage index and input of the call in flight (where a patch resumes)."""
         self._excluded: set[str] = set()
         self.replans: list[Replan] = []
         self._attempts = 0
@@ -112,10 +129,11 @@ class SplitPipeline(StageDefaults):
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._history:
             raise ValueError(f"sequence {seq_id} exists already")
-        self._retrying(lambda: [s.add_sequence(seq_id) for s in self.stages])
+        self._retrying(lambda: [s.add_sequence(seq_id) for s in self.stages], ("open", [seq_id], False))
         self._history[seq_id] = []
 
     def remove_sequence(self, seq_id: int) -> None:
+        self._kept.pop(seq_id, None)
         if self._history.pop(seq_id, None) is None:
             return
         for stage in self.stages:
@@ -130,52 +148,74 @@ class SplitPipeline(StageDefaults):
         except KeyError:
             raise ValueError(f"unknown sequence {seq_id}") from None
 
-    def _chain(self, op: str, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
+    def _chain(self, op: str, seq_ids: list[int], inputs: np.ndarray, argmax: bool = False, start: int = 0
+               ) -> Any:
+        """Run stages `start`.. on `inputs`; with `argmax` the last stage returns each row's argmax."""
         x = inputs
-        for stage in self.stages:
+        last = len(self.stages) - 1
+        for k in range(start, last + 1):
+            stage = self.stages[k]
+            self._at = (k, x)
+            if argmax and k == last:
+                return stage.decode_argmax(seq_ids, x)
             x = stage.prefill(seq_ids[0], x) if op == "prefill" else stage.decode(seq_ids, x)
+            if self._keeping and k < last:
+                self._keep(k + 1, seq_ids, x)
         return x
 
-    def _chain_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
-        *body, last = self.stages
-        x = inputs
-        for stage in body:
-            x = stage.decode(seq_ids, x)
-        return last.decode_argmax(seq_ids, x)
+    def _keep(self, index: int, seq_ids: list[int], x: np.ndarray) -> None:
+        if len(seq_ids) != 1 or self._kept_bytes + x.nbytes > MAX_KEPT_BYTES:
+            self._keeping = False  # batched, or too long a history: a loss re-plans the whole chain
+            self._kept.clear()
+            return
+        self._kept.setdefault(seq_ids[0], {}).setdefault(index, []).append(np.array(x, copy=True))
+        self._kept_bytes += x.nbytes
 
     def prefill(self, seq_id: int, inputs: np.ndarray) -> np.ndarray:
         ids = _token_ids(inputs)
         if seq_id not in self._history:
             raise ValueError(f"unknown sequence {seq_id}; call add_sequence first")
-        out = self._retrying(lambda: self._chain("prefill", [seq_id], inputs))
+        spec: Spec = ("prefill", [seq_id], False)
+        out = self._retrying(lambda: self._chain("prefill", [seq_id], inputs), spec)
         self._history[seq_id].extend(ids)
         return out
 
     def decode(self, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
-        return self._decode(seq_ids, inputs, lambda: self._chain("decode", list(seq_ids), inputs))
+        return self._decode(seq_ids, inputs, False)
 
     def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int]:
         """`decode` + each row's argmax, taken by the last stage (a remote one sends back only the ids)."""
-        return self._decode(seq_ids, inputs, lambda: self._chain_argmax(list(seq_ids), inputs))
+        return self._decode(seq_ids, inputs, True)
 
-    def _decode(self, seq_ids: list[int], inputs: np.ndarray, step: Callable[[], Any]) -> Any:
+    def _decode(self, seq_ids: list[int], inputs: np.ndarray, argmax: bool) -> Any:
         ids = _token_ids(inputs)
         missing = [s for s in seq_ids if s not in self._history]
         if missing or len(ids) != len(seq_ids):
             raise ValueError(f"decode needs one id per known sequence (unknown: {missing})")
-        out = self._retrying(step)
+        seqs = list(seq_ids)
+        out = self._retrying(lambda: self._chain("decode", seqs, inputs, argmax), ("decode", seqs, argmax))
         for s, t in zip(seq_ids, ids, strict=True):
             self._history[s].append(t)
         return out
 
-    def _retrying(self, call: Callable[[], Any]) -> Any:
+    def _retrying(self, call: Callable[[], Any], spec: Spec) -> Any:
         while True:
             began = time.perf_counter()
+            self._at = None
             try:
                 return call()
             except StageLost as exc:
                 lost = exc
             detect = time.perf_counter() - began
+            if self._patchable(lost, spec):
+                self._attempts += 1
+                if self._attempts > self._max_replans:
+                    raise lost
+                try:
+                    return self._patch(lost, detect, spec)
+                except StageLost as exc:  # the replacement failed too: re-plan the whole chain
+                    lost = exc
+                    detect = 0.0
             while True:  # recover; a stage of the new chain may be lost during the replay too
                 self._attempts += 1
                 if self._attempts > self._max_replans:
@@ -187,12 +227,77 @@ class SplitPipeline(StageDefaults):
                     lost = exc
                     detect = 0.0
 
-    def _recover(self, lost: StageLost, detect_s: float = 0.0) -> None:
+    def _patchable(self, lost: StageLost, spec: Spec) -> bool:
+        if self._replace is None or not self._keeping or self._at is None or spec[0] == "open":
+            return False
+        _, seq_ids, _ = spec
+        if len(seq_ids) != 1 or len(self._history) != 1:
+            return False
+        peers = [stage.peer for stage in self.stages]
+        return peers[self._at[0]] == lost.peer and peers.count(lost.peer) == 1
+
+    def _patch(self, lost: StageLost, detect_s: float, spec: Spec) -> Any:
+        """Replace only the lost stage: prefill a new stage for its span with that stage's past inputs, then
+        run the failed call on from it. The other stages keep their KV caches."""
+        assert self._at is not None
+        index, current = self._at
+        op, seq_ids, argmax = spec
+        seq = seq_ids[0]
         started = time.perf_counter()
+        self._announce(lost, detect_s)
+        old = self.stages[index]
+        old.abandon()
+        self._excluded.add(lost.peer)
+        new = self._replace(old.span, frozenset(self._excluded))
+        if new is None:
+            raise lost
+        built = time.perf_counter()
+        rows = int(np.asarray(current).shape[0])
+        history = self._history[seq]
+        if index == 0:
+            past = np.asarray(history, dtype=np.int32)
+        else:
+            kept = self._kept.get(seq, {}).get(index, [])
+            past = np.concatenate(kept)[:-rows] if kept else np.zeros((0, 0), np.float32)
+            if past.shape[0] != len(history):  # not what this stage saw: re-plan the whole chain
+                new.close()
+                raise lost
+        try:
+            new.add_sequence(seq)
+            if len(past):
+                new.prefill(seq, past)
+        except BaseException:
+            new.close()
+            raise
+        self.stages[index] = new
+        ended = time.perf_counter()
+        phases = {"detect_s": detect_s, "close_s": 0.0, "rebuild_s": built - started,
+                  "replay_s": ended - built}
+        self._resumed(Replan(lost.peer, str(lost), len(history), ended - started, self.route(), phases),
+                      len(past), f"layers {old.span} only")
+        return self._chain(op, seq_ids, current, argmax, start=index)
+
+    def _announce(self, lost: StageLost, detect_s: float) -> None:
         logger.warning("split: %s; re-planning without it", lost)
         if self._progress is not None:
             self._progress(f"peer {lost.peer[:12]} was lost; re-planning without it", waiting="recovery",
                            peer=lost.peer, seconds=round(detect_s, 3))
+
+    def _resumed(self, replan: Replan, replayed: int, what: str = "") -> None:
+        self.replans.append(replan)
+        logger.warning("split: resumed on %s after %.2f s (replayed %d tokens%s; %s)", replan.stages,
+                       replan.seconds, replayed, f" through {what}" if what else "",
+                       ", ".join(f"{k} {v:.3f}" for k, v in replan.phases.items()))
+        if self._on_replan is not None:
+            self._on_replan(replan)
+        if self._progress is not None:
+            where = ", ".join(f"{peer[:12]} {span}" for peer, span in replan.stages)
+            self._progress(f"resumed on {where} after {replan.seconds:.2f} s (replayed {replayed} tokens)",
+                           waiting="recovery", seconds=round(replan.seconds, 3), replayed=replayed)
+
+    def _recover(self, lost: StageLost, detect_s: float = 0.0) -> None:
+        started = time.perf_counter()
+        self._announce(lost, detect_s)
         self._excluded.add(lost.peer)  # "local" too: this node failed to build its part
         old, self.stages = self.stages, []
         for stage in old:
@@ -208,6 +313,8 @@ class SplitPipeline(StageDefaults):
         self._check_chain(self.config, stages)
         self.stages = stages
         built = time.perf_counter()
+        self._kept.clear()  # the new chain's stages: kept again as the replay runs
+        self._kept_bytes = 0
         for seq_id, history in self._history.items():
             for stage in stages:
                 stage.add_sequence(seq_id)
@@ -217,22 +324,14 @@ class SplitPipeline(StageDefaults):
         ended = time.perf_counter()
         phases = {"detect_s": detect_s, "close_s": closed - started, "rebuild_s": built - closed,
                   "replay_s": ended - built}
-        replan = Replan(lost.peer, str(lost), tokens, ended - started, self.route(), phases)
-        self.replans.append(replan)
-        logger.warning("split: resumed on %s after %.2f s (replayed %d tokens; %s)", replan.stages,
-                       replan.seconds, tokens, ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
-        if self._on_replan is not None:
-            self._on_replan(replan)
-        if self._progress is not None:
-            where = ", ".join(f"{peer[:12]} {span}" for peer, span in replan.stages)
-            self._progress(f"resumed on {where} after {replan.seconds:.2f} s (replayed {tokens} tokens)",
-                           waiting="recovery", seconds=round(replan.seconds, 3), replayed=tokens)
+        self._resumed(Replan(lost.peer, str(lost), tokens, ended - started, self.route(), phases), tokens)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._history.clear()
+        self._kept.clear()
         for stage in self.stages:
             try:
                 stage.close()

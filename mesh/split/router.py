@@ -400,15 +400,28 @@ class Router:
 
         def on_replan(event: Replan) -> None:
             route.replanned(ReplanEntry(event.lost, event.at_tokens, event.seconds, event.phases))
+            route.follow("split", event.stages, route.predicted or {})
+
+        def replace(span: LayerSpan, excluded: frozenset[str]) -> ChainStage | None:
+            """Blocking: this node's own stage for a lost stage's span (its loaded standby when there is one);
+            None when this node cannot take it (the pipeline then re-plans the whole chain)."""
+            if sched.LOCAL in excluded or served.engine is None:
+                return None
+            future = asyncio.run_coroutine_threadsafe(self.host.direct_stage(served.name, span, cid), loop)
+            try:
+                return future.result(self.settings.rebuild_timeout_s)
+            except Exception as exc:  # a task boundary: any failure means "re-plan instead"
+                logger.info("no local stage for layers %s: %s", span, exc)
+                return None
 
         try:
             stages = await make_stages(plan)
         except StageLost as exc:  # a planned peer left before the request started
             stages = await replan_and_build(frozenset({exc.peer}))
         self._want_standby(served, config, weight_bytes, len(prompt_ids), _planned_tokens(served, prompt_ids,
-                           params), [s.peer for s in stages], choice, cid)
+                           params), [(s.peer, s.span) for s in stages], choice, cid)
         pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
-                                 on_replan=on_replan, progress=route.progress)
+                                 on_replan=on_replan, progress=route.progress, replace=replace)
         engine = Engine([pipeline], served.tokenizer, max_batch=1)
         await engine.start()
         try:
@@ -421,12 +434,20 @@ class Router:
             await loop.run_in_executor(None, pipeline.close)
 
     def _want_standby(self, served: Servable, config: ModelConfig, weight_bytes: int, prompt_tokens: int,
-                      max_tokens: int, peers: list[str], choice: RouteChoice, cid: str | None) -> None:
-        """Queue for loading the spans this node would run if each remote stage's peer were lost."""
+                      max_tokens: int, stages: list[tuple[str, LayerSpan]], choice: RouteChoice,
+                      cid: str | None) -> None:
+        """Queue for loading the spans a lost remote stage would need: first its own span here (the
+        pipeline patches a lost stage with this node's stage for it), then what a re-plan without its peer
+        would put here or on other peers."""
         if self.standby is None:
             return
         cap = self.settings.standby_max_mb << 20
-        for peer in dict.fromkeys(p for p in peers if p != LOCAL_PEER):
+        remote = [(peer, span) for peer, span in stages if peer != LOCAL_PEER]
+        if served.engine is not None:
+            for _, span in remote:
+                if weight_bytes * len(span) // config.num_layers <= cap:
+                    self.standby.want(served.name, span, cid, LOCAL_PEER)
+        for peer in dict.fromkeys(p for p, _ in remote):
             try:
                 alt = self.plan(served.name, config, weight_bytes, True, prompt_tokens, max_tokens,
                                 frozenset({peer}), choice, self._span_cid(served))

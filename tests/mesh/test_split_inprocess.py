@@ -341,6 +341,47 @@ async def test_standby_loads_spans_once_in_the_background() -> None:
         await peer_host.stop()
 
 
+@pytest.mark.parametrize(("lost", "by_argmax"), [(1, True), (2, False), (0, True)])
+async def test_a_lost_stage_is_patched_the_others_keep_their_caches(
+        expected: dict[str, list[int]], lost: int, by_argmax: bool) -> None:
+    """With `replace`, only the lost stage's span gets a new stage (prefilled with the inputs the lost one
+    had); the other stages are not opened again, and the tokens equal the no-fault run (middle, last and
+    first stage lost)."""
+    loop = asyncio.get_running_loop()
+    config = gguf_model().config
+    names = ("a", "b", "c")
+    hosts = {name: StageHost(factory, gate_open) for name in (*names, "d")}
+    links = {name: PeerLink(h, name) for name, h in hosts.items()}
+    links[names[lost]].cut_after = 4  # open + prefill + 2 decode steps, then the link dies
+    spans = [LayerSpan(0, 10), LayerSpan(10, 20), LayerSpan(20, 30)]
+    replaced: list[tuple[LayerSpan, frozenset[str]]] = []
+
+    def replace(span: LayerSpan, excluded: frozenset[str]) -> RemoteStage:
+        replaced.append((span, excluded))
+        return RemoteStage(links["d"], loop, MODEL, config, span)
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        raise AssertionError("patched, not re-planned")
+
+    first = [RemoteStage(links[n], loop, MODEL, config, span) for n, span in zip(names, spans, strict=True)]
+    pipeline = SplitPipeline(config, first, rebuild, replace=replace)
+    try:
+        prompt = PROMPTS[2]
+        got = await blocking(greedy, pipeline, chat_ids(prompt), MAX_TOKENS, 11, by_argmax)
+        assert got == expected[prompt]
+        assert replaced == [(spans[lost], frozenset({names[lost]}))]
+        want = [("d" if i == lost else n) for i, n in enumerate(names)]
+        assert [peer for peer, _ in pipeline.route()] == want
+        others = [links[n] for i, n in enumerate(names) if i != lost]
+        # open, prefill, MAX_TOKENS - 1 decode steps, close: nothing was opened or replayed again there
+        assert all(h.calls == 2 + MAX_TOKENS for h in others), [h.calls for h in others]
+        assert pipeline.replans[0].phases["close_s"] == 0.0
+    finally:
+        await blocking(pipeline.close)
+        for h in hosts.values():
+            await h.stop()
+
+
 async def test_replans_are_bounded() -> None:
     loop = asyncio.get_running_loop()
     config = gguf_model().config
