@@ -83,6 +83,20 @@ def test_packed_sizes_match_the_gguf() -> None:
         assert packed.nbytes == gguf_bytes + extra, kind
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_packing_in_row_chunks_equals_packing_at_once(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.models.kernels import blocks
+
+    raw = random_raw(kind, 80, K, 7)
+    whole = blocks.pack_decoded(kind, decode_blocks(kind, raw, 80, K))
+    monkeypatch.setattr(blocks, "PACK_WEIGHTS", 32 * K)  # chunks of 32 rows: 32, 32, 16
+    chunked = pack_blocks(kind, raw, 80, K)
+    assert [name for name, _ in chunked.arrays] == [name for name, _ in whole.arrays]
+    for (name, got), (_, want) in zip(chunked.arrays, whole.arrays, strict=True):
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_concat_and_shape_checks() -> None:
     a, b = (pack_blocks("q6_k", random_raw("q6_k", 32, 256, s), 32, 256) for s in (3, 4))
     both = concat_tensors([a, b])
