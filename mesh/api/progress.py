@@ -84,9 +84,9 @@ class ProgressPump:
 
     def __init__(self, feed: ProgressFeed, write: Callable[[dict[str, Any]], Awaitable[None]], *,
                  model: str, bus: EventBus | None = None, queue_depth: Callable[[], int] | None = None,
-                 idle: Callable[[float], dict[str, Any]] | None = None) -> None:
+                 idle: Callable[[float], dict[str, Any]] | None = None, started: float | None = None) -> None:
         """`idle(seconds)`: the report of a tick with nothing else to say (default: the queue, or still
-        waiting for the first token)."""
+        waiting for the first token); `started`: when the wait began (`time.monotonic()`; default now)."""
         self.feed = feed
         self._idle = idle
         self._write = write
@@ -94,7 +94,7 @@ class ProgressPump:
         self._bus = bus
         self._queue_depth = queue_depth
         self._waiting = True
-        self._started = time.monotonic()
+        self._started = time.monotonic() if started is None else started
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
 
@@ -170,6 +170,7 @@ async def while_loading(request: web.Request, work: Awaitable[T], model: str) ->
     """`work`'s result (preparing a streamed request: loading, maybe compiling, its model). When it takes
     longer than `TICK_S`, the SSE response opens (kept under `EARLY_STREAM`) and the wait is reported: this
     node's compile progress for the model, else "loading MODEL here (n s)" each second."""
+    began = time.monotonic()
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task}, timeout=TICK_S)
     if done:
@@ -185,7 +186,7 @@ async def while_loading(request: web.Request, work: Awaitable[T], model: str) ->
                 "seconds": seconds}
 
     pump = ProgressPump(ProgressFeed(asyncio.get_running_loop()), write, model=model,
-                        bus=request.app[NODE].bus, idle=idle)
+                        bus=request.app[NODE].bus, idle=idle, started=began)
     pump.feed.push(idle(TICK_S))
     pump.start()
     try:

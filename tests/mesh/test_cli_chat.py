@@ -71,3 +71,19 @@ async def test_chat_reports_the_node_error(node: NodeThread) -> None:
     result = await run("chat", PROMPT, "--api", node.url, "--model", "no-such-model")
     assert result.returncode == 2
     assert "no-such-model" in result.stderr and "does not exist" in result.stderr
+
+
+async def test_chat_shows_why_it_waits_on_stderr(tmp_path) -> None:
+    """A node that loads its model on first use: `shoal chat` shows the node's progress reports on one
+    self-overwriting stderr line (cleared when the answer starts), and stdout holds only the answer."""
+    from tests.mesh.api_harness import make_config
+
+    node = NodeThread(make_config(tmp_path, models={"preload": False})).start()
+    try:
+        result = await run("chat", PROMPT, "--api", node.url, "--max-tokens", "3", "--temperature", "0")
+    finally:
+        node.stop()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "shoal progress" not in result.stdout
+    assert f"loading {MODEL} here (" in result.stderr, result.stderr[-500:]  # (text mode reads \r as \n)
+    print(f"stderr while waiting: {result.stderr[:120]!r}")
