@@ -28,6 +28,9 @@ class SplitConfig:
     """Longest a re-plan after a lost stage may take to open its new stages."""
     span_fetch_timeout_s: float = 600.0
     """Longest this node may take to fetch a span it does not hold (over IPFS) for a peer."""
+    header_timeout_s: float = 120.0
+    """Longest wait for the GGUF header (tokenizer and tensor index, a few MiB) of a model this node does not
+    hold but plans over the mesh (`split.span_model`)."""
     link_handshake_timeout_s: float = 2.0
     """Connect plus token exchange of a direct tensor link."""
     link_record_timeout_s: float = 5.0

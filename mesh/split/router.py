@@ -41,7 +41,6 @@ from shoal.mesh.split.plan_inputs import (
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
 from shoal.mesh.split.remote_stage import DirectLinkFailures, ReceiptSink, RemoteStage, StageLost
 from shoal.mesh.split.span_model import (
-    HEADER_TIMEOUT_S,
     SpanModel,
     SpanModels,
     advert_catalog,
@@ -500,7 +499,7 @@ class Router:
         failed: ModelError | None = None
         if cid is not None:
             try:
-                return await self.span_models.open(name, cid, HEADER_TIMEOUT_S)
+                return await self.span_models.open(name, cid, self.settings.header_timeout_s)
             except ModelError as exc:  # no header from the mesh: a peer that serves it may still take it
                 logger.warning("%s: %s", name, exc)
                 failed = exc

@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 MAX_CATALOG = 64
 """Names a member lists in its advert's `catalog` (more are left out)."""
-HEADER_TIMEOUT_S = 120.0
-"""Longest wait for a model's header (tokenizer and tensor index: a few MiB) from the mesh."""
 
 
 @dataclass
