@@ -90,7 +90,7 @@ class Router:
         self.settings = settings or SplitConfig()
         self.speeds = Speeds()
         self.direct_failures = DirectLinkFailures(self.settings.direct_retry_s)
-        self.standby = Standby(host.prepare, host.holds, remote_loader(mesh, self.settings)) \
+        self.standby = Standby(host.prepare, host.holds, remote_loader(mesh, self.settings), host.idle_room) \
             if self.settings.standby_spans else None
         """Loads the spans a re-plan would put here, while a split runs (`split.standby`)."""
         self._forced: ForcedRoute | None = None

@@ -80,6 +80,9 @@ class StageHost:
         self._keep_idle = keep_idle_stages
         self._worker = StageWorker("stage-host")
         self._hosted: dict[tuple[str, LayerSpan], HostedStage] = {}
+        self._last_used: dict[tuple[str, LayerSpan], float] = {}
+        """When a sequence last opened on each stage (a standby load: never): the idle stages used least
+        recently are closed first."""
         self._loading: dict[tuple[str, LayerSpan], asyncio.Future[HostedStage]] = {}
         self._sessions: dict[tuple[str, int], _Session] = {}
         self._next_local = 0
@@ -126,6 +129,7 @@ class StageHost:
         if len(self._sessions) >= self._max_sequences:
             raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
         hosted = await self._stage(model, span, cid)
+        self._last_used[hosted.key] = time.monotonic()
         local_id = self.new_local_id()
         await self._run(hosted.call, hosted.stage.add_sequence, local_id)
         hosted.sequences.add(local_id)
@@ -198,17 +202,25 @@ class StageHost:
         """Whether the stage for (model, span) is loaded or loading."""
         return (model, span) in self._hosted or (model, span) in self._loading
 
+    def idle_room(self) -> int:
+        """How many more idle stages this host keeps (`keep_idle_stages` less the idle and loading ones)."""
+        idle = sum(1 for h in self._hosted.values() if not h.sequences and not h.users)
+        return self._keep_idle - idle - len(self._loading)
+
     async def prepare(self, model: str, span: LayerSpan, cid: str | None = None) -> None:
-        """Load the stage ahead of need (`split.standby`); it stays as an idle stage (`keep_idle_stages`)."""
+        """Load the stage ahead of need (`split.standby`); it stays as an idle stage (`keep_idle_stages`),
+        the first closed when there are too many (it was never used)."""
         if self._stopped:
             return
-        await self._stage(model, span, cid)
+        hosted = await self._stage(model, span, cid)
+        self._last_used.setdefault(hosted.key, 0.0)
 
     async def direct_stage(self, model: str, span: LayerSpan, cid: str | None = None) -> DirectStage:
         """This node's part of its own split: the hosted stage, called on the caller's thread."""
         if self._stopped:
             raise HostError(wire.REFUSED, "the node is shutting down")
         hosted = await self._stage(model, span, cid)
+        self._last_used[hosted.key] = time.monotonic()
         return DirectStage(hosted, self.new_local_id)
 
     def new_local_id(self) -> int:
@@ -218,8 +230,10 @@ class StageHost:
 
     async def _trim(self) -> None:
         idle = [h for h in self._hosted.values() if not h.sequences and not h.users]
+        idle.sort(key=lambda h: self._last_used.get(h.key, 0.0))  # least recently used first
         for hosted in idle[: max(0, len(idle) - self._keep_idle)]:
             del self._hosted[hosted.key]
+            self._last_used.pop(hosted.key, None)
             await self._run(hosted.call, hosted.stage.close)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:

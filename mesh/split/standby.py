@@ -3,11 +3,13 @@
 When a split with stages on peers starts, the router asks the planner what it would do without each of those
 peers (a plan is pure arithmetic) and hands the spans of such a plan to `Standby`, which has them loaded in
 the background — one at a time, never more than `MAX_PENDING` waiting: this node's own into its `StageHost`
-(skipped when held), a peer's by opening a sequence on that span and closing it at once (the peer then keeps
-the loaded stage as an idle one; asked again only after `REMOTE_MEMO_S`). If a peer is then lost mid-stream,
-its replacement is a stage already loaded (or compiled), so the recovery costs a re-plan and a replay instead
-of a load. `[split] standby_spans` turns it off; a host keeps at most `keep_idle_stages` idle stages, so
-standby spans cost bounded memory.
+(skipped when held, or when the host has no room left for one more idle stage), a peer's by opening a
+sequence on that span and closing it at once (the peer then keeps the loaded stage as an idle one); a span is
+asked for again only after `MEMO_S`, so the host's trimming of idle stages (least recently used first: a
+standby stage that was never used goes first) cannot turn into a reload per request. If a peer is then lost
+mid-stream, its replacement is a stage already loaded (or compiled), so the recovery costs a re-plan and a
+replay instead of a load. `[split] standby_spans` turns it off; a host keeps at most `keep_idle_stages` idle
+stages, so standby spans cost bounded memory.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PENDING = 8
 """Spans waiting to be loaded; more requests are dropped (they are only a head start)."""
-REMOTE_MEMO_S = 300.0
-"""A peer asked to load a span is not asked again for this long."""
+MEMO_S = 300.0
+"""A span loaded (or asked of a peer) is not asked for again for this long."""
 MAX_MEMO = 256
 
 Load = Callable[[str, LayerSpan, "str | None"], Awaitable[Any]]
@@ -45,9 +47,12 @@ LOCAL = "local"
 class Standby:
     """A bounded, one-at-a-time background loader of spans this node may be asked to run."""
 
-    def __init__(self, load: Load, held: Held, remote: RemoteLoad | None = None) -> None:
+    def __init__(self, load: Load, held: Held, remote: RemoteLoad | None = None,
+                 room: Callable[[], int] | None = None) -> None:
+        """`room()`: how many more idle stages this node's host keeps (no local load without room)."""
         self._load = load
         self._held = held
+        self._room = room
         self._remote = remote
         self._queue: asyncio.Queue[tuple[str, str, LayerSpan, str | None]] = asyncio.Queue(MAX_PENDING)
         self._wanted: set[tuple[str, str, LayerSpan]] = set()
@@ -61,17 +66,19 @@ class Standby:
         of a peer lately), queued, or the queue is full."""
         key = (peer, model, span)
         now = time.monotonic()
-        if key in self._wanted or (self._held(model, span) if peer == LOCAL else
-                                   self._remote is None or now - self._asked.get(key, -1e9) < REMOTE_MEMO_S):
+        if key in self._wanted or now - self._asked.get(key, -1e9) < MEMO_S:
+            return False
+        if peer == LOCAL and (self._held(model, span) or (self._room is not None and self._room() <= 0)):
+            return False
+        if peer != LOCAL and self._remote is None:
             return False
         try:
             self._queue.put_nowait((peer, model, span, cid))
         except asyncio.QueueFull:
             return False
-        if peer != LOCAL:
-            if len(self._asked) >= MAX_MEMO:
-                self._asked.clear()
-            self._asked[key] = now
+        if len(self._asked) >= MAX_MEMO:
+            self._asked.clear()
+        self._asked[key] = now
         self._wanted.add(key)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="standby spans")

@@ -382,6 +382,23 @@ async def test_a_lost_stage_is_patched_the_others_keep_their_caches(
             await h.stop()
 
 
+async def test_idle_stages_are_trimmed_least_recently_used_and_standby_keeps_to_the_room() -> None:
+    """A standby stage (never used) is the first idle stage closed, so it cannot push out a span requests use;
+    standby loads nothing here once the host's idle room is taken."""
+    host = StageHost(factory, gate_open, keep_idle_stages=1)
+    standby = Standby(host.prepare, host.holds, room=host.idle_room)
+    try:
+        await host.prepare(MODEL, LayerSpan(0, 10))  # as standby does: idle, never used
+        assert host.idle_room() == 0
+        assert not standby.want(MODEL, LayerSpan(20, 30)), "no room for another idle stage"
+        await host.open("p", {"model": MODEL, "span": "10:20", "seq": 1})
+        await host.close("p", {"seq": 1})  # 10:20 idle too, and just used: 0:10 goes
+        assert host.holds(MODEL, LayerSpan(10, 20)) and not host.holds(MODEL, LayerSpan(0, 10))
+    finally:
+        await standby.stop()
+        await host.stop()
+
+
 async def test_replans_are_bounded() -> None:
     loop = asyncio.get_running_loop()
     config = gguf_model().config
