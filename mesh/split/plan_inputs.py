@@ -121,6 +121,13 @@ def advert_models(advert: dict[str, Any]) -> set[str]:
     return names
 
 
+def advert_battery(advert: dict[str, Any]) -> float | None:
+    """The advert's `battery` percent (gossip's field: a number, or null on mains power), clamped to 0–100;
+    None when absent or junk (a device without a battery is never held back by a battery floor)."""
+    value = advert_number(advert.get("battery"), -1.0)
+    return None if value < 0 else min(value, 100.0)
+
+
 def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bool, trusted: bool,
                   rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0) -> sched.Device:
     """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
@@ -129,7 +136,7 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
     read as absent; ValueError when the result is not a valid device."""
     split = advert_table(advert.get("split"))
     speed = advert_table(advert_table(advert.get("speed")).get(model))
-    battery = advert_table(advert.get("battery"))
+    battery = advert_battery(advert)
     free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
     decode = advert_number(speed.get("decode_tok_s"))
     advertised = int(min(advert_number(advert.get("queue_depth")), MAX_QUEUE))
@@ -142,8 +149,8 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         queue_depth=max(0, advertised, placed),
         measured=decode > 0,
         batch_cost=min(MAX_BATCH_COST, max(0.0, advert_number(speed.get("batch_cost"), 1.0))),
-        battery=advert_number(battery.get("percent"), 100.0) if battery else None,
-        charging=bool(battery.get("plugged")) if battery else False,
+        battery=battery,
+        charging=advert.get("plugged") is True,
         trusted=trusted,
         serves_others=split.get("serve_others") is True,
         rtt_s=rtt_s,

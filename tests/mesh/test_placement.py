@@ -120,3 +120,21 @@ def test_a_peer_device_from_its_advert() -> None:
     assert not d.measured and d.decode_tps == DEFAULT_TPS and not d.serves_others
     assert d.batch_cost == MAX_BATCH_COST and d.queue_depth == MAX_QUEUE
     assert not advert_device("p3", {}, "m", holds=True, trusted=True, rtt_s=0.001, link="host").measured
+
+
+def test_a_peer_battery_is_read_as_gossip_sends_it() -> None:
+    """Gossip (native nodes and the browser tab alike) sends `battery` as a percent, `plugged` beside it."""
+    from shoal.mesh.split.policy import PolicyConfig
+
+    policy = PolicyConfig(battery_floor=20)
+    low = advert_device("p1", {"battery": 12.5, "plugged": False}, "m", holds=True, trusted=True,
+                        rtt_s=0.001, link="host")
+    assert low.battery == 12.5 and not low.charging and low.below_battery_floor(policy)
+    charging = advert_device("p1", {"battery": 12.5, "plugged": True}, "m", holds=True, trusted=True,
+                             rtt_s=0.001, link="host")
+    assert charging.charging and not charging.below_battery_floor(policy)
+    for mains in ({}, {"battery": None}, {"battery": "low"}, {"battery": -3}):
+        d = advert_device("p1", mains, "m", holds=True, trusted=True, rtt_s=0.001, link="host")
+        assert d.battery is None and not d.below_battery_floor(policy)
+    assert advert_device("p1", {"battery": 250}, "m", holds=True, trusted=True, rtt_s=0.001,
+                         link="host").battery == 100.0
