@@ -35,7 +35,7 @@ from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Expected, ReceiptError, Usage, UsageLedger
 from shoal.mesh.split.remote_stage import StageLost
 from shoal.models.admission import AdmissionError
-from shoal.models.errors import ContextOverflowError
+from shoal.models.errors import ContextOverflowError, InsufficientMemoryError, ModelMemoryBudgetError
 from shoal.models.generate import TokenEvent
 from shoal.models.grammar import GrammarError, check_constraint
 from shoal.models.requests import EventLogprobs
@@ -282,10 +282,7 @@ class OffloadServer:
             sampling = SamplingParams(**params)
         except (TypeError, ValueError) as exc:
             raise RemoteError(wire.BAD_REQUEST, f"bad sampling parameters: {exc}") from None
-        try:
-            served = await self._acquire(model)
-        except LookupError as exc:
-            raise RemoteError(wire.NO_MODEL, str(exc)) from None
+        served = await self._load(model)
         if sampling.constraint is not None:  # a grammar that does not compile is the asker's mistake
             try:
                 loop = asyncio.get_running_loop()
@@ -356,10 +353,17 @@ class OffloadServer:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RemoteError(wire.BAD_REQUEST, "a model name is needed")
+        return await self._load(model)
+
+    async def _load(self, model: str) -> ServedModel:
+        """The served model, loading it on first use; a model this node lacks, or has no room for now (its
+        memory budget, or free memory), is the asker's cue to re-plan elsewhere — never an internal error."""
         try:
             return await self._acquire(model)
         except LookupError as exc:
             raise RemoteError(wire.NO_MODEL, str(exc)) from None
+        except (ModelMemoryBudgetError, InsufficientMemoryError) as exc:
+            raise RemoteError(wire.BUSY, str(exc)[:500]) from None
 
     async def _on_info(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         served = await self._served(frame.body)

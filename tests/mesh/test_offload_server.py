@@ -185,3 +185,23 @@ async def test_a_remote_model_samples_with_the_peers_defaults() -> None:
                    "odd": {"sampling_defaults": {"logit_bias": 1}}})
     remote = await find_remote_model(Link(), MODEL, ["bad", "odd", "good"])  # type: ignore[arg-type]
     assert remote is not None and remote.peer_id == "good"
+
+
+async def test_a_model_with_no_room_here_is_a_busy_refusal_not_an_internal_error() -> None:
+    """A peer whose memory budget (or free memory) cannot take the model answers `busy`: the origin re-plans
+    elsewhere (an `internal` error would end the client's request)."""
+    from shoal.models.errors import InsufficientMemoryError, ModelMemoryBudgetError
+
+    for error in (ModelMemoryBudgetError("needs 600 MiB; budget 512 MiB", retryable=True),
+                  InsufficientMemoryError("needs 600 MiB; 100 MiB free")):
+        async def acquire(name: str, error: Exception = error) -> ServedModel:
+            raise error
+
+        mesh = FakeMesh()
+        OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+        body = {"rid": 1, "model": MODEL, "prompt_ids": [1, 2, 3], "params": {"temperature": 0}}
+        for frame_type, frame_body in ((wire.OFFLOAD_OPEN, body), (wire.OFFLOAD_INFO, {"model": MODEL})):
+            with pytest.raises(RemoteError) as refused:
+                await mesh.control[frame_type](FakePeer(), ControlFrame(frame_type, frame_body))
+            assert refused.value.code == wire.BUSY and "MiB" in refused.value.message
+        assert mesh.tasks == []
