@@ -2,6 +2,7 @@
 the node processes pinned to cores (taskset) and unpinned, and the recovery time after `kill -9` of a stage.
 
     python bench/split.py [--tokens 32] [--runs 3] [--backend numpy] [--skip-unpinned] [--skip-pinned]
+        [--recovery-only --recovery-rounds 5]  # kill -9 of a split stage and of an offload target, per round
         [--one-core]      # also every node on core 0: the pipeline's own cost, without the cores' speeds
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
@@ -161,7 +162,9 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         return ["--trace", str(base / f"{name}.trace")] if args.trace else []
 
     def node(index: int, name: str, settings: dict) -> SplitNode:
-        settings = merged({"models": {"backend": args.backend}}, settings)
+        standby = args.recovery_only if args.standby is None else args.standby
+        base_settings = {"models": {"backend": args.backend}, "split": {"standby_spans": standby}}
+        settings = merged(base_settings, settings)
         if network is None:
             return SplitNode(name, base / name, settings, harness_args=instruments + extra(name),
                              prefix=cores[index])
@@ -267,7 +270,10 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             n.kill(15)
         if network is not None:
             network.close()  # deleting the bridge's namespace takes the root veth with it
-        shutil.rmtree(base, ignore_errors=True)  # node data dirs: ~280 MB each run
+        if args.keep:
+            print(f"node data dirs and logs kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)  # node data dirs: ~280 MB each run
     return results
 
 
@@ -341,6 +347,10 @@ def main() -> int:
     parser.add_argument("--recovery-rounds", type=int, default=1,
                         help="kill -9 rounds per recovery row (the victim restarts between rounds)")
     parser.add_argument("--recovery-only", action="store_true", help="only the recovery rows")
+    parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
+    parser.add_argument("--standby", action=argparse.BooleanOptionalAction, default=None,
+                        help="[split] standby_spans on the nodes (default: on with --recovery-only only; its "
+                             "background loads and compiles would compete with the timed rounds)")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",
