@@ -78,8 +78,9 @@ def stream(node: NodeProcess, tokens: int, route: str | None) -> tuple[float, fl
     return first, last, count, shoal_route
 
 
-def burst(node: NodeProcess, clients: int, tokens: int, route: str | None) -> tuple[float, int, list[str]]:
-    """(aggregate tok/s, tokens, where each request ran) of `clients` requests started together."""
+def burst(node: NodeProcess, clients: int, tokens: int, route: str | None
+          ) -> tuple[float, int, list[tuple[str, float]]]:
+    """(aggregate tok/s, tokens, (where, ttlt s) of each request) of `clients` requests started together."""
     results: list[Any] = [None] * clients
 
     def one(i: int) -> None:
@@ -99,7 +100,7 @@ def burst(node: NodeProcess, clients: int, tokens: int, route: str | None) -> tu
     if errors:
         raise RuntimeError(f"burst failed: {errors[0]}")
     total = sum(r[2] for r in results)
-    where = [r[3].get("kind", "?") if r[3].get("kind") != "offload" else "peer" for r in results]
+    where = [("peer" if r[3].get("kind") == "offload" else r[3].get("kind", "?"), r[1]) for r in results]
     return total / wall, total, where
 
 
@@ -123,7 +124,8 @@ def start_mesh(base: Path, args: argparse.Namespace) -> tuple[list[NodeProcess],
         mesh: dict[str, Any] = {"secret": secret, "gossip_interval_s": 1.0}
         if bootstrap:
             mesh["bootstrap"] = [n.api for n in bootstrap]
-        return {"models": {"backend": args.backend}, "mesh": mesh}
+        # one probe per node, at its start: a periodic re-probe must not land inside a measured round
+        return {"models": {"backend": args.backend}, "mesh": mesh, "split": {"speed_probe_every_min": 0}}
 
     b = NodeProcess("b", base / "b", settings(), env=env, prefix=["taskset", "-c", "0"])
     c = NodeProcess("c", base / "c", settings(b), env=env, prefix=["taskset", "-c", "1"])
@@ -178,7 +180,8 @@ def main() -> int:
         slow: dict[str, list[tuple[float, float]]] = {"local": [], "auto": []}
         slow_where: list[str] = []
         spread: dict[str, list[float]] = {"local": [], "auto": []}
-        spread_where: list[str] = []
+        spread_where: list[tuple[str, float]] = []
+        spread_local: list[float] = []
         stream(a, 4, "local")  # warm both paths once
         stream(a, 4, None)
         for r in range(args.rounds):
@@ -194,6 +197,8 @@ def main() -> int:
                 spread[name].append(rate)
                 if name == "auto":
                     spread_where += where
+                else:
+                    spread_local += [t for _, t in where]
             time.sleep(args.settle)
             print(f"  round {r + 1}: slow ttlt local {slow['local'][-1][1]:.2f} s "
                   f"auto {slow['auto'][-1][1]:.2f} s; burst local {spread['local'][-1]:.1f} tok/s "
@@ -222,11 +227,14 @@ def main() -> int:
             print(f"{name:8} {ttft:8.3f} {ttlt:8.3f}  {ratio_cell(ttft_r):>18} {ratio_cell(ttlt_r):>18}  "
                   f"{kinds}")
     print(f"\nspread: {args.clients} clients at once at b ({args.tokens} tokens each); local = b alone")
-    print(f"{'route':8} {'tok/s':>8}  {'auto/local':>18}  where")
+    print(f"{'route':8} {'tok/s':>8}  {'auto/local':>18}  where (median TTLT of those requests)")
     ratios = [au / lo for lo, au in zip(spread["local"], spread["auto"], strict=True)]
-    print(f"{'local':8} {med(spread['local']):8.1f}  {'1.00x':>18}  local {args.clients * args.rounds}")
-    kinds = ", ".join(f"{k} {spread_where.count(k)}" for k in sorted(set(spread_where)))
-    print(f"{'auto':8} {med(spread['auto']):8.1f}  {ratio_cell(ratios):>18}  {kinds}")
+    print(f"{'local':8} {med(spread['local']):8.1f}  {'1.00x':>18}  local {len(spread_local)} "
+          f"({med(spread_local):.2f} s)")
+    kinds = sorted({k for k, _ in spread_where})
+    cells = [f"{k} {sum(1 for w, _ in spread_where if w == k)} "
+             f"({med([t for w, t in spread_where if w == k]):.2f} s)" for k in kinds]
+    print(f"{'auto':8} {med(spread['auto']):8.1f}  {ratio_cell(ratios):>18}  {', '.join(cells)}")
     shutil.rmtree(base, ignore_errors=True)
     return 0
 
