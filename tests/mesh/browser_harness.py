@@ -60,6 +60,15 @@ class NamespacedNode(NodeProcess):
             raise OSError(f"curl {path}: exit {result.returncode}")
         return result.stdout
 
+    def open_stream(self, path: str, body: Any) -> subprocess.Popen[bytes]:
+        """POST `body` as a streamed request and leave it running (the caller ends it: a client that goes
+        away)."""
+        command = [*self.prefix, "curl", "-s", "-N", "-X", "POST", self.url + path,
+                   "-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
+        for name, value in self.auth_headers().items():
+            command += ["-H", f"{name}: {value}"]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def call(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
         return json.loads(self._curl(method, path, body, timeout))
 

@@ -292,12 +292,16 @@ def test_a_client_that_goes_away_cancels_the_tabs_work(node, tab):
     """The origin sends `offload.cancel` when its client disconnects; the tab stops between tokens."""
     me = tab_id(tab)
     before = len(served(tab))
-    body = {"model": MODEL, "messages": CASES["count"]["messages"], "max_tokens": 400, "temperature": 0,
-            "stream": True, "shoal": {"route": "offload", "prefer": [me]}}
-    try:
-        node._curl("POST", "/v1/chat/completions", body, 12, "-N")  # curl gives up after 12 s
-    except OSError:
-        pass
+    story = [{"role": "user", "content": "Write a very long story about the sea."}]
+    body = {"model": MODEL, "messages": story, "max_tokens": 400, "temperature": 0, "stream": True,
+            "shoal": {"route": "offload", "prefer": [me]}}
+    client = node.open_stream("/v1/chat/completions", body)
+    try:  # the client goes away once the tab is generating (not after a fixed time: it may finish first)
+        tab.wait_for(f"{COMPUTE}.served.length > {before} && {COMPUTE}.served[{before}].tokens.length >= 2",
+                     120, "the tab to generate")
+    finally:
+        client.kill()
+        client.wait(10)
     tab.wait_for(f"{COMPUTE}.served.length > {before} && {COMPUTE}.served[{before}].finish !== null", 60,
                  "the tab to stop")
     record = served(tab)[before]

@@ -266,7 +266,7 @@ export class Compute extends EventTarget {
     const w = this.wllama;
     const record = { rid, model: MODEL, prompt_ids: ids, tokens: [], finish: null };
     this.served.push(record);
-    if (this.served.length > 16) this.served.shift();
+    if (this.served.length > 256) this.served.shift();
     try {
       await w.kvClear();
       await w.samplingInit({
