@@ -190,7 +190,7 @@ class IpfsRoutes:
             message = 'body must be {"model": NAME_OR_CID}'
             raise _json_error(web.HTTPBadRequest, message, "invalid_type", "model")
         try:
-            cid = self.service.catalog.resolve(model)
+            cid = self.service.resolve(model)
             pull_id = self.service.start_pull(model)
         except (UnknownModelError, InvalidCidError) as exc:
             raise _json_error(web.HTTPNotFound, str(exc), "model_not_found", "model") from None

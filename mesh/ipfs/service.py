@@ -27,8 +27,9 @@ from multiformats import CID
 from shoal.mesh.ipfs.assembler import PublishedFileWriter, SparseFileWriter
 from shoal.mesh.ipfs.car_producer import Buffer, CarProducer, produce
 from shoal.mesh.ipfs.catalog import EMBEDDED_NAME, Catalog
+from shoal.mesh.ipfs.cid import parse_cid
 from shoal.mesh.ipfs.config import IpfsConfig
-from shoal.mesh.ipfs.errors import IpfsError, SourceError
+from shoal.mesh.ipfs.errors import InvalidCidError, IpfsError, SourceError, UnknownModelError
 from shoal.mesh.ipfs.fetcher import Fetcher, FetchStats, Progress
 from shoal.mesh.ipfs.importer import ImportOptions, import_file
 from shoal.mesh.ipfs.reader import UnixFSReader, assemble_file
@@ -62,6 +63,7 @@ class IpfsService:
         self.models_dir = self.data_dir / "models"
         self._session: aiohttp.ClientSession | None = None
         self._extra_sources: list[tuple[str, BlockSource]] = []
+        self._mesh_names: Callable[[str], str | None] | None = None
         self._pulls: dict[str, asyncio.Task[PullResult]] = {}
         self._ids = itertools.count(1)
         self._closing = False
@@ -132,6 +134,23 @@ class IpfsService:
         """Plug in another block source (e.g. the WebRTC mesh), placed by `kind` in the policy order."""
         self._extra_sources.append((kind, source))
 
+    def set_mesh_names(self, lookup: Callable[[str], str | None]) -> None:
+        """Where names this node's catalog lacks are looked up: the mesh's catalogs (the CID most members
+        give the name, from their adverts). Without it, names resolve in this node's catalog only."""
+        self._mesh_names = lookup
+
+    def resolve(self, name_or_cid: str) -> CID:
+        """A CID from this node's catalog, a CID string, or the mesh's catalogs; `UnknownModelError` (saying
+        where it looked) or `InvalidCidError` otherwise."""
+        try:
+            return self.catalog.resolve(name_or_cid)
+        except UnknownModelError as exc:
+            found = self._mesh_names(name_or_cid.strip()) if self._mesh_names is not None else None
+            if found is None:
+                where = "this node's catalog and the mesh's" if self._mesh_names else "this node's catalog"
+                raise UnknownModelError(f"{exc} (looked in {where})") from None
+            return parse_cid(found)
+
     def sources(self) -> list[BlockSource]:
         session = self._require_session()
         ordered: list[BlockSource] = []
@@ -168,8 +187,8 @@ class IpfsService:
         pull_id = pull_id or f"pull-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         model = name_or_cid
         try:
-            cid = self.catalog.resolve(name_or_cid)
-            name = name_or_cid.strip() if name_or_cid.strip() in self.catalog.entries() else ""
+            cid = self.resolve(name_or_cid)
+            name = "" if _is_cid_text(name_or_cid) else name_or_cid.strip()
 
             def on_progress(p: Progress) -> None:
                 if self.events is not None:
@@ -215,7 +234,7 @@ class IpfsService:
     def start_pull(self, name_or_cid: str) -> str:
         """Start a pull in the background (owned by the service); return its id for the event stream."""
         self._require_session()
-        self.catalog.resolve(name_or_cid)  # fail fast on bad names
+        self.resolve(name_or_cid)  # fail fast on bad names
         pull_id = f"pull-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         task = asyncio.get_running_loop().create_task(self.pull_detailed(name_or_cid, pull_id=pull_id))
         self._pulls[pull_id] = task
@@ -235,7 +254,7 @@ class IpfsService:
         from shoal.models.validate import check_model
 
         self._require_session()
-        cid = self.catalog.resolve(name_or_cid)
+        cid = self.resolve(name_or_cid)
         started = time.perf_counter()
         fetcher = self.fetcher()
         reader = UnixFSReader(fetcher.get_block)
@@ -353,4 +372,13 @@ class IpfsService:
         if known and known in pins and pins[known].complete and self.store.has(CID.decode(known)):
             return CID.decode(known)
         return await self.publish(path, EMBEDDED_NAME)
+
+
+def _is_cid_text(text: str) -> bool:
+    """Whether a pull names its model by CID (then no catalog name is recorded for it)."""
+    try:
+        parse_cid(text.strip().removeprefix("/ipfs/"))
+    except InvalidCidError:
+        return False
+    return True
 

@@ -32,6 +32,7 @@ from shoal.mesh.node.model_manager import LoadFn, ModelManager, ServingLimits, l
 from shoal.mesh.node.request_log import RequestLog
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.service import MeshService
+from shoal.mesh.split.span_model import cid_in_adverts
 from shoal.mesh.version import shoal_version
 from shoal.models.embedded import DEFAULT_MODEL_NAME
 
@@ -81,6 +82,7 @@ class Node:
         )
         self.blocks = BlockExchange(self.mesh, self.ipfs.store)
         self.ipfs.add_source(self.blocks.source())
+        self.ipfs.set_mesh_names(self._mesh_cid)  # pull by name: names this node lacks, from the mesh's
         self.metrics = NodeMetrics()
         self.log_bridge = LogBridge(self.bus, config.api.log_buffer_size)
         cache_dir = config.compile_dir
@@ -118,6 +120,10 @@ class Node:
         """One node per data dir (taken first in `start`, released last in `stop`)."""
 
     # --- identity and description --------------------------------------------------------------------
+
+    def _mesh_cid(self, name: str) -> str | None:
+        """The CID the connected members' catalogs give `name` (most of them), or None."""
+        return cid_in_adverts(name, [peer.advert or {} for peer in self.mesh.connected_peers()])
 
     @property
     def id(self) -> str:

@@ -90,11 +90,30 @@ def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
         assert reply["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == MAX_TOKENS
 
 
+def _pull_by_name_through_the_mesh(mesh: BigMesh) -> None:
+    """The helper's catalog lacks the name; the publisher's advert has it: a pull by name resolves there and
+    fetches the whole file from the members (every block verified), and records the name."""
+    helper = mesh.nodes["helper"]
+    unknown = helper.post("/v1/models/pull", {"model": "no-such-model"})
+    assert unknown["error"]["code"] == "model_not_found", unknown
+    assert "this node's catalog and the mesh's" in unknown["error"]["message"]
+    started = helper.post("/v1/models/pull", {"model": NAME})
+    assert started.get("cid") == mesh.cid, started
+
+    def pulled() -> bool:
+        listed = helper.get("/v1/ipfs/models")
+        items = listed.get("models", []) if isinstance(listed, dict) else listed
+        return any(m["cid"] == mesh.cid and m["complete"] and NAME in m["names"] for m in items)
+
+    wait_until(pulled, 180, "the helper to pull the model by its mesh name")
+
+
 def test_big_model_splits_across_three_budgets(tmp_path, slice_file):
     mesh = BigMesh(tmp_path, slice_file, share=0.5)
     try:
         mesh.start()
         _run(mesh)
+        _pull_by_name_through_the_mesh(mesh)
         # budgets that together cannot hold it: a coded error, not a 500 or a hang
         for name in ("origin", "helper", "publisher"):
             mesh.policy(name, 0.25)
