@@ -1,5 +1,9 @@
 """`shoal pull CID|NAME`: fetch a model from IPFS into the local store, verified and resumable.
 
+When a node runs on the same data dir (it answers at `--api`, default the configured address), the pull goes
+through it: its mesh peers serve blocks first and a name resolves through the mesh's catalogs. Otherwise (or
+with `--standalone`, or `--gateway`/`--layers`) this process pulls from its own sources.
+
 Exit codes: 0 done; 2 failed (no source has a block, bad input, or no block arrived for `--stall-timeout`
 seconds); 130 interrupted (Ctrl-C / SIGINT, which the pull honours at once: nothing is left running).
 """
@@ -11,6 +15,7 @@ import asyncio
 
 from shoal.mesh.commands.cli import CommandError
 from shoal.mesh.commands.node_client import data_dir as node_data_dir
+from shoal.mesh.commands.pull_via_node import pull_via_node, running_node
 from shoal.mesh.ipfs.cli_support import (
     ProgressLine,
     add_data_dir_option,
@@ -32,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     parser.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
                         help="give up (exit 2) when no block arrives for S seconds (default: %(default)s)")
+    parser.add_argument("--standalone", action="store_true",
+                        help="pull in this process even when a node runs on the data dir (no mesh peers)")
+    parser.add_argument("--api", metavar="HOST:PORT", default=None,
+                        help="the node to pull through (default: the configured address)")
     add_data_dir_option(parser)
     add_source_options(parser)
     parser.set_defaults(handler=run)
@@ -82,4 +91,9 @@ async def _pull(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.standalone or args.layers or args.gateway):
+        node = running_node(args.api, node_data_dir(args.data_dir))
+        if node is not None:
+            print(pull_via_node(*node, args.model, args.quiet))
+            return 0
     return asyncio.run(_pull(args))

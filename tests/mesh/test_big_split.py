@@ -14,6 +14,10 @@ the logprobs are compared too). The default-suite run uses `llama-3.2-3b-slice` 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import psutil
 import pytest
 
@@ -91,21 +95,22 @@ def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
 
 
 def _pull_by_name_through_the_mesh(mesh: BigMesh) -> None:
-    """The helper's catalog lacks the name; the publisher's advert has it: a pull by name resolves there and
-    fetches the whole file from the members (every block verified), and records the name."""
+    """The helper's catalog lacks the name; the publisher's advert has it. `shoal pull NAME` on the helper's
+    data dir goes through the helper node (it runs there): the name resolves in the mesh's catalogs, the
+    whole file comes from the members (every block verified) and the name is recorded."""
     helper = mesh.nodes["helper"]
     unknown = helper.post("/v1/models/pull", {"model": "no-such-model"})
     assert unknown["error"]["code"] == "model_not_found", unknown
     assert "this node's catalog and the mesh's" in unknown["error"]["message"]
-    started = helper.post("/v1/models/pull", {"model": NAME})
-    assert started.get("cid") == mesh.cid, started
-
-    def pulled() -> bool:
-        listed = helper.get("/v1/ipfs/models")
-        items = listed.get("models", []) if isinstance(listed, dict) else listed
-        return any(m["cid"] == mesh.cid and m["complete"] and NAME in m["names"] for m in items)
-
-    wait_until(pulled, 180, "the helper to pull the model by its mesh name")
+    pulled = subprocess.run(
+        [sys.executable, "-m", "shoal.mesh", "pull", NAME, "--api", helper.url, "--data-dir",
+         str(helper.data_dir)], capture_output=True, text=True, timeout=300)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "via the node" in pulled.stderr
+    path = Path(pulled.stdout.strip())
+    assert path.is_file() and path.read_bytes() == mesh.model_path.read_bytes()
+    listed = helper.get("/v1/ipfs/models")["models"]
+    assert any(m["cid"] == mesh.cid and m["complete"] and NAME in m["names"] for m in listed), listed
 
 
 def test_big_model_splits_across_three_budgets(tmp_path, slice_file):
