@@ -30,7 +30,8 @@ def node() -> Iterator[NodeThread]:
     data_dir = Path(tempfile.mkdtemp(prefix="shoal-admission-test-"))
     models = {"cache_tokens": CACHE_TOKENS, "default_max_tokens": DEFAULT_MAX_TOKENS,
               "queue_size": QUEUE_SIZE}
-    node = NodeThread(make_config(data_dir, models=models)).start()
+    # no speed probe: its own short run would take a place in the queue these tests count
+    node = NodeThread(make_config(data_dir, models=models, split={"speed_probe": False})).start()
     yield node
     node.stop()
 
