@@ -91,6 +91,15 @@ def unloads(node: NodeThread) -> list[tuple[str, str]]:
     return [(e.data["model"], e.data.get("reason")) for e in node.node.bus.recent("model.unloaded")]
 
 
+async def unloaded(node: NodeThread, name: str, reason: str, within: float = 30.0) -> None:
+    """Poll the node's events until `name` was unloaded for `reason` (the event follows the listed state)."""
+    deadline = time.monotonic() + within
+    while (name, reason) not in unloads(node):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no ({name}, {reason}) unload in {within} s: {unloads(node)}")
+        await asyncio.sleep(0.1)
+
+
 async def chat(node: NodeThread, model: str, **extra: Any) -> Any:
     client = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
     return await client.chat.completions.create(model=model, messages=HI, max_tokens=4, temperature=0,
@@ -140,7 +149,7 @@ async def test_ollama_keep_alive_zero_unloads_and_an_empty_chat_loads(
     answer = await client.chat(model=OTHER, messages=HI, options={"num_predict": 4}, keep_alive=0)
     assert answer.done and answer.message.content
     await until(node, OTHER, "available")  # right after the request
-    assert (OTHER, "keep_alive") in unloads(node)
+    await unloaded(node, OTHER, "keep_alive")
     assert OTHER + ":latest" not in [m.model for m in (await client.ps()).models]
     warm = await client.chat(model=OTHER, messages=[], keep_alive="10m")
     assert warm.done_reason == "load"
@@ -208,7 +217,7 @@ async def test_idle_models_unload_after_keep_alive_and_the_default_stays(
     await chat(node, MODEL)
     await chat(node, OTHER)
     await until(node, OTHER, "available", within=30)  # idle for keep_alive_s
-    assert (OTHER, "keep_alive") in unloads(node)
+    await unloaded(node, OTHER, "keep_alive")
     kept = (await states(node))[MODEL]
     assert kept["state"] == "loaded" and kept["keep_alive"] == -1 and kept["expires_at"] is None
     client = ollama.AsyncClient(host=node.url)
