@@ -80,3 +80,18 @@ def greedy(stages: list[Stage], prompt: list[int], steps: int) -> tuple[list[int
     finally:
         for stage in stages:
             stage.remove_sequence(seq)
+
+
+def teacher_forced(stage: Stage, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """Logits after `prompt`, then after each of `tokens` but the last (another engine's greedy run fed in),
+    in one fresh sequence."""
+    seq = fresh_seq_id()
+    stage.add_sequence(seq)
+    try:
+        rows = [np.asarray(stage.prefill(seq, np.asarray(prompt, dtype=np.int32)))]
+        for token in tokens[:-1]:
+            rows.append(np.asarray(stage.decode([seq], np.asarray([token], dtype=np.int32)))[0])
+        return rows
+    finally:
+        stage.remove_sequence(seq)
+

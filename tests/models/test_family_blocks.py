@@ -36,7 +36,6 @@ Measured gaps per family are in docs/models.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from shoal.models.span import LayerSpan
 
 from tests.models.family_gguf import BLOCK_TYPES, FAMILIES, MIXED, block_layout, sha256, write_family_gguf
 from tests.models.llamacpp_rounding import LlamaCppRounding
+from tests.models.shared_model import greedy, teacher_forced
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_family_blocks.json"
 TOLERANCE = {"q4_0": 0.1, "q4_1": 0.125, "q5_0": 0.125, "q5_1": 0.125, "q8_0": 0.125, "q4_k": 0.2,
@@ -84,36 +84,12 @@ def tolerance(layout: dict[str, str]) -> float:
     return max(TOLERANCE[kind] for kind in layout.values())
 
 
-def _teacher_forced(stage: Any, prompt: list[int], tokens: list[int]) -> Iterator[np.ndarray]:
-    """Logits after the prompt, then after each of llama.cpp's tokens but the last."""
-    seq = 1
-    stage.add_sequence(seq)
-    try:
-        yield np.asarray(stage.prefill(seq, np.array(prompt, np.int32)))
-        for token in tokens[:-1]:
-            yield np.asarray(stage.decode([seq], np.array([token], np.int32)))[0]
-    finally:
-        stage.remove_sequence(seq)
-
-
-def _free_greedy(stage: Any, prompt: list[int], steps: int) -> list[int]:
-    seq = 2
-    stage.add_sequence(seq)
-    try:
-        tokens = [int(np.argmax(stage.prefill(seq, np.array(prompt, np.int32))))]
-        while len(tokens) < steps:
-            tokens.append(int(np.argmax(stage.decode([seq], np.array([tokens[-1]], np.int32))[0])))
-        return tokens
-    finally:
-        stage.remove_sequence(seq)
-
-
 def check_against_llamacpp(stage: Any, case: dict[str, Any], tol: float, what: str) -> tuple[float, int]:
     """Teacher-forced logits and argmax, then free greedy tokens; returns the max |Δlogit| over top-8 and how
     many free greedy tokens equal llama.cpp's before the first that differs."""
     prompt = _fixture()["prompt"]
     worst = 0.0
-    rows = _teacher_forced(stage, prompt, case["tokens"])
+    rows = teacher_forced(stage, prompt, case["tokens"])
     for step, (row, ids, logits) in enumerate(zip(rows, case["top_ids"], case["top_logits"], strict=True)):
         gap = float(np.abs(row[ids] - np.asarray(logits)).max())
         worst = max(worst, gap)
@@ -121,7 +97,7 @@ def check_against_llamacpp(stage: Any, case: dict[str, Any], tol: float, what: s
         margin = logits[0] - logits[1]
         if margin > tol:
             assert int(np.argmax(row)) == ids[0], f"{what} step {step}: top-1 differs at margin {margin:.3f}"
-    free = _free_greedy(stage, prompt, len(case["tokens"]))
+    free = greedy([stage], prompt, len(case["tokens"]))[0]
     same = 0
     for got, want, logits in zip(free, case["tokens"], case["top_logits"], strict=True):
         if got != want:  # only at a near tie; past it the two engines may continue differently
@@ -175,7 +151,7 @@ def test_llamacpp_arithmetic_reproduces_llamacpp(name: str, tmp_path_factory: py
     model = GGUFModel.open(path)
     stage = LlamaCppRounding(model, LayerSpan.whole(model.config.num_layers))
     gaps = [float(np.abs(row[ids] - np.asarray(logits)).max())
-            for row, ids, logits in zip(_teacher_forced(stage, _fixture()["prompt"], case["tokens"]),
+            for row, ids, logits in zip(teacher_forced(stage, _fixture()["prompt"], case["tokens"]),
                                         case["top_ids"], case["top_logits"], strict=True)]
     exact = sum(gap <= EXACT for gap in gaps)
     assert exact >= ROUNDING_EXACT[name], f"{name}: {exact} of 32 steps within {EXACT}: {gaps}"

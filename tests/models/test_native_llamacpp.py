@@ -30,7 +30,7 @@ from shoal.models.runtime import CompiledStage
 from shoal.models.span import LayerSpan
 
 from scripts.requantize_gguf import requantize
-from tests.models.shared_model import fresh_seq_id
+from tests.models.shared_model import greedy, teacher_forced
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_native.json"
 TOLERANCE = {"q4_0": 1.25, "q8_0": 1.75, "q5_0": 2.0, "q4_k_m": 3.0}
@@ -50,30 +50,6 @@ def _fixture() -> dict:
     return json.loads(FIXTURE.read_text())
 
 
-def _teacher_forced(stage: CompiledStage, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
-    seq = fresh_seq_id()
-    stage.add_sequence(seq)
-    try:
-        rows = [np.asarray(stage.prefill(seq, np.array(prompt, np.int32)))]
-        for token in tokens[:-1]:
-            rows.append(np.asarray(stage.decode([seq], np.array([token], np.int32)))[0])
-        return rows
-    finally:
-        stage.remove_sequence(seq)
-
-
-def _free_greedy(stage: CompiledStage, prompt: list[int], steps: int) -> list[int]:
-    seq = fresh_seq_id()
-    stage.add_sequence(seq)
-    try:
-        tokens = [int(np.argmax(stage.prefill(seq, np.array(prompt, np.int32))))]
-        while len(tokens) < steps:
-            tokens.append(int(np.argmax(stage.decode([seq], np.array([tokens[-1]], np.int32))[0])))
-        return tokens
-    finally:
-        stage.remove_sequence(seq)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_native_build_agrees_with_llamacpp(kind: str, tmp_path: Path) -> None:
     want = _fixture()["files"][kind]
@@ -87,7 +63,7 @@ def test_native_build_agrees_with_llamacpp(kind: str, tmp_path: Path) -> None:
     try:
         worst, hits, steps = 0.0, 0, 0
         for case in want["cases"]:
-            rows = _teacher_forced(stage, case["prompt_ids"], case["tokens"])
+            rows = teacher_forced(stage, case["prompt_ids"], case["tokens"])
             for row, ids, logits in zip(rows, case["top_ids"], case["top_logits"], strict=True):
                 worst = max(worst, float(np.abs(row[ids] - np.asarray(logits)).max()))
                 hits += int(np.argmax(row) == ids[0])
@@ -95,7 +71,7 @@ def test_native_build_agrees_with_llamacpp(kind: str, tmp_path: Path) -> None:
                 if logits[0] - logits[1] > tolerance:
                     margin = logits[0] - logits[1]
                     assert int(np.argmax(row)) == ids[0], f"{kind}: top-1 differs at a margin of {margin:.2f}"
-            free = _free_greedy(stage, case["prompt_ids"], len(case["tokens"]))
+            free = greedy([stage], case["prompt_ids"], len(case["tokens"]))[0]
             for step, logits in enumerate(case["top_logits"]):
                 if logits[0] - logits[1] <= tolerance:
                     break  # a near tie: past it the two engines may continue differently
