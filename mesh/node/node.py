@@ -305,11 +305,12 @@ class Node:
         await self.stop()
 
 
-def build_node(config: NodeConfig) -> Node:
-    """The node `shoal node` runs: IPFS, mesh, and offload/split routing over the mesh."""
+def build_node(config: NodeConfig, *, load_fn: LoadFn = load_engine) -> Node:
+    """The node `shoal node` runs: IPFS, mesh, and offload/split routing over the mesh (`load_fn`: how a
+    model is loaded, as for `Node`)."""
     from shoal.mesh.split.service import SplitService
 
-    node = Node(config)
+    node = Node(config, load_fn=load_fn)
     split = SplitService(node, node.mesh)
     node.services.append(split)
     node.use_router(split.router)

@@ -11,11 +11,13 @@ import asyncio
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from shoal.mesh.node.config import NodeConfig, load_config
+from shoal.mesh.node.model_loading import LoadFn, load_engine
 from shoal.mesh.node.node import build_node
 
 BACKEND = "tvm"
@@ -38,12 +40,23 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> NodeConfig:
     return load_config(environ={}, overrides=overrides)
 
 
+def slow_load(seconds: float) -> LoadFn:
+    """An injected fault: model loads that take `seconds` longer (as a cold compile or a slow disk would) —
+    a warm compile cache loads the embedded model in under the 1 s before a stream reports a wait."""
+
+    def load(*args: Any) -> Any:
+        time.sleep(seconds)
+        return load_engine(*args)
+
+    return load
+
+
 class NodeThread:
     """Runs the node `shoal node` runs (`build_node(config)`: IPFS, mesh, routing) on a private loop in a
     daemon thread; `call` runs a coroutine there."""
 
-    def __init__(self, config: NodeConfig) -> None:
-        self.node = build_node(config)
+    def __init__(self, config: NodeConfig, load_fn: LoadFn = load_engine) -> None:
+        self.node = build_node(config, load_fn=load_fn)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-node", daemon=True)
         self._stopped = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from shoal.mesh.api.progress import PREFIX, ProgressFeed, ProgressPump, comment_text
 from shoal.mesh.events import EventBus
 
-from tests.mesh.api_harness import MODEL, NodeThread, make_config
+from tests.mesh.api_harness import MODEL, NodeThread, make_config, slow_load
 
 openai = pytest.importorskip("openai")
 
@@ -145,17 +144,7 @@ async def test_a_stream_waiting_for_its_model_says_so_and_errors_come_as_frames(
     """A node that loads its model on first use: two streamed requests wait for the load; both streams open
     with `model_load` reports; the good one streams its answer, the one asking for more tokens than the
     context (found only once the model is loaded) gets an error frame naming `max_tokens`, then `[DONE]`."""
-    node = NodeThread(make_config(tmp_path, models={"preload": False}))
-    # A warm compile cache loads the model in well under the 1 s a stream waits before it reports: the
-    # injected fault is a slow load (as a cold compile or a slow disk would be), so there is a wait to report.
-    load = node.node.models._load_fn
-
-    def slow_load(*args: Any) -> Any:
-        time.sleep(2.5)
-        return load(*args)
-
-    node.node.models._load_fn = slow_load
-    node.start()
+    node = NodeThread(make_config(tmp_path, models={"preload": False}), load_fn=slow_load(2.5)).start()
     try:
         good = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
                 "temperature": 0, "stream": True}

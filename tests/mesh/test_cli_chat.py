@@ -6,8 +6,6 @@ import asyncio
 import socket
 import subprocess
 import sys
-import time
-from typing import Any
 
 import aiohttp
 import pytest
@@ -78,19 +76,9 @@ async def test_chat_reports_the_node_error(node: NodeThread) -> None:
 async def test_chat_shows_why_it_waits_on_stderr(tmp_path) -> None:
     """A node that loads its model on first use: `shoal chat` shows the node's progress reports on one
     self-overwriting stderr line (cleared when the answer starts), and stdout holds only the answer."""
-    from tests.mesh.api_harness import make_config
+    from tests.mesh.api_harness import make_config, slow_load
 
-    node = NodeThread(make_config(tmp_path, models={"preload": False}))
-    # A warm compile cache loads the model in well under the 1 s a stream waits before it reports: the
-    # injected fault is a slow load (as a cold compile or a slow disk would be), so there is a wait to show.
-    load = node.node.models._load_fn
-
-    def slow_load(*args: Any) -> Any:
-        time.sleep(2.5)
-        return load(*args)
-
-    node.node.models._load_fn = slow_load
-    node.start()
+    node = NodeThread(make_config(tmp_path, models={"preload": False}), load_fn=slow_load(2.5)).start()
     try:
         result = await run("chat", PROMPT, "--api", node.url, "--max-tokens", "3", "--temperature", "0")
     finally:
