@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.make_family_fixtures import PROMPT  # noqa: E402
+from scripts.make_family_fixtures import PROMPT, greedy_top, open_llama  # noqa: E402
 from tests.models.family_gguf import (  # noqa: E402
     BLOCK_TYPES,
     FAMILIES,
@@ -41,22 +41,7 @@ TOP = 8
 
 
 def run_file(llama_cpp: object, arch: str, blocks: str, path: Path) -> dict[str, object]:
-    llm = llama_cpp.Llama(  # type: ignore[attr-defined]
-        model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, n_threads_batch=1, logits_all=True,
-        seed=0, verbose=False, type_k=0, type_v=0, flash_attn=False, swa_full=True,
-    )
-    llm.reset()
-    llm.eval(PROMPT)
-    tokens: list[int] = []
-    top_ids: list[list[int]] = []
-    top_logits: list[list[float]] = []
-    for _ in range(STEPS):
-        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        order = np.argsort(-logits, kind="stable")[:TOP]
-        top_ids.append([int(i) for i in order])
-        top_logits.append([round(float(logits[i]), 5) for i in order])
-        tokens.append(int(order[0]))
-        llm.eval([int(order[0])])
+    tokens, top_ids, top_logits = greedy_top(open_llama(llama_cpp, path), PROMPT, STEPS, TOP)
     margins = [t[0] - t[1] for t in top_logits]
     print(f"{arch} {blocks}: tokens {tokens[:12]}..., top-1 margin min {min(margins):.4f} "
           f"median {float(np.median(margins)):.3f}, logit spread {top_logits[0][0]:.2f}")

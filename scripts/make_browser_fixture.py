@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -30,19 +29,13 @@ sys.path.insert(0, str(REPO))
 from shoal.models.embedded import embedded_model_path  # noqa: E402
 from shoal.models.loader import open_model  # noqa: E402
 
+from tests.models.family_gguf import sha256  # noqa: E402
+
 FIXTURE = REPO / "tests" / "fixtures" / "llamacpp_browser.json"
 PROMPTS = [
     ("capital", "Name the capital of France in one sentence."),
     ("count", "Count from one to ten in words."),
 ]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> int:

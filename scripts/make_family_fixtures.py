@@ -32,24 +32,36 @@ PROMPT = [262, 104, 101, 32, 99, 97, 116, 266, 263, 115, 97, 116, 32, 111, 110, 
 """Token ids (byte tokens and merges of the test vocabulary): 16 positions, past gemma3's window of 8."""
 
 
-def run_family(llama_cpp: object, arch: str, path: Path) -> dict[str, object]:
-    llm = llama_cpp.Llama(  # type: ignore[attr-defined]
+def open_llama(llama_cpp: object, path: Path) -> object:
+    """llama.cpp on `path` as the fixtures run it: F32 KV cache, one thread, every position's logits."""
+    return llama_cpp.Llama(  # type: ignore[attr-defined]
         model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, n_threads_batch=1, logits_all=True,
         seed=0, verbose=False, type_k=0, type_v=0, flash_attn=False, swa_full=True,
     )
-    llm.reset()
-    llm.eval(PROMPT)
-    prompt_logits = np.array(llm.scores[: len(PROMPT)], dtype=np.float32)
+
+
+def greedy_top(llm: object, prompt: list[int], steps: int = STEPS, top: int = TOP
+               ) -> tuple[list[int], list[list[int]], list[list[float]]]:
+    """llama.cpp's greedy run after `prompt`: the tokens, and at each step its `top` ids and logits."""
+    llm.reset()  # type: ignore[attr-defined]
+    llm.eval(prompt)  # type: ignore[attr-defined]
     tokens: list[int] = []
     top_ids: list[list[int]] = []
     top_logits: list[list[float]] = []
-    for _ in range(STEPS):
-        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        order = np.argsort(-logits, kind="stable")[:TOP]
+    for _ in range(steps):
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)  # type: ignore[attr-defined]
+        order = np.argsort(-logits, kind="stable")[:top]
         top_ids.append([int(i) for i in order])
         top_logits.append([round(float(logits[i]), 5) for i in order])
         tokens.append(int(order[0]))
-        llm.eval([int(order[0])])
+        llm.eval([int(order[0])])  # type: ignore[attr-defined]
+    return tokens, top_ids, top_logits
+
+
+def run_family(llama_cpp: object, arch: str, path: Path) -> dict[str, object]:
+    llm = open_llama(llama_cpp, path)
+    tokens, top_ids, top_logits = greedy_top(llm, PROMPT)
+    prompt_logits = np.array(llm.scores[: len(PROMPT)], dtype=np.float32)  # type: ignore[attr-defined]
     margin = min(t[0] - t[1] for t in top_logits)
     print(f"{arch}: tokens {tokens[:12]}..., min top-1 margin {margin:.4f}")
     return {
