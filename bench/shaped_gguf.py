@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.models.family_gguf import llama3_rope_factors
+
 SHAPES = {  # hidden, ffn, layers, heads, kv heads, head dim
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 64),
     "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128),
@@ -52,18 +54,6 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) -> 
     for at, lo, hi in scales:
         raw[:, :, at:at + 2] = rng.uniform(lo, hi, (rows, cols // block, 1)).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
-
-
-def llama3_rope_factors(head_dim: int, theta: float = 500000.0, factor: float = 32.0, low: float = 1.0,
-                        high: float = 4.0, original_context: int = 8192) -> np.ndarray:
-    """`rope_freqs.weight` as llama.cpp's converter computes it for Llama 3.2 (rope_type llama3)."""
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / inv_freq
-    smooth = (original_context / wavelen - low) / (high - low)
-    middle = 1.0 / ((1 - smooth) / factor + smooth)
-    factors = np.where(wavelen < original_context / high, 1.0,
-                       np.where(wavelen > original_context / low, factor, middle))
-    return factors.astype(np.float32)
 
 
 def _metadata(w: Any, arch: str, shape: str) -> None:
@@ -120,7 +110,8 @@ def write(shape: str, mix: str, out: Path) -> None:
 
     tensor("token_embd.weight", vocab, hidden, big)
     if arch == "llama":
-        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim))
+        writer.add_tensor("rope_freqs.weight",  # Llama 3.2: theta 500k, factor 32, 8k original context
+                          llama3_rope_factors(head_dim, 500000.0, factor=32.0, original_context=8192))
     for i in range(layers):
         p = f"blk.{i}."
         tensor(p + "attn_q.weight", q_rows, hidden, main)
