@@ -22,10 +22,11 @@ from typing import Any
 import aiohttp
 import jsonschema
 import numpy as np
-import orjson
 from shoal.models.embedded import DEFAULT_MODEL_NAME
 from shoal.models.grammar import Constraint, GrammarMatcher
 from shoal.models.sampling import SamplingParams
+
+from bench.api_load import stream_chat
 
 SCHEMA = {
     "type": "object",
@@ -92,34 +93,11 @@ async def http_once(session: aiohttp.ClientSession, url: str, prompt: str, max_t
                             "stream_options": {"include_usage": True}}
     if constrained:
         body["response_format"] = RESPONSE_FORMAT
-    run = Timed()
-    parts: list[str] = []
-    t0 = time.perf_counter()
-    first = last = t0
-    try:
-        async with session.post(url + "/v1/chat/completions", json=body) as response:
-            if response.status != 200:
-                run.error = f"HTTP {response.status}: {(await response.text())[:200]}"
-                return run
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                chunk = orjson.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                    run.finish = chunk["choices"][0]["finish_reason"]
-                if "error" in chunk:
-                    run.error = chunk["error"].get("message")
-                elif chunk.get("usage"):
-                    run.tokens = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
-                    if run.ttft is None:
-                        run.ttft, first = last - t0, last
-                    parts.append(chunk["choices"][0]["delta"]["content"])
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        run.error = repr(exc)
-    run.decode_s = last - first
-    run.text = "".join(parts)
+    answer = await stream_chat(session, url, body)
+    run = Timed(tokens=answer.tokens, text=answer.text, finish=answer.finish, error=answer.error)
+    if answer.arrivals:
+        run.ttft = answer.arrivals[0] - answer.started
+        run.decode_s = answer.arrivals[-1] - answer.arrivals[0]
     return run
 
 

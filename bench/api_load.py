@@ -140,6 +140,49 @@ def direct_client(served: Any) -> OneRequest:
 # --- http: a real node ------------------------------------------------------------------------------------
 
 
+@dataclass
+class StreamedChat:
+    """One streamed chat completion as a client saw it."""
+
+    started: float
+    """`time.perf_counter()` when the request was sent."""
+    arrivals: list[float] = field(default_factory=list)
+    """When each chunk with text arrived."""
+    text: str = ""
+    tokens: int = 0
+    """`usage.completion_tokens` (the request asks for usage)."""
+    finish: str | None = None
+    error: str | None = None
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> StreamedChat:
+    """POST a streamed chat completion (`body` sets `stream`) and read its SSE chunks as they arrive."""
+    answer = StreamedChat(time.perf_counter())
+    parts: list[str] = []
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                answer.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return answer
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = orjson.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                    answer.finish = chunk["choices"][0]["finish_reason"]
+                if "error" in chunk:
+                    answer.error = chunk["error"].get("message")
+                elif chunk.get("usage"):
+                    answer.tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    answer.arrivals.append(time.perf_counter())
+                    parts.append(chunk["choices"][0]["delta"]["content"])
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        answer.error = repr(exc)
+    answer.text = "".join(parts)
+    return answer
+
+
 def http_client(session: aiohttp.ClientSession, url: str, long: bool = False) -> OneRequest:
     """`one(i, max_tokens)` through the node; `long`: a long-story prompt, and max_tokens 0 omits it."""
 
@@ -155,32 +198,11 @@ def http_client(session: aiohttp.ClientSession, url: str, long: bool = False) ->
         }
         if max_tokens:
             body["max_tokens"] = max_tokens
-        t0 = time.perf_counter()
-        last = t0
-        try:
-            async with session.post(url + "/v1/chat/completions", json=body) as response:
-                if response.status != 200:
-                    run.error = f"HTTP {response.status}"
-                    return run
-                async for line in response.content:
-                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                        continue
-                    chunk = orjson.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                        run.finish = chunk["choices"][0]["finish_reason"]
-                    if "error" in chunk:
-                        run.error = chunk["error"]["message"]
-                    elif chunk.get("usage"):
-                        run.tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        now = time.perf_counter()
-                        if run.ttft is None:
-                            run.ttft = now - t0
-                        else:
-                            run.gaps.append(now - last)
-                        last = now
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            run.error = repr(exc)
+        answer = await stream_chat(session, url, body)
+        run.error, run.finish, run.tokens = answer.error, answer.finish, answer.tokens
+        if answer.arrivals:
+            run.ttft = answer.arrivals[0] - answer.started
+            run.gaps = [b - a for a, b in zip(answer.arrivals, answer.arrivals[1:], strict=False)]
         return run
 
     return one
