@@ -159,8 +159,9 @@ class OffloadClient:
                 try:  # a killed peer is found by its silence and an unanswered ping, well before heartbeats
                     first: Report | None = (lambda s: on_wait("first_token", s)) \
                         if on_wait is not None and index == 0 else None
-                    item = await await_reply(queue.get(), peer, clock, self._watch.probe_timeout_s,
-                                             self._token_timeout, first)
+                    # a token already here needs no watch (no task and timer per token on this path)
+                    item = queue.get_nowait() if not queue.empty() else await await_reply(
+                        queue.get(), peer, clock, self._watch.probe_timeout_s, self._token_timeout, first)
                 except TimeoutError:
                     raise StageLost(peer_id, f"no token for {self._token_timeout:.0f} s") from None
                 except PeerSilent as exc:
