@@ -47,7 +47,10 @@ def nodes(namespace, tmp_path_factory):
     base = tmp_path_factory.mktemp("browsermesh")
     prefix = ["ip", "netns", "exec", namespace]
     mesh = {"heartbeat_interval_s": 1.0, "dead_timeout_s": DEAD_TIMEOUT_S}
-    a = NamespacedNode("a", base / "a", {"models": {"backend": "numpy"}, "mesh": mesh}, prefix=prefix)
+    # a keeps what it can serve (prefer_local): the first chat's route is then `local`, whatever placement
+    # predicts on a loaded machine (the chromium tabs share its two cores); the offload test forces its route
+    a = NamespacedNode("a", base / "a", {"models": {"backend": "numpy"}, "mesh": mesh,
+                                         "policy": {"prefer_local": True}}, prefix=prefix)
     # b's API listens on the namespace's other address: a page it serves is no secure context (as on a phone
     # that opens http://LAN-ADDRESS/join), so it signs and verifies with crypto.js, not WebCrypto
     b = NamespacedNode("b", base / "b", {"models": {"backend": "numpy", "preload": False}, "mesh": mesh},

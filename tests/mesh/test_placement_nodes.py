@@ -2,7 +2,7 @@
 routing settings — no forced route, no per-request route, the default policy and `[split]` — driven by the
 official `openai` client (max_retries=0).
 
-Node a is a slow device: its CPU is capped to a tenth of one core from launch (`tests.cpu_cap`: a cgroup v1
+Node a is a slow device: its CPU is capped to a quarter of one core from launch (`tests.cpu_cap`: a cgroup v1
 cpu quota where writable, else a SIGSTOP/SIGCONT duty cycle). b and c are equal, uncapped. Every node
 measures its own speed once its model loads (`split.speed_probe`) and advertises it.
 
@@ -29,7 +29,7 @@ from tests.nodes import NodeProcess
 pytestmark = pytest.mark.timeout(600)
 
 QUESTION = [{"role": "user", "content": "List the planets of the solar system in order."}]
-SLOW_FRACTION = 0.1
+SLOW_FRACTION = 0.25
 
 
 def speed(node: NodeProcess, of: NodeProcess | None = None) -> float:

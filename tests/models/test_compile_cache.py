@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm  # this test process compiles in-process: full TVM, not the runtime-only mode
-from shoal.models.compile import compile_key, compile_shard, config_fingerprint
+from shoal.models.compile import _read_valid_entry, compile_key, compile_shard, config_fingerprint
 from shoal.models.config import ModelConfig
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
@@ -89,14 +89,25 @@ def _damage(library: Path, manifest: Path, how: str) -> None:
 
 
 def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec) -> None:
+    """Every kind of damage makes the entry invalid (checked on a fresh copy of the good entry each time, so
+    one build serves them all); a damaged entry is then rebuilt in place by `compile_shard`, not trusted."""
     first = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+    good_library, good_manifest = first.library.read_bytes(), first.manifest.read_text()
+    assert _read_valid_entry(first.library, first.manifest, first.key) is not None
     for how in DAMAGES:
+        first.library.write_bytes(good_library)
+        first.manifest.write_text(good_manifest)
         _damage(first.library, first.manifest, how)
-        again = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
-        assert not again.cached, f"{how}: a damaged entry must be rebuilt, not trusted"
-        assert again.library == first.library
-        info = json.loads(again.manifest.read_text())
-        assert info["key"] == again.key and info["size"] == again.library.stat().st_size
+        assert _read_valid_entry(first.library, first.manifest, first.key) is None, \
+            f"{how}: a damaged entry must not be trusted"
+    again = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)  # the last damage: no manifest
+    assert not again.cached and again.library == first.library
+    info = json.loads(again.manifest.read_text())
+    assert info["key"] == again.key and info["size"] == again.library.stat().st_size
+    _damage(again.library, again.manifest, "flip-a-byte")
+    rebuilt = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+    assert not rebuilt.cached
+    assert _read_valid_entry(rebuilt.library, rebuilt.manifest, rebuilt.key) is not None
     assert compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path).cached
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
