@@ -68,6 +68,13 @@ class SplitConfig:
     ready."""
     standby_max_mb: int = 1024
     """Largest standby span (its share of the model file), in MiB; bigger ones are left to load on need."""
+    warm_peers_models: bool = True
+    """When a peer has a model loaded (its advert's `split.in_use`) and this node holds the model's file, load
+    in the background (one piece at a time, only while idle and serving others) what a plan at that peer would
+    likely put here: a split's span as an idle stage, or the whole model for an offload (`split.warming`)."""
+    warm_fetch_spans: bool = False
+    """Warm for models this node does not hold too, fetching the likely span's bytes by CID (network and disk
+    spent on a guess; off by default)."""
     top_k_logits: int = 256
     """Logits per row the last stage of a split returns when sampling needs more than the argmax."""
     fp16_hidden: bool = False

@@ -89,6 +89,11 @@ class NodeModels(Protocol):
 
     async def acquire(self, name: str) -> ServedModel: ...
 
+    async def compile(self, name: str, target: str | None = None, layers: str | None = None
+                      ) -> dict[str, Any]:
+        """Build (or find cached) the compiled library for `layers` (None: all) of `name`, loading nothing."""
+        ...
+
     def memory(self) -> dict[str, int]:
         """`budget` and `used` (bytes): the loaded models' memory estimates against their budget."""
         ...

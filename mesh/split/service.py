@@ -6,8 +6,10 @@ node offers, and owns the `Router` the API uses for its own requests.
 `StageHost.compute`), `tensor.link` (a grant for a direct tensor link, `mesh.tensor_link`, whose requests
 the host's worker answers), and a peer listener that frees a departed peer's sequences. It publishes a `split`
 field in this node's advert: {"serve_others", "memory_budget" (from the policy), "catalog" (name → CID of the
-model files held here: `split.span_model`)}, plus `models` and `speed`.
-Routes: `GET /v1/mesh/route` and `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
+model files held here: `split.span_model`), "in_use" (the models loaded here, which peers warm for:
+`split.warming`)}, plus `models` and `speed`.
+Routes: `GET /v1/mesh/route` (the forced route, this node's advert fields and its `warming` state) and
+`PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
 `{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
 `{}` to go back to the scheduler).
 """
@@ -42,6 +44,7 @@ from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.stage_receipts import StageReceipts
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
+from shoal.mesh.split.warming import Warming
 from shoal.models.served import ServedModel
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage
@@ -80,6 +83,13 @@ class SplitService:
                                       busy=self.load, on_done=self.publish_advert,
                                       every_s=self.config.speed_probe_every_min * 60.0)
         """Measures each model's speed once it loads (`[split] speed_probe`), polled by the advert loop."""
+        self.warming = Warming(node, mesh, self.config, me=self.router.local_device,
+                               budget=self.memory_budget, busy=self.load, refusal=self.refusal,
+                               host_holds=self.host.holds, host_room=self.host.idle_room,
+                               prepare=self.host.prepare, close_idle=self.host.close_idle,
+                               span_models=self.router.span_models)
+        """Prepares what peers' plans would likely ask of this node (`split.warming`), polled by the advert
+        loop."""
         self._models: dict[str, Any] = {}
         self.stage_factory: Callable[[Path, LayerSpan], Stage] | None = None
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
@@ -109,10 +119,15 @@ class SplitService:
             return f"battery at {battery.percent:.0f}% is below this node's floor of {policy.battery_floor}%"
         return None
 
-    def advert_fields(self) -> dict[str, Any]:
-        policy = self.node.policy
+    def memory_budget(self) -> int:
+        """Bytes this node offers peers' plans: `min(available, max_memory_share × total, what [models]
+        memory_budget_mb has left)`."""
         memory = psutil.virtual_memory()
-        budget = int(min(memory.available, policy.max_memory_share * memory.total, self.router.models_room()))
+        share = self.node.policy.max_memory_share * memory.total
+        return int(min(memory.available, share, self.router.models_room()))
+
+    def advert_fields(self) -> dict[str, Any]:
+        budget = self.memory_budget()
         models = [m["id"] for m in self.node.models.list_models()]
         catalog = {}  # name -> CID of the complete files held here: members find a model's bytes by it
         for name in models[:MAX_CATALOG]:
@@ -126,7 +141,7 @@ class SplitService:
         # advert loop compares with the last fields it published
         return {"models": models, "speed": speed, "queue_depth": self.load(),
                 "split": {"serve_others": self.refusal() is None, "memory_budget": budget,
-                          "catalog": catalog}}
+                          "catalog": catalog, "in_use": self.node.models.loaded_names()[:MAX_CATALOG]}}
 
     def load(self) -> int:
         """Requests this node is busy with: its engines' live and waiting ones plus hosted sequences."""
@@ -231,6 +246,7 @@ class SplitService:
                     logger.exception("cannot re-read the model catalog")
             if self.config.speed_probe:
                 self.speed_probe.poll()
+            self.warming.poll()
             fields = self.advert_fields()
             fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
             if fields != previous:
@@ -244,6 +260,7 @@ class SplitService:
             await asyncio.gather(self._advert_task, return_exceptions=True)
             self._advert_task = None
         await self.speed_probe.stop()
+        await self.warming.stop()
         if self.router.standby is not None:
             await self.router.standby.stop()
         await self.offload_server.stop()
@@ -255,7 +272,8 @@ class SplitService:
             forced = self.router.forced
             body = None if forced is None else {
                 "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
-            return web.json_response({"forced": body, "advert": self.advert_fields()}, dumps=_dumps)
+            return web.json_response({"forced": body, "advert": self.advert_fields(),
+                                      "warming": self.warming.view()}, dumps=_dumps)
 
         async def put_route(request: web.Request) -> web.Response:
             try:

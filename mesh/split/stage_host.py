@@ -215,6 +215,17 @@ class StageHost:
         hosted = await self._stage(model, span, cid)
         self._last_used.setdefault(hosted.key, 0.0)
 
+    async def close_idle(self, model: str, span: LayerSpan) -> bool:
+        """Close the stage for (model, span) when it is loaded and idle (`split.warming` makes room for a
+        newer guess this way); True when it was closed."""
+        hosted = self._hosted.get((model, span))
+        if hosted is None or hosted.sequences or hosted.users:
+            return False
+        del self._hosted[hosted.key]
+        self._last_used.pop(hosted.key, None)
+        await self._run(hosted.call, hosted.stage.close)
+        return True
+
     async def direct_stage(self, model: str, span: LayerSpan, cid: str | None = None) -> DirectStage:
         """This node's part of its own split: the hosted stage, called on the caller's thread."""
         if self._stopped:

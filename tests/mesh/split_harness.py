@@ -2,7 +2,7 @@
 with the mesh and split services), configured by a config TOML like any node, plus what only tests need.
 
     python -m tests.mesh.split_harness --config FILE [--no-model] [--delay-ms N] [--trace FILE]
-        [--switch-interval-ms MS] [-v]
+        [--switch-interval-ms MS] [--stage-delay-s S] [-v]
 
 Every node setting (API address and key, policy, `[mesh]` secret/allow/bootstrap/timing, `[models]` backend,
 `[split]`) comes from the file, which `tests.mesh.split_nodes.SplitNode` writes (`tests.nodes.NodeProcess`).
@@ -12,7 +12,8 @@ spans it hosts share one cache of dequantized tensors (one process holds the fp3
 routes (`/test/control`, `/test/tensor`) send raw frames to a peer. `--no-model` removes the model from the
 catalog after start (a node that does not hold it). `--trace FILE` appends one JSON line per hop event of the
 split decode path (`[event, key, perf_counter]`; CLOCK_MONOTONIC, so comparable across processes) for
-bench/split.py --trace.
+bench/split.py --trace. `--stage-delay-s S` (NumPy backend) makes every hosted span take S seconds longer to
+build (an injected slow load, as a compile on a cold cache would be).
 """
 
 from __future__ import annotations
@@ -219,6 +220,18 @@ def delay_tensor_links(seconds: float) -> None:
         tensor_link_server.ServerLink.send_frame)
 
 
+def slow_stages(build: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """Test-only fault: building a hosted span takes `seconds` longer (a blocking sleep on the loading
+    thread, as a compile would hold it)."""
+    import time
+
+    def slow(*args: Any) -> Any:
+        time.sleep(seconds)
+        return build(*args)
+
+    return slow
+
+
 async def serve(args: argparse.Namespace) -> None:
     try:
         config = load_config(Path(args.config))
@@ -247,6 +260,8 @@ async def serve(args: argparse.Namespace) -> None:
     split = SplitService(node, mesh)
     if numpy:
         split.stage_factory = weights.stage
+        if args.stage_delay_s:
+            split.stage_factory = slow_stages(weights.stage, args.stage_delay_s)
     node.services.extend([split, _TestRoutes(mesh)])
     node.use_router(split.router)
     await node.start()
@@ -275,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
     parser.add_argument("--switch-interval-ms", type=float,
                         help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")
+    parser.add_argument("--stage-delay-s", type=float, default=0.0,
+                        help="test-only: building each hosted span takes this much longer")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
