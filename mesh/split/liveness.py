@@ -5,8 +5,15 @@ A peer killed mid-request sends nothing more; over a data channel nothing says s
 give up on the link (`[mesh] dead_timeout_s`, 4 s). A request knows better what to expect: its replies (a
 token of an offload, a stage's answer to a call) come at a steady pace. `ReplyClock` learns that pace per
 request; once a silence lasts `suspect_factor` typical gaps (at least `suspect_floor_s`), `await_reply` pings
-the peer, and a peer that answers nothing within `probe_timeout_s` (at least 4 RTTs) is lost. A peer that is
-busy computing still answers pings from its event loop, so it is waited for, up to the call's own timeout.
+the peer, and a peer that answers nothing within the probe's wait is lost. A peer that is busy computing still
+answers pings from its event loop, so it is waited for, up to the call's own timeout.
+
+The probe's wait (`probe_wait`, `lost`) is robust to load without slowing the detection of a dead peer on a
+quiet machine: it is `probe_timeout_s`, at least 4 RTTs and 2 typical reply gaps (a peer whose steps are slow
+is one whose loop may answer late), plus however long this node's own event loop stalled while it waited (up
+to the wait again): on a loaded machine this process is descheduled too, and a pong that arrived may simply
+not have been read yet. Before the verdict the loop gets a few turns to read frames already received. (A
+second ping would add nothing: the channel is reliable and ordered, so a late peer answers the first.)
 Only a request that has had a reply is watched this way: before it (a `stage.open`, a first prefill, an
 offload's first token) the peer may be loading or compiling, which can hold its event loop for seconds, so
 there only the mesh's heartbeats count.
@@ -31,6 +38,10 @@ T = TypeVar("T")
 
 PROBE_POLL_S = 0.005
 """How often a probe checks whether the peer was heard from."""
+STALL_SLACK_S = 0.002
+"""A poll that wakes up this much later than asked is normal jitter; more counts as this loop stalling."""
+DRAIN_TURNS = 4
+"""Loop turns a probe yields at its deadline, so frames already received are read before the verdict."""
 REPORT_EVERY_S = 1.0
 """How often a long wait is reported to the request's client (`Route.progress`)."""
 Report = Callable[[float], None]
@@ -80,6 +91,10 @@ class ReplyClock:
     def observe(self, seconds: float) -> None:
         self._gaps.append(seconds)
 
+    def typical(self) -> float | None:
+        """The median gap between this request's replies (None before the first)."""
+        return statistics.median(self._gaps) if self._gaps else None
+
     def suspect_after(self) -> float | None:
         """None until a reply was seen: nothing to compare a silence with yet (never ping then)."""
         if not self._gaps:
@@ -87,20 +102,44 @@ class ReplyClock:
         return max(self.floor_s, self.factor * statistics.median(self._gaps))
 
 
-async def heard_from(link: Probed, timeout_s: float) -> bool:
-    """Ping the peer; True when anything at all arrives from it within `timeout_s` (at least 4 RTTs)."""
+def probe_wait(timeout_s: float, rtt_s: float | None = None, typical_gap_s: float | None = None) -> float:
+    """How long a pinged peer has to answer before this node's own stalls are counted: `timeout_s`
+    (`[split] probe_timeout_s`), at least 4 RTTs of the link and 2 typical gaps between the request's
+    replies."""
+    return max(timeout_s, 4 * (rtt_s or 0.0), 2 * (typical_gap_s or 0.0))
+
+
+def lost(waited_s: float, wait_s: float, stalled_s: float) -> bool:
+    """The loss rule: a peer silent to a ping for `waited_s` is lost once that reaches `wait_s` plus the time
+    this node's event loop stalled meanwhile (`stalled_s`, counted up to `wait_s` more: a loop descheduled
+    on a loaded machine reads the pong late, but a dead peer is still declared within twice the wait)."""
+    return waited_s >= wait_s + min(max(0.0, stalled_s), wait_s)
+
+
+def max_probe_s(timeout_s: float, rtt_s: float | None = None, typical_gap_s: float | None = None) -> float:
+    """The longest a probe (`heard_from`) can take, for callers that wait on it from another thread."""
+    return 2 * probe_wait(timeout_s, rtt_s, typical_gap_s)
+
+
+async def heard_from(link: Probed, timeout_s: float, typical_gap_s: float | None = None) -> bool:
+    """Ping the peer; True when anything at all arrives from it before `lost` says it is lost (the wait is
+    `probe_wait(timeout_s, the link's RTT, typical_gap_s)`, stretched by this loop's own stalls)."""
     sent = time.monotonic()
     try:
         await link.notify("ping", {"t": sent})
     except MeshError:
         return False
-    wait = max(timeout_s, 4 * (link.rtt_s or 0.0))
-    deadline = sent + wait
-    while time.monotonic() < deadline:
-        if link.last_seen >= sent:
-            return True
+    wait = probe_wait(timeout_s, link.rtt_s, typical_gap_s)
+    stalled = 0.0
+    while link.last_seen < sent:
+        before = time.monotonic()
+        if lost(before - sent, wait, stalled):
+            for _ in range(DRAIN_TURNS):  # frames already received: let the loop read them first
+                await asyncio.sleep(0)
+            return link.last_seen >= sent
         await asyncio.sleep(PROBE_POLL_S)
-    return link.last_seen >= sent
+        stalled += max(0.0, time.monotonic() - before - PROBE_POLL_S - STALL_SLACK_S)
+    return True
 
 
 async def reporting(waited: Awaitable[T], report: Report | None, every_s: float = REPORT_EVERY_S) -> T:
@@ -148,7 +187,7 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
                 if report is not None:
                     report(loop.time() - began)
                 continue
-            if not await heard_from(link, probe_timeout_s) and not task.done():
+            if not await heard_from(link, probe_timeout_s, clock.typical()) and not task.done():
                 raise PeerSilent(f"silent for {loop.time() - began:.2f} s and did not answer a ping")
     finally:
         if not task.done():

@@ -26,7 +26,14 @@ from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, Reque
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.liveness import REPORT_EVERY_S, PeerSilent, Watch, await_reply, heard_from
+from shoal.mesh.split.liveness import (
+    REPORT_EVERY_S,
+    PeerSilent,
+    Watch,
+    await_reply,
+    heard_from,
+    max_probe_s,
+)
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -376,10 +383,10 @@ class RemoteStage(StageDefaults):
         if suspect is None or now - self._call_started < suspect or self._probed_at >= self._call_started:
             return True
         self._probed_at = now
-        wait = self._watch.probe_timeout_s
-        probe = asyncio.run_coroutine_threadsafe(heard_from(self.link, wait), self._loop)
+        wait, gap = self._watch.probe_timeout_s, self._clock.typical()
+        probe = asyncio.run_coroutine_threadsafe(heard_from(self.link, wait, gap), self._loop)
         try:
-            return bool(probe.result(wait + BRIDGE_GRACE_S))
+            return bool(probe.result(max_probe_s(wait, self.link.rtt_s, gap) + BRIDGE_GRACE_S))
         except TimeoutError:
             probe.cancel()
             return False
