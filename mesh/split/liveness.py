@@ -4,16 +4,19 @@ telling the request's client what it waits for (`mesh.route.Route.progress`, onc
 A peer killed mid-request sends nothing more; over a data channel nothing says so until the mesh's heartbeats
 give up on the link (`[mesh] dead_timeout_s`, 4 s). A request knows better what to expect: its replies (a
 token of an offload, a stage's answer to a call) come at a steady pace. `ReplyClock` learns that pace per
-request; once a silence lasts `suspect_factor` typical gaps (at least `suspect_floor_s`), `await_reply` pings
-the peer, and a peer that answers nothing within the probe's wait is lost. A peer that is busy computing still
-answers pings from its event loop, so it is waited for, up to the call's own timeout.
+request; once a silence lasts `suspect_factor` typical gaps (at least `suspect_floor_s`) and the peer has
+not answered a ping sent halfway through that silence, within the rest of it plus the probe's wait, the peer
+is lost (`await_reply`). A peer that is busy computing still answers pings from its event loop, so it is
+waited for, up to the call's own timeout.
 
-The probe's wait (`probe_wait`, `lost`) is robust to load without slowing the detection of a dead peer on a
-quiet machine: it is `probe_timeout_s`, at least 4 RTTs and 2 typical reply gaps (a peer whose steps are slow
-is one whose loop may answer late), plus however long this node's own event loop stalled while it waited (up
-to the wait again): on a loaded machine this process is descheduled too, and a pong that arrived may simply
-not have been read yet. Before the verdict the loop gets a few turns to read frames already received. (A
-second ping would add nothing: the channel is reliable and ordered, so a late peer answers the first.)
+The verdict is robust to load without slowing the detection of a dead peer on a quiet machine (the loss
+rule: `probe_wait`, `lost`): the ping goes out halfway through the suspect silence, so its answer has that
+half too, yet the verdict comes when it did with a ping at the end; the probe's wait is `probe_timeout_s`, at
+least 4 RTTs and 2 typical reply gaps (a peer whose steps are slow is one whose loop may answer late); and
+it is stretched by however long this node's own event loop stalled meanwhile (waits that ended over 20 ms
+late), up to half the wait: on a loaded machine this process is descheduled too, and an answer that arrived
+may sit unread. Before the verdict the loop gets a few turns to read frames already received. (A second ping
+would add nothing: the channel is reliable and ordered, so a late peer answers the first.)
 Only a request that has had a reply is watched this way: before it (a `stage.open`, a first prefill, an
 offload's first token) the peer may be loading or compiling, which can hold its event loop for seconds, so
 there only the mesh's heartbeats count.
@@ -38,8 +41,12 @@ T = TypeVar("T")
 
 PROBE_POLL_S = 0.005
 """How often a probe checks whether the peer was heard from."""
-STALL_SLACK_S = 0.002
-"""A poll that wakes up this much later than asked is normal jitter; more counts as this loop stalling."""
+STALL_SLACK_S = 0.02
+"""A wait that ends this much later than asked is normal jitter on a busy machine; more counts as this loop
+stalling (long enough for a received answer to sit unread)."""
+EARLY_PING = 0.5
+"""Share of the suspect silence after which the peer is pinged: the verdict still comes after the whole
+silence plus the probe's wait, but the answer has had the rest of the silence too."""
 DRAIN_TURNS = 4
 """Loop turns a probe yields at its deadline, so frames already received are read before the verdict."""
 REPORT_EVERY_S = 1.0
@@ -111,35 +118,53 @@ def probe_wait(timeout_s: float, rtt_s: float | None = None, typical_gap_s: floa
 
 def lost(waited_s: float, wait_s: float, stalled_s: float) -> bool:
     """The loss rule: a peer silent to a ping for `waited_s` is lost once that reaches `wait_s` plus the time
-    this node's event loop stalled meanwhile (`stalled_s`, counted up to `wait_s` more: a loop descheduled
-    on a loaded machine reads the pong late, but a dead peer is still declared within twice the wait)."""
-    return waited_s >= wait_s + min(max(0.0, stalled_s), wait_s)
+    this node's event loop stalled meanwhile (`stalled_s`, counted up to half of `wait_s`: a loop
+    descheduled on a loaded machine reads the answer late, but a dead peer is still declared within 1.5
+    waits)."""
+    return waited_s >= wait_s + min(max(0.0, stalled_s), wait_s / 2)
 
 
 def max_probe_s(timeout_s: float, rtt_s: float | None = None, typical_gap_s: float | None = None) -> float:
     """The longest a probe (`heard_from`) can take, for callers that wait on it from another thread."""
-    return 2 * probe_wait(timeout_s, rtt_s, typical_gap_s)
+    return 1.5 * probe_wait(timeout_s, rtt_s, typical_gap_s)
+
+
+def overshoot(took_s: float, asked_s: float) -> float:
+    """How much of a wait of `asked_s` that took `took_s` was this loop stalling (beyond normal jitter)."""
+    return max(0.0, took_s - asked_s - STALL_SLACK_S)
+
+
+async def ping(link: Probed) -> float | None:
+    """Ping the peer; the `time.monotonic()` it was sent at, or None when the link cannot send."""
+    sent = time.monotonic()
+    try:
+        await link.notify("ping", {"t": sent})
+    except MeshError:
+        return None
+    return sent
+
+
+async def answered(link: Probed, sent: float, wait_s: float, stalled_s: float = 0.0,
+                   done: Callable[[], bool] = lambda: False) -> bool:
+    """True once anything arrives from the peer after `sent` (a ping's time), or `done()` (what the caller
+    waits for came meanwhile); False once `lost` says so, counting this loop's stalls from `stalled_s` on."""
+    stalled = stalled_s
+    while link.last_seen < sent and not done():
+        before = time.monotonic()
+        if lost(before - sent, wait_s, stalled):
+            for _ in range(DRAIN_TURNS):  # frames already received: let the loop read them first
+                await asyncio.sleep(0)
+            return link.last_seen >= sent or done()
+        await asyncio.sleep(PROBE_POLL_S)
+        stalled += overshoot(time.monotonic() - before, PROBE_POLL_S)
+    return True
 
 
 async def heard_from(link: Probed, timeout_s: float, typical_gap_s: float | None = None) -> bool:
     """Ping the peer; True when anything at all arrives from it before `lost` says it is lost (the wait is
     `probe_wait(timeout_s, the link's RTT, typical_gap_s)`, stretched by this loop's own stalls)."""
-    sent = time.monotonic()
-    try:
-        await link.notify("ping", {"t": sent})
-    except MeshError:
-        return False
-    wait = probe_wait(timeout_s, link.rtt_s, typical_gap_s)
-    stalled = 0.0
-    while link.last_seen < sent:
-        before = time.monotonic()
-        if lost(before - sent, wait, stalled):
-            for _ in range(DRAIN_TURNS):  # frames already received: let the loop read them first
-                await asyncio.sleep(0)
-            return link.last_seen >= sent
-        await asyncio.sleep(PROBE_POLL_S)
-        stalled += max(0.0, time.monotonic() - before - PROBE_POLL_S - STALL_SLACK_S)
-    return True
+    sent = await ping(link)
+    return sent is not None and await answered(link, sent, probe_wait(timeout_s, link.rtt_s, typical_gap_s))
 
 
 async def reporting(waited: Awaitable[T], report: Report | None, every_s: float = REPORT_EVERY_S) -> T:
@@ -162,33 +187,52 @@ async def reporting(waited: Awaitable[T], report: Report | None, every_s: float 
 
 async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, probe_timeout_s: float,
                       timeout_s: float | None = None, report: Report | None = None) -> T:
-    """`reply`'s result. Raises `PeerSilent` when the peer stays silent past `clock.suspect_after()` and then
-    does not answer a ping; `TimeoutError` past `timeout_s` (None: no limit but the peer's silence). Before
-    the request's first reply (nothing to compare a silence with), `report` hears of the wait each second."""
+    """`reply`'s result. Raises `PeerSilent` when the peer stays silent past `clock.suspect_after()` and does
+    not answer a ping sent halfway through that silence (`EARLY_PING`) within the rest of it plus the probe's
+    wait (`probe_wait`, `lost`); `TimeoutError` past `timeout_s` (None: no limit but the peer's silence).
+    Before the request's first reply (nothing to compare a silence with), `report` hears of the wait each
+    second."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(reply)
     began = loop.time()
     deadline = None if timeout_s is None else began + timeout_s
+
+    async def done_within(seconds: float | None) -> bool:
+        if deadline is not None:
+            left = deadline - loop.time()
+            seconds = left if seconds is None else min(seconds, left)
+        finished, _ = await asyncio.wait({task}, timeout=None if seconds is None else max(0.0, seconds))
+        if finished:
+            clock.observe(loop.time() - began)
+            return True
+        if deadline is not None and loop.time() >= deadline:
+            raise TimeoutError
+        return False
+
     try:
         while True:
-            wait = clock.suspect_after()
-            if wait is None and report is not None:
-                wait = REPORT_EVERY_S
-            if deadline is not None:
-                left = deadline - loop.time()
-                wait = left if wait is None else min(wait, left)
-            done, _ = await asyncio.wait({task}, timeout=None if wait is None else max(0.0, wait))
-            if done:
-                clock.observe(loop.time() - began)
-                return task.result()
-            if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError
-            if clock.suspect_after() is None:
+            suspect = clock.suspect_after()
+            if suspect is None:  # no reply yet: nothing to compare a silence with, only report the wait
+                if await done_within(REPORT_EVERY_S if report is not None else None):
+                    return task.result()
                 if report is not None:
                     report(loop.time() - began)
                 continue
-            if not await heard_from(link, probe_timeout_s, clock.typical()) and not task.done():
+            early = suspect * EARLY_PING
+            if await done_within(early):
+                return task.result()
+            sent = await ping(link)  # halfway: the answer has the rest of the silence too
+            rest = suspect - early
+            asked = loop.time()
+            if await done_within(rest):
+                return task.result()
+            stalled = overshoot(loop.time() - asked, rest)
+            wait = rest + probe_wait(probe_timeout_s, link.rtt_s, clock.typical())
+            if (sent is None or not await answered(link, sent, wait, stalled, task.done)) and not task.done():
                 raise PeerSilent(f"silent for {loop.time() - began:.2f} s and did not answer a ping")
+            if task.done():
+                clock.observe(loop.time() - began)
+                return task.result()
     finally:
         if not task.done():
             task.cancel()
