@@ -12,6 +12,9 @@ Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positio
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,25 @@ def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str =
     workspace = prefill_chunk * width * 4 + RUNTIME_OVERHEAD
     return MemoryNeed(weight_bytes(index, span, quantization), tokens * kv_bytes_per_token(c, span),
                       workspace, tokens)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+def release_freed_heap() -> None:
+    """Return the C heap's free pages to the system (glibc `malloc_trim(0)`; a no-op elsewhere). Large
+    buffers freed after the heap's mmap threshold rose (glibc raises it as big blocks are freed) stay in the
+    heap, resident, until trimmed: the weight packing's temporaries and the VM's freed prefill workspaces."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def available_bytes() -> int:

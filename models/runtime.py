@@ -19,6 +19,7 @@ from shoal.models.compile import CompiledShard, Progress, compile_shard, model_f
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
 from shoal.models.gguf import GGUFModel
+from shoal.models.memory import release_freed_heap
 from shoal.models.shard_weights import load_shard_weights
 from shoal.models.span import LayerSpan
 from shoal.models.stage import StageDefaults, ids_in_range
@@ -113,6 +114,9 @@ class CompiledStage(StageDefaults):
         self._remove_seq = get("vm.builtin.kv_state_remove_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
+        self._clear_pool = get("vm.builtin.memory_manager.clear")
+        self._pool_chunk = 0
+        """The prefill length whose workspace the VM's pooled allocator holds (see `_prefill_workspace`)."""
         self._lengths: dict[int, int] = {}
         self._broken: set[int] = set()
         """Sequences a failed forward left unusable (see `_forward`); only `remove_sequence` clears them."""
@@ -175,6 +179,7 @@ class CompiledStage(StageDefaults):
                                   fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress,
                                   tensor_types=types)
         params = load_shard_weights(gguf_model, shard, spec.device(), load)
+        release_freed_heap()  # the packing's NumPy temporaries (~20 MB for a 0.5B model)
         return cls(config, shard, params, **options)
 
     # -- sequences -----------------------------------------------------------------------------------------
@@ -273,6 +278,7 @@ class CompiledStage(StageDefaults):
                 chunk = inputs[start:start + self.prefill_chunk]
                 m = chunk.shape[0]
                 x = chunk.reshape(1, m) if self._is_first else chunk.reshape(1, m, -1)
+                self._prefill_workspace(m)
                 out = self._forward([seq_id], self._shape_tuple([seq_id]), self._shape_tuple([m]),
                                     self._prefill, self._tvm.runtime.tensor(x, self._device))
                 self._lengths[seq_id] += m
@@ -322,6 +328,19 @@ class CompiledStage(StageDefaults):
             self._broken.update(seq_ids)
             raise
 
+    def _prefill_workspace(self, length: int) -> None:
+        """Before a prefill chunk of `length` tokens (lock held): if the last chunk had another length, hand
+        the VM's pooled buffers back to the system. TVM's pooled allocator keeps every freed buffer for reuse
+        at exactly its size, and a prefill's activations are sized by its length, so each distinct chunk
+        length kept its own full workspace (~50 MB for a 512-token chunk of Qwen2.5-0.5B): a 4k fill after
+        a few chat prompts held four of them (measured, docs/models.md "Peak RSS"). Cleared, at most one
+        prefill workspace is resident; decode's small static buffers are re-made on the next step. The pool is
+        TVM's global one (shared by every stage in the process); only buffers not in use are freed."""
+        if length != self._pool_chunk:
+            self._pool_chunk = length
+            self._clear_pool()
+            release_freed_heap()
+
     def _decode_input(self, x: np.ndarray) -> Any:
         """A tensor holding `x` for one decode call (lock held). On the CPU: a tensor kept per shape (one per
         batch size), filled through a NumPy view of its memory."""
@@ -351,6 +370,8 @@ class CompiledStage(StageDefaults):
             self._kv = None
             self._prefill = self._decode = self._batch_decode = None
             self._vm = None
+            self._clear_pool()  # the pooled workspaces outlive the VM otherwise
+            release_freed_heap()
 
     def __repr__(self) -> str:
         return (f"CompiledStage(layers {self.span}, {self.shard.quantization}, {self.target.kind}, "
