@@ -216,6 +216,10 @@ class NodeClient:
         """`{"peers": [...]}`, plus `"self"` (id, name, mesh) on nodes that report it."""
         return dict(await self.get("/v1/mesh/peers"))
 
+    async def route(self) -> dict[str, Any]:
+        """`GET /v1/mesh/route`: the forced route, this node's advert fields and its `warming` state."""
+        return dict(await self.get("/v1/mesh/route"))
+
     async def usage(self) -> dict[str, Any]:
         """`GET /v1/mesh/usage`: work given to and received from each peer, from the signed receipts."""
         return dict(await self.get("/v1/mesh/usage"))

@@ -47,6 +47,10 @@ WARM_MAX_TOKENS = 256
 """Completion tokens of that request."""
 RECONSIDER_S = 300.0
 """A (peer, model) pair is planned for again at most this often (the peer's advert may have changed)."""
+RELOAD_AFTER_S = 3600.0
+"""Something warming prepared that this node unloaded since (an idle stage trimmed, a model past its
+keep_alive) is not prepared again for this long: the node's own residency rules judged it not worth
+keeping."""
 SETTLE_S = 10.0
 """A (peer, model) whose likely part here changed is planned for again only this long after the last time."""
 MAX_ENTRIES = 64
@@ -98,8 +102,8 @@ class WarmEntry:
     origin: str
     """The peer that has the model in use."""
     state: str = "warming"
-    """`warming`, `ready` (loaded), `compiled`, `skipped` (`reason` says why) or `dropped` (closed for a
-    newer guess)."""
+    """`warming`, `ready` (loaded), `compiled`, `skipped` (`reason` says why), `dropped` (closed for a newer
+    guess) or `unloaded` (unloaded by this node since; not prepared again within `RELOAD_AFTER_S`)."""
     reason: str = ""
     seconds: float | None = None
     at: float = 0.0
@@ -239,6 +243,11 @@ class Warming:
             if held:  # loaded already (by a request, or by warming before)
                 if entry.state not in ("ready", "compiled"):
                     entry.state, entry.reason, entry.at = "ready", "loaded already", time.time()
+                continue
+            if entry.state in ("ready", "compiled", "unloaded") and time.time() - entry.at < RELOAD_AFTER_S:
+                if entry.state == "ready":  # warmed, then unloaded by this node's own rules (idle, room)
+                    entry.state, entry.at = "unloaded", time.time()
+                    entry.reason = "unloaded by this node since: not prepared again soon"
                 continue
             started = time.perf_counter()
             entry.state, entry.at = "warming", time.time()

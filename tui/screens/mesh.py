@@ -1,8 +1,8 @@
 """Mesh tab: this node, its peers (link state, RTT, what the link is — host, hole-punched or relayed —, what
 they hold and how fast they run, the work given to and received from each, from the signed usage receipts),
-the topology;
-join a mesh from an invite and copy this node's invite (shown with the join page's URL and its QR code). A
-node the members refused says so in red (who, why, when it tries again)."""
+the topology, and what this node has warmed for its peers' likely plans (`split.warming`); join a mesh from
+an invite and copy this node's invite (shown with the join page's URL and its QR code). A node the members
+refused says so in red (who, why, when it tries again)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,27 @@ def refusal_line(standing: dict[str, Any] | None) -> Text | None:
     )
 
 
+WARM_STATES = ("ready", "compiled", "warming")
+
+
+def warming_line(warming: dict[str, Any] | None) -> Text | None:
+    """What this node has prepared for its peers' likely plans (`warming` of `GET /v1/mesh/route`: spans
+    loaded as idle stages, whole models loaded or compiled), or None when nothing is."""
+    entries = [e for e in (warming or {}).get("entries") or [] if isinstance(e, dict)
+               and e.get("state") in WARM_STATES]
+    if not entries:
+        return None
+    parts: list[Any] = [("warm for peers ", "dim")]
+    for i, entry in enumerate(entries[:6]):
+        what = "whole" if entry.get("kind") == "model" else f"layers {entry.get('span')}"
+        parts += [("  " if i else "", ""), (f"{entry.get('model')} {what}", "bold"),
+                  (f" {entry.get('state')}", "green" if entry.get("state") != "warming" else "yellow"),
+                  (f" for {short_id(str(entry.get('origin') or ''), 12)}", "dim")]
+    if len(entries) > 6:
+        parts.append((f"  +{len(entries) - 6} more", "dim"))
+    return Text.assemble(*parts)
+
+
 class MeshPane(NodePane):
     MAIN = "#peers"
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -113,6 +134,9 @@ class MeshPane(NodePane):
         standing = Static("", id="mesh-standing")
         standing.display = False
         yield standing
+        warm = Static("", id="mesh-warming")
+        warm.display = False
+        yield warm
         # The invite sits at the top: toasts open at the bottom right and hid it when it was last.
         yield Static("", id="invite")
         table: DataTable[Any] = DataTable(id="peers", cursor_type="row", zebra_stripes=True)
@@ -164,6 +188,13 @@ class MeshPane(NodePane):
         line = self.query_one("#mesh-standing", Static)
         line.display = refusal is not None
         line.update(refusal or "")
+        try:
+            warm = warming_line((await self.client.route()).get("warming"))
+        except NotAvailable:
+            warm = None
+        warm_line = self.query_one("#mesh-warming", Static)
+        warm_line.display = warm is not None
+        warm_line.update(warm or "")
         usage: dict[str, Any] = {}
         if peers:
             try:
