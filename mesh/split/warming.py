@@ -78,9 +78,13 @@ def likely_part(shape: sched.ModelShape, model: str, origin_advert: dict[str, An
                 ) -> tuple[sched.PlanKind, list[LayerSpan]]:
     """What a request for `model` at the member advertising `origin_advert` would run on device `me` (this
     node, as that member sees it) if it left the member: `("offload", [whole])`, `("split", [span])`, or
-    `("local", [])` when no plan would use `me`. Pure arithmetic (`scheduler.plan`)."""
-    origin = advert_device(sched.LOCAL, origin_advert, model, holds=True, trusted=True, rtt_s=0.0,
-                           link="host")
+    `("local", [])` when no plan would use `me` (or the advert is unusable). Pure arithmetic
+    (`scheduler.plan`)."""
+    try:
+        origin = advert_device(sched.LOCAL, origin_advert, model, holds=True, trusted=True, rtt_s=0.0,
+                               link="host")
+    except (ValueError, OverflowError):  # an advert the planner cannot use (as the router skips it)
+        return "local", []
     origin = replace(origin, free_memory=UNBOUNDED, total_memory=UNBOUNDED)
     request = sched.Request(WARM_PROMPT_TOKENS, WARM_MAX_TOKENS, overhead_bytes=STAGE_OVERHEAD)
     policy = PolicyConfig(max_memory_share=1.0)  # budgets are what each device advertises already
@@ -190,7 +194,11 @@ class Warming:
                 part = None
                 shape = self._shapes.get(model)
                 if shape is not None:
-                    part = self._likely(shape, model, advert, holds, peer.rtt_s)
+                    try:
+                        part = self._likely(shape, model, advert, holds, peer.rtt_s)
+                    except (ValueError, OverflowError) as exc:  # an advert the planner cannot use
+                        logger.debug("warming: not planning %s for %s: %s", model, peer.peer_id[:12], exc)
+                        continue
                 last = self._considered.get(key)
                 if last is not None and now - last[0] < (RECONSIDER_S if last[1] == part else SETTLE_S):
                     continue  # planned for lately (a changed guess waits a little: speeds and loads wobble)

@@ -70,6 +70,7 @@ def test_junk_in_the_origins_advert_reads_as_absent(shape):
     junk["speed"] = {"m": {"decode_tok_s": "fast"}}
     kind, spans = likely_part(shape, "m", junk, me(120))
     assert kind == "split" and spans
+    assert likely_part(shape, "m", origin(-5.0), me(120)) == ("local", [])  # no device: nothing expected
 
 
 def test_in_use_reader_keeps_only_names():
