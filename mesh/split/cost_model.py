@@ -12,7 +12,10 @@ where `queue_depth_d` counts the requests the device is already busy with (its e
 ones, sequences it hosts for peers, and what this node has just placed there) and `batch_cost_d` is the share
 of one request's step time each of them adds (measured by the device's speed probe, `split.speed_probe`: 1.0
 when batching gains nothing, as with the NumPy reference; less where a batched step reads the weights once),
-with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). Prefill uses
+with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). The local node
+also relays the tokens of the requests it offloaded (each frame through aiortc, then to its HTTP client), on
+the CPU that computes its own: that divides its speed by `1 − relay_share`, where `relay_share` = Σ over
+its offloads running `RELAY_TOKEN_S` × that stream's tokens/s (`relay_share()`). Prefill uses
 `prefill_tps_d` the same way, per prompt token. A device that does not hold the model but can fetch it adds
 `bytes(span) / fetch_bps` once, before its first token.
 
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shoal.mesh.split.policy import PolicyConfig
@@ -53,6 +56,13 @@ OFFLOAD_TOKEN_S = 0.001
 """Per-token cost of an offload's token stream (a frame through both nodes' event loops and aiortc's SCTP):
 with every node on one core an offload decoded at 0.87x of local for SmolLM2 on TVM at ~140 tok/s
 (docs/split.md, bench/split.py --one-core), i.e. ~1 ms a token."""
+RELAY_TOKEN_S = 0.0006
+"""The origin's CPU per token of a request it offloaded: the frame's DTLS/SCTP receipt in Python, its control
+handler and the relay to the HTTP client. Measured as the origin's event-loop CPU time per relayed token
+(/proc schedstat, SmolLM2 on TVM, `bench/placement.py` bursts and one-stream offloads): 0.6-0.9 ms on a
+loaded 2-core VM, 0.63 ms quiet, against ~0.06 ms of an idle node's loop (docs/split.md, *Placement*)."""
+MAX_RELAY_SHARE = 0.9
+"""Largest share of a device's CPU counted as taken by relays (the rest still computes)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,9 @@ class Device:
     link: str = "host"
     """What the link from the local node is (its selected ICE pair, docs/mesh.md "Across NATs"): `host`,
     `server-reflexive`, `peer-reflexive` or `relayed` (through a TURN server)."""
+    relay_share: float = 0.0
+    """Share of this device's CPU taken by relaying the tokens of requests it offloaded (the local node only;
+    `relay_share()`): its compute runs that much slower."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -165,6 +178,8 @@ class Device:
             raise ValueError(f"device {self.id}: bandwidth_bps must be positive")
         if self.free_memory < 0 or self.total_memory < 0 or self.queue_depth < 0:
             raise ValueError(f"device {self.id}: memory and queue depth must be >= 0")
+        if not 0 <= self.relay_share <= MAX_RELAY_SHARE:  # also rejects NaN
+            raise ValueError(f"device {self.id}: relay_share must be in [0, {MAX_RELAY_SHARE}]")
 
     @property
     def is_local(self) -> bool:
@@ -178,8 +193,9 @@ class Device:
 
     @property
     def load_factor(self) -> float:
-        """How much slower a new request runs here than on the idle device."""
-        return 1 + self.batch_cost * self.queue_depth
+        """How much slower a new request runs here than on the idle device: the requests it runs (batch cost
+        each) and the CPU its relays take."""
+        return (1 + self.batch_cost * self.queue_depth) / (1 - self.relay_share)
 
     @property
     def effective_prefill_tps(self) -> float:
@@ -255,6 +271,15 @@ def predict_offload(shape: ModelShape, request: Request, device: Device) -> Pred
     prefill += device.rtt_s + request.prompt_tokens * 4 / device.bandwidth_bps
     per_token += OFFLOAD_TOKEN_S
     return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
+
+
+def relay_share(streams: Iterable[tuple[int, Device]]) -> float:
+    """The share of the local node's CPU its relays take: for each (requests offloaded there and still
+    running, peer), `RELAY_TOKEN_S` × those requests' tokens/s (the peer's decode speed under its load),
+    capped at `MAX_RELAY_SHARE`."""
+    share = sum(count * RELAY_TOKEN_S / peer.seconds_per_token() for count, peer in streams
+                if count > 0 and peer.decode_tps > 0)
+    return min(MAX_RELAY_SHARE, share)
 
 
 def max_layers(

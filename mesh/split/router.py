@@ -201,6 +201,8 @@ class Router:
             budget = min(budget, self.models_room())
         local = replace(local, free_memory=budget, total_memory=local.free_memory)
         peers = self.peer_devices(model, cid)
+        # the offloads this node runs now relay their tokens through its CPU (cost_model.relay_share)
+        local = replace(local, relay_share=sched.relay_share((self.placed[p.id], p) for p in peers))
         planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
         automatic = choice.mode == "auto" and not choice.prefer
         settings = self.settings

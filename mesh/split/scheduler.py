@@ -29,8 +29,10 @@ Placement that pays off
   speed probe and no finished request yet) is never taken to be faster than the device it is compared with:
   an unmeasured peer gets this node's speed when this node is faster, and an unmeasured local node gets the
   fastest measured peer's. So nothing is offloaded *for speed* on a guess; load and memory still count.
-- **Load.** Each device's time is scaled by its `load_factor` (1 + batch_cost × queue depth): many requests
-  at one node make a less busy peer the earlier finish, so concurrent requests spread over the members.
+- **Load.** Each device's time is scaled by its `load_factor` (1 + batch_cost × queue depth, and for the local
+  node ÷ (1 − the share of its CPU its running offloads' relays take)): many requests at one node make a less
+  busy peer the earlier finish, so concurrent requests spread over the members — where batching makes another
+  request nearly free here, and each offload's relay costs this node CPU, they stay.
 - **Hysteresis.** With `margin` > 0 (the router passes `[split] offload_gain_percent` while it runs requests
   locally, `stay_gain_percent` once it offloads), an automatic plan leaves the local node only when it is
   predicted to finish at least that fraction sooner: small differences in measured speed do not flap requests
@@ -54,6 +56,7 @@ from shoal.mesh.split.cost_model import (
     max_layers,
     predict,
     predict_offload,
+    relay_share,
 )
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional, spans_of
 from shoal.mesh.split.policy import PolicyConfig
@@ -61,7 +64,7 @@ from shoal.models.span import LayerSpan
 
 __all__ = [  # the planner, and the cost model's names its callers use
     "LOCAL", "Assignment", "Device", "ModelShape", "NoPlanError", "Plan", "PlanKind", "Prediction", "Request",
-    "assume_unmeasured", "max_layers", "plan",
+    "assume_unmeasured", "max_layers", "plan", "relay_share",
 ]
 
 PlanKind = Literal["local", "offload", "split"]

@@ -1,12 +1,17 @@
-"""Placement that pays off (pure planner): unmeasured speeds, load and the hysteresis margin; the speed
-probe's numbers as the router keeps and advertises them; the `[split]` placement knobs."""
+"""Placement that pays off (pure planner): unmeasured speeds, load, the relays' CPU and the hysteresis margin;
+a burst of requests planned one after another as the router does; the speed probe's numbers as the router
+keeps and advertises them; the `[split]` placement knobs."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import pytest
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.cost_model import MAX_RELAY_SHARE, RELAY_TOKEN_S, Device
 from shoal.mesh.split.plan_inputs import DEFAULT_TPS, MAX_BATCH_COST, MAX_QUEUE, Speeds, advert_device
-from shoal.mesh.split.scheduler import LOCAL, assume_unmeasured, plan
+from shoal.mesh.split.scheduler import LOCAL, assume_unmeasured, plan, relay_share
 
 from tests.mesh.test_scheduler import OPEN, REQ, SHAPE, dev
 
@@ -70,6 +75,54 @@ def test_a_busy_node_spreads_to_an_idle_equal_peer() -> None:
     p = plan(SHAPE, REQ, busy, [dev("twin", queue_depth=1), dev("idle", tps=90)], OPEN, margin=0.2)
     assert p.devices == ["idle"]
     assert plan(SHAPE, REQ, busy, [dev("twin", queue_depth=1)], OPEN).kind == "local"
+
+
+def burst(local: Device, peer: Device, requests: int) -> list[str]:
+    """Where each of `requests` arriving at once at `local` runs, planned one after another as the router
+    does: each placed request counts on its device's queue (`Router.placed`), each offload running adds its
+    relay to this node's CPU (`relay_share`), and the margin is 20 % to leave, 5 % once the last plan left."""
+    placed: Counter[str] = Counter()
+    away = False
+    where = []
+    for _ in range(requests):
+        there = dataclasses.replace(peer, queue_depth=peer.queue_depth + placed[peer.id])
+        here = dataclasses.replace(local, queue_depth=placed[LOCAL],
+                                   relay_share=relay_share([(placed[peer.id], there)]))
+        chosen = plan(SHAPE, REQ, here, [there], OPEN, margin=0.05 if away else 0.2)
+        away = chosen.kind != "local"
+        placed[chosen.devices[0]] += 1
+        where.append(chosen.devices[0])
+    return where
+
+
+def test_a_burst_spreads_only_where_spreading_pays() -> None:
+    # no gain from batching (the NumPy reference: a second request doubles the step): half go to the idle twin
+    assert Counter(burst(dev(LOCAL), dev("twin"), 4)) == {LOCAL: 2, "twin": 2}
+    # batching nearly free here (a batched step reads the weights once): the whole burst stays, since moving a
+    # request saves this node almost nothing while its token stream and relay cost both ends
+    assert burst(dev(LOCAL, batch_cost=0.05), dev("twin", batch_cost=0.05), 4) == [LOCAL] * 4
+    # a twin already as busy as this node will be takes nothing either
+    assert burst(dev(LOCAL), dev("twin", queue_depth=4), 4) == [LOCAL] * 4
+
+
+def test_relays_take_the_origins_cpu() -> None:
+    peer = dev("peer", tps=100)
+    assert relay_share([]) == 0 and relay_share([(0, peer)]) == 0
+    assert relay_share([(2, peer)]) == pytest.approx(2 * RELAY_TOKEN_S * 100)
+    busy_peer = dataclasses.replace(peer, queue_depth=1)  # its streams run at half speed: half the relay
+    assert relay_share([(1, busy_peer)]) == pytest.approx(RELAY_TOKEN_S * 50)
+    assert relay_share([(10_000, peer)]) == MAX_RELAY_SHARE
+    relaying = dev(LOCAL, queue_depth=1, batch_cost=0.5, relay_share=0.2)
+    assert relaying.load_factor == pytest.approx(1.5 / 0.8)
+    # a node relaying fast streams computes slower, so a request it could batch cheaply goes to an idle peer
+    here = dev(LOCAL, queue_depth=1, batch_cost=0.3)
+    assert plan(SHAPE, REQ, here, [dev("idle")], OPEN, margin=0.2).kind == "local"
+    fast = dev("fast", tps=400)
+    loaded = dataclasses.replace(here, relay_share=relay_share([(2, fast)]))
+    assert plan(SHAPE, REQ, loaded, [dev("idle")], OPEN, margin=0.2).devices == ["idle"]
+    for bad in (-0.1, MAX_RELAY_SHARE + 0.01, float("nan")):
+        with pytest.raises(ValueError):
+            dev(LOCAL, relay_share=bad)
 
 
 def test_load_factor_and_batch_cost_bounds() -> None:
