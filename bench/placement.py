@@ -11,7 +11,14 @@
   without a mesh) against all left to the scheduler (b and its idle equal peer c): aggregate tok/s (every
   client's tokens over the wall time of the burst) and how many went to a peer.
 
-b is pinned to core 0, c and a to core 1 (two devices of one core each; a's cap applies on top). Each round
+b is pinned to core 0, c and a to core 1 (two devices of one core each; a's cap applies on top), and each
+node runs in a session of its own (`setsid`): with the kernel's autogroup scheduling (on by default, as here)
+the CPU is shared fairly between sessions, so three nodes started from the bench's one session would share
+one session's share of a machine other work keeps busy — a peer's core then adds no CPU to the mesh, and
+spreading a burst could only add overhead (docs/split.md, *Placement*, measured both ways). Each burst also
+reports the CPU time each node got and the time its threads waited
+for a CPU (/proc schedstat): where the wait is of the order of the CPU time, the machine was too busy for
+the burst's numbers to say much about spreading. Each round
 runs both contenders of a scenario back to back, alternating which goes first; ratios are the median of the
 per-round ratios (auto over local), with the quartiles. `--settle` seconds pass between scenarios: a plan
 reads peers' load from their adverts (refreshed every second), so a request right after a burst can still
@@ -104,6 +111,24 @@ def burst(node: NodeProcess, clients: int, tokens: int, route: str | None
     return total / wall, total, where
 
 
+def cpu_seconds(node: NodeProcess) -> tuple[float, float]:
+    """(CPU time, time waiting for a CPU) of all the node process's threads so far, from /proc schedstat."""
+    pid = node.process.pid if node.process is not None else 0
+    ran = waited = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                fields = f.read().split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
 def speed(node: NodeProcess) -> dict[str, Any]:
     return node.get("/v1/mesh/route")["advert"].get("speed", {}).get(MODEL, {})
 
@@ -127,9 +152,12 @@ def start_mesh(base: Path, args: argparse.Namespace) -> tuple[list[NodeProcess],
         # one probe per node, at its start: a periodic re-probe must not land inside a measured round
         return {"models": {"backend": args.backend}, "mesh": mesh, "split": {"speed_probe_every_min": 0}}
 
-    b = NodeProcess("b", base / "b", settings(), env=env, prefix=["taskset", "-c", "0"])
-    c = NodeProcess("c", base / "c", settings(b), env=env, prefix=["taskset", "-c", "1"])
-    a = NodeProcess("a", base / "a", settings(b, c), env=env, prefix=["taskset", "-c", "1"])
+    def device(core: int) -> list[str]:  # a session of its own: its own share of the CPU (module docstring)
+        return ["setsid", "taskset", "-c", str(core)]
+
+    b = NodeProcess("b", base / "b", settings(), env=env, prefix=device(0))
+    c = NodeProcess("c", base / "c", settings(b), env=env, prefix=device(1))
+    a = NodeProcess("a", base / "a", settings(b, c), env=env, prefix=device(1))
     cap = CpuCap(0, args.slow)
     started: list[NodeProcess] = []
     try:
@@ -165,8 +193,8 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds between scenarios, so peers' adverted load is current (0: none)")
     args = parser.parse_args()
-    if shutil.which("taskset") is None:
-        print("taskset is needed (util-linux)", file=sys.stderr)
+    if shutil.which("taskset") is None or shutil.which("setsid") is None:
+        print("taskset and setsid are needed (util-linux)", file=sys.stderr)
         return 2
     base = Path(tempfile.mkdtemp(prefix="shoal-placement-"))
     print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
@@ -182,6 +210,8 @@ def main() -> int:
         spread: dict[str, list[float]] = {"local": [], "auto": []}
         spread_where: list[tuple[str, float]] = []
         spread_local: list[float] = []
+        spread_cpu: dict[str, list[tuple[float, float, float, float]]] = {"local": [], "auto": []}
+        """Per burst: (b's CPU s, b's wait s, c's CPU s, c's wait s)."""
         stream(a, 4, "local")  # warm both paths once
         stream(a, 4, None)
         for r in range(args.rounds):
@@ -193,7 +223,11 @@ def main() -> int:
                     slow_where.append(route.get("kind", "?"))
             time.sleep(args.settle)  # the adverts catch up with the load just ended (advert_refresh_s 1 s)
             for name in order:
+                before = cpu_seconds(b), cpu_seconds(c)
                 rate, _, where = burst(b, args.clients, args.tokens, "local" if name == "local" else None)
+                after = cpu_seconds(b), cpu_seconds(c)
+                spread_cpu[name].append(tuple(y - x for was, now in zip(before, after, strict=True)
+                                              for x, y in zip(was, now, strict=True)))  # type: ignore[arg-type]
                 spread[name].append(rate)
                 if name == "auto":
                     spread_where += where
@@ -235,6 +269,10 @@ def main() -> int:
     cells = [f"{k} {sum(1 for w, _ in spread_where if w == k)} "
              f"({med([t for w, t in spread_where if w == k]):.2f} s)" for k in kinds]
     print(f"{'auto':8} {med(spread['auto']):8.1f}  {ratio_cell(ratios):>18}  {', '.join(cells)}")
+    print("CPU per burst (median s; 'waited' = runnable but waiting for a CPU):")
+    for name in ("local", "auto"):
+        cpu = [med([burst_cpu[i] for burst_cpu in spread_cpu[name]]) for i in range(4)]
+        print(f"  {name:6} b ran {cpu[0]:.2f} waited {cpu[1]:.2f}; c ran {cpu[2]:.2f} waited {cpu[3]:.2f}")
     shutil.rmtree(base, ignore_errors=True)
     return 0
 

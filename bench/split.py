@@ -138,14 +138,18 @@ def quantile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-CORE_0, CORE_1 = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
+OWN = ["setsid"]
+CORE_0, CORE_1 = [*OWN, "taskset", "-c", "0"], [*OWN, "taskset", "-c", "1"]
 PLACEMENTS = {
     "pinned": ("a: core 0, b+c: core 1", (CORE_0, CORE_1, CORE_1)),
-    "unpinned": ("unpinned", ([], [], [])),
+    "unpinned": ("unpinned", (OWN, OWN, OWN)),
     "one-core": ("a, b, c: core 0", (CORE_0, CORE_0, CORE_0)),
 }
-"""Where the node processes run. `one-core` measures what the pipeline itself costs: the stages take turns on
-the core the local run uses, so no difference between the two cores' speeds enters the ratio."""
+"""Where the node processes run, each in a session of its own (`setsid`): the kernel's autogroup scheduling
+shares the CPU fairly between sessions, so nodes left in the bench's one session would share one session's
+share of a machine that other work keeps busy — two stages on two cores then get half a core's worth each,
+as devices of their own would not. `one-core` measures what the pipeline itself costs: the stages take turns
+on the core the local run uses, so no difference between the two cores' speeds enters the ratio."""
 
 
 def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
@@ -236,6 +240,10 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             spread = f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {spread:>20} {extra}")
+        own = sorted(off[1] / at_b[1] for off, at_b in zip(runs["offload"], runs["local@b"], strict=True))
+        print(f"offload vs local@b (b's own decode, the same core as the offloaded compute): "
+              f"{results['offload'][1] / results['local@b'][1]:.2f}x of the medians, median per-round ratio "
+              f"{statistics.median(own):.2f}x ({quantile(own, 0.25):.2f}-{quantile(own, 0.75):.2f})")
         over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
         print(f"offload TTFT overhead: {over_a:.1f} ms against a's local run, {over_b:.1f} ms against b's "
               "own (the same device and core as the offloaded compute)")
