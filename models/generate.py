@@ -210,7 +210,7 @@ class Engine:
             raise
         self._waiting[req.seq_id] = req
         self._wake.set()
-        return TokenStream(self._events(req), lambda: self._cancel(req))
+        return TokenStream(self._events(req), lambda: self._cancel(req), req.queue.qsize)
 
     def _matcher(self, params: SamplingParams) -> Callable[[], GrammarMatcher] | None:
         """The factory of a constrained request's grammar matcher (run by its first sampling step)."""

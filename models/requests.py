@@ -159,9 +159,17 @@ class TokenStream:
     """A request's token stream: the engine's event generator, whose `aclose()` also cancels a request whose
     stream was never iterated (an unstarted generator's `finally` never runs)."""
 
-    def __init__(self, events: AsyncGenerator[TokenEvent, None], cancel: Callable[[], None]) -> None:
+    def __init__(self, events: AsyncGenerator[TokenEvent, None], cancel: Callable[[], None],
+                 queued: Callable[[], int] = lambda: 0) -> None:
+        """`queued()`: how many events are ready to be taken without waiting."""
         self._events = events
         self._cancel = cancel
+        self._queued = queued
+
+    def queued(self) -> int:
+        """Events already produced and not yet taken: that many `__anext__` calls complete without waiting
+        (a consumer that fell behind can take them together, e.g. into one network frame)."""
+        return self._queued()
 
     def __aiter__(self) -> TokenStream:
         return self

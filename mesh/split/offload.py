@@ -1,14 +1,21 @@
 """Whole-request offload: a peer runs the request on its own engine and streams the tokens back on `control`.
 
 Origin side (`OffloadClient.stream`): picks a request id `rid`, registers a queue for it, sends
-`offload.open` {rid, model, prompt_ids, params} and yields `OffloadEvent`s as `offload.token` frames arrive,
-until `offload.done` (or `offload.error`, raised as `RemoteError`). A link that closes mid-request raises
-`StageLost` (the router then re-plans and resumes from the tokens already streamed). Closing the iterator
-early sends `offload.cancel`.
+`offload.open` {rid, model, prompt_ids, params, coalesce: true} and yields `OffloadEvent`s as `offload.token`
+frames arrive, until `offload.done` (or `offload.error`, raised as `RemoteError`). A link that closes
+mid-request raises `StageLost` (the router then re-plans and resumes from the tokens already streamed), and
+so does a token frame that breaks the format. Closing the iterator early sends `offload.cancel`.
 
 Serving side (`OffloadServer`): checks the policy gate, validates the body (model known, ids in the
 vocabulary, prompt + max_tokens within the context, sampling parameters valid), acknowledges, and runs the
 stream in a task it owns; a cancel, the link closing or `stop()` ends that task and frees the sequence.
+
+One frame per token while the sender keeps up; when it fell behind (its event loop was busy, or descheduled
+on a loaded machine) and more tokens are already produced, an origin that sent `coalesce` gets them in the
+same frame: `offload.token` then carries `more`, a list of the following tokens' bodies (same fields, indexes
+in order, at most `MAX_COALESCED` tokens a frame, no logprobs). Each frame costs both nodes' event loops the
+same Python whatever it carries (DTLS, SCTP, its SACK), so a backlog is caught up at a frame's cost, and no
+token ever waits for another.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,7 @@ from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.liveness import PeerSilent, Report, Watch, await_reply, reporting
+from shoal.mesh.split.offload_frames import OffloadEvent, TokenFrame, token_body, token_events
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Expected, ReceiptError, Usage, UsageLedger
@@ -38,7 +46,6 @@ from shoal.models.admission import AdmissionError
 from shoal.models.errors import ContextOverflowError, InsufficientMemoryError, ModelMemoryBudgetError
 from shoal.models.generate import TokenEvent
 from shoal.models.grammar import GrammarError, check_constraint
-from shoal.models.requests import EventLogprobs
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import ServedModel
 
@@ -46,25 +53,6 @@ logger = logging.getLogger(__name__)
 
 MAX_PROMPT_IDS = 16_384
 _rids = itertools.count(int.from_bytes(os.urandom(3), "little") << 4)
-
-
-@dataclass(frozen=True)
-class OffloadEvent:
-    """One streamed token, shaped like `models.generate.TokenEvent` where the API reads it."""
-
-    token_id: int
-    text: str
-    index: int
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
-    logprobs: EventLogprobs | None = None
-    """The token's log-probabilities when the request asked for them (carried in `offload.token`)."""
-    stop_sequence: str | None = None
-    """The stop string that ended the answer (carried as `stop_index`, its place in the request's stops)."""
-    queued_s: float = 0.0
-    """Admission wait on this node (the API's metric reads it from the first event): an offload waits on the
-    peer, not here."""
 
 
 class OffloadClient:
@@ -95,7 +83,8 @@ class OffloadClient:
         seen = self._seen.get(key)
         if seen is not None:
             if frame.type == wire.OFFLOAD_TOKEN:
-                seen.tokens_out += 1
+                more = frame.body.get("more")
+                seen.tokens_out += 1 + (len(more) if isinstance(more, list) else 0)
             else:
                 del self._seen[key]
                 receipt = frame.body.get("receipt")
@@ -146,7 +135,8 @@ class OffloadClient:
         try:
             try:
                 peer = self._mesh.peer(peer_id)
-                body = {"rid": rid, "model": model, "prompt_ids": list(prompt_ids), "params": params}
+                body = {"rid": rid, "model": model, "prompt_ids": list(prompt_ids), "params": params,
+                        "coalesce": True}
                 opened: Report | None = (lambda s: on_wait("open", s)) if on_wait is not None else None
                 await reporting(peer.request(wire.OFFLOAD_OPEN, body, self._open_timeout), opened)
             except RemoteError:
@@ -175,13 +165,14 @@ class OffloadClient:
                 if item.type == wire.OFFLOAD_DONE:
                     finished = True
                     return
-                event = _token_event(body, index, params.get("stop") or ())
-                if event is None:
+                events = token_events(body, index, params.get("stop") or ())
+                if events is None:
                     raise StageLost(peer_id, "sent a malformed token frame")
-                index += 1
-                if event.finish_reason is not None:
-                    finished = True
-                yield event
+                index += len(events)
+                for event in events:
+                    if event.finish_reason is not None:
+                        finished = True
+                    yield event
                 if finished:
                     return
         finally:
@@ -205,26 +196,6 @@ class _Seen:
     """Names the receipt may give the model by: the requested name, its CID."""
     tokens_in: int
     tokens_out: int = 0
-
-
-def _token_event(body: dict[str, Any], index: int, stops: Sequence[str] = ()) -> OffloadEvent | None:
-    token, text, i = body.get("token"), body.get("text"), body.get("index")
-    prompt, completion, finish = body.get("prompt_tokens"), body.get("completion_tokens"), body.get("finish")
-    if type(token) is not int or not isinstance(text, str) or i != index:
-        return None
-    if type(prompt) is not int or type(completion) is not int:
-        return None
-    if finish is not None and not isinstance(finish, str):
-        return None
-    try:
-        found = wire.decode_logprobs(body["logprobs"]) if body.get("logprobs") is not None else None
-    except ValueError:
-        return None
-    stop = body.get("stop_index")
-    if stop is not None and (type(stop) is not int or not 0 <= stop < len(stops) or finish is None):
-        return None
-    return OffloadEvent(token, text, index, prompt, completion, finish, found,
-                        None if stop is None else stops[stop])
 
 
 Acquire = Callable[[str], Awaitable[ServedModel]]
@@ -299,7 +270,8 @@ class OffloadServer:
             raise RemoteError(wire.BAD_REQUEST, str(exc)) from None
         key = (peer.peer_id, rid)
         layers = served.stages[0].config.num_layers if served.stages else 0
-        usage = _Served(self._model_id(model), layers, len(ids), time.time(), sampling.stop)
+        usage = _Served(self._model_id(model), layers, len(ids), time.time(), sampling.stop,
+                        body.get("coalesce") is True)
         task = self._mesh.spawn(self._run(peer, rid, stream, usage), name=f"offload {rid}")
         self._tasks[key] = task
         task.add_done_callback(lambda _t: self._tasks.pop(key, None))
@@ -309,25 +281,19 @@ class OffloadServer:
     async def _run(self, peer: Peer, rid: int, stream: AsyncIterator[TokenEvent],
                    served: _Served | None = None) -> None:
         index = 0
+        ready = getattr(stream, "queued", None) if served is not None and served.coalesce else None
+        frame = TokenFrame(rid)
         try:
             async with contextlib.aclosing(stream) as events:
                 async for event in events:
-                    body = {
-                        "rid": rid,
-                        "index": index,
-                        "token": int(event.token_id),
-                        "text": event.text,
-                        "prompt_tokens": event.prompt_tokens,
-                        "completion_tokens": event.completion_tokens,
-                        "finish": event.finish_reason,
-                    }
-                    if event.logprobs is not None:
-                        body["logprobs"] = wire.encode_logprobs(event.logprobs)
-                    if event.stop_sequence is not None and served is not None and \
-                            event.stop_sequence in served.stops:
-                        body["stop_index"] = served.stops.index(event.stop_sequence)
-                    await peer.notify(wire.OFFLOAD_TOKEN, body)
+                    frame.add(token_body(event, index, served.stops if served is not None else ()), event)
                     index += 1
+                    if ready is not None and frame.has_room(event) and ready():
+                        continue  # the next token is produced already: it joins this frame, no wait added
+                    await peer.notify(wire.OFFLOAD_TOKEN, frame.take())
+            if frame.frames < index:
+                logger.info("offload %d: %d tokens in %d frames (the sender fell behind)", rid, index,
+                            frame.frames)
             done: dict[str, Any] = {"rid": rid}
             if self._ledger is not None and served is not None:
                 usage = Usage(self._mesh.identity.peer_id, peer.peer_id, str(rid), "offload", served.model,
@@ -430,6 +396,8 @@ class _Served:
     started: float
     stops: tuple[str, ...] = ()
     """The request's stop strings (a token frame names the one that matched by its place here)."""
+    coalesce: bool = False
+    """The origin takes several tokens in one frame (`more`) when the sender fell behind."""
 
 
 def params_to_wire(params: Any, max_tokens: int | None = None) -> dict[str, Any]:

@@ -96,6 +96,60 @@ async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
         await server.stop()
 
 
+class LaggingPeer(FakePeer):
+    """A sender that falls behind: each frame takes `lag_s` to go out (a busy loop, a loaded machine)."""
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+
+    async def notify(self, frame_type: str, body: dict[str, Any]) -> None:
+        await asyncio.sleep(self.lag_s)
+        await super().notify(frame_type, body)
+
+
+async def test_a_sender_behind_sends_the_tokens_produced_meanwhile_in_one_frame() -> None:
+    from shoal.mesh.split.offload_frames import token_events
+
+    stage = reference_stage(0, 30)
+    async with Engine([stage], tokenizer(), max_context=96) as engine:
+        served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=engine,
+                             context_length=engine.max_context, stages=[stage], backend="numpy")
+
+        async def acquire(name: str) -> ServedModel:
+            return served
+
+        mesh = FakeMesh()
+        server = OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+        prompt = chat_ids("Write a long story about a lighthouse keeper.")
+
+        async def run(rid: int, **extra: Any) -> list[dict[str, Any]]:
+            peer = LaggingPeer(0.2)
+            body = {"rid": rid, "model": MODEL, "prompt_ids": prompt,
+                    "params": {"temperature": 0, "max_tokens": 12}, **extra}
+            assert await mesh.control[wire.OFFLOAD_OPEN](peer, ControlFrame(wire.OFFLOAD_OPEN, body)) == \
+                {"accepted": True}
+            await asyncio.wait_for(peer.finished.wait(), 120)
+            assert peer.frames[-1] == (wire.OFFLOAD_DONE, {"rid": rid})
+            return [b for kind, b in peer.frames if kind == wire.OFFLOAD_TOKEN]
+
+        single = await run(1)  # an origin that did not ask: one frame per token, however late
+        assert len(single) >= 6 and all("more" not in f for f in single)
+        frames = await run(2, coalesce=True)
+        assert len(frames) < len(single) and any(f.get("more") for f in frames)  # made during each lag
+        assert all(f["rid"] == 2 for f in frames)
+        events, index = [], 0
+        for f in frames:
+            got = token_events(f, index)
+            assert got is not None
+            events += got
+            index += len(got)
+        want = [e for f in single for e in token_events(f, f["index"]) or []]
+        assert events == want  # the same tokens, indexes and finish
+        assert events[-1].finish_reason is not None and events[-1].completion_tokens == len(single)
+        await server.stop()
+
+
 def test_logprobs_cross_the_wire_checked() -> None:
     import orjson
     from shoal.models.requests import EventLogprobs, TokenLogprob

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from shoal.mesh.p2p.errors import LinkClosed, MeshError, RemoteError
 from shoal.mesh.split import wire
-from shoal.mesh.split.offload import _token_event, params_to_wire
+from shoal.mesh.split.offload import params_to_wire
+from shoal.mesh.split.offload_frames import token_event as _token_event
 from shoal.mesh.split.plan_inputs import ForcedRoute, Speeds, advert_models, advert_number
 from shoal.mesh.split.remote_model import RemoteTokenizer
 from shoal.mesh.split.router import GREEDY_TOP_K, logits_top_k
