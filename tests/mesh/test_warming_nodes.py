@@ -6,7 +6,9 @@ it, offers a 120 MiB models budget (too small for the whole model, so a request 
 with b), and building any span on b takes `STAGE_DELAY_S` longer (an injected slow load, as a compile on a
 cold cache would be). b must load its likely span by itself, before any request asks it for anything; the
 first split at a onto b must then use exactly that span and show no wait for b's stage (`peer_load`
-progress), while a span b did not warm does show one.
+progress), while a span b did not warm does show one. c holds no copy of the model but may fetch spans to
+warm (`warm_fetch_spans`): it fetches only its likely span's bytes by CID, and a split onto it waits for
+nothing either.
 """
 
 from __future__ import annotations
@@ -76,21 +78,29 @@ def pair(tmp_path_factory):
                                     "models": {"preload": False, "memory_budget_mb": 120},
                                     "split": {"speed_probe": False}},
                   harness_args=["--stage-delay-s", str(STAGE_DELAY_S)])
-    nodes = [a, b]
+    # c holds no copy of the model, but may fetch a span of it to warm (warm_fetch_spans)
+    c = SplitNode("c", base / "c", {"mesh": {"bootstrap": [a.api]}, "models": {"memory_budget_mb": 120},
+                                    "split": {"speed_probe": False, "warm_fetch_spans": True}},
+                  harness_args=["--no-model"])
+    nodes = [a, b, c]
     try:
         a.launch(secret).wait_ready()
-        local_text, _, route = stream(a, {"route": "local"})  # a uses the model before b is there
+        local_text, _, route = stream(a, {"route": "local"})  # a uses the model before b and c are there
         assert route["kind"] == "local", route
-        b.launch(secret).wait_ready()
-        wait_until(lambda: b.peer_id in a.peers() and a.peer_id in b.peers(), 60, "a and b linked")
-        yield a, b, local_text
+        b.launch(secret)
+        c.launch(secret)
+        b.wait_ready()
+        c.wait_ready()
+        wait_until(lambda: {b.peer_id, c.peer_id} <= set(a.peers()) and a.peer_id in b.peers()
+                   and a.peer_id in c.peers(), 60, "a linked to b and c")
+        yield a, b, c, local_text
     finally:
         for node in nodes:
             node.kill(15)
 
 
 def test_a_member_warms_its_likely_span_and_the_first_split_onto_it_does_not_wait(pair):
-    a, b, local_text = pair
+    a, b, _, local_text = pair
     in_use = a.call("GET", "/v1/mesh/route")["advert"]["split"]["in_use"]
     assert MODEL in in_use, in_use
     wait_until(lambda: warmed_for(b, a.peer_id) is not None, 90, "b's likely span for a loaded")
@@ -118,10 +128,27 @@ def test_a_member_warms_its_likely_span_and_the_first_split_onto_it_does_not_wai
 
 
 def test_warming_waits_while_the_member_serves_no_peers(pair):
-    _, b, _ = pair
+    _, b, _, _ = pair
     b.policy(serve_others=False)
     try:
         wait_until(lambda: "serve_others" in warming(b)["paused"], 20, "b's warming paused by its policy")
     finally:
         b.policy(serve_others=True)
     wait_until(lambda: warming(b)["paused"] == "", 20, "b's warming resumed")
+
+
+def test_a_member_without_the_file_fetches_only_its_likely_span_when_allowed(pair):
+    a, _, c, local_text = pair
+    wait_until(lambda: warmed_for(c, a.peer_id) is not None, 120, "c's likely span for a fetched and loaded")
+    spans = warmed_for(c, a.peer_id)
+    assert spans is not None and len(spans) == 1, warming(c)
+    start, stop = spans[0].split(":")
+    sparse = list(c.data_dir.rglob(f"*layers-{start}-{stop}*.gguf"))
+    assert len(sparse) == 1, list(c.data_dir.rglob("*.gguf"))  # only that span's bytes, fetched by CID
+    assert sparse[0].stat().st_blocks * 512 < 0.85 * sparse[0].stat().st_size
+
+    text, progress, route = stream(a, {"route": "split", "prefer": [c.peer_id]})
+    assert route["kind"] == "split" and c.peer_id in route["peers"], route
+    assert dict(zip(route["peers"], route["spans"], strict=True))[c.peer_id] == spans[0], (route, spans)
+    assert [p for p in progress if p.get("waiting") == "peer_load"] == [], progress
+    assert text == local_text
