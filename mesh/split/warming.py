@@ -247,7 +247,7 @@ class Warming:
         for span in spans:
             whole = kind == "offload"
             entry = self._entry(model, span, "model" if whole else "stage", origin)
-            held = model in self._node.models.loaded_names() if whole else self._host_holds(model, span)
+            held = self._model_resident(model) if whole else self._host_holds(model, span)
             if held:  # loaded already (by a request, or by warming before)
                 if entry.state not in ("ready", "compiled"):
                     entry.state, entry.reason, entry.at = "ready", "loaded already", time.time()
@@ -283,6 +283,15 @@ class Warming:
             entry = self._entries[key] = WarmEntry(model, span, kind, origin, at=time.time())
         entry.origin = origin
         return entry
+
+    def _model_resident(self, model: str) -> bool:
+        """Whether the node's models have `model` loaded or loading (its own preload, a request's load)."""
+        if model in self._node.models.loaded_names():
+            return True
+        for entry in self._node.models.list_models():
+            if entry.get("id") == model:
+                return (entry.get("shoal") or {}).get("state") in ("loaded", "loading")
+        return False
 
     def _holds(self, model: str, cid: str | None) -> bool:
         for name in (model, cid):
@@ -338,7 +347,7 @@ class Warming:
         """Load the whole model when the models budget has room for it as it is, else compile it (compiled
         backend); returns `ready`, `compiled` or why neither."""
         models = self._node.models
-        if model in models.loaded_names():
+        if self._model_resident(model):
             return "ready"
         whole = LayerSpan.whole(shape.num_layers)
         need = shape.span_memory(whole, WARM_PROMPT_TOKENS + WARM_MAX_TOKENS, STAGE_OVERHEAD)
