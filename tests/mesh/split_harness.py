@@ -13,7 +13,7 @@ routes (`/test/control`, `/test/tensor`) send raw frames to a peer. `--no-model`
 catalog after start (a node that does not hold it). `--trace FILE` appends one JSON line per hop event of the
 split decode path (`[event, key, perf_counter]`; CLOCK_MONOTONIC, so comparable across processes) for
 bench/split.py --trace. `--stage-delay-s S` (NumPy backend) makes every hosted span take S seconds longer to
-build (an injected slow load, as a compile on a cold cache would be).
+build, and every model load too (an injected slow load, as a compile on a cold cache would be).
 """
 
 from __future__ import annotations
@@ -221,8 +221,8 @@ def delay_tensor_links(seconds: float) -> None:
 
 
 def slow_stages(build: Callable[..., Any], seconds: float) -> Callable[..., Any]:
-    """Test-only fault: building a hosted span takes `seconds` longer (a blocking sleep on the loading
-    thread, as a compile would hold it)."""
+    """Test-only fault: building a hosted span (or loading a model) takes `seconds` longer (a blocking sleep
+    on the loading thread, as a compile would hold it)."""
     import time
 
     def slow(*args: Any) -> Any:
@@ -255,6 +255,8 @@ async def serve(args: argparse.Namespace) -> None:
     numpy = config.models.backend == "numpy"
     weights = _Weights()
     kwargs: dict[str, Any] = {"load_fn": numpy_load_fn(weights)} if numpy else {}
+    if numpy and args.stage_delay_s:
+        kwargs["load_fn"] = slow_stages(kwargs["load_fn"], args.stage_delay_s)
     node = Node(config, **kwargs)
     mesh = node.mesh  # the node owns its mesh service (configured from `[mesh]`)
     split = SplitService(node, mesh)
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval-ms", type=float,
                         help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")
     parser.add_argument("--stage-delay-s", type=float, default=0.0,
-                        help="test-only: building each hosted span takes this much longer")
+                        help="test-only: building each hosted span, and loading each model, takes this "
+                        "much longer")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:

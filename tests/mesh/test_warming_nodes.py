@@ -152,3 +152,43 @@ def test_a_member_without_the_file_fetches_only_its_likely_span_when_allowed(pai
     assert dict(zip(route["peers"], route["spans"], strict=True))[c.peer_id] == spans[0], (route, spans)
     assert [p for p in progress if p.get("waiting") == "peer_load"] == [], progress
     assert text == local_text
+
+
+@pytest.fixture(scope="module")
+def offload_pair(tmp_path_factory):
+    """p has the model loaded but has measured nothing yet; e holds the file, has not loaded it, has room for
+    it, and loads models (and spans) `STAGE_DELAY_S` slower: a plan at p that leaves p would offload to e."""
+    base = tmp_path_factory.mktemp("warming-offload")
+    secret = os.urandom(32).hex()
+    p = SplitNode("p", base / "p", {"split": {"speed_probe": False}})
+    e = SplitNode("e", base / "e", {"mesh": {"bootstrap": [p.api]}, "models": {"preload": False},
+                                    "split": {"speed_probe": False}},
+                  harness_args=["--stage-delay-s", str(STAGE_DELAY_S)])
+    try:
+        p.launch(secret).wait_ready()
+        e.launch(secret).wait_ready()
+        wait_until(lambda: e.peer_id in p.peers() and p.peer_id in e.peers(), 60, "p and e linked")
+        yield p, e
+    finally:
+        for node in (p, e):
+            node.kill(15)
+
+
+def test_a_member_loads_the_whole_model_for_a_likely_offload(offload_pair):
+    p, e = offload_pair
+
+    def warm_whole() -> bool:
+        view = warming(e)
+        likely = [g for g in view["likely"] if g["origin"] == p.peer_id and g["model"] == MODEL]
+        return bool(likely) and likely[0]["kind"] == "offload" and any(
+            x["model"] == MODEL and x["kind"] == "model" and x["state"] == "ready" for x in view["entries"])
+
+    wait_until(warm_whole, 90, "e's whole model loaded for p's likely offload")
+    models = {m["id"]: m["shoal"] for m in e.call("GET", "/v1/models")["data"]}
+    assert models[MODEL]["state"] == "loaded", models[MODEL]
+
+    text, progress, route = stream(p, {"route": "offload", "prefer": [e.peer_id]})
+    assert route["kind"] == "offload" and route["peers"] == [e.peer_id], route
+    assert not [r for r in progress if "take the request" in r.get("message", "")], progress
+    local_text, _, _ = stream(p, {"route": "local"})
+    assert text == local_text
