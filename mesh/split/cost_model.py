@@ -6,12 +6,14 @@ Cost model (all times in seconds; every prediction is logged by the caller next 
 Decoding a token is memory-bound, so a device's time for part of the model is its measured whole-model time
 scaled by the share of weight bytes that part reads:
 
-    compute_d(part) = bytes(part) / bytes(model) / decode_tps_d × (1 + batch_cost_d × queue_depth_d)
+    compute_d(part) = bytes(part) / bytes(model) / decode_tps_d × steps_d(queue_depth_d + 1)
 
 where `queue_depth_d` counts the requests the device is already busy with (its engine's live and waiting
-ones, sequences it hosts for peers, and what this node has just placed there) and `batch_cost_d` is the share
-of one request's step time each of them adds (measured by the device's speed probe, `split.speed_probe`: 1.0
-when batching gains nothing, as with the NumPy reference; less where a batched step reads the weights once),
+ones, sequences it hosts for peers, and what this node has just placed there) and `steps_d(n)` is the step
+time with n requests running relative to one alone: the device's measured `batch_steps` (its speed probe,
+`split.speed_probe`, times 1, 2 and 4 at once), past those and where unmeasured 1 + `batch_cost_d` × (n − 1)
+(`batch_cost`: the share of one request's step time each further request adds; 1.0 when batching gains
+nothing; less where a batched step reads the weights once),
 with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). The local node
 also relays the tokens of the requests it offloaded (each frame through aiortc, then to its HTTP client), on
 the CPU that computes its own: that divides its speed by `1 − relay_share`, where `relay_share` = Σ over
@@ -148,6 +150,9 @@ class Device:
     batch_cost: float = 1.0
     """Share of one request's step time each request already running there adds (1: no gain from
     batching; unknown is taken as 1)."""
+    batch_steps: tuple[float, ...] = ()
+    """Measured step time with 1, 2, … requests running, relative to one alone (the speed probe's: the cost
+    need not grow in a line); past its end, and where empty, `batch_cost` per request counts."""
     measured: bool = True
     """Whether `decode_tps`/`prefill_tps` were measured for this model; the scheduler never assumes an
     unmeasured device is faster than the one it compares it with."""
@@ -178,6 +183,8 @@ class Device:
             raise ValueError(f"device {self.id}: bandwidth_bps must be positive")
         if self.free_memory < 0 or self.total_memory < 0 or self.queue_depth < 0:
             raise ValueError(f"device {self.id}: memory and queue depth must be >= 0")
+        if any(not math.isfinite(x) or x < 1 for x in self.batch_steps):
+            raise ValueError(f"device {self.id}: batch_steps must be finite numbers >= 1")
         if not 0 <= self.relay_share <= MAX_RELAY_SHARE:  # also rejects NaN
             raise ValueError(f"device {self.id}: relay_share must be in [0, {MAX_RELAY_SHARE}]")
 
@@ -195,7 +202,14 @@ class Device:
     def load_factor(self) -> float:
         """How much slower a new request runs here than on the idle device: the requests it runs (batch cost
         each) and the CPU its relays take."""
-        return (1 + self.batch_cost * self.queue_depth) / (1 - self.relay_share)
+        steps = self.batch_steps
+        if len(steps) > self.queue_depth:  # joining `queue_depth` requests: a batch of queue_depth + 1
+            batched = steps[self.queue_depth]
+        elif steps:
+            batched = steps[-1] + self.batch_cost * (self.queue_depth + 1 - len(steps))
+        else:
+            batched = 1 + self.batch_cost * self.queue_depth
+        return batched / (1 - self.relay_share)
 
     @property
     def effective_prefill_tps(self) -> float:

@@ -18,6 +18,8 @@ MAX_QUEUE = 1 << 20
 MAX_BATCH_COST = 1.5
 """Largest batch cost read from an advert or measured (a noisy probe can make two requests look worse
 than serial)."""
+MAX_BATCH_STEPS = 16
+"""Most batch sizes a `batch_steps` table may list (the probe measures 1-4)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Speeds:
     """Measured local speeds per model, as advertised (`speed[model]` in the advert): `decode_tok_s` and
     `prefill_tok_s` (seeded by the speed probe after a model loads, then an exponential moving average over
     finished requests that ran alone), `batch_cost` (from the probe: the share of one request's step time a
-    second request running alongside adds) and `source` (`probe` or `requests`)."""
+    second request running alongside adds), `batch_steps` (from the probe: step time with 1, 2, 3, 4 requests
+    running, relative to one alone) and `source` (`probe` or `requests`)."""
 
     def __init__(self) -> None:
         self.by_model: dict[str, dict[str, Any]] = {}
@@ -71,7 +74,8 @@ class Speeds:
             entry["decode_tok_s"] = ewma(entry.get("decode_tok_s"), tok_s)
             entry["source"] = "requests"
 
-    def probed(self, model: str, decode_tok_s: float, prefill_tok_s: float, batch_cost: float | None) -> None:
+    def probed(self, model: str, decode_tok_s: float, prefill_tok_s: float, batch_cost: float | None,
+               batch_steps: tuple[float, ...] = ()) -> None:
         """The speed probe's result: replaces the model's speeds (a fresh load, a fresh measurement)."""
         entry = self.by_model.setdefault(model, {})
         entry["decode_tok_s"] = round(decode_tok_s, 3)
@@ -79,6 +83,8 @@ class Speeds:
             entry["prefill_tok_s"] = round(prefill_tok_s, 3)
         if batch_cost is not None:
             entry["batch_cost"] = round(batch_cost, 3)
+        if batch_steps:
+            entry["batch_steps"] = [round(x, 3) for x in batch_steps]
         entry["source"] = "probe"
 
     def get(self, model: str) -> tuple[float, float]:
@@ -87,6 +93,9 @@ class Speeds:
 
     def batch_cost(self, model: str) -> float:
         return float(self.by_model.get(model, {}).get("batch_cost", 1.0))
+
+    def batch_steps(self, model: str) -> tuple[float, ...]:
+        return advert_steps(self.by_model.get(model, {}).get("batch_steps"))
 
     def measured(self, model: str) -> bool:
         return bool(self.by_model.get(model, {}).get("decode_tok_s"))
@@ -105,6 +114,21 @@ def advert_number(value: Any, default: float = 0.0) -> float:
         except OverflowError:
             pass
     return default
+
+
+def advert_steps(value: Any) -> tuple[float, ...]:
+    """`speed[model].batch_steps` (step time with 1, 2, … requests running, relative to one alone) as the
+    planner may use it: at most `MAX_BATCH_STEPS` numbers, each made at least the one before it (and 1 for
+    the first) and at most what `MAX_BATCH_COST` allows; anything else reads as absent."""
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_BATCH_STEPS:
+        return ()
+    steps: list[float] = []
+    for n, item in enumerate(value):
+        number = advert_number(item, -1.0)
+        if number < 0:
+            return ()
+        steps.append(min(1 + MAX_BATCH_COST * n, max(steps[-1] if steps else 1.0, number)))
+    return tuple(steps)
 
 
 def advert_table(value: Any) -> dict[str, Any]:
@@ -149,6 +173,7 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         queue_depth=max(0, advertised, placed),
         measured=decode > 0,
         batch_cost=min(MAX_BATCH_COST, max(0.0, advert_number(speed.get("batch_cost"), 1.0))),
+        batch_steps=advert_steps(speed.get("batch_steps")),
         battery=battery,
         charging=advert.get("plugged") is True,
         trusted=trusted,

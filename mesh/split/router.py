@@ -132,7 +132,7 @@ class Router:
             fetch_bps=FETCH_BPS if fetch and not holds else 0.0,
             holds_model=holds, queue_depth=busy, battery=battery[0] if battery else None,
             charging=battery[1] if battery else False, measured=decode > 0,
-            batch_cost=self.speeds.batch_cost(model),
+            batch_cost=self.speeds.batch_cost(model), batch_steps=self.speeds.batch_steps(model),
         )
 
     def model_cid(self, model: str) -> str | None:

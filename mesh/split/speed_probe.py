@@ -8,16 +8,21 @@ event loop:
 
 1. one request alone: prefill tok/s = prompt tokens / time to the first token; decode tok/s = tokens after
    the first / the time they took;
-2. two requests at once, then one alone again: the median decode step while both decode, over the median
-   step alone (before and after, so that a drift in the machine's speed cancels), gives
-   `batch_cost` (the share of one request's step time a second running request adds: ~1 where batching
-   gains nothing; less where a batched step reads the weights once). Medians, because on a busy machine a
-   few steps wait for another process and would move a mean.
+2. two requests at once, then four (where the engine batches that many), then one alone again: the median
+   decode step while all of them decode, over the median step alone (before and after, so that a drift in
+   the machine's speed cancels), gives the step's cost with 2 and 4 requests running: `batch_steps` (step
+   time with 1, 2, 3, 4 requests, relative to one alone; 3 interpolated) and `batch_cost` (the share of one
+   request's step time a second running request adds: ~1 where batching gains nothing; less where a batched
+   step reads the weights once). Both, because the cost need not grow in a line: the NumPy reference's
+   matrix products cost about twice as much for 2 rows as for 1 (a matrix-vector product becomes a matrix
+   product) and then little more for 4 — there a fourth request is nearly free where a second was not.
+   Medians, because on a busy machine a few steps wait for another process and would move a mean.
 
-Cost: 4 × prompt (72 tokens) of prefill and 4 × `speed_probe_tokens` decode steps, about 1.5 s for SmolLM2
-on one core (NumPy reference). The result goes into the router's `Speeds` (advertised as `speed[model]`,
-`source: probe`); finished requests refine it afterwards. `[split] speed_probe = false` turns it off (the
-planner then assumes an unmeasured device is no faster than the one it is compared with).
+Cost: 8 prefills of the prompt (72 tokens) and about 5 × `speed_probe_tokens` decode steps (a batch's step
+counts once), about 3 s for SmolLM2 on one core (NumPy reference). The result goes into the router's
+`Speeds` (advertised as `speed[model]`, `source: probe`); finished requests refine it afterwards.
+`[split] speed_probe = false` turns it off (the planner then assumes an unmeasured device is no faster than
+the one it is compared with).
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ PROBE_TEXT = ", ".join(str(i) for i in range(1, 25)) + ","
 """The probe's prompt: greedy decoding continues the count (", 25, 26, ...") for as long as asked."""
 
 
+BATCHED = 4
+"""The most requests the probe runs at once (fewer where the engine batches fewer)."""
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     decode_tok_s: float
     prefill_tok_s: float
     batch_cost: float | None
     """None when the two-request run gave too few shared steps to time."""
+    batch_steps: tuple[float, ...] = ()
+    """Step time with 1, 2, … requests decoding, relative to one alone (empty: too few shared steps)."""
 
 
 async def _timed_stream(served: ServedModel, prompt: list[int], tokens: int) -> list[float]:
@@ -75,19 +86,45 @@ async def measure(served: ServedModel, tokens: int) -> ProbeResult | None:
     step_alone = (last - first) / (len(alone) - 2)
     if step_alone <= 0 or first <= start:
         return None
-    a, b = await asyncio.gather(_timed_stream(served, prompt, tokens), _timed_stream(served, prompt, tokens))
+    pair = await asyncio.gather(*(_timed_stream(served, prompt, tokens) for _ in range(2)))
+    many = min(BATCHED, getattr(served.engine, "max_batch", 2))
+    # their prompts are prefilled one a turn while the first ones decode: `many` more tokens each keep
+    # enough steps where all of them decode
+    group = await asyncio.gather(*(_timed_stream(served, prompt, tokens + many) for _ in range(many))) \
+        if many > 2 else []
     after = await _timed_stream(served, prompt, tokens)  # alone again: the machine's drift cancels
-    both_from, both_to = max(a[1], b[1]), min(a[-1], b[-1])
-    shared = [t for t in a[1:] if both_from <= t <= both_to]
-    batch_cost = None
-    if len(shared) >= 3:
-        # medians of the step gaps, alone (before and after) and shared: a step delayed by another process
-        # (a busy machine) moves a mean, not a median
-        typical_alone = statistics.median(_gaps(alone[1:]) + _gaps(after[1:]))
-        typical_pair = statistics.median(_gaps(shared))
-        if typical_alone > 0:
-            batch_cost = min(MAX_BATCH_COST, max(0.0, typical_pair / typical_alone - 1))
-    return ProbeResult(1 / step_alone, len(prompt) / (first - start), batch_cost)
+    # medians of the step gaps, alone (before and after) and shared: a step delayed by another process (a
+    # busy machine) moves a mean, not a median
+    typical_alone = statistics.median(_gaps(alone[1:]) + _gaps(after[1:]))
+    two = _shared_step(pair, typical_alone)
+    batch_cost = None if two is None else min(MAX_BATCH_COST, max(0.0, two - 1))
+    steps: tuple[float, ...] = ()
+    if two is not None:
+        steps = batch_steps(two, _shared_step(group, typical_alone) if group else None, many)
+    return ProbeResult(1 / step_alone, len(prompt) / (first - start), batch_cost, steps)
+
+
+def _shared_step(streams: list[list[float]], typical_alone: float) -> float | None:
+    """The median step while every stream decodes, over the median step alone; None with too few such
+    steps (or no step alone to compare with)."""
+    if typical_alone <= 0 or any(len(s) < 3 for s in streams):
+        return None
+    both_from, both_to = max(s[1] for s in streams), min(s[-1] for s in streams)
+    shared = [t for t in streams[0][1:] if both_from <= t <= both_to]
+    if len(shared) < 3:
+        return None
+    return statistics.median(_gaps(shared)) / typical_alone
+
+
+def batch_steps(two: float, many: float | None, count: int) -> tuple[float, ...]:
+    """Relative step times for 1..`count` requests from those measured with 2 and with `count` (None: 2
+    only), interpolated in between; each at least the one before it, at most what `MAX_BATCH_COST` allows."""
+    steps = [1.0, min(1 + MAX_BATCH_COST, max(1.0, two))]
+    if many is not None and count > 2:
+        last = min(1 + MAX_BATCH_COST * (count - 1), max(steps[1], many))
+        for n in range(3, count + 1):
+            steps.append(steps[1] + (last - steps[1]) * (n - 2) / (count - 2))
+    return tuple(round(x, 3) for x in steps)
 
 
 class SpeedProbe:
@@ -144,10 +181,12 @@ class SpeedProbe:
         if result is None:
             logger.warning("speed probe of %s: the model stopped too early to time", served.name)
             return
-        self.speeds.probed(served.name, result.decode_tok_s, result.prefill_tok_s, result.batch_cost)
-        logger.info("speed probe of %s in %.2f s: decode %.1f tok/s, prefill %.0f tok/s, batch cost %s",
-                    served.name, time.perf_counter() - started, result.decode_tok_s, result.prefill_tok_s,
-                    "unknown" if result.batch_cost is None else f"{result.batch_cost:.2f}")
+        self.speeds.probed(served.name, result.decode_tok_s, result.prefill_tok_s, result.batch_cost,
+                           result.batch_steps)
+        cost = "unknown" if result.batch_cost is None else f"{result.batch_cost:.2f}"
+        logger.info("speed probe of %s in %.2f s: decode %.1f tok/s, prefill %.0f tok/s, batch cost %s, "
+                    "steps %s", served.name, time.perf_counter() - started, result.decode_tok_s,
+                    result.prefill_tok_s, cost, list(result.batch_steps) or "unknown")
         self.on_done()
 
     async def stop(self) -> None:

@@ -10,8 +10,17 @@ from collections import Counter
 import pytest
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.cost_model import MAX_RELAY_SHARE, RELAY_TOKEN_S, Device
-from shoal.mesh.split.plan_inputs import DEFAULT_TPS, MAX_BATCH_COST, MAX_QUEUE, Speeds, advert_device
+from shoal.mesh.split.plan_inputs import (
+    DEFAULT_TPS,
+    MAX_BATCH_COST,
+    MAX_BATCH_STEPS,
+    MAX_QUEUE,
+    Speeds,
+    advert_device,
+    advert_steps,
+)
 from shoal.mesh.split.scheduler import LOCAL, assume_unmeasured, plan, relay_share
+from shoal.mesh.split.speed_probe import batch_steps
 
 from tests.mesh.test_scheduler import OPEN, REQ, SHAPE, dev
 
@@ -103,6 +112,40 @@ def test_a_burst_spreads_only_where_spreading_pays() -> None:
     assert burst(dev(LOCAL, batch_cost=0.05), dev("twin", batch_cost=0.05), 4) == [LOCAL] * 4
     # a twin already as busy as this node will be takes nothing either
     assert burst(dev(LOCAL), dev("twin", queue_depth=4), 4) == [LOCAL] * 4
+
+
+def test_a_measured_batch_curve_keeps_a_burst_where_batching_turns_free() -> None:
+    # the NumPy reference as its probe measures it: a second request doubles the step, a third and fourth
+    # add almost nothing (a matrix-vector product becomes a matrix product, then stays one)
+    numpy_like = {"batch_cost": 1.0, "batch_steps": (1.0, 2.0, 2.05, 2.1)}
+    here = dev(LOCAL, **numpy_like)
+    assert [dataclasses.replace(here, queue_depth=q).load_factor for q in range(5)] == \
+        pytest.approx([1.0, 2.0, 2.05, 2.1, 3.1])  # past the table: batch_cost a request
+    # a twin that measured slower (its core shared with other work): the pair's cost alone, taken as a line,
+    # sends the third and fourth there, though they cost this node almost nothing
+    slower = dev("twin", tps=55, batch_cost=1.0)
+    assert burst(dev(LOCAL, batch_cost=1.0), slower, 4).count(LOCAL) < 4
+    assert burst(here, dataclasses.replace(slower, batch_steps=(1.0, 2.0, 2.05, 2.1)), 4) == [LOCAL] * 4
+    # an equal idle twin still takes the second (it finishes twice as soon there), not the rest
+    assert burst(here, dev("twin", **numpy_like), 4) == [LOCAL, "twin", LOCAL, LOCAL]
+
+
+def test_batch_steps_are_read_defensively() -> None:
+    assert advert_steps([1, 2.0, 2.1, 2.2]) == (1.0, 2.0, 2.1, 2.2)
+    assert advert_steps([0.5, 0.9, 3.0]) == (1.0, 1.0, 3.0)  # never below one alone or the size before
+    assert advert_steps([1, 99]) == (1.0, 1 + MAX_BATCH_COST)
+    for junk in (None, "1,2", [], [1], [1, "2"], [1, float("nan")], [1, True], [1.0] * (MAX_BATCH_STEPS + 1)):
+        assert advert_steps(junk) == (), junk
+    peer = advert_device("p", {"speed": {"m": {"decode_tok_s": 10, "batch_steps": [1, 1.2, 1.3]}}}, "m",
+                         holds=True, trusted=True, rtt_s=0.001, link="host")
+    assert peer.batch_steps == (1.0, 1.2, 1.3)
+    speeds = Speeds()
+    speeds.probed("m", 10.0, 100.0, 0.5, (1.0, 1.5, 1.6, 1.7))
+    assert speeds.batch_steps("m") == (1.0, 1.5, 1.6, 1.7) and speeds.batch_steps("other") == ()
+    assert batch_steps(2.0, 2.1, 4) == (1.0, 2.0, 2.05, 2.1) and batch_steps(1.4, None, 4) == (1.0, 1.4)
+    assert batch_steps(0.8, 0.5, 3) == (1.0, 1.0, 1.0)  # a noisy probe: never faster batched than alone
+    with pytest.raises(ValueError):
+        dev(LOCAL, batch_steps=(1.0, float("inf")))
 
 
 def test_relays_take_the_origins_cpu() -> None:

@@ -35,6 +35,8 @@ async def test_the_probe_measures_a_loaded_model_once() -> None:
         entry = speeds.by_model[DEFAULT_MODEL_NAME]
         assert entry["source"] == "probe" and entry["decode_tok_s"] > 0 and entry["prefill_tok_s"] > 0
         assert 0 <= entry.get("batch_cost", 0) <= MAX_BATCH_COST
+        steps = entry.get("batch_steps", [])  # 1, 2, 3 and 4 at once (the engine batches 4)
+        assert len(steps) in (0, 4) and steps == sorted(steps) and all(x >= 1 for x in steps), steps
         assert served.engine.active_count == 0 and served.engine.queue_depth == 0  # its requests ended
         done.clear()
         probe.poll()  # once per model: no second probe
