@@ -14,10 +14,11 @@ Bounds: one piece of work at a time, in a background task (the loads run on the 
 threads, never on the event loop); only while this node runs nothing else (`load()` is 0) and its policy
 lets it serve others (`serve_others`, battery floor, not `metered`); a span only while the host has room
 for one more idle stage (`keep_idle_stages`) and the span fits both `standby_max_mb` and what the node's
-models budget has left; nothing busy is unloaded for it (idle stages are trimmed least recently used first,
-as for standby spans). Each (peer, model) is considered again at most every `RECONSIDER_S`. `view()` lists
-what was prepared, skipped and why (`GET /v1/mesh/route`'s `warming`); `[split] warm_peers_models` turns it
-off.
+models budget has left (a stage warming loaded for an older guess may be closed for it, never one a
+request uses); nothing busy is unloaded for it. Each (peer, model) is planned for again when its likely part
+changes (at most every `SETTLE_S`) and every `RECONSIDER_S`; what warming loaded and the node unloaded since
+is not loaded again for `RELOAD_AFTER_S`. `view()` lists the guesses and what was prepared, skipped and why
+(`GET /v1/mesh/route`'s `warming`, the TUI's Mesh tab); `[split] warm_peers_models` turns it off.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.plan_inputs import advert_device
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.ports import MeshHandle, NodeView
+from shoal.mesh.split.router import STAGE_OVERHEAD
 from shoal.mesh.split.span_model import MAX_CATALOG, SpanModels, advert_catalog
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -55,8 +57,6 @@ SETTLE_S = 10.0
 """A (peer, model) whose likely part here changed is planned for again only this long after the last time."""
 MAX_ENTRIES = 64
 """Most entries `view()` keeps (oldest dropped first)."""
-STAGE_OVERHEAD = 16 * 1024 * 1024
-"""Bytes of runtime a stage needs beyond weights and KV cache (as the router plans with)."""
 UNBOUNDED = 1 << 50
 """Memory the origin is planned with: it runs the model whole already."""
 
@@ -164,11 +164,6 @@ class Warming:
         return {"enabled": self.enabled, "paused": self.paused, "likely": likely,
                 "entries": [e.to_dict() for e in self._entries.values()]}
 
-    def warm_spans(self, model: str) -> list[str]:
-        """Spans of `model` prepared here (tests, the TUI)."""
-        return [str(e.layers) for e in self._entries.values()
-                if e.model == model and e.state in ("ready", "compiled")]
-
     def poll(self) -> None:
         """Start the next piece of warming, when there is one and nothing else runs (on the event loop): a
         (peer, model) never planned for, or whose likely part here changed (the peer's speed or load moved),
@@ -182,7 +177,11 @@ class Warming:
         if reason is not None:
             return
         now = time.monotonic()
-        for peer in self._mesh.connected_peers():
+        peers = self._mesh.connected_peers()
+        linked = {peer.peer_id for peer in peers}
+        for gone in [key for key in self._considered if key[0] not in linked]:  # guesses for departed peers
+            del self._considered[gone]
+        for peer in peers:
             advert = peer.advert or {}
             catalog = advert_catalog(advert)
             for model in advert_in_use(advert):
