@@ -161,9 +161,12 @@ def offload_pair(tmp_path_factory):
     base = tmp_path_factory.mktemp("warming-offload")
     secret = os.urandom(32).hex()
     p = SplitNode("p", base / "p", {"split": {"speed_probe": False}})
+    # e's datagrams are held 3 ms (an RTT of a LAN, not loopback's fraction of a millisecond), at which an
+    # offload is clearly cheaper than a split for two equal devices; at ~0.1 ms RTT the split's per-token
+    # link cost is below the offload's token-stream cost, so the guess would be a span
     e = SplitNode("e", base / "e", {"mesh": {"bootstrap": [p.api]}, "models": {"preload": False},
                                     "split": {"speed_probe": False}},
-                  harness_args=["--stage-delay-s", str(STAGE_DELAY_S)])
+                  harness_args=["--stage-delay-s", str(STAGE_DELAY_S), "--delay-ms", "3"])
     try:
         p.launch(secret).wait_ready()
         e.launch(secret).wait_ready()
