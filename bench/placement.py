@@ -204,7 +204,8 @@ def main() -> int:
         for node in (a, b, c):
             s = speed(node)
             print(f"  {node.name}: decode {s.get('decode_tok_s')} tok/s, "
-                  f"prefill {s.get('prefill_tok_s')} tok/s, batch cost {s.get('batch_cost')}")
+                  f"prefill {s.get('prefill_tok_s')} tok/s, batch cost {s.get('batch_cost')}, "
+                  f"steps with 1-4 requests {s.get('batch_steps')}")
         slow: dict[str, list[tuple[float, float]]] = {"local": [], "auto": []}
         slow_where: list[str] = []
         spread: dict[str, list[float]] = {"local": [], "auto": []}
