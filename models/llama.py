@@ -137,8 +137,19 @@ def rope(x: Tensor, positions: Tensor, theta: float, scale: float, neox: bool,
     return op.tensor_expr_op(compute, "rope", [x, positions] + ([factors] if factors is not None else []))
 
 
+def kv_cache_dtype(quantization: str, target: Target) -> str:
+    """The KV cache's element type: float16 for quantized builds on the CPU (llama.cpp keeps F16 K/V too;
+    half the memory and the decode attention's stream), float32 for `f32` builds (the exact counterpart of
+    the NumPy reference) and on CUDA (its kernels are unchanged)."""
+    return "float16" if quantization != "f32" and target.kind.name == "llvm" else "float32"
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int,
+                 kv_dtype: str = "float32"):
+        """`kv_dtype`: the KV cache's element type; Q/K/V enter the cache in it, the output returns to
+        float32."""
+        self.kv_dtype = kv_dtype
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -170,7 +181,11 @@ class LlamaAttention(nn.Module):
                 positions = paged_kv_cache.get_query_positions(b * s)
                 q, k = (rope(t, positions, *self.rope, self.neox, rope_factors) for t in (q, k))
             qkv = op.concat([q, k, v], dim=2)
+        if self.kv_dtype != "float32":  # the cache takes Q/K/V in its own element type
+            qkv = qkv.astype(self.kv_dtype)
         out = paged_kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.sm_scale)
+        if self.kv_dtype != "float32":
+            out = out.astype("float32")
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
 
@@ -188,11 +203,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int,
+                 kv_dtype: str = "float32"):
         """`layer`: the global index of this layer (sliding window and RoPE base depend on it)."""
         eps = config.rms_eps
         self.input_layernorm = _rms_norm(config.hidden_size, eps)
-        self.self_attn = LlamaAttention(config, make_linear, layer)
+        self.self_attn = LlamaAttention(config, make_linear, layer, kv_dtype)
         self.post_attention_layernorm = _rms_norm(config.hidden_size, eps)  # HF's name: the pre-MLP norm
         self.mlp = LlamaMLP(config, make_linear)
         if config.post_norms:
@@ -249,8 +265,9 @@ class LlamaShard(nn.Module):
         shared_head = self.is_last and config.tie_embeddings and quantization != "f32"
         if self.is_first or shared_head:
             self.embed_tokens = _make_embedding(config, quantization, target, native)
+        self.kv_dtype = kv_cache_dtype(quantization, target)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, make_linear, i) for i in range(span.start, span.stop)]
+            [LlamaDecoderLayer(config, make_linear, i, self.kv_dtype) for i in range(span.start, span.stop)]
         )
         if config.rope_freq_factors:
             self.rope_freqs = RopeFactors(config.head_dim // 2)
@@ -349,7 +366,7 @@ class LlamaShard(nn.Module):
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
-            dtype="float32",
+            dtype=self.kv_dtype,
             target=self.target,
             **extra,
         )

@@ -3,8 +3,12 @@
 Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positions over all sequences:
 - weights: the span's tensors as the build keeps them — fp32 for `f32` (plus the transposed copy of a tied
   head) and the reference, about their GGUF size for quantized builds (blocks repacked, norms fp32);
-- KV cache: 2 (K and V) × layers × kv_heads × head_dim × 4 bytes (fp32 pages) per token;
-- workspace: one prefill chunk's activations (hidden, QKV, gate/up, logits) plus a fixed runtime overhead.
+- KV cache: 2 (K and V) × layers × kv_heads × head_dim × 2 bytes per token — quantized builds keep fp16
+  pages on the CPU (models/llama.py `kv_cache_dtype`), `f32` builds (and the reference) fp32, 4 bytes;
+- workspace: one prefill chunk's activations (3 × hidden, QKV, 3 × intermediate for gate/up and their
+  product: ~38 MB a 512-token chunk of Qwen2.5-0.5B, as measured of the compiled prefill) and one row of
+  logits (prefill computes the last position's only), plus a fixed runtime overhead. One chunk: the stage
+  hands TVM's pooled buffers back when the chunk length changes (models/runtime.py).
 
 `check_fits` compares the total with the memory available now (MemAvailable) and raises
 `InsufficientMemoryError` naming the file, the need, what is free and the largest context that fits.
@@ -24,8 +28,12 @@ from shoal.models.config import ModelConfig
 from shoal.models.errors import InsufficientMemoryError
 from shoal.models.span import LayerSpan
 
-RUNTIME_OVERHEAD = 256 << 20
-"""TVM/NumPy runtime, code and allocator slack (measured RSS of an empty CompiledStage is ~150-200 MB)."""
+RUNTIME_OVERHEAD = 128 << 20
+"""Python, NumPy, TVM's runtime and shoal's modules in a serving process: ~102 MiB resident before the
+weights (measured, runtime-only TVM: docs/models.md "Peak RSS"), plus allocator slack. A process that compiles
+in-process (the full TVM) holds ~190 MB more."""
+KV_BYTES = {"f32": 4}
+"""Bytes of one KV-cache element per quantization; 2 (fp16) for the others."""
 PAGE = 16
 
 
@@ -42,8 +50,10 @@ class MemoryNeed:
         return self.weights + self.kv_cache + self.workspace
 
 
-def kv_bytes_per_token(config: ModelConfig, span: LayerSpan) -> int:
-    return 2 * len(span) * config.num_kv_heads * config.head_dim * 4
+def kv_bytes_per_token(config: ModelConfig, span: LayerSpan, quantization: str = "f32") -> int:
+    """K and V of one position over the span's layers, in the build's KV element type (CUDA builds keep
+    fp32 pages in GPU memory; this counts the CPU's)."""
+    return 2 * len(span) * config.num_kv_heads * config.head_dim * KV_BYTES.get(quantization, 2)
 
 
 def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
@@ -62,11 +72,10 @@ def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str =
                 prefill_chunk: int = 512) -> MemoryNeed:
     c: ModelConfig = index.config
     width = c.hidden_size * 3 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
-    if span.is_last(c.num_layers):
-        width += c.vocab_size
-    workspace = prefill_chunk * width * 4 + RUNTIME_OVERHEAD
-    return MemoryNeed(weight_bytes(index, span, quantization), tokens * kv_bytes_per_token(c, span),
-                      workspace, tokens)
+    logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
+    workspace = prefill_chunk * width * 4 + logits + RUNTIME_OVERHEAD
+    return MemoryNeed(weight_bytes(index, span, quantization),
+                      tokens * kv_bytes_per_token(c, span, quantization), workspace, tokens)
 
 
 @functools.cache
@@ -99,7 +108,7 @@ def largest_context(index: Any, span: LayerSpan, available: int, *, quantization
     `available` bytes; 0 when not even the weights fit."""
     base = memory_need(index, span, 0, quantization=quantization, prefill_chunk=prefill_chunk)
     room = available - base.total
-    per_token = kv_bytes_per_token(index.config, span)
+    per_token = kv_bytes_per_token(index.config, span, quantization)
     if room < per_token * PAGE:
         return 0
     return int(min(room // per_token // PAGE * PAGE, index.config.context_length))

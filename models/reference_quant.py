@@ -19,6 +19,9 @@ The rest: RMSNorm (TVM's legalized op: Σx² in order by fma, then 1/sqrt(Σ/D +
 (x·(1/(1 + expf(-x)))·up), RoPE (kernels/rope_cpu.py: libm exp2f/cosf/sinf angles, fma rotation) and
 attention (kernels/attention_cpu.py: blocks of 16 keys, online softmax with libm exp2f rescales, a polynomial
 exp2, fma chains and halving lane sums). The embedding (Q8_0 rows dequantized) and residual adds are exact.
+The KV cache is float16 (models/llama.py `kv_cache_dtype`): Q/K/V are rounded to fp16 as they enter it
+(round to nearest even, as `vcvtps2ph`), RoPE widens them, rotates in fp32 and rounds again, attention
+widens its inputs and its output is rounded to fp16 once (`kv_round`).
 
 An fma is emulated in float64 (the product of two fp32 values is exact there; one rounding to fp32 remains,
 a double rounding that differs from a single one with probability ~2^-29). libm's expf/exp2f/cosf/sinf are
@@ -61,6 +64,15 @@ _EXP2_POLY = tuple(_F32(c) for c in (1.535336188319500e-4, 1.339887440266574e-3,
 _MIDPOINT_BAND = 0.01
 """glibc's expf/exp2f are within 0.502 ULP, so they can round unlike the correctly rounded value only where
 the exact value lies within 0.002 ULP of a midpoint; values within this band are sent to libm itself."""
+
+
+KV_DTYPE = np.float16
+"""The compiled CPU build's KV cache element type for quantized builds (models/llama.py `kv_cache_dtype`)."""
+
+
+def kv_round(a: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the KV cache's element type and widened back (exact)."""
+    return np.asarray(a, _F32).astype(KV_DTYPE).astype(_F32)
 
 
 # ---------------------------------------------------------------- matmuls over the packed blocks
@@ -334,7 +346,8 @@ class QuantizedReferenceStage(ReferenceStage):
         return kernel_rms_norm(x, weight, self.config.rms_eps)
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return kernel_rope(x, positions, self.config.rope_theta)
+        """Q and K enter the fp16 cache (rounded), are rotated in fp32 and stored rounded again."""
+        return kv_round(kernel_rope(kv_round(x), positions, self.config.rope_theta))
 
     def _gated(self, gate_up: np.ndarray) -> np.ndarray:
         ffn = self.config.intermediate_size
@@ -343,19 +356,20 @@ class QuantizedReferenceStage(ReferenceStage):
     def _attend_rows(self, li: int, q: np.ndarray, rows: list) -> np.ndarray:
         """All sequences' queries in one `kernel_attention` call (same result as one call each)."""
         stops = [cache.length + sl.stop - sl.start for cache, _, sl in rows]
-        keys = padded_kv([cache.k[li] for cache, _, _ in rows], max(stops))
-        values = padded_kv([cache.v[li] for cache, _, _ in rows], max(stops))
+        keys = padded_kv([cache.k[li] for cache, _, _ in rows], max(stops))  # rounded by `_rope`
+        values = kv_round(padded_kv([cache.v[li] for cache, _, _ in rows], max(stops)))
         visible = np.empty(q.shape[0], np.intp)
         sequence = np.empty(q.shape[0], np.intp)
         for i, (cache, _, sl) in enumerate(rows):
             visible[sl] = cache.length + 1 + np.arange(sl.stop - sl.start)
             sequence[sl] = i
-        return kernel_attention(q, keys, values, visible, 1.0 / math.sqrt(q.shape[-1]), sequence)
+        return kv_round(kernel_attention(q, keys, values, visible, 1.0 / math.sqrt(q.shape[-1]), sequence))
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int) -> np.ndarray:
         visible = past + 1 + np.arange(q.shape[0])
-        return kernel_attention(q, padded_kv([keys], keys.shape[1]), padded_kv([values], values.shape[1]),
-                                visible, 1.0 / math.sqrt(q.shape[-1]))
+        return kv_round(kernel_attention(q, padded_kv([keys], keys.shape[1]),
+                                         kv_round(padded_kv([values], values.shape[1])), visible,
+                                         1.0 / math.sqrt(q.shape[-1])))
 
     def __repr__(self) -> str:
         return f"QuantizedReferenceStage(span={self.span}, sequences={len(self.sequence_ids())})"

@@ -31,9 +31,10 @@ PAGE_SIZE = 16
 """TVM's CPU attention kernels hard-code 16-token pages (FACTS.md)."""
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_TOTAL_TOKENS = 2048
-"""KV-cache tokens over all sequences. The pages are resident (fp32: 2·layers·kv_heads·head_dim·4 bytes a
-token, ~46 KB for SmolLM2 over 30 layers, ~94 MB at 2048), so this bounds memory; pass `max_total_tokens`
-for longer conversations or more concurrent sequences (a node passes `[models] cache_tokens`)."""
+"""KV-cache tokens over all sequences. The pages become resident as they fill (quantized CPU builds keep
+fp16: 2·layers·kv_heads·head_dim·2 bytes a token, ~23 KB for SmolLM2 over 30 layers, ~47 MB at 2048; `f32`
+builds and CUDA fp32, twice that), so this bounds memory; pass `max_total_tokens` for longer conversations or
+more concurrent sequences (a node passes `[models] cache_tokens`)."""
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_QUANTIZATION = "auto"
 """Chosen per file (models.weights.choose_quantization): q4_1 for the embedded SmolLM2, native otherwise."""

@@ -6,10 +6,11 @@ Same signatures and outputs (attention output and log2-sum-exp `lse`) as TVM's k
 (sequence or token, query head), split over the CPU threads; each works 16 keys at a time: 16-lane vector
 dot products for the scores, one online-softmax rescale per block, the block's probabilities by one
 polynomial exp2 vector, vector FMAs into the output.
-Limits: float32 Q/KV, head_dim a multiple of 16, 16-token pages (decode: also sliding-window layers; the
-ragged prefill is over the new tokens only), rope not applied inline
-(`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache rotates K when appending); other configurations
-keep TVM's kernels (the factories return them).
+Limits: float32 or float16 Q/KV/output (float16 — the quantized CPU builds' KV cache, models/llama.py — is
+widened on load and the output rounded once; the arithmetic is float32 either way), head_dim a multiple of
+16, 16-token pages (decode: also sliding-window layers; the ragged prefill is over the new tokens only), rope
+not applied inline (`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache rotates K when appending);
+other configurations keep TVM's kernels (the factories return them).
 
 Use: wrap the construction of the `TIRPagedKVCache` (inside the model's `create_paged_kv_cache`) in
 `with fast_cpu_attention(target): ...` (it also swaps in `rope_cpu.rope_cpu`).
@@ -33,6 +34,21 @@ _STOCK_DECODE_CPU = kv_cache._attention_decode_cpu
 _STOCK_PREFILL_RAGGED_CPU = kv_cache._attention_prefill_ragged_cpu
 
 
+KV_DTYPES = ("float32", "float16")
+"""Q/K/V/output element types the kernels below take (float16: loaded and widened to float32 lanes, the
+arithmetic float32 throughout, the output rounded once when stored)."""
+
+
+def _wide(vec: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    """A 16-lane load of `dtype` as float32 lanes (float16 K/V pages and Q: one `vcvtph2ps`)."""
+    return vec if dtype == "float32" else tirx.Cast(f"float32x{LANES}", vec)
+
+
+def _narrow(vec: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    """float32 lanes as `dtype` lanes, for a store."""
+    return vec if dtype == "float32" else tirx.Cast(f"{dtype}x{LANES}", vec)
+
+
 def _block_probs(scores: tirx.PrimExpr, row_max: tirx.PrimExpr, rows: tirx.PrimExpr) -> tirx.PrimExpr:
     """2^(s - max) for the `rows` valid lanes of a 16-key block (polynomial exp2), 0 in the others."""
     valid = tirx.Ramp(0, 1, LANES) < tirx.Broadcast(rows, LANES)
@@ -43,11 +59,13 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
                          sliding_window: bool, rope_scaling: dict[str, Any], page_size: int = 16
                          ) -> tirx.PrimFunc:
     """The decode-attention PrimFunc for these sizes (TVM's own kernel where this one does not apply)."""
-    if qkv_dtype != "float32" or head_dim % LANES or num_qo_heads % num_kv_heads or page_size != LANES:
+    if (qkv_dtype not in KV_DTYPES or head_dim % LANES or num_qo_heads % num_kv_heads
+            or page_size != LANES):
         return _STOCK_DECODE_CPU(num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window,
                                  rope_scaling, page_size)
     if sliding_window:
-        return _sliding_decode(num_kv_heads, num_qo_heads, head_dim, page_size)
+        return _sliding_decode(num_kv_heads, num_qo_heads, head_dim, page_size, qkv_dtype)
+    dtype = qkv_dtype
     h_qo, h_kv, d_head = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     chunks = d_head // LANES
@@ -56,7 +74,7 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
         total = None
         for c in range(chunks):
             lanes = tirx.Ramp(c * LANES, 1, LANES)
-            part = q[b, h, lanes] * pages[page, 0, h // group, row, lanes]
+            part = _wide(q[b, h, lanes], dtype) * _wide(pages[page, 0, h // group, row, lanes], dtype)
             total = part if total is None else total + part
         return vsum(total)
 
@@ -76,14 +94,14 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
         k_rope_offset = T.int32()
         q_rope_offset = T.int32()
         length_offset = T.int32()
-        q = T.match_buffer(q_handle, (batch, h_qo, d_head), "float32")
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d_head), "float32")
+        q = T.match_buffer(q_handle, (batch, h_qo, d_head), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d_head), dtype)
         indptr = T.match_buffer(page_table_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
         last_page_len = T.match_buffer(var_length_info, (batch,), "int32", elem_offset=length_offset)
-        output = T.match_buffer(output_handle, (batch, h_qo, d_head), "float32")
+        output = T.match_buffer(output_handle, (batch, h_qo, d_head), dtype)
         lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
         assert rotary_mode == 0, "fast CPU decode attention: inline rope is not supported"
         for task in T.parallel(batch * h_qo):
@@ -115,17 +133,18 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, qk
                 for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
                     for i in range(rows):
                         acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
-                            s[i], LANES) * pages[page, 1, h // group, i, T.Ramp(c * LANES, 1, LANES)]
+                            s[i], LANES) * _wide(pages[page, 1, h // group, i, T.Ramp(c * LANES, 1, LANES)],
+                                                 dtype)
             for c in range(chunks):
-                output[b, h, T.Ramp(c * LANES, 1, LANES)] = T.Select(
+                output[b, h, T.Ramp(c * LANES, 1, LANES)] = _narrow(T.Select(
                     st[1] > T.float32(0), acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(st[1], LANES),
-                    T.Broadcast(T.float32(0), LANES))
+                    T.Broadcast(T.float32(0), LANES)), dtype)
             lse[b, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
 
     return batch_decode_paged_kv.with_attr("global_symbol", "batch_decode_paged_kv_cpu")
 
 
-def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int) -> tirx.PrimFunc:
+def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int, dtype: str) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu_sliding_window`: as the decode kernel above over TVM's sliding-window
     view of a sequence — `length_info` [3, batch] = (last page length, window offset, sink length); visible
     position i is stored at i (i < sink) or i − sink + offset, as TVM's `_get_seq_offset` maps it. Keys go
@@ -137,7 +156,7 @@ def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int) -> tirx.P
         total = None
         for c in range(chunks):
             lanes = tirx.Ramp(c * LANES, 1, LANES)
-            part = q[b, h, lanes] * pages[page, 0, h // group, row, lanes]
+            part = _wide(q[b, h, lanes], dtype) * _wide(pages[page, 0, h // group, row, lanes], dtype)
             total = part if total is None else total + part
         return vsum(total)
 
@@ -157,14 +176,14 @@ def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int) -> tirx.P
         k_rope_offset = T.int32()
         q_rope_offset = T.int32()
         length_offset = T.int32()
-        q = T.match_buffer(q_handle, (batch, h_qo, d_head), "float32")
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d_head), "float32")
+        q = T.match_buffer(q_handle, (batch, h_qo, d_head), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d_head), dtype)
         indptr = T.match_buffer(page_table_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
         info = T.match_buffer(var_length_info, (3, batch), "int32", elem_offset=length_offset)
-        output = T.match_buffer(output_handle, (batch, h_qo, d_head), "float32")
+        output = T.match_buffer(output_handle, (batch, h_qo, d_head), dtype)
         lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
         assert rotary_mode == 0, "fast CPU decode attention: inline rope is not supported"
         for task in T.parallel(batch * h_qo):
@@ -202,12 +221,12 @@ def _sliding_decode(h_kv: int, h_qo: int, d_head: int, page_size: int) -> tirx.P
                 for c in range(chunks):
                     for i in range(rows):
                         acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
-                            s[i], LANES) * pages[where[i, 0], 1, h // group, where[i, 1],
-                                                 T.Ramp(c * LANES, 1, LANES)]
+                            s[i], LANES) * _wide(pages[where[i, 0], 1, h // group, where[i, 1],
+                                                       T.Ramp(c * LANES, 1, LANES)], dtype)
             for c in range(chunks):
-                output[b, h, T.Ramp(c * LANES, 1, LANES)] = T.Select(
+                output[b, h, T.Ramp(c * LANES, 1, LANES)] = _narrow(T.Select(
                     st[1] > T.float32(0), acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(st[1], LANES),
-                    T.Broadcast(T.float32(0), LANES))
+                    T.Broadcast(T.float32(0), LANES)), dtype)
             lse[b, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
 
     return batch_decode_paged_kv_sliding.with_attr("global_symbol",
@@ -219,7 +238,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
     """Prefill attention of new tokens over themselves (TVM's `batch_prefill_ragged_kv` contract): one task
     per (token, query head), keys in blocks of 16 with one online-softmax rescale per block, causal blocks
     beyond the diagonal skipped."""
-    if dtype != "float32" or d_qk != d_v or d_qk % LANES or h_q % h_kv:
+    if dtype not in KV_DTYPES or d_qk != d_v or d_qk % LANES or h_q % h_kv:
         return _STOCK_PREFILL_RAGGED_CPU(h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
     group = h_q // h_kv
     chunks = d_qk // LANES
@@ -229,7 +248,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         total = None
         for c in range(chunks):
             lanes = tirx.Ramp(c * LANES, 1, LANES)
-            part = q[row, h, lanes] * k[key, h // group, lanes]
+            part = _wide(q[row, h, lanes], dtype) * _wide(k[key, h // group, lanes], dtype)
             total = part if total is None else total + part
         return vsum(total)
 
@@ -248,14 +267,14 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         kv_indptr_offset = T.int32()
         q_rope_offset = T.int32()
         k_rope_offset = T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d_qk), "float32")
+        q = T.match_buffer(var_q, (qo_len, h_q, d_qk), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, h_kv, d_qk), "float32")
-        v = T.match_buffer(var_v, (kv_len, h_kv, d_v), "float32")
+        k = T.match_buffer(var_k, (kv_len, h_kv, d_qk), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d_v), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset)
         T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        output = T.match_buffer(var_output, (qo_len, h_q, d_v), "float32")
+        output = T.match_buffer(var_output, (qo_len, h_q, d_v), dtype)
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "fast CPU prefill attention: inline rope is not supported"
         for b in range(batch_size):
@@ -291,12 +310,12 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
                     for c in range(chunks):  # rows innermost: the accumulator chunk stays in a register
                         for i in range(rows):
                             acc[T.Ramp(c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] + T.Broadcast(
-                                s[i], LANES) * v[kv_indptr[b] + kb * block + i, h // group,
-                                                 T.Ramp(c * LANES, 1, LANES)]
+                                s[i], LANES) * _wide(v[kv_indptr[b] + kb * block + i, h // group,
+                                                       T.Ramp(c * LANES, 1, LANES)], dtype)
                 for c in range(chunks):
-                    output[row, h, T.Ramp(c * LANES, 1, LANES)] = T.Select(
+                    output[row, h, T.Ramp(c * LANES, 1, LANES)] = _narrow(T.Select(
                         st[1] > T.float32(0), acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(st[1], LANES),
-                        T.Broadcast(T.float32(0), LANES))
+                        T.Broadcast(T.float32(0), LANES)), dtype)
                 lse[row, h] = T.Select(st[1] > T.float32(0), st[0] + T.log2(st[1]), st[0])
 
     return batch_prefill_ragged_kv.with_attr("global_symbol", "batch_prefill_ragged_kv_cpu")

@@ -25,8 +25,11 @@ WHOLE = LayerSpan(0, 30)
 
 def test_kv_cache_grows_with_tokens_and_layers() -> None:
     cfg = gguf_model().config
-    assert kv_bytes_per_token(cfg, WHOLE) == 2 * 30 * 3 * 64 * 4
+    assert kv_bytes_per_token(cfg, WHOLE) == 2 * 30 * 3 * 64 * 4  # f32 builds: fp32 pages
+    for quantization in ("q4_1", "native", "auto"):  # quantized builds: fp16 pages (models/llama.py)
+        assert kv_bytes_per_token(cfg, WHOLE, quantization) == 2 * 30 * 3 * 64 * 2
     small, big = (memory_need(gguf_model(), WHOLE, n, quantization="q4_1") for n in (256, 4096))
+    assert small.kv_cache == 256 * 2 * 30 * 3 * 64 * 2
     assert big.weights == small.weights and big.kv_cache == 16 * small.kv_cache
     half = memory_need(gguf_model(), LayerSpan(0, 15), 256, quantization="q4_1")
     assert half.kv_cache * 2 == small.kv_cache and half.weights < small.weights
@@ -70,3 +73,17 @@ def test_describe_reads_a_file(tmp_path: Path) -> None:
     assert summary["architecture"] == "gemma3" and summary["quantization"] == "F32"
     assert summary["parameters"] == sum(GGUFModel.open(path).tensor_info(n).n_elements
                                         for n in GGUFModel.open(path).tensor_names())
+
+
+@pytest.mark.parametrize("quantization", ["f32", "q4_1", "native"])
+def test_kv_estimate_follows_the_compiled_cache(quantization: str) -> None:
+    """The estimate counts the element type the compiled CPU build gives its KV cache."""
+    pytest.importorskip("tvm")
+    import numpy as np
+    from shoal.models.llama import kv_cache_dtype
+    from tvm.target import Target
+
+    cfg = gguf_model().config
+    element = np.dtype(kv_cache_dtype(quantization, Target("llvm"))).itemsize
+    assert kv_bytes_per_token(cfg, WHOLE, quantization) == 2 * 30 * 3 * 64 * element
+    assert kv_cache_dtype(quantization, Target("cuda")) == "float32"

@@ -11,6 +11,11 @@ differs from ours by fp32 summation order. In this model one activation code mov
 (its outlier feature groups amplify it): the f32 build, exact weights and fp32 activations, is itself
 TOL_FLOOR away from llama.cpp on these files. Per type the bound is the measured maximum over the fixture's
 160 steps, rounded up by ~25% (measurements in docs/kernels.md).
+
+The fixture's llama.cpp ran with an F32 KV cache; shoal's quantized builds keep fp16 pages (models/llama.py
+`kv_cache_dtype`), and that rounding is one more such perturbation: llama.cpp itself, switched to its default
+F16 cache, is 1.06 / 1.50 / 1.21 / 1.77 from this fixture (Q4_0 / Q8_0 / Q5_0 / Q4_K_M) with the medians
+unchanged. The Q4_0 and Q8_0 bounds are the fp16 build's measured maxima (1.48, 1.98) rounded up as above.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from scripts.requantize_gguf import requantize
 from tests.models.shared_model import greedy, teacher_forced
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llamacpp_native.json"
-TOLERANCE = {"q4_0": 1.25, "q8_0": 1.75, "q5_0": 2.0, "q4_k_m": 3.0}
+TOLERANCE = {"q4_0": 1.85, "q8_0": 2.5, "q5_0": 2.0, "q4_k_m": 3.0}
 """Max |Δlogit| against llama.cpp over its top-8 ids, per file type (see the module docstring)."""
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="the Q4_K_M file needs llama.cpp's quantizer (llama-cpp-python)")

@@ -25,6 +25,7 @@ from shoal.models.reference_quant import (  # noqa: E402
     QuantizedReferenceStage,
     kernel_attention,
     kernel_rope,
+    kv_round,
     padded_kv,
     quantized_matmul,
 )
@@ -89,13 +90,26 @@ def test_matmuls_match_the_kernels_bit_for_bit(names: tuple[str, ...]) -> None:
         np.testing.assert_array_equal(y.numpy(), want)
 
 
-@pytest.fixture(scope="module")
-def float_kernels() -> tvm.runtime.Module:
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def float_kernels(request: pytest.FixtureRequest) -> tuple[tvm.runtime.Module, str]:
+    """The attention and RoPE kernels for an fp32 KV cache (`f32` builds) and an fp16 one (quantized CPU
+    builds: Q/K/V/output in fp16, the arithmetic in fp32)."""
+    dtype = request.param
     return build({
-        "decode": attention_decode_cpu(H_KV, H_Q, HEAD_DIM, "float32", False, {}),
-        "prefill": attention_prefill_ragged_cpu(H_KV, H_Q, HEAD_DIM, HEAD_DIM, "float32", {}),
-        "rope": rope_cpu(THETA, 1.0, HEAD_DIM, H_Q, H_KV, "float32", {"rope_type": "gptj"}),
-    }, NATIVE)
+        "decode": attention_decode_cpu(H_KV, H_Q, HEAD_DIM, dtype, False, {}),
+        "prefill": attention_prefill_ragged_cpu(H_KV, H_Q, HEAD_DIM, HEAD_DIM, dtype, {}),
+        "rope": rope_cpu(THETA, 1.0, HEAD_DIM, H_Q, H_KV, dtype, {"rope_type": "gptj"}),
+    }, NATIVE), dtype
+
+
+def _in(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The values as the kernel's input type holds them (fp32 for the NumPy side: exact)."""
+    return a if dtype == "float32" else kv_round(a)
+
+
+def _out(a: np.ndarray, dtype: str) -> np.ndarray:
+    """What the kernel stores: its fp32 result rounded to the output type."""
+    return a if dtype == "float32" else kv_round(a)
 
 
 def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -103,17 +117,19 @@ def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [1, 17, 40])
-def test_prefill_attention_matches_the_kernel_bit_for_bit(float_kernels: tvm.runtime.Module, n: int) -> None:
+def test_prefill_attention_matches_the_kernel_bit_for_bit(float_kernels: tuple[tvm.runtime.Module, str],
+                                                          n: int) -> None:
     """Causal attention of n new tokens of an empty sequence (the ragged prefill kernel)."""
-    q = _random((n, H_Q, HEAD_DIM), n)
-    k, v = _random((n, H_KV, HEAD_DIM), n + 1), _random((n, H_KV, HEAD_DIM), 0)
-    out, lse = _tensor(np.zeros_like(q)), _tensor(np.zeros((n, H_Q), np.float32))
+    lib, dtype = float_kernels
+    q = _in(_random((n, H_Q, HEAD_DIM), n), dtype)
+    k, v = (_in(_random((n, H_KV, HEAD_DIM), seed), dtype) for seed in (n + 1, 0))
+    out, lse = _tensor(np.zeros(q.shape, dtype)), _tensor(np.zeros((n, H_Q), np.float32))
     indptr, zeros = np.array([0, n], np.int32), np.zeros(n, np.int32)
-    args = [q, indptr, k, v, indptr, zeros, zeros[:1]]
-    float_kernels["prefill"](*[_tensor(a) for a in args], out, lse, 1, 0, 1.0, 1e4, SCALE)
+    args = [q.astype(dtype), indptr, k.astype(dtype), v.astype(dtype), indptr, zeros, zeros[:1]]
+    lib["prefill"](*[_tensor(a) for a in args], out, lse, 1, 0, 1.0, 1e4, SCALE)
     keys, values = padded_kv([k.transpose(1, 0, 2)], n), padded_kv([v.transpose(1, 0, 2)], n)
-    want = kernel_attention(q, keys, values, np.arange(1, n + 1), SCALE)
-    np.testing.assert_array_equal(out.numpy().reshape(n, -1), want)
+    want = _out(kernel_attention(q, keys, values, np.arange(1, n + 1), SCALE), dtype)
+    np.testing.assert_array_equal(out.numpy().astype(np.float32).reshape(n, -1), want)
 
 
 def _pages(kv: list[np.ndarray], length: int) -> np.ndarray:
@@ -124,28 +140,33 @@ def _pages(kv: list[np.ndarray], length: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("length", [1, 16, 50])
-def test_decode_attention_matches_the_kernel_bit_for_bit(float_kernels: tvm.runtime.Module,
+def test_decode_attention_matches_the_kernel_bit_for_bit(float_kernels: tuple[tvm.runtime.Module, str],
                                                          length: int) -> None:
-    k, v = _random((H_KV, length, HEAD_DIM), length), _random((H_KV, length, HEAD_DIM), 0)
-    q = _random((1, H_Q, HEAD_DIM), length + 1)
+    lib, dtype = float_kernels
+    k, v = (_in(_random((H_KV, length, HEAD_DIM), seed), dtype) for seed in (length, 0))
+    q = _in(_random((1, H_Q, HEAD_DIM), length + 1), dtype)
     pages = _pages([k, v], length)
     count = pages.shape[0]
-    out, lse = _tensor(np.zeros_like(q)), _tensor(np.zeros((1, H_Q), np.float32))
+    out, lse = _tensor(np.zeros(q.shape, dtype)), _tensor(np.zeros((1, H_Q), np.float32))
     last = np.array([length - 16 * (count - 1)], np.int32)
-    args = [q, pages, np.array([0, count], np.int32), np.arange(count, dtype=np.int32), last,
-            np.zeros(1, np.int32), np.zeros(1, np.int32)]
-    float_kernels["decode"](*[_tensor(a) for a in args], out, lse, 0, 1.0, 1e4, SCALE)
+    args = [q.astype(dtype), pages.astype(dtype), np.array([0, count], np.int32),
+            np.arange(count, dtype=np.int32), last, np.zeros(1, np.int32), np.zeros(1, np.int32)]
+    lib["decode"](*[_tensor(a) for a in args], out, lse, 0, 1.0, 1e4, SCALE)
     want = kernel_attention(q, padded_kv([k], length), padded_kv([v], length), np.array([length]), SCALE)
-    np.testing.assert_array_equal(out.numpy().reshape(1, -1), want)
+    np.testing.assert_array_equal(out.numpy().astype(np.float32).reshape(1, -1), _out(want, dtype))
 
 
-def test_rope_matches_the_kernel_bit_for_bit(float_kernels: tvm.runtime.Module) -> None:
-    qkv = _random((300, H_Q + 2 * H_KV, HEAD_DIM), 7)
+def test_rope_matches_the_kernel_bit_for_bit(float_kernels: tuple[tvm.runtime.Module, str]) -> None:
+    lib, dtype = float_kernels
+    qkv = _in(_random((300, H_Q + 2 * H_KV, HEAD_DIM), 7), dtype)
     positions = np.arange(300, dtype=np.int32)
-    q, k, v = (_tensor(np.zeros((300, h, HEAD_DIM), np.float32)) for h in (H_Q, H_KV, H_KV))
-    float_kernels["rope"](_tensor(qkv), _tensor(positions), q, k, v, 1)
-    np.testing.assert_array_equal(q.numpy(), kernel_rope(qkv[:, :H_Q], positions, THETA))
-    np.testing.assert_array_equal(k.numpy(), kernel_rope(qkv[:, H_Q:H_Q + H_KV], positions, THETA))
+    q, k, v = (_tensor(np.zeros((300, h, HEAD_DIM), dtype)) for h in (H_Q, H_KV, H_KV))
+    lib["rope"](_tensor(qkv.astype(dtype)), _tensor(positions), q, k, v, 1)
+    np.testing.assert_array_equal(q.numpy().astype(np.float32),
+                                  _out(kernel_rope(qkv[:, :H_Q], positions, THETA), dtype))
+    np.testing.assert_array_equal(k.numpy().astype(np.float32),
+                                  _out(kernel_rope(qkv[:, H_Q:H_Q + H_KV], positions, THETA), dtype))
+    np.testing.assert_array_equal(v.numpy().astype(np.float32), qkv[:, H_Q + H_KV:])
 
 
 # ----------------------------------------------------------------------------- the whole model
