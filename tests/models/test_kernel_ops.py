@@ -68,9 +68,12 @@ def test_fast_decode_attention_matches_numpy_and_tvms_kernel():
     assert kv_cache._attention_decode_cpu is not attention_decode_cpu
 
 
-def test_fast_sliding_window_decode_attention_matches_numpy_and_tvms_kernel():
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fast_sliding_window_decode_attention_matches_numpy_and_tvms_kernel(dtype: str):
     """The sliding-window variant (gemma3's local layers): visible keys are the first `sink` stored
-    positions, then stored positions from the window offset on, looked up through scattered pages."""
+    positions, then stored positions from the window offset on, looked up through scattered pages. float16:
+    the quantized builds' KV cache (Q, pages and output fp16; the reference sees the same rounded inputs,
+    and the output is rounded once: |out| < 4 here, so within 2^-10)."""
     from shoal.models.kernels.attention_cpu import attention_decode_cpu
     from tvm.relax.frontend.nn.llm import kv_cache
 
@@ -78,6 +81,9 @@ def test_fast_sliding_window_decode_attention_matches_numpy_and_tvms_kernel():
     stored = [37, 16, 1, 200, 530]
     offsets, sinks = [5, 0, 0, 72, 18], [0, 0, 0, 4, 0]  # window offset inside the stored positions
     case = paged_case(stored, h_kv, h_qo, d, 6)
+    for key in ("q", "pages"):
+        case[key] = case[key].astype(dtype).astype(np.float32)
+    atol = 2e-5 if dtype == "float32" else 2 ** -10
     info = np.stack([case["last"], np.array(offsets, np.int32), np.array(sinks, np.int32)])
     visible = [list(range(k)) + list(range(o, n)) for n, o, k in zip(stored, offsets, sinks, strict=True)]
     ref_out = np.zeros_like(case["q"])
@@ -90,17 +96,18 @@ def test_fast_sliding_window_decode_attention_matches_numpy_and_tvms_kernel():
             p = np.exp(sc - sc.max())
             ref_out[b, h] = p @ kv[1, h // (h_qo // h_kv)] / p.sum()
             ref_lse[b, h] = (sc.max() + np.log(p.sum())) / np.log(2)
-    ours = attention_decode_cpu(h_kv, h_qo, d, "float32", True, {})
-    stock = kv_cache._attention_decode_cpu(h_kv, h_qo, d, "float32", True, {})
+    ours = attention_decode_cpu(h_kv, h_qo, d, dtype, True, {})
+    stock = kv_cache._attention_decode_cpu(h_kv, h_qo, d, dtype, True, {})
     lib = build({"ours": ours, "stock": stock.with_attr("global_symbol", "stock")}, NATIVE)
     b = len(stored)
+    assert np.abs(ref_out).max() < 4
     for name in ("ours", "stock"):
-        out = tvm.runtime.tensor(np.zeros((b, h_qo, d), np.float32), DEV)
+        out = tvm.runtime.tensor(np.zeros((b, h_qo, d), dtype), DEV)
         lse = tvm.runtime.tensor(np.zeros((b, h_qo), np.float32), DEV)
-        args = [case["q"], case["pages"], case["indptr"], case["values"], info, np.zeros(b, np.int32),
-                np.zeros(b, np.int32)]
+        args = [case["q"].astype(dtype), case["pages"].astype(dtype), case["indptr"], case["values"], info,
+                np.zeros(b, np.int32), np.zeros(b, np.int32)]
         lib[name](*[tvm.runtime.tensor(a, DEV) for a in args], out, lse, 0, 1.0, 1e4, scale)
-        np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(out.numpy().astype(np.float32), ref_out, atol=atol, err_msg=name)
         np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
