@@ -22,6 +22,7 @@ from shoal.tui.screens.requests import RequestsPane
 from shoal.tui.widgets.status import StatusBar
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.widgets import Footer, TabbedContent, TabPane, Tabs
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,10 @@ class ShoalApp(App[None]):
             self.notify(f"the node did not answer: {exc}", severity="warning")
 
     def _refresh_active(self) -> None:
-        pane = self.active_pane()
+        try:
+            pane = self.active_pane()
+        except NoMatches:  # the timer fired while the app closes and its panes are being removed
+            return
         if self.connected and pane.POLL:
             pane.reload()
 
