@@ -170,7 +170,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         # no speed probe: every route here is forced, and a probe (seconds of compute on b's and c's core at
         # start) would overlap the first timed rounds
         base_settings = {"models": {"backend": args.backend},
-                         "split": {"standby_spans": standby, "speed_probe": False}}
+                         "split": {"standby_spans": standby, "speed_probe": False,
+                                   "warm_peers_models": False}}
         settings = merged(base_settings, settings)
         if network is None:
             return SplitNode(name, base / name, settings, harness_args=instruments + extra(name),
