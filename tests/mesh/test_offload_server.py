@@ -6,6 +6,8 @@ the context limit to the engine — the one place that checks them — and answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -53,9 +55,11 @@ class FakePeer:
             self.finished.set()
 
 
-async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
+@contextlib.asynccontextmanager
+async def serving(max_context: int) -> AsyncIterator[tuple[Engine, FakeMesh, OffloadServer]]:
+    """An offload server on a real engine (the NumPy reference of the embedded model, all 30 layers)."""
     stage = reference_stage(0, 30)
-    async with Engine([stage], tokenizer(), max_context=64) as engine:
+    async with Engine([stage], tokenizer(), max_context=max_context) as engine:
         served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=engine,
                              context_length=engine.max_context, stages=[stage], backend="numpy")
 
@@ -63,7 +67,11 @@ async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
             return served
 
         mesh = FakeMesh()
-        server = OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+        yield engine, mesh, OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+
+
+async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
+    async with serving(max_context=64) as (engine, mesh, server):
         open_request = mesh.control[wire.OFFLOAD_OPEN]
         peer = FakePeer()
         prompt = chat_ids("What is the capital of France?")
@@ -111,16 +119,7 @@ class LaggingPeer(FakePeer):
 async def test_a_sender_behind_sends_the_tokens_produced_meanwhile_in_one_frame() -> None:
     from shoal.mesh.split.offload_frames import token_events
 
-    stage = reference_stage(0, 30)
-    async with Engine([stage], tokenizer(), max_context=96) as engine:
-        served = ServedModel(name=MODEL, tokenizer=tokenizer(), engine=engine,
-                             context_length=engine.max_context, stages=[stage], backend="numpy")
-
-        async def acquire(name: str) -> ServedModel:
-            return served
-
-        mesh = FakeMesh()
-        server = OffloadServer(mesh, acquire, lambda: None)  # type: ignore[arg-type]
+    async with serving(max_context=96) as (_, mesh, server):
         prompt = chat_ids("Write a long story about a lighthouse keeper.")
 
         async def run(rid: int, **extra: Any) -> list[dict[str, Any]]:
