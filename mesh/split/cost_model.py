@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.models.config import ModelConfig
+from shoal.models.memory import kv_bytes_per_token
 from shoal.models.span import LayerSpan
 
 LOCAL = "local"
@@ -91,8 +92,10 @@ class ModelShape:
             raise ValueError("a model needs some weights")
 
     @classmethod
-    def from_config(cls, config: ModelConfig, weight_bytes: int) -> ModelShape:
-        """Split `weight_bytes` (the whole file's tensors) by parameter count: layers, embedding, head."""
+    def from_config(cls, config: ModelConfig, weight_bytes: int, quantization: str = "auto") -> ModelShape:
+        """Split `weight_bytes` (the whole file's tensors) by parameter count: layers, embedding, head. The
+        KV term is the build's: fp16 pages for the quantized builds members serve on their CPUs (`f32` builds
+        keep fp32; a CUDA member's fp32 pages are in GPU memory, outside the host budget an advert offers)."""
         h, f = config.hidden_size, config.intermediate_size
         kv = config.num_kv_heads * config.head_dim
         layer_params = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
@@ -107,7 +110,7 @@ class ModelShape:
             layer_bytes=int(layer_params * per_param),
             embed_bytes=int(embed_params * per_param),
             head_bytes=int(head_params * per_param),
-            kv_bytes_per_token_layer=2 * kv * 4,
+            kv_bytes_per_token_layer=kv_bytes_per_token(config, LayerSpan(0, 1), quantization),
         )
 
     @property

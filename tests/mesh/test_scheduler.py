@@ -70,7 +70,8 @@ def test_shape_from_config_adds_up() -> None:
     total = SHAPE.num_layers * SHAPE.layer_bytes + SHAPE.embed_bytes
     assert abs(total - 98_000_000) < 1000  # tied head: the embedding is stored once
     assert SHAPE.head_bytes >= SHAPE.embed_bytes
-    assert SHAPE.kv_bytes_per_token_layer == 2 * 3 * 64 * 4
+    assert SHAPE.kv_bytes_per_token_layer == 2 * 3 * 64 * 2  # K and V, 3 KV heads of 64, fp16 pages
+    assert ModelShape.from_config(SMOLLM2, 98_000_000, "f32").kv_bytes_per_token_layer == 2 * 3 * 64 * 4
     whole = LayerSpan(0, 30)
     assert SHAPE.span_compute_bytes(whole) == SHAPE.compute_bytes
 
