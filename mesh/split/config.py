@@ -16,6 +16,11 @@ class SplitConfig:
     """Carry a split's tensors over a sealed TCP link (`split.tensor_link`) to a stage whose API address is
     reachable, instead of the `tensors` data channel (much slower per call: aiortc's SCTP is pure Python).
     Off: this node neither listens for nor opens direct links."""
+    offload_link: bool = True
+    """With `direct_tensors`: an offload's tokens come back over a sealed TCP link to the serving peer
+    (`split.offload_link`) when its API address is reachable, instead of the control data channel (whose
+    every frame costs both nodes' event loops aiortc's DTLS and SCTP). Off: this node's offloads keep their
+    tokens on the channel (it still serves peers' offloads over links they make)."""
     stage_timeout_s: float = 30.0
     """Wait for one tensor call of a remote stage (plus `per_token_timeout_s` per input row)."""
     per_token_timeout_s: float = 0.05

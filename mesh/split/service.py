@@ -31,7 +31,8 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.offload import OffloadClient, OffloadServer
+from shoal.mesh.split.offload import OffloadClient
+from shoal.mesh.split.offload_server import OffloadServer
 from shoal.mesh.split.plan_inputs import ForcedRoute
 from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
@@ -71,7 +72,8 @@ class SplitService:
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,
                                             max_requests=self.config.max_offloads, ledger=self.ledger,
                                             model_id=lambda name: self.router.model_cid(name) or name,
-                                            quota=self.quota)
+                                            quota=self.quota, links=self.tensor_links,
+                                            drain_timeout_s=self.config.offload_token_timeout_s)
         self.embed_server = EmbedServer(mesh, self._acquire, self.refusal,
                                         max_requests=self.config.max_offloads, quota=self.quota)
         self.offload_client = OffloadClient(mesh, open_timeout_s=self.config.offload_open_timeout_s,
@@ -170,8 +172,8 @@ class SplitService:
         reason = self.refusal()
         if reason is not None:
             raise RemoteError(wire.REFUSED, reason)
-        try:
-            return self.tensor_links.grant(peer.peer_id)
+        try:  # {"for": "offload"}: a link for one offload's tokens, claimed by its `offload.open`
+            return self.tensor_links.grant(peer.peer_id, park=frame.body.get("for") == "offload")
         except LinkError as exc:
             raise RemoteError("unavailable", str(exc)) from None
 
@@ -272,8 +274,11 @@ class SplitService:
             forced = self.router.forced
             body = None if forced is None else {
                 "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
+            offload_tokens = {"received": dict(self.offload_client.tokens_over),
+                              "sent": dict(self.offload_server.tokens_over)}
             return web.json_response({"forced": body, "advert": self.advert_fields(),
-                                      "warming": self.warming.view()}, dumps=_dumps)
+                                      "warming": self.warming.view(), "offload_tokens": offload_tokens},
+                                     dumps=_dumps)
 
         async def put_route(request: web.Request) -> web.Response:
             try:

@@ -21,6 +21,8 @@ the same limits, as on the data channel (`mesh.split_wire` decodes both alike). 
 its tag or breaks the bounds closes the link; a frame whose content is wrong gets an error frame, as on the
 channel. One call is in flight per link: the origin sends a record only once the last one was answered
 (bytes past a record break the link), so a decode record is read whole with one `recv`.
+
+An offload's tokens use the same grant, handshake and `Sealer` on a link of their own (`split.offload_link`).
 """
 
 from __future__ import annotations
@@ -181,14 +183,43 @@ def tune_socket(sock: socket.socket) -> None:
 
 # --- the origin's end -------------------------------------------------------------------------------------
 
+def handshake(host: str, grant: dict, timeout_s: float = SplitConfig.link_handshake_timeout_s,
+              record_timeout_s: float = SplitConfig.link_record_timeout_s) -> tuple[socket.socket, Sealer]:
+    """Blocking: connect to `host` with a `tensor.link` grant and show its token within `timeout_s`; the
+    connected socket (the node has taken the token: its sealed empty record was read) and the origin's
+    `Sealer`, past that record. Raises LinkError (the caller keeps the data channel)."""
+    try:
+        port, token, key = int(grant["port"]), bytes.fromhex(grant["token"]), bytes.fromhex(grant["key"])
+    except (KeyError, TypeError, ValueError):
+        raise LinkError(f"bad tensor link grant {str(grant)[:80]}") from None
+    if not 0 < port < 65536 or len(token) != TOKEN_BYTES or len(key) != 32:
+        raise LinkError("bad tensor link grant")
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise LinkError(f"cannot reach {host}:{port}: {exc}") from None
+    sealer = Sealer(key, TO_STAGE)
+    try:
+        tune_socket(sock)
+        sock.sendall(token)
+        if read_record(sock, sealer, record_timeout_s) != b"":
+            raise LinkError("the node answered the handshake with data")
+    except (LinkError, OSError) as exc:
+        shutdown_socket(sock)
+        sock.close()
+        raise LinkError(f"tensor link handshake with {host}:{port} failed: {exc}") from None
+    return sock, sealer
+
+
 class TensorLinkClient:
     """The origin's end: blocking `call()`s from one thread at a time (the engine's); `close()` from any (a
     call in flight then fails at once and releases the socket itself)."""
 
-    def __init__(self, sock: socket.socket, key: bytes,
+    def __init__(self, sock: socket.socket, key: bytes | Sealer,
                  record_timeout_s: float = SplitConfig.link_record_timeout_s) -> None:
+        """`key`: the link's key, or the origin's `Sealer` as the handshake left it."""
         self._sock = sock
-        self._sealer = Sealer(key, TO_STAGE)
+        self._sealer = key if isinstance(key, Sealer) else Sealer(key, TO_STAGE)
         self._record_timeout = record_timeout_s
         self._lock = threading.Lock()
         self._closed = False
@@ -198,26 +229,8 @@ class TensorLinkClient:
                 record_timeout_s: float = SplitConfig.link_record_timeout_s) -> TensorLinkClient:
         """Connect with a `tensor.link` grant within `timeout_s`; raises LinkError (the caller keeps the data
         channel)."""
-        try:
-            port, token, key = int(grant["port"]), bytes.fromhex(grant["token"]), bytes.fromhex(grant["key"])
-        except (KeyError, TypeError, ValueError):
-            raise LinkError(f"bad tensor link grant {str(grant)[:80]}") from None
-        if not 0 < port < 65536 or len(token) != TOKEN_BYTES or len(key) != 32:
-            raise LinkError("bad tensor link grant")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout_s)
-        except OSError as exc:
-            raise LinkError(f"cannot reach {host}:{port}: {exc}") from None
-        client = cls(sock, key, record_timeout_s)
-        try:
-            tune_socket(sock)
-            sock.sendall(token)
-            if read_record(sock, client._sealer, record_timeout_s) != b"":
-                raise LinkError("the stage node answered the handshake with data")
-        except (LinkError, OSError) as exc:
-            client._release()
-            raise LinkError(f"tensor link handshake with {host}:{port} failed: {exc}") from None
-        return client
+        sock, sealer = handshake(host, grant, timeout_s, record_timeout_s)
+        return cls(sock, sealer, record_timeout_s)
 
     def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
              poll_s: float = SplitConfig.link_alive_poll_s) -> BinaryFrame:

@@ -1,6 +1,8 @@
 """The stage node's end of direct tensor links (`split.tensor_link` describes the protocol): a listener on
 the API's address that grants one-use tokens to linked peers, authenticates each connection on a short-lived
-thread, and hands the link to the stage worker (`ServerLink`), which reads and answers it."""
+thread, and hands the link to the stage worker (`ServerLink`), which reads and answers it — or, for a grant
+made for an offload (`split.offload_link`), keeps it until the offload's `offload.open` claims it by the
+grant's `lid`."""
 
 from __future__ import annotations
 
@@ -76,8 +78,12 @@ class TensorLinkServer:
         self._host = ""
         self._on_link = on_link
         self._config = config or SplitConfig()
-        self._grants: dict[bytes, tuple[str, bytes, float]] = {}
+        self._grants: dict[bytes, tuple[str, bytes, float, int | None]] = {}
+        """token -> (peer, key, expiry, lid: the id an offload claims the link by, None for a stage link)"""
         self._links: list[ServerLink] = []
+        self._parked: dict[tuple[str, int], tuple[ServerLink, float]] = {}
+        """Authenticated offload links not claimed yet: (peer, lid) -> (link, expiry)."""
+        self._next_lid = int.from_bytes(os.urandom(3), "little")
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -98,8 +104,10 @@ class TensorLinkServer:
         self._thread.start()
         logger.info("tensor links on %s:%d", self._host, self.port)
 
-    def grant(self, peer: str) -> dict[str, object]:
-        """A one-use token and a fresh key for `peer` (sent over the encrypted control channel)."""
+    def grant(self, peer: str, park: bool = False) -> dict[str, object]:
+        """A one-use token and a fresh key for `peer` (sent over the encrypted control channel). `park`: the
+        link is for an offload's tokens — kept, once authenticated, until `claim(peer, lid)` (the grant's
+        `lid`) takes it, at most `link_token_ttl_s`."""
         if self._listener is None:
             raise LinkError("tensor links are not listening")
         token, key = secrets.token_bytes(TOKEN_BYTES), os.urandom(32)
@@ -108,8 +116,29 @@ class TensorLinkServer:
             self._grants = {t: g for t, g in self._grants.items() if g[2] > now}
             if len(self._grants) >= MAX_PENDING_TOKENS:
                 raise LinkError("too many tensor link grants pending")
-            self._grants[token] = (peer, key, now + self._config.link_token_ttl_s)
-        return {"port": self.port, "token": token.hex(), "key": key.hex()}
+            lid = None
+            if park:
+                self._next_lid = lid = (self._next_lid + 1) % 2**32
+            self._grants[token] = (peer, key, now + self._config.link_token_ttl_s, lid)
+        granted: dict[str, object] = {"port": self.port, "token": token.hex(), "key": key.hex()}
+        if lid is not None:
+            granted["lid"] = lid
+        return granted
+
+    def claim(self, peer: str, lid: object) -> ServerLink | None:
+        """The authenticated offload link `peer` made with the grant `lid`, now the caller's (it closes it);
+        None when there is none (not made, expired, claimed already)."""
+        with self._lock:
+            self._expire_parked()
+            entry = self._parked.pop((peer, lid), None) if type(lid) is int else None
+        return None if entry is None else entry[0]
+
+    def _expire_parked(self) -> None:
+        """With the lock held: close parked links nobody claimed in time."""
+        now = time.monotonic()
+        for key in [k for k, (_, until) in self._parked.items() if until < now]:
+            link, _ = self._parked.pop(key)
+            link.close()
 
     def _accept(self) -> None:
         listener = self._listener
@@ -147,20 +176,27 @@ class TensorLinkServer:
                 grant = self._grants.pop(token, None)
                 if grant is None or grant[2] < time.monotonic():
                     raise LinkError("unknown or expired token")
-                peer, key, _ = grant
+                peer, key, _, lid = grant
+                self._expire_parked()
                 self._links = [x for x in self._links if x.sock.fileno() != -1]
                 mine = sum(x.peer == peer for x in self._links)
                 if len(self._links) >= MAX_LINKS or mine >= MAX_LINKS_PER_PEER:
                     raise LinkError(f"too many tensor links open (peer {peer[:12]}: {mine})")
                 link = ServerLink(peer, sock, Sealer(key, TO_ORIGIN), self._config.link_record_timeout_s)
                 self._links.append(link)
+                if lid is not None:  # parked before the origin hears it was taken: its claim finds it
+                    self._parked[(peer, lid)] = (link, time.monotonic() + self._config.link_token_ttl_s)
             sock.sendall(link.sealer.seal(b""))
             sock.settimeout(self._config.link_record_timeout_s)  # for good: every read and write of the link
         except (LinkError, OSError) as exc:
             logger.warning("tensor link from %s refused: %s", address[0], exc)
             with self._lock:
                 self._links = [x for x in self._links if x is not link]
+                self._parked = {k: v for k, v in self._parked.items() if v[0] is not link}
             sock.close()
+            return
+        if lid is not None:
+            logger.info("offload link %d from peer %s (%s)", lid, peer[:12], address[0])
             return
         logger.info("tensor link from peer %s (%s)", peer[:12], address[0])
         self._on_link(link)
@@ -171,6 +207,7 @@ class TensorLinkServer:
             gone = [x for x in self._links if x.peer == peer]
             self._links = [x for x in self._links if x.peer != peer]
             self._grants = {t: g for t, g in self._grants.items() if g[0] != peer}
+            self._parked = {k: v for k, v in self._parked.items() if k[0] != peer}
         for link in gone:
             link.shutdown()
 
@@ -183,5 +220,6 @@ class TensorLinkServer:
         with self._lock:
             links, self._links = self._links, []
             self._grants.clear()
+            self._parked.clear()
         for link in links:
             link.shutdown()

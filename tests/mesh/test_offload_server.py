@@ -14,7 +14,7 @@ import pytest
 from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
-from shoal.mesh.split.offload import OffloadServer
+from shoal.mesh.split.offload_server import OffloadServer
 from shoal.models.generate import Engine
 from shoal.models.served import ServedModel
 
@@ -96,7 +96,7 @@ async def test_offload_open_leaves_ids_and_context_to_the_engine() -> None:
         assert bad_grammar.value.code == wire.BAD_REQUEST and "schema" in bad_grammar.value.message
         assert mesh.tasks == [] and engine.kv_reserved == 0  # refused before any work
 
-        assert await open_request(peer, frame(3, prompt, room)) == {"accepted": True}
+        assert await open_request(peer, frame(3, prompt, room)) == {"accepted": True, "link": False}
         await asyncio.wait_for(peer.finished.wait(), 120)
         tokens = [body for kind, body in peer.frames if kind == wire.OFFLOAD_TOKEN]
         assert peer.frames[-1] == (wire.OFFLOAD_DONE, {"rid": 3})
@@ -127,7 +127,7 @@ async def test_a_sender_behind_sends_the_tokens_produced_meanwhile_in_one_frame(
             body = {"rid": rid, "model": MODEL, "prompt_ids": prompt,
                     "params": {"temperature": 0, "max_tokens": 12}, **extra}
             assert await mesh.control[wire.OFFLOAD_OPEN](peer, ControlFrame(wire.OFFLOAD_OPEN, body)) == \
-                {"accepted": True}
+                {"accepted": True, "link": False}
             await asyncio.wait_for(peer.finished.wait(), 120)
             assert peer.frames[-1] == (wire.OFFLOAD_DONE, {"rid": rid})
             return [b for kind, b in peer.frames if kind == wire.OFFLOAD_TOKEN]
