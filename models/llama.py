@@ -98,8 +98,21 @@ class Bias(nn.Module):
         return x + self.bias
 
 
-def _rms_norm(features: int, eps: float) -> nn.Module:
-    return nn.RMSNorm(features, -1, eps, bias=False, dtype="float32")
+def vector_backend(target: Target) -> str | None:
+    """The kernel backend of the CPU vector RMSNorm and gated activations (models/kernels/norm_act_cpu.py)
+    on an llvm target, in every build type; None elsewhere: CUDA keeps TVM's `rms_norm`, `silu`, `gelu`."""
+    if target.kind.name != "llvm":
+        return None
+    from shoal.models.kernels.relax_ops import kernel_backend
+
+    return kernel_backend(target)
+
+
+def _rms_norm(features: int, eps: float, backend: str | None) -> nn.Module:
+    """The vector kernel where `backend` is a CPU one and features % 16 == 0, else `nn.RMSNorm`."""
+    from shoal.models.kernels.relax_ops import rms_norm_module
+
+    return rms_norm_module(features, eps, backend)
 
 
 class RopeFactors(nn.Module):
@@ -146,9 +159,9 @@ def kv_cache_dtype(quantization: str, target: Target) -> str:
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int,
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", vector: str | None = None):
         """`kv_dtype`: the KV cache's element type; Q/K/V enter the cache in it, the output returns to
-        float32."""
+        float32. `vector`: `vector_backend(target)` (the Q/K norms' kernel)."""
         self.kv_dtype = kv_dtype
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -159,8 +172,8 @@ class LlamaAttention(nn.Module):
         if config.qkv_bias:
             self.qkv_bias = Bias(qkv_rows)
         if config.qk_norm:
-            self.q_norm = _rms_norm(config.head_dim, config.rms_eps)
-            self.k_norm = _rms_norm(config.head_dim, config.rms_eps)
+            self.q_norm = _rms_norm(config.head_dim, config.rms_eps, vector)
+            self.k_norm = _rms_norm(config.head_dim, config.rms_eps, vector)
         # (theta, scale) when this model rotates Q/K itself (models_own_rope), else None: the cache does
         self.rope = config.layer_rope(layer) if models_own_rope(config) else None
         self.neox = config.rope_neox
@@ -190,30 +203,34 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, vector: str | None = None):
+        """`vector`: `vector_backend(target)`: act(gate)·up as one CPU vector kernel (SiLU or tanh-GELU),
+        else TVM's split + activation · up."""
         self.intermediate_size = config.intermediate_size
         self.activation = config.activation
+        self.vector = vector
         self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, "gate_up")
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, "down")
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        act = op.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else op.silu(gate)
-        return self.down_proj(act * up)
+        from shoal.models.kernels.relax_ops import gated_mul
+
+        return self.down_proj(gated_mul(self.gate_up_proj(x), self.activation, self.vector))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory, layer: int,
-                 kv_dtype: str = "float32"):
-        """`layer`: the global index of this layer (sliding window and RoPE base depend on it)."""
-        eps = config.rms_eps
-        self.input_layernorm = _rms_norm(config.hidden_size, eps)
-        self.self_attn = LlamaAttention(config, make_linear, layer, kv_dtype)
-        self.post_attention_layernorm = _rms_norm(config.hidden_size, eps)  # HF's name: the pre-MLP norm
-        self.mlp = LlamaMLP(config, make_linear)
+                 kv_dtype: str = "float32", vector: str | None = None):
+        """`layer`: the global index of this layer (sliding window and RoPE base depend on it); `vector`:
+        `vector_backend(target)`, the norms' and the MLP activation's CPU kernels (None: TVM's ops)."""
+        eps, hidden = config.rms_eps, config.hidden_size
+        self.input_layernorm = _rms_norm(hidden, eps, vector)
+        self.self_attn = LlamaAttention(config, make_linear, layer, kv_dtype, vector)
+        self.post_attention_layernorm = _rms_norm(hidden, eps, vector)  # HF's name: the pre-MLP norm
+        self.mlp = LlamaMLP(config, make_linear, vector)
         if config.post_norms:
-            self.attn_post_norm = _rms_norm(config.hidden_size, eps)
-            self.ffn_post_norm = _rms_norm(config.hidden_size, eps)
+            self.attn_post_norm = _rms_norm(hidden, eps, vector)
+            self.ffn_post_norm = _rms_norm(hidden, eps, vector)
 
     def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int,
                 rope_factors: Tensor | None = None) -> Tensor:
@@ -266,13 +283,13 @@ class LlamaShard(nn.Module):
         if self.is_first or shared_head:
             self.embed_tokens = _make_embedding(config, quantization, target, native)
         self.kv_dtype = kv_cache_dtype(quantization, target)
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, make_linear, i, self.kv_dtype) for i in range(span.start, span.stop)]
-        )
+        vector = vector_backend(target)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, make_linear, i, self.kv_dtype, vector)
+                                     for i in range(span.start, span.stop)])
         if config.rope_freq_factors:
             self.rope_freqs = RopeFactors(config.head_dim // 2)
         if self.is_last:
-            self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_eps, bias=False, dtype="float32")
+            self.norm = _rms_norm(config.hidden_size, config.rms_eps, vector)
             if not shared_head:
                 self.lm_head = make_linear(config.hidden_size, config.vocab_size, "head")
 

@@ -15,10 +15,12 @@ the same per row), over the GGUF's Q4_1 / Q8_0 blocks repacked as the kernels re
 3. Groups finish in fp32 in order g = 0, 1, ..., fp16 d and m widened, dxd = fp32(d·xd); LLVM contracts the
    kernels' expressions into fused multiply-adds: Q4_1 acc = fma(m, xds, fma(dot, dxd, acc)); Q8_0
    acc = acc + fma(dot, dxd, -fp32(d·(128·xds))).
-The rest: RMSNorm (TVM's legalized op: Σx² in order by fma, then 1/sqrt(Σ/D + eps)·x·w), SiLU·up
-(x·(1/(1 + expf(-x)))·up), RoPE (kernels/rope_cpu.py: libm exp2f/cosf/sinf angles, fma rotation) and
-attention (kernels/attention_cpu.py: blocks of 16 keys, online softmax with libm exp2f rescales, a polynomial
-exp2, fma chains and halving lane sums). The embedding (Q8_0 rows dequantized) and residual adds are exact.
+The rest: RMSNorm and SiLU·up as kernels/norm_act_cpu.py computes them (`kernel_rms_norm`: per-lane fma
+sums of squares, halving lane sum, 1/sqrt(Σ/D + eps), (x·inv)·w; `kernel_silu_mul`: x / (1 + polynomial
+exp2) · up; gemma3's GELU·up `kernel_gelu_mul`), RoPE (kernels/rope_cpu.py: libm exp2f/cosf/sinf angles, fma
+rotation) and attention (kernels/attention_cpu.py: blocks of 16 keys, online softmax with libm exp2f
+rescales, a polynomial exp2, fma chains and halving lane sums). The embedding (Q8_0 rows dequantized) and
+residual adds are exact.
 The KV cache is float16 (models/llama.py `kv_cache_dtype`): Q/K/V are rounded to fp16 as they enter it
 (round to nearest even, as `vcvtps2ph`), RoPE widens them, rotates in fp32 and rounds again, attention
 widens its inputs and its output is rounded to fp16 once (`kv_round`).
@@ -205,20 +207,51 @@ def _libm_like(name: str, exact: Callable[[np.ndarray], np.ndarray], x: np.ndarr
 
 
 def kernel_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """TVM's legalized `rms_norm` (nn.RMSNorm): Σx² in order by fma, then (1/sqrt(Σ/D + eps)) · x · weight."""
+    """The CPU build's RMSNorm over the last axis D: for D % 16 == 0 the vector kernel
+    (kernels/norm_act_cpu.py: per lane l, acc[l] = fma(x, x, acc[l]) over the 16-lane chunks in order, the
+    lanes summed by halving, inv = 1/sqrt(Σ/D + eps), (x·inv)·weight), else TVM's legalized `rms_norm`
+    (`nn.RMSNorm`, which llama.py keeps for other widths: Σx² in order by fma, then (inv·x)·weight)."""
     x = np.asarray(x, _F32)
-    squares = np.ascontiguousarray(np.square(x, dtype=np.float64).T)  # [D, rows], exact
-    total = np.zeros(x.shape[:-1], _F32)
-    for column in squares:
-        _round_add(total, column)
-    inv = _F32(1) / np.sqrt(total / _F32(x.shape[-1]) + _F32(eps))
-    return (inv[..., None] * x) * weight
+    dim = x.shape[-1]
+    if dim % LANES == 0:
+        chunks = x.reshape(*x.shape[:-1], dim // LANES, LANES)
+        acc = np.zeros((*x.shape[:-1], LANES), _F32)
+        for c in range(dim // LANES):
+            acc = fma32(chunks[..., c, :], chunks[..., c, :], acc)
+        total = _vsum(acc)
+    else:
+        squares = np.ascontiguousarray(np.square(x, dtype=np.float64).T)  # [D, rows], exact
+        total = np.zeros(x.shape[:-1], _F32)
+        for column in squares:
+            _round_add(total, column)
+    inv = _F32(1) / np.sqrt(total / _F32(dim) + _F32(eps))
+    return (x * inv[..., None]) * weight
+
+
+_LOG2E = _F32(1.0 / math.log(2.0))
+"""tir_common.vexp's factor log2 e as the fp32 constant the kernels use."""
+_GELU_A = _F32(-2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0))
+_GELU_B = _F32(0.044715 * (-2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)))
+"""norm_act_cpu.GELU_A / GELU_B as fp32 constants."""
 
 
 def kernel_silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """TVM's legalized silu(gate)·up: gate · (1 / (1 + expf(-gate))) · up."""
+    """kernels/norm_act_cpu.py `silu_mul`: (gate / (1 + exp2p(−gate · log2 e))) · up, exp2p the polynomial
+    `_vexp2` (1 + exp2p is one fma in the kernel, p·2^n + 1: equal, 2^n scaling being exact)."""
     gate = np.asarray(gate, _F32)
-    return (gate * (_F32(1) / (_F32(1) + _libm_like("expf", np.exp, -gate)))) * up
+    with np.errstate(over="ignore"):
+        e = _vexp2((_F32(0) - gate) * _LOG2E)
+    return (gate / (_F32(1) + e)) * up
+
+
+def kernel_gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """kernels/norm_act_cpu.py `gelu_mul` (tanh-GELU as g · sigmoid(2u)): z = g · fma(g·g, B, A),
+    (g / (1 + exp2p(z))) · up."""
+    gate = np.asarray(gate, _F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = gate * fma32(gate * gate, _GELU_B, _GELU_A)
+        e = _vexp2(z)
+    return (gate / (_F32(1) + e)) * up
 
 
 @functools.cache
@@ -351,7 +384,8 @@ class QuantizedReferenceStage(ReferenceStage):
 
     def _gated(self, gate_up: np.ndarray) -> np.ndarray:
         ffn = self.config.intermediate_size
-        return kernel_silu_mul(gate_up[:, :ffn], gate_up[:, ffn:])
+        kernel = kernel_gelu_mul if self.config.activation == "gelu_tanh" else kernel_silu_mul
+        return kernel(gate_up[:, :ffn], gate_up[:, ffn:])
 
     def _attend_rows(self, li: int, q: np.ndarray, rows: list) -> np.ndarray:
         """All sequences' queries in one `kernel_attention` call (same result as one call each)."""

@@ -1,6 +1,7 @@
 """`tvm.relax.frontend.nn` building blocks over the quantized kernels: `QuantizedLinear` (y = x·Wᵀ with Q4_1
 or Q8_0 weights kept packed) and `QuantizedEmbedding` (Q8_0 token embedding that doubles as the tied output
-head), plus the loader helpers that turn GGUF tensors into their parameter arrays.
+head), the vector RMSNorm and gated activations (`rms_norm_module`, `gated_mul`), plus the loader helpers
+that turn GGUF tensors into their parameter arrays.
 
 The kernels are picked per target backend (see `kernel_backend`): "x86_vnni" (AVX-512 VNNI), "x86_avx2"
 (AVX2 without VNNI: the generic block-type kernels use `vpmaddubsw`, Q4_1/Q8_0 the portable path), "llvm"
@@ -17,7 +18,7 @@ from shoal.models.kernels.embed_q8 import embedding_func
 from shoal.models.kernels.gemm_q4 import gemm_func
 from shoal.models.kernels.gemv_q4 import gemv_func, quantize_act_func
 from shoal.models.kernels.quant import GROUP, ROWS, PackedWeight, pack_gguf_tensor
-from shoal.models.kernels.tir_common import as_target, has_avx2, has_vnni
+from shoal.models.kernels.tir_common import LANES, as_target, has_avx2, has_vnni
 from tvm import tirx
 from tvm.relax.frontend import nn
 
@@ -158,10 +159,13 @@ def _flatten(x: nn.Tensor) -> tuple[nn.Tensor, tirx.PrimExpr | int, list]:
 
 class FastRMSNorm(nn.Module):
     """Drop-in for `nn.RMSNorm(dim, -1, eps, bias=False)` (same `weight` parameter) whose CPU backends use
-    the vector kernel of models/kernels/norm_act_cpu.py; on "cuda" it is `nn.op.rms_norm`."""
+    the vector kernel of models/kernels/norm_act_cpu.py; on "cuda" it is `nn.op.rms_norm`. `dim` must be a
+    multiple of 16 on the CPU backends (`rms_norm_module` falls back to `nn.RMSNorm` otherwise)."""
 
     def __init__(self, dim: int, eps: float, backend: str = "x86_vnni"):
         _check_backend(backend)
+        if backend != "cuda" and dim % LANES:
+            raise ValueError(f"FastRMSNorm({dim}): the CPU kernel needs a multiple of {LANES} features")
         self.dim, self.eps, self.backend = dim, eps, backend
         self.weight = nn.Parameter((dim,), "float32")
 
@@ -176,19 +180,41 @@ class FastRMSNorm(nn.Module):
         return nn.op.reshape(y, [*lead, self.dim]) if len(x.shape) != 2 else y
 
 
-def silu_mul(x: nn.Tensor, backend: str = "x86_vnni") -> nn.Tensor:
-    """silu(gate) · up for x [..., 2F] = concat(gate, up) (a fused gate_up projection) -> [..., F]."""
-    _check_backend(backend)
-    width = x.shape[-1] // 2
-    if backend == "cuda":
-        gate, up = nn.op.split(x, 2, axis=-1)
-        return nn.op.silu(gate) * up
-    from shoal.models.kernels.norm_act_cpu import silu_mul_func
+def rms_norm_module(dim: int, eps: float, backend: str | None) -> nn.Module:
+    """The RMSNorm over the last axis a build uses: the CPU vector kernel (`FastRMSNorm`) when `backend` is
+    a CPU one and `dim` a multiple of 16, else TVM's `nn.RMSNorm` (CUDA, `backend=None`, other widths).
+    Both hold one `weight` [dim], so loaders see no difference."""
+    if backend is not None and backend != "cuda" and dim % LANES == 0:
+        return FastRMSNorm(dim, eps, backend)
+    return nn.RMSNorm(dim, -1, eps, bias=False, dtype="float32")
 
+
+def gated_mul(x: nn.Tensor, activation: str, backend: str | None) -> nn.Tensor:
+    """act(gate) · up for x [..., 2F] = concat(gate, up) (a fused gate_up projection) -> [..., F];
+    `activation` is "silu" or "gelu_tanh" (models/config.py). CPU backends with F % 16 == 0 run one vector
+    kernel (norm_act_cpu.py: no split, no temporaries); CUDA, `backend=None` and other widths keep TVM's
+    split + `op.silu` / `op.gelu(approximate="tanh")` · up."""
+    from shoal.models.kernels.norm_act_cpu import GATED
+
+    if activation not in GATED:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(GATED)}")
+    width = x.shape[-1] // 2
+    if backend is None or backend == "cuda" or not isinstance(width, int) or width % LANES:
+        gate, up = nn.op.split(x, 2, axis=-1)
+        act = nn.op.gelu(gate, approximate="tanh") if activation == "gelu_tanh" else nn.op.silu(gate)
+        return act * up
+    _check_backend(backend)
     flat, rows, lead = _flatten(x)
-    y = nn.op.tensor_ir_op(silu_mul_func(width), f"silu_mul_{width}", [flat],
+    name = "silu_mul" if activation == "silu" else "gelu_mul"
+    y = nn.op.tensor_ir_op(GATED[activation](width), f"{name}_{width}", [flat],
                            nn.Tensor.placeholder([rows, width], "float32"))
     return nn.op.reshape(y, [*lead, width]) if len(x.shape) != 2 else y
+
+
+def silu_mul(x: nn.Tensor, backend: str = "x86_vnni") -> nn.Tensor:
+    """silu(gate) · up for x [..., 2F] = concat(gate, up) -> [..., F] (`gated_mul` with SiLU)."""
+    _check_backend(backend)
+    return gated_mul(x, "silu", backend)
 
 
 def param_arrays(packed: PackedWeight) -> dict[str, np.ndarray]:

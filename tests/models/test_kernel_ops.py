@@ -190,15 +190,81 @@ def test_rms_norm_and_silu_mul_kernels_match_numpy():
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
-def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
-    from shoal.models.kernels.relax_ops import FastRMSNorm, silu_mul
+needs_fma = pytest.mark.skipif(NATIVE is PORTABLE, reason="this CPU has no AVX2/FMA: the kernels' fp "
+                               "contraction, which the NumPy models assume, is not there")
+
+
+def _norm_act_lib() -> tvm.runtime.Module:
+    from shoal.models.kernels.norm_act_cpu import gelu_mul_func, rms_norm_func, silu_mul_func
+
+    return build({"rms": rms_norm_func(576, 1e-5), "rms_small": rms_norm_func(64, 1e-6),
+                  "silu": silu_mul_func(96), "gelu": gelu_mul_func(96)}, NATIVE)
+
+
+def _gate_up(rows: int, width: int, seed: int) -> np.ndarray:
+    """gate (scale 4, plus the saturating and exact edge values) beside up (scale 1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 2 * width)).astype(np.float32)
+    x[:, :width] *= 4
+    x[0, :8] = [0.0, -0.0, 90.0, -90.0, 1e-30, -3.34, 1e4, -1e4]
+    return x
+
+
+@needs_fma
+def test_norm_and_gated_kernels_match_their_numpy_models_bit_for_bit():
+    """The quantized reference's RMSNorm / SiLU·up / GELU·up (models/reference_quant.py) are the kernels'
+    exact arithmetic: 1 row (decode, serial) and 300 rows (prefill, parallel)."""
+    from shoal.models.reference_quant import kernel_gelu_mul, kernel_rms_norm, kernel_silu_mul
+
+    lib = _norm_act_lib()
+    rng = np.random.default_rng(3)
+    for rows in (1, 300):
+        for name, dim, eps in (("rms", 576, 1e-5), ("rms_small", 64, 1e-6)):
+            x = (rng.standard_normal((rows, dim)) * 5).astype(np.float32)
+            x[:, 7] = 300.0  # an outlier feature, as SmolLM2's
+            w = rng.standard_normal(dim).astype(np.float32)
+            y = tvm.runtime.tensor(np.zeros_like(x), DEV)
+            lib[name](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV), y)
+            np.testing.assert_array_equal(y.numpy(), kernel_rms_norm(x, w, eps))
+        x = _gate_up(rows, 96, rows)
+        for name, model in (("silu", kernel_silu_mul), ("gelu", kernel_gelu_mul)):
+            y = tvm.runtime.tensor(np.zeros((rows, 96), np.float32), DEV)
+            lib[name](tvm.runtime.tensor(x, DEV), y)
+            np.testing.assert_array_equal(y.numpy(), model(x[:, :96], x[:, 96:]), err_msg=name)
+
+
+def test_gelu_mul_is_within_its_stated_error_of_the_exact_tanh_gelu():
+    """norm_act_cpu.GELU_ERROR: |act − GELU_tanh| ≤ GELU_ERROR · max(|GELU_tanh|, 1e-3) for |g| ≤ 12 (float64
+    exact values; 96k gates, up = 1), and saturation beyond: g for large g, ~0 for very negative g."""
+    from shoal.models.kernels.norm_act_cpu import GELU_ERROR, gelu_mul_func
+
+    lib = build({"gelu": gelu_mul_func(96)}, NATIVE)
+    gate = np.linspace(-12, 12, 96 * 1000, dtype=np.float32).reshape(1000, 96)
+    y = tvm.runtime.tensor(np.zeros(gate.shape, np.float32), DEV)
+    lib["gelu"](tvm.runtime.tensor(np.concatenate([gate, np.ones_like(gate)], axis=1), DEV), y)
+    g = gate.astype(np.float64)
+    exact = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    err = np.abs(y.numpy() - exact) / np.maximum(np.abs(exact), 1e-3)
+    assert err.max() <= GELU_ERROR, f"max scaled error {err.max():.3g} at g = {g.ravel()[err.argmax()]}"
+    assert err.max() > GELU_ERROR / 100  # the check sees the kernel's own error, not an exact copy
+    edge = np.array([[50.0, -50.0, 1e20, -1e20, 0.0] + [0.0] * 91], np.float32)
+    y = tvm.runtime.tensor(np.zeros(edge.shape, np.float32), DEV)
+    lib["gelu"](tvm.runtime.tensor(np.concatenate([edge, np.ones_like(edge)], axis=1), DEV), y)
+    out = y.numpy()[0, :5]
+    assert out[0] == 50.0 and out[2] == 1e20 and out[4] == 0.0
+    assert abs(out[1]) < 1e-35 and abs(out[3]) < 1e-17
+
+
+def test_fast_rms_norm_and_gated_mul_in_a_compiled_module():
+    from shoal.models.kernels.relax_ops import FastRMSNorm, gated_mul, silu_mul
 
     class Block(nn.Module):
         def __init__(self):
             self.norm = FastRMSNorm(64, 1e-5, "llvm")
 
         def forward(self, x: nn.Tensor) -> nn.Tensor:
-            return silu_mul(self.norm(x), "llvm")
+            h = self.norm(x)
+            return nn.op.concat([silu_mul(h, "llvm"), gated_mul(h, "gelu_tanh", "llvm")], dim=-1)
 
     mod, _ = Block().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "s", 64], "float32")}})
     exe = tvm.compile(mod, target=tvm.target.Target(PORTABLE), relax_pipeline=compile_pipeline(PORTABLE))
@@ -206,10 +272,44 @@ def test_fast_rms_norm_and_silu_mul_in_a_compiled_module():
     x = activations(5, 64, 1)[None]
     w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
     got = vm["forward"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV)).numpy()
-    h = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-5) * w
-    ref = h[..., :32] / (1 + np.exp(-h[..., :32])) * h[..., 32:]
-    assert got.shape == (1, 5, 32)
+    h = (x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-5) * w).astype(np.float64)
+    gate, up = h[..., :32], h[..., 32:]
+    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    ref = np.concatenate([gate / (1 + np.exp(-gate)) * up, gelu * up], axis=-1)
+    assert got.shape == (1, 5, 64)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_and_gated_mul_fall_back_to_tvms_ops_off_the_cpu_or_off_16_lanes():
+    """CUDA and widths that are not a multiple of 16 keep nn.RMSNorm / split + activation (same results)."""
+    from shoal.models.kernels.relax_ops import FastRMSNorm, gated_mul, rms_norm_module
+
+    assert isinstance(rms_norm_module(576, 1e-5, "x86_avx2"), FastRMSNorm)
+    for dim, backend in ((576, "cuda"), (576, None), (72, "x86_avx2")):
+        module = rms_norm_module(dim, 1e-5, backend)
+        assert isinstance(module, nn.RMSNorm) and not isinstance(module, FastRMSNorm)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        FastRMSNorm(72, 1e-5, "llvm")
+    with pytest.raises(ValueError, match="unknown activation"):
+        gated_mul(nn.Tensor.placeholder([1, 64], "float32"), "relu", "llvm")
+
+    class Block(nn.Module):
+        def __init__(self):
+            self.norm = rms_norm_module(40, 1e-5, "llvm")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return gated_mul(self.norm(x), "gelu_tanh", "llvm")  # width 20: TVM's ops
+
+    mod, _ = Block().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "s", 40], "float32")}})
+    assert not any("gelu_mul" in str(gv) or "rms_norm_40" in str(gv) for gv in mod.get_global_vars())
+    exe = tvm.compile(mod, target=tvm.target.Target(PORTABLE), relax_pipeline=compile_pipeline(PORTABLE))
+    x = activations(3, 40, 2)[None]
+    w = np.ones(40, np.float32)
+    got = relax.VirtualMachine(exe, DEV)["forward"](tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(w, DEV))
+    h = (x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-5)).astype(np.float64)
+    gate, up = h[..., :20], h[..., 20:]
+    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    np.testing.assert_allclose(got.numpy(), gelu * up, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_cpu_attention_swaps_factories_only_for_llvm():
