@@ -171,6 +171,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         # start) would overlap the first timed rounds
         base_settings = {"models": {"backend": args.backend},
                          "split": {"standby_spans": standby, "speed_probe": False,
+                                   "offload_link": args.offload_link,
                                    "warm_peers_models": False}}
         settings = merged(base_settings, settings)
         if network is None:
@@ -363,6 +364,9 @@ def main() -> int:
     parser.add_argument("--standby", action=argparse.BooleanOptionalAction, default=None,
                         help="[split] standby_spans on the nodes (default: on with --recovery-only only; its "
                              "background loads and compiles would compete with the timed rounds)")
+    parser.add_argument("--offload-link", action=argparse.BooleanOptionalAction, default=True,
+                        help="[split] offload_link: an offload's tokens over a direct link (default) or, "
+                             "with --no-offload-link, over the data channel (an A/B of the two)")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",

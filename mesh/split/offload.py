@@ -190,8 +190,9 @@ class OffloadClient:
             except MeshError as exc:
                 raise StageLost(peer_id, str(exc)) from None
             if receiver is not None and not (isinstance(reply, dict) and reply.get("link") is True):
-                receiver.close()  # the peer did not take it: the tokens come on the channel
+                receiver.close()  # the peer did not take it (an older node?): the tokens come on the channel
                 receiver = None
+                self._failures.failed(peer_id, link_host(peer) or "")
             index = 0
             clock = self._watch.clock()
             while True:
