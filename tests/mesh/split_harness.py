@@ -130,7 +130,6 @@ def install_trace(path: str) -> None:
     from shoal.mesh.p2p.peer import Peer
     from shoal.mesh.split import hosted, remote_stage, stage_host, tensor_link
     from shoal.models.chain import StageChain
-    from shoal.models.generate import Engine
 
     out = open(path, "a", buffering=1)  # lives as long as the process
     clock = time.perf_counter
@@ -197,8 +196,8 @@ def install_trace(path: str) -> None:
     wrap_sync(remote_stage.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
     wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
     wrap_sync(stage_host.StageHost, "compute_blocking", "p.direct_start", "p.direct_end")
-    wrap_sync(StageChain, "decode", "e.thread_start", "e.thread_end")
-    wrap_async(Engine, "_decode_step", "e.step_start", "e.step_end")
+    # a decode step on the engine's thread (steps run back to back there: models/generate.py)
+    wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")
 
 
 def delay_tensor_links(seconds: float) -> None:
