@@ -36,6 +36,8 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> NodeConfig:
     overrides["models"] = {"backend": BACKEND, **sections.pop("models", {})}
     overrides["mesh"] = {"mdns": False, **sections.pop("mesh", {})}
     overrides["ipfs"] = {"rpc_url": None, **sections.pop("ipfs", {})}
+    # no speed probe (seconds of compute beside the test's requests at each load) unless a test asks
+    overrides["split"] = {"speed_probe": False, **sections.pop("split", {})}
     overrides.update(sections)
     return load_config(environ={}, overrides=overrides)
 

@@ -25,9 +25,11 @@ SPLIT_TEST_CONFIG: dict[str, Any] = {
     "policy": {"serve_others": True, "trusted_only_splits": False, "prefer_local": False},
     "mesh": {"heartbeat_interval_s": 0.5, "dead_timeout_s": 2.0, "gossip_interval_s": 1.0,
              "retry_max_s": 2.0},
+    "split": {"speed_probe": False},
 }
 """What every split test node runs with (quick links and adverts, no trust or local preference in the way),
-under `settings`: the NumPy backend, a node that serves others."""
+under `settings`: the NumPy backend, a node that serves others, no speed probe (~3 s of a core at each model
+load, beside the test's own requests; the placement tests, which need measured speeds, start theirs with it)."""
 
 
 @dataclass
