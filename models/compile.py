@@ -42,7 +42,7 @@ Progress = Callable[[float, str], None]
 
 MANIFEST_VERSION = 1
 _SOURCE_FILES = ("llama.py", "compile.py", "schedule.py", "weights.py", "block_types.py", "native.py",
-                 "sliding_prefill.py")
+                 "sliding_prefill.py", "sliding_cache.py")
 _SOURCE_DIRS = ("kernels",)
 """models/kernels also supplies the CPU attention and RoPE kernels, so every build depends on it."""
 

@@ -9,18 +9,22 @@ output head (tied to the embedding when the GGUF has no `output.weight`) and ret
 the last position's; the others return hidden states.
 
 Exported functions (`LlamaShard.get_default_spec`):
-- `prefill(inputs, paged_kv_cache, params)`: one sequence, `seq_len` tokens (symbolic).
-- `decode(inputs, paged_kv_cache, params)`: one sequence, one token (static shapes).
-- `batch_decode(inputs, paged_kv_cache, params)`: `batch_size` sequences, one token each.
+- `prefill(inputs, paged_kv_cache[, sliding_kv_cache], params)`: one sequence, `seq_len` tokens (symbolic).
+- `decode(inputs, paged_kv_cache[, sliding_kv_cache], params)`: one sequence, one token (static shapes).
+- `batch_decode(inputs, paged_kv_cache[, sliding_kv_cache], params)`: `batch_size` sequences, one token each.
 - `create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
   support_sliding_window)`: TVM's paged KV cache holding this shard's layers only (local layer ids 0..n-1).
+- `create_sliding_kv_cache(...)` (same arguments), only where `separate_sliding_cache` (llvm builds of
+  gemma3 shards with sliding layers, models/sliding_cache.py): the sliding-window layers' own cache, bounded
+  by the window plus a prefill chunk; the full cache keeps the global layers and numbers the positions (Q/K
+  are rotated from its absolute query positions). The functions then take both caches.
 
 Attention goes through the KV cache's `attention_with_fused_qkv`, which applies RoPE. llama.cpp's GGUF
 stores llama Q/K rows for the interleaved ("NORM", GPT-J style) rotation, so the cache uses `RopeMode.NORMAL`
 with the `gptj` frequency style (FACTS.md); the NEOX families use the default (half-split) style. Gemma 3's
 local and global layers rotate with different bases, which the cache (one base) cannot do: its shards rotate
-Q/K themselves (`RopeMode.NONE`, positions from the cache). Sliding-window layers are the cache's
-`mha_sliding` layers.
+Q/K themselves (`RopeMode.NONE`, positions from the cache). Sliding-window layers are a second cache's
+layers on llvm (`create_sliding_kv_cache`), the one cache's `mha_sliding` layers on CUDA.
 
 Linear layers are made by `make_linear`, so a quantized building block can replace `nn.Linear` per
 quantization without touching the model code. Parameter names follow `weight_names()`'s mapping.
@@ -29,12 +33,13 @@ quantization without touching the model code. Parameter names follow `weight_nam
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from shoal.models.block_types import TensorTypes
 from shoal.models.config import ModelConfig
 from shoal.models.native import NativePlan
+from shoal.models.sliding_cache import models_own_rope, separate_sliding_cache
 from shoal.models.span import LayerSpan
 from shoal.models.weights import QUANTIZATIONS
 from tvm import relax as rx
@@ -180,7 +185,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = make_linear(config.num_heads * config.head_dim, config.hidden_size, "o")
 
     def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int,
-                rope_factors: Tensor | None = None) -> Tensor:
+                rope_factors: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """`positions`: the tokens' absolute positions [b · s] when this model rotates Q/K itself (from the
+        shard's full-attention cache: a sliding-window cache reports positions within its window)."""
         b, s, _ = x.shape
         qkv = self.qkv_proj(x)
         if hasattr(self, "qkv_bias"):
@@ -191,7 +198,8 @@ class LlamaAttention(nn.Module):
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rope is not None:
-                positions = paged_kv_cache.get_query_positions(b * s)
+                if positions is None:
+                    positions = paged_kv_cache.get_query_positions(b * s)
                 q, k = (rope(t, positions, *self.rope, self.neox, rope_factors) for t in (q, k))
             qkv = op.concat([q, k, v], dim=2)
         if self.kv_dtype != "float32":  # the cache takes Q/K/V in its own element type
@@ -233,8 +241,8 @@ class LlamaDecoderLayer(nn.Module):
             self.ffn_post_norm = _rms_norm(hidden, eps, vector)
 
     def forward(self, x: Tensor, paged_kv_cache: PagedKVCache, layer_id: int,
-                rope_factors: Tensor | None = None) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id, rope_factors)
+                rope_factors: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        attn = self.self_attn(self.input_layernorm(x), paged_kv_cache, layer_id, rope_factors, positions)
         if hasattr(self, "attn_post_norm"):
             attn = self.attn_post_norm(attn)
         x = x + attn
@@ -242,12 +250,6 @@ class LlamaDecoderLayer(nn.Module):
         if hasattr(self, "ffn_post_norm"):
             mlp = self.ffn_post_norm(mlp)
         return x + mlp
-
-
-def models_own_rope(config: ModelConfig) -> bool:
-    """Whether the shard rotates Q/K itself: when layers differ in RoPE base or scale (gemma3) or the
-    frequencies have per-pair factors (Llama 3.1+)."""
-    return config.rope_freq_factors or len({config.layer_rope(i) for i in range(config.num_layers)}) > 1
 
 
 def _last_position(x: Tensor) -> Tensor:
@@ -283,6 +285,10 @@ class LlamaShard(nn.Module):
         if self.is_first or shared_head:
             self.embed_tokens = _make_embedding(config, quantization, target, native)
         self.kv_dtype = kv_cache_dtype(quantization, target)
+        self.sliding_cache = separate_sliding_cache(config, span, target.kind.name)
+        sliding = [config.is_sliding(i) and self.sliding_cache for i in range(span.start, span.stop)]
+        self.cache_layers = [(s, sum(t == s for t in sliding[:i])) for i, s in enumerate(sliding)]
+        """Per layer: (in the sliding cache, its layer id in that cache)."""
         vector = vector_backend(target)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, make_linear, i, self.kv_dtype, vector)
                                      for i in range(span.start, span.stop)])
@@ -293,13 +299,18 @@ class LlamaShard(nn.Module):
             if not shared_head:
                 self.lm_head = make_linear(config.hidden_size, config.vocab_size, "head")
 
-    def _body(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+    def _body(self, inputs: Tensor, paged_kv_cache: PagedKVCache,
+              sliding_kv_cache: PagedKVCache | None = None) -> Tensor:
         h = self.embed_tokens(inputs) if self.is_first else inputs
         if self.is_first and self.config.embedding_scale != 1.0:
             h = h * self.config.embedding_scale
         factors = self.rope_freqs.weight if hasattr(self, "rope_freqs") else None
-        for layer_id, layer in enumerate(self.layers):
-            h = layer(h, paged_kv_cache, layer_id, factors)
+        positions = None
+        if self.sliding_cache:  # absolute positions come from the full cache (the sliding one's restart)
+            positions = paged_kv_cache.get_query_positions(inputs.shape[0] * inputs.shape[1])
+        for layer, (sliding, cache_layer) in zip(self.layers, self.cache_layers, strict=True):
+            cache = sliding_kv_cache if sliding else paged_kv_cache
+            h = layer(h, cache, cache_layer, factors, positions)
         return h
 
     def _head(self, h: Tensor) -> Tensor:
@@ -308,18 +319,21 @@ class LlamaShard(nn.Module):
         cap = self.config.logit_softcap
         return op.tanh(logits / cap) * cap if cap else logits
 
-    def prefill(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
-        h = self._body(inputs, paged_kv_cache)
+    def prefill(self, inputs: Tensor, paged_kv_cache: PagedKVCache,
+                sliding_kv_cache: PagedKVCache | None = None) -> Tensor:
+        h = self._body(inputs, paged_kv_cache, sliding_kv_cache)
         return self._head(_last_position(h)) if self.is_last else h
 
-    def decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
-        h = self._body(inputs, paged_kv_cache)
+    def decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache,
+               sliding_kv_cache: PagedKVCache | None = None) -> Tensor:
+        h = self._body(inputs, paged_kv_cache, sliding_kv_cache)
         return self._head(h) if self.is_last else h
 
-    def batch_decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+    def batch_decode(self, inputs: Tensor, paged_kv_cache: PagedKVCache,
+                     sliding_kv_cache: PagedKVCache | None = None) -> Tensor:
         """`decode` for a symbolic batch; `decode` itself is compiled for batch 1 with static shapes, which
         spares the VM its per-step shape arithmetic and lets memory planning be static."""
-        return self.decode(inputs, paged_kv_cache)
+        return self.decode(inputs, paged_kv_cache, sliding_kv_cache)
 
     def create_paged_kv_cache(
         self,
@@ -329,21 +343,56 @@ class LlamaShard(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
+        """The shard's full-attention cache: every layer, or with `sliding_cache` its global layers only (one
+        unused layer when it has none: the cache still numbers the positions)."""
+        return self._make_cache(False, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                support_sliding_window)
+
+    def create_sliding_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """With `sliding_cache`: the sliding-window layers' cache (models/sliding_cache.py)."""
+        return self._make_cache(True, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                support_sliding_window)
+
+    def _make_cache(self, sliding_only: bool, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                    prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                    support_sliding_window: tirx.Var) -> PagedKVCache:
         from shoal.models.kernels.attention_cpu import fast_cpu_attention
         from shoal.models.sliding_prefill import fixed_sliding_prefill
 
         # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels;
         # sliding-window layers get a fixed copy of TVM's paged-prefill kernel (models/sliding_prefill.py).
-        fix = fixed_sliding_prefill() if self.config.sliding_window else contextlib.nullcontext()
-        with fast_cpu_attention(self.target), fix:
-            return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-                                        support_sliding_window)
+        fix = fixed_sliding_prefill(sliding_only) if self.config.sliding_window else contextlib.nullcontext()
+        renamed = _renamed_debug_kernel() if sliding_only else contextlib.nullcontext()
+        with fast_cpu_attention(self.target), fix, renamed:
+            return self._paged_kv_cache(sliding_only, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                                        page_size, support_sliding_window)
 
-    def _paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+    def _cache_kinds(self, sliding_only: bool) -> list[str]:
+        """The attention kinds of one of the shard's caches, in cache-layer order."""
+        c = self.config
+        sliding = [c.is_sliding(i) for i in range(self.span.start, self.span.stop)]
+        if self.sliding_cache:
+            kinds = ["mha"] * sum(s == sliding_only for s in sliding)
+            # a shard of sliding layers only: one unused full-attention layer (it numbers the positions)
+            return kinds or ["mha"]
+        kinds = ["mha_sliding" if s else "mha" for s in sliding]
+        if all(sliding) and c.sliding_window:
+            # TVM's cache fails at the first prefill ("data_ != nullptr") when every layer slides: one
+            # unused full-attention layer after the shard's own avoids that (its pages are never written).
+            kinds.append("mha")
+        return kinds
+
+    def _paged_kv_cache(self, sliding_only: bool, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                         prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                         support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.config
-        sliding = [c.is_sliding(i) for i in range(self.span.start, self.span.stop)]
         own_rope = models_own_rope(c)
         if own_rope:
             rope_mode, rope_scaling = RopeMode.NONE, {}
@@ -351,25 +400,21 @@ class LlamaShard(nn.Module):
             rope_mode, rope_scaling = RopeMode.NORMAL, {}
         else:
             rope_mode, rope_scaling = RopeMode.NORMAL, {"rope_type": "gptj"}
+        kinds = self._cache_kinds(sliding_only)
         extra: dict[str, Any] = {}
-        kinds: Any = "mha"
-        if any(sliding):
+        if c.sliding_window:
+            # the window the sliding kernels mask; TVM builds them for every llvm cache, so both of a shard's
+            # caches get the same kernels (one function each in the module: same symbol, same body)
             extra["layer_sliding_window_size"] = c.sliding_window
-            kinds = ["mha_sliding" if s else "mha" for s in sliding]
-            if all(sliding):
-                # TVM's cache fails at the first prefill ("data_ != nullptr") when every layer slides: one
-                # unused full-attention layer after the shard's own avoids that (costs its KV pages).
-                kinds.append("mha")
-        cache_layers = len(kinds) if isinstance(kinds, list) else len(self.span)
         return TIRPagedKVCache(
-            attn_kind=kinds,
+            attn_kind=kinds if "mha_sliding" in kinds else "mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, cache_layers]),
-            num_hidden_layers=cache_layers,
+            layer_partition=rx.ShapeExpr([0, len(kinds)]),
+            num_hidden_layers=len(kinds),
             num_attention_heads=c.num_heads,
             num_key_value_heads=c.num_kv_heads,
             qk_head_dim=c.head_dim,
@@ -399,21 +444,45 @@ class LlamaShard(nn.Module):
             decode_in = nn.spec.Tensor([1, 1, hidden], "float32")
             batch_in = nn.spec.Tensor(["batch_size", 1, hidden], "float32")
         cache = nn.spec.Object(object_type=PagedKVCache)
+        caches: dict[str, Any] = {"paged_kv_cache": cache}
+        if self.sliding_cache:
+            caches["sliding_kv_cache"] = nn.spec.Object(object_type=PagedKVCache)
         packed: dict[str, Any] = {"param_mode": "packed", "effect_mode": "none"}
-        spec = {
-            "prefill": {"inputs": prefill_in, "paged_kv_cache": cache, "$": packed},
-            "decode": {"inputs": decode_in, "paged_kv_cache": cache, "$": packed},
-            "batch_decode": {"inputs": batch_in, "paged_kv_cache": cache, "$": packed},
-            "create_paged_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
+        create = {
+            "max_batch_size": int,
+            "max_total_seq_len": int,
+            "prefill_chunk_size": int,
+            "page_size": int,
+            "support_sliding_window": int,
+            "$": {"param_mode": "none", "effect_mode": "none"},
         }
+        spec = {
+            "prefill": {"inputs": prefill_in, **caches, "$": packed},
+            "decode": {"inputs": decode_in, **caches, "$": packed},
+            "batch_decode": {"inputs": batch_in, **caches, "$": packed},
+            "create_paged_kv_cache": create,
+        }
+        if self.sliding_cache:
+            spec["create_sliding_kv_cache"] = dict(create)
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+@contextlib.contextmanager
+def _renamed_debug_kernel() -> Iterator[None]:
+    """While active, TVM's `kv_cache_debug_get_kv` kernel (sized by the cache's layer count) gets its own
+    symbol, so a shard's second cache adds it beside the first cache's (the other kernels are the same)."""
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    stock = kv_cache._kv_cache_debug_get_kv
+
+    def renamed(*args: Any, **kwargs: Any) -> Any:
+        return stock(*args, **kwargs).with_attr("global_symbol", "tir_kv_cache_debug_get_kv_sliding")
+
+    kv_cache._kv_cache_debug_get_kv = renamed
+    try:
+        yield
+    finally:
+        kv_cache._kv_cache_debug_get_kv = stock
 
 
 def _make_embedding(config: ModelConfig, quantization: str, target: Target,

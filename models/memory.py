@@ -5,6 +5,8 @@ Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positio
   head) and the reference, about their GGUF size for quantized builds (blocks repacked, norms fp32);
 - KV cache: 2 (K and V) × layers × kv_heads × head_dim × 2 bytes per token — quantized builds keep fp16
   pages on the CPU (models/llama.py `kv_cache_dtype`), `f32` builds (and the reference) fp32, 4 bytes;
+  sliding-window layers with their own cache (gemma3 on the CPU, models/sliding_cache.py) count at most the
+  window plus one prefill chunk (whole pages) per sequence, not every position (`kv_cache_bytes`);
 - workspace: one prefill chunk's activations (3 × hidden, QKV, 3 × intermediate for gate/up and their
   product: ~38 MB a 512-token chunk of Qwen2.5-0.5B, as measured of the compiled prefill) and one row of
   logits (prefill computes the last position's only), plus a fixed runtime overhead. One chunk: the stage
@@ -26,6 +28,7 @@ from typing import Any
 import psutil
 from shoal.models.config import ModelConfig
 from shoal.models.errors import InsufficientMemoryError
+from shoal.models.sliding_cache import separate_sliding_cache, sliding_cache_keeps, sliding_cache_tokens
 from shoal.models.span import LayerSpan
 
 RUNTIME_OVERHEAD = 128 << 20
@@ -56,6 +59,22 @@ def kv_bytes_per_token(config: ModelConfig, span: LayerSpan, quantization: str =
     return 2 * len(span) * config.num_kv_heads * config.head_dim * KV_BYTES.get(quantization, 2)
 
 
+def kv_cache_bytes(config: ModelConfig, span: LayerSpan, tokens: int, quantization: str = "f32", *,
+                   prefill_chunk: int = 512, sequences: int = 1) -> int:
+    """KV bytes of `tokens` positions over `sequences` sequences: the full-attention layers keep every
+    position; where the build keeps the sliding layers apart (CPU builds, models/sliding_cache.py), those hold
+    at most `sliding_cache_tokens` positions (the window plus the runtime's prefill chunk, capped below the
+    window, in whole pages, per sequence)."""
+    per_layer = kv_bytes_per_token(config, LayerSpan(0, 1), quantization)
+    if not separate_sliding_cache(config, span, "llvm"):
+        return per_layer * len(span) * tokens
+    sliding = sum(config.is_sliding(i) for i in range(span.start, span.stop))
+    keeps = sliding_cache_keeps(config)
+    chunk = min(prefill_chunk, max(1, config.sliding_window - 1))  # CompiledStage's cap for sliding layers
+    held = min(tokens, sliding_cache_tokens(keeps, chunk, sequences, tokens, PAGE))
+    return per_layer * ((len(span) - sliding) * tokens + sliding * held)
+
+
 def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
     """Resident bytes of the span's weights (`index`: a GGUFIndex or GGUFModel)."""
     total = 0
@@ -74,8 +93,8 @@ def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str =
     width = c.hidden_size * 3 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
     logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
     workspace = prefill_chunk * width * 4 + logits + RUNTIME_OVERHEAD
-    return MemoryNeed(weight_bytes(index, span, quantization),
-                      tokens * kv_bytes_per_token(c, span, quantization), workspace, tokens)
+    kv = kv_cache_bytes(c, span, tokens, quantization, prefill_chunk=prefill_chunk)
+    return MemoryNeed(weight_bytes(index, span, quantization), kv, workspace, tokens)
 
 
 @functools.cache
@@ -106,12 +125,19 @@ def largest_context(index: Any, span: LayerSpan, available: int, *, quantization
                     prefill_chunk: int = 512) -> int:
     """Most KV-cache tokens (a multiple of the 16-token page, at most the trained context) that fit in
     `available` bytes; 0 when not even the weights fit."""
+    config: ModelConfig = index.config
     base = memory_need(index, span, 0, quantization=quantization, prefill_chunk=prefill_chunk)
-    room = available - base.total
-    per_token = kv_bytes_per_token(index.config, span, quantization)
+    # the KV cache's bytes grow linearly with the tokens once the sliding layers hold their bound (a page)
+    bound = kv_cache_bytes(config, span, config.context_length, quantization, prefill_chunk=prefill_chunk)
+    per_token = (bound - kv_cache_bytes(config, span, config.context_length - PAGE, quantization,
+                                        prefill_chunk=prefill_chunk)) // PAGE
+    fixed = bound - per_token * config.context_length
+    room = available - base.total - fixed
+    if per_token == 0:  # sliding layers only: the whole context, once their bound fits
+        return int(config.context_length) if room >= 0 else 0
     if room < per_token * PAGE:
         return 0
-    return int(min(room // per_token // PAGE * PAGE, index.config.context_length))
+    return int(min(room // per_token // PAGE * PAGE, config.context_length))
 
 
 def check_fits(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",

@@ -2,7 +2,9 @@
 
 A drop-in for `models.reference.ReferenceStage` (see the data contract in models/stage.py). Each prefill chunk
 and each decode step is one Relax VM call for the whole shard; the KV cache is TVM's paged cache, created once
-and driven with the `vm.builtin.kv_state_*` builtins.
+and driven with the `vm.builtin.kv_state_*` builtins. A gemma3 shard on the CPU has two: its sliding-window
+layers' own, bounded to the window (models/sliding_cache.py), beside the full one; both see every sequence
+and every step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from shoal.models.errors import ContextOverflowError
 from shoal.models.gguf import GGUFModel
 from shoal.models.memory import release_freed_heap
 from shoal.models.shard_weights import load_shard_weights
+from shoal.models.sliding_cache import separate_sliding_cache, sliding_cache_keeps, sliding_cache_tokens
 from shoal.models.span import LayerSpan
 from shoal.models.stage import StageDefaults, ids_in_range
 from shoal.models.targets import TargetSpec, detect_target, host_cores
@@ -111,6 +114,15 @@ class CompiledStage(StageDefaults):
             ShapeTuple([prefill_chunk]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
         )
         get = tvm.get_global_func
+        self._sliding_kv: Any = None
+        """The sliding-window layers' own cache (models/sliding_cache.py), or None."""
+        self._sliding_keeps = sliding_cache_keeps(config)
+        if separate_sliding_cache(config, shard.span, shard.target.kind):
+            self._sliding_kv = self._vm["create_sliding_kv_cache"](
+                ShapeTuple([max_batch_size]), ShapeTuple([self._sliding_cache_tokens()]),
+                ShapeTuple([prefill_chunk]), ShapeTuple([PAGE_SIZE]), ShapeTuple([1]),
+            )
+            self._enable_window = get("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
         self._add_seq = get("vm.builtin.kv_state_add_sequence")
         self._remove_seq = get("vm.builtin.kv_state_remove_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
@@ -129,6 +141,14 @@ class CompiledStage(StageDefaults):
         self._one = ShapeTuple([1])
         self._seq_shapes: dict[int, Any] = {}
         self._decode_inputs: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
+
+    def sliding_cache_tokens(self) -> int:
+        """KV positions the sliding-window layers' cache can hold over all sequences (0 without one)."""
+        return self._sliding_cache_tokens() if self._sliding_kv is not None else 0
+
+    def _sliding_cache_tokens(self) -> int:
+        return sliding_cache_tokens(self._sliding_keeps, self.prefill_chunk, self.max_batch_size,
+                                    self.max_total_tokens, PAGE_SIZE)
 
     @classmethod
     def load(
@@ -203,6 +223,9 @@ class CompiledStage(StageDefaults):
             if seq_id in self._lengths:
                 raise ValueError(f"sequence {seq_id} exists already")
             self._add_seq(self._kv, seq_id)
+            if self._sliding_kv is not None:
+                self._add_seq(self._sliding_kv, seq_id)
+                self._enable_window(self._sliding_kv, seq_id, self._sliding_keeps, 0)
             self._lengths[seq_id] = 0
             self._seq_shapes[seq_id] = self._shape_tuple([seq_id])
 
@@ -212,6 +235,8 @@ class CompiledStage(StageDefaults):
             if self._closed or seq_id not in self._lengths:
                 return
             self._remove_seq(self._kv, seq_id)
+            if self._sliding_kv is not None:
+                self._remove_seq(self._sliding_kv, seq_id)
             del self._lengths[seq_id]
             del self._seq_shapes[seq_id]
 
@@ -322,7 +347,13 @@ class CompiledStage(StageDefaults):
         try:
             self._begin(self._kv, ids, lengths)
             try:
-                return run(x, self._kv, self._params)
+                if self._sliding_kv is None:
+                    return run(x, self._kv, self._params)
+                self._begin(self._sliding_kv, ids, lengths)
+                try:
+                    return run(x, self._kv, self._sliding_kv, self._params)
+                finally:
+                    self._end(self._sliding_kv)
             finally:
                 self._end(self._kv)
         except BaseException:
@@ -368,7 +399,7 @@ class CompiledStage(StageDefaults):
             self._seq_shapes.clear()
             self._decode_inputs.clear()
             self._params = []
-            self._kv = None
+            self._kv = self._sliding_kv = None
             self._prefill = self._decode = self._batch_decode = None
             self._vm = None
             self._clear_pool()  # the pooled workspaces outlive the VM otherwise

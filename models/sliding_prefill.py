@@ -17,6 +17,7 @@ Use: `with fixed_sliding_prefill(): TIRPagedKVCache(...)`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -43,10 +44,14 @@ def _fixed_prefill_cpu(
     rope_scaling: dict[str, Any],
     page_size: int = 16,
     sliding_window_size: int = 1024,
+    window_always: bool = False,
 ):
     global_symbol = "batch_prefill_paged_kv_cpu"
     if sliding_window:
         global_symbol += "_sliding_window"
+    if window_always:
+        global_symbol += "_masked"
+    causal_flag = 1 if window_always else None
 
     group_size = h_q // h_kv
 
@@ -165,7 +170,7 @@ def _fixed_prefill_cpu(
 
                                 # update m_val, d_val , O_local
                                 if _causal_or_sliding_cross_mask(
-                                    causal,
+                                    causal if causal_flag is None else causal_flag,  # shoal: see window_always
                                     row=q_idx,
                                     col=row_idx,
                                     kv_len=kv_chunk_len[0],
@@ -199,18 +204,24 @@ def _fixed_prefill_cpu(
 
 
 def prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, rope_scaling: dict[str, Any],
-                page_size: int = 16, sliding_window_size: int = 1024) -> Any:
+                page_size: int = 16, sliding_window_size: int = 1024, window_always: bool = False) -> Any:
     """`kv_cache._attention_prefill_cpu`: the fixed kernel for sliding windows, TVM's otherwise."""
     if not sliding_window:
         return _STOCK(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size, sliding_window_size)
     return _fixed_prefill_cpu(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size,
-                              sliding_window_size)
+                              sliding_window_size, window_always)
 
 
 @contextlib.contextmanager
-def fixed_sliding_prefill() -> Iterator[None]:
-    """While active, `TIRPagedKVCache` takes its CPU paged-prefill kernels from `prefill_cpu`."""
-    kv_cache._attention_prefill_cpu = prefill_cpu
+def fixed_sliding_prefill(window_always: bool = False) -> Iterator[None]:
+    """While active, `TIRPagedKVCache` takes its CPU paged-prefill kernels from `prefill_cpu`.
+
+    `window_always`: the sliding kernel masks the window whatever its `causal` argument says (symbol
+    `..._sliding_window_masked`). TVM passes causal=1 only for `mha_sliding` layers; a shard's separate sliding
+    cache (models/sliding_cache.py) holds `mha` layers under TVM's per-sequence window, where every layer
+    takes the sliding kernels with causal=0, and the window must still hide the cached keys a chunk's later
+    queries no longer see."""
+    kv_cache._attention_prefill_cpu = functools.partial(prefill_cpu, window_always=window_always)
     try:
         yield
     finally:
