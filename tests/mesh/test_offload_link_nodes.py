@@ -60,9 +60,16 @@ def counters(node: SplitNode) -> dict[str, dict[str, int]]:
     return node.call("GET", "/v1/mesh/route")["offload_tokens"]
 
 
+def receipts(node: SplitNode, peer: str, side: str) -> int:
+    """Countersigned receipts `node` keeps of requests `peer` served for it (`received`) or it served for
+    `peer` (`given`)."""
+    return node.call("GET", "/v1/mesh/usage")["peers"].get(peer, {}).get(f"{side}_requests", 0)
+
+
 def test_an_offloads_tokens_come_over_the_direct_link(nodes, expected):
     a, b, _ = nodes
     before_a, before_b = counters(a), counters(b)
+    kept_a, kept_b = receipts(a, b.peer_id, "received"), receipts(b, a.peer_id, "given")
     a.force("offload", (b.peer_id, "0:30"))
     for prompt in PROMPTS:
         reply = a.chat(prompt, MAX_TOKENS)
@@ -75,8 +82,9 @@ def test_an_offloads_tokens_come_over_the_direct_link(nodes, expected):
     assert after_a["received"]["channel"] == before_a["received"]["channel"]
     assert after_b["sent"]["direct"] - before_b["sent"]["direct"] == sent, (before_b, after_b)
     assert after_b["sent"]["channel"] == before_b["sent"]["channel"]
-    usage = a.call("GET", "/v1/mesh/usage")  # the receipts came over the link too, and were countersigned
-    assert "error" not in usage
+    # the receipts came in the done records over the link, were countersigned and kept on both sides
+    wait_until(lambda: receipts(a, b.peer_id, "received") == kept_a + len(PROMPTS), 20, "a's receipts")
+    wait_until(lambda: receipts(b, a.peer_id, "given") == kept_b + len(PROMPTS), 20, "b's receipts")
 
 
 def test_a_peer_without_links_serves_over_the_data_channel(nodes, expected):
