@@ -29,7 +29,7 @@ import dataclasses
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +165,7 @@ class OffloadClient:
 
     async def _attempt(self, peer_id: str, model: str, prompt_ids: list[int], params: dict[str, Any],
                        cid: str | None, on_wait: Callable[[str, float], None] | None, direct: bool
-                       ) -> AsyncIterator[OffloadEvent]:
+                       ) -> AsyncGenerator[OffloadEvent, None]:
         rid = next(_rids) % 2**32
         key = (peer_id, rid)
         queue: asyncio.Queue[ControlFrame | BaseException] = asyncio.Queue()
