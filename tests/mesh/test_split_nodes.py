@@ -87,6 +87,7 @@ def test_two_and_three_stage_splits_and_offload_equal_local(mesh3, expected):
     }
     for label, (kind, *stages) in cases.items():
         a.force(kind, *stages)
+        before = a.call("GET", "/v1/mesh/route")["offload_tokens"]["received"]
         for prompt, reply in zip(PROMPTS, _run_all(a), strict=True):
             assert reply["choices"][0]["message"]["content"] == expected[prompt], (label, prompt, reply)
             assert reply["usage"]["completion_tokens"] == MAX_TOKENS
@@ -97,6 +98,10 @@ def test_two_and_three_stage_splits_and_offload_equal_local(mesh3, expected):
             if kind == "split":  # b offers no direct link; c (and only c) does
                 links = [t["link"] for t in route["stage_timing"]]
                 assert links == ["local"] + ["direct" if p == c.peer_id else "channel" for p, _ in stages[1:]]
+        if kind == "offload":  # b offers no direct link: its tokens came over the data channel
+            after = a.call("GET", "/v1/mesh/route")["offload_tokens"]["received"]
+            assert after["channel"] - before["channel"] == len(PROMPTS) * MAX_TOKENS, (before, after)
+            assert after["direct"] == before["direct"], (before, after)
     requests = a.call("GET", "/v1/mesh/requests")["requests"]
     kinds = {r["route"]["kind"] for r in requests}
     assert {"local", "split", "offload"} <= kinds
