@@ -186,8 +186,10 @@ class TensorLinkServer:
                 self._links.append(link)
                 if lid is not None:  # parked before the origin hears it was taken: its claim finds it
                     self._parked[(peer, lid)] = (link, time.monotonic() + self._config.link_token_ttl_s)
+            # for good: every read and write of the link — set before the answer, after which an offload's
+            # claim may take the socket to its event loop at any moment
+            sock.settimeout(self._config.link_record_timeout_s)
             sock.sendall(link.sealer.seal(b""))
-            sock.settimeout(self._config.link_record_timeout_s)  # for good: every read and write of the link
         except (LinkError, OSError) as exc:
             logger.warning("tensor link from %s refused: %s", address[0], exc)
             with self._lock:
