@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.route import Route
@@ -186,15 +186,16 @@ async def reporting(waited: Awaitable[T], report: Report | None, every_s: float 
 
 
 async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, probe_timeout_s: float,
-                      timeout_s: float | None = None, report: Report | None = None) -> T:
+                      timeout_s: float | None = None, report: Report | None = None,
+                      began: float | None = None) -> T:
     """`reply`'s result. Raises `PeerSilent` when the peer stays silent past `clock.suspect_after()` and does
     not answer a ping sent halfway through that silence (`EARLY_PING`) within the rest of it plus the probe's
     wait (`probe_wait`, `lost`); `TimeoutError` past `timeout_s` (None: no limit but the peer's silence).
     Before the request's first reply (nothing to compare a silence with), `report` hears of the wait each
-    second."""
+    second. `began`: the loop time the wait began, when that was before this call (`next_reply`)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(reply)
-    began = loop.time()
+    began = loop.time() if began is None else began
     deadline = None if timeout_s is None else began + timeout_s
 
     async def done_within(seconds: float | None) -> bool:
@@ -209,6 +210,7 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
             raise TimeoutError
         return False
 
+    quiet_from = began  # when the silence being judged began (a ping answered starts another)
     try:
         while True:
             suspect = clock.suspect_after()
@@ -219,7 +221,7 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
                     report(loop.time() - began)
                 continue
             early = suspect * EARLY_PING
-            if await done_within(early):
+            if await done_within(max(0.0, quiet_from + early - loop.time())):
                 return task.result()
             sent = await ping(link)  # halfway: the answer has the rest of the silence too
             rest = suspect - early
@@ -233,9 +235,99 @@ async def await_reply(reply: Awaitable[T], link: Probed, clock: ReplyClock, prob
             if task.done():
                 clock.observe(loop.time() - began)
                 return task.result()
+            quiet_from = loop.time()
     finally:
         if not task.done():
             task.cancel()
+
+
+class Inbox(Generic[T]):
+    """One request's replies, in order, for one consumer (`next_reply`): `put` never waits, and a wait is
+    one future — no task per reply, as `asyncio.Queue.get` under `asyncio.wait` needs — with one timer for
+    the whole request that wakes the waiter once a silence reaches its early ping (`wake_at`)."""
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pop(self) -> T:
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Until an item is here, or the time given to `wake_at` passed."""
+        if self._items:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def get(self) -> T:
+        """The next item (cancellable: an item that came meanwhile stays for the next call)."""
+        while not self._items:
+            await self.wait()
+        return self._items.popleft()
+
+    def wake_at(self, when: float) -> None:
+        """Wake the wait once the loop's clock reaches `when`, if no item came first. The timer is kept
+        across waits and moved on when it fires early, so a reply costs no timer of its own."""
+        self._due = when
+        timer = self._timer
+        if timer is not None and timer.when() <= when:
+            return  # fires sooner, then moves itself to `_due`
+        if timer is not None:
+            timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait now: the next one arms the timer again
+        loop = waiter.get_loop()
+        if loop.time() >= self._due:
+            waiter.set_result(None)
+        else:
+            self._timer = loop.call_at(self._due, self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def next_reply(inbox: Inbox[T], link: Probed, clock: ReplyClock, probe_timeout_s: float,
+                     timeout_s: float | None = None, report: Report | None = None) -> T:
+    """`await_reply(inbox.get(), ...)` at a reply's cost: one future while the reply comes before the
+    silence's early ping (`EARLY_PING` × `clock.suspect_after()`, or `timeout_s` if sooner); past that, the
+    same rule as `await_reply` takes over, counting the silence from when this wait began. An item already
+    there is returned at once (no gap observed, as before a wait)."""
+    if len(inbox):
+        return inbox.pop()
+    suspect = clock.suspect_after()
+    if suspect is None or report is not None:  # before the first reply: the reporting wait
+        return await await_reply(inbox.get(), link, clock, probe_timeout_s, timeout_s, report)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    early = suspect * EARLY_PING if timeout_s is None else min(suspect * EARLY_PING, timeout_s)
+    inbox.wake_at(began + early)
+    await inbox.wait()
+    if len(inbox):
+        clock.observe(loop.time() - began)
+        return inbox.pop()
+    return await await_reply(inbox.get(), link, clock, probe_timeout_s, timeout_s, began=began)
 
 
 def local_load_report(route: Route, span: LayerSpan) -> Report:

@@ -23,7 +23,6 @@ breaks before the first token has it opened again there, and one that breaks lat
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -38,7 +37,7 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import offload_link, wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.liveness import PeerSilent, Report, Watch, await_reply, heard_from, reporting
+from shoal.mesh.split.liveness import Inbox, PeerSilent, Report, Watch, heard_from, next_reply, reporting
 from shoal.mesh.split.offload_frames import OffloadEvent, token_events
 from shoal.mesh.split.offload_link import TokenReceiver, link_host
 from shoal.mesh.split.ports import MeshHandle
@@ -79,7 +78,7 @@ class OffloadClient:
         self.tokens_over = {"direct": 0, "channel": 0}
         """Tokens received, by how they came (`GET /v1/mesh/route`)."""
         self._ledger = ledger
-        self._queues: dict[tuple[str, int], asyncio.Queue[ControlFrame | BaseException]] = {}
+        self._queues: dict[tuple[str, int], Inbox[ControlFrame | BaseException]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
         """What this node saw of each offloaded request until its `offload.done` (the receipt is checked
         against it): kept past `stream()`, which returns at the finish token, before the done frame."""
@@ -112,7 +111,7 @@ class OffloadClient:
                     self._mesh.spawn(self._countersign(peer, rid, seen, receipt), name=f"receipt {rid}")
         queue = self._queues.get(key)
         if queue is not None:
-            queue.put_nowait(frame)
+            queue.put(frame)
         return None
 
     async def _countersign(self, peer: Peer, rid: int, seen: _Seen, receipt: Any) -> None:
@@ -136,7 +135,7 @@ class OffloadClient:
             del self._seen[key]
         for (peer_id, _), queue in list(self._queues.items()):
             if peer_id == peer.peer_id:
-                queue.put_nowait(StageLost(peer_id, f"link closed: {peer.close_reason or 'gone'}"))
+                queue.put(StageLost(peer_id, f"link closed: {peer.close_reason or 'gone'}"))
 
     async def stream(self, peer_id: str, model: str, prompt_ids: list[int], params: dict[str, Any],
                      cid: str | None = None, on_wait: Callable[[str, float], None] | None = None
@@ -168,7 +167,7 @@ class OffloadClient:
                        ) -> AsyncGenerator[OffloadEvent, None]:
         rid = next(_rids) % 2**32
         key = (peer_id, rid)
-        queue: asyncio.Queue[ControlFrame | BaseException] = asyncio.Queue()
+        queue: Inbox[ControlFrame | BaseException] = Inbox()
         self._queues[key] = queue
         self._seen[key] = _Seen(model, frozenset(m for m in (model, cid) if m), len(prompt_ids))
         while len(self._seen) > MAX_SEEN:
@@ -199,9 +198,9 @@ class OffloadClient:
                 try:  # a killed peer is found by its silence and an unanswered ping, well before heartbeats
                     first: Report | None = (lambda s: on_wait("first_token", s)) \
                         if on_wait is not None and index == 0 else None
-                    # a token already here needs no watch (no task and timer per token on this path)
-                    item = queue.get_nowait() if not queue.empty() else await await_reply(
-                        queue.get(), peer, clock, self._watch.probe_timeout_s, self._token_timeout, first)
+                    # a token that comes before its silence is suspect costs one future: no task or timer
+                    item = await next_reply(queue, peer, clock, self._watch.probe_timeout_s,
+                                            self._token_timeout, first)
                 except TimeoutError:
                     raise StageLost(peer_id, f"no token for {self._token_timeout:.0f} s") from None
                 except PeerSilent as exc:
@@ -229,6 +228,7 @@ class OffloadClient:
                     return
         finally:
             self._queues.pop(key, None)
+            queue.close()
             if not finished:
                 self._seen.pop(key, None)
                 if receiver is not None:
@@ -238,7 +238,7 @@ class OffloadClient:
             elif receiver is not None:
                 receiver.expect_end(self._token_timeout)  # its done (and receipt) still comes on the link
 
-    async def _link(self, peer: Peer, rid: int, queue: asyncio.Queue[ControlFrame | BaseException]
+    async def _link(self, peer: Peer, rid: int, queue: Inbox[ControlFrame | BaseException]
                     ) -> TokenReceiver | None:
         """A direct link for request `rid`'s frames (`split.offload_link`), or None: the data channel."""
         host = link_host(peer)
@@ -247,7 +247,7 @@ class OffloadClient:
 
         def lost(reason: str, malformed: bool) -> None:
             kind = StageLost if malformed else LinkBroke
-            queue.put_nowait(kind(peer.peer_id, reason))
+            queue.put(kind(peer.peer_id, reason))
 
         settings = self._settings
         try:

@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from shoal.mesh.split.liveness import (
+    Inbox,
     PeerSilent,
     ReplyClock,
     await_reply,
     heard_from,
     lost,
     max_probe_s,
+    next_reply,
     probe_wait,
 )
 
@@ -126,3 +128,64 @@ async def test_a_reply_during_the_probe_is_taken_at_once():
     loop.call_later(0.4, reply.set_result, "token")
     async with asyncio.timeout(60):  # a hang guard: the probe would wait an hour for the ping's answer
         assert await await_reply(reply, LateLink(None), watched_clock(), 3600.0) == "token"
+
+
+async def test_next_reply_keeps_the_rule_over_an_inbox():
+    """`next_reply` (the offload's per-token wait) judges a silence as `await_reply` does: a peer whose loop
+    answers pings 0.5 s late is waited for until its reply at 1 s, a dead one is lost after one ping."""
+    loop = asyncio.get_running_loop()
+    slow, inbox = LateLink(0.5), Inbox[str]()
+    loop.call_later(1.0, inbox.put, "token")
+    assert await next_reply(inbox, slow, watched_clock(), 0.4) == "token"
+    assert slow.pings >= 1
+    dead, silent = LateLink(None), Inbox[str]()
+    with pytest.raises(PeerSilent):
+        await next_reply(silent, dead, watched_clock(), 0.4)
+    assert dead.pings == 1
+    with pytest.raises(TimeoutError):  # the request's own timeout, before the silence is suspect
+        await next_reply(Inbox[str](), LateLink(0.0), watched_clock(), 0.4, timeout_s=0.05)
+
+
+async def test_replies_in_time_cost_no_task_or_timer_each():
+    """Replies that come before their silence is suspect: no task and no new timer per reply (one timer for
+    the request, moved on when it fires early), in order, and the clock learns their gaps."""
+    loop = asyncio.get_running_loop()
+    link, clock, inbox = LateLink(0.0), watched_clock(), Inbox[int]()
+    tasks, timers = 0, 0
+    factory = loop.get_task_factory()
+    call_at = loop.call_at
+
+    def counting_task(lp: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        nonlocal tasks
+        tasks += 1
+        return asyncio.Task(coro, loop=lp, **kwargs)
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    for i in range(20):
+        loop.call_later(0.002 * (i + 1), inbox.put, i)
+    loop.set_task_factory(counting_task)
+    loop.call_at = counting_call_at  # type: ignore[method-assign]
+    try:
+        got = [await next_reply(inbox, link, clock, 0.4) for _ in range(20)]
+    finally:
+        loop.set_task_factory(factory)
+        del loop.call_at
+    inbox.close()
+    assert got == list(range(20))
+    assert tasks == 0 and timers <= 2 and link.pings == 0
+    assert len(clock._gaps) == clock._gaps.maxlen  # the waited replies' gaps were observed
+
+
+async def test_an_inbox_keeps_an_item_that_came_as_its_getter_was_cancelled():
+    inbox = Inbox[str]()
+    getter = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put("token")
+    getter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await getter
+    assert len(inbox) == 1 and await inbox.get() == "token"
