@@ -1,11 +1,12 @@
 """Gemma 3's sliding-window layers in their own KV cache, bounded to the window (models/sliding_cache.py).
 
-A gemma3-shaped file (tests/models/family_gguf.py: 7 layers, 5 local + 1 global + 1 local) written with a
-32-token window, so a 200-token prompt goes in 7 chunks of 31 (the runtime caps a chunk below the window) and
-32 greedy steps decode past it. The compiled f32 build (fp32 KV, the reference's arithmetic) must give the
-NumPy reference's logits and greedy tokens — for the whole model and for three chained shards, one starting
-mid-model with sliding layers only, one holding the global layer — while its sliding cache is created smaller
-than the positions the sequences reach, so it only works if TVM recycles the pages that slid out.
+A gemma3-shaped file (tests/models/family_gguf.py: 7 layers, 5 local + 1 global + 1 local) with a 32-token
+window (slow; the default suite takes the fixtures' 8-token window, whose build test_families.py compiles
+too): a 200-token prompt goes in chunks of window − 1 (the runtime's cap) and 32 greedy steps decode past the
+window, batched with a 45-token sequence. The compiled f32 build (fp32 KV, the reference's arithmetic) must
+give the NumPy reference's logits and greedy tokens — for the whole model and for three chained shards, one
+starting mid-model with sliding layers only, one holding the global layer — while its sliding cache is created
+smaller than the positions the sequences reach, so it only works if TVM recycles the pages that slid out.
 """
 
 from __future__ import annotations
@@ -29,18 +30,24 @@ PROMPTS = (200, 45)
 STEPS = 32
 TOLERANCE = 2e-4
 """Max |Δlogit| against the reference (fp32 both; the compiled kernels sum in another order: ~3e-6 seen)."""
+SLIDING_TOKENS = {8: 2 * 32, 32: 2 * 80}
+"""The sliding cache of a stage with max_batch_size 2: per sequence window − 1 kept + a chunk of window − 1,
+in pages, plus a page (8: 14 -> 2 pages; 32: 62 -> 5 pages); fewer than the 232 positions reached."""
 
 
 @pytest.fixture(scope="module")
-def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sliding") / "gemma3-w32.gguf"
-    patch = pytest.MonkeyPatch()
-    patch.setattr(family_gguf, "GEMMA3_WINDOW", WINDOW)
-    try:
-        family_gguf.write_family_gguf("gemma3", path)
-    finally:
-        patch.undo()
-    return path
+def gemma_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    folder = tmp_path_factory.mktemp("sliding")
+    files = {}
+    for window in (8, WINDOW):
+        path = folder / f"gemma3-w{window}.gguf"
+        patch = pytest.MonkeyPatch()
+        patch.setattr(family_gguf, "GEMMA3_WINDOW", window)
+        try:
+            files[window] = family_gguf.write_family_gguf("gemma3", path)
+        finally:
+            patch.undo()
+    return files
 
 
 class _Chain:
@@ -96,41 +103,40 @@ def _load(model: GGUFModel, span: LayerSpan) -> Any:
                               max_total_tokens=512)
 
 
-def test_sliding_cache_matches_reference_past_the_window(gemma_file: Path) -> None:
+@pytest.mark.parametrize("window", [8, pytest.param(WINDOW, marks=pytest.mark.slow)])
+def test_sliding_cache_matches_reference_past_the_window(gemma_files: dict[int, Path], window: int) -> None:
     pytest.importorskip("tvm")
-    model = GGUFModel.open(gemma_file)
+    model = GGUFModel.open(gemma_files[window])
     layers = model.config.num_layers
-    assert model.config.sliding_window == WINDOW
+    assert model.config.sliding_window == window
     assert separate_sliding_cache(model.config, LayerSpan.whole(layers), "llvm")
     assert not separate_sliding_cache(model.config, LayerSpan.whole(layers), "cuda")
     stage = _load(model, LayerSpan.whole(layers))
     try:
-        assert stage.prefill_chunk == WINDOW - 1
-        # each sequence holds its window less one plus a chunk, in pages, plus a page: 2 x 80 positions,
-        # fewer than the 232 the long sequence reaches (a cache that kept them all would run out of pages)
-        assert stage.sliding_cache_tokens() == 2 * 80 < PROMPTS[0] + STEPS
+        assert stage.prefill_chunk == window - 1
+        assert stage.sliding_cache_tokens() == SLIDING_TOKENS[window] < PROMPTS[0] + STEPS
         _check_against_reference(model, stage)
     finally:
         stage.close()
 
 
 @pytest.mark.slow
-def test_sliding_cache_shards_match_reference(gemma_file: Path) -> None:
+def test_sliding_cache_shards_match_reference(gemma_files: dict[int, Path]) -> None:
     """Three chained shards: 0:2 (first, sliding only), 2:5 (mid-model, sliding only: its full cache holds
     one unused layer and numbers the positions), 5:7 (the global layer and a sliding one, the head)."""
     pytest.importorskip("tvm")
-    model = GGUFModel.open(gemma_file)
+    model = GGUFModel.open(gemma_files[WINDOW])
     stages = [_load(model, LayerSpan(a, b)) for a, b in ((0, 2), (2, 5), (5, 7))]
     try:
-        assert all(stage.sliding_cache_tokens() == 160 for stage in stages)
+        assert all(stage.sliding_cache_tokens() == SLIDING_TOKENS[WINDOW] for stage in stages)
         _check_against_reference(model, _Chain(stages))
     finally:
         for stage in stages:
             stage.close()
 
 
-def test_memory_estimate_counts_sliding_layers_at_their_bound(gemma_file: Path) -> None:
-    model = GGUFModel.open(gemma_file)
+def test_memory_estimate_counts_sliding_layers_at_their_bound(gemma_files: dict[int, Path]) -> None:
+    model = GGUFModel.open(gemma_files[WINDOW])
     config, whole = model.config, LayerSpan.whole(model.config.num_layers)
     per_layer = kv_bytes_per_token(config, LayerSpan(0, 1), "native")
     assert sliding_cache_keeps(config) == WINDOW - 1
