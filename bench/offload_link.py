@@ -11,6 +11,11 @@ the issue's reference). Measured per request: the decode tok/s at the client, an
 b's event loop (its main thread) and of the origin's, from /proc/PID/task/TID/schedstat — CPU accounting,
 which load from other work disturbs far less than wall time. Prints the medians and the median of the
 per-round ratios to `local@b` (p25-p75), and each route's loop cost against `local@b`'s.
+
+A node's loop also runs while no request does (heartbeats, gossip, SCTP timers of its links: ~20-30 ms a
+second each on this VM, i.e. ~0.5 ms a token at 40-50 tok/s), so each loop's idle rate is measured first
+(`--idle-s` seconds with no request) and the `net` columns take that rate × the request's wall time off:
+what the request itself cost the loop.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=("numpy", "tvm"), default="tvm")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--idle-s", type=float, default=4.0,
+                        help="seconds of no request over which each loop's idle CPU rate is measured")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="shoal-bench-offload-link-"))
@@ -71,35 +78,51 @@ def main() -> None:
                                                           "local@b": (b, b)}
         for asker, _ in routes.values():  # warm up: compile caches, first-request costs
             timed_stream(asker, 8)
+        before = [loop_cpu_s(n) for n in nodes]
+        began = time.monotonic()
+        time.sleep(args.idle_s)
+        took = time.monotonic() - began
+        idle = {n.name: (loop_cpu_s(n) - c) / took for n, c in zip(nodes, before, strict=True)}
         rate: dict[str, list[float]] = {r: [] for r in routes}
         b_loop: dict[str, list[float]] = {r: [] for r in routes}
         origin_loop: dict[str, list[float]] = {r: [] for r in routes}
+        b_net: dict[str, list[float]] = {r: [] for r in routes}
+        origin_net: dict[str, list[float]] = {r: [] for r in routes}
         names = list(routes)
         for round_ in range(args.rounds):
             order = names[round_ % len(names):] + names[:round_ % len(names)]
             for route in order:
                 asker, server = routes[route]
-                b0, a0 = loop_cpu_s(server), loop_cpu_s(asker)
+                b0, a0, t0 = loop_cpu_s(server), loop_cpu_s(asker), time.monotonic()
                 _, tok_s, stamps, _ = timed_stream(asker, args.tokens)
-                b1, a1 = loop_cpu_s(server), loop_cpu_s(asker)
+                b1, a1, wall = loop_cpu_s(server), loop_cpu_s(asker), time.monotonic() - t0
                 rate[route].append(tok_s)
                 b_loop[route].append((b1 - b0) / len(stamps) * 1e6)
                 origin_loop[route].append((a1 - a0) / len(stamps) * 1e6)
+                b_net[route].append((b1 - b0 - idle[server.name] * wall) / len(stamps) * 1e6)
+                origin_net[route].append((a1 - a0 - idle[asker.name] * wall) / len(stamps) * 1e6)
             time.sleep(0.2)
         print(f"\n## offload tokens: direct link vs data channel, backend {args.backend}, {args.tokens} "
               f"tokens, {args.rounds} rounds (origins: core 0, b: core 1); load {os.getloadavg()[0]:.1f}")
+        print("loops' idle CPU, ms/s: " + ", ".join(f"{n} {r * 1e3:.1f}" for n, r in idle.items()))
         print(f"{'route':10} {'decode tok/s':>13} {'vs local@b, per round (p25-p75)':>33} "
-              f"{'b loop us/token':>16} {'origin loop us/token':>21}")
+              f"{'b loop us/token':>16} {'origin loop us/token':>21} {'b net':>7} {'origin net':>11}")
         for route in names:
             ratios = sorted(x / y for x, y in zip(rate[route], rate["local@b"], strict=True))
             spread = f"({quantile(ratios, 0.25):.2f}-{quantile(ratios, 0.75):.2f})"
             print(f"{route:10} {statistics.median(rate[route]):13.2f} {statistics.median(ratios):>15.2f}x "
                   f"{spread:<16} {statistics.median(b_loop[route]):16.0f} "
-                  f"{statistics.median(origin_loop[route]):21.0f}")
+                  f"{statistics.median(origin_loop[route]):21.0f} {statistics.median(b_net[route]):7.0f} "
+                  f"{statistics.median(origin_net[route]):11.0f}")
         extra = {r: sorted(x - y for x, y in zip(b_loop[r], b_loop["local@b"], strict=True))
                  for r in names[:2]}
         print("b's loop per token over local@b's, median of per-round differences: "
               + ", ".join(f"{r} {statistics.median(d):+.0f} us" for r, d in extra.items()))
+        relay = {r: sorted(x - y for x, y in zip(origin_net[r], b_net["local@b"], strict=True))
+                 for r in names[:2]}
+        print("the origin's loop per relayed token (net of idle) over local@b's loop per served token (net), "
+              "median of per-round differences: "
+              + ", ".join(f"{r} {statistics.median(d):+.0f} us" for r, d in relay.items()))
     finally:
         for n in nodes:
             n.kill(15)

@@ -15,16 +15,19 @@ time with n requests running relative to one alone: the device's measured `batch
 (`batch_cost`: the share of one request's step time each further request adds; 1.0 when batching gains
 nothing; less where a batched step reads the weights once),
 with `bytes(model)` = layers + output head (the embedding lookup reads one row and is free). The local node
-also relays the tokens of the requests it offloaded (each frame through aiortc, then to its HTTP client), on
-the CPU that computes its own: that divides its speed by `1 − relay_share`, where `relay_share` = Σ over
-its offloads running `RELAY_TOKEN_S` × that stream's tokens/s (`relay_share()`). Prefill uses
+also relays the tokens of the requests it offloaded (each frame off its direct link or through aiortc, then
+to its HTTP client), on the CPU that computes its own: that divides its speed by `1 − relay_share`, where
+`relay_share` = Σ over its offloads running `relay_token_s(peer)` × that stream's tokens/s (`relay_share()`;
+`RELAY_LINK_TOKEN_S` for a peer whose tokens come over a direct link, `Device.offload_link`, else
+`RELAY_TOKEN_S`). Prefill uses
 `prefill_tps_d` the same way, per prompt token. A device that does not hold the model but can fetch it adds
 `bytes(span) / fetch_bps` once, before its first token.
 
 - **local**:   ttft = prefill_local(P);  per_token = compute_local(model)
-- **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model) + `OFFLOAD_TOKEN_S`. Tokens stream
-  back pipelined over `control`, so the link costs one RTT in total, not one per token; what each token frame
-  costs the two nodes' event loops is the constant.
+- **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model) + `offload_token_s(p)`. Tokens
+  stream back pipelined (over a direct link, or `control`), so the link costs one RTT in total, not one per
+  token; what each token frame costs the serving node's event loop is the constant (`OFFLOAD_LINK_TOKEN_S`
+  over a direct link, `OFFLOAD_TOKEN_S` over the data channel).
 - **split** over stages s_1..s_k (the origin relays between them, a star as llama.cpp RPC does):
   per_token = Σ_i compute_i(span_i) + Σ_{remote i} (rtt_i + (in_i + out_i) / bandwidth_i)
   where `in`/`out` are the bytes a stage receives and returns per step (4 for a token id, 4·hidden for a
@@ -56,14 +59,25 @@ DEFAULT_OVERHEAD = 200 * 1024 * 1024
 DEFAULT_LOGIT_BYTES = 256 * 8
 """What the last stage returns per step: the top-256 logits (value + id)."""
 OFFLOAD_TOKEN_S = 0.001
-"""Per-token cost of an offload's token stream (a frame through both nodes' event loops and aiortc's SCTP):
-with every node on one core an offload decoded at 0.87x of local for SmolLM2 on TVM at ~140 tok/s
-(docs/split.md, bench/split.py --one-core), i.e. ~1 ms a token."""
+"""Per-token cost of an offload's token stream over the data channel (a frame through both nodes' event loops
+and aiortc's SCTP): with every node on one core an offload decoded at 0.87x of local for SmolLM2 on TVM at
+~140 tok/s (docs/split.md, bench/split.py --one-core), i.e. ~1 ms a token; the serving node's loop spends
++0.56-0.86 ms a token over serving its own client (bench/offload_link.py, `channel`)."""
+OFFLOAD_LINK_TOKEN_S = 0.0002
+"""The same over a direct offload link (`split.offload_link`, sealed records on TCP): the serving node's loop
+spends what serving its own client does (-0.11 to +0.09 ms a token, median ~0 over 4 runs of
+bench/offload_link.py), the stream decoded at 0.98-1.05x of the serving node's own; what is left is a
+record's seal and write and the origin's read, counted small so an equal peer is never free."""
 RELAY_TOKEN_S = 0.0006
-"""The origin's CPU per token of a request it offloaded: the frame's DTLS/SCTP receipt in Python, its control
-handler and the relay to the HTTP client. Measured as the origin's event-loop CPU time per relayed token
-(/proc schedstat, SmolLM2 on TVM, `bench/placement.py` bursts and one-stream offloads): 0.6-0.9 ms on a
-loaded 2-core VM, 0.63 ms quiet, against ~0.06 ms of an idle node's loop (docs/split.md, *Placement*)."""
+"""The origin's CPU per token of a request it offloaded over the data channel: the frame's DTLS/SCTP receipt
+in Python, its control handler and the relay to the HTTP client. Measured as the origin's event-loop CPU
+time per relayed token (/proc schedstat, SmolLM2 on TVM, `bench/placement.py` bursts and one-stream
+offloads): 0.6-0.9 ms on a loaded 2-core VM, 0.63 ms quiet (docs/split.md, *Placement*)."""
+RELAY_LINK_TOKEN_S = 0.0003
+"""The origin's CPU per relayed token when they come over a direct link: the record's read, AES-GCM open and
+JSON, the token's check and the SSE chunk to the client. bench/offload_link.py, net of each loop's idle
+CPU, in the same runs: 0.75-0.92 ms a token against 1.54-1.65 ms over the channel (load 3.5-3.8), i.e.
+0.46-0.59 of the channel's; `RELAY_TOKEN_S` scaled by that (docs/split.md, *Offload over a direct link*)."""
 MAX_RELAY_SHARE = 0.9
 """Largest share of a device's CPU counted as taken by relays (the rest still computes)."""
 
@@ -174,6 +188,10 @@ class Device:
     relay_share: float = 0.0
     """Share of this device's CPU taken by relaying the tokens of requests it offloaded (the local node only;
     `relay_share()`): its compute runs that much slower."""
+    offload_link: bool = False
+    """Whether an offload's tokens from this peer would come over a direct link (`split.offload_link`): the
+    local node makes offload links (`[split] direct_tensors` and `offload_link`), the peer advertises an API
+    address, and no link to it failed lately. Picks the link's per-token constants over the channel's."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -286,15 +304,27 @@ def predict_offload(shape: ModelShape, request: Request, device: Device) -> Pred
     local_view = dataclasses.replace(device, id=LOCAL)  # its compute, without per-step links
     prefill, per_token = _stage_cost(shape, request, local_view, whole)
     prefill += device.rtt_s + request.prompt_tokens * 4 / device.bandwidth_bps
-    per_token += OFFLOAD_TOKEN_S
+    per_token += offload_token_s(device)
     return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
+
+
+def offload_token_s(device: Device) -> float:
+    """What each token of an offload to `device` adds to its stream: `OFFLOAD_LINK_TOKEN_S` over a direct
+    link, else `OFFLOAD_TOKEN_S` (the data channel)."""
+    return OFFLOAD_LINK_TOKEN_S if device.offload_link else OFFLOAD_TOKEN_S
+
+
+def relay_token_s(device: Device) -> float:
+    """The local node's CPU per token it relays from an offload to `device`: `RELAY_LINK_TOKEN_S` over a
+    direct link, else `RELAY_TOKEN_S`."""
+    return RELAY_LINK_TOKEN_S if device.offload_link else RELAY_TOKEN_S
 
 
 def relay_share(streams: Iterable[tuple[int, Device]]) -> float:
     """The share of the local node's CPU its relays take: for each (requests offloaded there and still
-    running, peer), `RELAY_TOKEN_S` × those requests' tokens/s (the peer's decode speed under its load),
-    capped at `MAX_RELAY_SHARE`."""
-    share = sum(count * RELAY_TOKEN_S / peer.seconds_per_token() for count, peer in streams
+    running, peer), `relay_token_s(peer)` × those requests' tokens/s (the peer's decode speed under its
+    load), capped at `MAX_RELAY_SHARE`."""
+    share = sum(count * relay_token_s(peer) / peer.seconds_per_token() for count, peer in streams
                 if count > 0 and peer.decode_tps > 0)
     return min(MAX_RELAY_SHARE, share)
 

@@ -238,6 +238,12 @@ class OffloadClient:
             elif receiver is not None:
                 receiver.expect_end(self._token_timeout)  # its done (and receipt) still comes on the link
 
+    def links_to(self, peer: Peer) -> bool:
+        """Whether an offload to `peer` would try a direct link now (the planner's `Device.offload_link`):
+        links are on here, the peer has an API address, and no link to it failed within `direct_retry_s`."""
+        host = link_host(peer) if self._direct else None
+        return host is not None and not self._failures.recent(peer.peer_id, host)
+
     async def _link(self, peer: Peer, rid: int, queue: Inbox[ControlFrame | BaseException]
                     ) -> TokenReceiver | None:
         """A direct link for request `rid`'s frames (`split.offload_link`), or None: the data channel."""

@@ -153,11 +153,14 @@ def advert_battery(advert: dict[str, Any]) -> float | None:
 
 
 def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bool, trusted: bool,
-                  rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0) -> sched.Device:
+                  rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0,
+                  offload_link: bool = False) -> sched.Device:
     """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
     batch cost; none: unmeasured), `queue_depth` (at least `placed`, the requests this node placed there
-    that are still running: the advert lags), `split` (serves others, memory budget), `battery`. Junk fields
-    read as absent; ValueError when the result is not a valid device."""
+    that are still running: the advert lags), `split` (serves others, memory budget), `battery`.
+    `offload_link`: an offload's tokens from it would come over a direct link (what this node knows: its
+    `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result is not a valid
+    device."""
     split = advert_table(advert.get("split"))
     speed = advert_table(advert_table(advert.get("speed")).get(model))
     battery = advert_battery(advert)
@@ -182,4 +185,5 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         link=link,
         holds_model=holds,
         fetch_bps=fetch_bps,
+        offload_link=offload_link,
     )

@@ -169,7 +169,8 @@ class Router:
                 devices.append(advert_device(
                     peer.peer_id, advert, model, holds=holds, trusted=peer.peer_id in trusted,
                     rtt_s=peer.rtt_s or 0.001, link=(link_path(peer.pc) or {}).get("type", "host"),
-                    placed=self.placed[peer.peer_id], fetch_bps=0.0 if holds else FETCH_BPS))
+                    placed=self.placed[peer.peer_id], fetch_bps=0.0 if holds else FETCH_BPS,
+                    offload_link=self.offload.links_to(peer)))
             except (ValueError, OverflowError) as exc:
                 logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
         return devices

@@ -142,8 +142,12 @@ async def generate(client: OffloadClient) -> list[int]:
 
 async def test_tokens_over_the_link_equal_the_channels_and_a_node_that_ignores_it_serves_on_the_channel():
     async with pair("take") as (client, server, origin):
+        assert client.links_to(origin.peers["b"])  # the planner counts the link's per-token costs
         direct = await generate(client)
         assert client.tokens_over == {"direct": TOKENS, "channel": 0}, client.tokens_over
+        assert client.links_to(origin.peers["b"])
+        origin.peers["b"].advert = {}
+        assert not client.links_to(origin.peers["b"])  # no API address: no link
         assert server.tokens_over == {"direct": TOKENS, "channel": 0}
         assert TENSOR_LINK in origin.peers["b"].sent
     async with pair("ignore") as (client, server, origin):
@@ -153,6 +157,7 @@ async def test_tokens_over_the_link_equal_the_channels_and_a_node_that_ignores_i
         await generate(client)  # a link not taken is remembered: no new grant asked (the channel at once)
         assert client.tokens_over["channel"] == 2 * TOKENS
         assert origin.peers["b"].sent.count(TENSOR_LINK) == 1
+        assert not client.links_to(origin.peers["b"])  # ...and the planner counts the channel's costs
 
 
 async def test_a_link_cut_before_the_first_token_reopens_the_request_on_the_channel():

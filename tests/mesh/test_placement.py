@@ -9,7 +9,15 @@ from collections import Counter
 
 import pytest
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.cost_model import MAX_RELAY_SHARE, RELAY_TOKEN_S, Device
+from shoal.mesh.split.cost_model import (
+    MAX_RELAY_SHARE,
+    OFFLOAD_LINK_TOKEN_S,
+    OFFLOAD_TOKEN_S,
+    RELAY_LINK_TOKEN_S,
+    RELAY_TOKEN_S,
+    Device,
+    predict_offload,
+)
 from shoal.mesh.split.plan_inputs import (
     DEFAULT_TPS,
     MAX_BATCH_COST,
@@ -166,6 +174,43 @@ def test_relays_take_the_origins_cpu() -> None:
     for bad in (-0.1, MAX_RELAY_SHARE + 0.01, float("nan")):
         with pytest.raises(ValueError):
             dev(LOCAL, relay_share=bad)
+
+
+def test_a_direct_offload_link_costs_less_per_token_at_both_ends() -> None:
+    """A peer whose tokens would come over a direct link (`Device.offload_link`): its stream's per-token cost
+    and the origin's relay CPU are the link's (measured in bench/offload_link.py), not the data channel's."""
+    assert OFFLOAD_LINK_TOKEN_S < OFFLOAD_TOKEN_S and RELAY_LINK_TOKEN_S < RELAY_TOKEN_S
+    channel, linked = dev("peer", tps=100), dev("peer", tps=100, offload_link=True)
+    saved = predict_offload(SHAPE, REQ, channel).per_token_s - predict_offload(SHAPE, REQ, linked).per_token_s
+    assert saved == pytest.approx(OFFLOAD_TOKEN_S - OFFLOAD_LINK_TOKEN_S)
+    assert relay_share([(2, linked)]) == pytest.approx(2 * RELAY_LINK_TOKEN_S * 100)
+    both = relay_share([(1, channel), (1, linked)])
+    assert both == pytest.approx((RELAY_TOKEN_S + RELAY_LINK_TOKEN_S) * 100)
+
+
+def test_a_peer_just_past_the_margin_over_a_link_is_not_over_the_channel() -> None:
+    """At 100 tok/s here and 132 there, the data channel's ~1 ms a token keeps the offload within the 20 %
+    margin (local), the link's does not (offload); and a node relaying linked streams keeps more of its
+    CPU."""
+    local = dev(LOCAL)
+    assert plan(SHAPE, REQ, local, [dev("peer", tps=132)], OPEN, margin=0.2).kind == "local"
+    assert plan(SHAPE, REQ, local, [dev("peer", tps=132, offload_link=True)], OPEN,
+                margin=0.2).devices == ["peer"]
+    fast, fast_linked = dev("fast", tps=400), dev("fast", tps=400, offload_link=True)
+    here = dev(LOCAL, queue_depth=1, batch_cost=0.1)  # a second request here is nearly free...
+    over_channel = dataclasses.replace(here, relay_share=relay_share([(1, fast)]))  # ...but for the relay
+    over_link = dataclasses.replace(here, relay_share=relay_share([(1, fast_linked)]))
+    assert over_link.load_factor < over_channel.load_factor
+    assert plan(SHAPE, REQ, over_channel, [dev("idle")], OPEN, margin=0.2).devices == ["idle"]
+    assert plan(SHAPE, REQ, over_link, [dev("idle")], OPEN, margin=0.2).kind == "local"
+
+
+def test_an_advert_device_carries_whether_its_offload_would_use_a_link() -> None:
+    advert = {"speed": {"m": {"decode_tok_s": 50.0}}, "split": {"serve_others": True}}
+    plain = advert_device("p", advert, "m", holds=True, trusted=True, rtt_s=0.001, link="host")
+    linked = advert_device("p", advert, "m", holds=True, trusted=True, rtt_s=0.001, link="host",
+                           offload_link=True)
+    assert not plain.offload_link and linked.offload_link
 
 
 def test_load_factor_and_batch_cost_bounds() -> None:
