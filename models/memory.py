@@ -88,12 +88,14 @@ def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
 
 
 def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
-                prefill_chunk: int = 512) -> MemoryNeed:
+                prefill_chunk: int = 512, sequences: int = 1) -> MemoryNeed:
+    """`tokens` KV positions over at most `sequences` sequences at once (the sliding layers' bound is per
+    sequence: several long sequences hold it each)."""
     c: ModelConfig = index.config
     width = c.hidden_size * 3 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
     logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
     workspace = prefill_chunk * width * 4 + logits + RUNTIME_OVERHEAD
-    kv = kv_cache_bytes(c, span, tokens, quantization, prefill_chunk=prefill_chunk)
+    kv = kv_cache_bytes(c, span, tokens, quantization, prefill_chunk=prefill_chunk, sequences=sequences)
     return MemoryNeed(weight_bytes(index, span, quantization), kv, workspace, tokens)
 
 
@@ -142,10 +144,11 @@ def largest_context(index: Any, span: LayerSpan, available: int, *, quantization
 
 def check_fits(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
                prefill_chunk: int = 512, available: int | None = None,
-               source: str = "the model") -> MemoryNeed:
-    """The need of a stage for `tokens` KV positions; `InsufficientMemoryError` if it exceeds `available`
-    (default: what the system has free now)."""
-    need = memory_need(index, span, tokens, quantization=quantization, prefill_chunk=prefill_chunk)
+               source: str = "the model", sequences: int = 1) -> MemoryNeed:
+    """The need of a stage for `tokens` KV positions over up to `sequences` sequences;
+    `InsufficientMemoryError` if it exceeds `available` (default: what the system has free now)."""
+    need = memory_need(index, span, tokens, quantization=quantization, prefill_chunk=prefill_chunk,
+                       sequences=sequences)
     free = available_bytes() if available is None else available
     if need.total <= free:
         return need

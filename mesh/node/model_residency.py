@@ -99,7 +99,7 @@ def estimate_need(path: Path, backend: str, *, cache_tokens: int, max_batch: int
         tokens = min(context or config.context_length, config.context_length)
         return memory_need(index, span, tokens, quantization="f32").total
     tokens = min(cache_tokens, config.context_length * max_batch)
-    return memory_need(index, span, tokens, quantization="auto").total
+    return memory_need(index, span, tokens, quantization="auto", sequences=max_batch).total
 
 
 def pick_victims(
