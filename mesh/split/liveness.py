@@ -20,6 +20,10 @@ would add nothing: the channel is reliable and ordered, so a late peer answers t
 Only a request that has had a reply is watched this way: before it (a `stage.open`, a first prefill, an
 offload's first token) the peer may be loading or compiling, which can hold its event loop for seconds, so
 there only the mesh's heartbeats count.
+
+An offload waits for each of its tokens through `next_reply` on an `Inbox`: one future a token, and one timer
+for the whole request that wakes the wait when a silence reaches its early ping; from there `await_reply`'s
+rule goes on, counting the silence from the wait's start (the relay's per-token cost, docs/split.md).
 """
 
 from __future__ import annotations
