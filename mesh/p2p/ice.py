@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,22 +113,36 @@ def _ice_connection(pc: RTCPeerConnection) -> Any:
         return None
 
 
+LOCAL_NETWORKS_TTL_S = 10.0
+"""How long the host's interface networks are reused by `_on_link` (listing them costs ~1 ms; the planner
+asks for every peer on every request)."""
+_local_networks: tuple[float, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] | None = None
+
+
+def local_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of this host's interfaces, listed at most once per `LOCAL_NETWORKS_TTL_S`."""
+    global _local_networks
+    now = time.monotonic()
+    if _local_networks is None or now - _local_networks[0] > LOCAL_NETWORKS_TTL_S:
+        networks = []
+        for adapter in ifaddr.get_adapters():
+            for entry in adapter.ips:
+                host = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
+                try:
+                    networks.append(ipaddress.ip_network(f"{host}/{entry.network_prefix}", strict=False))
+                except ValueError:
+                    continue
+        _local_networks = (now, networks)
+    return _local_networks[1]
+
+
 def _on_link(address: str) -> bool:
     """Whether `address` lies in the network of one of this host's interfaces (reached without a router)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    for adapter in ifaddr.get_adapters():
-        for entry in adapter.ips:
-            host = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
-            try:
-                network = ipaddress.ip_network(f"{host}/{entry.network_prefix}", strict=False)
-            except ValueError:
-                continue
-            if ip.version == network.version and ip in network:
-                return True
-    return False
+    return any(ip.version == network.version and ip in network for network in local_networks())
 
 
 def _turn_transport(protocol: Any) -> str:

@@ -383,6 +383,10 @@ class Peer:
             await self._send_quietly(p.ControlFrame("ping", {"t": time.monotonic()}))
             await asyncio.sleep(min(interval, self.settings.dead_timeout_s / 4))
 
+    @property
+    def rtt_ms(self) -> float | None:
+        return round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None
+
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.peer_id,
@@ -392,7 +396,7 @@ class Peer:
             "addresses": remote_addresses(self.pc),
             "path": link_path(self.pc),
             "state": self.state,
-            "rtt_ms": round(self.rtt_s * 1000, 3) if self.rtt_s is not None else None,
+            "rtt_ms": self.rtt_ms,
             "connected_at": self.connected_at,
             "direction": "out" if self.offerer else "in",
             "abuse": self.abuse,
