@@ -29,7 +29,8 @@ SPLIT_TEST_CONFIG: dict[str, Any] = {
 }
 """What every split test node runs with (quick links and adverts, no trust or local preference in the way),
 under `settings`: the NumPy backend, a node that serves others, no speed probe (~3 s of a core at each model
-load, beside the test's own requests; the placement tests, which need measured speeds, start theirs with it)."""
+load, beside the test's own requests; the placement tests, which need measured speeds, start theirs with
+it)."""
 
 
 @dataclass
