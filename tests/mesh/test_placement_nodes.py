@@ -32,14 +32,17 @@ QUESTION = [{"role": "user", "content": "List the planets of the solar system in
 SLOW_FRACTION = 0.25
 
 
+def advert(node: NodeProcess, of: NodeProcess | None = None) -> dict[str, Any]:
+    """`of`'s advert as `node` last heard it (`node`'s own when `of` is None)."""
+    if of is None:
+        return node.get("/v1/mesh/route")["advert"]
+    peers = {p["id"]: p for p in node.get("/v1/mesh/peers")["peers"] if p["state"] == "connected"}
+    return peers[of.peer_id]["advert"]
+
+
 def speed(node: NodeProcess, of: NodeProcess | None = None) -> float:
     """`of`'s measured decode tok/s for the model as `node` sees it (its own advert when `of` is None)."""
-    if of is None:
-        advert = node.get("/v1/mesh/route")["advert"]
-    else:
-        peers = {p["id"]: p for p in node.get("/v1/mesh/peers")["peers"] if p["state"] == "connected"}
-        advert = peers[of.peer_id]["advert"]
-    return float(advert.get("speed", {}).get(MODEL, {}).get("decode_tok_s") or 0.0)
+    return float(advert(node, of).get("speed", {}).get(MODEL, {}).get("decode_tok_s") or 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,8 @@ def test_concurrent_requests_at_one_node_spread_to_an_idle_equal_peer(mesh3):
     a, b, c, _ = mesh3
     reference, route, _ = ask(c, 12, extra_headers={"x-shoal-route": "local"})
     assert route["kind"] == "local"
+    # the premise, as c sees it: b idle — the previous test's offload to b may still show in b's last advert
+    wait_until(lambda: advert(c, b).get("queue_depth", 0) == 0, 30, "b's advert at c showing it idle")
     results: list[tuple[list[str], dict[str, Any], str] | BaseException] = []
 
     def one() -> None:
