@@ -25,30 +25,19 @@ from shoal.models.generate import Engine
 from shoal.models.sampling import SamplingParams
 from shoal.models.served import ServedModel
 
+from tests.mesh.test_offload_server import FakeMesh
 from tests.models.shared_model import chat_ids, reference_stage, tokenizer
 
 MODEL = "smollm2-135m-instruct"
 TOKENS = 6
 
 
-class Side:
-    """One node's handlers (what `MeshService.on_control` keeps) and the tasks it spawns."""
+class Side(FakeMesh):
+    """One node's handlers (what `MeshService.on_control` keeps), the tasks it spawns, and its peers."""
 
     def __init__(self) -> None:
-        self.control: dict[str, Any] = {}
-        self.tasks: list[asyncio.Task[Any]] = []
+        super().__init__()
         self.peers: dict[str, Peer] = {}
-
-    def on_control(self, frame_type: str, handler: Any) -> None:
-        self.control[frame_type] = handler
-
-    def add_peer_listener(self, listener: Any) -> None:
-        return None
-
-    def spawn(self, coro: Any, name: str = "mesh") -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.append(task)
-        return task
 
     def peer(self, peer_id: str) -> Peer:
         return self.peers[peer_id]

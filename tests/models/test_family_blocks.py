@@ -215,7 +215,7 @@ def test_native_shards_match_llamacpp(arch: str, tmp_path_factory: pytest.TempPa
     stages = [CompiledStage.load(model, span, target="llvm", quantization="native")
               for span in (LayerSpan(0, layers // 2), LayerSpan(layers // 2, layers))]
     try:
-        chain = _Chain(stages)
+        chain = Chain(stages)
         worst, same = check_against_llamacpp(chain, case, tolerance(case["layout"]), f"native shards {arch}")
         print(f"native shards {arch} vs llama.cpp: max |Δlogit| {worst:.4f}, free greedy {same}/32 tokens "
               "equal")
@@ -224,7 +224,7 @@ def test_native_shards_match_llamacpp(arch: str, tmp_path_factory: pytest.TempPa
             stage.close()
 
 
-class _Chain:
+class Chain:
     """Stages run one after another as one stage (the hidden state passed along)."""
 
     def __init__(self, stages: list[Any]) -> None:

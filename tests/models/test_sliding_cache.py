@@ -23,6 +23,7 @@ from shoal.models.sliding_cache import separate_sliding_cache, sliding_cache_kee
 from shoal.models.span import LayerSpan
 
 from tests.models import family_gguf
+from tests.models.test_family_blocks import Chain
 
 WINDOW = 32
 PROMPTS = (200, 45)
@@ -48,25 +49,6 @@ def gemma_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         finally:
             patch.undo()
     return files
-
-
-class _Chain:
-    def __init__(self, stages: list[Any]) -> None:
-        self.stages = stages
-
-    def add_sequence(self, seq: int) -> None:
-        for stage in self.stages:
-            stage.add_sequence(seq)
-
-    def prefill(self, seq: int, x: np.ndarray) -> np.ndarray:
-        for stage in self.stages:
-            x = stage.prefill(seq, x)
-        return np.asarray(x)
-
-    def decode(self, seqs: list[int], x: np.ndarray) -> np.ndarray:
-        for stage in self.stages:
-            x = stage.decode(seqs, x)
-        return np.asarray(x)
 
 
 def _check_against_reference(model: GGUFModel, stage: Any) -> None:
@@ -129,7 +111,7 @@ def test_sliding_cache_shards_match_reference(gemma_files: dict[int, Path]) -> N
     stages = [_load(model, LayerSpan(a, b)) for a, b in ((0, 2), (2, 5), (5, 7))]
     try:
         assert all(stage.sliding_cache_tokens() == SLIDING_TOKENS[WINDOW] for stage in stages)
-        _check_against_reference(model, _Chain(stages))
+        _check_against_reference(model, Chain(stages))
     finally:
         for stage in stages:
             stage.close()
