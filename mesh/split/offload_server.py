@@ -25,7 +25,7 @@ from shoal.mesh.split.offload import MAX_PROMPT_IDS
 from shoal.mesh.split.offload_frames import TokenFrame, token_body
 from shoal.mesh.split.offload_link import TokenSender
 from shoal.mesh.split.ports import MeshHandle
-from shoal.mesh.split.quota import PeerQuota
+from shoal.mesh.split.quota import PeerQuota, check_allowed
 from shoal.mesh.split.receipts import ReceiptError, Usage, UsageLedger
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
@@ -78,12 +78,7 @@ class OffloadServer:
     async def _on_open(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
         if self._stopped:
             raise RemoteError(wire.REFUSED, "the node is shutting down")
-        reason = self._gate()
-        if reason is not None:
-            raise RemoteError(wire.REFUSED, reason)
-        over = self._quota.refusal(peer.peer_id) if self._quota is not None else None
-        if over is not None:
-            raise RemoteError(wire.QUOTA, over)
+        check_allowed(peer.peer_id, self._gate, self._quota)
         body = frame.body
         rid, model = body.get("rid"), body.get("model")
         ids, params = body.get("prompt_ids"), body.get("params")

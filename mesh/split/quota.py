@@ -10,6 +10,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.split import wire
+
 WINDOW_S = 3600.0
 
 
@@ -59,3 +62,14 @@ class PeerQuota:
             return None
         return (f"peer {peer[:12]} used {used} of its {limit} tokens for this hour "
                 f"(max_tokens_per_peer_per_hour); retry in {self.retry_after_s(peer):.0f} s")
+
+
+def check_allowed(peer: str, gate: Callable[[], str | None], quota: PeerQuota | None) -> None:
+    """Refuse work `peer` asks of this node with its coded error: the policy gate's reason (`refused`), or
+    the peer past its hourly share (`quota`)."""
+    reason = gate()
+    if reason is not None:
+        raise RemoteError(wire.REFUSED, reason)
+    over = quota.refusal(peer) if quota is not None else None
+    if over is not None:
+        raise RemoteError(wire.QUOTA, over)

@@ -30,7 +30,7 @@ from shoal.mesh.split.cost_model import Device
 from shoal.mesh.split.peer_failures import peer_failure
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.ports import MeshHandle
-from shoal.mesh.split.quota import PeerQuota
+from shoal.mesh.split.quota import PeerQuota, check_allowed
 from shoal.mesh.split.remote_stage import BRIDGE_GRACE_S, StageLost
 from shoal.models.errors import ContextOverflowError
 from shoal.models.served import ServedModel
@@ -54,12 +54,7 @@ class EmbedServer:
         mesh.on_control(wire.OFFLOAD_EMBED, self._on_embed)
 
     async def _on_embed(self, peer: Peer, frame: ControlFrame) -> dict[str, Any]:
-        reason = self._gate()
-        if reason is not None:
-            raise RemoteError(wire.REFUSED, reason)
-        over = self._quota.refusal(peer.peer_id) if self._quota is not None else None
-        if over is not None:
-            raise RemoteError(wire.QUOTA, over)
+        check_allowed(peer.peer_id, self._gate, self._quota)
         model, inputs = frame.body.get("model"), frame.body.get("inputs")
         if not isinstance(model, str) or not model:
             raise RemoteError(wire.BAD_REQUEST, "offload.embed needs a model")
