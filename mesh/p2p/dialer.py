@@ -17,6 +17,7 @@ import aiohttp
 from aiortc import RTCSessionDescription
 from shoal.mesh.p2p.errors import JoinRefused, LinkClosed, PeerUnavailable, SignallingError
 from shoal.mesh.p2p.ice import ice_summary
+from shoal.mesh.p2p.link_shared import LinkOffer
 from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.ports import LinkHost
 from shoal.mesh.p2p.signalling import ReplayGuard, build_signal, verify_signal
@@ -90,6 +91,7 @@ class Dialer:
                 if host.is_banned(answer.peer_id):
                     raise SignallingError(f"{answer.peer_id[:12]} is banned")
                 peer.identify(answer.peer_id, answer.name, answer.api or None, answer.admitted)
+                peer.offer = LinkOffer(float(offer["ts"]), str(offer["nonce"]))
                 await peer.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
                 await peer.wait_open(host.config.connect_timeout_s)
         except BaseException as exc:
@@ -105,7 +107,7 @@ class Dialer:
             if expected and self._dialing.get(expected) is dialing:
                 del self._dialing[expected]
         self._open(peer)
-        return peer
+        return host.peers.get(peer.peer_id, peer)  # the link kept where dials crossed (`keeps_existing_link`)
 
     async def connect_address(self, address: str, expected: str | None = None) -> Peer:
         """Link to the node whose API listens at `host:port`, signalling over its WebSocket endpoint."""
@@ -170,6 +172,7 @@ class Dialer:
             raise
         peer = self._peer(offerer=False)
         peer.identify(offer.peer_id, offer.name, offer.api or None, offer.admitted)
+        peer.offer = LinkOffer(offer.ts, offer.nonce)
         try:
             await peer.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())

@@ -42,6 +42,28 @@ class LinkSettings:
     """Requests a peer may have waiting for a handler; beyond that each new one is a strike."""
 
 
+CONCURRENT_DIALS_S = 10.0
+"""Two links to one peer whose offers were signed this close together came from dials that crossed."""
+
+
+@dataclass(frozen=True)
+class LinkOffer:
+    """The offer a link was made from, which both its ends hold: when it was signed and its nonce."""
+
+    ts: float = 0.0
+    nonce: str = ""
+
+
+def keeps_existing_link(existing: LinkOffer, new: LinkOffer) -> bool:
+    """Whether a peer's existing link stays and a second one to it is closed. Dials that crossed (a rejoin
+    and a peer exchange, both ends dialling) make two links that may open in either order at either end; each
+    end keeps the one whose offer nonce is smaller, so both keep the same one. A link from a later offer
+    (the peer restarted, or redialled a link it saw die) replaces the existing one."""
+    if abs(new.ts - existing.ts) > CONCURRENT_DIALS_S:
+        return False
+    return existing.nonce < new.nonce
+
+
 class Handlers:
     """Per-type control handlers and per-kind binary handlers, shared by all links of a node."""
 

@@ -23,7 +23,14 @@ from shoal.mesh.p2p import aiortc_tuning
 from shoal.mesh.p2p import protocol as p
 from shoal.mesh.p2p.errors import LinkClosed, ProtocolError, RemoteError, RequestTimeout
 from shoal.mesh.p2p.ice import link_path, remote_addresses
-from shoal.mesh.p2p.link_shared import BinaryHandler, ControlHandler, Handlers, HandlerSlots, LinkSettings
+from shoal.mesh.p2p.link_shared import (
+    BinaryHandler,
+    ControlHandler,
+    Handlers,
+    HandlerSlots,
+    LinkOffer,
+    LinkSettings,
+)
 
 __all__ = ["BinaryHandler", "ControlHandler", "Handlers", "LinkSettings", "Peer"]
 logger = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ class Peer:
         self.last_seen = time.monotonic()
         self.abuse = 0
         self.state = "connecting"
+        self.offer = LinkOffer()
+        """The offer this link was made from (set by the dialer once signalling is done)."""
         self.close_reason: str | None = None
         self._on_closed = on_closed
         self._on_abuse = on_abuse

@@ -31,6 +31,7 @@ from shoal.mesh.p2p.ice import enlarge_socket_buffers, restrict_host_addresses
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite, forget_invite, save_invite
 from shoal.mesh.p2p.join_status import JoinStatus
+from shoal.mesh.p2p.link_shared import keeps_existing_link
 from shoal.mesh.p2p.peer import BinaryHandler, ControlHandler, Handlers, LinkSettings, Peer
 from shoal.mesh.p2p.relays import Relays, rest_credentials, turn_secret
 from shoal.mesh.p2p.signalling import Membership
@@ -361,6 +362,11 @@ class MeshService:
             self.spawn(peer.close("node stopping"))
             return
         old = self.peers.get(peer.peer_id)
+        if (old is not None and old is not peer and old.state != "closed"
+                and keeps_existing_link(old.offer, peer.offer)):
+            logger.info("mesh: %s: a second link from crossed dials; the first stays", peer.peer_id[:12])
+            self.spawn(peer.close("duplicate link (crossed dials)"))
+            return
         self.peers[peer.peer_id] = peer
         if old is not None and old is not peer:
             self.spawn(old.close("replaced by a new link"))

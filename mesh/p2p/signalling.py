@@ -164,6 +164,8 @@ class VerifiedSignal:
     admitted: str = "secret"
     """How the sender proved membership: `secret`, `invite` (an expiring invite's key) or `allow`."""
     invite_expires: int | None = None
+    ts: float = 0.0
+    """When the sender signed it (unix time)."""
 
 
 class ReplayGuard:
@@ -258,7 +260,9 @@ def verify_signal(
         raise MembershipError(f"the invite {sender[:12]} joined with expired at {when}", "invite_expired")
     if replay is not None:
         replay.check_and_add(nonce, float(ts))
-    return VerifiedSignal(kind, sender, clean_name(name), api, sdp, nonce, reply_to, admitted, expires)
+    return VerifiedSignal(
+        kind, sender, clean_name(name), api, sdp, nonce, reply_to, admitted, expires, float(ts)
+    )
 
 
 def _admitted(membership: Membership, sender: str, signal: dict[str, Any], expires: int | None) -> str:

@@ -35,8 +35,13 @@ FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # timers and rendering as in a tab in front (automation's usual flags): a tab Chromium deems in the
+    # background gets its timers batched, then once a minute — its heartbeats would stop and its links die
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-features=WebRtcHideLocalIpsWithMdns,IntensiveWakeUpThrottling",
     "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
     "--window-size=900,720",
 )
 """Headless as root; WebRTC may use (and show) loopback candidates: the test's namespace has only `lo`."""

@@ -87,6 +87,9 @@ def browser(namespace, tmp_path_factory):
 def _join(browser: chromium.Chromium, url: str) -> chromium.Tab:
     tab = browser.open(url)
     tab.wait_for("window.shoalMember && shoalMember.status.state === 'linked'", 30, f"{url[:40]} to join")
+    # every link the tab loses, with its reason (the departure test names any it did not expect)
+    tab.evaluate("window.linksLeft = []; shoalMember.addEventListener('left', "
+                 "e => linksLeft.push({...e.detail, at: performance.now()}))")
     return tab
 
 
@@ -213,9 +216,15 @@ def test_tabs_relink_when_a_node_restarts(nodes, pages):
         tab.wait_for(f"shoalMember.links.get({json.dumps(b.peer_id)})?.state === 'connected'", 60,
                      "the link to the restarted node")
     wait(lambda: set(ids) <= set(b.members()), 20, "b to list both tabs again")
-    # the tab b served rejoined through b's signalling (its back-off, doubled by the failed tries, is reset)
+    # the tab b served is linked to it again — by its own rejoin through b's signalling or by peer exchange,
+    # whichever came first — and its back-off, doubled by the failed tries, is reset
     pages[1].wait_for("shoalMember.rejoinTimer === null && shoalMember.rejoinMs === 1000", 30, "the rejoin")
     assert pages[1].evaluate("[shoalMember.status.state, shoalMember.homeId]") == ["linked", b.peer_id]
+    # crossed dials on b's return (a tab's rejoin, peer exchange from either side) left one link per pair at
+    # both ends, the same one: no tab lost its link to b again (`keeps_existing_link`)
+    for tab in pages:
+        left = [entry for entry in tab.evaluate("linksLeft") if entry["id"] == b.peer_id]
+        assert [entry["reason"] for entry in left] == ["peer said bye"], left
 
 
 def test_page_without_a_usable_invite_says_so(nodes, browser):
@@ -266,6 +275,9 @@ def test_closing_a_tab_is_a_departure(nodes, pages):
     a, b, _ = nodes
     page, other = pages
     me = page.evaluate("shoalMember.identity.id")
+    for node in (a, b):  # (b restarted in an earlier test: both tabs are linked to it again)
+        wait(lambda node=node: me in node.members(), 20, f"{node.name} to list the tab")
+    other.evaluate("linksLeft.length = 0")
     page.close()
     budget = 2 * DEAD_TIMEOUT_S  # a deadline for the poll; the page says bye, so it is seen well before
     for node in (a, b):
@@ -273,5 +285,8 @@ def test_closing_a_tab_is_a_departure(nodes, pages):
         departed = [d for d in node.get("/v1/mesh/peers")["departed"] if d["id"] == me]
         assert departed and departed[-1]["reason"] == "peer said bye", departed
     other.wait_for(f"!shoalMember.links.has({json.dumps(me)})", budget, "the other tab to see it leave")
-    assert other.evaluate("shoalMember.links.size") == 2
+    # the other tab keeps its links to both nodes: any link it lost meanwhile is named with its reason
+    left = other.evaluate("linksLeft")
+    assert [entry["id"] for entry in left] == [me], (left, other.console()[-20:])
+    assert sorted(other.evaluate("[...shoalMember.links.keys()]")) == sorted([a.peer_id, b.peer_id])
 

@@ -142,3 +142,12 @@ async def test_handler_slots_bound_running_and_admitted_handlers() -> None:
     await first
     assert slots.admitted == 0
     slots.admit()
+
+
+def test_crossed_dials_keep_the_smaller_nonce_and_a_later_offer_replaces():
+    from shoal.mesh.p2p.link_shared import CONCURRENT_DIALS_S, LinkOffer, keeps_existing_link
+
+    first, second = LinkOffer(1000.0, "0a"), LinkOffer(1002.5, "f3")
+    assert keeps_existing_link(first, second) and not keeps_existing_link(second, first)  # both ends agree
+    restarted = LinkOffer(1000.0 + CONCURRENT_DIALS_S + 0.1, "00")
+    assert not keeps_existing_link(second, restarted) and not keeps_existing_link(first, restarted)

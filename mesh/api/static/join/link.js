@@ -40,6 +40,7 @@ export class Link {
     this.advert = {};
     this.rttMs = null;
     this.state = "connecting";
+    this.offer = { ts: 0, nonce: "" };  // the offer it was made from, which both ends hold (member.js register)
     this.abuse = 0;
     this.lastSeen = performance.now();
     this.nextId = offerer ? 1 : 2;

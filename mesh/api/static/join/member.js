@@ -9,6 +9,15 @@ const MAX_EXCHANGED = 64;
 const MAX_LINKS = 32;  // as a node's [mesh] max_peers default
 const REJOIN_FIRST_MS = 1000;
 const REJOIN_MAX_MS = 60000;
+const CONCURRENT_DIALS_S = 10;  // as mesh/p2p/link_shared.py
+
+/** Whether a member's existing link stays and a second one to it is closed (mesh/p2p/link_shared.py's
+ * keeps_existing_link): crossed dials (a rejoin and a peer exchange) may open in either order at either end,
+ * so both ends keep the link whose offer nonce is smaller; a link from a later offer replaces the old one. */
+function keepsExistingLink(existing, incoming) {
+  if (Math.abs(incoming.ts - existing.ts) > CONCURRENT_DIALS_S) return false;
+  return existing.nonce < incoming.nonce;
+}
 
 export class Member extends EventTarget {
   constructor(identity, membership, settings = {}) {
@@ -62,10 +71,15 @@ export class Member extends EventTarget {
     }
   }
 
+  homeLinked() {
+    return this.homeId !== null && this.links.get(this.homeId)?.state === "connected";
+  }
+
   rejoinLater() {
-    if (this.rejoinTimer !== null || this.leaving) return;
+    if (this.rejoinTimer !== null || this.leaving || this.homeLinked()) return;
     this.rejoinTimer = setTimeout(() => {
       this.rejoinTimer = null;
+      if (this.homeLinked()) return;  // it came back by peer exchange meanwhile
       this.join(this.signalUrl).catch((error) => console.info(`rejoin failed: ${error.message}`));
     }, this.rejoinMs);
     this.rejoinMs = Math.min(this.rejoinMs * 2, REJOIN_MAX_MS);
@@ -104,6 +118,7 @@ export class Member extends EventTarget {
       link.peerId = answer.from;
       link.name = answer.name.slice(0, 64);
       link.api = answer.api;
+      link.offer = { ts: offer.ts, nonce: offer.nonce };
       await link.pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
       await link.waitOpen(CONNECT_TIMEOUT_MS);
     } catch (error) {
@@ -112,18 +127,33 @@ export class Member extends EventTarget {
     } finally {
       if (expected) this.dialing.delete(expected);
     }
-    this.register(link);
-    return link;
+    return this.register(link);
   }
 
+  /** Make `link` the member's link, unless it is the second of crossed dials (`keepsExistingLink`): then it
+   * is closed and the existing link, which is returned, stays. */
   register(link) {
     const old = this.links.get(link.peerId);
+    if (old && old !== link && old.state !== "closed" && keepsExistingLink(old.offer, link.offer)) {
+      link.close("duplicate link (crossed dials)");  // not the registered link: no departure
+      return old;
+    }
     this.links.set(link.peerId, link);
     if (old && old !== link) old.close("replaced by a new link");
     link.start();
+    if (link.peerId === this.homeId) this.homeReturned();
     link.notify("advert", this.advert());
     this.gossip();
     this.changed();
+    return link;
+  }
+
+  /** A link to the home node is up again, whoever dialled it: no rejoin is due, the next one starts over. */
+  homeReturned() {
+    clearTimeout(this.rejoinTimer);
+    this.rejoinTimer = null;
+    this.rejoinMs = REJOIN_FIRST_MS;
+    if (this.status.state !== "linked") this.setStatus("linked", { via: this.homeId });
   }
 
   closed(link, reason, wasConnected) {
@@ -220,6 +250,7 @@ export class Member extends EventTarget {
     link.peerId = offer.from;
     link.name = offer.name.slice(0, 64);
     link.api = offer.api;
+    link.offer = { ts: offer.ts, nonce: offer.nonce };
     try {
       await link.pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
       const sdp = await link.localDescription("answer");
