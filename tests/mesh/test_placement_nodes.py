@@ -1,10 +1,13 @@
 """Automatic placement across three real `shoal node` processes (NumPy backend, loopback), with the default
-routing settings — no forced route, no per-request route, the default policy and `[split]` — driven by the
-official `openai` client (max_retries=0).
+routing settings — no forced route, no per-request route, the default policy and `[split]` routing (warming
+aside, below) — driven by the official `openai` client (max_retries=0).
 
-Node a is a slow device: its CPU is capped to a quarter of one core from launch (`tests.cpu_cap`: a cgroup v1
+Node a is a slow device: its CPU is capped to a third of one core from launch (`tests.cpu_cap`: a cgroup v1
 cpu quota where writable, else a SIGSTOP/SIGCONT duty cycle). b and c are equal, uncapped. Every node
-measures its own speed once its model loads (`split.speed_probe`) and advertises it.
+measures its own speed once its model loads (`split.speed_probe`) and advertises it. Warming for peers
+(`[split] warm_peers_models`, `tests/mesh/test_warming_nodes.py`) is off: it only loaded a copy of the model
+during the probes here, sharing the probed CPU (and a quarter-core cap made a's start, load and probe ~70 s
+of the suite; at a third it measures well below b and c).
 
 - A request at a is offloaded to b or c (whichever is predicted to finish first), with the tokens of a's own
   greedy run (`route: local` still forces local).
@@ -29,7 +32,7 @@ from tests.nodes import NodeProcess
 pytestmark = pytest.mark.timeout(600)
 
 QUESTION = [{"role": "user", "content": "List the planets of the solar system in order."}]
-SLOW_FRACTION = 0.25
+SLOW_FRACTION = 1 / 3
 
 
 def advert(node: NodeProcess, of: NodeProcess | None = None) -> dict[str, Any]:
@@ -55,7 +58,7 @@ def mesh3(tmp_path_factory):
         mesh: dict[str, Any] = {"secret": secret, "gossip_interval_s": 1.0}
         if bootstrap:
             mesh["bootstrap"] = [n.api for n in bootstrap]
-        return {"models": {"backend": "numpy"}, "mesh": mesh}
+        return {"models": {"backend": "numpy"}, "mesh": mesh, "split": {"warm_peers_models": False}}
 
     b = NodeProcess("b", base / "b", settings(), env=env)
     c = NodeProcess("c", base / "c", settings(b), env=env)
