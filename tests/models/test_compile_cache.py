@@ -4,13 +4,20 @@ to a few seconds; every test uses its own cache directory (they corrupt entries 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm  # this test process compiles in-process: full TVM, not the runtime-only mode
-from shoal.models.compile import _read_valid_entry, compile_key, compile_shard, config_fingerprint
+from shoal.models.compile import (
+    CompiledShard,
+    _read_valid_entry,
+    compile_key,
+    compile_shard,
+    config_fingerprint,
+)
 from shoal.models.config import ModelConfig
 from shoal.models.errors import CompileError
 from shoal.models.span import LayerSpan
@@ -32,6 +39,13 @@ def built(tmp_path_factory: pytest.TempPathFactory, target: TargetSpec) -> Path:
     cache = tmp_path_factory.mktemp("compile-cache")
     compile_shard(TINY, LayerSpan(0, 2), target, cache=cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def second_span(built: Path, target: TargetSpec) -> CompiledShard:
+    """Layers 1:2 built into `built` beside the whole model: one build, which the new-span test looks at and
+    the corrupt-entry test copies (each build is seconds of the suite)."""
+    return compile_shard(TINY, LayerSpan(1, 2), target, cache=built)
 
 
 def test_second_compile_is_a_cache_hit(built: Path, target: TargetSpec) -> None:
@@ -63,9 +77,9 @@ def test_key_changes_with_span_target_and_quantization(target: TargetSpec) -> No
     assert base not in others and len(others) == 6
 
 
-def test_new_span_builds_its_own_library(built: Path, target: TargetSpec) -> None:
+def test_new_span_builds_its_own_library(built: Path, second_span: CompiledShard, target: TargetSpec) -> None:
     whole = compile_shard(TINY, LayerSpan(0, 2), target, cache=built)
-    part = compile_shard(TINY, LayerSpan(1, 2), target, cache=built)
+    part = second_span  # compile_shard(TINY, LayerSpan(1, 2), target, cache=built) after the whole model's
     assert not part.cached and part.compile_seconds > 0
     assert part.library != whole.library and part.key != whole.key
     assert part.params[0][0] == "layers.0.input_layernorm.weight"  # no embedding: not the first span
@@ -88,10 +102,14 @@ def _damage(library: Path, manifest: Path, how: str) -> None:
         manifest.unlink()
 
 
-def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec) -> None:
+def test_corrupt_entry_is_rebuilt(tmp_path: Path, second_span: CompiledShard, target: TargetSpec) -> None:
     """Every kind of damage makes the entry invalid (checked on a fresh copy of the good entry each time, so
-    one build serves them all); an entry with a flipped byte is then rebuilt in place by `compile_shard`."""
-    first = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+    one build serves them all: `second_span`'s, copied into this test's own cache); an entry with a flipped
+    byte is then rebuilt in place by `compile_shard`."""
+    for built_file in (second_span.library, second_span.manifest):
+        shutil.copyfile(built_file, tmp_path / built_file.name)
+    first = compile_shard(TINY, LayerSpan(1, 2), target, cache=tmp_path)
+    assert first.cached and first.library.parent == tmp_path
     good_library, good_manifest = first.library.read_bytes(), first.manifest.read_text()
     assert _read_valid_entry(first.library, first.manifest, first.key) is not None
     for how in DAMAGES:
@@ -103,11 +121,11 @@ def test_corrupt_entry_is_rebuilt(tmp_path: Path, target: TargetSpec) -> None:
     first.library.write_bytes(good_library)
     first.manifest.write_text(good_manifest)
     _damage(first.library, first.manifest, "flip-a-byte")
-    again = compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path)
+    again = compile_shard(TINY, LayerSpan(1, 2), target, cache=tmp_path)
     assert not again.cached and again.library == first.library
     info = json.loads(again.manifest.read_text())
     assert info["key"] == again.key and info["size"] == again.library.stat().st_size
-    assert compile_shard(TINY, LayerSpan(0, 1), target, cache=tmp_path).cached
+    assert compile_shard(TINY, LayerSpan(1, 2), target, cache=tmp_path).cached
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
