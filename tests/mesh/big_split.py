@@ -70,8 +70,10 @@ def publish(path: Path, data_dir: Path, name: str = NAME) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def span_fetches(node: NodeProcess, timeout_s: float = 3.0) -> list[dict[str, Any]]:
-    """The `span.fetched` events the node still remembers (`GET /v1/events?replay=1`, read until quiet)."""
+def span_fetches(node: NodeProcess, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+    """The `span.fetched` events the node still remembers (`GET /v1/events?replay=1`, read until quiet for
+    `timeout_s`: the replayed events are queued at once and follow the stream's opening comment back to back;
+    3 s each, the four reads were 12 s of the big-split test)."""
     request = urllib.request.Request(node.url + "/v1/events?replay=1", headers=node.auth_headers())
     found = []
     try:
