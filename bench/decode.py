@@ -147,12 +147,12 @@ def profile_decode(stage: Any, prompt: list[int], steps: int = 20) -> list[tuple
     stage.add_sequence(seq)
     try:
         stage.prefill(seq, np.asarray(prompt, dtype=np.int32))
-        stage._vm.set_instrument(instrument)
+        stage.set_instrument(instrument)
         try:
             for _ in range(steps):
                 stage.decode([seq], np.asarray([1], dtype=np.int32))
         finally:
-            stage._vm.set_instrument(None)
+            stage.set_instrument(None)
     finally:
         stage.remove_sequence(seq)
     rows = [(name, t / steps * 1e3, counts[name] // steps) for name, t in totals.items()]
@@ -176,6 +176,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         from shoal.models.runtime import CompiledStage
 
         sizing = {"max_batch_size": 1, "max_total_tokens": args.context} if args.context else {}
+        if args.prefill_chunk:
+            sizing["prefill_chunk"] = args.prefill_chunk
         stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
                                    quantization=args.quantization, **sizing)
         result["compile_s"] = json.loads(stage.shard.manifest.read_text()).get("compile_seconds")
@@ -220,6 +222,8 @@ def _run_engine(engine: str, args: argparse.Namespace, fill: bool = False) -> di
         cmd += ["--threads", str(args.threads)]
     if args.profile:
         cmd.append("--profile")
+    if args.prefill_chunk:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -289,6 +293,7 @@ def merge_rounds(rounds: list[dict[str, dict[str, Any]]], engines: list[str]) ->
         filled = [run for run in runs if "context_rss_mb" in run]
         if filled:
             row["context_rss_mb"] = filled[0]["context_rss_mb"]
+            row["fill_s"] = filled[0].get("fill_s")
         for kind in ("prefill", "decode"):
             ratios = [r[engine][f"{kind}_tps"] / r["llama.cpp"][f"{kind}_tps"] for r in rounds
                       if "error" not in r.get(engine, {"error": ""})
@@ -328,7 +333,9 @@ def print_context_rss(rows: list[dict[str, Any]], model_path: Path, context: int
         if "context_rss_mb" in r:
             rss = r["context_rss_mb"] * 2**20 / 1e6
             verdict = "within" if rss <= target else "OVER"
-            print(f"  {r['engine']:<16} {rss:7.0f} MB  {verdict} ({rss - file_mb:+.0f} MB beside the file)")
+            took = f"; the fill took {r['fill_s']:.0f} s" if r.get("fill_s") is not None else ""
+            print(f"  {r['engine']:<16} {rss:7.0f} MB  {verdict} ({rss - file_mb:+.0f} MB beside the file"
+                  f"{took})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=0,
                         help="size the KV cache for this many positions and, in round 1, fill it and report "
                              "peak RSS against file size + 250 MB (e.g. 4096)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="shoal's prefill chunk in tokens (default: CompiledStage's for the target)")
     parser.add_argument("--fill", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fresh-compile", action="store_true", help="rebuild into a temporary compile cache")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")

@@ -90,7 +90,7 @@ def build_stage(model: LoadedModel, span: LayerSpan | None = None, backend: str 
                  model.config.context_length * int(options.get("max_batch_size", runtime.DEFAULT_MAX_BATCH)))
     check_fits(model.gguf, span, tokens, source=source,
                quantization=str(options.get("quantization", runtime.DEFAULT_QUANTIZATION)),
-               prefill_chunk=int(options.get("prefill_chunk", runtime.DEFAULT_PREFILL_CHUNK)),
+               prefill_chunk=int(options.get("prefill_chunk", runtime.default_prefill_chunk(target))),
                sequences=int(options.get("max_batch_size", runtime.DEFAULT_MAX_BATCH)))
 
     return CompiledStage.load(model.gguf, span, target=target, cache_dir=cache_dir, progress=progress,

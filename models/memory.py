@@ -32,9 +32,16 @@ from shoal.models.sliding_cache import separate_sliding_cache, sliding_cache_kee
 from shoal.models.span import LayerSpan
 
 RUNTIME_OVERHEAD = 128 << 20
-"""Python, NumPy, TVM's runtime and shoal's modules in a serving process: ~102 MiB resident before the
-weights (measured, runtime-only TVM: docs/models.md "Peak RSS"), plus allocator slack. A process that compiles
-in-process (the full TVM) holds ~190 MB more."""
+"""Python, NumPy, TVM's runtime and shoal's modules in a serving process: ~72 MiB resident before the
+weights (measured: TVM's runtime through tvm_ffi, models/tvm_runtime.py; docs/models.md "Peak RSS"), plus a
+tokenizer (~32 MiB for a 49k vocabulary) and allocator slack. A process that compiles in-process (the full
+TVM) holds ~230 MB more."""
+CPU_PREFILL_CHUNK = 256
+"""Tokens per prefill VM call of a CPU `CompiledStage` unless told (longer prompts are split; CUDA: 512,
+models/runtime.py); the engine's chunk too (models/generate.py). The VM's prefill workspace (activations,
+resident while its pool holds them) grows with the chunk, ~0.18 MiB a token for Llama-3.2-1B (23 MiB at 128,
+46 at 256, 89 at 512), on top of a full KV cache in a long fill. 128 would save 23 MiB more but split a
+200-token prompt in two and cost its prefill ~15% (docs/models.md "Peak RSS at a 4k context")."""
 KV_BYTES = {"f32": 4}
 """Bytes of one KV-cache element per quantization; 2 (fp16) for the others."""
 PAGE = 16
@@ -60,7 +67,7 @@ def kv_bytes_per_token(config: ModelConfig, span: LayerSpan, quantization: str =
 
 
 def kv_cache_bytes(config: ModelConfig, span: LayerSpan, tokens: int, quantization: str = "f32", *,
-                   prefill_chunk: int = 512, sequences: int = 1) -> int:
+                   prefill_chunk: int = CPU_PREFILL_CHUNK, sequences: int = 1) -> int:
     """KV bytes of `tokens` positions over `sequences` sequences: the full-attention layers keep every
     position; where the build keeps the sliding layers apart (CPU builds, models/sliding_cache.py), those hold
     at most `sliding_cache_tokens` positions (the window plus the runtime's prefill chunk, capped below the
@@ -88,7 +95,7 @@ def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
 
 
 def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
-                prefill_chunk: int = 512, sequences: int = 1) -> MemoryNeed:
+                prefill_chunk: int = CPU_PREFILL_CHUNK, sequences: int = 1) -> MemoryNeed:
     """`tokens` KV positions over at most `sequences` sequences at once (the sliding layers' bound is per
     sequence: several long sequences hold it each)."""
     c: ModelConfig = index.config
@@ -124,7 +131,7 @@ def available_bytes() -> int:
 
 
 def largest_context(index: Any, span: LayerSpan, available: int, *, quantization: str = "f32",
-                    prefill_chunk: int = 512) -> int:
+                    prefill_chunk: int = CPU_PREFILL_CHUNK) -> int:
     """Most KV-cache tokens (a multiple of the 16-token page, at most the trained context) that fit in
     `available` bytes; 0 when not even the weights fit."""
     config: ModelConfig = index.config
@@ -143,7 +150,7 @@ def largest_context(index: Any, span: LayerSpan, available: int, *, quantization
 
 
 def check_fits(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
-               prefill_chunk: int = 512, available: int | None = None,
+               prefill_chunk: int = CPU_PREFILL_CHUNK, available: int | None = None,
                source: str = "the model", sequences: int = 1) -> MemoryNeed:
     """The need of a stage for `tokens` KV positions over up to `sequences` sequences;
     `InsufficientMemoryError` if it exceeds `available` (default: what the system has free now)."""

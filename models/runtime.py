@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from shoal.models import tvm_runtime
 from shoal.models.compile import CompiledShard, Progress, compile_shard, model_fingerprint
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ContextOverflowError
 from shoal.models.gguf import GGUFModel
-from shoal.models.memory import release_freed_heap
+from shoal.models.memory import CPU_PREFILL_CHUNK, release_freed_heap
 from shoal.models.shard_weights import load_shard_weights
 from shoal.models.sliding_cache import separate_sliding_cache, sliding_cache_keeps, sliding_cache_tokens
 from shoal.models.span import LayerSpan
@@ -39,6 +40,16 @@ fp16: 2·layers·kv_heads·head_dim·2 bytes a token, ~23 KB for SmolLM2 over 30
 builds and CUDA fp32, twice that), so this bounds memory; pass `max_total_tokens` for longer conversations or
 more concurrent sequences (a node passes `[models] cache_tokens`)."""
 DEFAULT_PREFILL_CHUNK = 512
+"""Tokens per prefill VM call on CUDA (longer prompts are split); the CPU's is `CPU_PREFILL_CHUNK`
+(models/memory.py)."""
+
+
+
+def default_prefill_chunk(target: str | TargetSpec | None) -> int:
+    """The prefill chunk `CompiledStage` uses on `target` unless told: CUDA's for `cuda`, the CPU's otherwise
+    (`auto` too: the host-memory estimate is what a chunk's size matters for)."""
+    kind = target.kind if isinstance(target, TargetSpec) else target
+    return DEFAULT_PREFILL_CHUNK if kind == "cuda" else CPU_PREFILL_CHUNK
 DEFAULT_QUANTIZATION = "auto"
 """Chosen per file (models.weights.choose_quantization): q4_1 for the embedded SmolLM2, native otherwise."""
 """What `CompiledStage.load` builds unless told otherwise."""
@@ -77,12 +88,10 @@ class CompiledStage(StageDefaults):
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH,
         max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ) -> None:
-        import tvm
-        from tvm.runtime import ShapeTuple
-        from tvm.runtime.vm import VirtualMachine
-
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(shard.target)
         if max_batch_size < 1 or max_total_tokens < PAGE_SIZE or prefill_chunk < 1:
             raise ValueError("max_batch_size, max_total_tokens and prefill_chunk must be positive "
                              f"(max_total_tokens at least {PAGE_SIZE})")
@@ -100,11 +109,10 @@ class CompiledStage(StageDefaults):
         self.prefill_chunk = prefill_chunk
         self._is_first = self.span.is_first()
         self._is_last = self.span.is_last(config.num_layers)
-        self._device = shard.target.device()
+        self._device = tvm_runtime.device(shard.target.kind)
         self._lock = threading.Lock()
-        self._tvm = tvm
-        self._shape_tuple = ShapeTuple
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(shard.library)), self._device)
+        ShapeTuple = self._shape_tuple = tvm_runtime.shape
+        self._vm = tvm_runtime.load_vm(shard.library, self._device)
         self._params = params
         self._prefill = self._vm["prefill"]
         self._decode = self._vm["decode"]  # batch 1, static shapes
@@ -113,7 +121,7 @@ class CompiledStage(StageDefaults):
             ShapeTuple([max_batch_size]), ShapeTuple([self.max_total_tokens]),
             ShapeTuple([prefill_chunk]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
         )
-        get = tvm.get_global_func
+        get = tvm_runtime.get_global_func
         self._sliding_kv: Any = None
         """The sliding-window layers' own cache (models/sliding_cache.py), or None."""
         self._sliding_keeps = sliding_cache_keeps(config)
@@ -137,7 +145,7 @@ class CompiledStage(StageDefaults):
         # Per-call costs outside the kernels, measured with the caches cold after a step's weights went
         # through them: tvm.runtime.tensor ~120 µs, Tensor.numpy() ~90 µs, a ShapeTuple ~28 µs. On the CPU,
         # arrays cross as DLPack views instead (~10 µs each) and decode's shape tuples are made once.
-        self._host = self._device.dlpack_device_type() == 1  # kDLCPU
+        self._host = tvm_runtime.is_host(self._device)
         self._one = ShapeTuple([1])
         self._seq_shapes: dict[int, Any] = {}
         self._decode_inputs: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
@@ -199,7 +207,7 @@ class CompiledStage(StageDefaults):
             shard = compile_shard(config, span, spec, quantization=quantization,
                                   fingerprint=model_fingerprint(gguf_model), cache=cache, progress=progress,
                                   tensor_types=types)
-        params = load_shard_weights(gguf_model, shard, spec.device(), load)
+        params = load_shard_weights(gguf_model, shard, tvm_runtime.device(spec.kind), load)
         release_freed_heap()  # the packing's NumPy temporaries (~20 MB for a 0.5B model)
         return cls(config, shard, params, **options)
 
@@ -306,7 +314,7 @@ class CompiledStage(StageDefaults):
                 x = chunk.reshape(1, m) if self._is_first else chunk.reshape(1, m, -1)
                 self._prefill_workspace(m)
                 out = self._forward([seq_id], self._shape_tuple([seq_id]), self._shape_tuple([m]),
-                                    self._prefill, self._tvm.runtime.tensor(x, self._device))
+                                    self._prefill, tvm_runtime.tensor(x, self._device))
                 self._lengths[seq_id] += m
                 if not self._is_last or start + m >= n:
                     outputs.append(self._numpy(out))
@@ -360,6 +368,11 @@ class CompiledStage(StageDefaults):
             self._broken.update(seq_ids)
             raise
 
+    def set_instrument(self, instrument: Callable[..., int] | None) -> None:
+        """Call `instrument(func, name, before_run, ret, *args)` around each VM call (None: stop), as
+        `tvm.runtime.vm.VirtualMachine.set_instrument` does (bench/decode.py `--profile`)."""
+        self._vm["set_instrument"](instrument)
+
     def _prefill_workspace(self, length: int) -> None:
         """Before a prefill chunk of `length` tokens (lock held): if the last chunk had another length, hand
         the VM's pooled buffers back to the system. TVM's pooled allocator keeps every freed buffer for reuse
@@ -377,10 +390,10 @@ class CompiledStage(StageDefaults):
         """A tensor holding `x` for one decode call (lock held). On the CPU: a tensor kept per shape (one per
         batch size), filled through a NumPy view of its memory."""
         if not self._host:
-            return self._tvm.runtime.tensor(x, self._device)
+            return tvm_runtime.tensor(x, self._device)
         kept = self._decode_inputs.get(x.shape)
         if kept is None:
-            tensor = self._tvm.runtime.empty(x.shape, str(x.dtype), self._device)
+            tensor = tvm_runtime.empty(x.shape, str(x.dtype), self._device)
             kept = self._decode_inputs[x.shape] = (tensor, np.from_dlpack(tensor))
         kept[1][...] = x
         return kept[0]

@@ -63,7 +63,7 @@ def load_shard_weights(gguf_model: GGUFModel, shard: CompiledShard, device: Any,
                   load: Callable[[str], np.ndarray] | None = None) -> list[Any]:
     """The shard's parameters as TVM tensors on `device`, in the order the compiled functions take them.
     `load(name)` dequantizes a GGUF tensor to fp32 (default: `gguf_model.dequantize`)."""
-    import tvm
+    from shoal.models import tvm_runtime
     from shoal.models.weights import gguf_sources
 
     load = load or gguf_model.dequantize
@@ -93,6 +93,6 @@ def load_shard_weights(gguf_model: GGUFModel, shard: CompiledShard, device: Any,
                 f"parameter {name}: the GGUF gives {array.dtype}{list(array.shape)}, "
                 f"the compiled shard expects {dtype}{list(shape)}"
             )
-        out.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+        out.append(tvm_runtime.tensor(np.ascontiguousarray(array), device))
         del array
     return out
