@@ -1,4 +1,5 @@
-"""The `shoal pull/publish/models` commands as real subprocesses: kill -9 mid-pull and resume; bad input."""
+"""The `shoal pull/publish/models` commands as real subprocesses: kill -9 mid-pull and resume; bad input (the
+first case a process, the rest through the same command's `main` in the test process)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from shoal.mesh.ipfs.service import IpfsService
 from shoal.mesh.ipfs.store import BlockStore
@@ -77,7 +79,11 @@ async def test_kill_9_midway_then_resume(write_data, tmp_path: Path) -> None:
     assert assert_store_all_verified(service) == 50
 
 
-async def test_bad_input_gives_clear_errors(tmp_path: Path) -> None:
+def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each bad input is exit code 2 with its message and no traceback. The first runs as a process (the
+    entry point); the others call `main` here (a process each was ~1 s apiece of the default suite)."""
+    from shoal.mesh.commands.cli import main
+
     data = ["--data-dir", str(tmp_path / "n")]
     dead = f"http://127.0.0.1:{free_port()}"
     cases = [
@@ -90,8 +96,12 @@ async def test_bad_input_gives_clear_errors(tmp_path: Path) -> None:
         (["publish", str(tmp_path / "missing.gguf"), *data], "is not a file"),
         (["publish", __file__, "--name", "Bad Name!", *data], "model name"),
     ]
-    for args, message in cases:
-        code, _out, err = await shoal(*args)
+    for i, (args, message) in enumerate(cases):
+        if i == 0:
+            code, _out, err = asyncio.run(shoal(*args))
+        else:
+            code = main(args)
+            err = capsys.readouterr().err
         assert code == 2, (args, err)
         assert message in err, (args, err)
         assert "Traceback" not in err
