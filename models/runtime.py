@@ -42,14 +42,6 @@ more concurrent sequences (a node passes `[models] cache_tokens`)."""
 DEFAULT_PREFILL_CHUNK = 512
 """Tokens per prefill VM call on CUDA (longer prompts are split); the CPU's is `CPU_PREFILL_CHUNK`
 (models/memory.py)."""
-
-
-
-def default_prefill_chunk(target: str | TargetSpec | None) -> int:
-    """The prefill chunk `CompiledStage` uses on `target` unless told: CUDA's for `cuda`, the CPU's otherwise
-    (`auto` too: the host-memory estimate is what a chunk's size matters for)."""
-    kind = target.kind if isinstance(target, TargetSpec) else target
-    return DEFAULT_PREFILL_CHUNK if kind == "cuda" else CPU_PREFILL_CHUNK
 DEFAULT_QUANTIZATION = "auto"
 """Chosen per file (models.weights.choose_quantization): q4_1 for the embedded SmolLM2, native otherwise."""
 """What `CompiledStage.load` builds unless told otherwise."""
@@ -59,6 +51,13 @@ THREAD_POOL_SPIN_COUNT = 1000
 """`sched_yield()`s a TVM pool worker spins through before it sleeps. TVM's default (300000) kept a worker
 busy ~160 ms after every decode step here: an idle node (a split stage waiting for its peers) took a core
 from the one computing. 1000 is ~0.5 ms: enough to bridge the gaps between kernels and decode steps."""
+
+
+def default_prefill_chunk(target: str | TargetSpec | None) -> int:
+    """The prefill chunk `CompiledStage` uses on `target` unless told: CUDA's for `cuda`, the CPU's otherwise
+    (`auto` too: the host-memory estimate is what a chunk's size matters for)."""
+    kind = target.kind if isinstance(target, TargetSpec) else target
+    return DEFAULT_PREFILL_CHUNK if kind == "cuda" else CPU_PREFILL_CHUNK
 
 
 def configure_threads() -> None:
