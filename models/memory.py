@@ -41,7 +41,7 @@ CPU_PREFILL_CHUNK = 256
 models/runtime.py); the engine's chunk too (models/generate.py). The VM's prefill workspace (activations,
 resident while its pool holds them) grows with the chunk, ~0.18 MiB a token for Llama-3.2-1B (23 MiB at 128,
 46 at 256, 89 at 512), on top of a full KV cache in a long fill. 128 would save 23 MiB more but split a
-200-token prompt in two and cost its prefill ~15% (docs/models.md "Peak RSS at a 4k context")."""
+200-token prompt in two and cost its prefill ~25% (docs/models.md "Peak RSS at a 4k context")."""
 KV_BYTES = {"f32": 4}
 """Bytes of one KV-cache element per quantization; 2 (fp16) for the others."""
 PAGE = 16
