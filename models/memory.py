@@ -7,8 +7,9 @@ Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positio
   pages on the CPU (models/llama.py `kv_cache_dtype`), `f32` builds (and the reference) fp32, 4 bytes;
   sliding-window layers with their own cache (gemma3 on the CPU, models/sliding_cache.py) count at most the
   window plus one prefill chunk (whole pages) per sequence, not every position (`kv_cache_bytes`);
-- workspace: one prefill chunk's activations (3 × hidden, QKV, 3 × intermediate for gate/up and their
-  product: ~38 MB a 512-token chunk of Qwen2.5-0.5B, as measured of the compiled prefill) and one row of
+- workspace: one prefill chunk's activations (8 × hidden, QKV, 3 × intermediate for gate/up and their
+  product, fp32: ~47 MB a 512-token chunk of Qwen2.5-0.5B, measured 38–50; 44 MiB a 256-token chunk of
+  Llama-3.2-1B, measured 46) and one row of
   logits (prefill computes the last position's only), plus a fixed runtime overhead. One chunk: the stage
   hands TVM's pooled buffers back when the chunk length changes (models/runtime.py).
 
@@ -99,7 +100,10 @@ def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str =
     """`tokens` KV positions over at most `sequences` sequences at once (the sliding layers' bound is per
     sequence: several long sequences hold it each)."""
     c: ModelConfig = index.config
-    width = c.hidden_size * 3 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
+    # fp32 activations a token: hidden-sized ones (the residual, norms, attention and projection outputs: the
+    # pool keeps one buffer per distinct size and live tensor), QKV, gate_up and its product (measured:
+    # ~0.18 MiB a token for Llama-3.2-1B, 38–50 MB a 512-token chunk of Qwen2.5-0.5B)
+    width = c.hidden_size * 8 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
     logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
     workspace = prefill_chunk * width * 4 + logits + RUNTIME_OVERHEAD
     kv = kv_cache_bytes(c, span, tokens, quantization, prefill_chunk=prefill_chunk, sequences=sequences)
