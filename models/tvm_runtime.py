@@ -19,6 +19,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ POOLED_ALLOCATOR = 2
 @functools.cache
 def ffi() -> Any:
     """`tvm_ffi` with libtvm_runtime loaded into the process (once)."""
-    import tvm_ffi
+    tvm_ffi = _import_tvm_ffi()
 
     if tvm_ffi.get_global_func("vm.builtin.alloc_storage", allow_missing=True) is None:
         spec = importlib.util.find_spec("tvm")
@@ -40,6 +41,23 @@ def ffi() -> Any:
             raise RuntimeError("TVM is not installed: shoal's compiled runtime needs the apache-tvm package")
         library = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libtvm_runtime.so"
         ctypes.CDLL(os.fspath(library), mode=ctypes.RTLD_GLOBAL)
+    return tvm_ffi
+
+
+def _import_tvm_ffi() -> Any:
+    """`import tvm_ffi`, in a process that has not imported it yet without its optional `ml_dtypes` (NumPy
+    dtypes for bfloat16/float8, which a CPU stage's tensors never use): that extension's import took
+    1.0–1.4 s and 7 MiB (ml_dtypes 0.7, this 2-core VM under load) of every serving process's start. Later
+    imports of ml_dtypes (the full TVM's, when a process also compiles) load it as usual."""
+    if "tvm_ffi" in sys.modules or "ml_dtypes" in sys.modules:
+        import tvm_ffi
+
+        return tvm_ffi
+    sys.modules["ml_dtypes"] = None  # type: ignore[assignment]  # an ImportError for tvm_ffi's optional import
+    try:
+        import tvm_ffi
+    finally:
+        del sys.modules["ml_dtypes"]
     return tvm_ffi
 
 
