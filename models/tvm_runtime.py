@@ -83,10 +83,14 @@ def shape(dims: list[int]) -> Any:
     return ffi().Shape([int(d) for d in dims])
 
 
+@functools.cache
+def _tensor_alloc() -> Any:
+    return get_global_func("runtime.TVMTensorAllocWithScope")
+
+
 def empty(dims: tuple[int, ...], dtype: str, dev: Any) -> Any:
     """An uninitialised tensor on `dev` (`tvm.runtime.empty`)."""
-    alloc = get_global_func("runtime.TVMTensorAllocWithScope")
-    return alloc(shape(list(dims)), ffi().dtype(dtype), dev, None)
+    return _tensor_alloc()(shape(list(dims)), ffi().dtype(dtype), dev, None)
 
 
 def tensor(array: np.ndarray, dev: Any) -> Any:
