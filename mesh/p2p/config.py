@@ -6,7 +6,6 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
-from aiortc.rtcicetransport import parse_stun_turn_uri
 from shoal.mesh.p2p.errors import IdentityError, InviteError
 from shoal.mesh.p2p.identity import public_key_from_peer_id
 from shoal.mesh.p2p.invite import Invite
@@ -86,6 +85,9 @@ class MeshConfig:
             self.secret_bytes()
         for key, schemes in (("stun", ("stun", "stuns")), ("turn", ("turn", "turns"))):
             for url in getattr(self, key):
+                # aiortc (~0.3 s to import) only where ICE servers are configured: `shoal chat` reads this too
+                from aiortc.rtcicetransport import parse_stun_turn_uri
+
                 try:
                     scheme = parse_stun_turn_uri(url)["scheme"]
                 except ValueError as exc:
