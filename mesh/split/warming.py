@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.plan_inputs import advert_device
+from shoal.mesh.split.plan_inputs import advert_device, advert_in_use
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.ports import MeshHandle, NodeView
-from shoal.mesh.split.router import STAGE_OVERHEAD
-from shoal.mesh.split.span_model import MAX_CATALOG, SpanModels, advert_catalog
+from shoal.mesh.split.router import STAGE_OVERHEAD, models_left
+from shoal.mesh.split.span_model import SpanModels, advert_catalog
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 
@@ -63,15 +63,6 @@ UNBOUNDED = 1 << 50
 Kind = Literal["stage", "model"]
 Part = tuple[str, tuple[LayerSpan, ...]]
 """A plan's kind and the spans it puts on this node."""
-
-
-def advert_in_use(advert: dict[str, Any]) -> list[str]:
-    """The model names a member advertises as loaded (`split.in_use`), malformed entries left out."""
-    split = advert.get("split")
-    raw = split.get("in_use") if isinstance(split, dict) else None
-    if not isinstance(raw, list):
-        return []
-    return [name for name in raw[:MAX_CATALOG] if isinstance(name, str) and 0 < len(name) <= 200]
 
 
 def likely_part(shape: sched.ModelShape, model: str, origin_advert: dict[str, Any], me: sched.Device
@@ -320,8 +311,7 @@ class Warming:
         if shape.span_compute_bytes(span) > cap:
             return f"the span is over standby_max_mb ({self._settings.standby_max_mb} MiB)"
         need = shape.span_memory(span, WARM_PROMPT_TOKENS + WARM_MAX_TOKENS, STAGE_OVERHEAD)
-        room = self._node.models.memory()
-        left = int(room["budget"]) - int(room["used"])
+        left = models_left(self._node.models.memory())
         if need > left:
             return f"needs {need >> 20} MiB, the models budget has {max(0, left) >> 20} MiB left"
         if self._host_room() <= 0 and not await self._drop_stale(model, span):
@@ -350,8 +340,7 @@ class Warming:
             return "ready"
         whole = LayerSpan.whole(shape.num_layers)
         need = shape.span_memory(whole, WARM_PROMPT_TOKENS + WARM_MAX_TOKENS, STAGE_OVERHEAD)
-        room = models.memory()
-        if need <= int(room["budget"]) - int(room["used"]):
+        if need <= models_left(models.memory()):
             await models.acquire(model)
             return "ready"
         if self._node.config.models.backend == "tvm":
