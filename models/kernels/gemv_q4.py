@@ -26,9 +26,11 @@ def check_shape(n: int, k: int, kind: str) -> None:
         raise ValueError(f"shape [{n}, {k}]: rows must be a multiple of {ROWS}, columns of {GROUP}")
 
 
-def matmul_entry(body: Any, kind: str, n: int, k: int) -> tirx.PrimFunc:
+def matmul_entry(body: Any, kind: str, n: int, k: int, out: int | None = None) -> tirx.PrimFunc:
     """The PrimFunc around a quantized matmul `body` macro (gemv, gemm): arguments xq, xd, xds, qweight,
-    scale, [min (q4_1)], y fp32 [B, N], with B symbolic (int64)."""
+    scale, [min (q4_1)], y fp32 [B, `out`] (default N; N / 2 for the gated kernels, gated_matmul.py), with B
+    symbolic (int64)."""
+    out = n if out is None else out
     blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
 
     @T.prim_func(private=True)
@@ -42,7 +44,7 @@ def matmul_entry(body: Any, kind: str, n: int, k: int) -> tirx.PrimFunc:
         qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
         scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
         wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
+        y = T.match_buffer(var_y, (batch, out), "float32")
         body(xq, xd, xds, qw, scale, wmin, y, batch)
 
     @T.prim_func(private=True)
@@ -55,7 +57,7 @@ def matmul_entry(body: Any, kind: str, n: int, k: int) -> tirx.PrimFunc:
         xds = T.match_buffer(var_xds, (batch, groups), "float32")
         qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
         scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
+        y = T.match_buffer(var_y, (batch, out), "float32")
         body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
 
     return matmul_q4_1 if kind == "q4_1" else matmul_q8_0
@@ -121,8 +123,7 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
     instead of (xq, xd, xds) and quantizes it itself (single-threaded, into a workspace buffer) before the
     parallel GEMV: one kernel call and one VM tensor per linear layer instead of two calls and four."""
     check_shape(n, k, kind)
-    blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
-    has_min = kind == "q4_1"
+    blocks, groups = n // ROWS, k // GROUP
 
     @T.macro
     def body(xq, xd, xds, qw, scale, wmin, y, batch):
@@ -138,6 +139,14 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
 
     if not fused:
         return matmul_entry(body, kind, n, k)
+    return fused_entry(body, kind, n, k)
+
+
+def fused_entry(body: Any, kind: str, n: int, k: int, out: int | None = None) -> tirx.PrimFunc:
+    """The PrimFunc around a GEMV `body` that takes x fp32 [B, K] and quantizes it itself (single-threaded,
+    into workspace buffers) first: arguments x, qweight, scale, [min (q4_1)], y fp32 [B, `out`]."""
+    out = n if out is None else out
+    blocks, groups, words = n // ROWS, k // GROUP, 4 if kind == "q4_1" else 8
     row = _quantize_row(groups)
 
     @T.prim_func(private=True)
@@ -149,7 +158,7 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
         qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
         scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
         wmin = T.match_buffer(var_min, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
+        y = T.match_buffer(var_y, (batch, out), "float32")
         xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
         xd = T.alloc_buffer((batch, groups), "float32", scope="global")
         xds = T.alloc_buffer((batch, groups), "float32", scope="global")
@@ -164,7 +173,7 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
         x = T.match_buffer(var_x, (batch, k), "float32")
         qw = T.match_buffer(var_qw, (blocks, groups, words, LANES), "uint32")
         scale = T.match_buffer(var_scale, (blocks, groups, LANES), "float16")
-        y = T.match_buffer(var_y, (batch, n), "float32")
+        y = T.match_buffer(var_y, (batch, out), "float32")
         xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
         xd = T.alloc_buffer((batch, groups), "float32", scope="global")
         xds = T.alloc_buffer((batch, groups), "float32", scope="global")
@@ -172,4 +181,4 @@ def gemv_func(kind: str, n: int, k: int, vnni: bool, fused: bool = False) -> tir
             row(x, xq, xd, xds, b)
         body(xq, xd, xds, qw, scale, scale, y, batch)  # q8_0 ignores the min
 
-    return gemv_x_q4_1 if has_min else gemv_x_q8_0
+    return gemv_x_q4_1 if kind == "q4_1" else gemv_x_q8_0

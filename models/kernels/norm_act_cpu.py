@@ -132,3 +132,6 @@ def gelu_mul_func(dim: int) -> tirx.PrimFunc:
 
 GATED = {"silu": silu_mul_func, "gelu_tanh": gelu_mul_func}
 """models/config.py's `activation` -> the gated kernel's factory."""
+ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
+"""models/config.py's `activation` -> the float32x16 expression of one gate vector: the GEMMs that fuse the
+gated activation into the gate_up projection (gated_matmul.py) apply it exactly as the kernels above."""

@@ -137,9 +137,10 @@ def quantize_act_sums_func(k: int) -> tirx.PrimFunc:
 
 # ---------------------------------------------------------------- GEMV (fused quantization) and GEMM
 
-def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
+def block_entry(kind: str, n: int, k: int, fused: bool, body: Any, out: int | None = None) -> tirx.PrimFunc:
     """The PrimFunc around `body(xq, xd, xs, qw, params, y, batch)`: arguments (x | xq, xd, xs), qweight,
-    the kind's parameters, y."""
+    the kind's parameters, y fp32 [B, `out`] (default n; n / 2 for the gated kernels)."""
+    out = n if out is None else out
     groups = k // GROUP
     qshape = qweight_shape(kind, n, k)
     shapes = param_shapes(kind, n, k)
@@ -165,7 +166,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             p1 = T.match_buffer(v1, s1, d1)
             p2 = T.match_buffer(v2, s2, d2)
             p3 = T.match_buffer(v3, s3, d3)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
             xd = T.alloc_buffer((batch, groups), "float32", scope="global")
             xs = T.alloc_buffer((batch, 2 * groups), "int32", scope="global")
@@ -182,7 +183,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             qw = T.match_buffer(var_qw, qshape, "uint32")
             p0 = T.match_buffer(v0, s0, d0)
             p1 = T.match_buffer(v1, s1, d1)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
             xd = T.alloc_buffer((batch, groups), "float32", scope="global")
             xs = T.alloc_buffer((batch, 2 * groups), "int32", scope="global")
@@ -198,7 +199,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             x = T.match_buffer(var_x, (batch, k), "float32")
             qw = T.match_buffer(var_qw, qshape, "uint32")
             p0 = T.match_buffer(v0, s0, d0)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             xq = T.alloc_buffer((batch, k // 4), "int32", scope="global")
             xd = T.alloc_buffer((batch, groups), "float32", scope="global")
             xs = T.alloc_buffer((batch, 2 * groups), "int32", scope="global")
@@ -220,7 +221,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             p1 = T.match_buffer(v1, s1, d1)
             p2 = T.match_buffer(v2, s2, d2)
             p3 = T.match_buffer(v3, s3, d3)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             body(xq, xd, xs, qw, [p0, p1, p2, p3], y, batch)
 
         return mm4
@@ -236,7 +237,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             qw = T.match_buffer(var_qw, qshape, "uint32")
             p0 = T.match_buffer(v0, s0, d0)
             p1 = T.match_buffer(v1, s1, d1)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             body(xq, xd, xs, qw, [p0, p1], y, batch)
 
         return mm2
@@ -251,7 +252,7 @@ def _entry(kind: str, n: int, k: int, fused: bool, body: Any) -> tirx.PrimFunc:
             xs = T.match_buffer(var_xs, (batch, 2 * groups), "int32")
             qw = T.match_buffer(var_qw, qshape, "uint32")
             p0 = T.match_buffer(v0, s0, d0)
-            y = T.match_buffer(var_y, (batch, n), "float32")
+            y = T.match_buffer(var_y, (batch, out), "float32")
             body(xq, xd, xs, qw, [p0], y, batch)
 
         return mm1
@@ -264,7 +265,7 @@ L1). One thread on znver3 streamed 11-13 GB/s without it and 15-18 GB/s with it 
 2-8 KiB measured alike."""
 
 
-def _prefetch_ahead(kind: str, n: int, k: int) -> Any:
+def prefetch_ahead(kind: str, n: int, k: int) -> Any:
     """TVMScript macro: software prefetch of group g + ahead's code words and per-group parameters in the
     row block's stream (past the block's last group the flat address runs on into the next block, as the
     threads' streams do; a prefetch never faults)."""
@@ -301,7 +302,7 @@ def qgemv_func(kind: str, n: int, k: int, isa: str) -> tirx.PrimFunc:
     blocks are split over the threads."""
     check_shape(kind, n, k)
     blocks, groups = n // ROWS, k // GROUP
-    prefetch = _prefetch_ahead(kind, n, k)
+    prefetch = prefetch_ahead(kind, n, k)
 
     @T.macro
     def body(xq, xd, xs, qw, params, y, batch):
@@ -315,7 +316,7 @@ def qgemv_func(kind: str, n: int, k: int, isa: str) -> tirx.PrimFunc:
                                                             nb, g, xq, xd, xs, b)
                 y[b, T.Ramp(nb * ROWS, 1, LANES)] = acc[T.Ramp(0, 1, LANES)]
 
-    return _entry(kind, n, k, True, body)
+    return block_entry(kind, n, k, True, body)
 
 
 @functools.cache
@@ -346,4 +347,4 @@ def qgemm_func(kind: str, n: int, k: int, isa: str, tile: int = TILE, chunk: int
                             row = T.meta_var(T.min(mc * chunk + bt * tile + i, batch - 1))
                             y[row, T.Ramp(nb * ROWS, 1, LANES)] = acc[i, T.Ramp(0, 1, LANES)]
 
-    return _entry(kind, n, k, False, body)
+    return block_entry(kind, n, k, False, body)

@@ -1,6 +1,7 @@
 """`tvm.relax.frontend.nn` modules over every GGUF block type (models/kernels/blocks.py): a linear layer and a
 token embedding (with its tied output head) whose weights stay in their GGUF block type, and a linear layer
-made of row parts of different types (a Q4_K_M file's attn_q/attn_k Q4_K beside attn_v Q6_K).
+made of row parts of different types (a Q4_K_M file's attn_q/attn_k Q4_K beside attn_v Q6_K), and the MLP's
+gate_up projection fused with its gated activation (`gated_projection`, kernels in gated_matmul.py).
 
 Q4_1 and Q8_0 use the tuned kernels (relax_ops.QuantizedLinear / QuantizedEmbedding: parameters qweight,
 scale[, min]); the other types the generic ones (qmatmul.py, fmatmul.py, embed_any.py: parameters qweight
@@ -13,6 +14,13 @@ from __future__ import annotations
 from shoal.models.kernels.blocks import GROUP, ROWS, TUNED_KINDS, block_kind, check_shape
 from shoal.models.kernels.embed_any import embed_func
 from shoal.models.kernels.fmatmul import fmatmul_func
+from shoal.models.kernels.gated_matmul import (
+    gemm_gated_func,
+    gemv_gated_func,
+    qgemm_gated_func,
+    qgemv_gated_func,
+)
+from shoal.models.kernels.gemv_q4 import quantize_act_func
 from shoal.models.kernels.qmatmul import (
     param_shapes,
     qgemm_func,
@@ -25,8 +33,10 @@ from shoal.models.kernels.relax_ops import (
     QuantizedLinear,
     _is_decode,
     _rows,
+    gated_mul,
     quantized_matmul,
 )
+from tvm import tirx
 from tvm.relax.frontend import nn
 
 CPU_BACKENDS = ("x86_vnni", "x86_avx2", "llvm")
@@ -74,6 +84,62 @@ def block_matmul(x: nn.Tensor, kind: str, out_features: int, weights: list[nn.Te
         func = qgemm_func(kind, out_features, k, ISA[backend])
         y = nn.op.tensor_ir_op(func, f"gemm_{name}", [xq, xd, xs, *weights], out)
     return nn.op.reshape(y, [*lead, out_features]) if len(x.shape) != 2 else y
+
+
+def _quantized_acts(x2: nn.Tensor, rows: tirx.PrimExpr | int, k: int, generic: bool) -> list[nn.Tensor]:
+    """x [rows, K] quantized for a prefill GEMM: (xq, xd, xs) for the generic kernels, (xq, xd, xds) for the
+    tuned Q4_1 / Q8_0 ones."""
+    groups = k // GROUP
+    third = ([rows, 2 * groups], "int32") if generic else ([rows, groups], "float32")
+    func = quantize_act_sums_func(k) if generic else quantize_act_func(k)
+    name = f"quantize_act_sums_{k}" if generic else f"quantize_act_{k}"
+    return list(nn.op.tensor_ir_op(
+        func, name, [x2],
+        [nn.Tensor.placeholder([rows, k // 4], "int32"), nn.Tensor.placeholder([rows, groups], "float32"),
+         nn.Tensor.placeholder(*third)]))
+
+
+def _fusable(linear: nn.Module, backend: str | None) -> bool:
+    """Whether `gated_projection` runs `linear` fused with the activation: one integer block type (generic or
+    tuned) on a CPU backend, F = out / 2 a multiple of 16."""
+    if backend not in CPU_BACKENDS or getattr(linear, "out_features", 1) % (2 * ROWS):
+        return False
+    if isinstance(linear, QuantizedLinear):
+        return linear.backend == backend
+    return isinstance(linear, BlockLinear) and not block_kind(linear.kind).is_float
+
+
+def gated_projection(linear: nn.Module, x: nn.Tensor, activation: str, backend: str | None) -> nn.Tensor:
+    """act(gate) · up of the MLP's gate_up projection `linear` (W [2F, K]: gate rows, then up rows) on x
+    [..., K] -> [..., F]: one fused kernel (gated_matmul.py; no [..., 2F] fp32 output) where `linear` holds
+    one integer block type on a CPU backend, else `gated_mul(linear(x), ...)` (F16/BF16, mixed-type parts,
+    CUDA, TVM's ops). Both give the same values bit for bit."""
+    if not _fusable(linear, backend):
+        return gated_mul(linear(x), activation, backend)
+    from shoal.models.kernels.norm_act_cpu import GATED
+
+    if activation not in GATED:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(GATED)}")
+    n, k = linear.out_features, x.shape[-1]
+    lead, rows = list(x.shape[:-1]), _rows(x)
+    x2 = nn.op.reshape(x, [rows, k]) if len(x.shape) != 2 else x
+    out = nn.Tensor.placeholder([rows, n // 2], "float32")
+    if isinstance(linear, QuantizedLinear):
+        kind, weights = linear.kind, linear.weights()
+    else:
+        kind, weights = linear.kind, [getattr(linear, name) for name in linear.param_names]
+    generic = isinstance(linear, BlockLinear) or backend == "x86_avx2"  # AVX2 runs Q4_1/Q8_0 generically too
+    name = f"{kind}_{n}x{k}_{activation}"
+    if _is_decode(x):
+        func = (qgemv_gated_func(kind, n, k, ISA[backend], activation) if generic
+                else gemv_gated_func(kind, n, k, backend == "x86_vnni", activation))
+        y = nn.op.tensor_ir_op(func, f"gemv_gated_{name}", [x2, *weights], out)
+    else:
+        func = (qgemm_gated_func(kind, n, k, ISA[backend], activation) if generic
+                else gemm_gated_func(kind, n, k, backend == "x86_vnni", activation))
+        y = nn.op.tensor_ir_op(func, f"gemm_gated_{name}", [*_quantized_acts(x2, rows, k, generic), *weights],
+                               out)
+    return nn.op.reshape(y, [*lead, n // 2]) if len(x.shape) != 2 else y
 
 
 class BlockLinear(nn.Module):
