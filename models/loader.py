@@ -44,7 +44,9 @@ def open_model(path: str | Path | None = None) -> LoadedModel:
     resolved = Path(path) if path is not None else embedded_model_path()
     gguf = GGUFModel.open(resolved)
     config = gguf.config
-    return LoadedModel(path=resolved, gguf=gguf, config=config, tokenizer=Tokenizer.from_gguf(gguf))
+    tokenizer = Tokenizer.from_gguf(gguf)
+    gguf.release_vocabulary()  # the tokenizer has what it needs; the metadata's lists would stay resident
+    return LoadedModel(path=resolved, gguf=gguf, config=config, tokenizer=tokenizer)
 
 
 def tvm_available() -> bool:

@@ -119,6 +119,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, model: Any) -> Tokenizer:
         """Build from a `GGUFModel` (or anything with a GGUF `.metadata` mapping)."""
+        if getattr(model, "vocabulary_released", False):
+            raise ValueError(f"{model}: its vocabulary was released (GGUFModel.release_vocabulary, close); "
+                             "build the tokenizer before that, or open the file again")
         meta: Mapping[str, Any] = model.metadata
         kind = meta.get("tokenizer.ggml.model")
         if kind not in ("gpt2", "llama"):
