@@ -36,6 +36,15 @@ def span_bytes(stage: Stage, file_size: int, overhead: int) -> int:
     return shape.span_memory(stage.span, stage.max_total_tokens or 0, overhead)
 
 
+def offered_budget(available: int, share: float, models: dict[str, int]) -> int:
+    """The `memory_budget` a member advertises: the memory available now, the `max_memory_share` cap
+    (`share` bytes) and what the models budget leaves (`models`: `NodeModels.memory()`), the spans in use
+    (`hosted`) taken from both the cap and the models budget."""
+    hosted = int(models.get("hosted", 0))
+    left = int(models["budget"]) - int(models["used"]) - hosted
+    return max(0, int(min(available, share - hosted, left)))
+
+
 def held_by_cid(stages: Iterable[HostedStage], cid: str | None, span: LayerSpan) -> HostedStage | None:
     """The loaded stage of `span` of the model with this CID, whatever name it was opened by."""
     if not cid:

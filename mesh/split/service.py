@@ -32,7 +32,7 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.held_spans import busy_bytes, shard_entries, span_bytes
+from shoal.mesh.split.held_spans import busy_bytes, offered_budget, shard_entries, span_bytes
 from shoal.mesh.split.offload import OffloadClient
 from shoal.mesh.split.offload_server import OffloadServer
 from shoal.mesh.split.plan_inputs import ForcedRoute
@@ -131,8 +131,8 @@ class SplitService:
         memory_budget_mb has left)`, the share and the models budget both less the spans in use on its stage
         host (idle ones count as free: `stages_limit` makes the host close them when room is needed)."""
         memory = psutil.virtual_memory()
-        share = self.node.policy.max_memory_share * memory.total - busy_bytes(self.host.stages)
-        return max(0, int(min(memory.available, share, self.router.models_room())))
+        share = self.node.policy.max_memory_share * memory.total
+        return offered_budget(memory.available, share, self.node.models.memory())
 
     def stages_limit(self) -> int:
         """Bytes the stages hosted here may hold together, idle ones included: `max_memory_share × total` and

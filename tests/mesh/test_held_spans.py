@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from shoal.mesh.p2p.gossip import MAX_SHARDS, clean_advert, clean_shards
-from shoal.mesh.split.held_spans import busy_bytes, held_of, shard_entries, span_bytes
+from shoal.mesh.split.held_spans import busy_bytes, held_of, offered_budget, shard_entries, span_bytes
 from shoal.mesh.split.partition import allocate_around
 from shoal.mesh.split.plan_inputs import advert_device
 from shoal.mesh.split.router import STAGE_OVERHEAD, models_left
@@ -132,6 +132,15 @@ def test_an_offload_to_a_peer_with_the_model_loaded_needs_no_new_memory() -> Non
 
 
 # --- the host: what it holds, what that takes from the budget, and closing idle spans for room ------------
+
+def test_the_offered_budget_subtracts_spans_in_use() -> None:
+    models = {"budget": 1000 * MiB, "used": 200 * MiB, "hosted": 0}
+    assert offered_budget(4 * GiB, 900 * MiB, models) == 800 * MiB  # what the models budget leaves
+    assert offered_budget(4 * GiB, 900 * MiB, {**models, "hosted": 300 * MiB}) == 500 * MiB
+    assert offered_budget(4 * GiB, 400 * MiB, {**models, "hosted": 300 * MiB}) == 100 * MiB  # the share cap
+    assert offered_budget(50 * MiB, 900 * MiB, {**models, "hosted": 300 * MiB}) == 50 * MiB  # available
+    assert offered_budget(4 * GiB, 900 * MiB, {**models, "hosted": 2 * GiB}) == 0
+
 
 def test_models_left_counts_spans_in_use() -> None:
     assert models_left({"budget": 100, "used": 30, "hosted": 50}) == 20
