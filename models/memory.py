@@ -7,9 +7,10 @@ Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positio
   pages on the CPU (models/llama.py `kv_cache_dtype`), `f32` builds (and the reference) fp32, 4 bytes;
   sliding-window layers with their own cache (gemma3 on the CPU, models/sliding_cache.py) count at most the
   window plus one prefill chunk (whole pages) per sequence, not every position (`kv_cache_bytes`);
-- workspace: one prefill chunk's activations (8 × hidden, QKV, 3 × intermediate for gate/up and their
-  product, fp32: ~47 MB a 512-token chunk of Qwen2.5-0.5B, measured 38–50; 44 MiB a 256-token chunk of
-  Llama-3.2-1B, measured 46) and one row of
+- workspace: one prefill chunk's activations (8 × hidden, QKV, the intermediate-sized act(gate)·up and,
+  where the build does not fuse the gate_up projection with its activation (`fused_gate_up`), its [2 ×
+  intermediate] output, fp32: unfused ~47 MB a 512-token chunk of Qwen2.5-0.5B, measured 38–50, 44 MiB a
+  256-token chunk of Llama-3.2-1B, measured 46; fused 28 MiB for that chunk, measured ~30) and one row of
   logits (prefill computes the last position's only), plus a fixed runtime overhead. One chunk: the stage
   hands TVM's pooled buffers back when the chunk length changes (models/runtime.py).
 
@@ -95,15 +96,39 @@ def weight_bytes(index: Any, span: LayerSpan, quantization: str = "f32") -> int:
     return total
 
 
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
+def fused_gate_up(index: Any, span: LayerSpan, quantization: str = "f32") -> bool:
+    """Whether a CPU build of `span` runs each MLP's gate_up projection fused with its activation (no [2F]
+    fp32 output: models/kernels/relax_blocks.py `gated_projection`): quantized builds whose gate and up
+    weights have one integer block type in every layer (phi3's single gate_up tensor: its type), with the
+    intermediate size a multiple of 16; never `f32` builds."""
+    c: ModelConfig = index.config
+    if quantization == "f32" or c.intermediate_size % 16:
+        return False
+    if quantization == "q4_1":
+        return True
+    tensors = set(index.tensor_names())
+    for layer in range(span.start, span.stop):
+        names = [f"blk.{layer}.{part}.weight" for part in ("ffn_gate", "ffn_up")]
+        types = {index.tensor_info(n).type.name for n in names if n in tensors}
+        if len(types) != 1 or types & _FLOAT_TYPES:
+            return False
+    return True
+
+
 def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str = "f32",
                 prefill_chunk: int = CPU_PREFILL_CHUNK, sequences: int = 1) -> MemoryNeed:
     """`tokens` KV positions over at most `sequences` sequences at once (the sliding layers' bound is per
     sequence: several long sequences hold it each)."""
     c: ModelConfig = index.config
     # fp32 activations a token: hidden-sized ones (the residual, norms, attention and projection outputs: the
-    # pool keeps one buffer per distinct size and live tensor), QKV, gate_up and its product (measured:
-    # ~0.18 MiB a token for Llama-3.2-1B, 38–50 MB a 512-token chunk of Qwen2.5-0.5B)
-    width = c.hidden_size * 8 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
+    # pool keeps one buffer per distinct size and live tensor), QKV, act(gate)·up and, where the build does
+    # not fuse it away (`fused_gate_up`), the [2F] gate_up projection (measured for Llama-3.2-1B: ~0.18 MiB
+    # a token unfused, ~0.12 fused; 38–50 MB a 512-token chunk of Qwen2.5-0.5B unfused)
+    gated = 1 if fused_gate_up(index, span, quantization) else 3
+    width = c.hidden_size * 8 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + gated * c.intermediate_size
     logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
     workspace = prefill_chunk * width * 4 + logits + RUNTIME_OVERHEAD
     kv = kv_cache_bytes(c, span, tokens, quantization, prefill_chunk=prefill_chunk, sequences=sequences)

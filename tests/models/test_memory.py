@@ -67,6 +67,20 @@ def test_summary_of_the_embedded_model() -> None:
     assert summary["memory_tokens"] == 2048 and summary["memory_bytes"] > 0
 
 
+def test_workspace_counts_the_gate_up_output_only_where_it_is_not_fused(tmp_path: Path) -> None:
+    """A build that fuses the gate_up projection with its activation (one integer block type) holds no [2F]
+    fp32 output: its chunk's workspace is 2 × intermediate × chunk fp32 values smaller."""
+    from shoal.models.memory import CPU_PREFILL_CHUNK, fused_gate_up
+
+    cfg = gguf_model().config
+    assert fused_gate_up(gguf_model(), WHOLE, "q4_1") and fused_gate_up(gguf_model(), WHOLE, "native")
+    assert not fused_gate_up(gguf_model(), WHOLE, "f32")
+    fused, plain = (memory_need(gguf_model(), WHOLE, 0, quantization=q).workspace for q in ("q4_1", "f32"))
+    assert plain - fused == 2 * cfg.intermediate_size * CPU_PREFILL_CHUNK * 4
+    f32_file = write_family_gguf("llama", tmp_path / "f.gguf")  # F32 matrices: the plain matmul
+    assert not fused_gate_up(GGUFModel.open(f32_file), LayerSpan(0, 1), "native")
+
+
 def test_describe_reads_a_file(tmp_path: Path) -> None:
     path = write_family_gguf("gemma3", tmp_path / "g.gguf")
     summary = describe(path)
