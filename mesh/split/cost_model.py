@@ -197,9 +197,6 @@ class Device:
     """Spans of this model the device holds loaded as stages (a peer's advert `shards`, the local node's stage
     host: `split.held_spans`): a stage of exactly one of them needs no new memory there (its bytes are out of
     the budget already) and no fetch."""
-    loaded: bool = False
-    """The model is loaded in the device's engine (its advert's `split.in_use`): an offload there needs no new
-    memory."""
 
     def __post_init__(self) -> None:
         if not self.id:

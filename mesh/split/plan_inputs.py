@@ -9,7 +9,6 @@ from typing import Any
 
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.held_spans import advert_held
-from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.models.span import LayerSpan
 
 DEFAULT_TPS = 10.0
@@ -154,25 +153,16 @@ def advert_battery(advert: dict[str, Any]) -> float | None:
     return None if value < 0 else min(value, 100.0)
 
 
-def advert_in_use(advert: dict[str, Any]) -> list[str]:
-    """The model names a member advertises as loaded (`split.in_use`), malformed entries left out."""
-    split = advert.get("split")
-    raw = split.get("in_use") if isinstance(split, dict) else None
-    if not isinstance(raw, list):
-        return []
-    return [name for name in raw[:MAX_CATALOG] if isinstance(name, str) and 0 < len(name) <= 200]
-
-
 def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bool, trusted: bool,
                   rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0,
                   offload_link: bool = False, cid: str | None = None, num_layers: int = 0) -> sched.Device:
     """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
     batch cost; none: unmeasured), `queue_depth` (at least `placed`, the requests this node placed there
-    that are still running: the advert lags), `split` (serves others, memory budget, `in_use`: the model
-    loaded there), `battery`, and — given the model's `num_layers` — the spans of it (by name or `cid`) it
-    holds loaded (`shards`: `split.held_spans`). `offload_link`: an offload's tokens from it would come over a
-    direct link (what this node knows: its `OffloadClient.links_to`). Junk fields read as absent; ValueError
-    when the result is not a valid device."""
+    that are still running: the advert lags), `split` (serves others, memory budget), `battery`, and —
+    given the model's `num_layers` — the spans of it (by name or `cid`) it holds loaded (`shards`:
+    `split.held_spans`). `offload_link`: an offload's tokens from it would come over a direct link (what
+    this node knows: its `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result
+    is not a valid device."""
     split = advert_table(advert.get("split"))
     speed = advert_table(advert_table(advert.get("speed")).get(model))
     battery = advert_battery(advert)
@@ -199,5 +189,4 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         fetch_bps=fetch_bps,
         offload_link=offload_link,
         held=advert_held(advert, model, cid, num_layers) if num_layers > 0 else (),
-        loaded=model in advert_in_use(advert),
     )

@@ -19,8 +19,8 @@ Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 - `battery_floor` (percent): a peer on battery below it is not used. The local node below it prefers any
   feasible remote plan, and runs locally only when nothing else fits.
 - `max_memory_share`: no device is planned past that share of its total memory (nor past its free memory).
-  A span a device already holds loaded (`Device.held`: its advert's `shards`) needs no new memory, and a
-  model loaded in its engine (`Device.loaded`) none for an offload: a repeated request lands where it did.
+  A span a device already holds loaded (`Device.held`: its advert's `shards`) needs no new memory: a
+  repeated split lands where it did.
 - `trusted_only_splits`: untrusted peers are left out of every remote plan — splits and offloads alike (an
   offload exposes the whole prompt, a split exposes hidden states; neither goes to a peer not trusted).
 - `prefer_local`: when the local node can serve the request at all, it does.
@@ -234,9 +234,7 @@ def plan(
 
     options: list[Plan] = [] if local_plan is None else [local_plan]
     for d in remote:  # an offload runs on the peer's own engine: only a peer holding the model can take it
-        # (one that has it loaded needs no new memory for it)
-        fits = d.loaded or max_layers(shape, request, d, policy, True, True) >= shape.num_layers
-        if d.holds_model and fits:
+        if d.holds_model and max_layers(shape, request, d, policy, True, True) >= shape.num_layers:
             options.append(Plan("offload", (Assignment(d.id, whole),), predict_offload(shape, request, d)))
     if "split" in allowed:
         favoured = [d for d in usable if d.is_local or d.id in prefer]

@@ -73,7 +73,6 @@ def test_advert_device_reads_held_spans_by_name_or_cid() -> None:
     by_cid = {**SHARD, "model": "an-alias"}
     assert _peer([by_cid]).held == ()
     assert _peer([by_cid], cid=CID).held == (LayerSpan(0, 15),)
-    assert not _peer([]).loaded and _peer([], in_use=["smollm2"]).loaded
 
 
 # --- the planner ------------------------------------------------------------------------------------------
@@ -122,13 +121,6 @@ def test_a_held_span_costs_no_fetch_so_the_repeat_lands_where_it_did() -> None:
     repeat = plan(SHAPE, REQ, again_local, again, OPEN)
     assert [(a.device, a.span) for a in repeat.stages] == [(a.device, a.span) for a in first.stages]
     assert repeat.prediction.ttft_s < first.prediction.ttft_s / 10  # no fetch this time
-
-
-def test_an_offload_to_a_peer_with_the_model_loaded_needs_no_new_memory() -> None:
-    loaded = dev("busy-budget", tps=1000, mem=MiB, loaded=True)
-    assert plan(SHAPE, REQ, dev(LOCAL, tps=10), [loaded], OPEN).devices == ["busy-budget"]
-    with pytest.raises(NoPlanError):
-        plan(SHAPE, REQ, None, [dataclasses.replace(loaded, loaded=False)], OPEN)
 
 
 # --- the host: what it holds, what that takes from the budget, and closing idle spans for room ------------
