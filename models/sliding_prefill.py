@@ -35,7 +35,7 @@ from tvm.script import tirx as T
 _STOCK = kv_cache._attention_prefill_cpu
 
 
-def _fixed_prefill_cpu(
+def fixed_prefill_cpu(
     h_kv,
     h_q,
     d,
@@ -205,11 +205,17 @@ def _fixed_prefill_cpu(
 
 def prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, rope_scaling: dict[str, Any],
                 page_size: int = 16, sliding_window_size: int = 1024, window_always: bool = False) -> Any:
-    """`kv_cache._attention_prefill_cpu`: the fixed kernel for sliding windows, TVM's otherwise."""
+    """`kv_cache._attention_prefill_cpu`: the parallel kernel of models/kernels/attention_prefill_cpu.py
+    where it applies (every layer kind), else the fixed copy for sliding windows and TVM's otherwise."""
+    from shoal.models.kernels.attention_prefill_cpu import attention_prefill_paged_cpu, supported
+
+    if supported(h_kv, h_q, d, dtype, page_size):
+        return attention_prefill_paged_cpu(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size,
+                                           sliding_window_size, window_always and sliding_window)
     if not sliding_window:
         return _STOCK(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size, sliding_window_size)
-    return _fixed_prefill_cpu(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size,
-                              sliding_window_size, window_always)
+    return fixed_prefill_cpu(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size,
+                             sliding_window_size, window_always)
 
 
 @contextlib.contextmanager

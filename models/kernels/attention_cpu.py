@@ -13,7 +13,8 @@ not applied inline (`rotary_mode` 0, i.e. RopeMode.NORMAL / NONE — the cache r
 other configurations keep TVM's kernels (the factories return them).
 
 Use: wrap the construction of the `TIRPagedKVCache` (inside the model's `create_paged_kv_cache`) in
-`with fast_cpu_attention(target): ...` (it also swaps in `rope_cpu.rope_cpu`).
+`with fast_cpu_attention(target): ...` (it also swaps in `rope_cpu.rope_cpu` and, for the paged prefill —
+a chunk's queries over cached pages — `attention_prefill_cpu.attention_prefill_paged_cpu`).
 """
 
 from __future__ import annotations
@@ -323,9 +324,14 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
 
 @contextlib.contextmanager
 def fast_cpu_attention(target: Any = None) -> Iterator[None]:
-    """While active, a `TIRPagedKVCache` uses `attention_decode_cpu`, `attention_prefill_ragged_cpu` and
-    `rope_cpu.rope_cpu` (each falls back to TVM's kernel where it does not apply). CPU kernels: pass the
-    model's `target`, and for anything but an llvm target this does nothing."""
+    """While active, a `TIRPagedKVCache` uses `attention_decode_cpu`, `attention_prefill_ragged_cpu`,
+    `attention_prefill_cpu.attention_prefill_paged_cpu` and `rope_cpu.rope_cpu` (each falls back to TVM's
+    kernel where it does not apply). CPU kernels: pass the model's `target`, and for anything but an llvm
+    target this does nothing."""
+    from shoal.models.kernels.attention_prefill_cpu import (
+        STOCK_PREFILL_PAGED_CPU,
+        attention_prefill_paged_cpu,
+    )
     from shoal.models.kernels.rope_cpu import STOCK_ROPE, rope_cpu
     from shoal.models.kernels.tir_common import as_target
 
@@ -334,10 +340,12 @@ def fast_cpu_attention(target: Any = None) -> Iterator[None]:
         return
     kv_cache._attention_decode_cpu = attention_decode_cpu
     kv_cache._attention_prefill_ragged_cpu = attention_prefill_ragged_cpu
+    kv_cache._attention_prefill_cpu = attention_prefill_paged_cpu
     kv_cache.llama_rope_with_position_map = rope_cpu
     try:
         yield
     finally:
         kv_cache._attention_decode_cpu = _STOCK_DECODE_CPU
         kv_cache._attention_prefill_ragged_cpu = _STOCK_PREFILL_RAGGED_CPU
+        kv_cache._attention_prefill_cpu = STOCK_PREFILL_PAGED_CPU
         kv_cache.llama_rope_with_position_map = STOCK_ROPE
