@@ -1,7 +1,7 @@
 """Prefill and decode speed of shoal's compiled runtime, shoal's NumPy reference and llama.cpp, one table.
 
     python bench/decode.py [--target auto|llvm|cuda] [--quantization auto|q4_1|native|f32] [--rounds 3]
-                           [--model FILE] [--context 4096]
+                           [--model FILE] [--context 4096] [--prompt-tokens 2000]
 
 Each engine runs in its own subprocess (so peak RSS is its own): a ~200-token chat prompt is prefilled, then
 128 greedy decode steps follow. `--rounds` rounds each run every engine once, alternating the order; a row
@@ -14,6 +14,10 @@ is the build time recorded in the cache manifest (`--fresh-compile` rebuilds int
 n_ctx = N) and, in the first round, fills it after the timed runs: a prompt of N − 8 tokens, then 4 decode
 steps. The peak RSS of that process (VmHWM: weights, KV cache, runtime, and the GGUF pages mapped while
 loading) is printed beside the issue's target, file size + 250 MB.
+
+`--prompt-tokens N` makes the timed chat prompt about N tokens (default 200); a long one times a prefill of
+several chunks (shoal's CPU chunk is 256 tokens: every chunk after the first attends over the cached pages).
+Both engines' caches are sized to hold it.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ TOPIC = ("Explain, step by step and with examples, how a compiler turns a high l
 
 def chat_prompt(tokenizer: Any, n_tokens: int = PROMPT_TOKENS) -> list[int]:
     """A rendered chat prompt (SmolLM's default system prompt, one user turn) of about `n_tokens` ids."""
-    words = (TOPIC * 20).split()
+    words = (TOPIC * max(20, n_tokens // 20)).split()
     lo, hi = 1, len(words)
     while lo < hi:  # the longest user message whose prompt fits n_tokens
         mid = (lo + hi + 1) // 2
@@ -169,13 +173,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     model_path = Path(args.model) if args.model != "default" else embedded_model_path()
     gguf = GGUFModel.open(model_path)
-    prompt = chat_prompt(Tokenizer.from_gguf(gguf))
+    prompt = chat_prompt(Tokenizer.from_gguf(gguf), args.prompt_tokens)
     result: dict[str, Any] = {"engine": args.worker, "prompt_tokens": len(prompt), "compile_s": None}
+    needed = len(prompt) + args.steps + 16  # positions the timed runs use (one sequence at a time)
     start = time.perf_counter()
     if args.worker == "shoal-compiled":
         from shoal.models.runtime import CompiledStage
 
         sizing = {"max_batch_size": 1, "max_total_tokens": args.context} if args.context else {}
+        if args.prompt_tokens > PROMPT_TOKENS:
+            sizing["max_total_tokens"] = max(args.context, needed)
         if args.prefill_chunk:
             sizing["prefill_chunk"] = args.prefill_chunk
         stage = CompiledStage.load(gguf, LayerSpan.whole(gguf.config.num_layers), target=args.target,
@@ -190,7 +197,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         engine = _ShoalEngine(ReferenceStage(gguf, LayerSpan.whole(gguf.config.num_layers)),
                               gguf.config.vocab_size)
     else:
-        engine = _LlamaCppEngine(model_path, args.threads or host_cores(), args.context)
+        engine = _LlamaCppEngine(model_path, args.threads or host_cores(), max(args.context, needed)
+                                 if args.prompt_tokens > PROMPT_TOKENS else args.context)
         result["weight_bytes"] = sum(gguf.tensor_info(n).size for n in gguf.tensor_names())
     gguf.close()  # the engines hold their own copies; drop the mapped file's pages
     result["load_s"] = time.perf_counter() - start
@@ -215,7 +223,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def _run_engine(engine: str, args: argparse.Namespace, fill: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--target", args.target, "--model", args.model,
            "--quantization", args.quantization, "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--context", str(args.context)]
+           "--context", str(args.context), "--prompt-tokens", str(args.prompt_tokens)]
     if fill:
         cmd.append("--fill")
     if args.threads:
@@ -354,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=0,
                         help="size the KV cache for this many positions and, in round 1, fill it and report "
                              "peak RSS against file size + 250 MB (e.g. 4096)")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                        help=f"about how many tokens the timed chat prompt has (default {PROMPT_TOKENS})")
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="shoal's prefill chunk in tokens (default: CompiledStage's for the target)")
     parser.add_argument("--fill", action="store_true", help=argparse.SUPPRESS)
@@ -384,9 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             round_rows[engine] = _run_engine(engine, args, fill=number == 1 and engine != "shoal-numpy")
         rounds.append(round_rows)
     rows = merge_rounds(rounds, engines)
-    print(f"\n{args.steps} greedy decode steps after a ~{PROMPT_TOKENS}-token chat prompt; {args.rounds} "
-          f"rounds (engines alternated), median of {args.repeats} runs each; ratios: median of per-round "
-          f"ratios; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
+    print(f"\n{args.steps} greedy decode steps after a ~{args.prompt_tokens}-token chat prompt; "
+          f"{args.rounds} rounds (engines alternated), median of {args.repeats} runs each; ratios: median of "
+          f"per-round ratios; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
     print_bandwidth(rows)
     if args.context:
