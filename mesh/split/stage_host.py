@@ -138,8 +138,12 @@ class StageHost:
         hosted = await self._stage(model, span, cid)
         self._last_used[hosted.key] = time.monotonic()
         local_id = self.new_local_id()
-        await self._run(hosted.call, hosted.stage.add_sequence, local_id)
-        hosted.sequences.add(local_id)
+        hosted.sequences.add(local_id)  # in use from now: no trim closes it while the sequence is added
+        try:
+            await self._run(hosted.call, hosted.stage.add_sequence, local_id)
+        except BaseException:
+            hosted.sequences.discard(local_id)
+            raise
         self._sessions[(peer, seq)] = _Session(hosted, local_id, cid or model, time.time())
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
