@@ -11,7 +11,9 @@ cheaper kept (ties go to the balanced one, which spreads load for concurrent req
 layers in proportion to each stage's decode speed, water-filled under memory caps — and **fastest-first** —
 each stage, fastest first, takes as many layers as its memory allows. A stage's memory = its layers'
 weights + their KV cache for prompt + max_tokens positions + the embedding (first stage) + the output head
-(last stage; the embedding again when the head is tied to it) + `overhead_bytes`.
+(last stage; the embedding again when the head is tied to it) + `overhead_bytes`. Where devices of the
+order hold spans loaded (`Device.held`), every pinning of stages to such spans is scored too
+(`partition.allocate_around`): a pinned stage needs no new memory, so it may exceed its cap.
 
 Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 ----------------------------------------------------------------
