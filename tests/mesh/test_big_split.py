@@ -148,12 +148,18 @@ def test_big_model_splits_across_three_budgets(tmp_path, slice_file):
         nodes = mesh.nodes
         peer_budget = mesh.share_of_memory(0.3) * psutil.virtual_memory().total
 
-        def lowered() -> bool:
-            peers = nodes["origin"].get("/v1/mesh/peers")["peers"]
-            return all(p["advert"].get("split", {}).get("memory_budget", 1e18) < peer_budget for p in peers
-                       if p["state"] == "connected")
+        limit = mesh.share_of_memory(0.25) * psutil.virtual_memory().total
 
-        wait_until(lowered, 30, "the lowered budgets advertised")
+        def lowered() -> bool:
+            """Every member advertises its lowered budget, and holds no more spans than it leaves them (the
+            idle ones past it closed)."""
+            peers = nodes["origin"].get("/v1/mesh/peers")["peers"]
+            adverts = [p["advert"] for p in peers if p["state"] == "connected"]
+            adverts.append(nodes["origin"].get("/v1/mesh/route")["advert"])
+            return all(a.get("split", {}).get("memory_budget", 1e18) < peer_budget
+                       and sum(s["bytes"] for s in a.get("shards", [])) <= limit for a in adverts)
+
+        wait_until(lowered, 30, "the lowered budgets advertised, idle spans past them closed")
         refused = chat(nodes["origin"], NAME, MAX_TOKENS)
         assert refused["error"]["code"] == "insufficient_memory", refused
         assert "not enough memory" in refused["error"]["message"]
