@@ -369,7 +369,7 @@ class LlamaShard(nn.Module):
         from shoal.models.sliding_prefill import fixed_sliding_prefill
 
         # On llvm, models/kernels swaps in parallel, vectorized decode/prefill attention and RoPE kernels;
-        # sliding-window layers get a fixed copy of TVM's paged-prefill kernel (models/sliding_prefill.py).
+        # sliding_prefill routes sliding layers' paged prefill to them too (a fixed copy of TVM's elsewhere).
         fix = fixed_sliding_prefill(sliding_only) if self.config.sliding_window else contextlib.nullcontext()
         renamed = _renamed_debug_kernel() if sliding_only else contextlib.nullcontext()
         with fast_cpu_attention(self.target), fix, renamed:

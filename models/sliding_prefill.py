@@ -1,12 +1,14 @@
-"""TVM 0.27's CPU paged-prefill attention kernel (`_attention_prefill_cpu` in
-tvm/relax/frontend/nn/llm/_prefill_kernels.py, Apache-2.0) with two fixes, used for sliding-window layers.
+"""The CPU paged-prefill kernels of models whose layers slide: models/kernels/attention_prefill_cpu.py's
+parallel kernel wherever it applies (`prefill_cpu`, sliding layers and their masked variant included), else
+TVM 0.27's kernel (`_attention_prefill_cpu` in tvm/relax/frontend/nn/llm/_prefill_kernels.py, Apache-2.0) —
+for sliding-window layers a copy with two fixes (`fixed_prefill_cpu`).
 
 When a key is masked, TVM's kernel sets its score to -5e4 but leaves `new_m` as it was: unset for a query
 whose first cached keys lie outside its window, so the running max, and with it the output, came from
 uninitialised memory (NaN logits in about half of the processes, gemma3, measured). It also rescales the
 output by `scale_O[d_idx]` of a one-element buffer. The copy below sets `new_m = m_val` for masked keys and
-reads `scale_O[0]`; the rest is TVM's code. Layers without a window keep TVM's kernel, so builds without
-sliding windows (llama, qwen, phi3) are unchanged.
+reads `scale_O[0]`; the rest is TVM's code. (Builds without sliding windows — llama, qwen, phi3 — get the
+parallel kernel from `fast_cpu_attention` alone.)
 
 Use: `with fixed_sliding_prefill(): TIRPagedKVCache(...)`.
 """

@@ -197,8 +197,8 @@ def _paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool, windo
                 for kb in range(ints[1] // LANES, T.max(ints[1] // LANES, (ints[2] + LANES - 1) // LANES)):
                     for i in range(LANES):  # the block's K/V rows, widened; past kv_len zeros
                         pos = T.meta_var(kb * LANES + i)
-                        where = T.meta_var(stored(pos, info, b))
-                        page = T.meta_var(values[page_indptr[b] + where // LANES])
+                        where = T.meta_var(stored(pos, info, b))  # (both Select arms load: stay in range)
+                        page = T.meta_var(values[page_indptr[b] + T.min(where // LANES, npages - 1)])
                         for c in range(chunks):
                             k_vec = T.meta_var(_wide(pages[page, 0, g, where % LANES, vec(c)], dtype))
                             v_vec = T.meta_var(_wide(pages[page, 1, g, where % LANES, vec(c)], dtype))
