@@ -213,9 +213,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory, vector: str | None = None):
         """`vector`: `vector_backend(target)`: on the CPU the gate_up projection and act(gate)·up (SiLU or
-        tanh-GELU) run as one fused kernel where its weight has one integer block type, else the projection
-        and then one vector kernel for act(gate)·up (relax_blocks.gated_projection); None: TVM's split +
-        activation · up."""
+        tanh-GELU) run as one fused kernel where its weight has one integer block type — in prefill writing
+        the down projection's quantized activations — else the projection and then one vector kernel for
+        act(gate)·up (relax_blocks.gated_mlp); None: TVM's split + activation · up."""
         self.intermediate_size = config.intermediate_size
         self.activation = config.activation
         self.vector = vector
@@ -223,9 +223,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, "down")
 
     def forward(self, x: Tensor) -> Tensor:
-        from shoal.models.kernels.relax_blocks import gated_projection
+        from shoal.models.kernels.relax_blocks import gated_mlp
 
-        return self.down_proj(gated_projection(self.gate_up_proj, x, self.activation, self.vector))
+        return gated_mlp(self.gate_up_proj, self.down_proj, x, self.activation, self.vector)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,7 +1,8 @@
 """`tvm.relax.frontend.nn` modules over every GGUF block type (models/kernels/blocks.py): a linear layer and a
 token embedding (with its tied output head) whose weights stay in their GGUF block type, and a linear layer
 made of row parts of different types (a Q4_K_M file's attn_q/attn_k Q4_K beside attn_v Q6_K), and the MLP's
-gate_up projection fused with its gated activation (`gated_projection`, kernels in gated_matmul.py).
+gate_up projection fused with its gated activation (`gated_projection`, kernels in gated_matmul.py) and,
+in prefill, with the down projection's activation quantization (`gated_mlp`, gated_quant.py).
 
 Q4_1 and Q8_0 use the tuned kernels (relax_ops.QuantizedLinear / QuantizedEmbedding: parameters qweight,
 scale[, min]); the other types the generic ones (qmatmul.py, fmatmul.py, embed_any.py: parameters qweight
@@ -20,6 +21,8 @@ from shoal.models.kernels.gated_matmul import (
     qgemm_gated_func,
     qgemv_gated_func,
 )
+from shoal.models.kernels.gated_quant import gemm_gated_quant_func, qgemm_gated_quant_func
+from shoal.models.kernels.gemm_q4 import gemm_func
 from shoal.models.kernels.gemv_q4 import quantize_act_func
 from shoal.models.kernels.qmatmul import (
     param_shapes,
@@ -124,10 +127,7 @@ def gated_projection(linear: nn.Module, x: nn.Tensor, activation: str, backend: 
     lead, rows = list(x.shape[:-1]), _rows(x)
     x2 = nn.op.reshape(x, [rows, k]) if len(x.shape) != 2 else x
     out = nn.Tensor.placeholder([rows, n // 2], "float32")
-    if isinstance(linear, QuantizedLinear):
-        kind, weights = linear.kind, linear.weights()
-    else:
-        kind, weights = linear.kind, [getattr(linear, name) for name in linear.param_names]
+    kind, weights = _kind_weights(linear)
     generic = isinstance(linear, BlockLinear) or backend == "x86_avx2"  # AVX2 runs Q4_1/Q8_0 generically too
     name = f"{kind}_{n}x{k}_{activation}"
     if _is_decode(x):
@@ -140,6 +140,59 @@ def gated_projection(linear: nn.Module, x: nn.Tensor, activation: str, backend: 
         y = nn.op.tensor_ir_op(func, f"gemm_gated_{name}", [*_quantized_acts(x2, rows, k, generic), *weights],
                                out)
     return nn.op.reshape(y, [*lead, n // 2]) if len(x.shape) != 2 else y
+
+
+def _kind_weights(linear: nn.Module) -> tuple[str, list[nn.Tensor]]:
+    if isinstance(linear, QuantizedLinear):
+        return linear.kind, linear.weights()
+    return linear.kind, [getattr(linear, name) for name in linear.param_names]
+
+
+def _down_format(down: nn.Module, backend: str | None) -> str | None:
+    """The activation format the down projection's prefill GEMM reads ("sums": qmatmul's, "scaled":
+    gemm_q4's), or None where it takes fp32 (F16/BF16, CUDA, TVM's ops)."""
+    if backend not in CPU_BACKENDS:
+        return None
+    if isinstance(down, QuantizedLinear) and down.backend == backend:
+        return "sums" if backend == "x86_avx2" else "scaled"
+    if isinstance(down, BlockLinear) and not block_kind(down.kind).is_float:
+        return "sums"
+    return None
+
+
+def gated_mlp(gate_up: nn.Module, down: nn.Module, x: nn.Tensor, activation: str,
+              backend: str | None) -> nn.Tensor:
+    """down(act(gate) · up) of an MLP on x [..., K]. In prefill, where both projections hold integer block
+    types on a CPU backend and F % 32 == 0, the gate_up GEMM writes the down GEMM's quantized activations
+    itself (gated_quant.py: neither the [..., 2F] projection nor the [..., F] fp32 product is made); decode
+    and the other cases run `down(gated_projection(...))`. The same values bit for bit either way."""
+    fmt = _down_format(down, backend) if _fusable(gate_up, backend) else None
+    if fmt is None or _is_decode(x) or gate_up.out_features % (4 * ROWS):
+        return down(gated_projection(gate_up, x, activation, backend))
+    from shoal.models.kernels.norm_act_cpu import GATED
+
+    if activation not in GATED:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(GATED)}")
+    n, k = gate_up.out_features, x.shape[-1]
+    f, hidden = n // 2, down.out_features
+    lead, rows = list(x.shape[:-1]), _rows(x)
+    x2 = nn.op.reshape(x, [rows, k]) if len(x.shape) != 2 else x
+    kind, weights = _kind_weights(gate_up)
+    generic = isinstance(gate_up, BlockLinear) or backend == "x86_avx2"
+    func = (qgemm_gated_quant_func(kind, n, k, ISA[backend], activation, fmt) if generic
+            else gemm_gated_quant_func(kind, n, k, backend == "x86_vnni", activation, fmt))
+    third = ([rows, f // 16], "int32") if fmt == "sums" else ([rows, f // GROUP], "float32")
+    acts = nn.op.tensor_ir_op(
+        func, f"gemm_gated_quant_{kind}_{n}x{k}_{activation}_{fmt}",
+        [*_quantized_acts(x2, rows, k, generic), *weights],
+        [nn.Tensor.placeholder([rows, f // 4], "int32"), nn.Tensor.placeholder([rows, f // GROUP], "float32"),
+         nn.Tensor.placeholder(*third)])
+    down_kind, down_weights = _kind_weights(down)
+    down_func = (qgemm_func(down_kind, hidden, f, ISA[backend]) if fmt == "sums"
+                 else gemm_func(down_kind, hidden, f, backend == "x86_vnni"))
+    y = nn.op.tensor_ir_op(down_func, f"gemm_{down_kind}_{hidden}x{f}", [*acts, *down_weights],
+                           nn.Tensor.placeholder([rows, hidden], "float32"))
+    return nn.op.reshape(y, [*lead, hidden]) if len(x.shape) != 2 else y
 
 
 class BlockLinear(nn.Module):
