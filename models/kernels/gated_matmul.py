@@ -58,7 +58,15 @@ def qgemv_gated_func(kind: str, n: int, k: int, isa: str, activation: str) -> ti
     [B, n/2] = act(gate) · up; the gate's row blocks (each with its up block) are split over the threads."""
     check_shape(kind, n, k)
     half, groups, act = gated_blocks(n), k // BLOCK_GROUP, _activation(activation)
-    prefetch = prefetch_ahead(kind, n, k)
+
+    def follow(block: Any, g: Any, count: int) -> tuple[Any, Any]:
+        """Past a block's last group the thread's stream goes on in gate block b's up block b + F/16, past
+        that in gate block b + 1 (the next iteration of its contiguous range)."""
+        over = g >= count
+        nxt = tirx.Select(block < half, block + half, block - half + 1)
+        return tirx.Select(over, nxt, block), tirx.Select(over, g - count, g)
+
+    prefetch = prefetch_ahead(kind, n, k, follow)
 
     @T.macro
     def body(xq, xd, xs, qw, params, y, batch):

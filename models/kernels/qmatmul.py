@@ -265,16 +265,18 @@ L1). One thread on znver3 streamed 11-13 GB/s without it and 15-18 GB/s with it 
 2-8 KiB measured alike."""
 
 
-def prefetch_ahead(kind: str, n: int, k: int) -> Any:
+def prefetch_ahead(kind: str, n: int, k: int, follow: Any = None) -> Any:
     """TVMScript macro: software prefetch of group g + ahead's code words and per-group parameters in the
     row block's stream (past the block's last group the flat address runs on into the next block, as the
-    threads' streams do; a prefetch never faults)."""
+    threads' streams do; a prefetch never faults). `follow(nb, g_ahead, groups)` -> (block, group) where a
+    thread's stream goes on elsewhere (gated_matmul: a gate block, then its up block)."""
     words = block_kind(kind).words
     ahead = max(1, PREFETCH_BYTES // (words * LANES * 4))
     per_group = [i for i, (_, shape, _) in enumerate(param_shapes(kind, n, k)) if shape[1] == k // GROUP]
 
     def line(buf: tirx.Buffer, nb: Any, g: Any, t: int = 0) -> tirx.PrimExpr:
-        index = [nb, g + ahead, t, 0] if len(buf.shape) == 4 else [nb, g + ahead, 0]
+        block, group = (nb, g + ahead) if follow is None else follow(nb, g + ahead, k // GROUP)
+        index = [block, group, t, 0] if len(buf.shape) == 4 else [block, group, 0]
         return tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(tirx.BufferLoad(buf, index)),
                                 0, 3, 1)
 
