@@ -10,7 +10,7 @@ Estimates (bytes) for a stage running `span` with a KV cache of `tokens` positio
 - workspace: one prefill chunk's activations (8 × hidden, QKV, the intermediate-sized act(gate)·up and,
   where the build does not fuse the gate_up projection with its activation (`fused_gate_up`), its [2 ×
   intermediate] output, fp32: unfused ~47 MB a 512-token chunk of Qwen2.5-0.5B, measured 38–50, 44 MiB a
-  256-token chunk of Llama-3.2-1B, measured 46; fused 28 MiB for that chunk, measured ~30) and one row of
+  256-token chunk of Llama-3.2-1B, measured 46; fused 28 MiB for that chunk, measured ~20) and one row of
   logits (prefill computes the last position's only), plus a fixed runtime overhead. One chunk: the stage
   hands TVM's pooled buffers back when the chunk length changes (models/runtime.py).
 
@@ -125,8 +125,10 @@ def memory_need(index: Any, span: LayerSpan, tokens: int, *, quantization: str =
     c: ModelConfig = index.config
     # fp32 activations a token: hidden-sized ones (the residual, norms, attention and projection outputs: the
     # pool keeps one buffer per distinct size and live tensor), QKV, act(gate)·up and, where the build does
-    # not fuse it away (`fused_gate_up`), the [2F] gate_up projection (measured for Llama-3.2-1B: ~0.18 MiB
-    # a token unfused, ~0.12 fused; 38–50 MB a 512-token chunk of Qwen2.5-0.5B unfused)
+    # not fuse it away (`fused_gate_up`), the [2F] gate_up projection. Measured for Llama-3.2-1B: ~0.18 MiB
+    # a token unfused, ~0.08 fused (the prefill GEMM then hands the down GEMM int8 activations, so the
+    # product's F fp32 values counted here are ~4x what it holds: kept as margin); 38–50 MB a 512-token
+    # chunk of Qwen2.5-0.5B unfused
     gated = 1 if fused_gate_up(index, span, quantization) else 3
     width = c.hidden_size * 8 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + gated * c.intermediate_size
     logits = c.vocab_size * 4 if span.is_last(c.num_layers) else 0
