@@ -3,10 +3,10 @@ over cached pages, against NumPy and TVM's own kernel (stock, or models/sliding_
 sliding windows), on random inputs: several sequences, cached lengths and chunk lengths not multiples of 16,
 scattered pages, GQA, fp32 and fp16, causal / non-causal / sliding-window masks.
 
-Tolerances: the kernel computes in fp32 with a polynomial exp2 (~2e-7 relative) and a different summation
-order from NumPy's float64-free fp32 matmuls; on these inputs (|scores| up to ~20 in log2 units, |v| ~ 1)
-outputs agree to ~1e-6, so 2e-5 absolute holds with room. fp16: the reference gets the same rounded inputs,
-and the output is rounded to fp16 once (|out| < 4 here: half an ulp is ≤ 2^-10)."""
+Tolerances: the kernel computes in fp32 with a polynomial exp2 (~2e-7 relative) in its own summation order,
+the reference in float64; on these inputs (|q| ~ 2, |k|, |v| ~ 1, |out| < 3) outputs agree to ≤ 2e-6 and lse
+to ≤ 1e-6 (measured), so 2e-5 holds with room. fp16: the reference gets the same rounded inputs and the
+output is rounded to fp16 once: half an ulp (2^-10 for |out| < 4; 9.6e-4 measured) plus the fp32 2e-5."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_paged_prefill_matches_numpy_and_tvms_kernel(dtype: str):
     ours = attention_prefill_paged_cpu(h_kv, h_q, d, dtype, False, {})
     stock = STOCK_PREFILL_PAGED_CPU(h_kv, h_q, d, dtype, False, {})
     lib = build({"ours": ours, "stock": stock.with_attr("global_symbol", "stock")}, NATIVE)
-    atol = 2e-5 if dtype == "float32" else 2 ** -10
+    atol = 2e-5 if dtype == "float32" else 2 ** -10 + 2e-5
     for causal in (0, 1):
         ref_out, ref_lse, seen = reference(case, h_kv, h_q, scale, causal)
         assert np.abs(ref_out).max() < 4 and seen.sum() > 20 and not seen.all()
