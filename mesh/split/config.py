@@ -44,6 +44,12 @@ class SplitConfig:
     """How long a tensor link grant's one-use token stays valid."""
     link_alive_poll_s: float = 0.25
     """While a call waits on a direct tensor link, how often the origin checks that the peer is linked."""
+    link_spin_us: int = 0
+    """During a split's decode, how long (µs) each end of a direct tensor link may poll for the next record
+    around when it is due instead of sleeping (`split.arrival`): a sleeping core is woken late by the record.
+    At most this much CPU per hop (0-5000). Off by default: it cut a bare round trip from ~120 to ~30 µs on
+    this project's VM (`bench/link_wake.py`) but no split's decode measurably (`bench/split.py`); try it
+    where `bench/link_wake.py` shows waking costs more (340 µs a hop was measured on another VM)."""
     direct_retry_s: float = 60.0
     """After a direct tensor link to a peer's address failed to connect (its address is not reachable from
     here, as across NATs), new stages on that peer use the data channel at once for this long."""
@@ -140,5 +146,7 @@ class SplitConfig:
         if self.stay_gain_percent > self.offload_gain_percent:
             raise ValueError(f"stay_gain_percent {self.stay_gain_percent} must not exceed "
                              f"offload_gain_percent {self.offload_gain_percent}")
+        if not 0 <= self.link_spin_us <= 5000:
+            raise ValueError(f"link_spin_us {self.link_spin_us} must be between 0 and 5000")
         if not 0 <= self.keep_idle_stages <= 64:
             raise ValueError(f"keep_idle_stages {self.keep_idle_stages} must be between 0 and 64")

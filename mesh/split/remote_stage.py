@@ -267,7 +267,8 @@ class RemoteStage(StageDefaults):
             wait = self._settings.control_timeout_s
             grant = self._call(self.link.request(TENSOR_LINK, {}, wait), wait)
             client = TensorLinkClient.connect(host, grant, self._settings.link_handshake_timeout_s,
-                                              self._settings.link_record_timeout_s)
+                                              self._settings.link_record_timeout_s,
+                                              self._settings.link_spin_us / 1e6)
         except (StageLost, ValueError, LinkError) as exc:
             logger.info("no direct tensor link to %s (%s); using the data channel", self.peer[:12], exc)
             if failures is not None and isinstance(exc, LinkError):

@@ -66,7 +66,7 @@ class SplitService:
         """Usage receipts: issued for work this node served to peers, countersigned for work they served."""
         self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
                               keep_idle_stages=self.config.keep_idle_stages, quota=self.quota,
-                              ledger=self.ledger)
+                              ledger=self.ledger, link_spin_s=self.config.link_spin_us / 1e6)
         self.stage_receipts = StageReceipts(mesh, self.ledger)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,

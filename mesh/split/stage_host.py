@@ -69,16 +69,18 @@ class StageHost:
 
     def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = SplitConfig.max_sequences,
                  keep_idle_stages: int = SplitConfig.keep_idle_stages,
-                 quota: PeerQuota | None = None, ledger: UsageLedger | None = None) -> None:
+                 quota: PeerQuota | None = None, ledger: UsageLedger | None = None,
+                 link_spin_s: float = SplitConfig.link_spin_us / 1e6) -> None:
         """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts.
-        `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply)."""
+        `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply). `link_spin_s`: the
+        worker's poll budget while direct links stream decode steps (`split.arrival`)."""
         self._ledger = ledger
         self._factory = factory
         self._gate = gate
         self._quota = quota
         self._max_sequences = max_sequences
         self._keep_idle = keep_idle_stages
-        self._worker = StageWorker("stage-host")
+        self._worker = StageWorker("stage-host", link_spin_s)
         self._hosted: dict[tuple[str, LayerSpan], HostedStage] = {}
         self._last_used: dict[tuple[str, LayerSpan], float] = {}
         """When a sequence last opened on each stage (a standby load: never): the idle stages used least

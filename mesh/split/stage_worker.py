@@ -9,10 +9,13 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from shoal.mesh.split import wire
+from shoal.mesh.split.arrival import Arrivals, wait_readable
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.hosted import HostError
 from shoal.mesh.split.tensor_link_server import ServerLink
 
@@ -23,10 +26,12 @@ class StageWorker:
 
     The thread waits in one `select` over its wake-up socket and the links' sockets. A queued call answers the
     loop with `loop.call_soon_threadsafe` straight into the awaiting future: one wake-up of the loop per call;
-    a link request involves no event loop at all. `stop()` is idempotent; calls queued before it still run
-    (they are stage closes)."""
+    a link request involves no event loop at all. While links stream decode steps, the wait for the next
+    request polls around when it is due (`split.arrival`, at most `spin_s` a wait). `stop()` is idempotent;
+    calls queued before it still run (they are stage closes)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, spin_s: float = SplitConfig.link_spin_us / 1e6) -> None:
+        self._arrivals = Arrivals(spin_s)
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._selector = selectors.DefaultSelector()
         self._wake_read, self._wake_write = socket.socketpair()
@@ -64,12 +69,21 @@ class StageWorker:
 
     def _serve(self) -> None:
         links: list[ServerLink] = []
+        answered = 0.0  # when the last link request was answered: the next one is due a beat later
         try:
             while True:
-                for key, _ in self._selector.select():
+                window = self._arrivals.window() if links else None
+                if window is not None:
+                    wait_readable([self._wake_read, *(link.sock for link in links)], answered, window)
+                events = self._selector.select()
+                arrived = time.perf_counter()
+                for key, _ in events:
                     if key.data is not None:
                         link, handle = key.data
-                        if not handle(link):
+                        self._arrivals.observe(arrived - answered)
+                        done = not handle(link)
+                        answered = time.perf_counter()
+                        if done:
                             self._selector.unregister(link.sock)
                             links.remove(link)
                             link.close()

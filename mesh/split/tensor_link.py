@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shoal.mesh.p2p import protocol
 from shoal.mesh.p2p.errors import MeshError
 from shoal.mesh.p2p.protocol import BINARY_KINDS, MAX_REQUEST_ID, TENSOR, BinaryFrame
+from shoal.mesh.split.arrival import Arrivals, wait_readable
 from shoal.mesh.split.config import SplitConfig
 
 logger = logging.getLogger(__name__)
@@ -216,21 +217,25 @@ class TensorLinkClient:
     call in flight then fails at once and releases the socket itself)."""
 
     def __init__(self, sock: socket.socket, key: bytes | Sealer,
-                 record_timeout_s: float = SplitConfig.link_record_timeout_s) -> None:
-        """`key`: the link's key, or the origin's `Sealer` as the handshake left it."""
+                 record_timeout_s: float = SplitConfig.link_record_timeout_s,
+                 spin_s: float = SplitConfig.link_spin_us / 1e6) -> None:
+        """`key`: the link's key, or the origin's `Sealer` as the handshake left it. `spin_s`: how long a
+        decode call may poll for its answer around when it is due (`split.arrival`; 0: never)."""
         self._sock = sock
         self._sealer = key if isinstance(key, Sealer) else Sealer(key, TO_STAGE)
         self._record_timeout = record_timeout_s
+        self._arrivals = Arrivals(spin_s)
         self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
     def connect(cls, host: str, grant: dict, timeout_s: float = SplitConfig.link_handshake_timeout_s,
-                record_timeout_s: float = SplitConfig.link_record_timeout_s) -> TensorLinkClient:
+                record_timeout_s: float = SplitConfig.link_record_timeout_s,
+                spin_s: float = SplitConfig.link_spin_us / 1e6) -> TensorLinkClient:
         """Connect with a `tensor.link` grant within `timeout_s`; raises LinkError (the caller keeps the data
         channel)."""
         sock, sealer = handshake(host, grant, timeout_s, record_timeout_s)
-        return cls(sock, sealer, record_timeout_s)
+        return cls(sock, sealer, record_timeout_s, spin_s)
 
     def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
              poll_s: float = SplitConfig.link_alive_poll_s) -> BinaryFrame:
@@ -243,8 +248,13 @@ class TensorLinkClient:
             try:
                 record = self._sealer.seal(encode_frame(frame))
                 # a decode record fits the socket's buffer at once; a long prefill one may take a while
-                self._set_timeout(poll_s if len(record) <= FIRST_READ else self._record_timeout)
+                decode = len(record) <= FIRST_READ
+                self._set_timeout(poll_s if decode else self._record_timeout)
                 self._sock.sendall(record)
+                sent = time.perf_counter()
+                window = self._arrivals.window() if decode else None
+                if window is not None:
+                    wait_readable((self._sock,), sent, window)  # the answer is read below, as ever
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -257,6 +267,8 @@ class TensorLinkClient:
                     except LinkIdle:
                         continue
                     break
+                if decode:
+                    self._arrivals.observe(time.perf_counter() - sent)
                 reply = decode_frame(plaintext)
             except (LinkError, ValueError, OSError) as exc:
                 self._release()

@@ -116,6 +116,7 @@ def test_split_section_holds_the_split_timeouts(tmp_path: Path) -> None:
         ("[split]\nstage_timeout_s = true", {}, "[split] stage_timeout_s must be a number"),
         ("[split]\nmax_replans = 1.5", {}, "[split] max_replans must be an integer"),
         ("[split]\nmax_sequences = 0", {}, "max_sequences 0 must be between 1 and 4096"),
+        ("[split]\nlink_spin_us = 6000", {}, "link_spin_us 6000 must be between 0 and 5000"),
         ("[split]\nrecord_timeout = 1", {}, "[split] has unknown key(s) record_timeout"),
         ("", {"SHOAL_SPLIT_OPEN_TIMEOUT_S": "soon"}, "[split] open_timeout_s must be a number, got 'soon'"),
         ("[mesh]\ndirect_tensors = true", {}, "[mesh] has unknown key(s) direct_tensors"),

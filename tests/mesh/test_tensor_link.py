@@ -22,9 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from shoal.mesh.p2p.errors import ProtocolError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.mesh.split import arrival, stage_worker, wire
 from shoal.mesh.split import tensor_link as tl
 from shoal.mesh.split import tensor_link_server as tls
-from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import DirectLinkFailures, RemoteStage
@@ -148,9 +148,11 @@ def expected() -> list[int]:
 
 
 @pytest.fixture
-async def served():
-    """Two stage hosts a and b, b with a listening tensor link server."""
-    hosts = {name: StageHost(factory, gate_open) for name in "ab"}
+async def served(request):
+    """Two stage hosts a and b, b with a listening tensor link server (its worker's poll budget
+    `request.param` seconds, indirect parametrisation; 0 by default, as `[split] link_spin_us`)."""
+    spin_s = getattr(request, "param", 0.0)
+    hosts = {name: StageHost(factory, gate_open, link_spin_s=spin_s) for name in "ab"}
     server = tls.TensorLinkServer(hosts["b"].serve_link)
     server.start("127.0.0.1")
     links = {"a": PeerLink(hosts["a"], "a"), "b": DirectPeerLink(hosts["b"], "b", server)}
@@ -174,6 +176,39 @@ async def test_split_over_a_direct_link_equals_one_stage(served, expected: list[
         assert links["b"].binary_calls == 0 and hosts["b"].calls == TOKENS  # prefill + 4 decodes, all direct
     finally:
         await blocking(pipeline.close)
+
+
+@pytest.mark.parametrize("served", [400e-6], indirect=True)
+async def test_decode_waits_poll_around_the_beat_and_change_no_token(served, monkeypatch) -> None:
+    """With a poll budget and a steady beat, both ends of the link poll for the next record around when it is
+    due (`split.arrival`) — the client for its answers, the stage worker for the next request — and the tokens
+    are the reference's."""
+    _, _, links = served
+    monkeypatch.setattr(arrival, "MAX_GAP_S", 60.0)  # a loaded machine's slow NumPy steps are a beat too
+    waits: dict[str, list[bool]] = {"client": [], "worker": []}
+
+    def spy(end: str, wait: Callable[..., bool]) -> Callable[..., bool]:
+        def counted(*args: Any) -> bool:
+            waits[end].append(wait(*args))
+            return waits[end][-1]
+        return counted
+
+    monkeypatch.setattr(tl, "wait_readable", spy("client", arrival.wait_readable))
+    monkeypatch.setattr(stage_worker, "wait_readable", spy("worker", arrival.wait_readable))
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    tokens = 12
+    stages = [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 15)),
+              RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True,
+                          settings=SplitConfig(link_spin_us=400))]
+    pipeline = SplitPipeline(config, stages, lambda excluded: [])
+    try:
+        want = greedy(reference_stage(0, 30), chat_ids(PROMPT), tokens, 990_002)
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), tokens, 5) == want
+    finally:
+        await blocking(pipeline.close)
+    # the first MIN_GAPS decode answers only teach the beat; every later decode call polls first
+    assert len(waits["client"]) == tokens - 1 - arrival.MIN_GAPS, waits
+    assert len(waits["worker"]) >= tokens - 1 - arrival.MIN_GAPS, waits
 
 
 async def test_long_records_cross_in_pieces(served) -> None:
