@@ -97,6 +97,9 @@ class ModelManager:
         """Taken to decide whether a model fits (and to unload idle ones for it), so two loads never both
         count on the same free room."""
         self._reaper = IdleReaper(self._residents.values, self._busy, self._unload_idle)
+        self.hosted: Callable[[], int] = lambda: 0
+        """Bytes the same budget holds outside the loaded models: the spans in use on the node's stage host
+        (set by the split service, `mesh.split.held_spans`); a load fits only in what they leave."""
 
     # --- catalog ---------------------------------------------------------------------------------------
 
@@ -215,8 +218,8 @@ class ModelManager:
         return sum(r.need for r in self._residents.values())
 
     def memory(self) -> dict[str, int]:
-        """`budget` and `used`: bytes."""
-        return {"budget": self.memory_budget, "used": self.memory_used()}
+        """`budget`, `used` (the loaded models) and `hosted` (spans in use on the stage host): bytes."""
+        return {"budget": self.memory_budget, "used": self.memory_used(), "hosted": self.hosted()}
 
     def compiled_targets(self) -> list[str]:
         """Target kinds (`llvm`, `cuda`) the loaded models were compiled for, in first-seen order."""
@@ -341,10 +344,10 @@ class ModelManager:
         async with self._room:
             for _ in range(8):  # a chosen model may turn busy before it is unloaded: choose again
                 others = list(self._residents.values())
-                victims = pick_victims(others, need, self.memory_budget, self._busy)
+                budget = self.memory_budget - self.hosted()  # spans in use for splits hold the rest
+                victims = pick_victims(others, need, budget, self._busy)
                 if victims is None:
-                    message, retryable = budget_message(model.name, need, self.memory_budget, others,
-                                                        self._busy)
+                    message, retryable = budget_message(model.name, need, budget, others, self._busy)
                     logger.warning("not loading %s: %s", model.name, message)
                     raise ModelMemoryBudgetError(message, retryable=retryable)
                 if not victims:

@@ -1,6 +1,7 @@
 """Adverts: what each node holds and can do, sent to every peer periodically and on change.
 
-An advert is a JSON object (at most 64 KiB) with: `name`, `api`, `models` (list), `shards` (list),
+An advert is a JSON object (at most 64 KiB) with: `name`, `api`, `models` (list), `shards` (the spans the
+node holds loaded: `clean_shards`),
 `target`, `speed` ({model: {"prefill_tok_s", "decode_tok_s"}}), `roots` (CIDs of held DAGs), `gateway` (bool),
 `free_memory` (bytes), `queue_depth`, `battery` (percent or null), `plugged` (bool or null), `thermal` (max °C
 or null), `links` ({peer_id: rtt_ms}), `split` (the split layer's offer) and `kind` (`node`, or `browser`
@@ -22,8 +23,12 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.ports import GossipHost
 
 logger = logging.getLogger(__name__)
-LIST_FIELDS = ("models", "shards", "roots")
+LIST_FIELDS = ("models", "roots")
 MAX_LIST = 256
+MAX_SHARDS = 64
+"""Most `shards` entries an advert carries (more are dropped on receipt)."""
+MAX_LAYER = 1 << 16
+MAX_SHARD_BYTES = 1 << 50
 MEMBER_KINDS = ("node", "browser")
 """What a member is (`kind` in adverts): a `shoal node`, or a browser tab (`GET /join`)."""
 
@@ -54,7 +59,38 @@ def system_state() -> dict[str, Any]:
     return state
 
 
-def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
+def _shard(entry: Any) -> dict[str, Any] | None:
+    """One well-formed `shards` entry, or None."""
+    if not isinstance(entry, dict):
+        return None
+    model, cid, start, stop = entry.get("model"), entry.get("cid"), entry.get("start"), entry.get("stop")
+    nbytes = entry.get("bytes")
+    if not isinstance(model, str) or not 0 < len(model) <= 200:
+        return None
+    if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
+        return None
+    if type(start) is not int or type(stop) is not int or not 0 <= start < stop <= MAX_LAYER:
+        return None
+    if type(nbytes) is not int or not 0 <= nbytes <= MAX_SHARD_BYTES:
+        return None
+    return {"model": model, "cid": cid, "start": start, "stop": stop, "bytes": nbytes,
+            "idle": entry.get("idle") is True}
+
+
+def clean_shards(value: Any, peer_id: str = "") -> list[dict[str, Any]]:
+    """An advert's `shards` — the spans a member holds loaded (`mesh.split.held_spans`), each
+    `{"model", "cid" (or null), "start", "stop", "bytes", "idle"}` — with junk entries skipped and logged, and
+    at most `MAX_SHARDS` kept; anything but a list reads as none."""
+    items = value if isinstance(value, list) else []
+    kept = [shard for shard in map(_shard, items[:MAX_SHARDS]) if shard is not None]
+    skipped = (len(items) - len(kept)) if isinstance(value, list) else int(value is not None)
+    if skipped:
+        logger.info("advert of %s: %d shards entr%s skipped (malformed, or past the %d kept)",
+                    peer_id[:12] or "?", skipped, "y" if skipped == 1 else "ies", MAX_SHARDS)
+    return kept
+
+
+def clean_advert(body: dict[str, Any], peer_id: str = "") -> dict[str, Any]:
     """Keep only well-typed advert fields from a peer (drop the rest); raise `ProtocolError` if hopeless."""
     advert: dict[str, Any] = {}
     for key in LIST_FIELDS:
@@ -62,6 +98,7 @@ def clean_advert(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, list) or len(value) > MAX_LIST:
             raise p.ProtocolError(f"advert field {key} must be a list of at most {MAX_LIST}")
         advert[key] = [item for item in value if isinstance(item, str | dict)]
+    advert["shards"] = clean_shards(body.get("shards"), peer_id)
     for key in ("name", "api", "target"):
         if isinstance(body.get(key), str):
             advert[key] = body[key][:200]
@@ -147,7 +184,7 @@ class Gossip:
             await asyncio.gather(*(self._send(peer, advert) for peer in self.service.connected_peers()))
 
     async def _on_advert(self, peer: Peer, frame: p.ControlFrame) -> None:
-        previous = peer.advertised(clean_advert(frame.body))
+        previous = peer.advertised(clean_advert(frame.body, peer.peer_id))
         if _stable(previous) != _stable(peer.advert):  # not on every memory/RTT wiggle: keep the bus calm
             self.service.events.publish(
                 "peer.updated", id=peer.peer_id, name=peer.name, models=peer.advert.get("models", [])

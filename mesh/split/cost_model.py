@@ -21,7 +21,8 @@ to its HTTP client), on the CPU that computes its own: that divides its speed by
 `RELAY_LINK_TOKEN_S` for a peer whose tokens come over a direct link, `Device.offload_link`, else
 `RELAY_TOKEN_S`). Prefill uses
 `prefill_tps_d` the same way, per prompt token. A device that does not hold the model but can fetch it adds
-`bytes(span) / fetch_bps` once, before its first token.
+`bytes(span) / fetch_bps` once, before its first token — unless it holds that very span loaded already
+(`Device.held`).
 
 - **local**:   ttft = prefill_local(P);  per_token = compute_local(model)
 - **offload**: ttft = rtt_p + prefill_p(P);  per_token = compute_p(model) + `offload_token_s(p)`. Tokens
@@ -192,6 +193,10 @@ class Device:
     """Whether an offload's tokens from this peer would come over a direct link (`split.offload_link`): the
     local node makes offload links (`[split] direct_tensors` and `offload_link`), the peer advertises an API
     address, and no link to it failed lately. Picks the link's per-token constants over the channel's."""
+    held: tuple[LayerSpan, ...] = ()
+    """Spans of this model the device holds loaded as stages (a peer's advert `shards`, the local node's stage
+    host: `split.held_spans`): a stage of exactly one of them needs no new memory there (its bytes are out of
+    the budget already) and no fetch."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -277,7 +282,7 @@ def _stage_cost(
     share = shape.span_compute_bytes(span) / shape.compute_bytes
     per_token = share * device.seconds_per_token()
     prefill = share * device.seconds_per_prompt_token() * request.prompt_tokens
-    if not device.holds_model:
+    if not device.holds_model and span not in device.held:
         prefill += shape.span_memory(span, 0, 0) / device.fetch_bps
     if not device.is_local:
         in_bytes = 4 if span.is_first() else 4 * shape.hidden_size

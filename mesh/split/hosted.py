@@ -1,8 +1,10 @@
 """A stage this node hosts (`HostedStage`), and `DirectStage`: the local part of this node's own split, which
-calls a hosted stage on the caller's thread. `HostError` is how the host refuses a control request."""
+calls a hosted stage on the caller's thread. `HostError` is how the host refuses a control request;
+`check_inputs` how it checks a tensor frame's inputs against the stage."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -11,9 +13,10 @@ from typing import Any
 
 import numpy as np
 from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.split import wire
 from shoal.mesh.split.remote_stage import LinkTiming
 from shoal.models.span import LayerSpan
-from shoal.models.stage import Stage, StageDefaults
+from shoal.models.stage import Stage, StageDefaults, ids_in_range
 
 
 class HostError(RemoteError):
@@ -27,6 +30,12 @@ class HostedStage:
 
     key: tuple[str, LayerSpan]
     stage: Stage
+    cid: str | None = None
+    """The model's CID where the opener gave one (a later open by another name with the same CID reuses
+    this stage)."""
+    nbytes: int = 0
+    """What the stage holds, as the planner counts it (`SplitService.stage_bytes`): it is listed in the
+    advert's `shards` and counted against the memory this node offers while in use."""
     sequences: set[int] = field(default_factory=set)
     users: int = 0
     """Local `DirectStage`s holding this stage (it is not trimmed while any exist)."""
@@ -36,6 +45,11 @@ class HostedStage:
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.lock:
             return fn(*args)
+
+    @property
+    def idle(self) -> bool:
+        """No remote sequence and no local `DirectStage` uses it (the host may close it)."""
+        return not self.sequences and not self.users
 
 
 class DirectStage(StageDefaults):
@@ -115,3 +129,26 @@ class DirectStage(StageDefaults):
 
     def __repr__(self) -> str:
         return f"DirectStage(layers {self.span})"
+
+
+def check_inputs(stage: Stage, message: wire.TensorMessage) -> np.ndarray:
+    """The frame's inputs as the stage takes them (token ids for the first stage, float32 hidden states for
+    the others); `wire.FrameError` when they do not fit it."""
+    array = message.array
+    if array is None:
+        raise wire.FrameError(wire.BAD_TENSOR, "the frame carries no tensor")
+    config = stage.config
+    if stage.span.is_first():
+        if array.dtype.kind != "i" or array.ndim != 1:
+            raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
+        if not ids_in_range(array, config.vocab_size):
+            raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
+        return array
+    if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:
+        raise wire.FrameError(wire.BAD_TENSOR,
+                              f"this stage takes float hidden states [n, {config.hidden_size}]")
+    # a float64 sum of float16/32 values cannot overflow: it is finite iff every value is (one pass, where
+    # isfinite().all() takes two)
+    if not math.isfinite(array.sum(dtype=np.float64)):
+        raise wire.FrameError(wire.BAD_TENSOR, "hidden states must be finite")
+    return array.astype(np.float32, copy=False)

@@ -87,3 +87,31 @@ def allocate_fastest_first(total: int, speeds: Sequence[float], caps: Sequence[i
         counts[i] += take
         left -= take
     return counts if left == 0 else None
+
+
+def allocate_around(total: int, speeds: Sequence[float], caps: Sequence[int],
+                    pins: Sequence[LayerSpan | None]) -> list[int] | None:
+    """Layers per stage where each pinned stage takes exactly its span (whatever its cap: a span its device
+    holds loaded needs no new memory) and the stages between pins share the gaps in proportion to speed under
+    their caps (`allocate_proportional`); None when the pins do not fit that order (overlapping, out of
+    order, or a gap its stages cannot fill)."""
+    k = len(speeds)
+    counts = [0] * k
+    start = i = 0
+    while i < k:
+        pin = pins[i]
+        if pin is not None:
+            if pin.start != start:
+                return None
+            counts[i], start, i = len(pin), pin.stop, i + 1
+            continue
+        j = i
+        while j < k and pins[j] is None:
+            j += 1
+        end = total if j == k else pins[j].start  # type: ignore[union-attr]
+        gap = allocate_proportional(end - start, speeds[i:j], caps[i:j]) if end > start else None
+        if gap is None:
+            return None
+        counts[i:j] = gap
+        start, i = end, j
+    return counts if start == total else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.mesh.split import scheduler as sched
+from shoal.mesh.split.held_spans import advert_held
 from shoal.models.span import LayerSpan
 
 DEFAULT_TPS = 10.0
@@ -154,13 +155,14 @@ def advert_battery(advert: dict[str, Any]) -> float | None:
 
 def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bool, trusted: bool,
                   rtt_s: float, link: str, placed: int = 0, fetch_bps: float = 0.0,
-                  offload_link: bool = False) -> sched.Device:
+                  offload_link: bool = False, cid: str | None = None, num_layers: int = 0) -> sched.Device:
     """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
     batch cost; none: unmeasured), `queue_depth` (at least `placed`, the requests this node placed there
-    that are still running: the advert lags), `split` (serves others, memory budget), `battery`.
-    `offload_link`: an offload's tokens from it would come over a direct link (what this node knows: its
-    `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result is not a valid
-    device."""
+    that are still running: the advert lags), `split` (serves others, memory budget), `battery`, and —
+    given the model's `num_layers` — the spans of it (by name or `cid`) it holds loaded (`shards`:
+    `split.held_spans`). `offload_link`: an offload's tokens from it would come over a direct link (what
+    this node knows: its `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result
+    is not a valid device."""
     split = advert_table(advert.get("split"))
     speed = advert_table(advert_table(advert.get("speed")).get(model))
     battery = advert_battery(advert)
@@ -186,4 +188,5 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         holds_model=holds,
         fetch_bps=fetch_bps,
         offload_link=offload_link,
+        held=advert_held(advert, model, cid, num_layers) if num_layers > 0 else (),
     )

@@ -95,8 +95,13 @@ class NodeModels(Protocol):
         ...
 
     def memory(self) -> dict[str, int]:
-        """`budget` and `used` (bytes): the loaded models' memory estimates against their budget."""
+        """`budget`, `used` and `hosted` (bytes): the loaded models' memory estimates and the spans in use on
+        the stage host, against their budget."""
         ...
+
+    hosted: Callable[[], int]
+    """Bytes of the spans in use on this node's stage host, which the models' budget counts too (the split
+    service sets it)."""
 
 
 class ModelSettings(Protocol):

@@ -27,6 +27,7 @@ from shoal.mesh.p2p.ice import link_path
 from shoal.mesh.route import LOCAL_PEER, ObservedTimes, ReplanEntry, Route, RouteChoice, RouteFailed
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.held_spans import held_of
 from shoal.mesh.split.liveness import local_load_report, offload_wait_report, reporting
 from shoal.mesh.split.offload import OffloadClient, OffloadEvent, params_to_wire
 from shoal.mesh.split.peer_failures import REPLANNABLE, peer_failure
@@ -117,8 +118,10 @@ class Router:
 
     # --- the scheduler's inputs ------------------------------------------------------------------------
 
-    def local_device(self, model: str, holds: bool, fetch: bool = False) -> sched.Device:
-        """This node as the planner sees it; `fetch`: it can fetch spans of a model it does not hold."""
+    def local_device(self, model: str, holds: bool, fetch: bool = False, cid: str | None = None
+                     ) -> sched.Device:
+        """This node as the planner sees it; `fetch`: it can fetch spans of a model it does not hold; `held`:
+        the spans of it (by name, or `cid`) its stage host holds loaded."""
         decode, prefill = self.speeds.get(model)
         memory = psutil.virtual_memory()
         busy = max(0, self.load(), self.placed[sched.LOCAL])
@@ -133,6 +136,7 @@ class Router:
             holds_model=holds, queue_depth=busy, battery=battery[0] if battery else None,
             charging=battery[1] if battery else False, measured=decode > 0,
             batch_cost=self.speeds.batch_cost(model), batch_steps=self.speeds.batch_steps(model),
+            held=held_of(self.host.stages, model, cid or self.model_cid(model)),
         )
 
     def model_cid(self, model: str) -> str | None:
@@ -143,18 +147,19 @@ class Router:
 
     def models_room(self) -> int:
         """Bytes left in this node's budget for loaded models (`[models] memory_budget_mb` less what the
-        loaded models take): what it can still take on, for a span or a model of its own."""
-        memory = self.node.models.memory()
-        return max(0, int(memory["budget"]) - int(memory["used"]))
+        loaded models and the spans in use on its stage host take): what it can still take on, for a span or
+        a model of its own."""
+        return models_left(self.node.models.memory())
 
     def served_cid(self, served: Servable) -> str | None:
         """The CID stages fetch `served` by: a span model's own, else the local catalog's."""
         return served.cid if isinstance(served, SpanModel) else self.model_cid(served.name)
 
-    def peer_devices(self, model: str, cid: str | None = None) -> list[sched.Device]:
+    def peer_devices(self, model: str, cid: str | None = None, num_layers: int = 0) -> list[sched.Device]:
         """The scheduler's view of the linked peers: those that advertise `model` (by name, or its `cid` in
         their `catalog`), and — when the model's CID is known — those that serve others and could fetch a
-        span of it (bad adverts are skipped)."""
+        span of it (bad adverts are skipped); given the model's `num_layers`, with the spans of it each holds
+        loaded."""
         devices = []
         trusted = set(self.mesh.config.allow)
         cid = cid or self.model_cid(model)
@@ -170,7 +175,7 @@ class Router:
                     peer.peer_id, advert, model, holds=holds, trusted=peer.peer_id in trusted,
                     rtt_s=peer.rtt_s or 0.001, link=(link_path(peer.pc) or {}).get("type", "host"),
                     placed=self.placed[peer.peer_id], fetch_bps=0.0 if holds else FETCH_BPS,
-                    offload_link=self.offload.links_to(peer)))
+                    offload_link=self.offload.links_to(peer), cid=cid, num_layers=num_layers))
             except (ValueError, OverflowError) as exc:
                 logger.info("ignoring %s's advert for planning: %s", peer.peer_id[:12], exc)
         return devices
@@ -193,7 +198,7 @@ class Router:
         kinds = None if choice.mode == "auto" else (choice.mode,)
         shape = sched.ModelShape.from_config(config, weight_bytes)
         request = sched.Request(prompt_tokens, max_tokens, overhead_bytes=STAGE_OVERHEAD)
-        local = self.local_device(model, holds, fetch=cid is not None)
+        local = self.local_device(model, holds, fetch=cid is not None, cid=cid)
         policy = self.node.policy
         # the local share cap is this node's own business; peers advertise the budget they offer. A model
         # not loaded here also has only the room left in the loaded models' budget ([models] memory_budget_mb)
@@ -201,7 +206,7 @@ class Router:
         if not holds:
             budget = min(budget, self.models_room())
         local = replace(local, free_memory=budget, total_memory=local.free_memory)
-        peers = self.peer_devices(model, cid)
+        peers = self.peer_devices(model, cid, config.num_layers)
         # the offloads this node runs now relay their tokens through its CPU (cost_model.relay_share)
         local = replace(local, relay_share=sched.relay_share((self.placed[p.id], p) for p in peers))
         planning = replace(policy, max_memory_share=1.0, prefer_local=policy.prefer_local or policy.metered)
@@ -332,13 +337,14 @@ class Router:
                 logger.warning("offload to %s failed after %d tokens: %s; re-planning without it", peer[:12],
                                len(emitted), exc)
                 excluded.add(peer)
+                # the stream resumes on another peer's engine or this node's own, never through a fresh
+                # pipeline (not wired): a node without the model plans another offload only
+                resume = choice if served.engine is not None else replace(choice, mode="offload")
                 try:
                     plan = self.plan(served.name, config, weight_bytes, served.engine is not None,
                                      len(prompt_ids) + len(emitted), max(1, max_tokens - len(emitted)),
-                                     frozenset(excluded), choice, self._span_cid(served))
+                                     frozenset(excluded), resume, self._span_cid(served))
                 except sched.NoPlanError:
-                    raise peer_failure(exc, peer) from None
-                if plan.kind != "offload" and served.engine is None:  # resuming through stages: not wired
                     raise peer_failure(exc, peer) from None
                 if plan.kind == "split":  # resuming through a fresh pipeline is not wired for offloads yet
                     whole = LayerSpan.whole(config.num_layers)
@@ -528,6 +534,12 @@ class Router:
         self._contended.discard(id(record.route))
         if record.route.kind == "local" and not contended:
             self.speeds.observe(model, record.prompt_tokens, record.ttft_s, record.tok_s)
+
+
+def models_left(memory: dict[str, int]) -> int:
+    """What a `NodeModels.memory()` reading leaves for one more model or span: its budget less the loaded
+    models and the spans in use on the stage host (`hosted`)."""
+    return max(0, int(memory["budget"]) - int(memory["used"]) - int(memory.get("hosted", 0)))
 
 
 def _planned_tokens(served: Servable, prompt_ids: list[int], params: SamplingParams) -> int:

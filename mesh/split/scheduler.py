@@ -11,7 +11,9 @@ cheaper kept (ties go to the balanced one, which spreads load for concurrent req
 layers in proportion to each stage's decode speed, water-filled under memory caps — and **fastest-first** —
 each stage, fastest first, takes as many layers as its memory allows. A stage's memory = its layers'
 weights + their KV cache for prompt + max_tokens positions + the embedding (first stage) + the output head
-(last stage; the embedding again when the head is tied to it) + `overhead_bytes`.
+(last stage; the embedding again when the head is tied to it) + `overhead_bytes`. Where devices of the
+order hold spans loaded (`Device.held`), every pinning of stages to such spans is scored too
+(`partition.allocate_around`): a pinned stage needs no new memory, so it may exceed its cap.
 
 Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 ----------------------------------------------------------------
@@ -19,6 +21,8 @@ Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
 - `battery_floor` (percent): a peer on battery below it is not used. The local node below it prefers any
   feasible remote plan, and runs locally only when nothing else fits.
 - `max_memory_share`: no device is planned past that share of its total memory (nor past its free memory).
+  A span a device already holds loaded (`Device.held`: its advert's `shards`) needs no new memory: a
+  repeated split lands where it did.
 - `trusted_only_splits`: untrusted peers are left out of every remote plan — splits and offloads alike (an
   offload exposes the whole prompt, a split exposes hidden states; neither goes to a peer not trusted).
 - `prefer_local`: when the local node can serve the request at all, it does.
@@ -58,7 +62,12 @@ from shoal.mesh.split.cost_model import (
     predict_offload,
     relay_share,
 )
-from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional, spans_of
+from shoal.mesh.split.partition import (
+    allocate_around,
+    allocate_fastest_first,
+    allocate_proportional,
+    spans_of,
+)
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.models.span import LayerSpan
 
@@ -125,15 +134,17 @@ def _best_split(
     shape: ModelShape, request: Request, devices: Sequence[Device], policy: PolicyConfig, max_stages: int
 ) -> Plan | None:
     best: Plan | None = None
-    candidates = sorted(devices, key=lambda d: (-d.decode_tps, d.id))[:6]
+    fastest = sorted(devices, key=lambda d: (-d.decode_tps, d.id))
+    candidates = fastest[:6] + [d for d in fastest[6:] if d.held]  # a device holding a span is never cut
     for k in range(2, min(max_stages, len(candidates), shape.num_layers) + 1):
         for order in itertools.permutations(candidates, k):
             caps = [
                 max_layers(shape, request, d, policy, i == 0, i == k - 1) for i, d in enumerate(order)
             ]
             speeds = [d.decode_tps / d.load_factor for d in order]
-            for allocate in (allocate_proportional, allocate_fastest_first):
-                counts = allocate(shape.num_layers, speeds, caps)
+            allocations = [allocate(shape.num_layers, speeds, caps)
+                           for allocate in (allocate_proportional, allocate_fastest_first)]
+            for counts in allocations + _pinned(shape.num_layers, speeds, caps, order):
                 if counts is None:
                     continue
                 stages = list(zip(order, spans_of(counts), strict=True))
@@ -142,6 +153,21 @@ def _best_split(
                 if best is None or prediction.ttlt_s < best.prediction.ttlt_s - 1e-12:
                     best = plan
     return best
+
+
+def _pinned(total: int, speeds: Sequence[float], caps: Sequence[int], order: Sequence[Device]
+            ) -> list[list[int] | None]:
+    """Allocations over `order` in which stages take spans their devices hold loaded (`Device.held`: no new
+    memory, so past their caps), the other stages sharing the rest (`partition.allocate_around`): one per way
+    of pinning at least one stage to a span that fits its position."""
+    if not any(d.held for d in order):
+        return []
+    k = len(order)
+    fits = [[h for h in d.held if (h.start == 0) == (i == 0) and (h.stop == total) == (i == k - 1)]
+            for i, d in enumerate(order)]  # a span where its stage would sit: first, middle or last
+    choices = [[None, *spans] for spans in fits]
+    return [allocate_around(total, speeds, caps, pins) for pins in itertools.product(*choices)
+            if any(pin is not None for pin in pins)]
 
 
 def assume_unmeasured(local: Device | None, peers: Sequence[Device]) -> tuple[Device | None, list[Device]]:
@@ -200,6 +226,7 @@ def plan(
     remote = [d for d in usable if not d.is_local]
 
     local_plan: Plan | None = None
+    # a whole span the stage host holds is not the engine's model: running here still needs its memory
     if local_ok and max_layers(shape, request, local_ok[0], policy, True, True) >= shape.num_layers:
         prediction = predict(shape, request, [(local_ok[0], whole)])
         local_plan = Plan("local", (Assignment(LOCAL, whole),), prediction)

@@ -5,9 +5,10 @@ node offers, and owns the `Router` the API uses for its own requests.
 `stage.open`/`stage.close` and `offload.*` control handlers, the `TENSOR` binary handler (tensor frames →
 `StageHost.compute`), `tensor.link` (a grant for a direct tensor link, `mesh.tensor_link`, whose requests
 the host's worker answers), and a peer listener that frees a departed peer's sequences. It publishes a `split`
-field in this node's advert: {"serve_others", "memory_budget" (from the policy), "catalog" (name → CID of the
-model files held here: `split.span_model`), "in_use" (the models loaded here, which peers warm for:
-`split.warming`)}, plus `models` and `speed`.
+field in this node's advert: {"serve_others", "memory_budget" (from the policy, less the spans in use here),
+"catalog" (name → CID of the model files held here: `split.span_model`), "in_use" (the models loaded here,
+which peers warm for: `split.warming`)}, plus `models`, `speed` and `shards` (the spans its stage host holds
+loaded: `split.held_spans`).
 Routes: `GET /v1/mesh/route` (the forced route, this node's advert fields and its `warming` state) and
 `PUT /v1/mesh/route` (a forced route for tests and benchmarks: a body
 `{"kind": "split", "stages": [{"peer": "local", "layers": "0:15"}, {"peer": ID, "layers": "15:30"}]}`, or
@@ -31,6 +32,7 @@ from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
+from shoal.mesh.split.held_spans import busy_bytes, offered_budget, shard_entries, span_bytes
 from shoal.mesh.split.offload import OffloadClient
 from shoal.mesh.split.offload_server import OffloadServer
 from shoal.mesh.split.plan_inputs import ForcedRoute
@@ -38,7 +40,7 @@ from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.remote_embed import EmbedServer
-from shoal.mesh.split.router import Router
+from shoal.mesh.split.router import STAGE_OVERHEAD, Router
 from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.mesh.split.speed_probe import SpeedProbe
 from shoal.mesh.split.stage_host import StageHost
@@ -64,9 +66,13 @@ class SplitService:
         """Tokens served per peer in the last hour, against `[policy] max_tokens_per_peer_per_hour`."""
         self.ledger = UsageLedger(mesh, Path(node.config.data_dir))
         """Usage receipts: issued for work this node served to peers, countersigned for work they served."""
+        self._stage_paths: dict[tuple[str, LayerSpan], Path] = {}
+        """The file each stage being built reads (for `stage_bytes`)."""
         self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
                               keep_idle_stages=self.config.keep_idle_stages, quota=self.quota,
-                              ledger=self.ledger, link_spin_s=self.config.link_spin_us / 1e6)
+                              ledger=self.ledger, sizer=self.stage_bytes, limit=self.stages_limit,
+                              link_spin_s=self.config.link_spin_us / 1e6)
+        node.models.hosted = lambda: busy_bytes(self.host.stages)  # the models' budget counts spans in use
         self.stage_receipts = StageReceipts(mesh, self.ledger)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
         self.offload_server = OffloadServer(mesh, self._acquire, self.refusal,
@@ -123,10 +129,23 @@ class SplitService:
 
     def memory_budget(self) -> int:
         """Bytes this node offers peers' plans: `min(available, max_memory_share × total, what [models]
-        memory_budget_mb has left)`."""
+        memory_budget_mb has left)`, the share and the models budget both less the spans in use on its stage
+        host (idle ones count as free: `stages_limit` makes the host close them when room is needed)."""
         memory = psutil.virtual_memory()
         share = self.node.policy.max_memory_share * memory.total
-        return int(min(memory.available, share, self.router.models_room()))
+        return offered_budget(memory.available, share, self.node.models.memory())
+
+    def stages_limit(self) -> int:
+        """Bytes the stages hosted here may hold together, idle ones included: `max_memory_share × total` and
+        what [models] memory_budget_mb leaves after the loaded models, whichever is less."""
+        memory = self.node.models.memory()
+        share = self.node.policy.max_memory_share * psutil.virtual_memory().total
+        return int(min(share, int(memory["budget"]) - int(memory["used"])))
+
+    def stage_bytes(self, name: str, span: LayerSpan, stage: Stage) -> int:
+        """Blocking: the bytes a stage just built from its file holds (`held_spans.span_bytes`)."""
+        path = self._stage_paths.pop((name, span), None)
+        return 0 if path is None else span_bytes(stage, path.stat().st_size, STAGE_OVERHEAD)
 
     def advert_fields(self) -> dict[str, Any]:
         budget = self.memory_budget()
@@ -142,6 +161,7 @@ class SplitService:
         speed = {model: dict(entry) for model, entry in self.router.speeds.by_model.items()}  # copies: the
         # advert loop compares with the last fields it published
         return {"models": models, "speed": speed, "queue_depth": self.load(),
+                "shards": shard_entries(self.host.stages, self.router.model_cid),
                 "split": {"serve_others": self.refusal() is None, "memory_budget": budget,
                           "catalog": catalog, "in_use": self.node.models.loaded_names()[:MAX_CATALOG]}}
 
@@ -209,6 +229,7 @@ class SplitService:
     def _build_stage(self, name: str, span: LayerSpan, cid: str | None = None) -> Stage:
         """Blocking: open the model file (once) and build the span's stage with the node's backend."""
         path = self._model_path(name, span, cid)
+        self._stage_paths[(name, span)] = path
         if self.stage_factory is not None:
             return self.stage_factory(path, span)
         loaded = self._models.get(str(path))
@@ -249,6 +270,10 @@ class SplitService:
             if self.config.speed_probe:
                 self.speed_probe.poll()
             self.warming.poll()
+            try:  # idle stages past what the budget leaves them now (a model loaded, the policy lowered)
+                await self.host.trim_to(self.stages_limit())
+            except Exception:  # the loop's boundary: a stage that fails to close must not stop the adverts
+                logger.exception("cannot close idle stages")
             fields = self.advert_fields()
             fields["split"]["memory_budget"] = fields["split"]["memory_budget"] >> 24 << 24  # change ≥ 16 MiB
             if fields != previous:

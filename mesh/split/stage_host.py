@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,8 @@ import numpy as np
 from shoal.mesh.p2p.protocol import BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError
+from shoal.mesh.split.held_spans import held_by_cid, over_limit
+from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError, check_inputs
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Usage, UsageLedger
 from shoal.mesh.split.stage_worker import StageWorker
@@ -36,13 +36,15 @@ from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
 from shoal.models.errors import ContextOverflowError, ModelError
 from shoal.models.span import LayerSpan
-from shoal.models.stage import Stage, ids_in_range
+from shoal.models.stage import Stage
 
 logger = logging.getLogger(__name__)
 
 StageFactory = Callable[[str, LayerSpan, "str | None"], Stage]
 """Blocking: build the stage running `span` of model `name` (whose CID the origin may give, so a node that
 does not hold the model can fetch just that span); raises LookupError if the model cannot be found."""
+Sizer = Callable[[str, LayerSpan, Stage], int]
+"""Blocking: the bytes the just-built stage for (model, span) holds, as the planner counts them."""
 Gate = Callable[[], "str | None"]
 """Returns why this node refuses remote work right now (policy, battery), or None to accept."""
 
@@ -70,10 +72,15 @@ class StageHost:
     def __init__(self, factory: StageFactory, gate: Gate, *, max_sequences: int = SplitConfig.max_sequences,
                  keep_idle_stages: int = SplitConfig.keep_idle_stages,
                  quota: PeerQuota | None = None, ledger: UsageLedger | None = None,
+                 sizer: Sizer | None = None, limit: Callable[[], int] | None = None,
                  link_spin_s: float = SplitConfig.link_spin_us / 1e6) -> None:
         """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts.
-        `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply). `link_spin_s`: the
-        worker's poll budget while direct links stream decode steps (`split.arrival`)."""
+        `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply). `sizer`: the bytes
+        a built stage holds (`HostedStage.nbytes`); `limit()`: the bytes the hosted stages may hold together —
+        past it, idle stages are closed (least recently used first) after each new one is built.
+        `link_spin_s`: the worker's poll budget while direct links stream decode steps (`split.arrival`)."""
+        self._sizer = sizer
+        self._limit = limit
         self._ledger = ledger
         self._factory = factory
         self._gate = gate
@@ -133,8 +140,12 @@ class StageHost:
         hosted = await self._stage(model, span, cid)
         self._last_used[hosted.key] = time.monotonic()
         local_id = self.new_local_id()
-        await self._run(hosted.call, hosted.stage.add_sequence, local_id)
-        hosted.sequences.add(local_id)
+        hosted.sequences.add(local_id)  # in use from now: no trim closes it while the sequence is added
+        try:
+            await self._run(hosted.call, hosted.stage.add_sequence, local_id)
+        except BaseException:
+            hosted.sequences.discard(local_id)
+            raise
         self._sessions[(peer, seq)] = _Session(hosted, local_id, cid or model, time.time())
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
@@ -169,8 +180,8 @@ class StageHost:
 
     async def _stage(self, model: str, span: LayerSpan, cid: str | None = None) -> HostedStage:
         key = (model, span)
-        hosted = self._hosted.get(key)
-        if hosted is not None:
+        hosted = self._hosted.get(key) or held_by_cid(self._hosted.values(), cid, span)
+        if hosted is not None:  # loaded, under this name or (same CID) another
             return hosted
         pending = self._loading.get(key)
         if pending is None:
@@ -178,7 +189,7 @@ class StageHost:
             self._loading[key] = pending
             try:
                 loop = asyncio.get_running_loop()
-                stage = await loop.run_in_executor(None, self._factory, model, span, cid)
+                stage, nbytes = await loop.run_in_executor(None, self._build, model, span, cid)
             except LookupError as exc:
                 pending.set_exception(HostError(wire.NO_MODEL, str(exc)))
             except ValueError as exc:  # the request does not fit the model (e.g. layers past its end)
@@ -190,15 +201,44 @@ class StageHost:
                 logger.exception("loading %s layers %s failed", model, span)
                 pending.set_exception(HostError(wire.INTERNAL, f"loading the stage failed: {exc}"))
             else:
-                hosted = HostedStage(key, stage)
+                hosted = HostedStage(key, stage, cid, nbytes)
                 self._hosted[key] = hosted
                 pending.set_result(hosted)
             finally:
                 del self._loading[key]
                 if not pending.done():  # this task was cancelled mid-load: release the other waiters
                     pending.set_exception(HostError(wire.INTERNAL, "loading the stage was interrupted"))
-            pending.exception()  # mark retrieved: other waiters re-raise it themselves
+            if pending.exception() is None and self._limit is not None:  # (marks it retrieved as well)
+                await self.trim_to(self._limit(), keep=key)
         return await asyncio.shield(pending)
+
+    def _build(self, model: str, span: LayerSpan, cid: str | None) -> tuple[Stage, int]:
+        """Blocking: the stage and the bytes it holds (0 when they cannot be told: it still serves)."""
+        stage = self._factory(model, span, cid)
+        try:
+            return stage, self._sizer(model, span, stage) if self._sizer is not None else 0
+        except Exception:  # sizing is bookkeeping: never fail a built stage for it
+            logger.exception("cannot tell the size of %s layers %s", model, span)
+            return stage, 0
+
+    @property
+    def stages(self) -> list[HostedStage]:
+        """The stages loaded here (the advert's `shards`, the memory it offers: `split.held_spans`)."""
+        return list(self._hosted.values())
+
+    async def trim_to(self, limit: int, keep: tuple[str, LayerSpan] | None = None) -> int:
+        """Close idle stages, least recently used first (never `keep`), until the stages together hold at most
+        `limit` bytes or none idle is left; returns how many were closed."""
+        victims = over_limit(list(self._hosted.values()), self._last_used, limit, keep)
+        for hosted in victims:
+            if self._hosted.get(hosted.key) is hosted and hosted.idle:
+                del self._hosted[hosted.key]
+                self._last_used.pop(hosted.key, None)
+                logger.info("closed idle %s layers %s (%d MiB): the stages here held more than the %d MiB "
+                            "this node's budget leaves them", hosted.key[0], hosted.key[1],
+                            hosted.nbytes >> 20, max(0, limit) >> 20)
+                await self._run(hosted.call, hosted.stage.close)
+        return len(victims)
 
     def holds(self, model: str, span: LayerSpan) -> bool:
         """Whether the stage for (model, span) is loaded or loading."""
@@ -206,7 +246,7 @@ class StageHost:
 
     def idle_room(self) -> int:
         """How many more idle stages this host keeps (`keep_idle_stages` less the idle and loading ones)."""
-        idle = sum(1 for h in self._hosted.values() if not h.sequences and not h.users)
+        idle = sum(1 for h in self._hosted.values() if h.idle)
         return self._keep_idle - idle - len(self._loading)
 
     async def prepare(self, model: str, span: LayerSpan, cid: str | None = None) -> None:
@@ -221,7 +261,7 @@ class StageHost:
         """Close the stage for (model, span) when it is loaded and idle (`split.warming` makes room for a
         newer guess this way); True when it was closed."""
         hosted = self._hosted.get((model, span))
-        if hosted is None or hosted.sequences or hosted.users:
+        if hosted is None or not hosted.idle:
             return False
         del self._hosted[hosted.key]
         self._last_used.pop(hosted.key, None)
@@ -242,7 +282,7 @@ class StageHost:
             return self._next_local
 
     async def _trim(self) -> None:
-        idle = [h for h in self._hosted.values() if not h.sequences and not h.users]
+        idle = [h for h in self._hosted.values() if h.idle]
         idle.sort(key=lambda h: self._last_used.get(h.key, 0.0))  # least recently used first
         for hosted in idle[: max(0, len(idle) - self._keep_idle)]:
             del self._hosted[hosted.key]
@@ -319,7 +359,7 @@ class StageHost:
         local_ids = [s.local_id for s in sessions]
         inputs = None
         if message.array is not None and message.array.nbytes <= check_up_to:
-            inputs = self._check_inputs(hosted.stage, message)
+            inputs = check_inputs(hosted.stage, message)
         return hosted, message, local_ids, inputs
 
     def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
@@ -340,7 +380,7 @@ class StageHost:
         the reply — in one hop: the loop only decodes the frame's header and sends the reply."""
         stage = hosted.stage
         if inputs is None:
-            inputs = self._check_inputs(stage, message)
+            inputs = check_inputs(stage, message)
         out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
         # the compute time lets the origin tell link time from compute time
         if stage.span.is_last(stage.config.num_layers):
@@ -354,27 +394,6 @@ class StageHost:
         started = time.perf_counter()
         out = cls._forward(stage, op, ids, inputs)
         return out, time.perf_counter() - started
-
-    @staticmethod
-    def _check_inputs(stage: Stage, message: wire.TensorMessage) -> np.ndarray:
-        array = message.array
-        assert array is not None  # decode_input always sets it
-        config = stage.config
-        if stage.span.is_first():
-            if array.dtype.kind != "i" or array.ndim != 1:
-                raise wire.FrameError(wire.BAD_TENSOR, "the first stage takes int32 token ids [n]")
-            if not ids_in_range(array, config.vocab_size):
-                raise wire.FrameError(wire.BAD_TENSOR, f"token ids must be in [0, {config.vocab_size})")
-            return array
-        if array.dtype.kind != "f" or array.ndim != 2 or array.shape[1] != config.hidden_size:
-            raise wire.FrameError(
-                wire.BAD_TENSOR, f"this stage takes float hidden states [n, {config.hidden_size}]"
-            )
-        # a float64 sum of float16/32 values cannot overflow: it is finite iff every value is (one pass,
-        # where isfinite().all() takes two)
-        if not math.isfinite(array.sum(dtype=np.float64)):
-            raise wire.FrameError(wire.BAD_TENSOR, "hidden states must be finite")
-        return array.astype(np.float32, copy=False)
 
     @staticmethod
     def _forward(stage: Stage, op: str, ids: list[int], inputs: np.ndarray) -> np.ndarray:

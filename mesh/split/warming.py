@@ -36,7 +36,7 @@ from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.plan_inputs import advert_device
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.ports import MeshHandle, NodeView
-from shoal.mesh.split.router import STAGE_OVERHEAD
+from shoal.mesh.split.router import STAGE_OVERHEAD, models_left
 from shoal.mesh.split.span_model import MAX_CATALOG, SpanModels, advert_catalog
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -320,8 +320,7 @@ class Warming:
         if shape.span_compute_bytes(span) > cap:
             return f"the span is over standby_max_mb ({self._settings.standby_max_mb} MiB)"
         need = shape.span_memory(span, WARM_PROMPT_TOKENS + WARM_MAX_TOKENS, STAGE_OVERHEAD)
-        room = self._node.models.memory()
-        left = int(room["budget"]) - int(room["used"])
+        left = models_left(self._node.models.memory())
         if need > left:
             return f"needs {need >> 20} MiB, the models budget has {max(0, left) >> 20} MiB left"
         if self._host_room() <= 0 and not await self._drop_stale(model, span):
@@ -350,8 +349,7 @@ class Warming:
             return "ready"
         whole = LayerSpan.whole(shape.num_layers)
         need = shape.span_memory(whole, WARM_PROMPT_TOKENS + WARM_MAX_TOKENS, STAGE_OVERHEAD)
-        room = models.memory()
-        if need <= int(room["budget"]) - int(room["used"]):
+        if need <= models_left(models.memory()):
             await models.acquire(model)
             return "ready"
         if self._node.config.models.backend == "tvm":

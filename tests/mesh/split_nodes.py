@@ -94,10 +94,13 @@ class SplitNode(NodeProcess):
                 "temperature": 0}
         return self.call("POST", "/v1/chat/completions", body)
 
-    def chat_stream(self, question: str, max_tokens: int) -> Iterator[dict]:
-        """Yield the SSE chunks (parsed) of a streamed greedy chat completion."""
-        body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True}
+    def chat_stream(self, question: str, max_tokens: int, route: str | None = None) -> Iterator[dict]:
+        """Yield the SSE chunks (parsed) of a streamed greedy chat completion; `route`: the request's own
+        (`{"shoal": {"route": ...}}`), else the planner's choice."""
+        body: dict = {"model": MODEL, "messages": [{"role": "user", "content": question}],
+                      "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        if route is not None:
+            body["shoal"] = {"route": route}
         request = urllib.request.Request(f"http://{self.api}/v1/chat/completions",
                                          data=json.dumps(body).encode(), method="POST",
                                          headers={**self.auth_headers(), "Content-Type": "application/json"})

@@ -34,13 +34,14 @@ def slice_file(tmp_path_factory):
     return shaped_file("llama-3.2-3b-slice", "q4_k_m", tmp_path_factory.mktemp("shaped"))
 
 
-def _check_split(mesh: BigMesh, reply: dict) -> dict:
-    """The reply came from a 3-stage split over every member; returns the spans by member name."""
+def _check_split(mesh: BigMesh, reply: dict, at: str = "origin") -> dict:
+    """The reply (to a request at member `at`) came from a 3-stage split over every member; returns the spans
+    by member name."""
     assert "error" not in reply, reply
     route = reply["shoal_route"]
     assert route["kind"] == "split", route
-    ids = {mesh.nodes[n].peer_id: n for n in ("helper", "publisher")}
-    names = ["origin" if p == "local" else ids[p] for p in route["peers"]]
+    ids = {mesh.nodes[n].peer_id: n for n in ("origin", "helper", "publisher") if n != at}
+    names = [at if p == "local" else ids[p] for p in route["peers"]]
     assert sorted(names) == ["helper", "origin", "publisher"], route
     spans = dict(zip(names, route["spans"], strict=True))
     assert sorted((int(s.split(":")[0]), int(s.split(":")[1])) for s in spans.values())[-1][1] > 0
@@ -65,19 +66,39 @@ def _check_fetches(mesh: BigMesh, spans: dict[str, str]) -> None:
     assert not [f for f in span_fetches(mesh.nodes["publisher"]) if f["span"]]
 
 
+def _check_held(mesh: BigMesh, spans: dict[str, str]) -> None:
+    """Each member advertises the span it holds for the split in `shards` (with its bytes), and no more."""
+    ids = {mesh.nodes[n].peer_id: n for n in ("helper", "publisher")}
+
+    def advertised() -> dict[str, list[str]]:
+        held = {}
+        for peer in mesh.nodes["origin"].get("/v1/mesh/peers")["peers"]:
+            shards = peer["advert"].get("shards") or []
+            if peer["id"] in ids and all(s["bytes"] > 0 and s["cid"] == mesh.cid for s in shards):
+                held[ids[peer["id"]]] = [f"{s['start']}:{s['stop']}" for s in shards]
+        return held
+
+    want = {name: [spans[name]] for name in ids.values()}
+    wait_until(lambda: advertised() == want, 30, f"the members' shards advertised: {want}")
+    mine = mesh.nodes["origin"].get("/v1/mesh/route")["advert"]["shards"]
+    assert [f"{s['start']}:{s['stop']}" for s in mine] == [spans["origin"]], mine
+
+
 def _run(mesh: BigMesh, single_prefix: list[str] | None = None) -> None:
     origin = mesh.nodes["origin"]
     by_name = chat(origin, NAME, MAX_TOKENS)
     spans = _check_split(mesh, by_name)
     _check_fetches(mesh, spans)
+    _check_held(mesh, spans)
     by_cid = chat(origin, mesh.cid, MAX_TOKENS)  # the same model by its CID
-    _check_split(mesh, by_cid)
-    # at the publisher, which holds the file but whose budget cannot load it: the same split, its own stage
-    # read from its file
+    assert _check_split(mesh, by_cid) == spans  # the repeat lands on the spans the first one loaded
+    # at the publisher, which holds the file but whose budget cannot load it: the same split (the spans every
+    # member holds), its own stage read from its file
     at_publisher = chat(mesh.nodes["publisher"], NAME, MAX_TOKENS)
-    assert at_publisher["shoal_route"]["kind"] == "split", at_publisher.get("shoal_route", at_publisher)
-    assert "local" in at_publisher["shoal_route"]["peers"]
+    assert _check_split(mesh, at_publisher, at="publisher") == spans
     assert not [f for f in span_fetches(mesh.nodes["publisher"]) if f["span"]]
+    for name in ("origin", "helper"):  # no span loaded twice: each fetched its own once
+        assert [f["span"] for f in span_fetches(mesh.nodes[name]) if f["span"]] == [spans[name]]
 
     single = mesh.single(prefix=single_prefix)
     try:
@@ -127,12 +148,18 @@ def test_big_model_splits_across_three_budgets(tmp_path, slice_file):
         nodes = mesh.nodes
         peer_budget = mesh.share_of_memory(0.3) * psutil.virtual_memory().total
 
-        def lowered() -> bool:
-            peers = nodes["origin"].get("/v1/mesh/peers")["peers"]
-            return all(p["advert"].get("split", {}).get("memory_budget", 1e18) < peer_budget for p in peers
-                       if p["state"] == "connected")
+        limit = mesh.share_of_memory(0.25) * psutil.virtual_memory().total
 
-        wait_until(lowered, 30, "the lowered budgets advertised")
+        def lowered() -> bool:
+            """Every member advertises its lowered budget, and holds no more spans than it leaves them (the
+            idle ones past it closed)."""
+            peers = nodes["origin"].get("/v1/mesh/peers")["peers"]
+            adverts = [p["advert"] for p in peers if p["state"] == "connected"]
+            adverts.append(nodes["origin"].get("/v1/mesh/route")["advert"])
+            return all(a.get("split", {}).get("memory_budget", 1e18) < peer_budget
+                       and sum(s["bytes"] for s in a.get("shards", [])) <= limit for a in adverts)
+
+        wait_until(lowered, 30, "the lowered budgets advertised, idle spans past them closed")
         refused = chat(nodes["origin"], NAME, MAX_TOKENS)
         assert refused["error"]["code"] == "insufficient_memory", refused
         assert "not enough memory" in refused["error"]["message"]

@@ -73,3 +73,20 @@ async def test_a_model_loads_once_whatever_alias_or_cid_names_it() -> None:
         assert manager.loaded_names() == []
     finally:
         await manager.stop()
+
+
+async def test_spans_in_use_on_the_stage_host_take_from_the_models_budget() -> None:
+    """`hosted` (set by the split service: the spans in use for splits) counts against `[models]
+    memory_budget_mb`: a load that fits the budget alone is refused when they hold most of it."""
+    from shoal.models.errors import ModelMemoryBudgetError
+
+    manager = ModelManager(EventBus(), backend="numpy", memory_budget=1 << 40)
+    manager.add_embedded()
+    manager.hosted = lambda: (1 << 40) - (1 << 20)
+    try:
+        assert manager.memory() == {"budget": 1 << 40, "used": 0, "hosted": (1 << 40) - (1 << 20)}
+        with pytest.raises(ModelMemoryBudgetError):
+            await manager.acquire(DEFAULT_MODEL_NAME)
+        assert manager.loaded_names() == []
+    finally:
+        await manager.stop()
