@@ -261,16 +261,41 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def print_bandwidth(rows: list[dict[str, Any]]) -> None:
-    """Each engine's decode weight stream (weight bytes × decode tok/s) as a share of `copy_bandwidth`."""
-    limit = copy_bandwidth()
-    print(f"\nmemory bandwidth limit (NumPy 256 MiB copy, read + write, one thread): {limit / 1e9:.1f} GB/s")
+def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s read by `threads` threads at once, each OR-reducing its share of a `mib` MiB buffer (NumPy's
+    reductions release the GIL and stream at the vector width), best of `repeats`: what a decode that reads
+    every weight once a token can reach on that many cores."""
+    import threading
+
+    import numpy as np
+
+    words = np.ones(mib << 17, np.uint64)
+    parts = np.array_split(words, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return words.nbytes / best
+
+
+def print_bandwidth(rows: list[dict[str, Any]], threads: int) -> None:
+    """Each engine's decode weight stream (weight bytes × decode tok/s) as a share of `read_bandwidth` on the
+    engines' thread count — the limit — and of `copy_bandwidth` (the figure earlier tables quote)."""
+    limit, copy = read_bandwidth(threads), copy_bandwidth()
+    print(f"\nmemory bandwidth limit (NumPy 512 MiB read, {threads} thread(s)): {limit / 1e9:.1f} GB/s; "
+          f"a one-thread 256 MiB copy (read + write): {copy / 1e9:.1f} GB/s")
     for r in rows:
         if "error" not in r and r.get("weight_bytes"):
             stream = r["weight_bytes"] * r["decode_tps"]
             mib = r["weight_bytes"] / 2**20
             print(f"  {r['engine']:<16} decode streams {mib:.0f} MiB of weights a token: "
-                  f"{stream / 1e9:.1f} GB/s = {100 * stream / limit:.0f}% of the limit")
+                  f"{stream / 1e9:.1f} GB/s = {100 * stream / limit:.0f}% of the limit "
+                  f"({100 * stream / copy:.0f}% of the copy rate)")
 
 
 def _llama_cpp_available() -> bool:
@@ -398,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} rounds (engines alternated), median of {args.repeats} runs each; ratios: median of "
           f"per-round ratios; target {args.target}, quantization {args.quantization}; {os.cpu_count()} CPUs")
     print_table(rows)
-    print_bandwidth(rows)
+    from shoal.models.targets import host_cores
+
+    print_bandwidth(rows, args.threads or host_cores())
     if args.context:
         from shoal.models.embedded import embedded_model_path
 
