@@ -2,8 +2,8 @@
 
 Why: during a split's decode the two ends of a link answer each other at a steady beat (the other stage's
 compute, a few ms). A thread that blocks in the kernel for the next record lets its core halt, and waking a
-halted core costs 100–350 µs a hop on the VMs measured (docs/split.md, *Where a 2-stage step's time goes*) —
-two to four hops a token. A thread that is already running when the record lands takes it at once.
+halted core cost ~50–340 µs a hop on the VMs measured (docs/split.md, *Polling around the beat*) — two to
+four hops a token. A thread that is already running when the record lands takes it at once.
 
 So the waiter sleeps until shortly before the record is due (the 10th percentile of the last gaps, less a
 third of the spin budget), then polls the sockets without sleeping until it is readable or the spin budget
