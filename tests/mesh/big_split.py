@@ -118,8 +118,10 @@ class BigMesh:
     def settings(self, fraction: float, secret: str, bootstrap: list[str]) -> dict[str, Any]:
         budget_mb = max(16, int(fraction * self.need) >> 20)  # the loaded models' budget says the same
         return merged({
+            # the compiled backend allocates its KV pool for cache_tokens up front, and a held span counts it
+            # (split.held_spans.span_bytes): sized as the budgets are, so a span the planner fits stays held
             "models": {"backend": self.backend, "preload": False, "context": 1024, "max_batch": 2,
-                       "memory_budget_mb": budget_mb},
+                       "memory_budget_mb": budget_mb, "cache_tokens": self.context_tokens},
             "policy": {"max_memory_share": self.share_of_memory(fraction)},
             "mesh": {"secret": secret, "bootstrap": bootstrap, **MESH_TIMING},
             "split": {"speed_probe": False},
