@@ -120,8 +120,8 @@ class Router:
 
     def local_device(self, model: str, holds: bool, fetch: bool = False, cid: str | None = None
                      ) -> sched.Device:
-        """This node as the planner sees it; `fetch`: it can fetch spans of a model it does not hold; `held`:
-        the spans of it (by name, or `cid`) its stage host holds loaded."""
+        """This node as the planner sees it, with the spans of the model (by name, or `cid`) its stage host
+        holds loaded (`Device.held`); `fetch`: it can fetch spans of a model it does not hold."""
         decode, prefill = self.speeds.get(model)
         memory = psutil.virtual_memory()
         busy = max(0, self.load(), self.placed[sched.LOCAL])
