@@ -42,7 +42,7 @@ class Arrivals:
         self._gaps: deque[float] = deque(maxlen=HISTORY)
 
     def observe(self, gap_s: float) -> None:
-        if 0 < gap_s <= MAX_GAP_S:
+        if self.spin_s > 0 and 0 < gap_s <= MAX_GAP_S:  # off (the default): no bookkeeping a token
             self._gaps.append(gap_s)
 
     def window(self) -> tuple[float, float] | None:

@@ -70,19 +70,21 @@ class StageWorker:
     def _serve(self) -> None:
         links: list[ServerLink] = []
         answered = 0.0  # when the last link request was answered: the next one is due a beat later
+        polling = self._arrivals.spin_s > 0
         try:
             while True:
-                window = self._arrivals.window() if links else None
+                window = self._arrivals.window() if links and polling else None
                 if window is not None:
                     wait_readable([self._wake_read, *(link.sock for link in links)], answered, window)
                 events = self._selector.select()
-                arrived = time.perf_counter()
+                arrived = time.perf_counter() if polling else 0.0
                 for key, _ in events:
                     if key.data is not None:
                         link, handle = key.data
-                        self._arrivals.observe(arrived - answered)
                         done = not handle(link)
-                        answered = time.perf_counter()
+                        if polling:
+                            self._arrivals.observe(arrived - answered)
+                            answered = time.perf_counter()
                         if done:
                             self._selector.unregister(link.sock)
                             links.remove(link)
