@@ -79,18 +79,14 @@ def _check_held(mesh: BigMesh, spans: dict[str, str]) -> None:
         return held
 
     want = {name: [spans[name]] for name in ids.values()}
-    seen: list[dict[str, list[str]]] = [{}]
 
     def as_wanted() -> bool:
-        seen[0] = advertised()
-        return seen[0] == want
+        seen = advertised()
+        if seen != want:  # wait_until reports the last one it saw
+            raise ValueError(f"advertised {seen}")
+        return True
 
-    try:
-        wait_until(as_wanted, 30, f"the members' shards advertised: {want}")
-    except AssertionError as exc:
-        peers = mesh.nodes["origin"].get("/v1/mesh/peers")["peers"]
-        shards = {p["name"]: p["advert"].get("shards") for p in peers}
-        raise AssertionError(f"{exc}; last seen {seen[0]}, the adverts' shards {shards}") from None
+    wait_until(as_wanted, 30, f"the members' shards advertised: {want}")
     mine = mesh.nodes["origin"].get("/v1/mesh/route")["advert"]["shards"]
     assert [f"{s['start']}:{s['stop']}" for s in mine] == [spans["origin"]], mine
 
