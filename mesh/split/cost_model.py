@@ -197,6 +197,10 @@ class Device:
     """Spans of this model the device holds loaded as stages (a peer's advert `shards`, the local node's stage
     host: `split.held_spans`): a stage of exactly one of them needs no new memory there (its bytes are out of
     the budget already) and no fetch."""
+    loaded: bool = False
+    """Whether the device's engine has this model loaded (a peer's advert `split.in_use`, the local node's
+    own engine): its weights are out of the budget already, so an offload there needs only the request's
+    KV cache and overhead (`offload_fits`). A local plan's memory check does not use it."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -347,3 +351,18 @@ def max_layers(
     if budget < 0:
         return 0
     return shape.num_layers if per_layer == 0 else min(shape.num_layers, budget // per_layer)
+
+
+def offload_memory(shape: ModelShape, request: Request) -> int:
+    """Bytes an offload needs on a device whose engine has the model loaded: the request's KV cache in every
+    layer plus `overhead_bytes` (the weights are there already)."""
+    kv = request.context_tokens * shape.kv_bytes_per_token_layer * shape.num_layers
+    return kv + request.overhead_bytes
+
+
+def offload_fits(shape: ModelShape, request: Request, device: Device, policy: PolicyConfig) -> bool:
+    """Whether `device`'s memory budget can take the request whole: only `offload_memory` where its engine
+    has the model loaded (`Device.loaded`), else the whole model's weights and KV (`max_layers`)."""
+    if device.loaded:
+        return offload_memory(shape, request) <= device.memory_budget(policy)
+    return max_layers(shape, request, device, policy, True, True) >= shape.num_layers

@@ -9,6 +9,7 @@ from typing import Any
 
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.held_spans import advert_held
+from shoal.mesh.split.span_model import MAX_CATALOG, advert_catalog
 from shoal.models.span import LayerSpan
 
 DEFAULT_TPS = 10.0
@@ -146,6 +147,23 @@ def advert_models(advert: dict[str, Any]) -> set[str]:
     return names
 
 
+def advert_in_use(advert: dict[str, Any]) -> list[str]:
+    """The model names a member advertises as loaded (`split.in_use`), malformed entries left out."""
+    split = advert.get("split")
+    raw = split.get("in_use") if isinstance(split, dict) else None
+    if not isinstance(raw, list):
+        return []
+    return [name for name in raw[:MAX_CATALOG] if isinstance(name, str) and 0 < len(name) <= 200]
+
+
+def advert_loaded(advert: dict[str, Any], model: str, cid: str | None) -> bool:
+    """Whether a member's engine has `model` loaded: its `split.in_use` names it, or names its `cid` (itself,
+    or through the member's `split.catalog`)."""
+    catalog = advert_catalog(advert)
+    return any(name == model or (bool(cid) and cid in (name, catalog.get(name)))
+               for name in advert_in_use(advert))
+
+
 def advert_battery(advert: dict[str, Any]) -> float | None:
     """The advert's `battery` percent (gossip's field: a number, or null on mains power), clamped to 0–100;
     None when absent or junk (a device without a battery is never held back by a battery floor)."""
@@ -158,7 +176,8 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
                   offload_link: bool = False, cid: str | None = None, num_layers: int = 0) -> sched.Device:
     """A peer as the planner sees it, from its advert: `speed[model]` (measured decode/prefill tok/s and
     batch cost; none: unmeasured), `queue_depth` (at least `placed`, the requests this node placed there
-    that are still running: the advert lags), `split` (serves others, memory budget), `battery`, and —
+    that are still running: the advert lags), `split` (serves others, memory budget, whether its engine has
+    the model loaded: `in_use` naming it or its `cid`, which holds it too), `battery`, and —
     given the model's `num_layers` — the spans of it (by name or `cid`) it holds loaded (`shards`:
     `split.held_spans`). `offload_link`: an offload's tokens from it would come over a direct link (what
     this node knows: its `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result
@@ -169,6 +188,7 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
     free = int(advert_number(split.get("memory_budget"), advert_number(advert.get("free_memory"))))
     decode = advert_number(speed.get("decode_tok_s"))
     advertised = int(min(advert_number(advert.get("queue_depth")), MAX_QUEUE))
+    loaded = advert_loaded(advert, model, cid)
     return sched.Device(
         peer_id,
         decode_tps=decode or DEFAULT_TPS,
@@ -185,8 +205,9 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         serves_others=split.get("serve_others") is True,
         rtt_s=rtt_s,
         link=link,
-        holds_model=holds,
+        holds_model=holds or loaded,
         fetch_bps=fetch_bps,
         offload_link=offload_link,
         held=advert_held(advert, model, cid, num_layers) if num_layers > 0 else (),
+        loaded=loaded,
     )

@@ -121,8 +121,11 @@ class Router:
     def local_device(self, model: str, holds: bool, fetch: bool = False, cid: str | None = None
                      ) -> sched.Device:
         """This node as the planner sees it, with the spans of the model (by name, or `cid`) its stage host
-        holds loaded (`Device.held`); `fetch`: it can fetch spans of a model it does not hold."""
+        holds loaded (`Device.held`) and whether its engine has the model loaded (`Device.loaded`, as peers
+        read it from its `in_use`); `fetch`: it can fetch spans of a model it does not hold."""
         decode, prefill = self.speeds.get(model)
+        cid = cid or self.model_cid(model)
+        names = self.node.models.loaded_names()
         memory = psutil.virtual_memory()
         busy = max(0, self.load(), self.placed[sched.LOCAL])
         battery = None
@@ -136,7 +139,8 @@ class Router:
             holds_model=holds, queue_depth=busy, battery=battery[0] if battery else None,
             charging=battery[1] if battery else False, measured=decode > 0,
             batch_cost=self.speeds.batch_cost(model), batch_steps=self.speeds.batch_steps(model),
-            held=held_of(self.host.stages, model, cid or self.model_cid(model)),
+            held=held_of(self.host.stages, model, cid),
+            loaded=model in names or (cid is not None and any(self.model_cid(n) == cid for n in names)),
         )
 
     def model_cid(self, model: str) -> str | None:

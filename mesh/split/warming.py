@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 from shoal.mesh.split import scheduler as sched
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.plan_inputs import advert_device
+from shoal.mesh.split.plan_inputs import advert_device, advert_in_use
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.router import STAGE_OVERHEAD, models_left
-from shoal.mesh.split.span_model import MAX_CATALOG, SpanModels, advert_catalog
+from shoal.mesh.split.span_model import SpanModels, advert_catalog
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 
@@ -63,15 +63,6 @@ UNBOUNDED = 1 << 50
 Kind = Literal["stage", "model"]
 Part = tuple[str, tuple[LayerSpan, ...]]
 """A plan's kind and the spans it puts on this node."""
-
-
-def advert_in_use(advert: dict[str, Any]) -> list[str]:
-    """The model names a member advertises as loaded (`split.in_use`), malformed entries left out."""
-    split = advert.get("split")
-    raw = split.get("in_use") if isinstance(split, dict) else None
-    if not isinstance(raw, list):
-        return []
-    return [name for name in raw[:MAX_CATALOG] if isinstance(name, str) and 0 < len(name) <= 200]
 
 
 def likely_part(shape: sched.ModelShape, model: str, origin_advert: dict[str, Any], me: sched.Device

@@ -89,9 +89,13 @@ class SplitNode(NodeProcess):
         assert "error" not in reply, reply
         return reply
 
-    def chat(self, question: str, max_tokens: int) -> dict:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                "temperature": 0}
+    def chat(self, question: str, max_tokens: int, route: str | None = None) -> dict:
+        """A greedy chat completion; `route`: the request's own (`{"shoal": {"route": ...}}`), else the
+        planner's choice."""
+        body: dict = {"model": MODEL, "messages": [{"role": "user", "content": question}],
+                      "max_tokens": max_tokens, "temperature": 0}
+        if route is not None:
+            body["shoal"] = {"route": route}
         return self.call("POST", "/v1/chat/completions", body)
 
     def chat_stream(self, question: str, max_tokens: int, route: str | None = None) -> Iterator[dict]:

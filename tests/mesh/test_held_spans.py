@@ -75,6 +75,43 @@ def test_advert_device_reads_held_spans_by_name_or_cid() -> None:
     assert _peer([by_cid], cid=CID).held == (LayerSpan(0, 15),)
 
 
+def _advertised(split: object, cid: str | None = CID, holds: bool = False):
+    advert = {"speed": {"smollm2": {"decode_tok_s": 100.0}}, "split": split}
+    if isinstance(split, dict):
+        advert["split"] = {"serve_others": True, "memory_budget": 40 * MiB, **split}
+    return advert_device("peer", advert, "smollm2", holds=holds, trusted=True, rtt_s=0.001, link="host",
+                         cid=cid, num_layers=30)
+
+
+def test_advert_device_reads_the_loaded_model_by_name_or_cid() -> None:
+    by_name = _advertised({"in_use": ["qwen", "smollm2"]})
+    assert by_name.loaded and by_name.holds_model  # an engine with it loaded holds its weights
+    assert _advertised({"in_use": [CID]}).loaded
+    assert _advertised({"in_use": ["an-alias"], "catalog": {"an-alias": CID}}).loaded
+    assert not _advertised({"in_use": ["an-alias"], "catalog": {"an-alias": CID}}, cid=None).loaded
+    assert not _advertised({"in_use": ["qwen"], "catalog": {"qwen": "bafyother"}}).loaded
+    assert not _advertised({"in_use": []}).holds_model
+
+
+@pytest.mark.parametrize("split", [
+    {"in_use": "smollm2"}, {"in_use": [3, None, {"model": "smollm2"}, ["smollm2"], "", "s" * 201]},
+    {"in_use": {"smollm2": True}}, {"in_use": ["an-alias"], "catalog": {"an-alias": 5}},
+    {"in_use": ["an-alias"], "catalog": ["an-alias", CID]}, {}, ["in_use", "smollm2"], "smollm2", None,
+])
+def test_junk_in_use_reads_as_not_loaded(split) -> None:
+    assert not _advertised(split).loaded
+
+
+def test_a_peer_advertising_the_model_in_use_takes_an_offload_its_budget_could_not_load_again() -> None:
+    """A 40 MiB budget (net of the model it has loaded) is far below the model's ~140 MiB, above this
+    request's KV cache and overhead: an offload of the model it has loaded goes there."""
+    loaded = _advertised({"in_use": ["smollm2"]})
+    chosen = plan(SHAPE, REQ, dev(LOCAL, tps=10), [loaded], OPEN)
+    assert chosen.kind == "offload" and chosen.devices == ["peer"]
+    not_loaded = _advertised({"in_use": ["qwen"]}, holds=True)  # holds the file, has it not loaded
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=10), [not_loaded], OPEN).kind != "offload"
+
+
 # --- the planner ------------------------------------------------------------------------------------------
 
 def test_allocate_around_pins_held_spans_past_their_caps() -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from shoal.mesh.split.cost_model import offload_memory
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.scheduler import (
@@ -127,6 +128,39 @@ def test_peer_without_the_model_hosts_a_span_but_takes_no_offload() -> None:
         plan(SHAPE, REQ, dev(LOCAL, mem=90 * MiB), [dataclasses.replace(fetcher, fetch_bps=0.0)], OPEN)
 
 
+def test_a_peer_with_the_model_loaded_takes_an_offload_within_a_budget_net_of_it() -> None:
+    """A peer's advertised budget is net of the models its engine has loaded: one whose budget is far below
+    a second copy of the weights still takes an offload of the model it has loaded (only the request's KV
+    cache and overhead are new there); the same peer without it loaded does not (the whole model would be)."""
+    kv_only = offload_memory(SHAPE, REQ)
+    assert kv_only == REQ.context_tokens * SHAPE.kv_bytes_per_token_layer * 30 + REQ.overhead_bytes
+    whole = SHAPE.span_memory(LayerSpan(0, 30), REQ.context_tokens, REQ.overhead_bytes)
+    small = dev("small", tps=1000, mem=40 * MiB, loaded=True)
+    assert kv_only < 40 * MiB < whole
+    p = plan(SHAPE, REQ, dev(LOCAL, tps=10), [small], OPEN)
+    assert p.kind == "offload" and p.devices == ["small"]
+    assert plan(SHAPE, REQ, None, [dataclasses.replace(small, free_memory=kv_only, total_memory=kv_only)],
+                OPEN).devices == ["small"]  # exactly the request's KV and overhead: fits
+    # not loaded: today's rule, a whole second copy must fit, so no offload
+    unloaded = dataclasses.replace(small, loaded=False)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=10), [unloaded], OPEN).kind != "offload"
+    with pytest.raises(NoPlanError) as refused:
+        plan(SHAPE, REQ, None, [unloaded], OPEN)
+    assert refused.value.code == "insufficient_memory" and "loaded" not in str(refused.value)
+
+
+def test_a_loaded_peer_too_small_for_the_request_kv_takes_no_offload() -> None:
+    kv_only = offload_memory(SHAPE, REQ)
+    tiny = dev("tiny", tps=1000, mem=kv_only - 1, loaded=True)
+    assert plan(SHAPE, REQ, dev(LOCAL, tps=10), [tiny], OPEN).kind == "local"
+    with pytest.raises(NoPlanError) as refused:
+        plan(SHAPE, REQ, None, [tiny], OPEN)
+    message = str(refused.value)
+    assert refused.value.code == "insufficient_memory"
+    assert message.startswith("not enough memory") and "a peer with it loaded (tiny)" in message
+    assert f"{kv_only / MiB:.0f} MiB for an offload" in message
+
+
 def test_max_memory_share_forces_split() -> None:
     local = dev(LOCAL, mem=150 * MiB)
     peers = [dev("a", mem=150 * MiB)]
@@ -225,7 +259,7 @@ def test_allocations_are_valid_or_none(total: int, speeds: list[float], caps: li
 
 
 device_st = st.builds(
-    lambda i, tps, mem, trusted, serves, battery, rtt: Device(
+    lambda i, tps, mem, trusted, serves, battery, rtt, loaded: Device(
         id=f"p{i}",
         decode_tps=tps,
         prefill_tps=0,
@@ -235,6 +269,7 @@ device_st = st.builds(
         serves_others=serves,
         battery=battery,
         rtt_s=rtt,
+        loaded=loaded,
     ),
     i=st.integers(0, 1000),
     tps=st.floats(1, 500),
@@ -243,6 +278,7 @@ device_st = st.builds(
     serves=st.booleans(),
     battery=st.none() | st.floats(0, 100),
     rtt=st.floats(0, 0.1),
+    loaded=st.booleans(),
 )
 
 
@@ -274,7 +310,10 @@ def test_any_plan_tiles_fits_and_obeys_policy(
     assert len(set(p.devices)) == len(p.devices)
     for i, a in enumerate(p.stages):
         d = by_id[a.device]
-        assert SHAPE.span_memory(a.span, REQ.context_tokens, REQ.overhead_bytes) <= d.memory_budget(policy)
+        need = SHAPE.span_memory(a.span, REQ.context_tokens, REQ.overhead_bytes)
+        if p.kind == "offload" and d.loaded:  # its engine has the weights: only the request's KV is new
+            need = offload_memory(SHAPE, REQ)
+        assert need <= d.memory_budget(policy)
         assert i == 0 or a.span.start > 0
         if not d.is_local:
             assert d.serves_others

@@ -20,7 +20,7 @@ from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.split import wire
 
 from tests.mesh.mesh_nodes import wait_until
-from tests.mesh.split_nodes import SplitNode, start_nodes
+from tests.mesh.split_nodes import MODEL, SplitNode, start_nodes
 from tests.mesh.tensor_frames import raw_input
 
 pytestmark = pytest.mark.timeout(400)
@@ -140,12 +140,20 @@ def test_memory_capped_node_splits_over_trusted_peers_only(mesh3, expected):
     b.policy(max_memory_share=90e6 / total)
     try:
         wait_until(lambda: a.peers()[b.peer_id]["advert"]["split"]["memory_budget"] < 200e6, 20, "b's advert")
+        assert MODEL in a.peers()[b.peer_id]["advert"]["split"]["in_use"]
         for prompt in PROMPTS[:2]:
+            # b has the model loaded, so an offload there needs only the request's KV cache and overhead
+            # (well within its budget): the planner may offload to b or split over a and b, never use c
             reply = a.chat(prompt, MAX_TOKENS)
+            route = reply["shoal_route"]
+            assert route["kind"] in ("split", "offload"), route
+            assert set(route["peers"]) - {"local"} == {b.peer_id}, route
+            assert c.peer_id not in route["peers"]
+            assert reply["choices"][0]["message"]["content"] == expected[prompt]
+            reply = a.chat(prompt, MAX_TOKENS, route="split")  # a split still fits only a's and b's caps
             route = reply["shoal_route"]
             assert route["kind"] == "split", route
             assert set(route["peers"]) == {"local", b.peer_id}, route
-            assert c.peer_id not in route["peers"]
             assert reply["choices"][0]["message"]["content"] == expected[prompt]
     finally:
         a.policy(max_memory_share=0.5, trusted_only_splits=False, prefer_local=False)
