@@ -199,8 +199,8 @@ class Device:
     the budget already) and no fetch."""
     loaded: bool = False
     """Whether the device's engine has this model loaded (a peer's advert `split.in_use`, the local node's
-    own engine): its weights are out of the budget already, so an offload there needs only the request's
-    KV cache and overhead (`offload_fits`). A local plan's memory check does not use it."""
+    own engine): its weights are out of the budget already, so running a request whole there — locally or as
+    an offload — needs only the request's KV cache and overhead (`runs_whole`)."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -353,16 +353,16 @@ def max_layers(
     return shape.num_layers if per_layer == 0 else min(shape.num_layers, budget // per_layer)
 
 
-def offload_memory(shape: ModelShape, request: Request) -> int:
-    """Bytes an offload needs on a device whose engine has the model loaded: the request's KV cache in every
+def request_memory(shape: ModelShape, request: Request) -> int:
+    """Bytes a request run whole needs on a device whose engine has the model loaded: its KV cache in every
     layer plus `overhead_bytes` (the weights are there already)."""
     kv = request.context_tokens * shape.kv_bytes_per_token_layer * shape.num_layers
     return kv + request.overhead_bytes
 
 
-def offload_fits(shape: ModelShape, request: Request, device: Device, policy: PolicyConfig) -> bool:
-    """Whether `device`'s memory budget can take the request whole: only `offload_memory` where its engine
+def runs_whole(shape: ModelShape, request: Request, device: Device, policy: PolicyConfig) -> bool:
+    """Whether `device`'s memory budget can take the request whole: only `request_memory` where its engine
     has the model loaded (`Device.loaded`), else the whole model's weights and KV (`max_layers`)."""
     if device.loaded:
-        return offload_memory(shape, request) <= device.memory_budget(policy)
+        return request_memory(shape, request) <= device.memory_budget(policy)
     return max_layers(shape, request, device, policy, True, True) >= shape.num_layers

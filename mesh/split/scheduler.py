@@ -22,9 +22,10 @@ Policy (`mesh.split.policy.PolicyConfig`, the node's `[policy]`)
   feasible remote plan, and runs locally only when nothing else fits.
 - `max_memory_share`: no device is planned past that share of its total memory (nor past its free memory).
   A span a device already holds loaded (`Device.held`: its advert's `shards`) needs no new memory: a
-  repeated split lands where it did. Nor does the model a peer's engine has loaded (`Device.loaded`: its
-  advert's `split.in_use`): an offload there counts only the request's KV cache and overhead
-  (`cost_model.offload_fits`), as its budget is net of the loaded models already.
+  repeated split lands where it did. Nor does the model a device's engine has loaded (`Device.loaded`: a
+  peer's advert `split.in_use`, this node's engine): running the request whole there — locally or as an
+  offload — counts only its KV cache and overhead (`cost_model.runs_whole`), as the budget is net of the
+  loaded models already.
 - `trusted_only_splits`: untrusted peers are left out of every remote plan — splits and offloads alike (an
   offload exposes the whole prompt, a split exposes hidden states; neither goes to a peer not trusted).
 - `prefer_local`: when the local node can serve the request at all, it does.
@@ -60,11 +61,11 @@ from shoal.mesh.split.cost_model import (
     Prediction,
     Request,
     max_layers,
-    offload_fits,
-    offload_memory,
     predict,
     predict_offload,
     relay_share,
+    request_memory,
+    runs_whole,
 )
 from shoal.mesh.split.partition import (
     allocate_around,
@@ -230,8 +231,9 @@ def plan(
     remote = [d for d in usable if not d.is_local]
 
     local_plan: Plan | None = None
-    # a whole span the stage host holds is not the engine's model: running here still needs its memory
-    if local_ok and max_layers(shape, request, local_ok[0], policy, True, True) >= shape.num_layers:
+    # the engine's loaded model runs here in the request's KV cache; a whole span the stage host holds is not
+    # the engine's model: running here without it loaded still needs its memory
+    if local_ok and runs_whole(shape, request, local_ok[0], policy):
         prediction = predict(shape, request, [(local_ok[0], whole)])
         local_plan = Plan("local", (Assignment(LOCAL, whole),), prediction)
     if local_plan is not None and (allowed == {"local"} or (
@@ -240,7 +242,7 @@ def plan(
 
     options: list[Plan] = [] if local_plan is None else [local_plan]
     for d in remote:  # an offload runs on the peer's own engine: only a peer holding the model can take it
-        if d.holds_model and offload_fits(shape, request, d, policy):
+        if d.holds_model and runs_whole(shape, request, d, policy):
             options.append(Plan("offload", (Assignment(d.id, whole),), predict_offload(shape, request, d)))
     if "split" in allowed:
         favoured = [d for d in usable if d.is_local or d.id in prefer]
@@ -298,7 +300,7 @@ def _why_none(
     need = shape.span_memory(whole, request.context_tokens, request.overhead_bytes)
     loaded = [d for d in usable if d.loaded and d.holds_model and not d.is_local]
     offload = (f"; a peer with it loaded ({', '.join(d.id[:12] for d in loaded)}) needs about "
-               f"{offload_memory(shape, request) / 2**20:.0f} MiB for an offload" if loaded else "")
+               f"{request_memory(shape, request) / 2**20:.0f} MiB for an offload" if loaded else "")
     return (
         f"not enough memory: {len(usable)} usable device(s) offer {budget / 2**20:.0f} MiB in all under "
         f"max_memory_share {policy.max_memory_share}, the model needs about {need / 2**20:.0f} MiB "

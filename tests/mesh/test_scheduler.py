@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from shoal.mesh.split.cost_model import offload_memory
+from shoal.mesh.split.cost_model import request_memory
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.scheduler import (
@@ -132,7 +132,7 @@ def test_a_peer_with_the_model_loaded_takes_an_offload_within_a_budget_net_of_it
     """A peer's advertised budget is net of the models its engine has loaded: one whose budget is far below
     a second copy of the weights still takes an offload of the model it has loaded (only the request's KV
     cache and overhead are new there); the same peer without it loaded does not (the whole model would be)."""
-    kv_only = offload_memory(SHAPE, REQ)
+    kv_only = request_memory(SHAPE, REQ)
     assert kv_only == REQ.context_tokens * SHAPE.kv_bytes_per_token_layer * 30 + REQ.overhead_bytes
     whole = SHAPE.span_memory(LayerSpan(0, 30), REQ.context_tokens, REQ.overhead_bytes)
     small = dev("small", tps=1000, mem=40 * MiB, loaded=True)
@@ -150,7 +150,7 @@ def test_a_peer_with_the_model_loaded_takes_an_offload_within_a_budget_net_of_it
 
 
 def test_a_loaded_peer_too_small_for_the_request_kv_takes_no_offload() -> None:
-    kv_only = offload_memory(SHAPE, REQ)
+    kv_only = request_memory(SHAPE, REQ)
     tiny = dev("tiny", tps=1000, mem=kv_only - 1, loaded=True)
     assert plan(SHAPE, REQ, dev(LOCAL, tps=10), [tiny], OPEN).kind == "local"
     with pytest.raises(NoPlanError) as refused:
@@ -159,6 +159,20 @@ def test_a_loaded_peer_too_small_for_the_request_kv_takes_no_offload() -> None:
     assert refused.value.code == "insufficient_memory"
     assert message.startswith("not enough memory") and "a peer with it loaded (tiny)" in message
     assert f"{kv_only / MiB:.0f} MiB for an offload" in message
+
+
+def test_the_local_engines_loaded_model_runs_here_within_a_budget_net_of_it() -> None:
+    """This node's budget (the memory available now, under its share) is net of the model its engine has
+    loaded: with it loaded, a local run needs only the request's KV cache and overhead; without, all of it."""
+    kv_only = request_memory(SHAPE, REQ)
+    peers = [dev("a", mem=150 * MiB), dev("b", mem=150 * MiB)]
+    tight = dataclasses.replace(OPEN, prefer_local=True)
+    loaded = dev(LOCAL, mem=kv_only, loaded=True)
+    assert plan(SHAPE, REQ, loaded, peers, tight).kind == "local"
+    assert plan(SHAPE, REQ, loaded, [], OPEN).kind == "local"
+    assert plan(SHAPE, REQ, dataclasses.replace(loaded, loaded=False), peers, tight).kind != "local"
+    short = dataclasses.replace(loaded, free_memory=kv_only - 1, total_memory=kv_only - 1)
+    assert plan(SHAPE, REQ, short, peers, tight).kind != "local"
 
 
 def test_max_memory_share_forces_split() -> None:
@@ -312,7 +326,7 @@ def test_any_plan_tiles_fits_and_obeys_policy(
         d = by_id[a.device]
         need = SHAPE.span_memory(a.span, REQ.context_tokens, REQ.overhead_bytes)
         if p.kind == "offload" and d.loaded:  # its engine has the weights: only the request's KV is new
-            need = offload_memory(SHAPE, REQ)
+            need = request_memory(SHAPE, REQ)
         assert need <= d.memory_budget(policy)
         assert i == 0 or a.span.start > 0
         if not d.is_local:
