@@ -200,7 +200,12 @@ class Discovery:
         return any(t.bootstrap or t.peer_id not in self.service.peers for t in self.targets.values())
 
     def _relay_for(self, peer_id: str) -> Peer | None:
+        """A linked node whose advert lists a link to `peer_id`. Not a browser member: a tab relays no
+        signalling, so a dial through one would wait out its whole timeout, refusing (glare) the dials of
+        `peer_id` meanwhile."""
         for peer in self.service.connected_peers():
+            if peer.advert.get("kind") == "browser":
+                continue
             links = peer.advert.get("links")
             if isinstance(links, dict) and peer_id in links:
                 return peer

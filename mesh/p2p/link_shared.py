@@ -58,9 +58,11 @@ def keeps_existing_link(existing: LinkOffer, new: LinkOffer) -> bool:
     """Whether a peer's existing link stays and a second one to it is closed. Dials that crossed (a rejoin
     and a peer exchange, both ends dialling) make two links that may open in either order at either end; each
     end keeps the one whose offer nonce is smaller, so both keep the same one. A link from a later offer
-    (the peer restarted, or redialled a link it saw die) replaces the existing one."""
+    (the peer restarted, or redialled a link it saw die) replaces one from an earlier offer: later by the
+    offers' times, not by which link opened first here, so that here too both ends decide alike. The loser
+    is closed only once the peer has started the kept link (`MeshService._retire`)."""
     if abs(new.ts - existing.ts) > CONCURRENT_DIALS_S:
-        return False
+        return existing.ts > new.ts
     return existing.nonce < new.nonce
 
 

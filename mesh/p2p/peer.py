@@ -78,6 +78,8 @@ class Peer:
         self._handler_slots = HandlerSlots(settings)
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
+        self._peer_started = asyncio.Event()
+        """Set by the peer's first ping: that end has started this link (made it its live one)."""
         self._drained = {name: asyncio.Event() for name in p.CHANNELS}
         self._reassemblers = {p.BLOCKS: p.Reassembler(p.BLOCKS), p.TENSORS: p.Reassembler(p.TENSORS)}
         self.channels: dict[str, RTCDataChannel] = {}
@@ -189,6 +191,15 @@ class Peer:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def wait_peer_started(self) -> None:
+        """Until the peer's heartbeat arrives on this link (that end started it too) or the link closes."""
+        waits = [asyncio.ensure_future(self._peer_started.wait()), asyncio.ensure_future(self._closed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     # ----- sending ---------------------------------------------------------------------------------------
 
@@ -316,6 +327,7 @@ class Peer:
                 future.set_result(frame)
             return
         if frame.type == "ping":
+            self._peer_started.set()
             self._spawn(self._send_quietly(p.ControlFrame("pong", frame.body)))
         elif frame.type == "pong":
             sent = frame.body.get("t")

@@ -362,20 +362,33 @@ class MeshService:
             self.spawn(peer.close("node stopping"))
             return
         old = self.peers.get(peer.peer_id)
-        if (old is not None and old is not peer and old.state != "closed"
-                and keeps_existing_link(old.offer, peer.offer)):
-            logger.info("mesh: %s: a second link from crossed dials; the first stays", peer.peer_id[:12])
-            self.spawn(peer.close("duplicate link (crossed dials)"))
-            return
+        if old is not None and old is not peer and old.state != "closed":
+            offers = (peer.peer_id[:12], peer.offer.nonce[:8], old.offer.nonce[:8])
+            if keeps_existing_link(old.offer, peer.offer):
+                logger.info("mesh: %s: a second link (offer %s) crossed dials; the first (%s) stays", *offers)
+                self.spawn(self._retire(peer, old, "duplicate link (crossed dials)"), name="retire link")
+                return
+            logger.info("mesh: %s: a second link (offer %s) replaces the first (%s)", *offers)
+            self.spawn(self._retire(old, peer, "replaced by a new link"), name="retire link")
         self.peers[peer.peer_id] = peer
-        if old is not None and old is not peer:
-            self.spawn(old.close("replaced by a new link"))
         self.known[peer.peer_id] = {"name": peer.name, "api": peer.api_address}
         peer.start()
         logger.info("mesh: linked to %s (%s)", peer.peer_id[:12], peer.name)
         self.events.publish("peer.joined", id=peer.peer_id, name=peer.name, api=peer.api_address)
         for listener in self._listeners:
             listener("joined", peer)
+
+    async def _retire(self, loser: Peer, kept: Peer, reason: str) -> None:
+        """Close `loser`, a link that lost to `kept` (`keeps_existing_link`), once the peer's heartbeat
+        arrives on `kept` (or `kept` closes), at the latest after `dead_timeout_s`. The two ends open a link
+        at different moments: until the peer has started `kept`, `loser` may be the only link open there, and
+        closing it would be a departure at that end although both ends keep the same link."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.dead_timeout_s):
+                    await kept.wait_peer_started()
+        finally:
+            await loser.close(reason)
 
     def _peer_closed(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.peer_id) is not peer:

@@ -1,9 +1,10 @@
 """Pure parts of the mesh layer: config validation, signal verification, advert filtering, ICE selection, a
-link's bound on running handlers."""
+link's bound on running handlers, which of two links to a peer both ends keep and when the other closes."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from shoal.mesh.p2p.ice import host_addresses
 from shoal.mesh.p2p.identity import Identity
 from shoal.mesh.p2p.invite import Invite
 from shoal.mesh.p2p.link_shared import HandlerSlots, LinkSettings
+from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.signalling import Membership, ReplayGuard, build_signal, sdp_fingerprints, verify_signal
 
 SDP = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=fingerprint:sha-512 01:02\r\n"
@@ -151,3 +153,47 @@ def test_crossed_dials_keep_the_smaller_nonce_and_a_later_offer_replaces():
     assert keeps_existing_link(first, second) and not keeps_existing_link(second, first)  # both ends agree
     restarted = LinkOffer(1000.0 + CONCURRENT_DIALS_S + 0.1, "00")
     assert not keeps_existing_link(second, restarted) and not keeps_existing_link(first, restarted)
+    # the later offer's link stays also where it opened first (an end may open it before the other one does)
+    assert keeps_existing_link(restarted, first) and keeps_existing_link(restarted, second)
+    # for any two offers, whichever order their links open in at either end, both ends keep the same one
+    others = [LinkOffer(995.0, "ff"), LinkOffer(1011.0, "7c"), LinkOffer(1030.0, "01")]
+    offers = [first, second, restarted, *others]
+    for existing, new in itertools.permutations(offers, 2):
+        assert keeps_existing_link(existing, new) != keeps_existing_link(new, existing), (existing, new)
+
+
+async def test_a_link_lost_to_crossed_dials_closes_once_the_peer_started_the_kept_one(tmp_path) -> None:
+    """Both ends keep the same link, but each opens it at its own moment: the link that lost stays open (not
+    the node's link) until the peer's heartbeat arrives on the kept one, as until then it may be the only
+    link open at the peer, where closing it would be a departure (`MeshService._retire`)."""
+    from shoal.mesh.p2p.link_shared import LinkOffer
+    from shoal.mesh.p2p.service import MeshService
+
+    service = MeshService(MeshConfig(mdns=False, dead_timeout_s=30.0), Identity.generate("me"), tmp_path)
+    service._running = True  # as started, without discovery's dialling or gossip's loop
+    other = Identity.generate("other").peer_id
+
+    def link(offer: LinkOffer) -> Peer:  # a link as the dialer hands it over, its channels never opened
+        peer = service._new_peer(offerer=True)
+        peer.identify(other, "other", None, "secret")
+        peer.offer = offer
+        return peer
+
+    first, second, third = (link(LinkOffer(1000.0 + i, nonce)) for i, nonce in enumerate(("f3", "0a", "7c")))
+    try:
+        service._register(first)
+        service._register(second)  # crossed, with the smaller nonce: it replaces `first`
+        assert service.peers[other] is second
+        await asyncio.sleep(0.05)
+        assert first.state == "connected"  # the peer may not have opened `second` yet
+        second.receive(p.CONTROL, p.encode_control(p.ControlFrame("ping", {"t": 1.0})))
+        async with asyncio.timeout(5):
+            await first.wait_closed()
+        assert first.close_reason == "replaced by a new link"
+        service._register(third)  # crossed, with a larger nonce: `second`, started by the peer, stays
+        async with asyncio.timeout(5):
+            await third.wait_closed()
+        assert third.close_reason == "duplicate link (crossed dials)" and service.peers[other] is second
+        assert service.departed == []
+    finally:
+        await service.stop()

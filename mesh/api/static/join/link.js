@@ -41,6 +41,8 @@ export class Link {
     this.rttMs = null;
     this.state = "connecting";
     this.offer = { ts: 0, nonce: "" };  // the offer it was made from, which both ends hold (member.js register)
+    // settles on the peer's first ping (that end has started this link too) or when the link closes
+    this.peerStarted = new Promise((resolve) => { this.markPeerStarted = resolve; });
     this.abuse = 0;
     this.lastSeen = performance.now();
     this.nextId = offerer ? 1 : 2;
@@ -86,10 +88,12 @@ export class Link {
     this.connectedAt = Date.now() / 1000;
     this.lastSeen = performance.now();
     const { heartbeatMs, deadMs } = this.mesh.settings;
-    this.timer = setInterval(() => {
+    const beat = () => {
       if (performance.now() - this.lastSeen > deadMs) return this.close(`dead: nothing heard for ${deadMs / 1000} s`);
       this.notify("ping", { t: performance.now() / 1000 + 0.0001 });
-    }, heartbeatMs);
+    };
+    this.timer = setInterval(beat, heartbeatMs);
+    beat();  // at once, as a node's heartbeat: the peer learns that this end has started the link
   }
 
   send(frame) {
@@ -160,7 +164,10 @@ export class Link {
       return;
     }
     switch (frame.t) {
-      case "ping": this.notify("pong", frame.b); break;
+      case "ping":
+        this.markPeerStarted();
+        this.notify("pong", frame.b);
+        break;
       case "pong":
         if (typeof frame.b.t === "number") this.rttMs = Math.max(0, performance.now() - (frame.b.t - 0.0001) * 1000);
         break;
@@ -214,6 +221,7 @@ export class Link {
       waiter.reject(new MeshError(`link closed: ${reason}`, "link_closed"));
     }
     this.pending.clear();
+    this.markPeerStarted();  // nothing more to wait for (member.js retire)
     this.mesh.compute?.linkClosed(this);
     this.pc.close();
     this.mesh.closed(this, reason, wasConnected);

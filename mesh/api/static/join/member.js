@@ -13,9 +13,10 @@ const CONCURRENT_DIALS_S = 10;  // as mesh/p2p/link_shared.py
 
 /** Whether a member's existing link stays and a second one to it is closed (mesh/p2p/link_shared.py's
  * keeps_existing_link): crossed dials (a rejoin and a peer exchange) may open in either order at either end,
- * so both ends keep the link whose offer nonce is smaller; a link from a later offer replaces the old one. */
+ * so both ends keep the link whose offer nonce is smaller; a link from a later offer (by the offers' times,
+ * not by which link opened first here) replaces one from an earlier offer. */
 function keepsExistingLink(existing, incoming) {
-  if (Math.abs(incoming.ts - existing.ts) > CONCURRENT_DIALS_S) return false;
+  if (Math.abs(incoming.ts - existing.ts) > CONCURRENT_DIALS_S) return existing.ts > incoming.ts;
   return existing.nonce < incoming.nonce;
 }
 
@@ -26,6 +27,7 @@ export class Member extends EventTarget {
     this.membership = membership;
     this.settings = { heartbeatMs: 1000, deadMs: 4000, ...settings };
     this.links = new Map();
+    this.retiring = new Set();  // links that lost to crossed dials, open until the peer starts the kept one
     this.dialing = new Set();
     this.relayed = new Map();
     this.iceServers = [];  // the invite's STUN/TURN servers (`refreshIceServers`)
@@ -131,21 +133,35 @@ export class Member extends EventTarget {
   }
 
   /** Make `link` the member's link, unless it is the second of crossed dials (`keepsExistingLink`): then it
-   * is closed and the existing link, which is returned, stays. */
+   * is retired and the existing link, which is returned, stays. */
   register(link) {
     const old = this.links.get(link.peerId);
-    if (old && old !== link && old.state !== "closed" && keepsExistingLink(old.offer, link.offer)) {
-      link.close("duplicate link (crossed dials)");  // not the registered link: no departure
-      return old;
+    if (old && old !== link && old.state !== "closed") {
+      if (keepsExistingLink(old.offer, link.offer)) {
+        this.retire(link, old, "duplicate link (crossed dials)");  // not the registered link: no departure
+        return old;
+      }
+      this.retire(old, link, "replaced by a new link");
     }
     this.links.set(link.peerId, link);
-    if (old && old !== link) old.close("replaced by a new link");
     link.start();
     if (link.peerId === this.homeId) this.homeReturned();
     link.notify("advert", this.advert());
     this.gossip();
     this.changed();
     return link;
+  }
+
+  /** Close `loser`, a link that lost to `kept` (`keepsExistingLink`), once the member's heartbeat arrives on
+   * `kept` (or `kept` closes), at the latest after deadMs (as MeshService._retire): the two ends open a link
+   * at different moments, and until that end has started `kept`, `loser` may be the only link open there. */
+  retire(loser, kept, reason) {
+    this.retiring.add(loser);
+    const timer = setTimeout(() => loser.close(reason), this.settings.deadMs);
+    kept.peerStarted.then(() => {
+      clearTimeout(timer);
+      loser.close(reason);
+    });
   }
 
   /** A link to the home node is up again, whoever dialled it: no rejoin is due, the next one starts over. */
@@ -157,6 +173,7 @@ export class Member extends EventTarget {
   }
 
   closed(link, reason, wasConnected) {
+    this.retiring.delete(link);
     if (this.links.get(link.peerId) === link) {
       this.links.delete(link.peerId);
       this.dispatchEvent(new CustomEvent("left", { detail: { id: link.peerId, name: link.name, reason } }));
@@ -223,7 +240,15 @@ export class Member extends EventTarget {
   onSignal(relay, body) {
     const { op, to, signal } = body;
     if (!["offer", "answer", "refused"].includes(op) || typeof to !== "string") throw new MeshError("malformed signal frame", "protocol");
-    if (to !== this.identity.id) return;  // a tab relays nothing
+    if (to !== this.identity.id) {  // a tab relays nothing: refused at once, so that no dial waits for it
+      if (op === "offer") {
+        relay.notify("signal", {
+          op: "refused", to: String(signal?.from ?? ""), re: signal?.nonce ?? null,
+          reason: "a browser member relays no signalling", code: "no_route",
+        });
+      }
+      return;
+    }
     if (op === "offer") {
       this.answerRelayed(relay, signal).catch((error) => {
         relay.notify("signal", {
@@ -285,6 +310,7 @@ export class Member extends EventTarget {
     clearTimeout(this.rejoinTimer);
     clearInterval(this.gossipTimer);
     for (const link of [...this.links.values()]) link.close("left the mesh", true);
+    for (const link of [...this.retiring]) link.close("left the mesh");
     this.setStatus("left");
   }
 
