@@ -7,6 +7,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
+        [--no-deferred-delivery]  # the origin posts each step's tokens at once (A/B of models/idle.py)
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
@@ -161,6 +162,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
     instruments = ["--delay-ms", str(delay)]
     if args.switch_interval_ms is not None:
         instruments += ["--switch-interval-ms", str(args.switch_interval_ms)]
+    if not args.deferred_delivery:
+        instruments.append("--deliver-at-once")
 
     def extra(name: str) -> list[str]:
         return ["--trace", str(base / f"{name}.trace")] if args.trace else []
@@ -367,6 +370,9 @@ def main() -> int:
     parser.add_argument("--offload-link", action=argparse.BooleanOptionalAction, default=True,
                         help="[split] offload_link: an offload's tokens over a direct link (default) or, "
                              "with --no-offload-link, over the data channel (an A/B of the two)")
+    parser.add_argument("--deferred-delivery", action=argparse.BooleanOptionalAction, default=True,
+                        help="the origin posts a step's tokens while the next step waits on a peer (default; "
+                             "models/idle.py) or, with --no-deferred-delivery, at once (an A/B of the two)")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",

@@ -32,6 +32,11 @@ class StageChain:
         self.config = config
         self.lock = threading.Lock()
 
+    @property
+    def waits_on_peers(self) -> bool:
+        """A decode step blocks on another device (`Stage.waits_on_peers`; a pipeline's chain may change)."""
+        return any(st.waits_on_peers for st in self.stages)
+
     def remove(self, seq_ids: list[int]) -> None:
         """Free the KV caches of `seq_ids` in every stage (idempotent)."""
         with self.lock:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
+from shoal.models import idle
 from shoal.models.admission import Admission, AdmissionLimits, AdmissionTimeoutError
 from shoal.models.chain import StageChain
 from shoal.models.errors import ContextOverflowError, ModelError
@@ -402,23 +404,32 @@ class Engine:
     def _decode_run(self, batch: list[Request], loop: asyncio.AbstractEventLoop) -> None:
         """On the executor thread: decode steps of `batch` until each request ended or the loop has other
         work (`_interrupt`, a request waiting or in prefill: checked after every step). Each step's events
-        are made here and posted to the loop (`_deliver`); the loop's own state is only read here."""
+        are made here and posted to the loop (`_deliver`); the loop's own state is only read here. Where the
+        next step waits on a peer (a split), a step's events are posted while it waits (models/idle.py)."""
         live = batch
-        while live:
-            started = time.monotonic()
-            tokens = self.chain.decode(live)
-            elapsed = time.monotonic() - started
-            results: list[tuple[Request, TokenEvent | Exception | None]] = []
-            for req, token in zip(live, tokens, strict=True):
-                if isinstance(token, Exception) or req.cancelled:
-                    results.append((req, token if isinstance(token, Exception) else None))
+        try:
+            while live:
+                started = time.monotonic()
+                tokens = self.chain.decode(live)
+                elapsed = time.monotonic() - started
+                results: list[tuple[Request, TokenEvent | Exception | None]] = []
+                for req, token in zip(live, tokens, strict=True):
+                    if isinstance(token, Exception) or req.cancelled:
+                        results.append((req, token if isinstance(token, Exception) else None))
+                    else:
+                        results.append((req, self._event(req, token)))
+                live = [req for req, item in results
+                        if isinstance(item, TokenEvent) and item.finish_reason is None]
+                if self._interrupt or self._waiting or self._prefilling:
+                    live = []
+                post = functools.partial(loop.call_soon_threadsafe, self._deliver, results, elapsed)
+                if live and self.chain.waits_on_peers:
+                    idle.defer(post)  # posted while the next step waits on a peer
                 else:
-                    results.append((req, self._event(req, token)))
-            loop.call_soon_threadsafe(self._deliver, results, elapsed)
-            if self._interrupt or self._waiting or self._prefilling:
-                return
-            live = [req for req, item in results
-                    if isinstance(item, TokenEvent) and item.finish_reason is None]
+                    idle.flush()  # the last step's, if no stage of this one waited
+                    post()
+        finally:
+            idle.flush()  # a step that failed before it waited
 
     def _deliver(self, results: list[tuple[Request, TokenEvent | Exception | None]], elapsed: float) -> None:
         """On the loop: one decode step's outcome (`_decode_run`) into the streams and the stats."""

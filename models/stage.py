@@ -24,6 +24,9 @@ inherit, overriding what they offer):
   with a fixed KV pool says so, and the engine's admission (models/admission.py) never lets requests reserve
   more. `max_context`: the longest sequence the stage holds (None: the model's context length).
 - `target_kind`: the TVM target kind (`llvm`, `cuda`) a compiled stage runs on; None for others.
+- `waits_on_peers`: a decode call blocks on another device (a split with remote stages); such a stage calls
+  `models.idle.waiting()` just before it blocks, and the engine defers its delivery of the last step's tokens
+  to then (models/idle.py). False (the default): the engine delivers at once.
  A stage whose failed call leaves a sequence's cache changed must make `sequence_length` tell (or
 raise): the engine re-runs a failed batched decode alone only for sequences still at their pre-step length.
 """
@@ -45,6 +48,7 @@ class Stage(Protocol):
     max_total_tokens: int | None
     kv_page_size: int
     target_kind: str | None
+    waits_on_peers: bool
 
     def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int] | None:
         """`decode` + each row's argmax, taken where the logits are; None when the stage does not offer it."""
@@ -75,6 +79,7 @@ class StageDefaults:
     max_total_tokens: int | None = None
     kv_page_size: int = 1
     target_kind: str | None = None
+    waits_on_peers: bool = False
 
     def decode_argmax(self, seq_ids: list[int], inputs: np.ndarray) -> list[int] | None:
         return None

@@ -121,6 +121,12 @@ class SplitPipeline(StageDefaults):
     def route(self) -> list[tuple[str, str]]:
         return [(s.peer, str(s.span)) for s in self.stages]
 
+    @property
+    def waits_on_peers(self) -> bool:
+        """A step blocks on a peer (any stage is remote): the engine delivers the last step's tokens while it
+        does (models/idle.py)."""
+        return any(stage.waits_on_peers for stage in self.stages)
+
     def timings(self) -> list[dict[str, Any]]:
         """Per-stage call accounting of the current chain (see `LinkTiming`)."""
         return [{"peer": stage.peer, "layers": str(stage.span), "link": stage.transport,

@@ -35,6 +35,7 @@ from shoal.mesh.split.liveness import (
     max_probe_s,
 )
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
+from shoal.models import idle
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 from shoal.models.stage import StageDefaults
@@ -156,6 +157,10 @@ class DirectLinkFailures:
 class RemoteStage(StageDefaults):
     """Layers `span` of `model`, run by the node behind `link`. Blocking methods; call them off the loop."""
 
+    waits_on_peers = True
+    """A call sends and then blocks on the peer: it runs the caller's deferred work in between
+    (`models.idle`)."""
+
     def __init__(self, link: StageLink, loop: asyncio.AbstractEventLoop, model: str, config: ModelConfig,
                  span: LayerSpan, *, settings: SplitConfig | None = None, top_k: int = wire.DEFAULT_TOP_K,
                  fp16: bool = False, cid: str | None = None, direct: bool = False,
@@ -197,12 +202,15 @@ class RemoteStage(StageDefaults):
         self.timing = LinkTiming()
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
-              report: Callable[[float], None] | None = None) -> Any:
-        """`coro`'s result, run on the loop; `report(seconds)` each second while it runs (when given)."""
+              report: Callable[[float], None] | None = None, sent: Callable[[], None] | None = None) -> Any:
+        """`coro`'s result, run on the loop; `report(seconds)` each second while it runs (when given);
+        `sent()` once the coroutine is handed to the loop, before the wait."""
         if threading.get_ident() == getattr(self._loop, "_thread_id", None):
             coro.close()
             raise RuntimeError("RemoteStage methods block; call them from an executor thread")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        if sent is not None:
+            sent()
         try:
             if report is None:
                 return future.result(timeout + BRIDGE_GRACE_S)
@@ -323,7 +331,8 @@ class RemoteStage(StageDefaults):
         started = self._call_started = time.perf_counter()
         if self._direct is not None:
             try:
-                reply = self._direct.call(frame, timeout, self._link_alive, self._settings.link_alive_poll_s)
+                reply = self._direct.call(frame, timeout, self._link_alive, self._settings.link_alive_poll_s,
+                                          sent=idle.waiting)
             except LinkError as exc:  # whether the stage ran the call is unknown: its KV state is lost
                 raise StageLost(self.peer, f"direct tensor link: {exc}") from None
             if op == "decode":
@@ -332,7 +341,7 @@ class RemoteStage(StageDefaults):
             call = self.link.request_binary(TENSOR, {}, frame.payload, timeout)
             # decode steps are watched (a silent peer is pinged); an open or a prefill may find the peer
             # still loading, which can hold its loop: there only the mesh's heartbeats count
-            reply = self._call(self._watched(call) if op == "decode" else call, timeout)
+            reply = self._call(self._watched(call) if op == "decode" else call, timeout, sent=idle.waiting)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
         try:

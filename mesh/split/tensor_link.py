@@ -238,9 +238,11 @@ class TensorLinkClient:
         return cls(sock, sealer, record_timeout_s, spin_s)
 
     def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
-             poll_s: float = SplitConfig.link_alive_poll_s) -> BinaryFrame:
+             poll_s: float = SplitConfig.link_alive_poll_s, sent: Callable[[], None] | None = None
+             ) -> BinaryFrame:
         """Send one tensor frame and wait for the frame answering it (same request id). Polls `alive` (the
-        WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call at once."""
+        WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call at once. `sent()`
+        runs once the frame is sent, before the wait (the caller's deferred work: `models.idle`)."""
         with self._lock:
             if self._closed:
                 raise LinkError("the tensor link is closed")
@@ -251,10 +253,12 @@ class TensorLinkClient:
                 decode = len(record) <= FIRST_READ
                 self._set_timeout(poll_s if decode else self._record_timeout)
                 self._sock.sendall(record)
-                sent = time.perf_counter()
+                sent_at = time.perf_counter()
+                if sent is not None:
+                    sent()
                 window = self._arrivals.window() if decode else None
                 if window is not None:
-                    wait_readable((self._sock,), sent, window)  # the answer is read below, as ever
+                    wait_readable((self._sock,), sent_at, window)  # the answer is read below, as ever
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -268,7 +272,7 @@ class TensorLinkClient:
                         continue
                     break
                 if decode:
-                    self._arrivals.observe(time.perf_counter() - sent)
+                    self._arrivals.observe(time.perf_counter() - sent_at)
                 reply = decode_frame(plaintext)
             except (LinkError, ValueError, OSError) as exc:
                 self._release()

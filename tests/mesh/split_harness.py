@@ -200,6 +200,18 @@ def install_trace(path: str) -> None:
     wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")
 
 
+def deliver_at_once() -> None:
+    """Bench A/B only: the engine posts each decode step's tokens at once, as before `models.idle` (not while
+    the next step waits on a peer)."""
+    from shoal.models import idle
+
+    def at_once(work: Callable[[], None]) -> None:
+        idle.flush()
+        work()
+
+    idle.defer = at_once  # type: ignore[assignment]
+
+
 def delay_tensor_links(seconds: float) -> None:
     """Bench-only: hold every record a direct tensor link sends (both ends) for `seconds` first, as
     `delay_outgoing_datagrams` holds the data channels' packets (a blocking sleep: the sender would wait for
@@ -247,6 +259,8 @@ async def serve(args: argparse.Namespace) -> None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.trace:
         install_trace(args.trace)
+    if args.deliver_at_once:
+        deliver_at_once()
     if args.delay_ms:
         from shoal.mesh.p2p.ice import delay_outgoing_datagrams
 
@@ -290,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="test-only: drop the model after start")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every outgoing datagram this long")
     parser.add_argument("--trace", help="append hop timings of split decode steps to this file (bench)")
+    parser.add_argument("--deliver-at-once", action="store_true",
+                        help="bench A/B: post each step's tokens at once, not while the next step waits")
     parser.add_argument("--switch-interval-ms", type=float,
                         help="set the GIL switch interval (bench A/B; default: CPython's 5 ms)")
     parser.add_argument("--stage-delay-s", type=float, default=0.0,

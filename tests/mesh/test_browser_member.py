@@ -283,7 +283,9 @@ def test_closing_a_tab_is_a_departure(nodes, pages):
     for node in (a, b):
         wait(lambda node=node: me not in node.members(), budget, f"{node.name} to see the tab leave")
         departed = [d for d in node.get("/v1/mesh/peers")["departed"] if d["id"] == me]
-        assert departed and departed[-1]["reason"] == "peer said bye", departed
+        # the bye is best effort: an unloading page closes its connections right after sending it, and
+        # under load the browser may tear the channel down first — then the channel's close is the departure
+        assert departed and departed[-1]["reason"] in ("peer said bye", "control channel closed"), departed
     other.wait_for(f"!shoalMember.links.has({json.dumps(me)})", budget, "the other tab to see it leave")
     # the other tab keeps its links to both nodes: any link it lost meanwhile is named with its reason
     left = other.evaluate("linksLeft")
