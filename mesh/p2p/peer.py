@@ -79,7 +79,8 @@ class Peer:
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
         self._peer_started = asyncio.Event()
-        """Set by the peer's first ping: that end has started this link (made it its live one)."""
+        """Set by the peer's first ping (that end has started this link: made it its live one), or once the
+        link closed (nothing left to wait for)."""
         self._drained = {name: asyncio.Event() for name in p.CHANNELS}
         self._reassemblers = {p.BLOCKS: p.Reassembler(p.BLOCKS), p.TENSORS: p.Reassembler(p.TENSORS)}
         self.channels: dict[str, RTCDataChannel] = {}
@@ -186,6 +187,7 @@ class Peer:
             for reassembler in self._reassemblers.values():
                 reassembler.clear()
             self._closed.set()
+            self._peer_started.set()
             if previous == "connected":
                 self._on_closed(self, reason)
 
@@ -194,12 +196,7 @@ class Peer:
 
     async def wait_peer_started(self) -> None:
         """Until the peer's heartbeat arrives on this link (that end started it too) or the link closes."""
-        waits = [asyncio.ensure_future(self._peer_started.wait()), asyncio.ensure_future(self._closed.wait())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waits:
-                waiter.cancel()
+        await self._peer_started.wait()
 
     # ----- sending ---------------------------------------------------------------------------------------
 
