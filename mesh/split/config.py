@@ -44,6 +44,11 @@ class SplitConfig:
     """How long a tensor link grant's one-use token stays valid."""
     link_alive_poll_s: float = 0.25
     """While a call waits on a direct tensor link, how often the origin checks that the peer is linked."""
+    chain_stages: bool = True
+    """With `direct_tensors`: a split's decode steps pass from one remote stage straight to the next over a
+    direct tensor link of their own (b → c → this node: `split.stage_chain`) instead of coming back to this
+    node between them — one hop and this node's relay fewer per remote stage after the first. A peer that
+    cannot reach the next one directly leaves that step to this node. Off: every step goes through here."""
     link_spin_us: int = 0
     """During a split's decode, how long (µs) each end of a direct tensor link may poll for the next record
     around when it is due instead of sleeping (`split.arrival`): a sleeping core is woken late by the record.

@@ -6,10 +6,15 @@ sequence; when a stage is lost it asks its `rebuild` callback for a new chain (a
 peer), re-runs prefill over the remembered ids on the new chain, then retries the call that failed. The
 engine above sees one slow step — no token is lost or repeated, and its sampler state is untouched, so
 greedy output equals the run without the fault.
+
+With `chain`, a decode step passes from one remote stage straight to the next (b → c → this node) where the
+peers link to each other, instead of coming back here between them (docs/split.md, *A chain instead of the
+star*); prefill calls and everything else go stage by stage from here.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from shoal.mesh.p2p.errors import MeshError
-from shoal.mesh.split.remote_stage import LinkTiming, StageLost
+from shoal.mesh.split.remote_stage import LinkTiming, RemoteStage, StageLost
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage, StageDefaults
@@ -82,12 +87,18 @@ class SplitPipeline(StageDefaults):
 
     def __init__(self, config: ModelConfig, stages: list[ChainStage], rebuild: Rebuild, *,
                  max_replans: int = 3, on_replan: Callable[[Replan], None] | None = None,
-                 progress: Callable[..., None] | None = None, replace: Replace | None = None) -> None:
+                 progress: Callable[..., None] | None = None, replace: Replace | None = None,
+                 chain: bool = False) -> None:
         """`progress` (`mesh.route.Route.progress`): told of a lost stage and of the resumed request.
         `replace`: with it, a lost stage of a one-sequence request is *patched*: only its span gets a new
         stage, prefilled with the inputs that stage had (kept as the request runs, up to `MAX_KEPT_BYTES`);
-        the other stages keep their KV caches, and the failed step goes on from the new stage."""
+        the other stages keep their KV caches, and the failed step goes on from the new stage.
+        `chain`: decode steps pass from one remote stage straight to the next where their peers link to each
+        other (`link_chain`), instead of each coming back here."""
         self._check_chain(config, stages)
+        self._linking = chain
+        if chain:
+            link_chain(stages)
         self.config = config
         self.span = LayerSpan.whole(config.num_layers)
         self.stages = stages
@@ -103,6 +114,8 @@ class SplitPipeline(StageDefaults):
         self._kept_bytes = 0
         self._at: tuple[int, np.ndarray] | None = None
         """The stage index and input of the call in flight (where a patch resumes)."""
+        self._through = False
+        """The call in flight goes through a chain: the stages after it may have run the step already."""
         self._excluded: set[str] = set()
         self.replans: list[Replan] = []
         self._attempts = 0
@@ -135,7 +148,7 @@ class SplitPipeline(StageDefaults):
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._history:
             raise ValueError(f"sequence {seq_id} exists already")
-        self._retrying(lambda: [s.add_sequence(seq_id) for s in self.stages], ("open", [seq_id], False))
+        self._retrying(lambda: self._open(self.stages, seq_id), ("open", [seq_id], False))
         self._history[seq_id] = []
 
     def remove_sequence(self, seq_id: int) -> None:
@@ -154,20 +167,50 @@ class SplitPipeline(StageDefaults):
         except KeyError:
             raise ValueError(f"unknown sequence {seq_id}") from None
 
+    @staticmethod
+    def _open(stages: list[ChainStage], seq_id: int) -> None:
+        """Add the sequence to every stage, the last first: a stage passing its steps on names the next
+        stage's sequence when it opens."""
+        for stage in reversed(stages):
+            stage.add_sequence(seq_id)
+
     def _chain(self, op: str, seq_ids: list[int], inputs: np.ndarray, argmax: bool = False, start: int = 0
                ) -> Any:
         """Run stages `start`.. on `inputs`; with `argmax` the last stage returns each row's argmax."""
         x = inputs
         last = len(self.stages) - 1
-        for k in range(start, last + 1):
+        k = start
+        while k <= last:
             stage = self.stages[k]
             self._at = (k, x)
-            if argmax and k == last:
+            after = self._passed_to(k, seq_ids) if op == "decode" else []
+            if after:
+                self._through = True
+                k += len(after)
+                assert isinstance(stage, RemoteStage)
+                x = stage.decode_through(after, seq_ids, x, argmax and k == last)
+                if k == last:
+                    return x
+            elif argmax and k == last:
                 return stage.decode_argmax(seq_ids, x)
-            x = stage.prefill(seq_ids[0], x) if op == "prefill" else stage.decode(seq_ids, x)
+            else:
+                x = stage.prefill(seq_ids[0], x) if op == "prefill" else stage.decode(seq_ids, x)
             if self._keeping and k < last:
                 self._keep(k + 1, seq_ids, x)
+            k += 1
         return x
+
+    def _passed_to(self, k: int, seq_ids: list[int]) -> list[RemoteStage]:
+        """The stages after stage `k` that a decode step of `seq_ids` passes through on its own (a chain)."""
+        after: list[RemoteStage] = []
+        current = self.stages[k]
+        for following in self.stages[k + 1:]:
+            if not isinstance(current, RemoteStage) or not current.passes_to(following, seq_ids):
+                break
+            assert isinstance(following, RemoteStage)
+            after.append(following)
+            current = following
+        return after
 
     def _keep(self, index: int, seq_ids: list[int], x: np.ndarray) -> None:
         if len(seq_ids) != 1 or self._kept_bytes + x.nbytes > MAX_KEPT_BYTES:
@@ -208,6 +251,7 @@ class SplitPipeline(StageDefaults):
         while True:
             began = time.perf_counter()
             self._at = None
+            self._through = False
             try:
                 return call()
             except StageLost as exc:
@@ -235,6 +279,8 @@ class SplitPipeline(StageDefaults):
 
     def _patchable(self, lost: StageLost, spec: Spec) -> bool:
         if self._replace is None or not self._keeping or self._at is None or spec[0] == "open":
+            return False
+        if self._through:  # the stages after the lost one may have run the step: re-plan them all
             return False
         _, seq_ids, _ = spec
         if len(seq_ids) != 1 or len(self._history) != 1:
@@ -317,13 +363,14 @@ class SplitPipeline(StageDefaults):
         closed = time.perf_counter()
         stages = self._rebuild(frozenset(self._excluded))
         self._check_chain(self.config, stages)
+        if self._linking:
+            link_chain(stages)
         self.stages = stages
         built = time.perf_counter()
         self._kept.clear()  # the new chain's stages: kept again as the replay runs
         self._kept_bytes = 0
         for seq_id, history in self._history.items():
-            for stage in stages:
-                stage.add_sequence(seq_id)
+            self._open(stages, seq_id)
             if history:
                 self._chain("prefill", [seq_id], np.asarray(history, dtype=np.int32))
         tokens = max((len(h) for h in self._history.values()), default=0)
@@ -343,3 +390,12 @@ class SplitPipeline(StageDefaults):
                 stage.close()
             except (StageLost, ValueError, MeshError) as exc:
                 logger.info("closing %r: %s", stage, exc)
+
+
+def link_chain(stages: list[ChainStage]) -> None:
+    """Make each pair of consecutive remote stages on different peers a link of a chain: the first passes its
+    decode steps to the second, which the first's peer may then feed (each stage's `stage.open` says so; a
+    peer that cannot link to the next leaves that step to the origin)."""
+    for before, after in itertools.pairwise(stages):
+        if isinstance(before, RemoteStage) and isinstance(after, RemoteStage) and before.peer != after.peer:
+            before.next_stage, after.feeder = after, before.peer

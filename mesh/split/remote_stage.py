@@ -34,7 +34,7 @@ from shoal.mesh.split.liveness import (
     heard_from,
     max_probe_s,
 )
-from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
+from shoal.mesh.split.tensor_link import TENSOR_LINK, ChainLinkError, LinkError, TensorLinkClient, call_chain
 from shoal.models import idle
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -200,6 +200,13 @@ class RemoteStage(StageDefaults):
         self._call_started = 0.0
         self._probed_at = 0.0
         self.timing = LinkTiming()
+        self.feeder: str | None = None
+        """A chain (`split.pipeline.link_chain`): the peer of the stage before this one, which may feed this
+        stage's sequences their decode steps."""
+        self.next_stage: RemoteStage | None = None
+        """A chain: the stage after this one, to which this stage's peer passes its decode steps on."""
+        self._chained: set[int] = set()
+        """Sequences whose decode steps this stage's peer passes on to `next_stage` (it linked to it)."""
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
               report: Callable[[float], None] | None = None, sent: Callable[[], None] | None = None) -> Any:
@@ -242,6 +249,11 @@ class RemoteStage(StageDefaults):
         body: dict[str, Any] = {"model": self.model, "span": str(self.span), "seq": wire_seq}
         if self._cid:
             body["cid"] = self._cid  # lets a peer without the model fetch just this span
+        if self.feeder is not None:
+            body["from"] = self.feeder
+        after = self.next_stage
+        if after is not None and after.transport == "direct" and seq_id in after._wire:
+            body["next"] = {"peer": after.peer, "seq": after._wire[seq_id]}
         # the first open of a span loads (or compiles) it on the peer: allow for that
         opening = self.link.request(wire.STAGE_OPEN, body, self._open_timeout)
         reply = self._call(opening, self._open_timeout, self._report_open if self._progress else None)
@@ -250,6 +262,8 @@ class RemoteStage(StageDefaults):
         self._wire[seq_id] = wire_seq
         self._lengths[seq_id] = 0
         self._prefilled[seq_id] = 0
+        if reply.get("chained") is True:
+            self._chained.add(seq_id)
         if self._want_direct:
             self._want_direct = False  # one try per stage
             self._direct = self._open_direct()
@@ -262,10 +276,9 @@ class RemoteStage(StageDefaults):
     def _open_direct(self) -> TensorLinkClient | None:
         """A direct tensor link to the peer when its API address is reachable (see `mesh.tensor_link`), or
         None: the calls then go over the data channel."""
-        address = self.link.advert.get("api") or self.link.api_address
-        if not isinstance(address, str) or ":" not in address:
+        host = direct_host(self.link)
+        if host is None:
             return None
-        host = address.rsplit(":", 1)[0].strip("[]")
         failures = self._direct_failures
         if failures is not None and failures.recent(self.peer, host):
             logger.debug("direct tensor link to %s at %s failed recently; using the data channel",
@@ -289,6 +302,7 @@ class RemoteStage(StageDefaults):
 
     def remove_sequence(self, seq_id: int) -> None:
         wire_seq = self._wire.pop(seq_id, None)
+        self._chained.discard(seq_id)
         length = self._lengths.pop(seq_id, 0)
         prefilled = self._prefilled.pop(seq_id, 0)
         if wire_seq is None or self._closed:
@@ -344,16 +358,8 @@ class RemoteStage(StageDefaults):
             reply = self._call(self._watched(call) if op == "decode" else call, timeout, sent=idle.waiting)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
-        try:
-            message = wire.decode_output(reply, self.config.vocab_size)
-        except (wire.FrameError, MeshError) as exc:
-            raise StageLost(self.peer, f"sent a bad reply: {exc}") from None
+        message = self._reply(reply)
         self.timing.compute_s += message.compute_s
-        if message.error is not None:
-            code, text = message.error
-            if code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
-                raise ValueError(f"stage on {self.peer[:16]} refused the call: {text}")
-            raise StageLost(self.peer, f"{code}: {text}", code)
         for s in seq_ids:
             self._lengths[s] += arr.shape[0] if op == "prefill" else 1
             if op == "prefill":
@@ -361,8 +367,28 @@ class RemoteStage(StageDefaults):
         rows = 1 if op == "prefill" and self.span.is_last(self.config.num_layers) else arr.shape[0]
         return message, rows
 
+    def _reply(self, reply: BinaryFrame, next_peer: str | None = None) -> wire.TensorMessage:
+        """This stage's answer, decoded; a refusal raises ValueError (the call was bad) or `StageLost` (the
+        stage failed — or, `next_lost` of a chain, the stage after it: `next_peer`)."""
+        try:
+            message = wire.decode_output(reply, self.config.vocab_size)
+        except (wire.FrameError, MeshError) as exc:
+            raise StageLost(self.peer, f"sent a bad reply: {exc}") from None
+        if message.error is not None:
+            code, text = message.error
+            if code in (wire.BAD_TENSOR, wire.BAD_REQUEST):
+                raise ValueError(f"stage on {self.peer[:16]} refused the call: {text}")
+            if code == wire.NEXT_LOST and next_peer is not None:
+                raise StageLost(next_peer, f"{self.peer[:16]} says: {text}", code)
+            raise StageLost(self.peer, f"{code}: {text}", code)
+        return message
+
     def _forward(self, op: str, seq_ids: list[int], inputs: np.ndarray) -> np.ndarray:
         message, rows = self._exchange(op, seq_ids, inputs, self._top_k)
+        return self._output(message, op, rows)
+
+    def _output(self, message: wire.TensorMessage, op: str, rows: int) -> np.ndarray:
+        """The array a reply carries (full logits rows rebuilt from top-k), checked to have `rows` rows."""
         out = message.array
         if out is None:  # top-k logits
             if message.top_ids is None or message.top_values is None:
@@ -412,9 +438,61 @@ class RemoteStage(StageDefaults):
         if not self.span.is_last(self.config.num_layers):
             raise ValueError("only the last stage has logits")
         message, rows = self._exchange("decode", list(seq_ids), inputs, top_k=1)
+        return self._argmax(message, rows)
+
+    def _argmax(self, message: wire.TensorMessage, rows: int) -> list[int]:
         if message.top_ids is None or message.top_ids.shape != (rows, 1):
             raise StageLost(self.peer, f"returned no argmax for {rows} rows")
         return message.top_ids[:, 0].tolist()
+
+    def passes_to(self, after: object, seq_ids: list[int]) -> bool:
+        """Whether a decode step of `seq_ids` can go from this stage straight on to `after` (a chain)."""
+        return (after is self.next_stage and self._direct is not None and after._direct is not None
+                and all(s in self._chained for s in seq_ids))
+
+    def decode_through(self, after: list[RemoteStage], seq_ids: list[int], inputs: np.ndarray,
+                       argmax: bool) -> Any:
+        """A decode step through a chain (`passes_to`): sent to this stage's peer, passed from stage to stage,
+        answered by the last of `after`; returns the last stage's output (`decode`, or `decode_argmax`'s ids
+        with `argmax`). A failure is a `StageLost` naming the stage whose link failed or that refused."""
+        chain = [self, *after]
+        last = chain[-1]
+        if self._closed or any(s._direct is None for s in chain):
+            raise ValueError("the chain is not linked")
+        arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
+        self._step += 1
+        top_k = 1 if argmax else last._top_k
+        frame = wire.encode_input(self._step % 2**32, "forward", self._step, self._wire_ids(seq_ids), arr,
+                                  top_k, fp16=self._fp16)
+        started = time.perf_counter()
+        for stage in chain:
+            stage._call_started = started
+
+        def dead() -> int | None:
+            return next((i for i, stage in enumerate(chain) if not stage._link_alive()), None)
+
+        links = [s._direct for s in chain if s._direct is not None]
+        timeout = self._timeout + self._per_token * arr.shape[0]
+        try:
+            index, reply = call_chain(links, frame, timeout, dead, self._settings.link_alive_poll_s,
+                                      sent=idle.waiting)
+        except ChainLinkError as exc:  # whether the stages ran the step is unknown: their KV state is lost
+            raise StageLost(chain[exc.index].peer, f"direct tensor link: {exc}") from None
+        elapsed = time.perf_counter() - started
+        for stage in chain:
+            stage._clock.observe(elapsed)
+        message = chain[index]._reply(reply, chain[index + 1].peer if index < len(chain) - 1 else None)
+        if index != len(chain) - 1:
+            raise StageLost(chain[index].peer, "answered a step it was to pass on")
+        last.timing.calls += 1
+        last.timing.seconds += elapsed
+        last.timing.compute_s += message.compute_s
+        for stage in chain:
+            for s in seq_ids:
+                stage._lengths[s] += 1
+        if argmax:
+            return last._argmax(message, arr.shape[0])
+        return last._output(message, "decode", arr.shape[0])
 
     def close(self) -> None:
         if self._closed:
@@ -438,3 +516,12 @@ class RemoteStage(StageDefaults):
 
     def __repr__(self) -> str:
         return f"RemoteStage({self.peer[:12]}, {self.model}, layers {self.span})"
+
+
+def direct_host(link: StageLink) -> str | None:
+    """The host a direct tensor link to the peer behind `link` connects to: that of its API address (from
+    its advert, or the one it signalled with), or None when it has none."""
+    address = link.advert.get("api") or link.api_address
+    if not isinstance(address, str) or ":" not in address:
+        return None
+    return address.rsplit(":", 1)[0].strip("[]")

@@ -433,7 +433,8 @@ class Router:
         self._want_standby(served, config, weight_bytes, len(prompt_ids), _planned_tokens(served, prompt_ids,
                            params), [(s.peer, s.span) for s in stages], choice, cid)
         pipeline = SplitPipeline(config, stages, rebuild, max_replans=self.settings.max_replans,
-                                 on_replan=on_replan, progress=route.progress, replace=replace)
+                                 on_replan=on_replan, progress=route.progress, replace=replace,
+                                 chain=self.settings.chain_stages)
         engine = Engine([pipeline], served.tokenizer, max_batch=1)
         await engine.start()
         try:

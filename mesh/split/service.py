@@ -18,6 +18,7 @@ Routes: `GET /v1/mesh/route` (the forced route, this node's advert fields and it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 import psutil
 from aiohttp import web
-from shoal.mesh.p2p.errors import RemoteError
+from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
 from shoal.mesh.split import wire
@@ -40,12 +41,13 @@ from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.remote_embed import EmbedServer
+from shoal.mesh.split.remote_stage import direct_host
 from shoal.mesh.split.router import STAGE_OVERHEAD, Router
 from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.mesh.split.speed_probe import SpeedProbe
 from shoal.mesh.split.stage_host import StageHost
 from shoal.mesh.split.stage_receipts import StageReceipts
-from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError
+from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.mesh.split.tensor_link_server import TensorLinkServer
 from shoal.mesh.split.warming import Warming
 from shoal.models.served import ServedModel
@@ -71,7 +73,8 @@ class SplitService:
         self.host = StageHost(self._build_stage, self.refusal, max_sequences=self.config.max_sequences,
                               keep_idle_stages=self.config.keep_idle_stages, quota=self.quota,
                               ledger=self.ledger, sizer=self.stage_bytes, limit=self.stages_limit,
-                              link_spin_s=self.config.link_spin_us / 1e6)
+                              link_spin_s=self.config.link_spin_us / 1e6,
+                              connect_next=self._connect_next if self.config.chain_stages else None)
         node.models.hosted = lambda: busy_bytes(self.host.stages)  # the models' budget counts spans in use
         self.stage_receipts = StageReceipts(mesh, self.ledger)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
@@ -196,6 +199,24 @@ class SplitService:
             return self.tensor_links.grant(peer.peer_id, park=frame.body.get("for") == "offload")
         except LinkError as exc:
             raise RemoteError("unavailable", str(exc)) from None
+
+    async def _connect_next(self, peer_id: str) -> TensorLinkClient:
+        """A direct tensor link to the next stage of a chain (`split.stage_chain`), asked for as an origin
+        asks (`tensor.link` over the mesh's control channel); raises LinkError."""
+        if not self.config.direct_tensors:
+            raise LinkError("direct tensor links are off on this node")
+        try:
+            peer = self.mesh.peer(peer_id)
+            host = direct_host(peer)
+            if host is None:
+                raise LinkError("the peer has no API address")
+            grant = await peer.request(TENSOR_LINK, {}, self.config.control_timeout_s)
+        except MeshError as exc:
+            raise LinkError(f"no link grant: {exc}") from None
+        settings = self.config
+        connect = functools.partial(TensorLinkClient.connect, host, grant, settings.link_handshake_timeout_s,
+                                    settings.link_record_timeout_s)
+        return await asyncio.get_running_loop().run_in_executor(None, connect)
 
     def _on_peer(self, event: str, peer: Peer) -> None:
         if event == "left":

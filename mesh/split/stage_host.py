@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from shoal.mesh.split.held_spans import held_by_cid, over_limit
 from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError, check_inputs
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Usage, UsageLedger
+from shoal.mesh.split.stage_chain import ChainPlace, Connect, NextLinks, parse_place
 from shoal.mesh.split.stage_worker import StageWorker
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
@@ -64,6 +65,15 @@ class _Session:
     """Rows prefilled."""
     tokens_out: int = 0
     """Decode steps."""
+    origin: str = ""
+    """The peer whose request it is (it opened the sequence; receipts and quota are its)."""
+    seq: int = 0
+    """The origin's id for it."""
+    place: ChainPlace = field(default_factory=ChainPlace)
+    chained: bool = False
+    """`forward` steps go on to `place.next_peer` (this node has a link to it)."""
+    reply_link: ServerLink | None = None
+    """The origin's direct link this sequence was last called on: the chain's last stage answers there."""
 
 
 class StageHost:
@@ -73,12 +83,14 @@ class StageHost:
                  keep_idle_stages: int = SplitConfig.keep_idle_stages,
                  quota: PeerQuota | None = None, ledger: UsageLedger | None = None,
                  sizer: Sizer | None = None, limit: Callable[[], int] | None = None,
-                 link_spin_s: float = SplitConfig.link_spin_us / 1e6) -> None:
+                 link_spin_s: float = SplitConfig.link_spin_us / 1e6, connect_next: Connect | None = None
+                 ) -> None:
         """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts.
         `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply). `sizer`: the bytes
         a built stage holds (`HostedStage.nbytes`); `limit()`: the bytes the hosted stages may hold together —
         past it, idle stages are closed (least recently used first) after each new one is built.
-        `link_spin_s`: the worker's poll budget while direct links stream decode steps (`split.arrival`)."""
+        `link_spin_s`: the worker's poll budget while direct links stream decode steps (`split.arrival`).
+        `connect_next`: opens a direct tensor link to a peer for chains (`split.chain`); None: never chain."""
         self._sizer = sizer
         self._limit = limit
         self._ledger = ledger
@@ -94,6 +106,9 @@ class StageHost:
         recently are closed first."""
         self._loading: dict[tuple[str, LayerSpan], asyncio.Future[HostedStage]] = {}
         self._sessions: dict[tuple[str, int], _Session] = {}
+        self._fed: dict[tuple[str, int], _Session] = {}
+        """Chained sequences by (upstream peer, seq): the stage before this one in a chain feeds them."""
+        self._next = NextLinks(connect_next)
         self._next_local = 0
         self._lock = threading.Lock()
         self._stopped = False
@@ -133,7 +148,8 @@ class StageHost:
         cid = body.get("cid")
         if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
             raise HostError(wire.BAD_REQUEST, "stage.open cid must be a CID string")
-        if (peer, seq) in self._sessions:
+        place = parse_place(body)
+        if (peer, seq) in self._sessions or (place.upstream, seq) in self._fed:
             raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
         if len(self._sessions) >= self._max_sequences:
             raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
@@ -146,10 +162,16 @@ class StageHost:
         except BaseException:
             hosted.sequences.discard(local_id)
             raise
-        self._sessions[(peer, seq)] = _Session(hosted, local_id, cid or model, time.time())
+        session = _Session(hosted, local_id, cid or model, time.time(), origin=peer, seq=seq, place=place)
+        self._sessions[(peer, seq)] = session
+        if place.upstream is not None:
+            self._fed[(place.upstream, seq)] = session
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
-        return {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
+        reply: dict[str, Any] = {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
+        if place.next_peer is not None:
+            session.chained = reply["chained"] = await self._next.ensure(place.next_peer)
+        return reply
 
     async def close(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         seq = body.get("seq")
@@ -166,7 +188,8 @@ class StageHost:
         return {"receipt": self._ledger.issue(usage).to_dict()}
 
     async def peer_lost(self, peer: str) -> None:
-        """Free every sequence of a peer that went away."""
+        """Free every sequence of a peer that went away (and the chain link to it)."""
+        self._next.drop(peer)
         for p, seq in [k for k in self._sessions if k[0] == peer]:
             await self._drop(p, seq)
 
@@ -174,6 +197,9 @@ class StageHost:
         session = self._sessions.pop((peer, seq), None)
         if session is None:
             return
+        fed = (session.place.upstream, seq)
+        if self._fed.get(fed) is session:
+            del self._fed[fed]
         session.hosted.sequences.discard(session.local_id)
         await self._run(session.hosted.call, session.hosted.stage.remove_sequence, session.local_id)
         await self._trim()
@@ -295,72 +321,124 @@ class StageHost:
     # --- tensors ------------------------------------------------------------------------------------
 
     async def compute(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
-        """Run one prefill/decode frame; returns the hidden/logits frame, or an error frame."""
+        """Run one prefill/decode frame of the data channel; returns the hidden/logits frame, or an error
+        frame."""
         try:
-            hosted, message, ids, inputs = self._admit(peer, frame, CHECK_ON_LOOP_BYTES)
-            reply = await self._run(self._serve, hosted, message, ids, inputs)
+            hosted, message, sessions, inputs = self._admit(peer, frame, CHECK_ON_LOOP_BYTES)
+            reply = await self._run(self._serve, hosted, message, sessions, inputs)
         except Exception as exc:
             return self._refuse(peer, frame, exc)
-        self._count(peer, message)
+        self._count(sessions, message)
         return reply
 
-    def compute_blocking(self, peer: str, frame: BinaryFrame) -> BinaryFrame:
-        """`compute` on the calling thread (the worker, for a direct tensor link)."""
-        try:
-            admitted = self._admit(peer, frame, 0)
-            reply = self._serve(*admitted)
-        except Exception as exc:
-            return self._refuse(peer, frame, exc)
-        self._count(peer, admitted[1])
-        return reply
-
-    def _count(self, peer: str, message: wire.TensorMessage) -> None:
+    def _count(self, sessions: list[_Session], message: wire.TensorMessage) -> None:
         """A call served: count it, its rows per sequence (for the receipts), and its rows (tokens) against
-        the peer's quota."""
+        the origin's quota."""
         self.calls += 1
         rows = int(message.array.shape[0]) if message.array is not None else 0
-        for seq in message.seqs:
-            session = self._sessions.get((peer, seq))
-            if session is None:
-                continue
+        for session in sessions:
             if message.op == "prefill":
                 session.tokens_in += rows
             else:
                 session.tokens_out += 1
-        if self._quota is not None:
-            self._quota.record(peer, rows)
+        if self._quota is not None and sessions:
+            self._quota.record(sessions[0].origin, rows)
 
     def serve_link(self, link: ServerLink) -> None:
         """Answer `link`'s tensor frames on the worker from now on (see `mesh.tensor_link`)."""
         self._worker.serve_link(link, self._answer_link)
 
     def _answer_link(self, link: ServerLink) -> bool:
+        """Worker: the frames `link` brought — its origin's calls, or (a chain) the stage before's steps.
+        False when the link is done."""
+        while True:
+            try:
+                frame = link.read_frame()
+            except LinkError as exc:
+                logger.info("tensor link of peer %s ends: %s", link.peer[:12], exc)
+                return False
+            if not self._link_frame(link, frame):
+                return False
+            if not link.buffered:
+                return True
+
+    def _link_frame(self, link: ServerLink, frame: BinaryFrame) -> bool:
+        """Worker: compute one frame of a direct link and answer it — on the link, to the origin's link
+        (the last stage of a chain), or by passing the output on to the next stage. False: close the link."""
+        sessions: list[_Session] = []
         try:
-            frame = link.read_frame()
-            link.send_frame(self.compute_blocking(link.peer, frame))
+            hosted, message, sessions, inputs = self._admit(link.peer, frame, 0, link)
+            out, seconds = self._compute(hosted, message, sessions, inputs)
+        except Exception as exc:
+            return self._answer(link, sessions, self._refuse(link.peer, frame, exc))
+        self._count(sessions, message)
+        if message.op == "forward" and sessions[0].chained:
+            return self._pass_on(link, sessions, message, out)
+        return self._answer(link, sessions, self._encode(hosted.stage, message, out, seconds))
+
+    def _pass_on(self, link: ServerLink, sessions: list[_Session], message: wire.TensorMessage,
+                 out: np.ndarray) -> bool:
+        """A chain's step goes on to the next stage; if it cannot, the origin hears so (`next_lost`)."""
+        place = sessions[0].place
+        assert place.next_peer is not None
+        step = wire.encode_input(message.call, "forward", message.step, [s.place.next_seq for s in sessions],
+                                 out, message.top_k, fp16=message.reply_f16)
+        try:
+            self._next.send(place.next_peer, step)
         except LinkError as exc:
-            logger.info("tensor link of peer %s ends: %s", link.peer[:12], exc)
-            return False
+            for session in sessions:
+                session.chained = False
+            text = f"cannot pass the step on to {place.next_peer[:16]}: {exc}"
+            return self._answer(link, sessions, wire.encode_error(message.call, message.step, wire.NEXT_LOST,
+                                                                  text))
         return True
 
-    def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int
-               ) -> tuple[HostedStage, wire.TensorMessage, list[int], np.ndarray | None]:
-        """Decode a tensor frame and find its sequences; inputs up to `check_up_to` bytes are checked here
-        (on the loop), larger ones by `_serve` (on the worker). Raises FrameError."""
-        message = wire.decode_input(frame)
+    def _answer(self, link: ServerLink, sessions: list[_Session], reply: BinaryFrame) -> bool:
+        """Send `reply` to the origin: on `link`, unless the frame came from a chain's upstream stage (then
+        on the origin's own link). False when `link` failed."""
+        target = link if not sessions or sessions[0].origin == link.peer else sessions[0].reply_link
+        if target is None:
+            logger.warning("a chain step from %s has no origin link to answer on", link.peer[:12])
+            return True
         try:
-            sessions = [self._sessions[(peer, s)] for s in message.seqs]
-        except KeyError:
-            missing = [s for s in message.seqs if (peer, s) not in self._sessions]
-            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}") from None
-        hosted = sessions[0].hosted
-        if any(s.hosted is not hosted for s in sessions):
+            target.send_frame(reply)
+        except LinkError as exc:
+            logger.info("answering peer %s: %s", target.peer[:12], exc)
+            return target is not link
+        return True
+
+    def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int, link: ServerLink | None = None
+               ) -> tuple[HostedStage, wire.TensorMessage, list[_Session], np.ndarray | None]:
+        """Decode a tensor frame and find its sequences — the peer's own, or (a `forward` step on a direct
+        `link`) the sequences it feeds; inputs up to `check_up_to` bytes are checked here (on the loop),
+        larger ones by `_compute` (on the worker). A direct link's frame from the origin makes that link the
+        one its sequences answer on. Raises FrameError."""
+        message = wire.decode_input(frame)
+        if message.op == "forward" and link is None:
+            raise wire.FrameError(wire.BAD_TENSOR, "a chain's steps travel on direct tensor links")
+        sessions = [self._sessions.get((peer, s)) for s in message.seqs]
+        if all(sessions):
+            if link is not None:
+                for session in sessions:
+                    session.reply_link = link  # type: ignore[union-attr]
+        elif message.op == "forward":
+            sessions = [self._fed.get((peer, s)) for s in message.seqs]
+        if not all(sessions):
+            missing = [s for s, found in zip(message.seqs, sessions, strict=True) if found is None]
+            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
+        found: list[_Session] = sessions  # type: ignore[assignment]
+        hosted = found[0].hosted
+        if any(s.hosted is not hosted for s in found):
             raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-        local_ids = [s.local_id for s in sessions]
+        if message.op == "forward" and any(
+                (s.origin, s.chained, s.place.next_peer, s.reply_link)
+                != (found[0].origin, found[0].chained, found[0].place.next_peer, found[0].reply_link)
+                for s in found):
+            raise wire.FrameError(wire.BAD_TENSOR, "one chain step's sequences must share their chain")
         inputs = None
         if message.array is not None and message.array.nbytes <= check_up_to:
             inputs = check_inputs(hosted.stage, message)
-        return hosted, message, local_ids, inputs
+        return hosted, message, found, inputs
 
     def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
         """The error frame answering a call that failed with `exc`."""
@@ -374,14 +452,25 @@ class StageHost:
         logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
         return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
 
-    def _serve(self, hosted: HostedStage, message: wire.TensorMessage, ids: list[int],
+    def _serve(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[_Session],
                inputs: np.ndarray | None) -> BinaryFrame:
-        """Worker thread: check large inputs (the loop checked small ones: `inputs`), run the stage, encode
-        the reply — in one hop: the loop only decodes the frame's header and sends the reply."""
+        """Worker thread: compute and encode the reply in one hop: the loop only decodes the frame's header
+        and sends the reply."""
+        out, seconds = self._compute(hosted, message, sessions, inputs)
+        return self._encode(hosted.stage, message, out, seconds)
+
+    def _compute(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[_Session],
+                 inputs: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """Worker thread: check large inputs (the loop checked small ones: `inputs`) and run the stage; its
+        output and compute time."""
         stage = hosted.stage
         if inputs is None:
             inputs = check_inputs(stage, message)
-        out, seconds = hosted.call(self._timed_forward, stage, message.op, ids, inputs)
+        ids = [s.local_id for s in sessions]
+        return hosted.call(self._timed_forward, stage, message.op, ids, inputs)
+
+    @staticmethod
+    def _encode(stage: Stage, message: wire.TensorMessage, out: np.ndarray, seconds: float) -> BinaryFrame:
         # the compute time lets the origin tell link time from compute time
         if stage.span.is_last(stage.config.num_layers):
             return wire.encode_logits(message.call, message.step, out, message.top_k, seconds)
@@ -406,6 +495,8 @@ class StageHost:
             return
         self._stopped = True
         self._sessions.clear()
+        self._fed.clear()
+        self._next.close()
         hosted, self._hosted = list(self._hosted.values()), {}
         for h in hosted:
             try:

@@ -27,7 +27,9 @@ An offload's tokens use the same grant, handshake and `Sealer` on a link of thei
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
@@ -170,6 +172,48 @@ def read_record(sock: socket.socket, sealer: Sealer,
         raise LinkError(f"tensor link failed: {exc}") from None
 
 
+def split_record(data: bytes | bytearray) -> int | None:
+    """The size of the whole record (length prefix included) that `data` starts with, or None while more
+    bytes are needed; raises LinkError on a length out of bounds."""
+    if len(data) < LENGTH.size:
+        return None
+    (size,) = LENGTH.unpack_from(data)
+    if not TAG_BYTES <= size <= MAX_RECORD:
+        raise LinkError(f"tensor record of {size} bytes is out of bounds")
+    return LENGTH.size + size if len(data) >= LENGTH.size + size else None
+
+
+class RecordStream:
+    """A stage node's reading end: records back to back, bytes past one kept for the next. (An upstream
+    stage of a chain sends a step as soon as it has one: the next may already be behind it.) The socket's own
+    timeout bounds each wait for more of a record."""
+
+    def __init__(self, sock: socket.socket, sealer: Sealer) -> None:
+        self._sock = sock
+        self._sealer = sealer
+        self._data = bytearray()
+
+    def buffered(self) -> bool:
+        """A whole record is waiting here (read it without waiting on the socket)."""
+        return split_record(self._data) is not None
+
+    def read(self) -> bytes:
+        """The next record's plaintext; raises LinkError."""
+        try:
+            while (size := split_record(self._data)) is None:
+                chunk = self._sock.recv(FIRST_READ)
+                if not chunk:
+                    raise LinkError("the tensor link closed")
+                self._data += chunk
+        except TimeoutError:
+            raise LinkError("tensor link timed out") from None
+        except OSError as exc:
+            raise LinkError(f"tensor link failed: {exc}") from None
+        sealed = bytes(self._data[LENGTH.size:size])
+        del self._data[:size]
+        return self._sealer.open(sealed)
+
+
 def shutdown_socket(sock: socket.socket) -> None:
     """End a connection from any thread (a blocked read returns), ignoring one that is gone already."""
     try:
@@ -282,6 +326,27 @@ class TensorLinkClient:
                 raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
             return reply
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, frame: BinaryFrame) -> None:
+        """One-way: a frame answered elsewhere — a chained stage passing its output to the next stage, whose
+        answer goes to the origin (`split.chain`). Raises LinkError (the link is then closed)."""
+        with self._lock:
+            if self._closed:
+                raise LinkError("the tensor link is closed")
+            try:
+                # nothing ever comes back on a one-way link: a readable socket is one the peer closed (a send
+                # would still succeed once, into the void)
+                if select.select([self._sock], [], [], 0)[0]:
+                    raise LinkError("the peer closed the link")
+                self._set_timeout(self._record_timeout)
+                self._sock.sendall(self._sealer.seal(encode_frame(frame)))
+            except (LinkError, ValueError, OSError) as exc:
+                self._release()
+                raise LinkError(f"sending on the tensor link failed: {exc}") from None
+
     def _set_timeout(self, seconds: float) -> None:
         if seconds != self._sock.gettimeout():  # settimeout is a system call; gettimeout is not
             self._sock.settimeout(seconds)
@@ -302,3 +367,63 @@ class TensorLinkClient:
             return
         self._closed = True
         shutdown_socket(self._sock)  # wakes the waiting call, which then releases the socket
+
+
+# --- a chain's step ---------------------------------------------------------------------------------------
+
+class ChainLinkError(LinkError):
+    """One link of a chained call failed; `index` says which (in the order given to `call_chain`)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: float,
+               dead: Callable[[], int | None] = lambda: None,
+               poll_s: float = SplitConfig.link_alive_poll_s, sent: Callable[[], None] | None = None
+               ) -> tuple[int, BinaryFrame]:
+    """A decode step through a chain of stages (`split.chain`): send `frame` on the first link; the answer
+    comes back on the last one (the chain's last stage answers the origin), and an error frame on the link of
+    whichever stage failed. Returns (the index of the link the frame came on, the frame). While waiting it
+    watches every link (a stage that dies resets its own) and polls `dead()`: the index of a stage whose peer
+    the mesh lost, or None. Raises `ChainLinkError` naming
+    the link that failed (that link is closed; a timeout names the last)."""
+    last = len(clients) - 1
+    with contextlib.ExitStack() as held:
+        for client in clients:
+            held.enter_context(client._lock)
+        deadline = time.monotonic() + timeout_s
+        closed = [i for i, client in enumerate(clients) if client._closed]
+        index = closed[0] if closed else 0
+        try:
+            if closed:
+                raise LinkError("the tensor link is closed")
+            first = clients[0]
+            first._set_timeout(first._record_timeout)
+            first._sock.sendall(first._sealer.seal(encode_frame(frame)))
+            if sent is not None:
+                sent()
+            while True:
+                index = last
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LinkError(f"no answer within {timeout_s:.0f} s")
+                lost = dead()
+                if lost is not None:
+                    index = lost
+                    raise LinkError("the peer's link went down")
+                ready, _, _ = select.select([c._sock for c in clients], [], [], min(poll_s, remaining))
+                if not ready:
+                    continue
+                # the answer first: a stage that failed after passing its step on cannot have an answer
+                index = max(i for i, c in enumerate(clients) if c._sock in ready)
+                client = clients[index]
+                client._set_timeout(client._record_timeout)
+                reply = decode_frame(read_record(client._sock, client._sealer, client._record_timeout))
+                if reply.request_id != frame.request_id:
+                    raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
+                return index, reply
+        except (LinkError, ValueError, OSError) as exc:
+            clients[index]._release()
+            raise ChainLinkError(index, str(exc)) from None

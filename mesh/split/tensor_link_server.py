@@ -21,10 +21,10 @@ from shoal.mesh.split.tensor_link import (
     TO_ORIGIN,
     TOKEN_BYTES,
     LinkError,
+    RecordStream,
     Sealer,
     decode_frame,
     encode_frame,
-    read_record,
     recv_exact,
     shutdown_socket,
     tune_socket,
@@ -49,9 +49,17 @@ class ServerLink:
     sealer: Sealer
     record_timeout_s: float = SplitConfig.link_record_timeout_s
 
+    def __post_init__(self) -> None:
+        self._records = RecordStream(self.sock, self.sealer)
+
     def read_frame(self) -> BinaryFrame:
-        """Blocking: the next frame (call when the socket is readable); raises LinkError."""
-        return decode_frame(read_record(self.sock, self.sealer, self.record_timeout_s))
+        """Blocking: the next frame (call when the socket is readable, or `buffered`); raises LinkError."""
+        return decode_frame(self._records.read())
+
+    @property
+    def buffered(self) -> bool:
+        """A whole frame came in with the last one read: read it now (the socket will not say so)."""
+        return self._records.buffered()
 
     def send_frame(self, frame: BinaryFrame) -> None:
         try:

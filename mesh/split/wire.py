@@ -4,9 +4,12 @@ Pure codecs over `mesh.protocol` (which owns framing, chunking and size limits);
 
 Control frames (registered with `mesh.protocol.register_control_type` on import):
 
-- `stage.open` {model, span "a:b", seq, cid?} → reply {hidden, vocab, span} — host layers `span` of `model`
-  for one sequence `seq` (a u32 the caller picks, unique per link); a node that does not hold the model
-  fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an error frame (codes below).
+- `stage.open` {model, span "a:b", seq, cid?, from?, next?} → reply {hidden, vocab, span, chained?} — host
+  layers `span` of `model` for one sequence `seq` (a u32 the caller picks, unique per link); a node that does
+  not hold the model fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an error frame
+  (codes below). A chain (`split.chain`): `from` (a peer id) lets that peer feed the sequence `forward`
+  frames; `next` {peer, seq} asks this node to pass its output for `forward` frames on to that peer's
+  sequence over a direct tensor link of its own — `chained` says whether it could link to it.
 - `stage.close` {seq} → reply {} or {receipt} — forget the sequence (idempotent); a node that keeps a ledger
   returns the sequence's usage receipt (kind `stage`, request `stage-<seq>`, tokens_in = rows prefilled,
   tokens_out = decode steps), which the origin checks, countersigns and sends back as `stage.receipt`
@@ -34,9 +37,9 @@ Tensor frames (binary kind `TENSOR` on the `tensors` channel, or records on a di
 request_id = a call id, unique per link and direction; no metadata) are a small fixed binary header + raw
 little-endian array bytes — read with one `struct` call, no JSON on the per-token path:
 
-    origin → stage: INPUT_HEAD  = op (1 prefill, 2 decode), dtype, reply dtype (hidden states come back as
-                                  f32 or f16), ndim (1 or 2), step, rows, cols (1 when ndim is 1), top_k,
-                                  n = number of sequences
+    origin → stage: INPUT_HEAD  = op (1 prefill, 2 decode, 6 forward: a chain's decode step), dtype,
+                                  reply dtype (hidden states come back as f32 or f16), ndim (1 or 2),
+                                  step, rows, cols (1 when ndim is 1), top_k, n = number of sequences
                     then n × u32 sequence ids, then rows × cols values
     stage → origin: OUTPUT_HEAD = op (3 hidden, 4 logits, 5 error), dtype, ndim, 0, step, rows, cols, top_k,
                                   compute_us (the stage's compute time: the origin tells link from compute)
@@ -174,10 +177,14 @@ UNKNOWN_SEQUENCE = "unknown_sequence"
 BAD_TENSOR = "bad_tensor"
 BUSY = "busy"
 INTERNAL = "internal"
+NEXT_LOST = "next_lost"
+"""A chained stage could not pass its output on to the next stage (its link to it failed)."""
 
 DTYPES: dict[int, np.dtype] = {1: np.dtype("<i4"), 2: np.dtype("<f4"), 3: np.dtype("<f2")}
 I32, F32, F16 = 1, 2, 3
-OPS_IN = {"prefill": 1, "decode": 2}
+OPS_IN = {"prefill": 1, "decode": 2, "forward": 6}
+"""`forward`: a decode step of a chain (`split.chain`): the stage passes its output to the next stage of the
+sequence, or (the chain's last) answers the sequence's origin."""
 OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")
@@ -369,7 +376,7 @@ def decode_input(frame: BinaryFrame) -> TensorMessage:
     if name == "prefill" and count != 1:
         raise FrameError(BAD_TENSOR, "prefill takes exactly one sequence")
     array = _array(payload, offset, dtype, ndim, rows, cols)
-    if name == "decode" and rows != count:
+    if name != "prefill" and rows != count:
         raise FrameError(BAD_TENSOR, f"decode of {count} sequences got {rows} rows")
     return TensorMessage(frame.request_id, name, step, array, seqs, top_k, reply_f16=reply == F16)
 

@@ -195,7 +195,7 @@ def install_trace(path: str) -> None:
     wrap_sync(hosted.DirectStage, "decode", "o.local_start", "o.local_end")
     wrap_sync(remote_stage.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
     wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
-    wrap_sync(stage_host.StageHost, "compute_blocking", "p.direct_start", "p.direct_end")
+    wrap_sync(stage_host.StageHost, "_link_frame", "p.direct_start", "p.direct_end")
     # a decode step on the engine's thread (steps run back to back there: models/generate.py)
     wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")
 

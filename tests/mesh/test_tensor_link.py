@@ -274,7 +274,27 @@ async def test_tokens_are_single_use_and_checked(served) -> None:
         tl.TensorLinkClient.connect("127.0.0.1", {"port": "x"})
 
 
-@pytest.mark.parametrize("fault", ["forged", "oversized", "garbage", "pipelined"])
+async def test_records_back_to_back_are_answered_in_order(served) -> None:
+    """A chain's upstream stage sends each step as it has it (`split.stage_chain`): a stage node reads
+    records back to back, bytes past one kept for the next."""
+    _, server, _ = served
+    grant = server.grant("b")
+    sock = socket.create_connection(("127.0.0.1", grant["port"]), timeout=5)
+    try:
+        sock.sendall(bytes.fromhex(grant["token"]))
+        sealer = tl.Sealer(bytes.fromhex(grant["key"]), tl.TO_STAGE)
+        assert tl.read_record(sock, sealer) == b""
+        frames = [tl.encode_frame(BinaryFrame(TENSOR, call, {}, raw_input(seqs=(1,)))) for call in (1, 2, 3)]
+        sock.sendall(b"".join(sealer.seal(frame) for frame in frames))
+        stream = tl.RecordStream(sock, sealer)
+        answers = [tl.decode_frame(stream.read()) for _ in frames]
+        assert [a.request_id for a in answers] == [1, 2, 3]  # unknown sequence, each in its turn
+        assert {error_code(a) for a in answers} == {wire.UNKNOWN_SEQUENCE}
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("fault", ["forged", "oversized", "garbage"])
 async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: str) -> None:
     hosts, server, _ = served
     grant = server.grant("b")
@@ -289,9 +309,6 @@ async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: st
             sock.sendall(record)
         elif fault == "oversized":
             sock.sendall(struct.pack("<I", tl.MAX_RECORD + 1))
-        elif fault == "pipelined":  # a second call before the first was answered (one call at a time)
-            frame = tl.encode_frame(BinaryFrame(TENSOR, 1, {}, raw_input(seqs=(1,))))
-            sock.sendall(sealer.seal(frame) + sealer.seal(frame))
         else:
             sock.sendall(b"\x05\x00\x00\x00abcde")
         sock.settimeout(5)
@@ -325,14 +342,14 @@ async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: li
     _, server, links = served
     loop, config = asyncio.get_running_loop(), gguf_model().config
     calls = 0
-    original = StageHost.compute_blocking
+    original = StageHost._link_frame
 
-    def cut_after_two(self: StageHost, peer: str, frame: BinaryFrame) -> BinaryFrame:
+    def cut_after_two(self: StageHost, link: tls.ServerLink, frame: BinaryFrame) -> bool:
         nonlocal calls
         calls += 1
         if calls == 3:
             server.drop_peer("b")  # the link goes down while this call is in flight
-        return original(self, peer, frame)
+        return original(self, link, frame)
 
     def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
         assert excluded == {"b"}
@@ -340,13 +357,13 @@ async def test_a_cut_link_is_replanned_with_the_same_tokens(served, expected: li
 
     stages = [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 15)),
               RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True)]
-    StageHost.compute_blocking = cut_after_two  # type: ignore[method-assign]
+    StageHost._link_frame = cut_after_two  # type: ignore[method-assign]
     pipeline = SplitPipeline(config, stages, rebuild)
     try:
         assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 4) == expected
         assert [r.lost for r in pipeline.replans] == ["b"]
     finally:
-        StageHost.compute_blocking = original  # type: ignore[method-assign]
+        StageHost._link_frame = original  # type: ignore[method-assign]
         await blocking(pipeline.close)
 
 

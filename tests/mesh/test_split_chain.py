@@ -1,0 +1,187 @@
+"""Chains (`split.stage_chain`, docs/split.md *A chain instead of the star*): real stage hosts (NumPy stages)
+with real tensor link servers on 127.0.0.1; the stage hosts link to each other as nodes do. A split whose
+remote stages pass decode steps on equals one stage token for token, and the steps really skip the origin;
+a stage that cannot reach the next leaves its steps to the origin; a lost stage or link mid-chain is
+re-planned with the no-fault tokens; frames that break the chain's rules are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from shoal.mesh.split import tensor_link as tl
+from shoal.mesh.split import tensor_link_server as tls
+from shoal.mesh.split import wire
+from shoal.mesh.split.hosted import HostError
+from shoal.mesh.split.pipeline import SplitPipeline
+from shoal.mesh.split.remote_stage import RemoteStage
+from shoal.mesh.split.stage_host import StageHost
+from shoal.models.span import LayerSpan
+
+from tests.mesh.tensor_frames import error_code, reply_fields
+from tests.mesh.test_split_inprocess import MODEL, PeerLink, blocking, factory, gate_open, greedy
+from tests.mesh.test_tensor_link import DirectPeerLink
+from tests.models.shared_model import chat_ids, gguf_model, reference_stage
+
+PROMPT = "What is the capital of France?"
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[int]:
+    return greedy(reference_stage(0, 30), chat_ids(PROMPT), TOKENS, 991_001)
+
+
+class Mesh:
+    """Stage hosts b, c, d listening for direct links; `a` is reached over the data channel only. Each host
+    links to the next stage of a chain as a node does (a grant from the next host's server, then the
+    handshake), unless `unreachable` names that pair."""
+
+    def __init__(self) -> None:
+        self.unreachable: set[tuple[str, str]] = set()
+        self.hosts = {name: StageHost(factory, gate_open, connect_next=self._connector(name))
+                      for name in "abcd"}
+        self.servers = {name: tls.TensorLinkServer(self.hosts[name].serve_link) for name in "bcd"}
+        for server in self.servers.values():
+            server.start("127.0.0.1")
+        self.links: dict[str, Any] = {"a": PeerLink(self.hosts["a"], "a")}
+        for name in "bcd":
+            self.links[name] = DirectPeerLink(self.hosts[name], name, self.servers[name])
+
+    def _connector(self, me: str):
+        async def connect(peer: str) -> tl.TensorLinkClient:
+            if (me, peer) in self.unreachable or peer not in self.servers:
+                raise tl.LinkError(f"{peer} cannot be reached from {me}")
+            return await blocking(tl.TensorLinkClient.connect, "127.0.0.1", self.servers[peer].grant(me))
+        return connect
+
+    def stages(self, layout: list[tuple[str, int, int]]) -> list[RemoteStage]:
+        loop, config = asyncio.get_running_loop(), gguf_model().config
+        return [RemoteStage(self.links[name], loop, MODEL, config, LayerSpan(start, stop), direct=name != "a")
+                for name, start, stop in layout]
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        for host in self.hosts.values():
+            await host.stop()
+
+
+@pytest.fixture
+async def mesh():
+    built = Mesh()
+    try:
+        yield built
+    finally:
+        await built.close()
+
+
+THREE = [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+
+
+@pytest.mark.parametrize("by_argmax", [False, True])
+async def test_a_chain_equals_one_stage_and_skips_the_origin(mesh: Mesh, expected: list[int],
+                                                             by_argmax: bool) -> None:
+    stages = mesh.stages(THREE)
+    pipeline = SplitPipeline(gguf_model().config, stages, lambda excluded: [], chain=True)
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 5, by_argmax) == expected
+        calls = {t["peer"]: t["calls"] for t in pipeline.timings()}
+        # b was called by the origin for the prefill only; every decode step came back from c
+        assert calls == {"a": TOKENS, "b": 1, "c": TOKENS}
+        assert mesh.hosts["b"].calls == TOKENS and mesh.hosts["c"].calls == TOKENS
+    finally:
+        await blocking(pipeline.close)
+
+
+async def test_a_four_stage_chain_equals_one_stage(mesh: Mesh, expected: list[int]) -> None:
+    stages = mesh.stages([("a", 0, 8), ("b", 8, 16), ("c", 16, 23), ("d", 23, 30)])
+    pipeline = SplitPipeline(gguf_model().config, stages, lambda excluded: [], chain=True)
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 6) == expected
+        calls = {t["peer"]: t["calls"] for t in pipeline.timings()}
+        assert calls == {"a": TOKENS, "b": 1, "c": 1, "d": TOKENS}
+    finally:
+        await blocking(pipeline.close)
+
+
+async def test_without_chain_or_a_route_between_stages_steps_go_through_the_origin(
+        mesh: Mesh, expected: list[int]) -> None:
+    mesh.unreachable.add(("b", "c"))
+    for chain in (True, False):
+        pipeline = SplitPipeline(gguf_model().config, mesh.stages(THREE), lambda excluded: [], chain=chain)
+        try:
+            assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 7 + chain) == expected
+            assert {t["peer"]: t["calls"] for t in pipeline.timings()} == {"a": TOKENS, "b": TOKENS,
+                                                                           "c": TOKENS}
+        finally:
+            await blocking(pipeline.close)
+
+
+@pytest.mark.parametrize("cut", ["c", "b", "b->c"])
+async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
+        mesh: Mesh, expected: list[int], cut: str) -> None:
+    """c's node goes (its links close), b's node goes, or only b's link to c breaks (c stays): the chain's
+    step fails, the chain is re-planned without the stage named, and the tokens are the no-fault ones."""
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    lost = "c" if cut in ("c", "b->c") else "b"
+    decodes = 0
+    original = StageHost._link_frame
+
+    def cut_in_step_three(self: StageHost, link: tls.ServerLink, frame) -> bool:
+        nonlocal decodes
+        if self is mesh.hosts["b"] and wire.decode_input(frame).op == "forward":
+            decodes += 1
+            if decodes == 3:
+                if cut == "c":
+                    mesh.servers["c"].stop()
+                elif cut == "b":
+                    mesh.servers["b"].stop()
+                else:
+                    mesh.servers["c"].drop_peer("b")
+        return original(self, link, frame)
+
+    def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
+        assert excluded == {lost}
+        last = "a" if lost == "c" else "c"
+        return [RemoteStage(mesh.links["a"], loop, MODEL, config, LayerSpan(0, 10)),
+                RemoteStage(mesh.links["d"], loop, MODEL, config, LayerSpan(10, 20), direct=True),
+                RemoteStage(mesh.links[last], loop, MODEL, config, LayerSpan(20, 30), direct=last != "a")]
+
+    StageHost._link_frame = cut_in_step_three  # type: ignore[method-assign]
+    pipeline = SplitPipeline(config, mesh.stages(THREE), rebuild, chain=True)
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 9) == expected
+        assert [r.lost for r in pipeline.replans] == [lost]
+    finally:
+        StageHost._link_frame = original  # type: ignore[method-assign]
+        await blocking(pipeline.close)
+
+
+async def test_chain_frames_that_break_the_rules_are_refused(mesh: Mesh) -> None:
+    hidden = np.zeros((1, gguf_model().config.hidden_size), np.float32)
+    host = mesh.hosts["c"]
+    for body in ({"from": "not a peer id"}, {"next": "c"}, {"next": {"peer": "d"}},
+                 {"next": {"peer": "d", "seq": -1}}, {"next": {"peer": "x" * 200, "seq": 1}}):
+        with pytest.raises(HostError) as refused:
+            await host.open("a", {"model": MODEL, "span": "20:30", "seq": 1, **body})
+        assert refused.value.code == wire.BAD_REQUEST
+    await host.open("a", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
+    with pytest.raises(HostError):  # the same upstream cannot feed two sequences by one id
+        await host.open("x", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
+    # a forward step over the data channel, and from a peer that was not named as the feeder
+    step = wire.encode_input(1, "forward", 1, [2], hidden, 1)
+    assert error_code(await host.compute("b", step)) == wire.BAD_TENSOR
+    stranger = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", mesh.servers["c"].grant("d"))
+    origin = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", mesh.servers["c"].grant("a"))
+    try:
+        assert error_code(await blocking(stranger.call, step, 5.0)) == wire.UNKNOWN_SEQUENCE
+        # the origin's own forward step to the last stage is answered on its link, as a decode
+        reply = await blocking(origin.call, step, 5.0)
+        assert reply_fields(reply.payload)["op"] == "logits"
+    finally:
+        stranger.close()
+        origin.close()
