@@ -8,6 +8,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
         [--no-deferred-delivery]  # the origin posts each step's tokens at once (A/B of models/idle.py)
+        [--no-chain]      # [split] chain_stages off: every split step comes back to a (A/B of the chain)
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
@@ -174,7 +175,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         # start) would overlap the first timed rounds
         base_settings = {"models": {"backend": args.backend},
                          "split": {"standby_spans": standby, "speed_probe": False,
-                                   "offload_link": args.offload_link,
+                                   "offload_link": args.offload_link, "chain_stages": args.chain,
                                    "warm_peers_models": False}}
         settings = merged(base_settings, settings)
         if network is None:
@@ -228,7 +229,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
                 runs[name].append((ttft, rate))
                 timing = route.get("stage_timing") or []
                 calls = max((t["calls"] for t in timing), default=0)
-                if calls:  # wall time of stage calls not spent computing, per engine step
+                if calls and not any(t.get("chained") for t in timing):  # a chain's steps: not known here
+                    # wall time of stage calls not spent computing, per engine step
                     overhead[name].append(sum(t["seconds"] - t["compute_s"] for t in timing) / calls)
         for name, samples in runs.items():
             ttfts, rates = zip(*samples, strict=True)
@@ -373,6 +375,9 @@ def main() -> int:
     parser.add_argument("--deferred-delivery", action=argparse.BooleanOptionalAction, default=True,
                         help="the origin posts a step's tokens while the next step waits on a peer (default; "
                              "models/idle.py) or, with --no-deferred-delivery, at once (an A/B of the two)")
+    parser.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
+                        help="[split] chain_stages: the 3-stage split's steps pass b -> c -> a (default) or, "
+                             "with --no-chain, come back to a between b and c (an A/B of the two)")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",

@@ -123,9 +123,13 @@ class LinkTiming:
     """Wall time of the calls, as the origin saw them."""
     compute_s: float = 0.0
     """Compute time the stage reported for them: `seconds - compute_s` is what the link and relaying cost."""
+    chained: int = 0
+    """Of the calls, the chain steps this stage answered: their `seconds` include the earlier stages' compute
+    (which only this stage's peer reports back)."""
 
     def to_dict(self) -> dict[str, float]:
-        return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4)}
+        return {"calls": self.calls, "seconds": round(self.seconds, 4), "compute_s": round(self.compute_s, 4),
+                "chained": self.chained}
 
 
 class DirectLinkFailures:
@@ -485,6 +489,7 @@ class RemoteStage(StageDefaults):
         if index != len(chain) - 1:
             raise StageLost(chain[index].peer, "answered a step it was to pass on")
         last.timing.calls += 1
+        last.timing.chained += 1
         last.timing.seconds += elapsed
         last.timing.compute_s += message.compute_s
         for stage in chain:
