@@ -75,7 +75,7 @@ class NextLinks:
             return False
         async with self._opening.setdefault(peer, asyncio.Lock()):
             link = self._links.get(peer)
-            if link is not None and not link.closed:
+            if link is not None and link.usable_one_way():
                 return True
             try:
                 self._links[peer] = await self._connect(peer)

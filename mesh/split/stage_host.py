@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,8 @@ from shoal.mesh.split.held_spans import held_by_cid, over_limit
 from shoal.mesh.split.hosted import DirectStage, HostedStage, HostError, check_inputs
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import Usage, UsageLedger
-from shoal.mesh.split.stage_chain import ChainPlace, Connect, NextLinks, parse_place
+from shoal.mesh.split.stage_chain import Connect, NextLinks, parse_place
+from shoal.mesh.split.stage_sessions import Session, Sessions
 from shoal.mesh.split.stage_worker import StageWorker
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
@@ -52,28 +52,6 @@ Gate = Callable[[], "str | None"]
 CHECK_ON_LOOP_BYTES = 65_536
 """Inputs up to this size (every decode frame) are checked on the event loop (microseconds); larger prefill
 inputs are checked on the worker, so the loop never scans megabytes."""
-
-
-@dataclass
-class _Session:
-    hosted: HostedStage
-    local_id: int
-    model: str = ""
-    """The name a receipt gives the model: its CID where the origin sent one, else the name."""
-    started: float = 0.0
-    tokens_in: int = 0
-    """Rows prefilled."""
-    tokens_out: int = 0
-    """Decode steps."""
-    origin: str = ""
-    """The peer whose request it is (it opened the sequence; receipts and quota are its)."""
-    seq: int = 0
-    """The origin's id for it."""
-    place: ChainPlace = field(default_factory=ChainPlace)
-    chained: bool = False
-    """`forward` steps go on to `place.next_peer` (this node has a link to it)."""
-    reply_link: ServerLink | None = None
-    """The origin's direct link this sequence was last called on: the chain's last stage answers there."""
 
 
 class StageHost:
@@ -105,9 +83,7 @@ class StageHost:
         """When a sequence last opened on each stage (a standby load: never): the idle stages used least
         recently are closed first."""
         self._loading: dict[tuple[str, LayerSpan], asyncio.Future[HostedStage]] = {}
-        self._sessions: dict[tuple[str, int], _Session] = {}
-        self._fed: dict[tuple[str, int], _Session] = {}
-        """Chained sequences by (upstream peer, seq): the stage before this one in a chain feeds them."""
+        self._sessions = Sessions()
         self._next = NextLinks(connect_next)
         self._next_local = 0
         self._lock = threading.Lock()
@@ -149,7 +125,7 @@ class StageHost:
         if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
             raise HostError(wire.BAD_REQUEST, "stage.open cid must be a CID string")
         place = parse_place(body)
-        if (peer, seq) in self._sessions or (place.upstream, seq) in self._fed:
+        if self._sessions.taken(peer, seq, place):
             raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
         if len(self._sessions) >= self._max_sequences:
             raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
@@ -162,10 +138,8 @@ class StageHost:
         except BaseException:
             hosted.sequences.discard(local_id)
             raise
-        session = _Session(hosted, local_id, cid or model, time.time(), origin=peer, seq=seq, place=place)
-        self._sessions[(peer, seq)] = session
-        if place.upstream is not None:
-            self._fed[(place.upstream, seq)] = session
+        session = Session(hosted, local_id, cid or model, time.time(), origin=peer, seq=seq, place=place)
+        self._sessions.add(session)
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
         reply: dict[str, Any] = {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
@@ -177,7 +151,7 @@ class StageHost:
         seq = body.get("seq")
         if type(seq) is not int:
             raise HostError(wire.BAD_REQUEST, "stage.close needs seq")
-        session = self._sessions.get((peer, seq))
+        session = self._sessions.get(peer, seq)
         await self._drop(peer, seq)
         if session is None or self._ledger is None or not session.tokens_in:
             return {}
@@ -190,16 +164,13 @@ class StageHost:
     async def peer_lost(self, peer: str) -> None:
         """Free every sequence of a peer that went away (and the chain link to it)."""
         self._next.drop(peer)
-        for p, seq in [k for k in self._sessions if k[0] == peer]:
-            await self._drop(p, seq)
+        for seq in self._sessions.opened_by(peer):
+            await self._drop(peer, seq)
 
     async def _drop(self, peer: str, seq: int) -> None:
-        session = self._sessions.pop((peer, seq), None)
+        session = self._sessions.pop(peer, seq)
         if session is None:
             return
-        fed = (session.place.upstream, seq)
-        if self._fed.get(fed) is session:
-            del self._fed[fed]
         session.hosted.sequences.discard(session.local_id)
         await self._run(session.hosted.call, session.hosted.stage.remove_sequence, session.local_id)
         await self._trim()
@@ -331,16 +302,13 @@ class StageHost:
         self._count(sessions, message)
         return reply
 
-    def _count(self, sessions: list[_Session], message: wire.TensorMessage) -> None:
+    def _count(self, sessions: list[Session], message: wire.TensorMessage) -> None:
         """A call served: count it, its rows per sequence (for the receipts), and its rows (tokens) against
         the origin's quota."""
         self.calls += 1
         rows = int(message.array.shape[0]) if message.array is not None else 0
         for session in sessions:
-            if message.op == "prefill":
-                session.tokens_in += rows
-            else:
-                session.tokens_out += 1
+            session.count(message.op, rows)
         if self._quota is not None and sessions:
             self._quota.record(sessions[0].origin, rows)
 
@@ -365,7 +333,7 @@ class StageHost:
     def _link_frame(self, link: ServerLink, frame: BinaryFrame) -> bool:
         """Worker: compute one frame of a direct link and answer it — on the link, to the origin's link
         (the last stage of a chain), or by passing the output on to the next stage. False: close the link."""
-        sessions: list[_Session] = []
+        sessions: list[Session] = []
         try:
             hosted, message, sessions, inputs = self._admit(link.peer, frame, 0, link)
             out, seconds = self._compute(hosted, message, sessions, inputs)
@@ -376,7 +344,7 @@ class StageHost:
             return self._pass_on(link, sessions, message, out)
         return self._answer(link, sessions, self._encode(hosted.stage, message, out, seconds))
 
-    def _pass_on(self, link: ServerLink, sessions: list[_Session], message: wire.TensorMessage,
+    def _pass_on(self, link: ServerLink, sessions: list[Session], message: wire.TensorMessage,
                  out: np.ndarray) -> bool:
         """A chain's step goes on to the next stage; if it cannot, the origin hears so (`next_lost`)."""
         place = sessions[0].place
@@ -393,7 +361,7 @@ class StageHost:
                                                                   text))
         return True
 
-    def _answer(self, link: ServerLink, sessions: list[_Session], reply: BinaryFrame) -> bool:
+    def _answer(self, link: ServerLink, sessions: list[Session], reply: BinaryFrame) -> bool:
         """Send `reply` to the origin: on `link`, unless the frame came from a chain's upstream stage (then
         on the origin's own link). False when `link` failed."""
         target = link if not sessions or sessions[0].origin == link.peer else sessions[0].reply_link
@@ -408,33 +376,14 @@ class StageHost:
         return True
 
     def _admit(self, peer: str, frame: BinaryFrame, check_up_to: int, link: ServerLink | None = None
-               ) -> tuple[HostedStage, wire.TensorMessage, list[_Session], np.ndarray | None]:
+               ) -> tuple[HostedStage, wire.TensorMessage, list[Session], np.ndarray | None]:
         """Decode a tensor frame and find its sequences — the peer's own, or (a `forward` step on a direct
         `link`) the sequences it feeds; inputs up to `check_up_to` bytes are checked here (on the loop),
         larger ones by `_compute` (on the worker). A direct link's frame from the origin makes that link the
         one its sequences answer on. Raises FrameError."""
         message = wire.decode_input(frame)
-        if message.op == "forward" and link is None:
-            raise wire.FrameError(wire.BAD_TENSOR, "a chain's steps travel on direct tensor links")
-        sessions = [self._sessions.get((peer, s)) for s in message.seqs]
-        if all(sessions):
-            if link is not None:
-                for session in sessions:
-                    session.reply_link = link  # type: ignore[union-attr]
-        elif message.op == "forward":
-            sessions = [self._fed.get((peer, s)) for s in message.seqs]
-        if not all(sessions):
-            missing = [s for s, found in zip(message.seqs, sessions, strict=True) if found is None]
-            raise wire.FrameError(wire.UNKNOWN_SEQUENCE, f"unknown sequence(s) {missing[:4]}")
-        found: list[_Session] = sessions  # type: ignore[assignment]
+        found = self._sessions.find(peer, message, link)
         hosted = found[0].hosted
-        if any(s.hosted is not hosted for s in found):
-            raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-        if message.op == "forward" and any(
-                (s.origin, s.chained, s.place.next_peer, s.reply_link)
-                != (found[0].origin, found[0].chained, found[0].place.next_peer, found[0].reply_link)
-                for s in found):
-            raise wire.FrameError(wire.BAD_TENSOR, "one chain step's sequences must share their chain")
         inputs = None
         if message.array is not None and message.array.nbytes <= check_up_to:
             inputs = check_inputs(hosted.stage, message)
@@ -452,14 +401,14 @@ class StageHost:
         logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
         return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
 
-    def _serve(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[_Session],
+    def _serve(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[Session],
                inputs: np.ndarray | None) -> BinaryFrame:
         """Worker thread: compute and encode the reply in one hop: the loop only decodes the frame's header
         and sends the reply."""
         out, seconds = self._compute(hosted, message, sessions, inputs)
         return self._encode(hosted.stage, message, out, seconds)
 
-    def _compute(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[_Session],
+    def _compute(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[Session],
                  inputs: np.ndarray | None) -> tuple[np.ndarray, float]:
         """Worker thread: check large inputs (the loop checked small ones: `inputs`) and run the stage; its
         output and compute time."""
@@ -495,7 +444,6 @@ class StageHost:
             return
         self._stopped = True
         self._sessions.clear()
-        self._fed.clear()
         self._next.close()
         hosted, self._hosted = list(self._hosted.values()), {}
         for h in hosted:

@@ -19,8 +19,11 @@ Records (both directions): `u32 LE length` + AES-GCM(key, nonce, plaintext), non
 request id` + the tensor frame's payload (`mesh.split_wire`'s binary header and array) — the same frame, with
 the same limits, as on the data channel (`mesh.split_wire` decodes both alike). A record that fails
 its tag or breaks the bounds closes the link; a frame whose content is wrong gets an error frame, as on the
-channel. One call is in flight per link: the origin sends a record only once the last one was answered
-(bytes past a record break the link), so a decode record is read whole with one `recv`.
+channel. One call is in flight per origin link: the origin sends a record only once the last one was
+answered (bytes past a record break the link at the origin's end), so a decode record is read whole with
+one `recv`. A stage node reads records back to back (`RecordStream`): a chain's stage passes each step on as
+it has it, over one link for all its chained sequences (`split.stage_chain`), and the origin waits for the
+chain's answer on the last stage's link (`call_chain`).
 
 An offload's tokens use the same grant, handshake and `Sealer` on a link of their own (`split.offload_link`).
 """
@@ -326,20 +329,23 @@ class TensorLinkClient:
                 raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
             return reply
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def usable_one_way(self) -> bool:
+        """Whether this link, used one way (`send`: nothing ever comes back), is still open: its socket turns
+        readable once the peer closed it — which a send would not notice (it succeeds once, into the void).
+        A link the peer closed is released."""
+        with self._lock:
+            if not self._closed and select.select([self._sock], [], [], 0)[0]:
+                self._release()
+            return not self._closed
 
     def send(self, frame: BinaryFrame) -> None:
         """One-way: a frame answered elsewhere — a chained stage passing its output to the next stage, whose
-        answer goes to the origin (`split.chain`). Raises LinkError (the link is then closed)."""
+        answer goes to the origin (`split.stage_chain`). Raises LinkError (the link is then closed)."""
         with self._lock:
             if self._closed:
                 raise LinkError("the tensor link is closed")
             try:
-                # nothing ever comes back on a one-way link: a readable socket is one the peer closed (a send
-                # would still succeed once, into the void)
-                if select.select([self._sock], [], [], 0)[0]:
+                if select.select([self._sock], [], [], 0)[0]:  # see `usable_one_way`
                     raise LinkError("the peer closed the link")
                 self._set_timeout(self._record_timeout)
                 self._sock.sendall(self._sealer.seal(encode_frame(frame)))

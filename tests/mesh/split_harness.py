@@ -128,7 +128,7 @@ def install_trace(path: str) -> None:
     import time
 
     from shoal.mesh.p2p.peer import Peer
-    from shoal.mesh.split import hosted, remote_stage, stage_host, tensor_link
+    from shoal.mesh.split import hosted, remote_stage, stage_chain, stage_host, tensor_link
     from shoal.models.chain import StageChain
 
     out = open(path, "a", buffering=1)  # lives as long as the process
@@ -196,6 +196,8 @@ def install_trace(path: str) -> None:
     wrap_sync(remote_stage.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
     wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
     wrap_sync(stage_host.StageHost, "_link_frame", "p.direct_start", "p.direct_end")
+    wrap_sync(stage_chain.NextLinks, "send", "p.pass_start", "p.pass_end")  # a chain's hop to the next stage
+    wrap_sync(remote_stage.RemoteStage, "decode_through", "o.chain_start", "o.chain_end")
     # a decode step on the engine's thread (steps run back to back there: models/generate.py)
     wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")
 
@@ -218,7 +220,7 @@ def delay_tensor_links(seconds: float) -> None:
     the answer anyway)."""
     import time
 
-    from shoal.mesh.split import tensor_link, tensor_link_server
+    from shoal.mesh.split import remote_stage, tensor_link, tensor_link_server
 
     def delayed(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -228,6 +230,8 @@ def delay_tensor_links(seconds: float) -> None:
         return wrapper
 
     tensor_link.TensorLinkClient.call = delayed(tensor_link.TensorLinkClient.call)  # type: ignore[method-assign]
+    tensor_link.TensorLinkClient.send = delayed(tensor_link.TensorLinkClient.send)  # type: ignore[method-assign]
+    remote_stage.call_chain = delayed(remote_stage.call_chain)  # a chain's first hop
     tensor_link_server.ServerLink.send_frame = delayed(  # type: ignore[method-assign]
         tensor_link_server.ServerLink.send_frame)
 

@@ -121,6 +121,22 @@ async def test_without_chain_or_a_route_between_stages_steps_go_through_the_orig
             await blocking(pipeline.close)
 
 
+async def test_a_chain_link_closed_while_idle_is_opened_again(mesh: Mesh, expected: list[int]) -> None:
+    """c drops b's link between two requests (say the b–c mesh link flapped): b's next `stage.open` notices
+    (nothing ever comes back on that link, so a readable socket is a closed one) and links to c again, instead
+    of sending the next step into the void."""
+    for request in range(2):
+        pipeline = SplitPipeline(gguf_model().config, mesh.stages(THREE), lambda excluded: [], chain=True)
+        try:
+            assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 20 + request) == expected
+            assert {t["peer"]: t["calls"] for t in pipeline.timings()} == {"a": TOKENS, "b": 1, "c": TOKENS}
+            assert pipeline.replans == []
+        finally:
+            await blocking(pipeline.close)
+        mesh.servers["c"].drop_peer("b")
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("cut", ["c", "b", "b->c"])
 async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
         mesh: Mesh, expected: list[int], cut: str) -> None:

@@ -442,7 +442,8 @@ async def test_malformed_frames_are_refused_and_the_stage_survives(expected: dic
             reply = await host.compute("p", BinaryFrame(TENSOR, call, {}, payload))
             assert error_code(reply) == code and reply.request_id == call, payload[:40]
         assert host.refused == len(bad_payloads) and host.calls == 0
-        assert host._sessions[("p", 5)].hosted.stage.sequence_length(host._sessions[("p", 5)].local_id) == 0
+        session = host._sessions.get("p", 5)
+        assert session is not None and session.hosted.stage.sequence_length(session.local_id) == 0
         assert error_code(await host.compute("q", good)) == wire.UNKNOWN_SEQUENCE  # not q's sequence
         ok = await host.compute("p", good)
         assert reply_fields(ok.payload)["op"] == "logits" and host.calls == 1
