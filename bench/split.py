@@ -9,6 +9,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
         [--no-deferred-delivery]  # the origin posts each step's tokens at once (A/B of models/idle.py)
         [--no-chain]      # [split] chain_stages off: every split step comes back to a (A/B of the chain)
+        [--link-spin-us 1000]  # [split] link_spin_us: poll around a record's due time (A/B of split.arrival)
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
@@ -176,6 +177,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         base_settings = {"models": {"backend": args.backend},
                          "split": {"standby_spans": standby, "speed_probe": False,
                                    "offload_link": args.offload_link, "chain_stages": args.chain,
+                                   "link_spin_us": args.link_spin_us,
                                    "warm_peers_models": False}}
         settings = merged(base_settings, settings)
         if network is None:
@@ -277,9 +279,11 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             rtt = 2 * args.delay_ms / 1000
             per_token = 1 / local_rate
             for name, remote in (("2-stage", 1), ("3-stage", 2)):
-                bound = 1 / (per_token + remote * rtt)
+                # one-way hops a step: to and from each remote stage, or through a chain of them and back
+                hops = remote + 1 if args.chain else 2 * remote
+                bound = 1 / (per_token + hops * rtt / 2)
                 print(f"{name}: {results[name][1]:.2f} tok/s = {results[name][1] / bound:.2f}x the bound "
-                      f"1/(compute + {remote} RTT) = {bound:.2f} tok/s at RTT {rtt * 1000:.0f} ms")
+                      f"1/(compute + {hops} one-way delays) = {bound:.2f} tok/s at RTT {rtt * 1000:.0f} ms")
         if args.recovery:
             recovery_rows(a, {"3-stage": (c, routes["3-stage"]), "offload": (b, routes["offload"])},
                           [a, b, c], secret, args)
@@ -378,6 +382,9 @@ def main() -> int:
     parser.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
                         help="[split] chain_stages: the 3-stage split's steps pass b -> c -> a (default) or, "
                              "with --no-chain, come back to a between b and c (an A/B of the two)")
+    parser.add_argument("--link-spin-us", type=int, default=0,
+                        help="[split] link_spin_us on the nodes: poll for a direct link's next record around "
+                             "when it is due (split.arrival; 0, the default: never)")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",

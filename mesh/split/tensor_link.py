@@ -408,8 +408,13 @@ def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: f
             first = clients[0]
             first._set_timeout(first._record_timeout)
             first._sock.sendall(first._sealer.seal(encode_frame(frame)))
+            sent_at = time.perf_counter()
             if sent is not None:
                 sent()
+            arrivals = clients[last]._arrivals  # the chain's answer comes on the last link
+            window = arrivals.window()
+            if window is not None:
+                wait_readable([c._sock for c in clients], sent_at, window)  # read below, as ever
             while True:
                 index = last
                 remaining = deadline - time.monotonic()
@@ -429,6 +434,7 @@ def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: f
                 reply = decode_frame(read_record(client._sock, client._sealer, client._record_timeout))
                 if reply.request_id != frame.request_id:
                     raise LinkError(f"answer to call {reply.request_id}, expected {frame.request_id}")
+                arrivals.observe(time.perf_counter() - sent_at)
                 return index, reply
         except (LinkError, ValueError, OSError) as exc:
             clients[index]._release()

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shoal.mesh.split import arrival, wire
 from shoal.mesh.split import tensor_link as tl
 from shoal.mesh.split import tensor_link_server as tls
-from shoal.mesh.split import wire
+from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.hosted import HostError
 from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage
@@ -93,6 +94,33 @@ async def test_a_chain_equals_one_stage_and_skips_the_origin(mesh: Mesh, expecte
         # b was called by the origin for the prefill only; every decode step came back from c
         assert calls == {"a": TOKENS, "b": 1, "c": TOKENS}
         assert mesh.hosts["b"].calls == TOKENS and mesh.hosts["c"].calls == TOKENS
+    finally:
+        await blocking(pipeline.close)
+
+
+async def test_a_chain_step_polls_around_its_beat_and_changes_no_token(mesh: Mesh, expected: list[int],
+                                                                       monkeypatch) -> None:
+    """With a poll budget (`[split] link_spin_us`) the origin's wait for a chain's answer polls every link
+    around when the answer is due (`split.arrival`), as a single stage's call does."""
+    monkeypatch.setattr(arrival, "MAX_GAP_S", 60.0)  # a loaded machine's slow NumPy steps are a beat too
+    polls: list[bool] = []
+
+    def counted(*args: Any) -> bool:
+        polls.append(arrival.wait_readable(*args))
+        return polls[-1]
+
+    monkeypatch.setattr(tl, "wait_readable", counted)
+    loop, config = asyncio.get_running_loop(), gguf_model().config
+    settings = SplitConfig(link_spin_us=400)
+    stages = [RemoteStage(mesh.links[name], loop, MODEL, config, LayerSpan(start, stop), direct=name != "a",
+                          settings=settings) for name, start, stop in THREE]
+    tokens = 12
+    want = greedy(reference_stage(0, 30), chat_ids(PROMPT), tokens, 991_002)
+    pipeline = SplitPipeline(config, stages, lambda excluded: [], chain=True)
+    try:
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), tokens, 11) == want
+        assert {t["peer"]: t["chained"] for t in pipeline.timings()} == {"a": 0, "b": 0, "c": tokens - 1}
+        assert len(polls) == tokens - 1 - arrival.MIN_GAPS  # from the fifth chained step on
     finally:
         await blocking(pipeline.close)
 
