@@ -211,6 +211,8 @@ class RemoteStage(StageDefaults):
         """A chain: the stage after this one, to which this stage's peer passes its decode steps on."""
         self._chained: set[int] = set()
         """Sequences whose decode steps this stage's peer passes on to `next_stage` (it linked to it)."""
+        self._feeds: dict[int, int] = {}
+        """A chain: the id the stage before this one names each sequence by (this stage's peer chose it)."""
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
               report: Callable[[float], None] | None = None, sent: Callable[[], None] | None = None) -> Any:
@@ -256,8 +258,8 @@ class RemoteStage(StageDefaults):
         if self.feeder is not None:
             body["from"] = self.feeder
         after = self.next_stage
-        if after is not None and after.transport == "direct" and seq_id in after._wire:
-            body["next"] = {"peer": after.peer, "seq": after._wire[seq_id]}
+        if after is not None and after.transport == "direct" and seq_id in after._feeds:
+            body["next"] = {"peer": after.peer, "seq": after._feeds[seq_id]}
         # the first open of a span loads (or compiles) it on the peer: allow for that
         opening = self.link.request(wire.STAGE_OPEN, body, self._open_timeout)
         reply = self._call(opening, self._open_timeout, self._report_open if self._progress else None)
@@ -268,6 +270,9 @@ class RemoteStage(StageDefaults):
         self._prefilled[seq_id] = 0
         if reply.get("chained") is True:
             self._chained.add(seq_id)
+        feed = reply.get("feed")
+        if self.feeder is not None and type(feed) is int and 0 <= feed < 2**32:
+            self._feeds[seq_id] = feed
         if self._want_direct:
             self._want_direct = False  # one try per stage
             self._direct = self._open_direct()
@@ -307,6 +312,7 @@ class RemoteStage(StageDefaults):
     def remove_sequence(self, seq_id: int) -> None:
         wire_seq = self._wire.pop(seq_id, None)
         self._chained.discard(seq_id)
+        self._feeds.pop(seq_id, None)
         length = self._lengths.pop(seq_id, 0)
         prefilled = self._prefilled.pop(seq_id, 0)
         if wire_seq is None or self._closed:

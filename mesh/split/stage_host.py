@@ -125,7 +125,7 @@ class StageHost:
         if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 128 or not cid.isalnum()):
             raise HostError(wire.BAD_REQUEST, "stage.open cid must be a CID string")
         place = parse_place(body)
-        if self._sessions.taken(peer, seq, place):
+        if self._sessions.taken(peer, seq):
             raise HostError(wire.BAD_REQUEST, f"sequence {seq} is open already")
         if len(self._sessions) >= self._max_sequences:
             raise HostError(wire.BUSY, f"this node hosts {self._max_sequences} sequences already")
@@ -138,11 +138,14 @@ class StageHost:
         except BaseException:
             hosted.sequences.discard(local_id)
             raise
-        session = Session(hosted, local_id, cid or model, time.time(), origin=peer, seq=seq, place=place)
+        session = Session(hosted, local_id, cid or model, time.time(), origin=peer, seq=seq, place=place,
+                          feed=local_id)  # unique on this host
         self._sessions.add(session)
         config = hosted.stage.config
         logger.info("hosting %s layers %s for peer %s seq %d", model, span, peer[:12], seq)
         reply: dict[str, Any] = {"span": str(span), "hidden": config.hidden_size, "vocab": config.vocab_size}
+        if place.upstream is not None:
+            reply["feed"] = session.feed
         if place.next_peer is not None:
             session.chained = reply["chained"] = await self._next.ensure(place.next_peer)
         return reply
@@ -337,23 +340,26 @@ class StageHost:
         try:
             hosted, message, sessions, inputs = self._admit(link.peer, frame, 0, link)
             out, seconds = self._compute(hosted, message, sessions, inputs)
-        except Exception as exc:
+            passing = message.op == "forward" and sessions[0].chained
+            reply = None if passing else self._encode(hosted.stage, message, out, seconds)
+        except Exception as exc:  # the worker's boundary: answered with an error frame, never raised
             return self._answer(link, sessions, self._refuse(link.peer, frame, exc))
         self._count(sessions, message)
-        if message.op == "forward" and sessions[0].chained:
+        if reply is None:
             return self._pass_on(link, sessions, message, out)
-        return self._answer(link, sessions, self._encode(hosted.stage, message, out, seconds))
+        return self._answer(link, sessions, reply)
 
     def _pass_on(self, link: ServerLink, sessions: list[Session], message: wire.TensorMessage,
                  out: np.ndarray) -> bool:
         """A chain's step goes on to the next stage; if it cannot, the origin hears so (`next_lost`)."""
         place = sessions[0].place
         assert place.next_peer is not None
-        step = wire.encode_input(message.call, "forward", message.step, [s.place.next_seq for s in sessions],
-                                 out, message.top_k, fp16=message.reply_f16)
         try:
+            step = wire.encode_input(message.call, "forward", message.step,
+                                     [s.place.next_seq for s in sessions], out, message.top_k,
+                                     fp16=message.reply_f16)
             self._next.send(place.next_peer, step)
-        except LinkError as exc:
+        except (LinkError, ValueError) as exc:
             for session in sessions:
                 session.chained = False
             text = f"cannot pass the step on to {place.next_peer[:16]}: {exc}"

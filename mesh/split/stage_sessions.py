@@ -1,6 +1,7 @@
 """The sequences a stage host serves (`StageHost`): each opened by an origin peer under a u32 of its choosing,
-and — a chain's stage (`split.stage_chain`) — fed by the stage before it under the same id. A frame's
-sequences are found here, by the peer it came from."""
+and — a chain's stage (`split.stage_chain`) — fed by the stage before it under an id this host chose (its
+`feed`, unique here: no peer can take another's). A frame's sequences are found here, by the peer it came
+from."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Session:
     """The peer whose request it is (it opened the sequence; receipts and quota are its)."""
     seq: int = 0
     """The origin's id for it."""
+    feed: int = 0
+    """A chain's stage: the id the stage before it names it by (this host's choice)."""
     place: ChainPlace = field(default_factory=ChainPlace)
     chained: bool = False
     """`forward` steps go on to `place.next_peer` (this node has a link to it)."""
@@ -44,7 +47,7 @@ class Session:
 
 
 class Sessions:
-    """Sequences by (origin peer, seq), and chained ones also by (upstream peer, seq)."""
+    """Sequences by (origin peer, seq), and chained ones also by (upstream peer, feed)."""
 
     def __init__(self) -> None:
         self._opened: dict[tuple[str, int], Session] = {}
@@ -53,22 +56,21 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._opened)
 
-    def taken(self, peer: str, seq: int, place: ChainPlace) -> bool:
-        """Whether a sequence `peer` opens as `seq` (fed by `place.upstream`) would clash with one open."""
-        return (peer, seq) in self._opened or (place.upstream, seq) in self._fed
+    def taken(self, peer: str, seq: int) -> bool:
+        return (peer, seq) in self._opened
 
     def add(self, session: Session) -> None:
         self._opened[(session.origin, session.seq)] = session
         if session.place.upstream is not None:
-            self._fed[(session.place.upstream, session.seq)] = session
+            self._fed[(session.place.upstream, session.feed)] = session
 
     def get(self, peer: str, seq: int) -> Session | None:
         return self._opened.get((peer, seq))
 
     def pop(self, peer: str, seq: int) -> Session | None:
         session = self._opened.pop((peer, seq), None)
-        if session is not None and self._fed.get((session.place.upstream, seq)) is session:
-            del self._fed[(session.place.upstream, seq)]
+        if session is not None and self._fed.get((session.place.upstream, session.feed)) is session:
+            del self._fed[(session.place.upstream, session.feed)]
         return session
 
     def opened_by(self, peer: str) -> list[int]:
@@ -91,6 +93,9 @@ class Sessions:
                     session.reply_link = link  # type: ignore[union-attr]
         elif message.op == "forward":
             found = [self._fed.get((peer, s)) for s in message.seqs]
+            if any(s is not None and not s.chained and s.reply_link is None for s in found):
+                # its answer would have nowhere to go: refused before the stage runs it
+                raise wire.FrameError(wire.BAD_REQUEST, "the origin has not called this sequence directly")
         sessions = [s for s in found if s is not None]
         if len(sessions) != len(found):
             missing = [s for s, session in zip(message.seqs, found, strict=True) if session is None]

@@ -4,12 +4,13 @@ Pure codecs over `mesh.protocol` (which owns framing, chunking and size limits);
 
 Control frames (registered with `mesh.protocol.register_control_type` on import):
 
-- `stage.open` {model, span "a:b", seq, cid?, from?, next?} → reply {hidden, vocab, span, chained?} — host
-  layers `span` of `model` for one sequence `seq` (a u32 the caller picks, unique per link); a node that does
-  not hold the model fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an error frame
-  (codes below). A chain (`split.chain`): `from` (a peer id) lets that peer feed the sequence `forward`
-  frames; `next` {peer, seq} asks this node to pass its output for `forward` frames on to that peer's
-  sequence over a direct tensor link of its own — `chained` says whether it could link to it.
+- `stage.open` {model, span "a:b", seq, cid?, from?, next?} → reply {hidden, vocab, span, feed?, chained?}
+  — host layers `span` of `model` for one sequence `seq` (a u32 the caller picks, unique per link); a node
+  that does not hold the model fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an
+  error frame (codes below). A chain (`split.stage_chain`): `from` (a peer id) lets that peer feed the
+  sequence `forward` frames, under the u32 `feed` the reply gives (the host's choice); `next` {peer, seq:
+  that peer's `feed`} asks this node to pass its output for `forward` frames on to that sequence over a
+  direct tensor link of its own — `chained` says whether it could link to it.
 - `stage.close` {seq} → reply {} or {receipt} — forget the sequence (idempotent); a node that keeps a ledger
   returns the sequence's usage receipt (kind `stage`, request `stage-<seq>`, tokens_in = rows prefilled,
   tokens_out = decode steps), which the origin checks, countersigns and sends back as `stage.receipt`

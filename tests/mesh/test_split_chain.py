@@ -213,19 +213,27 @@ async def test_chain_frames_that_break_the_rules_are_refused(mesh: Mesh) -> None
         with pytest.raises(HostError) as refused:
             await host.open("a", {"model": MODEL, "span": "20:30", "seq": 1, **body})
         assert refused.value.code == wire.BAD_REQUEST
-    await host.open("a", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
-    with pytest.raises(HostError):  # the same upstream cannot feed two sequences by one id
-        await host.open("x", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
+    opened = await host.open("a", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
+    # another origin naming the same feeder and seq gets a feed of its own: no peer can take another's
+    other = await host.open("x", {"model": MODEL, "span": "20:30", "seq": 2, "from": "b"})
+    assert isinstance(opened["feed"], int) and isinstance(other["feed"], int)
+    assert opened["feed"] != other["feed"]
     # a forward step over the data channel, and from a peer that was not named as the feeder
-    step = wire.encode_input(1, "forward", 1, [2], hidden, 1)
+    step = wire.encode_input(1, "forward", 1, [opened["feed"]], hidden, 1)
     assert error_code(await host.compute("b", step)) == wire.BAD_TENSOR
     stranger = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", mesh.servers["c"].grant("d"))
     origin = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", mesh.servers["c"].grant("a"))
+    feeder = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", mesh.servers["c"].grant("b"))
     try:
         assert error_code(await blocking(stranger.call, step, 5.0)) == wire.UNKNOWN_SEQUENCE
+        # the named feeder, before the origin called the sequence on a direct link: its answer would have
+        # nowhere to go, so the step is refused before the stage runs it
+        assert error_code(await blocking(feeder.call, step, 5.0)) == wire.BAD_REQUEST
+        session = host._sessions.get("a", 2)
+        assert session is not None and session.hosted.stage.sequence_length(session.local_id) == 0
         # the origin's own forward step to the last stage is answered on its link, as a decode
-        reply = await blocking(origin.call, step, 5.0)
+        reply = await blocking(origin.call, wire.encode_input(2, "forward", 1, [2], hidden, 1), 5.0)
         assert reply_fields(reply.payload)["op"] == "logits"
     finally:
-        stranger.close()
-        origin.close()
+        for client in (stranger, origin, feeder):
+            client.close()
