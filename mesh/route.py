@@ -67,7 +67,7 @@ class Route:
     observed: ObservedTimes | None = None
     replan_log: list[ReplanEntry] = field(default_factory=list)
     stage_timing: list[dict[str, Any]] | None = None
-    """Per-stage call accounting of a split (`remote_stage.LinkTiming`, with peer, layers and link)."""
+    """Per-stage call accounting of a split (`stage_link.LinkTiming`, with peer, layers and link)."""
     listener: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False, compare=False)
     """Where `progress` goes: the API's stream of this request (an SSE comment), or nowhere."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from shoal.mesh.p2p.errors import RemoteError
 from shoal.mesh.split import wire
-from shoal.mesh.split.remote_stage import LinkTiming
+from shoal.mesh.split.stage_link import LinkTiming
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage, StageDefaults, ids_in_range
 

@@ -42,7 +42,8 @@ from shoal.mesh.split.offload_frames import OffloadEvent, token_events
 from shoal.mesh.split.offload_link import TokenReceiver, link_host
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.receipts import Expected, ReceiptError, UsageLedger
-from shoal.mesh.split.remote_stage import DirectLinkFailures, StageLost
+from shoal.mesh.split.remote_stage import StageLost
+from shoal.mesh.split.stage_link import DirectLinkFailures
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, Sealer
 
 logger = logging.getLogger(__name__)

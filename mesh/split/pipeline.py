@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from shoal.mesh.p2p.errors import MeshError
-from shoal.mesh.split.remote_stage import LinkTiming, RemoteStage, StageLost
+from shoal.mesh.split.remote_stage import RemoteStage, StageLost
+from shoal.mesh.split.stage_link import LinkTiming
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
 from shoal.models.stage import Stage, StageDefaults

@@ -40,13 +40,14 @@ from shoal.mesh.split.plan_inputs import (
     advert_models,
 )
 from shoal.mesh.split.ports import MeshHandle, NodeView, Observed
-from shoal.mesh.split.remote_stage import DirectLinkFailures, ReceiptSink, RemoteStage, StageLost
+from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.mesh.split.span_model import (
     SpanModel,
     SpanModels,
     advert_catalog,
     cid_in_adverts,
 )
+from shoal.mesh.split.stage_link import DirectLinkFailures, ReceiptSink
 from shoal.mesh.split.standby import Standby, remote_loader
 from shoal.models.config import ModelConfig
 from shoal.models.errors import ModelError

@@ -41,11 +41,11 @@ from shoal.mesh.split.ports import MeshHandle, NodeView
 from shoal.mesh.split.quota import PeerQuota
 from shoal.mesh.split.receipts import UsageLedger
 from shoal.mesh.split.remote_embed import EmbedServer
-from shoal.mesh.split.remote_stage import direct_host
 from shoal.mesh.split.router import STAGE_OVERHEAD, Router
 from shoal.mesh.split.span_model import MAX_CATALOG
 from shoal.mesh.split.speed_probe import SpeedProbe
 from shoal.mesh.split.stage_host import StageHost
+from shoal.mesh.split.stage_link import direct_host
 from shoal.mesh.split.stage_receipts import StageReceipts
 from shoal.mesh.split.tensor_link import TENSOR_LINK, LinkError, TensorLinkClient
 from shoal.mesh.split.tensor_link_server import TensorLinkServer

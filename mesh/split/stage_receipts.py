@@ -18,7 +18,7 @@ from shoal.mesh.p2p.protocol import ControlFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.ports import MeshHandle
 from shoal.mesh.split.receipts import Expected, ReceiptError, UsageLedger
-from shoal.mesh.split.remote_stage import StageSeen
+from shoal.mesh.split.stage_link import StageSeen
 
 logger = logging.getLogger(__name__)
 

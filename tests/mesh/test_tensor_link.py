@@ -27,8 +27,9 @@ from shoal.mesh.split import tensor_link as tl
 from shoal.mesh.split import tensor_link_server as tls
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.pipeline import SplitPipeline
-from shoal.mesh.split.remote_stage import DirectLinkFailures, RemoteStage
+from shoal.mesh.split.remote_stage import RemoteStage
 from shoal.mesh.split.stage_host import StageHost
+from shoal.mesh.split.stage_link import DirectLinkFailures
 from shoal.models.span import LayerSpan
 
 from tests.mesh.tensor_frames import error_code, raw_input, reply_fields
