@@ -275,16 +275,21 @@ async def test_tokens_are_single_use_and_checked(served) -> None:
         tl.TensorLinkClient.connect("127.0.0.1", {"port": "x"})
 
 
+def raw_link(server: tls.TensorLinkServer) -> tuple[socket.socket, tl.Sealer]:
+    """A link to `server` as peer b, made by hand (the socket and the origin's sealer, past the handshake)."""
+    grant = server.grant("b")
+    sock = socket.create_connection(("127.0.0.1", grant["port"]), timeout=5)
+    sock.sendall(bytes.fromhex(grant["token"]))
+    sealer = tl.Sealer(bytes.fromhex(grant["key"]), tl.TO_STAGE)
+    assert tl.read_record(sock, sealer) == b""  # accepted
+    return sock, sealer
+
+
 async def test_records_back_to_back_are_answered_in_order(served) -> None:
     """A chain's upstream stage sends each step as it has it (`split.stage_chain`): a stage node reads
     records back to back, bytes past one kept for the next."""
-    _, server, _ = served
-    grant = server.grant("b")
-    sock = socket.create_connection(("127.0.0.1", grant["port"]), timeout=5)
+    sock, sealer = raw_link(served[1])
     try:
-        sock.sendall(bytes.fromhex(grant["token"]))
-        sealer = tl.Sealer(bytes.fromhex(grant["key"]), tl.TO_STAGE)
-        assert tl.read_record(sock, sealer) == b""
         frames = [tl.encode_frame(BinaryFrame(TENSOR, call, {}, raw_input(seqs=(1,)))) for call in (1, 2, 3)]
         sock.sendall(b"".join(sealer.seal(frame) for frame in frames))
         stream = tl.RecordStream(sock, sealer)
@@ -298,12 +303,8 @@ async def test_records_back_to_back_are_answered_in_order(served) -> None:
 @pytest.mark.parametrize("fault", ["forged", "oversized", "garbage"])
 async def test_a_bad_record_ends_the_link_and_the_worker_lives(served, fault: str) -> None:
     hosts, server, _ = served
-    grant = server.grant("b")
-    sock = socket.create_connection(("127.0.0.1", grant["port"]), timeout=5)
+    sock, sealer = raw_link(server)
     try:
-        sock.sendall(bytes.fromhex(grant["token"]))
-        sealer = tl.Sealer(bytes.fromhex(grant["key"]), tl.TO_STAGE)
-        assert tl.read_record(sock, sealer) == b""  # accepted
         if fault == "forged":
             record = bytearray(sealer.seal(b"\0" * 8))
             record[-1] ^= 0xFF
