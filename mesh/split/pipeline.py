@@ -267,16 +267,18 @@ class SplitPipeline(StageDefaults):
                 except StageLost as exc:  # the replacement failed too: re-plan the whole chain
                     lost = exc
                     detect = 0.0
+            swap = self._through  # a chain's step: first try this node's stage in the lost one's place
             while True:  # recover; a stage of the new chain may be lost during the replay too
                 self._attempts += 1
                 if self._attempts > self._max_replans:
                     raise lost
                 try:
-                    self._recover(lost, detect)
+                    self._recover(lost, detect, swap)
                     break
                 except StageLost as exc:
                     lost = exc
                     detect = 0.0
+                    swap = False
 
     def _patchable(self, lost: StageLost, spec: Spec) -> bool:
         if self._replace is None or not self._keeping or self._at is None or spec[0] == "open":
@@ -348,21 +350,32 @@ class SplitPipeline(StageDefaults):
             self._progress(f"resumed on {where} after {replan.seconds:.2f} s (replayed {replayed} tokens)",
                            waiting="recovery", seconds=round(replan.seconds, 3), replayed=replayed)
 
-    def _recover(self, lost: StageLost, detect_s: float = 0.0) -> None:
+    def _recover(self, lost: StageLost, detect_s: float = 0.0, swap: bool = False) -> None:
+        """Re-plan the chain without the lost peer and replay every sequence through it. With `swap` (a
+        chain's step was lost: whether the stages after the lost one ran it is unknown, so a patch cannot
+        tell what they hold) first try the same chain with this node's own stage in the lost one's place —
+        no re-plan, no span to load on a peer: the other stages keep their loaded spans, only their
+        sequences start over."""
         started = time.perf_counter()
         self._announce(lost, detect_s)
         self._excluded.add(lost.peer)  # "local" too: this node failed to build its part
         old, self.stages = self.stages, []
+        swapped = self._swapped(old, lost) if swap else None
         for stage in old:
             try:
                 if stage.peer == lost.peer:
                     stage.abandon()  # its peer is gone: don't wait on it to say goodbye
+                elif swapped is not None:
+                    for seq_id in self._history:
+                        stage.remove_sequence(seq_id)
+                    if isinstance(stage, RemoteStage):
+                        stage.relink()
                 else:
                     stage.close()
             except (StageLost, ValueError, MeshError) as exc:
                 logger.info("closing %r after a loss: %s", stage, exc)
         closed = time.perf_counter()
-        stages = self._rebuild(frozenset(self._excluded))
+        stages = swapped if swapped is not None else self._rebuild(frozenset(self._excluded))
         self._check_chain(self.config, stages)
         if self._linking:
             link_chain(stages)
@@ -379,6 +392,18 @@ class SplitPipeline(StageDefaults):
         phases = {"detect_s": detect_s, "close_s": closed - started, "rebuild_s": built - closed,
                   "replay_s": ended - built}
         self._resumed(Replan(lost.peer, str(lost), tokens, ended - started, self.route(), phases), tokens)
+
+    def _swapped(self, stages: list[ChainStage], lost: StageLost) -> list[ChainStage] | None:
+        """`stages` with this node's own stage for the lost one's span (`replace`), or None when it cannot
+        be had (then the chain is re-planned)."""
+        peers = [stage.peer for stage in stages]
+        if self._replace is None or peers.count(lost.peer) != 1:
+            return None
+        index = peers.index(lost.peer)
+        new = self._replace(stages[index].span, frozenset(self._excluded))
+        if new is None:
+            return None
+        return [new if k == index else stage for k, stage in enumerate(stages)]
 
     def close(self) -> None:
         if self._closed:
@@ -397,6 +422,9 @@ def link_chain(stages: list[ChainStage]) -> None:
     """Make each pair of consecutive remote stages on different peers a link of a chain: the first passes its
     decode steps to the second, which the first's peer may then feed (each stage's `stage.open` says so; a
     peer that cannot link to the next leaves that step to the origin)."""
+    for stage in stages:  # a chain rebuilt after a loss: links to stages no longer in it go
+        if isinstance(stage, RemoteStage):
+            stage.next_stage, stage.feeder = None, None
     for before, after in itertools.pairwise(stages):
         if isinstance(before, RemoteStage) and isinstance(after, RemoteStage) and before.peer != after.peer:
             before.next_stage, after.feeder = after, before.peer

@@ -106,7 +106,7 @@ class RemoteStage(StageDefaults):
         self._on_receipt = on_receipt
         self._step = 0
         self._closed = False
-        self._want_direct = direct
+        self._want_direct = self._direct_wanted = direct
         self._direct_failures = direct_failures
         self._direct: TensorLinkClient | None = None
         self._progress = progress
@@ -424,6 +424,12 @@ class RemoteStage(StageDefaults):
             self.remove_sequence(seq_id)
         self._closed = True
         self._close_direct()
+
+    def relink(self) -> None:
+        """Drop the direct link and open a new one at the next `add_sequence`: after a chain's failed step an
+        answer may still be on its way in the old one (a stage that could not pass the step on says so)."""
+        self._close_direct()
+        self._want_direct = self._direct_wanted
 
     def _close_direct(self) -> None:
         if self._direct is not None:

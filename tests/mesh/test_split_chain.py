@@ -165,11 +165,14 @@ async def test_a_chain_link_closed_while_idle_is_opened_again(mesh: Mesh, expect
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("cut", ["c", "b", "b->c"])
 async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
-        mesh: Mesh, expected: list[int], cut: str) -> None:
+        mesh: Mesh, expected: list[int], cut: str, swap: bool) -> None:
     """c's node goes (its links close), b's node goes, or only b's link to c breaks (c stays): the chain's
-    step fails, the chain is re-planned without the stage named, and the tokens are the no-fault ones."""
+    step fails and the tokens are the no-fault ones. Without `replace` the chain is re-planned without the
+    stage named; with it (`swap`), the origin's own stage takes the lost span and the other stages are kept
+    (their sequences replayed), with no re-plan."""
     loop, config = asyncio.get_running_loop(), gguf_model().config
     lost = "c" if cut in ("c", "b->c") else "b"
     decodes = 0
@@ -189,17 +192,26 @@ async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
         return original(self, link, frame)
 
     def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
-        assert excluded == {lost}
+        assert excluded == {lost} and not swap
         last = "a" if lost == "c" else "c"
         return [RemoteStage(mesh.links["a"], loop, MODEL, config, LayerSpan(0, 10)),
                 RemoteStage(mesh.links["d"], loop, MODEL, config, LayerSpan(10, 20), direct=True),
                 RemoteStage(mesh.links[last], loop, MODEL, config, LayerSpan(20, 30), direct=last != "a")]
 
+    def replace(span: LayerSpan, excluded: frozenset[str]) -> RemoteStage:
+        assert excluded == {lost}
+        return RemoteStage(mesh.links["a"], loop, MODEL, config, span)  # stands in for the origin's own
+
     StageHost._link_frame = cut_in_step_three  # type: ignore[method-assign]
-    pipeline = SplitPipeline(config, mesh.stages(THREE), rebuild, chain=True)
+    stages = mesh.stages(THREE)
+    pipeline = SplitPipeline(config, stages, rebuild, chain=True, replace=replace if swap else None)
     try:
         assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 9) == expected
         assert [r.lost for r in pipeline.replans] == [lost]
+        if swap:  # the stages that were not lost are the same objects, in the same places
+            kept = [k for k, (name, _, _) in enumerate(THREE) if name != lost]
+            assert all(pipeline.stages[k] is stages[k] for k in kept)
+            assert [peer for peer, _ in pipeline.route()] == ["a" if p == lost else p for p, _, _ in THREE]
     finally:
         StageHost._link_frame = original  # type: ignore[method-assign]
         await blocking(pipeline.close)
