@@ -7,6 +7,7 @@ survives `kill -9` of either chained stage with the undisturbed text.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.mesh.split_nodes import SplitNode, start_nodes
 pytestmark = pytest.mark.timeout(400)
 
 PROMPT = "What is the capital of France?"
+PROMPTS = [PROMPT, "Name a primary colour.", "What do bees make?"]
 TOKENS = 10
 
 
@@ -54,6 +56,23 @@ def test_a_chained_split_equals_local_and_skips_the_origin(mesh3):
     assert timing[b.peer_id]["calls"] == 1, timing
     steps = reply["usage"]["completion_tokens"] - 1
     assert steps >= 3 and timing[c.peer_id]["chained"] == timing[c.peer_id]["calls"] - 1 == steps, timing
+    a.force(None)
+
+
+def test_concurrent_chained_requests_share_the_links(mesh3):
+    """Three requests at once: three chains through the same b → c link (c reads their steps back to back)
+    and each answer on its own origin link."""
+    a, b, c, _ = mesh3
+    a.force("local")
+    want = {p: a.chat(p, TOKENS)["choices"][0]["message"]["content"] for p in PROMPTS}
+    three_stages(a, b, c)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(pool.map(lambda p: a.chat(p, TOKENS), PROMPTS))
+    for prompt, reply in zip(PROMPTS, replies, strict=True):
+        assert reply["choices"][0]["message"]["content"] == want[prompt], reply
+        route = reply["shoal_route"]
+        assert route["replans"] == 0, route
+        assert {t["peer"]: t for t in route["stage_timing"]}[c.peer_id]["chained"] >= 1, route
     a.force(None)
 
 
