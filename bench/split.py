@@ -10,6 +10,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--no-deferred-delivery]  # the origin posts each step's tokens at once (A/B of models/idle.py)
         [--no-chain]      # [split] chain_stages off: every split step comes back to a (A/B of the chain)
         [--link-spin-us 1000]  # [split] link_spin_us: poll around a record's due time (A/B of split.arrival)
+        [--origin-spin-us 1000]  # the same on the origin only (the stages' workers sleep as before)
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
@@ -188,7 +189,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
                          prefix=[*network.exec_prefix(index), *cores[index]], host=network.address(index),
                          key=secret[:32])
 
-    a = node(0, "a", {})
+    origin_spin = {} if args.origin_spin_us is None else {"split": {"link_spin_us": args.origin_spin_us}}
+    a = node(0, "a", origin_spin)
     b = node(1, "b", {"mesh": {"bootstrap": [a.api]}})
     c = node(2, "c", {"mesh": {"bootstrap": [a.api]}})
     nodes = [a, b, c]
@@ -385,6 +387,8 @@ def main() -> int:
     parser.add_argument("--link-spin-us", type=int, default=0,
                         help="[split] link_spin_us on the nodes: poll for a direct link's next record around "
                              "when it is due (split.arrival; 0, the default: never)")
+    parser.add_argument("--origin-spin-us", type=int, default=None,
+                        help="[split] link_spin_us on the origin (a) only, overriding --link-spin-us there")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
     parser.add_argument("--netns", action="store_true",
