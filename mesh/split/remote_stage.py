@@ -384,7 +384,7 @@ class RemoteStage(StageDefaults):
         arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
         self._step += 1
         top_k = 1 if argmax else last._top_k
-        frame = wire.encode_input(self._step % 2**32, "forward", self._step, self._wire_ids(seq_ids), arr,
+        frame = wire.encode_input(self._step % 2**32, "chain", self._step, self._wire_ids(seq_ids), arr,
                                   top_k, fp16=self._fp16)
         started = time.perf_counter()
         for stage in chain:

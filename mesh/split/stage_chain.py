@@ -1,8 +1,10 @@
-"""The stage node's side of a chain (`split.chain`): what a `stage.open` says of the stages around it, and the
-node's own direct tensor links to the next stages, over which it passes a chain's decode steps on.
+"""The stage node's side of a chain (docs/split.md, *A chain instead of the star*): what a `stage.open` says
+of the stages around it, and the node's own direct tensor links to the next stages, over which it passes a
+chain's decode steps on.
 
 A chain is asked for by the origin: `stage.open` at c names `from` (b may feed this sequence `forward`
-frames), then `stage.open` at b names `next` {peer c, c's sequence}. b links to c as any origin links to a
+frames; c answers with the `feed` id b is to name it by), then `stage.open` at b names `next` {peer c, that
+feed id}. b links to c as any origin links to a
 stage — a `tensor.link` grant over the mesh's encrypted control channel, then the sealed TCP handshake — and
 keeps one link per next peer, shared by every chained sequence (b's worker is the only writer; c reads
 records back to back: `tensor_link.RecordStream`).

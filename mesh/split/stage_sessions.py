@@ -81,21 +81,21 @@ class Sessions:
         self._fed.clear()
 
     def find(self, peer: str, message: wire.TensorMessage, link: ServerLink | None) -> list[Session]:
-        """The sequences a frame from `peer` names: its own, or (a `forward` step on a direct link) those it
-        feeds. A direct link's frame from the origin makes that link the one its sequences answer on. Raises
-        FrameError."""
-        if message.op == "forward" and link is None:
+        """The sequences a frame from `peer` names: those it feeds by their `feed` ids (a `forward` step on a
+        direct link), else its own. A direct link's frame from the origin makes that link the one its
+        sequences answer on. Raises FrameError."""
+        if message.op in ("chain", "forward") and link is None:
             raise wire.FrameError(wire.BAD_TENSOR, "a chain's steps travel on direct tensor links")
-        found = [self._opened.get((peer, s)) for s in message.seqs]
-        if all(found):
-            if link is not None:
-                for session in found:
-                    session.reply_link = link  # type: ignore[union-attr]
-        elif message.op == "forward":
+        if message.op == "forward":
             found = [self._fed.get((peer, s)) for s in message.seqs]
             if any(s is not None and not s.chained and s.reply_link is None for s in found):
                 # its answer would have nowhere to go: refused before the stage runs it
                 raise wire.FrameError(wire.BAD_REQUEST, "the origin has not called this sequence directly")
+        else:
+            found = [self._opened.get((peer, s)) for s in message.seqs]
+            if link is not None and all(found):
+                for session in found:
+                    session.reply_link = link  # type: ignore[union-attr]
         sessions = [s for s in found if s is not None]
         if len(sessions) != len(found):
             missing = [s for s, session in zip(message.seqs, found, strict=True) if session is None]
@@ -103,7 +103,7 @@ class Sessions:
         first = sessions[0]
         if any(s.hosted is not first.hosted for s in sessions):
             raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-        if message.op == "forward" and any(
+        if message.op in ("chain", "forward") and any(
                 (s.origin, s.chained, s.place.next_peer, s.reply_link)
                 != (first.origin, first.chained, first.place.next_peer, first.reply_link) for s in sessions):
             raise wire.FrameError(wire.BAD_TENSOR, "one chain step's sequences must share their chain")

@@ -9,8 +9,8 @@ Control frames (registered with `mesh.protocol.register_control_type` on import)
   that does not hold the model fetches only that span's bytes by `cid` (IPFS ranged reads); refused with an
   error frame (codes below). A chain (`split.stage_chain`): `from` (a peer id) lets that peer feed the
   sequence `forward` frames, under the u32 `feed` the reply gives (the host's choice); `next` {peer, seq:
-  that peer's `feed`} asks this node to pass its output for `forward` frames on to that sequence over a
-  direct tensor link of its own — `chained` says whether it could link to it.
+  that peer's `feed`} asks this node to pass its output for `chain`/`forward` frames on to that sequence
+  over a direct tensor link of its own — `chained` says whether it could link to it.
 - `stage.close` {seq} → reply {} or {receipt} — forget the sequence (idempotent); a node that keeps a ledger
   returns the sequence's usage receipt (kind `stage`, request `stage-<seq>`, tokens_in = rows prefilled,
   tokens_out = decode steps), which the origin checks, countersigns and sends back as `stage.receipt`
@@ -38,7 +38,7 @@ Tensor frames (binary kind `TENSOR` on the `tensors` channel, or records on a di
 request_id = a call id, unique per link and direction; no metadata) are a small fixed binary header + raw
 little-endian array bytes — read with one `struct` call, no JSON on the per-token path:
 
-    origin → stage: INPUT_HEAD  = op (1 prefill, 2 decode, 6 forward: a chain's decode step), dtype,
+    origin → stage: INPUT_HEAD  = op (1 prefill, 2 decode, 7 chain / 6 forward: a chain's step), dtype,
                                   reply dtype (hidden states come back as f32 or f16), ndim (1 or 2),
                                   step, rows, cols (1 when ndim is 1), top_k, n = number of sequences
                     then n × u32 sequence ids, then rows × cols values
@@ -183,9 +183,11 @@ NEXT_LOST = "next_lost"
 
 DTYPES: dict[int, np.dtype] = {1: np.dtype("<i4"), 2: np.dtype("<f4"), 3: np.dtype("<f2")}
 I32, F32, F16 = 1, 2, 3
-OPS_IN = {"prefill": 1, "decode": 2, "forward": 6}
-"""`forward`: a decode step of a chain (`split.chain`): the stage passes its output to the next stage of the
-sequence, or (the chain's last) answers the sequence's origin."""
+OPS_IN = {"prefill": 1, "decode": 2, "forward": 6, "chain": 7}
+"""A chain's decode step (`split.stage_chain`): `chain` from the origin to the chain's first stage, `forward`
+from a stage to the next (it names the sequences by their `feed` ids there). A stage passes its output on to
+the next stage of the sequence, or (the chain's last) answers the sequence's origin. The two ops keep the ids
+apart: a `forward` frame names fed sequences only, every other frame the sender's own."""
 OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")

@@ -180,7 +180,7 @@ async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
 
     def cut_in_step_three(self: StageHost, link: tls.ServerLink, frame) -> bool:
         nonlocal decodes
-        if self is mesh.hosts["b"] and wire.decode_input(frame).op == "forward":
+        if self is mesh.hosts["b"] and wire.decode_input(frame).op == "chain":
             decodes += 1
             if decodes == 3:
                 if cut == "c":
@@ -243,9 +243,12 @@ async def test_chain_frames_that_break_the_rules_are_refused(mesh: Mesh) -> None
         assert error_code(await blocking(feeder.call, step, 5.0)) == wire.BAD_REQUEST
         session = host._sessions.get("a", 2)
         assert session is not None and session.hosted.stage.sequence_length(session.local_id) == 0
-        # the origin's own forward step to the last stage is answered on its link, as a decode
-        reply = await blocking(origin.call, wire.encode_input(2, "forward", 1, [2], hidden, 1), 5.0)
+        # the origin's own chain step to a stage that does not pass it on is answered on its link, as a decode
+        reply = await blocking(origin.call, wire.encode_input(2, "chain", 1, [2], hidden, 1), 5.0)
         assert reply_fields(reply.payload)["op"] == "logits"
+        # a feeder's step names fed sequences only: the same number as the origin's own is not the origin's
+        assert error_code(await blocking(origin.call, wire.encode_input(3, "forward", 2, [2], hidden, 1),
+                                         5.0)) == wire.UNKNOWN_SEQUENCE
     finally:
         for client in (stranger, origin, feeder):
             client.close()
