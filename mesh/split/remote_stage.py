@@ -445,4 +445,3 @@ class RemoteStage(StageDefaults):
 
     def __repr__(self) -> str:
         return f"RemoteStage({self.peer[:12]}, {self.model}, layers {self.span})"
-

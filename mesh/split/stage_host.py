@@ -70,7 +70,8 @@ class StageHost:
         a built stage holds (`HostedStage.nbytes`); `limit()`: the bytes the hosted stages may hold together —
         past it, idle stages are closed (least recently used first) after each new one is built.
         `link_spin_s`: the worker's poll budget while direct links stream decode steps (`split.arrival`).
-        `connect_next`: opens a direct tensor link to a peer for chains (`split.chain`); None: never chain."""
+        `connect_next`: opens a direct tensor link to a peer for chains (`split.stage_chain`); None: never
+        chain."""
         self._sizer = sizer
         self._limit = limit
         self._ledger = ledger

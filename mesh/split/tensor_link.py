@@ -197,8 +197,13 @@ class RecordStream:
         self._data = bytearray()
 
     def buffered(self) -> bool:
-        """A whole record is waiting here (read it without waiting on the socket)."""
-        return split_record(self._data) is not None
+        """A whole record — or bytes that cannot start one — is waiting here: `read` it without waiting on
+        the socket (it raises for the latter). Never raises itself (the stage worker calls it between
+        records)."""
+        try:
+            return split_record(self._data) is not None
+        except LinkError:
+            return True
 
     def read(self) -> bytes:
         """The next record's plaintext; raises LinkError."""
@@ -332,11 +337,16 @@ class TensorLinkClient:
     def usable_one_way(self) -> bool:
         """Whether this link, used one way (`send`: nothing ever comes back), is still open: its socket turns
         readable once the peer closed it — which a send would not notice (it succeeds once, into the void).
-        A link the peer closed is released."""
-        with self._lock:
+        A link the peer closed is released. Never waits (the event loop calls it): while the worker is
+        sending on the link, the link is in use, and that send finds out for itself."""
+        if not self._lock.acquire(blocking=False):
+            return not self._closed
+        try:
             if not self._closed and select.select([self._sock], [], [], 0)[0]:
                 self._release()
             return not self._closed
+        finally:
+            self._lock.release()
 
     def send(self, frame: BinaryFrame) -> None:
         """One-way: a frame answered elsewhere — a chained stage passing its output to the next stage, whose
@@ -389,12 +399,12 @@ def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: f
                dead: Callable[[], int | None] = lambda: None,
                poll_s: float = SplitConfig.link_alive_poll_s, sent: Callable[[], None] | None = None
                ) -> tuple[int, BinaryFrame]:
-    """A decode step through a chain of stages (`split.chain`): send `frame` on the first link; the answer
-    comes back on the last one (the chain's last stage answers the origin), and an error frame on the link of
-    whichever stage failed. Returns (the index of the link the frame came on, the frame). While waiting it
-    watches every link (a stage that dies resets its own) and polls `dead()`: the index of a stage whose peer
-    the mesh lost, or None. Raises `ChainLinkError` naming
-    the link that failed (that link is closed; a timeout names the last)."""
+    """A decode step through a chain of stages (`split.stage_chain`): send `frame` on the first link; the
+    answer comes back on the last one (the chain's last stage answers the origin), and an error frame on the
+    link of whichever stage failed. Returns (the index of the link the frame came on, the frame). While
+    waiting it watches every link (a stage that dies resets its own) and polls `dead()`: the index of a stage
+    whose peer the mesh lost, or None. Raises `ChainLinkError` naming the link that failed (that link is
+    closed; a timeout names the last)."""
     last = len(clients) - 1
     with contextlib.ExitStack() as held:
         for client in clients:

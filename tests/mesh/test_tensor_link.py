@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 import threading
@@ -298,6 +299,46 @@ async def test_records_back_to_back_are_answered_in_order(served) -> None:
         assert {error_code(a) for a in answers} == {wire.UNKNOWN_SEQUENCE}
     finally:
         sock.close()
+
+
+async def test_a_bad_length_behind_a_good_record_ends_the_link_and_the_worker_lives(served) -> None:
+    """The worker looks for a second record behind the one it answered: a length out of bounds there ends
+    the link (the good record still answered), never the worker thread."""
+    hosts, server, _ = served
+    sock, sealer = raw_link(server)
+    try:
+        frame = tl.encode_frame(BinaryFrame(TENSOR, 1, {}, raw_input(seqs=(1,))))
+        sock.sendall(sealer.seal(frame) + struct.pack("<I", tl.MAX_RECORD + 1))
+        assert error_code(tl.decode_frame(tl.read_record(sock, sealer))) == wire.UNKNOWN_SEQUENCE
+        assert sock.recv(100) == b""  # then the stage node closed the link
+    finally:
+        sock.close()
+    await hosts["b"].open("b", {"model": MODEL, "span": "15:30", "seq": 1})
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    hidden = np.zeros((1, gguf_model().config.hidden_size), np.float32)
+    try:  # the worker still serves other links
+        reply = await blocking(client.call, wire.encode_input(1, "decode", 1, [1], hidden), 5.0)
+        assert reply_fields(reply.payload)["op"] == "logits"
+    finally:
+        client.close()
+
+
+async def test_a_one_way_link_in_use_is_not_waited_for(served) -> None:
+    """`usable_one_way` runs on the event loop: while another thread holds the link (a send in progress) it
+    answers at once instead of waiting for the lock."""
+    _, server, _ = served
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    try:
+        with client._lock:
+            started = time.monotonic()
+            assert client.usable_one_way()
+            assert time.monotonic() - started < 1.0
+        assert client.usable_one_way()
+        server.drop_peer("b")  # the stage node closes it: its end turns readable here
+        await blocking(select.select, [client._sock], [], [], 5.0)
+        assert not client.usable_one_way()
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("fault", ["forged", "oversized", "garbage"])
