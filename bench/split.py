@@ -4,6 +4,9 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
     python bench/split.py [--tokens 32] [--runs 3] [--backend numpy] [--skip-unpinned] [--skip-pinned]
         [--recovery-only --recovery-rounds 5]  # kill -9 of a split stage and of an offload target, per round
         [--one-core]      # also every node on core 0: the pipeline's own cost, without the cores' speeds
+        [--swapped]       # also a on core 1, b+c on core 0, and the two layouts' geometric mean (equal cores)
+        [--client-core 1] # pin this process (the client) to core 1 (mirrored in the swapped layout)
+        [--companion]     # an idle fourth member on a's core: each core then hosts two nodes (equal cores)
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
@@ -82,14 +85,17 @@ def load_trace(base: Path, nodes: list[SplitNode]) -> list[tuple[float, str]]:
     return events
 
 
-def hop_table(events: list[tuple[float, str]], start: float, stop: float) -> list[tuple[int, str, float]]:
-    """Median time between consecutive hop events of the decode steps in [start, stop), for the most common
-    sequence of events per step, plus the time from one step's end to the next step's start."""
+def hop_table(events: list[tuple[float, str]], start: float, stop: float, origin: str = "a"
+              ) -> list[tuple[int, str, float]]:
+    """Median time between consecutive hop events of the decode steps in [start, stop) of the engine at node
+    `origin`, for the most common sequence of events per step, plus the time from one step's end to the next
+    step's start."""
+    first = f"{origin}:e.step_start"
     steps: list[list[tuple[float, str]]] = []
     for at, name in events:
         if not start <= at < stop:
             continue
-        if name == "a:e.step_start":
+        if name == first:
             steps.append([])
         if steps:
             steps[-1].append((at, name))
@@ -107,7 +113,7 @@ def hop_table(events: list[tuple[float, str]], start: float, stop: float) -> lis
     last = len(shape) - 1
     pairs = enumerate(itertools.pairwise(shape))
     rows = [(i, f"{a} -> {b}", statistics.median(gaps[i])) for i, (a, b) in pairs]
-    rows.append((last, f"{shape[-1]} -> next a:e.step_start", statistics.median(gaps[last])))
+    rows.append((last, f"{shape[-1]} -> next {first}", statistics.median(gaps[last])))
     return rows
 
 
@@ -148,18 +154,26 @@ PLACEMENTS = {
     "pinned": ("a: core 0, b+c: core 1", (CORE_0, CORE_1, CORE_1)),
     "unpinned": ("unpinned", (OWN, OWN, OWN)),
     "one-core": ("a, b, c: core 0", (CORE_0, CORE_0, CORE_0)),
+    "swapped": ("a: core 1, b+c: core 0", (CORE_1, CORE_0, CORE_0)),
 }
 """Where the node processes run, each in a session of its own (`setsid`): the kernel's autogroup scheduling
 shares the CPU fairly between sessions, so nodes left in the bench's one session would share one session's
 share of a machine that other work keeps busy — two stages on two cores then get half a core's worth each,
 as devices of their own would not. `one-core` measures what the pipeline itself costs: the stages take turns
-on the core the local run uses, so no difference between the two cores' speeds enters the ratio."""
+on the core the local run uses, so no difference between the two cores' speeds enters the ratio. `swapped`
+mirrors `pinned`; see `counterbalanced`."""
 
 
-def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
+    """Runs one placement's rows and prints its table; returns each route's median per-round ratio to local
+    (empty for the recovery rows)."""
     secret = os.urandom(32).hex()
     base = Path(tempfile.mkdtemp(prefix=f"shoal-bench-split-{label}-"))
     placement, cores = PLACEMENTS[label]
+    if args.client_core is not None:
+        client_core = 1 - args.client_core if label == "swapped" else args.client_core
+        os.sched_setaffinity(0, {client_core})
+        placement += f", client: core {client_core}"
     network = host_network(args) if args.netns else None
     delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
     instruments = ["--delay-ms", str(delay)]
@@ -194,6 +208,9 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
     b = node(1, "b", {"mesh": {"bootstrap": [a.api]}})
     c = node(2, "c", {"mesh": {"bootstrap": [a.api]}})
     nodes = [a, b, c]
+    if args.companion:  # idle, as c is while b serves local@b; no route names it
+        nodes.append(node(0, "d", {"mesh": {"bootstrap": [a.api]}}))
+        placement += ", idle d: a's core"
     try:
         start_nodes(nodes, secret)
     except BaseException:
@@ -201,15 +218,16 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             network.close()
         raise
     results: dict[str, tuple[float, float]] = {}
+    round_ratios: dict[str, float] = {}
     try:
-        wait_until(lambda: {b.peer_id, c.peer_id} <= set(a.peers()), 60, "links")
+        wait_until(lambda: {n.peer_id for n in nodes[1:]} <= set(a.peers()), 60, "links")
         if args.recovery_only:
             routes_now = {"3-stage": ("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30")),
                           "offload": ("offload", (b.peer_id, "0:30"))}
             print(f"\n## {label} ({placement}), backend {args.backend}, {args.tokens} tokens")
             recovery_rows(a, {"3-stage": (c, routes_now["3-stage"]), "offload": (b, routes_now["offload"])},
                           nodes, secret, args)
-            return results
+            return round_ratios
         routes = {
             "local": ("local",),
             "offload": ("offload", (b.peer_id, "0:30")),
@@ -250,29 +268,37 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
         for name, (ttft, rate) in results.items():
             # each round runs every route back to back: its ratio is untouched by the machine's slow drifts
             ratios = sorted(mine[1] / local[1] for mine, local in zip(runs[name], runs["local"], strict=True))
+            round_ratios[name] = statistics.median(ratios)
             low, high = quantile(ratios, 0.25), quantile(ratios, 0.75)
             spread = f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
             extra = f"{statistics.median(overhead[name]) * 1000:19.2f}" if overhead[name] else f"{'-':>19}"
             print(f"{name:10} {ttft * 1000:9.1f} {rate:13.2f} {rate / local_rate:8.2f}x {spread:>20} {extra}")
-        own = sorted(off[1] / at_b[1] for off, at_b in zip(runs["offload"], runs["local@b"], strict=True))
-        print(f"offload vs local@b (b's own decode, the same core as the offloaded compute): "
-              f"{results['offload'][1] / results['local@b'][1]:.2f}x of the medians, median per-round ratio "
-              f"{statistics.median(own):.2f}x ({quantile(own, 0.25):.2f}-{quantile(own, 0.75):.2f})")
+        # b's core runs all of an offload's compute and most of a split's (the head's stage); b shares its
+        # core with c, and on this VM a node alone on its core (a) decodes 3-8% slower than one that shares
+        # it: local@b is the stricter baseline for every row
+        for name, why in (("offload", "b's own decode, the same core as the offloaded compute"),
+                          ("2-stage", "the core of most of the compute"),
+                          ("3-stage", "the core of most of the compute")):
+            own = sorted(mine[1] / at_b[1] for mine, at_b in zip(runs[name], runs["local@b"], strict=True))
+            print(f"{name} vs local@b ({why}): {results[name][1] / results['local@b'][1]:.2f}x of the "
+                  f"medians, median per-round ratio {statistics.median(own):.2f}x "
+                  f"({quantile(own, 0.25):.2f}-{quantile(own, 0.75):.2f})")
         over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
         print(f"offload TTFT overhead: {over_a:.1f} ms against a's local run, {over_b:.1f} ms against b's "
               "own (the same device and core as the offloaded compute)")
         if args.trace:
             events = load_trace(base, nodes)
-            for name in ("local", "2-stage", "3-stage"):
+            for name in ("local", "2-stage", "3-stage", "local@b"):
+                who = "b" if name == "local@b" else "a"
                 rows: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
                 for began, ended in windows[name]:
-                    for index, hop, seconds in hop_table(events, began, ended):
+                    for index, hop, seconds in hop_table(events, began, ended, who):
                         rows[index, hop].append(seconds)
                 print(f"\n{name}: median time per hop of a decode step (us)")
                 for (_, hop), values in sorted(rows.items()):
                     print(f"  {statistics.median(values) * 1e6:8.0f}  {hop}")
                 steps = sorted(t2 - t1 for began, ended in windows[name] for t1, t2 in itertools.pairwise(
-                    at for at, event in events if event == "a:e.step_start" and began <= at < ended))
+                    at for at, event in events if event == f"{who}:e.step_start" and began <= at < ended))
                 if steps:
                     q = [quantile(steps, f) * 1000 for f in (0.5, 0.9, 0.99)]
                     print(f"  step ms: median {q[0]:.2f}, p90 {q[1]:.2f}, p99 {q[2]:.2f}, "
@@ -298,7 +324,24 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, tuple[float, 
             print(f"node data dirs and logs kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)  # node data dirs: ~280 MB each run
-    return results
+    return round_ratios
+
+
+def counterbalanced(pinned: dict[str, float], swapped: dict[str, float]) -> None:
+    """Prints each route's ratio to local as the geometric mean of the two mirrored layouts. The cores of a VM
+    need not run at one speed (local@b has ranged 0.89-1.13x here), and in `pinned` the remote stages all run
+    on core 1: a faster core 1 lifts the split rows, a slower one sinks them. `swapped` turns the difference
+    round. If core 1 is s times as fast and the origin's stage does a share f of the compute, pinned scales
+    the equal-cores ratio by 1 / (f + (1 - f) / s) and swapped by 1 / (f + (1 - f) s); their product is
+    1 / (1 + f (1 - f) (s - 1)^2 / s), so the geometric mean is the equal-cores ratio to second order in
+    s - 1 (s = 1.08, f = 1/4: within 0.1%)."""
+    print("\n## counterbalanced: geometric mean of pinned (a: core 0) and swapped (a: core 1), "
+          "median per-round ratios to local")
+    print(f"{'route':10} {'pinned':>8} {'swapped':>8} {'equal cores':>12}")
+    for name in ("offload", "2-stage", "3-stage", "local@b"):
+        if name in pinned and name in swapped:
+            mean = (pinned[name] * swapped[name]) ** 0.5
+            print(f"{name:10} {pinned[name]:7.2f}x {swapped[name]:7.2f}x {mean:11.2f}x")
 
 
 def _serving(origin: SplitNode, node: SplitNode) -> bool:
@@ -391,6 +434,16 @@ def main() -> int:
                         help="[split] link_spin_us on the origin (a) only, overriding --link-spin-us there")
     parser.add_argument("--one-core", action="store_true",
                         help="also run every node on core 0 (the pipeline's own cost, without core speed)")
+    parser.add_argument("--swapped", action="store_true",
+                        help="also run a on core 1 and b+c on core 0, and print each route's geometric mean "
+                             "of the two layouts (the cores' speeds cancel)")
+    parser.add_argument("--client-core", type=int, choices=(0, 1),
+                        help="pin this process, the client reading every stream, to a core (in the swapped "
+                             "layout to the other one); unpinned it tends to share the origin's core, which "
+                             "slows a's local run more than a split, where a's core waits on the stages")
+    parser.add_argument("--companion", action="store_true",
+                        help="run an idle fourth member on a's core: on this VM a node alone on its core "
+                             "decodes 3-8%% slower than one that shares it with an idle node (local@b > 1)")
     parser.add_argument("--netns", action="store_true",
                         help="run each node in its own network namespace behind a 50 Mbit/s tbf link (root)")
     parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
@@ -399,8 +452,9 @@ def main() -> int:
     parser.add_argument("--switch-interval-ms", type=float,
                         help="the nodes' GIL switch interval (default: CPython's 5 ms, as `shoal node`)")
     args = parser.parse_args()
-    if not args.skip_pinned:
-        run_setting("pinned", args)
+    pinned = {} if args.skip_pinned else run_setting("pinned", args)
+    if args.swapped:
+        counterbalanced(pinned, run_setting("swapped", args))
     if not args.skip_unpinned:
         run_setting("unpinned", args)
     if args.one_core:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.tui.launcher import NodeProcess, probe, start_node
 
+from tests.nodes import free_port
+
 NODE_NAME = "tui-test-node"
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -13,16 +12,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.nodes import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 JSIPFS_DIR = REPO_ROOT / ".cache" / "jsipfs"
 JSIPFS_BIN = JSIPFS_DIR / "node_modules" / ".bin" / "jsipfs"
 INSTALL_HINT = "run scripts/install_ipfs_oracle.sh (scripts/install.sh test does) to install js-ipfs from npm"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class JsIpfsUnavailable(RuntimeError):
