@@ -6,7 +6,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--one-core]      # also every node on core 0: the pipeline's own cost, without the cores' speeds
         [--swapped]       # also a on core 1, b+c on core 0, and the two layouts' geometric mean (equal cores)
         [--client-core 1] # pin this process (the client) to core 1 (mirrored in the swapped layout)
-        [--companion]     # an idle fourth member on a's core: each core then hosts two nodes (equal cores)
+        [--no-companion]  # no idle fourth member on a's core (by default each core hosts two nodes)
         [--delay-ms 10]   # 20 ms RTT links, emulated in process (no netem on this kernel)
         [--trace]         # also print where a decode step's time goes, hop by hop (median per hop)
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
@@ -20,9 +20,11 @@ namespace) linked over WebRTC; node a takes every request through its OpenAI end
 with a forced route; routes are measured round robin. `local@b` is node b serving the same request itself:
 the offload's TTFT overhead is given against a's local run and against b's (the same core as the offloaded
 compute: the two cores of a VM need not run at the same speed).
-Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete). Prints
-one table per setting and ratios to local: of the medians, and the median of each round's ratio (every
-route runs back to back in a round, so the machine's slow drifts in speed cancel there).
+Pinned: a on core 0, b and c on core 1 (one stage computes at a time, so b and c never compete), and an
+idle fourth member d on core 0, so that each core hosts two nodes (`--companion`: without d, a decodes 3-8%
+slower than b on either core). Prints one table per setting and ratios to local: of the medians, and the
+median of each round's ratio (every route runs back to back in a round, so the machine's slow drifts in
+speed cancel there); every row also against local@b.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
     b = node(1, "b", {"mesh": {"bootstrap": [a.api]}})
     c = node(2, "c", {"mesh": {"bootstrap": [a.api]}})
     nodes = [a, b, c]
-    if args.companion:  # idle, as c is while b serves local@b; no route names it
+    if args.companion and label in ("pinned", "swapped"):  # idle, as c is while b serves local@b
         nodes.append(node(0, "d", {"mesh": {"bootstrap": [a.api]}}))
         placement += ", idle d: a's core"
     try:
@@ -441,9 +443,11 @@ def main() -> int:
                         help="pin this process, the client reading every stream, to a core (in the swapped "
                              "layout to the other one); unpinned it tends to share the origin's core, which "
                              "slows a's local run more than a split, where a's core waits on the stages")
-    parser.add_argument("--companion", action="store_true",
-                        help="run an idle fourth member on a's core: on this VM a node alone on its core "
-                             "decodes 3-8%% slower than one that shares it with an idle node (local@b > 1)")
+    parser.add_argument("--companion", action=argparse.BooleanOptionalAction, default=True,
+                        help="an idle fourth member, d, on a's core in the pinned and swapped layouts "
+                             "(default), so that each core hosts two nodes: on this VM a node alone on its "
+                             "core decodes 3-8%% slower than one sharing it with an idle node, which made "
+                             "a's local run the slow one (local@b > 1) and flattered every split row")
     parser.add_argument("--netns", action="store_true",
                         help="run each node in its own network namespace behind a 50 Mbit/s tbf link (root)")
     parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
