@@ -34,6 +34,11 @@ to its HTTP client), on the CPU that computes its own: that divides its speed by
   where `in`/`out` are the bytes a stage receives and returns per step (4 for a token id, 4·hidden for a
   hidden state, `logit_bytes` for the last stage);
   ttft = Σ_i prefill_i(P, span_i) + Σ_{remote i} (chunks · rtt_i + P · (in_i + out_i) / bandwidth_i).
+  With `chain` (`[split] chain_stages`: decode steps pass from one remote stage straight to the next,
+  docs/split.md "A chain instead of the star"), each boundary between two remote stages on different peers
+  whose RTT to each other one of them advertises (`Device.peer_rtts`, its advert's `links`) costs
+  rtt_{i,i+1} / 2 + 4·hidden / min(bandwidth_i, bandwidth_{i+1}) a token instead of the star's
+  rtt_i / 2 + rtt_{i+1} / 2 + 2 · 4·hidden transfers; prefill still goes through the origin.
 
   ttlt = ttft + (max_tokens − 1) · per_token is what is minimised.
 """
@@ -41,6 +46,7 @@ to its HTTP client), on the CPU that computes its own: that divides its speed by
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -193,6 +199,9 @@ class Device:
     """Whether an offload's tokens from this peer would come over a direct link (`split.offload_link`): the
     local node makes offload links (`[split] direct_tensors` and `offload_link`), the peer advertises an API
     address, and no link to it failed lately. Picks the link's per-token constants over the channel's."""
+    peer_rtts: tuple[tuple[str, float], ...] = ()
+    """(peer id, RTT seconds) of this device's own links to other members (a peer's advert `links`): what a
+    chain's hop from it to the next stage costs (`predict(chain=True)`)."""
     held: tuple[LayerSpan, ...] = ()
     """Spans of this model the device holds loaded as stages (a peer's advert `shards`, the local node's stage
     host: `split.held_spans`): a stage of exactly one of them needs no new memory there (its bytes are out of
@@ -217,6 +226,8 @@ class Device:
             raise ValueError(f"device {self.id}: batch_steps must be finite numbers >= 1")
         if not 0 <= self.relay_share <= MAX_RELAY_SHARE:  # also rejects NaN
             raise ValueError(f"device {self.id}: relay_share must be in [0, {MAX_RELAY_SHARE}]")
+        if any(not math.isfinite(rtt) or rtt < 0 for _, rtt in self.peer_rtts):
+            raise ValueError(f"device {self.id}: peer_rtts must be finite numbers >= 0")
 
     @property
     def is_local(self) -> bool:
@@ -298,13 +309,37 @@ def _stage_cost(
     return prefill, per_token
 
 
-def predict(shape: ModelShape, request: Request, stages: Sequence[tuple[Device, LayerSpan]]) -> Prediction:
-    """Predicted TTFT, per-token time and time-to-last-token of running `stages` in order."""
+def predict(shape: ModelShape, request: Request, stages: Sequence[tuple[Device, LayerSpan]],
+            chain: bool = False) -> Prediction:
+    """Predicted TTFT, per-token time and time-to-last-token of running `stages` in order; `chain`: decode
+    steps pass between consecutive remote stages directly where their RTT is known."""
     prefill = per_token = 0.0
     for device, span in stages:
         p, t = _stage_cost(shape, request, device, span)
         prefill, per_token = prefill + p, per_token + t
+    if chain:
+        per_token += sum(chain_saving(shape, a, b) for (a, _), (b, _) in itertools.pairwise(stages))
     return Prediction(prefill, per_token, prefill + (request.max_tokens - 1) * per_token)
+
+
+def rtt_between(a: Device, b: Device) -> float | None:
+    """The RTT of the two peers' own link, as either advertises it (the lower, if both do), or None."""
+    known = [rtt for device, other in ((a, b), (b, a)) for peer, rtt in device.peer_rtts if peer == other.id]
+    return min(known) if known else None
+
+
+def chain_saving(shape: ModelShape, a: Device, b: Device) -> float:
+    """Per-token seconds a chain changes at the boundary from stage device `a` to the next, `b` (negative: it
+    saves): one hop between them instead of a's answer to the origin and the origin's call to b. 0 unless both
+    are peers, different ones, and their RTT is known."""
+    if a.is_local or b.is_local or a.id == b.id:
+        return 0.0
+    direct = rtt_between(a, b)
+    if direct is None:
+        return 0.0
+    hidden = 4 * shape.hidden_size
+    star = (a.rtt_s + b.rtt_s) / 2 + hidden / a.bandwidth_bps + hidden / b.bandwidth_bps
+    return direct / 2 + hidden / min(a.bandwidth_bps, b.bandwidth_bps) - star
 
 
 def predict_offload(shape: ModelShape, request: Request, device: Device) -> Prediction:

@@ -164,6 +164,27 @@ def advert_loaded(advert: dict[str, Any], model: str, cid: str | None) -> bool:
                for name in advert_in_use(advert))
 
 
+MAX_LINKS = 64
+"""Links read from a peer's advert (`links`: {peer id: RTT ms}); a mesh of more members plans with the rest
+unknown (a chain hop with no known RTT is costed as the star)."""
+MAX_LINK_RTT_MS = 60_000.0
+
+
+def advert_links(value: Any) -> tuple[tuple[str, float], ...]:
+    """A peer's advertised links as (peer id, RTT seconds): string ids, RTTs that are numbers in
+    [0, `MAX_LINK_RTT_MS`]; the rest (unmeasured links, junk) is left out."""
+    if not isinstance(value, dict):
+        return ()
+    links = []
+    for peer, rtt_ms in value.items():
+        if len(links) == MAX_LINKS:
+            break
+        number = isinstance(rtt_ms, int | float) and not isinstance(rtt_ms, bool)
+        if isinstance(peer, str) and peer and number and 0 <= rtt_ms <= MAX_LINK_RTT_MS:
+            links.append((peer, rtt_ms / 1000))
+    return tuple(links)
+
+
 def advert_battery(advert: dict[str, Any]) -> float | None:
     """The advert's `battery` percent (gossip's field: a number, or null on mains power), clamped to 0–100;
     None when absent or junk (a device without a battery is never held back by a battery floor)."""
@@ -179,9 +200,9 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
     that are still running: the advert lags), `split` (serves others, memory budget, whether its engine has
     the model loaded: `in_use` naming it or its `cid`, which holds it too), `battery`, and —
     given the model's `num_layers` — the spans of it (by name or `cid`) it holds loaded (`shards`:
-    `split.held_spans`). `offload_link`: an offload's tokens from it would come over a direct link (what
-    this node knows: its `OffloadClient.links_to`). Junk fields read as absent; ValueError when the result
-    is not a valid device."""
+    `split.held_spans`), and its own links' RTTs (`links`). `offload_link`: an offload's tokens from it
+    would come over a direct link (what this node knows: its `OffloadClient.links_to`). Junk fields read as
+    absent; ValueError when the result is not a valid device."""
     split = advert_table(advert.get("split"))
     speed = advert_table(advert_table(advert.get("speed")).get(model))
     battery = advert_battery(advert)
@@ -208,6 +229,7 @@ def advert_device(peer_id: str, advert: dict[str, Any], model: str, *, holds: bo
         holds_model=holds or loaded,
         fetch_bps=fetch_bps,
         offload_link=offload_link,
+        peer_rtts=advert_links(advert.get("links")),
         held=advert_held(advert, model, cid, num_layers) if num_layers > 0 else (),
         loaded=loaded,
     )

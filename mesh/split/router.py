@@ -222,7 +222,8 @@ class Router:
         chosen = sched.plan(shape, request, local if holds or choice.mode != "local" else None, peers,
                             planning, exclude=exclude,
                             max_stages=stages, kinds=kinds, prefer=self.peer_ids(choice.prefer),
-                            margin=gain / 100 if automatic and holds else 0.0)
+                            margin=gain / 100 if automatic and holds else 0.0,
+                            chain=settings.chain_stages and settings.direct_tensors)
         if automatic and holds and not exclude:
             self._away[model] = chosen.kind != "local"
         where = [(a.device[:12], str(a.span)) for a in chosen.stages]

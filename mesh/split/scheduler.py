@@ -136,7 +136,8 @@ def _eligible(devices: Iterable[Device], policy: PolicyConfig, exclude: frozense
 
 
 def _best_split(
-    shape: ModelShape, request: Request, devices: Sequence[Device], policy: PolicyConfig, max_stages: int
+    shape: ModelShape, request: Request, devices: Sequence[Device], policy: PolicyConfig, max_stages: int,
+    chain: bool = False,
 ) -> Plan | None:
     best: Plan | None = None
     fastest = sorted(devices, key=lambda d: (-d.decode_tps, d.id))
@@ -153,7 +154,7 @@ def _best_split(
                 if counts is None:
                     continue
                 stages = list(zip(order, spans_of(counts), strict=True))
-                prediction = predict(shape, request, stages)
+                prediction = predict(shape, request, stages, chain)
                 plan = Plan("split", tuple(Assignment(d.id, s) for d, s in stages), prediction)
                 if best is None or prediction.ttlt_s < best.prediction.ttlt_s - 1e-12:
                     best = plan
@@ -206,6 +207,7 @@ def plan(
     kinds: Iterable[PlanKind] | None = None,
     prefer: Sequence[str] = (),
     margin: float = 0.0,
+    chain: bool = False,
 ) -> Plan:
     """The plan with the least predicted time-to-last-token, under `policy`; raises `NoPlanError`.
 
@@ -214,7 +216,8 @@ def plan(
     own route; `prefer_local` then only applies when `local` is among them). `prefer` ranks plans that use
     those devices first, in that order (a split then draws its peers from them when any is usable).
     `margin` (0 <= margin < 1): with `kinds` and `prefer` unset, a plan that leaves the local node must be
-    predicted to finish at least that fraction sooner than running locally (hysteresis).
+    predicted to finish at least that fraction sooner than running locally (hysteresis). `chain`: a split's
+    decode steps pass between its remote stages directly (`[split] chain_stages`; `cost_model.predict`).
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
@@ -247,7 +250,7 @@ def plan(
     if "split" in allowed:
         favoured = [d for d in usable if d.is_local or d.id in prefer]
         pool = favoured if any(not d.is_local for d in favoured) else usable
-        split = _best_split(shape, request, pool, policy, max_stages)
+        split = _best_split(shape, request, pool, policy, max_stages, chain)
         if split is not None:
             options.append(split)
     options = [p for p in options if p.kind in allowed]

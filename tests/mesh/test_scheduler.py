@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from shoal.mesh.split.cost_model import request_memory
+from shoal.mesh.split.cost_model import predict, request_memory
 from shoal.mesh.split.partition import allocate_fastest_first, allocate_proportional
+from shoal.mesh.split.plan_inputs import MAX_LINKS, advert_device, advert_links
 from shoal.mesh.split.policy import PolicyConfig
 from shoal.mesh.split.scheduler import (
     LOCAL,
@@ -188,6 +189,49 @@ def test_three_stage_split_when_two_do_not_fit() -> None:
     mem = 55 * MiB
     p = plan(SHAPE, REQ, dev(LOCAL, mem=mem), [dev("a", mem=mem), dev("b", mem=mem)], OPEN)
     assert p.kind == "split" and len(p.stages) == 3 and tiles(p.stages, 30)
+
+
+def test_a_chain_costs_one_hop_between_remote_stages_whose_rtt_is_known() -> None:
+    far = 0.020  # origin to each peer; the two peers are close to each other
+    b = dev("b", rtt_s=far, peer_rtts=(("c", 0.002),))
+    c = dev("c", rtt_s=far)
+    stages = [(dev(LOCAL), LayerSpan(0, 10)), (b, LayerSpan(10, 20)), (c, LayerSpan(20, 30))]
+    star, chained = predict(SHAPE, REQ, stages), predict(SHAPE, REQ, stages, chain=True)
+    hidden = 4 * SHAPE.hidden_size
+    # the star: b answers the origin, which calls c (two half RTTs, two transfers); the chain: b to c
+    saved = far / 2 + far / 2 + 2 * hidden / b.bandwidth_bps - (0.002 / 2 + hidden / b.bandwidth_bps)
+    assert chained.per_token_s == pytest.approx(star.per_token_s - saved)
+    assert chained.ttft_s == star.ttft_s  # prefill still goes through the origin
+    # c's advert alone says it just as well; the lower of two adverts counts
+    c_says = dev("c", rtt_s=far, peer_rtts=(("b", 0.002),))
+    c_knows = [stages[0], (dev("b", rtt_s=far), stages[1][1]), (c_says, stages[2][1])]
+    assert predict(SHAPE, REQ, c_knows, chain=True).per_token_s == pytest.approx(chained.per_token_s)
+    both = [stages[0], (dev("b", rtt_s=far, peer_rtts=(("c", 0.004),)), stages[1][1]), (c_says, stages[2][1])]
+    assert predict(SHAPE, REQ, both, chain=True).per_token_s == pytest.approx(chained.per_token_s)
+    unknown = [stages[0], (dev("b", rtt_s=far), stages[1][1]), (c, stages[2][1])]
+    assert predict(SHAPE, REQ, unknown, chain=True) == predict(SHAPE, REQ, unknown)
+    local_between = [(b, LayerSpan(0, 10)), (dev(LOCAL), LayerSpan(10, 20)), (c, LayerSpan(20, 30))]
+    assert predict(SHAPE, REQ, local_between, chain=True) == predict(SHAPE, REQ, local_between)
+
+
+def test_the_planner_counts_the_chain_only_when_asked() -> None:
+    mem = 55 * MiB  # three stages needed
+    peers = [dev("a", mem=mem, rtt_s=0.030, peer_rtts=(("b", 0.001),)), dev("b", mem=mem, rtt_s=0.030)]
+    star = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN)
+    chained = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN, chain=True)
+    assert star.kind == chained.kind == "split" and len(chained.stages) == 3
+    assert abs(chained.devices.index("a") - chained.devices.index("b")) == 1  # the two peers side by side
+    assert chained.prediction.per_token_s < star.prediction.per_token_s - 0.025
+
+
+def test_advertised_links_are_bounded_and_junk_is_left_out() -> None:
+    links = {"c": 2.5, "d": None, "e": "fast", "f": -1, "g": True, "h": float("nan"), "i": 1e9, "": 3, "j": 0}
+    assert advert_links(links) == (("c", 0.0025), ("j", 0.0))
+    assert advert_links(["c", 1]) == () and advert_links(None) == ()
+    assert len(advert_links({f"p{i}": 1 for i in range(MAX_LINKS + 10)})) == MAX_LINKS
+    device = advert_device("b", {"links": {"c": 4}, "speed": {"m": {"decode_tok_s": 50}}}, "m", holds=True,
+                           trusted=True, rtt_s=0.01, link="host")
+    assert device.peer_rtts == (("c", 0.004),)
 
 
 def test_equal_speeds_split_balanced() -> None:
