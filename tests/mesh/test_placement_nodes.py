@@ -66,14 +66,16 @@ def mesh3(tmp_path_factory):
     nodes = [b, c, a]
     cap = CpuCap(0, SLOW_FRACTION)
     try:
-        # one after the other: on this one machine a node's speed probe must not share the CPU with another
+        # b and c together (two cores, one each), then a: a's capped probe must not share the CPU with another
         # node's start (on real devices each has its own)
-        for node in nodes:
-            node.launch()
-            if node is a:
-                cap = CpuCap(a.process.pid, SLOW_FRACTION).start()  # type: ignore[union-attr]
-            node.wait_ready(180)
-            wait_until(lambda n=node: speed(n) > 0, 240, f"{node.name}'s speed probe")
+        for group in ([b, c], [a]):
+            for node in group:
+                node.launch()
+                if node is a:
+                    cap = CpuCap(a.process.pid, SLOW_FRACTION).start()  # type: ignore[union-attr]
+            for node in group:
+                node.wait_ready(180)
+                wait_until(lambda n=node: speed(n) > 0, 240, f"{node.name}'s speed probe")
 
         def advertised() -> bool:
             return all(speed(x, y) > 0 for x, y in ((a, b), (a, c), (c, b), (c, a)))
