@@ -36,7 +36,8 @@ to its HTTP client), on the CPU that computes its own: that divides its speed by
   ttft = Σ_i prefill_i(P, span_i) + Σ_{remote i} (chunks · rtt_i + P · (in_i + out_i) / bandwidth_i).
   With `chain` (`[split] chain_stages`: decode steps pass from one remote stage straight to the next,
   docs/split.md "A chain instead of the star"), each boundary between two remote stages on different peers
-  whose RTT to each other one of them advertises (`Device.peer_rtts`, its advert's `links`) costs
+  that this node links to directly (`Device.offload_link`) and whose RTT to each other one of them
+  advertises (`Device.peer_rtts`, its advert's `links`) costs
   rtt_{i,i+1} / 2 + 4·hidden / min(bandwidth_i, bandwidth_{i+1}) a token instead of the star's
   rtt_i / 2 + rtt_{i+1} / 2 + 2 · 4·hidden transfers; prefill still goes through the origin.
 
@@ -331,8 +332,9 @@ def rtt_between(a: Device, b: Device) -> float | None:
 def chain_saving(shape: ModelShape, a: Device, b: Device) -> float:
     """Per-token seconds a chain changes at the boundary from stage device `a` to the next, `b` (negative: it
     saves): one hop between them instead of a's answer to the origin and the origin's call to b. 0 unless both
-    are peers, different ones, and their RTT is known."""
-    if a.is_local or b.is_local or a.id == b.id:
+    are peers, different ones, this node would link to both directly (`offload_link`: a chain runs over
+    direct tensor links only, so never through a browser tab), and their RTT is known."""
+    if a.is_local or b.is_local or a.id == b.id or not (a.offload_link and b.offload_link):
         return 0.0
     direct = rtt_between(a, b)
     if direct is None:

@@ -59,6 +59,11 @@ def dev(id: str, tps: float = 100.0, mem: int = 4 * GiB, **kw) -> Device:
     )
 
 
+def linked(id: str, **kw) -> Device:
+    """A peer this node links to directly (`Device.offload_link`), as a chain needs."""
+    return dev(id, offload_link=True, **kw)
+
+
 def tiles(stages, num_layers: int) -> bool:
     start = 0
     for a in stages:
@@ -193,8 +198,8 @@ def test_three_stage_split_when_two_do_not_fit() -> None:
 
 def test_a_chain_costs_one_hop_between_remote_stages_whose_rtt_is_known() -> None:
     far = 0.020  # origin to each peer; the two peers are close to each other
-    b = dev("b", rtt_s=far, peer_rtts=(("c", 0.002),))
-    c = dev("c", rtt_s=far)
+    b = linked("b", rtt_s=far, peer_rtts=(("c", 0.002),))
+    c = linked("c", rtt_s=far)
     stages = [(dev(LOCAL), LayerSpan(0, 10)), (b, LayerSpan(10, 20)), (c, LayerSpan(20, 30))]
     star, chained = predict(SHAPE, REQ, stages), predict(SHAPE, REQ, stages, chain=True)
     hidden = 4 * SHAPE.hidden_size
@@ -203,20 +208,23 @@ def test_a_chain_costs_one_hop_between_remote_stages_whose_rtt_is_known() -> Non
     assert chained.per_token_s == pytest.approx(star.per_token_s - saved)
     assert chained.ttft_s == star.ttft_s  # prefill still goes through the origin
     # c's advert alone says it just as well; the lower of two adverts counts
-    c_says = dev("c", rtt_s=far, peer_rtts=(("b", 0.002),))
-    c_knows = [stages[0], (dev("b", rtt_s=far), stages[1][1]), (c_says, stages[2][1])]
+    c_says = linked("c", rtt_s=far, peer_rtts=(("b", 0.002),))
+    c_knows = [stages[0], (linked("b", rtt_s=far), stages[1][1]), (c_says, stages[2][1])]
     assert predict(SHAPE, REQ, c_knows, chain=True).per_token_s == pytest.approx(chained.per_token_s)
-    both = [stages[0], (dev("b", rtt_s=far, peer_rtts=(("c", 0.004),)), stages[1][1]), (c_says, stages[2][1])]
+    b_says_more = linked("b", rtt_s=far, peer_rtts=(("c", 0.004),))
+    both = [stages[0], (b_says_more, stages[1][1]), (c_says, stages[2][1])]
     assert predict(SHAPE, REQ, both, chain=True).per_token_s == pytest.approx(chained.per_token_s)
-    unknown = [stages[0], (dev("b", rtt_s=far), stages[1][1]), (c, stages[2][1])]
+    unknown = [stages[0], (linked("b", rtt_s=far), stages[1][1]), (c, stages[2][1])]
     assert predict(SHAPE, REQ, unknown, chain=True) == predict(SHAPE, REQ, unknown)
     local_between = [(b, LayerSpan(0, 10)), (dev(LOCAL), LayerSpan(10, 20)), (c, LayerSpan(20, 30))]
     assert predict(SHAPE, REQ, local_between, chain=True) == predict(SHAPE, REQ, local_between)
+    tab = [stages[0], stages[1], (dataclasses.replace(c, offload_link=False), stages[2][1])]  # no direct link
+    assert predict(SHAPE, REQ, tab, chain=True) == predict(SHAPE, REQ, tab)
 
 
 def test_the_planner_counts_the_chain_only_when_asked() -> None:
     mem = 55 * MiB  # three stages needed
-    peers = [dev("a", mem=mem, rtt_s=0.030, peer_rtts=(("b", 0.001),)), dev("b", mem=mem, rtt_s=0.030)]
+    peers = [linked("a", mem=mem, rtt_s=0.030, peer_rtts=(("b", 0.001),)), linked("b", mem=mem, rtt_s=0.030)]
     star = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN)
     chained = plan(SHAPE, REQ, dev(LOCAL, mem=mem), peers, OPEN, chain=True)
     assert star.kind == chained.kind == "split" and len(chained.stages) == 3
