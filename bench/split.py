@@ -150,6 +150,8 @@ def quantile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+ALL_CORES = os.sched_getaffinity(0)
+"""The cores this process may run on at start (`--client-core` narrows them for the pinned layouts only)."""
 OWN = ["setsid"]
 CORE_0, CORE_1 = [*OWN, "taskset", "-c", "0"], [*OWN, "taskset", "-c", "1"]
 PLACEMENTS = {
@@ -172,10 +174,12 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
     secret = os.urandom(32).hex()
     base = Path(tempfile.mkdtemp(prefix=f"shoal-bench-split-{label}-"))
     placement, cores = PLACEMENTS[label]
-    if args.client_core is not None:
+    if args.client_core is not None and label in ("pinned", "swapped"):
         client_core = 1 - args.client_core if label == "swapped" else args.client_core
         os.sched_setaffinity(0, {client_core})
         placement += f", client: core {client_core}"
+    else:  # a layout without a client core: every core, as when the bench started
+        os.sched_setaffinity(0, ALL_CORES)
     network = host_network(args) if args.netns else None
     delay = args.delay_ms if network is None or not network.netem else 0.0  # netem delays in the kernel
     instruments = ["--delay-ms", str(delay)]
@@ -440,9 +444,10 @@ def main() -> int:
                         help="also run a on core 1 and b+c on core 0, and print each route's geometric mean "
                              "of the two layouts (the cores' speeds cancel)")
     parser.add_argument("--client-core", type=int, choices=(0, 1),
-                        help="pin this process, the client reading every stream, to a core (in the swapped "
-                             "layout to the other one); unpinned it tends to share the origin's core, which "
-                             "slows a's local run more than a split, where a's core waits on the stages")
+                        help="pin this process, the client reading every stream, to a core in the pinned "
+                             "layout (in the swapped layout to the other one); unpinned it tends to share "
+                             "the origin's core, which slows a's local run more than a split, where a's core "
+                             "waits on the stages")
     parser.add_argument("--companion", action=argparse.BooleanOptionalAction, default=True,
                         help="an idle fourth member, d, on a's core in the pinned and swapped layouts "
                              "(default), so that each core hosts two nodes: on this VM a node alone on its "

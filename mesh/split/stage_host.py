@@ -49,8 +49,6 @@ Sizer = Callable[[str, LayerSpan, Stage], int]
 Gate = Callable[[], "str | None"]
 """Returns why this node refuses remote work right now (policy, battery), or None to accept."""
 
-CHAIN_OPS = ("chain", "forward")
-"""A chain's step: from the origin, or passed on by the stage before."""
 CHECK_ON_LOOP_BYTES = 65_536
 """Inputs up to this size (every decode frame) are checked on the event loop (microseconds); larger prefill
 inputs are checked on the worker, so the loop never scans megabytes."""
@@ -343,7 +341,7 @@ class StageHost:
         try:
             hosted, message, sessions, inputs = self._admit(link.peer, frame, 0, link)
             out, seconds = self._compute(hosted, message, sessions, inputs)
-            passing = message.op in CHAIN_OPS and sessions[0].chained
+            passing = message.op in wire.CHAIN_OPS and sessions[0].chained
             reply = None if passing else self._encode(hosted.stage, message, out, seconds)
         except Exception as exc:  # the worker's boundary: answered with an error frame, never raised
             return self._answer(link, sessions, self._refuse(link.peer, frame, exc))

@@ -84,7 +84,7 @@ class Sessions:
         """The sequences a frame from `peer` names: those it feeds by their `feed` ids (a `forward` step on a
         direct link), else its own. A direct link's frame from the origin makes that link the one its
         sequences answer on. Raises FrameError."""
-        if message.op in ("chain", "forward") and link is None:
+        if message.op in wire.CHAIN_OPS and link is None:
             raise wire.FrameError(wire.BAD_TENSOR, "a chain's steps travel on direct tensor links")
         if message.op == "forward":
             found = [self._fed.get((peer, s)) for s in message.seqs]
@@ -103,7 +103,7 @@ class Sessions:
         first = sessions[0]
         if any(s.hosted is not first.hosted for s in sessions):
             raise wire.FrameError(wire.BAD_TENSOR, "one frame's sequences must share a stage")
-        if message.op in ("chain", "forward") and any(
+        if message.op in wire.CHAIN_OPS and any(
                 (s.origin, s.chained, s.place.next_peer, s.reply_link)
                 != (first.origin, first.chained, first.place.next_peer, first.reply_link) for s in sessions):
             raise wire.FrameError(wire.BAD_TENSOR, "one chain step's sequences must share their chain")

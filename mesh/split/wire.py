@@ -188,6 +188,8 @@ OPS_IN = {"prefill": 1, "decode": 2, "forward": 6, "chain": 7}
 from a stage to the next (it names the sequences by their `feed` ids there). A stage passes its output on to
 the next stage of the sequence, or (the chain's last) answers the sequence's origin. The two ops keep the ids
 apart: a `forward` frame names fed sequences only, every other frame the sender's own."""
+CHAIN_OPS = ("chain", "forward")
+"""A chain's step: from the origin, or passed on by the stage before."""
 OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")
