@@ -48,6 +48,9 @@ sys.path.insert(0, str(REPO))
 # compiled shards are cached across runs and shared by the node processes (as the test suite does)
 os.environ.setdefault("SHOAL_COMPILE_CACHE", str(REPO / ".cache" / "compile"))
 
+from shoal.models.embedded import embedded_model_path  # noqa: E402
+
+from bench import llama_rpc  # noqa: E402 (after the sys.path line)
 from tests.mesh.mesh_nodes import wait_until  # noqa: E402 (after the sys.path line)
 from tests.mesh.split_nodes import SplitNode, start_nodes  # noqa: E402
 from tests.nodes import merged  # noqa: E402
@@ -85,6 +88,61 @@ def load_trace(base: Path, nodes: list[SplitNode]) -> list[tuple[float, str]]:
                 events.append((at, f"{node.name}:{name}"))
     events.sort()
     return events
+
+
+LLAMA_ROUTES = {"local": 1, "2-stage": 2, "3-stage": 3}
+"""llama.cpp's contenders (`--llama-rpc`) and their stages."""
+
+
+def llama_rows(runs: dict[str, list[tuple[float, float]]], llama_runs: dict[str, list[float]]) -> None:
+    """llama.cpp's split rows against llama.cpp's own local run of the same round, next to shoal's, as
+    ratios and as the time a step gains over local (ms: llama.cpp's compute is slower, which flatters a
+    ratio); medians of the per-round values."""
+    print("llama.cpp RPC in the same rounds (client on a's core, an rpc-server per remote stage on b's and "
+          "c's, the same layers):")
+    print(f"  {'route':8} {'llama.cpp tok/s':>15} {'its local':>10} {'ratio':>6} {'shoal':>6} "
+          f"{'+ms/step llama.cpp':>19} {'+ms/step shoal':>15}")
+    for name in ("2-stage", "3-stage"):
+        pairs = list(zip(llama_runs[name], llama_runs["local"], strict=True))
+        mine = [(split[1], local[1]) for split, local in zip(runs[name], runs["local"], strict=True)]
+        theirs_ratio = statistics.median(split / local for split, local in pairs)
+        ours_ratio = statistics.median(split / local for split, local in mine)
+        theirs_ms = statistics.median(1000 / split - 1000 / local for split, local in pairs)
+        ours_ms = statistics.median(1000 / split - 1000 / local for split, local in mine)
+        print(f"  {name:8} {statistics.median(llama_runs[name]):15.2f} "
+              f"{statistics.median(llama_runs['local']):10.2f} {theirs_ratio:5.2f}x {ours_ratio:5.2f}x "
+              f"{theirs_ms:19.2f} {ours_ms:15.2f}")
+
+
+def gc_pauses(events: list[tuple[float, str]]
+              ) -> tuple[list[tuple[float, str]], list[tuple[str, int, float, float]]]:
+    """The trace's hop events without the cyclic collector's, and its pauses as (node, generation, start,
+    seconds)."""
+    hops, pauses = [], []
+    started: dict[str, tuple[int, float]] = {}
+    for at, name in events:
+        node, _, event = name.partition(":")
+        if event.startswith("gc") and event.endswith(".start"):
+            started[node] = (int(event[2:-6]), at)
+        elif event == "gc.stop":
+            if node in started:
+                generation, began = started.pop(node)
+                pauses.append((node, generation, began, at - began))
+        else:
+            hops.append((at, name))
+    return hops, pauses
+
+
+def gc_summary(pauses: list[tuple[str, int, float, float]], windows: list[tuple[float, float]]) -> str:
+    """Per node and generation: how many collections ran during `windows`, their total and longest pause."""
+    seen: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+    for node, generation, began, seconds in pauses:
+        if any(start <= began < stop for start, stop in windows):
+            seen[node, generation].append(seconds)
+    if not seen:
+        return "none"
+    return ", ".join(f"{node} gen{generation} {len(values)}x {sum(values) * 1000:.2f} ms (max "
+                     f"{max(values) * 1000:.2f})" for (node, generation), values in sorted(seen.items()))
 
 
 def hop_table(events: list[tuple[float, str]], start: float, stop: float, origin: str = "a"
@@ -225,7 +283,10 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
         raise
     results: dict[str, tuple[float, float]] = {}
     round_ratios: dict[str, float] = {}
+    llama = None
     try:
+        if args.llama_rpc and not args.recovery_only and network is None:
+            llama = llama_rpc.LlamaRpc(embedded_model_path(), [cores[1], cores[2]], cores[0])
         wait_until(lambda: {n.peer_id for n in nodes[1:]} <= set(a.peers()), 60, "links")
         if args.recovery_only:
             routes_now = {"3-stage": ("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30")),
@@ -248,6 +309,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
         overhead: dict[str, list[float]] = {name: [] for name in routes}
         windows: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
+        llama_runs: dict[str, list[float]] = {name: [] for name in LLAMA_ROUTES}
         for _ in range(args.runs):  # round robin: load from elsewhere on the machine hits every route alike
             for name, (kind, *stages) in routes.items():
                 origin[name].force(kind, *stages)
@@ -260,6 +322,9 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
                 if calls and not any(t.get("chained") for t in timing):  # a chain's steps: not known here
                     # wall time of stage calls not spent computing, per engine step
                     overhead[name].append(sum(t["seconds"] - t["compute_s"] for t in timing) / calls)
+            if llama is not None:
+                for name, stages in LLAMA_ROUTES.items():
+                    llama_runs[name].append(llama.decode_rate(stages, args.tokens))
         for name, samples in runs.items():
             ttfts, rates = zip(*samples, strict=True)
             results[name] = (statistics.median(ttfts), statistics.median(rates))
@@ -289,11 +354,13 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
             print(f"{name} vs local@b ({why}): {results[name][1] / results['local@b'][1]:.2f}x of the "
                   f"medians, median per-round ratio {statistics.median(own):.2f}x "
                   f"({quantile(own, 0.25):.2f}-{quantile(own, 0.75):.2f})")
+        if llama is not None:
+            llama_rows(runs, llama_runs)
         over_a, over_b = (1000 * (results["offload"][0] - results[name][0]) for name in ("local", "local@b"))
         print(f"offload TTFT overhead: {over_a:.1f} ms against a's local run, {over_b:.1f} ms against b's "
               "own (the same device and core as the offloaded compute)")
         if args.trace:
-            events = load_trace(base, nodes)
+            events, pauses = gc_pauses(load_trace(base, nodes))
             for name in ("local", "2-stage", "3-stage", "local@b"):
                 who = "b" if name == "local@b" else "a"
                 rows: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
@@ -309,6 +376,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
                     q = [quantile(steps, f) * 1000 for f in (0.5, 0.9, 0.99)]
                     print(f"  step ms: median {q[0]:.2f}, p90 {q[1]:.2f}, p99 {q[2]:.2f}, "
                           f"max {steps[-1] * 1000:.2f} ({len(steps)} steps)")
+                print(f"  gc pauses: {gc_summary(pauses, windows[name])}")
         if args.delay_ms:
             rtt = 2 * args.delay_ms / 1000
             per_token = 1 / local_rate
@@ -322,6 +390,8 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
             recovery_rows(a, {"3-stage": (c, routes["3-stage"]), "offload": (b, routes["offload"])},
                           [a, b, c], secret, args)
     finally:
+        if llama is not None:
+            llama.close()
         for n in nodes:
             n.kill(15)
         if network is not None:
@@ -453,6 +523,10 @@ def main() -> int:
                              "(default), so that each core hosts two nodes: on this VM a node alone on its "
                              "core decodes 3-8%% slower than one sharing it with an idle node, which made "
                              "a's local run the slow one (local@b > 1) and flattered every split row")
+    parser.add_argument("--llama-rpc", action="store_true",
+                        help="also run llama.cpp's own split (its RPC backend: scripts/build_llama_rpc.sh) "
+                             "in every round, its client on a's core and its servers on b's and c's, and "
+                             "compare each split row's ratio to local with llama.cpp's")
     parser.add_argument("--netns", action="store_true",
                         help="run each node in its own network namespace behind a 50 Mbit/s tbf link (root)")
     parser.add_argument("--trace", action="store_true", help="print a per-hop breakdown of decode steps")
@@ -461,6 +535,8 @@ def main() -> int:
     parser.add_argument("--switch-interval-ms", type=float,
                         help="the nodes' GIL switch interval (default: CPython's 5 ms, as `shoal node`)")
     args = parser.parse_args()
+    if args.llama_rpc and (why := llama_rpc.missing()):
+        parser.error(f"--llama-rpc: {why}")
     pinned = {} if args.skip_pinned else run_setting("pinned", args)
     if args.swapped:
         counterbalanced(pinned, run_setting("swapped", args))
@@ -468,8 +544,9 @@ def main() -> int:
         run_setting("unpinned", args)
     if args.one_core:
         run_setting("one-core", args)
-    print("\nanchor (FACTS.md, llama.cpp RPC, pinned 1 core/process): 2 stages 0.94-0.95x, 3 stages 0.90x; "
-          "unpinned 0.35-0.55x")
+    if not args.llama_rpc:
+        print("\nanchor (FACTS.md, llama.cpp RPC, pinned 1 core/process): 2 stages 0.94-0.95x, 3 stages "
+              "0.90x; unpinned 0.35-0.55x (--llama-rpc runs it in the same rounds)")
     return 0
 
 

@@ -125,6 +125,7 @@ def _json(data: object, status: int = 200) -> web.Response:
 def install_trace(path: str) -> None:
     """Bench-only: record when each decode step passes each hop of the split path, as JSON lines
     `[event, perf_counter]` (CLOCK_MONOTONIC: comparable across the node processes on one machine)."""
+    import gc
     import time
 
     from shoal.mesh.p2p.peer import Peer
@@ -200,6 +201,11 @@ def install_trace(path: str) -> None:
     wrap_sync(remote_stage.RemoteStage, "decode_through", "o.chain_start", "o.chain_end")
     # a decode step on the engine's thread (steps run back to back there: models/generate.py)
     wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # the cyclic collector's pauses, any thread
+        emit(f"gc{info['generation']}.start" if phase == "start" else "gc.stop")
+
+    gc.callbacks.append(on_gc)
 
 
 def deliver_at_once() -> None:
