@@ -56,6 +56,8 @@ TOKEN_BYTES = 16
 TAG_BYTES = 16
 LENGTH = struct.Struct("<I")
 FRAME_HEAD = struct.Struct("<I")
+NONCE = struct.Struct("<IQ")
+"""A record's AES-GCM nonce: direction, counter."""
 MAX_PLAINTEXT = FRAME_HEAD.size + BINARY_KINDS[TENSOR][2]
 MAX_RECORD = MAX_PLAINTEXT + TAG_BYTES
 TO_STAGE, TO_ORIGIN = 0, 1
@@ -104,7 +106,7 @@ class Sealer:
 
     @staticmethod
     def _nonce(direction: int, counter: int) -> bytes:
-        return struct.pack("<IQ", direction, counter)
+        return NONCE.pack(direction, counter)
 
     def seal(self, plaintext: bytes) -> bytes:
         """`u32 length` + sealed record."""

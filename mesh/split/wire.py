@@ -194,6 +194,8 @@ OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")
 OUTPUT_HEAD = struct.Struct("<BBBBIIIII")
+ONE_SEQ = struct.Struct("<I")
+"""A decode step's one sequence id (the common case: no format string to build)."""
 MAX_SEQS = 256
 DEFAULT_TOP_K = 256
 MAX_TOP_K = 1 << 20
@@ -263,14 +265,21 @@ def encode_input(call: int, op: str, step: int, seqs: list[int], array: np.ndarr
     if fp16 and array.dtype == np.float32:
         array = array.astype("<f2")
     dtype = _dtype_code(array)
-    data = np.ascontiguousarray(array, dtype=DTYPES[dtype])  # no copy unless needed (layout, byte order)
-    ndim, rows, cols = _shape(data)
+    ndim, rows, cols = _shape(array)
     try:
-        ids = struct.pack(f"<{len(seqs)}I", *seqs)
+        ids = ONE_SEQ.pack(seqs[0]) if len(seqs) == 1 else struct.pack(f"<{len(seqs)}I", *seqs)
     except struct.error:
         raise ValueError("sequence ids must be u32") from None
     head = INPUT_HEAD.pack(code, dtype, F16 if fp16 else F32, ndim, step, rows, cols, top_k, len(seqs))
-    return BinaryFrame(TENSOR, call, {}, head + ids + data.tobytes())
+    return BinaryFrame(TENSOR, call, {}, b"".join((head, ids, _data(array, dtype))))
+
+
+def _data(array: np.ndarray, dtype: int) -> bytes:
+    """The array's bytes in the wire's layout (C order, little-endian): tobytes() at once where it is that
+    already (a decode step's output), else through a converted copy."""
+    if array.dtype == DTYPES[dtype] and array.flags.c_contiguous:
+        return array.tobytes()
+    return np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()
 
 
 def _micros(seconds: float) -> int:
@@ -280,10 +289,9 @@ def _micros(seconds: float) -> int:
 def encode_hidden(call: int, step: int, array: np.ndarray, fp16: bool = False,
                   compute_s: float = 0.0) -> BinaryFrame:
     code = F16 if fp16 else F32
-    data = np.ascontiguousarray(array, dtype=DTYPES[code])
-    ndim, rows, cols = _shape(data)
+    ndim, rows, cols = _shape(array)
     head = OUTPUT_HEAD.pack(OPS_OUT["hidden"], code, ndim, 0, step, rows, cols, 0, _micros(compute_s))
-    return BinaryFrame(TENSOR, call, {}, head + data.tobytes())
+    return BinaryFrame(TENSOR, call, {}, head + _data(array, code))
 
 
 TOP_1 = struct.Struct("<if")
@@ -296,7 +304,10 @@ def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int,
     count, vocab = rows.shape
     if top_k <= 0 or top_k >= vocab:
         top_k, payload = 0, np.ascontiguousarray(rows, dtype=DTYPES[F32]).tobytes()
-    elif top_k == 1:  # greedy decoding: each row's argmax (the lowest id among ties), one struct pack each
+    elif top_k == 1 and count == 1:  # one greedy decode step: its argmax (the lowest id among ties)
+        best = int(rows[0].argmax())
+        payload = TOP_1.pack(best, rows[0, best])
+    elif top_k == 1:  # greedy decoding: each row's argmax, one struct pack each
         payload = b"".join(TOP_1.pack(i, rows[r, i]) for r, i in enumerate(rows.argmax(axis=1).tolist()))
     else:
         parts = []
@@ -349,8 +360,8 @@ def _array(payload: bytes, offset: int, dtype_code: int, ndim: int, rows: int, c
     if count * dtype.itemsize != len(payload) - offset:
         raise FrameError(BAD_TENSOR, f"tensor of shape {[rows, cols][:ndim]} needs {count * dtype.itemsize} "
                                      f"bytes, got {len(payload) - offset}")
-    array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-    return array.reshape(rows, cols) if ndim == 2 else array
+    # one constructor: a read-only view of the payload in its final shape (frombuffer + reshape make two)
+    return np.ndarray((rows, cols) if ndim == 2 else (rows,), dtype, payload, offset)
 
 
 def frame_step(frame: BinaryFrame) -> int:
@@ -375,7 +386,10 @@ def decode_input(frame: BinaryFrame) -> TensorMessage:
     offset = INPUT_HEAD.size + 4 * count
     if not 1 <= count <= MAX_SEQS or len(payload) < offset:
         raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
-    seqs = struct.unpack_from(f"<{count}I", payload, INPUT_HEAD.size)
+    if count == 1:
+        seqs = ONE_SEQ.unpack_from(payload, INPUT_HEAD.size)
+    else:
+        seqs = struct.unpack_from(f"<{count}I", payload, INPUT_HEAD.size)
     if count > 1 and len(set(seqs)) != count:
         raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
     if name == "prefill" and count != 1:

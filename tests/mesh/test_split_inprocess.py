@@ -17,7 +17,7 @@ from shoal.mesh.p2p.errors import LinkClosed, RemoteError
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.config import SplitConfig
-from shoal.mesh.split.hosted import HostError
+from shoal.mesh.split.hosted import HostError, check_inputs
 from shoal.mesh.split.pipeline import SplitPipeline
 from shoal.mesh.split.remote_stage import RemoteStage, StageLost
 from shoal.mesh.split.stage_host import CHECK_ON_LOOP_BYTES, StageHost
@@ -507,6 +507,29 @@ def test_top_k_ids_equal_a_full_sort(size: int) -> None:
             assert np.array_equal(np.sort(row[ids]), np.sort(row)[-k:])
             if k == 1:  # the argmax greedy decoding takes: the lowest id among ties
                 assert ids[0] == np.flatnonzero(row == row.max())[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_hidden_states_are_finite_or_refused_even_where_their_sum_overflows(dtype: type) -> None:
+    """`check_inputs` tells finite values by one float64 sum: values at the dtype's limit, whose sum in that
+    dtype would overflow, are finite and pass; an inf or a NaN among them is refused."""
+    stage = reference_stage(10, 30)
+    width = stage.config.hidden_size
+    largest = float(np.finfo(dtype).max)
+    huge = np.full((1, width), largest, dtype=dtype)  # finite, but its sum overflows in `dtype`
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(huge.sum())
+    checked = check_inputs(stage, wire.TensorMessage(1, "decode", 1, huge, (5,)))
+    assert checked.dtype == np.float32 and np.array_equal(checked, huge.astype(np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        poisoned = np.full((1, width), 1.0, dtype=dtype)
+        poisoned[0, width // 2] = bad
+        with pytest.raises(wire.FrameError, match="finite"):
+            check_inputs(stage, wire.TensorMessage(1, "decode", 1, poisoned, (5,)))
+        poisoned = huge.copy()  # an inf beside values whose sum overflows anyway
+        poisoned[0, 0] = bad
+        with pytest.raises(wire.FrameError, match="finite"):
+            check_inputs(stage, wire.TensorMessage(1, "decode", 1, poisoned, (5,)))
 
 
 def test_top_k_ids_fall_back_on_non_finite_rows() -> None:
