@@ -14,6 +14,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--no-chain]      # [split] chain_stages off: every split step comes back to a (A/B of the chain)
         [--link-spin-us 1000]  # [split] link_spin_us: poll around a record's due time (A/B of split.arrival)
         [--origin-spin-us 1000]  # the same on the origin only (the stages' workers sleep as before)
+        [--llama-rpc]     # also llama.cpp's own RPC split in every round (scripts/build_llama_rpc.sh first)
 
 Three real node processes (tests.mesh.split_harness) on 127.0.0.1 (or, with --netns, each in its own network
 namespace) linked over WebRTC; node a takes every request through its OpenAI endpoint (streamed, greedy)
