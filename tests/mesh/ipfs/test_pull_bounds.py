@@ -5,6 +5,7 @@ non-zero on a changed publisher file, on a stall and on Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import sys
@@ -211,7 +212,7 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             *SHOAL, "pull", str(cid), "--data-dir", str(tmp_path / "b"), "--no-rpc", "--gateway", url,
             "--timeout", "100", cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         for _ in range(1000):  # until the pull is waiting on the gateway
             if sum(gateway.requests.values()) or proc.returncode is not None:
                 break
@@ -221,9 +222,14 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
         try:
             _, err = await asyncio.wait_for(proc.communicate(), LIMIT_S)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            pytest.fail("the pull ignored Ctrl-C")
+            # where it hangs: faulthandler prints every thread's stack on SIGABRT (2 of ~40 full runs)
+            proc.send_signal(signal.SIGABRT)
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError:
+                proc.kill()
+                _, err = await proc.communicate()
+            pytest.fail(f"the pull ignored Ctrl-C; its stacks:\n{err.decode(errors='replace')[-6000:]}")
     finally:
         await runner.cleanup()
     assert proc.returncode == 130
