@@ -206,6 +206,17 @@ async def test_pull_command_gives_up_after_its_stall_timeout(tmp_path: Path) -> 
     assert "stalled: no block arrived for 1 s" in err and "Traceback" not in err
 
 
+def signal_dispositions(pid: int) -> str:
+    """Whether process `pid` ignores (SigIgn) or catches (SigCgt) SIGINT, from /proc."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError as exc:
+        return f"/proc/{pid}/status: {exc}"
+    bit = 1 << (signal.SIGINT - 1)
+    return ", ".join(f"{name} SIGINT {bool(int(fields[name], 16) & bit)}" for name in ("SigIgn", "SigCgt"))
+
+
 async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
     runner, url, cid, gateway = await slow_gateway(tmp_path, delay_s=120.0)
     try:
@@ -218,6 +229,7 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert proc.returncode is None and sum(gateway.requests.values())
+        dispositions = signal_dispositions(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
             _, err = await asyncio.wait_for(proc.communicate(), LIMIT_S)
@@ -229,7 +241,9 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
             except TimeoutError:
                 proc.kill()
                 _, err = await proc.communicate()
-            pytest.fail(f"the pull ignored Ctrl-C; its stacks:\n{err.decode(errors='replace')[-6000:]}")
+            pytest.fail(f"the pull ignored Ctrl-C ({dispositions}; this process: "
+                        f"{signal_dispositions(os.getpid())}); its stacks:\n"
+                        f"{err.decode(errors='replace')[-6000:]}")
     finally:
         await runner.cleanup()
     assert proc.returncode == 130
