@@ -207,14 +207,16 @@ async def test_pull_command_gives_up_after_its_stall_timeout(tmp_path: Path) -> 
 
 
 def signal_dispositions(pid: int) -> str:
-    """Whether process `pid` ignores (SigIgn) or catches (SigCgt) SIGINT, from /proc."""
+    """Whether process `pid` ignores (SigIgn), catches (SigCgt), blocks (SigBlk, the main thread's mask) or
+    holds pending (ShdPnd) SIGINT, from /proc."""
     try:
         fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                       if ":\t" in line)
     except OSError as exc:
         return f"/proc/{pid}/status: {exc}"
     bit = 1 << (signal.SIGINT - 1)
-    return ", ".join(f"{name} SIGINT {bool(int(fields[name], 16) & bit)}" for name in ("SigIgn", "SigCgt"))
+    return ", ".join(f"{name} SIGINT {bool(int(fields[name], 16) & bit)}"
+                     for name in ("SigIgn", "SigCgt", "SigBlk", "ShdPnd"))
 
 
 async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
@@ -234,7 +236,8 @@ async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
         try:
             _, err = await asyncio.wait_for(proc.communicate(), LIMIT_S)
         except TimeoutError:
-            # where it hangs: faulthandler prints every thread's stack on SIGABRT (2 of ~40 full runs)
+            # where it hangs: faulthandler prints every thread's stack on SIGABRT (3 of ~40 full runs)
+            dispositions += f"; 30 s after SIGINT: {signal_dispositions(proc.pid)}"
             proc.send_signal(signal.SIGABRT)
             try:
                 _, err = await asyncio.wait_for(proc.communicate(), 10)
