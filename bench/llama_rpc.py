@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.nodes import free_port  # below the ephemeral range: no clash with the nodes' own connections
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".cache" / "llama-rpc" / "bin"
 CACHE = REPO / ".cache" / "llama-rpc" / "tensors"
@@ -35,12 +37,6 @@ def missing() -> str | None:
         if not os.access(BIN / tool, os.X_OK):
             return f"{BIN / tool} is missing: run scripts/build_llama_rpc.sh first"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LlamaRpc:

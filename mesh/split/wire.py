@@ -390,8 +390,8 @@ def decode_input(frame: BinaryFrame) -> TensorMessage:
         seqs = ONE_SEQ.unpack_from(payload, INPUT_HEAD.size)
     else:
         seqs = struct.unpack_from(f"<{count}I", payload, INPUT_HEAD.size)
-    if count > 1 and len(set(seqs)) != count:
-        raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
+        if len(set(seqs)) != count:
+            raise FrameError(BAD_TENSOR, "tensor frame seqs must be 1-256 distinct u32 sequence ids")
     if name == "prefill" and count != 1:
         raise FrameError(BAD_TENSOR, "prefill takes exactly one sequence")
     array = _array(payload, offset, dtype, ndim, rows, cols)

@@ -5,7 +5,6 @@ non-zero on a changed publisher file, on a stall and on Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import sys
@@ -28,12 +27,12 @@ from tests.mesh.ipfs.test_filestore import flip_byte
 
 SHOAL = [sys.executable, "-m", "shoal.mesh"]
 LIMIT_S = 30.0
+"""How long any pull here may take before the test calls it hung (each should end in a few seconds)."""
 FOREGROUND = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
 """Runs `python ARGS` as a terminal's foreground command runs: SIGINT at its default. A suite started in the
 background (`pytest &` from a script) has SIGINT ignored, its children inherit that, and Python then keeps
 ignoring it, as a background job should: the Ctrl-C test would fail for the way the suite was started."""
-"""How long any pull here may take before the test calls it hung (each should end in a few seconds)."""
 
 
 class SpinningSource:
@@ -211,47 +210,25 @@ async def test_pull_command_gives_up_after_its_stall_timeout(tmp_path: Path) -> 
     assert "stalled: no block arrived for 1 s" in err and "Traceback" not in err
 
 
-def signal_dispositions(pid: int) -> str:
-    """Whether process `pid` ignores (SigIgn), catches (SigCgt), blocks (SigBlk, the main thread's mask) or
-    holds pending (ShdPnd) SIGINT, from /proc."""
-    try:
-        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if ":\t" in line)
-    except OSError as exc:
-        return f"/proc/{pid}/status: {exc}"
-    bit = 1 << (signal.SIGINT - 1)
-    return ", ".join(f"{name} SIGINT {bool(int(fields[name], 16) & bit)}"
-                     for name in ("SigIgn", "SigCgt", "SigBlk", "ShdPnd"))
-
-
 async def test_ctrl_c_ends_a_pull_promptly(tmp_path: Path) -> None:
     runner, url, cid, gateway = await slow_gateway(tmp_path, delay_s=120.0)
     try:
         proc = await asyncio.create_subprocess_exec(
             *FOREGROUND, *SHOAL[1:], "pull", str(cid), "--data-dir", str(tmp_path / "b"), "--no-rpc",
             "--gateway", url, "--timeout", "100", cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+            stderr=asyncio.subprocess.PIPE)
         for _ in range(1000):  # until the pull is waiting on the gateway
             if sum(gateway.requests.values()) or proc.returncode is not None:
                 break
             await asyncio.sleep(0.02)
         assert proc.returncode is None and sum(gateway.requests.values())
-        dispositions = signal_dispositions(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
             _, err = await asyncio.wait_for(proc.communicate(), LIMIT_S)
         except TimeoutError:
-            # where it hangs: faulthandler prints every thread's stack on SIGABRT
-            dispositions += f"; 30 s after SIGINT: {signal_dispositions(proc.pid)}"
-            proc.send_signal(signal.SIGABRT)
-            try:
-                _, err = await asyncio.wait_for(proc.communicate(), 10)
-            except TimeoutError:
-                proc.kill()
-                _, err = await proc.communicate()
-            pytest.fail(f"the pull ignored Ctrl-C ({dispositions}; this process: "
-                        f"{signal_dispositions(os.getpid())}); its stacks:\n"
-                        f"{err.decode(errors='replace')[-6000:]}")
+            proc.kill()
+            await proc.wait()
+            pytest.fail("the pull ignored Ctrl-C")
     finally:
         await runner.cleanup()
     assert proc.returncode == 130
