@@ -12,6 +12,7 @@ the node processes pinned to cores (taskset) and unpinned, and the recovery time
         [--netns]         # as root: nodes in network namespaces on a bridge, tbf 50 Mbit/s per link
         [--no-deferred-delivery]  # the origin posts each step's tokens at once (A/B of models/idle.py)
         [--no-chain]      # [split] chain_stages off: every split step comes back to a (A/B of the chain)
+        [--no-native-lane]  # [split] native_lane off: stage nodes take every step in Python (A/B of the lane)
         [--link-spin-us 1000]  # [split] link_spin_us: poll around a record's due time (A/B of split.arrival)
         [--origin-spin-us 1000]  # the same on the origin only (the stages' workers sleep as before)
         [--llama-rpc]     # also llama.cpp's own RPC split in every round (scripts/build_llama_rpc.sh first)
@@ -257,7 +258,7 @@ def run_setting(label: str, args: argparse.Namespace) -> dict[str, float]:
         base_settings = {"models": {"backend": args.backend},
                          "split": {"standby_spans": standby, "speed_probe": False,
                                    "offload_link": args.offload_link, "chain_stages": args.chain,
-                                   "link_spin_us": args.link_spin_us,
+                                   "native_lane": args.native_lane, "link_spin_us": args.link_spin_us,
                                    "warm_peers_models": False}}
         settings = merged(base_settings, settings)
         if network is None:
@@ -504,6 +505,9 @@ def main() -> int:
     parser.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
                         help="[split] chain_stages: the 3-stage split's steps pass b -> c -> a (default) or, "
                              "with --no-chain, come back to a between b and c (an A/B of the two)")
+    parser.add_argument("--native-lane", action=argparse.BooleanOptionalAction, default=True,
+                        help="[split] native_lane: the stage nodes take steady decode steps in one native "
+                             "call each way (default) or, with --no-native-lane, in Python (an A/B)")
     parser.add_argument("--link-spin-us", type=int, default=0,
                         help="[split] link_spin_us on the nodes: poll for a direct link's next record around "
                              "when it is due (split.arrival; 0, the default: never)")

@@ -49,6 +49,11 @@ class SplitConfig:
     direct tensor link of their own (b → c → this node: `split.stage_chain`) instead of coming back to this
     node between them — one hop and this node's relay fewer per remote stage after the first. A peer that
     cannot reach the next one directly leaves that step to this node. Off: every step goes through here."""
+    native_lane: bool = True
+    """A stage node takes a split's steady decode steps on direct links in one native call each way (read,
+    open, check; seal, send: `split.step_lane`), built from C on the node at its first start (~1 s; a node
+    without a C compiler or OpenSSL's headers runs the same steps in Python and says so once). Off: always
+    Python."""
     link_spin_us: int = 0
     """During a split's decode, how long (µs) each end of a direct tensor link may poll for the next record
     around when it is due instead of sleeping (`split.arrival`): a sleeping core is woken late by the record.

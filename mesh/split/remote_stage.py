@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from shoal.mesh.p2p.errors import MeshError, PeerUnavailable, RemoteError, RequestTimeout
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
-from shoal.mesh.split import wire
+from shoal.mesh.split import native, wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.liveness import (
     REPORT_EVERY_S,
@@ -42,7 +42,15 @@ from shoal.mesh.split.stage_link import (
     StageSeen,
     direct_host,
 )
-from shoal.mesh.split.tensor_link import TENSOR_LINK, ChainLinkError, LinkError, TensorLinkClient, call_chain
+from shoal.mesh.split.tensor_link import (
+    TENSOR_LINK,
+    Answer,
+    ChainLinkError,
+    LinkError,
+    NativeCall,
+    TensorLinkClient,
+    call_chain,
+)
 from shoal.models import idle
 from shoal.models.config import ModelConfig
 from shoal.models.span import LayerSpan
@@ -58,6 +66,10 @@ _wire_seqs = itertools.count(int.from_bytes(os.urandom(3), "little") << 4)
 def next_wire_seq() -> int:
     """A u32 sequence id for `stage.open`, unique within this process."""
     return next(_wire_seqs) % 2**32
+
+
+MAX_LANE_HEADS = 64
+"""Frame headers a remote stage keeps for the native step lane (one per sequence and input shape in use)."""
 
 
 class StageLost(PeerUnavailable):
@@ -125,6 +137,8 @@ class RemoteStage(StageDefaults):
         """Sequences whose decode steps this stage's peer passes on to `next_stage` (it linked to it)."""
         self._feeds: dict[int, int] = {}
         """A chain: the id the stage before this one names each sequence by (this stage's peer chose it)."""
+        self._lane_heads: dict[tuple[Any, ...], bytes] = {}
+        """Steady steps' frame headers for the native step lane (`_native_call`), by what they describe."""
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
               report: Callable[[float], None] | None = None, sent: Callable[[], None] | None = None) -> Any:
@@ -253,16 +267,21 @@ class RemoteStage(StageDefaults):
         except KeyError as exc:
             raise ValueError(f"unknown sequence {exc.args[0]}; call add_sequence first") from None
 
-    def _exchange(self, op: str, seq_ids: list[int], inputs: np.ndarray, top_k: int
+    def _exchange(self, op: str, seq_ids: list[int], inputs: np.ndarray, top_k: int, argmax: bool = False
                   ) -> tuple[wire.TensorMessage, int]:
-        """One call: send the frame, check the reply; returns it and the number of rows it must hold."""
+        """One call: send the frame, check the reply; returns it and the number of rows it must hold.
+        `argmax`: a greedy decode step, which the native step lane may carry (`_native_call`)."""
         if self._closed:
             raise ValueError("stage is closed")
         wire_ids = self._wire_ids(seq_ids)
         arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
         self._step += 1
         call = self._step % 2**32  # the frame's id on a direct link (a channel request gets the peer's own)
-        frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
+        frame: BinaryFrame | NativeCall | None = None
+        if argmax and self._direct is not None:
+            frame = self._native_call(op, call, wire_ids, arr, self)
+        if frame is None:
+            frame = wire.encode_input(call, op, self._step, wire_ids, arr, top_k, fp16=self._fp16)
         timeout = self._timeout + self._per_token * arr.shape[0]
         started = self._call_started = time.perf_counter()
         if self._direct is not None:
@@ -274,13 +293,15 @@ class RemoteStage(StageDefaults):
             if op == "decode":
                 self._clock.observe(time.perf_counter() - started)
         else:
-            call = self.link.request_binary(TENSOR, {}, frame.payload, timeout)
+            assert type(frame) is BinaryFrame
+            pending = self.link.request_binary(TENSOR, {}, frame.payload, timeout)
             # decode steps are watched (a silent peer is pinged); an open or a prefill may find the peer
             # still loading, which can hold its loop: there only the mesh's heartbeats count
-            reply = self._call(self._watched(call) if op == "decode" else call, timeout, sent=idle.waiting)
+            watched = self._watched(pending) if op == "decode" else pending
+            reply = self._call(watched, timeout, sent=idle.waiting)
         self.timing.calls += 1
         self.timing.seconds += time.perf_counter() - started
-        message = self._reply(reply)
+        message = self._reply(reply, call=call)
         self.timing.compute_s += message.compute_s
         for s in seq_ids:
             self._lengths[s] += arr.shape[0] if op == "prefill" else 1
@@ -289,9 +310,31 @@ class RemoteStage(StageDefaults):
         rows = 1 if op == "prefill" and self.span.is_last(self.config.num_layers) else arr.shape[0]
         return message, rows
 
-    def _reply(self, reply: BinaryFrame, next_peer: str | None = None) -> wire.TensorMessage:
+    def _native_call(self, op: str, call: int, wire_ids: list[int], arr: np.ndarray, answering: RemoteStage
+                     ) -> NativeCall | None:
+        """A greedy decode step (top-k 1, whose answer is the argmax) as a `NativeCall` when the native step
+        lane can carry it: one sequence over direct links, answered by `answering` (this stage, or a chain's
+        last), values not sent as float16 — else None (the frame is encoded as ever)."""
+        lane = native.loaded()
+        if (lane is None or len(wire_ids) != 1 or self._fp16 or not self._settings.native_lane
+                or self._step > wire.MAX_STEP or not answering.span.is_last(answering.config.num_layers)):
+            return None
+        key = (op, wire_ids[0], arr.dtype.char, arr.shape)
+        head = self._lane_heads.get(key)
+        if head is None:
+            if len(self._lane_heads) >= MAX_LANE_HEADS:
+                self._lane_heads.clear()
+            head = self._lane_heads[key] = wire.input_head(op, 0, wire_ids, arr, 1)
+        vocab = answering.config.vocab_size
+        return NativeCall(lane, call, head, self._step, arr, wire.logits_head(0, 1, vocab, 1), vocab)
+
+    def _reply(self, reply: Answer, next_peer: str | None = None, call: int = 0) -> wire.TensorMessage:
         """This stage's answer, decoded; a refusal raises ValueError (the call was bad) or `StageLost` (the
-        stage failed — or, `next_lost` of a chain, the stage after it: `next_peer`)."""
+        stage failed — or, `next_lost` of a chain, the stage after it: `next_peer`). An answer the native
+        step lane read (`split.tensor_link.Answer`) is a greedy step's argmax."""
+        if type(reply) is int:
+            return wire.argmax_message(call, reply >> 32, reply & 0xFFFF_FFFF)
+        assert type(reply) is BinaryFrame
         try:
             message = wire.decode_output(reply, self.config.vocab_size)
         except (wire.FrameError, MeshError) as exc:
@@ -359,7 +402,7 @@ class RemoteStage(StageDefaults):
         """`decode` + each row's argmax, taken by the stage (see `models.stage`): only the ids come back."""
         if not self.span.is_last(self.config.num_layers):
             raise ValueError("only the last stage has logits")
-        message, rows = self._exchange("decode", list(seq_ids), inputs, top_k=1)
+        message, rows = self._exchange("decode", list(seq_ids), inputs, top_k=1, argmax=True)
         return self._argmax(message, rows)
 
     def _argmax(self, message: wire.TensorMessage, rows: int) -> list[int]:
@@ -384,8 +427,10 @@ class RemoteStage(StageDefaults):
         arr = np.ascontiguousarray(inputs, dtype=np.int32 if self.span.is_first() else np.float32)
         self._step += 1
         top_k = 1 if argmax else last._top_k
-        frame = wire.encode_input(self._step % 2**32, "chain", self._step, self._wire_ids(seq_ids), arr,
-                                  top_k, fp16=self._fp16)
+        call, wire_ids = self._step % 2**32, self._wire_ids(seq_ids)
+        frame = self._native_call("chain", call, wire_ids, arr, last) if argmax else None
+        if frame is None:
+            frame = wire.encode_input(call, "chain", self._step, wire_ids, arr, top_k, fp16=self._fp16)
         started = time.perf_counter()
         for stage in chain:
             stage._call_started = started
@@ -403,7 +448,7 @@ class RemoteStage(StageDefaults):
         elapsed = time.perf_counter() - started
         for stage in chain:
             stage._clock.observe(elapsed)
-        message = chain[index]._reply(reply, chain[index + 1].peer if index < len(chain) - 1 else None)
+        message = chain[index]._reply(reply, chain[index + 1].peer if index < len(chain) - 1 else None, call)
         if index != len(chain) - 1:
             raise StageLost(chain[index].peer, "answered a step it was to pass on")
         last.timing.calls += 1

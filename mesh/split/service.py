@@ -31,7 +31,7 @@ from aiohttp import web
 from shoal.mesh.p2p.errors import MeshError, RemoteError
 from shoal.mesh.p2p.peer import Peer
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame, ControlFrame
-from shoal.mesh.split import wire
+from shoal.mesh.split import native, wire
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.held_spans import busy_bytes, offered_budget, shard_entries, span_bytes
 from shoal.mesh.split.offload import OffloadClient
@@ -74,7 +74,8 @@ class SplitService:
                               keep_idle_stages=self.config.keep_idle_stages, quota=self.quota,
                               ledger=self.ledger, sizer=self.stage_bytes, limit=self.stages_limit,
                               link_spin_s=self.config.link_spin_us / 1e6,
-                              connect_next=self._connect_next if self.config.chain_stages else None)
+                              connect_next=self._connect_next if self.config.chain_stages else None,
+                              native_lane=native.loaded if self.config.native_lane else lambda: None)
         node.models.hosted = lambda: busy_bytes(self.host.stages)  # the models' budget counts spans in use
         self.stage_receipts = StageReceipts(mesh, self.ledger)
         self.tensor_links = TensorLinkServer(self.host.serve_link, self.config)
@@ -106,6 +107,8 @@ class SplitService:
         """Overrides how hosted spans are built from a GGUF path (the test harness shares dequantized weights
         this way)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._native_build: asyncio.Future[Any] | None = None
+        """The native step lane's first build (`split.native`), in the background."""
         self._advert_task: asyncio.Task[None] | None = None
         mesh.on_control("stage.open", self._on_stage_open)
         mesh.on_control("stage.close", self._on_stage_close)
@@ -270,6 +273,9 @@ class SplitService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.stage_receipts.start()
+        if self.config.native_lane and self.config.direct_tensors:  # built once per machine, ~1 s
+            self._native_build = self._loop.run_in_executor(None, native.steplane,
+                                                            self.node.config.compile_dir)
         try:
             if self.config.direct_tensors:
                 self.tensor_links.start(self.node.host)
@@ -322,9 +328,11 @@ class SplitService:
                 "kind": forced.kind, "stages": [{"peer": p, "layers": s} for p, s in forced.stages]}
             offload_tokens = {"received": dict(self.offload_client.tokens_over),
                               "sent": dict(self.offload_server.tokens_over)}
+            lane = native.status() if self.config.native_lane else "off: [split] native_lane = false"
+            stage_steps = {"computed": self.host.calls, "native": self.host.lane_steps, "native_lane": lane}
             return web.json_response({"forced": body, "advert": self.advert_fields(),
-                                      "warming": self.warming.view(), "offload_tokens": offload_tokens},
-                                     dumps=_dumps)
+                                      "warming": self.warming.view(), "offload_tokens": offload_tokens,
+                                      "stage_steps": stage_steps}, dumps=_dumps)
 
         async def put_route(request: web.Request) -> web.Response:
             try:

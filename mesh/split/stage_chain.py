@@ -16,8 +16,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 from shoal.mesh.p2p.protocol import BinaryFrame
 from shoal.mesh.split import wire
 from shoal.mesh.split.hosted import HostError
@@ -89,15 +91,32 @@ class NextLinks:
 
     def send(self, peer: str, frame: BinaryFrame) -> None:
         """Worker thread: pass a step on to `peer`; raises LinkError (then the link is forgotten)."""
-        link = self._links.get(peer)
-        if link is None:
-            raise LinkError("no link to the next stage")
+        link = self._link(peer)
         try:
             link.send(frame)
         except LinkError:
-            if self._links.get(peer) is link:
-                del self._links[peer]
+            self._forget(peer, link)
             raise
+
+    def send_native(self, lane: ModuleType, peer: str, request_id: int, head: bytes, step: int,
+                    values: np.ndarray) -> None:
+        """`send` of a steady step through the native lane (`split.step_lane`); raises LinkError."""
+        link = self._link(peer)
+        try:
+            link.send_native(lane, request_id, head, step, values)
+        except LinkError:
+            self._forget(peer, link)
+            raise
+
+    def _link(self, peer: str) -> TensorLinkClient:
+        link = self._links.get(peer)
+        if link is None:
+            raise LinkError("no link to the next stage")
+        return link
+
+    def _forget(self, peer: str, link: TensorLinkClient) -> None:
+        if self._links.get(peer) is link:
+            del self._links[peer]
 
     def drop(self, peer: str) -> None:
         """Close the link to a peer that left."""

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from shoal.mesh.split.receipts import Usage, UsageLedger
 from shoal.mesh.split.stage_chain import Connect, NextLinks, parse_place
 from shoal.mesh.split.stage_sessions import Session, Sessions
 from shoal.mesh.split.stage_worker import StageWorker
+from shoal.mesh.split.step_lane import StepLane, arm
 from shoal.mesh.split.tensor_link import LinkError
 from shoal.mesh.split.tensor_link_server import ServerLink
 from shoal.models.errors import ContextOverflowError, ModelError
@@ -61,15 +63,16 @@ class StageHost:
                  keep_idle_stages: int = SplitConfig.keep_idle_stages,
                  quota: PeerQuota | None = None, ledger: UsageLedger | None = None,
                  sizer: Sizer | None = None, limit: Callable[[], int] | None = None,
-                 link_spin_s: float = SplitConfig.link_spin_us / 1e6, connect_next: Connect | None = None
-                 ) -> None:
+                 link_spin_s: float = SplitConfig.link_spin_us / 1e6, connect_next: Connect | None = None,
+                 native_lane: Callable[[], ModuleType | None] = lambda: None) -> None:
         """`quota`: refuse `stage.open` from a peer past its hourly share; every row computed counts.
         `ledger`: issue a usage receipt for each sequence at `stage.close` (in the reply). `sizer`: the bytes
         a built stage holds (`HostedStage.nbytes`); `limit()`: the bytes the hosted stages may hold together —
         past it, idle stages are closed (least recently used first) after each new one is built.
         `link_spin_s`: the worker's poll budget while direct links stream decode steps (`split.arrival`).
         `connect_next`: opens a direct tensor link to a peer for chains (`split.stage_chain`); None: never
-        chain."""
+        chain. `native_lane()`: the native step lane if it is loaded (`split.native`), else None: steady
+        decode steps on direct links then take it (`split.step_lane`)."""
         self._sizer = sizer
         self._limit = limit
         self._ledger = ledger
@@ -86,6 +89,7 @@ class StageHost:
         self._loading: dict[tuple[str, LayerSpan], asyncio.Future[HostedStage]] = {}
         self._sessions = Sessions()
         self._next = NextLinks(connect_next)
+        self._native_lane = native_lane
         self._next_local = 0
         self._lock = threading.Lock()
         self._stopped = False
@@ -93,6 +97,8 @@ class StageHost:
         """Tensor frames computed (for tests and metrics)."""
         self.refused = 0
         """Tensor frames answered with an error."""
+        self.lane_steps = 0
+        """Of `calls`, the decode steps the native step lane took (`split.step_lane`)."""
 
     @property
     def sequences(self) -> int:
@@ -303,16 +309,15 @@ class StageHost:
             reply = await self._run(self._serve, hosted, message, sessions, inputs)
         except Exception as exc:
             return self._refuse(peer, frame, exc)
-        self._count(sessions, message)
+        self._count(sessions, message.op, int(message.array.shape[0]) if message.array is not None else 0)
         return reply
 
-    def _count(self, sessions: list[Session], message: wire.TensorMessage) -> None:
+    def _count(self, sessions: list[Session], op: str, rows: int) -> None:
         """A call served: count it, its rows per sequence (for the receipts), and its rows (tokens) against
         the origin's quota."""
         self.calls += 1
-        rows = int(message.array.shape[0]) if message.array is not None else 0
         for session in sessions:
-            session.count(message.op, rows)
+            session.count(op, rows)
         if self._quota is not None and sessions:
             self._quota.record(sessions[0].origin, rows)
 
@@ -323,6 +328,13 @@ class StageHost:
     def _answer_link(self, link: ServerLink) -> bool:
         """Worker: the frames `link` brought — its origin's calls, or (a chain) the stage before's steps.
         False when the link is done."""
+        lane = link.lane
+        if lane is not None:
+            if lane.current(self._sessions.generation):
+                answered = self._lane_step(link, lane)
+                if answered is not None:
+                    return answered
+            link.lane = None  # the generic path below takes the record (and arms the lane again)
         while True:
             try:
                 frame = link.read_frame()
@@ -345,10 +357,52 @@ class StageHost:
             reply = None if passing else self._encode(hosted.stage, message, out, seconds)
         except Exception as exc:  # the worker's boundary: answered with an error frame, never raised
             return self._answer(link, sessions, self._refuse(link.peer, frame, exc))
-        self._count(sessions, message)
+        self._count(sessions, message.op, int(message.array.shape[0]) if message.array is not None else 0)
+        if self._native_lane() is not None:
+            link.lane = arm(frame.payload, message, sessions, out, passing, self._sessions.generation)
         if reply is None:
             return self._pass_on(link, sessions, message, out)
         return self._answer(link, sessions, reply)
+
+    def _lane_step(self, link: ServerLink, lane: StepLane) -> bool | None:
+        """Worker: take the link's next record through the native step lane (`split.step_lane`) and answer
+        it as `_link_frame` would. None when the record is not the lane's step: `read_frame` returns it."""
+        native = self._native_lane()
+        taken = link.take_step(native, lane.head, lane.inputs) if native is not None else None
+        if taken is None:
+            return None
+        call, step = taken >> 32, taken & 0xFFFF_FFFF
+        session = lane.session
+        sessions = [session]
+        if lane.op != "forward":
+            session.reply_link = link  # as `Sessions.find` does for the origin's own frames
+        try:
+            out, seconds = lane.hosted.call(self._timed_forward, lane.hosted.stage, lane.op, lane.ids,
+                                            lane.inputs)
+        except Exception as exc:  # the worker's boundary, as in `_link_frame`
+            link.lane = None
+            return self._answer(link, sessions, self._refusal(link.peer, call, step, exc))
+        self._count(sessions, lane.op, 1)
+        self.lane_steps += 1
+        if lane.passing:
+            place = session.place
+            assert place.next_peer is not None
+            try:
+                self._next.send_native(native, place.next_peer, call, lane.out_head, step, out)
+            except LinkError as exc:
+                link.lane = None
+                return self._next_lost(link, sessions, call, step, exc)
+            return True
+        target = link if session.origin == link.peer else session.reply_link
+        if target is None:  # `current` saw one: it went since
+            logger.warning("a chain step from %s has no origin link to answer on", link.peer[:12])
+            return True
+        try:
+            target.send_native(native, call, lane.out_head, step, wire.micros(seconds), out, lane.top_1)
+        except LinkError as exc:
+            logger.info("answering peer %s: %s", target.peer[:12], exc)
+            return target is not link
+        return True
 
     def _pass_on(self, link: ServerLink, sessions: list[Session], message: wire.TensorMessage,
                  out: np.ndarray) -> bool:
@@ -361,12 +415,16 @@ class StageHost:
                                      fp16=message.reply_f16)
             self._next.send(place.next_peer, step)
         except (LinkError, ValueError) as exc:
-            for session in sessions:
-                session.chained = False
-            text = f"cannot pass the step on to {place.next_peer[:16]}: {exc}"
-            return self._answer(link, sessions, wire.encode_error(message.call, message.step, wire.NEXT_LOST,
-                                                                  text))
+            return self._next_lost(link, sessions, message.call, message.step, exc)
         return True
+
+    def _next_lost(self, link: ServerLink, sessions: list[Session], call: int, step: int, exc: Exception
+                   ) -> bool:
+        """A chain's step could not go on: the sequences stop chaining and the origin hears `next_lost`."""
+        for session in sessions:
+            session.chained = False
+        text = f"cannot pass the step on to {sessions[0].place.next_peer or '?':.16}: {exc}"
+        return self._answer(link, sessions, wire.encode_error(call, step, wire.NEXT_LOST, text))
 
     def _answer(self, link: ServerLink, sessions: list[Session], reply: BinaryFrame) -> bool:
         """Send `reply` to the origin: on `link`, unless the frame came from a chain's upstream stage (then
@@ -398,15 +456,17 @@ class StageHost:
 
     def _refuse(self, peer: str, frame: BinaryFrame, exc: Exception) -> BinaryFrame:
         """The error frame answering a call that failed with `exc`."""
+        return self._refusal(peer, frame.request_id, wire.frame_step(frame), exc)
+
+    def _refusal(self, peer: str, call: int, step: int, exc: Exception) -> BinaryFrame:
         self.refused += 1
-        step = wire.frame_step(frame)
         if isinstance(exc, wire.FrameError):
-            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], frame.request_id, exc.message)
-            return wire.encode_error(frame.request_id, step, exc.code, exc.message)
+            logger.info("peer %s: tensor frame %d refused: %s", peer[:12], call, exc.message)
+            return wire.encode_error(call, step, exc.code, exc.message)
         if isinstance(exc, ContextOverflowError | ValueError):
-            return wire.encode_error(frame.request_id, step, wire.BAD_REQUEST, str(exc))
+            return wire.encode_error(call, step, wire.BAD_REQUEST, str(exc))
         logger.error("peer %s: stage call failed", peer[:12], exc_info=exc)  # a task boundary
-        return wire.encode_error(frame.request_id, step, wire.INTERNAL, f"stage failed: {exc}")
+        return wire.encode_error(call, step, wire.INTERNAL, f"stage failed: {exc}")
 
     def _serve(self, hosted: HostedStage, message: wire.TensorMessage, sessions: list[Session],
                inputs: np.ndarray | None) -> BinaryFrame:

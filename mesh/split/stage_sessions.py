@@ -52,6 +52,8 @@ class Sessions:
     def __init__(self) -> None:
         self._opened: dict[tuple[str, int], Session] = {}
         self._fed: dict[tuple[str, int], Session] = {}
+        self.generation = 0
+        """Counts every change of which sequences are open (a step lane armed before one is stale)."""
 
     def __len__(self) -> int:
         return len(self._opened)
@@ -60,6 +62,7 @@ class Sessions:
         return (peer, seq) in self._opened
 
     def add(self, session: Session) -> None:
+        self.generation += 1
         self._opened[(session.origin, session.seq)] = session
         if session.place.upstream is not None:
             self._fed[(session.place.upstream, session.feed)] = session
@@ -68,6 +71,7 @@ class Sessions:
         return self._opened.get((peer, seq))
 
     def pop(self, peer: str, seq: int) -> Session | None:
+        self.generation += 1
         session = self._opened.pop((peer, seq), None)
         if session is not None and self._fed.get((session.place.upstream, session.feed)) is session:
             del self._fed[(session.place.upstream, session.feed)]
@@ -77,6 +81,7 @@ class Sessions:
         return [seq for origin, seq in self._opened if origin == peer]
 
     def clear(self) -> None:
+        self.generation += 1
         self._opened.clear()
         self._fed.clear()
 

@@ -32,13 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shoal.mesh.p2p import protocol
@@ -100,6 +105,9 @@ class Sealer:
         if len(key) != 32:
             raise ValueError("a tensor link key has 32 bytes")
         self._aead = AESGCM(key)
+        self._key = key
+        self._native: Any = None
+        """The native step lane's contexts for this key (`native_keys`), made on first use."""
         self._sends, self._receives = sends, 1 - sends
         self._sent = 0
         self._received = 0
@@ -123,6 +131,71 @@ class Sealer:
             raise LinkError("a tensor record failed authentication") from None
         self._received += 1
         return plaintext
+
+    # The native step lane (`split.step_lane`): the same records, sealed and opened in C, counters kept here.
+
+    def native_keys(self, lane: ModuleType) -> Any:
+        if self._native is None:
+            self._native = lane.keys(self._key)
+        return self._native
+
+    def take_native(self, lane: ModuleType, sock: socket.socket, head: bytes, inputs: np.ndarray
+                    ) -> int | tuple[int, bytes]:
+        """`lane.take`: a steady step (request id << 32 | step) or what the generic reader must take over;
+        the receive counter counts every record that opened."""
+        got = lane.take(sock.fileno(), self.native_keys(lane), self._receives, self._received, head, inputs)
+        if type(got) is int or got[0] == lane.OPENED:
+            self._received += 1
+        return got
+
+    def send_native(self, lane: ModuleType, sock: socket.socket, request_id: int, head: bytes, step: int,
+                    micros: int, values: np.ndarray, *, top_1: bool = False, micros_at: int = -1,
+                    closed_check: bool = False, timeout_s: float = SplitConfig.link_record_timeout_s) -> None:
+        """`lane.send`: seal and send a steady step's answer (its head as `head`, with `step` and, at
+        `micros_at`, the compute time filled in); raises LinkError."""
+        result = lane.send(sock.fileno(), self.native_keys(lane), self._sends, self._sent, request_id, head,
+                           step, micros_at, micros, top_1, values, closed_check, int(timeout_s * 1000))
+        if result == lane.CLOSED:
+            raise LinkError("the peer closed the link")
+        self._sent += 1
+        if result == lane.TIMED_OUT:
+            raise LinkError("tensor link timed out")
+        if result < 0:
+            raise LinkError(f"tensor link failed: {os.strerror(-result)}")
+
+    def answer_native(self, lane: ModuleType, sock: socket.socket, call: NativeCall) -> int | None:
+        """`lane.answer`: the argmax answer to `call` (token id << 32 | compute µs) when it is the record
+        waiting on the socket, else None with the socket untouched."""
+        got = lane.answer(sock.fileno(), self.native_keys(lane), self._receives, self._received,
+                          call.answer_head, call.request_id, call.vocab)
+        if got is not None:
+            self._received += 1
+        return got
+
+
+@dataclass(slots=True)
+class NativeCall:
+    """A steady greedy decode call through the native step lane (`split.step_lane`), in place of its frame:
+    the frame's header (`wire.input_head`, the step filled in natively) and values; the answer expected is the
+    argmax of one logits row (`wire.logits_head(0, 1, vocab, 1)`). Whatever else comes back is read the
+    generic way."""
+
+    lane: ModuleType
+    request_id: int
+    head: bytes
+    step: int
+    values: np.ndarray
+    answer_head: bytes
+    vocab: int
+
+    def send(self, sealer: Sealer, sock: socket.socket, timeout_s: float) -> None:
+        sealer.send_native(self.lane, sock, self.request_id, self.head, self.step, 0, self.values,
+                           timeout_s=timeout_s)
+
+
+Request = BinaryFrame | NativeCall
+Answer = BinaryFrame | int
+"""A call's answer: the frame, or (a `NativeCall` answered as expected) its token id << 32 | compute µs."""
 
 
 # --- sockets ----------------------------------------------------------------------------------------------
@@ -197,18 +270,41 @@ class RecordStream:
         self._sock = sock
         self._sealer = sealer
         self._data = bytearray()
+        self._opened: bytes | None = None
+        """A record the native lane opened but left to `read` (not a steady step)."""
 
     def buffered(self) -> bool:
         """A whole record — or bytes that cannot start one — is waiting here: `read` it without waiting on
         the socket (it raises for the latter). Never raises itself (the stage worker calls it between
         records)."""
+        if self._opened is not None:
+            return True
         try:
             return split_record(self._data) is not None
         except LinkError:
             return True
 
+    def take_step(self, lane: ModuleType, head: bytes, inputs: np.ndarray) -> int | None:
+        """The native lane's read (`split.step_lane`): (request id << 32 | step) when the next record is
+        the steady step `head` describes, its values in `inputs`; None when it is anything else (or bytes
+        are kept here already), which `read` then returns as ever."""
+        if self._data or self._opened is not None:
+            return None
+        got = self._sealer.take_native(lane, self._sock, head, inputs)
+        if type(got) is int:
+            return got
+        kind, data = got
+        if kind == lane.OPENED:
+            self._opened = data
+        else:
+            self._data += data
+        return None
+
     def read(self) -> bytes:
         """The next record's plaintext; raises LinkError."""
+        if self._opened is not None:
+            plaintext, self._opened = self._opened, None
+            return plaintext
         try:
             while (size := split_record(self._data)) is None:
                 chunk = self._sock.recv(FIRST_READ)
@@ -291,22 +387,28 @@ class TensorLinkClient:
         sock, sealer = handshake(host, grant, timeout_s, record_timeout_s)
         return cls(sock, sealer, record_timeout_s, spin_s)
 
-    def call(self, frame: BinaryFrame, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+    def call(self, frame: Request, timeout_s: float, alive: Callable[[], bool] = lambda: True,
              poll_s: float = SplitConfig.link_alive_poll_s, sent: Callable[[], None] | None = None
-             ) -> BinaryFrame:
-        """Send one tensor frame and wait for the frame answering it (same request id). Polls `alive` (the
-        WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call at once. `sent()`
-        runs once the frame is sent, before the wait (the caller's deferred work: `models.idle`)."""
+             ) -> Answer:
+        """Send one tensor frame (or a `NativeCall`) and wait for the frame answering it (same request id).
+        Polls `alive` (the WebRTC link's state) while waiting, so a peer the mesh declared dead fails the call
+        at once. `sent()` runs once the frame is sent, before the wait (the caller's deferred work:
+        `models.idle`)."""
         with self._lock:
             if self._closed:
                 raise LinkError("the tensor link is closed")
             deadline = time.monotonic() + timeout_s
+            native = frame if type(frame) is NativeCall else None
             try:
-                record = self._sealer.seal(encode_frame(frame))
-                # a decode record fits the socket's buffer at once; a long prefill one may take a while
-                decode = len(record) <= FIRST_READ
-                self._set_timeout(poll_s if decode else self._record_timeout)
-                self._sock.sendall(record)
+                if native is not None:
+                    decode = True
+                    native.send(self._sealer, self._sock, self._record_timeout)
+                else:
+                    record = self._sealer.seal(encode_frame(frame))
+                    # a decode record fits the socket's buffer at once; a long prefill one may take a while
+                    decode = len(record) <= FIRST_READ
+                    self._set_timeout(poll_s if decode else self._record_timeout)
+                    self._sock.sendall(record)
                 sent_at = time.perf_counter()
                 if sent is not None:
                     sent()
@@ -319,6 +421,13 @@ class TensorLinkClient:
                         raise LinkError(f"no answer within {timeout_s:.0f} s")
                     if not alive():
                         raise LinkError("the peer's link went down")
+                    if native is not None:
+                        if not select.select([self._sock], [], [], min(poll_s, remaining))[0]:
+                            continue
+                        answer = self._sealer.answer_native(native.lane, self._sock, native)
+                        if answer is not None:
+                            self._arrivals.observe(time.perf_counter() - sent_at)
+                            return answer
                     self._set_timeout(min(poll_s, remaining))
                     try:
                         plaintext = read_record(self._sock, self._sealer, self._record_timeout)
@@ -349,6 +458,20 @@ class TensorLinkClient:
             return not self._closed
         finally:
             self._lock.release()
+
+    def send_native(self, lane: ModuleType, request_id: int, head: bytes, step: int, values: np.ndarray
+                    ) -> None:
+        """`send` of a steady chain step through the native lane (`split.step_lane`): the same checks, the
+        same record. Raises LinkError (the link is then closed)."""
+        with self._lock:
+            if self._closed:
+                raise LinkError("the tensor link is closed")
+            try:
+                self._sealer.send_native(lane, self._sock, request_id, head, step, 0, values,
+                                         closed_check=True, timeout_s=self._record_timeout)
+            except LinkError as exc:
+                self._release()
+                raise LinkError(f"sending on the tensor link failed: {exc}") from None
 
     def send(self, frame: BinaryFrame) -> None:
         """One-way: a frame answered elsewhere — a chained stage passing its output to the next stage, whose
@@ -397,10 +520,10 @@ class ChainLinkError(LinkError):
         self.index = index
 
 
-def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: float,
+def call_chain(clients: list[TensorLinkClient], frame: Request, timeout_s: float,
                dead: Callable[[], int | None] = lambda: None,
                poll_s: float = SplitConfig.link_alive_poll_s, sent: Callable[[], None] | None = None
-               ) -> tuple[int, BinaryFrame]:
+               ) -> tuple[int, Answer]:
     """A decode step through a chain of stages (`split.stage_chain`): send `frame` on the first link; the
     answer comes back on the last one (the chain's last stage answers the origin), and an error frame on the
     link of whichever stage failed. Returns (the index of the link the frame came on, the frame). While
@@ -418,8 +541,12 @@ def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: f
             if closed:
                 raise LinkError("the tensor link is closed")
             first = clients[0]
-            first._set_timeout(first._record_timeout)
-            first._sock.sendall(first._sealer.seal(encode_frame(frame)))
+            native = frame if type(frame) is NativeCall else None
+            if native is not None:
+                native.send(first._sealer, first._sock, first._record_timeout)
+            else:
+                first._set_timeout(first._record_timeout)
+                first._sock.sendall(first._sealer.seal(encode_frame(frame)))
             sent_at = time.perf_counter()
             if sent is not None:
                 sent()
@@ -442,6 +569,11 @@ def call_chain(clients: list[TensorLinkClient], frame: BinaryFrame, timeout_s: f
                 # the answer first: a stage that failed after passing its step on cannot have an answer
                 index = max(i for i, c in enumerate(clients) if c._sock in ready)
                 client = clients[index]
+                if native is not None and index == last:
+                    answer = client._sealer.answer_native(native.lane, client._sock, native)
+                    if answer is not None:
+                        arrivals.observe(time.perf_counter() - sent_at)
+                        return index, answer
                 client._set_timeout(client._record_timeout)
                 reply = decode_frame(read_record(client._sock, client._sealer, client._record_timeout))
                 if reply.request_id != frame.request_id:

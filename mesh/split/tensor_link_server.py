@@ -13,8 +13,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 from shoal.mesh.p2p.protocol import BinaryFrame
 from shoal.mesh.split.config import SplitConfig
 from shoal.mesh.split.tensor_link import (
@@ -29,6 +32,7 @@ from shoal.mesh.split.tensor_link import (
     shutdown_socket,
     tune_socket,
 )
+from shoal.mesh.split.wire import MICROS_AT
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +52,21 @@ class ServerLink:
     sock: socket.socket
     sealer: Sealer
     record_timeout_s: float = SplitConfig.link_record_timeout_s
+    lane: Any = field(default=None, compare=False)
+    """The steady step the worker takes natively on this link (`split.step_lane.StepLane`), or None."""
 
     def __post_init__(self) -> None:
         self._records = RecordStream(self.sock, self.sealer)
+
+    def take_step(self, native: ModuleType, head: bytes, inputs: np.ndarray) -> int | None:
+        """The native lane's read (`RecordStream.take_step`): (request id << 32 | step), or None."""
+        return self._records.take_step(native, head, inputs)
+
+    def send_native(self, native: ModuleType, request_id: int, head: bytes, step: int, micros: int,
+                    values: np.ndarray, top_1: bool) -> None:
+        """`send_frame` of a steady step's answer through the native lane; raises LinkError."""
+        self.sealer.send_native(native, self.sock, request_id, head, step, micros, values, top_1=top_1,
+                                micros_at=MICROS_AT, timeout_s=self.record_timeout_s)
 
     def read_frame(self) -> BinaryFrame:
         """Blocking: the next frame (call when the socket is readable, or `buffered`); raises LinkError."""

@@ -194,6 +194,10 @@ OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")
 OUTPUT_HEAD = struct.Struct("<BBBBIIIII")
+STEP_AT = 4
+"""Where both heads keep the step."""
+MICROS_AT = OUTPUT_HEAD.size - 4
+"""Where OUTPUT_HEAD keeps the stage's compute time (µs)."""
 ONE_SEQ = struct.Struct("<I")
 """A decode step's one sequence id (the common case: no format string to build)."""
 MAX_SEQS = 256
@@ -257,21 +261,28 @@ def encode_input(call: int, op: str, step: int, seqs: list[int], array: np.ndarr
                  fp16: bool = False) -> BinaryFrame:
     """Origin → stage: token ids (int32 [n]) or hidden states (float32 [n, hidden]). `fp16` sends hidden
     states as float16 and asks for float16 hidden states back."""
+    if fp16 and array.dtype == np.float32:
+        array = array.astype("<f2")
+    head = input_head(op, step, seqs, array, top_k, fp16)
+    return BinaryFrame(TENSOR, call, {}, head + _data(array, head[1]))
+
+
+def input_head(op: str, step: int, seqs: list[int], array: np.ndarray, top_k: int = 0, fp16: bool = False
+               ) -> bytes:
+    """An input frame's header and sequence ids, for `array` as it goes on the wire (its dtype byte, the
+    second, is the array's)."""
     code = OPS_IN.get(op)
     if code is None:
         raise ValueError(f"op must be one of {sorted(OPS_IN)}")
     if not 1 <= len(seqs) <= MAX_SEQS or not 0 <= top_k <= MAX_TOP_K or not 0 <= step <= MAX_STEP:
         raise ValueError("tensor frame fields out of bounds")
-    if fp16 and array.dtype == np.float32:
-        array = array.astype("<f2")
     dtype = _dtype_code(array)
     ndim, rows, cols = _shape(array)
     try:
         ids = ONE_SEQ.pack(seqs[0]) if len(seqs) == 1 else struct.pack(f"<{len(seqs)}I", *seqs)
     except struct.error:
         raise ValueError("sequence ids must be u32") from None
-    head = INPUT_HEAD.pack(code, dtype, F16 if fp16 else F32, ndim, step, rows, cols, top_k, len(seqs))
-    return BinaryFrame(TENSOR, call, {}, b"".join((head, ids, _data(array, dtype))))
+    return INPUT_HEAD.pack(code, dtype, F16 if fp16 else F32, ndim, step, rows, cols, top_k, len(seqs)) + ids
 
 
 def _data(array: np.ndarray, dtype: int) -> bytes:
@@ -282,16 +293,33 @@ def _data(array: np.ndarray, dtype: int) -> bytes:
     return np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()
 
 
-def _micros(seconds: float) -> int:
+def micros(seconds: float) -> int:
+    """A compute time as OUTPUT_HEAD's u32 of microseconds."""
     return min(max(int(seconds * 1e6), 0), 2**32 - 1)
 
 
 def encode_hidden(call: int, step: int, array: np.ndarray, fp16: bool = False,
                   compute_s: float = 0.0) -> BinaryFrame:
     code = F16 if fp16 else F32
+    return BinaryFrame(TENSOR, call, {}, hidden_head(step, array, fp16, compute_s) + _data(array, code))
+
+
+def hidden_head(step: int, array: np.ndarray, fp16: bool = False, compute_s: float = 0.0) -> bytes:
     ndim, rows, cols = _shape(array)
-    head = OUTPUT_HEAD.pack(OPS_OUT["hidden"], code, ndim, 0, step, rows, cols, 0, _micros(compute_s))
-    return BinaryFrame(TENSOR, call, {}, head + _data(array, code))
+    return OUTPUT_HEAD.pack(OPS_OUT["hidden"], F16 if fp16 else F32, ndim, 0, step, rows, cols, 0,
+                            micros(compute_s))
+
+
+def logits_head(step: int, rows: int, vocab: int, top_k: int, compute_s: float = 0.0) -> bytes:
+    """(`top_k` 0: full rows.)"""
+    return OUTPUT_HEAD.pack(OPS_OUT["logits"], F32, 2, 0, step, rows, vocab, top_k, micros(compute_s))
+
+
+def argmax_message(call: int, token: int, compute_us: int) -> TensorMessage:
+    """The message `decode_output` makes of a one-row greedy answer (`encode_logits` with top_k 1), from its
+    values (the native step lane's read of it; its step is the call's id, as the origin numbers both)."""
+    return TensorMessage(call, "logits", call, None, top_k=1, compute_s=compute_us / 1e6,
+                         top_ids=np.array([[token]], dtype=np.int32))
 
 
 TOP_1 = struct.Struct("<if")
@@ -315,8 +343,7 @@ def encode_logits(call: int, step: int, logits: np.ndarray, top_k: int,
             ids = top_k_ids(row, top_k)
             parts += [ids.astype("<i4").tobytes(), row[ids].astype("<f4").tobytes()]
         payload = b"".join(parts)
-    head = OUTPUT_HEAD.pack(OPS_OUT["logits"], F32, 2, 0, step, count, vocab, top_k, _micros(compute_s))
-    return BinaryFrame(TENSOR, call, {}, head + payload)
+    return BinaryFrame(TENSOR, call, {}, logits_head(step, count, vocab, top_k, compute_s) + payload)
 
 
 TOP_K_BLOCK = 64

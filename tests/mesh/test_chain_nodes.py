@@ -43,11 +43,16 @@ def three_stages(a: SplitNode, b: SplitNode, c: SplitNode) -> None:
     a.force("split", ("local", "0:10"), (b.peer_id, "10:20"), (c.peer_id, "20:30"))
 
 
+def stage_steps(node: SplitNode) -> dict:
+    return node.call("GET", "/v1/mesh/route")["stage_steps"]
+
+
 def test_a_chained_split_equals_local_and_skips_the_origin(mesh3):
     a, b, c, _ = mesh3
     a.force("local")
     want = a.chat(PROMPT, TOKENS)["choices"][0]["message"]["content"]
     three_stages(a, b, c)
+    before = [stage_steps(node) for node in (b, c)]
     reply = a.chat(PROMPT, TOKENS)
     assert reply["choices"][0]["message"]["content"] == want
     timing = {t["peer"]: t for t in reply["shoal_route"]["stage_timing"]}
@@ -56,6 +61,12 @@ def test_a_chained_split_equals_local_and_skips_the_origin(mesh3):
     assert timing[b.peer_id]["calls"] == 1, timing
     steps = reply["usage"]["completion_tokens"] - 1
     assert steps >= 3 and timing[c.peer_id]["chained"] == timing[c.peer_id]["calls"] - 1 == steps, timing
+    # b and c took every greedy step after the first (which armed the lane) natively (`split.step_lane`)
+    for node, earlier in zip((b, c), before, strict=True):
+        after = stage_steps(node)
+        assert after["native_lane"] == "on", after
+        assert after["computed"] - earlier["computed"] == steps + 1, (earlier, after)  # and the prefill
+        assert after["native"] - earlier["native"] == steps - 1, (earlier, after)
     a.force(None)
 
 

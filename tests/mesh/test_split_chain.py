@@ -8,6 +8,8 @@ re-planned with the no-fault tokens; frames that break the chain's rules are ref
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -41,10 +43,11 @@ class Mesh:
     links to the next stage of a chain as a node does (a grant from the next host's server, then the
     handshake), unless `unreachable` names that pair."""
 
-    def __init__(self) -> None:
+    def __init__(self, native_lane: Callable[[], ModuleType | None] = lambda: None) -> None:
         self.unreachable: set[tuple[str, str]] = set()
-        self.hosts = {name: StageHost(factory, gate_open, connect_next=self._connector(name))
-                      for name in "abcd"}
+        self.native = native_lane() is not None
+        self.hosts = {name: StageHost(factory, gate_open, connect_next=self._connector(name),
+                                      native_lane=native_lane) for name in "abcd"}
         self.servers = {name: tls.TensorLinkServer(self.hosts[name].serve_link) for name in "bcd"}
         for server in self.servers.values():
             server.start("127.0.0.1")
@@ -60,9 +63,11 @@ class Mesh:
         return connect
 
     def stages(self, layout: list[tuple[str, int, int]]) -> list[RemoteStage]:
+        """The origin uses the native step lane where the stage hosts do."""
         loop, config = asyncio.get_running_loop(), gguf_model().config
-        return [RemoteStage(self.links[name], loop, MODEL, config, LayerSpan(start, stop), direct=name != "a")
-                for name, start, stop in layout]
+        settings = SplitConfig(native_lane=self.native)
+        return [RemoteStage(self.links[name], loop, MODEL, config, LayerSpan(start, stop), direct=name != "a",
+                            settings=settings) for name, start, stop in layout]
 
     async def close(self) -> None:
         for server in self.servers.values():
@@ -72,8 +77,9 @@ class Mesh:
 
 
 @pytest.fixture
-async def mesh():
-    built = Mesh()
+async def mesh(native_lane):
+    """With and without the native step lane."""
+    built = Mesh(native_lane)
     try:
         yield built
     finally:
@@ -85,7 +91,17 @@ THREE = [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
 
 @pytest.mark.parametrize("by_argmax", [False, True])
 async def test_a_chain_equals_one_stage_and_skips_the_origin(mesh: Mesh, expected: list[int],
-                                                             by_argmax: bool) -> None:
+                                                             by_argmax: bool, monkeypatch) -> None:
+    answered: list[int] = []
+    read_answer = tl.Sealer.answer_native
+
+    def counted(*args: Any) -> int | None:
+        got = read_answer(*args)
+        if got is not None:
+            answered.append(got >> 32)
+        return got
+
+    monkeypatch.setattr(tl.Sealer, "answer_native", counted)
     stages = mesh.stages(THREE)
     pipeline = SplitPipeline(gguf_model().config, stages, lambda excluded: [], chain=True)
     try:
@@ -94,6 +110,12 @@ async def test_a_chain_equals_one_stage_and_skips_the_origin(mesh: Mesh, expecte
         # b was called by the origin for the prefill only; every decode step came back from c
         assert calls == {"a": TOKENS, "b": 1, "c": TOKENS}
         assert mesh.hosts["b"].calls == TOKENS and mesh.hosts["c"].calls == TOKENS
+        # each stage's first decode step arms its lane; c answers natively when the origin wants the argmax
+        lane_steps = TOKENS - 2 if mesh.native else 0
+        assert mesh.hosts["b"].lane_steps == lane_steps
+        assert mesh.hosts["c"].lane_steps == (lane_steps if by_argmax else 0)
+        # and the origin reads every greedy step's answer natively, from the first
+        assert answered == (expected[1:] if mesh.native and by_argmax else [])
     finally:
         await blocking(pipeline.close)
 
@@ -175,21 +197,23 @@ async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
     (their sequences replayed), with no re-plan."""
     loop, config = asyncio.get_running_loop(), gguf_model().config
     lost = "c" if cut in ("c", "b->c") else "b"
-    decodes = 0
-    original = StageHost._link_frame
+    records = 0
+    original = StageHost._answer_link
 
-    def cut_in_step_three(self: StageHost, link: tls.ServerLink, frame) -> bool:
-        nonlocal decodes
-        if self is mesh.hosts["b"] and wire.decode_input(frame).op == "chain":
-            decodes += 1
-            if decodes == 3:
+    def cut_in_step_three(self: StageHost, link: tls.ServerLink) -> bool:
+        """Before b reads its fourth record (the prefill, then the chain's steps: the third step), by
+        either path (`_link_frame`, or the native step lane's)."""
+        nonlocal records
+        if self is mesh.hosts["b"]:
+            records += 1
+            if records == 4:
                 if cut == "c":
                     mesh.servers["c"].stop()
                 elif cut == "b":
                     mesh.servers["b"].stop()
                 else:
                     mesh.servers["c"].drop_peer("b")
-        return original(self, link, frame)
+        return original(self, link)
 
     def rebuild(excluded: frozenset[str]) -> list[RemoteStage]:
         assert excluded == {lost} and not swap
@@ -202,7 +226,7 @@ async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
         assert excluded == {lost}
         return RemoteStage(mesh.links["a"], loop, MODEL, config, span)  # stands in for the origin's own
 
-    StageHost._link_frame = cut_in_step_three  # type: ignore[method-assign]
+    StageHost._answer_link = cut_in_step_three  # type: ignore[method-assign]
     stages = mesh.stages(THREE)
     pipeline = SplitPipeline(config, stages, rebuild, chain=True, replace=replace if swap else None)
     try:
@@ -213,7 +237,7 @@ async def test_a_stage_or_link_lost_mid_chain_is_replanned_with_the_same_tokens(
             assert all(pipeline.stages[k] is stages[k] for k in kept)
             assert [peer for peer, _ in pipeline.route()] == ["a" if p == lost else p for p, _, _ in THREE]
     finally:
-        StageHost._link_frame = original  # type: ignore[method-assign]
+        StageHost._answer_link = original  # type: ignore[method-assign]
         await blocking(pipeline.close)
 
 

@@ -150,11 +150,13 @@ def expected() -> list[int]:
 
 
 @pytest.fixture
-async def served(request):
+async def served(request, native_lane):
     """Two stage hosts a and b, b with a listening tensor link server (its worker's poll budget
-    `request.param` seconds, indirect parametrisation; 0 by default, as `[split] link_spin_us`)."""
+    `request.param` seconds, indirect parametrisation; 0 by default, as `[split] link_spin_us`), with and
+    without the native step lane."""
     spin_s = getattr(request, "param", 0.0)
-    hosts = {name: StageHost(factory, gate_open, link_spin_s=spin_s) for name in "ab"}
+    hosts = {name: StageHost(factory, gate_open, link_spin_s=spin_s, native_lane=native_lane)
+             for name in "ab"}
     server = tls.TensorLinkServer(hosts["b"].serve_link)
     server.start("127.0.0.1")
     links = {"a": PeerLink(hosts["a"], "a"), "b": DirectPeerLink(hosts["b"], "b", server)}
@@ -166,16 +168,23 @@ async def served(request):
             await host.stop()
 
 
-async def test_split_over_a_direct_link_equals_one_stage(served, expected: list[int]) -> None:
+@pytest.mark.parametrize("by_argmax", [False, True])
+async def test_split_over_a_direct_link_equals_one_stage(served, expected: list[int],
+                                                         by_argmax: bool) -> None:
     hosts, _, links = served
     loop, config = asyncio.get_running_loop(), gguf_model().config
+    native = hosts["b"]._native_lane() is not None
+    settings = SplitConfig(native_lane=native)  # the origin uses the lane where the stage does
     stages = [RemoteStage(links["a"], loop, MODEL, config, LayerSpan(0, 15)),
-              RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True)]
+              RemoteStage(links["b"], loop, MODEL, config, LayerSpan(15, 30), direct=True, settings=settings)]
     pipeline = SplitPipeline(config, stages, lambda excluded: [])
     try:
-        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 3) == expected
+        assert await blocking(greedy, pipeline, chat_ids(PROMPT), TOKENS, 3, by_argmax) == expected
         assert [t["link"] for t in pipeline.timings()] == ["channel", "direct"]
         assert links["b"].binary_calls == 0 and hosts["b"].calls == TOKENS  # prefill + 4 decodes, all direct
+        # the first decode step arms the native lane, the others take it — when the origin wants the argmax
+        # back (top-k logits are the generic path's)
+        assert hosts["b"].lane_steps == (TOKENS - 2 if native and by_argmax else 0)
     finally:
         await blocking(pipeline.close)
 
