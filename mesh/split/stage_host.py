@@ -373,36 +373,34 @@ class StageHost:
             return None
         call, step = taken >> 32, taken & 0xFFFF_FFFF
         session = lane.session
-        sessions = [session]
         if lane.op != "forward":
             session.reply_link = link  # as `Sessions.find` does for the origin's own frames
         try:
             out, seconds = lane.hosted.call(self._timed_forward, lane.hosted.stage, lane.op, lane.ids,
                                             lane.inputs)
-        except Exception as exc:  # the worker's boundary, as in `_link_frame`
-            link.lane = None
-            return self._answer(link, sessions, self._refusal(link.peer, call, step, exc))
-        self._count(sessions, lane.op, 1)
-        self.lane_steps += 1
-        if lane.passing:
-            place = session.place
-            assert place.next_peer is not None
+            self._count([session], lane.op, 1)
+            self.lane_steps += 1
+            if lane.passing:
+                assert session.place.next_peer is not None
+                try:
+                    self._next.send_native(native, session.place.next_peer, call, lane.out_head, step, out)
+                except LinkError as exc:
+                    link.lane = None
+                    return self._next_lost(link, [session], call, step, exc)
+                return True
+            target = link if session.origin == link.peer else session.reply_link
+            if target is None:  # `current` saw one: it went since
+                logger.warning("a chain step from %s has no origin link to answer on", link.peer[:12])
+                return True
             try:
-                self._next.send_native(native, place.next_peer, call, lane.out_head, step, out)
+                target.send_native(native, call, lane.out_head, step, wire.micros(seconds), out, lane.top_1)
             except LinkError as exc:
-                link.lane = None
-                return self._next_lost(link, sessions, call, step, exc)
+                logger.info("answering peer %s: %s", target.peer[:12], exc)
+                return target is not link
             return True
-        target = link if session.origin == link.peer else session.reply_link
-        if target is None:  # `current` saw one: it went since
-            logger.warning("a chain step from %s has no origin link to answer on", link.peer[:12])
-            return True
-        try:
-            target.send_native(native, call, lane.out_head, step, wire.micros(seconds), out, lane.top_1)
-        except LinkError as exc:
-            logger.info("answering peer %s: %s", target.peer[:12], exc)
-            return target is not link
-        return True
+        except Exception as exc:  # the worker's boundary, as in `_link_frame`: an error frame, never raised
+            link.lane = None
+            return self._answer(link, [session], self._refusal(link.peer, call, step, exc))
 
     def _pass_on(self, link: ServerLink, sessions: list[Session], message: wire.TensorMessage,
                  out: np.ndarray) -> bool:

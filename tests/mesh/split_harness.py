@@ -197,7 +197,9 @@ def install_trace(path: str) -> None:
     wrap_sync(remote_stage.RemoteStage, "_forward", "o.stage_start", "o.stage_end")
     wrap_sync(tensor_link.TensorLinkClient, "call", "o.direct_start", "o.direct_end")
     wrap_sync(stage_host.StageHost, "_link_frame", "p.direct_start", "p.direct_end")
+    wrap_sync(stage_host.StageHost, "_lane_step", "p.direct_start", "p.direct_end")  # the native step lane's
     wrap_sync(stage_chain.NextLinks, "send", "p.pass_start", "p.pass_end")  # a chain's hop to the next stage
+    wrap_sync(stage_chain.NextLinks, "send_native", "p.pass_start", "p.pass_end")
     wrap_sync(remote_stage.RemoteStage, "decode_through", "o.chain_start", "o.chain_end")
     # a decode step on the engine's thread (steps run back to back there: models/generate.py)
     wrap_sync(StageChain, "decode", "e.step_start", "e.step_end")

@@ -270,6 +270,36 @@ async def test_malformed_frames_on_a_direct_link_get_error_frames(served) -> Non
         client.close()
 
 
+async def test_a_stage_that_fails_a_steady_step_answers_an_error_frame_and_lives(served, monkeypatch) -> None:
+    """With and without the native step lane: a step whose compute fails is refused with an error frame (the
+    lane's own boundary, as the generic path's), and the next steps are taken again."""
+    hosts, server, _ = served
+    host, config = hosts["b"], gguf_model().config
+    await host.open("b", {"model": MODEL, "span": "15:30", "seq": 5})
+    client = await blocking(tl.TensorLinkClient.connect, "127.0.0.1", server.grant("b"))
+    hidden = np.ones((1, config.hidden_size), np.float32)
+    original = StageHost._timed_forward
+    failing = {4}
+
+    def faulty(stage, op: str, ids: list[int], inputs: np.ndarray):
+        if host.calls + host.refused + 1 in failing:
+            raise RuntimeError("injected compute fault")
+        return original(stage, op, ids, inputs)
+
+    monkeypatch.setattr(StageHost, "_timed_forward", staticmethod(faulty))
+    try:
+        replies = []
+        for step in range(1, 8):
+            frame = wire.encode_input(step, "decode", step, [5], hidden, top_k=1)
+            replies.append(reply_fields((await blocking(client.call, frame, 5.0)).payload))
+        assert [r["op"] for r in replies] == ["logits"] * 3 + ["error"] + ["logits"] * 3, replies
+        assert host.refused == 1 and host.calls == 6
+        native = host._native_lane() is not None
+        assert host.lane_steps == (2 + 2 if native else 0)  # steps 1 and 5 armed the lane (again)
+    finally:
+        client.close()
+
+
 async def test_tokens_are_single_use_and_checked(served) -> None:
     _, server, _ = served
     grant = server.grant("b")
