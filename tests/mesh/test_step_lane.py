@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shoal.mesh.p2p.protocol import TENSOR, BinaryFrame
+from shoal.mesh.split import native, wire
 from shoal.mesh.split import tensor_link as tl
-from shoal.mesh.split import wire
 from shoal.mesh.split.hosted import check_inputs
 
 HIDDEN = 576
@@ -365,3 +365,28 @@ def test_a_broken_answer_is_left_to_the_generic_reader(lane: ModuleType, fault: 
                 tl.read_record(link.origin_sock, link.origin)
     finally:
         link.close()
+
+
+# --- building it ------------------------------------------------------------------------------------------
+
+def test_a_node_that_cannot_build_the_lane_says_why_and_runs_without_it(monkeypatch, tmp_path, caplog
+                                                                         ) -> None:
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert native.status() == "not built"
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.steplane(tmp_path) is None
+    assert native.loaded() is None
+    assert native.status() == "off: no C compiler (cc, gcc or clang) on PATH"
+    assert "native step lane is off" in caplog.text
+    assert native.steplane(tmp_path) is None and caplog.text.count("native step lane is off") == 1  # said once
+
+
+def test_a_source_that_does_not_compile_is_reported_with_the_compilers_words(lane: ModuleType, monkeypatch,
+                                                                             tmp_path) -> None:
+    broken = tmp_path / "steplane.c"
+    broken.write_text("this is not C;\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="failed: .*error"):
+        native._build(tmp_path / "native" / "_steplane-x.so")
+    assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built is left for a later load
