@@ -137,8 +137,9 @@ class RemoteStage(StageDefaults):
         """Sequences whose decode steps this stage's peer passes on to `next_stage` (it linked to it)."""
         self._feeds: dict[int, int] = {}
         """A chain: the id the stage before this one names each sequence by (this stage's peer chose it)."""
-        self._lane_heads: dict[tuple[Any, ...], bytes] = {}
-        """Steady steps' frame headers for the native step lane (`_native_call`), by what they describe."""
+        self._lane_heads: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        """Steady steps' frame and answer headers for the native step lane (`_native_call`), by what they
+        describe."""
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float,
               report: Callable[[float], None] | None = None, sent: Callable[[], None] | None = None) -> Any:
@@ -319,14 +320,15 @@ class RemoteStage(StageDefaults):
         if (lane is None or len(wire_ids) != 1 or self._fp16 or not self._settings.native_lane
                 or self._step > wire.MAX_STEP or not answering.span.is_last(answering.config.num_layers)):
             return None
-        key = (op, wire_ids[0], arr.dtype.char, arr.shape)
-        head = self._lane_heads.get(key)
-        if head is None:
+        vocab = answering.config.vocab_size
+        key = (op, wire_ids[0], arr.dtype.char, arr.shape, vocab)
+        heads = self._lane_heads.get(key)
+        if heads is None:
             if len(self._lane_heads) >= MAX_LANE_HEADS:
                 self._lane_heads.clear()
-            head = self._lane_heads[key] = wire.input_head(op, 0, wire_ids, arr, 1)
-        vocab = answering.config.vocab_size
-        return NativeCall(lane, call, head, self._step, arr, wire.logits_head(0, 1, vocab, 1), vocab)
+            heads = self._lane_heads[key] = (wire.input_head(op, 0, wire_ids, arr, 1),
+                                             wire.logits_head(0, 1, vocab, 1))
+        return NativeCall(lane, call, heads[0], self._step, arr, heads[1], vocab)
 
     def _reply(self, reply: Answer, next_peer: str | None = None, call: int = 0) -> wire.TensorMessage:
         """This stage's answer, decoded; a refusal raises ValueError (the call was bad) or `StageLost` (the

@@ -194,8 +194,6 @@ OPS_OUT = {"hidden": 3, "logits": 4, "error": 5}
 OP_NAMES = {code: name for name, code in (OPS_IN | OPS_OUT).items()}
 INPUT_HEAD = struct.Struct("<BBBBIIIIH")
 OUTPUT_HEAD = struct.Struct("<BBBBIIIII")
-STEP_AT = 4
-"""Where both heads keep the step."""
 MICROS_AT = OUTPUT_HEAD.size - 4
 """Where OUTPUT_HEAD keeps the stage's compute time (µs)."""
 ONE_SEQ = struct.Struct("<I")

@@ -45,11 +45,13 @@ def step_frame(call: int, step: int, values: np.ndarray, op: str = "forward", se
 
 
 class Link:
-    """Both ends of a sealed link over a socket pair, as `tensor_link` runs them."""
+    """Both ends of a sealed link over a socket pair, as `tensor_link` runs them: the origin `send`s steps,
+    the stage `answer`s."""
 
     def __init__(self) -> None:
         key = os.urandom(32)
         self.origin_sock, self.stage_sock = socket.socketpair()
+        self.origin_sock.settimeout(2.0)
         self.stage_sock.settimeout(2.0)
         self.origin = tl.Sealer(key, tl.TO_STAGE)
         self.stage = tl.Sealer(key, tl.TO_ORIGIN)
@@ -59,6 +61,9 @@ class Link:
         record = self.origin.seal(tl.encode_frame(frame))
         self.origin_sock.sendall(record)
         return record
+
+    def answer(self, frame: BinaryFrame) -> None:
+        self.stage_sock.sendall(self.stage.seal(tl.encode_frame(frame)))
 
     def close(self) -> None:
         self.origin_sock.close()
@@ -275,26 +280,8 @@ def argmax_call(lane: ModuleType, request_id: int) -> tl.NativeCall:
                          wire.logits_head(0, 1, VOCAB, 1), VOCAB)
 
 
-class Answers:
-    """The origin's end of a link, answered by a stage end that seals records as `tensor_link` does."""
-
-    def __init__(self) -> None:
-        key = os.urandom(32)
-        self.origin_sock, self.stage_sock = socket.socketpair()
-        self.origin_sock.settimeout(2.0)
-        self.origin = tl.Sealer(key, tl.TO_STAGE)
-        self.stage = tl.Sealer(key, tl.TO_ORIGIN)
-
-    def answer(self, frame: BinaryFrame) -> None:
-        self.stage_sock.sendall(self.stage.seal(tl.encode_frame(frame)))
-
-    def close(self) -> None:
-        self.origin_sock.close()
-        self.stage_sock.close()
-
-
 def test_an_argmax_answer_reads_as_decode_output_reads_it(lane: ModuleType) -> None:
-    link = Answers()
+    link = Link()
     try:
         rng = np.random.default_rng(4)
         for call in (1, 2, 2**32 - 1):
@@ -329,7 +316,7 @@ def other_answers(call: int) -> dict[str, BinaryFrame]:
 
 @pytest.mark.parametrize("case", list(other_answers(1)))
 def test_any_other_answer_is_left_on_the_socket_for_the_generic_reader(lane: ModuleType, case: str) -> None:
-    link = Answers()
+    link = Link()
     try:
         frame = other_answers(5)[case]
         link.answer(frame)
@@ -344,7 +331,7 @@ def test_any_other_answer_is_left_on_the_socket_for_the_generic_reader(lane: Mod
 
 @pytest.mark.parametrize("fault", ["forged", "in pieces", "bytes past it", "closed"])
 def test_a_broken_answer_is_left_to_the_generic_reader(lane: ModuleType, fault: str) -> None:
-    link = Answers()
+    link = Link()
     try:
         answer = wire.encode_logits(5, 5, np.ones((1, VOCAB), np.float32), 1)
         record = link.stage.seal(tl.encode_frame(answer))
